@@ -1,0 +1,622 @@
+//! The operations behind `gc`, `runs`, `du` and `store check/repair`: take a snapshot, find
+//! roots, plan with the pure layer, and (for real runs) delete through [`crate::reclaim`],
+//! recording everything in the runs database.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+
+use crate::GcError;
+use crate::check::{Damage, RepairPlan, StoreEntries, find_damage, plan_repair, read_store_dir};
+use crate::classify::{PathClass, classify};
+use crate::du::{InodeSet, links_inodes};
+use crate::nixdb::{NixDb, Node, Snapshot};
+use crate::plan::{ChainStep, GcSettings, Liveness, batches, dead_set, deletable_subset};
+use crate::reclaim::{DeleteResult, delete_batch, remove_artifact};
+use crate::roots::{Root, find_roots};
+use crate::runsdb::{Run, RunsDb};
+use crate::store_path::{StoreLayout, StorePath};
+
+/// Errors of selection (bad usage).
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// Nothing selected.
+    #[error("select what to collect: --keep-last N, --older-than DURATION, --run ID or --all")]
+    NothingSelected,
+    /// A duration that cannot be parsed.
+    #[error("--older-than '{0}': expected a number followed by s, m, h, d or w (e.g. 7d)")]
+    BadDuration(String),
+}
+
+/// Which runs (or everything) to collect.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Keep the N most recent finished runs, select the others.
+    pub keep_last: Option<usize>,
+    /// Select runs that ended more than this many seconds ago.
+    pub older_than: Option<i64>,
+    /// Select these runs.
+    pub runs: Vec<i64>,
+    /// Every dead path of the store, like a full Nix GC.
+    pub all: bool,
+}
+
+/// Parse `30s`, `15m`, `12h`, `7d`, `2w` into seconds.
+pub fn parse_duration(s: &str) -> Result<i64, SelectError> {
+    let bad = || SelectError::BadDuration(s.to_owned());
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let mul = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul).ok_or_else(bad)
+}
+
+/// The selected runs (finished runs only for the filters; explicit ids must exist).
+pub fn select_runs(runs: &[Run], sel: &Selection, now: i64) -> Vec<i64> {
+    let mut out: Vec<i64> = Vec::new();
+    if sel.keep_last.is_some() || sel.older_than.is_some() {
+        let mut finished: Vec<&Run> = runs.iter().filter(|r| r.ended_at.is_some()).collect();
+        finished.sort_by_key(|r| (r.started_at, r.id));
+        let keep = sel.keep_last.unwrap_or(0).min(finished.len());
+        let candidates = &finished[..finished.len() - keep];
+        for r in candidates {
+            let old_enough = sel
+                .older_than
+                .is_none_or(|age| r.ended_at.unwrap_or(now) <= now - age);
+            if old_enough {
+                out.push(r.id);
+            }
+        }
+    }
+    out.extend(sel.runs.iter().copied());
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A store loaded for planning: snapshot, roots, settings.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The store.
+    pub layout: StoreLayout,
+    /// The database snapshot.
+    pub snap: Snapshot,
+    /// Every root found.
+    pub roots: Vec<Root>,
+    /// Nix's keep-* settings.
+    pub settings: GcSettings,
+}
+
+impl Loaded {
+    /// Snapshot the database and find roots.
+    pub fn load(layout: &StoreLayout) -> Result<Self, GcError> {
+        let db = NixDb::open(layout)?;
+        // Roots first: a path rooted after the snapshot is simply not in it.
+        let roots = find_roots(layout)?;
+        let snap = db.snapshot()?;
+        Ok(Self {
+            layout: layout.clone(),
+            snap,
+            roots,
+            settings: GcSettings::load(),
+        })
+    }
+
+    /// Liveness, ignoring the pins of `unpinned` runs.
+    pub fn liveness_without_pins(&self, runs: Option<&RunsDb>, unpinned: &[i64]) -> Liveness {
+        let dirs: Vec<PathBuf> = match runs {
+            Some(db) => unpinned.iter().map(|&id| db.pins_dir(id)).collect(),
+            None => Vec::new(),
+        };
+        Liveness::compute_filtered(&self.snap, &self.roots, self.settings, |r| {
+            !dirs.iter().any(|d| r.link.starts_with(d))
+        })
+    }
+
+    /// A human description of why `n` is alive.
+    pub fn explain(&self, live: &Liveness, n: Node) -> Option<Explanation> {
+        let (ri, chain) = live.why(n)?;
+        let root = &self.roots[ri];
+        Some(Explanation {
+            root: root.link.display().to_string(),
+            root_kind: format!("{:?}", root.kind).to_lowercase(),
+            chain: chain_names(&self.layout, &self.snap, &chain),
+        })
+    }
+}
+
+fn chain_names(layout: &StoreLayout, snap: &Snapshot, chain: &[ChainStep]) -> Vec<String> {
+    chain.iter().map(|s| layout.logical(snap.path(s.node))).collect()
+}
+
+/// Why a path is alive: the root and the chain from the root's path down to it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Explanation {
+    /// The link or `/proc` entry that is the root.
+    pub root: String,
+    /// `direct`, `indirect`, `runtime`, `temporary`.
+    pub root_kind: String,
+    /// Store paths from the root's path to the one explained.
+    pub chain: Vec<String>,
+}
+
+/// A GC plan.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcPlan {
+    /// `all` or `runs`.
+    pub mode: String,
+    /// Runs selected.
+    pub runs: Vec<i64>,
+    /// Paths to delete, in order.
+    pub paths: Vec<String>,
+    /// Estimated bytes freed: disk blocks of inodes whose every link goes.
+    pub bytes: u64,
+    /// Sum of NAR sizes of the registered paths in the plan.
+    pub nar_bytes: u64,
+    /// Selected paths kept, with the reason.
+    pub kept: Vec<KeptPath>,
+    /// Store directory entries that are not store paths (left alone).
+    pub junk: Vec<String>,
+    #[serde(skip)]
+    batches: Vec<Vec<StorePath>>,
+}
+
+/// A selected path that will not be deleted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeptPath {
+    /// The path.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+    /// If alive: the root and chain.
+    pub alive: Option<Explanation>,
+}
+
+/// Default number of paths per `nix-store --delete` call.
+pub const DEFAULT_BATCH: usize = 500;
+
+/// Plan a collection.
+pub fn plan_gc(
+    loaded: &Loaded,
+    runs: Option<&RunsDb>,
+    sel: &Selection,
+    batch_size: usize,
+) -> Result<GcPlan, GcError> {
+    let l = &loaded.layout;
+    let snap = &loaded.snap;
+    let mut plan = GcPlan::default();
+    let mut invalid: Vec<StorePath> = Vec::new();
+    let nodes: Vec<Node>;
+    if sel.all {
+        plan.mode = "all".into();
+        let live = Liveness::compute(snap, &loaded.roots, loaded.settings);
+        let entries = read_store_dir(l)?;
+        let d = dead_set(snap, &live, loaded.settings, &entries.paths);
+        nodes = d.valid;
+        invalid = d.invalid;
+        plan.junk = entries.junk;
+    } else {
+        let db = runs.ok_or(crate::collect::SelectError::NothingSelected)?;
+        let all_runs = db.runs()?;
+        for id in &sel.runs {
+            db.run(*id)?;
+        }
+        let selected = select_runs(&all_runs, sel, crate::runsdb::now());
+        if selected.is_empty() && sel.keep_last.is_none() && sel.older_than.is_none() {
+            return Err(SelectError::NothingSelected.into());
+        }
+        plan.mode = "runs".into();
+        let live = loaded.liveness_without_pins(Some(db), &selected);
+        let mut cands: Vec<Node> = Vec::new();
+        for &id in &selected {
+            for p in db.run_paths(id)? {
+                if let Some(n) = l.parse(&p.path).ok().and_then(|sp| snap.node(&sp)) {
+                    cands.push(n);
+                }
+            }
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        let (del, held) = deletable_subset(snap, &live, loaded.settings, &cands);
+        for h in held {
+            let path = l.logical(snap.path(h.node));
+            let alive = loaded.explain(&live, h.node);
+            let reason = if alive.is_some() {
+                "alive".to_owned()
+            } else {
+                format!("needed by {} (not selected)", l.logical(snap.path(h.holder)))
+            };
+            plan.kept.push(KeptPath {
+                path,
+                reason,
+                alive,
+            });
+        }
+        nodes = del;
+        plan.runs = selected;
+    }
+    let mut bs: Vec<Vec<StorePath>> = batches(snap, loaded.settings, &nodes, batch_size)
+        .into_iter()
+        .map(|b| b.into_iter().map(|n| snap.path(n).clone()).collect())
+        .collect();
+    if !invalid.is_empty() {
+        for c in invalid.chunks(batch_size.max(1)) {
+            bs.push(c.to_vec());
+        }
+    }
+    plan.nar_bytes = nodes.iter().map(|&n| snap.paths[n as usize].nar_size).sum();
+    let mut inodes = InodeSet::default();
+    for b in &bs {
+        for p in b {
+            inodes.add_tree(&l.physical(p))?;
+        }
+    }
+    plan.bytes = inodes.freeable_bytes(&links_inodes(l));
+    plan.paths = bs.iter().flatten().map(|p| l.logical(p)).collect();
+    plan.batches = bs;
+    Ok(plan)
+}
+
+/// What a real collection did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcOutcome {
+    /// Paths gone.
+    pub deleted: Vec<String>,
+    /// Paths Nix refused, with its reason.
+    pub refused: Vec<(String, String)>,
+    /// The plan's estimate.
+    pub estimated_bytes: u64,
+    /// Free space after minus before, on the store's filesystem.
+    pub freed_bytes: i64,
+    /// VM artifacts removed.
+    pub artifacts_removed: Vec<String>,
+    /// Interrupted earlier collections that were reconciled first.
+    pub recovered_events: Vec<i64>,
+}
+
+/// Close GC events left running by a killed drydock: paths that are gone are recorded
+/// deleted, the event is marked interrupted. Returns the event ids.
+pub fn recover_interrupted(layout: &StoreLayout, runs: &RunsDb) -> Result<Vec<i64>, GcError> {
+    let unfinished = runs.unfinished_gcs()?;
+    if unfinished.is_empty() {
+        return Ok(Vec::new());
+    }
+    let db = NixDb::open(layout)?;
+    let mut ids = Vec::new();
+    for u in unfinished {
+        let mut gone = Vec::new();
+        for p in &u.planned {
+            if let Ok(sp) = layout.parse(p)
+                && !db.is_valid(&sp)?
+                && std::fs::symlink_metadata(layout.physical(&sp)).is_err()
+            {
+                gone.push(p.clone());
+            }
+        }
+        runs.record_outcomes(u.id, &gone, &[])?;
+        runs.finish_gc(u.id, "interrupted", None)?;
+        tracing::warn!("reconciled interrupted collection {}", u.id);
+        ids.push(u.id);
+    }
+    Ok(ids)
+}
+
+/// Carry out a plan: unpin the selected runs, delete batch by batch through Nix (recording
+/// each batch), remove the runs' VM artifacts, measure the space freed.
+pub fn execute_gc(
+    layout: &StoreLayout,
+    runs: Option<&RunsDb>,
+    plan: &GcPlan,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<GcOutcome, GcError> {
+    let mut out = GcOutcome {
+        estimated_bytes: plan.bytes,
+        ..GcOutcome::default()
+    };
+    let (avail_before, _) = crate::sys::free_bytes(&layout.store_dir).unwrap_or((0, 0));
+    let event = match runs {
+        Some(r) => Some(r.begin_gc(&plan.mode, &plan.paths, plan.bytes)?),
+        None => None,
+    };
+    if let Some(r) = runs {
+        for &id in &plan.runs {
+            r.unpin_run(id)?;
+        }
+    }
+    let db = NixDb::open(layout)?;
+    let total = plan.paths.len();
+    let mut done = 0;
+    progress(0, total);
+    for b in &plan.batches {
+        let res: DeleteResult = delete_batch(layout, &db, b)?;
+        let gone: Vec<String> = res.gone.iter().map(|p| layout.logical(p)).collect();
+        let refused: Vec<(String, String)> = res
+            .refused
+            .iter()
+            .map(|(p, w)| (layout.logical(p), w.clone()))
+            .collect();
+        if let (Some(r), Some(ev)) = (runs, event) {
+            r.record_outcomes(ev, &gone, &refused)?;
+        }
+        done += b.len();
+        progress(done, total);
+        out.deleted.extend(gone);
+        out.refused.extend(refused);
+    }
+    if let Some(r) = runs {
+        for &id in &plan.runs {
+            for a in r.artifacts(id)? {
+                if a.removed_at.is_some() {
+                    continue;
+                }
+                if remove_artifact(r.state_dir(), std::path::Path::new(&a.path))? {
+                    out.artifacts_removed.push(a.path.clone());
+                }
+                r.artifact_removed(a.id)?;
+            }
+            let left = r
+                .run_paths(id)?
+                .iter()
+                .filter_map(|p| layout.parse(&p.path).ok())
+                .filter(|p| db.is_valid(p).unwrap_or(true))
+                .count();
+            if left == 0 {
+                r.mark_collected(id)?;
+            }
+        }
+    }
+    let (avail_after, _) = crate::sys::free_bytes(&layout.store_dir).unwrap_or((0, 0));
+    out.freed_bytes = avail_after as i64 - avail_before as i64;
+    if let (Some(r), Some(ev)) = (runs, event) {
+        r.finish_gc(ev, "done", Some(out.freed_bytes))?;
+    }
+    Ok(out)
+}
+
+/// One row of `drydock runs`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// The run.
+    #[serde(flatten)]
+    pub run: Run,
+    /// Paths claimed.
+    pub paths: usize,
+    /// Paths still registered.
+    pub live_paths: usize,
+    /// NAR bytes of the claimed paths still registered.
+    pub size: u64,
+    /// NAR bytes that `gc --run ID` would delete now.
+    pub reclaimable: u64,
+}
+
+/// Status of a claimed path in `runs show`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathStatus {
+    /// Path.
+    pub path: String,
+    /// Class.
+    pub class: String,
+    /// NAR size.
+    pub nar_size: u64,
+    /// `alive`, `reclaimable`, `held`, `deleted` or `missing`.
+    pub status: String,
+    /// For alive paths: why.
+    pub why: Option<Explanation>,
+    /// For held paths: what needs it.
+    pub held_by: Option<String>,
+}
+
+/// Summaries of every run.
+pub fn summarize_runs(loaded: &Loaded, runs: &RunsDb) -> Result<Vec<RunSummary>, GcError> {
+    let base = loaded.liveness_without_pins(None, &[]);
+    let mut out = Vec::new();
+    for run in runs.runs()? {
+        let (paths, statuses) = run_statuses(loaded, runs, run.id, Some(&base))?;
+        let size = statuses
+            .iter()
+            .filter(|s| s.status != "deleted" && s.status != "missing")
+            .map(|s| s.nar_size)
+            .sum();
+        let reclaimable = statuses
+            .iter()
+            .filter(|s| s.status == "reclaimable")
+            .map(|s| s.nar_size)
+            .sum();
+        out.push(RunSummary {
+            run,
+            paths,
+            live_paths: statuses
+                .iter()
+                .filter(|s| s.status != "deleted" && s.status != "missing")
+                .count(),
+            size,
+            reclaimable,
+        });
+    }
+    Ok(out)
+}
+
+/// The claimed paths of a run with their status and, for alive ones, why.
+pub fn run_statuses(
+    loaded: &Loaded,
+    runs: &RunsDb,
+    id: i64,
+    base: Option<&Liveness>,
+) -> Result<(usize, Vec<PathStatus>), GcError> {
+    let l = &loaded.layout;
+    let snap = &loaded.snap;
+    let claimed = runs.run_paths(id)?;
+    let has_pins = !runs.pins(id)?.is_empty();
+    let own;
+    let live = match base {
+        Some(b) if !has_pins => b,
+        _ => {
+            own = loaded.liveness_without_pins(Some(runs), &[id]);
+            &own
+        }
+    };
+    let nodes: Vec<Node> = claimed
+        .iter()
+        .filter_map(|p| l.parse(&p.path).ok().and_then(|sp| snap.node(&sp)))
+        .collect();
+    let (del, held) = deletable_subset(snap, live, loaded.settings, &nodes);
+    let del: HashSet<Node> = del.into_iter().collect();
+    let held: HashMap<Node, Node> = held.into_iter().map(|h| (h.node, h.holder)).collect();
+    let mut out = Vec::new();
+    for p in &claimed {
+        let node = l.parse(&p.path).ok().and_then(|sp| snap.node(&sp));
+        let (status, why, held_by) = match node {
+            None if p.gc_state.as_deref() == Some("deleted") => ("deleted", None, None),
+            None => ("missing", None, None),
+            Some(n) if live.is_alive(n) => ("alive", loaded.explain(live, n), None),
+            Some(n) if del.contains(&n) => ("reclaimable", None, None),
+            Some(n) => (
+                "held",
+                None,
+                held.get(&n).map(|h| l.logical(snap.path(*h))),
+            ),
+        };
+        out.push(PathStatus {
+            path: p.path.clone(),
+            class: p.class.clone(),
+            nar_size: p.nar_size,
+            status: status.to_owned(),
+            why,
+            held_by,
+        });
+    }
+    Ok((claimed.len(), out))
+}
+
+/// `drydock du`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DuReport {
+    /// Bytes on disk per class (each inode once within a class).
+    pub by_class: BTreeMap<PathClass, u64>,
+    /// Bytes per run: (id, name, bytes), each inode once within a run.
+    pub by_run: Vec<(i64, String, u64)>,
+    /// drydock's state directory.
+    pub state_dir: u64,
+    /// Test artifacts plus state, each inode once overall.
+    pub total: u64,
+}
+
+/// Measure test artifacts in the store (every entry classified as one) and drydock state.
+pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcError> {
+    let entries: StoreEntries = read_store_dir(layout)?;
+    let mut per_class: BTreeMap<PathClass, InodeSet> = BTreeMap::new();
+    let mut total = InodeSet::default();
+    for p in &entries.paths {
+        let c = classify(p);
+        if !c.is_test_artifact() {
+            continue;
+        }
+        let phys = layout.physical(p);
+        per_class.entry(c).or_default().add_tree(&phys)?;
+        total.add_tree(&phys)?;
+    }
+    let mut rep = DuReport::default();
+    for (c, s) in &per_class {
+        rep.by_class.insert(*c, s.bytes());
+    }
+    if let Some(r) = runs {
+        let mut st = InodeSet::default();
+        st.add_tree(r.state_dir())?;
+        total.add_tree(r.state_dir())?;
+        rep.state_dir = st.bytes();
+        for run in r.runs()? {
+            let mut s = InodeSet::default();
+            for p in r.run_paths(run.id)? {
+                if let Ok(sp) = layout.parse(&p.path) {
+                    s.add_tree(&layout.physical(&sp))?;
+                }
+            }
+            rep.by_run.push((run.id, run.name.clone(), s.bytes()));
+        }
+    }
+    rep.total = total.bytes();
+    Ok(rep)
+}
+
+/// `store check`: the damage found.
+pub fn check(loaded: &Loaded) -> Result<(Damage, StoreEntries), GcError> {
+    let entries = read_store_dir(&loaded.layout)?;
+    Ok((find_damage(&loaded.snap, &entries), entries))
+}
+
+/// `store repair`: the plan (and, unless `dry_run` or blocked, its execution).
+pub fn repair(
+    loaded: &Loaded,
+    damage: &Damage,
+    dry_run: bool,
+) -> Result<(RepairPlan, Option<DeleteResult>), GcError> {
+    let live = Liveness::compute(&loaded.snap, &loaded.roots, loaded.settings);
+    let plan = plan_repair(&loaded.snap, &live, loaded.settings, &damage.missing);
+    if dry_run || !plan.blocked.is_empty() || plan.delete.is_empty() {
+        return Ok((plan, None));
+    }
+    let db = NixDb::open(&loaded.layout)?;
+    let paths: Vec<StorePath> = plan
+        .delete
+        .iter()
+        .map(|&n| loaded.snap.path(n).clone())
+        .collect();
+    let res = delete_batch(&loaded.layout, &db, &paths)?;
+    Ok((plan, Some(res)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: i64, started: i64, ended: Option<i64>) -> Run {
+        Run {
+            id,
+            name: String::new(),
+            command: vec![],
+            kind: "build".into(),
+            started_at: started,
+            ended_at: ended,
+            exit_status: Some(0),
+            collected_at: None,
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d").unwrap(), 7 * 86400);
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("2w").unwrap(), 14 * 86400);
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("7y").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn selection_rules() {
+        let runs = vec![
+            run(1, 100, Some(110)),
+            run(2, 200, Some(210)),
+            run(3, 300, Some(310)),
+            run(4, 400, None),
+        ];
+        let sel = |k, o, r: Vec<i64>| Selection {
+            keep_last: k,
+            older_than: o,
+            runs: r,
+            all: false,
+        };
+        assert_eq!(select_runs(&runs, &sel(Some(1), None, vec![]), 1000), vec![1, 2]);
+        assert_eq!(select_runs(&runs, &sel(Some(0), None, vec![]), 1000), vec![1, 2, 3]);
+        assert_eq!(select_runs(&runs, &sel(None, Some(790), vec![]), 1000), vec![1, 2]);
+        assert_eq!(select_runs(&runs, &sel(Some(2), Some(800), vec![]), 1000), vec![1]);
+        assert_eq!(select_runs(&runs, &sel(None, None, vec![3, 3]), 1000), vec![3]);
+        assert!(select_runs(&runs, &sel(Some(10), None, vec![]), 1000).is_empty());
+    }
+}

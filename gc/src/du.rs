@@ -1,0 +1,166 @@
+//! Disk usage with hard links counted once: after `nix-store --optimise` most files are
+//! links into `.links`, so a byte count must count an inode once, and the space a deletion
+//! frees is only that of inodes whose every link is being deleted (a `.links` entry counts
+//! as a link, and Nix removes it once it is the last one).
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::store_path::StoreLayout;
+
+/// Errors measuring disk usage.
+#[derive(Debug, thiserror::Error)]
+pub enum DuError {
+    /// A directory could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Inodes seen while walking, with their size on disk and link count.
+#[derive(Debug, Default, Clone)]
+pub struct InodeSet {
+    /// (dev, ino) -> (bytes on disk, st_nlink, links seen in the walk, is_dir).
+    inodes: HashMap<(u64, u64), (u64, u64, u64, bool)>,
+}
+
+impl InodeSet {
+    /// Walk `path` (not following symlinks) and add everything under it.
+    pub fn add_tree(&mut self, path: &Path) -> Result<(), DuError> {
+        let Ok(m) = std::fs::symlink_metadata(path) else {
+            return Ok(());
+        };
+        self.add(&m);
+        if m.is_dir() {
+            self.walk_dir(path)?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, m: &std::fs::Metadata) {
+        let e = self
+            .inodes
+            .entry((m.dev(), m.ino()))
+            .or_insert((m.blocks() * 512, m.nlink(), 0, m.is_dir()));
+        e.2 += 1;
+    }
+
+    fn walk_dir(&mut self, dir: &Path) -> Result<(), DuError> {
+        let rd = std::fs::read_dir(dir).map_err(|source| DuError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        for e in rd {
+            let e = e.map_err(|source| DuError::Read {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let Ok(m) = e.metadata() else { continue };
+            self.add(&m);
+            if m.is_dir() {
+                self.walk_dir(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes on disk, each inode once.
+    pub fn bytes(&self) -> u64 {
+        self.inodes.values().map(|v| v.0).sum()
+    }
+
+    /// Bytes that deleting everything walked would free: inodes all of whose links were
+    /// walked, counting a `.links` entry (from `links`) as walked too.
+    pub fn freeable_bytes(&self, links: &HashSet<u64>) -> u64 {
+        self.inodes
+            .iter()
+            .filter(|((_, ino), (_, nlink, seen, is_dir))| {
+                *is_dir || seen + u64::from(links.contains(ino)) >= *nlink
+            })
+            .map(|(_, v)| v.0)
+            .sum()
+    }
+
+    /// Number of distinct inodes.
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Whether nothing was walked.
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+    }
+}
+
+/// Inode numbers of the store's `.links` directory (from the directory entries alone).
+pub fn links_inodes(layout: &StoreLayout) -> HashSet<u64> {
+    let mut s = HashSet::new();
+    if let Ok(rd) = std::fs::read_dir(layout.store_dir.join(".links")) {
+        for e in rd.flatten() {
+            s.insert(e.ino());
+        }
+    }
+    s
+}
+
+/// Bytes on disk of some trees, each inode counted once.
+pub fn disk_usage(paths: &[PathBuf]) -> Result<u64, DuError> {
+    let mut s = InodeSet::default();
+    for p in paths {
+        s.add_tree(p)?;
+    }
+    Ok(s.bytes())
+}
+
+/// Bytes deleting these trees would free (see [`InodeSet::freeable_bytes`]).
+pub fn freeable(layout: &StoreLayout, paths: &[PathBuf]) -> Result<u64, DuError> {
+    let mut s = InodeSet::default();
+    for p in paths {
+        s.add_tree(p)?;
+    }
+    Ok(s.freeable_bytes(&links_inodes(layout)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hard_links_counted_once_and_freeable_only_when_all_links_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("f"), vec![1u8; 64 * 1024]).unwrap();
+        std::fs::hard_link(a.join("f"), b.join("f")).unwrap();
+        std::fs::hard_link(a.join("f"), a.join("g")).unwrap();
+        let file_bytes = std::fs::metadata(a.join("f")).unwrap().blocks() * 512;
+        let dir_bytes = std::fs::metadata(&a).unwrap().blocks() * 512;
+        let only_a = disk_usage(std::slice::from_ref(&a)).unwrap();
+        assert_eq!(only_a, file_bytes + dir_bytes, "two links in a, counted once");
+        let both = disk_usage(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(both, file_bytes + 2 * dir_bytes);
+        let mut s = InodeSet::default();
+        s.add_tree(&a).unwrap();
+        assert_eq!(s.freeable_bytes(&HashSet::new()), dir_bytes, "b still links the file");
+        s.add_tree(&b).unwrap();
+        assert_eq!(s.freeable_bytes(&HashSet::new()), file_bytes + 2 * dir_bytes);
+        // A further link (as in .links) that is not being deleted but is known: freed, since
+        // Nix drops .links entries with no other link.
+        let links = dir.path().join("links");
+        std::fs::create_dir_all(&links).unwrap();
+        std::fs::hard_link(a.join("f"), links.join("h")).unwrap();
+        let mut s = InodeSet::default();
+        s.add_tree(&a).unwrap();
+        s.add_tree(&b).unwrap();
+        assert_eq!(s.freeable_bytes(&HashSet::new()), 2 * dir_bytes);
+        let ino = std::fs::metadata(a.join("f")).unwrap().ino();
+        assert_eq!(s.freeable_bytes(&[ino].into()), file_bytes + 2 * dir_bytes);
+        assert_eq!(s.len(), 3);
+    }
+}

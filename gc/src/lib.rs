@@ -1,0 +1,45 @@
+//! drydock's view of the Nix store: store paths, `.drv` parsing, the runs database and safe
+//! collection through Nix itself.
+//!
+//! Layers: a pure planning layer ([`plan`] types: liveness, dead sets, batches) computed from
+//! a read-only [`Snapshot`] of Nix's database and the roots found on disk; and a thin
+//! effectful layer. Only one private module deletes anything, and store paths are deleted
+//! only through `nix-store --delete` with the same `--store`.
+
+mod check;
+mod classify;
+mod collect;
+mod drv;
+mod du;
+mod error;
+mod nixdb;
+mod plan;
+mod reclaim;
+mod roots;
+mod runsdb;
+mod store_path;
+#[allow(unsafe_code)]
+mod sys;
+mod track;
+
+pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
+pub use error::GcError;
+pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
+pub use plan::{
+    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,
+};
+pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
+pub use store_path::{StoreLayout, StorePath, StorePathError};
+pub use check::{Blocked, Damage, RepairPlan, StoreCheckError, StoreEntries, read_store_dir};
+pub use classify::{PathClass, classify};
+pub use collect::{
+    DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded, PathStatus,
+    RunSummary, SelectError, Selection, check, du, execute_gc, parse_duration, plan_gc,
+    recover_interrupted, repair, run_statuses, select_runs, summarize_runs,
+};
+pub use du::{DuError, InodeSet, disk_usage, freeable};
+pub use reclaim::{DeleteResult, ReclaimError};
+pub use runsdb::{
+    Artifact, ArtifactKind, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError, UnfinishedGc,
+};
+pub use track::{TrackError, TrackReport, track};

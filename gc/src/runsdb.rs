@@ -1,0 +1,789 @@
+//! drydock's own runs database (`runs.sqlite` in the state directory; SQLite in WAL mode,
+//! schema versioned with `user_version` and applied migrations). It records runs (builds
+//! tracked by `drydock track`, VM launches), the store paths each run claimed, the VM
+//! artifacts it owns, its pins (indirect GC roots), and what GC did.
+//!
+//! The API the VM side uses: [`RunsDb::open`], [`RunsDb::begin_run`],
+//! [`RunsDb::add_artifact`], [`RunsDb::pin`], [`RunsDb::unpin_run`], [`RunsDb::finish_run`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::classify::PathClass;
+use crate::store_path::{StoreLayout, StorePath};
+
+/// File name of the database inside the state directory.
+pub const RUNS_DB_FILE: &str = "runs.sqlite";
+
+/// Schema migrations; `user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: runs, their paths, artifacts, pins, GC events.
+    "CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        command TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('build', 'vm')),
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        exit_status INTEGER,
+        collected_at INTEGER
+     );
+     CREATE TABLE run_paths (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        path TEXT NOT NULL,
+        class TEXT NOT NULL,
+        nar_size INTEGER NOT NULL,
+        gc_state TEXT,
+        PRIMARY KEY (run_id, path)
+     );
+     CREATE INDEX run_paths_path ON run_paths(path);
+     CREATE TABLE artifacts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        removed_at INTEGER
+     );
+     CREATE TABLE pins (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        store_path TEXT NOT NULL,
+        link TEXT NOT NULL,
+        root_link TEXT NOT NULL,
+        PRIMARY KEY (run_id, store_path)
+     );
+     CREATE TABLE gc_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER,
+        mode TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'done', 'interrupted', 'failed')),
+        planned_paths INTEGER NOT NULL,
+        planned_bytes INTEGER NOT NULL,
+        freed_bytes INTEGER
+     );
+     CREATE TABLE gc_paths (
+        event_id INTEGER NOT NULL REFERENCES gc_events(id) ON DELETE CASCADE,
+        path TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('planned', 'deleted', 'refused')),
+        detail TEXT,
+        PRIMARY KEY (event_id, path)
+     );",
+];
+
+/// Errors of the runs database.
+#[derive(Debug, thiserror::Error)]
+pub enum RunsDbError {
+    /// The state directory cannot be created.
+    #[error("cannot create state directory {}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a database, or it is damaged.
+    #[error("runs database {} is corrupt or not a drydock database", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The schema is newer than this drydock knows.
+    #[error("runs database {} has schema version {found}, newer than this drydock ({known})", path.display())]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    /// No run with this id.
+    #[error("no run with id {0}")]
+    UnknownRun(i64),
+    /// Making or removing a pin failed.
+    #[error("cannot create pin link {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Removing a pin failed.
+    #[error("cannot remove pin")]
+    Unpin(#[source] crate::reclaim::ReclaimError),
+    /// Any other SQLite error.
+    #[error("runs database {}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+impl RunsDbError {
+    /// Bad input: a corrupt or too-new database, an unknown run id.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::Corrupt { .. } | Self::TooNew { .. } | Self::UnknownRun(_)
+        )
+    }
+}
+
+/// Kind of run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// A tracked build (`drydock track`).
+    Build,
+    /// A VM launch.
+    Vm,
+}
+
+impl RunKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Build => "build",
+            Self::Vm => "vm",
+        }
+    }
+}
+
+/// Kind of VM artifact a run owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    /// A VM's state folder.
+    StateDir,
+    /// A disk overlay.
+    Overlay,
+    /// A log file.
+    Log,
+    /// Anything else.
+    Other,
+}
+
+impl ArtifactKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::StateDir => "state_dir",
+            Self::Overlay => "overlay",
+            Self::Log => "log",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A recorded run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Run {
+    /// Id.
+    pub id: i64,
+    /// Name given (or derived from the command).
+    pub name: String,
+    /// The command line.
+    pub command: Vec<String>,
+    /// `build` or `vm`.
+    pub kind: String,
+    /// Start, seconds since the epoch.
+    pub started_at: i64,
+    /// End, if finished.
+    pub ended_at: Option<i64>,
+    /// Exit status, if finished.
+    pub exit_status: Option<i64>,
+    /// When GC collected it.
+    pub collected_at: Option<i64>,
+}
+
+/// A store path claimed by a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunPath {
+    /// Full logical path.
+    pub path: String,
+    /// Class name ([`PathClass::as_str`]).
+    pub class: String,
+    /// NAR size when claimed.
+    pub nar_size: u64,
+    /// What GC did (`deleted`, `refused`), if anything.
+    pub gc_state: Option<String>,
+}
+
+/// A VM artifact owned by a run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Artifact {
+    /// Id.
+    pub id: i64,
+    /// Kind name.
+    pub kind: String,
+    /// Path on disk.
+    pub path: String,
+    /// When GC removed it.
+    pub removed_at: Option<i64>,
+}
+
+/// A pin: an indirect GC root that keeps a store path alive for a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The pinned store path (full logical path).
+    pub store_path: String,
+    /// drydock's symlink to the store path (in the state directory).
+    pub link: PathBuf,
+    /// The link in the store's `gcroots/auto` pointing at `link`.
+    pub root_link: PathBuf,
+}
+
+/// A GC event still marked running (drydock was killed during a `gc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedGc {
+    /// Event id.
+    pub id: i64,
+    /// Paths still marked planned.
+    pub planned: Vec<String>,
+}
+
+/// Seconds since the epoch, now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+/// The runs database.
+#[derive(Debug)]
+pub struct RunsDb {
+    conn: Connection,
+    path: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl RunsDb {
+    /// Open (creating if needed) `STATE_DIR/runs.sqlite` and bring its schema up to date.
+    pub fn open(state_dir: &Path) -> Result<Self, RunsDbError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| RunsDbError::StateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let state_dir = &std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+        let path = state_dir.join(RUNS_DB_FILE);
+        let corrupt = |source| RunsDbError::Corrupt {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(corrupt)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(corrupt)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(corrupt)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(corrupt)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(RunsDbError::TooNew {
+                path,
+                found: version,
+                known,
+            });
+        }
+        if version == 0 {
+            // A fresh file must be empty; anything else is not ours.
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(corrupt)?;
+            if tables > 0 {
+                return Err(RunsDbError::Corrupt {
+                    path: path.clone(),
+                    source: rusqlite::Error::InvalidQuery,
+                });
+            }
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction().map_err(corrupt)?;
+            tx.execute_batch(m).map_err(corrupt)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(corrupt)?;
+            tx.commit().map_err(corrupt)?;
+        }
+        // Touch the schema to detect damage early.
+        conn.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))
+            .map_err(corrupt)?;
+        Ok(Self {
+            conn,
+            path,
+            state_dir: state_dir.to_owned(),
+        })
+    }
+
+    fn e(&self) -> impl Fn(rusqlite::Error) -> RunsDbError + '_ {
+        |source| {
+            if matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+            ) {
+                RunsDbError::Corrupt {
+                    path: self.path.clone(),
+                    source,
+                }
+            } else {
+                RunsDbError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+        }
+    }
+
+    /// Seconds since the epoch, now (for ages shown next to runs).
+    pub fn now_secs() -> i64 {
+        now()
+    }
+
+    /// The state directory this database lives in.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Record the start of a run; returns its id.
+    pub fn begin_run(&self, name: &str, command: &[String], kind: RunKind) -> Result<i64, RunsDbError> {
+        let cmd = serde_json::to_string(command).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO runs (name, command, kind, started_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, cmd, kind.as_str(), now()],
+            )
+            .map_err(self.e())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Record the end of a run and its exit status.
+    pub fn finish_run(&self, id: i64, exit_status: Option<i32>) -> Result<(), RunsDbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE runs SET ended_at = ?2, exit_status = ?3 WHERE id = ?1",
+                params![id, now(), exit_status],
+            )
+            .map_err(self.e())?;
+        if n == 0 {
+            return Err(RunsDbError::UnknownRun(id));
+        }
+        Ok(())
+    }
+
+    /// Record the store paths a run claimed.
+    pub fn add_paths(
+        &self,
+        id: i64,
+        paths: &[(String, PathClass, u64)],
+    ) -> Result<(), RunsDbError> {
+        self.require(id)?;
+        let tx = self.conn.unchecked_transaction().map_err(self.e())?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO run_paths (run_id, path, class, nar_size) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(self.e())?;
+            for (p, c, n) in paths {
+                st.execute(params![id, p, c.as_str(), *n as i64])
+                    .map_err(self.e())?;
+            }
+        }
+        tx.commit().map_err(self.e())
+    }
+
+    /// Record a VM artifact (state folder, overlay, log) owned by a run. GC removes it with
+    /// the run (only if it lies inside the state directory).
+    pub fn add_artifact(&self, id: i64, kind: ArtifactKind, path: &Path) -> Result<i64, RunsDbError> {
+        self.require(id)?;
+        self.conn
+            .execute(
+                "INSERT INTO artifacts (run_id, kind, path, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, kind.as_str(), path.to_string_lossy(), now()],
+            )
+            .map_err(self.e())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn require(&self, id: i64) -> Result<(), RunsDbError> {
+        self.run(id).map(|_| ())
+    }
+
+    /// One run.
+    pub fn run(&self, id: i64) -> Result<Run, RunsDbError> {
+        self.conn
+            .query_row(
+                "SELECT id, name, command, kind, started_at, ended_at, exit_status, collected_at \
+                 FROM runs WHERE id = ?1",
+                [id],
+                row_to_run,
+            )
+            .optional()
+            .map_err(self.e())?
+            .ok_or(RunsDbError::UnknownRun(id))
+    }
+
+    /// All runs, oldest first.
+    pub fn runs(&self) -> Result<Vec<Run>, RunsDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, name, command, kind, started_at, ended_at, exit_status, collected_at \
+                 FROM runs ORDER BY id",
+            )
+            .map_err(self.e())?;
+        let rows = st.query_map([], row_to_run).map_err(self.e())?;
+        rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+
+    /// The paths a run claimed.
+    pub fn run_paths(&self, id: i64) -> Result<Vec<RunPath>, RunsDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT path, class, nar_size, gc_state FROM run_paths WHERE run_id = ?1 \
+                 ORDER BY path",
+            )
+            .map_err(self.e())?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok(RunPath {
+                    path: r.get(0)?,
+                    class: r.get(1)?,
+                    nar_size: r.get::<_, i64>(2)?.max(0) as u64,
+                    gc_state: r.get(3)?,
+                })
+            })
+            .map_err(self.e())?;
+        rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+
+    /// The artifacts of a run.
+    pub fn artifacts(&self, id: i64) -> Result<Vec<Artifact>, RunsDbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, kind, path, removed_at FROM artifacts WHERE run_id = ?1 ORDER BY id")
+            .map_err(self.e())?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok(Artifact {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    path: r.get(2)?,
+                    removed_at: r.get(3)?,
+                })
+            })
+            .map_err(self.e())?;
+        rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+
+    /// Mark an artifact removed.
+    pub fn artifact_removed(&self, artifact_id: i64) -> Result<(), RunsDbError> {
+        self.conn
+            .execute(
+                "UPDATE artifacts SET removed_at = ?2 WHERE id = ?1",
+                params![artifact_id, now()],
+            )
+            .map_err(self.e())?;
+        Ok(())
+    }
+
+    /// The directory holding a run's pin links.
+    pub fn pins_dir(&self, id: i64) -> PathBuf {
+        self.state_dir.join("pins").join(format!("run-{id}"))
+    }
+
+    /// Pin a store path for a run: a symlink `STATE/pins/run-ID/BASE -> STORE_PATH`, made an
+    /// indirect GC root by a link in the store's `gcroots/auto`. Idempotent.
+    pub fn pin(&self, layout: &StoreLayout, id: i64, p: &StorePath) -> Result<Pin, RunsDbError> {
+        self.require(id)?;
+        let dir = self.pins_dir(id);
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RunsDbError::Pin { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(pin_err(&dir))?;
+        let link = std::path::absolute(dir.join(p.base_name())).map_err(pin_err(&dir))?;
+        let target = layout.logical(p);
+        replace_symlink(Path::new(&target), &link).map_err(pin_err(&link))?;
+        let auto = layout.gcroots_dir().join("auto");
+        std::fs::create_dir_all(&auto).map_err(pin_err(&auto))?;
+        let root_link = auto.join(format!("drydock-{:016x}", fnv1a(link.as_os_str().as_encoded_bytes())));
+        replace_symlink(&link, &root_link).map_err(pin_err(&root_link))?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pins (run_id, store_path, link, root_link) VALUES (?1, ?2, ?3, ?4)",
+                params![id, target, link.to_string_lossy(), root_link.to_string_lossy()],
+            )
+            .map_err(self.e())?;
+        Ok(Pin {
+            store_path: target,
+            link,
+            root_link,
+        })
+    }
+
+    /// The pins of a run.
+    pub fn pins(&self, id: i64) -> Result<Vec<Pin>, RunsDbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT store_path, link, root_link FROM pins WHERE run_id = ?1")
+            .map_err(self.e())?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok(Pin {
+                    store_path: r.get(0)?,
+                    link: PathBuf::from(r.get::<_, String>(1)?),
+                    root_link: PathBuf::from(r.get::<_, String>(2)?),
+                })
+            })
+            .map_err(self.e())?;
+        rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+
+    /// Remove every pin of a run (both links), e.g. when its VM stops or GC takes it.
+    pub fn unpin_run(&self, id: i64) -> Result<(), RunsDbError> {
+        for p in self.pins(id)? {
+            crate::reclaim::remove_link(&p.root_link).map_err(RunsDbError::Unpin)?;
+            crate::reclaim::remove_link(&p.link).map_err(RunsDbError::Unpin)?;
+        }
+        self.conn
+            .execute("DELETE FROM pins WHERE run_id = ?1", [id])
+            .map_err(self.e())?;
+        Ok(())
+    }
+
+    /// Start recording a GC: the event and every planned path, in one transaction.
+    pub fn begin_gc(&self, mode: &str, planned: &[String], planned_bytes: u64) -> Result<i64, RunsDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.e())?;
+        tx.execute(
+            "INSERT INTO gc_events (started_at, mode, status, planned_paths, planned_bytes) \
+             VALUES (?1, ?2, 'running', ?3, ?4)",
+            params![now(), mode, planned.len() as i64, planned_bytes as i64],
+        )
+        .map_err(self.e())?;
+        let ev = tx.last_insert_rowid();
+        {
+            let mut st = tx
+                .prepare("INSERT OR IGNORE INTO gc_paths (event_id, path, outcome) VALUES (?1, ?2, 'planned')")
+                .map_err(self.e())?;
+            for p in planned {
+                st.execute(params![ev, p]).map_err(self.e())?;
+            }
+        }
+        tx.commit().map_err(self.e())?;
+        Ok(ev)
+    }
+
+    /// Record the outcome of some paths of a GC (after a batch), in one transaction, and
+    /// mirror it on the runs that claimed them.
+    pub fn record_outcomes(
+        &self,
+        event: i64,
+        deleted: &[String],
+        refused: &[(String, String)],
+    ) -> Result<(), RunsDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.e())?;
+        {
+            let mut up = tx
+                .prepare("UPDATE gc_paths SET outcome = ?3, detail = ?4 WHERE event_id = ?1 AND path = ?2")
+                .map_err(self.e())?;
+            let mut rp = tx
+                .prepare("UPDATE run_paths SET gc_state = ?2 WHERE path = ?1")
+                .map_err(self.e())?;
+            for p in deleted {
+                up.execute(params![event, p, "deleted", Option::<String>::None])
+                    .map_err(self.e())?;
+                rp.execute(params![p, "deleted"]).map_err(self.e())?;
+            }
+            for (p, why) in refused {
+                up.execute(params![event, p, "refused", why]).map_err(self.e())?;
+                rp.execute(params![p, "refused"]).map_err(self.e())?;
+            }
+        }
+        tx.commit().map_err(self.e())
+    }
+
+    /// Close a GC event.
+    pub fn finish_gc(&self, event: i64, status: &str, freed_bytes: Option<i64>) -> Result<(), RunsDbError> {
+        self.conn
+            .execute(
+                "UPDATE gc_events SET status = ?2, finished_at = ?3, freed_bytes = ?4 WHERE id = ?1",
+                params![event, status, now(), freed_bytes],
+            )
+            .map_err(self.e())?;
+        Ok(())
+    }
+
+    /// GC events left running by a killed drydock, with their still-planned paths.
+    pub fn unfinished_gcs(&self) -> Result<Vec<UnfinishedGc>, RunsDbError> {
+        let ids: Vec<i64> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id FROM gc_events WHERE status = 'running' ORDER BY id")
+                .map_err(self.e())?;
+            let rows = st.query_map([], |r| r.get(0)).map_err(self.e())?;
+            rows.collect::<Result<_, _>>().map_err(self.e())?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let mut st = self
+                .conn
+                .prepare("SELECT path FROM gc_paths WHERE event_id = ?1 AND outcome = 'planned'")
+                .map_err(self.e())?;
+            let planned = st
+                .query_map([id], |r| r.get(0))
+                .map_err(self.e())?
+                .collect::<Result<_, _>>()
+                .map_err(self.e())?;
+            out.push(UnfinishedGc { id, planned });
+        }
+        Ok(out)
+    }
+
+    /// Mark runs as collected (all their claimed paths handled, VM state removed).
+    pub fn mark_collected(&self, id: i64) -> Result<(), RunsDbError> {
+        self.conn
+            .execute(
+                "UPDATE runs SET collected_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )
+            .map_err(self.e())?;
+        Ok(())
+    }
+
+    /// Count of GC events by status (for tests and reports).
+    pub fn gc_event_statuses(&self) -> Result<Vec<(i64, String)>, RunsDbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, status FROM gc_events ORDER BY id")
+            .map_err(self.e())?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.e())?;
+        rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+}
+
+fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+    let cmd: String = r.get(2)?;
+    Ok(Run {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        command: serde_json::from_str(&cmd).unwrap_or_else(|_| vec![cmd]),
+        kind: r.get(3)?,
+        started_at: r.get(4)?,
+        ended_at: r.get(5)?,
+        exit_status: r.get(6)?,
+        collected_at: r.get(7)?,
+    })
+}
+
+fn replace_symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    let tmp = link.with_extension("tmp-link");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    std::fs::rename(&tmp, link)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::roots::{RootKind, find_link_roots};
+
+    #[test]
+    fn runs_paths_artifacts_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RunsDb::open(dir.path()).unwrap();
+        let id = db
+            .begin_run("t", &["nix-build".into(), "x.nix".into()], RunKind::Build)
+            .unwrap();
+        db.add_paths(id, &[("/nix/store/a".into(), PathClass::TestRun, 5)])
+            .unwrap();
+        let art = db
+            .add_artifact(id, ArtifactKind::StateDir, &dir.path().join("vms/a"))
+            .unwrap();
+        db.finish_run(id, Some(3)).unwrap();
+        let r = db.run(id).unwrap();
+        assert_eq!(r.command, vec!["nix-build", "x.nix"]);
+        assert_eq!(r.exit_status, Some(3));
+        assert!(r.ended_at.is_some());
+        assert_eq!(db.run_paths(id).unwrap()[0].class, "test_run");
+        db.artifact_removed(art).unwrap();
+        assert!(db.artifacts(id).unwrap()[0].removed_at.is_some());
+        assert!(matches!(db.run(99), Err(RunsDbError::UnknownRun(99))));
+        assert!(db.finish_run(99, None).unwrap_err().is_bad_input());
+        drop(db);
+        // Reopening keeps data and does not re-migrate.
+        let db = RunsDb::open(dir.path()).unwrap();
+        assert_eq!(db.runs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn gc_events_and_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RunsDb::open(dir.path()).unwrap();
+        let id = db.begin_run("t", &[], RunKind::Build).unwrap();
+        db.add_paths(id, &[("/nix/store/a".into(), PathClass::Other, 1)]).unwrap();
+        let ev = db
+            .begin_gc("runs", &["/nix/store/a".into(), "/nix/store/b".into()], 10)
+            .unwrap();
+        db.record_outcomes(ev, &["/nix/store/a".into()], &[]).unwrap();
+        let u = db.unfinished_gcs().unwrap();
+        assert_eq!(u, vec![UnfinishedGc { id: ev, planned: vec!["/nix/store/b".into()] }]);
+        assert_eq!(db.run_paths(id).unwrap()[0].gc_state.as_deref(), Some("deleted"));
+        db.finish_gc(ev, "interrupted", None).unwrap();
+        assert!(db.unfinished_gcs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_and_foreign_files_are_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RUNS_DB_FILE), vec![b'x'; 4096]).unwrap();
+        let e = RunsDb::open(dir.path()).unwrap_err();
+        assert!(e.is_bad_input(), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
+        c.execute_batch("CREATE TABLE other (x)").unwrap();
+        drop(c);
+        assert!(RunsDb::open(dir.path()).unwrap_err().is_bad_input());
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        assert!(matches!(
+            RunsDb::open(dir.path()),
+            Err(RunsDbError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn pins_are_indirect_roots_nix_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = StoreLayout::chroot(dir.path().join("root"));
+        let db = RunsDb::open(&dir.path().join("state")).unwrap();
+        let id = db.begin_run("vm", &[], RunKind::Vm).unwrap();
+        let p = StorePath::from_base_name(&format!("{}-nixos-system-x", "1".repeat(32))).unwrap();
+        let pin = db.pin(&layout, id, &p).unwrap();
+        db.pin(&layout, id, &p).unwrap();
+        let roots = find_link_roots(&layout).unwrap();
+        assert_eq!(roots.len(), 1);
+        assert_eq!(roots[0].path, p);
+        assert_eq!(roots[0].kind, RootKind::Indirect);
+        assert_eq!(roots[0].link, pin.link);
+        assert!(pin.link.starts_with(db.pins_dir(id)));
+        db.unpin_run(id).unwrap();
+        assert!(find_link_roots(&layout).unwrap().is_empty());
+        assert!(db.pins(id).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,477 @@
+//! `drydock track`: run a command and attribute to it the store paths it caused to be
+//! registered. Before: Nix's highest path id. After: the paths registered since, kept only if
+//! they lie in the derivation closure of what the command built (outputs printed on stdout or
+//! left as `result` links, their derivers, `inputDrvs` walked with our parser), so that a
+//! concurrent, untracked build's paths are not claimed.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::classify::{PathClass, classify};
+use crate::drv::{Derivation, parse_derivation};
+use crate::nixdb::{NixDb, PathInfo};
+use crate::runsdb::{RunKind, RunsDb};
+use crate::store_path::{StoreLayout, StorePath};
+
+/// Errors of `track` itself (the command's own failure is its exit code, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// Nothing to run.
+    #[error("no command given to track")]
+    NoCommand,
+    /// The command could not be started.
+    #[error("cannot run '{program}'")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for the command or copying its output failed.
+    #[error("while running '{program}'")]
+    Wait {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TrackError {
+    /// A missing or unstartable command is bad input.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::NoCommand | Self::Spawn { .. })
+    }
+}
+
+/// What `track` recorded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrackReport {
+    /// The run's id.
+    pub run_id: i64,
+    /// The command's exit code (128 + signal if it was killed).
+    pub exit_code: i32,
+    /// The paths claimed, with their class and NAR size.
+    pub claimed: Vec<(String, PathClass, u64)>,
+    /// Paths registered meanwhile that were not claimed (someone else's build).
+    pub not_claimed: usize,
+}
+
+static CHILD: AtomicU32 = AtomicU32::new(0);
+static HANDLER: std::sync::Once = std::sync::Once::new();
+
+fn install_forwarder() {
+    HANDLER.call_once(|| {
+        let r = ctrlc::set_handler(|| {
+            let pid = CHILD.load(Ordering::SeqCst);
+            if pid != 0 {
+                let _ = crate::sys::send_signal(pid, libc::SIGINT);
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!("cannot forward Ctrl-C: {e}");
+        }
+    });
+}
+
+/// Run `cmd` with stdin and stderr inherited and stdout passed through (and scanned for
+/// store paths). Ctrl-C (SIGINT, SIGTERM, SIGHUP) is forwarded as SIGINT. Returns the exit
+/// code and the stdout text.
+fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
+    let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
+    install_forwarder();
+    let mut child = Command::new(&program)
+        .args(&cmd[1..])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|source| TrackError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    CHILD.store(child.id(), Ordering::SeqCst);
+    let wait_err = |source| TrackError::Wait {
+        program: program.clone(),
+        source,
+    };
+    let mut captured = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        let mut r = BufReader::new(out);
+        let mut stdout = std::io::stdout();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line).map_err(wait_err)?;
+            if n == 0 {
+                break;
+            }
+            // A closed stdout on our side must not kill the child's run.
+            let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
+            captured.extend_from_slice(&line);
+        }
+    }
+    let status = child.wait().map_err(wait_err)?;
+    CHILD.store(0, Ordering::SeqCst);
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok((code, captured))
+}
+
+/// Store paths named in command output (one per whitespace-separated token).
+pub fn store_paths_in_output(store_dir: &str, text: &[u8]) -> Vec<StorePath> {
+    let text = String::from_utf8_lossy(text);
+    let mut v: Vec<StorePath> = text
+        .split(|c: char| c.is_whitespace() || c == '\'' || c == '"')
+        .filter_map(|t| StorePath::parse_prefix(store_dir, t).ok())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Result links in `dir` (`result`, `result-*`) and out-links named in the command line
+/// (`-o X`, `--out-link X`), resolved to store paths.
+pub fn result_links(store_dir: &str, dir: &Path, cmd: &[String]) -> Vec<StorePath> {
+    let mut links: Vec<PathBuf> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n == "result" || n.starts_with("result-") {
+                links.push(e.path());
+            }
+        }
+    }
+    for w in cmd.windows(2) {
+        if w[0] == "-o" || w[0] == "--out-link" {
+            let base = dir.join(&w[1]);
+            links.push(base.clone());
+            // Multi-output builds add -NAME suffixes.
+            if let (Some(parent), Some(name)) = (base.parent(), base.file_name())
+                && let Ok(rd) = std::fs::read_dir(parent)
+            {
+                let prefix = format!("{}-", name.to_string_lossy());
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&prefix) {
+                        links.push(e.path());
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<StorePath> = links
+        .iter()
+        .filter_map(|l| std::fs::read_link(l).ok())
+        .filter_map(|t| StorePath::parse_prefix(store_dir, &t.to_string_lossy()).ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// How `attribute` looks at the store (so the rule can be tested as data).
+pub trait StoreView {
+    /// Derivers of an output: the recorded deriver and any `DerivationOutputs` entries.
+    fn derivers(&self, p: &StorePath) -> Vec<StorePath>;
+    /// A parsed `.drv`, if readable.
+    fn derivation(&self, p: &StorePath) -> Option<Derivation>;
+    /// Direct references of a valid path.
+    fn references(&self, p: &StorePath) -> Vec<StorePath>;
+}
+
+/// The rule: of the newly registered paths, claim those in the derivation closure of the
+/// outputs (derivers, their input derivations recursively, those derivations' outputs and
+/// input sources) and in the reference closure of the outputs among the new paths.
+pub fn attribute(
+    store_dir: &str,
+    new_paths: &[PathInfo],
+    outputs: &[StorePath],
+    view: &dyn StoreView,
+) -> Vec<StorePath> {
+    let new: HashSet<&StorePath> = new_paths.iter().map(|p| &p.path).collect();
+    let mut closure: HashSet<StorePath> = HashSet::new();
+    let mut drv_stack: Vec<StorePath> = Vec::new();
+    let mut seen_drv: HashSet<StorePath> = HashSet::new();
+    let mut push_drv = |d: StorePath, stack: &mut Vec<StorePath>| {
+        if seen_drv.insert(d.clone()) {
+            stack.push(d);
+        }
+    };
+    for o in outputs {
+        closure.insert(o.clone());
+        if o.is_derivation() {
+            push_drv(o.clone(), &mut drv_stack);
+        }
+        for d in view.derivers(o) {
+            push_drv(d, &mut drv_stack);
+        }
+    }
+    while let Some(d) = drv_stack.pop() {
+        closure.insert(d.clone());
+        let Some(drv) = view.derivation(&d) else {
+            continue;
+        };
+        for o in drv.outputs.values() {
+            if let Ok(p) = StorePath::parse(store_dir, &o.path) {
+                closure.insert(p);
+            }
+        }
+        for s in &drv.input_srcs {
+            if let Ok(p) = StorePath::parse(store_dir, s) {
+                closure.insert(p);
+            }
+        }
+        for i in drv.input_drvs.keys() {
+            if let Ok(p) = StorePath::parse(store_dir, i) {
+                push_drv(p, &mut drv_stack);
+            }
+        }
+    }
+    // Runtime closure of the outputs, through new paths only (an older path cannot refer to
+    // a newer one).
+    let mut stack: Vec<StorePath> = outputs.iter().filter(|o| new.contains(o)).cloned().collect();
+    let mut seen: HashSet<StorePath> = stack.iter().cloned().collect();
+    while let Some(p) = stack.pop() {
+        closure.insert(p.clone());
+        for r in view.references(&p) {
+            if new.contains(&r) && seen.insert(r.clone()) {
+                stack.push(r);
+            }
+        }
+    }
+    let mut claimed: Vec<StorePath> = new_paths
+        .iter()
+        .filter(|p| closure.contains(&p.path))
+        .map(|p| p.path.clone())
+        .collect();
+    claimed.sort();
+    claimed
+}
+
+struct DbView<'a> {
+    db: &'a NixDb,
+    layout: &'a StoreLayout,
+    cache: std::cell::RefCell<HashMap<StorePath, Option<Derivation>>>,
+}
+
+impl StoreView for DbView<'_> {
+    fn derivers(&self, p: &StorePath) -> Vec<StorePath> {
+        let mut v = self.db.derivers_of(p).unwrap_or_default();
+        if let Ok(Some(info)) = self.db.path_info(p)
+            && let Some(d) = info.deriver
+        {
+            v.push(d);
+        }
+        v
+    }
+
+    fn derivation(&self, p: &StorePath) -> Option<Derivation> {
+        self.cache
+            .borrow_mut()
+            .entry(p.clone())
+            .or_insert_with(|| {
+                let bytes = std::fs::read(self.layout.physical(p)).ok()?;
+                parse_derivation(&bytes)
+                    .map_err(|e| tracing::warn!("cannot parse {p}: {e}"))
+                    .ok()
+            })
+            .clone()
+    }
+
+    fn references(&self, p: &StorePath) -> Vec<StorePath> {
+        self.db.references(p).unwrap_or_default()
+    }
+}
+
+/// Run `cmd` as a tracked run and record what it claimed.
+pub fn track(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    name: Option<&str>,
+    cmd: &[String],
+) -> Result<TrackReport, crate::GcError> {
+    if cmd.is_empty() {
+        return Err(TrackError::NoCommand.into());
+    }
+    let db = NixDb::open(layout)?;
+    let before = db.max_path_id()?;
+    let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
+    let run_id = runs.begin_run(&name, cmd, RunKind::Build)?;
+    let (exit_code, stdout) = match run_passthrough(cmd) {
+        Ok(x) => x,
+        Err(e) => {
+            runs.finish_run(run_id, Some(127))?;
+            return Err(e.into());
+        }
+    };
+    let new_paths = db.paths_since(before)?;
+    let sd = &layout.logical_store_dir;
+    let mut outputs = store_paths_in_output(sd, &stdout);
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    outputs.extend(result_links(sd, &cwd, cmd));
+    outputs.sort();
+    outputs.dedup();
+    let view = DbView {
+        db: &db,
+        layout,
+        cache: Default::default(),
+    };
+    let claimed = attribute(sd, &new_paths, &outputs, &view);
+    let sizes: HashMap<&StorePath, u64> = new_paths.iter().map(|p| (&p.path, p.nar_size)).collect();
+    let rows: Vec<(String, PathClass, u64)> = claimed
+        .iter()
+        .map(|p| (layout.logical(p), classify(p), sizes.get(p).copied().unwrap_or(0)))
+        .collect();
+    runs.add_paths(run_id, &rows)?;
+    runs.finish_run(run_id, Some(exit_code))?;
+    tracing::info!(
+        "run {run_id}: claimed {} of {} new paths",
+        rows.len(),
+        new_paths.len()
+    );
+    Ok(TrackReport {
+        run_id,
+        exit_code,
+        not_claimed: new_paths.len() - rows.len(),
+        claimed: rows,
+    })
+}
+
+/// A run name from the command: the last argument that is not an option, or the program.
+fn default_name(cmd: &[String]) -> String {
+    let base = |s: &str| {
+        Path::new(s)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.to_owned())
+    };
+    cmd.iter()
+        .skip(1)
+        .rev()
+        .find(|a| !a.starts_with('-'))
+        .map(|a| base(a))
+        .unwrap_or_else(|| base(&cmd[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drv::DrvOutput;
+
+    fn sp(i: usize, suffix: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{:0>32}-p{i}{suffix}", i)).unwrap()
+    }
+
+    fn full(p: &StorePath) -> String {
+        format!("/nix/store/{p}")
+    }
+
+    struct FakeStore {
+        drvs: HashMap<StorePath, Derivation>,
+        derivers: HashMap<StorePath, StorePath>,
+        refs: HashMap<StorePath, Vec<StorePath>>,
+    }
+
+    impl StoreView for FakeStore {
+        fn derivers(&self, p: &StorePath) -> Vec<StorePath> {
+            self.derivers.get(p).cloned().into_iter().collect()
+        }
+        fn derivation(&self, p: &StorePath) -> Option<Derivation> {
+            self.drvs.get(p).cloned()
+        }
+        fn references(&self, p: &StorePath) -> Vec<StorePath> {
+            self.refs.get(p).cloned().unwrap_or_default()
+        }
+    }
+
+    fn drv(out: &StorePath, inputs: &[&StorePath], srcs: &[&StorePath]) -> Derivation {
+        let mut d = Derivation::default();
+        d.outputs.insert(
+            "out".into(),
+            DrvOutput {
+                path: full(out),
+                hash_algo: String::new(),
+                hash: String::new(),
+            },
+        );
+        for i in inputs {
+            d.input_drvs.insert(full(i), vec!["out".into()]);
+        }
+        d.input_srcs = srcs.iter().map(|s| full(s)).collect();
+        d
+    }
+
+    fn info(p: &StorePath) -> PathInfo {
+        PathInfo {
+            id: 0,
+            path: p.clone(),
+            registration_time: 0,
+            deriver: None,
+            nar_size: 0,
+        }
+    }
+
+    #[test]
+    fn claims_the_derivation_closure_only() {
+        // Ours: top.drv -> dep.drv (+ src); top, dep outputs. Theirs: other.drv + output,
+        // registered meanwhile by someone else.
+        let (top_d, top_o) = (sp(1, ".drv"), sp(2, ""));
+        let (dep_d, dep_o) = (sp(3, ".drv"), sp(4, ""));
+        let src = sp(5, "-src");
+        let (oth_d, oth_o) = (sp(6, ".drv"), sp(7, ""));
+        let rt = sp(8, "-runtime-only");
+        let store = FakeStore {
+            drvs: [
+                (top_d.clone(), drv(&top_o, &[&dep_d], &[])),
+                (dep_d.clone(), drv(&dep_o, &[], &[&src])),
+                (oth_d.clone(), drv(&oth_o, &[], &[])),
+            ]
+            .into(),
+            derivers: [(top_o.clone(), top_d.clone()), (dep_o.clone(), dep_d.clone())].into(),
+            refs: [(top_o.clone(), vec![rt.clone()])].into(),
+        };
+        let new: Vec<PathInfo> = [&top_d, &top_o, &dep_d, &dep_o, &src, &oth_d, &oth_o, &rt]
+            .iter()
+            .map(|p| info(p))
+            .collect();
+        let claimed = attribute("/nix/store", &new, &[top_o.clone()], &store);
+        let mut want = vec![top_d, top_o, dep_d, dep_o, src, rt];
+        want.sort();
+        assert_eq!(claimed, want);
+        // Nothing built, nothing claimed.
+        assert!(attribute("/nix/store", &new, &[], &store).is_empty());
+    }
+
+    #[test]
+    fn output_scanning_and_names() {
+        let t = format!("building...\n{}\n'{}/bin/x'\n", full(&sp(1, "")), full(&sp(2, "")));
+        assert_eq!(store_paths_in_output("/nix/store", t.as_bytes()), vec![sp(1, ""), sp(2, "")]);
+        assert_eq!(default_name(&["nix-build".into(), "-A".into(), "/x/test.nix".into()]), "test.nix");
+        assert_eq!(default_name(&["make".into()]), "make");
+    }
+
+    #[test]
+    fn result_links_and_out_links() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(full(&sp(1, "")), dir.path().join("result")).unwrap();
+        std::os::unix::fs::symlink(full(&sp(2, "")), dir.path().join("result-dev")).unwrap();
+        std::os::unix::fs::symlink(full(&sp(3, "")), dir.path().join("mine")).unwrap();
+        std::os::unix::fs::symlink(full(&sp(4, "")), dir.path().join("mine-doc")).unwrap();
+        std::os::unix::fs::symlink("/tmp", dir.path().join("result-x")).unwrap();
+        let got = result_links("/nix/store", dir.path(), &["nix-build".into(), "-o".into(), "mine".into()]);
+        assert_eq!(got, vec![sp(1, ""), sp(2, ""), sp(3, ""), sp(4, "")]);
+    }
+
+    #[test]
+    fn passthrough_exit_codes() {
+        let (code, out) = run_passthrough(&["sh".into(), "-c".into(), "echo hi; exit 7".into()]).unwrap();
+        assert_eq!(code, 7);
+        assert_eq!(out, b"hi\n");
+        let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();
+        assert_eq!(code, 128 + 9);
+        let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
+        assert!(e.is_bad_input());
+    }
+}

@@ -1,0 +1,177 @@
+# drydock test system: a NixOS-shaped "toplevel" built with plain
+# `derivation` (no nixpkgs). Build it with build-test-system, which passes
+# the arguments below and the options the builders need:
+#   --option sandbox true --option sandbox-paths /bin/sh=/bin/busybox
+# (every builder is /bin/sh, i.e. a static busybox, and nothing else exists
+# in the sandbox).
+#
+# Attributes:
+#   toplevel  /nix/store/...-drydock-test-system with
+#               kernel         -> the kernel image (store path)
+#               initrd         -> the stage-1 initrd (store path)
+#               init           stage-2 script, run by the store's busybox
+#               kernel-params  e.g. "console=ttyS0 panic=-1 quiet loglevel=4"
+#               sw             -> busybox (bin/busybox + applet symlinks)
+#               system         "x86_64-linux"
+#               variant        -> variant marker (only if variant != "")
+#   outside   /nix/store/...-drydock-not-in-closure: built into the same
+#             store but NOT referenced by toplevel, to check that paths
+#             outside the closure stay invisible to the guest.
+{ kernel                # absolute host path of the kernel image
+, kernelVersion ? "unknown"
+, kernelFormat ? "bzImage"  # or "vmlinux" (uncompressed ELF, PVH entry)
+, initrd                # absolute host path of the stage-1 initrd
+, variant ? ""          # non-empty: adds a harmless difference to the closure
+, kernelParams ? "console=ttyS0 panic=-1 quiet loglevel=4"
+}:
+let
+  system = "x86_64-linux";
+
+  sh = script: [ "-c" script ];
+
+  busybox = derivation {
+    name = "drydock-busybox";
+    inherit system;
+    builder = "/bin/sh";
+    args = sh ''
+      set -e
+      mkdir -p $out/bin
+      cp /bin/sh $out/bin/busybox
+      chmod 0555 $out/bin/busybox
+      cd $out/bin
+      for a in $(./busybox --list); do
+        [ "$a" = busybox ] || ln -s busybox "$a"
+      done
+    '';
+  };
+
+  kernelFile = builtins.path {
+    path = kernel;
+    name = (if kernelFormat == "vmlinux" then "drydock-vmlinux-" else "drydock-kernel-")
+      + kernelVersion;
+  };
+
+  initrdFile = builtins.path {
+    path = initrd;
+    name = "drydock-initrd-${kernelVersion}";
+  };
+
+  variantDrv = derivation {
+    name = "drydock-variant-${variant}";
+    inherit system variant;
+    builder = "/bin/sh";
+    args = sh ''
+      mkdir -p $out && printf '%s\n' "$variant" > $out/name
+    '';
+  };
+
+  outside = derivation {
+    name = "drydock-not-in-closure";
+    inherit system;
+    builder = "/bin/sh";
+    args = sh ''
+      mkdir -p $out
+      echo "DRYDOCK-OUTSIDE: this store path is not in the test system's closure" > $out/README
+    '';
+  };
+
+  stage2 = ''
+    #!${busybox}/bin/sh
+    # drydock test system, stage 2 (PID 1, exec'd by stage 1).
+    export PATH=${busybox}/bin
+    systemConfig=@out@
+    set -f
+
+    grep -q ' /proc ' /proc/mounts 2>/dev/null || mount -t proc proc /proc
+    grep -q ' /sys ' /proc/mounts || mount -t sysfs sysfs /sys
+    grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+    mkdir -p /tmp
+    [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+
+    now() { read -r up rest < /proc/uptime; echo "$up"; }
+    store_fs="$(awk '$2 == "/nix/store" { fs = $3 } END { print fs }' /proc/mounts)"
+
+    tests=""
+    stay=""
+    for w in $(cat /proc/cmdline); do
+      case "$w" in
+        drydock.test=*) tests="$tests $(echo "''${w#drydock.test=}" | tr , ' ')" ;;
+        drydock.stay) stay=1 ;;
+      esac
+    done
+
+    echo "DRYDOCK-SYSTEM: $systemConfig"
+    echo "DRYDOCK-STORE: $store_fs"
+    [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
+    echo "DRYDOCK-READY"
+
+    for t in $tests; do
+      case "$t" in
+        list)
+          ls -A /nix/store | while read -r e; do echo "DRYDOCK-LS: $e"; done
+          echo "DRYDOCK-LS-END" ;;
+        write)
+          f=/nix/store/.drydock-write-test
+          mount -o remount,rw /nix/store 2>/dev/null || true
+          if (echo drydock > "$f") 2>/dev/null && [ -f "$f" ]; then
+            rm -f "$f"
+            echo "DRYDOCK-WRITE: ok"
+          else
+            echo "DRYDOCK-WRITE: failed"
+          fi
+          mount -o remount,ro /nix/store 2>/dev/null || true ;;
+        sum)
+          start="$(now)"
+          find /nix/store -type f | LC_ALL=C sort > /tmp/drydock-files
+          sum="$(xargs -r cat < /tmp/drydock-files | md5sum | cut -d' ' -f1)"
+          end="$(now)"
+          echo "DRYDOCK-SUM-FILES: $(wc -l < /tmp/drydock-files)"
+          echo "DRYDOCK-SUM: $sum $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" ;;
+        mounts)
+          while read -r l; do echo "DRYDOCK-MOUNT: $l"; done < /proc/mounts ;;
+        counter)
+          i=0
+          while :; do echo "DRYDOCK-COUNT: $i"; i=$((i + 1)); sleep 0.2; done ;;
+        idle)
+          stay=1 ;;
+        shell)
+          echo "DRYDOCK-SHELL: exit the shell to continue"
+          setsid cttyhack sh ;;
+        *)
+          echo "DRYDOCK-UNKNOWN-TEST: $t" ;;
+      esac
+    done
+
+    echo "DRYDOCK-DONE"
+    if [ -n "$stay" ]; then
+      while :; do sleep 3600; done
+    fi
+    sync
+    poweroff -f
+  '';
+
+  toplevel = derivation {
+    name = "drydock-test-system";
+    inherit system kernelParams stage2;
+    builder = "/bin/sh";
+    kernel = kernelFile;
+    initrd = initrdFile;
+    sw = busybox;
+    variant = if variant == "" then "" else variantDrv;
+    args = sh ''
+      set -e
+      mkdir -p $out
+      ln -s $kernel $out/kernel
+      ln -s $initrd $out/initrd
+      ln -s $sw $out/sw
+      printf '%s' "$kernelParams" > $out/kernel-params
+      printf '%s' "$system" > $out/system
+      printf '%s' "$stage2" | sed "s|@out@|$out|g" > $out/init
+      chmod 0555 $out/init
+      if [ -n "$variant" ]; then ln -s $variant $out/variant; fi
+    '';
+  };
+in
+{
+  inherit toplevel outside busybox;
+}

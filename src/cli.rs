@@ -1,0 +1,281 @@
+//! The command line, as `clap` derive types. The contract lives in `CLI.md`; this file is its
+//! code form. Nothing here has side effects.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// drydock: run NixOS VM tests without the pain.
+#[derive(Debug, Parser)]
+#[command(name = "drydock", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalOpts {
+    /// A chroot Nix store, as Nix's own `--store ROOT` (store at ROOT/nix/store).
+    #[arg(long, global = true, value_name = "ROOT")]
+    pub store: Option<PathBuf>,
+    /// drydock's own state (runs database, VM folders).
+    #[arg(long, global = true, value_name = "DIR", env = "DRYDOCK_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Machine-readable output on stdout (one JSON document).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging on stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Preflight for running VMs: KVM, cgroups, QEMU, disk and Nix settings, with fixes.
+    Doctor(DoctorArgs),
+    /// Run and manage VMs: QEMU launched directly, the store shared read-only.
+    Vm(VmArgs),
+    /// Internal: own a detached VM (started by `vm run --detach`).
+    #[command(name = "__vm-supervise", hide = true)]
+    VmSupervise(VmSuperviseArgs),
+    /// Internal: the read-only virtio-fs store server, run by drydock itself.
+    #[command(name = "__store-server", hide = true)]
+    StoreServer(StoreServerArgs),
+    /// Run a command and record, as a run, the store paths it caused to be registered.
+    Track(TrackArgs),
+    /// The recorded runs (VM launches included) with paths, sizes and what is reclaimable.
+    Runs(RunsArgs),
+    /// Reclaim the store paths and VM state of the selected runs, through Nix itself.
+    Gc(GcArgs),
+    /// Disk used by test artifacts, counting hard-linked bytes once.
+    Du(DuArgs),
+    /// Find and repair store damage (registered paths missing on disk, stray entries).
+    Store(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Build a tiny derivation that opens /dev/kvm inside the Nix sandbox.
+    #[arg(long)]
+    pub nix_probe: bool,
+    /// Boot a Linux kernel under KVM with a deadline and report how far it got.
+    #[arg(long)]
+    pub boot_probe: bool,
+    /// The kernel for --boot-probe (default: the test guest's, from scripts/setup's cache).
+    #[arg(long, value_name = "K", requires = "boot_probe")]
+    pub probe_kernel: Option<PathBuf>,
+    /// An initrd for --boot-probe.
+    #[arg(long, value_name = "I", requires = "boot_probe")]
+    pub probe_initrd: Option<PathBuf>,
+    /// Seconds the kernel gets to reach userspace in --boot-probe.
+    #[arg(long, value_name = "SECS", default_value_t = 20, requires = "boot_probe")]
+    pub probe_timeout: u64,
+}
+
+/// `__store-server`: serve a store directory over vhost-user-fs on a unix socket (internal).
+#[derive(Debug, Args)]
+pub struct StoreServerArgs {
+    /// The vhost-user socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The directory to share (the physical Nix store).
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: PathBuf,
+    /// Show only these store path basenames at the root, one per line ("-" reads stdin).
+    #[arg(long, value_name = "FILE")]
+    pub allow_list: Option<PathBuf>,
+    /// Worker threads for FUSE requests (0: handle them on the queue thread).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub thread_pool_size: usize,
+    /// Skip the sandbox (chroot, namespaces, capabilities, seccomp); for debugging only.
+    #[arg(long)]
+    pub no_sandbox: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrackArgs {
+    /// Name of the run (default: derived from the command).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The command to run, after `--`.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub action: Option<RunsAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsAction {
+    /// One run's paths and, for anything still alive, why.
+    Show {
+        /// Run id.
+        id: i64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep the N most recent finished runs; select the others.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Select runs that ended longer ago than this (e.g. 7d, 12h).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<String>,
+    /// Select this run (repeatable).
+    #[arg(long = "run", value_name = "ID")]
+    pub runs: Vec<i64>,
+    /// Every dead path of the store, as a full Nix GC would collect.
+    #[arg(long)]
+    pub all: bool,
+    /// Only report what would be deleted and how much.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Paths per `nix-store --delete` call.
+    #[arg(long, default_value_t = drydock_gc::DEFAULT_BATCH, hide = true, env = "DRYDOCK_GC_BATCH")]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DuArgs {}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    pub action: StoreAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreAction {
+    /// Find registered-but-missing paths and stray entries; exit 1 if damaged.
+    Check,
+    /// Remove missing paths and their referrers from Nix's database, through Nix.
+    Repair {
+        /// Only show what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM (foreground by default: console on the terminal, Ctrl-C stops everything).
+    Run(VmRunArgs),
+    /// The VMs in the state dir: name, state, pid, accel, memory, uptime.
+    List,
+    /// Stop a VM: QMP powerdown, grace, quit, SIGTERM, SIGKILL.
+    Stop(VmStopArgs),
+    /// Print a VM's console log.
+    Logs(VmLogsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM when every doctor KVM check passes (including the execution probe), else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShareArg {
+    /// Only the system's closure (from the Nix database's references).
+    Closure,
+    /// The whole store.
+    Store,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreModeArg {
+    /// virtio-fs from drydock's read-only store server (tag `nix-store`).
+    Virtiofs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    /// The VM's name (its folder in the state dir).
+    #[arg(long)]
+    pub name: String,
+    /// A NixOS-shaped system: kernel, initrd, init, kernel-params.
+    #[arg(long, value_name = "TOPLEVEL", conflicts_with_all = ["kernel", "initrd"])]
+    pub system: Option<String>,
+    /// Kernel image (instead of --system).
+    #[arg(long, value_name = "K", requires = "initrd")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Initrd (with --kernel).
+    #[arg(long, value_name = "I")]
+    pub initrd: Option<std::path::PathBuf>,
+    /// Kernel command line (with --kernel), or words added to the system's.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u32,
+    /// Virtual CPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// What of the store the guest sees.
+    #[arg(long, value_enum, default_value_t = ShareArg::Closure)]
+    pub share: ShareArg,
+    #[arg(long, value_enum, default_value_t = StoreModeArg::Virtiofs)]
+    pub store_mode: StoreModeArg,
+    /// The VM is ready when a console line matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub ready: Option<String>,
+    /// Return once ready (needs --ready); the VM keeps running.
+    #[arg(long, requires = "ready")]
+    pub detach: bool,
+    /// Give up (stop the VM, exit 1) if not ready within SECS (or, without --ready, stop it then).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VmStopArgs {
+    pub name: String,
+    /// Skip the guest's powerdown and QEMU's quit: kill at once.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds the guest gets to power off.
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    pub grace: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct VmLogsArgs {
+    pub name: String,
+    /// Keep printing as the console grows, until the VM stops (or Ctrl-C).
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VmSuperviseArgs {
+    #[arg(long)]
+    pub name: String,
+}

@@ -1,0 +1,33 @@
+//! `drydock du`: disk used by test artifacts, by category and by run, hard links once.
+
+use std::io::Write;
+
+use drydock_gc::RunsDb;
+
+use crate::cli::DuArgs;
+use crate::context::Context;
+use crate::exit::Outcome;
+
+use super::gc::size;
+
+pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
+    let layout = super::gc::layout(ctx);
+    drydock_gc::NixDb::open(&layout).map_err(drydock_gc::GcError::from)?;
+    let runs = RunsDb::open(&ctx.state_dir)?;
+    let rep = drydock_gc::du(&layout, Some(&runs))?;
+    let mut out = std::io::stdout().lock();
+    if ctx.json {
+        serde_json::to_writer_pretty(&mut out, &rep)?;
+        writeln!(out)?;
+        return Ok(Outcome::Success);
+    }
+    for (c, b) in &rep.by_class {
+        writeln!(out, "{:<14} {:>12}", c.as_str(), size(*b))?;
+    }
+    writeln!(out, "{:<14} {:>12}", "drydock_state", size(rep.state_dir))?;
+    for (id, name, b) in &rep.by_run {
+        writeln!(out, "run {id:<10} {:>12}  {name}", size(*b))?;
+    }
+    writeln!(out, "{:<14} {:>12}", "total", size(rep.total))?;
+    Ok(Outcome::Success)
+}

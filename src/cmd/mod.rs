@@ -1,0 +1,10 @@
+//! One module per subcommand; each turns parsed arguments into an `Outcome`.
+
+pub mod doctor;
+pub mod du;
+pub mod gc;
+pub mod runs;
+pub mod store;
+pub mod store_server;
+pub mod track;
+pub mod vm;

@@ -1,0 +1,98 @@
+//! `drydock runs` / `drydock runs show ID`: the recorded runs, their sizes and what is
+//! reclaimable now; for one run, every path and why it is still alive.
+
+use std::io::Write;
+
+use drydock_gc::{Loaded, RunsDb};
+
+use crate::cli::{RunsAction, RunsArgs};
+use crate::context::Context;
+use crate::exit::Outcome;
+
+use super::gc::size;
+
+fn age(secs: i64) -> String {
+    let d = (drydock_gc::RunsDb::now_secs() - secs).max(0);
+    match d {
+        0..60 => format!("{d}s"),
+        60..3600 => format!("{}m", d / 60),
+        3600..86400 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
+    let layout = super::gc::layout(ctx);
+    let loaded = Loaded::load(&layout)?;
+    let runs = RunsDb::open(&ctx.state_dir)?;
+    let mut out = std::io::stdout().lock();
+    match &args.action {
+        None => {
+            let list = drydock_gc::summarize_runs(&loaded, &runs)?;
+            if ctx.json {
+                serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "runs": list }))?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>4}  {:>5}  {:<20} {:>6} {:>10} {:>12}  COMMAND",
+                    "ID", "AGE", "NAME", "PATHS", "SIZE", "RECLAIMABLE"
+                )?;
+                for s in &list {
+                    writeln!(
+                        out,
+                        "{:>4}  {:>5}  {:<20} {:>6} {:>10} {:>12}  {}",
+                        s.run.id,
+                        age(s.run.started_at),
+                        s.run.name,
+                        s.live_paths,
+                        size(s.size),
+                        size(s.reclaimable),
+                        s.run.command.join(" ")
+                    )?;
+                }
+            }
+        }
+        Some(RunsAction::Show { id }) => {
+            let run = runs.run(*id).map_err(drydock_gc::GcError::from)?;
+            let (_, paths) = drydock_gc::run_statuses(&loaded, &runs, *id, None)?;
+            let artifacts = runs.artifacts(*id).map_err(drydock_gc::GcError::from)?;
+            if ctx.json {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({ "run": run, "paths": paths, "artifacts": artifacts }),
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "run {}: {} ({})",
+                    run.id,
+                    run.name,
+                    run.command.join(" ")
+                )?;
+                for p in &paths {
+                    writeln!(
+                        out,
+                        "  {:<12} {:<12} {:>10}  {}",
+                        p.status,
+                        p.class,
+                        size(p.nar_size),
+                        p.path
+                    )?;
+                    if let Some(w) = &p.why {
+                        writeln!(out, "      held by {} root {}", w.root_kind, w.root)?;
+                        writeln!(out, "      chain: {}", w.chain.join(" -> "))?;
+                    }
+                    if let Some(h) = &p.held_by {
+                        writeln!(out, "      needed by {h}")?;
+                    }
+                }
+                for a in &artifacts {
+                    writeln!(out, "  artifact {} {}", a.kind, a.path)?;
+                }
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}

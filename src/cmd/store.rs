@@ -1,0 +1,116 @@
+//! `drydock store check` / `drydock store repair`: registered-but-missing paths and stray
+//! entries; repair removes the missing paths and their referrers through Nix.
+
+use std::io::Write;
+
+use drydock_gc::Loaded;
+
+use crate::cli::{StoreAction, StoreArgs};
+use crate::context::Context;
+use crate::exit::Outcome;
+
+pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
+    let layout = super::gc::layout(ctx);
+    let loaded = Loaded::load(&layout)?;
+    let (damage, _entries) = drydock_gc::check(&loaded)?;
+    let missing: Vec<String> = damage
+        .missing
+        .iter()
+        .map(|&n| layout.logical(loaded.snap.path(n)))
+        .collect();
+    let stray: Vec<String> = damage.stray.iter().map(|p| layout.logical(p)).collect();
+    let mut out = std::io::stdout().lock();
+    match &args.action {
+        StoreAction::Check => {
+            if ctx.json {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({ "missing": missing, "stray": stray,
+                                         "damaged": damage.is_damaged() }),
+                )?;
+                writeln!(out)?;
+            } else {
+                for m in &missing {
+                    writeln!(out, "missing: {m}")?;
+                }
+                for s in &stray {
+                    writeln!(out, "stray (unregistered): {s}")?;
+                }
+                writeln!(
+                    out,
+                    "{} registered paths missing, {} stray entries",
+                    missing.len(),
+                    stray.len()
+                )?;
+            }
+            Ok(if damage.is_damaged() {
+                Outcome::Failed
+            } else {
+                Outcome::Success
+            })
+        }
+        StoreAction::Repair { dry_run } => {
+            let (plan, res) = drydock_gc::repair(&loaded, &damage, *dry_run)?;
+            let names: Vec<String> = plan
+                .delete
+                .iter()
+                .map(|&n| layout.logical(loaded.snap.path(n)))
+                .collect();
+            let blocked: Vec<serde_json::Value> = plan
+                .blocked
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "path": layout.logical(loaded.snap.path(b.node)),
+                        "root": loaded.roots[b.root].link.display().to_string(),
+                    })
+                })
+                .collect();
+            let (gone, refused) = match &res {
+                Some(r) => (
+                    r.gone.iter().map(|p| layout.logical(p)).collect::<Vec<_>>(),
+                    r.refused
+                        .iter()
+                        .map(|(p, w)| (layout.logical(p), w.clone()))
+                        .collect::<Vec<_>>(),
+                ),
+                None => (vec![], vec![]),
+            };
+            if ctx.json {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({ "missing": missing, "remove": names,
+                        "blocked": blocked, "removed": gone, "refused": refused }),
+                )?;
+                writeln!(out)?;
+            } else {
+                for b in &plan.blocked {
+                    writeln!(
+                        out,
+                        "refusing: {} is held by root {}",
+                        layout.logical(loaded.snap.path(b.node)),
+                        loaded.roots[b.root].link.display()
+                    )?;
+                }
+                if plan.blocked.is_empty() {
+                    for n in &names {
+                        writeln!(
+                            out,
+                            "{} {n}",
+                            if *dry_run { "would remove" } else { "remove" }
+                        )?;
+                    }
+                }
+                for (p, w) in &refused {
+                    writeln!(out, "refused by Nix: {p}: {w}")?;
+                }
+                writeln!(out, "{} paths removed from the database", gone.len())?;
+            }
+            Ok(if plan.blocked.is_empty() && refused.is_empty() {
+                Outcome::Success
+            } else {
+                Outcome::Failed
+            })
+        }
+    }
+}

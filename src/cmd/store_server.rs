@@ -1,0 +1,40 @@
+//! `drydock __store-server` (hidden): the store share's server process. drydock starts it itself
+//! through `drydock_vm::StoreServer`; it prints a ready line on stdout, serves one vhost-user
+//! frontend, and exits 0 when that frontend disconnects.
+
+use std::io::Read;
+
+use drydock_vm::{StoreServeOptions, StoreServerError, parse_allow_list, serve_store};
+
+use crate::cli::StoreServerArgs;
+use crate::exit::{Outcome, bad_input};
+
+pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
+    let allow = match &args.allow_list {
+        None => None,
+        Some(path) => {
+            let mut text = String::new();
+            let read = if path.as_os_str() == "-" {
+                std::io::stdin().read_to_string(&mut text)
+            } else {
+                std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
+            };
+            read.map_err(|e| typed(StoreServerError::AllowList(e), "--allow-list"))?;
+            Some(parse_allow_list(&text).map_err(|e| typed(e, "--allow-list"))?)
+        }
+    };
+    let mut opts = StoreServeOptions::new(args.socket.clone(), args.shared_dir.clone(), allow);
+    opts.thread_pool_size = args.thread_pool_size;
+    opts.sandbox = !args.no_sandbox;
+    serve_store(&opts).map_err(|e| typed(e, "store server"))?;
+    Ok(Outcome::Success)
+}
+
+/// Keep the exit code contract: bad input exits 2, anything else 1.
+fn typed(e: StoreServerError, what: &str) -> anyhow::Error {
+    if e.is_bad_input() {
+        bad_input(format!("{what}: {:#}", anyhow::Error::new(e)))
+    } else {
+        anyhow::Error::new(e).context(what.to_owned())
+    }
+}

@@ -1,0 +1,705 @@
+//! `drydock vm run|list|stop|logs` and the hidden `__vm-supervise` that owns a detached VM.
+//! Resolution (system, closure, accelerator, QEMU) happens here; launching is `drydock_vm`'s.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow};
+use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb, StoreLayout};
+use drydock_vm::{
+    Accel, ConsoleTail, Host, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmSpec, VmState,
+    WaitOutcome,
+};
+
+use crate::cli::{
+    AccelArg, ShareArg, VmArgs, VmCommand, VmLogsArgs, VmRunArgs, VmStopArgs, VmSuperviseArgs,
+};
+use crate::context::Context;
+use crate::exit::{Outcome, bad_input};
+
+/// Set by Ctrl-C / SIGTERM / SIGHUP.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+fn install_cancel_handler() {
+    // A second install (tests call run twice in one process) is harmless to skip.
+    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::SeqCst));
+}
+
+pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
+    match &args.command {
+        VmCommand::Run(a) => run_vm(ctx, a),
+        VmCommand::List => list(ctx),
+        VmCommand::Stop(a) => stop(ctx, a),
+        VmCommand::Logs(a) => logs(ctx, a),
+    }
+}
+
+fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
+    drydock_vm::validate_name(name).map_err(|e| bad_input(e.to_string()))?;
+    let dir = ctx.state_dir.join("vms").join(name);
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("drydock-{}", unsafe_free_uid()));
+    Ok(VmPaths::new(dir.clone(), &runtime, &short_id(&dir)))
+}
+
+/// This process's uid, from /proc (no libc call needed here).
+fn unsafe_free_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}
+
+/// FNV-1a of a path: a short, stable folder name for sockets.
+fn short_id(p: &Path) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+fn find_qemu(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = arg
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("DRYDOCK_QEMU").map(PathBuf::from))
+    {
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(bad_input(format!(
+            "QEMU not found: {} does not exist",
+            p.display()
+        )));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| bad_input("QEMU not found: qemu-system-x86_64 is not on PATH (install qemu-system-x86, or name it with --qemu / DRYDOCK_QEMU)"))
+}
+
+fn layout(ctx: &Context) -> StoreLayout {
+    match &ctx.store_root {
+        Some(root) => StoreLayout::chroot(root),
+        None => StoreLayout::system(&ctx.store_dir, &ctx.nix_state_dir),
+    }
+}
+
+/// Refuse a name whose VM is alive; clean up a stale entry.
+fn claim_name(paths: &VmPaths, name: &str) -> anyhow::Result<()> {
+    if let Some(state) = VmState::read(paths) {
+        let alive = [state.qemu_pid, state.supervisor_pid]
+            .into_iter()
+            .any(drydock_vm::pid_alive);
+        if alive {
+            return Err(bad_input(format!(
+                "a VM named {name} is already running (QEMU pid {}); stop it with `drydock vm stop {name}` or choose another --name",
+                state.qemu_pid
+            )));
+        }
+        tracing::info!("cleaning up the stale entry of VM {name}");
+        drydock_vm::stop_remote(paths, &state, Duration::ZERO, true)?;
+    }
+    Ok(())
+}
+
+fn choose_accel(arg: AccelArg) -> anyhow::Result<(Accel, String)> {
+    match arg {
+        AccelArg::Tcg => Ok((Accel::Tcg, "--accel tcg".into())),
+        AccelArg::Kvm => match drydock_vm::kvm_usable(&Host::system()) {
+            Ok(()) => Ok((Accel::Kvm, "--accel kvm".into())),
+            Err(f) => Err(anyhow!(
+                "--accel kvm: KVM is not usable here: {} [{}]{}",
+                f.summary,
+                f.id,
+                f.fix.map(|x| format!("\n  fix: {x}")).unwrap_or_default()
+            )),
+        },
+        AccelArg::Auto => match drydock_vm::kvm_usable(&Host::system()) {
+            Ok(()) => Ok((Accel::Kvm, "KVM checks passed".into())),
+            Err(f) => Ok((Accel::Tcg, format!("TCG because {} [{}]", f.summary, f.id))),
+        },
+    }
+}
+
+/// Build the launch record: resolve the system or kernel, the closure, QEMU and the accelerator.
+fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<LaunchRecord> {
+    let layout = layout(ctx);
+    let qemu = find_qemu(a.qemu.as_deref())?;
+    let (kernel, initrd, mut cmdline, toplevel) = match (&a.system, &a.kernel) {
+        (Some(sys), _) => {
+            let top = drydock_vm::toplevel_path(&layout, sys)
+                .map_err(|e| bad_input(format!("--system: {e}")))?;
+            let boot = drydock_vm::resolve_system(&layout, &top).map_err(|e| {
+                if e.is_bad_input() {
+                    bad_input(format!("--system: {e}"))
+                } else {
+                    anyhow!(e)
+                }
+            })?;
+            (boot.kernel, Some(boot.initrd), boot.cmdline, Some(top))
+        }
+        (None, Some(k)) => {
+            for (flag, p) in [("--kernel", Some(k)), ("--initrd", a.initrd.as_ref())] {
+                if let Some(p) = p {
+                    if !p.is_file() {
+                        return Err(bad_input(format!("{flag} {}: no such file", p.display())));
+                    }
+                }
+            }
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            (abs(k), a.initrd.as_deref().map(abs), String::new(), None)
+        }
+        (None, None) => {
+            return Err(bad_input(
+                "vm run needs --system TOPLEVEL or --kernel K --initrd I",
+            ));
+        }
+    };
+    if let Some(extra) = &a.append {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(extra);
+    }
+    let allow = match (a.share, &toplevel) {
+        (ShareArg::Store, _) => None,
+        (ShareArg::Closure, Some(top)) => {
+            if !layout.has_database() {
+                return Err(bad_input(format!(
+                    "--share closure needs the Nix database, and {} does not exist (is {} a Nix store?)",
+                    layout.db_path().display(),
+                    layout.store_dir.display()
+                )));
+            }
+            let db = NixDb::open(&layout).context("opening the Nix database")?;
+            let snap = db.snapshot().context("reading the Nix database")?;
+            let node = snap.node(top).ok_or_else(|| {
+                bad_input(format!(
+                    "--system {}: not registered in the Nix database {}",
+                    layout.logical(top),
+                    layout.db_path().display()
+                ))
+            })?;
+            let names: Vec<String> = snap
+                .closure([node])
+                .into_iter()
+                .map(|n| snap.path(n).base_name().to_string())
+                .collect();
+            Some(names)
+        }
+        // A bare kernel has no closure to compute: it sees nothing of the store unless asked.
+        (ShareArg::Closure, None) => Some(Vec::new()),
+    };
+    if !layout.store_dir.is_dir() && (toplevel.is_some() || a.share == ShareArg::Store) {
+        return Err(bad_input(format!(
+            "the store {} does not exist",
+            layout.store_dir.display()
+        )));
+    }
+    let (accel, accel_reason) = choose_accel(a.accel)?;
+    let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let spec = VmSpec {
+        name: a.name.clone(),
+        qemu,
+        kernel,
+        initrd,
+        cmdline,
+        memory_mib: a.memory,
+        cpus: a.cpus,
+        accel,
+        store: StoreAttachment::VirtioFs {
+            socket: paths.fs_socket(),
+        },
+        paths: paths.clone(),
+    };
+    drydock_vm::plan(&spec).map_err(|e| bad_input(e.to_string()))?;
+    Ok(LaunchRecord {
+        spec,
+        share: Some(StoreShare {
+            exe,
+            shared_dir: layout.store_dir.clone(),
+            allow,
+        }),
+        toplevel: toplevel.map(|t| layout.logical(&t)),
+        accel_reason,
+        run_id: None,
+    })
+}
+
+/// Record the launch as a run of kind `vm` owning the VM's folder, and pin the system with a GC
+/// root for as long as the run lives. A runs database that cannot be written costs the record,
+/// not the VM: warn and go on.
+fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
+    let result = (|| -> anyhow::Result<i64> {
+        let db = RunsDb::open(&ctx.state_dir)?;
+        let argv: Vec<String> = std::env::args().collect();
+        let id = db.begin_run(&record.spec.name, &argv, RunKind::Vm)?;
+        db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)?;
+        if let Some(top) = &record.toplevel {
+            let l = layout(ctx);
+            let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
+            db.pin(&l, id, &sp)?;
+        }
+        Ok(id)
+    })();
+    match result {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                "the launch of {} is not recorded as a run: {e:#}",
+                record.spec.name
+            );
+            None
+        }
+    }
+}
+
+/// Mark the launch's run finished with QEMU's exit code.
+fn finish_run(ctx: &Context, record: &LaunchRecord, status: Option<std::process::ExitStatus>) {
+    let Some(id) = record.run_id else { return };
+    let result = RunsDb::open(&ctx.state_dir)
+        .and_then(|db| db.finish_run(id, status.and_then(|s| s.code())));
+    if let Err(e) = result {
+        tracing::warn!("cannot finish run {id}: {e}");
+    }
+}
+
+fn ready_regex(a: &VmRunArgs) -> anyhow::Result<Option<regex::Regex>> {
+    a.ready
+        .as_deref()
+        .map(|r| regex::Regex::new(r).map_err(|e| bad_input(format!("--ready {r:?}: {e}"))))
+        .transpose()
+}
+
+fn timeout(a: &VmRunArgs) -> anyhow::Result<Option<Duration>> {
+    a.timeout
+        .map(|t| {
+            Duration::try_from_secs_f64(t)
+                .map_err(|_| bad_input(format!("--timeout {t}: not a number of seconds")))
+        })
+        .transpose()
+}
+
+fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let ready = ready_regex(a)?;
+    let timeout = timeout(a)?;
+    claim_name(&paths, &a.name)?;
+    let mut record = prepare(ctx, a, &paths)?;
+    record.run_id = record_run(ctx, &record);
+    record.write(&paths)?;
+    eprintln!(
+        "drydock: starting {} ({}, {} MiB, {} vCPU; {}; store: {})",
+        a.name,
+        record.spec.accel.as_str(),
+        record.spec.memory_mib,
+        record.spec.cpus,
+        record.accel_reason,
+        match record.share.as_ref().and_then(|s| s.allow.as_ref()) {
+            Some(names) => format!("{} closure paths over virtio-fs, read-only", names.len()),
+            None => "the whole store over virtio-fs, read-only".into(),
+        }
+    );
+    install_cancel_handler();
+    if a.detach {
+        detach(ctx, a, &paths, ready.as_ref(), timeout)
+    } else {
+        foreground(ctx, a, &record, ready.as_ref(), timeout)
+    }
+}
+
+fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
+    let prefix = format!("{name} │ ");
+    move |line: &str| {
+        if json {
+            eprintln!("{prefix}{line}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{prefix}{line}");
+        }
+    }
+}
+
+fn foreground(
+    ctx: &Context,
+    a: &VmRunArgs,
+    record: &LaunchRecord,
+    ready: Option<&regex::Regex>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Outcome> {
+    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref()).map_err(launch_error)?;
+    let started = Instant::now();
+    let mut tail = ConsoleTail::new(vm.paths().console_log());
+    let mut echo = echo_to(ctx.json, &a.name);
+    let mut ready_line = None;
+    let mut outcome = {
+        let mut gone = || vm.exited().is_some();
+        drydock_vm::follow(&mut tail, ready, timeout, &CANCEL, &mut gone, &mut echo)
+    };
+    if let WaitOutcome::Ready(line) = &outcome {
+        ready_line = Some(line.clone());
+        eprintln!(
+            "drydock: {} ready after {:.2} s",
+            a.name,
+            started.elapsed().as_secs_f64()
+        );
+        // Foreground: stay with the VM until it ends or Ctrl-C.
+        let mut gone = || vm.exited().is_some();
+        outcome = drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut echo);
+    }
+    let status = vm.exited();
+    vm.stop(drydock_vm::POWERDOWN_GRACE)?;
+    finish_run(ctx, record, status.or_else(|| vm.exited()));
+    let (code, why) = match &outcome {
+        WaitOutcome::Exited if ready.is_some() && ready_line.is_none() => (
+            Outcome::Failed,
+            "the VM stopped before it became ready".to_string(),
+        ),
+        WaitOutcome::Exited => (
+            Outcome::Success,
+            format!(
+                "the VM stopped ({})",
+                status.map(|s| s.to_string()).unwrap_or_default()
+            ),
+        ),
+        WaitOutcome::TimedOut => (
+            Outcome::Failed,
+            format!(
+                "timed out after {:.1} s{}",
+                started.elapsed().as_secs_f64(),
+                if ready.is_some() {
+                    " waiting for --ready"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        WaitOutcome::Cancelled => (Outcome::Code(130), "interrupted; VM stopped".to_string()),
+        WaitOutcome::Ready(_) => unreachable_ready(),
+    };
+    report_end(
+        ctx,
+        a,
+        &record.spec.paths,
+        code,
+        &why,
+        ready_line.as_deref(),
+        started.elapsed(),
+    )
+}
+
+fn unreachable_ready() -> (Outcome, String) {
+    // The second follow has no pattern, so it cannot report Ready.
+    (Outcome::Failed, "internal: ready twice".to_string())
+}
+
+fn report_end(
+    ctx: &Context,
+    a: &VmRunArgs,
+    paths: &VmPaths,
+    code: Outcome,
+    why: &str,
+    ready_line: Option<&str>,
+    elapsed: Duration,
+) -> anyhow::Result<Outcome> {
+    if code == Outcome::Failed {
+        let tail = drydock_vm::log_tail(&paths.console_log(), 15);
+        eprintln!(
+            "drydock: {}: {why}\n--- last console lines ({}) ---\n{tail}",
+            a.name,
+            paths.console_log().display()
+        );
+    } else {
+        eprintln!("drydock: {}: {why}", a.name);
+    }
+    if ctx.json {
+        let doc = serde_json::json!({
+            "name": a.name,
+            "result": match code { Outcome::Success => "ok", Outcome::Failed => "failed", _ => "interrupted" },
+            "reason": why,
+            "ready_line": ready_line,
+            "seconds": elapsed.as_secs_f64(),
+            "console_log": paths.console_log(),
+        });
+        println!("{doc}");
+    }
+    Ok(code)
+}
+
+fn launch_error(e: drydock_vm::LaunchError) -> anyhow::Error {
+    if e.is_bad_input() {
+        bad_input(format!("{:#}", anyhow!(e)))
+    } else {
+        anyhow!(e)
+    }
+}
+
+/// `--detach`: a supervisor process owns the VM; wait here until it is ready.
+fn detach(
+    ctx: &Context,
+    a: &VmRunArgs,
+    paths: &VmPaths,
+    ready: Option<&regex::Regex>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Outcome> {
+    let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let log_path = paths.supervisor_log();
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(&ctx.state_dir)
+        .arg("__vm-supervise")
+        .arg("--name")
+        .arg(&a.name);
+    let sup = drydock_vm::spawn_detached("vm supervisor", cmd, log)?;
+    let started = Instant::now();
+    // Wait for the supervisor to start QEMU (it writes state.json), or to fail.
+    let state = loop {
+        if let Some(s) = VmState::read(paths) {
+            break s;
+        }
+        if !drydock_vm::pid_alive(sup) {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(anyhow!("the VM did not start:\n{}", text.trim()));
+        }
+        if started.elapsed() > Duration::from_secs(30) || CANCEL.load(Ordering::SeqCst) {
+            let _ = drydock_vm::pid_alive(sup).then(|| kill(sup));
+            return Err(anyhow!(
+                "the VM supervisor did not start QEMU within 30 s (see {})",
+                log_path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut tail = ConsoleTail::new(paths.console_log());
+    let mut echo = echo_to(ctx.json, &a.name);
+    let qemu_pid = state.qemu_pid;
+    let mut gone = || !drydock_vm::pid_alive(qemu_pid);
+    let outcome = drydock_vm::follow(&mut tail, ready, timeout, &CANCEL, &mut gone, &mut echo);
+    match outcome {
+        WaitOutcome::Ready(line) => {
+            eprintln!(
+                "drydock: {} ready after {:.2} s; running in the background (pid {}); `drydock vm stop {}` stops it",
+                a.name,
+                started.elapsed().as_secs_f64(),
+                state.qemu_pid,
+                a.name
+            );
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": a.name, "result": "ready", "ready_line": line, "qemu_pid": state.qemu_pid, "seconds": started.elapsed().as_secs_f64()})
+                );
+            }
+            Ok(Outcome::Success)
+        }
+        other => {
+            drydock_vm::stop_remote(paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
+            let (code, why) = match other {
+                WaitOutcome::TimedOut => (
+                    Outcome::Failed,
+                    format!(
+                        "not ready after {:.1} s; VM stopped",
+                        started.elapsed().as_secs_f64()
+                    ),
+                ),
+                WaitOutcome::Cancelled => (Outcome::Code(130), "interrupted; VM stopped".into()),
+                _ => (
+                    Outcome::Failed,
+                    "the VM stopped before it became ready".into(),
+                ),
+            };
+            report_end(ctx, a, paths, code, &why, None, started.elapsed())
+        }
+    }
+}
+
+fn kill(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(pid.to_string())
+        .status();
+}
+
+/// The hidden `__vm-supervise`: start the recorded launch and stay with it until QEMU exits or
+/// we are told to stop (SIGTERM/SIGHUP/SIGINT), then clean up.
+pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let mut record = LaunchRecord::read(&paths)?;
+    if let Some(share) = &mut record.share {
+        share.exe = std::env::current_exe().context("locating the drydock binary")?;
+    }
+    install_cancel_handler();
+    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref())?;
+    eprintln!(
+        "drydock: supervising {} (QEMU pid {})",
+        a.name, vm.state.qemu_pid
+    );
+    while vm.exited().is_none() && !CANCEL.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = vm.exited();
+    vm.stop(drydock_vm::POWERDOWN_GRACE)?;
+    eprintln!(
+        "drydock: {} stopped ({})",
+        a.name,
+        status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "on request".into())
+    );
+    Ok(Outcome::Success)
+}
+
+fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    if !paths.dir.is_dir() {
+        return Err(bad_input(format!(
+            "no VM named {} in {}",
+            a.name,
+            ctx.state_dir.join("vms").display()
+        )));
+    }
+    let Some(state) = VmState::read(&paths) else {
+        eprintln!("drydock: {} is not running", a.name);
+        return Ok(Outcome::Success);
+    };
+    let grace = Duration::try_from_secs_f64(a.grace)
+        .map_err(|_| bad_input(format!("--grace {}: not a number of seconds", a.grace)))?;
+    let t = Instant::now();
+    let was_alive = drydock_vm::pid_alive(state.qemu_pid);
+    drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
+    if was_alive {
+        eprintln!(
+            "drydock: {} stopped in {:.2} s",
+            a.name,
+            t.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!("drydock: {} was not running (stale entry cleaned)", a.name);
+    }
+    Ok(Outcome::Success)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn list(ctx: &Context) -> anyhow::Result<Outcome> {
+    let root = ctx.state_dir.join("vms");
+    let mut rows = Vec::new();
+    let mut names: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(anyhow!(e).context(format!("reading {}", root.display()))),
+    };
+    names.sort();
+    for name in names {
+        let Ok(paths) = vm_paths(ctx, &name) else {
+            continue;
+        };
+        let record = LaunchRecord::read(&paths).ok();
+        let state = VmState::read(&paths);
+        let (status, pid, uptime) = match &state {
+            Some(s) if drydock_vm::pid_alive(s.qemu_pid) => (
+                "running",
+                Some(s.qemu_pid),
+                Some(now().saturating_sub(s.started)),
+            ),
+            Some(s) => {
+                // Stale: the owner died without cleaning up. Clean now.
+                let _ = drydock_vm::stop_remote(&paths, s, Duration::ZERO, true);
+                ("stale (cleaned)", None, None)
+            }
+            None => ("stopped", None, None),
+        };
+        rows.push(serde_json::json!({
+            "name": name,
+            "state": status,
+            "pid": pid,
+            "accel": record.as_ref().map(|r| r.spec.accel.as_str()),
+            "memory_mib": record.as_ref().map(|r| r.spec.memory_mib),
+            "uptime_seconds": uptime,
+            "system": record.as_ref().and_then(|r| r.toplevel.clone()),
+        }));
+    }
+    if ctx.json {
+        println!("{}", serde_json::json!({ "vms": rows }));
+        return Ok(Outcome::Success);
+    }
+    if rows.is_empty() {
+        println!("no VMs in {}", root.display());
+        return Ok(Outcome::Success);
+    }
+    println!(
+        "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
+        "NAME", "STATE", "PID", "ACCEL", "MEMORY", "UPTIME"
+    );
+    for r in rows {
+        let dash = || "-".to_string();
+        println!(
+            "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
+            r["name"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(dash),
+            r["accel"].as_str().unwrap_or("-"),
+            r["memory_mib"]
+                .as_u64()
+                .map(|m| format!("{m}M"))
+                .unwrap_or_else(dash),
+            r["uptime_seconds"]
+                .as_u64()
+                .map(|s| format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60))
+                .unwrap_or_else(dash),
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let log = paths.console_log();
+    if !log.exists() {
+        return Err(bad_input(format!(
+            "no console log for a VM named {} ({} does not exist)",
+            a.name,
+            log.display()
+        )));
+    }
+    let mut tail = ConsoleTail::new(log);
+    let mut out = |l: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{l}");
+    };
+    if !a.follow {
+        for l in tail.lines() {
+            out(l.as_str());
+        }
+        if let Some(r) = tail.rest() {
+            out(&r);
+        }
+        return Ok(Outcome::Success);
+    }
+    install_cancel_handler();
+    let mut gone = || VmState::read(&paths).is_none_or(|s| !drydock_vm::pid_alive(s.qemu_pid));
+    drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut out);
+    Ok(Outcome::Success)
+}

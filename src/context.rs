@@ -1,0 +1,95 @@
+//! Resolution of the global options into concrete paths: where the Nix store and its database
+//! live (`--store ROOT`, `NIX_STORE_DIR`, `NIX_STATE_DIR`) and where drydock keeps its state.
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::GlobalOpts;
+use crate::exit::bad_input;
+
+/// Everything a subcommand needs to know about where things live and how to speak.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// `--store ROOT`, validated to be an existing directory.
+    pub store_root: Option<PathBuf>,
+    /// The physical directory holding store paths (`ROOT/nix/store`, or `NIX_STORE_DIR`).
+    pub store_dir: PathBuf,
+    /// The physical Nix state directory (`ROOT/nix/var/nix`, or `NIX_STATE_DIR`).
+    pub nix_state_dir: PathBuf,
+    /// drydock's own state directory.
+    pub state_dir: PathBuf,
+    /// Print one JSON document on stdout instead of text.
+    pub json: bool,
+}
+
+impl Context {
+    /// Resolve and validate the global options. A `--store` that names nothing is bad input.
+    pub fn resolve(opts: &GlobalOpts) -> anyhow::Result<Self> {
+        let (store_root, store_dir, nix_state_dir) = match &opts.store {
+            Some(root) => {
+                let meta = std::fs::metadata(root)
+                    .map_err(|e| bad_input(format!("--store {}: {e}", root.display())))?;
+                if !meta.is_dir() {
+                    return Err(bad_input(format!(
+                        "--store {}: not a directory",
+                        root.display()
+                    )));
+                }
+                let root = std::path::absolute(root).unwrap_or_else(|_| root.clone());
+                let store = root.join("nix/store");
+                let state = root.join("nix/var/nix");
+                (Some(root), store, state)
+            }
+            None => (
+                None,
+                env_path("NIX_STORE_DIR").unwrap_or_else(|| PathBuf::from("/nix/store")),
+                env_path("NIX_STATE_DIR").unwrap_or_else(|| PathBuf::from("/nix/var/nix")),
+            ),
+        };
+        let state_dir = match &opts.state_dir {
+            Some(dir) => dir.clone(),
+            None => default_state_dir(),
+        };
+        Ok(Self {
+            store_root,
+            store_dir,
+            nix_state_dir,
+            state_dir,
+            json: opts.json,
+        })
+    }
+
+    /// Arguments to pass to every Nix command so it uses the same store.
+    #[allow(dead_code)]
+    pub fn nix_store_args(&self) -> Vec<String> {
+        match &self.store_root {
+            Some(root) => vec!["--store".into(), root.display().to_string()],
+            None => Vec::new(),
+        }
+    }
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// `$XDG_STATE_HOME/drydock`, else `~/.local/state/drydock`; `/var/lib/drydock` for root.
+/// (`$DRYDOCK_STATE_DIR` is handled by clap as the option's environment variable.)
+fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/drydock");
+    }
+    if let Some(x) = env_path("XDG_STATE_HOME") {
+        return x.join("drydock");
+    }
+    let home = env_path("HOME").unwrap_or_else(|| PathBuf::from("/"));
+    home.join(".local/state/drydock")
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(Path::new("/proc/self"))
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}

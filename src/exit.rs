@@ -1,0 +1,61 @@
+//! Exit codes and error printing. Library errors are typed; here they become the three
+//! documented codes: 0 success, 1 the thing checked or asked for failed, 2 bad usage or input.
+
+use std::process::ExitCode;
+
+/// What a subcommand reports when it did its job: the job may still have found failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything checked or asked for succeeded.
+    Success,
+    /// The command ran, and what it checked failed (exit 1).
+    Failed,
+    /// Pass a wrapped command's exit code through (`track`).
+    Code(u8),
+}
+
+/// Bad usage or bad input: exit 2. The message names the input.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// Build a bad-input error from anything displayable.
+pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(BadInput(msg.into()))
+}
+
+/// Print the error chain once and choose the exit code.
+pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Ok(Outcome::Code(c)) => ExitCode::from(c),
+        Err(err) => {
+            eprintln!("drydock: error: {err:#}");
+            if is_bad_input(&err) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.is::<BadInput>()
+            || cause
+                .downcast_ref::<drydock_vm::DoctorError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<drydock_gc::GcError>()
+                .is_some_and(|e| e.is_bad_input())
+    })
+}

@@ -1,0 +1,57 @@
+//! The `drydock` binary: parses the command line, sets up logging, resolves the global options
+//! and hands each subcommand to its module under `cmd/`. Errors are printed once, as a chain,
+//! and mapped to the documented exit codes (0 ok, 1 failed, 2 bad input).
+
+mod cli;
+mod cmd;
+mod context;
+mod exit;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::context::Context;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing(cli.global.verbose, cli.global.quiet);
+    let result = Context::resolve(&cli.global).and_then(|ctx| match &cli.command {
+        Command::Doctor(args) => cmd::doctor::run(&ctx, args),
+        Command::Vm(args) => cmd::vm::run(&ctx, args),
+        Command::VmSupervise(args) => cmd::vm::supervise(&ctx, args),
+        Command::StoreServer(args) => cmd::store_server::run(args),
+        Command::Track(args) => cmd::track::run(&ctx, args),
+        Command::Runs(args) => cmd::runs::run(&ctx, args),
+        Command::Gc(args) => cmd::gc::run(&ctx, args),
+        Command::Du(args) => cmd::du::run(&ctx, args),
+        Command::Store(args) => cmd::store::run(&ctx, args),
+    });
+    exit::finish(result)
+}
+
+fn init_tracing(verbose: u8, quiet: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match i16::from(verbose) - i16::from(quiet) {
+        i16::MIN..=-1 => "error",
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("DRYDOCK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}

@@ -1,0 +1,141 @@
+//! Shared helpers for drydock's store/track/gc CLI tests: real chroot Nix stores built with
+//! `nix-build --store ROOT`, and running the real `drydock` binary against them.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh, empty directory for one test under Cargo's per-target temporary directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("drydock-{name}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).expect("clean old scratch dir");
+    }
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// The Nix prelude for fixtures: `mk name deps script` is a plain derivation built with
+/// `/bin/sh` (busybox inside the sandbox).
+pub const PRELUDE: &str = r#"
+  mk = name: deps: script: derivation {
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  };
+"#;
+
+/// `nix-build --store ROOT` of a Nix expression (written to `ROOT/../NAME.nix`). With
+/// `out_link` the result links are made there (they become indirect GC roots); without, no
+/// link is made. Returns the output paths printed.
+pub fn nix_build(root: &Path, file_name: &str, expr: &str, out_link: Option<&Path>) -> Vec<String> {
+    let file = root.parent().unwrap().join(format!("{file_name}.nix"));
+    std::fs::write(&file, expr).unwrap();
+    let mut cmd = Command::new("nix-build");
+    cmd.arg("--store").arg(root).arg(&file);
+    cmd.args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
+    match out_link {
+        Some(l) => cmd.arg("-o").arg(l),
+        None => cmd.arg("--no-out-link"),
+    };
+    let out = cmd.output().expect("run nix-build");
+    assert!(
+        out.status.success(),
+        "nix-build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Run `nix-store --store ROOT ARGS...` and return stdout lines; panics on failure.
+pub fn nix_store(root: &Path, args: &[&str]) -> Vec<String> {
+    let out = Command::new("nix-store")
+        .arg("--store")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run nix-store");
+    assert!(
+        out.status.success(),
+        "nix-store {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Run the drydock binary with `--store ROOT --state-dir STATE` and extra arguments.
+pub fn drydock(root: &Path, state: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_drydock"))
+        .arg("--store")
+        .arg(root)
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run drydock")
+}
+
+/// Run drydock, require the exit code, and return stdout.
+pub fn drydock_ok(root: &Path, state: &Path, args: &[&str], code: i32) -> String {
+    let out = drydock(root, state, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "drydock {args:?}: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Run drydock with `--json` and parse stdout.
+pub fn drydock_json(root: &Path, state: &Path, args: &[&str], code: i32) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let s = drydock_ok(root, state, &a, code);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {s}"))
+}
+
+/// The base names of `nix-store --gc --print-dead` that are store paths (Nix also prints and
+/// removes junk such as stray `.lock` files; those are compared separately).
+pub fn nix_print_dead(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = nix_store(root, &["--gc", "--print-dead"])
+        .into_iter()
+        .filter(|l| is_store_path(l))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether `s` is `/nix/store/<32 base32>-<name>`.
+pub fn is_store_path(s: &str) -> bool {
+    let Some(base) = s.strip_prefix("/nix/store/") else {
+        return false;
+    };
+    base.len() > 33
+        && !base.contains('/')
+        && base.as_bytes()[32] == b'-'
+        && base[..32]
+            .bytes()
+            .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
+}
+
+/// Every path registered in the store, sorted (read through drydock's read-only reader).
+pub fn valid_paths(root: &Path) -> Vec<String> {
+    let layout = drydock_gc::StoreLayout::chroot(root);
+    let db = drydock_gc::NixDb::open(&layout).expect("open Nix db");
+    let snap = db.snapshot().expect("snapshot");
+    let mut v: Vec<String> = snap.paths.iter().map(|p| layout.logical(&p.path)).collect();
+    v.sort();
+    v
+}

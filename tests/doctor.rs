@@ -1,0 +1,532 @@
+//! `drydock doctor` run as the real binary on this machine: as root, as an ordinary user made
+//! by the test, inside v1 device cgroups that deny /dev/kvm, with `--nix-probe` against a chroot
+//! store, and with bad input. Tests that need root say so (they create users and cgroups).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drydock")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                == Some("0")
+        })
+        .unwrap_or(false)
+}
+
+fn kvm_present() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn check<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    doc["checks"]
+        .as_array()
+        .expect("checks array")
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id} in {doc:#}"))
+}
+
+fn state_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn every_finding_has_the_documented_shape() {
+    let state = state_dir();
+    let out = Command::new(bin())
+        .args(["doctor", "--json", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let doc = json_of(&out);
+    let checks = doc["checks"].as_array().unwrap();
+    assert!(checks.len() >= 12, "{doc:#}");
+    for c in checks {
+        assert!(
+            c["id"].is_string() && c["summary"].is_string() && c["detail"].is_string(),
+            "{c}"
+        );
+        assert!(
+            ["pass", "warn", "fail"].contains(&c["status"].as_str().unwrap()),
+            "{c}"
+        );
+        assert!(c.get("fix").is_some(), "{c}");
+    }
+    let failed = checks.iter().any(|c| c["status"] == "fail");
+    assert_eq!(out.status.code(), Some(if failed { 1 } else { 0 }));
+    for id in [
+        "cpu.virt",
+        "kvm.modules",
+        "kvm.device",
+        "kvm.access",
+        "kvm.cgroup",
+        "nix.build-users",
+        "cgroup.placement",
+        "qemu",
+        "disk.store",
+        "disk.state",
+    ] {
+        check(&doc, id);
+    }
+}
+
+#[test]
+fn human_output_is_a_table_then_fixes_without_colour_when_piped() {
+    let state = state_dir();
+    let out = Command::new(bin())
+        .args(["doctor", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in piped output:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("✔ kvm.device") || l.starts_with("✘ kvm.device")),
+        "{text}"
+    );
+    assert!(text.contains(" passed, "), "{text}");
+}
+
+#[test]
+fn as_root_here_device_and_access_pass_and_build_users_warn() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let state = state_dir();
+    let out = Command::new(bin())
+        .args(["doctor", "--json", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let doc = json_of(&out);
+    assert_eq!(check(&doc, "kvm.device")["status"], "pass");
+    assert_eq!(check(&doc, "kvm.access")["status"], "pass");
+    assert_eq!(check(&doc, "kvm.api")["status"], "pass");
+    let modules = std::fs::read_dir("/sys/module")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name() == "kvm_pvm");
+    if modules {
+        let m = check(&doc, "kvm.modules");
+        assert_eq!(m["status"], "warn");
+        assert!(m["summary"].as_str().unwrap().contains("kvm_pvm"), "{m}");
+        assert!(
+            m["summary"]
+                .as_str()
+                .unwrap()
+                .contains("only PVM-enabled guest kernels"),
+            "{m}"
+        );
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/dev/kvm").unwrap().permissions(),
+    );
+    if mode & 0o006 != 0o006
+        && std::fs::read_to_string("/etc/group")
+            .unwrap()
+            .contains("nixbld:")
+    {
+        let b = check(&doc, "nix.build-users");
+        assert_eq!(b["status"], "warn", "{b}");
+        assert!(
+            b["summary"].as_str().unwrap().contains("manual runs work"),
+            "{b}"
+        );
+        assert!(b["fix"].as_str().unwrap().contains("MODE=\"0666\""), "{b}");
+    }
+}
+
+/// An ordinary user made for this test (removed on drop).
+struct TempUser {
+    name: String,
+}
+
+impl TempUser {
+    fn create() -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ddt{}x{n}", std::process::id() % 100000);
+        let st = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", &name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        Self { name }
+    }
+
+    /// Run drydock as this user (fresh credentials from /etc/group, as a login would).
+    fn drydock(&self, args: &[&str], state: &Path) -> Output {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={}", self.name),
+                &format!("--regid={}", self.name),
+                "--init-groups",
+                "--",
+            ])
+            .arg(copy_of_binary())
+            .args(args)
+            .arg("--state-dir")
+            .arg(state)
+            .env("HOME", state)
+            .output()
+            .expect("setpriv")
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// The test binary's directory may not be readable by other users; put a copy where it is.
+fn copy_of_binary() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("drydock-doctor-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("drydock");
+        std::fs::copy(bin(), &p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    })
+    .clone()
+}
+
+fn world_writable_state() -> tempfile::TempDir {
+    let d = state_dir();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
+}
+
+#[test]
+fn as_an_ordinary_user_access_fails_naming_user_mode_owner_and_fix() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root (useradd) and /dev/kvm");
+        return;
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/dev/kvm").unwrap().permissions(),
+    );
+    if mode & 0o006 == 0o006 {
+        eprintln!("skipped: /dev/kvm is world read-write here");
+        return;
+    }
+    let user = TempUser::create();
+    let state = world_writable_state();
+    let out = user.drydock(&["doctor", "--json"], state.path());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = json_of(&out);
+    let a = check(&doc, "kvm.access");
+    assert_eq!(a["status"], "fail");
+    let summary = a["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with(&format!("{} cannot open /dev/kvm", user.name)),
+        "{a}"
+    );
+    let detail = a["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("(mode {:04o})", mode & 0o7777)),
+        "{a}"
+    );
+    assert!(detail.contains("root:"), "{a}");
+    let fix = a["fix"].as_str().unwrap();
+    assert!(fix.contains("udev rule") && fix.contains(&user.name), "{a}");
+    // The human form names them too.
+    let text = user.drydock(&["doctor"], state.path());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("✘ kvm.access") && text.contains("Fixes:"),
+        "{text}"
+    );
+}
+
+/// A v1 devices cgroup for one test, removed on drop.
+struct DevicesCgroup {
+    path: PathBuf,
+}
+
+impl DevicesCgroup {
+    fn create(tag: &str, setup: &[(&str, &str)]) -> Option<Self> {
+        let base = Path::new("/sys/fs/cgroup/devices");
+        if !base.join("devices.list").exists() {
+            return None;
+        }
+        let path = base.join(format!("drydock-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir(&path).ok()?;
+        for (file, line) in setup {
+            std::fs::write(path.join(file), line)
+                .unwrap_or_else(|e| panic!("{file} <- {line}: {e}"));
+        }
+        Some(Self { path })
+    }
+
+    /// Run drydock inside this cgroup.
+    fn drydock(&self, args: &[&str], state: &Path) -> Output {
+        let procs = self.path.join("cgroup.procs");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
+            .arg("sh")
+            .arg(bin())
+            .args(args)
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for DevicesCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+#[test]
+fn inside_a_v1_devices_cgroup_that_denies_kvm() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root (cgroups) and /dev/kvm");
+        return;
+    }
+    // Default-allow with a deny exception: the kernel hides the exception; EPERM gives it away.
+    let Some(cg) = DevicesCgroup::create("deny", &[("devices.deny", "c 10:232 rwm")]) else {
+        eprintln!("skipped: no writable v1 devices controller");
+        return;
+    };
+    let state = state_dir();
+    let out = cg.drydock(&["doctor", "--json"], state.path());
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    let a = check(&doc, "kvm.access");
+    assert_eq!(a["status"], "fail");
+    assert!(
+        a["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("EPERM (not EACCES)"),
+        "{a}"
+    );
+    let c = check(&doc, "kvm.cgroup");
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(c["fix"].as_str().unwrap().contains("devices.allow"), "{c}");
+    drop(cg);
+
+    // Whitelist mode without c 10:232: the list itself shows the cause.
+    let Some(cg) = DevicesCgroup::create(
+        "list",
+        &[
+            ("devices.deny", "a"),
+            ("devices.allow", "c 1:3 rwm"),
+            ("devices.allow", "c 1:5 rwm"),
+            ("devices.allow", "c 1:8 rwm"),
+            ("devices.allow", "c 1:9 rwm"),
+            ("devices.allow", "c 5:0 rwm"),
+            ("devices.allow", "c 136:* rwm"),
+        ],
+    ) else {
+        panic!("could create one devices cgroup but not a second");
+    };
+    let out = cg.drydock(&["doctor", "--json"], state.path());
+    let doc = json_of(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let c = check(&doc, "kvm.cgroup");
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(
+        c["summary"]
+            .as_str()
+            .unwrap()
+            .contains("does not allow c 10:232"),
+        "{c}"
+    );
+    assert!(c["detail"].as_str().unwrap().contains("c 1:3 rwm"), "{c}");
+    assert_eq!(check(&doc, "kvm.access")["status"], "fail");
+}
+
+#[test]
+fn store_that_names_nothing_is_bad_input() {
+    let out = Command::new(bin())
+        .args(["doctor", "--store", "/nonexistent/drydock-store"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--store /nonexistent/drydock-store"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn unreadable_nix_conf_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory in place of the file: it exists and cannot be read.
+    std::fs::create_dir(dir.path().join("nix.conf")).unwrap();
+    let out = Command::new(bin())
+        .args(["doctor", "--state-dir"])
+        .arg(dir.path())
+        .env("NIX_CONF_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}/nix.conf", dir.path().display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_nix_conf_for_an_ordinary_user() {
+    if !is_root() {
+        eprintln!("skipped: needs root (useradd)");
+        return;
+    }
+    let user = TempUser::create();
+    let dir = world_writable_state();
+    let conf = dir.path().join("nix.conf");
+    std::fs::write(&conf, "sandbox = true\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", user.name),
+            &format!("--regid={}", user.name),
+            "--init-groups",
+            "--",
+        ])
+        .arg(copy_of_binary())
+        .args(["doctor", "--state-dir"])
+        .arg(dir.path())
+        .env("NIX_CONF_DIR", dir.path())
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nix.conf") && err.contains("Permission denied"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nix_probe_builds_in_a_chroot_store_and_reports_what_the_builder_saw() {
+    if !is_root() || !kvm_present() || Command::new("nix-build").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: needs root, /dev/kvm and nix-build");
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let state = state_dir();
+    let out = Command::new(bin())
+        .args(["doctor", "--json", "--nix-probe", "--store"])
+        .arg(store.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let doc = json_of(&out);
+    let p = check(&doc, "nix.probe");
+    // The build really ran into the chroot store.
+    assert!(store.path().join("nix/store").is_dir(), "{p}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/dev/kvm").unwrap().permissions(),
+    );
+    if mode & 0o006 == 0o006 {
+        assert_eq!(p["status"], "pass", "{p}");
+    } else {
+        // Here /dev/kvm is root-only: the sandboxed builder must be refused.
+        assert_eq!(p["status"], "fail", "{p}");
+        assert!(
+            p["summary"]
+                .as_str()
+                .unwrap()
+                .contains("cannot open /dev/kvm"),
+            "{p}"
+        );
+        assert!(p["detail"].as_str().unwrap().contains("uid "), "{p}");
+        assert_eq!(out.status.code(), Some(1));
+    }
+}
+
+#[test]
+fn boot_probe_reports_how_far_a_kernel_got_under_kvm() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let state = state_dir();
+    let out = Command::new(bin())
+        .args([
+            "doctor",
+            "--json",
+            "--boot-probe",
+            "--probe-timeout",
+            "8",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    if out.status.code() == Some(2) {
+        // No test kernel in the cache: the message must say where it looked and what to do.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("run scripts/setup"), "{err}");
+        return;
+    }
+    let doc = json_of(&out);
+    let b = check(&doc, "kvm.boot");
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if pvm {
+        // A standard Debian kernel hangs under KVM on a PVM host: the probe must say so.
+        assert_eq!(b["status"], "fail", "{b}");
+        assert!(
+            b["summary"].as_str().unwrap().contains("hung")
+                || b["summary"].as_str().unwrap().contains("exited"),
+            "{b}"
+        );
+        assert!(b["fix"].as_str().unwrap().contains("--accel tcg"), "{b}");
+        assert_eq!(out.status.code(), Some(1));
+    } else {
+        assert!(
+            ["pass", "fail"].contains(&b["status"].as_str().unwrap()),
+            "{b}"
+        );
+    }
+}

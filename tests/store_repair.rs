@@ -1,0 +1,88 @@
+//! The `rm -rf` damage: deleting a test driver's `.drv` and output by hand leaves them
+//! registered and breaks the next build. `store check` names the missing `.drv`,
+//! `store repair` refuses while a root holds the damage, then heals it through Nix, and the
+//! build works again.
+
+mod common;
+
+use std::process::Command;
+
+use common::{drydock_json, drydock_ok, nix_store};
+
+fn build(root: &std::path::Path, file: &std::path::Path, link: &std::path::Path) -> std::process::Output {
+    Command::new("nix-build")
+        .arg("--store")
+        .arg(root)
+        .arg(file)
+        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox", "-o"])
+        .arg(link)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn rm_rf_damage_is_found_and_repaired_through_nix() {
+    let dir = common::scratch("store-repair");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    let expr = format!(
+        r#"let {p}
+  driver = mk "nixos-test-driver-login" [] "echo driver > $out";
+  run = mk "vm-test-run-login" [ driver ] "echo ${{driver}} > $out";
+in run"#,
+        p = common::PRELUDE
+    );
+    let result = dir.join("result");
+    common::nix_build(&root, "t", &expr, Some(&result));
+    let file = dir.join("t.nix");
+
+    let v = drydock_json(&root, &state, &["store", "check"], 0);
+    assert_eq!(v["damaged"], false);
+
+    // The hand-made damage.
+    let store = root.join("nix/store");
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(&store).unwrap() {
+        let e = e.unwrap();
+        let n = e.file_name().into_string().unwrap();
+        if n.contains("nixos-test-driver") {
+            std::fs::remove_dir_all(e.path())
+                .or_else(|_| std::fs::remove_file(e.path()))
+                .unwrap();
+            removed.push(format!("/nix/store/{n}"));
+        }
+    }
+    assert_eq!(removed.len(), 2);
+    // Rebuild after a change breaks as users see it.
+    std::fs::write(&file, expr.replace("echo ${driver} >", "echo again ${driver} >")).unwrap();
+    let broken = build(&root, &file, &result);
+    assert!(!broken.status.success());
+    let msg = String::from_utf8_lossy(&broken.stderr);
+    assert!(msg.contains("nixos-test-driver-login.drv"), "{msg}");
+
+    let v = drydock_json(&root, &state, &["store", "check"], 1);
+    let missing: Vec<String> = serde_json::from_value(v["missing"].clone()).unwrap();
+    let mut want = removed.clone();
+    want.sort();
+    let mut got = missing.clone();
+    got.sort();
+    assert_eq!(got, want);
+    assert!(missing.iter().any(|m| m.ends_with("nixos-test-driver-login.drv")));
+
+    // The result link holds the test run, which refers to the missing driver: refused.
+    let text = drydock_ok(&root, &state, &["store", "repair"], 1);
+    assert!(text.contains(&result.display().to_string()), "{text}");
+    assert_eq!(drydock_json(&root, &state, &["store", "check"], 1)["damaged"], true);
+
+    std::fs::remove_file(&result).unwrap();
+    let v = drydock_json(&root, &state, &["store", "repair", "--dry-run"], 0);
+    assert!(v["removed"].as_array().unwrap().is_empty());
+    let v = drydock_json(&root, &state, &["store", "repair"], 0);
+    let removed_db: Vec<String> = serde_json::from_value(v["removed"].clone()).unwrap();
+    assert!(removed_db.iter().any(|p| p.contains("vm-test-run-login")), "{v}");
+    assert_eq!(drydock_json(&root, &state, &["store", "check"], 0)["damaged"], false);
+    nix_store(&root, &["--verify"]);
+
+    let fixed = build(&root, &file, &result);
+    assert!(fixed.status.success(), "{}", String::from_utf8_lossy(&fixed.stderr));
+}

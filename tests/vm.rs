@@ -1,0 +1,545 @@
+//! `drydock vm` against real QEMU (TCG) and a test system built into a private chroot store by
+//! `scripts/guest/build-test-system`: what the guest sees of the store, read-only enforcement,
+//! `--ready`/`--timeout`, Ctrl-C and SIGKILL leaving no process behind, detach/list/logs/stop,
+//! and bad input. Needs root for the store server's sandbox (it runs here as root).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drydock")
+}
+
+struct Fixture {
+    root: PathBuf,
+    toplevel: String,
+    outside: String,
+    closure: Vec<String>,
+}
+
+/// The test system, built once per test binary.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("drydock-vm-tests-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
+        let run = |extra: &[&str]| {
+            let out = Command::new(&script)
+                .args(extra)
+                .arg(&root)
+                .output()
+                .expect("run build-test-system");
+            assert!(
+                out.status.success(),
+                "build-test-system: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let toplevel = run(&[]);
+        let outside = run(&["--outside"]);
+        let q = Command::new("nix-store")
+            .arg("--store")
+            .arg(&root)
+            .args(["-qR", &toplevel])
+            .output()
+            .unwrap();
+        assert!(q.status.success());
+        let closure = String::from_utf8(q.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim_start_matches("/nix/store/").to_string())
+            .collect();
+        Fixture {
+            root,
+            toplevel,
+            outside,
+            closure,
+        }
+    })
+}
+
+fn drydock(state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store")
+        .arg(&fixture().root)
+        .arg("--state-dir")
+        .arg(state);
+    c
+}
+
+/// PIDs of processes whose command line mentions `needle` (our unique state dir).
+fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(&needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+fn wait_no_processes(state: &Path, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let left = processes_mentioning(state);
+        if left.is_empty() {
+            return;
+        }
+        assert!(t.elapsed() < within, "processes left behind: {left:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn console_lines(out: &Output, name: &str) -> Vec<String> {
+    let prefix = format!("{name} │ ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+fn store_listing(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("nix/store"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn guest_sees_exactly_the_closure_and_cannot_write() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let before = store_listing(&f.root);
+    let out = drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "ls",
+            "--accel",
+            "tcg",
+            "--timeout",
+            "180",
+            "--system",
+            &f.toplevel,
+        ])
+        .args(["--append", "drydock.test=list,write"])
+        .output()
+        .unwrap();
+    let lines = console_lines(&out, "ls");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}\nconsole: {lines:#?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("DRYDOCK-LS: ").map(str::to_string))
+        .collect();
+    seen.sort();
+    let mut want = f.closure.clone();
+    want.sort();
+    assert_eq!(seen, want, "the guest must see exactly the closure");
+    let outside = f.outside.trim_start_matches("/nix/store/");
+    assert!(
+        store_listing(&f.root).iter().any(|e| e == outside),
+        "the outside path exists on the host"
+    );
+    assert!(
+        !seen.iter().any(|e| e == outside),
+        "a path outside the closure is visible"
+    );
+    assert!(
+        lines.iter().any(|l| l == "DRYDOCK-WRITE: failed"),
+        "a write after remount,rw must fail: {lines:#?}"
+    );
+    assert_eq!(
+        store_listing(&f.root),
+        before,
+        "nothing may appear in the host store"
+    );
+    assert!(lines.iter().any(|l| l == "DRYDOCK-DONE"));
+    wait_no_processes(state.path(), Duration::from_secs(10));
+}
+
+#[test]
+fn share_store_shows_everything() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let out = drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "all",
+            "--accel",
+            "tcg",
+            "--timeout",
+            "180",
+            "--share",
+            "store",
+            "--system",
+            &f.toplevel,
+        ])
+        .args(["--append", "drydock.test=list"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = console_lines(&out, "all");
+    let outside = f.outside.trim_start_matches("/nix/store/");
+    assert!(
+        lines.iter().any(|l| l == &format!("DRYDOCK-LS: {outside}")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn timeout_without_ready_stops_the_vm_and_shows_the_log() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let out = drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "slow",
+            "--accel",
+            "tcg",
+            "--system",
+            &f.toplevel,
+        ])
+        .args([
+            "--append",
+            "drydock.test=idle",
+            "--ready",
+            "THIS-NEVER-APPEARS",
+            "--timeout",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out after") && err.contains("--- last console lines"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    wait_no_processes(state.path(), Duration::from_secs(10));
+}
+
+/// Start a foreground VM and wait until its console says it is ready.
+fn start_foreground(state: &Path, name: &str) -> Child {
+    let f = fixture();
+    let mut child = drydock(state)
+        .args([
+            "vm",
+            "run",
+            "--name",
+            name,
+            "--accel",
+            "tcg",
+            "--system",
+            &f.toplevel,
+        ])
+        .args([
+            "--append",
+            "drydock.test=idle",
+            "--ready",
+            "DRYDOCK-READY",
+            "--timeout",
+            "180",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.ends_with("DRYDOCK-READY") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(180))
+        .expect("the VM never became ready");
+    // QEMU and the store server are there while it runs.
+    let procs = processes_mentioning(state);
+    assert!(
+        procs.iter().any(|(_, c)| c.contains("qemu-system")),
+        "{procs:#?}"
+    );
+    assert!(
+        procs.iter().any(|(_, c)| c.contains("__store-server")),
+        "{procs:#?}"
+    );
+    child
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < within,
+            "drydock did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctrl_c_stops_guest_and_store_server() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = start_foreground(state.path(), "ctrlc");
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(130));
+    wait_no_processes(state.path(), Duration::from_secs(5));
+}
+
+#[test]
+fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = start_foreground(state.path(), "killed");
+    child.kill().unwrap();
+    wait_exit(&mut child, Duration::from_secs(10));
+    wait_no_processes(state.path(), Duration::from_secs(10));
+    // The stale entry is noticed and cleaned by `vm list`.
+    let out = drydock(state.path())
+        .args(["--json", "vm", "list"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["vms"][0]["state"], "stale (cleaned)", "{doc}");
+}
+
+#[test]
+fn detach_list_logs_name_in_use_and_stop() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        drydock(state.path())
+            .args([
+                "vm",
+                "run",
+                "--name",
+                name,
+                "--accel",
+                "tcg",
+                "--system",
+                &f.toplevel,
+                "--detach",
+            ])
+            .args([
+                "--append",
+                "drydock.test=counter",
+                "--ready",
+                "DRYDOCK-COUNT: 3",
+                "--timeout",
+                "180",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run("bg");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Still running after the command returned.
+    let list = drydock(state.path())
+        .args(["--json", "vm", "list"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(doc["vms"][0]["name"], "bg");
+    assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
+    assert_eq!(doc["vms"][0]["accel"], "tcg");
+    assert_eq!(doc["vms"][0]["memory_mib"], 512);
+    // The VM's system is pinned by a GC root: Nix's own GC sees it as live.
+    let dead = Command::new("nix-store")
+        .arg("--store")
+        .arg(&f.root)
+        .args(["--gc", "--print-dead"])
+        .output()
+        .unwrap();
+    let dead = String::from_utf8_lossy(&dead.stdout);
+    assert!(
+        !dead.contains(&f.toplevel),
+        "the running VM's system is collectable:\n{dead}"
+    );
+    // QEMU runs in a cgroup of its own with a memory limit, where the host allows one.
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("vms/bg/state.json")).unwrap())
+            .unwrap();
+    if let Some(cg) = st["cgroup"].as_str() {
+        let limit = std::fs::read_to_string(Path::new(cg).join("memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(Path::new(cg).join("memory.max")))
+            .unwrap();
+        assert_eq!(limit.trim(), ((512u64 + 256) << 20).to_string());
+        let procs = std::fs::read_to_string(Path::new(cg).join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == st["qemu_pid"].to_string()),
+            "{procs}"
+        );
+    }
+    // The same name again is refused.
+    let again = run("bg");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    // Logs keep growing.
+    std::thread::sleep(Duration::from_millis(800));
+    let logs = drydock(state.path())
+        .args(["vm", "logs", "bg"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("DRYDOCK-READY") && text.contains("DRYDOCK-COUNT: 4"),
+        "{text}"
+    );
+    let stop = drydock(state.path())
+        .args(["vm", "stop", "bg"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stop.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    wait_no_processes(state.path(), Duration::from_secs(10));
+    let list = drydock(state.path())
+        .args(["--json", "vm", "list"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(doc["vms"][0]["state"], "stopped", "{doc}");
+}
+
+#[test]
+fn bad_inputs_exit_2_with_the_input_named() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--kernel",
+                "/nonexistent/bzImage",
+                "--initrd",
+                "/nonexistent/initrd",
+            ],
+            "--kernel /nonexistent/bzImage",
+        ),
+        (vec!["--system", &f.outside], "is not a NixOS-shaped system"),
+        (vec!["--system", "/etc"], "not in the Nix store"),
+        (
+            vec!["--system", &f.toplevel, "--qemu", "/nonexistent/qemu"],
+            "QEMU not found",
+        ),
+        (vec!["--system", &f.toplevel, "--ready", "("], "--ready"),
+    ];
+    for (args, want) in cases {
+        let out = drydock(state.path())
+            .args(["vm", "run", "--name", "bad", "--accel", "tcg"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = drydock(state.path())
+        .args(["vm", "run", "--name", "../x", "--system", &f.toplevel])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid VM name"));
+    let out = Command::new(bin())
+        .args(["--state-dir"])
+        .arg(state.path())
+        .args(["vm", "run", "--name", "x", "--system", &f.toplevel])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("QEMU not found"));
+    let out = drydock(state.path())
+        .args(["vm", "stop", "nosuchvm"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn accel_kvm_fails_fast_with_the_doctors_finding_where_kvm_cannot_run_linux() {
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!("skipped: only meaningful on a host where KVM cannot run a standard kernel");
+        return;
+    }
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let out = drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "k",
+            "--accel",
+            "kvm",
+            "--system",
+            &f.toplevel,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--accel kvm: KVM is not usable here")
+            && err.contains("kvm_pvm")
+            && err.contains("fix:"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(processes_mentioning(state.path()).is_empty());
+}

@@ -1,0 +1,244 @@
+//! `drydock doctor`: a preflight for running VMs that finds the real cause of the usual
+//! failures (KVM permissions for this user *and* for Nix's build users, device cgroups, a KVM
+//! that cannot run a normal kernel, missing QEMU features, a full disk) and says how to fix it.
+//!
+//! Every check reads the system through [`Host`], which takes a root directory, so unit tests run
+//! the checks against fixture trees. Checks that act on the kernel (opening `/dev/kvm`, running
+//! a guest, creating a cgroup) are real only on the real system.
+
+mod access;
+mod boot;
+mod cgroup;
+mod command;
+mod disk;
+mod host;
+mod kvm;
+mod nix;
+mod qemu;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use boot::BootProbe;
+pub use host::Host;
+pub use nix::NixConfSources;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One finding: what was checked, how it came out, why, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Stable identifier, e.g. `kvm.access`.
+    pub id: String,
+    pub status: Status,
+    /// One line.
+    pub summary: String,
+    /// The evidence the verdict rests on.
+    pub detail: String,
+    /// What to do about it (absent when there is nothing to do).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    pub(crate) fn new(id: &str, status: Status, summary: impl Into<String>) -> Self {
+        Self {
+            id: id.to_string(),
+            status,
+            summary: summary.into(),
+            detail: String::new(),
+            fix: None,
+        }
+    }
+
+    pub(crate) fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    pub(crate) fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+
+    pub(crate) fn maybe_fix(mut self, fix: Option<impl Into<String>>) -> Self {
+        self.fix = fix.map(Into::into);
+        self
+    }
+}
+
+/// What to check and where.
+#[derive(Debug, Clone)]
+pub struct DoctorOptions {
+    /// The physical directory of the Nix store (`ROOT/nix/store` with `--store`).
+    pub store_dir: PathBuf,
+    /// drydock's state directory.
+    pub state_dir: PathBuf,
+    /// `--store ROOT`, passed on to Nix for `--nix-probe`.
+    pub store_root: Option<PathBuf>,
+    /// Where Nix's configuration comes from.
+    pub nix_conf: NixConfSources,
+    /// Build a derivation that opens `/dev/kvm` inside the Nix sandbox.
+    pub nix_probe: bool,
+    /// The QEMU binary to check (default: `qemu-system-x86_64` on `PATH`).
+    pub qemu: Option<PathBuf>,
+    /// Boot this kernel under KVM with a deadline (`--boot-probe`).
+    pub boot_probe: Option<BootProbe>,
+}
+
+/// Why the doctor could not do its job (as opposed to a failing check, which is a finding).
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    /// A Nix configuration file exists but cannot be read.
+    #[error("cannot read Nix configuration {}", path.display())]
+    UnreadableNixConf {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DoctorError {
+    /// Whether the error is the user's input (exit 2) rather than a failure of the doctor.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::UnreadableNixConf { .. } => true,
+        }
+    }
+}
+
+/// Run every check against `host` and return the findings in a stable order.
+pub fn run_checks(host: &Host, opts: &DoctorOptions) -> Result<Vec<Finding>, DoctorError> {
+    // Read the configuration first: an unreadable nix.conf is bad input, reported before any
+    // check runs.
+    let conf = nix::NixConf::load(host, &opts.nix_conf)?;
+    // QEMU is probed in the background: it is the only check that runs other programs.
+    let qemu_host = host.clone();
+    let qemu_bin = opts.qemu.clone();
+    let qemu_cache = opts.state_dir.join("cache");
+    let qemu =
+        std::thread::spawn(move || qemu::check(&qemu_host, qemu_bin.as_deref(), Some(&qemu_cache)));
+
+    let mut out = Vec::new();
+    let kvm = kvm::check_all(host);
+    out.extend(kvm.findings.iter().cloned());
+    out.extend(nix::check(host, &conf, &kvm, opts.store_root.is_some()));
+    if let Some(bp) = &opts.boot_probe {
+        if kvm.opened {
+            out.push(boot::probe(bp, &std::env::temp_dir()));
+        } else {
+            out.push(
+                Finding::new(
+                    "kvm.boot",
+                    Status::Fail,
+                    "boot probe not run: /dev/kvm cannot be opened",
+                )
+                .fix("see kvm.access"),
+            );
+        }
+    }
+    if opts.nix_probe {
+        out.push(nix::probe(host, opts.store_root.as_deref(), &conf));
+    }
+    out.push(cgroup::check(host));
+    match qemu.join() {
+        Ok(findings) => out.extend(findings),
+        Err(_) => out.push(Finding::new("qemu", Status::Fail, "QEMU check panicked")),
+    }
+    out.extend(disk::check(host, &opts.store_dir, &opts.state_dir));
+    Ok(out)
+}
+
+/// Whether VMs should use KVM here: `Ok` when every KVM check passes, including the
+/// guest-execution probe and no PVM-only module; otherwise the first finding that says why not.
+pub fn kvm_usable(host: &Host) -> Result<(), Finding> {
+    let report = kvm::check_all(host);
+    for id in [
+        "kvm.modules",
+        "kvm.device",
+        "kvm.access",
+        "kvm.cgroup",
+        "kvm.api",
+        "kvm.create_vm",
+        "kvm.exec",
+    ] {
+        match report.findings.iter().find(|f| f.id == id) {
+            Some(f) if f.status == Status::Pass => {}
+            Some(f) => return Err(f.clone()),
+            None => {
+                // A probe that did not run (the device could not be opened) is reported by the
+                // check that stopped it, which is not a pass either.
+                let why = report.findings.iter().find(|f| f.status != Status::Pass);
+                return Err(why.cloned().unwrap_or_else(|| {
+                    Finding::new(id, Status::Fail, format!("{id} did not run"))
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The verdict: `Fail` if any finding failed, else `Warn` if any warned, else `Pass`.
+pub fn overall(findings: &[Finding]) -> Status {
+    findings
+        .iter()
+        .map(|f| f.status)
+        .max()
+        .unwrap_or(Status::Pass)
+}
+
+/// Human-readable byte counts for messages.
+pub(crate) fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Fixture trees for the checks' unit tests.
+#[cfg(test)]
+pub(crate) mod fixture {
+    /// A temporary root holding `files` (path relative to the root, contents).
+    pub(crate) fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        for (p, c) in files {
+            let p = d.path().join(p);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, c).expect("write");
+        }
+        d
+    }
+
+    /// A Debian-like base: a user `alice` (1000) not in `kvm` (994), nixbld build users.
+    pub(crate) const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\nnixbld1:x:30001:30000::/var/empty:/sbin/nologin\nnixbld2:x:30002:30000::/var/empty:/sbin/nologin\n";
+    pub(crate) const GROUP: &str =
+        "root:x:0:\nalice:x:1000:\nkvm:x:994:\nnixbld:x:30000:nixbld1,nixbld2\n";
+    pub(crate) const ALICE_STATUS: &str = "Name:\tdrydock\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t1000 \n";
+    pub(crate) const ROOT_STATUS: &str =
+        "Name:\tdrydock\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t0 \n";
+
+    pub(crate) fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| super::host::parse_status(&s))
+            .is_some_and(|c| c.euid == 0)
+    }
+
+    /// Create a character device node (needs root; tests that call this say so).
+    pub(crate) fn mknod_char(path: &std::path::Path, major: u32, minor: u32, mode: u32) {
+        let status = std::process::Command::new("mknod")
+            .arg("-m")
+            .arg(format!("{mode:o}"))
+            .arg(path)
+            .arg("c")
+            .arg(major.to_string())
+            .arg(minor.to_string())
+            .status()
+            .expect("run mknod");
+        assert!(status.success(), "mknod {}", path.display());
+    }
+}

@@ -1,0 +1,825 @@
+//! The Nix side of KVM: which users Nix builds as, whether *they* can open `/dev/kvm` inside the
+//! sandbox (where supplementary groups are dropped), `system-features` (explicit or Nix's
+//! default, which adds `kvm` only when the Nix process can open `/dev/kvm`), `sandbox`,
+//! `auto-allocate-uids`; and `--nix-probe`, a real build that opens `/dev/kvm`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::access::{acl_rw_groups, rw_access};
+use super::command;
+use super::host::Host;
+use super::kvm::{KVM_PATH, KvmReport, describe_device};
+use super::{DoctorError, Finding, Status};
+
+const PROBE_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Where Nix reads its configuration from, in order (later settings win).
+#[derive(Debug, Clone, Default)]
+pub struct NixConfSources {
+    /// Configuration files (missing ones are skipped, unreadable ones are an error).
+    pub files: Vec<PathBuf>,
+    /// The contents of `NIX_CONFIG`.
+    pub inline: Option<String>,
+}
+
+impl NixConfSources {
+    /// As Nix finds them: `$NIX_CONF_DIR/nix.conf` (default `/etc/nix`), then the user's files
+    /// (`$NIX_USER_CONF_FILES`, else `$XDG_CONFIG_HOME/nix/nix.conf` or
+    /// `~/.config/nix/nix.conf`), then `$NIX_CONFIG`.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        let conf_dir = var("NIX_CONF_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/etc/nix".into());
+        let mut files = vec![conf_dir.join("nix.conf")];
+        if let Some(list) = var("NIX_USER_CONF_FILES") {
+            files.extend(std::env::split_paths(&list));
+        } else if let Some(x) = var("XDG_CONFIG_HOME") {
+            files.push(PathBuf::from(x).join("nix/nix.conf"));
+        } else if let Some(h) = var("HOME") {
+            files.push(PathBuf::from(h).join(".config/nix/nix.conf"));
+        }
+        Self {
+            files,
+            inline: std::env::var("NIX_CONFIG").ok().filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// A setting and where it was set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Setting {
+    pub value: String,
+    pub source: String,
+}
+
+/// The merged configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NixConf {
+    settings: BTreeMap<String, Setting>,
+}
+
+impl NixConf {
+    pub(crate) fn load(host: &Host, sources: &NixConfSources) -> Result<Self, DoctorError> {
+        let mut conf = Self::default();
+        for f in &sources.files {
+            conf.load_file(host, f, 0)?;
+        }
+        if let Some(text) = &sources.inline {
+            conf.parse(host, text, "NIX_CONFIG", None, 0)?;
+        }
+        Ok(conf)
+    }
+
+    fn load_file(&mut self, host: &Host, path: &Path, depth: u32) -> Result<(), DoctorError> {
+        // A file we cannot even see (missing, or behind a directory we may not search, like
+        // another user's home) is absent, as for Nix; one that exists but cannot be read is bad
+        // input.
+        if std::fs::metadata(host.path(path)).is_err() {
+            return Ok(());
+        }
+        let text = match host.read(path) {
+            Ok(t) => t,
+            Err(source) => {
+                return Err(DoctorError::UnreadableNixConf {
+                    path: host.path(path),
+                    source,
+                });
+            }
+        };
+        self.parse(
+            host,
+            &text,
+            &path.display().to_string(),
+            path.parent(),
+            depth,
+        )
+    }
+
+    fn parse(
+        &mut self,
+        host: &Host,
+        text: &str,
+        source: &str,
+        dir: Option<&Path>,
+        depth: u32,
+    ) -> Result<(), DoctorError> {
+        for raw in text.lines() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            if (first == "include" || first == "!include") && depth < 8 {
+                if let Some(p) = words.next() {
+                    let p = dir.map(|d| d.join(p)).unwrap_or_else(|| PathBuf::from(p));
+                    self.load_file(host, &p, depth + 1)?;
+                }
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let (k, v) = (k.trim(), v.split_whitespace().collect::<Vec<_>>().join(" "));
+            if let Some(base) = k.strip_prefix("extra-") {
+                let entry = self.settings.entry(base.to_string()).or_insert(Setting {
+                    value: String::new(),
+                    source: source.to_string(),
+                });
+                entry.value = format!("{} {v}", entry.value).trim().to_string();
+                entry.source = format!("{} + {source}", entry.source);
+            } else {
+                self.settings.insert(
+                    k.to_string(),
+                    Setting {
+                        value: v,
+                        source: source.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&Setting> {
+        self.settings.get(key)
+    }
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v, "true" | "1" | "yes")
+}
+
+/// Whether a Nix installation is visible at all.
+fn nix_present(host: &Host) -> bool {
+    !host.is_real() || command::which("nix-build").is_some() || host.exists("/nix/var/nix")
+}
+
+/// `chroot`: the store is a chroot store (`--store ROOT`), for which Nix always sandboxes.
+pub(crate) fn check(host: &Host, conf: &NixConf, kvm: &KvmReport, chroot: bool) -> Vec<Finding> {
+    if !nix_present(host) && conf.settings.is_empty() {
+        return vec![
+            Finding::new(
+                "nix",
+                Status::Warn,
+                "Nix not found: Nix settings not checked",
+            )
+            .detail("no nix-build on PATH and no /nix/var/nix"),
+        ];
+    }
+    let creds = host.creds().ok();
+    let as_root = creds.as_ref().is_some_and(|c| c.euid == 0);
+    let daemon = host.exists("/nix/var/nix/daemon-socket/socket");
+    let mut out = Vec::new();
+
+    // system-features
+    let kvm_accessible_to_nix = kvm.device.is_some() && (as_root || daemon || kvm.opened);
+    let (features, feat_src): (Vec<String>, String) = match conf.get("system-features") {
+        Some(s) => (
+            s.value.split_whitespace().map(str::to_string).collect(),
+            format!("set in {}", s.source),
+        ),
+        None => {
+            let mut f: Vec<String> = ["nixos-test", "benchmark", "big-parallel"]
+                .map(String::from)
+                .to_vec();
+            if kvm_accessible_to_nix {
+                f.push("kvm".into());
+            }
+            (
+                f,
+                "Nix's default (adds kvm only when the Nix process can open /dev/kvm)".into(),
+            )
+        }
+    };
+    let has = |f: &str| features.iter().any(|x| x == f);
+    let missing: Vec<&str> = ["kvm", "nixos-test"]
+        .into_iter()
+        .filter(|f| !has(f))
+        .collect();
+    out.push(if missing.is_empty() {
+        Finding::new("nix.system-features", Status::Pass, "system-features include kvm and nixos-test")
+            .detail(format!("system-features = {} ({feat_src})", features.join(" ")))
+    } else {
+        Finding::new(
+            "nix.system-features",
+            Status::Warn,
+            format!("system-features lack {}: Nix will refuse to build VM tests here", missing.join(" and ")),
+        )
+        .detail(format!(
+            "system-features = {} ({feat_src}); NixOS VM tests require {{kvm, nixos-test}}: `a 'x86_64-linux' with features {{kvm, nixos-test}} is required to build`",
+            features.join(" ")
+        ))
+        .fix(format!(
+            "add to /etc/nix/nix.conf: `extra-system-features = {}` (after making /dev/kvm usable by the build users)",
+            missing.join(" ")
+        ))
+    });
+
+    // sandbox and builder identity
+    let sandbox = conf
+        .get("sandbox")
+        .map(|s| s.value.clone())
+        .unwrap_or_else(|| "true".into());
+    let sandboxed = sandbox != "false" || chroot;
+    let shown = if chroot && sandbox == "false" {
+        "sandbox = false, but builds into a chroot store (--store) are always sandboxed".to_string()
+    } else {
+        format!("sandbox = {sandbox}")
+    };
+    out.push(
+        Finding::new("nix.sandbox", Status::Pass, shown)
+            .detail(if sandboxed {
+                "builds run in Nix's sandbox: a builder keeps its uid and primary group, but no supplementary groups; Nix bind-mounts /dev/kvm only for derivations requiring the kvm feature"
+            } else {
+                "builds are not sandboxed: build users keep their supplementary groups from /etc/group"
+            }),
+    );
+
+    let group_setting = conf.get("build-users-group").map(|s| s.value.clone());
+    let build_group = group_setting.clone().unwrap_or_else(|| {
+        if as_root || daemon {
+            "nixbld".into()
+        } else {
+            String::new()
+        }
+    });
+    let auto_uids = conf
+        .get("auto-allocate-uids")
+        .is_some_and(|s| truthy(&s.value));
+    out.push(check_builders(
+        host,
+        kvm,
+        &build_group,
+        sandboxed,
+        auto_uids,
+        group_setting.is_some(),
+    ));
+    out
+}
+
+fn check_builders(
+    host: &Host,
+    kvm: &KvmReport,
+    build_group: &str,
+    sandboxed: bool,
+    auto_uids: bool,
+    group_explicit: bool,
+) -> Finding {
+    let id = "nix.build-users";
+    let Some(dev) = &kvm.device else {
+        return Finding::new(
+            id,
+            Status::Warn,
+            "Nix builders' access to /dev/kvm not checked: no /dev/kvm",
+        );
+    };
+    let devdesc = describe_device(host, dev);
+    let acl_fix = |g: &str| {
+        format!(
+            "make /dev/kvm usable by builds: a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` (e.g. /etc/udev/rules.d/99-kvm.rules, then `udevadm trigger --name-match=kvm`), or an ACL for the build group: `setfacl -m g:{g}:rw /dev/kvm` (add it to the udev rule with RUN+=\"/usr/bin/setfacl -m g:{g}:rw $env{{DEVNAME}}\" to survive reboots)"
+        )
+    };
+    if auto_uids {
+        let ok = dev.mode & 0o006 == 0o006;
+        return if ok {
+            Finding::new(
+                id,
+                Status::Pass,
+                "auto-allocated build uids can open /dev/kvm (world read-write)",
+            )
+            .detail(format!("/dev/kvm is {devdesc}"))
+        } else {
+            Finding::new(id, Status::Warn, "auto-allocated build uids cannot open /dev/kvm")
+                .detail(format!("auto-allocate-uids = true: builders run as uids from a reserved range with no supplementary groups; /dev/kvm is {devdesc}"))
+                .fix("a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` (then `udevadm trigger --name-match=kvm`)")
+        };
+    }
+    if build_group.is_empty() {
+        let who = host.creds().ok();
+        let ok = who
+            .as_ref()
+            .map(|c| rw_access(dev, c.euid, c.egid, &c.groups).is_ok())
+            .unwrap_or(false);
+        return Finding::new(
+            id,
+            if ok { Status::Pass } else { Status::Warn },
+            if ok {
+                "builds run as you, and you can open /dev/kvm"
+            } else {
+                "builds run as you, and you cannot open /dev/kvm"
+            },
+        )
+        .detail(format!(
+            "build-users-group is empty (single-user Nix); /dev/kvm is {devdesc}"
+        ))
+        .maybe_fix((!ok).then_some("see kvm.access"));
+    }
+    let groups = host.groups();
+    let Some(group) = groups.iter().find(|g| g.name == build_group) else {
+        return Finding::new(
+            id,
+            Status::Fail,
+            format!("build-users-group '{build_group}' does not exist: Nix cannot build"),
+        )
+        .detail(format!(
+            "build-users-group = {build_group} ({}) but /etc/group has no such group",
+            if group_explicit { "set in nix.conf" } else { "Nix's default when run as root or by the daemon" }
+        ))
+        .fix(format!("create the build users (`groupadd -r {build_group}` and members `{build_group}1..N`), or set `build-users-group =` for single-user Nix"));
+    };
+    let users = host.users();
+    let members: Vec<_> = group
+        .members
+        .iter()
+        .filter_map(|m| users.iter().find(|u| &u.name == m))
+        .collect();
+    if members.is_empty() {
+        return Finding::new(id, Status::Fail, format!("build group '{build_group}' has no members: Nix cannot build"))
+            .fix(format!("add build users to '{build_group}' (e.g. `useradd -r -g {build_group} -G {build_group} {build_group}1`)"));
+    }
+    let can: Vec<&str> = members
+        .iter()
+        .filter(|u| {
+            let supp: Vec<u32> = if sandboxed {
+                Vec::new()
+            } else {
+                groups
+                    .iter()
+                    .filter(|g| g.members.iter().any(|m| m == &u.name))
+                    .map(|g| g.gid)
+                    .collect()
+            };
+            rw_access(dev, u.uid, group.gid, &supp).is_ok()
+        })
+        .map(|u| u.name.as_str())
+        .collect();
+    let names = if members.len() > 3 {
+        format!(
+            "{}..{}, {} users",
+            members[0].name,
+            members[members.len() - 1].name,
+            members.len()
+        )
+    } else {
+        members
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ctx = format!(
+        "Nix builds as {names}, group {build_group} (gid {}){}; /dev/kvm is {devdesc}",
+        group.gid,
+        if sandboxed {
+            ", without supplementary groups inside the sandbox"
+        } else {
+            ""
+        }
+    );
+    if can.len() == members.len() {
+        let how = if dev.mode & 0o006 == 0o006 {
+            "world read-write".to_string()
+        } else if acl_rw_groups(dev).contains(&group.gid) {
+            format!("an ACL for group {build_group}")
+        } else {
+            "their uid/group".to_string()
+        };
+        Finding::new(
+            id,
+            Status::Pass,
+            format!("Nix build users can open /dev/kvm ({how})"),
+        )
+        .detail(ctx)
+    } else {
+        let manual = if kvm.opened {
+            "manual runs work, but "
+        } else {
+            ""
+        };
+        Finding::new(
+            id,
+            Status::Warn,
+            format!("Nix build users cannot open /dev/kvm: {manual}`nix build` of a VM test will not"),
+        )
+        .detail(format!(
+            "{ctx}; {} of {} build users can open it. A VM test built by Nix fails with `Could not access KVM kernel module: Permission denied`",
+            can.len(),
+            members.len()
+        ))
+        .fix(acl_fix(build_group))
+    }
+}
+
+/// Build a derivation requiring the `kvm` feature whose builder opens `/dev/kvm` inside the
+/// sandbox and writes what happened to `$out`.
+pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> Finding {
+    let id = "nix.probe";
+    let Some(nix_build) = command::which("nix-build") else {
+        return Finding::new(id, Status::Fail, "nix-build not found on PATH").fix("install Nix");
+    };
+    let dir = match tempfile_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            return Finding::new(
+                id,
+                Status::Fail,
+                format!("cannot create a temporary directory: {e}"),
+            );
+        }
+    };
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let expr = dir.join("probe.nix");
+    let script = r#"if ( exec 3<>/dev/kvm ) 2>/dev/null; then r=ok; elif [ -e /dev/kvm ]; then r=denied; else r=absent; fi; ids=""; while read -r k a b c d; do case "$k" in Uid:|Gid:|Groups:) ids="$ids $k $a $b $c $d;";; esac; done < /proc/self/status; echo "$r$ids" > "$out""#;
+    let text = format!(
+        "derivation {{\n  name = \"drydock-kvm-probe\";\n  system = builtins.currentSystem;\n  builder = \"/bin/sh\";\n  args = [ \"-c\" {script:?} ];\n  requiredSystemFeatures = [ \"kvm\" ];\n  nonce = \"{nonce}\";\n}}\n"
+    );
+    if let Err(e) = std::fs::write(&expr, text) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Finding::new(
+            id,
+            Status::Fail,
+            format!("cannot write {}: {e}", expr.display()),
+        );
+    }
+    let mut cmd = Command::new(nix_build);
+    // No substituters: the probe is unique, and a cache lookup without network only delays.
+    cmd.arg(&expr)
+        .arg("--no-out-link")
+        .args(["--option", "substituters", ""]);
+    if let Some(root) = store_root {
+        cmd.arg("--store").arg(root);
+    }
+    // A sandbox needs a shell; where Nix has no default one, lend it a static busybox.
+    let has_sandbox_shell = conf.get("sandbox-paths").is_some_and(|s| {
+        s.value
+            .split_whitespace()
+            .any(|p| p.starts_with("/bin/sh="))
+    });
+    if !has_sandbox_shell {
+        if let Some(bb) = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        {
+            cmd.args(["--option", "extra-sandbox-paths", &format!("/bin/sh={bb}")]);
+        }
+    }
+    let result = command::run(cmd, PROBE_DEADLINE);
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => return Finding::new(id, Status::Fail, format!("cannot run nix-build: {e}")),
+    };
+    if r.timed_out {
+        return Finding::new(
+            id,
+            Status::Fail,
+            format!(
+                "nix-build did not finish within {} s",
+                PROBE_DEADLINE.as_secs()
+            ),
+        );
+    }
+    let tail: String = r
+        .stderr
+        .lines()
+        .rev()
+        .take(6)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    if r.code != Some(0) {
+        if r.stderr.contains("required system feature") || r.stderr.contains("is required to build")
+        {
+            return Finding::new(id, Status::Fail, "Nix refused: no builder has the kvm system feature")
+                .detail(tail)
+                .fix("make /dev/kvm usable by the build users (see nix.build-users), then `extra-system-features = kvm nixos-test` in nix.conf");
+        }
+        return Finding::new(id, Status::Fail, "the probe build failed").detail(tail);
+    }
+    let out_path = r.stdout.lines().last().unwrap_or("").trim().to_string();
+    let physical = match store_root {
+        Some(root) => root.join(out_path.trim_start_matches('/')),
+        None => PathBuf::from(&out_path),
+    };
+    let report = std::fs::read_to_string(&physical).unwrap_or_default();
+    let (verdict, ids) = report.trim().split_once(' ').unwrap_or((report.trim(), ""));
+    let ids = describe_probe_ids(ids);
+    match verdict {
+        "ok" => Finding::new(id, Status::Pass, "a Nix build opened /dev/kvm inside the sandbox")
+            .detail(format!("builder credentials: {ids}; output {out_path}")),
+        "denied" => Finding::new(id, Status::Fail, "inside the Nix sandbox, the builder cannot open /dev/kvm")
+            .detail(format!("builder credentials: {ids}; /dev/kvm is {}", kvm_desc(host)))
+            .fix("a udev rule `KERNEL==\"kvm\", MODE=\"0666\"`, or `setfacl -m g:nixbld:rw /dev/kvm` (see nix.build-users)"),
+        "absent" => Finding::new(id, Status::Fail, "the Nix sandbox has no /dev/kvm")
+            .detail(format!("builder credentials: {ids}"))
+            .fix("check `sandbox-paths` and that /dev/kvm exists on the host"),
+        _ => Finding::new(id, Status::Fail, "the probe build produced no verdict")
+            .detail(format!("{}: {report:?}", physical.display())),
+    }
+}
+
+fn kvm_desc(host: &Host) -> String {
+    host.file_info(KVM_PATH)
+        .map(|i| describe_device(host, &i))
+        .unwrap_or_else(|_| "missing".into())
+}
+
+/// "Uid: 1000 1000 1000 1000; Gid: 100 ...; Groups: ;" → "uid 1000, gid 100, no supplementary groups"
+fn describe_probe_ids(ids: &str) -> String {
+    let field = |name: &str| -> Vec<&str> {
+        ids.split(';')
+            .find_map(|part| part.trim().strip_prefix(name))
+            .map(|rest| rest.split_whitespace().collect())
+            .unwrap_or_default()
+    };
+    let uid = field("Uid:").first().copied().unwrap_or("?");
+    let gid = field("Gid:").first().copied().unwrap_or("?");
+    let groups = field("Groups:");
+    let groups = if groups.is_empty() {
+        "no supplementary groups".to_string()
+    } else {
+        format!("groups {}", groups.join(","))
+    };
+    format!("uid {uid}, gid {gid}, {groups} (as seen inside the build)")
+}
+
+fn tempfile_dir() -> io::Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("drydock-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> NixConf {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/nix")).unwrap();
+        std::fs::write(dir.path().join("etc/nix/nix.conf"), text).unwrap();
+        std::fs::write(dir.path().join("etc/nix/extra.conf"), "sandbox = relaxed\n").unwrap();
+        let host = Host::at(dir.path());
+        NixConf::load(
+            &host,
+            &NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: Some("extra-system-features = big-parallel".into()),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_settings_extras_includes_and_comments() {
+        let c = load(
+            "# comment\nbuild-users-group = nixbld # trailing\nsystem-features = kvm  nixos-test\ninclude extra.conf\n!include missing.conf\nbogus line\n",
+        );
+        assert_eq!(c.get("build-users-group").unwrap().value, "nixbld");
+        assert_eq!(
+            c.get("system-features").unwrap().value,
+            "kvm nixos-test big-parallel"
+        );
+        assert_eq!(c.get("sandbox").unwrap().value, "relaxed");
+        assert!(c.get("bogus line").is_none());
+    }
+
+    #[test]
+    fn unreadable_conf_is_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: exists, cannot be read as a file.
+        std::fs::create_dir_all(dir.path().join("etc/nix/nix.conf")).unwrap();
+        let host = Host::at(dir.path());
+        let err = NixConf::load(
+            &host,
+            &NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: None,
+            },
+        )
+        .unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("nix.conf"), "{err}");
+    }
+
+    #[test]
+    fn probe_ids_are_readable() {
+        assert_eq!(
+            describe_probe_ids("Uid: 1000 1000 1000 1000; Gid: 100 100 100 100; Groups:    ;"),
+            "uid 1000, gid 100, no supplementary groups (as seen inside the build)"
+        );
+        assert!(
+            describe_probe_ids(
+                "Uid: 30001 30001 30001 30001; Gid: 30000 30000 30000 30000; Groups: 30000 ;"
+            )
+            .contains("groups 30000")
+        );
+    }
+
+    #[test]
+    fn missing_conf_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::at(dir.path());
+        let c = NixConf::load(
+            &host,
+            &NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: None,
+            },
+        )
+        .unwrap();
+        assert!(c.get("sandbox").is_none());
+    }
+}
+
+#[cfg(test)]
+mod builder_tests {
+    use super::super::fixture::{self, GROUP, PASSWD, ROOT_STATUS};
+    use super::super::host::{AclEntry, AclTag, FileInfo, FileKind};
+    use super::*;
+
+    fn report(mode: u32, acl: Option<Vec<AclEntry>>) -> KvmReport {
+        KvmReport {
+            findings: Vec::new(),
+            device: Some(FileInfo {
+                kind: FileKind::CharDevice,
+                major: 10,
+                minor: 232,
+                mode,
+                uid: 0,
+                gid: 0,
+                acl,
+            }),
+            opened: true,
+        }
+    }
+
+    fn run(conf: &str, kvm: &KvmReport) -> Vec<Finding> {
+        let d = fixture::tree(&[
+            ("proc/self/status", ROOT_STATUS),
+            ("etc/passwd", PASSWD),
+            ("etc/group", GROUP),
+            ("etc/nix/nix.conf", conf),
+        ]);
+        let host = Host::at(d.path());
+        let conf = NixConf::load(
+            &host,
+            &NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: None,
+            },
+        )
+        .unwrap();
+        check(&host, &conf, kvm, false)
+    }
+
+    fn by_id<'a>(f: &'a [Finding], id: &str) -> &'a Finding {
+        f.iter().find(|x| x.id == id).unwrap()
+    }
+
+    #[test]
+    fn root_only_device_warns_for_build_users_with_fix() {
+        let f = run("", &report(0o600, None));
+        let b = by_id(&f, "nix.build-users");
+        assert_eq!(b.status, Status::Warn);
+        assert!(
+            b.summary
+                .contains("manual runs work, but `nix build` of a VM test will not"),
+            "{b:?}"
+        );
+        assert!(
+            b.detail.contains("nixbld1, nixbld2") && b.detail.contains("0 of 2"),
+            "{b:?}"
+        );
+        let fix = b.fix.as_ref().unwrap();
+        assert!(
+            fix.contains("KERNEL==\"kvm\", MODE=\"0666\"")
+                && fix.contains("setfacl -m g:nixbld:rw /dev/kvm"),
+            "{fix}"
+        );
+        // Nix's default features include kvm because root can open the device.
+        assert_eq!(by_id(&f, "nix.system-features").status, Status::Pass);
+    }
+
+    #[test]
+    fn world_rw_or_group_acl_passes() {
+        let f = run("", &report(0o666, None));
+        assert_eq!(by_id(&f, "nix.build-users").status, Status::Pass);
+        let acl = vec![
+            AclEntry {
+                tag: AclTag::UserObj,
+                perm: 6,
+            },
+            AclEntry {
+                tag: AclTag::GroupObj,
+                perm: 0,
+            },
+            AclEntry {
+                tag: AclTag::Group(30000),
+                perm: 6,
+            },
+            AclEntry {
+                tag: AclTag::Mask,
+                perm: 6,
+            },
+            AclEntry {
+                tag: AclTag::Other,
+                perm: 0,
+            },
+        ];
+        let f = run("", &report(0o660, Some(acl)));
+        let b = by_id(&f, "nix.build-users");
+        assert_eq!(b.status, Status::Pass, "{b:?}");
+        assert!(b.summary.contains("ACL for group nixbld"), "{b:?}");
+    }
+
+    #[test]
+    fn group_membership_only_counts_without_sandbox() {
+        // nixbld users are members of kvm in /etc/group; 0660 root:kvm.
+        let mut kvm = report(0o660, None);
+        kvm.device.as_mut().unwrap().gid = 994;
+        let group = GROUP.replace("kvm:x:994:", "kvm:x:994:nixbld1,nixbld2");
+        let d = fixture::tree(&[
+            ("proc/self/status", ROOT_STATUS),
+            ("etc/passwd", PASSWD),
+            ("etc/group", &group),
+        ]);
+        let host = Host::at(d.path());
+        let sandboxed = check_builders(&host, &kvm, "nixbld", true, false, false);
+        assert_eq!(sandboxed.status, Status::Warn, "{sandboxed:?}");
+        assert!(sandboxed.detail.contains("without supplementary groups"));
+        let unsandboxed = check_builders(&host, &kvm, "nixbld", false, false, false);
+        assert_eq!(unsandboxed.status, Status::Pass, "{unsandboxed:?}");
+    }
+
+    #[test]
+    fn explicit_features_without_kvm_and_missing_group() {
+        let f = run(
+            "system-features = benchmark big-parallel\nbuild-users-group = builders\n",
+            &report(0o666, None),
+        );
+        let s = by_id(&f, "nix.system-features");
+        assert_eq!(s.status, Status::Warn);
+        assert!(s.summary.contains("kvm and nixos-test"), "{s:?}");
+        assert!(s.detail.contains("set in /etc/nix/nix.conf"), "{s:?}");
+        let b = by_id(&f, "nix.build-users");
+        assert_eq!(b.status, Status::Fail);
+        assert!(b.summary.contains("'builders' does not exist"), "{b:?}");
+    }
+
+    #[test]
+    fn auto_allocated_uids_need_world_access() {
+        let f = run("auto-allocate-uids = true\n", &report(0o660, None));
+        assert_eq!(by_id(&f, "nix.build-users").status, Status::Warn);
+    }
+
+    #[test]
+    fn sandbox_setting_is_reported() {
+        let f = run("sandbox = false\n", &report(0o666, None));
+        assert_eq!(by_id(&f, "nix.sandbox").summary, "sandbox = false");
+    }
+
+    #[test]
+    fn chroot_stores_are_always_sandboxed() {
+        let d = fixture::tree(&[
+            ("proc/self/status", ROOT_STATUS),
+            ("etc/passwd", PASSWD),
+            ("etc/group", GROUP),
+            ("etc/nix/nix.conf", "sandbox = false\n"),
+        ]);
+        let host = Host::at(d.path());
+        let conf = NixConf::load(
+            &host,
+            &NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: None,
+            },
+        )
+        .unwrap();
+        let f = check(&host, &conf, &report(0o600, None), true);
+        assert!(
+            by_id(&f, "nix.sandbox")
+                .summary
+                .contains("always sandboxed")
+        );
+        assert!(
+            by_id(&f, "nix.build-users")
+                .detail
+                .contains("without supplementary groups")
+        );
+    }
+}

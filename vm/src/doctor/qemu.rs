@@ -1,0 +1,226 @@
+//! QEMU: the binary, its version, whether it has `vhost-user-fs-pci` (virtio-fs) and
+//! `memory-backend-memfd` (shared guest memory for vhost-user), whether `memfd_create` works,
+//! and how big `/dev/shm` is.
+//!
+//! Asking QEMU costs three process starts (~40 ms), so the answers are cached in the state
+//! directory, keyed by the binary's path, size, inode and modification time, like libvirt's
+//! capabilities cache: a changed or replaced QEMU is asked again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::command;
+use super::host::Host;
+use super::{Finding, Status, gib};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn run(bin: &Path, args: &[&str]) -> Result<String, String> {
+    let mut c = Command::new(bin);
+    c.args(args);
+    match command::run(c, DEADLINE) {
+        Ok(r) if r.code == Some(0) => Ok(r.stdout),
+        Ok(r) if r.timed_out => Err(format!("`{} {}` timed out", bin.display(), args.join(" "))),
+        Ok(r) => Err(format!(
+            "`{} {}` failed: {}",
+            bin.display(),
+            args.join(" "),
+            r.stderr.trim()
+        )),
+        Err(e) => Err(format!("cannot run {}: {e}", bin.display())),
+    }
+}
+
+/// What QEMU said about itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Caps {
+    key: String,
+    version: String,
+    vhost_user_fs: bool,
+    memfd_backend: bool,
+}
+
+fn cache_key(bin: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(bin).ok()?;
+    Some(format!(
+        "{}:{}:{}:{}:{}",
+        bin.display(),
+        m.size(),
+        m.ino(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
+
+fn ask(bin: &Path, key: String) -> Result<Caps, String> {
+    // Three independent questions, asked at once.
+    let b1 = bin.to_path_buf();
+    let b2 = bin.to_path_buf();
+    let dev = std::thread::spawn(move || run(&b1, &["-machine", "none", "-device", "help"]));
+    let obj = std::thread::spawn(move || run(&b2, &["-machine", "none", "-object", "help"]));
+    let version = run(bin, &["--version"]);
+    let devices = dev.join().unwrap_or_else(|_| Err("panicked".into()));
+    let objects = obj.join().unwrap_or_else(|_| Err("panicked".into()));
+    let version = version?.lines().next().unwrap_or("").trim().to_string();
+    Ok(Caps {
+        key,
+        version,
+        vhost_user_fs: devices.is_ok_and(|d| d.contains("\"vhost-user-fs-pci\"")),
+        memfd_backend: objects.is_ok_and(|o| o.lines().any(|l| l.trim() == "memory-backend-memfd")),
+    })
+}
+
+/// The capabilities of `bin`, from the cache in `cache_dir` when it is still valid.
+fn capabilities(bin: &Path, cache_dir: Option<&Path>) -> Result<Caps, String> {
+    let key = cache_key(bin).ok_or_else(|| format!("{} does not exist", bin.display()))?;
+    let file = cache_dir.map(|d| d.join("qemu-capabilities.json"));
+    if let Some(f) = &file {
+        if let Some(c) = std::fs::read(f)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Caps>(&b).ok())
+        {
+            if c.key == key {
+                return Ok(c);
+            }
+        }
+    }
+    let caps = ask(bin, key)?;
+    if let Some(f) = &file {
+        // Best effort: an unwritable state dir only costs speed.
+        let tmp = f.with_extension("json.tmp");
+        let written = f
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(&tmp, serde_json::to_vec(&caps).unwrap_or_default()))
+            .and_then(|_| std::fs::rename(&tmp, f));
+        if let Err(e) = written {
+            tracing::debug!("cannot cache QEMU capabilities in {}: {e}", f.display());
+        }
+    }
+    Ok(caps)
+}
+
+pub(crate) fn check(host: &Host, bin: Option<&Path>, cache_dir: Option<&Path>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let bin: Option<PathBuf> = bin
+        .map(Path::to_path_buf)
+        .or_else(|| command::which("qemu-system-x86_64"));
+    match bin {
+        None => out.push(
+            Finding::new("qemu", Status::Fail, "qemu-system-x86_64 not found on PATH")
+                .fix("install QEMU (Debian/Ubuntu: `apt-get install qemu-system-x86`)"),
+        ),
+        Some(bin) => out.push(check_binary(&bin, cache_dir)),
+    }
+    out.push(check_shm(host));
+    out
+}
+
+fn check_binary(bin: &Path, cache_dir: Option<&Path>) -> Finding {
+    let caps = match capabilities(bin, cache_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            return Finding::new(
+                "qemu",
+                Status::Fail,
+                format!("{} does not run", bin.display()),
+            )
+            .detail(e)
+            .fix("reinstall QEMU");
+        }
+    };
+    let version = caps.version;
+    let mut missing = Vec::new();
+    if !caps.vhost_user_fs {
+        missing.push("vhost-user-fs-pci (virtio-fs)");
+    }
+    if !caps.memfd_backend {
+        missing.push("memory-backend-memfd");
+    }
+    if let Err(e) = crate::sys::fs::memfd_works() {
+        missing.push("memfd_create");
+        tracing::debug!("memfd_create failed: {e}");
+    }
+    let detail = format!("{}: {version}", bin.display());
+    if missing.is_empty() {
+        Finding::new(
+            "qemu",
+            Status::Pass,
+            format!("{version}; vhost-user-fs-pci and memfd available"),
+        )
+        .detail(detail)
+    } else {
+        Finding::new("qemu", Status::Fail, format!("QEMU lacks {}", missing.join(", ")))
+            .detail(detail)
+            .fix("install a QEMU built with vhost-user and virtio-fs support (QEMU ≥ 5.0; Debian's qemu-system-x86 has both), on Linux ≥ 3.17 for memfd")
+    }
+}
+
+fn check_shm(host: &Host) -> Finding {
+    match host.space("/dev/shm") {
+        Ok((at, s)) => {
+            let f = Finding::new(
+                "host.shm",
+                if s.total < 1 << 30 { Status::Warn } else { Status::Pass },
+                format!("/dev/shm: {} of {} free", gib(s.available), gib(s.total)),
+            )
+            .detail(format!(
+                "measured at {}; drydock backs guest memory with memfd (not /dev/shm), but tools that use memory-backend-file on /dev/shm are limited by it",
+                at.display()
+            ));
+            if s.total < 1 << 30 {
+                f.fix(
+                    "enlarge it: `mount -o remount,size=4G /dev/shm` (containers: `--shm-size=4g`)",
+                )
+            } else {
+                f
+            }
+        }
+        Err(e) => Finding::new(
+            "host.shm",
+            Status::Warn,
+            format!("cannot measure /dev/shm: {e}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_fails_with_install_hint() {
+        let d = tempfile::tempdir().unwrap();
+        let f = check_binary(&d.path().join("qemu-system-x86_64"), None);
+        assert_eq!(f.status, Status::Fail);
+        assert!(f.fix.unwrap().contains("QEMU"));
+    }
+
+    #[test]
+    fn a_binary_without_virtiofs_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("qemu");
+        std::fs::write(&fake, "#!/bin/sh\ncase \"$*\" in *--version*) echo 'QEMU emulator version 2.0.0';; *-device*) echo 'name \"virtio-blk-pci\"';; *-object*) echo 'memory-backend-file';; esac\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = d.path().join("cache");
+        let f = check_binary(&fake, Some(&cache));
+        assert_eq!(f.status, Status::Fail);
+        assert!(f.summary.contains("vhost-user-fs-pci"), "{f:?}");
+        assert!(f.summary.contains("memory-backend-memfd"), "{f:?}");
+        assert!(f.detail.contains("2.0.0"));
+        // Cached: the same answer without running it (even when it now fails to run)...
+        assert!(cache.join("qemu-capabilities.json").exists());
+        let before = std::fs::metadata(&fake).unwrap().modified().unwrap();
+        std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
+        let f2 = std::fs::File::options().write(true).open(&fake).unwrap();
+        f2.set_modified(before).unwrap();
+        drop(f2);
+        // ...but the size changed, so the key no longer matches and QEMU is asked again.
+        let f = check_binary(&fake, Some(&cache));
+        assert!(f.summary.contains("does not run"), "{f:?}");
+    }
+}

@@ -1,0 +1,625 @@
+//! The effectful side of a VM: start the store server and QEMU from a [`VmSpec`]'s plan, place
+//! QEMU in its own cgroup, record the VM's state, follow its console log, and stop it in order
+//! (QMP `system_powerdown` → grace → QMP `quit` → SIGTERM → SIGKILL) on every exit path.
+//!
+//! Nobody holds the QMP socket (QEMU serves one client at a time): each operation connects,
+//! acts and disconnects, so `drydock vm stop` from another terminal can always get in.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::VmCgroup;
+use crate::plan::{StoreAttachment, VmPaths, VmSpec, plan};
+use crate::qmp::Qmp;
+use crate::spawn::Supervised;
+use crate::storefs::StoreServer;
+use crate::sys::proc as sysproc;
+
+/// How long the guest gets to power off after `system_powerdown`.
+pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+const TERM_GRACE: Duration = Duration::from_secs(2);
+const QMP_CONNECT: Duration = Duration::from_secs(2);
+
+/// Why a VM could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
+    #[error("cannot prepare {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the store server")]
+    StoreServer(#[source] crate::storefs::StoreServerError),
+    #[error("cannot start QEMU")]
+    Qemu(#[source] crate::spawn::SpawnError),
+    #[error("QEMU exited at once ({status}): {log}")]
+    QemuDied { status: ExitStatus, log: String },
+    #[error("cannot control VM process {pid}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LaunchError {
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Plan(e) => e.is_bad_input(),
+            Self::Qemu(e) => e.is_bad_input(),
+            Self::StoreServer(e) => e.is_bad_input(),
+            _ => false,
+        }
+    }
+}
+
+/// What `state.json` in the VM's folder says about a started VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    pub name: String,
+    /// The drydock process that owns the VM (foreground command or detached supervisor).
+    pub supervisor_pid: u32,
+    pub qemu_pid: u32,
+    pub server_pid: Option<u32>,
+    pub accel: String,
+    pub memory_mib: u32,
+    /// Seconds since the epoch.
+    pub started: u64,
+    /// The cgroup QEMU runs in, if drydock made one.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl VmState {
+    pub fn read(paths: &VmPaths) -> Option<Self> {
+        let bytes = std::fs::read(paths.state_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn write(&self, paths: &VmPaths) -> Result<(), LaunchError> {
+        write_json(&paths.state_file(), self)
+    }
+}
+
+/// Write JSON atomically (temp file + rename).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError> {
+    let tmp = path.with_extension("json.tmp");
+    let files = |source| LaunchError::Files {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| files(e.into()))?;
+    std::fs::write(&tmp, bytes).map_err(files)?;
+    std::fs::rename(&tmp, path).map_err(files)
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// How the store reaches the store server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreShare {
+    /// The drydock binary (re-executed as `__store-server`).
+    pub exe: PathBuf,
+    /// The physical store directory.
+    pub shared_dir: PathBuf,
+    /// Store path basenames the guest may see; `None` shares the whole store.
+    pub allow: Option<Vec<String>>,
+}
+
+/// Everything needed to launch a VM again without Nix: saved as `launch.json` in its folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchRecord {
+    pub spec: VmSpec,
+    pub share: Option<StoreShare>,
+    /// The system's toplevel (logical store path), when booted from one.
+    pub toplevel: Option<String>,
+    /// Why this accelerator was chosen.
+    pub accel_reason: String,
+    /// The run this launch is recorded as in drydock's runs database.
+    #[serde(default)]
+    pub run_id: Option<i64>,
+}
+
+impl LaunchRecord {
+    pub fn read(paths: &VmPaths) -> Result<Self, LaunchError> {
+        let path = paths.launch_file();
+        let bytes = std::fs::read(&path).map_err(|source| LaunchError::Files {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| LaunchError::Files {
+            path,
+            source: e.into(),
+        })
+    }
+
+    pub fn write(&self, paths: &VmPaths) -> Result<(), LaunchError> {
+        std::fs::create_dir_all(&paths.dir).map_err(|source| LaunchError::Files {
+            path: paths.dir.clone(),
+            source,
+        })?;
+        write_json(&paths.launch_file(), self)
+    }
+}
+
+/// A started VM owned by this process. Dropping it stops everything.
+#[derive(Debug)]
+pub struct Vm {
+    paths: VmPaths,
+    qemu: Supervised,
+    server: Option<StoreServer>,
+    cgroup: Option<VmCgroup>,
+    stopped: bool,
+    pub state: VmState,
+}
+
+fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
+    for d in [&paths.dir, &paths.sockets] {
+        std::fs::create_dir_all(d).map_err(|source| LaunchError::Files {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    for f in [
+        paths.qmp_socket(),
+        paths.fs_socket(),
+        paths.qemu_pidfile(),
+        paths.state_file(),
+    ] {
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LaunchError::Files { path: f, source: e });
+            }
+            _ => {}
+        }
+    }
+    File::create(paths.console_log()).map_err(|source| LaunchError::Files {
+        path: paths.console_log(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Start the store server (for virtio-fs) and QEMU, and record the VM's state.
+pub fn start(spec: &VmSpec, share: Option<&StoreShare>) -> Result<Vm, LaunchError> {
+    let qemu_plan = plan(spec)?;
+    let paths = spec.paths.clone();
+    prepare(&paths)?;
+    let server = match (&spec.store, share) {
+        (StoreAttachment::VirtioFs { socket }, Some(share)) => Some(
+            StoreServer::spawn(
+                &share.exe,
+                socket,
+                &share.shared_dir,
+                share.allow.as_deref(),
+            )
+            .map_err(LaunchError::StoreServer)?,
+        ),
+        _ => None,
+    };
+    let qemu_log = paths.dir.join("qemu.log");
+    let log = File::create(&qemu_log).map_err(|source| LaunchError::Files {
+        path: qemu_log.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(&qemu_plan.program);
+    cmd.args(&qemu_plan.args).stdin(Stdio::null()).stderr(log);
+    tracing::info!(plan = %qemu_plan.display(), "starting QEMU");
+    let mut qemu = Supervised::spawn("qemu", cmd).map_err(LaunchError::Qemu)?;
+    let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("VM {} runs without its own cgroup: {e}", spec.name);
+            None
+        }
+    };
+    // QEMU fails fast on bad arguments or a missing device: catch that here, with its words.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(300) {
+        if let Ok(Some(status)) = qemu.try_wait() {
+            let text = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+            return Err(LaunchError::QemuDied {
+                status,
+                log: text.trim().to_string(),
+            });
+        }
+        if paths.qmp_socket().exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let state = VmState {
+        name: spec.name.clone(),
+        supervisor_pid: std::process::id(),
+        qemu_pid: qemu.pid(),
+        server_pid: server.as_ref().map(StoreServer::pid),
+        accel: spec.accel.as_str().to_string(),
+        memory_mib: spec.memory_mib,
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+    };
+    state.write(&paths)?;
+    Ok(Vm {
+        paths,
+        qemu,
+        server,
+        cgroup,
+        stopped: false,
+        state,
+    })
+}
+
+impl Vm {
+    pub fn paths(&self) -> &VmPaths {
+        &self.paths
+    }
+
+    /// QEMU's exit status once it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.qemu.try_wait().ok().flatten()
+    }
+
+    /// Stop the VM in order and clean up (store server, cgroup, state file). Idempotent.
+    pub fn stop(&mut self, grace: Duration) -> Result<(), LaunchError> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        let pid = self.qemu.pid();
+        let paths = self.paths.clone();
+        let qemu = &mut self.qemu;
+        let mut gone = || qemu.try_wait().ok().flatten().is_some();
+        orderly_shutdown(&paths, pid, grace, &mut gone);
+        // Whatever QMP achieved, make sure: SIGTERM, then SIGKILL; always reaped.
+        let _ = self.qemu.stop(TERM_GRACE);
+        if let Some(server) = self.server.take() {
+            if let Err(e) = server.stop() {
+                tracing::warn!("stopping the store server: {e}");
+            }
+        }
+        if let Some(cg) = self.cgroup.take() {
+            cg.remove();
+        }
+        let _ = std::fs::remove_file(self.paths.state_file());
+        let _ = std::fs::remove_file(self.paths.qmp_socket());
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_millis(500));
+    }
+}
+
+/// QMP powerdown, wait up to `grace`; QMP quit, wait; each step only if the VM is still there.
+/// `gone` says whether QEMU has exited. Signals are the caller's last resort.
+pub fn orderly_shutdown(
+    paths: &VmPaths,
+    pid: u32,
+    grace: Duration,
+    gone: &mut dyn FnMut() -> bool,
+) {
+    let wait = |gone: &mut dyn FnMut() -> bool, d: Duration| {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            if gone() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gone()
+    };
+    if gone() {
+        return;
+    }
+    match Qmp::connect(&paths.qmp_socket(), QMP_CONNECT) {
+        Ok(mut qmp) => {
+            if !grace.is_zero() {
+                match qmp.powerdown() {
+                    Ok(()) => {
+                        drop(qmp);
+                        if wait(gone, grace) {
+                            tracing::debug!(pid, "guest powered off");
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(pid, "system_powerdown: {e}"),
+                }
+                match Qmp::connect(&paths.qmp_socket(), QMP_CONNECT) {
+                    Ok(q) => qmp = q,
+                    Err(e) => {
+                        tracing::debug!(pid, "QMP after powerdown: {e}");
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = qmp.quit() {
+                tracing::debug!(pid, "quit: {e}");
+            }
+            drop(qmp);
+            if wait(gone, QUIT_GRACE) {
+                tracing::debug!(pid, "QEMU quit");
+            }
+        }
+        Err(e) => tracing::debug!(pid, "no QMP ({e}); falling back to signals"),
+    }
+}
+
+/// Stop a VM owned by another process (from its `state.json`): the orderly sequence, then
+/// SIGTERM and SIGKILL to QEMU; the owner notices QEMU's exit and cleans up. Waits (bounded)
+/// for the owner to finish, and kills it, its store server and QEMU if it does not.
+pub fn stop_remote(
+    paths: &VmPaths,
+    state: &VmState,
+    grace: Duration,
+    force: bool,
+) -> Result<(), LaunchError> {
+    let pid = state.qemu_pid;
+    let mut gone = || !pid_alive(pid);
+    if !force {
+        orderly_shutdown(paths, pid, grace, &mut gone);
+    }
+    for (sig, wait) in [
+        (libc::SIGTERM, TERM_GRACE),
+        (libc::SIGKILL, Duration::from_secs(2)),
+    ] {
+        if gone() {
+            break;
+        }
+        if force && sig == libc::SIGTERM {
+            continue;
+        }
+        signal(pid, sig)?;
+        let t = Instant::now();
+        while t.elapsed() < wait && !gone() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // The owner cleans up after QEMU; give it a moment, then make sure nothing is left.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5)
+        && state.supervisor_pid != std::process::id()
+        && pid_alive(state.supervisor_pid)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in [Some(state.supervisor_pid), state.server_pid]
+        .into_iter()
+        .flatten()
+    {
+        if p != std::process::id() && pid_alive(p) {
+            signal(p, libc::SIGKILL)?;
+        }
+    }
+    if let Some(cg) = &state.cgroup {
+        let _ = std::fs::remove_dir(cg);
+    }
+    let _ = std::fs::remove_file(paths.state_file());
+    let _ = std::fs::remove_file(paths.qmp_socket());
+    let _ = std::fs::remove_file(paths.fs_socket());
+    Ok(())
+}
+
+fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
+    match sysproc::send_signal(pid, sig) {
+        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+            Err(LaunchError::Signal { pid, source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads a growing console log line by line.
+#[derive(Debug)]
+pub struct ConsoleTail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl ConsoleTail {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Complete lines written since the last call (without `\r`/`\n`).
+    pub fn lines(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(mut f) = File::open(&self.path) else {
+            return out;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return out;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            self.offset += n as u64;
+        }
+        self.partial.extend_from_slice(&buf);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line);
+            out.push(text.trim_end_matches(['\n', '\r']).to_string());
+        }
+        out
+    }
+
+    /// The unfinished last line, if any (for a final flush).
+    pub fn rest(&mut self) -> Option<String> {
+        if self.partial.is_empty() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&self.partial)
+            .trim_end_matches('\r')
+            .to_string();
+        self.partial.clear();
+        Some(text)
+    }
+}
+
+/// How a wait on a VM's console ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The ready pattern matched this line.
+    Ready(String),
+    /// QEMU exited.
+    Exited,
+    /// The deadline passed.
+    TimedOut,
+    /// `cancel` was set (Ctrl-C).
+    Cancelled,
+}
+
+/// Follow `tail` until `ready` matches a line, QEMU is gone, `timeout` passes or `cancel` is
+/// set. Every line goes to `echo`.
+pub fn follow(
+    tail: &mut ConsoleTail,
+    ready: Option<&regex::Regex>,
+    timeout: Option<Duration>,
+    cancel: &AtomicBool,
+    gone: &mut dyn FnMut() -> bool,
+    echo: &mut dyn FnMut(&str),
+) -> WaitOutcome {
+    let start = Instant::now();
+    loop {
+        let exited = gone();
+        for line in tail.lines() {
+            echo(&line);
+            if ready.is_some_and(|r| r.is_match(&line)) {
+                return WaitOutcome::Ready(line);
+            }
+        }
+        if exited {
+            if let Some(rest) = tail.rest() {
+                echo(&rest);
+                if ready.is_some_and(|r| r.is_match(&rest)) {
+                    return WaitOutcome::Ready(rest);
+                }
+            }
+            return WaitOutcome::Exited;
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return WaitOutcome::Cancelled;
+        }
+        if timeout.is_some_and(|t| start.elapsed() >= t) {
+            return WaitOutcome::TimedOut;
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+}
+
+/// The last `n` lines of a console log, for error messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn console_tail_yields_whole_lines_as_they_grow() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        let mut f = File::create(&p).unwrap();
+        let mut t = ConsoleTail::new(p.clone());
+        assert!(t.lines().is_empty());
+        f.write_all(b"one\r\ntw").unwrap();
+        assert_eq!(t.lines(), ["one"]);
+        f.write_all(b"o\nthree").unwrap();
+        assert_eq!(t.lines(), ["two"]);
+        assert_eq!(t.rest().as_deref(), Some("three"));
+    }
+
+    #[test]
+    fn follow_stops_on_ready_timeout_exit_and_cancel() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        std::fs::write(&p, "booting\nDRYDOCK-READY\nafter\n").unwrap();
+        let no = AtomicBool::new(false);
+        let re = regex::Regex::new("READY").unwrap();
+        let mut seen = Vec::new();
+        let out = follow(
+            &mut ConsoleTail::new(p.clone()),
+            Some(&re),
+            None,
+            &no,
+            &mut || false,
+            &mut |l| seen.push(l.to_string()),
+        );
+        assert_eq!(out, WaitOutcome::Ready("DRYDOCK-READY".into()));
+        assert_eq!(seen, ["booting", "DRYDOCK-READY"]);
+        let never = regex::Regex::new("NEVER").unwrap();
+        let out = follow(
+            &mut ConsoleTail::new(p.clone()),
+            Some(&never),
+            Some(Duration::from_millis(50)),
+            &no,
+            &mut || false,
+            &mut |_| {},
+        );
+        assert_eq!(out, WaitOutcome::TimedOut);
+        let out = follow(
+            &mut ConsoleTail::new(p.clone()),
+            Some(&never),
+            None,
+            &no,
+            &mut || true,
+            &mut |_| {},
+        );
+        assert_eq!(out, WaitOutcome::Exited);
+        let yes = AtomicBool::new(true);
+        let out = follow(
+            &mut ConsoleTail::new(p),
+            None,
+            None,
+            &yes,
+            &mut || false,
+            &mut |_| {},
+        );
+        assert_eq!(out, WaitOutcome::Cancelled);
+    }
+
+    #[test]
+    fn liveness_of_processes() {
+        assert!(pid_alive(std::process::id()));
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        assert!(!pid_alive(pid));
+    }
+}

@@ -1,0 +1,471 @@
+//! The pure planning layer of a launch: a [`VmSpec`] (what the user asked for, already resolved
+//! to files) becomes a [`QemuPlan`]: QEMU's argv, the sockets and files it will use, and the
+//! store-server invocation. No I/O happens here; unit tests check plans as data.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Unix socket paths must fit `sun_path` (108 bytes with the NUL); stay well under it.
+pub const MAX_SOCKET_PATH: usize = 100;
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+/// How the guest gets its Nix store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum StoreAttachment {
+    /// virtio-fs (tag `nix-store`) from drydock's store server on this socket.
+    VirtioFs { socket: PathBuf },
+    /// A read-only raw image (EROFS) attached as a virtio-blk disk.
+    Image { path: PathBuf },
+    /// Nothing: a guest that needs no store.
+    None,
+}
+
+/// Where a VM's files live. The state folder keeps what must persist; sockets may live in a
+/// short runtime folder when the state folder's path is too long for a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPaths {
+    /// `STATE/vms/NAME`.
+    pub dir: PathBuf,
+    /// Folder for unix sockets (`dir` itself when short enough).
+    pub sockets: PathBuf,
+}
+
+impl VmPaths {
+    /// Choose the socket folder: `dir` when `dir/qmp.sock` fits, else `runtime/<short id>`.
+    pub fn new(dir: PathBuf, runtime: &Path, short_id: &str) -> Self {
+        let fits = dir.join("console.sock").as_os_str().len() <= MAX_SOCKET_PATH;
+        let sockets = if fits {
+            dir.clone()
+        } else {
+            runtime.join(short_id)
+        };
+        Self { dir, sockets }
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.sockets.join("qmp.sock")
+    }
+    pub fn fs_socket(&self) -> PathBuf {
+        self.sockets.join("fs.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn qemu_pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn launch_file(&self) -> PathBuf {
+        self.dir.join("launch.json")
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn allow_list(&self) -> PathBuf {
+        self.dir.join("closure.txt")
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.dir.join("drydock.log")
+    }
+}
+
+/// Everything a launch needs, resolved: the plan is a function of this alone. It is saved in
+/// the state folder (`launch.json`) so a restart needs no evaluation, build or Nix call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub qemu: PathBuf,
+    /// Physical paths of the kernel and initrd.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line without the console (the plan adds it).
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub store: StoreAttachment,
+    pub paths: VmPaths,
+}
+
+/// QEMU's command line, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuPlan {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl QemuPlan {
+    /// The plan as one shell-like line, for logs and `--json` output.
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.display().to_string())
+            .chain(self.args.iter().map(|a| {
+                if a.contains([' ', '"', '\'']) {
+                    format!("'{}'", a.replace('\'', "'\\''"))
+                } else {
+                    a.clone()
+                }
+            }))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Why a spec cannot become a plan.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error(
+        "invalid VM name {0:?}: use 1-40 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+    )]
+    BadName(String),
+    #[error("memory must be at least 64 MiB (got {0})")]
+    Memory(u32),
+    #[error("cpus must be between 1 and 64 (got {0})")]
+    Cpus(u32),
+    #[error("socket path {} is longer than {MAX_SOCKET_PATH} bytes", .0.display())]
+    SocketPath(PathBuf),
+    #[error("QEMU cannot take {what} containing a comma: {}", path.display())]
+    Comma { what: &'static str, path: PathBuf },
+}
+
+impl PlanError {
+    pub fn is_bad_input(&self) -> bool {
+        true
+    }
+}
+
+/// Check a VM name: it becomes a folder name and part of QEMU's `-name`.
+pub fn validate_name(name: &str) -> Result<(), PlanError> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PlanError::BadName(name.to_string()))
+    }
+}
+
+fn no_comma(what: &'static str, p: &Path) -> Result<String, PlanError> {
+    let s = p.display().to_string();
+    if s.contains(',') {
+        return Err(PlanError::Comma {
+            what,
+            path: p.to_path_buf(),
+        });
+    }
+    Ok(s)
+}
+
+/// The full kernel command line: the spec's, then the serial console unless one is named.
+pub fn kernel_cmdline(cmdline: &str) -> String {
+    let has_serial = cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("console=ttyS0"));
+    let mut c = cmdline.trim().to_string();
+    if !has_serial {
+        if !c.is_empty() {
+            c.push(' ');
+        }
+        c.push_str("console=ttyS0");
+    }
+    c
+}
+
+/// Turn a spec into QEMU's command line.
+pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
+    validate_name(&spec.name)?;
+    if spec.memory_mib < 64 {
+        return Err(PlanError::Memory(spec.memory_mib));
+    }
+    if !(1..=64).contains(&spec.cpus) {
+        return Err(PlanError::Cpus(spec.cpus));
+    }
+    let qmp = spec.paths.qmp_socket();
+    if qmp.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(PlanError::SocketPath(qmp));
+    }
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("{},debug-threads=on", spec.name)]);
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&[
+        "-m",
+        &spec.memory_mib.to_string(),
+        "-smp",
+        &spec.cpus.to_string(),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&["-kernel", &no_comma("a kernel path", &spec.kernel)?]);
+    if let Some(initrd) = &spec.initrd {
+        push(&["-initrd", &no_comma("an initrd path", initrd)?]);
+    }
+    push(&["-append", &kernel_cmdline(&spec.cmdline)]);
+    let log = no_comma("a state folder", &spec.paths.console_log())?;
+    push(&["-chardev", &format!("file,id=console,path={log}")]);
+    push(&["-serial", "chardev:console"]);
+    push(&[
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            no_comma("a socket folder", &qmp)?
+        ),
+    ]);
+    push(&[
+        "-pidfile",
+        &no_comma("a state folder", &spec.paths.qemu_pidfile())?,
+    ]);
+    match &spec.store {
+        StoreAttachment::VirtioFs { socket } => {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(PlanError::SocketPath(socket.clone()));
+            }
+            // vhost-user needs guest memory the store server can map: a shared memfd.
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    spec.memory_mib
+                ),
+            ]);
+            push(&["-numa", "node,memdev=mem"]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=fs0,path={}",
+                    no_comma("a socket folder", socket)?
+                ),
+            ]);
+            push(&["-device", "vhost-user-fs-pci,chardev=fs0,tag=nix-store"]);
+        }
+        StoreAttachment::Image { path } => {
+            push(&[
+                "-drive",
+                &format!(
+                    "file={},format=raw,if=virtio,readonly=on",
+                    no_comma("an image path", path)?
+                ),
+            ]);
+        }
+        StoreAttachment::None => {}
+    }
+    Ok(QemuPlan {
+        program: spec.qemu.clone(),
+        args: a,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        let paths = VmPaths::new("/s/vms/web".into(), Path::new("/run/x"), "abc");
+        VmSpec {
+            name: "web".into(),
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/r/nix/store/k-linux/bzImage".into(),
+            initrd: Some("/r/nix/store/i-initrd/initrd".into()),
+            cmdline: "quiet init=/nix/store/t-system/init".into(),
+            memory_mib: 512,
+            cpus: 2,
+            accel: Accel::Tcg,
+            store: StoreAttachment::VirtioFs {
+                socket: paths.fs_socket(),
+            },
+            paths,
+        }
+    }
+
+    fn after<'a>(p: &'a QemuPlan, flag: &str) -> Vec<&'a str> {
+        p.args
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn virtiofs_plan_has_shared_memfd_numa_and_tagged_device() {
+        let p = plan(&spec()).unwrap();
+        assert_eq!(p.program, PathBuf::from("/usr/bin/qemu-system-x86_64"));
+        assert_eq!(after(&p, "-accel"), ["tcg"]);
+        assert_eq!(after(&p, "-cpu"), ["max"]);
+        assert_eq!(after(&p, "-m"), ["512"]);
+        assert_eq!(after(&p, "-smp"), ["2"]);
+        assert_eq!(
+            after(&p, "-object"),
+            ["memory-backend-memfd,id=mem,size=512M,share=on"]
+        );
+        assert_eq!(after(&p, "-numa"), ["node,memdev=mem"]);
+        assert_eq!(
+            after(&p, "-device"),
+            ["vhost-user-fs-pci,chardev=fs0,tag=nix-store"]
+        );
+        assert_eq!(
+            after(&p, "-chardev"),
+            [
+                "file,id=console,path=/s/vms/web/console.log",
+                "socket,id=fs0,path=/s/vms/web/fs.sock"
+            ]
+        );
+        assert_eq!(
+            after(&p, "-qmp"),
+            ["unix:/s/vms/web/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(
+            after(&p, "-append"),
+            ["quiet init=/nix/store/t-system/init console=ttyS0"]
+        );
+        assert_eq!(after(&p, "-kernel"), ["/r/nix/store/k-linux/bzImage"]);
+        assert!(p.args.contains(&"-no-reboot".to_string()));
+        assert!(p.args.contains(&"-nodefaults".to_string()));
+    }
+
+    #[test]
+    fn table_of_variants() {
+        type Edit = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(&str, Edit, &str, Vec<&str>)> = vec![
+            (
+                "kvm uses the host cpu",
+                Box::new(|s| s.accel = Accel::Kvm),
+                "-cpu",
+                vec!["host"],
+            ),
+            (
+                "image store is a read-only virtio disk",
+                Box::new(|s| {
+                    s.store = StoreAttachment::Image {
+                        path: "/s/img/abc.erofs".into(),
+                    }
+                }),
+                "-drive",
+                vec!["file=/s/img/abc.erofs,format=raw,if=virtio,readonly=on"],
+            ),
+            (
+                "image store has no vhost-user device",
+                Box::new(|s| s.store = StoreAttachment::Image { path: "/i".into() }),
+                "-device",
+                vec![],
+            ),
+            (
+                "no store, no memfd",
+                Box::new(|s| s.store = StoreAttachment::None),
+                "-object",
+                vec![],
+            ),
+            (
+                "no initrd",
+                Box::new(|s| s.initrd = None),
+                "-initrd",
+                vec![],
+            ),
+            (
+                "console named already",
+                Box::new(|s| s.cmdline = "console=ttyS0,115200 x".into()),
+                "-append",
+                vec!["console=ttyS0,115200 x"],
+            ),
+            (
+                "empty cmdline",
+                Box::new(|s| s.cmdline = String::new()),
+                "-append",
+                vec!["console=ttyS0"],
+            ),
+        ];
+        for (name, edit, flag, want) in cases {
+            let mut s = spec();
+            edit(&mut s);
+            let p = plan(&s).unwrap();
+            assert_eq!(after(&p, flag), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_named() {
+        type Edit = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(Edit, PlanError)> = vec![
+            (
+                Box::new(|s| s.name = "../x".into()),
+                PlanError::BadName("../x".into()),
+            ),
+            (
+                Box::new(|s| s.name = String::new()),
+                PlanError::BadName(String::new()),
+            ),
+            (Box::new(|s| s.memory_mib = 16), PlanError::Memory(16)),
+            (Box::new(|s| s.cpus = 0), PlanError::Cpus(0)),
+            (
+                Box::new(|s| s.kernel = "/a,b".into()),
+                PlanError::Comma {
+                    what: "a kernel path",
+                    path: "/a,b".into(),
+                },
+            ),
+        ];
+        for (edit, want) in cases {
+            let mut s = spec();
+            edit(&mut s);
+            assert_eq!(plan(&s).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn long_state_dirs_put_sockets_in_a_short_runtime_folder() {
+        let long = PathBuf::from(format!("/{}", "x".repeat(120)));
+        let p = VmPaths::new(long.join("vms/web"), Path::new("/tmp/drydock-0"), "k3j2");
+        assert_eq!(
+            p.qmp_socket(),
+            PathBuf::from("/tmp/drydock-0/k3j2/qmp.sock")
+        );
+        assert_eq!(p.console_log(), long.join("vms/web/console.log"));
+        let short = VmPaths::new("/s/vms/web".into(), Path::new("/tmp/drydock-0"), "k3j2");
+        assert_eq!(short.qmp_socket(), PathBuf::from("/s/vms/web/qmp.sock"));
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["web", "a.b-c_1", "x"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", &"n".repeat(41)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn display_quotes_spaces() {
+        let p = QemuPlan {
+            program: "/q".into(),
+            args: vec!["-append".into(), "a b".into()],
+        };
+        assert_eq!(p.display(), "/q -append 'a b'");
+    }
+}

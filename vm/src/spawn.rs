@@ -1,0 +1,323 @@
+//! The one place where drydock starts long-lived helper processes (the store server now, QEMU
+//! later) and the rules they all follow:
+//!
+//! - every child gets `PR_SET_PDEATHSIG = SIGKILL` between fork and exec, so if drydock dies —
+//!   even by SIGKILL — its children die too (spawn from a long-lived thread: the signal follows
+//!   the spawning *thread*);
+//! - readiness is a line the child prints on its stdout, awaited with a deadline;
+//! - stopping is SIGTERM, then SIGKILL once a grace period has passed, and always a reap; dropping
+//!   a [`Supervised`] stops it the same way, so no child outlives its handle.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::sys::proc as sysproc;
+
+/// How long [`Supervised`]'s `Drop` waits after SIGTERM before it sends SIGKILL.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a helper process could not be started, did not become ready, or could not be stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The program could not be executed (missing, not executable, ...).
+    #[error("cannot start {name} ({program})")]
+    Start {
+        name: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The child exited before it said it was ready.
+    #[error("{name} exited before it was ready ({status})")]
+    ExitedEarly { name: String, status: ExitStatus },
+    /// The child did not say it was ready within the deadline (it has been stopped).
+    #[error("{name} was not ready after {waited:?}")]
+    NotReady { name: String, waited: Duration },
+    /// The child printed something other than the expected readiness line.
+    #[error("{name} printed {line:?} instead of {expected:?}")]
+    UnexpectedOutput {
+        name: String,
+        line: String,
+        expected: String,
+    },
+    /// Waiting for, or signalling, the child failed.
+    #[error("cannot control {name} (pid {pid})")]
+    Control {
+        name: String,
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SpawnError {
+    /// True when the caller asked for something that cannot work (a program that does not
+    /// exist), as opposed to a failure of the child or of the host.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, SpawnError::Start { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// A child process that dies with drydock and is stopped (SIGTERM, then SIGKILL) and reaped when
+/// its handle is dropped.
+#[derive(Debug)]
+pub struct Supervised {
+    name: String,
+    child: Child,
+    stdout: Option<ChildStdout>,
+    status: Option<ExitStatus>,
+}
+
+impl Supervised {
+    /// Start `cmd` as a supervised child named `name` (for messages). Its stdout is a pipe read by
+    /// [`Supervised::wait_ready`]; stdin and stderr are whatever `cmd` says (inherited by default).
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self, SpawnError> {
+        cmd.stdout(Stdio::piped());
+        sysproc::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
+            name: name.to_owned(),
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            source,
+        })?;
+        let stdout = child.stdout.take();
+        tracing::debug!(name, pid = child.id(), "started");
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            stdout,
+            status: None,
+        })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The child's stdin, if `cmd` asked for a pipe.
+    pub fn stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// Wait until the child prints `expected` as a whole line on its stdout. Fails if it exits
+    /// first, prints something else first, or says nothing within `timeout`; on failure the child
+    /// is stopped before this returns.
+    pub fn wait_ready(&mut self, expected: &str, timeout: Duration) -> Result<(), SpawnError> {
+        let result = self.read_ready_line(expected, timeout);
+        if result.is_err() {
+            let _ = self.stop(Duration::from_secs(1));
+        }
+        result
+    }
+
+    fn read_ready_line(&mut self, expected: &str, timeout: Duration) -> Result<(), SpawnError> {
+        let Some(stdout) = self.stdout.take() else {
+            return Err(self.not_ready(Duration::ZERO));
+        };
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        // The reader thread owns the pipe; it ends when the line arrives or the child closes its
+        // stdout (exit). If we give up first, it is left blocked on a pipe that the stop below
+        // closes by killing the child.
+        std::thread::Builder::new()
+            .name(format!("{}-ready", self.name))
+            .spawn(move || {
+                let mut line = String::new();
+                let res = BufReader::new(stdout)
+                    .read_line(&mut line)
+                    .map(|n| (n, line));
+                let _ = tx.send(res);
+            })
+            .map_err(|source| self.control(source))?;
+        match rx.recv_timeout(timeout) {
+            Ok(Ok((n, line))) if n > 0 => {
+                let line = line.trim_end_matches('\n');
+                if line == expected {
+                    tracing::debug!(name = %self.name, waited = ?start.elapsed(), "ready");
+                    Ok(())
+                } else {
+                    Err(SpawnError::UnexpectedOutput {
+                        name: self.name.clone(),
+                        line: line.to_owned(),
+                        expected: expected.to_owned(),
+                    })
+                }
+            }
+            // EOF or read error: the child closed stdout, almost always by exiting.
+            Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().map_err(|source| self.control(source))?;
+                self.status = Some(status);
+                Err(SpawnError::ExitedEarly {
+                    name: self.name.clone(),
+                    status,
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.not_ready(start.elapsed())),
+        }
+    }
+
+    /// The exit status if the child has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, SpawnError> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .map_err(|source| self.control(source))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Stop the child: SIGTERM, wait up to `grace`, then SIGKILL; always reaps. Returns how it
+    /// ended. Stopping an already exited child just returns its status.
+    pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, SpawnError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        let pid = self.pid();
+        // The child is unreaped here, so its pid cannot have been reused.
+        match sysproc::send_signal(pid, libc::SIGTERM) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return Err(self.control(e)),
+            _ => {}
+        }
+        let deadline = Instant::now() + grace;
+        let mut pause = Duration::from_millis(1);
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        tracing::warn!(name = %self.name, pid, ?grace, "did not stop on SIGTERM; killing");
+        self.child.kill().map_err(|source| self.control(source))?;
+        let status = self.child.wait().map_err(|source| self.control(source))?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// True if `status` is how a child stopped by [`Supervised::stop`] normally ends: a zero exit
+    /// or death by the SIGTERM it was sent.
+    pub fn is_clean_stop(status: &ExitStatus) -> bool {
+        status.success() || status.signal() == Some(libc::SIGTERM)
+    }
+
+    fn control(&self, source: std::io::Error) -> SpawnError {
+        SpawnError::Control {
+            name: self.name.clone(),
+            pid: self.pid(),
+            source,
+        }
+    }
+
+    fn not_ready(&self, waited: Duration) -> SpawnError {
+        SpawnError::NotReady {
+            name: self.name.clone(),
+            waited,
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(DEFAULT_GRACE) {
+            tracing::warn!(name = %self.name, "stopping on drop failed: {e}");
+        }
+    }
+}
+
+/// Start a process that outlives this one: a new session, no parent-death signal, stdin from
+/// /dev/null and stdout/stderr to `log`. Returns its pid; it is reaped by init, not by us.
+pub fn spawn_detached(name: &str, mut cmd: Command, log: std::fs::File) -> Result<u32, SpawnError> {
+    let err_log = log.try_clone().map_err(|source| SpawnError::Start {
+        name: name.to_owned(),
+        program: cmd.get_program().to_string_lossy().into_owned(),
+        source,
+    })?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
+    crate::sys::daemon::new_session(&mut cmd);
+    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+        name: name.to_owned(),
+        program: cmd.get_program().to_string_lossy().into_owned(),
+        source,
+    })?;
+    let pid = child.id();
+    // Reap it in the background if it exits while we are still here, so no zombie lingers.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    tracing::debug!(name, pid, "started detached");
+    Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        cmd
+    }
+
+    #[test]
+    fn ready_line_is_awaited_and_stop_terminates() {
+        let mut child = Supervised::spawn("t", sh("echo ready; exec sleep 60")).unwrap();
+        child.wait_ready("ready", Duration::from_secs(10)).unwrap();
+        assert_eq!(child.try_wait().unwrap(), None, "still running");
+        let status = child.stop(Duration::from_secs(10)).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        assert!(Supervised::is_clean_stop(&status));
+    }
+
+    #[test]
+    fn early_exit_is_reported_with_status() {
+        let mut child = Supervised::spawn("t", sh("exit 3")).unwrap();
+        let err = child
+            .wait_ready("ready", Duration::from_secs(10))
+            .unwrap_err();
+        match err {
+            SpawnError::ExitedEarly { status, .. } => assert_eq!(status.code(), Some(3)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_line_and_silence_are_errors_and_the_child_is_stopped() {
+        let mut child = Supervised::spawn("t", sh("echo hello; exec sleep 60")).unwrap();
+        let err = child
+            .wait_ready("ready", Duration::from_secs(10))
+            .unwrap_err();
+        assert!(matches!(err, SpawnError::UnexpectedOutput { ref line, .. } if line == "hello"));
+        assert!(child.try_wait().unwrap().is_some(), "stopped after failure");
+
+        let mut child = Supervised::spawn("t", sh("exec sleep 60")).unwrap();
+        let err = child
+            .wait_ready("ready", Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(err, SpawnError::NotReady { .. }), "{err:?}");
+        assert!(child.try_wait().unwrap().is_some(), "stopped after failure");
+    }
+
+    #[test]
+    fn sigterm_ignoring_child_is_killed_after_grace() {
+        let mut child = Supervised::spawn(
+            "t",
+            sh("trap '' TERM; echo ready; while :; do sleep 1; done"),
+        )
+        .unwrap();
+        child.wait_ready("ready", Duration::from_secs(10)).unwrap();
+        let status = child.stop(Duration::from_millis(200)).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn missing_program_is_bad_input() {
+        let err = Supervised::spawn("t", Command::new("/nonexistent/drydock-helper")).unwrap_err();
+        assert!(err.is_bad_input(), "{err:?}");
+    }
+}

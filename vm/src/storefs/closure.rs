@@ -1,0 +1,522 @@
+//! [`StoreFs`]: the `FileSystem` the store server hands to virtiofsd's FUSE server. It wraps
+//! virtiofsd's `PassthroughFsRo` and delegates every method to it, with two policies on top:
+//!
+//! - **read-only, twice**: every operation that could modify the share (`setattr`, `symlink`,
+//!   `mknod`, `mkdir`, `unlink`, `rmdir`, `rename`/`rename2`, `link`, `create`, `write`,
+//!   `fallocate`, `setxattr`, `removexattr`, `copy_file_range`, `tmpfile`, `open`/`access` for
+//!   writing) answers `EROFS` here without reaching the inner file system, which itself refuses
+//!   the same set. The guest's mount flags play no part.
+//! - **closure-only**: with an allow-list of store path basenames, the *root* directory of the
+//!   share shows only those entries (plus `.` and `..`): `readdir`/`readdirplus` skip the others
+//!   and `lookup` of another name is `ENOENT`. Below a store path nothing is filtered. A FUSE
+//!   request can only name an inode the server handed out by a lookup, so filtering lookups at the
+//!   root is enough; names containing `/` (never sent by a real kernel) are refused with `EINVAL`
+//!   at every level so a crafted request cannot walk past the root filter.
+//!
+//! Why a wrapper: `PassthroughFsRo` cannot filter, and the `FileSystem` trait is the seam virtiofsd
+//! offers; filtering at the root inode keeps the rest of passthrough's behaviour (inode and handle
+//! tracking, `readdirplus` via `lookup`) intact.
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::time::Duration;
+
+use virtiofsd::filesystem::{
+    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply,
+    ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags,
+    ZeroCopyReader, ZeroCopyWriter,
+};
+use virtiofsd::fuse;
+use virtiofsd::passthrough::read_only::PassthroughFsRo;
+
+type Inner = PassthroughFsRo;
+type Inode = <Inner as FileSystem>::Inode;
+type Handle = <Inner as FileSystem>::Handle;
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn enoent() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOENT)
+}
+
+/// The set of root entries a closure-only share shows.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AllowList(HashSet<Vec<u8>>);
+
+impl AllowList {
+    pub(crate) fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(names: I) -> Self {
+        Self(
+            names
+                .into_iter()
+                .map(|s| s.as_ref().as_bytes().to_vec())
+                .collect(),
+        )
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn shows(&self, name: &[u8]) -> bool {
+        name == b"." || name == b".." || self.0.contains(name)
+    }
+}
+
+/// Read-only, optionally closure-filtered passthrough file system. See the module docs.
+pub(crate) struct StoreFs {
+    inner: Inner,
+    allow: Option<AllowList>,
+}
+
+impl StoreFs {
+    pub(crate) fn new(inner: Inner, allow: Option<AllowList>) -> Self {
+        Self { inner, allow }
+    }
+
+    /// `Err(ENOENT)` if `name` in `parent` is hidden by the allow-list; `Err(EINVAL)` for names
+    /// that are not a single path component.
+    fn check_name(&self, parent: Inode, name: &CStr) -> io::Result<()> {
+        let bytes = name.to_bytes();
+        if bytes.contains(&b'/') {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        match &self.allow {
+            Some(allow) if parent == fuse::ROOT_ID && !allow.shows(bytes) => Err(enoent()),
+            _ => Ok(()),
+        }
+    }
+
+    fn filtered_root_readdir(
+        &self,
+        allow: &AllowList,
+        ctx: Context,
+        handle: Handle,
+        size: u32,
+        mut offset: u64,
+    ) -> io::Result<StoreDirIter> {
+        // One inner batch may hold only hidden names; an empty reply would tell the kernel the
+        // directory has ended, so keep reading until something is shown or the inner listing ends.
+        loop {
+            let mut batch = self
+                .inner
+                .readdir(ctx, fuse::ROOT_ID, handle, size, offset)?;
+            let mut seen_any = false;
+            let mut shown = Vec::new();
+            while let Some(entry) = batch.next() {
+                seen_any = true;
+                offset = entry.offset;
+                if allow.shows(entry.name.to_bytes()) {
+                    shown.push(OwnedDirEntry::from(&entry));
+                }
+            }
+            if !shown.is_empty() || !seen_any {
+                return Ok(StoreDirIter::Filtered {
+                    entries: shown,
+                    next: 0,
+                });
+            }
+        }
+    }
+}
+
+pub(crate) struct OwnedDirEntry {
+    ino: libc::ino64_t,
+    offset: u64,
+    type_: u32,
+    name: CString,
+}
+
+impl From<&DirEntry<'_>> for OwnedDirEntry {
+    fn from(e: &DirEntry<'_>) -> Self {
+        Self {
+            ino: e.ino,
+            offset: e.offset,
+            type_: e.type_,
+            name: e.name.to_owned(),
+        }
+    }
+}
+
+/// Directory listing: passthrough's own below the root, a filtered copy at a filtered root.
+pub(crate) enum StoreDirIter {
+    Inner(<Inner as FileSystem>::DirIter),
+    Filtered {
+        entries: Vec<OwnedDirEntry>,
+        next: usize,
+    },
+}
+
+impl DirectoryIterator for StoreDirIter {
+    fn next(&mut self) -> Option<DirEntry<'_>> {
+        match self {
+            StoreDirIter::Inner(it) => it.next(),
+            StoreDirIter::Filtered { entries, next } => {
+                let e = entries.get(*next)?;
+                *next += 1;
+                Some(DirEntry {
+                    ino: e.ino,
+                    offset: e.offset,
+                    type_: e.type_,
+                    name: &e.name,
+                })
+            }
+        }
+    }
+}
+
+impl FileSystem for StoreFs {
+    type Inode = Inode;
+    type Handle = Handle;
+    type DirIter = StoreDirIter;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        // Never offer write-back caching: there is nothing to write back.
+        self.inner
+            .init(capable)
+            .map(|opts| opts - FsOptions::WRITEBACK_CACHE)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        self.check_name(parent, name)?;
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: Context, inode: Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: Context, requests: Vec<(Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        handle: Option<Handle>,
+    ) -> io::Result<(fuse::Attr, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        _ctx: Context,
+        _inode: Inode,
+        _attr: fuse::SetattrIn,
+        _handle: Option<Handle>,
+        _valid: SetattrValid,
+    ) -> io::Result<(fuse::Attr, Duration)> {
+        Err(erofs())
+    }
+
+    fn readlink(&self, ctx: Context, inode: Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        _ctx: Context,
+        _linkname: &CStr,
+        _parent: Inode,
+        _name: &CStr,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        Err(erofs())
+    }
+
+    fn mknod(
+        &self,
+        _ctx: Context,
+        _parent: Inode,
+        _name: &CStr,
+        _mode: u32,
+        _rdev: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        Err(erofs())
+    }
+
+    fn mkdir(
+        &self,
+        _ctx: Context,
+        _parent: Inode,
+        _name: &CStr,
+        _mode: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<Entry> {
+        Err(erofs())
+    }
+
+    fn unlink(&self, _ctx: Context, _parent: Inode, _name: &CStr) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn rmdir(&self, _ctx: Context, _parent: Inode, _name: &CStr) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn rename(
+        &self,
+        _ctx: Context,
+        _olddir: Inode,
+        _oldname: &CStr,
+        _newdir: Inode,
+        _newname: &CStr,
+        _flags: u32,
+    ) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn link(
+        &self,
+        _ctx: Context,
+        _inode: Inode,
+        _newparent: Inode,
+        _newname: &CStr,
+    ) -> io::Result<Entry> {
+        Err(erofs())
+    }
+
+    fn open(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        kill_priv: bool,
+        flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        let cflags = flags as libc::c_int;
+        if cflags & libc::O_PATH == 0
+            && (cflags & libc::O_ACCMODE != libc::O_RDONLY || cflags & libc::O_TRUNC != 0)
+        {
+            return Err(erofs());
+        }
+        self.inner.open(ctx, inode, kill_priv, flags)
+    }
+
+    fn create(
+        &self,
+        _ctx: Context,
+        _parent: Inode,
+        _name: &CStr,
+        _mode: u32,
+        _kill_priv: bool,
+        _flags: u32,
+        _umask: u32,
+        _extensions: Extensions,
+    ) -> io::Result<(Entry, Option<Handle>, OpenOptions)> {
+        // The kernel sends CREATE only after a negative lookup, so nothing is lost by refusing it
+        // outright (an existing file is opened with OPEN).
+        Err(erofs())
+    }
+
+    fn read<W: ZeroCopyWriter>(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        w: W,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write<R: ZeroCopyReader>(
+        &self,
+        _ctx: Context,
+        _inode: Inode,
+        _handle: Handle,
+        _r: R,
+        _size: u32,
+        _offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _kill_priv: bool,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        Err(erofs())
+    }
+
+    fn flush(&self, ctx: Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: Context,
+        _inode: Inode,
+        _handle: Handle,
+        _mode: u32,
+        _offset: u64,
+        _length: u64,
+    ) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn release(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: Context, inode: Inode) -> io::Result<libc::statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: Context,
+        _inode: Inode,
+        _name: &CStr,
+        _value: &[u8],
+        _flags: u32,
+        _extra_flags: SetxattrFlags,
+    ) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn getxattr(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(&self, ctx: Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, _ctx: Context, _inode: Inode, _name: &CStr) -> io::Result<()> {
+        Err(erofs())
+    }
+
+    fn opendir(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<StoreDirIter> {
+        match &self.allow {
+            Some(allow) if inode == fuse::ROOT_ID && size > 0 => {
+                self.filtered_root_readdir(allow, ctx, handle, size, offset)
+            }
+            _ => self
+                .inner
+                .readdir(ctx, inode, handle, size, offset)
+                .map(StoreDirIter::Inner),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        datasync: bool,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn access(&self, ctx: Context, inode: Inode, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            return Err(erofs());
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn copyfilerange(
+        &self,
+        _ctx: Context,
+        _inode_in: Inode,
+        _handle_in: Handle,
+        _offset_in: u64,
+        _inode_out: Inode,
+        _handle_out: Handle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: u64,
+    ) -> io::Result<usize> {
+        Err(erofs())
+    }
+
+    fn syncfs(&self, ctx: Context, inode: Inode) -> io::Result<()> {
+        self.inner.syncfs(ctx, inode)
+    }
+
+    fn tmpfile(&self) -> io::Result<(Entry, Option<Handle>, OpenOptions)> {
+        Err(erofs())
+    }
+}
+
+/// Live migration is not supported: the trait's defaults refuse to serialize.
+impl SerializableFileSystem for StoreFs {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_shows_dot_entries_and_listed_names_only() {
+        let allow = AllowList::new(["abc-foo", "def-bar"]);
+        assert_eq!(allow.len(), 2);
+        assert!(allow.shows(b"."));
+        assert!(allow.shows(b".."));
+        assert!(allow.shows(b"abc-foo"));
+        assert!(!allow.shows(b"abc-fo"));
+        assert!(!allow.shows(b"xyz-baz"));
+        assert!(!allow.shows(b""));
+    }
+}

@@ -1,0 +1,132 @@
+//! Process control that std does not offer: the parent-death signal (`prctl(PR_SET_PDEATHSIG)`),
+//! sending an arbitrary signal to a child, `unshare(2)`, `PR_SET_NO_NEW_PRIVS` and the effective
+//! uid. Used by `spawn` (every child drydock starts dies with it) and by the store server's
+//! sandbox.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Ask the kernel to send `signal` to this process when its parent dies.
+///
+/// The "parent" is the *thread* that forked this process: see [`die_with_parent`].
+pub(crate) fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number as its only argument and touches no memory
+    // of ours; the unused arguments are passed as zero, as prctl(2) asks.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Make the child that `cmd` will start receive SIGKILL when this process dies, including by
+/// SIGKILL. The setting is made between fork and exec and survives the exec (it is cleared only
+/// for set-user-ID binaries). If this process is already gone by then, the child exits at once
+/// with status 127 instead of running unsupervised.
+///
+/// Caveat (Linux semantics): the signal fires when the *thread* that spawned the child exits, so
+/// long-lived children must be spawned from a long-lived thread (e.g. the main thread).
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id();
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe calls below: prctl, getppid and _exit are plain system calls
+        // and nothing here allocates.
+        set_parent_death_signal(libc::SIGKILL)?;
+        if std::os::unix::process::parent_id() != parent {
+            // SAFETY: _exit ends the forked child at once without running any destructor or
+            // atexit handler of the parent's copied state, which is exactly what is wanted here.
+            unsafe { libc::_exit(127) };
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
+    // system calls (see above); it neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Send `signal` to the process `pid`.
+pub(crate) fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    if pid <= 0 {
+        // kill(0 or negative) would signal whole process groups: never what is meant here.
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: kill(2) takes two integers and touches no memory; `pid` is a single positive pid.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Move this process into new namespaces (`CLONE_NEW*` flags, see unshare(2)).
+///
+/// Namespaces that need a fork to take effect (PID) are not meant for this call.
+pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare(2) takes an integer flag set and touches no memory of ours.
+    let rc = unsafe { libc::unshare(flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Set `PR_SET_NO_NEW_PRIVS`: no later exec can gain privileges (set-user-ID, file capabilities).
+pub(crate) fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes the value 1 and zero for the unused arguments; no memory
+    // is touched.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The effective user id of this process.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_zero_probes_own_process_and_rejects_group_pids() {
+        send_signal(std::process::id(), 0).expect("own pid exists");
+        let err = send_signal(0, 0).expect_err("pid 0 means a process group");
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+
+    #[test]
+    fn child_is_killed_when_the_spawning_thread_ends() {
+        use std::os::unix::process::ExitStatusExt;
+        // PR_SET_PDEATHSIG follows the spawning thread: spawn `sleep` from a thread that then
+        // ends, and the child must be killed by SIGKILL instead of sleeping its minute out.
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            die_with_parent(&mut cmd);
+            cmd.spawn().expect("spawn sleep")
+        })
+        .join()
+        .expect("spawning thread");
+        let status = child.wait().expect("wait for sleep");
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+
+    #[test]
+    fn hooked_child_runs_normally_while_parent_lives() {
+        let mut cmd = Command::new("true");
+        die_with_parent(&mut cmd);
+        assert!(cmd.status().expect("spawn true").success());
+    }
+}
