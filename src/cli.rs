@@ -74,7 +74,12 @@ pub struct DoctorArgs {
     #[arg(long, value_name = "I", requires = "boot_probe")]
     pub probe_initrd: Option<PathBuf>,
     /// Seconds the kernel gets to reach userspace in --boot-probe.
-    #[arg(long, value_name = "SECS", default_value_t = 20, requires = "boot_probe")]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 20,
+        requires = "boot_probe"
+    )]
     pub probe_timeout: u64,
 }
 
@@ -168,6 +173,9 @@ pub enum StoreAction {
         /// Only show what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Remove the symlink roots (gcroots links, `result` links) that hold damaged paths.
+        #[arg(long)]
+        remove_roots: bool,
     },
 }
 
@@ -187,6 +195,53 @@ pub enum VmCommand {
     Stop(VmStopArgs),
     /// Print a VM's console log.
     Logs(VmLogsArgs),
+    /// Relaunch from the recorded launch: no evaluation, no build, no Nix call.
+    Restart(VmRestartArgs),
+    /// Save a running VM's full state (needs --store-mode image).
+    Snapshot(VmSnapshotArgs),
+    /// Bring a VM back from a snapshot; returns when it runs again.
+    Restore(VmRestoreArgs),
+}
+
+/// How a launch waits for its VM (shared by run and restart).
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The VM is ready when a console line matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub ready: Option<String>,
+    /// Return once ready (needs --ready); the VM keeps running.
+    #[arg(long, requires = "ready")]
+    pub detach: bool,
+    /// Give up (stop the VM, exit 1) if not ready within SECS (or, without --ready, stop it then).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct VmRestartArgs {
+    pub name: String,
+    /// Keep the writable disk as it is (default: a fresh overlay).
+    #[arg(long)]
+    pub keep_state: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmSnapshotArgs {
+    pub name: String,
+    #[arg(long, default_value = "default")]
+    pub tag: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VmRestoreArgs {
+    pub name: String,
+    #[arg(long, default_value = "default")]
+    pub tag: String,
+    /// Seconds to wait for the VM to run again.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -209,6 +264,8 @@ pub enum ShareArg {
 pub enum StoreModeArg {
     /// virtio-fs from drydock's read-only store server (tag `nix-store`).
     Virtiofs,
+    /// The closure as a read-only EROFS image on a virtio disk (/dev/vda); snapshots need it.
+    Image,
 }
 
 #[derive(Debug, Args)]
@@ -241,15 +298,11 @@ pub struct VmRunArgs {
     pub share: ShareArg,
     #[arg(long, value_enum, default_value_t = StoreModeArg::Virtiofs)]
     pub store_mode: StoreModeArg,
-    /// The VM is ready when a console line matches this regular expression.
-    #[arg(long, value_name = "REGEX")]
-    pub ready: Option<String>,
-    /// Return once ready (needs --ready); the VM keeps running.
-    #[arg(long, requires = "ready")]
-    pub detach: bool,
-    /// Give up (stop the VM, exit 1) if not ready within SECS (or, without --ready, stop it then).
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    /// Size of the VM's writable disk (a qcow2 overlay, /dev/vda or /dev/vdb), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub disk_size: u32,
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<std::path::PathBuf>,
@@ -278,4 +331,7 @@ pub struct VmLogsArgs {
 pub struct VmSuperviseArgs {
     #[arg(long)]
     pub name: String,
+    /// Start paused, loading the state from this migration URI, then resume.
+    #[arg(long)]
+    pub incoming: Option<String>,
 }

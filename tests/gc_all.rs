@@ -9,6 +9,16 @@ use std::process::{Command, Stdio};
 
 use common::{drydock_json, nix_build, nix_print_dead, nix_store};
 
+/// Kills the runtime-root process however the test ends.
+struct Sleeper(std::process::Child);
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn dead_set_matches_nix_and_gc_all_deletes_only_it() {
     let dir = common::scratch("gc-all");
@@ -38,12 +48,15 @@ in [ {names} ]"#,
     // Profile.
     std::os::unix::fs::symlink(prof, root.join("nix/var/nix/profiles/test-1-link")).unwrap();
     // Runtime root: a process whose environment names the path.
-    let mut sleeper = Command::new("sleep")
-        .arg("600")
-        .env("DRYDOCK_TEST_RT", format!("{rt}/bin"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sleeper = Sleeper(
+        Command::new("sleep")
+            .arg("600")
+            .env("DRYDOCK_TEST_RT", format!("{rt}/bin"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     let nix_dead = nix_print_dead(&root);
     let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
@@ -58,12 +71,23 @@ in [ {names} ]"#,
     assert!(ours.contains(dead), "the unrooted test run is dead");
     assert!(!ours.contains(rt), "the runtime root is alive");
     assert!(!ours.contains(prof) && !ours.contains(app) && !ours.contains(&rooted[0]));
-    assert!(ours.iter().any(|p| p.ends_with("-lib.drv")), "drvs of dead outputs are dead");
+    assert!(
+        ours.iter().any(|p| p.ends_with("-vm-test-run-dead.drv")),
+        "drvs of dead outputs are dead"
+    );
+    assert!(
+        !ours.iter().any(|p| p.ends_with("-lib.drv")),
+        "keep-derivations: the drv of a live output is alive"
+    );
     assert!(plan["bytes"].as_u64().unwrap() > 0);
 
     let live_before = nix_store(&root, &["--gc", "--print-live"]);
     let done = drydock_json(&root, &state, &["gc", "--all"], 0);
-    assert_eq!(done["deleted"].as_array().unwrap().len(), ours.len(), "{done}");
+    assert_eq!(
+        done["deleted"].as_array().unwrap().len(),
+        ours.len(),
+        "{done}"
+    );
     let store = root.join("nix/store");
     for p in &live_before {
         let base = p.strip_prefix("/nix/store/").unwrap();
@@ -75,8 +99,8 @@ in [ {names} ]"#,
     }
     assert!(nix_print_dead(&root).is_empty());
     nix_store(&root, &["--verify", "--check-contents"]);
-    sleeper.kill().unwrap();
-    sleeper.wait().unwrap();
+    sleeper.0.kill().unwrap();
+    sleeper.0.wait().unwrap();
     // With the process gone, its path is dead too: same answer as Nix again.
     let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
     let ours: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();

@@ -57,12 +57,21 @@ in [ top ]
     assert!(drvs.len() >= 5, "{drvs:?}");
 
     let out = Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command", "show-derivation", "--store"])
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "show-derivation",
+            "--store",
+        ])
         .arg(&root)
         .args(&drvs)
         .output()
         .expect("nix show-derivation");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
     for path in &drvs {
@@ -97,7 +106,10 @@ in [ top ]
         }
     }
     // The awkward strings really were exercised.
-    let weird = drvs.iter().find(|p| p.ends_with("weird-strings.drv")).unwrap();
+    let weird = drvs
+        .iter()
+        .find(|p| p.ends_with("weird-strings.drv"))
+        .unwrap();
     let d = parse_derivation(&std::fs::read(store.join(&weird[11..])).unwrap()).unwrap();
     assert!(d.env["x"].contains('\t') && d.env["x"].contains('\n') && d.env["x"].contains('☃'));
     let fod = drvs.iter().find(|p| p.ends_with("fixed.drv")).unwrap();

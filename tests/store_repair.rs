@@ -9,12 +9,17 @@ use std::process::Command;
 
 use common::{drydock_json, drydock_ok, nix_store};
 
-fn build(root: &std::path::Path, file: &std::path::Path, link: &std::path::Path) -> std::process::Output {
+fn build(
+    root: &std::path::Path,
+    file: &std::path::Path,
+    link: &std::path::Path,
+) -> std::process::Output {
     Command::new("nix-build")
         .arg("--store")
         .arg(root)
         .arg(file)
-        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox", "-o"])
+        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
+        .args(["--option", "substituters", "", "-o"])
         .arg(link)
         .output()
         .unwrap()
@@ -54,7 +59,11 @@ in run"#,
     }
     assert_eq!(removed.len(), 2);
     // Rebuild after a change breaks as users see it.
-    std::fs::write(&file, expr.replace("echo ${driver} >", "echo again ${driver} >")).unwrap();
+    std::fs::write(
+        &file,
+        expr.replace("echo ${driver} >", "echo again ${driver} >"),
+    )
+    .unwrap();
     let broken = build(&root, &file, &result);
     assert!(!broken.status.success());
     let msg = String::from_utf8_lossy(&broken.stderr);
@@ -67,22 +76,45 @@ in run"#,
     let mut got = missing.clone();
     got.sort();
     assert_eq!(got, want);
-    assert!(missing.iter().any(|m| m.ends_with("nixos-test-driver-login.drv")));
+    assert!(
+        missing
+            .iter()
+            .any(|m| m.ends_with("nixos-test-driver-login.drv"))
+    );
 
     // The result link holds the test run, which refers to the missing driver: refused.
     let text = drydock_ok(&root, &state, &["store", "repair"], 1);
     assert!(text.contains(&result.display().to_string()), "{text}");
-    assert_eq!(drydock_json(&root, &state, &["store", "check"], 1)["damaged"], true);
+    assert_eq!(
+        drydock_json(&root, &state, &["store", "check"], 1)["damaged"],
+        true
+    );
 
-    std::fs::remove_file(&result).unwrap();
-    let v = drydock_json(&root, &state, &["store", "repair", "--dry-run"], 0);
+    // A dry run changes nothing; asked to, repair removes the result link that holds the
+    // damage (and only that), then heals.
+    let v = drydock_json(&root, &state, &["store", "repair", "--dry-run"], 1);
     assert!(v["removed"].as_array().unwrap().is_empty());
-    let v = drydock_json(&root, &state, &["store", "repair"], 0);
+    assert!(!v["blocked"].as_array().unwrap().is_empty());
+    assert!(std::fs::symlink_metadata(&result).is_ok());
+    let v = drydock_json(&root, &state, &["store", "repair", "--remove-roots"], 0);
+    let roots_removed: Vec<String> = serde_json::from_value(v["roots_removed"].clone()).unwrap();
+    assert_eq!(roots_removed, vec![result.display().to_string()]);
+    assert!(std::fs::symlink_metadata(&result).is_err());
     let removed_db: Vec<String> = serde_json::from_value(v["removed"].clone()).unwrap();
-    assert!(removed_db.iter().any(|p| p.contains("vm-test-run-login")), "{v}");
-    assert_eq!(drydock_json(&root, &state, &["store", "check"], 0)["damaged"], false);
+    assert!(
+        removed_db.iter().any(|p| p.contains("vm-test-run-login")),
+        "{v}"
+    );
+    assert_eq!(
+        drydock_json(&root, &state, &["store", "check"], 0)["damaged"],
+        false
+    );
     nix_store(&root, &["--verify"]);
 
     let fixed = build(&root, &file, &result);
-    assert!(fixed.status.success(), "{}", String::from_utf8_lossy(&fixed.stderr));
+    assert!(
+        fixed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fixed.stderr)
+    );
 }

@@ -418,7 +418,9 @@ fn detach_list_logs_name_in_use_and_stop() {
         assert_eq!(limit.trim(), ((512u64 + 256) << 20).to_string());
         let procs = std::fs::read_to_string(Path::new(cg).join("cgroup.procs")).unwrap();
         assert!(
-            procs.lines().any(|p| p == st["qemu_pid"].to_string()),
+            procs
+                .lines()
+                .any(|p| p.parse::<u64>().ok() == st["qemu_pid"].as_u64()),
             "{procs}"
         );
     }

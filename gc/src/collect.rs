@@ -22,6 +22,9 @@ pub enum SelectError {
     /// Nothing selected.
     #[error("select what to collect: --keep-last N, --older-than DURATION, --run ID or --all")]
     NothingSelected,
+    /// A run that is still running and holds pins (a live VM).
+    #[error("run {0} is still running (its VM pins its closure); stop it first")]
+    StillRunning(i64),
     /// A duration that cannot be parsed.
     #[error("--older-than '{0}': expected a number followed by s, m, h, d or w (e.g. 7d)")]
     BadDuration(String),
@@ -91,20 +94,39 @@ pub struct Loaded {
     pub roots: Vec<Root>,
     /// Nix's keep-* settings.
     pub settings: GcSettings,
+    /// The store directory's entries.
+    pub entries: StoreEntries,
+}
+
+/// Threads for filesystem walks (the kernel work of `stat` and `getdents` overlaps well).
+fn walk_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
 }
 
 impl Loaded {
     /// Snapshot the database and find roots.
     pub fn load(layout: &StoreLayout) -> Result<Self, GcError> {
         let db = NixDb::open(layout)?;
-        // Roots first: a path rooted after the snapshot is simply not in it.
-        let roots = find_roots(layout)?;
-        let snap = db.snapshot()?;
-        Ok(Self {
-            layout: layout.clone(),
-            snap,
-            roots,
-            settings: GcSettings::load(),
+        // Roots, the directory listing and the database snapshot are read side by side. Any
+        // interleaving is safe: a path rooted or registered meanwhile is either not planned
+        // or refused by `nix-store --delete`, which checks roots itself.
+        std::thread::scope(|s| {
+            let roots = s.spawn(|| find_roots(layout));
+            let entries = s.spawn(|| read_store_dir(layout));
+            let snap = db.snapshot();
+            let roots = roots
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            let entries = entries
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            Ok(Self {
+                layout: layout.clone(),
+                snap: snap?,
+                roots: roots?,
+                settings: GcSettings::load(),
+                entries: entries?,
+            })
         })
     }
 
@@ -132,7 +154,10 @@ impl Loaded {
 }
 
 fn chain_names(layout: &StoreLayout, snap: &Snapshot, chain: &[ChainStep]) -> Vec<String> {
-    chain.iter().map(|s| layout.logical(snap.path(s.node))).collect()
+    chain
+        .iter()
+        .map(|s| layout.logical(snap.path(s.node)))
+        .collect()
 }
 
 /// Why a path is alive: the root and the chain from the root's path down to it.
@@ -196,16 +221,19 @@ pub fn plan_gc(
     if sel.all {
         plan.mode = "all".into();
         let live = Liveness::compute(snap, &loaded.roots, loaded.settings);
-        let entries = read_store_dir(l)?;
-        let d = dead_set(snap, &live, loaded.settings, &entries.paths);
+        let d = dead_set(snap, &live, loaded.settings, &loaded.entries.paths);
         nodes = d.valid;
         invalid = d.invalid;
-        plan.junk = entries.junk;
+        invalid.sort();
+        plan.junk = loaded.entries.junk.clone();
     } else {
         let db = runs.ok_or(crate::collect::SelectError::NothingSelected)?;
         let all_runs = db.runs()?;
         for id in &sel.runs {
-            db.run(*id)?;
+            let run = db.run(*id)?;
+            if run.ended_at.is_none() && !db.pins(*id)?.is_empty() {
+                return Err(SelectError::StillRunning(*id).into());
+            }
         }
         let selected = select_runs(&all_runs, sel, crate::runsdb::now());
         if selected.is_empty() && sel.keep_last.is_none() && sel.older_than.is_none() {
@@ -230,7 +258,10 @@ pub fn plan_gc(
             let reason = if alive.is_some() {
                 "alive".to_owned()
             } else {
-                format!("needed by {} (not selected)", l.logical(snap.path(h.holder)))
+                format!(
+                    "needed by {} (not selected)",
+                    l.logical(snap.path(h.holder))
+                )
             };
             plan.kept.push(KeptPath {
                 path,
@@ -251,12 +282,8 @@ pub fn plan_gc(
         }
     }
     plan.nar_bytes = nodes.iter().map(|&n| snap.paths[n as usize].nar_size).sum();
-    let mut inodes = InodeSet::default();
-    for b in &bs {
-        for p in b {
-            inodes.add_tree(&l.physical(p))?;
-        }
-    }
+    let phys: Vec<PathBuf> = bs.iter().flatten().map(|p| l.physical(p)).collect();
+    let inodes = InodeSet::walk_parallel(&phys, walk_threads())?;
     plan.bytes = inodes.freeable_bytes(&links_inodes(l));
     plan.paths = bs.iter().flatten().map(|p| l.logical(p)).collect();
     plan.batches = bs;
@@ -476,11 +503,7 @@ pub fn run_statuses(
             None => ("missing", None, None),
             Some(n) if live.is_alive(n) => ("alive", loaded.explain(live, n), None),
             Some(n) if del.contains(&n) => ("reclaimable", None, None),
-            Some(n) => (
-                "held",
-                None,
-                held.get(&n).map(|h| l.logical(snap.path(*h))),
-            ),
+            Some(n) => ("held", None, held.get(&n).map(|h| l.logical(snap.path(*h)))),
         };
         out.push(PathStatus {
             path: p.path.clone(),
@@ -510,20 +533,26 @@ pub struct DuReport {
 /// Measure test artifacts in the store (every entry classified as one) and drydock state.
 pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcError> {
     let entries: StoreEntries = read_store_dir(layout)?;
-    let mut per_class: BTreeMap<PathClass, InodeSet> = BTreeMap::new();
-    let mut total = InodeSet::default();
+    let mut per_class_paths: BTreeMap<PathClass, Vec<PathBuf>> = BTreeMap::new();
     for p in &entries.paths {
         let c = classify(p);
-        if !c.is_test_artifact() {
-            continue;
+        if c.is_test_artifact() {
+            per_class_paths
+                .entry(c)
+                .or_default()
+                .push(layout.physical(p));
         }
-        let phys = layout.physical(p);
-        per_class.entry(c).or_default().add_tree(&phys)?;
-        total.add_tree(&phys)?;
+    }
+    let mut per_class: BTreeMap<PathClass, InodeSet> = BTreeMap::new();
+    let mut total = InodeSet::default();
+    for (c, paths) in per_class_paths {
+        let set = InodeSet::walk_parallel(&paths, walk_threads())?;
+        per_class.insert(c, set);
     }
     let mut rep = DuReport::default();
-    for (c, s) in &per_class {
-        rep.by_class.insert(*c, s.bytes());
+    for (c, s) in per_class {
+        rep.by_class.insert(c, s.bytes());
+        total.merge(s);
     }
     if let Some(r) = runs {
         let mut st = InodeSet::default();
@@ -546,8 +575,42 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
 
 /// `store check`: the damage found.
 pub fn check(loaded: &Loaded) -> Result<(Damage, StoreEntries), GcError> {
-    let entries = read_store_dir(&loaded.layout)?;
+    let entries = loaded.entries.clone();
     Ok((find_damage(&loaded.snap, &entries), entries))
+}
+
+/// Remove the symlink roots (links in `gcroots`, and the user links behind indirect roots
+/// such as `./result`) that hold paths of a blocked repair. Profiles, runtime and temporary
+/// roots are never removed: they are returned as refusals.
+pub fn remove_blocking_roots(
+    loaded: &Loaded,
+    plan: &RepairPlan,
+) -> Result<(Vec<String>, Vec<String>), GcError> {
+    let gcroots = loaded.layout.gcroots_dir();
+    let mut removed = Vec::new();
+    let mut refused = Vec::new();
+    let mut seen = HashSet::new();
+    for b in &plan.blocked {
+        let root = &loaded.roots[b.root];
+        if !seen.insert(root.link.clone()) {
+            continue;
+        }
+        let removable = match root.kind {
+            crate::roots::RootKind::Indirect => true,
+            crate::roots::RootKind::Direct => root.link.starts_with(&gcroots),
+            _ => false,
+        };
+        let is_link = std::fs::symlink_metadata(&root.link)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        if removable && is_link {
+            crate::reclaim::remove_link(&root.link)?;
+            removed.push(root.link.display().to_string());
+        } else {
+            refused.push(root.link.display().to_string());
+        }
+    }
+    Ok((removed, refused))
 }
 
 /// `store repair`: the plan (and, unless `dry_run` or blocked, its execution).
@@ -612,11 +675,26 @@ mod tests {
             runs: r,
             all: false,
         };
-        assert_eq!(select_runs(&runs, &sel(Some(1), None, vec![]), 1000), vec![1, 2]);
-        assert_eq!(select_runs(&runs, &sel(Some(0), None, vec![]), 1000), vec![1, 2, 3]);
-        assert_eq!(select_runs(&runs, &sel(None, Some(790), vec![]), 1000), vec![1, 2]);
-        assert_eq!(select_runs(&runs, &sel(Some(2), Some(800), vec![]), 1000), vec![1]);
-        assert_eq!(select_runs(&runs, &sel(None, None, vec![3, 3]), 1000), vec![3]);
+        assert_eq!(
+            select_runs(&runs, &sel(Some(1), None, vec![]), 1000),
+            vec![1, 2]
+        );
+        assert_eq!(
+            select_runs(&runs, &sel(Some(0), None, vec![]), 1000),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            select_runs(&runs, &sel(None, Some(790), vec![]), 1000),
+            vec![1, 2]
+        );
+        assert_eq!(
+            select_runs(&runs, &sel(Some(2), Some(800), vec![]), 1000),
+            vec![1]
+        );
+        assert_eq!(
+            select_runs(&runs, &sel(None, None, vec![3, 3]), 1000),
+            vec![3]
+        );
         assert!(select_runs(&runs, &sel(Some(10), None, vec![]), 1000).is_empty());
     }
 }

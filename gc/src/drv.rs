@@ -221,7 +221,11 @@ pub fn unparse_derivation(d: &Derivation) -> String {
         }
         out.push('"');
     }
-    fn list<T>(out: &mut String, items: impl IntoIterator<Item = T>, mut f: impl FnMut(&mut String, T)) {
+    fn list<T>(
+        out: &mut String,
+        items: impl IntoIterator<Item = T>,
+        mut f: impl FnMut(&mut String, T),
+    ) {
         out.push('[');
         for (i, it) in items.into_iter().enumerate() {
             if i > 0 {
@@ -343,35 +347,45 @@ mod tests {
 
     fn arb_drv() -> impl Strategy<Value = Derivation> {
         (
-            proptest::collection::btree_map(arb_string(), (arb_string(), arb_string(), arb_string()), 0..4),
-            proptest::collection::btree_map(arb_string(), proptest::collection::vec(arb_string(), 0..3), 0..4),
+            proptest::collection::btree_map(
+                arb_string(),
+                (arb_string(), arb_string(), arb_string()),
+                0..4,
+            ),
+            proptest::collection::btree_map(
+                arb_string(),
+                proptest::collection::vec(arb_string(), 0..3),
+                0..4,
+            ),
             proptest::collection::vec(arb_string(), 0..4),
             arb_string(),
             arb_string(),
             proptest::collection::vec(arb_string(), 0..4),
             proptest::collection::btree_map(arb_string(), arb_string(), 0..5),
         )
-            .prop_map(|(outs, input_drvs, input_srcs, system, builder, args, env)| Derivation {
-                outputs: outs
-                    .into_iter()
-                    .map(|(k, (path, hash_algo, hash))| {
-                        (
-                            k,
-                            DrvOutput {
-                                path,
-                                hash_algo,
-                                hash,
-                            },
-                        )
-                    })
-                    .collect(),
-                input_drvs,
-                input_srcs,
-                system,
-                builder,
-                args,
-                env,
-            })
+            .prop_map(
+                |(outs, input_drvs, input_srcs, system, builder, args, env)| Derivation {
+                    outputs: outs
+                        .into_iter()
+                        .map(|(k, (path, hash_algo, hash))| {
+                            (
+                                k,
+                                DrvOutput {
+                                    path,
+                                    hash_algo,
+                                    hash,
+                                },
+                            )
+                        })
+                        .collect(),
+                    input_drvs,
+                    input_srcs,
+                    system,
+                    builder,
+                    args,
+                    env,
+                },
+            )
     }
 
     proptest! {

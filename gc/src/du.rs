@@ -42,10 +42,12 @@ impl InodeSet {
     }
 
     fn add(&mut self, m: &std::fs::Metadata) {
-        let e = self
-            .inodes
-            .entry((m.dev(), m.ino()))
-            .or_insert((m.blocks() * 512, m.nlink(), 0, m.is_dir()));
+        let e = self.inodes.entry((m.dev(), m.ino())).or_insert((
+            m.blocks() * 512,
+            m.nlink(),
+            0,
+            m.is_dir(),
+        ));
         e.2 += 1;
     }
 
@@ -66,6 +68,42 @@ impl InodeSet {
             }
         }
         Ok(())
+    }
+
+    /// Add another walk's inodes (links seen add up).
+    pub fn merge(&mut self, other: InodeSet) {
+        for (k, v) in other.inodes {
+            self.inodes.entry(k).and_modify(|e| e.2 += v.2).or_insert(v);
+        }
+    }
+
+    /// Walk several trees on `threads` threads and merge the result.
+    pub fn walk_parallel(paths: &[PathBuf], threads: usize) -> Result<Self, DuError> {
+        let threads = threads.clamp(1, 8);
+        let chunk = paths.len().div_ceil(threads).max(1);
+        let parts: Vec<Result<InodeSet, DuError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = paths
+                .chunks(chunk)
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut set = InodeSet::default();
+                        for p in c {
+                            set.add_tree(p)?;
+                        }
+                        Ok(set)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        let mut all = InodeSet::default();
+        for p in parts {
+            all.merge(p?);
+        }
+        Ok(all)
     }
 
     /// Bytes on disk, each inode once.
@@ -142,14 +180,25 @@ mod tests {
         let file_bytes = std::fs::metadata(a.join("f")).unwrap().blocks() * 512;
         let dir_bytes = std::fs::metadata(&a).unwrap().blocks() * 512;
         let only_a = disk_usage(std::slice::from_ref(&a)).unwrap();
-        assert_eq!(only_a, file_bytes + dir_bytes, "two links in a, counted once");
+        assert_eq!(
+            only_a,
+            file_bytes + dir_bytes,
+            "two links in a, counted once"
+        );
         let both = disk_usage(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(both, file_bytes + 2 * dir_bytes);
         let mut s = InodeSet::default();
         s.add_tree(&a).unwrap();
-        assert_eq!(s.freeable_bytes(&HashSet::new()), dir_bytes, "b still links the file");
+        assert_eq!(
+            s.freeable_bytes(&HashSet::new()),
+            dir_bytes,
+            "b still links the file"
+        );
         s.add_tree(&b).unwrap();
-        assert_eq!(s.freeable_bytes(&HashSet::new()), file_bytes + 2 * dir_bytes);
+        assert_eq!(
+            s.freeable_bytes(&HashSet::new()),
+            file_bytes + 2 * dir_bytes
+        );
         // A further link (as in .links) that is not being deleted but is known: freed, since
         // Nix drops .links entries with no other link.
         let links = dir.path().join("links");
@@ -162,5 +211,9 @@ mod tests {
         let ino = std::fs::metadata(a.join("f")).unwrap().ino();
         assert_eq!(s.freeable_bytes(&[ino].into()), file_bytes + 2 * dir_bytes);
         assert_eq!(s.len(), 3);
+        // The parallel walk sees the same links.
+        let p = InodeSet::walk_parallel(&[a.clone(), b.clone()], 2).unwrap();
+        assert_eq!(p.freeable_bytes(&[ino].into()), file_bytes + 2 * dir_bytes);
+        assert_eq!(p.freeable_bytes(&HashSet::new()), 2 * dir_bytes);
     }
 }

@@ -22,24 +22,24 @@ mod store_path;
 mod sys;
 mod track;
 
-pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
-pub use error::GcError;
-pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
-pub use plan::{
-    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,
-};
-pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
-pub use store_path::{StoreLayout, StorePath, StorePathError};
 pub use check::{Blocked, Damage, RepairPlan, StoreCheckError, StoreEntries, read_store_dir};
 pub use classify::{PathClass, classify};
 pub use collect::{
     DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded, PathStatus,
     RunSummary, SelectError, Selection, check, du, execute_gc, parse_duration, plan_gc,
-    recover_interrupted, repair, run_statuses, select_runs, summarize_runs,
+    recover_interrupted, remove_blocking_roots, repair, run_statuses, select_runs, summarize_runs,
 };
+pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
+pub use error::GcError;
+pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
+pub use plan::{
+    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,
+};
 pub use reclaim::{DeleteResult, ReclaimError};
+pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
 pub use runsdb::{
     Artifact, ArtifactKind, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError, UnfinishedGc,
 };
+pub use store_path::{StoreLayout, StorePath, StorePathError};
 pub use track::{TrackError, TrackReport, track};

@@ -49,6 +49,46 @@ impl NixDbError {
     }
 }
 
+/// A fast, non-cryptographic hasher (FxHash's multiply-rotate) for the snapshot's indexes:
+/// keys are store paths and row ids read from a local database, not attacker-chosen.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+/// `HashMap` with [`FastHasher`].
+pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
 /// Index of a path inside a [`Snapshot`].
 pub type Node = u32;
 
@@ -77,10 +117,10 @@ pub struct Snapshot {
     /// Referrers of each node (self references removed).
     pub referrers: Vec<Vec<Node>>,
     /// Outputs recorded in `DerivationOutputs` for each derivation node: (output name, path).
-    pub drv_outputs: HashMap<Node, Vec<(String, StorePath)>>,
+    pub drv_outputs: FastMap<Node, Vec<(String, StorePath)>>,
     /// Derivations that list a node as one of their outputs.
-    pub output_of: HashMap<Node, Vec<Node>>,
-    index: HashMap<StorePath, Node>,
+    pub output_of: FastMap<Node, Vec<Node>>,
+    index: FastMap<StorePath, Node>,
 }
 
 impl Snapshot {
@@ -97,7 +137,7 @@ impl Snapshot {
             .iter()
             .enumerate()
             .map(|(i, p)| (p.path.clone(), i as Node))
-            .collect::<HashMap<_, _>>();
+            .collect::<FastMap<_, _>>();
         let mut s = Self {
             refs: vec![Vec::new(); n],
             referrers: vec![Vec::new(); n],
@@ -228,7 +268,7 @@ impl NixDb {
         let tx = self.conn.unchecked_transaction().map_err(self.q())?;
         let sd = &self.layout.logical_store_dir;
         let mut paths = Vec::new();
-        let mut by_id: HashMap<i64, Node> = HashMap::new();
+        let mut by_id: FastMap<i64, Node> = FastMap::default();
         {
             let mut st = tx
                 .prepare("SELECT id, path, registrationTime, deriver, narSize FROM ValidPaths")
@@ -416,8 +456,11 @@ mod tests {
     use super::*;
 
     fn sp(name: &str) -> StorePath {
-        StorePath::from_base_name(&format!("{}-{name}", "a".repeat(31) + &name.len().to_string()[..1]))
-            .unwrap()
+        StorePath::from_base_name(&format!(
+            "{}-{name}",
+            "a".repeat(31) + &name.len().to_string()[..1]
+        ))
+        .unwrap()
     }
 
     fn info(id: i64, p: StorePath) -> PathInfo {
@@ -503,7 +546,9 @@ mod tests {
         assert!(e.is_bad_input(), "{e}");
         std::fs::create_dir_all(layout.db_path().parent().unwrap()).unwrap();
         std::fs::write(layout.db_path(), vec![7u8; 8192]).unwrap();
-        let e = NixDb::open(&layout).and_then(|db| db.snapshot()).unwrap_err();
+        let e = NixDb::open(&layout)
+            .and_then(|db| db.snapshot())
+            .unwrap_err();
         assert!(e.is_bad_input(), "{e}");
     }
 

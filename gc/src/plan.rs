@@ -251,12 +251,7 @@ pub struct DeadSet {
 
 /// The dead set of a store: the entries of the store directory (and every registered path
 /// that refers to one of them) that are not alive.
-pub fn dead_set(
-    snap: &Snapshot,
-    live: &Liveness,
-    s: GcSettings,
-    entries: &[StorePath],
-) -> DeadSet {
+pub fn dead_set(snap: &Snapshot, live: &Liveness, s: GcSettings, entries: &[StorePath]) -> DeadSet {
     let mut seen = vec![false; snap.len()];
     let mut out = DeadSet::default();
     let mut stack = Vec::new();
@@ -437,7 +432,11 @@ pub(crate) mod tests {
             info(3, false, None),
             info(4, false, None),
         ];
-        Snapshot::from_parts(paths, &[(1, 2), (4, 1), (1, 1)], &[(0, "out".into(), sp(1, false))])
+        Snapshot::from_parts(
+            paths,
+            &[(1, 2), (4, 1), (1, 1)],
+            &[(0, "out".into(), sp(1, false))],
+        )
     }
 
     #[test]
@@ -455,7 +454,10 @@ pub(crate) mod tests {
                     node: 1,
                     edge: Some(Edge::Deriver)
                 },
-                ChainStep { node: 0, edge: None }
+                ChainStep {
+                    node: 0,
+                    edge: None
+                }
             ]
         );
         assert!(l.why(3).is_none());
@@ -550,7 +552,8 @@ pub(crate) mod tests {
                     let mut paths = Vec::new();
                     let mut outs = Vec::new();
                     for i in 0..n {
-                        let drv = is_drv[i] && i + 1 < n && !is_drv.get(i + 1).copied().unwrap_or(false);
+                        let drv =
+                            is_drv[i] && i + 1 < n && !is_drv.get(i + 1).copied().unwrap_or(false);
                         let deriver = if i > 0 && is_drv[i - 1] && !is_drv[i] {
                             Some(sp(i - 1, true))
                         } else {

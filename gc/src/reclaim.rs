@@ -36,7 +36,10 @@ pub struct DeleteResult {
     pub refused: Vec<(StorePath, String)>,
 }
 
-fn nix_store_delete(layout: &StoreLayout, paths: &[StorePath]) -> Result<(bool, String), ReclaimError> {
+fn nix_store_delete(
+    layout: &StoreLayout,
+    paths: &[StorePath],
+) -> Result<(bool, String), ReclaimError> {
     let mut cmd = Command::new("nix-store");
     cmd.args(layout.nix_args()).arg("--delete");
     cmd.args(paths.iter().map(|p| layout.logical(p)));
@@ -86,7 +89,8 @@ pub fn delete_batch(
     }
     if ok || left.len() == 1 {
         let why = error_line(&stderr);
-        res.refused.extend(left.into_iter().map(|p| (p, why.clone())));
+        res.refused
+            .extend(left.into_iter().map(|p| (p, why.clone())));
         return Ok(res);
     }
     for p in left {

@@ -217,7 +217,11 @@ pub fn find_runtime_roots(layout: &StoreLayout, proc_dir: &Path) -> Vec<Root> {
             found.extend(refs.into_iter().map(|r| (r, env.clone())));
         }
     }
-    for f in ["sys/kernel/modprobe", "sys/kernel/fbsplash", "sys/kernel/poweroff_cmd"] {
+    for f in [
+        "sys/kernel/modprobe",
+        "sys/kernel/fbsplash",
+        "sys/kernel/poweroff_cmd",
+    ] {
         let p = proc_dir.join(f);
         if let Ok(t) = fs::read_to_string(&p) {
             found.push((t, p));
@@ -308,7 +312,11 @@ mod tests {
         // A file with another name: ignored.
         fs::write(g.join("README"), b"").unwrap();
         // Profiles.
-        symlink(format!("/nix/store/{D}"), layout.state_dir.join("profiles/p-1-link")).unwrap();
+        symlink(
+            format!("/nix/store/{D}"),
+            layout.state_dir.join("profiles/p-1-link"),
+        )
+        .unwrap();
         // A link to a non-store place that is not a symlink: ignored.
         symlink("/", g.join("rootdir")).unwrap();
 
@@ -364,7 +372,11 @@ mod tests {
     #[test]
     fn scan_matches_nix_regex() {
         let mut v = Vec::new();
-        scan_store_refs("/nix/store", b"a=/nix/store/abc-d.e:/nix/store/-x /nix/store/q", &mut v);
+        scan_store_refs(
+            "/nix/store",
+            b"a=/nix/store/abc-d.e:/nix/store/-x /nix/store/q",
+            &mut v,
+        );
         assert_eq!(v, vec!["/nix/store/abc-d.e", "/nix/store/q"]);
     }
 

@@ -270,10 +270,12 @@ impl RunsDb {
             source,
         };
         let conn = Connection::open(&path).map_err(corrupt)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(corrupt)?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(corrupt)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(corrupt)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(corrupt)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(corrupt)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(corrupt)?;
@@ -344,7 +346,12 @@ impl RunsDb {
     }
 
     /// Record the start of a run; returns its id.
-    pub fn begin_run(&self, name: &str, command: &[String], kind: RunKind) -> Result<i64, RunsDbError> {
+    pub fn begin_run(
+        &self,
+        name: &str,
+        command: &[String],
+        kind: RunKind,
+    ) -> Result<i64, RunsDbError> {
         let cmd = serde_json::to_string(command).unwrap_or_default();
         self.conn
             .execute(
@@ -395,7 +402,12 @@ impl RunsDb {
 
     /// Record a VM artifact (state folder, overlay, log) owned by a run. GC removes it with
     /// the run (only if it lies inside the state directory).
-    pub fn add_artifact(&self, id: i64, kind: ArtifactKind, path: &Path) -> Result<i64, RunsDbError> {
+    pub fn add_artifact(
+        &self,
+        id: i64,
+        kind: ArtifactKind,
+        path: &Path,
+    ) -> Result<i64, RunsDbError> {
         self.require(id)?;
         self.conn
             .execute(
@@ -463,7 +475,9 @@ impl RunsDb {
     pub fn artifacts(&self, id: i64) -> Result<Vec<Artifact>, RunsDbError> {
         let mut st = self
             .conn
-            .prepare("SELECT id, kind, path, removed_at FROM artifacts WHERE run_id = ?1 ORDER BY id")
+            .prepare(
+                "SELECT id, kind, path, removed_at FROM artifacts WHERE run_id = ?1 ORDER BY id",
+            )
             .map_err(self.e())?;
         let rows = st
             .query_map([id], |r| {
@@ -509,7 +523,10 @@ impl RunsDb {
         replace_symlink(Path::new(&target), &link).map_err(pin_err(&link))?;
         let auto = layout.gcroots_dir().join("auto");
         std::fs::create_dir_all(&auto).map_err(pin_err(&auto))?;
-        let root_link = auto.join(format!("drydock-{:016x}", fnv1a(link.as_os_str().as_encoded_bytes())));
+        let root_link = auto.join(format!(
+            "drydock-{:016x}",
+            fnv1a(link.as_os_str().as_encoded_bytes())
+        ));
         replace_symlink(&link, &root_link).map_err(pin_err(&root_link))?;
         self.conn
             .execute(
@@ -555,7 +572,12 @@ impl RunsDb {
     }
 
     /// Start recording a GC: the event and every planned path, in one transaction.
-    pub fn begin_gc(&self, mode: &str, planned: &[String], planned_bytes: u64) -> Result<i64, RunsDbError> {
+    pub fn begin_gc(
+        &self,
+        mode: &str,
+        planned: &[String],
+        planned_bytes: u64,
+    ) -> Result<i64, RunsDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.e())?;
         tx.execute(
             "INSERT INTO gc_events (started_at, mode, status, planned_paths, planned_bytes) \
@@ -598,7 +620,8 @@ impl RunsDb {
                 rp.execute(params![p, "deleted"]).map_err(self.e())?;
             }
             for (p, why) in refused {
-                up.execute(params![event, p, "refused", why]).map_err(self.e())?;
+                up.execute(params![event, p, "refused", why])
+                    .map_err(self.e())?;
                 rp.execute(params![p, "refused"]).map_err(self.e())?;
             }
         }
@@ -606,7 +629,12 @@ impl RunsDb {
     }
 
     /// Close a GC event.
-    pub fn finish_gc(&self, event: i64, status: &str, freed_bytes: Option<i64>) -> Result<(), RunsDbError> {
+    pub fn finish_gc(
+        &self,
+        event: i64,
+        status: &str,
+        freed_bytes: Option<i64>,
+    ) -> Result<(), RunsDbError> {
         self.conn
             .execute(
                 "UPDATE gc_events SET status = ?2, finished_at = ?3, freed_bytes = ?4 WHERE id = ?1",
@@ -734,14 +762,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = RunsDb::open(dir.path()).unwrap();
         let id = db.begin_run("t", &[], RunKind::Build).unwrap();
-        db.add_paths(id, &[("/nix/store/a".into(), PathClass::Other, 1)]).unwrap();
+        db.add_paths(id, &[("/nix/store/a".into(), PathClass::Other, 1)])
+            .unwrap();
         let ev = db
             .begin_gc("runs", &["/nix/store/a".into(), "/nix/store/b".into()], 10)
             .unwrap();
-        db.record_outcomes(ev, &["/nix/store/a".into()], &[]).unwrap();
+        db.record_outcomes(ev, &["/nix/store/a".into()], &[])
+            .unwrap();
         let u = db.unfinished_gcs().unwrap();
-        assert_eq!(u, vec![UnfinishedGc { id: ev, planned: vec!["/nix/store/b".into()] }]);
-        assert_eq!(db.run_paths(id).unwrap()[0].gc_state.as_deref(), Some("deleted"));
+        assert_eq!(
+            u,
+            vec![UnfinishedGc {
+                id: ev,
+                planned: vec!["/nix/store/b".into()]
+            }]
+        );
+        assert_eq!(
+            db.run_paths(id).unwrap()[0].gc_state.as_deref(),
+            Some("deleted")
+        );
         db.finish_gc(ev, "interrupted", None).unwrap();
         assert!(db.unfinished_gcs().unwrap().is_empty());
     }

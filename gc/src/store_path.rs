@@ -7,6 +7,24 @@ use std::path::{Path, PathBuf};
 
 /// Nix's base-32 alphabet (no `e`, `o`, `u`, `t`).
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+/// Byte classes: bit 0 = in Nix's base-32 alphabet, bit 1 = allowed in a name.
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < NIX_BASE32.len() {
+        t[NIX_BASE32[i] as usize] |= 1;
+        i += 1;
+    }
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b'?' | b'=') {
+            t[c] |= 2;
+        }
+        c += 1;
+    }
+    t
+};
 /// Length of the hash part of a store path name.
 pub const HASH_LEN: usize = 32;
 /// Longest name part Nix accepts.
@@ -43,15 +61,17 @@ impl StorePath {
         if bytes.len() < HASH_LEN + 2 {
             return Err(StorePathError::TooShort(base.to_owned()));
         }
-        if !bytes[..HASH_LEN].iter().all(|b| NIX_BASE32.contains(b)) {
+        if !bytes[..HASH_LEN]
+            .iter()
+            .all(|&b| CLASS[b as usize] & 1 != 0)
+        {
             return Err(StorePathError::BadHash(base.to_owned()));
         }
         if bytes[HASH_LEN] != b'-' {
             return Err(StorePathError::BadHash(base.to_owned()));
         }
         let name = &bytes[HASH_LEN + 1..];
-        let valid_char =
-            |c: &u8| c.is_ascii_alphanumeric() || b"+-._?=".contains(c);
+        let valid_char = |&c: &u8| CLASS[c as usize] & 2 != 0;
         if name.is_empty()
             || name.len() > MAX_NAME_LEN
             || name[0] == b'.'
@@ -255,13 +275,22 @@ mod tests {
     fn layout_maps_logical_and_physical() {
         let l = StoreLayout::chroot("/tmp/r");
         let p = StorePath::from_base_name(&format!("{H}-x")).unwrap();
-        assert_eq!(l.physical(&p), PathBuf::from(format!("/tmp/r/nix/store/{H}-x")));
+        assert_eq!(
+            l.physical(&p),
+            PathBuf::from(format!("/tmp/r/nix/store/{H}-x"))
+        );
         assert_eq!(l.logical(&p), format!("/nix/store/{H}-x"));
-        assert_eq!(l.db_path(), PathBuf::from("/tmp/r/nix/var/nix/db/db.sqlite"));
+        assert_eq!(
+            l.db_path(),
+            PathBuf::from("/tmp/r/nix/var/nix/db/db.sqlite")
+        );
         assert!(l.is_in_store("/nix/store/abc"));
         assert!(!l.is_in_store("/nix/store"));
         assert!(!l.is_in_store("/nix/storex/abc"));
-        assert_eq!(l.nix_args(), vec!["--store".to_owned(), "/tmp/r".to_owned()]);
+        assert_eq!(
+            l.nix_args(),
+            vec!["--store".to_owned(), "/tmp/r".to_owned()]
+        );
     }
 
     proptest::proptest! {

@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn signal_to_child() {
-        let mut c = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         send_signal(c.id(), libc::SIGTERM).unwrap();
         let st = c.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;

@@ -94,24 +94,44 @@ fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
         program: program.clone(),
         source,
     };
-    let mut captured = Vec::new();
+    // Copy stdout in a thread, so that a background process that inherited the pipe cannot
+    // keep us waiting once the command itself has exited.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     if let Some(out) = child.stdout.take() {
-        let mut r = BufReader::new(out);
-        let mut stdout = std::io::stdout();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = r.read_until(b'\n', &mut line).map_err(wait_err)?;
-            if n == 0 {
-                break;
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut stdout = std::io::stdout();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        // A closed stdout on our side must not kill the command's run.
+                        let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
+                        if tx.send(line.clone()).is_err() {
+                            break;
+                        }
+                    }
+                }
             }
-            // A closed stdout on our side must not kill the child's run.
-            let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
-            captured.extend_from_slice(&line);
-        }
+        });
     }
     let status = child.wait().map_err(wait_err)?;
     CHILD.store(0, Ordering::SeqCst);
+    let mut captured = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => captured.extend_from_slice(&line),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::debug!("stdout still open after the command exited; not waiting");
+                break;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
     use std::os::unix::process::ExitStatusExt;
     let code = status
         .code()
@@ -231,7 +251,11 @@ pub fn attribute(
     }
     // Runtime closure of the outputs, through new paths only (an older path cannot refer to
     // a newer one).
-    let mut stack: Vec<StorePath> = outputs.iter().filter(|o| new.contains(o)).cloned().collect();
+    let mut stack: Vec<StorePath> = outputs
+        .iter()
+        .filter(|o| new.contains(o))
+        .cloned()
+        .collect();
     let mut seen: HashSet<StorePath> = stack.iter().cloned().collect();
     while let Some(p) = stack.pop() {
         closure.insert(p.clone());
@@ -295,8 +319,12 @@ pub fn track(
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
     }
-    let db = NixDb::open(layout)?;
-    let before = db.max_path_id()?;
+    // A store that does not exist yet (the command's first build creates it) starts at 0.
+    let before = if layout.has_database() {
+        NixDb::open(layout)?.max_path_id()?
+    } else {
+        0
+    };
     let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
     let run_id = runs.begin_run(&name, cmd, RunKind::Build)?;
     let (exit_code, stdout) = match run_passthrough(cmd) {
@@ -306,6 +334,17 @@ pub fn track(
             return Err(e.into());
         }
     };
+    if !layout.has_database() {
+        tracing::warn!("the command registered nothing: there is no Nix database yet");
+        runs.finish_run(run_id, Some(exit_code))?;
+        return Ok(TrackReport {
+            run_id,
+            exit_code,
+            claimed: Vec::new(),
+            not_claimed: 0,
+        });
+    }
+    let db = NixDb::open(layout)?;
     let new_paths = db.paths_since(before)?;
     let sd = &layout.logical_store_dir;
     let mut outputs = store_paths_in_output(sd, &stdout);
@@ -322,7 +361,13 @@ pub fn track(
     let sizes: HashMap<&StorePath, u64> = new_paths.iter().map(|p| (&p.path, p.nar_size)).collect();
     let rows: Vec<(String, PathClass, u64)> = claimed
         .iter()
-        .map(|p| (layout.logical(p), classify(p), sizes.get(p).copied().unwrap_or(0)))
+        .map(|p| {
+            (
+                layout.logical(p),
+                classify(p),
+                sizes.get(p).copied().unwrap_or(0),
+            )
+        })
         .collect();
     runs.add_paths(run_id, &rows)?;
     runs.finish_run(run_id, Some(exit_code))?;
@@ -429,14 +474,18 @@ mod tests {
                 (oth_d.clone(), drv(&oth_o, &[], &[])),
             ]
             .into(),
-            derivers: [(top_o.clone(), top_d.clone()), (dep_o.clone(), dep_d.clone())].into(),
+            derivers: [
+                (top_o.clone(), top_d.clone()),
+                (dep_o.clone(), dep_d.clone()),
+            ]
+            .into(),
             refs: [(top_o.clone(), vec![rt.clone()])].into(),
         };
         let new: Vec<PathInfo> = [&top_d, &top_o, &dep_d, &dep_o, &src, &oth_d, &oth_o, &rt]
             .iter()
             .map(|p| info(p))
             .collect();
-        let claimed = attribute("/nix/store", &new, &[top_o.clone()], &store);
+        let claimed = attribute("/nix/store", &new, std::slice::from_ref(&top_o), &store);
         let mut want = vec![top_d, top_o, dep_d, dep_o, src, rt];
         want.sort();
         assert_eq!(claimed, want);
@@ -446,9 +495,19 @@ mod tests {
 
     #[test]
     fn output_scanning_and_names() {
-        let t = format!("building...\n{}\n'{}/bin/x'\n", full(&sp(1, "")), full(&sp(2, "")));
-        assert_eq!(store_paths_in_output("/nix/store", t.as_bytes()), vec![sp(1, ""), sp(2, "")]);
-        assert_eq!(default_name(&["nix-build".into(), "-A".into(), "/x/test.nix".into()]), "test.nix");
+        let t = format!(
+            "building...\n{}\n'{}/bin/x'\n",
+            full(&sp(1, "")),
+            full(&sp(2, ""))
+        );
+        assert_eq!(
+            store_paths_in_output("/nix/store", t.as_bytes()),
+            vec![sp(1, ""), sp(2, "")]
+        );
+        assert_eq!(
+            default_name(&["nix-build".into(), "-A".into(), "/x/test.nix".into()]),
+            "test.nix"
+        );
         assert_eq!(default_name(&["make".into()]), "make");
     }
 
@@ -460,13 +519,18 @@ mod tests {
         std::os::unix::fs::symlink(full(&sp(3, "")), dir.path().join("mine")).unwrap();
         std::os::unix::fs::symlink(full(&sp(4, "")), dir.path().join("mine-doc")).unwrap();
         std::os::unix::fs::symlink("/tmp", dir.path().join("result-x")).unwrap();
-        let got = result_links("/nix/store", dir.path(), &["nix-build".into(), "-o".into(), "mine".into()]);
+        let got = result_links(
+            "/nix/store",
+            dir.path(),
+            &["nix-build".into(), "-o".into(), "mine".into()],
+        );
         assert_eq!(got, vec![sp(1, ""), sp(2, ""), sp(3, ""), sp(4, "")]);
     }
 
     #[test]
     fn passthrough_exit_codes() {
-        let (code, out) = run_passthrough(&["sh".into(), "-c".into(), "echo hi; exit 7".into()]).unwrap();
+        let (code, out) =
+            run_passthrough(&["sh".into(), "-c".into(), "echo hi; exit 7".into()]).unwrap();
         assert_eq!(code, 7);
         assert_eq!(out, b"hi\n");
         let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();

@@ -13,12 +13,13 @@ use super::gc::size;
 pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
     let layout = super::gc::layout(ctx);
     drydock_gc::NixDb::open(&layout).map_err(drydock_gc::GcError::from)?;
-    let runs = RunsDb::open(&ctx.state_dir)?;
+    let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     let rep = drydock_gc::du(&layout, Some(&runs))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if ctx.json {
         serde_json::to_writer_pretty(&mut out, &rep)?;
         writeln!(out)?;
+        out.flush()?;
         return Ok(Outcome::Success);
     }
     for (c, b) in &rep.by_class {
@@ -29,5 +30,6 @@ pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
         writeln!(out, "run {id:<10} {:>12}  {name}", size(*b))?;
     }
     writeln!(out, "{:<14} {:>12}", "total", size(rep.total))?;
+    out.flush()?;
     Ok(Outcome::Success)
 }

@@ -46,13 +46,13 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     }
     // Validate the store before touching the runs database.
     let loaded = Loaded::load(&layout)?;
-    let runs = RunsDb::open(&ctx.state_dir)?;
+    let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     if !args.dry_run {
         drydock_gc::recover_interrupted(&layout, &runs)?;
     }
     let plan = drydock_gc::plan_gc(&loaded, Some(&runs), &sel, args.batch_size)?;
     drop(loaded);
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.dry_run {
         if ctx.json {
             serde_json::to_writer_pretty(&mut out, &plan)?;
@@ -72,6 +72,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
                 size(plan.nar_bytes)
             )?;
         }
+        out.flush()?;
         return Ok(Outcome::Success);
     }
     let bar = indicatif::ProgressBar::new(plan.paths.len() as u64);
@@ -110,6 +111,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
             size(plan.bytes)
         )?;
     }
+    out.flush()?;
     Ok(if result.refused.is_empty() {
         Outcome::Success
     } else {

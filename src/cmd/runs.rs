@@ -24,8 +24,8 @@ fn age(secs: i64) -> String {
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     let layout = super::gc::layout(ctx);
     let loaded = Loaded::load(&layout)?;
-    let runs = RunsDb::open(&ctx.state_dir)?;
-    let mut out = std::io::stdout().lock();
+    let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match &args.action {
         None => {
             let list = drydock_gc::summarize_runs(&loaded, &runs)?;
@@ -94,5 +94,6 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
             }
         }
     }
+    out.flush()?;
     Ok(Outcome::Success)
 }

@@ -11,15 +11,44 @@ use crate::exit::Outcome;
 
 pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let layout = super::gc::layout(ctx);
-    let loaded = Loaded::load(&layout)?;
-    let (damage, _entries) = drydock_gc::check(&loaded)?;
+    let mut loaded = Loaded::load(&layout)?;
+    let (mut damage, _entries) = drydock_gc::check(&loaded)?;
+    let mut roots_removed: Vec<String> = Vec::new();
+    let mut roots_refused: Vec<String> = Vec::new();
+    if let StoreAction::Repair {
+        dry_run: false,
+        remove_roots: true,
+    } = &args.action
+    {
+        // Remove what holds the damage, then look again (another root may show up).
+        for _ in 0..16 {
+            let (plan, _) = drydock_gc::repair(&loaded, &damage, true)?;
+            if plan.blocked.is_empty() {
+                break;
+            }
+            let (removed, refused) = drydock_gc::remove_blocking_roots(&loaded, &plan)?;
+            roots_refused = refused;
+            if removed.is_empty() {
+                break;
+            }
+            roots_removed.extend(removed);
+            loaded = Loaded::load(&layout)?;
+            damage = drydock_gc::check(&loaded)?.0;
+        }
+    }
+    for r in &roots_removed {
+        eprintln!("drydock: removed root {r}");
+    }
+    for r in &roots_refused {
+        eprintln!("drydock: not removing root {r} (not a link in gcroots or a result link)");
+    }
     let missing: Vec<String> = damage
         .missing
         .iter()
         .map(|&n| layout.logical(loaded.snap.path(n)))
         .collect();
     let stray: Vec<String> = damage.stray.iter().map(|p| layout.logical(p)).collect();
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match &args.action {
         StoreAction::Check => {
             if ctx.json {
@@ -43,13 +72,14 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                     stray.len()
                 )?;
             }
+            out.flush()?;
             Ok(if damage.is_damaged() {
                 Outcome::Failed
             } else {
                 Outcome::Success
             })
         }
-        StoreAction::Repair { dry_run } => {
+        StoreAction::Repair { dry_run, .. } => {
             let (plan, res) = drydock_gc::repair(&loaded, &damage, *dry_run)?;
             let names: Vec<String> = plan
                 .delete
@@ -80,7 +110,8 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                 serde_json::to_writer_pretty(
                     &mut out,
                     &serde_json::json!({ "missing": missing, "remove": names,
-                        "blocked": blocked, "removed": gone, "refused": refused }),
+                        "blocked": blocked, "removed": gone, "refused": refused,
+                        "roots_removed": roots_removed }),
                 )?;
                 writeln!(out)?;
             } else {
@@ -106,6 +137,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                 }
                 writeln!(out, "{} paths removed from the database", gone.len())?;
             }
+            out.flush()?;
             Ok(if plan.blocked.is_empty() && refused.is_empty() {
                 Outcome::Success
             } else {

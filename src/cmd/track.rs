@@ -9,7 +9,7 @@ use crate::exit::Outcome;
 
 pub fn run(ctx: &Context, args: &TrackArgs) -> anyhow::Result<Outcome> {
     let layout = super::gc::layout(ctx);
-    let runs = RunsDb::open(&ctx.state_dir)?;
+    let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     let report = drydock_gc::track(&layout, &runs, args.name.as_deref(), &args.command)?;
     if ctx.json {
         eprintln!("{}", serde_json::to_string(&report)?);

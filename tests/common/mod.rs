@@ -36,6 +36,8 @@ pub fn nix_build(root: &Path, file_name: &str, expr: &str, out_link: Option<&Pat
     let mut cmd = Command::new("nix-build");
     cmd.arg("--store").arg(root).arg(&file);
     cmd.args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
+    // No binary cache: nothing to fetch offline, and no retries to wait for.
+    cmd.args(["--option", "substituters", ""]);
     match out_link {
         Some(l) => cmd.arg("-o").arg(l),
         None => cmd.arg("--no-out-link"),

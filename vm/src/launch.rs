@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::VmCgroup;
-use crate::plan::{StoreAttachment, VmPaths, VmSpec, plan};
+use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
@@ -42,6 +42,8 @@ pub enum LaunchError {
     StoreServer(#[source] crate::storefs::StoreServerError),
     #[error("cannot start QEMU")]
     Qemu(#[source] crate::spawn::SpawnError),
+    #[error("cannot prepare the VM's disk: `{command}`: {message}")]
+    Disk { command: String, message: String },
     #[error("QEMU exited at once ({status}): {log}")]
     QemuDied { status: ExitStatus, log: String },
     #[error("cannot control VM process {pid}")]
@@ -77,6 +79,13 @@ pub struct VmState {
     pub started: u64,
     /// The cgroup QEMU runs in, if drydock made one.
     pub cgroup: Option<PathBuf>,
+    /// `running`, or `loading` while a snapshot is being loaded.
+    #[serde(default = "running")]
+    pub phase: String,
+}
+
+fn running() -> String {
+    "running".into()
 }
 
 impl VmState {
@@ -136,6 +145,9 @@ pub struct LaunchRecord {
     /// The run this launch is recorded as in drydock's runs database.
     #[serde(default)]
     pub run_id: Option<i64>,
+    /// A key derived from the closure the guest sees (snapshots and store images check it).
+    #[serde(default)]
+    pub closure_key: Option<String>,
 }
 
 impl LaunchRecord {
@@ -198,11 +210,105 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
     Ok(())
 }
 
-/// Start the store server (for virtio-fs) and QEMU, and record the VM's state.
-pub fn start(spec: &VmSpec, share: Option<&StoreShare>) -> Result<Vm, LaunchError> {
-    let qemu_plan = plan(spec)?;
+/// Run `qemu-img` with its arguments, with a deadline.
+fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), LaunchError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(args);
+    let shown = || {
+        std::iter::once("qemu-img".to_string())
+            .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match crate::spawn::run_captured(cmd, Duration::from_secs(60)) {
+        Ok(r) if r.code == Some(0) => Ok(()),
+        Ok(r) => Err(LaunchError::Disk {
+            command: shown(),
+            message: r.stderr.trim().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LaunchError::Disk {
+            command: shown(),
+            message: "qemu-img not found (install qemu-utils)".into(),
+        }),
+        Err(e) => Err(LaunchError::Disk {
+            command: shown(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A fresh writable layer: (re)create the VM's qcow2 overlay on the shared blank base, creating
+/// the base once. Milliseconds; nothing is copied.
+pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
+    if !disk.base.exists() {
+        let dir = disk.base.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|source| LaunchError::Files {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let tmp = disk
+            .base
+            .with_extension(format!("tmp{}", std::process::id()));
+        let size = format!("{}M", disk.size_mib);
+        qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            tmp.as_os_str(),
+            size.as_ref(),
+        ])?;
+        std::fs::rename(&tmp, &disk.base).map_err(|source| LaunchError::Files {
+            path: disk.base.clone(),
+            source,
+        })?;
+    }
+    if let Some(dir) = disk.overlay.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| LaunchError::Files {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::remove_file(&disk.overlay) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(LaunchError::Files {
+                path: disk.overlay.clone(),
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        disk.base.as_os_str(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        disk.overlay.as_os_str(),
+    ])
+}
+
+/// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
+/// `incoming`, QEMU starts paused and loads a saved state from that migration URI.
+pub fn start(
+    spec: &VmSpec,
+    share: Option<&StoreShare>,
+    incoming: Option<&str>,
+) -> Result<Vm, LaunchError> {
+    let qemu_plan = match incoming {
+        Some(uri) => crate::plan::plan_incoming(spec, uri)?,
+        None => plan(spec)?,
+    };
     let paths = spec.paths.clone();
     prepare(&paths)?;
+    if let Some(disk) = &spec.disk {
+        if !disk.overlay.exists() {
+            fresh_disk(disk)?;
+        }
+    }
     let server = match (&spec.store, share) {
         (StoreAttachment::VirtioFs { socket }, Some(share)) => Some(
             StoreServer::spawn(
@@ -258,6 +364,11 @@ pub fn start(spec: &VmSpec, share: Option<&StoreShare>) -> Result<Vm, LaunchErro
             .map(|d| d.as_secs())
             .unwrap_or(0),
         cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
+        phase: if incoming.is_some() {
+            "loading".into()
+        } else {
+            running()
+        },
     };
     state.write(&paths)?;
     Ok(Vm {
@@ -273,6 +384,12 @@ pub fn start(spec: &VmSpec, share: Option<&StoreShare>) -> Result<Vm, LaunchErro
 impl Vm {
     pub fn paths(&self) -> &VmPaths {
         &self.paths
+    }
+
+    /// Record that the VM runs (after a snapshot was loaded and resumed).
+    pub fn mark_running(&mut self) -> Result<(), LaunchError> {
+        self.state.phase = running();
+        self.state.write(&self.paths)
     }
 
     /// QEMU's exit status once it has exited.

@@ -5,9 +5,11 @@
 
 mod cgroup;
 mod doctor;
-mod qmp;
+mod image;
 mod launch;
 mod plan;
+mod qmp;
+mod snapshot;
 mod spawn;
 mod storefs;
 #[allow(unsafe_code)]
@@ -15,14 +17,28 @@ mod sys;
 mod system;
 
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, NixConfSources, Status, kvm_usable, overall, run_checks,
+    BootProbe, DoctorError, DoctorOptions, Finding, Host, NixConfSources, Status, kvm_usable,
+    overall, run_checks,
 };
-pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri};
+pub use image::{ImageError, StoreImage, closure_key, ensure_store_image, list_images};
+pub use launch::{
+    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, StoreShare, Vm, VmState, WaitOutcome,
+    follow, fresh_disk, log_tail, orderly_shutdown, pid_alive, start, stop_remote, write_json,
+};
+pub use plan::{
+    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, kernel_cmdline, plan,
+    plan_incoming, validate_name,
+};
+pub use qmp::{
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
+pub use snapshot::{
+    SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
+    resume_incoming, save_snapshot, snapshot_dir, snapshots_size,
+};
 pub use spawn::{SpawnError, Supervised, spawn_detached};
 pub use storefs::{
     READY_LINE, STORE_SERVER_SUBCOMMAND, StoreServeOptions, StoreServer, StoreServerError,
     parse_allow_list, serve_store,
 };
-pub use plan::{Accel, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, kernel_cmdline, plan, validate_name};
 pub use system::{SystemBoot, SystemError, resolve_logical, resolve_system, toplevel_path};
-pub use launch::{POWERDOWN_GRACE, ConsoleTail, LaunchError, LaunchRecord, StoreShare, Vm, VmState, WaitOutcome, follow, log_tail, orderly_shutdown, pid_alive, start, stop_remote, write_json};

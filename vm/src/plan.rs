@@ -38,6 +38,15 @@ pub enum StoreAttachment {
     None,
 }
 
+/// The VM's writable disk: a qcow2 overlay on a blank base image shared by all VMs, so a fresh
+/// start costs one `qemu-img create` (milliseconds) and never a rebuilt image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub overlay: PathBuf,
+    pub base: PathBuf,
+    pub size_mib: u32,
+}
+
 /// Where a VM's files live. The state folder keeps what must persist; sockets may live in a
 /// short runtime folder when the state folder's path is too long for a unix socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +92,12 @@ impl VmPaths {
     pub fn supervisor_log(&self) -> PathBuf {
         self.dir.join("drydock.log")
     }
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
 }
 
 /// Everything a launch needs, resolved: the plan is a function of this alone. It is saved in
@@ -100,6 +115,9 @@ pub struct VmSpec {
     pub cpus: u32,
     pub accel: Accel,
     pub store: StoreAttachment,
+    /// The writable disk, if any.
+    #[serde(default)]
+    pub disk: Option<Disk>,
     pub paths: VmPaths,
 }
 
@@ -190,6 +208,13 @@ pub fn kernel_cmdline(cmdline: &str) -> String {
     c
 }
 
+/// The plan of a VM that starts paused, loading its state from `uri` (a saved snapshot).
+pub fn plan_incoming(spec: &VmSpec, uri: &str) -> Result<QemuPlan, PlanError> {
+    let mut p = plan(spec)?;
+    p.args.extend(["-incoming".to_string(), uri.to_string()]);
+    Ok(p)
+}
+
 /// Turn a spec into QEMU's command line.
 pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
     validate_name(&spec.name)?;
@@ -206,6 +231,9 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&["-name", &format!("{},debug-threads=on", spec.name)]);
+    // Named, not left to the default: a saved snapshot loads only into the same machine, which
+    // snapshots check through the QEMU version and these options.
+    push(&["-machine", "pc"]);
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -266,6 +294,7 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
             push(&["-device", "vhost-user-fs-pci,chardev=fs0,tag=nix-store"]);
         }
         StoreAttachment::Image { path } => {
+            // First disk: the guest's stage 1 mounts /dev/vda as the store.
             push(&[
                 "-drive",
                 &format!(
@@ -275,6 +304,13 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
             ]);
         }
         StoreAttachment::None => {}
+    }
+    if let Some(disk) = &spec.disk {
+        let overlay = no_comma("a state folder", &disk.overlay)?;
+        push(&[
+            "-drive",
+            &format!("file={overlay},format=qcow2,if=virtio,discard=unmap"),
+        ]);
     }
     Ok(QemuPlan {
         program: spec.qemu.clone(),
@@ -300,6 +336,7 @@ mod tests {
             store: StoreAttachment::VirtioFs {
                 socket: paths.fs_socket(),
             },
+            disk: None,
             paths,
         }
     }
@@ -388,6 +425,24 @@ mod tests {
                 vec![],
             ),
             (
+                "overlay disk after the store image",
+                Box::new(|s| {
+                    s.store = StoreAttachment::Image {
+                        path: "/i.erofs".into(),
+                    };
+                    s.disk = Some(Disk {
+                        overlay: "/s/vms/web/disk.qcow2".into(),
+                        base: "/s/images/blank.qcow2".into(),
+                        size_mib: 1024,
+                    });
+                }),
+                "-drive",
+                vec![
+                    "file=/i.erofs,format=raw,if=virtio,readonly=on",
+                    "file=/s/vms/web/disk.qcow2,format=qcow2,if=virtio,discard=unmap",
+                ],
+            ),
+            (
                 "console named already",
                 Box::new(|s| s.cmdline = "console=ttyS0,115200 x".into()),
                 "-append",
@@ -435,6 +490,14 @@ mod tests {
             edit(&mut s);
             assert_eq!(plan(&s).unwrap_err(), want);
         }
+    }
+
+    #[test]
+    fn incoming_is_appended_and_machine_is_fixed() {
+        let p = plan_incoming(&spec(), "exec:cat '/s/snap'").unwrap();
+        assert_eq!(after(&p, "-incoming"), ["exec:cat '/s/snap'"]);
+        assert_eq!(after(&p, "-machine"), ["pc"]);
+        assert!(after(&plan(&spec()).unwrap(), "-incoming").is_empty());
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! The one place where drydock starts long-lived helper processes (the store server now, QEMU
-//! later) and the rules they all follow:
+//! The one place where drydock starts processes (the store server, QEMU, the detached VM
+//! supervisor, and short-lived helpers such as `qemu-img` or `nix-build`), and the rules they
+//! all follow:
 //!
 //! - every child gets `PR_SET_PDEATHSIG = SIGKILL` between fork and exec, so if drydock dies —
 //!   even by SIGKILL — its children die too (spawn from a long-lived thread: the signal follows
 //!   the spawning *thread*);
 //! - readiness is a line the child prints on its stdout, awaited with a deadline;
 //! - stopping is SIGTERM, then SIGKILL once a grace period has passed, and always a reap; dropping
-//!   a [`Supervised`] stops it the same way, so no child outlives its handle.
+//!   a [`Supervised`] stops it the same way, so no child outlives its handle;
+//! - a short-lived helper ([`run_captured`]) has a deadline and is killed when it overruns;
+//! - only [`spawn_detached`] makes a process that outlives drydock (a VM left running on purpose).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -254,6 +257,73 @@ pub fn spawn_detached(name: &str, mut cmd: Command, log: std::fs::File) -> Resul
     Ok(pid)
 }
 
+// ---- Short-lived helpers: run to completion with a deadline, output captured. ----
+
+/// What a finished (or killed) child left behind.
+#[derive(Debug, Clone)]
+pub(crate) struct Captured {
+    /// `None` when the child was killed at the deadline or by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+/// Run `cmd` to completion or until `deadline` passes (then SIGKILL it).
+pub(crate) fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(500);
+    let (status, timed_out) = loop {
+        if let Some(st) = child.try_wait()? {
+            break (Some(st), false);
+        }
+        if start.elapsed() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Ok(Captured {
+        code: status.and_then(|s| s.code()),
+        stdout,
+        stderr,
+        timed_out,
+    })
+}
+
+/// Find a program on `PATH`.
+pub(crate) fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +389,38 @@ mod tests {
     fn missing_program_is_bad_input() {
         let err = Supervised::spawn("t", Command::new("/nonexistent/drydock-helper")).unwrap_err();
         assert!(err.is_bad_input(), "{err:?}");
+    }
+}
+
+#[cfg(test)]
+mod captured_tests {
+    use super::*;
+
+    #[test]
+    fn captures_output_and_code() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let r = run_captured(c, Duration::from_secs(10)).unwrap();
+        assert_eq!(r.code, Some(3));
+        assert_eq!(r.stdout, "out\n");
+        assert_eq!(r.stderr, "err\n");
+        assert!(!r.timed_out);
+    }
+
+    #[test]
+    fn kills_at_the_deadline() {
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let start = Instant::now();
+        let r = run_captured(c, Duration::from_millis(200)).unwrap();
+        assert!(r.timed_out);
+        assert_eq!(r.code, None);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn which_finds_sh() {
+        assert!(which("sh").is_some());
+        assert!(which("definitely-not-a-program-drydock").is_none());
     }
 }

@@ -9,7 +9,6 @@
 mod access;
 mod boot;
 mod cgroup;
-mod command;
 mod disk;
 mod host;
 mod kvm;

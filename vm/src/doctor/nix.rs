@@ -10,10 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::access::{acl_rw_groups, rw_access};
-use super::command;
 use super::host::Host;
 use super::kvm::{KVM_PATH, KvmReport, describe_device};
 use super::{DoctorError, Finding, Status};
+use crate::spawn as command;
 
 const PROBE_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -476,7 +476,7 @@ pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> F
             cmd.args(["--option", "extra-sandbox-paths", &format!("/bin/sh={bb}")]);
         }
     }
-    let result = command::run(cmd, PROBE_DEADLINE);
+    let result = command::run_captured(cmd, PROBE_DEADLINE);
     let _ = std::fs::remove_dir_all(&dir);
     let r = match result {
         Ok(r) => r,

@@ -10,16 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::command;
 use super::host::Host;
 use super::{Finding, Status, gib};
+use crate::spawn as command;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn run(bin: &Path, args: &[&str]) -> Result<String, String> {
     let mut c = Command::new(bin);
     c.args(args);
-    match command::run(c, DEADLINE) {
+    match command::run_captured(c, DEADLINE) {
         Ok(r) if r.code == Some(0) => Ok(r.stdout),
         Ok(r) if r.timed_out => Err(format!("`{} {}` timed out", bin.display(), args.join(" "))),
         Ok(r) => Err(format!(

@@ -1,5 +1,8 @@
-//! `drydock vm run|list|stop|logs` and the hidden `__vm-supervise` that owns a detached VM.
-//! Resolution (system, closure, accelerator, QEMU) happens here; launching is `drydock_vm`'s.
+//! `drydock vm run|list|stop|logs|restart|snapshot|restore` and the hidden `__vm-supervise`
+//! that owns a detached VM. Resolution (system, closure, store image, accelerator, QEMU) happens
+//! here; planning and launching are `drydock_vm`'s.
+
+mod snapshot;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,8 @@ use drydock_vm::{
 };
 
 use crate::cli::{
-    AccelArg, ShareArg, VmArgs, VmCommand, VmLogsArgs, VmRunArgs, VmStopArgs, VmSuperviseArgs,
+    AccelArg, ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs,
+    VmStopArgs, VmSuperviseArgs, WaitArgs,
 };
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
@@ -33,6 +37,9 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
         VmCommand::List => list(ctx),
         VmCommand::Stop(a) => stop(ctx, a),
         VmCommand::Logs(a) => logs(ctx, a),
+        VmCommand::Restart(a) => restart(ctx, a),
+        VmCommand::Snapshot(a) => snapshot::snapshot(ctx, a),
+        VmCommand::Restore(a) => snapshot::restore(ctx, a),
     }
 }
 
@@ -83,6 +90,11 @@ fn find_qemu(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
         .map(|d| d.join("qemu-system-x86_64"))
         .find(|p| p.is_file())
         .ok_or_else(|| bad_input("QEMU not found: qemu-system-x86_64 is not on PATH (install qemu-system-x86, or name it with --qemu / DRYDOCK_QEMU)"))
+}
+
+/// Where store images and the blank base disk live: shared by every VM of this state dir.
+fn images_dir(ctx: &Context) -> PathBuf {
+    ctx.state_dir.join("images")
 }
 
 fn layout(ctx: &Context) -> StoreLayout {
@@ -206,6 +218,48 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
     }
     let (accel, accel_reason) = choose_accel(a.accel)?;
     let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let closure_key = allow.as_deref().map(drydock_vm::closure_key);
+    let (store, share) = match a.store_mode {
+        StoreModeArg::Virtiofs => (
+            StoreAttachment::VirtioFs {
+                socket: paths.fs_socket(),
+            },
+            Some(StoreShare {
+                exe,
+                shared_dir: layout.store_dir.clone(),
+                allow,
+            }),
+        ),
+        StoreModeArg::Image => {
+            let Some(closure) = allow else {
+                return Err(bad_input(
+                    "--store-mode image packs the system's closure: it needs --system and --share closure",
+                ));
+            };
+            let t = Instant::now();
+            let image =
+                drydock_vm::ensure_store_image(&layout.store_dir, &closure, &images_dir(ctx))
+                    .map_err(|e| {
+                        if e.is_bad_input() {
+                            bad_input(format!("{:#}", anyhow!(e)))
+                        } else {
+                            anyhow!(e)
+                        }
+                    })?;
+            eprintln!(
+                "drydock: store image {} ({} paths, {:.1} MiB, {})",
+                image.path.display(),
+                closure.len(),
+                image.bytes as f64 / 1048576.0,
+                if image.built {
+                    format!("built in {:.2} s", t.elapsed().as_secs_f64())
+                } else {
+                    "cached".into()
+                }
+            );
+            (StoreAttachment::Image { path: image.path }, None)
+        }
+    };
     let spec = VmSpec {
         name: a.name.clone(),
         qemu,
@@ -215,22 +269,22 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         memory_mib: a.memory,
         cpus: a.cpus,
         accel,
-        store: StoreAttachment::VirtioFs {
-            socket: paths.fs_socket(),
-        },
+        store,
+        disk: Some(drydock_vm::Disk {
+            overlay: paths.overlay(),
+            base: images_dir(ctx).join(format!("blank-{}M.qcow2", a.disk_size)),
+            size_mib: a.disk_size,
+        }),
         paths: paths.clone(),
     };
     drydock_vm::plan(&spec).map_err(|e| bad_input(e.to_string()))?;
     Ok(LaunchRecord {
         spec,
-        share: Some(StoreShare {
-            exe,
-            shared_dir: layout.store_dir.clone(),
-            allow,
-        }),
+        share,
         toplevel: toplevel.map(|t| layout.logical(&t)),
         accel_reason,
         run_id: None,
+        closure_key,
     })
 }
 
@@ -272,47 +326,84 @@ fn finish_run(ctx: &Context, record: &LaunchRecord, status: Option<std::process:
     }
 }
 
-fn ready_regex(a: &VmRunArgs) -> anyhow::Result<Option<regex::Regex>> {
-    a.ready
-        .as_deref()
-        .map(|r| regex::Regex::new(r).map_err(|e| bad_input(format!("--ready {r:?}: {e}"))))
-        .transpose()
+/// How a launch waits for its VM.
+struct Wait {
+    ready: Option<regex::Regex>,
+    timeout: Option<Duration>,
+    detach: bool,
 }
 
-fn timeout(a: &VmRunArgs) -> anyhow::Result<Option<Duration>> {
-    a.timeout
-        .map(|t| {
-            Duration::try_from_secs_f64(t)
-                .map_err(|_| bad_input(format!("--timeout {t}: not a number of seconds")))
+impl Wait {
+    fn from_args(a: &WaitArgs) -> anyhow::Result<Self> {
+        let ready = a
+            .ready
+            .as_deref()
+            .map(|r| regex::Regex::new(r).map_err(|e| bad_input(format!("--ready {r:?}: {e}"))))
+            .transpose()?;
+        let timeout = a
+            .timeout
+            .map(|t| {
+                Duration::try_from_secs_f64(t)
+                    .map_err(|_| bad_input(format!("--timeout {t}: not a number of seconds")))
+            })
+            .transpose()?;
+        Ok(Self {
+            ready,
+            timeout,
+            detach: a.detach,
         })
-        .transpose()
+    }
 }
 
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
-    let ready = ready_regex(a)?;
-    let timeout = timeout(a)?;
+    let wait = Wait::from_args(&a.wait)?;
     claim_name(&paths, &a.name)?;
     let mut record = prepare(ctx, a, &paths)?;
+    if let Some(disk) = &record.spec.disk {
+        drydock_vm::fresh_disk(disk)?;
+    }
     record.run_id = record_run(ctx, &record);
     record.write(&paths)?;
+    launch(ctx, &a.name, &record, &wait)
+}
+
+/// The one-line summary printed when a VM starts.
+fn describe(name: &str, record: &LaunchRecord) {
+    let store = match (&record.spec.store, record.share.as_ref()) {
+        (StoreAttachment::Image { path }, _) => {
+            format!("closure image {} on /dev/vda, read-only", path.display())
+        }
+        (
+            _,
+            Some(StoreShare {
+                allow: Some(names), ..
+            }),
+        ) => format!("{} closure paths over virtio-fs, read-only", names.len()),
+        (_, Some(_)) => "the whole store over virtio-fs, read-only".into(),
+        _ => "none".into(),
+    };
     eprintln!(
-        "drydock: starting {} ({}, {} MiB, {} vCPU; {}; store: {})",
-        a.name,
+        "drydock: starting {name} ({}, {} MiB, {} vCPU; {}; store: {store})",
         record.spec.accel.as_str(),
         record.spec.memory_mib,
         record.spec.cpus,
         record.accel_reason,
-        match record.share.as_ref().and_then(|s| s.allow.as_ref()) {
-            Some(names) => format!("{} closure paths over virtio-fs, read-only", names.len()),
-            None => "the whole store over virtio-fs, read-only".into(),
-        }
     );
+}
+
+fn launch(
+    ctx: &Context,
+    name: &str,
+    record: &LaunchRecord,
+    wait: &Wait,
+) -> anyhow::Result<Outcome> {
+    describe(name, record);
     install_cancel_handler();
-    if a.detach {
-        detach(ctx, a, &paths, ready.as_ref(), timeout)
+    if wait.detach {
+        detach(ctx, name, record, wait)
     } else {
-        foreground(ctx, a, &record, ready.as_ref(), timeout)
+        foreground(ctx, name, record, wait)
     }
 }
 
@@ -330,25 +421,31 @@ fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
 
 fn foreground(
     ctx: &Context,
-    a: &VmRunArgs,
+    name: &str,
     record: &LaunchRecord,
-    ready: Option<&regex::Regex>,
-    timeout: Option<Duration>,
+    wait: &Wait,
 ) -> anyhow::Result<Outcome> {
-    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref()).map_err(launch_error)?;
+    let mut vm =
+        drydock_vm::start(&record.spec, record.share.as_ref(), None).map_err(launch_error)?;
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
-    let mut echo = echo_to(ctx.json, &a.name);
+    let mut echo = echo_to(ctx.json, name);
     let mut ready_line = None;
     let mut outcome = {
         let mut gone = || vm.exited().is_some();
-        drydock_vm::follow(&mut tail, ready, timeout, &CANCEL, &mut gone, &mut echo)
+        drydock_vm::follow(
+            &mut tail,
+            wait.ready.as_ref(),
+            wait.timeout,
+            &CANCEL,
+            &mut gone,
+            &mut echo,
+        )
     };
     if let WaitOutcome::Ready(line) = &outcome {
         ready_line = Some(line.clone());
         eprintln!(
-            "drydock: {} ready after {:.2} s",
-            a.name,
+            "drydock: {name} ready after {:.2} s",
             started.elapsed().as_secs_f64()
         );
         // Foreground: stay with the VM until it ends or Ctrl-C.
@@ -359,7 +456,7 @@ fn foreground(
     vm.stop(drydock_vm::POWERDOWN_GRACE)?;
     finish_run(ctx, record, status.or_else(|| vm.exited()));
     let (code, why) = match &outcome {
-        WaitOutcome::Exited if ready.is_some() && ready_line.is_none() => (
+        WaitOutcome::Exited if wait.ready.is_some() && ready_line.is_none() => (
             Outcome::Failed,
             "the VM stopped before it became ready".to_string(),
         ),
@@ -375,7 +472,7 @@ fn foreground(
             format!(
                 "timed out after {:.1} s{}",
                 started.elapsed().as_secs_f64(),
-                if ready.is_some() {
+                if wait.ready.is_some() {
                     " waiting for --ready"
                 } else {
                     ""
@@ -383,11 +480,12 @@ fn foreground(
             ),
         ),
         WaitOutcome::Cancelled => (Outcome::Code(130), "interrupted; VM stopped".to_string()),
-        WaitOutcome::Ready(_) => unreachable_ready(),
+        // The second follow has no pattern, so it cannot report Ready.
+        WaitOutcome::Ready(_) => (Outcome::Failed, "internal: ready twice".to_string()),
     };
     report_end(
         ctx,
-        a,
+        name,
         &record.spec.paths,
         code,
         &why,
@@ -396,14 +494,9 @@ fn foreground(
     )
 }
 
-fn unreachable_ready() -> (Outcome, String) {
-    // The second follow has no pattern, so it cannot report Ready.
-    (Outcome::Failed, "internal: ready twice".to_string())
-}
-
 fn report_end(
     ctx: &Context,
-    a: &VmRunArgs,
+    name: &str,
     paths: &VmPaths,
     code: Outcome,
     why: &str,
@@ -413,16 +506,15 @@ fn report_end(
     if code == Outcome::Failed {
         let tail = drydock_vm::log_tail(&paths.console_log(), 15);
         eprintln!(
-            "drydock: {}: {why}\n--- last console lines ({}) ---\n{tail}",
-            a.name,
+            "drydock: {name}: {why}\n--- last console lines ({}) ---\n{tail}",
             paths.console_log().display()
         );
     } else {
-        eprintln!("drydock: {}: {why}", a.name);
+        eprintln!("drydock: {name}: {why}");
     }
     if ctx.json {
         let doc = serde_json::json!({
-            "name": a.name,
+            "name": name,
             "result": match code { Outcome::Success => "ok", Outcome::Failed => "failed", _ => "interrupted" },
             "reason": why,
             "ready_line": ready_line,
@@ -442,62 +534,81 @@ fn launch_error(e: drydock_vm::LaunchError) -> anyhow::Error {
     }
 }
 
-/// `--detach`: a supervisor process owns the VM; wait here until it is ready.
-fn detach(
+/// Start the detached supervisor of a VM and wait until it has started QEMU (its state file
+/// appears) or died (then its log says why).
+fn spawn_supervisor(
     ctx: &Context,
-    a: &VmRunArgs,
+    name: &str,
     paths: &VmPaths,
-    ready: Option<&regex::Regex>,
-    timeout: Option<Duration>,
-) -> anyhow::Result<Outcome> {
+    incoming: Option<&str>,
+) -> anyhow::Result<(u32, VmState)> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
     let log_path = paths.supervisor_log();
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&ctx.state_dir)
-        .arg("__vm-supervise")
-        .arg("--name")
-        .arg(&a.name);
+    cmd.arg("--state-dir").arg(&ctx.state_dir);
+    if let Some(root) = &ctx.store_root {
+        cmd.arg("--store").arg(root);
+    }
+    cmd.arg("__vm-supervise").arg("--name").arg(name);
+    if let Some(uri) = incoming {
+        cmd.arg("--incoming").arg(uri);
+    }
     let sup = drydock_vm::spawn_detached("vm supervisor", cmd, log)?;
     let started = Instant::now();
-    // Wait for the supervisor to start QEMU (it writes state.json), or to fail.
-    let state = loop {
+    loop {
         if let Some(s) = VmState::read(paths) {
-            break s;
+            return Ok((sup, s));
         }
         if !drydock_vm::pid_alive(sup) {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(anyhow!("the VM did not start:\n{}", text.trim()));
         }
         if started.elapsed() > Duration::from_secs(30) || CANCEL.load(Ordering::SeqCst) {
-            let _ = drydock_vm::pid_alive(sup).then(|| kill(sup));
+            kill(sup);
             return Err(anyhow!(
                 "the VM supervisor did not start QEMU within 30 s (see {})",
                 log_path.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+}
+
+/// `--detach`: a supervisor process owns the VM; wait here until it is ready.
+fn detach(
+    ctx: &Context,
+    name: &str,
+    record: &LaunchRecord,
+    wait: &Wait,
+) -> anyhow::Result<Outcome> {
+    let paths = &record.spec.paths;
+    let started = Instant::now();
+    let (_, state) = spawn_supervisor(ctx, name, paths, None)?;
     let mut tail = ConsoleTail::new(paths.console_log());
-    let mut echo = echo_to(ctx.json, &a.name);
+    let mut echo = echo_to(ctx.json, name);
     let qemu_pid = state.qemu_pid;
     let mut gone = || !drydock_vm::pid_alive(qemu_pid);
-    let outcome = drydock_vm::follow(&mut tail, ready, timeout, &CANCEL, &mut gone, &mut echo);
+    let outcome = drydock_vm::follow(
+        &mut tail,
+        wait.ready.as_ref(),
+        wait.timeout,
+        &CANCEL,
+        &mut gone,
+        &mut echo,
+    );
     match outcome {
         WaitOutcome::Ready(line) => {
             eprintln!(
-                "drydock: {} ready after {:.2} s; running in the background (pid {}); `drydock vm stop {}` stops it",
-                a.name,
+                "drydock: {name} ready after {:.2} s; running in the background (pid {}); `drydock vm stop {name}` stops it",
                 started.elapsed().as_secs_f64(),
                 state.qemu_pid,
-                a.name
             );
             if ctx.json {
                 println!(
                     "{}",
-                    serde_json::json!({"name": a.name, "result": "ready", "ready_line": line, "qemu_pid": state.qemu_pid, "seconds": started.elapsed().as_secs_f64()})
+                    serde_json::json!({"name": name, "result": "ready", "ready_line": line, "qemu_pid": state.qemu_pid, "seconds": started.elapsed().as_secs_f64()})
                 );
             }
             Ok(Outcome::Success)
@@ -518,7 +629,7 @@ fn detach(
                     "the VM stopped before it became ready".into(),
                 ),
             };
-            report_end(ctx, a, paths, code, &why, None, started.elapsed())
+            report_end(ctx, name, paths, code, &why, None, started.elapsed())
         }
     }
 }
@@ -530,8 +641,8 @@ fn kill(pid: u32) {
         .status();
 }
 
-/// The hidden `__vm-supervise`: start the recorded launch and stay with it until QEMU exits or
-/// we are told to stop (SIGTERM/SIGHUP/SIGINT), then clean up.
+/// The hidden `__vm-supervise`: start the recorded launch (or load a snapshot into it) and stay
+/// with it until QEMU exits or we are told to stop (SIGTERM/SIGHUP/SIGINT), then clean up.
 pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let mut record = LaunchRecord::read(&paths)?;
@@ -539,16 +650,25 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
         share.exe = std::env::current_exe().context("locating the drydock binary")?;
     }
     install_cancel_handler();
-    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref())?;
+    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref(), a.incoming.as_deref())?;
     eprintln!(
         "drydock: supervising {} (QEMU pid {})",
         a.name, vm.state.qemu_pid
     );
+    if a.incoming.is_some() {
+        // Load the snapshot (bounded), resume the guest, tell the waiting `vm restore`.
+        if let Err(e) = drydock_vm::resume_incoming(&mut vm, Duration::from_secs(120)) {
+            vm.stop(Duration::ZERO)?;
+            return Err(anyhow!(e));
+        }
+        eprintln!("drydock: {} resumed from its snapshot", a.name);
+    }
     while vm.exited().is_none() && !CANCEL.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = vm.exited();
     vm.stop(drydock_vm::POWERDOWN_GRACE)?;
+    finish_run(ctx, &record, status.or_else(|| vm.exited()));
     eprintln!(
         "drydock: {} stopped ({})",
         a.name,
@@ -557,6 +677,67 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
             .unwrap_or_else(|| "on request".into())
     );
     Ok(Outcome::Success)
+}
+
+/// `vm restart`: the recorded launch again. Everything it needs is pinned; nothing is evaluated
+/// or built, and Nix is not called.
+fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let wait = Wait::from_args(&a.wait)?;
+    let mut record = existing_record(ctx, &paths, &a.name)?;
+    if let Some(state) = VmState::read(&paths) {
+        drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
+    }
+    if let Err(missing) = check_pinned(&record) {
+        eprintln!("drydock: cannot restart {}: {missing}", a.name);
+        return Ok(Outcome::Failed);
+    }
+    if let Some(share) = &mut record.share {
+        share.exe = std::env::current_exe().context("locating the drydock binary")?;
+    }
+    if let Some(disk) = &record.spec.disk {
+        if !a.keep_state || !disk.overlay.exists() {
+            drydock_vm::fresh_disk(disk)?;
+        }
+    }
+    record.write(&paths)?;
+    launch(ctx, &a.name, &record, &wait)
+}
+
+/// The launch record of an existing VM, or bad input naming the VM.
+fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result<LaunchRecord> {
+    if !paths.launch_file().exists() {
+        return Err(bad_input(format!(
+            "no VM named {name} in {}",
+            ctx.state_dir.join("vms").display()
+        )));
+    }
+    Ok(LaunchRecord::read(paths)?)
+}
+
+/// Every file the recorded launch needs must still be there (they are pinned, but someone may
+/// have deleted them by hand): name the first one that is not.
+fn check_pinned(record: &LaunchRecord) -> Result<(), String> {
+    let spec = &record.spec;
+    let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+    if let Some(i) = &spec.initrd {
+        files.push(("initrd", i.clone()));
+    }
+    if let StoreAttachment::Image { path } = &spec.store {
+        files.push(("store image", path.clone()));
+    }
+    if let Some(share) = &record.share {
+        for name in share.allow.iter().flatten() {
+            files.push(("store path", share.shared_dir.join(name)));
+        }
+    }
+    match files
+        .into_iter()
+        .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
+    {
+        Some((what, p)) => Err(format!("the pinned {what} {} is gone", p.display())),
+        None => Ok(()),
+    }
 }
 
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {

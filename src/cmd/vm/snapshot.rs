@@ -1,0 +1,115 @@
+//! `vm snapshot` and `vm restore`: save a running VM's full state beside its folder, and bring
+//! it back (detached, owned by a supervisor) with `-incoming`, after checking that the snapshot
+//! fits the VM (closure, QEMU, machine options).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use drydock_vm::{SnapshotError, VmPaths, VmState};
+
+use super::{CANCEL, existing_record, spawn_supervisor, vm_paths};
+use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
+use crate::context::Context;
+use crate::exit::{Outcome, bad_input};
+
+fn snapshot_error(e: SnapshotError) -> anyhow::Error {
+    if e.is_bad_input() {
+        bad_input(format!("{:#}", anyhow!(e)))
+    } else {
+        anyhow!(e)
+    }
+}
+
+pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let record = existing_record(ctx, &paths, &a.name)?;
+    let running = VmState::read(&paths).is_some_and(|s| drydock_vm::pid_alive(s.qemu_pid));
+    if !running {
+        return Err(bad_input(format!(
+            "{} is not running: only a running VM can be snapshotted",
+            a.name
+        )));
+    }
+    let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
+    let meta = drydock_vm::save_snapshot(&record, &a.tag, &version).map_err(snapshot_error)?;
+    eprintln!(
+        "drydock: snapshot {:?} of {}: {:.1} MiB of state saved in {:.2} s (guest paused meanwhile, now running again)",
+        a.tag,
+        a.name,
+        meta.state_bytes as f64 / 1048576.0,
+        meta.save_seconds
+    );
+    if ctx.json {
+        println!("{}", serde_json::to_string(&meta)?);
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
+    let paths = vm_paths(ctx, &a.name)?;
+    let mut record = existing_record(ctx, &paths, &a.name)?;
+    let deadline = Duration::try_from_secs_f64(a.timeout)
+        .map_err(|_| bad_input(format!("--timeout {}: not a number of seconds", a.timeout)))?;
+    let meta = drydock_vm::read_snapshot(&paths, &a.tag).map_err(snapshot_error)?;
+    let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
+    drydock_vm::check_restorable(&meta, &record, &version).map_err(snapshot_error)?;
+    // The snapshot replaces whatever runs now.
+    if let Some(state) = VmState::read(&paths) {
+        drydock_vm::stop_remote(&paths, &state, Duration::ZERO, false)?;
+    }
+    if let Some(share) = &mut record.share {
+        share.exe = std::env::current_exe()?;
+    }
+    record.write(&paths)?;
+    let uri = drydock_vm::prepare_restore(&record, &a.tag).map_err(snapshot_error)?;
+    super::install_cancel_handler();
+    let t = Instant::now();
+    let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some(&uri))?;
+    let state = wait_running(&paths, sup, deadline)?;
+    eprintln!(
+        "drydock: {} restored from snapshot {:?} in {:.3} s; running in the background (QEMU pid {})",
+        a.name,
+        a.tag,
+        t.elapsed().as_secs_f64(),
+        state.qemu_pid
+    );
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::json!({"name": a.name, "tag": a.tag, "result": "running", "seconds": t.elapsed().as_secs_f64(), "qemu_pid": state.qemu_pid})
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+/// Wait until the supervisor reports the VM running; if it dies first (QEMU refused the state),
+/// say why from its log. The VM is then stopped, not half-started.
+fn wait_running(paths: &VmPaths, sup: u32, deadline: Duration) -> anyhow::Result<VmState> {
+    let t = Instant::now();
+    loop {
+        let state = VmState::read(paths);
+        if let Some(s) = &state {
+            if s.phase == "running" {
+                return Ok(s.clone());
+            }
+        }
+        if !drydock_vm::pid_alive(sup) {
+            let log = std::fs::read_to_string(paths.supervisor_log()).unwrap_or_default();
+            return Err(anyhow!(
+                "the VM did not come back; it is stopped:\n{}",
+                log.trim()
+            ));
+        }
+        if t.elapsed() > deadline || CANCEL.load(Ordering::SeqCst) {
+            if let Some(s) = state {
+                drydock_vm::stop_remote(paths, &s, Duration::ZERO, true)?;
+            }
+            return Err(anyhow!(
+                "the VM was not running again after {:.1} s; it is stopped",
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

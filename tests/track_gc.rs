@@ -1,0 +1,305 @@
+//! `drydock track`, `runs`, `runs show` and `gc` of selected runs on a real chroot store:
+//! attribution through the derivation closure (a concurrent untracked build is not claimed),
+//! exit codes passed through, "why is this alive", deletion through Nix, bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::{drydock, drydock_json, drydock_ok, nix_store, valid_paths};
+
+fn expr(tag: &str) -> String {
+    format!(
+        r#"let {p}
+  driver = mk "nixos-test-driver-{tag}" [] "echo driver > $out";
+  system = mk "nixos-system-{tag}" [] "echo system > $out";
+  run = mk "vm-test-run-{tag}" [ driver system ] "echo ${{driver}} ${{system}} > $out";
+in run"#,
+        p = common::PRELUDE
+    )
+}
+
+fn nix_build_cmd(root: &Path, file: &Path, extra: &str) -> String {
+    format!(
+        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' {extra}",
+        root.display(),
+        file.display()
+    )
+}
+
+#[test]
+fn track_runs_and_gc_selected_runs() {
+    let dir = common::scratch("track-gc");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&root).unwrap();
+    for tag in ["one", "two", "other"] {
+        std::fs::write(dir.join(format!("{tag}.nix")), expr(tag)).unwrap();
+    }
+    // An untracked build of "other" lands inside the tracked command's window (its output is
+    // not printed), like a concurrent build in another terminal.
+    let script = format!(
+        "{} --no-out-link >/dev/null 2>&1; {} --no-out-link",
+        nix_build_cmd(&root, &dir.join("other.nix"), ""),
+        nix_build_cmd(&root, &dir.join("one.nix"), "")
+    );
+    let out = drydock(
+        &root,
+        &state,
+        &["track", "--name", "one", "--", "sh", "-c", &script],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.trim().ends_with("vm-test-run-one"),
+        "stdout passes through: {printed}"
+    );
+
+    // A second run, rooted by its result link.
+    let link = dir.join("result-two");
+    // Run directly (no shell), with the out-link named by `-o`.
+    let (root_s, two_s, link_s) = (
+        root.display().to_string(),
+        dir.join("two.nix").display().to_string(),
+        link.display().to_string(),
+    );
+    let a = vec![
+        "track",
+        "--",
+        "nix-build",
+        "--store",
+        &root_s,
+        &two_s,
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+        "--option",
+        "substituters",
+        "",
+        "-o",
+        &link_s,
+    ];
+    drydock_ok(&root, &state, &a, 0);
+    // Exit codes pass through.
+    let out = drydock(
+        &root,
+        &state,
+        &["track", "--name", "fails", "--", "sh", "-c", "exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+
+    let runs = drydock_json(&root, &state, &["runs"], 0);
+    let list = runs["runs"].as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0]["name"], "one");
+    assert_eq!(list[2]["exit_status"], 3);
+    // Run 1: 3 drvs + 3 outputs, nothing of "other".
+    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
+    let paths = show["paths"].as_array().unwrap();
+    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(paths.len(), 6, "{names:?}");
+    assert!(names.iter().all(|n| n.contains("-one")), "{names:?}");
+    let classes: Vec<&str> = paths.iter().map(|p| p["class"].as_str().unwrap()).collect();
+    for c in ["test_run", "test_driver", "vm_system", "derivation"] {
+        assert!(classes.contains(&c), "{classes:?}");
+    }
+    assert!(paths.iter().all(|p| p["status"] == "reclaimable"), "{show}");
+    assert!(list[0]["reclaimable"].as_u64().unwrap() > 0);
+    // Run 2 is alive through its result link: the root and the chain are named.
+    let show2 = drydock_json(&root, &state, &["runs", "show", "2"], 0);
+    let alive: Vec<&serde_json::Value> = show2["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "alive")
+        .collect();
+    assert_eq!(alive.len(), 6, "{show2}");
+    let driver = alive.iter().find(|p| p["class"] == "test_driver").unwrap();
+    assert_eq!(driver["why"]["root"], link.display().to_string());
+    assert_eq!(driver["why"]["root_kind"], "indirect");
+    let chain = driver["why"]["chain"].as_array().unwrap();
+    assert!(chain[0].as_str().unwrap().ends_with("vm-test-run-two"));
+    assert!(
+        chain
+            .last()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .ends_with("nixos-test-driver-two")
+    );
+
+    // Bad input: exit 2, nothing deleted.
+    let before = valid_paths(&root);
+    assert_eq!(
+        drydock(&root, &state, &["gc", "--run", "99"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(drydock(&root, &state, &["gc"]).status.code(), Some(2));
+    assert_eq!(
+        drydock(&root, &state, &["gc", "--older-than", "7y", "--dry-run"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        drydock(&root, &state, &["runs", "show", "42"])
+            .status
+            .code(),
+        Some(2)
+    );
+    let not_store = dir.join("not-a-store");
+    std::fs::create_dir_all(&not_store).unwrap();
+    let o = drydock(&not_store, &state, &["gc", "--all"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a Nix store"));
+    let bad_state = dir.join("bad-state");
+    std::fs::create_dir_all(&bad_state).unwrap();
+    std::fs::write(bad_state.join("runs.sqlite"), vec![b'z'; 4096]).unwrap();
+    let o = drydock(&root, &bad_state, &["gc", "--keep-last", "0"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("runs.sqlite"));
+    assert_eq!(valid_paths(&root), before);
+
+    // gc of runs 1 and 2: run 1's paths go, run 2's are kept (alive), "other" stays.
+    let plan = drydock_json(
+        &root,
+        &state,
+        &["gc", "--run", "1", "--run", "2", "--dry-run"],
+        0,
+    );
+    let planned: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();
+    assert_eq!(planned.len(), 6);
+    assert!(planned.iter().all(|p| p.contains("-one")));
+    assert_eq!(plan["kept"].as_array().unwrap().len(), 6);
+    assert!(plan["bytes"].as_u64().unwrap() > 0);
+    let done = drydock_json(&root, &state, &["gc", "--run", "1", "--run", "2"], 0);
+    assert_eq!(done["deleted"].as_array().unwrap().len(), 6, "{done}");
+    let after = valid_paths(&root);
+    assert!(after.iter().all(|p| !p.contains("-one")));
+    assert!(after.iter().any(|p| p.ends_with("vm-test-run-other")));
+    assert!(after.iter().any(|p| p.ends_with("vm-test-run-two")));
+    nix_store(&root, &["--verify", "--check-contents"]);
+    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
+    assert!(
+        show["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "deleted")
+    );
+    assert!(show["run"]["collected_at"].is_i64());
+}
+
+#[test]
+fn pins_of_vm_runs_are_roots_until_collected() {
+    let dir = common::scratch("track-pins");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    let out = common::nix_build(&root, "vm", &expr("vm"), None);
+    let layout = drydock_gc::StoreLayout::chroot(&root);
+    let top = layout.parse(&out[0]).unwrap();
+    // The VM side's API: a run of kind vm with an artifact and a pinned closure.
+    let vm_state = state.join("vms/t1");
+    {
+        let db = drydock_gc::RunsDb::open(&state).unwrap();
+        let id = db
+            .begin_run("t1", &["vm".into(), "run".into()], drydock_gc::RunKind::Vm)
+            .unwrap();
+        db.add_paths(id, &[(out[0].clone(), drydock_gc::classify(&top), 1)])
+            .unwrap();
+        std::fs::create_dir_all(&vm_state).unwrap();
+        std::fs::write(vm_state.join("overlay.qcow2"), b"disk").unwrap();
+        db.add_artifact(id, drydock_gc::ArtifactKind::StateDir, &vm_state)
+            .unwrap();
+        db.pin(&layout, id, &top).unwrap();
+        db.finish_run(id, Some(0)).unwrap();
+    }
+    // Nix itself sees the pin.
+    let dead = common::nix_print_dead(&root);
+    assert!(!dead.contains(&out[0]));
+    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    assert!(
+        !plan["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == &out[0])
+    );
+    // A VM still running (unfinished run with a pin) cannot be selected, and filters skip it.
+    let other = common::nix_build(&root, "vm2", &expr("vm2"), None);
+    let other_top = layout.parse(&other[0]).unwrap();
+    {
+        let db = drydock_gc::RunsDb::open(&state).unwrap();
+        let id = db
+            .begin_run("t2", &["vm".into()], drydock_gc::RunKind::Vm)
+            .unwrap();
+        assert_eq!(id, 2);
+        db.add_paths(
+            id,
+            &[(other[0].clone(), drydock_gc::classify(&other_top), 1)],
+        )
+        .unwrap();
+        db.pin(&layout, id, &other_top).unwrap();
+    }
+    let o = drydock(&root, &state, &["gc", "--run", "2", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("still running"));
+    let plan = drydock_json(&root, &state, &["gc", "--keep-last", "0", "--dry-run"], 0);
+    assert_eq!(plan["runs"], serde_json::json!([1]));
+    // Selecting the run ignores its own pin, unpins it and removes its VM state.
+    let done = drydock_json(&root, &state, &["gc", "--run", "1"], 0);
+    assert_eq!(done["deleted"].as_array().unwrap().len(), 1, "{done}");
+    assert!(!vm_state.exists());
+    assert!(!valid_paths(&root).contains(&out[0]));
+    assert!(
+        valid_paths(&root).contains(&other[0]),
+        "the running VM's pin held"
+    );
+    nix_store(&root, &["--verify"]);
+}
+
+#[test]
+fn track_forwards_ctrl_c_and_passes_the_exit_code() {
+    let dir = common::scratch("track-sigint");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&root).unwrap();
+    let ready = dir.join("ready");
+    let script = format!(
+        "trap 'exit 42' INT; touch {}; sleep 30 & wait",
+        ready.display()
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drydock"))
+        .arg("--store")
+        .arg(&root)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["track", "--name", "interrupted", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(start.elapsed().as_secs() < 30, "the command never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SIGINT to drydock alone (not its process group): it must reach the command.
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(42));
+    // The orphaned `sleep` still holds the output pipe: drydock did not wait for it.
+    assert!(start.elapsed().as_secs() < 20);
+    let db = drydock_gc::RunsDb::open(&state).unwrap();
+    assert_eq!(db.run(1).unwrap().exit_status, Some(42));
+}

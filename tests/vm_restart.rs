@@ -1,0 +1,488 @@
+//! Fast restarts: `vm restart` from the recorded launch without Nix (even after Nix's GC),
+//! `--store-mode image`, and `vm snapshot` / `vm restore` carrying the guest on where it was;
+//! bad snapshots (truncated, of another closure, image gone) fail clearly and leave the VM
+//! stopped. Real QEMU under TCG, a private chroot store built by `scripts/guest/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drydock")
+}
+
+struct Fixture {
+    root: PathBuf,
+    toplevel: String,
+    variant: String,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root =
+            std::env::temp_dir().join(format!("drydock-restart-tests-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
+        let build = |variant: Option<&str>| {
+            let out = Command::new(&script)
+                .arg(&root)
+                .args(variant)
+                .env("DRYDOCK_GUEST_KERNEL", "vmlinux")
+                .output()
+                .expect("run build-test-system");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        Fixture {
+            toplevel: build(None),
+            variant: build(Some("two")),
+            root,
+        }
+    })
+}
+
+fn drydock(state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store")
+        .arg(&fixture().root)
+        .arg("--state-dir")
+        .arg(state);
+    c
+}
+
+fn ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn counts(state: &Path, name: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(state.join("vms").join(name).join("console.log"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("DRYDOCK-COUNT: ")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn no_processes(state: &Path) {
+    let needle = state.display().to_string();
+    let t = Instant::now();
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&needle))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "left behind: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A PATH with QEMU, qemu-img and a shell, and no Nix at all.
+fn path_without_nix() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for tool in ["qemu-system-x86_64", "qemu-img", "sh", "cat", "kill"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|p| p.join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not on PATH"));
+        std::os::unix::fs::symlink(found, d.path().join(tool)).unwrap();
+    }
+    assert!(
+        Command::new("sh")
+            .arg("-c")
+            .arg("command -v nix-build")
+            .env("PATH", d.path())
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty()
+    );
+    d
+}
+
+/// A store of the test's own, holding only an unrooted test system (for tests that run Nix's
+/// GC or damage the store).
+fn own_store() -> (tempfile::TempDir, String) {
+    let root = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
+    let out = Command::new(&script)
+        .arg(root.path())
+        .env("DRYDOCK_GUEST_KERNEL", "vmlinux")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    (root, top)
+}
+
+#[test]
+fn restart_needs_no_nix_and_survives_nix_gc() {
+    let (root, top) = own_store();
+    let state = tempfile::tempdir().unwrap();
+    let dd = || {
+        let mut c = Command::new(bin());
+        c.arg("--store")
+            .arg(root.path())
+            .arg("--state-dir")
+            .arg(state.path());
+        c
+    };
+    let run = dd()
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "r",
+            "--accel",
+            "tcg",
+            "--system",
+            &top,
+            "--append",
+            "drydock.test=list",
+        ])
+        .args(["--timeout", "180"])
+        .output()
+        .unwrap();
+    ok(&run);
+    // Nix's own GC runs; nothing but the VM's pin roots the system, and it stays.
+    let gc = Command::new("nix-store")
+        .arg("--store")
+        .arg(root.path())
+        .args(["--gc"])
+        .output()
+        .unwrap();
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let outside = std::fs::read_dir(root.path().join("nix/store"))
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("-drydock-not-in-closure")
+        });
+    assert!(
+        !outside,
+        "the GC ran but collected nothing: the test proves nothing"
+    );
+    let phys = root.path().join(top.trim_start_matches('/'));
+    assert!(phys.exists(), "nix-store --gc took the pinned system");
+    // Restart with no Nix on PATH at all.
+    let nixless = path_without_nix();
+    let t = Instant::now();
+    let out = dd()
+        .args(["vm", "restart", "r", "--timeout", "180"])
+        .env("PATH", nixless.path())
+        .output()
+        .unwrap();
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("r │ DRYDOCK-LS-END") && text.contains("r │ DRYDOCK-DONE"),
+        "{text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(120));
+    no_processes(state.path());
+}
+
+#[test]
+fn restart_names_a_pinned_path_that_is_gone() {
+    // A store of its own: this test damages it.
+    let (root, top) = own_store();
+    let state = tempfile::tempdir().unwrap();
+    let dd = |args: &[&str]| {
+        Command::new(bin())
+            .arg("--store")
+            .arg(root.path())
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    ok(&dd(&[
+        "vm",
+        "run",
+        "--name",
+        "p",
+        "--accel",
+        "tcg",
+        "--system",
+        &top,
+        "--timeout",
+        "180",
+    ]));
+    let busybox = std::fs::read_dir(root.path().join("nix/store"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("-drydock-busybox")
+        })
+        .unwrap()
+        .path();
+    Command::new("chmod")
+        .args(["-R", "u+w"])
+        .arg(&busybox)
+        .status()
+        .unwrap();
+    std::fs::remove_dir_all(&busybox).unwrap();
+    let out = dd(&["vm", "restart", "p"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is gone") && err.contains("drydock-busybox"),
+        "{err}"
+    );
+    no_processes(state.path());
+}
+
+fn start_counter(state: &Path, name: &str, system: &str) {
+    let out = drydock(state)
+        .args([
+            "vm",
+            "run",
+            "--name",
+            name,
+            "--accel",
+            "tcg",
+            "--store-mode",
+            "image",
+            "--system",
+            system,
+        ])
+        .args([
+            "--append",
+            "drydock.test=counter",
+            "--ready",
+            "DRYDOCK-COUNT: 10",
+            "--detach",
+            "--timeout",
+            "180",
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+}
+
+#[test]
+fn snapshot_stop_restore_carries_on_counting() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    start_counter(state.path(), "c", &f.toplevel);
+    ok(&drydock(state.path())
+        .args(["vm", "snapshot", "c"])
+        .output()
+        .unwrap());
+    let at_snapshot = *counts(state.path(), "c").last().unwrap();
+    assert!(at_snapshot >= 10);
+    // It keeps running after the snapshot.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(*counts(state.path(), "c").last().unwrap() > at_snapshot);
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "c"])
+        .output()
+        .unwrap());
+    no_processes(state.path());
+    let t = Instant::now();
+    let out = drydock(state.path())
+        .args(["vm", "restore", "c"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let restore_time = t.elapsed();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = counts(state.path(), "c");
+    assert!(!after.is_empty(), "no counter output after restore");
+    assert!(
+        after[0] >= at_snapshot,
+        "the guest restarted counting: first {} after restore, {at_snapshot} at the snapshot",
+        after[0]
+    );
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+    assert!(restore_time < Duration::from_secs(10), "{restore_time:?}");
+    let list = drydock(state.path())
+        .args(["--json", "vm", "list"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "c"])
+        .output()
+        .unwrap());
+    no_processes(state.path());
+}
+
+#[test]
+fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    start_counter(state.path(), "a", &f.toplevel);
+    ok(&drydock(state.path())
+        .args(["vm", "snapshot", "a", "--tag", "t1"])
+        .output()
+        .unwrap());
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "a"])
+        .output()
+        .unwrap());
+    let snap = state.path().join("vms/a/snapshots/t1");
+
+    // A snapshot of another closure: VM b runs the variant system.
+    start_counter(state.path(), "b", &f.variant);
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "b"])
+        .output()
+        .unwrap());
+    let b_snap = state.path().join("vms/b/snapshots/t1");
+    std::fs::create_dir_all(&b_snap).unwrap();
+    for file in ["meta.json", "state", "disk.qcow2"] {
+        std::fs::copy(snap.join(file), b_snap.join(file)).unwrap();
+    }
+    let out = drydock(state.path())
+        .args(["vm", "restore", "b", "--tag", "t1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("taken of another closure"), "{err}");
+    no_processes(state.path());
+
+    // Truncated state: QEMU refuses it; the VM stays stopped.
+    let state_file = snap.join("state");
+    let len = std::fs::metadata(&state_file).unwrap().len();
+    let f2 = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state_file)
+        .unwrap();
+    f2.set_len(len / 2).unwrap();
+    drop(f2);
+    let out = drydock(state.path())
+        .args(["vm", "restore", "a", "--tag", "t1"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated"), "{err}");
+    // Corrupt but the right length: QEMU itself refuses to load it.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("meta.json")).unwrap()).unwrap();
+    std::fs::write(
+        &state_file,
+        vec![0x5a; meta["state_bytes"].as_u64().unwrap() as usize],
+    )
+    .unwrap();
+    let out = drydock(state.path())
+        .args(["vm", "restore", "a", "--tag", "t1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not load the snapshot") && err.contains("it is stopped"),
+        "{err}"
+    );
+    no_processes(state.path());
+    let list = drydock(state.path())
+        .args(["--json", "vm", "list"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        doc["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] != "running"),
+        "{doc}"
+    );
+
+    // The store image is gone.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.path().join("vms/a/launch.json")).unwrap())
+            .unwrap();
+    let image = PathBuf::from(rec["spec"]["store"]["path"].as_str().unwrap());
+    std::fs::remove_file(&image).unwrap();
+    let out = drydock(state.path())
+        .args(["vm", "restore", "a", "--tag", "t1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is gone"));
+    no_processes(state.path());
+}
+
+#[test]
+fn virtiofs_vms_cannot_be_snapshotted() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    ok(&drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "v",
+            "--accel",
+            "tcg",
+            "--system",
+            &f.toplevel,
+        ])
+        .args([
+            "--append",
+            "drydock.test=idle",
+            "--ready",
+            "DRYDOCK-READY",
+            "--detach",
+            "--timeout",
+            "180",
+        ])
+        .output()
+        .unwrap());
+    let out = drydock(state.path())
+        .args(["vm", "snapshot", "v"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vhost-user-fs") && err.contains("--store-mode image"),
+        "{err}"
+    );
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "v"])
+        .output()
+        .unwrap());
+    no_processes(state.path());
+}
