@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use drydock_gc::StoreLayout;
+
 use crate::cli::GlobalOpts;
 use crate::exit::bad_input;
 
@@ -58,12 +60,11 @@ impl Context {
         })
     }
 
-    /// Arguments to pass to every Nix command so it uses the same store.
-    #[allow(dead_code)]
-    pub fn nix_store_args(&self) -> Vec<String> {
+    /// The store's layout (logical and physical directories) for the store libraries.
+    pub fn layout(&self) -> StoreLayout {
         match &self.store_root {
-            Some(root) => vec!["--store".into(), root.display().to_string()],
-            None => Vec::new(),
+            Some(root) => StoreLayout::chroot(root),
+            None => StoreLayout::system(&self.store_dir, &self.nix_state_dir),
         }
     }
 }

@@ -49,10 +49,32 @@ pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
 }
 
 fn is_bad_input(err: &anyhow::Error) -> bool {
+    use drydock_vm as vm;
     err.chain().any(|cause| {
         cause.is::<BadInput>()
             || cause
-                .downcast_ref::<drydock_vm::DoctorError>()
+                .downcast_ref::<vm::DoctorError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::LaunchError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::SnapshotError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::ImageError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::StoreServerError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::SpawnError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::PlanError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::SystemError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<drydock_gc::GcError>()

@@ -140,14 +140,14 @@ fn build_during_gc_all_keeps_its_outputs() {
     let dir = common::scratch("gc-concurrent");
     let root = dir.join("root");
     let state = dir.join("state");
-    // Garbage to collect, including `shared` which the concurrent build will use.
-    let garbage = format!(
-        "{}\n",
-        many(30, "g").replace(
+    // Garbage to collect: 30 test runs whose drivers all use `shared`, so `shared` (which
+    // the concurrent build will use too) comes in the last deletion batch.
+    let garbage = many(30, "g")
+        .replace("\" [] \"echo ", "\" [ shared ] \"echo ${shared} ")
+        .replace(
             "in [",
-            "  shared = mk \"shared-lib\" [] \"echo shared > $out\";\nin [ shared"
-        )
-    );
+            "  shared = mk \"shared-lib\" [] \"echo shared > $out\";\nin [ shared",
+        );
     let outs = common::nix_build(&root, "garbage", &garbage, None);
     let shared = outs[0].clone();
     assert!(shared.ends_with("shared-lib"));
@@ -158,24 +158,63 @@ fn build_during_gc_all_keeps_its_outputs() {
         .arg("--state-dir")
         .arg(&state)
         .args(["--json", "gc", "--all"])
-        .env("DRYDOCK_GC_BATCH", "2")
+        .env("DRYDOCK_GC_BATCH", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Meanwhile, a new build that uses `shared` and makes new paths.
+    // Wait until the collection is deleting, then build something that uses `shared`.
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "gc never started"
+        );
+        let started = state
+            .join("runs.sqlite")
+            .exists()
+            .then(|| drydock_gc::RunsDb::open(&state).ok())
+            .flatten()
+            .and_then(|db| db.unfinished_gcs().ok())
+            .and_then(|u| u.first().map(|g| g.planned.len()))
+            .is_some_and(|left| left < 120);
+        if started {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let newer = format!(
         "let {}\n  shared = mk \"shared-lib\" [] \"echo shared > $out\";\n  app = mk \"vm-test-run-new\" [ shared ] \"echo ${{shared}} > $out\";\nin app",
         common::PRELUDE
     );
     let result = dir.join("result");
     let built = common::nix_build(&root, "newer", &newer, Some(&result));
+    let mut gc = gc;
+    assert!(
+        gc.try_wait().unwrap().is_none(),
+        "the build did not overlap the collection"
+    );
     let gc_out = gc.wait_with_output().unwrap();
-    let code = gc_out.status.code();
-    // 0, or 1 if Nix refused a path the build had just taken as a temporary root.
-    assert!(code == Some(0) || code == Some(1), "{code:?}");
+    // Nix refused `shared` (now alive through the new build): reported, exit 1, not forced.
+    assert_eq!(gc_out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&gc_out.stdout).unwrap();
-    assert!(!report["deleted"].as_array().unwrap().is_empty());
+    assert!(
+        report["deleted"].as_array().unwrap().len() >= 120,
+        "{report}"
+    );
+    let refused: Vec<String> = report["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_owned())
+        .collect();
+    // `shared`, and its .drv (kept by its now-live output: keep-derivations).
+    assert_eq!(refused.len(), 2, "{report}");
+    assert!(refused.contains(&shared), "{report}");
+    assert!(
+        refused.iter().all(|p| p.contains("-shared-lib")),
+        "{report}"
+    );
     let valid = valid_paths(&root);
     assert!(valid.contains(&built[0]));
     assert!(valid.contains(&shared), "the build's input survived");

@@ -133,6 +133,14 @@ fn track_runs_and_gc_selected_runs() {
             .ends_with("nixos-test-driver-two")
     );
 
+    // `du` by run: each run's claimed paths, hard links once.
+    let du = drydock_json(&root, &state, &["du"], 0);
+    let by_run = du["by_run"].as_array().unwrap();
+    assert_eq!(by_run.len(), 3, "{du}");
+    assert!(by_run[0][2].as_u64().unwrap() > 0 && by_run[1][2].as_u64().unwrap() > 0);
+    assert_eq!(by_run[2][2], 0, "the failing run claimed nothing");
+    assert!(du["by_class"]["test_driver"].as_u64().unwrap() > 0);
+
     // Bad input: exit 2, nothing deleted.
     let before = valid_paths(&root);
     assert_eq!(
@@ -270,8 +278,10 @@ fn track_forwards_ctrl_c_and_passes_the_exit_code() {
     let state = dir.join("state");
     std::fs::create_dir_all(&root).unwrap();
     let ready = dir.join("ready");
+    let pidfile = dir.join("sleep.pid");
     let script = format!(
-        "trap 'exit 42' INT; touch {}; sleep 30 & wait",
+        "trap 'exit 42' INT; sleep 60 & echo $! > {}; touch {}; wait",
+        pidfile.display(),
         ready.display()
     );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drydock"))
@@ -298,8 +308,15 @@ fn track_forwards_ctrl_c_and_passes_the_exit_code() {
     assert!(st.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(42));
-    // The orphaned `sleep` still holds the output pipe: drydock did not wait for it.
-    assert!(start.elapsed().as_secs() < 20);
+    // The orphaned `sleep` is still alive and holds the output pipe: drydock returned
+    // without waiting for it. Then end it.
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
     let db = drydock_gc::RunsDb::open(&state).unwrap();
     assert_eq!(db.run(1).unwrap().exit_status, Some(42));
 }

@@ -9,9 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
+mod vmcommon;
+use vmcommon::{bin, build_system, processes_mentioning, wait_no_processes};
 
 struct Fixture {
     root: PathBuf,
@@ -25,22 +24,8 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("drydock-vm-tests-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
-        let run = |extra: &[&str]| {
-            let out = Command::new(&script)
-                .args(extra)
-                .arg(&root)
-                .output()
-                .expect("run build-test-system");
-            assert!(
-                out.status.success(),
-                "build-test-system: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        };
-        let toplevel = run(&[]);
-        let outside = run(&["--outside"]);
+        let toplevel = build_system(&root, &[]);
+        let outside = build_system(&root, &["--outside"]);
         let q = Command::new("nix-store")
             .arg("--store")
             .arg(&root)
@@ -69,40 +54,6 @@ fn drydock(state: &Path) -> Command {
         .arg("--state-dir")
         .arg(state);
     c
-}
-
-/// PIDs of processes whose command line mentions `needle` (our unique state dir).
-fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
-    let needle = needle.display().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(&needle) {
-            out.push((pid, cmd));
-        }
-    }
-    out
-}
-
-fn wait_no_processes(state: &Path, within: Duration) {
-    let t = Instant::now();
-    loop {
-        let left = processes_mentioning(state);
-        if left.is_empty() {
-            return;
-        }
-        assert!(t.elapsed() < within, "processes left behind: {left:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn console_lines(out: &Output, name: &str) -> Vec<String> {

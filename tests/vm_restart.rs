@@ -8,9 +8,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
+mod vmcommon;
+use vmcommon::{bin, build_system, wait_no_processes};
 
 struct Fixture {
     root: PathBuf,
@@ -23,24 +22,9 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let root =
             std::env::temp_dir().join(format!("drydock-restart-tests-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
-        let build = |variant: Option<&str>| {
-            let out = Command::new(&script)
-                .arg(&root)
-                .args(variant)
-                .env("DRYDOCK_GUEST_KERNEL", "vmlinux")
-                .output()
-                .expect("run build-test-system");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap().trim().to_string()
-        };
         Fixture {
-            toplevel: build(None),
-            variant: build(Some("two")),
+            toplevel: build_system(&root, &[]),
+            variant: build_system(&root, &["two"]),
             root,
         }
     })
@@ -78,26 +62,7 @@ fn counts(state: &Path, name: &str) -> Vec<u64> {
 }
 
 fn no_processes(state: &Path) {
-    let needle = state.display().to_string();
-    let t = Instant::now();
-    loop {
-        let left: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .filter(|c| c.contains(&needle))
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "left behind: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_no_processes(state, Duration::from_secs(10));
 }
 
 /// A PATH with QEMU, qemu-img and a shell, and no Nix at all.
@@ -127,18 +92,7 @@ fn path_without_nix() -> tempfile::TempDir {
 /// GC or damage the store).
 fn own_store() -> (tempfile::TempDir, String) {
     let root = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
-    let out = Command::new(&script)
-        .arg(root.path())
-        .env("DRYDOCK_GUEST_KERNEL", "vmlinux")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let top = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let top = build_system(root.path(), &[]);
     (root, top)
 }
 
@@ -338,6 +292,19 @@ fn snapshot_stop_restore_carries_on_counting() {
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
+    // The restored VM's run is live again: GC leaves it (and its snapshot) alone.
+    let runs = drydock(state.path())
+        .args(["--json", "runs"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    assert!(doc["runs"][0]["ended_at"].is_null(), "{doc}");
+    let gc = drydock(state.path())
+        .args(["gc", "--run", "1", "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(gc.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&gc.stderr).contains("still running"));
     ok(&drydock(state.path())
         .args(["vm", "stop", "c"])
         .output()
@@ -485,4 +452,66 @@ fn virtiofs_vms_cannot_be_snapshotted() {
         .output()
         .unwrap());
     no_processes(state.path());
+}
+
+#[test]
+fn snapshots_and_images_are_artifacts_of_their_run() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    start_counter(state.path(), "g", &f.toplevel);
+    ok(&drydock(state.path())
+        .args(["vm", "snapshot", "g"])
+        .output()
+        .unwrap());
+    // A running VM's run cannot be collected.
+    let busy = drydock(state.path())
+        .args(["gc", "--run", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(2));
+    ok(&drydock(state.path())
+        .args(["vm", "stop", "g"])
+        .output()
+        .unwrap());
+    // runs show lists the VM folder (snapshots live in it); du sizes it and the image.
+    let show = drydock(state.path())
+        .args(["runs", "show", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("state_dir") && text.contains("vms/g"),
+        "{text}"
+    );
+    let du = drydock(state.path())
+        .args(["--json", "du"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&du.stdout).unwrap();
+    let snapshot_bytes = std::fs::metadata(state.path().join("vms/g/snapshots/default/state"))
+        .unwrap()
+        .len();
+    assert!(
+        doc["by_run"][0][2].as_u64().unwrap() >= snapshot_bytes,
+        "{doc}"
+    );
+    assert_eq!(doc["store_images"]["count"], 1, "{doc}");
+    // gc of the run takes its folder (snapshot included) and the image no VM uses any more.
+    let dry = drydock(state.path())
+        .args(["--json", "gc", "--run", "1", "--dry-run"])
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(plan["images"].as_array().unwrap().len(), 1, "{plan}");
+    ok(&drydock(state.path())
+        .args(["gc", "--run", "1"])
+        .output()
+        .unwrap());
+    assert!(!state.path().join("vms/g").exists());
+    let left: Vec<_> = std::fs::read_dir(state.path().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -566,6 +566,13 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
                     s.add_tree(&layout.physical(&sp))?;
                 }
             }
+            // A VM run's own files (its folder: console log, overlay, snapshots) count too.
+            for a in r.artifacts(run.id)? {
+                let p = std::path::Path::new(&a.path);
+                if a.removed_at.is_none() && p.exists() {
+                    s.add_tree(p)?;
+                }
+            }
             rep.by_run.push((run.id, run.name.clone(), s.bytes()));
         }
     }

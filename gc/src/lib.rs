@@ -1,9 +1,9 @@
 //! drydock's view of the Nix store: store paths, `.drv` parsing, the runs database and safe
 //! collection through Nix itself.
 //!
-//! Layers: a pure planning layer ([`plan`] types: liveness, dead sets, batches) computed from
-//! a read-only [`Snapshot`] of Nix's database and the roots found on disk; and a thin
-//! effectful layer. Only one private module deletes anything, and store paths are deleted
+//! Layers: a pure planning layer (liveness, dead sets, batches: [`Liveness`], [`dead_set`])
+//! computed from a read-only [`Snapshot`] of Nix's database and the roots found on disk; and a
+//! thin effectful layer. Only one private module deletes anything, and store paths are deleted
 //! only through `nix-store --delete` with the same `--store`.
 
 mod check;

@@ -276,35 +276,48 @@ impl RunsDb {
             .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(corrupt)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(corrupt)?;
         let known = MIGRATIONS.len() as i64;
+        let read_version = |c: &Connection| -> Result<i64, RunsDbError> {
+            c.pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(|source| RunsDbError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let mut conn = conn;
+        if read_version(&conn)? < known {
+            // Migrate under the write lock, re-reading the version inside it, so that two
+            // drydock processes opening a new database at once do not both migrate.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(corrupt)?;
+            let version = read_version(&tx)?;
+            if version == 0 {
+                // A fresh file must be empty; anything else is not ours.
+                let tables: i64 = tx
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .map_err(corrupt)?;
+                if tables > 0 {
+                    return Err(RunsDbError::Corrupt {
+                        path: path.clone(),
+                        source: rusqlite::Error::InvalidQuery,
+                    });
+                }
+            }
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+                tx.execute_batch(m).map_err(corrupt)?;
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .map_err(corrupt)?;
+            }
+            tx.commit().map_err(corrupt)?;
+        }
+        let version = read_version(&conn)?;
         if version > known {
             return Err(RunsDbError::TooNew {
                 path,
                 found: version,
                 known,
             });
-        }
-        if version == 0 {
-            // A fresh file must be empty; anything else is not ours.
-            let tables: i64 = conn
-                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-                .map_err(corrupt)?;
-            if tables > 0 {
-                return Err(RunsDbError::Corrupt {
-                    path: path.clone(),
-                    source: rusqlite::Error::InvalidQuery,
-                });
-            }
-        }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.unchecked_transaction().map_err(corrupt)?;
-            tx.execute_batch(m).map_err(corrupt)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
-                .map_err(corrupt)?;
-            tx.commit().map_err(corrupt)?;
         }
         // Touch the schema to detect damage early.
         conn.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))
@@ -369,6 +382,22 @@ impl RunsDb {
             .execute(
                 "UPDATE runs SET ended_at = ?2, exit_status = ?3 WHERE id = ?1",
                 params![id, now(), exit_status],
+            )
+            .map_err(self.e())?;
+        if n == 0 {
+            return Err(RunsDbError::UnknownRun(id));
+        }
+        Ok(())
+    }
+
+    /// Mark a finished run as running again (a VM restarted or restored from its recorded
+    /// launch), so that GC leaves it and its artifacts alone until it finishes again.
+    pub fn reopen_run(&self, id: i64) -> Result<(), RunsDbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE runs SET ended_at = NULL, exit_status = NULL WHERE id = ?1 AND collected_at IS NULL",
+                params![id],
             )
             .map_err(self.e())?;
         if n == 0 {
@@ -755,6 +784,21 @@ mod tests {
         // Reopening keeps data and does not re-migrate.
         let db = RunsDb::open(dir.path()).unwrap();
         assert_eq!(db.runs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| RunsDb::open(dir.path()).map(|_| ())))
+                    .collect();
+                for h in hs {
+                    h.join().unwrap().unwrap();
+                }
+            });
+        }
     }
 
     #[test]

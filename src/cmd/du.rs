@@ -11,13 +11,18 @@ use crate::exit::Outcome;
 use super::gc::size;
 
 pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
-    let layout = super::gc::layout(ctx);
+    let layout = ctx.layout();
     drydock_gc::NixDb::open(&layout).map_err(drydock_gc::GcError::from)?;
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     let rep = drydock_gc::du(&layout, Some(&runs))?;
+    // Store images are drydock state shared by the VMs of one closure: shown on their own.
+    let images = drydock_vm::list_images(&super::vm::images_dir(ctx))?;
+    let image_bytes: u64 = images.iter().map(|i| i.bytes).sum();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if ctx.json {
-        serde_json::to_writer_pretty(&mut out, &rep)?;
+        let mut doc = serde_json::to_value(&rep)?;
+        doc["store_images"] = serde_json::json!({ "count": images.len(), "bytes": image_bytes });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
         writeln!(out)?;
         out.flush()?;
         return Ok(Outcome::Success);
@@ -26,6 +31,13 @@ pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
         writeln!(out, "{:<14} {:>12}", c.as_str(), size(*b))?;
     }
     writeln!(out, "{:<14} {:>12}", "drydock_state", size(rep.state_dir))?;
+    writeln!(
+        out,
+        "  {:<12} {:>12}  ({} store images, part of drydock_state)",
+        "of which",
+        size(image_bytes),
+        images.len()
+    )?;
     for (id, name, b) in &rep.by_run {
         writeln!(out, "run {id:<10} {:>12}  {name}", size(*b))?;
     }

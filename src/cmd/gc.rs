@@ -3,19 +3,11 @@
 
 use std::io::Write;
 
-use drydock_gc::{Loaded, RunsDb, Selection, StoreLayout};
+use drydock_gc::{Loaded, RunsDb, Selection};
 
 use crate::cli::GcArgs;
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
-
-/// The store layout of the context (shared by the store-related subcommands).
-pub fn layout(ctx: &Context) -> StoreLayout {
-    match &ctx.store_root {
-        Some(root) => StoreLayout::chroot(root),
-        None => StoreLayout::system(&ctx.store_dir, &ctx.nix_state_dir),
-    }
-}
 
 /// Bytes for people.
 pub fn size(n: u64) -> String {
@@ -23,7 +15,7 @@ pub fn size(n: u64) -> String {
 }
 
 pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
-    let layout = layout(ctx);
+    let layout = ctx.layout();
     let older_than = args
         .older_than
         .as_deref()
@@ -54,15 +46,43 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     drop(loaded);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.dry_run {
+        // Store images only the collected runs' VMs use would go too.
+        let mut skip = Vec::new();
+        for id in &plan.runs {
+            for a in runs.artifacts(*id).map_err(drydock_gc::GcError::from)? {
+                if a.kind == "state_dir" {
+                    skip.push(std::path::PathBuf::from(&a.path));
+                }
+            }
+        }
+        let images = unused_images(ctx, &skip, true)?;
         if ctx.json {
-            serde_json::to_writer_pretty(&mut out, &plan)?;
+            let mut doc = serde_json::to_value(&plan)?;
+            doc["images"] = serde_json::json!(images.iter().map(|i| &i.path).collect::<Vec<_>>());
+            doc["image_bytes"] = serde_json::json!(images.iter().map(|i| i.bytes).sum::<u64>());
+            serde_json::to_writer_pretty(&mut out, &doc)?;
             writeln!(out)?;
         } else {
+            for i in &images {
+                writeln!(
+                    out,
+                    "{} (store image no VM will use, {})",
+                    i.path.display(),
+                    size(i.bytes)
+                )?;
+            }
             for p in &plan.paths {
                 writeln!(out, "{p}")?;
             }
             for k in &plan.kept {
-                writeln!(out, "kept {}: {}", k.path, k.reason)?;
+                match &k.alive {
+                    Some(w) => writeln!(
+                        out,
+                        "kept {}: alive, {} root {}",
+                        k.path, w.root_kind, w.root
+                    )?,
+                    None => writeln!(out, "kept {}: {}", k.path, k.reason)?,
+                }
             }
             writeln!(
                 out,
@@ -84,6 +104,8 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
+    // The collected runs' VM folders are gone now: images no remaining VM uses go too.
+    let images = unused_images(ctx, &[], false)?;
     if ctx.json {
         serde_json::to_writer_pretty(
             &mut out,
@@ -95,12 +117,22 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
                 "bytes": plan.bytes,
                 "freed_bytes": result.freed_bytes,
                 "artifacts_removed": result.artifacts_removed,
+                "images_removed": images.iter().map(|i| &i.path).collect::<Vec<_>>(),
+                "image_bytes": images.iter().map(|i| i.bytes).sum::<u64>(),
             }),
         )?;
         writeln!(out)?;
     } else {
         for (p, why) in &result.refused {
             writeln!(out, "refused by Nix: {p}: {why}")?;
+        }
+        for i in &images {
+            writeln!(
+                out,
+                "removed store image {} ({}): no VM uses it",
+                i.path.display(),
+                size(i.bytes)
+            )?;
         }
         writeln!(
             out,
@@ -117,4 +149,19 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// Store images (drydock state, not Nix store paths) that no VM outside `skip` uses; removed
+/// unless `dry_run`.
+fn unused_images(
+    ctx: &Context,
+    skip: &[std::path::PathBuf],
+    dry_run: bool,
+) -> anyhow::Result<Vec<drydock_vm::StoreImage>> {
+    let in_use = super::vm::images_in_use(ctx, skip);
+    Ok(drydock_vm::remove_unused_images(
+        &super::vm::images_dir(ctx),
+        &in_use,
+        dry_run,
+    )?)
 }

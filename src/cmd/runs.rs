@@ -21,8 +21,25 @@ fn age(secs: i64) -> String {
     }
 }
 
+/// A command line as a shell would need it (empty or spaced arguments quoted).
+fn shell_words(cmd: &[String]) -> String {
+    cmd.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
-    let layout = super::gc::layout(ctx);
+    let layout = ctx.layout();
     let loaded = Loaded::load(&layout)?;
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -48,7 +65,7 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                         s.live_paths,
                         size(s.size),
                         size(s.reclaimable),
-                        s.run.command.join(" ")
+                        shell_words(&s.run.command)
                     )?;
                 }
             }
@@ -69,7 +86,7 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                     "run {}: {} ({})",
                     run.id,
                     run.name,
-                    run.command.join(" ")
+                    shell_words(&run.command)
                 )?;
                 for p in &paths {
                     writeln!(

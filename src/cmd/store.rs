@@ -10,7 +10,7 @@ use crate::context::Context;
 use crate::exit::Outcome;
 
 pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
-    let layout = super::gc::layout(ctx);
+    let layout = ctx.layout();
     let mut loaded = Loaded::load(&layout)?;
     let (mut damage, _entries) = drydock_gc::check(&loaded)?;
     let mut roots_removed: Vec<String> = Vec::new();

@@ -8,7 +8,7 @@ use crate::context::Context;
 use crate::exit::Outcome;
 
 pub fn run(ctx: &Context, args: &TrackArgs) -> anyhow::Result<Outcome> {
-    let layout = super::gc::layout(ctx);
+    let layout = ctx.layout();
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
     let report = drydock_gc::track(&layout, &runs, args.name.as_deref(), &args.command)?;
     if ctx.json {

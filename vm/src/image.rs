@@ -295,6 +295,42 @@ pub fn ensure_store_image(
     ensure_with(store_dir, closure, images_dir, &Tools::default())
 }
 
+/// Remove the images no VM uses any more (`in_use`: the image paths of every VM's recorded
+/// launch), under the builders' lock so that an image being built or reused is never taken.
+/// With `dry_run`, only say which. Returns the images (and their sizes) removed.
+pub fn remove_unused_images(
+    images_dir: &Path,
+    in_use: &[PathBuf],
+    dry_run: bool,
+) -> Result<Vec<StoreImage>, ImageError> {
+    let dir_err = |source| ImageError::ImagesDir {
+        path: images_dir.to_path_buf(),
+        source,
+    };
+    if !images_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(images_dir.join(LOCK_FILE))
+        .map_err(dir_err)?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| dir_err(e.into()))?;
+    let mut removed = Vec::new();
+    for image in list_images(images_dir)? {
+        if in_use.iter().any(|p| p == &image.path) {
+            continue;
+        }
+        if !dry_run {
+            fs::remove_file(&image.path).map_err(dir_err)?;
+        }
+        removed.push(image);
+    }
+    Ok(removed)
+}
+
 /// List the images in `images_dir` (sorted by key; `built` is false). A missing directory has
 /// none; scratch files of running or crashed builds are not images and are not listed.
 pub fn list_images(images_dir: &Path) -> Result<Vec<StoreImage>, ImageError> {

@@ -237,6 +237,17 @@ fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), LaunchError> {
     }
 }
 
+/// Throw the VM's writable layer away: the next start creates a fresh one.
+pub fn discard_disk(disk: &Disk) -> Result<(), LaunchError> {
+    match std::fs::remove_file(&disk.overlay) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LaunchError::Files {
+            path: disk.overlay.clone(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A fresh writable layer: (re)create the VM's qcow2 overlay on the shared blank base, creating
 /// the base once. Milliseconds; nothing is copied.
 pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
@@ -304,11 +315,12 @@ pub fn start(
     };
     let paths = spec.paths.clone();
     prepare(&paths)?;
-    if let Some(disk) = &spec.disk {
-        if !disk.overlay.exists() {
-            fresh_disk(disk)?;
-        }
-    }
+    // A missing overlay (a fresh start) is created while the store server starts.
+    let disk_job = spec
+        .disk
+        .clone()
+        .filter(|d| !d.overlay.exists())
+        .map(|d| std::thread::spawn(move || fresh_disk(&d)));
     let server = match (&spec.store, share) {
         (StoreAttachment::VirtioFs { socket }, Some(share)) => Some(
             StoreServer::spawn(
@@ -317,10 +329,17 @@ pub fn start(
                 &share.shared_dir,
                 share.allow.as_deref(),
             )
-            .map_err(LaunchError::StoreServer)?,
+            .map_err(LaunchError::StoreServer),
         ),
         _ => None,
     };
+    if let Some(job) = disk_job {
+        job.join().map_err(|_| LaunchError::Disk {
+            command: "qemu-img create".into(),
+            message: "the thread creating the overlay panicked".into(),
+        })??;
+    }
+    let server = server.transpose()?;
     let qemu_log = paths.dir.join("qemu.log");
     let log = File::create(&qemu_log).map_err(|source| LaunchError::Files {
         path: qemu_log.clone(),
@@ -647,7 +666,7 @@ pub fn follow(
         if timeout.is_some_and(|t| start.elapsed() >= t) {
             return WaitOutcome::TimedOut;
         }
-        std::thread::sleep(Duration::from_millis(15));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -20,10 +20,13 @@ pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, NixConfSources, Status, kvm_usable,
     overall, run_checks,
 };
-pub use image::{ImageError, StoreImage, closure_key, ensure_store_image, list_images};
+pub use image::{
+    ImageError, StoreImage, closure_key, ensure_store_image, list_images, remove_unused_images,
+};
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, StoreShare, Vm, VmState, WaitOutcome,
-    follow, fresh_disk, log_tail, orderly_shutdown, pid_alive, start, stop_remote, write_json,
+    discard_disk, follow, fresh_disk, log_tail, orderly_shutdown, pid_alive, start, stop_remote,
+    write_json,
 };
 pub use plan::{
     Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, kernel_cmdline, plan,

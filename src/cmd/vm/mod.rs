@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow};
-use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb, StoreLayout};
+use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb};
 use drydock_vm::{
     Accel, ConsoleTail, Host, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmSpec, VmState,
     WaitOutcome,
@@ -93,15 +93,27 @@ fn find_qemu(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Where store images and the blank base disk live: shared by every VM of this state dir.
-fn images_dir(ctx: &Context) -> PathBuf {
+pub(crate) fn images_dir(ctx: &Context) -> PathBuf {
     ctx.state_dir.join("images")
 }
 
-fn layout(ctx: &Context) -> StoreLayout {
-    match &ctx.store_root {
-        Some(root) => StoreLayout::chroot(root),
-        None => StoreLayout::system(&ctx.store_dir, &ctx.nix_state_dir),
-    }
+/// The store images that the VMs of this state dir were launched with, leaving out the VM
+/// folders in `skip` (those about to be collected).
+pub(crate) fn images_in_use(ctx: &Context, skip: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(ctx.state_dir.join("vms")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| !skip.iter().any(|s| s == &e.path()))
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("launch.json")).ok()?;
+            let record: LaunchRecord = serde_json::from_slice(&bytes).ok()?;
+            match record.spec.store {
+                StoreAttachment::Image { path } => Some(path),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// Refuse a name whose VM is alive; clean up a stale entry.
@@ -143,7 +155,7 @@ fn choose_accel(arg: AccelArg) -> anyhow::Result<(Accel, String)> {
 
 /// Build the launch record: resolve the system or kernel, the closure, QEMU and the accelerator.
 fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<LaunchRecord> {
-    let layout = layout(ctx);
+    let layout = ctx.layout();
     let qemu = find_qemu(a.qemu.as_deref())?;
     let (kernel, initrd, mut cmdline, toplevel) = match (&a.system, &a.kernel) {
         (Some(sys), _) => {
@@ -298,7 +310,7 @@ fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
         let id = db.begin_run(&record.spec.name, &argv, RunKind::Vm)?;
         db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)?;
         if let Some(top) = &record.toplevel {
-            let l = layout(ctx);
+            let l = ctx.layout();
             let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
             db.pin(&l, id, &sp)?;
         }
@@ -316,8 +328,32 @@ fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
     }
 }
 
+/// A restart or restore runs the recorded launch again: its run is live again (GC must wait for
+/// it), and its pin is renewed in case someone removed it.
+pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result<()> {
+    let Some(id) = record.run_id else {
+        return Ok(());
+    };
+    let db = RunsDb::open(&ctx.state_dir)?;
+    db.reopen_run(id).map_err(|e| {
+        anyhow!(e).context(format!(
+            "run {id} of this VM was collected by `drydock gc`; start it anew with `drydock vm run`"
+        ))
+    })?;
+    if let Some(top) = &record.toplevel {
+        let l = ctx.layout();
+        let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
+        db.pin(&l, id, &sp)?;
+    }
+    Ok(())
+}
+
 /// Mark the launch's run finished with QEMU's exit code.
-fn finish_run(ctx: &Context, record: &LaunchRecord, status: Option<std::process::ExitStatus>) {
+pub(super) fn finish_run(
+    ctx: &Context,
+    record: &LaunchRecord,
+    status: Option<std::process::ExitStatus>,
+) {
     let Some(id) = record.run_id else { return };
     let result = RunsDb::open(&ctx.state_dir)
         .and_then(|db| db.finish_run(id, status.and_then(|s| s.code())));
@@ -353,6 +389,16 @@ impl Wait {
             detach: a.detach,
         })
     }
+
+    /// Follow the console until ready, timed out, QEMU gone (`gone`) or Ctrl-C.
+    fn follow(
+        &self,
+        tail: &mut ConsoleTail,
+        gone: &mut dyn FnMut() -> bool,
+        echo: &mut dyn FnMut(&str),
+    ) -> WaitOutcome {
+        drydock_vm::follow(tail, self.ready.as_ref(), self.timeout, &CANCEL, gone, echo)
+    }
 }
 
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
@@ -361,7 +407,7 @@ fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
     claim_name(&paths, &a.name)?;
     let mut record = prepare(ctx, a, &paths)?;
     if let Some(disk) = &record.spec.disk {
-        drydock_vm::fresh_disk(disk)?;
+        drydock_vm::discard_disk(disk)?;
     }
     record.run_id = record_run(ctx, &record);
     record.write(&paths)?;
@@ -431,17 +477,7 @@ fn foreground(
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut echo = echo_to(ctx.json, name);
     let mut ready_line = None;
-    let mut outcome = {
-        let mut gone = || vm.exited().is_some();
-        drydock_vm::follow(
-            &mut tail,
-            wait.ready.as_ref(),
-            wait.timeout,
-            &CANCEL,
-            &mut gone,
-            &mut echo,
-        )
-    };
+    let mut outcome = wait.follow(&mut tail, &mut || vm.exited().is_some(), &mut echo);
     if let WaitOutcome::Ready(line) = &outcome {
         ready_line = Some(line.clone());
         eprintln!(
@@ -589,13 +625,9 @@ fn detach(
     let mut tail = ConsoleTail::new(paths.console_log());
     let mut echo = echo_to(ctx.json, name);
     let qemu_pid = state.qemu_pid;
-    let mut gone = || !drydock_vm::pid_alive(qemu_pid);
-    let outcome = drydock_vm::follow(
+    let outcome = wait.follow(
         &mut tail,
-        wait.ready.as_ref(),
-        wait.timeout,
-        &CANCEL,
-        &mut gone,
+        &mut || !drydock_vm::pid_alive(qemu_pid),
         &mut echo,
     );
     match outcome {
@@ -696,10 +728,11 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
         share.exe = std::env::current_exe().context("locating the drydock binary")?;
     }
     if let Some(disk) = &record.spec.disk {
-        if !a.keep_state || !disk.overlay.exists() {
-            drydock_vm::fresh_disk(disk)?;
+        if !a.keep_state {
+            drydock_vm::discard_disk(disk)?;
         }
     }
+    reopen_run(ctx, &record)?;
     record.write(&paths)?;
     launch(ctx, &a.name, &record, &wait)
 }

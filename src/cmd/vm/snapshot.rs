@@ -61,6 +61,7 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     if let Some(share) = &mut record.share {
         share.exe = std::env::current_exe()?;
     }
+    super::reopen_run(ctx, &record)?;
     record.write(&paths)?;
     let uri = drydock_vm::prepare_restore(&record, &a.tag).map_err(snapshot_error)?;
     super::install_cancel_handler();

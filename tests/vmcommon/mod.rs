@@ -1,0 +1,67 @@
+//! Helpers shared by the VM test binaries: the drydock binary, test systems built into chroot
+//! stores by `scripts/guest/build-test-system`, and the process-tree checks.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drydock")
+}
+
+/// Build the test system (with `args`: `--outside`, or a variant name) into the chroot store
+/// `root`; returns the printed store path. The uncompressed kernel halves a TCG boot.
+pub fn build_system(root: &Path, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
+    let (flags, rest): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| a.starts_with("--"));
+    let out = Command::new(&script)
+        .args(flags)
+        .arg(root)
+        .args(rest)
+        .env("DRYDOCK_GUEST_KERNEL", "vmlinux")
+        .output()
+        .expect("run build-test-system");
+    assert!(
+        out.status.success(),
+        "build-test-system: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Processes (pid, command line) whose command line mentions `needle` (a test's unique state
+/// dir: QEMU's and the store server's arguments name it).
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(&needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Wait (bounded) until no process mentions `state`; fail naming what is left.
+pub fn wait_no_processes(state: &Path, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let left = processes_mentioning(state);
+        if left.is_empty() {
+            return;
+        }
+        assert!(t.elapsed() < within, "processes left behind: {left:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
