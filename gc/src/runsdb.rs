@@ -272,8 +272,21 @@ impl RunsDb {
         let conn = Connection::open(&path).map_err(corrupt)?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(corrupt)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(corrupt)?;
+        // Switching a new file to WAL needs an exclusive lock, and SQLite reports a concurrent
+        // opener's lock at once (no busy handler for this step): retry within the same bound.
+        let wal_deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => break,
+                Err(e)
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < wal_deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(corrupt(e)),
+            }
+        }
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(corrupt)?;
         let known = MIGRATIONS.len() as i64;
