@@ -248,58 +248,59 @@ pub fn discard_disk(disk: &Disk) -> Result<(), LaunchError> {
     }
 }
 
-/// A fresh writable layer: (re)create the VM's qcow2 overlay on the shared blank base, creating
-/// the base once. Milliseconds; nothing is copied.
+/// A fresh writable layer: (re)create the VM's qcow2 overlay on the shared blank base. The base
+/// and an empty overlay of it (the template) are made once with `qemu-img`; after that a fresh
+/// overlay is a copy of the template (a few hundred KiB, no process), since the template names
+/// the same absolute base path every overlay needs.
 pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
-    if !disk.base.exists() {
+    let files = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LaunchError::Files { path, source }
+    };
+    let template = disk.base.with_extension("overlay.qcow2");
+    if !disk.base.exists() || !template.exists() {
         let dir = disk.base.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|source| LaunchError::Files {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let tmp = disk
-            .base
-            .with_extension(format!("tmp{}", std::process::id()));
-        let size = format!("{}M", disk.size_mib);
+        std::fs::create_dir_all(dir).map_err(files(dir))?;
+        // Concurrent launches may race here: each builds under its own name, renames win.
+        let tag = format!(
+            "tmp{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "");
+        if !disk.base.exists() {
+            let tmp = disk.base.with_extension(&tag);
+            let size = format!("{}M", disk.size_mib);
+            qemu_img(&[
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                tmp.as_os_str(),
+                size.as_ref(),
+            ])?;
+            std::fs::rename(&tmp, &disk.base).map_err(files(&disk.base))?;
+        }
+        let tmp = template.with_extension(&tag);
         qemu_img(&[
             "create".as_ref(),
             "-q".as_ref(),
             "-f".as_ref(),
             "qcow2".as_ref(),
+            "-b".as_ref(),
+            disk.base.as_os_str(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
             tmp.as_os_str(),
-            size.as_ref(),
         ])?;
-        std::fs::rename(&tmp, &disk.base).map_err(|source| LaunchError::Files {
-            path: disk.base.clone(),
-            source,
-        })?;
+        std::fs::rename(&tmp, &template).map_err(files(&template))?;
     }
     if let Some(dir) = disk.overlay.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| LaunchError::Files {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(files(dir))?;
     }
-    match std::fs::remove_file(&disk.overlay) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(LaunchError::Files {
-                path: disk.overlay.clone(),
-                source: e,
-            });
-        }
-        _ => {}
-    }
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        disk.base.as_os_str(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        disk.overlay.as_os_str(),
-    ])
+    discard_disk(disk)?;
+    std::fs::copy(&template, &disk.overlay).map_err(files(&disk.overlay))?;
+    Ok(())
 }
 
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
