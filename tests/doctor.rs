@@ -207,7 +207,7 @@ impl Drop for TempUser {
 fn copy_of_binary() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("drydock-doctor-bin-{}", std::process::id()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("drydock");
         std::fs::copy(bin(), &p).unwrap();

@@ -10,7 +10,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod vmcommon;
-use vmcommon::{bin, build_system, processes_mentioning, wait_no_processes};
+use vmcommon::{
+    bin, build_system, drydock_in, processes_mentioning, shared_store, wait_no_processes,
+};
 
 struct Fixture {
     root: PathBuf,
@@ -23,7 +25,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("drydock-vm-tests-{}", std::process::id()));
+        let root = shared_store();
         let toplevel = build_system(&root, &[]);
         let outside = build_system(&root, &["--outside"]);
         let q = Command::new("nix-store")
@@ -48,12 +50,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn drydock(state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store")
-        .arg(&fixture().root)
-        .arg("--state-dir")
-        .arg(state);
-    c
+    drydock_in(&fixture().root, state)
 }
 
 fn console_lines(out: &Output, name: &str) -> Vec<String> {

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod vmcommon;
-use vmcommon::{bin, build_system, wait_no_processes};
+use vmcommon::{bin, build_system, drydock_in, shared_store, wait_no_processes};
 
 struct Fixture {
     root: PathBuf,
@@ -20,8 +20,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let root =
-            std::env::temp_dir().join(format!("drydock-restart-tests-{}", std::process::id()));
+        let root = shared_store();
         Fixture {
             toplevel: build_system(&root, &[]),
             variant: build_system(&root, &["two"]),
@@ -31,12 +30,7 @@ fn fixture() -> &'static Fixture {
 }
 
 fn drydock(state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store")
-        .arg(&fixture().root)
-        .arg("--state-dir")
-        .arg(state);
-    c
+    drydock_in(&fixture().root, state)
 }
 
 fn ok(out: &Output) {

@@ -2,12 +2,25 @@
 //! stores by `scripts/guest/build-test-system`, and the process-tree checks.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_drydock")
+}
+
+/// The chroot store the VM tests share: under Cargo's target temporary directory, so it is
+/// reused across runs (building into it again is a no-op) instead of piling up in /tmp.
+pub fn shared_store() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-vm-fixture-store")
+}
+
+/// `drydock --store ROOT --state-dir STATE`.
+pub fn drydock_in(root: &Path, state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store").arg(root).arg("--state-dir").arg(state);
+    c
 }
 
 /// Build the test system (with `args`: `--outside`, or a variant name) into the chroot store
