@@ -89,8 +89,13 @@ fn default_state_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
+    current_uid() == 0
+}
+
+/// This process's uid (the owner of `/proc/self`).
+pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(Path::new("/proc/self"))
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
 }

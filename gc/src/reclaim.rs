@@ -3,8 +3,10 @@
 //! refuses is reported, never forced. Besides that: drydock's own pin links and VM artifacts
 //! inside the state directory.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::nixdb::{NixDb, NixDbError};
 use crate::store_path::{StoreLayout, StorePath};
@@ -18,6 +20,9 @@ pub enum ReclaimError {
     /// Checking what is gone needs the database.
     #[error("checking deleted paths")]
     Verify(#[source] NixDbError),
+    /// `nix-store --delete` did not finish in time (another GC holding the lock for ever?).
+    #[error("nix-store --delete did not finish within {} s; it was stopped", .0.as_secs())]
+    Timeout(Duration),
     /// Removing a file or directory failed.
     #[error("cannot remove {}", path.display())]
     Remove {
@@ -44,10 +49,39 @@ fn nix_store_delete(
     cmd.args(layout.nix_args()).arg("--delete");
     cmd.args(paths.iter().map(|p| layout.logical(p)));
     tracing::debug!("running nix-store --delete on {} paths", paths.len());
-    let out = cmd.output().map_err(ReclaimError::Spawn)?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    Ok((out.status.success(), stderr))
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ReclaimError::Spawn)?;
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    });
+    // Waiting for Nix's GC lock is expected; waiting for ever is not.
+    let deadline = Instant::now() + DELETE_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(ReclaimError::Spawn)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ReclaimError::Timeout(DELETE_DEADLINE));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    Ok((status.success(), stderr))
 }
+
+/// How long one batch's `nix-store --delete` may take.
+const DELETE_DEADLINE: Duration = Duration::from_secs(30 * 60);
 
 fn error_line(stderr: &str) -> String {
     stderr

@@ -559,6 +559,13 @@ pub fn stop_remote(
     Ok(())
 }
 
+/// SIGKILL a process of ours (a supervisor that never got going); gone already is fine.
+pub fn kill_process(pid: u32) {
+    if let Err(e) = signal(pid, libc::SIGKILL) {
+        tracing::warn!("{e}");
+    }
+}
+
 fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
     match sysproc::send_signal(pid, sig) {
         Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {

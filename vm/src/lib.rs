@@ -25,8 +25,8 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, StoreShare, Vm, VmState, WaitOutcome,
-    discard_disk, follow, fresh_disk, log_tail, orderly_shutdown, pid_alive, start, stop_remote,
-    write_json,
+    discard_disk, follow, fresh_disk, kill_process, log_tail, orderly_shutdown, pid_alive, start,
+    stop_remote, write_json,
 };
 pub use plan::{
     Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, kernel_cmdline, plan,

@@ -50,16 +50,8 @@ fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir)
-        .join(format!("drydock-{}", unsafe_free_uid()));
+        .join(format!("drydock-{}", crate::context::current_uid()));
     Ok(VmPaths::new(dir.clone(), &runtime, &short_id(&dir)))
-}
-
-/// This process's uid, from /proc (no libc call needed here).
-fn unsafe_free_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
 }
 
 /// FNV-1a of a path: a short, stable folder name for sockets.
@@ -602,7 +594,7 @@ fn spawn_supervisor(
             return Err(anyhow!("the VM did not start:\n{}", text.trim()));
         }
         if started.elapsed() > Duration::from_secs(30) || CANCEL.load(Ordering::SeqCst) {
-            kill(sup);
+            drydock_vm::kill_process(sup);
             return Err(anyhow!(
                 "the VM supervisor did not start QEMU within 30 s (see {})",
                 log_path.display()
@@ -664,13 +656,6 @@ fn detach(
             report_end(ctx, name, paths, code, &why, None, started.elapsed())
         }
     }
-}
-
-fn kill(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .arg("-KILL")
-        .arg(pid.to_string())
-        .status();
 }
 
 /// The hidden `__vm-supervise`: start the recorded launch (or load a snapshot into it) and stay
