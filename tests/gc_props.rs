@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use common::{drydock, drydock_json, nix_print_dead, nix_store, valid_paths};
+use common::{drydock_json, nix_print_dead, nix_store, valid_paths};
 
 /// A small deterministic generator (xorshift64*), so failures replay from the seed.
 struct Rng(u64);
@@ -61,20 +61,11 @@ fn dag_expr(rng: &mut Rng, seed: u64) -> String {
 }
 
 fn build_attrs(root: &Path, state: &Path, file: &Path, attrs: &[usize]) {
-    let mut cmd = format!(
-        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' --no-out-link",
-        root.display(),
-        file.display()
-    );
-    for a in attrs {
-        cmd.push_str(&format!(" -A n{a}"));
-    }
-    let out = drydock(root, state, &["track", "--", "sh", "-c", &cmd]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let extra: String = attrs.iter().map(|a| format!(" -A n{a}")).collect();
+    common::track_ok(
+        root,
+        state,
+        &common::nix_build_cmd(root, file, &format!("--no-out-link{extra}")),
     );
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{drydock, drydock_json, nix_store, valid_paths};
+use common::{drydock_json, nix_store, valid_paths};
 
 /// An expression with `n` independent small test runs, each with a driver.
 fn many(n: usize, tag: &str) -> String {
@@ -23,17 +23,10 @@ fn many(n: usize, tag: &str) -> String {
 }
 
 fn track_build(root: &Path, state: &Path, file: &Path) {
-    let cmd = format!(
-        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' --no-out-link",
-        root.display(),
-        file.display()
-    );
-    let out = drydock(root, state, &["track", "--", "sh", "-c", &cmd]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::track_ok(
+        root,
+        state,
+        &common::nix_build_cmd(root, file, "--no-out-link"),
     );
 }
 

@@ -19,14 +19,6 @@ in run"#,
     )
 }
 
-fn nix_build_cmd(root: &Path, file: &Path, extra: &str) -> String {
-    format!(
-        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' {extra}",
-        root.display(),
-        file.display()
-    )
-}
-
 #[test]
 fn track_runs_and_gc_selected_runs() {
     let dir = common::scratch("track-gc");
@@ -40,8 +32,8 @@ fn track_runs_and_gc_selected_runs() {
     // not printed), like a concurrent build in another terminal.
     let script = format!(
         "{} --no-out-link >/dev/null 2>&1; {} --no-out-link",
-        nix_build_cmd(&root, &dir.join("other.nix"), ""),
-        nix_build_cmd(&root, &dir.join("one.nix"), "")
+        common::nix_build_cmd(&root, &dir.join("other.nix"), ""),
+        common::nix_build_cmd(&root, &dir.join("one.nix"), "")
     );
     let out = drydock(
         &root,

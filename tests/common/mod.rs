@@ -55,6 +55,27 @@ pub fn nix_build(root: &Path, file_name: &str, expr: &str, out_link: Option<&Pat
         .collect()
 }
 
+/// The shell command line of `nix-build --store ROOT FILE` with the fixtures' options and
+/// `extra` arguments, for tests that run it under `drydock track -- sh -c ...`.
+pub fn nix_build_cmd(root: &Path, file: &Path, extra: &str) -> String {
+    format!(
+        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' {extra}",
+        root.display(),
+        file.display()
+    )
+}
+
+/// `drydock track -- sh -c CMD`, which must succeed.
+pub fn track_ok(root: &Path, state: &Path, cmd: &str) {
+    let out = drydock(root, state, &["track", "--", "sh", "-c", cmd]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Run `nix-store --store ROOT ARGS...` and return stdout lines; panics on failure.
 pub fn nix_store(root: &Path, args: &[&str]) -> Vec<String> {
     let out = Command::new("nix-store")

@@ -295,21 +295,13 @@ pub fn ensure_store_image(
     ensure_with(store_dir, closure, images_dir, &Tools::default())
 }
 
-/// Remove the images no VM uses any more (`in_use`: the image paths of every VM's recorded
-/// launch), under the builders' lock so that an image being built or reused is never taken.
-/// With `dry_run`, only say which. Returns the images (and their sizes) removed.
-pub fn remove_unused_images(
-    images_dir: &Path,
-    in_use: &[PathBuf],
-    dry_run: bool,
-) -> Result<Vec<StoreImage>, ImageError> {
+/// Take the images directory's lock (`IMAGES/.lock`, `flock`), held until the file is dropped;
+/// the kernel releases it if the holder dies. Builders and the collector both take it.
+fn lock_images_dir(images_dir: &Path) -> Result<File, ImageError> {
     let dir_err = |source| ImageError::ImagesDir {
         path: images_dir.to_path_buf(),
         source,
     };
-    if !images_dir.is_dir() {
-        return Ok(Vec::new());
-    }
     let lock = File::options()
         .create(true)
         .truncate(false)
@@ -318,13 +310,31 @@ pub fn remove_unused_images(
         .map_err(dir_err)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| dir_err(e.into()))?;
+    Ok(lock)
+}
+
+/// Remove the images no VM uses any more (`in_use`: the image paths of every VM's recorded
+/// launch), under the builders' lock so that an image being built or reused is never taken.
+/// With `dry_run`, only say which. Returns the images (and their sizes) removed.
+pub fn remove_unused_images(
+    images_dir: &Path,
+    in_use: &[PathBuf],
+    dry_run: bool,
+) -> Result<Vec<StoreImage>, ImageError> {
+    if !images_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _lock = lock_images_dir(images_dir)?;
     let mut removed = Vec::new();
     for image in list_images(images_dir)? {
         if in_use.iter().any(|p| p == &image.path) {
             continue;
         }
         if !dry_run {
-            fs::remove_file(&image.path).map_err(dir_err)?;
+            fs::remove_file(&image.path).map_err(|source| ImageError::ImagesDir {
+                path: images_dir.to_path_buf(),
+                source,
+            })?;
         }
         removed.push(image);
     }
@@ -438,15 +448,8 @@ fn ensure_with(
         source,
     };
     fs::create_dir_all(images_dir).map_err(dir_err)?;
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(images_dir.join(LOCK_FILE))
-        .map_err(dir_err)?;
     let waited = Instant::now();
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| dir_err(e.into()))?;
+    let lock = lock_images_dir(images_dir)?;
     if let Some(hit) = cached(&path, &key) {
         tracing::debug!(%key, waited = ?waited.elapsed(), "store image built by another builder");
         return Ok(hit);
