@@ -196,19 +196,17 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
                 )));
             }
             let db = NixDb::open(&layout).context("opening the Nix database")?;
-            let snap = db.snapshot().context("reading the Nix database")?;
-            let node = snap.node(top).ok_or_else(|| {
-                bad_input(format!(
-                    "--system {}: not registered in the Nix database {}",
-                    layout.logical(top),
-                    layout.db_path().display()
-                ))
-            })?;
-            let names: Vec<String> = snap
-                .closure([node])
-                .into_iter()
-                .map(|n| snap.path(n).base_name().to_string())
-                .collect();
+            let closure = db
+                .closure_of(top)
+                .context("reading the Nix database")?
+                .ok_or_else(|| {
+                    bad_input(format!(
+                        "--system {}: not registered in the Nix database {}",
+                        layout.logical(top),
+                        layout.db_path().display()
+                    ))
+                })?;
+            let names: Vec<String> = closure.iter().map(|p| p.base_name().to_string()).collect();
             Some(names)
         }
         // A bare kernel has no closure to compute: it sees nothing of the store unless asked.
