@@ -82,6 +82,9 @@ pub struct VmState {
     /// `running`, or `loading` while a snapshot is being loaded.
     #[serde(default = "running")]
     pub phase: String,
+    /// QEMU's start time (clock ticks after boot), so a recycled pid is not taken for it.
+    #[serde(default)]
+    pub qemu_start_ticks: Option<u64>,
 }
 
 fn running() -> String {
@@ -96,6 +99,12 @@ impl VmState {
 
     fn write(&self, paths: &VmPaths) -> Result<(), LaunchError> {
         write_json(&paths.state_file(), self)
+    }
+
+    /// Whether this VM's QEMU is still running (not exiting, not a zombie, not a stranger
+    /// that inherited its pid).
+    pub fn qemu_alive(&self) -> bool {
+        same_process_alive(self.qemu_pid, self.qemu_start_ticks)
     }
 }
 
@@ -113,13 +122,58 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError
 
 /// Whether a process is alive (and not a zombie).
 pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+    proc_stat(pid).is_some_and(|st| st.alive())
+}
+
+/// What `/proc/PID/stat` says about a process, as far as liveness goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    /// One-letter state (`R`, `S`, `D`, `Z`, ...).
+    state: char,
+    /// Kernel task flags (`PF_*`).
+    flags: u64,
+    /// Start time in clock ticks after boot: with the pid, it names one process.
+    start_ticks: u64,
+}
+
+/// `PF_EXITING`: the task is inside `exit()`. Its memory and command line may already be
+/// gone while its state letter still reads `R` or `D`.
+const PF_EXITING: u64 = 0x4;
+
+impl ProcStat {
+    /// Parse the text of `/proc/PID/stat`; the command name may hold spaces and parentheses,
+    /// so fields are counted from the last `)`.
+    fn parse(text: &str) -> Option<Self> {
+        let (_, rest) = text.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state(3) ppid(4) pgrp(5) session(6) tty(7) tpgid(8) flags(9) ...
+        // starttime(22).
+        Some(Self {
+            state: fields.first()?.chars().next()?,
+            flags: fields.get(6)?.parse().ok()?,
+            start_ticks: fields.get(19)?.parse().ok()?,
+        })
     }
+
+    /// Running in any sense that matters: not a zombie, not dead, not on its way out.
+    fn alive(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x') && self.flags & PF_EXITING == 0
+    }
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// When process `pid` started (clock ticks after boot), if it exists.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|st| st.start_ticks)
+}
+
+/// Whether `pid` is alive and, when `start_ticks` is known, still the same process (a pid
+/// that the kernel handed to someone else after the VM died is not the VM).
+pub fn same_process_alive(pid: u32, start_ticks: Option<u64>) -> bool {
+    proc_stat(pid).is_some_and(|st| st.alive() && start_ticks.is_none_or(|t| t == st.start_ticks))
 }
 
 /// How the store reaches the store server.
@@ -389,6 +443,7 @@ pub fn start(
         } else {
             running()
         },
+        qemu_start_ticks: process_start_ticks(qemu.pid()),
     };
     state.write(&paths)?;
     Ok(Vm {
@@ -514,7 +569,7 @@ pub fn stop_remote(
     force: bool,
 ) -> Result<(), LaunchError> {
     let pid = state.qemu_pid;
-    let mut gone = || !pid_alive(pid);
+    let mut gone = || !state.qemu_alive();
     if !force {
         orderly_shutdown(paths, pid, grace, &mut gone);
     }
@@ -765,5 +820,48 @@ mod tests {
         let pid = c.id();
         c.wait().unwrap();
         assert!(!pid_alive(pid));
+    }
+
+    #[test]
+    fn proc_stat_fields_are_counted_from_the_last_parenthesis() {
+        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 \
+                    4 0 987654 1000 100 18446744073709551615";
+        let st = ProcStat::parse(line).unwrap();
+        assert_eq!(
+            st,
+            ProcStat {
+                state: 'S',
+                flags: 4194560,
+                start_ticks: 987654
+            }
+        );
+        assert!(st.alive());
+        let table = [
+            ('R', 0, true),
+            ('D', 0, true),
+            ('S', PF_EXITING, false),
+            ('D', PF_EXITING | 0x400000, false),
+            ('Z', 0, false),
+            ('X', 0, false),
+        ];
+        for (state, flags, alive) in table {
+            let st = ProcStat {
+                state,
+                flags,
+                start_ticks: 1,
+            };
+            assert_eq!(st.alive(), alive, "{state} {flags:#x}");
+        }
+        assert_eq!(ProcStat::parse("12 (x) S 1"), None);
+        assert_eq!(ProcStat::parse("garbage"), None);
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_the_same_process() {
+        let me = std::process::id();
+        let ticks = process_start_ticks(me).unwrap();
+        assert!(same_process_alive(me, Some(ticks)));
+        assert!(same_process_alive(me, None));
+        assert!(!same_process_alive(me, Some(ticks + 1)));
     }
 }

@@ -111,9 +111,7 @@ pub(crate) fn images_in_use(ctx: &Context, skip: &[PathBuf]) -> Vec<PathBuf> {
 /// Refuse a name whose VM is alive; clean up a stale entry.
 fn claim_name(paths: &VmPaths, name: &str) -> anyhow::Result<()> {
     if let Some(state) = VmState::read(paths) {
-        let alive = [state.qemu_pid, state.supervisor_pid]
-            .into_iter()
-            .any(drydock_vm::pid_alive);
+        let alive = state.qemu_alive() || drydock_vm::pid_alive(state.supervisor_pid);
         if alive {
             return Err(bad_input(format!(
                 "a VM named {name} is already running (QEMU pid {}); stop it with `drydock vm stop {name}` or choose another --name",
@@ -614,12 +612,7 @@ fn detach(
     let (_, state) = spawn_supervisor(ctx, name, paths, None)?;
     let mut tail = ConsoleTail::new(paths.console_log());
     let mut echo = echo_to(ctx.json, name);
-    let qemu_pid = state.qemu_pid;
-    let outcome = wait.follow(
-        &mut tail,
-        &mut || !drydock_vm::pid_alive(qemu_pid),
-        &mut echo,
-    );
+    let outcome = wait.follow(&mut tail, &mut || !state.qemu_alive(), &mut echo);
     match outcome {
         WaitOutcome::Ready(line) => {
             eprintln!(
@@ -772,7 +765,7 @@ fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
     let grace = Duration::try_from_secs_f64(a.grace)
         .map_err(|_| bad_input(format!("--grace {}: not a number of seconds", a.grace)))?;
     let t = Instant::now();
-    let was_alive = drydock_vm::pid_alive(state.qemu_pid);
+    let was_alive = state.qemu_alive();
     drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
     if was_alive {
         eprintln!(
@@ -813,7 +806,7 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
         let record = LaunchRecord::read(&paths).ok();
         let state = VmState::read(&paths);
         let (status, pid, uptime) = match &state {
-            Some(s) if drydock_vm::pid_alive(s.qemu_pid) => (
+            Some(s) if s.qemu_alive() => (
                 "running",
                 Some(s.qemu_pid),
                 Some(now().saturating_sub(s.started)),
@@ -896,7 +889,7 @@ fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     install_cancel_handler();
-    let mut gone = || VmState::read(&paths).is_none_or(|s| !drydock_vm::pid_alive(s.qemu_pid));
+    let mut gone = || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
     drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut out);
     Ok(Outcome::Success)
 }

@@ -24,7 +24,7 @@ fn snapshot_error(e: SnapshotError) -> anyhow::Error {
 pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let record = existing_record(ctx, &paths, &a.name)?;
-    let running = VmState::read(&paths).is_some_and(|s| drydock_vm::pid_alive(s.qemu_pid));
+    let running = VmState::read(&paths).is_some_and(|s| s.qemu_alive());
     if !running {
         return Err(bad_input(format!(
             "{} is not running: only a running VM can be snapshotted",
