@@ -403,14 +403,18 @@ impl NixDb {
 
     /// Direct references of a valid path.
     pub fn references(&self, p: &StorePath) -> Result<Vec<StorePath>, NixDbError> {
+        self.paths_for(
+            "SELECT r.path FROM ValidPaths v JOIN Refs ON Refs.referrer = v.id \
+             JOIN ValidPaths r ON r.id = Refs.reference WHERE v.path = ?1",
+            p,
+        )
+    }
+
+    /// Run `sql`, which takes `p`'s logical path as `?1` and selects store paths; rows that
+    /// are not store paths of this store are skipped.
+    fn paths_for(&self, sql: &str, p: &StorePath) -> Result<Vec<StorePath>, NixDbError> {
         let sd = &self.layout.logical_store_dir;
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT r.path FROM ValidPaths v JOIN Refs ON Refs.referrer = v.id \
-                 JOIN ValidPaths r ON r.id = Refs.reference WHERE v.path = ?1",
-            )
-            .map_err(self.q())?;
+        let mut st = self.conn.prepare_cached(sql).map_err(self.q())?;
         let rows = st
             .query_map([self.layout.logical(p)], |r| r.get::<_, String>(0))
             .map_err(self.q())?;
@@ -429,48 +433,23 @@ impl NixDb {
         if self.path_info(p)?.is_none() {
             return Ok(None);
         }
-        let sd = &self.layout.logical_store_dir;
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "WITH RECURSIVE c(id) AS ( \
-                   SELECT id FROM ValidPaths WHERE path = ?1 \
-                   UNION SELECT Refs.reference FROM Refs JOIN c ON Refs.referrer = c.id) \
-                 SELECT v.path FROM c JOIN ValidPaths v ON v.id = c.id",
-            )
-            .map_err(self.q())?;
-        let rows = st
-            .query_map([self.layout.logical(p)], |r| r.get::<_, String>(0))
-            .map_err(self.q())?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Ok(sp) = StorePath::parse(sd, &r.map_err(self.q())?) {
-                out.push(sp);
-            }
-        }
-        Ok(Some(out))
+        self.paths_for(
+            "WITH RECURSIVE c(id) AS ( \
+               SELECT id FROM ValidPaths WHERE path = ?1 \
+               UNION SELECT Refs.reference FROM Refs JOIN c ON Refs.referrer = c.id) \
+             SELECT v.path FROM c JOIN ValidPaths v ON v.id = c.id",
+            p,
+        )
+        .map(Some)
     }
 
     /// Valid derivations that list `p` as an output.
     pub fn derivers_of(&self, p: &StorePath) -> Result<Vec<StorePath>, NixDbError> {
-        let sd = &self.layout.logical_store_dir;
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT v.path FROM DerivationOutputs d JOIN ValidPaths v ON d.drv = v.id \
-                 WHERE d.path = ?1",
-            )
-            .map_err(self.q())?;
-        let rows = st
-            .query_map([self.layout.logical(p)], |r| r.get::<_, String>(0))
-            .map_err(self.q())?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Ok(sp) = StorePath::parse(sd, &r.map_err(self.q())?) {
-                out.push(sp);
-            }
-        }
-        Ok(out)
+        self.paths_for(
+            "SELECT v.path FROM DerivationOutputs d JOIN ValidPaths v ON d.drv = v.id \
+             WHERE d.path = ?1",
+            p,
+        )
     }
 
     /// The database file.
