@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 mod vmcommon;
 use vmcommon::{
     bin, build_system, drydock_in, processes_mentioning, shared_store, wait_no_processes,
+    wait_until,
 };
 
 struct Fixture {
@@ -376,16 +377,19 @@ fn detach_list_logs_name_in_use_and_stop() {
     let again = run("bg");
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
-    // Logs keep growing.
-    std::thread::sleep(Duration::from_millis(800));
-    let logs = drydock(state.path())
-        .args(["vm", "logs", "bg"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&logs.stdout);
-    assert!(
-        text.contains("DRYDOCK-READY") && text.contains("DRYDOCK-COUNT: 4"),
-        "{text}"
+    // Logs keep growing (the guest counts every 0.2 s; it was ready at 3).
+    let mut text = String::new();
+    wait_until(
+        "`vm logs bg` shows the guest counting past its ready marker",
+        Duration::from_secs(60),
+        || {
+            let logs = drydock(state.path())
+                .args(["vm", "logs", "bg"])
+                .output()
+                .unwrap();
+            text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            text.contains("DRYDOCK-READY") && text.contains("DRYDOCK-COUNT: 4")
+        },
     );
     let stop = drydock(state.path())
         .args(["vm", "stop", "bg"])

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod vmcommon;
-use vmcommon::{bin, build_system, drydock_in, shared_store, wait_no_processes};
+use vmcommon::{bin, build_system, drydock_in, shared_store, wait_no_processes, wait_until};
 
 struct Fixture {
     root: PathBuf,
@@ -256,8 +256,11 @@ fn snapshot_stop_restore_carries_on_counting() {
     let at_snapshot = *counts(state.path(), "c").last().unwrap();
     assert!(at_snapshot >= 10);
     // It keeps running after the snapshot.
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(*counts(state.path(), "c").last().unwrap() > at_snapshot);
+    wait_until(
+        "the guest counts on after the snapshot",
+        Duration::from_secs(60),
+        || *counts(state.path(), "c").last().unwrap() > at_snapshot,
+    );
     ok(&drydock(state.path())
         .args(["vm", "stop", "c"])
         .output()
@@ -270,16 +273,20 @@ fn snapshot_stop_restore_carries_on_counting() {
         .unwrap();
     ok(&out);
     let restore_time = t.elapsed();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        "the restored guest prints its counter (three lines)",
+        Duration::from_secs(60),
+        || counts(state.path(), "c").len() >= 3,
+    );
     let after = counts(state.path(), "c");
-    assert!(!after.is_empty(), "no counter output after restore");
     assert!(
         after[0] >= at_snapshot,
         "the guest restarted counting: first {} after restore, {at_snapshot} at the snapshot",
         after[0]
     );
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
-    assert!(restore_time < Duration::from_secs(10), "{restore_time:?}");
+    // A loose sanity bound (the benchmark measures it): a restore is not a boot.
+    assert!(restore_time < Duration::from_secs(30), "{restore_time:?}");
     let list = drydock(state.path())
         .args(["--json", "vm", "list"])
         .output()

@@ -66,6 +66,17 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
     out
 }
 
+/// Poll `cond` until it holds; fail with `what` if it does not within `within`. Guests under
+/// TCG run at the speed of a loaded machine, so tests wait for what they expect instead of
+/// sleeping a fixed time.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Wait (bounded) until no process mentions `state`; fail naming what is left.
 pub fn wait_no_processes(state: &Path, within: Duration) {
     let t = Instant::now();
