@@ -104,9 +104,11 @@ fn walk_threads() -> usize {
 }
 
 impl Loaded {
-    /// Snapshot the database and find roots.
+    /// Snapshot the database, find roots and read Nix's keep-* settings (an unreadable Nix
+    /// configuration is an error: the plan could disagree with Nix about what is alive).
     pub fn load(layout: &StoreLayout) -> Result<Self, GcError> {
         let db = NixDb::open(layout)?;
+        let settings = GcSettings::load()?;
         // Roots, the directory listing and the database snapshot are read side by side. Any
         // interleaving is safe: a path rooted or registered meanwhile is either not planned
         // or refused by `nix-store --delete`, which checks roots itself.
@@ -124,7 +126,7 @@ impl Loaded {
                 layout: layout.clone(),
                 snap: snap?,
                 roots: roots?,
-                settings: GcSettings::load(),
+                settings,
                 entries: entries?,
             })
         })

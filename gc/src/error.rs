@@ -28,17 +28,21 @@ pub enum GcError {
     /// Selecting runs.
     #[error(transparent)]
     Select(#[from] crate::collect::SelectError),
+    /// Reading Nix's configuration.
+    #[error(transparent)]
+    NixConf(#[from] crate::nixconf::NixConfError),
 }
 
 impl GcError {
     /// Whether the error is the user's input (a store that is not one, an unknown run id, a
-    /// corrupt runs database, a bad selection): the binary exits with 2 for these.
+    /// corrupt runs database, a bad selection, an unreadable Nix configuration): the binary exits with 2 for these.
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::NixDb(e) => e.is_bad_input(),
             Self::RunsDb(e) => e.is_bad_input(),
             Self::Track(e) => e.is_bad_input(),
             Self::Select(_) => true,
+            Self::NixConf(e) => e.is_bad_input(),
             Self::Roots(_) | Self::StoreCheck(_) | Self::Reclaim(_) | Self::Du(_) => false,
         }
     }

@@ -12,6 +12,7 @@ mod collect;
 mod drv;
 mod du;
 mod error;
+mod nixconf;
 mod nixdb;
 mod plan;
 mod reclaim;
@@ -32,6 +33,7 @@ pub use collect::{
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
+pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{
     ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,

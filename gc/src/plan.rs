@@ -4,7 +4,9 @@
 //! the order of deletion batches. Everything here is data in, data out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
 
+use crate::nixconf::{NixConf, NixConfError, NixConfSources};
 use crate::nixdb::{Node, Snapshot};
 use crate::roots::Root;
 use crate::store_path::StorePath;
@@ -28,36 +30,26 @@ impl Default for GcSettings {
 }
 
 impl GcSettings {
-    /// Read the two settings from the text of a `nix.conf` (later lines win).
-    pub fn from_nix_conf(text: &str) -> Self {
-        let mut s = Self::default();
-        for line in text.lines() {
-            let line = line.split('#').next().unwrap_or("");
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let v = match v.trim() {
-                "true" => true,
-                "false" => false,
-                _ => continue,
-            };
-            match k.trim() {
-                "keep-derivations" | "gc-keep-derivations" => s.keep_derivations = v,
-                "keep-outputs" | "gc-keep-outputs" => s.keep_outputs = v,
-                _ => {}
-            }
-        }
-        s
+    /// The two settings from Nix's merged configuration (`keep-derivations` /
+    /// `gc-keep-derivations`, `keep-outputs` / `gc-keep-outputs`); Nix's defaults where unset.
+    pub fn from_nix_conf(conf: &NixConf) -> Result<Self, NixConfError> {
+        let default = Self::default();
+        Ok(Self {
+            keep_derivations: conf
+                .get_bool(&["keep-derivations", "gc-keep-derivations"])?
+                .unwrap_or(default.keep_derivations),
+            keep_outputs: conf
+                .get_bool(&["keep-outputs", "gc-keep-outputs"])?
+                .unwrap_or(default.keep_outputs),
+        })
     }
 
-    /// The settings of this machine: `$NIX_CONF_DIR/nix.conf` or `/etc/nix/nix.conf`.
-    pub fn load() -> Self {
-        let dir = std::env::var_os("NIX_CONF_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| "/etc/nix".into());
-        std::fs::read_to_string(dir.join("nix.conf"))
-            .map(|t| Self::from_nix_conf(&t))
-            .unwrap_or_default()
+    /// The settings Nix runs with in this process's environment: `$NIX_CONF_DIR/nix.conf`, the
+    /// user's files and `$NIX_CONFIG`, includes followed. A configuration file that exists but
+    /// cannot be read is an error naming it.
+    pub fn load() -> Result<Self, NixConfError> {
+        let conf = NixConf::load(Path::new("/"), &NixConfSources::from_env())?;
+        Self::from_nix_conf(&conf)
     }
 }
 
@@ -534,10 +526,40 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn nix_conf_settings() {
-        let s = GcSettings::from_nix_conf("keep-outputs = true # c\nkeep-derivations=false\nx = y");
-        assert!(s.keep_outputs && !s.keep_derivations);
-        assert_eq!(GcSettings::from_nix_conf(""), GcSettings::default());
+    fn settings_from_the_merged_nix_conf() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc/nix")).unwrap();
+        let conf = |text: &str, inline: Option<&str>| {
+            std::fs::write(d.path().join("etc/nix/nix.conf"), text).unwrap();
+            let sources = NixConfSources {
+                files: vec!["/etc/nix/nix.conf".into()],
+                inline: inline.map(str::to_owned),
+            };
+            GcSettings::from_nix_conf(&NixConf::load(d.path(), &sources).unwrap())
+        };
+        let cases: &[(&str, Option<&str>, GcSettings)] = &[
+            ("", None, GcSettings::default()),
+            (
+                "keep-outputs = true # c\ngc-keep-derivations = false\nx = y\n",
+                None,
+                GcSettings {
+                    keep_derivations: false,
+                    keep_outputs: true,
+                },
+            ),
+            (
+                "keep-outputs = false\n",
+                Some("keep-outputs = true"),
+                GcSettings {
+                    keep_derivations: true,
+                    keep_outputs: true,
+                },
+            ),
+        ];
+        for (text, inline, want) in cases {
+            assert_eq!(conf(text, *inline).unwrap(), *want, "{text:?} {inline:?}");
+        }
+        assert!(conf("keep-derivations = sometimes\n", None).is_err());
     }
 
     /// A random DAG: node i may refer to nodes < i; some nodes are drvs with an output.

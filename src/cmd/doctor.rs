@@ -5,7 +5,8 @@ use std::io::{IsTerminal, Write};
 
 use std::path::PathBuf;
 
-use drydock_vm::{BootProbe, DoctorOptions, Finding, Host, NixConfSources, Status};
+use drydock_gc::NixConfSources;
+use drydock_vm::{BootProbe, DoctorOptions, Finding, Host, Status};
 
 use crate::cli::DoctorArgs;
 use crate::context::Context;

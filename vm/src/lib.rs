@@ -17,8 +17,7 @@ mod sys;
 mod system;
 
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, NixConfSources, Status, kvm_usable,
-    overall, run_checks,
+    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
 };
 pub use image::{
     ImageError, StoreImage, closure_key, ensure_store_image, list_images, remove_unused_images,

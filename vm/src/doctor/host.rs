@@ -95,6 +95,11 @@ impl Host {
         self.root == Path::new("/")
     }
 
+    /// The root directory every system path is joined under.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The physical path of an absolute system path.
     pub(crate) fn path(&self, p: impl AsRef<Path>) -> PathBuf {
         let p = p.as_ref();

@@ -17,11 +17,11 @@ mod qemu;
 
 use std::path::PathBuf;
 
+use drydock_gc::{NixConf, NixConfError, NixConfSources};
 use serde::Serialize;
 
 pub use boot::BootProbe;
 pub use host::Host;
-pub use nix::NixConfSources;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -95,20 +95,17 @@ pub struct DoctorOptions {
 /// Why the doctor could not do its job (as opposed to a failing check, which is a finding).
 #[derive(Debug, thiserror::Error)]
 pub enum DoctorError {
-    /// A Nix configuration file exists but cannot be read.
-    #[error("cannot read Nix configuration {}", path.display())]
-    UnreadableNixConf {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Nix's configuration cannot be read (a file exists but is unreadable, an `include`d file
+    /// is missing).
+    #[error(transparent)]
+    NixConf(#[from] NixConfError),
 }
 
 impl DoctorError {
     /// Whether the error is the user's input (exit 2) rather than a failure of the doctor.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Self::UnreadableNixConf { .. } => true,
+            Self::NixConf(e) => e.is_bad_input(),
         }
     }
 }
@@ -117,7 +114,7 @@ impl DoctorError {
 pub fn run_checks(host: &Host, opts: &DoctorOptions) -> Result<Vec<Finding>, DoctorError> {
     // Read the configuration first: an unreadable nix.conf is bad input, reported before any
     // check runs.
-    let conf = nix::NixConf::load(host, &opts.nix_conf)?;
+    let conf = NixConf::load(host.root(), &opts.nix_conf)?;
     // QEMU is probed in the background: it is the only check that runs other programs.
     let qemu_host = host.clone();
     let qemu_bin = opts.qemu.clone();

@@ -3,153 +3,20 @@
 //! default, which adds `kvm` only when the Nix process can open `/dev/kvm`), `sandbox`,
 //! `auto-allocate-uids`; and `--nix-probe`, a real build that opens `/dev/kvm`.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use drydock_gc::NixConf;
+
 use super::access::{acl_rw_groups, rw_access};
 use super::host::Host;
 use super::kvm::{KVM_PATH, KvmReport, describe_device};
-use super::{DoctorError, Finding, Status};
+use super::{Finding, Status};
 use crate::spawn as command;
 
 const PROBE_DEADLINE: Duration = Duration::from_secs(180);
-
-/// Where Nix reads its configuration from, in order (later settings win).
-#[derive(Debug, Clone, Default)]
-pub struct NixConfSources {
-    /// Configuration files (missing ones are skipped, unreadable ones are an error).
-    pub files: Vec<PathBuf>,
-    /// The contents of `NIX_CONFIG`.
-    pub inline: Option<String>,
-}
-
-impl NixConfSources {
-    /// As Nix finds them: `$NIX_CONF_DIR/nix.conf` (default `/etc/nix`), then the user's files
-    /// (`$NIX_USER_CONF_FILES`, else `$XDG_CONFIG_HOME/nix/nix.conf` or
-    /// `~/.config/nix/nix.conf`), then `$NIX_CONFIG`.
-    pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        let conf_dir = var("NIX_CONF_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/etc/nix".into());
-        let mut files = vec![conf_dir.join("nix.conf")];
-        if let Some(list) = var("NIX_USER_CONF_FILES") {
-            files.extend(std::env::split_paths(&list));
-        } else if let Some(x) = var("XDG_CONFIG_HOME") {
-            files.push(PathBuf::from(x).join("nix/nix.conf"));
-        } else if let Some(h) = var("HOME") {
-            files.push(PathBuf::from(h).join(".config/nix/nix.conf"));
-        }
-        Self {
-            files,
-            inline: std::env::var("NIX_CONFIG").ok().filter(|s| !s.is_empty()),
-        }
-    }
-}
-
-/// A setting and where it was set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Setting {
-    pub value: String,
-    pub source: String,
-}
-
-/// The merged configuration.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct NixConf {
-    settings: BTreeMap<String, Setting>,
-}
-
-impl NixConf {
-    pub(crate) fn load(host: &Host, sources: &NixConfSources) -> Result<Self, DoctorError> {
-        let mut conf = Self::default();
-        for f in &sources.files {
-            conf.load_file(host, f, 0)?;
-        }
-        if let Some(text) = &sources.inline {
-            conf.parse(host, text, "NIX_CONFIG", None, 0)?;
-        }
-        Ok(conf)
-    }
-
-    fn load_file(&mut self, host: &Host, path: &Path, depth: u32) -> Result<(), DoctorError> {
-        // A file we cannot even see (missing, or behind a directory we may not search, like
-        // another user's home) is absent, as for Nix; one that exists but cannot be read is bad
-        // input.
-        if std::fs::metadata(host.path(path)).is_err() {
-            return Ok(());
-        }
-        let text = match host.read(path) {
-            Ok(t) => t,
-            Err(source) => {
-                return Err(DoctorError::UnreadableNixConf {
-                    path: host.path(path),
-                    source,
-                });
-            }
-        };
-        self.parse(
-            host,
-            &text,
-            &path.display().to_string(),
-            path.parent(),
-            depth,
-        )
-    }
-
-    fn parse(
-        &mut self,
-        host: &Host,
-        text: &str,
-        source: &str,
-        dir: Option<&Path>,
-        depth: u32,
-    ) -> Result<(), DoctorError> {
-        for raw in text.lines() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let mut words = line.split_whitespace();
-            let first = words.next().unwrap_or("");
-            if (first == "include" || first == "!include") && depth < 8 {
-                if let Some(p) = words.next() {
-                    let p = dir.map(|d| d.join(p)).unwrap_or_else(|| PathBuf::from(p));
-                    self.load_file(host, &p, depth + 1)?;
-                }
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            let (k, v) = (k.trim(), v.split_whitespace().collect::<Vec<_>>().join(" "));
-            if let Some(base) = k.strip_prefix("extra-") {
-                let entry = self.settings.entry(base.to_string()).or_insert(Setting {
-                    value: String::new(),
-                    source: source.to_string(),
-                });
-                entry.value = format!("{} {v}", entry.value).trim().to_string();
-                entry.source = format!("{} + {source}", entry.source);
-            } else {
-                self.settings.insert(
-                    k.to_string(),
-                    Setting {
-                        value: v,
-                        source: source.to_string(),
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&Setting> {
-        self.settings.get(key)
-    }
-}
 
 fn truthy(v: &str) -> bool {
     matches!(v, "true" | "1" | "yes")
@@ -162,7 +29,7 @@ fn nix_present(host: &Host) -> bool {
 
 /// `chroot`: the store is a chroot store (`--store ROOT`), for which Nix always sandboxes.
 pub(crate) fn check(host: &Host, conf: &NixConf, kvm: &KvmReport, chroot: bool) -> Vec<Finding> {
-    if !nix_present(host) && conf.settings.is_empty() {
+    if !nix_present(host) && conf.is_empty() {
         return vec![
             Finding::new(
                 "nix",
@@ -566,29 +433,29 @@ fn tempfile_dir() -> io::Result<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::DoctorError;
     use super::*;
+    use drydock_gc::NixConfSources;
 
-    fn load(text: &str) -> NixConf {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("etc/nix")).unwrap();
-        std::fs::write(dir.path().join("etc/nix/nix.conf"), text).unwrap();
-        std::fs::write(dir.path().join("etc/nix/extra.conf"), "sandbox = relaxed\n").unwrap();
-        let host = Host::at(dir.path());
-        NixConf::load(
-            &host,
-            &NixConfSources {
-                files: vec!["/etc/nix/nix.conf".into()],
-                inline: Some("extra-system-features = big-parallel".into()),
-            },
-        )
-        .unwrap()
+    fn sources() -> NixConfSources {
+        NixConfSources {
+            files: vec!["/etc/nix/nix.conf".into()],
+            inline: Some("extra-system-features = big-parallel".into()),
+        }
     }
 
     #[test]
-    fn parses_settings_extras_includes_and_comments() {
-        let c = load(
+    fn reads_the_fixture_tree_with_extras_and_includes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/nix")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/nix/nix.conf"),
             "# comment\nbuild-users-group = nixbld # trailing\nsystem-features = kvm  nixos-test\ninclude extra.conf\n!include missing.conf\nbogus line\n",
-        );
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/nix/extra.conf"), "sandbox = relaxed\n").unwrap();
+        let host = Host::at(dir.path());
+        let c = NixConf::load(host.root(), &sources()).unwrap();
         assert_eq!(c.get("build-users-group").unwrap().value, "nixbld");
         assert_eq!(
             c.get("system-features").unwrap().value,
@@ -604,16 +471,13 @@ mod tests {
         // A directory where the file should be: exists, cannot be read as a file.
         std::fs::create_dir_all(dir.path().join("etc/nix/nix.conf")).unwrap();
         let host = Host::at(dir.path());
-        let err = NixConf::load(
-            &host,
-            &NixConfSources {
-                files: vec!["/etc/nix/nix.conf".into()],
-                inline: None,
-            },
-        )
-        .unwrap_err();
+        let err = DoctorError::from(NixConf::load(host.root(), &sources()).unwrap_err());
         assert!(err.is_bad_input());
-        assert!(err.to_string().contains("nix.conf"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&host.path("/etc/nix/nix.conf").display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
@@ -634,14 +498,7 @@ mod tests {
     fn missing_conf_is_fine() {
         let dir = tempfile::tempdir().unwrap();
         let host = Host::at(dir.path());
-        let c = NixConf::load(
-            &host,
-            &NixConfSources {
-                files: vec!["/etc/nix/nix.conf".into()],
-                inline: None,
-            },
-        )
-        .unwrap();
+        let c = NixConf::load(host.root(), &sources()).unwrap();
         assert!(c.get("sandbox").is_none());
     }
 }
@@ -651,6 +508,7 @@ mod builder_tests {
     use super::super::fixture::{self, GROUP, PASSWD, ROOT_STATUS};
     use super::super::host::{AclEntry, AclTag, FileInfo, FileKind};
     use super::*;
+    use drydock_gc::NixConfSources;
 
     fn report(mode: u32, acl: Option<Vec<AclEntry>>) -> KvmReport {
         KvmReport {
@@ -677,7 +535,7 @@ mod builder_tests {
         ]);
         let host = Host::at(d.path());
         let conf = NixConf::load(
-            &host,
+            host.root(),
             &NixConfSources {
                 files: vec!["/etc/nix/nix.conf".into()],
                 inline: None,
@@ -803,7 +661,7 @@ mod builder_tests {
         ]);
         let host = Host::at(d.path());
         let conf = NixConf::load(
-            &host,
+            host.root(),
             &NixConfSources {
                 files: vec!["/etc/nix/nix.conf".into()],
                 inline: None,
