@@ -145,15 +145,56 @@ fn restart_needs_no_nix_and_survives_nix_gc() {
     );
     let phys = root.path().join(top.trim_start_matches('/'));
     assert!(phys.exists(), "nix-store --gc took the pinned system");
-    // Restart with no Nix on PATH at all.
+    // The VM remembers its store: another --store is refused, naming both...
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .arg("--store")
+        .arg(elsewhere.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["vm", "restart", "r"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&elsewhere.path().display().to_string())
+            && err.contains(&root.path().display().to_string()),
+        "{err}"
+    );
+    // ...and none is needed. Someone removed the pin meanwhile: the restart renews it in the
+    // VM's store, not in the machine's.
+    let auto = root.path().join("nix/var/nix/gcroots/auto");
+    let pins = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter(|t| t.starts_with(state.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(pins(&auto).len(), 1, "the launch pinned the system");
+    for e in std::fs::read_dir(&auto).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    // Restart with no Nix on PATH at all, and no --store.
     let nixless = path_without_nix();
     let t = Instant::now();
-    let out = dd()
+    let out = Command::new(bin())
+        .arg("--state-dir")
+        .arg(state.path())
         .args(["vm", "restart", "r", "--timeout", "180"])
         .env("PATH", nixless.path())
         .output()
         .unwrap();
     ok(&out);
+    assert_eq!(pins(&auto).len(), 1, "the restart renewed the pin");
+    assert!(
+        pins(Path::new("/nix/var/nix/gcroots/auto")).is_empty(),
+        "a pin landed in the machine's store"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("r │ DRYDOCK-LS-END") && text.contains("r │ DRYDOCK-DONE"),

@@ -146,7 +146,7 @@ impl fmt::Display for StorePath {
 
 /// Where a store lives: its logical directory (names inside the database and in references)
 /// and the physical directories on this machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreLayout {
     /// `--store ROOT` if any: every Nix command gets the same `--store`.
     pub root: Option<PathBuf>,

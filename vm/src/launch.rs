@@ -85,6 +85,12 @@ pub struct VmState {
     /// QEMU's start time (clock ticks after boot), so a recycled pid is not taken for it.
     #[serde(default)]
     pub qemu_start_ticks: Option<u64>,
+    /// The same for the owner and the store server: a stale entry must not make drydock kill
+    /// whatever process has their pids now.
+    #[serde(default)]
+    pub supervisor_start_ticks: Option<u64>,
+    #[serde(default)]
+    pub server_start_ticks: Option<u64>,
 }
 
 fn running() -> String {
@@ -105,6 +111,11 @@ impl VmState {
     /// that inherited its pid).
     pub fn qemu_alive(&self) -> bool {
         same_process_alive(self.qemu_pid, self.qemu_start_ticks)
+    }
+
+    /// Whether the drydock process that owns this VM is still running.
+    pub fn supervisor_alive(&self) -> bool {
+        same_process_alive(self.supervisor_pid, self.supervisor_start_ticks)
     }
 }
 
@@ -202,6 +213,10 @@ pub struct LaunchRecord {
     /// A key derived from the closure the guest sees (snapshots and store images check it).
     #[serde(default)]
     pub closure_key: Option<String>,
+    /// The Nix store the system came from: a restart or restore pins it there again, whatever
+    /// store the command line names by default.
+    #[serde(default)]
+    pub store: Option<drydock_gc::StoreLayout>,
 }
 
 impl LaunchRecord {
@@ -444,6 +459,8 @@ pub fn start(
             running()
         },
         qemu_start_ticks: process_start_ticks(qemu.pid()),
+        supervisor_start_ticks: process_start_ticks(std::process::id()),
+        server_start_ticks: server.as_ref().and_then(|s| process_start_ticks(s.pid())),
     };
     state.write(&paths)?;
     Ok(Vm {
@@ -593,15 +610,14 @@ pub fn stop_remote(
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5)
         && state.supervisor_pid != std::process::id()
-        && pid_alive(state.supervisor_pid)
+        && state.supervisor_alive()
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for p in [Some(state.supervisor_pid), state.server_pid]
-        .into_iter()
-        .flatten()
-    {
-        if p != std::process::id() && pid_alive(p) {
+    let owner = Some((state.supervisor_pid, state.supervisor_start_ticks));
+    let server = state.server_pid.map(|p| (p, state.server_start_ticks));
+    for (p, ticks) in [owner, server].into_iter().flatten() {
+        if p != std::process::id() && same_process_alive(p, ticks) {
             signal(p, libc::SIGKILL)?;
         }
     }

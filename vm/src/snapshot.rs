@@ -352,6 +352,7 @@ mod tests {
             accel_reason: String::new(),
             run_id: None,
             closure_key: Some(key.into()),
+            store: None,
         }
     }
 

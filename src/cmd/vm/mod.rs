@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow};
-use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb};
+use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb, StoreLayout};
 use drydock_vm::{
     Accel, ConsoleTail, Host, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmSpec, VmState,
     WaitOutcome,
@@ -111,7 +111,7 @@ pub(crate) fn images_in_use(ctx: &Context, skip: &[PathBuf]) -> Vec<PathBuf> {
 /// Refuse a name whose VM is alive; clean up a stale entry.
 fn claim_name(paths: &VmPaths, name: &str) -> anyhow::Result<()> {
     if let Some(state) = VmState::read(paths) {
-        let alive = state.qemu_alive() || drydock_vm::pid_alive(state.supervisor_pid);
+        let alive = state.qemu_alive() || state.supervisor_alive();
         if alive {
             return Err(bad_input(format!(
                 "a VM named {name} is already running (QEMU pid {}); stop it with `drydock vm stop {name}` or choose another --name",
@@ -281,6 +281,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
     Ok(LaunchRecord {
         spec,
         share,
+        store: toplevel.is_some().then(|| layout.clone()),
         toplevel: toplevel.map(|t| layout.logical(&t)),
         accel_reason,
         run_id: None,
@@ -298,7 +299,7 @@ fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
         let id = db.begin_run(&record.spec.name, &argv, RunKind::Vm)?;
         db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)?;
         if let Some(top) = &record.toplevel {
-            let l = ctx.layout();
+            let l = record.store.clone().unwrap_or_else(|| ctx.layout());
             let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
             db.pin(&l, id, &sp)?;
         }
@@ -316,8 +317,34 @@ fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
     }
 }
 
+/// The store a recorded launch belongs to. A restart or restore needs only the VM's name; a
+/// `--store` that names another store than the one the system came from is bad input.
+pub(super) fn recorded_store(
+    ctx: &Context,
+    name: &str,
+    record: &LaunchRecord,
+) -> anyhow::Result<StoreLayout> {
+    let Some(recorded) = &record.store else {
+        // Launched from a kernel (nothing pinned), or recorded before stores were recorded.
+        return Ok(ctx.layout());
+    };
+    if let Some(root) = &ctx.store_root {
+        if recorded.root.as_ref() != Some(root) {
+            let theirs = match &recorded.root {
+                Some(r) => format!("the store at {}", r.display()),
+                None => format!("the system store {}", recorded.store_dir.display()),
+            };
+            return Err(bad_input(format!(
+                "--store {}: {name} was launched from {theirs}; leave out --store (the VM remembers its store)",
+                root.display()
+            )));
+        }
+    }
+    Ok(recorded.clone())
+}
+
 /// A restart or restore runs the recorded launch again: its run is live again (GC must wait for
-/// it), and its pin is renewed in case someone removed it.
+/// it), and its pin is renewed, in the VM's own store, in case someone removed it.
 pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result<()> {
     let Some(id) = record.run_id else {
         return Ok(());
@@ -329,7 +356,7 @@ pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result
         ))
     })?;
     if let Some(top) = &record.toplevel {
-        let l = ctx.layout();
+        let l = recorded_store(ctx, &record.spec.name, record)?;
         let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
         db.pin(&l, id, &sp)?;
     }
@@ -693,6 +720,7 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
+    recorded_store(ctx, &a.name, &record)?;
     if let Some(state) = VmState::read(&paths) {
         drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
     }

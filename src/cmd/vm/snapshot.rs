@@ -49,6 +49,7 @@ pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
 pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
+    super::recorded_store(ctx, &a.name, &record)?;
     let deadline = Duration::try_from_secs_f64(a.timeout)
         .map_err(|_| bad_input(format!("--timeout {}: not a number of seconds", a.timeout)))?;
     let meta = drydock_vm::read_snapshot(&paths, &a.tag).map_err(snapshot_error)?;
