@@ -208,7 +208,12 @@ fn pins_of_vm_runs_are_roots_until_collected() {
     {
         let db = drydock_gc::RunsDb::open(&state).unwrap();
         let id = db
-            .begin_run("t1", &["vm".into(), "run".into()], drydock_gc::RunKind::Vm)
+            .begin_run(
+                &layout,
+                "t1",
+                &["vm".into(), "run".into()],
+                drydock_gc::RunKind::Vm,
+            )
             .unwrap();
         db.add_paths(id, &[(out[0].clone(), drydock_gc::classify(&top), 1)])
             .unwrap();
@@ -236,7 +241,7 @@ fn pins_of_vm_runs_are_roots_until_collected() {
     {
         let db = drydock_gc::RunsDb::open(&state).unwrap();
         let id = db
-            .begin_run("t2", &["vm".into()], drydock_gc::RunKind::Vm)
+            .begin_run(&layout, "t2", &["vm".into()], drydock_gc::RunKind::Vm)
             .unwrap();
         assert_eq!(id, 2);
         db.add_paths(

@@ -1,6 +1,7 @@
 //! The operations behind `gc`, `runs`, `du` and `store check/repair`: take a snapshot, find
 //! roots, plan with the pure layer, and (for real runs) delete through [`crate::reclaim`],
-//! recording everything in the runs database.
+//! recording everything in the runs database. Runs are looked at only in their own store
+//! ([`RunsDb::runs_in_store`]): another store's run is neither listed, measured nor selected.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -230,9 +231,10 @@ pub fn plan_gc(
         plan.junk = loaded.entries.junk.clone();
     } else {
         let db = runs.ok_or(crate::collect::SelectError::NothingSelected)?;
-        let all_runs = db.runs()?;
+        // Only this store's runs: another store's run named by id is bad input.
+        let all_runs = db.runs_in_store(l)?;
         for id in &sel.runs {
-            let run = db.run(*id)?;
+            let run = db.run_in_store(l, *id)?;
             if run.ended_at.is_none() && !db.pins(*id)?.is_empty() {
                 return Err(SelectError::StillRunning(*id).into());
             }
@@ -312,7 +314,14 @@ pub struct GcOutcome {
 /// Close GC events left running by a killed drydock: paths that are gone are recorded
 /// deleted, the event is marked interrupted. Returns the event ids.
 pub fn recover_interrupted(layout: &StoreLayout, runs: &RunsDb) -> Result<Vec<i64>, GcError> {
-    let unfinished = runs.unfinished_gcs()?;
+    // Only this store's events (and those of no recorded store): another store's paths cannot
+    // be checked here.
+    let id = layout.id();
+    let unfinished: Vec<_> = runs
+        .unfinished_gcs()?
+        .into_iter()
+        .filter(|u| u.store.as_deref().is_none_or(|s| s == id))
+        .collect();
     if unfinished.is_empty() {
         return Ok(Vec::new());
     }
@@ -350,7 +359,7 @@ pub fn execute_gc(
     };
     let (avail_before, _) = crate::sys::free_bytes(&layout.store_dir).unwrap_or((0, 0));
     let event = match runs {
-        Some(r) => Some(r.begin_gc(&plan.mode, &plan.paths, plan.bytes)?),
+        Some(r) => Some(r.begin_gc(layout, &plan.mode, &plan.paths, plan.bytes)?),
         None => None,
     };
     if let Some(r) = runs {
@@ -441,11 +450,11 @@ pub struct PathStatus {
     pub held_by: Option<String>,
 }
 
-/// Summaries of every run.
+/// Summaries of every run of the loaded store.
 pub fn summarize_runs(loaded: &Loaded, runs: &RunsDb) -> Result<Vec<RunSummary>, GcError> {
     let base = loaded.liveness_without_pins(None, &[]);
     let mut out = Vec::new();
-    for run in runs.runs()? {
+    for run in runs.runs_in_store(&loaded.layout)? {
         let (paths, statuses) = run_statuses(loaded, runs, run.id, Some(&base))?;
         let size = statuses
             .iter()
@@ -480,6 +489,8 @@ pub fn run_statuses(
 ) -> Result<(usize, Vec<PathStatus>), GcError> {
     let l = &loaded.layout;
     let snap = &loaded.snap;
+    // Another store's run has no statuses here (its paths are other files).
+    runs.run_in_store(l, id)?;
     let claimed = runs.run_paths(id)?;
     let has_pins = !runs.pins(id)?.is_empty();
     let own;
@@ -524,7 +535,7 @@ pub fn run_statuses(
 pub struct DuReport {
     /// Bytes on disk per class (each inode once within a class).
     pub by_class: BTreeMap<PathClass, u64>,
-    /// Bytes per run: (id, name, bytes), each inode once within a run.
+    /// Bytes per run of this store: (id, name, bytes), each inode once within a run.
     pub by_run: Vec<(i64, String, u64)>,
     /// drydock's state directory.
     pub state_dir: u64,
@@ -561,7 +572,7 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
         st.add_tree(r.state_dir())?;
         total.add_tree(r.state_dir())?;
         rep.state_dir = st.bytes();
-        for run in r.runs()? {
+        for run in r.runs_in_store(layout)? {
             let mut s = InodeSet::default();
             for p in r.run_paths(run.id)? {
                 if let Ok(sp) = layout.parse(&p.path) {
@@ -657,6 +668,7 @@ mod tests {
             ended_at: ended,
             exit_status: Some(0),
             collected_at: None,
+            store: None,
         }
     }
 

@@ -41,7 +41,8 @@ pub use plan::{
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
 pub use runsdb::{
-    Artifact, ArtifactKind, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError, UnfinishedGc,
+    Artifact, ArtifactKind, OtherStoreRuns, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError,
+    UnfinishedGc, partition_by_store,
 };
-pub use store_path::{StoreLayout, StorePath, StorePathError};
+pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
 pub use track::{TrackError, TrackReport, track};

@@ -3,6 +3,11 @@
 //! tracked by `drydock track`, VM launches), the store paths each run claimed, the VM
 //! artifacts it owns, its pins (indirect GC roots), and what GC did.
 //!
+//! One state directory may serve several Nix stores (`--store ROOT` is chosen per command), so
+//! every run and GC event records the store it belongs to ([`StoreLayout::id`]). Commands look
+//! only at the runs of their own store; runs recorded before stores were (`store` NULL) belong
+//! to whichever store a command uses.
+//!
 //! The API the VM side uses: [`RunsDb::open`], [`RunsDb::begin_run`],
 //! [`RunsDb::add_artifact`], [`RunsDb::pin`], [`RunsDb::unpin_run`], [`RunsDb::finish_run`].
 
@@ -71,7 +76,16 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT,
         PRIMARY KEY (event_id, path)
      );",
+    // 2: the store each run and GC event belongs to (`StoreLayout::id`); NULL = recorded
+    // before stores were, belongs to any store.
+    "ALTER TABLE runs ADD COLUMN store TEXT;
+     ALTER TABLE gc_events ADD COLUMN store TEXT;
+     CREATE INDEX runs_store ON runs(store);",
 ];
+
+/// The columns [`row_to_run`] reads, in order.
+const RUN_COLUMNS: &str =
+    "id, name, command, kind, started_at, ended_at, exit_status, collected_at, store";
 
 /// Errors of the runs database.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +114,16 @@ pub enum RunsDbError {
     /// No run with this id.
     #[error("no run with id {0}")]
     UnknownRun(i64),
+    /// The run belongs to another store than the one the command uses.
+    #[error(
+        "run {id} belongs to the store {store}, not to this command's store {current}: pass the matching store ({})",
+        crate::store_path::store_option_hint(store)
+    )]
+    OtherStore {
+        id: i64,
+        store: String,
+        current: String,
+    },
     /// Making or removing a pin failed.
     #[error("cannot create pin link {}", path.display())]
     Pin {
@@ -124,7 +148,10 @@ impl RunsDbError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::Corrupt { .. } | Self::TooNew { .. } | Self::UnknownRun(_)
+            Self::Corrupt { .. }
+                | Self::TooNew { .. }
+                | Self::UnknownRun(_)
+                | Self::OtherStore { .. }
         )
     }
 }
@@ -192,8 +219,44 @@ pub struct Run {
     pub exit_status: Option<i64>,
     /// When GC collected it.
     pub collected_at: Option<i64>,
+    /// The store it belongs to ([`StoreLayout::id`]); `None` if recorded before stores were.
+    pub store: Option<String>,
 }
 
+impl Run {
+    /// Whether the run belongs to the store with this [`StoreLayout::id`]: its own store, or
+    /// any store for a run recorded before stores were.
+    pub fn belongs_to(&self, store_id: &str) -> bool {
+        self.store.as_deref().is_none_or(|s| s == store_id)
+    }
+}
+
+/// Runs of a store other than the current one (`drydock runs` says they are not shown).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OtherStoreRuns {
+    /// The store ([`StoreLayout::id`]).
+    pub store: String,
+    /// How many runs belong to it.
+    pub runs: usize,
+}
+
+/// Split runs into those of the store `store_id` (with the legacy runs of no recorded store)
+/// and a count per other store, stores in name order.
+pub fn partition_by_store(runs: Vec<Run>, store_id: &str) -> (Vec<Run>, Vec<OtherStoreRuns>) {
+    let mut others: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut own = Vec::new();
+    for r in runs {
+        match &r.store {
+            Some(s) if !r.belongs_to(store_id) => *others.entry(s.clone()).or_default() += 1,
+            _ => own.push(r),
+        }
+    }
+    let others = others
+        .into_iter()
+        .map(|(store, runs)| OtherStoreRuns { store, runs })
+        .collect();
+    (own, others)
+}
 /// A store path claimed by a run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RunPath {
@@ -236,6 +299,8 @@ pub struct Pin {
 pub struct UnfinishedGc {
     /// Event id.
     pub id: i64,
+    /// The store it collected in ([`StoreLayout::id`]); `None` if recorded before stores were.
+    pub store: Option<String>,
     /// Paths still marked planned.
     pub planned: Vec<String>,
 }
@@ -371,9 +436,11 @@ impl RunsDb {
         &self.state_dir
     }
 
-    /// Record the start of a run; returns its id.
+    /// Record the start of a run in `store` (the store its paths are built in or its VM runs
+    /// from); returns its id.
     pub fn begin_run(
         &self,
+        store: &StoreLayout,
         name: &str,
         command: &[String],
         kind: RunKind,
@@ -381,8 +448,9 @@ impl RunsDb {
         let cmd = serde_json::to_string(command).unwrap_or_default();
         self.conn
             .execute(
-                "INSERT INTO runs (name, command, kind, started_at) VALUES (?1, ?2, ?3, ?4)",
-                params![name, cmd, kind.as_str(), now()],
+                "INSERT INTO runs (name, command, kind, started_at, store) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![name, cmd, kind.as_str(), now(), store.id()],
             )
             .map_err(self.e())?;
         Ok(self.conn.last_insert_rowid())
@@ -464,12 +532,11 @@ impl RunsDb {
         self.run(id).map(|_| ())
     }
 
-    /// One run.
+    /// One run, whatever its store.
     pub fn run(&self, id: i64) -> Result<Run, RunsDbError> {
         self.conn
             .query_row(
-                "SELECT id, name, command, kind, started_at, ended_at, exit_status, collected_at \
-                 FROM runs WHERE id = ?1",
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
                 [id],
                 row_to_run,
             )
@@ -478,17 +545,42 @@ impl RunsDb {
             .ok_or(RunsDbError::UnknownRun(id))
     }
 
-    /// All runs, oldest first.
+    /// One run of `store`: a run of another store is [`RunsDbError::OtherStore`].
+    pub fn run_in_store(&self, store: &StoreLayout, id: i64) -> Result<Run, RunsDbError> {
+        let run = self.run(id)?;
+        let current = store.id();
+        match &run.store {
+            Some(s) if !run.belongs_to(&current) => Err(RunsDbError::OtherStore {
+                id,
+                store: s.clone(),
+                current,
+            }),
+            _ => Ok(run),
+        }
+    }
+
+    /// All runs of every store, oldest first. Commands use [`RunsDb::runs_in_store`].
     pub fn runs(&self) -> Result<Vec<Run>, RunsDbError> {
         let mut st = self
             .conn
-            .prepare(
-                "SELECT id, name, command, kind, started_at, ended_at, exit_status, collected_at \
-                 FROM runs ORDER BY id",
-            )
+            .prepare(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"))
             .map_err(self.e())?;
         let rows = st.query_map([], row_to_run).map_err(self.e())?;
         rows.collect::<Result<_, _>>().map_err(self.e())
+    }
+
+    /// The runs of `store` (and those recorded before stores were), oldest first, and how
+    /// many runs each other store has.
+    pub fn runs_by_store(
+        &self,
+        store: &StoreLayout,
+    ) -> Result<(Vec<Run>, Vec<OtherStoreRuns>), RunsDbError> {
+        Ok(partition_by_store(self.runs()?, &store.id()))
+    }
+
+    /// The runs of `store` (and those recorded before stores were), oldest first.
+    pub fn runs_in_store(&self, store: &StoreLayout) -> Result<Vec<Run>, RunsDbError> {
+        Ok(self.runs_by_store(store)?.0)
     }
 
     /// The paths a run claimed.
@@ -613,18 +705,25 @@ impl RunsDb {
         Ok(())
     }
 
-    /// Start recording a GC: the event and every planned path, in one transaction.
+    /// Start recording a GC in `store`: the event and every planned path, in one transaction.
     pub fn begin_gc(
         &self,
+        store: &StoreLayout,
         mode: &str,
         planned: &[String],
         planned_bytes: u64,
     ) -> Result<i64, RunsDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.e())?;
         tx.execute(
-            "INSERT INTO gc_events (started_at, mode, status, planned_paths, planned_bytes) \
-             VALUES (?1, ?2, 'running', ?3, ?4)",
-            params![now(), mode, planned.len() as i64, planned_bytes as i64],
+            "INSERT INTO gc_events (started_at, mode, status, planned_paths, planned_bytes, store) \
+             VALUES (?1, ?2, 'running', ?3, ?4, ?5)",
+            params![
+                now(),
+                mode,
+                planned.len() as i64,
+                planned_bytes as i64,
+                store.id()
+            ],
         )
         .map_err(self.e())?;
         let ev = tx.last_insert_rowid();
@@ -641,7 +740,8 @@ impl RunsDb {
     }
 
     /// Record the outcome of some paths of a GC (after a batch), in one transaction, and
-    /// mirror it on the runs that claimed them.
+    /// mirror it on the runs of the event's store that claimed them (the same path in another
+    /// store is another file).
     pub fn record_outcomes(
         &self,
         event: i64,
@@ -653,18 +753,29 @@ impl RunsDb {
             let mut up = tx
                 .prepare("UPDATE gc_paths SET outcome = ?3, detail = ?4 WHERE event_id = ?1 AND path = ?2")
                 .map_err(self.e())?;
+            // An event of no recorded store (from before stores were) mirrors on every run.
+            let store: Option<String> = tx
+                .query_row("SELECT store FROM gc_events WHERE id = ?1", [event], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(self.e())?
+                .flatten();
             let mut rp = tx
-                .prepare("UPDATE run_paths SET gc_state = ?2 WHERE path = ?1")
+                .prepare(
+                    "UPDATE run_paths SET gc_state = ?2 WHERE path = ?1 AND (?3 IS NULL OR \
+                     run_id IN (SELECT id FROM runs WHERE store IS NULL OR store = ?3))",
+                )
                 .map_err(self.e())?;
             for p in deleted {
                 up.execute(params![event, p, "deleted", Option::<String>::None])
                     .map_err(self.e())?;
-                rp.execute(params![p, "deleted"]).map_err(self.e())?;
+                rp.execute(params![p, "deleted", store]).map_err(self.e())?;
             }
             for (p, why) in refused {
                 up.execute(params![event, p, "refused", why])
                     .map_err(self.e())?;
-                rp.execute(params![p, "refused"]).map_err(self.e())?;
+                rp.execute(params![p, "refused", store]).map_err(self.e())?;
             }
         }
         tx.commit().map_err(self.e())
@@ -686,18 +797,21 @@ impl RunsDb {
         Ok(())
     }
 
-    /// GC events left running by a killed drydock, with their still-planned paths.
+    /// GC events left running by a killed drydock (in any store), with their still-planned
+    /// paths.
     pub fn unfinished_gcs(&self) -> Result<Vec<UnfinishedGc>, RunsDbError> {
-        let ids: Vec<i64> = {
+        let events: Vec<(i64, Option<String>)> = {
             let mut st = self
                 .conn
-                .prepare("SELECT id FROM gc_events WHERE status = 'running' ORDER BY id")
+                .prepare("SELECT id, store FROM gc_events WHERE status = 'running' ORDER BY id")
                 .map_err(self.e())?;
-            let rows = st.query_map([], |r| r.get(0)).map_err(self.e())?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.e())?;
             rows.collect::<Result<_, _>>().map_err(self.e())?
         };
         let mut out = Vec::new();
-        for id in ids {
+        for (id, store) in events {
             let mut st = self
                 .conn
                 .prepare("SELECT path FROM gc_paths WHERE event_id = ?1 AND outcome = 'planned'")
@@ -707,7 +821,7 @@ impl RunsDb {
                 .map_err(self.e())?
                 .collect::<Result<_, _>>()
                 .map_err(self.e())?;
-            out.push(UnfinishedGc { id, planned });
+            out.push(UnfinishedGc { id, store, planned });
         }
         Ok(out)
     }
@@ -747,6 +861,7 @@ fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
         ended_at: r.get(5)?,
         exit_status: r.get(6)?,
         collected_at: r.get(7)?,
+        store: r.get(8)?,
     })
 }
 
@@ -771,12 +886,22 @@ mod tests {
     use super::*;
     use crate::roots::{RootKind, find_link_roots};
 
+    /// A chroot store layout (nothing on disk needed: its id is its absolute store dir).
+    fn store(name: &str) -> StoreLayout {
+        StoreLayout::chroot(format!("/nonexistent-drydock-test/{name}"))
+    }
+
     #[test]
     fn runs_paths_artifacts_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
         let db = RunsDb::open(dir.path()).unwrap();
         let id = db
-            .begin_run("t", &["nix-build".into(), "x.nix".into()], RunKind::Build)
+            .begin_run(
+                &store("a"),
+                "t",
+                &["nix-build".into(), "x.nix".into()],
+                RunKind::Build,
+            )
             .unwrap();
         db.add_paths(id, &[("/nix/store/a".into(), PathClass::TestRun, 5)])
             .unwrap();
@@ -818,11 +943,16 @@ mod tests {
     fn gc_events_and_recovery() {
         let dir = tempfile::tempdir().unwrap();
         let db = RunsDb::open(dir.path()).unwrap();
-        let id = db.begin_run("t", &[], RunKind::Build).unwrap();
+        let id = db.begin_run(&store("a"), "t", &[], RunKind::Build).unwrap();
         db.add_paths(id, &[("/nix/store/a".into(), PathClass::Other, 1)])
             .unwrap();
         let ev = db
-            .begin_gc("runs", &["/nix/store/a".into(), "/nix/store/b".into()], 10)
+            .begin_gc(
+                &store("a"),
+                "runs",
+                &["/nix/store/a".into(), "/nix/store/b".into()],
+                10,
+            )
             .unwrap();
         db.record_outcomes(ev, &["/nix/store/a".into()], &[])
             .unwrap();
@@ -831,6 +961,7 @@ mod tests {
             u,
             vec![UnfinishedGc {
                 id: ev,
+                store: Some(store("a").id()),
                 planned: vec!["/nix/store/b".into()]
             }]
         );
@@ -868,7 +999,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = StoreLayout::chroot(dir.path().join("root"));
         let db = RunsDb::open(&dir.path().join("state")).unwrap();
-        let id = db.begin_run("vm", &[], RunKind::Vm).unwrap();
+        let id = db.begin_run(&layout, "vm", &[], RunKind::Vm).unwrap();
         let p = StorePath::from_base_name(&format!("{}-nixos-system-x", "1".repeat(32))).unwrap();
         let pin = db.pin(&layout, id, &p).unwrap();
         db.pin(&layout, id, &p).unwrap();
@@ -881,5 +1012,144 @@ mod tests {
         db.unpin_run(id).unwrap();
         assert!(find_link_roots(&layout).unwrap().is_empty());
         assert!(db.pins(id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn runs_belong_to_their_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RunsDb::open(dir.path()).unwrap();
+        let (a, b) = (store("a"), store("b"));
+        let ra = db.begin_run(&a, "in-a", &[], RunKind::Build).unwrap();
+        let rb = db.begin_run(&b, "in-b", &[], RunKind::Vm).unwrap();
+        let rb2 = db.begin_run(&b, "in-b-2", &[], RunKind::Build).unwrap();
+        assert_eq!(
+            db.run(ra).unwrap().store.as_deref(),
+            Some("/nonexistent-drydock-test/a/nix/store")
+        );
+        let ids = |v: Vec<Run>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(db.runs_in_store(&a).unwrap()), vec![ra]);
+        assert_eq!(ids(db.runs_in_store(&b).unwrap()), vec![rb, rb2]);
+        let (own, others) = db.runs_by_store(&a).unwrap();
+        assert_eq!(ids(own), vec![ra]);
+        assert_eq!(
+            others,
+            vec![OtherStoreRuns {
+                store: b.id(),
+                runs: 2
+            }]
+        );
+        assert_eq!(
+            db.runs_by_store(&b).unwrap().1,
+            vec![OtherStoreRuns {
+                store: a.id(),
+                runs: 1
+            }]
+        );
+        assert_eq!(db.run_in_store(&a, ra).unwrap().id, ra);
+        let e = db.run_in_store(&a, rb).unwrap_err();
+        assert!(e.is_bad_input());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&b.id()) && msg.contains("--store /nonexistent-drydock-test/b"),
+            "{msg}"
+        );
+        assert!(matches!(
+            db.run_in_store(&a, 99),
+            Err(RunsDbError::UnknownRun(99))
+        ));
+        // A third store sees neither.
+        assert!(db.runs_in_store(&store("c")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_outcomes_mirror_only_on_runs_of_the_events_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RunsDb::open(dir.path()).unwrap();
+        let (a, b) = (store("a"), store("b"));
+        // The same derivation built in two stores: the same logical path, two files.
+        let p = "/nix/store/aaaa-same".to_owned();
+        let ra = db.begin_run(&a, "a", &[], RunKind::Build).unwrap();
+        let rb = db.begin_run(&b, "b", &[], RunKind::Build).unwrap();
+        for id in [ra, rb] {
+            db.add_paths(id, &[(p.clone(), PathClass::Other, 1)])
+                .unwrap();
+        }
+        let ev = db
+            .begin_gc(&a, "runs", std::slice::from_ref(&p), 1)
+            .unwrap();
+        db.record_outcomes(ev, std::slice::from_ref(&p), &[])
+            .unwrap();
+        assert_eq!(
+            db.run_paths(ra).unwrap()[0].gc_state.as_deref(),
+            Some("deleted")
+        );
+        assert_eq!(db.run_paths(rb).unwrap()[0].gc_state, None);
+        assert_eq!(
+            db.unfinished_gcs().unwrap()[0].store.as_deref(),
+            Some(a.id().as_str())
+        );
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_and_keeps_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What drydock before stores were recorded left behind.
+            let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO runs (name, command, kind, started_at, ended_at, exit_status) \
+                 VALUES ('old', '[\"nix-build\"]', 'build', 100, 110, 0)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO run_paths (run_id, path, class, nar_size) VALUES (1, '/nix/store/o', 'other', 7)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO gc_events (started_at, mode, status, planned_paths, planned_bytes) \
+                 VALUES (120, 'runs', 'running', 1, 7)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO gc_paths (event_id, path, outcome) VALUES (1, '/nix/store/o', 'planned')",
+                [],
+            )
+            .unwrap();
+        }
+        let db = RunsDb::open(dir.path()).unwrap();
+        let version: i64 = db
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let old = db.run(1).unwrap();
+        assert_eq!((old.name.as_str(), old.store.as_deref()), ("old", None));
+        assert_eq!(db.run_paths(1).unwrap()[0].nar_size, 7);
+        // A run of no recorded store belongs to whichever store a command uses.
+        let (a, b) = (store("a"), store("b"));
+        let new = db.begin_run(&b, "new", &[], RunKind::Build).unwrap();
+        let ids = |v: Vec<Run>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(db.runs_in_store(&a).unwrap()), vec![1]);
+        assert_eq!(ids(db.runs_in_store(&b).unwrap()), vec![1, new]);
+        assert_eq!(db.run_in_store(&a, 1).unwrap().id, 1);
+        assert!(db.runs_by_store(&b).unwrap().1.is_empty());
+        // An interrupted GC from before has no store, and mirrors on every run.
+        let u = db.unfinished_gcs().unwrap();
+        assert_eq!((u[0].id, u[0].store.clone()), (1, None));
+        db.record_outcomes(1, &["/nix/store/o".into()], &[])
+            .unwrap();
+        assert_eq!(
+            db.run_paths(1).unwrap()[0].gc_state.as_deref(),
+            Some("deleted")
+        );
+        drop(db);
+        // Reopening does not migrate again.
+        let db = RunsDb::open(dir.path()).unwrap();
+        assert_eq!(db.runs().unwrap().len(), 2);
     }
 }

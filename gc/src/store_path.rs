@@ -225,6 +225,43 @@ impl StoreLayout {
     pub fn has_database(&self) -> bool {
         Path::new(&self.db_path()).is_file()
     }
+
+    /// The store's identity in drydock's runs database: the physical store directory as an
+    /// absolute path, symlinks resolved as far as it exists (a chroot store's directory may
+    /// only be made by its first build). The store directory, not the root, names a store: the
+    /// system store has no root, and `--store /` is the system store at `/nix/store`.
+    pub fn id(&self) -> String {
+        resolve_existing(&self.store_dir).display().to_string()
+    }
+}
+
+/// How to select the store whose [`StoreLayout::id`] is `id` on drydock's command line:
+/// `--store ROOT` for `ROOT/nix/store`, no `--store` for `/nix/store`, else `NIX_STORE_DIR`.
+pub fn store_option_hint(id: &str) -> String {
+    match id.strip_suffix("/nix/store") {
+        Some("") => "no --store (the system store)".to_owned(),
+        Some(root) => format!("--store {root}"),
+        None => format!("no --store, with NIX_STORE_DIR={id}"),
+    }
+}
+
+/// `path` made absolute, with its longest existing prefix canonicalized.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut head = abs.as_path();
+    let mut tail: Vec<&std::ffi::OsStr> = Vec::new();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(head) {
+            return tail.iter().rev().fold(c, |acc, t| acc.join(t));
+        }
+        match (head.parent(), head.file_name()) {
+            (Some(parent), Some(name)) => {
+                tail.push(name);
+                head = parent;
+            }
+            _ => return abs,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +327,38 @@ mod tests {
         assert_eq!(
             l.nix_args(),
             vec!["--store".to_owned(), "/tmp/r".to_owned()]
+        );
+    }
+
+    #[test]
+    fn store_id_is_the_resolved_store_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("nix/store")).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let canon = std::fs::canonicalize(&real).unwrap();
+        let want = canon.join("nix/store").display().to_string();
+        assert_eq!(StoreLayout::chroot(&real).id(), want);
+        // Through a symlink, the same store.
+        assert_eq!(StoreLayout::chroot(dir.path().join("link")).id(), want);
+        // A store whose directory does not exist yet: its existing prefix is resolved.
+        let fresh = StoreLayout::chroot(dir.path().join("link/new")).id();
+        assert_eq!(fresh, canon.join("new/nix/store").display().to_string());
+        // The system store at /nix/store is the chroot store at /.
+        let sys = StoreLayout::system("/nix/store", "/nix/var/nix");
+        assert_eq!(
+            resolve_existing(Path::new("/nix/store")),
+            PathBuf::from(sys.id())
+        );
+        assert_eq!(sys.id(), StoreLayout::chroot("/").id());
+        assert_eq!(store_option_hint("/tmp/a/nix/store"), "--store /tmp/a");
+        assert_eq!(
+            store_option_hint("/nix/store"),
+            "no --store (the system store)"
+        );
+        assert_eq!(
+            store_option_hint("/srv/store"),
+            "no --store, with NIX_STORE_DIR=/srv/store"
         );
     }
 

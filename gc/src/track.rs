@@ -326,7 +326,7 @@ pub fn track(
         0
     };
     let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
-    let run_id = runs.begin_run(&name, cmd, RunKind::Build)?;
+    let run_id = runs.begin_run(layout, &name, cmd, RunKind::Build)?;
     let (exit_code, stdout) = match run_passthrough(cmd) {
         Ok(x) => x,
         Err(e) => {

@@ -1,9 +1,10 @@
 //! `drydock runs` / `drydock runs show ID`: the recorded runs, their sizes and what is
-//! reclaimable now; for one run, every path and why it is still alive.
+//! reclaimable now; for one run, every path and why it is still alive. Only the runs of the
+//! store in use are shown; the others are counted per store.
 
 use std::io::Write;
 
-use drydock_gc::{Loaded, RunsDb};
+use drydock_gc::{Loaded, OtherStoreRuns, RunsDb};
 
 use crate::cli::{RunsAction, RunsArgs};
 use crate::context::Context;
@@ -38,6 +39,25 @@ fn shell_words(cmd: &[String]) -> String {
         .join(" ")
 }
 
+/// "3 runs of other stores not shown: /a/nix/store (2, --store /a), ..."
+fn other_stores_line(others: &[OtherStoreRuns]) -> String {
+    let n: usize = others.iter().map(|o| o.runs).sum();
+    let stores = others
+        .iter()
+        .map(|o| {
+            format!(
+                "{} ({}, {})",
+                o.store,
+                o.runs,
+                drydock_gc::store_option_hint(&o.store)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let runs = if n == 1 { "run" } else { "runs" };
+    format!("{n} {runs} of other stores not shown: {stores}")
+}
+
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     let loaded = Loaded::load(&layout)?;
@@ -46,8 +66,15 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     match &args.action {
         None => {
             let list = drydock_gc::summarize_runs(&loaded, &runs)?;
+            let others = runs
+                .runs_by_store(&layout)
+                .map_err(drydock_gc::GcError::from)?
+                .1;
             if ctx.json {
-                serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "runs": list }))?;
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({ "runs": list, "other_stores": others }),
+                )?;
                 writeln!(out)?;
             } else {
                 writeln!(
@@ -68,10 +95,15 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                         shell_words(&s.run.command)
                     )?;
                 }
+                if !others.is_empty() {
+                    writeln!(out, "{}", other_stores_line(&others))?;
+                }
             }
         }
         Some(RunsAction::Show { id }) => {
-            let run = runs.run(*id).map_err(drydock_gc::GcError::from)?;
+            let run = runs
+                .run_in_store(&layout, *id)
+                .map_err(drydock_gc::GcError::from)?;
             let (_, paths) = drydock_gc::run_statuses(&loaded, &runs, *id, None)?;
             let artifacts = runs.artifacts(*id).map_err(drydock_gc::GcError::from)?;
             if ctx.json {

@@ -296,10 +296,11 @@ fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
     let result = (|| -> anyhow::Result<i64> {
         let db = RunsDb::open(&ctx.state_dir)?;
         let argv: Vec<String> = std::env::args().collect();
-        let id = db.begin_run(&record.spec.name, &argv, RunKind::Vm)?;
+        // The run belongs to the store the VM's system comes from.
+        let l = record.store.clone().unwrap_or_else(|| ctx.layout());
+        let id = db.begin_run(&l, &record.spec.name, &argv, RunKind::Vm)?;
         db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)?;
         if let Some(top) = &record.toplevel {
-            let l = record.store.clone().unwrap_or_else(|| ctx.layout());
             let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
             db.pin(&l, id, &sp)?;
         }
