@@ -73,16 +73,7 @@ pub(crate) fn check(host: &Host) -> Finding {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        for (p, c) in files {
-            let p = d.path().join(p);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, c).unwrap();
-        }
-        d
-    }
+    use crate::doctor::fixture::tree;
 
     #[test]
     fn v1_child_in_memory_controller() {
