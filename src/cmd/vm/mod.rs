@@ -329,15 +329,13 @@ pub(super) fn recorded_store(
         // Launched from a kernel (nothing pinned), or recorded before stores were recorded.
         return Ok(ctx.layout());
     };
+    // Stores are told apart as the runs database tells them apart (resolved store directory).
     if let Some(root) = &ctx.store_root {
-        if recorded.root.as_ref() != Some(root) {
-            let theirs = match &recorded.root {
-                Some(r) => format!("the store at {}", r.display()),
-                None => format!("the system store {}", recorded.store_dir.display()),
-            };
+        if recorded.id() != ctx.layout().id() {
             return Err(bad_input(format!(
-                "--store {}: {name} was launched from {theirs}; leave out --store (the VM remembers its store)",
-                root.display()
+                "--store {}: {name} was launched from the store {}; leave out --store (the VM remembers its store)",
+                root.display(),
+                recorded.id()
             )));
         }
     }
