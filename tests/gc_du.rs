@@ -63,17 +63,8 @@ in {{ inherit live deadx deady; }}"#,
         .arg("--store")
         .arg(&root)
         .arg(&file)
-        .args([
-            "--option",
-            "sandbox-paths",
-            "/bin/sh=/bin/busybox",
-            "--option",
-            "substituters",
-            "",
-            "-A",
-            "live",
-            "-o",
-        ])
+        .args(common::NIX_BUILD_OPTIONS)
+        .args(["-A", "live", "-o"])
         .arg(&result)
         .status()
         .unwrap();

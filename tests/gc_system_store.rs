@@ -65,14 +65,9 @@ impl SystemStore {
     /// `nix-build FILE -A ATTR` (no `--store`), with an out link or none.
     fn build(&self, file: &Path, attr: &str, out_link: Option<&Path>) -> String {
         let mut cmd = Command::new("nix-build");
-        cmd.arg(file).args(["-A", attr]).args([
-            "--option",
-            "sandbox-paths",
-            "/bin/sh=/bin/busybox",
-            "--option",
-            "substituters",
-            "",
-        ]);
+        cmd.arg(file)
+            .args(["-A", attr])
+            .args(common::NIX_BUILD_OPTIONS);
         match out_link {
             Some(l) => cmd.arg("-o").arg(l),
             None => cmd.arg("--no-out-link"),

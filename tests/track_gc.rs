@@ -60,22 +60,9 @@ fn track_runs_and_gc_selected_runs() {
         dir.join("two.nix").display().to_string(),
         link.display().to_string(),
     );
-    let a = vec![
-        "track",
-        "--",
-        "nix-build",
-        "--store",
-        &root_s,
-        &two_s,
-        "--option",
-        "sandbox-paths",
-        "/bin/sh=/bin/busybox",
-        "--option",
-        "substituters",
-        "",
-        "-o",
-        &link_s,
-    ];
+    let mut a = vec!["track", "--", "nix-build", "--store", &root_s, &two_s];
+    a.extend(common::NIX_BUILD_OPTIONS);
+    a.extend(["-o", &link_s]);
     drydock_ok(&root, &state, &a, 0);
     // Exit codes pass through.
     let out = drydock(

@@ -6,6 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The options every fixture build gets: `/bin/sh` in the sandbox is busybox, and no binary
+/// cache (nothing to fetch offline, and no retries to wait for).
+pub const NIX_BUILD_OPTIONS: [&str; 6] = [
+    "--option",
+    "sandbox-paths",
+    "/bin/sh=/bin/busybox",
+    "--option",
+    "substituters",
+    "",
+];
+
 /// A fresh, empty directory for one test under Cargo's per-target temporary directory.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("drydock-{name}"));
@@ -35,9 +46,7 @@ pub fn nix_build(root: &Path, file_name: &str, expr: &str, out_link: Option<&Pat
     std::fs::write(&file, expr).unwrap();
     let mut cmd = Command::new("nix-build");
     cmd.arg("--store").arg(root).arg(&file);
-    cmd.args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
-    // No binary cache: nothing to fetch offline, and no retries to wait for.
-    cmd.args(["--option", "substituters", ""]);
+    cmd.args(NIX_BUILD_OPTIONS);
     match out_link {
         Some(l) => cmd.arg("-o").arg(l),
         None => cmd.arg("--no-out-link"),
@@ -58,10 +67,12 @@ pub fn nix_build(root: &Path, file_name: &str, expr: &str, out_link: Option<&Pat
 /// The shell command line of `nix-build --store ROOT FILE` with the fixtures' options and
 /// `extra` arguments, for tests that run it under `drydock track -- sh -c ...`.
 pub fn nix_build_cmd(root: &Path, file: &Path, extra: &str) -> String {
+    let options = NIX_BUILD_OPTIONS.map(|o| if o.is_empty() { "''" } else { o });
     format!(
-        "nix-build --store {} {} --option sandbox-paths /bin/sh=/bin/busybox --option substituters '' {extra}",
+        "nix-build --store {} {} {} {extra}",
         root.display(),
-        file.display()
+        file.display(),
+        options.join(" ")
     )
 }
 
