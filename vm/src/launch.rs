@@ -133,7 +133,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError
 
 /// Whether a process is alive (and not a zombie).
 pub fn pid_alive(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|st| st.alive())
+    same_process_alive(pid, None)
 }
 
 /// What `/proc/PID/stat` says about a process, as far as liveness goes.
