@@ -1200,14 +1200,7 @@ mod tests {
                 .mode();
             assert_eq!(m & 0o777, 0o555, "{dir}");
         }
-        // Make the hand-made store removable.
-        for dir in ["a/b/empty-dir", "a/b", "a", ""] {
-            fs::set_permissions(
-                store.join(&closure[0]).join(dir),
-                fs::Permissions::from_mode(0o755),
-            )
-            .unwrap();
-        }
+        make_removable(&store, &closure);
     }
 
     /// The consumer is the kernel: mount the image read-only through a loop device (needs root,
@@ -1249,6 +1242,11 @@ mod tests {
         assert_eq!(a.ino(), b.ino(), "hard link kept");
         assert_eq!(a.uid(), 0);
         assert_eq!(a.mtime(), 0, "fixed timestamps");
+        make_removable(&store, &closure);
+    }
+
+    /// Make the hand-made store removable again (its directories are read-only, as in Nix).
+    fn make_removable(store: &Path, closure: &[String]) {
         for dir in ["a/b/empty-dir", "a/b", "a", ""] {
             fs::set_permissions(
                 store.join(&closure[0]).join(dir),
