@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// drydock: run NixOS VM tests without the pain.
 #[derive(Debug, Parser)]
-#[command(name = "drydock", version, about, propagate_version = true)]
+#[command(name = "drydock", version, about, propagate_version = true, after_help = crate::exit::EXIT_CODES_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -213,8 +213,8 @@ pub struct WaitArgs {
     #[arg(long, requires = "ready")]
     pub detach: bool,
     /// Give up (stop the VM, exit 1) if not ready within SECS (or, without --ready, stop it then).
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -240,8 +240,8 @@ pub struct VmRestoreArgs {
     #[arg(long, default_value = "default")]
     pub tag: String,
     /// Seconds to wait for the VM to run again.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -289,7 +289,7 @@ pub struct VmRunArgs {
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub memory: u32,
     /// Virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub cpus: u32,
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
@@ -301,7 +301,7 @@ pub struct VmRunArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Size of the VM's writable disk (a qcow2 overlay, /dev/vda or /dev/vdb), in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub disk_size: u32,
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
@@ -315,8 +315,8 @@ pub struct VmStopArgs {
     #[arg(long)]
     pub force: bool,
     /// Seconds the guest gets to power off.
-    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
-    pub grace: f64,
+    #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_secs)]
+    pub grace: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -332,6 +332,53 @@ pub struct VmSuperviseArgs {
     #[arg(long)]
     pub name: String,
     /// Start paused, loading the state from this migration URI, then resume.
-    #[arg(long)]
+    #[arg(long, requires = "snapshot_tag")]
     pub incoming: Option<String>,
+    /// The tag of the snapshot that `--incoming` loads (named in errors).
+    #[arg(long)]
+    pub snapshot_tag: Option<String>,
+}
+
+/// The longest wait any option accepts: a year.
+const MAX_SECS: f64 = 365.0 * 86400.0;
+
+/// Seconds as the user typed them (clap's error echoes the text itself, not a rounded float):
+/// a non-negative decimal number of at most a year.
+fn parse_secs(text: &str) -> Result<std::time::Duration, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| "not a number of seconds".to_string())?;
+    if !v.is_finite() || v < 0.0 {
+        return Err("not a non-negative number of seconds".into());
+    }
+    if v > MAX_SECS {
+        return Err(format!("more than {MAX_SECS} seconds (a year)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_parse_or_say_why() {
+        use std::time::Duration;
+        for (text, want) in [
+            ("0", Ok(Duration::ZERO)),
+            ("1.5", Ok(Duration::from_millis(1500))),
+            (" 60 ", Ok(Duration::from_secs(60))),
+            (
+                "18446744073709551615",
+                Err("more than 31536000 seconds (a year)"),
+            ),
+            ("-1", Err("not a non-negative number of seconds")),
+            ("inf", Err("not a non-negative number of seconds")),
+            ("NaN", Err("not a non-negative number of seconds")),
+            ("ten", Err("not a number of seconds")),
+        ] {
+            assert_eq!(parse_secs(text), want.map_err(str::to_string), "{text}");
+        }
+    }
 }

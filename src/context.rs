@@ -1,7 +1,7 @@
 //! Resolution of the global options into concrete paths: where the Nix store and its database
 //! live (`--store ROOT`, `NIX_STORE_DIR`, `NIX_STATE_DIR`) and where drydock keeps its state.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use drydock_gc::StoreLayout;
 
@@ -51,6 +51,7 @@ impl Context {
             Some(dir) => dir.clone(),
             None => default_state_dir(),
         };
+        let state_dir = check_state_dir(&state_dir)?;
         Ok(Self {
             store_root,
             store_dir,
@@ -66,6 +67,38 @@ impl Context {
             Some(root) => StoreLayout::chroot(root),
             None => StoreLayout::system(&self.store_dir, &self.nix_state_dir),
         }
+    }
+}
+
+/// The state directory as an absolute path, if it can be one: an existing path that is not a
+/// directory, or a name longer than the file system allows, is bad input (it would fail later,
+/// deep inside a command, with a less clear message).
+fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = dir.display();
+    if dir.as_os_str().is_empty() {
+        return Err(bad_input("--state-dir: empty path"));
+    }
+    let abs =
+        std::path::absolute(dir).map_err(|e| bad_input(format!("--state-dir {shown}: {e}")))?;
+    if let Some(long) = abs.components().find(|c| c.as_os_str().len() > 255) {
+        return Err(bad_input(format!(
+            "--state-dir {shown}: the name {:?}... is {} bytes; a file name has at most 255",
+            String::from_utf8_lossy(&long.as_os_str().as_bytes()[..24]),
+            long.as_os_str().len()
+        )));
+    }
+    if abs.as_os_str().len() > 3000 {
+        return Err(bad_input(format!(
+            "--state-dir {shown}: the path is {} bytes, too long for the files drydock keeps in it",
+            abs.as_os_str().len()
+        )));
+    }
+    match std::fs::metadata(&abs) {
+        Ok(m) if !m.is_dir() => Err(bad_input(format!("--state-dir {shown}: not a directory"))),
+        Ok(_) => Ok(abs),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(abs),
+        Err(e) => Err(bad_input(format!("--state-dir {shown}: {e}"))),
     }
 }
 
@@ -92,10 +125,4 @@ fn is_root() -> bool {
     current_uid() == 0
 }
 
-/// This process's uid (the owner of `/proc/self`).
-pub fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(Path::new("/proc/self"))
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX)
-}
+pub use drydock_vm::current_uid;

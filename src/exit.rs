@@ -1,5 +1,7 @@
-//! Exit codes and error printing. Library errors are typed; here they become the three
-//! documented codes: 0 success, 1 the thing checked or asked for failed, 2 bad usage or input.
+//! Exit codes and error printing. Library errors are typed; here they become the documented
+//! codes of [`Outcome`]: 0 success, 1 the thing checked or asked for failed, 2 bad usage or
+//! input, 130 interrupted (Ctrl-C, SIGTERM), and `track`'s wrapped command's own code. A report
+//! whose reader went away (`drydock runs | head -1`) ends quietly with 0.
 
 use std::process::ExitCode;
 
@@ -10,9 +12,18 @@ pub enum Outcome {
     Success,
     /// The command ran, and what it checked failed (exit 1).
     Failed,
+    /// Interrupted by Ctrl-C, SIGTERM or SIGHUP after cleaning up (exit 130).
+    Interrupted,
     /// Pass a wrapped command's exit code through (`track`).
     Code(u8),
 }
+
+/// The exit codes, for `--help` and the README.
+pub const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 the thing checked or asked for failed \
+(a failing doctor check, damage found, a guest that never became ready); 2 bad usage or bad input \
+(the message names it); 130 interrupted (Ctrl-C or SIGTERM; everything started was stopped); \
+track: the wrapped command's own code. A closed standard output (`drydock runs | head -1`) ends \
+quietly with 0.";
 
 /// Bad usage or bad input: exit 2. The message names the input.
 #[derive(Debug)]
@@ -36,16 +47,27 @@ pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(1),
+        Ok(Outcome::Interrupted) => ExitCode::from(130),
         Ok(Outcome::Code(c)) => ExitCode::from(c),
+        Err(err) if crate::out::is_closed_stdout(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("drydock: error: {err:#}");
-            if is_bad_input(&err) {
+            if is_interrupted(&err) {
+                ExitCode::from(130)
+            } else if is_bad_input(&err) {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
             }
         }
     }
+}
+
+fn is_interrupted(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<drydock_gc::GcError>()
+            .is_some_and(|e| e.is_interrupted())
+    })
 }
 
 fn is_bad_input(err: &anyhow::Error) -> bool {

@@ -2,10 +2,12 @@
 //! and hands each subcommand to its module under `cmd/`. Errors are printed once, as a chain,
 //! and mapped to the documented exit codes (0 ok, 1 failed, 2 bad input).
 
+mod cancel;
 mod cli;
 mod cmd;
 mod context;
 mod exit;
+mod out;
 
 use std::process::ExitCode;
 

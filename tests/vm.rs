@@ -297,6 +297,116 @@ fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["vms"][0]["state"], "stale (cleaned)", "{doc}");
+
+    // Whoever noticed the dead owner ended its run, once: GC may now take it like any
+    // stopped VM's run (before, it stayed "running" and pinned for ever).
+    let runs = |state: &Path| -> serde_json::Value {
+        let out = drydock(state).args(["--json", "runs"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let doc = runs(state.path());
+    let run = doc["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "killed")
+        .unwrap_or_else(|| panic!("no run of the killed VM: {doc}"))
+        .clone();
+    assert!(
+        !run["ended_at"].is_null(),
+        "the dead owner's run is still open: {run}"
+    );
+    let again = drydock(state.path()).args(["vm", "list"]).output().unwrap();
+    assert!(again.status.success());
+    let later = runs(state.path());
+    let same = later["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == run["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(same["ended_at"], run["ended_at"], "ended twice: {same}");
+    let id = run["id"].as_i64().unwrap().to_string();
+    let gc = drydock(state.path())
+        .args(["gc", "--run", &id, "--dry-run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&gc.stderr);
+    assert!(gc.status.success(), "gc --run {id}: {err}");
+    assert!(!err.contains("still running"), "{err}");
+}
+
+#[test]
+fn a_launch_record_naming_a_file_outside_the_vm_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let f = fixture();
+    let out = drydock(state.path())
+        .args([
+            "vm",
+            "run",
+            "--name",
+            "edited",
+            "--accel",
+            "tcg",
+            "--system",
+            &f.toplevel,
+        ])
+        .args(["--append", "drydock.test=idle", "--timeout", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let launch = state.path().join("vms/edited/launch.json");
+    let victim = state.path().join("precious.txt");
+    std::fs::write(&victim, "do not overwrite").unwrap();
+    for (field, set) in [
+        ("spec.disk.overlay", &["spec", "disk", "overlay"][..]),
+        ("spec.disk.base", &["spec", "disk", "base"][..]),
+    ] {
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&launch).unwrap()).unwrap();
+        let original = doc.clone();
+        let mut v = &mut doc;
+        for k in set {
+            v = &mut v[*k];
+        }
+        *v = serde_json::json!(victim);
+        std::fs::write(&launch, serde_json::to_vec(&doc).unwrap()).unwrap();
+        let out = drydock(state.path())
+            .args(["vm", "restart", "edited", "--timeout", "2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{field}: {err}");
+        assert!(err.contains(field) && err.contains("launch.json"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "do not overwrite"
+        );
+        std::fs::write(&launch, serde_json::to_vec(&original).unwrap()).unwrap();
+    }
+    // The record as drydock wrote it is accepted again.
+    let out = drydock(state.path())
+        .args(["vm", "restart", "edited", "--timeout", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_no_processes(state.path(), Duration::from_secs(10));
 }
 
 #[test]

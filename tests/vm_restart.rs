@@ -389,8 +389,22 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     assert!(err.contains("taken of another closure"), "{err}");
     no_processes(state.path());
 
-    // Truncated state: QEMU refuses it; the VM stays stopped.
+    // A deleted state is named as missing, not as "0 bytes ... were saved".
     let state_file = snap.join("state");
+    let kept = snap.join("state.kept");
+    std::fs::rename(&state_file, &kept).unwrap();
+    let out = drydock(state.path())
+        .args(["vm", "restore", "a", "--tag", "t1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("the saved state is missing") && !err.contains("0 bytes"),
+        "{err}"
+    );
+    std::fs::rename(&kept, &state_file).unwrap();
+    // Truncated state: QEMU refuses it; the VM stays stopped.
     let len = std::fs::metadata(&state_file).unwrap().len();
     let f2 = std::fs::OpenOptions::new()
         .write(true)
@@ -419,8 +433,12 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    // The message names the snapshot's tag and its state file (not an empty tag and the log).
     assert!(
-        err.contains("could not load the snapshot") && err.contains("it is stopped"),
+        err.contains("QEMU could not load it")
+            && err.contains("it is stopped")
+            && err.contains(r#"snapshot "t1""#)
+            && err.contains(&format!("({})", state_file.display())),
         "{err}"
     );
     no_processes(state.path());

@@ -303,7 +303,8 @@ pub struct GcOutcome {
     pub refused: Vec<(String, String)>,
     /// The plan's estimate.
     pub estimated_bytes: u64,
-    /// Free space after minus before, on the store's filesystem.
+    /// Bytes really freed: the disk blocks of the inodes that only the paths this collection
+    /// deleted held (never negative, never another process's deletions).
     pub freed_bytes: i64,
     /// VM artifacts removed.
     pub artifacts_removed: Vec<String>,
@@ -345,6 +346,60 @@ pub fn recover_interrupted(layout: &StoreLayout, runs: &RunsDb) -> Result<Vec<i6
     Ok(ids)
 }
 
+/// How long a collection waits for another drydock collection of the same store.
+const GC_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Take the per-store collection lock: `drydock-gc.lock` in Nix's state directory of the
+/// store, or, where this user cannot create it (the system store as an ordinary user), one in
+/// drydock's state directory named after the store. Waits, bounded, for another holder.
+fn lock_store_for_gc(
+    layout: &StoreLayout,
+    state_dir: Option<&std::path::Path>,
+) -> Result<std::fs::File, GcError> {
+    let open = |p: std::path::PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map(|f| (f, p))
+    };
+    let opened = open(layout.state_dir.join("drydock-gc.lock")).or_else(|e| match state_dir {
+        Some(dir) => {
+            let name = format!(
+                "gc-{:016x}.lock",
+                crate::runsdb::fnv1a(layout.id().as_bytes())
+            );
+            open(dir.join(name))
+        }
+        None => Err(e),
+    });
+    let (file, path) = opened.map_err(|source| crate::reclaim::ReclaimError::Lock {
+        path: layout.state_dir.join("drydock-gc.lock"),
+        source,
+    })?;
+    let start = std::time::Instant::now();
+    let mut said = false;
+    while !crate::sys::try_lock_exclusive(&file) {
+        if start.elapsed() > GC_LOCK_WAIT {
+            return Err(crate::reclaim::ReclaimError::LockTimeout {
+                path,
+                after: GC_LOCK_WAIT,
+            }
+            .into());
+        }
+        if !said {
+            tracing::warn!(
+                "waiting for another drydock gc of this store ({})",
+                path.display()
+            );
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(file)
+}
+
 /// Carry out a plan: unpin the selected runs, delete batch by batch through Nix (recording
 /// each batch), remove the runs' VM artifacts, measure the space freed.
 pub fn execute_gc(
@@ -357,7 +412,9 @@ pub fn execute_gc(
         estimated_bytes: plan.bytes,
         ..GcOutcome::default()
     };
-    let (avail_before, _) = crate::sys::free_bytes(&layout.store_dir).unwrap_or((0, 0));
+    // One drydock collection per store at a time, so that what one of them measured as
+    // freed was deleted by it and not by a concurrent one.
+    let _lock = lock_store_for_gc(layout, runs.map(|r| r.state_dir()))?;
     let event = match runs {
         Some(r) => Some(r.begin_gc(layout, &plan.mode, &plan.paths, plan.bytes)?),
         None => None,
@@ -372,7 +429,29 @@ pub fn execute_gc(
     let mut done = 0;
     progress(0, total);
     for b in &plan.batches {
+        // Freed bytes are measured, not estimated from the free space (which counts whatever
+        // else the machine wrote meanwhile): the blocks of the inodes that only the paths this
+        // batch confirmed gone held (a `.links` entry counts if Nix removed it too). Paths that
+        // were not there before the batch free nothing here.
+        let walked: Vec<(StorePath, crate::du::InodeSet)> = b
+            .iter()
+            .map(|p| {
+                let mut set = crate::du::InodeSet::default();
+                set.add_tree(&layout.physical(p)).map(|()| (p.clone(), set))
+            })
+            .collect::<Result<_, _>>()?;
+        let links_before = crate::du::links_inodes(layout);
         let res: DeleteResult = delete_batch(layout, &db, b)?;
+        let links_after = crate::du::links_inodes(layout);
+        let removed_links: std::collections::HashSet<u64> =
+            links_before.difference(&links_after).copied().collect();
+        let mut gone_inodes = crate::du::InodeSet::default();
+        for (p, set) in walked {
+            if res.gone.contains(&p) {
+                gone_inodes.merge(set);
+            }
+        }
+        out.freed_bytes += gone_inodes.freeable_bytes(&removed_links) as i64;
         let gone: Vec<String> = res.gone.iter().map(|p| layout.logical(p)).collect();
         let refused: Vec<(String, String)> = res
             .refused
@@ -409,8 +488,6 @@ pub fn execute_gc(
             }
         }
     }
-    let (avail_after, _) = crate::sys::free_bytes(&layout.store_dir).unwrap_or((0, 0));
-    out.freed_bytes = avail_after as i64 - avail_before as i64;
     if let (Some(r), Some(ev)) = (runs, event) {
         r.finish_gc(ev, "done", Some(out.freed_bytes))?;
     }

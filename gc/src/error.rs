@@ -46,4 +46,12 @@ impl GcError {
             Self::Roots(_) | Self::StoreCheck(_) | Self::Reclaim(_) | Self::Du(_) => false,
         }
     }
+
+    /// Whether the work stopped because the caller's cancel flag was set (exit 130).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            Self::Track(crate::track::TrackError::Interrupted { .. })
+        )
+    }
 }

@@ -12,6 +12,7 @@ mod collect;
 mod drv;
 mod du;
 mod error;
+mod fsread;
 mod nixconf;
 mod nixdb;
 mod plan;
@@ -33,6 +34,10 @@ pub use collect::{
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
+pub use fsread::{
+    Links, MAX_CONF_BYTES, MAX_DRV_BYTES, MAX_STATE_BYTES, ReadFileError, open_regular,
+    read_regular, read_regular_text,
+};
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{

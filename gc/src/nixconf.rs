@@ -32,7 +32,7 @@ pub enum NixConfError {
         /// The physical path of the file.
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: crate::fsread::ReadFileError,
     },
     /// `include FILE` names a file that does not exist (Nix refuses to run).
     #[error("Nix configuration {from}: included file {} not found", path.display())]
@@ -225,11 +225,15 @@ impl NixConf {
                 return Ok(());
             }
         }
-        let text =
-            std::fs::read_to_string(&physical).map_err(|source| NixConfError::Unreadable {
-                path: physical.clone(),
-                source,
-            })?;
+        let text = crate::fsread::read_regular_text(
+            &physical,
+            crate::fsread::Links::Follow,
+            crate::fsread::MAX_CONF_BYTES,
+        )
+        .map_err(|source| NixConfError::Unreadable {
+            path: physical.clone(),
+            source,
+        })?;
         self.parse(
             root,
             &text,
@@ -249,7 +253,10 @@ impl NixConf {
         dir: Option<&Path>,
         depth: u32,
     ) -> Result<(), NixConfError> {
-        for raw in text.lines() {
+        // Warnings name the file and the line number, never the line: an `include` can point
+        // at any file (`include /etc/shadow`), and its lines must not reach the terminal.
+        for (i, raw) in text.lines().enumerate() {
+            let at = i + 1;
             let line = raw.split('#').next().unwrap_or("");
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
@@ -257,8 +264,7 @@ impl NixConf {
                 [kw @ ("include" | "!include"), file] => {
                     if depth >= MAX_INCLUDE_DEPTH {
                         tracing::warn!(
-                            "{origin}: `{}` nested more than {MAX_INCLUDE_DEPTH} deep, ignored",
-                            line.trim()
+                            "{origin}, line {at}: an include nested more than {MAX_INCLUDE_DEPTH} deep, ignored"
                         );
                         continue;
                     }
@@ -269,10 +275,7 @@ impl NixConf {
                     self.load_file(root, &file, *kw == "include", origin, depth + 1)?;
                 }
                 [name, "=", value @ ..] => self.set(name, value.join(" "), origin),
-                _ => tracing::warn!(
-                    "{origin}: `{}` is not `name = value`; Nix rejects it",
-                    line.trim()
-                ),
+                _ => tracing::warn!("{origin}, line {at}: not `name = value`; Nix rejects it"),
             }
         }
         Ok(())

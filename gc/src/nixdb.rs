@@ -27,6 +27,9 @@ pub enum NixDbError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The file is a database (or empty), but not Nix's: it has no `ValidPaths` table.
+    #[error("{} is not a Nix database (it has no ValidPaths table)", path.display())]
+    NotNixDb { path: PathBuf },
     /// A query failed.
     #[error("reading Nix database {}", path.display())]
     Query {
@@ -40,7 +43,7 @@ impl NixDbError {
     /// Whether the error comes from what the user named (a `--store` that is not a store).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Self::NotAStore { .. } => true,
+            Self::NotAStore { .. } | Self::NotNixDb { .. } => true,
             Self::Open { source, .. } | Self::Query { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
@@ -249,6 +252,20 @@ impl NixDb {
                 path: path.clone(),
                 source,
             })?;
+        // An empty file (or another program's database) opens fine: it has no ValidPaths.
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'ValidPaths'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|source| NixDbError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        if tables == 0 {
+            return Err(NixDbError::NotNixDb { path });
+        }
         Ok(Self {
             conn,
             path,

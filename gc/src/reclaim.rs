@@ -23,6 +23,16 @@ pub enum ReclaimError {
     /// `nix-store --delete` did not finish in time (another GC holding the lock for ever?).
     #[error("nix-store --delete did not finish within {} s; it was stopped", .0.as_secs())]
     Timeout(Duration),
+    /// The per-store collection lock could not be created.
+    #[error("cannot create the collection lock {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another drydock collection of the store held the lock for too long.
+    #[error("another drydock gc of this store held {} for {} s; try again when it is done", path.display(), after.as_secs())]
+    LockTimeout { path: PathBuf, after: Duration },
     /// Removing a file or directory failed.
     #[error("cannot remove {}", path.display())]
     Remove {

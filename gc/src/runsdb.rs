@@ -104,6 +104,14 @@ pub enum RunsDbError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The database (or its WAL files) cannot be opened for writing: permissions, a read-only
+    /// file system.
+    #[error("cannot write the runs database {} (is the state directory writable by this user?)", path.display())]
+    Unwritable {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
     /// The schema is newer than this drydock knows.
     #[error("runs database {} has schema version {found}, newer than this drydock ({known})", path.display())]
     TooNew {
@@ -149,6 +157,8 @@ impl RunsDbError {
         matches!(
             self,
             Self::Corrupt { .. }
+                | Self::StateDir { .. }
+                | Self::Unwritable { .. }
                 | Self::TooNew { .. }
                 | Self::UnknownRun(_)
                 | Self::OtherStore { .. }
@@ -321,6 +331,29 @@ pub struct RunsDb {
     state_dir: PathBuf,
 }
 
+/// An error while opening the runs database: the true cause, not always "corrupt".
+fn classify_open_error(path: &Path, source: rusqlite::Error) -> RunsDbError {
+    use rusqlite::ErrorCode as C;
+    match source.sqlite_error_code() {
+        Some(
+            C::CannotOpen | C::ReadOnly | C::PermissionDenied | C::AuthorizationForStatementDenied,
+        ) => RunsDbError::Unwritable {
+            path: path.to_owned(),
+            source,
+        },
+        Some(C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull) => {
+            RunsDbError::Sqlite {
+                path: path.to_owned(),
+                source,
+            }
+        }
+        _ => RunsDbError::Corrupt {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
 impl RunsDb {
     /// Open (creating if needed) `STATE_DIR/runs.sqlite` and bring its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Self, RunsDbError> {
@@ -330,10 +363,7 @@ impl RunsDb {
         })?;
         let state_dir = &std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned());
         let path = state_dir.join(RUNS_DB_FILE);
-        let corrupt = |source| RunsDbError::Corrupt {
-            path: path.clone(),
-            source,
-        };
+        let corrupt = |source| classify_open_error(&path, source);
         let conn = Connection::open(&path).map_err(corrupt)?;
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(corrupt)?;
@@ -409,10 +439,18 @@ impl RunsDb {
 
     fn e(&self) -> impl Fn(rusqlite::Error) -> RunsDbError + '_ {
         |source| {
-            if matches!(
-                source.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
-            ) {
+            let bad_value = matches!(
+                source,
+                rusqlite::Error::InvalidColumnType(..)
+                    | rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..)
+            );
+            if bad_value
+                || matches!(
+                    source.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+                )
+            {
                 RunsDbError::Corrupt {
                     path: self.path.clone(),
                     source,
@@ -469,6 +507,22 @@ impl RunsDb {
             return Err(RunsDbError::UnknownRun(id));
         }
         Ok(())
+    }
+
+    /// End a run that is still open (its owner died, or stopped it): like [`Self::finish_run`],
+    /// but a run that has already ended or been collected is left as it is. Returns whether
+    /// this call ended it, so that of several who notice a dead owner, exactly one ends it.
+    pub fn finish_open_run(&self, id: i64, exit_status: Option<i32>) -> Result<bool, RunsDbError> {
+        self.require(id)?;
+        let n = self
+            .conn
+            .execute(
+                "UPDATE runs SET ended_at = ?2, exit_status = ?3 \
+                 WHERE id = ?1 AND ended_at IS NULL AND collected_at IS NULL",
+                params![id, now(), exit_status],
+            )
+            .map_err(self.e())?;
+        Ok(n == 1)
     }
 
     /// Mark a finished run as running again (a VM restarted or restored from its recorded
@@ -872,7 +926,7 @@ fn replace_symlink(target: &Path, link: &Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, link)
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

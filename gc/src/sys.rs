@@ -1,10 +1,9 @@
-//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, free space,
-//! signals). Each call is small, checked, and documented with its safety argument.
+//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals).
+//! Each call is small, checked, and documented with its safety argument.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
 /// Try to take an exclusive `flock` on `f` without waiting. Returns whether it was taken (it
 /// stays held until the file is closed or [`unlock`] is called).
@@ -12,24 +11,6 @@ pub fn try_lock_exclusive(f: &File) -> bool {
     // SAFETY: `f` owns an open file descriptor for the duration of the call; flock does not
     // touch memory.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
-/// Free bytes available to unprivileged users on the filesystem holding `path`, and total
-/// free bytes (`f_bavail`, `f_bfree` times the fragment size).
-pub fn free_bytes(path: &Path) -> io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated string alive for the call; `st` is a valid, writable
-    // statvfs that the kernel fills in.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
-    Ok((st.f_bavail as u64 * frsize, st.f_bfree as u64 * frsize))
 }
 
 /// Send `sig` to process `pid`. Errors (e.g. the process already exited) are returned.
@@ -59,13 +40,6 @@ mod tests {
         assert!(!try_lock_exclusive(&b));
         drop(a);
         assert!(try_lock_exclusive(&b));
-    }
-
-    #[test]
-    fn free_bytes_of_tmp() {
-        let (avail, free) = free_bytes(Path::new("/tmp")).unwrap();
-        assert!(free >= avail && free > 0);
-        assert!(free_bytes(Path::new("/does/not/exist")).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::classify::{PathClass, classify};
 use crate::drv::{Derivation, parse_derivation};
@@ -29,6 +29,11 @@ pub enum TrackError {
         #[source]
         source: std::io::Error,
     },
+    /// Interrupted (Ctrl-C, SIGTERM) after the command had exited.
+    #[error(
+        "interrupted; run {run_id} ended with the command's exit code {exit_code}, its paths not attributed"
+    )]
+    Interrupted { run_id: i64, exit_code: i32 },
     /// Waiting for the command or copying its output failed.
     #[error("while running '{program}'")]
     Wait {
@@ -58,86 +63,107 @@ pub struct TrackReport {
     pub not_claimed: usize,
 }
 
-static CHILD: AtomicU32 = AtomicU32::new(0);
-static HANDLER: std::sync::Once = std::sync::Once::new();
-
-fn install_forwarder() {
-    HANDLER.call_once(|| {
-        let r = ctrlc::set_handler(|| {
-            let pid = CHILD.load(Ordering::SeqCst);
-            if pid != 0 {
-                let _ = crate::sys::send_signal(pid, libc::SIGINT);
-            }
-        });
-        if let Err(e) = r {
-            tracing::warn!("cannot forward Ctrl-C: {e}");
-        }
-    });
+/// The tracked command, started with stdin and stderr inherited and stdout passed through (and
+/// scanned for store paths).
+struct Passthrough {
+    program: String,
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<Vec<u8>>,
 }
 
-/// Run `cmd` with stdin and stderr inherited and stdout passed through (and scanned for
-/// store paths). Ctrl-C (SIGINT, SIGTERM, SIGHUP) is forwarded as SIGINT. Returns the exit
-/// code and the stdout text.
-fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
-    let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
-    install_forwarder();
-    let mut child = Command::new(&program)
-        .args(&cmd[1..])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|source| TrackError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-    CHILD.store(child.id(), Ordering::SeqCst);
-    let wait_err = |source| TrackError::Wait {
-        program: program.clone(),
-        source,
-    };
-    // Copy stdout in a thread, so that a background process that inherited the pipe cannot
-    // keep us waiting once the command itself has exited.
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    if let Some(out) = child.stdout.take() {
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut stdout = std::io::stdout();
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        // A closed stdout on our side must not kill the command's run.
-                        let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
-                        if tx.send(line.clone()).is_err() {
-                            break;
+impl Passthrough {
+    /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded.
+    fn spawn(cmd: &[String]) -> Result<Self, TrackError> {
+        let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
+        let mut child = Command::new(&program)
+            .args(&cmd[1..])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|source| TrackError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        // Copy stdout in a thread, so that a background process that inherited the pipe cannot
+        // keep us waiting once the command itself has exited.
+        let (tx, lines) = std::sync::mpsc::channel::<Vec<u8>>();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(out);
+                let mut stdout = std::io::stdout();
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match r.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            // A closed stdout on our side must not kill the command's run.
+                            let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
+                            if tx.send(line.clone()).is_err() {
+                                break;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
+        }
+        Ok(Self {
+            program,
+            child,
+            lines,
+        })
     }
-    let status = child.wait().map_err(wait_err)?;
-    CHILD.store(0, Ordering::SeqCst);
-    let mut captured = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => captured.extend_from_slice(&line),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                tracing::debug!("stdout still open after the command exited; not waiting");
+
+    /// Wait for the command. `cancel` (set by the caller's Ctrl-C/SIGTERM handler) is forwarded
+    /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
+    /// follows. Returns the exit code (128 + signal if it was killed) and the stdout text.
+    fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<u8>), TrackError> {
+        let wait_err = |source| TrackError::Wait {
+            program: self.program.clone(),
+            source,
+        };
+        let mut forwarded = false;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().map_err(wait_err)? {
+                break status;
+            }
+            if !forwarded && cancel.swap(false, Ordering::SeqCst) {
+                forwarded = true;
+                let _ = crate::sys::send_signal(self.child.id(), libc::SIGINT);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let mut captured = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            if cancel.load(Ordering::SeqCst) {
                 break;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            let left = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(std::time::Duration::from_millis(100));
+            match self.lines.recv_timeout(left) {
+                Ok(line) => captured.extend_from_slice(&line),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if std::time::Instant::now() < deadline => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::debug!("stdout still open after the command exited; not waiting");
+                    break;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
+        use std::os::unix::process::ExitStatusExt;
+        let code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(1);
+        Ok((code, captured))
     }
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1);
-    Ok((code, captured))
+}
+
+#[cfg(test)]
+fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
+    Passthrough::spawn(cmd)?.wait(&AtomicBool::new(false))
 }
 
 /// Store paths named in command output (one per whitespace-separated token).
@@ -296,7 +322,15 @@ impl StoreView for DbView<'_> {
             .borrow_mut()
             .entry(p.clone())
             .or_insert_with(|| {
-                let bytes = std::fs::read(self.layout.physical(p)).ok()?;
+                // A .drv in the store that is a FIFO, a link to /dev/zero or huge is no
+                // derivation Nix wrote: skip it, named, without blocking or reading it all.
+                let bytes = crate::fsread::read_regular(
+                    &self.layout.physical(p),
+                    crate::fsread::Links::Refuse,
+                    crate::fsread::MAX_DRV_BYTES,
+                )
+                .map_err(|e| tracing::warn!("{p}: {e}"))
+                .ok()?;
                 parse_derivation(&bytes)
                     .map_err(|e| tracing::warn!("cannot parse {p}: {e}"))
                     .ok()
@@ -309,12 +343,15 @@ impl StoreView for DbView<'_> {
     }
 }
 
-/// Run `cmd` as a tracked run and record what it claimed.
+/// Run `cmd` as a tracked run and record what it claimed. `cancel` is the caller's Ctrl-C flag
+/// (the library installs no signal handler): while the command runs it is forwarded to it;
+/// afterwards it ends `track` with [`TrackError::Interrupted`].
 pub fn track(
     layout: &StoreLayout,
     runs: &RunsDb,
     name: Option<&str>,
     cmd: &[String],
+    cancel: &AtomicBool,
 ) -> Result<TrackReport, crate::GcError> {
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
@@ -326,14 +363,34 @@ pub fn track(
         0
     };
     let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
-    let run_id = runs.begin_run(layout, &name, cmd, RunKind::Build)?;
-    let (exit_code, stdout) = match run_passthrough(cmd) {
+    // Started before the run is recorded: a command that cannot start records nothing.
+    let child = Passthrough::spawn(cmd)?;
+    let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
+        Ok(id) => id,
+        Err(e) => {
+            // Without a run the command's paths could not be recorded: do not leave it running.
+            let mut child = child.child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    };
+    let (exit_code, stdout) = match child.wait(cancel) {
         Ok(x) => x,
         Err(e) => {
             runs.finish_run(run_id, Some(127))?;
             return Err(e.into());
         }
     };
+    // Ctrl-C after the command ended interrupts drydock itself: the run ends with the
+    // command's code, unattributed, and the caller exits 130.
+    let interrupted = |runs: &RunsDb| -> Result<TrackReport, crate::GcError> {
+        runs.finish_run(run_id, Some(exit_code))?;
+        Err(TrackError::Interrupted { run_id, exit_code }.into())
+    };
+    if cancel.load(Ordering::SeqCst) {
+        return interrupted(runs);
+    }
     if !layout.has_database() {
         tracing::warn!("the command registered nothing: there is no Nix database yet");
         runs.finish_run(run_id, Some(exit_code))?;
@@ -357,7 +414,13 @@ pub fn track(
         layout,
         cache: Default::default(),
     };
+    if cancel.load(Ordering::SeqCst) {
+        return interrupted(runs);
+    }
     let claimed = attribute(sd, &new_paths, &outputs, &view);
+    if cancel.load(Ordering::SeqCst) {
+        return interrupted(runs);
+    }
     let sizes: HashMap<&StorePath, u64> = new_paths.iter().map(|p| (&p.path, p.nar_size)).collect();
     let rows: Vec<(String, PathClass, u64)> = claimed
         .iter()

@@ -29,10 +29,9 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
     let root = std::env::var_os("DRYDOCK_HOST_ROOT").map(std::path::PathBuf::from);
     let host = root.map(Host::at).unwrap_or_else(Host::system);
     let findings = drydock_vm::run_checks(&host, &opts)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::out::stdout();
     if ctx.json {
-        serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "checks": findings }))?;
-        writeln!(out)?;
+        crate::out::json(&mut out, &serde_json::json!({ "checks": findings }))?;
     } else {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         render(&mut out, &findings, colour)?;

@@ -18,12 +18,11 @@ pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
     // Store images are drydock state shared by the VMs of one closure: shown on their own.
     let images = drydock_vm::list_images(&super::vm::images_dir(ctx))?;
     let image_bytes: u64 = images.iter().map(|i| i.bytes).sum();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::out::stdout();
     if ctx.json {
         let mut doc = serde_json::to_value(&rep)?;
         doc["store_images"] = serde_json::json!({ "count": images.len(), "bytes": image_bytes });
-        serde_json::to_writer_pretty(&mut out, &doc)?;
-        writeln!(out)?;
+        crate::out::json(&mut out, &doc)?;
         out.flush()?;
         return Ok(Outcome::Success);
     }

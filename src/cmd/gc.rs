@@ -36,6 +36,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     if sel.all && (sel.keep_last.is_some() || sel.older_than.is_some() || !sel.runs.is_empty()) {
         return Err(bad_input("--all cannot be combined with run selections"));
     }
+    super::vm::reap_dead(ctx);
     // Validate the store before touching the runs database.
     let loaded = Loaded::load(&layout)?;
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
@@ -44,7 +45,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     }
     let plan = drydock_gc::plan_gc(&loaded, Some(&runs), &sel, args.batch_size)?;
     drop(loaded);
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::out::stdout();
     if args.dry_run {
         // Store images only the collected runs' VMs use would go too.
         let mut skip = Vec::new();
@@ -60,8 +61,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
             let mut doc = serde_json::to_value(&plan)?;
             doc["images"] = serde_json::json!(images.iter().map(|i| &i.path).collect::<Vec<_>>());
             doc["image_bytes"] = serde_json::json!(images.iter().map(|i| i.bytes).sum::<u64>());
-            serde_json::to_writer_pretty(&mut out, &doc)?;
-            writeln!(out)?;
+            crate::out::json(&mut out, &doc)?;
         } else {
             for i in &images {
                 writeln!(
@@ -107,7 +107,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     // The collected runs' VM folders are gone now: images no remaining VM uses go too.
     let images = unused_images(ctx, &[], false)?;
     if ctx.json {
-        serde_json::to_writer_pretty(
+        crate::out::json(
             &mut out,
             &serde_json::json!({
                 "runs": plan.runs,
@@ -121,7 +121,6 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
                 "image_bytes": images.iter().map(|i| i.bytes).sum::<u64>(),
             }),
         )?;
-        writeln!(out)?;
     } else {
         for (p, why) in &result.refused {
             writeln!(out, "refused by Nix: {p}: {why}")?;
@@ -158,10 +157,20 @@ fn unused_images(
     skip: &[std::path::PathBuf],
     dry_run: bool,
 ) -> anyhow::Result<Vec<drydock_vm::StoreImage>> {
-    let in_use = super::vm::images_in_use(ctx, skip);
+    let in_use = drydock_vm::images_in_use(&ctx.state_dir, skip);
+    if !in_use.unreadable.is_empty() {
+        // Which images those VMs use is unknown: keep them all, and say why.
+        for (file, why) in &in_use.unreadable {
+            eprintln!(
+                "drydock: keeping every store image: cannot read {}: {why}",
+                file.display()
+            );
+        }
+        return Ok(Vec::new());
+    }
     Ok(drydock_vm::remove_unused_images(
         &super::vm::images_dir(ctx),
-        &in_use,
+        &in_use.images,
         dry_run,
     )?)
 }

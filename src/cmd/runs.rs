@@ -60,9 +60,10 @@ fn other_stores_line(others: &[OtherStoreRuns]) -> String {
 
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
+    super::vm::reap_dead(ctx);
     let loaded = Loaded::load(&layout)?;
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::out::stdout();
     match &args.action {
         None => {
             let list = drydock_gc::summarize_runs(&loaded, &runs)?;
@@ -71,11 +72,10 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                 .map_err(drydock_gc::GcError::from)?
                 .1;
             if ctx.json {
-                serde_json::to_writer_pretty(
+                crate::out::json(
                     &mut out,
                     &serde_json::json!({ "runs": list, "other_stores": others }),
                 )?;
-                writeln!(out)?;
             } else {
                 writeln!(
                     out,
@@ -107,11 +107,10 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
             let (_, paths) = drydock_gc::run_statuses(&loaded, &runs, *id, None)?;
             let artifacts = runs.artifacts(*id).map_err(drydock_gc::GcError::from)?;
             if ctx.json {
-                serde_json::to_writer_pretty(
+                crate::out::json(
                     &mut out,
                     &serde_json::json!({ "run": run, "paths": paths, "artifacts": artifacts }),
                 )?;
-                writeln!(out)?;
             } else {
                 writeln!(
                     out,

@@ -48,16 +48,15 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
         .map(|&n| layout.logical(loaded.snap.path(n)))
         .collect();
     let stray: Vec<String> = damage.stray.iter().map(|p| layout.logical(p)).collect();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = crate::out::stdout();
     match &args.action {
         StoreAction::Check => {
             if ctx.json {
-                serde_json::to_writer_pretty(
+                crate::out::json(
                     &mut out,
                     &serde_json::json!({ "missing": missing, "stray": stray,
                                          "damaged": damage.is_damaged() }),
                 )?;
-                writeln!(out)?;
             } else {
                 for m in &missing {
                     writeln!(out, "missing: {m}")?;
@@ -107,13 +106,12 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                 None => (vec![], vec![]),
             };
             if ctx.json {
-                serde_json::to_writer_pretty(
+                crate::out::json(
                     &mut out,
                     &serde_json::json!({ "missing": missing, "remove": names,
                         "blocked": blocked, "removed": gone, "refused": refused,
                         "roots_removed": roots_removed }),
                 )?;
-                writeln!(out)?;
             } else {
                 for b in &plan.blocked {
                     writeln!(

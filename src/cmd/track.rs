@@ -10,7 +10,8 @@ use crate::exit::Outcome;
 pub fn run(ctx: &Context, args: &TrackArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
-    let report = drydock_gc::track(&layout, &runs, args.name.as_deref(), &args.command)?;
+    let cancel = crate::cancel::install();
+    let report = drydock_gc::track(&layout, &runs, args.name.as_deref(), &args.command, cancel)?;
     if ctx.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {

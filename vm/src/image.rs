@@ -893,6 +893,51 @@ fn run_tool(
     })
 }
 
+/// The store images that the VMs of a state dir were launched with.
+#[derive(Debug, Default)]
+pub struct ImagesInUse {
+    /// Images named by a readable launch record.
+    pub images: Vec<PathBuf>,
+    /// VM folders whose launch record could not be read, with why: whether they use an image
+    /// is unknown, so no image may be removed while any is listed here.
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// The store images that the VMs under `STATE/vms` use, leaving out the VM folders in `skip`
+/// (those about to be collected).
+pub fn images_in_use(state_dir: &Path, skip: &[PathBuf]) -> ImagesInUse {
+    let mut found = ImagesInUse::default();
+    let Ok(rd) = fs::read_dir(state_dir.join("vms")) else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        if skip.iter().any(|s| s == &dir) || !dir.is_dir() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().into_owned();
+        let paths = crate::plan::VmPaths::in_state_dir(state_dir, &name);
+        match crate::launch::LaunchRecord::read(&paths) {
+            Ok(record) => {
+                if let crate::plan::StoreAttachment::Image { path } = record.spec.store {
+                    found.images.push(path);
+                }
+            }
+            Err(err) => {
+                let why =
+                    std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
+                        e.source()
+                    })
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ");
+                found.unreadable.push((paths.launch_file(), why));
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,16 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Read(drydock_gc::ReadFileError),
+    /// A path in a launch record lies outside the places drydock puts such files.
+    #[error("{}: {field} is {}, but it must be {expected}; the record was changed by hand, so drydock will not use it (remove the VM's folder and launch it anew)", file.display(), value.display())]
+    Untrusted {
+        file: PathBuf,
+        field: &'static str,
+        value: PathBuf,
+        expected: String,
+    },
     #[error("cannot start the store server")]
     StoreServer(#[source] crate::storefs::StoreServerError),
     #[error("cannot start QEMU")]
@@ -60,6 +70,9 @@ impl LaunchError {
             Self::Plan(e) => e.is_bad_input(),
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
+            Self::Untrusted { .. } => true,
+            // Bad input unless the file simply cannot be opened (missing, permissions).
+            Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
             _ => false,
         }
     }
@@ -99,7 +112,12 @@ fn running() -> String {
 
 impl VmState {
     pub fn read(paths: &VmPaths) -> Option<Self> {
-        let bytes = std::fs::read(paths.state_file()).ok()?;
+        let bytes = drydock_gc::read_regular(
+            &paths.state_file(),
+            drydock_gc::Links::Refuse,
+            drydock_gc::MAX_STATE_BYTES,
+        )
+        .ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -220,16 +238,96 @@ pub struct LaunchRecord {
 }
 
 impl LaunchRecord {
+    /// Read `launch.json` of the VM whose folder is `paths.dir`. The record is drydock's own,
+    /// but anyone who can write the folder can edit it: every path in it that drydock writes to
+    /// or hands to QEMU as a disk must lie where drydock puts such things (see
+    /// [`LaunchRecord::check_paths`]); otherwise the record is refused.
     pub fn read(paths: &VmPaths) -> Result<Self, LaunchError> {
         let path = paths.launch_file();
-        let bytes = std::fs::read(&path).map_err(|source| LaunchError::Files {
+        let bytes = drydock_gc::read_regular(
+            &path,
+            drydock_gc::Links::Refuse,
+            drydock_gc::MAX_STATE_BYTES,
+        )
+        .map_err(LaunchError::Read)?;
+        let record: Self = serde_json::from_slice(&bytes).map_err(|e| LaunchError::Files {
             path: path.clone(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| LaunchError::Files {
-            path,
             source: e.into(),
-        })
+        })?;
+        record
+            .check_paths(paths)
+            .map_err(|(field, value, expected)| LaunchError::Untrusted {
+                file: path,
+                field,
+                value,
+                expected,
+            })?;
+        Ok(record)
+    }
+
+    /// Every path of the record that drydock writes or attaches as a disk, against where it
+    /// belongs: the VM's folder (`paths.dir`), its socket folder, or the state dir's `images`
+    /// folder (two levels above the VM's folder). Returns the first one out of place as (field,
+    /// value, where it must be).
+    pub fn check_paths(&self, paths: &VmPaths) -> Result<(), (&'static str, PathBuf, String)> {
+        let out = |field, value: &Path, expected: String| Err((field, value.to_owned(), expected));
+        let spec = &self.spec;
+        if spec.paths.dir != paths.dir {
+            return out(
+                "spec.paths.dir",
+                &spec.paths.dir,
+                paths.dir.display().to_string(),
+            );
+        }
+        if spec.paths.sockets != paths.sockets && spec.paths.sockets != paths.dir {
+            return out(
+                "spec.paths.sockets",
+                &spec.paths.sockets,
+                paths.sockets.display().to_string(),
+            );
+        }
+        let images = paths
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|s| s.join("images"));
+        let in_images = |p: &Path| {
+            images.as_deref().is_some_and(|dir| {
+                p.parent() == Some(dir) && p.file_name().is_some_and(|n| n != "." && n != "..")
+            })
+        };
+        let images_text = images
+            .as_deref()
+            .map(|d| format!("a file in {}", d.display()))
+            .unwrap_or_default();
+        if let Some(disk) = &spec.disk {
+            if disk.overlay != paths.overlay() {
+                return out(
+                    "spec.disk.overlay",
+                    &disk.overlay,
+                    paths.overlay().display().to_string(),
+                );
+            }
+            if !in_images(&disk.base) {
+                return out("spec.disk.base", &disk.base, images_text);
+            }
+        }
+        match &spec.store {
+            crate::plan::StoreAttachment::Image { path } if !in_images(path) => {
+                return out("spec.store.image.path", path, images_text);
+            }
+            crate::plan::StoreAttachment::VirtioFs { socket }
+                if socket != &spec.paths.fs_socket() =>
+            {
+                return out(
+                    "spec.store.virtio_fs.socket",
+                    socket,
+                    spec.paths.fs_socket().display().to_string(),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     pub fn write(&self, paths: &VmPaths) -> Result<(), LaunchError> {

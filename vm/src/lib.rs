@@ -7,6 +7,7 @@ mod cgroup;
 mod doctor;
 mod image;
 mod launch;
+mod owner;
 mod plan;
 mod qmp;
 mod snapshot;
@@ -20,16 +21,18 @@ pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
 };
 pub use image::{
-    ImageError, StoreImage, closure_key, ensure_store_image, list_images, remove_unused_images,
+    ImageError, ImagesInUse, StoreImage, closure_key, ensure_store_image, images_in_use,
+    list_images, remove_unused_images,
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, StoreShare, Vm, VmState, WaitOutcome,
     discard_disk, follow, fresh_disk, kill_process, log_tail, orderly_shutdown, pid_alive, start,
     stop_remote, write_json,
 };
+pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale};
 pub use plan::{
-    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, kernel_cmdline, plan,
-    plan_incoming, validate_name,
+    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid,
+    kernel_cmdline, plan, plan_incoming, validate_name,
 };
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,

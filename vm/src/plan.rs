@@ -57,6 +57,24 @@ pub struct VmPaths {
     pub sockets: PathBuf,
 }
 
+/// FNV-1a of a path: a short, stable folder name for sockets.
+fn short_id(p: &Path) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// This process's uid (the owner of `/proc/self`).
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}
+
 impl VmPaths {
     /// Choose the socket folder: `dir` when `dir/qmp.sock` fits, else `runtime/<short id>`.
     pub fn new(dir: PathBuf, runtime: &Path, short_id: &str) -> Self {
@@ -68,6 +86,20 @@ impl VmPaths {
         };
         Self { dir, sockets }
     }
+    /// The paths of the VM `name` of the state dir `state_dir` (`STATE/vms/NAME`), with sockets
+    /// in `$XDG_RUNTIME_DIR/drydock-UID/ID` (else the temporary directory) when the VM folder is
+    /// too deep for a socket path. `name` must have passed [`validate_name`].
+    pub fn in_state_dir(state_dir: &Path, name: &str) -> Self {
+        let dir = state_dir.join("vms").join(name);
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir)
+            .join(format!("drydock-{}", current_uid()));
+        let id = short_id(&dir);
+        Self::new(dir, &runtime, &id)
+    }
+
     pub fn qmp_socket(&self) -> PathBuf {
         self.sockets.join("qmp.sock")
     }

@@ -171,10 +171,34 @@ pub fn read_snapshot(paths: &VmPaths, tag: &str) -> Result<SnapshotMeta, Snapsho
         path: meta_path.clone(),
         reason,
     };
-    let bytes = std::fs::read(&meta_path).map_err(|e| corrupt(e.to_string()))?;
+    let bytes = drydock_gc::read_regular(
+        &meta_path,
+        drydock_gc::Links::Refuse,
+        drydock_gc::MAX_STATE_BYTES,
+    )
+    .map_err(|e| match std::error::Error::source(&e) {
+        Some(cause) => corrupt(cause.to_string()),
+        None => corrupt(e.to_string()),
+    })?;
     let meta: SnapshotMeta = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let state = dir.join("state");
-    let len = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+    let len = match std::fs::symlink_metadata(&state) {
+        Ok(m) if m.file_type().is_file() => m.len(),
+        Ok(_) => {
+            return Err(SnapshotError::Corrupt {
+                tag: tag.to_string(),
+                path: state,
+                reason: "not a regular file".into(),
+            });
+        }
+        Err(e) => {
+            return Err(SnapshotError::Corrupt {
+                tag: tag.to_string(),
+                path: state,
+                reason: format!("the saved state is missing ({e})"),
+            });
+        }
+    };
     if len != meta.state_bytes {
         return Err(SnapshotError::Corrupt {
             tag: tag.to_string(),
@@ -267,18 +291,21 @@ pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
 /// and the VM is left stopped.
 pub fn resume_incoming(
     vm: &mut crate::launch::Vm,
+    tag: &str,
     deadline: Duration,
 ) -> Result<(), SnapshotError> {
     let start = Instant::now();
     let qemu_log = vm.paths().dir.join("qemu.log");
+    let state = snapshot_dir(vm.paths(), tag).join("state");
     let failed = |vm: &mut crate::launch::Vm| {
-        let said = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        let said = crate::launch::log_tail(&qemu_log, 10);
         let status = vm.exited().map(|s| s.to_string()).unwrap_or_default();
         SnapshotError::Corrupt {
-            tag: String::new(),
-            path: qemu_log.clone(),
+            tag: tag.to_string(),
+            path: state.clone(),
             reason: format!(
-                "QEMU could not load the snapshot ({status}): {}",
+                "QEMU could not load it ({status}; its log {}): {}",
+                qemu_log.display(),
                 said.trim()
             ),
         }

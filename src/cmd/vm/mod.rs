@@ -6,7 +6,7 @@ mod snapshot;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow};
@@ -23,12 +23,10 @@ use crate::cli::{
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
-/// Set by Ctrl-C / SIGTERM / SIGHUP.
-static CANCEL: AtomicBool = AtomicBool::new(false);
+use crate::cancel::CANCEL;
 
 fn install_cancel_handler() {
-    // A second install (tests call run twice in one process) is harmless to skip.
-    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::SeqCst));
+    crate::cancel::install();
 }
 
 pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
@@ -45,23 +43,7 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
 
 fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
     drydock_vm::validate_name(name).map_err(|e| bad_input(e.to_string()))?;
-    let dir = ctx.state_dir.join("vms").join(name);
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("drydock-{}", crate::context::current_uid()));
-    Ok(VmPaths::new(dir.clone(), &runtime, &short_id(&dir)))
-}
-
-/// FNV-1a of a path: a short, stable folder name for sockets.
-fn short_id(p: &Path) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in p.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{:012x}", h & 0xffff_ffff_ffff)
+    Ok(VmPaths::in_state_dir(&ctx.state_dir, name))
 }
 
 fn find_qemu(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -89,27 +71,8 @@ pub(crate) fn images_dir(ctx: &Context) -> PathBuf {
     ctx.state_dir.join("images")
 }
 
-/// The store images that the VMs of this state dir were launched with, leaving out the VM
-/// folders in `skip` (those about to be collected).
-pub(crate) fn images_in_use(ctx: &Context, skip: &[PathBuf]) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(ctx.state_dir.join("vms")) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| !skip.iter().any(|s| s == &e.path()))
-        .filter_map(|e| {
-            let bytes = std::fs::read(e.path().join("launch.json")).ok()?;
-            let record: LaunchRecord = serde_json::from_slice(&bytes).ok()?;
-            match record.spec.store {
-                StoreAttachment::Image { path } => Some(path),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
 /// Refuse a name whose VM is alive; clean up a stale entry.
-fn claim_name(paths: &VmPaths, name: &str) -> anyhow::Result<()> {
+fn claim_name(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result<()> {
     if let Some(state) = VmState::read(paths) {
         let alive = state.qemu_alive() || state.supervisor_alive();
         if alive {
@@ -119,9 +82,25 @@ fn claim_name(paths: &VmPaths, name: &str) -> anyhow::Result<()> {
             )));
         }
         tracing::info!("cleaning up the stale entry of VM {name}");
-        drydock_vm::stop_remote(paths, &state, Duration::ZERO, true)?;
+        let record = LaunchRecord::read(paths).ok();
+        drydock_vm::reap_stale(&ctx.state_dir, paths, &state, record.as_ref())?;
     }
     Ok(())
+}
+
+/// Before `runs`, `du` and `gc` read the runs: end the runs of VMs whose owner died.
+pub(crate) fn reap_dead(ctx: &Context) {
+    for name in drydock_vm::reap_dead_vms(&ctx.state_dir) {
+        eprintln!("drydock: VM {name} had died with its owner; its run is ended now");
+    }
+}
+
+/// A dead entry found while listing: clean it up and end its run (a failure is logged; the
+/// listing goes on).
+fn reap_stale(ctx: &Context, paths: &VmPaths, state: &VmState, record: Option<&LaunchRecord>) {
+    if let Err(e) = drydock_vm::reap_stale(&ctx.state_dir, paths, state, record) {
+        tracing::warn!("{:#}", anyhow!(e));
+    }
 }
 
 fn choose_accel(arg: AccelArg) -> anyhow::Result<(Accel, String)> {
@@ -368,11 +347,8 @@ pub(super) fn finish_run(
     record: &LaunchRecord,
     status: Option<std::process::ExitStatus>,
 ) {
-    let Some(id) = record.run_id else { return };
-    let result = RunsDb::open(&ctx.state_dir)
-        .and_then(|db| db.finish_run(id, status.and_then(|s| s.code())));
-    if let Err(e) = result {
-        tracing::warn!("cannot finish run {id}: {e}");
+    if let Err(e) = drydock_vm::end_vm_run(&ctx.state_dir, record, status.and_then(|s| s.code())) {
+        tracing::warn!("{:#}", anyhow!(e));
     }
 }
 
@@ -390,13 +366,7 @@ impl Wait {
             .as_deref()
             .map(|r| regex::Regex::new(r).map_err(|e| bad_input(format!("--ready {r:?}: {e}"))))
             .transpose()?;
-        let timeout = a
-            .timeout
-            .map(|t| {
-                Duration::try_from_secs_f64(t)
-                    .map_err(|_| bad_input(format!("--timeout {t}: not a number of seconds")))
-            })
-            .transpose()?;
+        let timeout = a.timeout;
         Ok(Self {
             ready,
             timeout,
@@ -418,7 +388,7 @@ impl Wait {
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    claim_name(&paths, &a.name)?;
+    claim_name(ctx, &paths, &a.name)?;
     let mut record = prepare(ctx, a, &paths)?;
     if let Some(disk) = &record.spec.disk {
         drydock_vm::discard_disk(disk)?;
@@ -529,7 +499,7 @@ fn foreground(
                 }
             ),
         ),
-        WaitOutcome::Cancelled => (Outcome::Code(130), "interrupted; VM stopped".to_string()),
+        WaitOutcome::Cancelled => (Outcome::Interrupted, "interrupted; VM stopped".to_string()),
         // The second follow has no pattern, so it cannot report Ready.
         WaitOutcome::Ready(_) => (Outcome::Failed, "internal: ready twice".to_string()),
     };
@@ -542,6 +512,22 @@ fn foreground(
         ready_line.as_deref(),
         started.elapsed(),
     )
+}
+
+/// What `vm run`, `vm restart` and `vm restore` print with `--json`: how the launch ended.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct LaunchReport<'a> {
+    pub name: &'a str,
+    /// `ok`, `ready` (detached), `failed` or `interrupted`.
+    pub result: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    pub ready_line: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_pid: Option<u32>,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_log: Option<PathBuf>,
 }
 
 fn report_end(
@@ -563,15 +549,21 @@ fn report_end(
         eprintln!("drydock: {name}: {why}");
     }
     if ctx.json {
-        let doc = serde_json::json!({
-            "name": name,
-            "result": match code { Outcome::Success => "ok", Outcome::Failed => "failed", _ => "interrupted" },
-            "reason": why,
-            "ready_line": ready_line,
-            "seconds": elapsed.as_secs_f64(),
-            "console_log": paths.console_log(),
-        });
-        println!("{doc}");
+        let result = match code {
+            Outcome::Success => "ok",
+            Outcome::Failed => "failed",
+            _ => "interrupted",
+        };
+        let report = LaunchReport {
+            name,
+            result,
+            reason: Some(why),
+            ready_line,
+            qemu_pid: None,
+            seconds: elapsed.as_secs_f64(),
+            console_log: Some(paths.console_log()),
+        };
+        crate::out::json(&mut crate::out::stdout(), &report)?;
     }
     Ok(code)
 }
@@ -590,7 +582,7 @@ fn spawn_supervisor(
     ctx: &Context,
     name: &str,
     paths: &VmPaths,
-    incoming: Option<&str>,
+    incoming: Option<(&str, &str)>,
 ) -> anyhow::Result<(u32, VmState)> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
     let log_path = paths.supervisor_log();
@@ -602,8 +594,11 @@ fn spawn_supervisor(
         cmd.arg("--store").arg(root);
     }
     cmd.arg("__vm-supervise").arg("--name").arg(name);
-    if let Some(uri) = incoming {
-        cmd.arg("--incoming").arg(uri);
+    if let Some((uri, tag)) = incoming {
+        cmd.arg("--incoming")
+            .arg(uri)
+            .arg("--snapshot-tag")
+            .arg(tag);
     }
     let sup = drydock_vm::spawn_detached("vm supervisor", cmd, log)?;
     let started = Instant::now();
@@ -647,10 +642,16 @@ fn detach(
                 state.qemu_pid,
             );
             if ctx.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"name": name, "result": "ready", "ready_line": line, "qemu_pid": state.qemu_pid, "seconds": started.elapsed().as_secs_f64()})
-                );
+                let report = LaunchReport {
+                    name,
+                    result: "ready",
+                    reason: None,
+                    ready_line: Some(&line),
+                    qemu_pid: Some(state.qemu_pid),
+                    seconds: started.elapsed().as_secs_f64(),
+                    console_log: None,
+                };
+                crate::out::json(&mut crate::out::stdout(), &report)?;
             }
             Ok(Outcome::Success)
         }
@@ -664,7 +665,7 @@ fn detach(
                         started.elapsed().as_secs_f64()
                     ),
                 ),
-                WaitOutcome::Cancelled => (Outcome::Code(130), "interrupted; VM stopped".into()),
+                WaitOutcome::Cancelled => (Outcome::Interrupted, "interrupted; VM stopped".into()),
                 _ => (
                     Outcome::Failed,
                     "the VM stopped before it became ready".into(),
@@ -691,7 +692,8 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
     );
     if a.incoming.is_some() {
         // Load the snapshot (bounded), resume the guest, tell the waiting `vm restore`.
-        if let Err(e) = drydock_vm::resume_incoming(&mut vm, Duration::from_secs(120)) {
+        let tag = a.snapshot_tag.as_deref().unwrap_or("default");
+        if let Err(e) = drydock_vm::resume_incoming(&mut vm, tag, Duration::from_secs(120)) {
             vm.stop(Duration::ZERO)?;
             return Err(anyhow!(e));
         }
@@ -789,11 +791,15 @@ fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
         eprintln!("drydock: {} is not running", a.name);
         return Ok(Outcome::Success);
     };
-    let grace = Duration::try_from_secs_f64(a.grace)
-        .map_err(|_| bad_input(format!("--grace {}: not a number of seconds", a.grace)))?;
+    let grace = a.grace;
     let t = Instant::now();
     let was_alive = state.qemu_alive();
-    drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
+    if was_alive {
+        drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
+    } else {
+        let record = LaunchRecord::read(&paths).ok();
+        drydock_vm::reap_stale(&ctx.state_dir, &paths, &state, record.as_ref())?;
+    }
     if was_alive {
         eprintln!(
             "drydock: {} stopped in {:.2} s",
@@ -811,6 +817,25 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// One line of `vm list`.
+#[derive(Debug, serde::Serialize)]
+struct VmRow {
+    name: String,
+    /// `running`, `stopped` or `stale (cleaned)`.
+    state: &'static str,
+    pid: Option<u32>,
+    accel: Option<&'static str>,
+    memory_mib: Option<u32>,
+    uptime_seconds: Option<u64>,
+    system: Option<String>,
+}
+
+/// `vm list --json`.
+#[derive(Debug, serde::Serialize)]
+struct VmList {
+    vms: Vec<VmRow>,
 }
 
 fn list(ctx: &Context) -> anyhow::Result<Outcome> {
@@ -839,55 +864,53 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
                 Some(now().saturating_sub(s.started)),
             ),
             Some(s) => {
-                // Stale: the owner died without cleaning up. Clean now.
-                let _ = drydock_vm::stop_remote(&paths, s, Duration::ZERO, true);
+                // Stale: the owner died without cleaning up. Clean now, and end its run.
+                reap_stale(ctx, &paths, s, record.as_ref());
                 ("stale (cleaned)", None, None)
             }
             None => ("stopped", None, None),
         };
-        rows.push(serde_json::json!({
-            "name": name,
-            "state": status,
-            "pid": pid,
-            "accel": record.as_ref().map(|r| r.spec.accel.as_str()),
-            "memory_mib": record.as_ref().map(|r| r.spec.memory_mib),
-            "uptime_seconds": uptime,
-            "system": record.as_ref().and_then(|r| r.toplevel.clone()),
-        }));
+        rows.push(VmRow {
+            name,
+            state: status,
+            pid,
+            accel: record.as_ref().map(|r| r.spec.accel.as_str()),
+            memory_mib: record.as_ref().map(|r| r.spec.memory_mib),
+            uptime_seconds: uptime,
+            system: record.as_ref().and_then(|r| r.toplevel.clone()),
+        });
     }
+    let mut out = crate::out::stdout();
     if ctx.json {
-        println!("{}", serde_json::json!({ "vms": rows }));
+        crate::out::json(&mut out, &VmList { vms: rows })?;
         return Ok(Outcome::Success);
     }
     if rows.is_empty() {
-        println!("no VMs in {}", root.display());
+        writeln!(out, "no VMs in {}", root.display())?;
+        out.flush()?;
         return Ok(Outcome::Success);
     }
-    println!(
+    writeln!(
+        out,
         "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
         "NAME", "STATE", "PID", "ACCEL", "MEMORY", "UPTIME"
-    );
+    )?;
+    let dash = || "-".to_string();
     for r in rows {
-        let dash = || "-".to_string();
-        println!(
+        writeln!(
+            out,
             "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
-            r["name"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            r["pid"]
-                .as_u64()
-                .map(|p| p.to_string())
-                .unwrap_or_else(dash),
-            r["accel"].as_str().unwrap_or("-"),
-            r["memory_mib"]
-                .as_u64()
-                .map(|m| format!("{m}M"))
-                .unwrap_or_else(dash),
-            r["uptime_seconds"]
-                .as_u64()
+            r.name,
+            r.state,
+            r.pid.map(|p| p.to_string()).unwrap_or_else(dash),
+            r.accel.unwrap_or("-"),
+            r.memory_mib.map(|m| format!("{m}M")).unwrap_or_else(dash),
+            r.uptime_seconds
                 .map(|s| format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60))
                 .unwrap_or_else(dash),
-        );
+        )?;
     }
+    out.flush()?;
     Ok(Outcome::Success)
 }
 
@@ -902,21 +925,32 @@ fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
         )));
     }
     let mut tail = ConsoleTail::new(log);
-    let mut out = |l: &str| {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "{l}");
-    };
+    let mut out = crate::out::stdout();
     if !a.follow {
         for l in tail.lines() {
-            out(l.as_str());
+            writeln!(out, "{l}")?;
         }
         if let Some(r) = tail.rest() {
-            out(&r);
+            writeln!(out, "{r}")?;
         }
+        out.flush()?;
         return Ok(Outcome::Success);
     }
     install_cancel_handler();
-    let mut gone = || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
-    drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut out);
+    // A reader that went away ends the follow, quietly.
+    let failed = std::cell::RefCell::new(None);
+    let mut echo = |l: &str| {
+        if failed.borrow().is_none() {
+            if let Err(e) = writeln!(out, "{l}").and_then(|()| out.flush()) {
+                *failed.borrow_mut() = Some(e);
+            }
+        }
+    };
+    let mut gone =
+        || failed.borrow().is_some() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
+    drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut echo);
+    if let Some(e) = failed.take() {
+        return Err(e.into());
+    }
     Ok(Outcome::Success)
 }

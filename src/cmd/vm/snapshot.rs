@@ -41,17 +41,26 @@ pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
         meta.save_seconds
     );
     if ctx.json {
-        println!("{}", serde_json::to_string(&meta)?);
+        crate::out::json(&mut crate::out::stdout(), &meta)?;
     }
     Ok(Outcome::Success)
+}
+
+/// `vm restore --json`.
+#[derive(Debug, serde::Serialize)]
+struct RestoreReport<'a> {
+    name: &'a str,
+    tag: &'a str,
+    result: &'a str,
+    seconds: f64,
+    qemu_pid: u32,
 }
 
 pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
     super::recorded_store(ctx, &a.name, &record)?;
-    let deadline = Duration::try_from_secs_f64(a.timeout)
-        .map_err(|_| bad_input(format!("--timeout {}: not a number of seconds", a.timeout)))?;
+    let deadline = a.timeout;
     let meta = drydock_vm::read_snapshot(&paths, &a.tag).map_err(snapshot_error)?;
     let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
     drydock_vm::check_restorable(&meta, &record, &version).map_err(snapshot_error)?;
@@ -67,7 +76,7 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let uri = drydock_vm::prepare_restore(&record, &a.tag).map_err(snapshot_error)?;
     super::install_cancel_handler();
     let t = Instant::now();
-    let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some(&uri))?;
+    let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some((&uri, &a.tag)))?;
     let state = wait_running(&paths, sup, deadline)?;
     eprintln!(
         "drydock: {} restored from snapshot {:?} in {:.3} s; running in the background (QEMU pid {})",
@@ -77,10 +86,14 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
         state.qemu_pid
     );
     if ctx.json {
-        println!(
-            "{}",
-            serde_json::json!({"name": a.name, "tag": a.tag, "result": "running", "seconds": t.elapsed().as_secs_f64(), "qemu_pid": state.qemu_pid})
-        );
+        let report = RestoreReport {
+            name: &a.name,
+            tag: &a.tag,
+            result: "running",
+            seconds: t.elapsed().as_secs_f64(),
+            qemu_pid: state.qemu_pid,
+        };
+        crate::out::json(&mut crate::out::stdout(), &report)?;
     }
     Ok(Outcome::Success)
 }
