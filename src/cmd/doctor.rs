@@ -19,7 +19,7 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
         store_root: ctx.store_root.clone(),
         nix_conf: NixConfSources::from_env(),
         nix_probe: args.nix_probe,
-        qemu: std::env::var_os("DRYDOCK_QEMU").map(Into::into),
+        qemu: drydock_vm::configured_qemu(None),
         boot_probe: if args.boot_probe {
             Some(boot_probe(args)?)
         } else {
@@ -70,9 +70,8 @@ fn boot_probe(args: &DoctorArgs) -> anyhow::Result<BootProbe> {
         Some(i) => Some(i.clone()),
         None => Some(cache.join("initrd")).filter(|i| args.probe_kernel.is_none() && i.is_file()),
     };
-    let qemu = std::env::var_os("DRYDOCK_QEMU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    let qemu =
+        drydock_vm::configured_qemu(None).unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
     Ok(BootProbe {
         qemu,
         kernel,

@@ -924,14 +924,9 @@ pub fn images_in_use(state_dir: &Path, skip: &[PathBuf]) -> ImagesInUse {
                 }
             }
             Err(err) => {
-                let why =
-                    std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |e| {
-                        e.source()
-                    })
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ");
-                found.unreadable.push((paths.launch_file(), why));
+                found
+                    .unreadable
+                    .push((paths.launch_file(), crate::error_chain(&err)));
             }
         }
     }

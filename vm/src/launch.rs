@@ -93,8 +93,8 @@ pub struct VmState {
     /// The cgroup QEMU runs in, if drydock made one.
     pub cgroup: Option<PathBuf>,
     /// `running`, or `loading` while a snapshot is being loaded.
-    #[serde(default = "running")]
-    pub phase: String,
+    #[serde(default)]
+    pub phase: Phase,
     /// QEMU's start time (clock ticks after boot), so a recycled pid is not taken for it.
     #[serde(default)]
     pub qemu_start_ticks: Option<u64>,
@@ -106,8 +106,15 @@ pub struct VmState {
     pub server_start_ticks: Option<u64>,
 }
 
-fn running() -> String {
-    "running".into()
+/// Where a started VM is: loading a snapshot (paused), or running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// QEMU started with `-incoming` and is loading the saved state.
+    Loading,
+    /// The guest runs.
+    #[default]
+    Running,
 }
 
 impl VmState {
@@ -552,9 +559,9 @@ pub fn start(
             .unwrap_or(0),
         cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
         phase: if incoming.is_some() {
-            "loading".into()
+            Phase::Loading
         } else {
-            running()
+            Phase::Running
         },
         qemu_start_ticks: process_start_ticks(qemu.pid()),
         supervisor_start_ticks: process_start_ticks(std::process::id()),
@@ -578,7 +585,7 @@ impl Vm {
 
     /// Record that the VM runs (after a snapshot was loaded and resumed).
     pub fn mark_running(&mut self) -> Result<(), LaunchError> {
-        self.state.phase = running();
+        self.state.phase = Phase::Running;
         self.state.write(&self.paths)
     }
 

@@ -10,6 +10,7 @@ mod launch;
 mod owner;
 mod plan;
 mod qmp;
+mod resolve;
 mod snapshot;
 mod spawn;
 mod storefs;
@@ -25,17 +26,24 @@ pub use image::{
     list_images, remove_unused_images,
 };
 pub use launch::{
-    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, StoreShare, Vm, VmState, WaitOutcome,
-    discard_disk, follow, fresh_disk, kill_process, log_tail, orderly_shutdown, pid_alive, start,
-    stop_remote, write_json,
+    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
+    WaitOutcome, discard_disk, follow, fresh_disk, kill_process, log_tail, orderly_shutdown,
+    pid_alive, start, stop_remote, write_json,
 };
-pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale};
+pub use owner::{
+    OwnerError, SupervisorCommand, end_vm_run, reap_dead_vms, reap_stale, record_vm_run,
+    recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
+};
 pub use plan::{
     Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid,
     kernel_cmdline, plan, plan_incoming, validate_name,
 };
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
+pub use resolve::{
+    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, choose_accel,
+    configured_qemu, find_qemu, images_dir, resolve_launch,
 };
 pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
@@ -47,3 +55,11 @@ pub use storefs::{
     parse_allow_list, serve_store,
 };
 pub use system::{SystemBoot, SystemError, resolve_logical, resolve_system, toplevel_path};
+
+/// An error and its causes on one line, `a: b: c` (for warnings in the log).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}

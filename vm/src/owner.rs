@@ -1,16 +1,18 @@
 //! A VM's run and its owner. Every launch is a run (kind `vm`) in the runs database that pins
-//! the VM's system while it lives; the process that owns the VM (the foreground `vm run`, or a
-//! detached `__vm-supervise`) ends that run when the VM stops. An owner that was SIGKILLed
+//! the VM's system while it lives ([`record_vm_run`], [`reopen_vm_run`], [`end_vm_run`]); the
+//! process that owns the VM (the foreground `vm run`, or a detached `__vm-supervise` started by
+//! [`spawn_supervisor`]) ends that run when the VM stops. An owner that was SIGKILLed
 //! cannot: whoever next notices its dead entry (`vm list`, `vm stop`, `vm run` of the same
 //! name, `runs`, `du`, `gc`) cleans the entry up and ends its run, exactly once, so GC can then
 //! collect it like any stopped VM.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use drydock_gc::{RunsDb, RunsDbError};
+use drydock_gc::{ArtifactKind, RunKind, RunsDb, RunsDbError, StoreLayout};
 
-use crate::launch::{LaunchError, LaunchRecord, VmState, stop_remote};
+use crate::launch::{LaunchError, LaunchRecord, Phase, VmState, stop_remote};
 use crate::plan::VmPaths;
 
 /// What can go wrong while ending a dead owner's run.
@@ -22,6 +24,42 @@ pub enum OwnerError {
         #[source]
         source: Box<LaunchError>,
     },
+    #[error("cannot create the supervisor's log {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VM supervisor")]
+    Spawn(#[source] Box<crate::spawn::SpawnError>),
+    #[error("the VM did not start:\n{log}")]
+    DidNotStart { log: String },
+    #[error("the VM supervisor did not start QEMU within {} s (see {})", after.as_secs(), log.display())]
+    StartTimeout { after: Duration, log: PathBuf },
+    #[error("the VM did not come back; it is stopped:\n{log}")]
+    NotBack { log: String },
+    #[error("the VM was not running again after {:.1} s; it is stopped", after.as_secs_f64())]
+    NotRunningAgain { after: Duration },
+    #[error("{toplevel}: not a store path")]
+    Toplevel {
+        toplevel: String,
+        #[source]
+        source: drydock_gc::StorePathError,
+    },
+    #[error("--store {}: {name} was launched from the store {recorded}; leave out --store (the VM remembers its store)", given.display())]
+    OtherStore {
+        given: PathBuf,
+        name: String,
+        recorded: String,
+    },
+    #[error(
+        "run {id} of this VM was collected by `drydock gc`; start it anew with `drydock vm run`"
+    )]
+    Collected {
+        id: i64,
+        #[source]
+        source: Box<RunsDbError>,
+    },
     #[error("cannot end run {id} of the VM in {}", dir.display())]
     Run {
         id: i64,
@@ -29,6 +67,218 @@ pub enum OwnerError {
         #[source]
         source: Box<RunsDbError>,
     },
+}
+
+/// How long a new supervisor may take to start QEMU.
+const SUPERVISOR_START: Duration = Duration::from_secs(30);
+
+/// The detached owner of a VM: drydock re-executed as `__vm-supervise`.
+#[derive(Debug, Clone)]
+pub struct SupervisorCommand<'a> {
+    /// The drydock binary.
+    pub exe: &'a Path,
+    pub state_dir: &'a Path,
+    /// `--store ROOT`, if the launch had one.
+    pub store_root: Option<&'a Path>,
+    pub name: &'a str,
+    /// Load a snapshot: the `-incoming` URI and the snapshot's tag (named in errors).
+    pub incoming: Option<(&'a str, &'a str)>,
+}
+
+/// Start the detached supervisor of the VM `paths` and wait until it has started QEMU (its
+/// state file appears), it died (its log says why), `cancel` was set or 30 s passed. Returns
+/// the supervisor's pid and the VM's state.
+pub fn spawn_supervisor(
+    sup: &SupervisorCommand<'_>,
+    paths: &VmPaths,
+    cancel: &AtomicBool,
+) -> Result<(u32, VmState), OwnerError> {
+    let log_path = paths.supervisor_log();
+    let log = std::fs::File::create(&log_path).map_err(|source| OwnerError::Log {
+        path: log_path.clone(),
+        source,
+    })?;
+    let mut cmd = std::process::Command::new(sup.exe);
+    cmd.arg("--state-dir").arg(sup.state_dir);
+    if let Some(root) = sup.store_root {
+        cmd.arg("--store").arg(root);
+    }
+    cmd.arg("__vm-supervise").arg("--name").arg(sup.name);
+    if let Some((uri, tag)) = sup.incoming {
+        cmd.arg("--incoming")
+            .arg(uri)
+            .arg("--snapshot-tag")
+            .arg(tag);
+    }
+    let pid = crate::spawn::spawn_detached("vm supervisor", cmd, log)
+        .map_err(|e| OwnerError::Spawn(Box::new(e)))?;
+    let started = Instant::now();
+    loop {
+        if let Some(s) = VmState::read(paths) {
+            return Ok((pid, s));
+        }
+        if !crate::launch::pid_alive(pid) {
+            return Err(OwnerError::DidNotStart {
+                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+            });
+        }
+        if started.elapsed() > SUPERVISOR_START || cancel.load(Ordering::SeqCst) {
+            crate::launch::kill_process(pid);
+            return Err(OwnerError::StartTimeout {
+                after: SUPERVISOR_START,
+                log: log_path,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// After [`spawn_supervisor`] with a snapshot: wait until the supervisor reports the VM running.
+/// If it dies first (QEMU refused the state) its log says why; at the deadline or on `cancel`
+/// the VM is stopped, not left half-started.
+pub fn wait_running(
+    paths: &VmPaths,
+    supervisor: u32,
+    deadline: Duration,
+    cancel: &AtomicBool,
+) -> Result<VmState, OwnerError> {
+    let t = Instant::now();
+    loop {
+        let state = VmState::read(paths);
+        if let Some(s) = &state {
+            if s.phase == Phase::Running {
+                return Ok(s.clone());
+            }
+        }
+        if !crate::launch::pid_alive(supervisor) {
+            return Err(OwnerError::NotBack {
+                log: crate::launch::log_tail(&paths.supervisor_log(), 40)
+                    .trim()
+                    .to_owned(),
+            });
+        }
+        if t.elapsed() > deadline || cancel.load(Ordering::SeqCst) {
+            if let Some(s) = state {
+                stop_remote(paths, &s, Duration::ZERO, true).map_err(|source| {
+                    OwnerError::Cleanup {
+                        dir: paths.dir.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
+            }
+            return Err(OwnerError::NotRunningAgain { after: t.elapsed() });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Record a launch as a run of kind `vm` owning the VM's folder, and pin its system with a GC
+/// root for as long as the run lives, in the store the system comes from (`fallback` for a bare
+/// kernel). A runs database that cannot be written costs the record, not the VM: warn, `None`.
+pub fn record_vm_run(
+    state_dir: &Path,
+    fallback: &StoreLayout,
+    record: &LaunchRecord,
+    argv: &[String],
+) -> Option<i64> {
+    let result = (|| -> Result<i64, OwnerError> {
+        let db = RunsDb::open(state_dir).map_err(|e| db_err(0, record, e))?;
+        let l = record.store.clone().unwrap_or_else(|| fallback.clone());
+        let id = db
+            .begin_run(&l, &record.spec.name, argv, RunKind::Vm)
+            .map_err(|e| db_err(0, record, e))?;
+        db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)
+            .map_err(|e| db_err(id, record, e))?;
+        pin_system(&db, id, &l, record)?;
+        Ok(id)
+    })();
+    match result {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                "the launch of {} is not recorded as a run: {}",
+                record.spec.name,
+                crate::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+fn db_err(id: i64, record: &LaunchRecord, source: RunsDbError) -> OwnerError {
+    OwnerError::Run {
+        id,
+        dir: record.spec.paths.dir.clone(),
+        source: Box::new(source),
+    }
+}
+
+fn pin_system(
+    db: &RunsDb,
+    id: i64,
+    layout: &StoreLayout,
+    record: &LaunchRecord,
+) -> Result<(), OwnerError> {
+    if let Some(top) = &record.toplevel {
+        let sp = layout.parse(top).map_err(|source| OwnerError::Toplevel {
+            toplevel: top.clone(),
+            source,
+        })?;
+        db.pin(layout, id, &sp).map_err(|e| db_err(id, record, e))?;
+    }
+    Ok(())
+}
+
+/// The store a recorded launch belongs to. A restart or restore needs only the VM's name; a
+/// `--store` (`explicit`) naming another store than the one the system came from is bad input.
+/// `current` is the store the command line names (or the default).
+pub fn recorded_store(
+    record: &LaunchRecord,
+    current: &StoreLayout,
+    explicit: Option<&Path>,
+) -> Result<StoreLayout, OwnerError> {
+    let Some(recorded) = &record.store else {
+        // Launched from a kernel (nothing pinned), or recorded before stores were recorded.
+        return Ok(current.clone());
+    };
+    // Stores are told apart as the runs database tells them apart (resolved store directory).
+    if let Some(root) = explicit {
+        if recorded.id() != current.id() {
+            return Err(OwnerError::OtherStore {
+                given: root.to_owned(),
+                name: record.spec.name.clone(),
+                recorded: recorded.id(),
+            });
+        }
+    }
+    Ok(recorded.clone())
+}
+
+/// A restart or restore runs the recorded launch again: its run is live again (GC must wait for
+/// it), and its pin is renewed, in the VM's own store, in case someone removed it.
+pub fn reopen_vm_run(
+    state_dir: &Path,
+    record: &LaunchRecord,
+    current: &StoreLayout,
+    explicit: Option<&Path>,
+) -> Result<(), OwnerError> {
+    let Some(id) = record.run_id else {
+        return Ok(());
+    };
+    let db = RunsDb::open(state_dir).map_err(|e| db_err(id, record, e))?;
+    db.reopen_run(id).map_err(|source| OwnerError::Collected {
+        id,
+        source: Box::new(source),
+    })?;
+    let l = recorded_store(record, current, explicit)?;
+    pin_system(&db, id, &l, record)
+}
+
+impl OwnerError {
+    /// Whether the user's input is at fault (exit 2).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::OtherStore { .. } | Self::Collected { .. })
+    }
 }
 
 /// End a VM's run with QEMU's exit code, unless it has ended already. Returns whether this call

@@ -5,15 +5,13 @@
 mod snapshot;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow};
-use drydock_gc::{ArtifactKind, NixDb, RunKind, RunsDb, StoreLayout};
 use drydock_vm::{
-    Accel, ConsoleTail, Host, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmSpec, VmState,
-    WaitOutcome,
+    ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState, WaitOutcome,
 };
 
 use crate::cli::{
@@ -46,29 +44,9 @@ fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
     Ok(VmPaths::in_state_dir(&ctx.state_dir, name))
 }
 
-fn find_qemu(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = arg
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("DRYDOCK_QEMU").map(PathBuf::from))
-    {
-        if p.is_file() {
-            return Ok(p);
-        }
-        return Err(bad_input(format!(
-            "QEMU not found: {} does not exist",
-            p.display()
-        )));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| bad_input("QEMU not found: qemu-system-x86_64 is not on PATH (install qemu-system-x86, or name it with --qemu / DRYDOCK_QEMU)"))
-}
-
 /// Where store images and the blank base disk live: shared by every VM of this state dir.
 pub(crate) fn images_dir(ctx: &Context) -> PathBuf {
-    ctx.state_dir.join("images")
+    drydock_vm::images_dir(&ctx.state_dir)
 }
 
 /// Refuse a name whose VM is alive; clean up a stale entry.
@@ -103,241 +81,64 @@ fn reap_stale(ctx: &Context, paths: &VmPaths, state: &VmState, record: Option<&L
     }
 }
 
-fn choose_accel(arg: AccelArg) -> anyhow::Result<(Accel, String)> {
-    match arg {
-        AccelArg::Tcg => Ok((Accel::Tcg, "--accel tcg".into())),
-        AccelArg::Kvm => match drydock_vm::kvm_usable(&Host::system()) {
-            Ok(()) => Ok((Accel::Kvm, "--accel kvm".into())),
-            Err(f) => Err(anyhow!(
-                "--accel kvm: KVM is not usable here: {} [{}]{}",
-                f.summary,
-                f.id,
-                f.fix.map(|x| format!("\n  fix: {x}")).unwrap_or_default()
-            )),
-        },
-        AccelArg::Auto => match drydock_vm::kvm_usable(&Host::system()) {
-            Ok(()) => Ok((Accel::Kvm, "KVM checks passed".into())),
-            Err(f) => Ok((Accel::Tcg, format!("TCG because {} [{}]", f.summary, f.id))),
-        },
-    }
-}
-
-/// Build the launch record: resolve the system or kernel, the closure, QEMU and the accelerator.
+/// Build the launch record: the library resolves the system or kernel, the closure, the store
+/// image, QEMU and the accelerator.
 fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<LaunchRecord> {
-    let layout = ctx.layout();
-    let qemu = find_qemu(a.qemu.as_deref())?;
-    let (kernel, initrd, mut cmdline, toplevel) = match (&a.system, &a.kernel) {
-        (Some(sys), _) => {
-            let top = drydock_vm::toplevel_path(&layout, sys)
-                .map_err(|e| bad_input(format!("--system: {e}")))?;
-            let boot = drydock_vm::resolve_system(&layout, &top).map_err(|e| {
-                if e.is_bad_input() {
-                    bad_input(format!("--system: {e}"))
-                } else {
-                    anyhow!(e)
-                }
-            })?;
-            (boot.kernel, Some(boot.initrd), boot.cmdline, Some(top))
-        }
-        (None, Some(k)) => {
-            for (flag, p) in [("--kernel", Some(k)), ("--initrd", a.initrd.as_ref())] {
-                if let Some(p) = p {
-                    if !p.is_file() {
-                        return Err(bad_input(format!("{flag} {}: no such file", p.display())));
-                    }
-                }
-            }
-            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-            (abs(k), a.initrd.as_deref().map(abs), String::new(), None)
-        }
-        (None, None) => {
-            return Err(bad_input(
-                "vm run needs --system TOPLEVEL or --kernel K --initrd I",
-            ));
-        }
+    let boot = match (&a.system, &a.kernel) {
+        (Some(sys), _) => drydock_vm::Boot::System(sys.clone()),
+        (None, Some(k)) => drydock_vm::Boot::Kernel {
+            kernel: k.clone(),
+            initrd: a.initrd.clone(),
+        },
+        (None, None) => return Err(drydock_vm::ResolveError::NothingToBoot.into()),
     };
-    if let Some(extra) = &a.append {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(extra);
-    }
-    let allow = match (a.share, &toplevel) {
-        (ShareArg::Store, _) => None,
-        (ShareArg::Closure, Some(top)) => {
-            if !layout.has_database() {
-                return Err(bad_input(format!(
-                    "--share closure needs the Nix database, and {} does not exist (is {} a Nix store?)",
-                    layout.db_path().display(),
-                    layout.store_dir.display()
-                )));
-            }
-            let db = NixDb::open(&layout).context("opening the Nix database")?;
-            let closure = db
-                .closure_of(top)
-                .context("reading the Nix database")?
-                .ok_or_else(|| {
-                    bad_input(format!(
-                        "--system {}: not registered in the Nix database {}",
-                        layout.logical(top),
-                        layout.db_path().display()
-                    ))
-                })?;
-            let names: Vec<String> = closure.iter().map(|p| p.base_name().to_string()).collect();
-            Some(names)
-        }
-        // A bare kernel has no closure to compute: it sees nothing of the store unless asked.
-        (ShareArg::Closure, None) => Some(Vec::new()),
-    };
-    if !layout.store_dir.is_dir() && (toplevel.is_some() || a.share == ShareArg::Store) {
-        return Err(bad_input(format!(
-            "the store {} does not exist",
-            layout.store_dir.display()
-        )));
-    }
-    let (accel, accel_reason) = choose_accel(a.accel)?;
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let closure_key = allow.as_deref().map(drydock_vm::closure_key);
-    let (store, share) = match a.store_mode {
-        StoreModeArg::Virtiofs => (
-            StoreAttachment::VirtioFs {
-                socket: paths.fs_socket(),
-            },
-            Some(StoreShare {
-                exe,
-                shared_dir: layout.store_dir.clone(),
-                allow,
-            }),
-        ),
-        StoreModeArg::Image => {
-            let Some(closure) = allow else {
-                return Err(bad_input(
-                    "--store-mode image packs the system's closure: it needs --system and --share closure",
-                ));
-            };
-            let t = Instant::now();
-            let image =
-                drydock_vm::ensure_store_image(&layout.store_dir, &closure, &images_dir(ctx))
-                    .map_err(|e| {
-                        if e.is_bad_input() {
-                            bad_input(format!("{:#}", anyhow!(e)))
-                        } else {
-                            anyhow!(e)
-                        }
-                    })?;
-            eprintln!(
-                "drydock: store image {} ({} paths, {:.1} MiB, {})",
-                image.path.display(),
-                closure.len(),
-                image.bytes as f64 / 1048576.0,
-                if image.built {
-                    format!("built in {:.2} s", t.elapsed().as_secs_f64())
-                } else {
-                    "cached".into()
-                }
-            );
-            (StoreAttachment::Image { path: image.path }, None)
-        }
-    };
-    let spec = VmSpec {
+    let req = drydock_vm::LaunchRequest {
         name: a.name.clone(),
-        qemu,
-        kernel,
-        initrd,
-        cmdline,
+        boot,
+        append: a.append.clone(),
+        share: match a.share {
+            ShareArg::Closure => drydock_vm::Share::Closure,
+            ShareArg::Store => drydock_vm::Share::Store,
+        },
+        store_mode: match a.store_mode {
+            StoreModeArg::Virtiofs => drydock_vm::StoreMode::VirtioFs,
+            StoreModeArg::Image => drydock_vm::StoreMode::Image,
+        },
+        accel: match a.accel {
+            AccelArg::Auto => drydock_vm::AccelChoice::Auto,
+            AccelArg::Kvm => drydock_vm::AccelChoice::Kvm,
+            AccelArg::Tcg => drydock_vm::AccelChoice::Tcg,
+        },
+        qemu: a.qemu.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
-        accel,
-        store,
-        disk: Some(drydock_vm::Disk {
-            overlay: paths.overlay(),
-            base: images_dir(ctx).join(format!("blank-{}M.qcow2", a.disk_size)),
-            size_mib: a.disk_size,
-        }),
-        paths: paths.clone(),
+        disk_size_mib: a.disk_size,
+        exe: std::env::current_exe().context("locating the drydock binary")?,
     };
-    drydock_vm::plan(&spec).map_err(|e| bad_input(e.to_string()))?;
-    Ok(LaunchRecord {
-        spec,
-        share,
-        store: toplevel.is_some().then(|| layout.clone()),
-        toplevel: toplevel.map(|t| layout.logical(&t)),
-        accel_reason,
-        run_id: None,
-        closure_key,
-    })
-}
-
-/// Record the launch as a run of kind `vm` owning the VM's folder, and pin the system with a GC
-/// root for as long as the run lives. A runs database that cannot be written costs the record,
-/// not the VM: warn and go on.
-fn record_run(ctx: &Context, record: &LaunchRecord) -> Option<i64> {
-    let result = (|| -> anyhow::Result<i64> {
-        let db = RunsDb::open(&ctx.state_dir)?;
-        let argv: Vec<String> = std::env::args().collect();
-        // The run belongs to the store the VM's system comes from.
-        let l = record.store.clone().unwrap_or_else(|| ctx.layout());
-        let id = db.begin_run(&l, &record.spec.name, &argv, RunKind::Vm)?;
-        db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)?;
-        if let Some(top) = &record.toplevel {
-            let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
-            db.pin(&l, id, &sp)?;
-        }
-        Ok(id)
-    })();
-    match result {
-        Ok(id) => Some(id),
-        Err(e) => {
-            tracing::warn!(
-                "the launch of {} is not recorded as a run: {e:#}",
-                record.spec.name
-            );
-            None
-        }
+    let resolved = drydock_vm::resolve_launch(&ctx.layout(), &ctx.state_dir, paths, &req)?;
+    if let Some((image, paths_in, took)) = &resolved.image {
+        eprintln!(
+            "drydock: store image {} ({paths_in} paths, {:.1} MiB, {})",
+            image.path.display(),
+            image.bytes as f64 / 1048576.0,
+            if image.built {
+                format!("built in {:.2} s", took.as_secs_f64())
+            } else {
+                "cached".into()
+            }
+        );
     }
+    Ok(resolved.record)
 }
 
-/// The store a recorded launch belongs to. A restart or restore needs only the VM's name; a
-/// `--store` that names another store than the one the system came from is bad input.
-pub(super) fn recorded_store(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-) -> anyhow::Result<StoreLayout> {
-    let Some(recorded) = &record.store else {
-        // Launched from a kernel (nothing pinned), or recorded before stores were recorded.
-        return Ok(ctx.layout());
-    };
-    // Stores are told apart as the runs database tells them apart (resolved store directory).
-    if let Some(root) = &ctx.store_root {
-        if recorded.id() != ctx.layout().id() {
-            return Err(bad_input(format!(
-                "--store {}: {name} was launched from the store {}; leave out --store (the VM remembers its store)",
-                root.display(),
-                recorded.id()
-            )));
-        }
-    }
-    Ok(recorded.clone())
+/// `--store` as given, for the checks that a restart or restore names the VM's own store.
+pub(super) fn explicit_store(ctx: &Context) -> Option<&std::path::Path> {
+    ctx.store_root.as_deref()
 }
 
-/// A restart or restore runs the recorded launch again: its run is live again (GC must wait for
-/// it), and its pin is renewed, in the VM's own store, in case someone removed it.
+/// A restart or restore: the run is live again and its pin renewed in the VM's own store.
 pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result<()> {
-    let Some(id) = record.run_id else {
-        return Ok(());
-    };
-    let db = RunsDb::open(&ctx.state_dir)?;
-    db.reopen_run(id).map_err(|e| {
-        anyhow!(e).context(format!(
-            "run {id} of this VM was collected by `drydock gc`; start it anew with `drydock vm run`"
-        ))
-    })?;
-    if let Some(top) = &record.toplevel {
-        let l = recorded_store(ctx, &record.spec.name, record)?;
-        let sp = l.parse(top).map_err(|e| anyhow!("{top}: {e}"))?;
-        db.pin(&l, id, &sp)?;
-    }
+    drydock_vm::reopen_vm_run(&ctx.state_dir, record, &ctx.layout(), explicit_store(ctx))?;
     Ok(())
 }
 
@@ -393,7 +194,8 @@ fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
     if let Some(disk) = &record.spec.disk {
         drydock_vm::discard_disk(disk)?;
     }
-    record.run_id = record_run(ctx, &record);
+    let argv: Vec<String> = std::env::args().collect();
+    record.run_id = drydock_vm::record_vm_run(&ctx.state_dir, &ctx.layout(), &record, &argv);
     record.write(&paths)?;
     launch(ctx, &a.name, &record, &wait)
 }
@@ -576,49 +378,22 @@ fn launch_error(e: drydock_vm::LaunchError) -> anyhow::Error {
     }
 }
 
-/// Start the detached supervisor of a VM and wait until it has started QEMU (its state file
-/// appears) or died (then its log says why).
-fn spawn_supervisor(
+/// Start the detached supervisor of a VM (see [`drydock_vm::spawn_supervisor`]).
+pub(super) fn spawn_supervisor(
     ctx: &Context,
     name: &str,
     paths: &VmPaths,
     incoming: Option<(&str, &str)>,
 ) -> anyhow::Result<(u32, VmState)> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let log_path = paths.supervisor_log();
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir").arg(&ctx.state_dir);
-    if let Some(root) = &ctx.store_root {
-        cmd.arg("--store").arg(root);
-    }
-    cmd.arg("__vm-supervise").arg("--name").arg(name);
-    if let Some((uri, tag)) = incoming {
-        cmd.arg("--incoming")
-            .arg(uri)
-            .arg("--snapshot-tag")
-            .arg(tag);
-    }
-    let sup = drydock_vm::spawn_detached("vm supervisor", cmd, log)?;
-    let started = Instant::now();
-    loop {
-        if let Some(s) = VmState::read(paths) {
-            return Ok((sup, s));
-        }
-        if !drydock_vm::pid_alive(sup) {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(anyhow!("the VM did not start:\n{}", text.trim()));
-        }
-        if started.elapsed() > Duration::from_secs(30) || CANCEL.load(Ordering::SeqCst) {
-            drydock_vm::kill_process(sup);
-            return Err(anyhow!(
-                "the VM supervisor did not start QEMU within 30 s (see {})",
-                log_path.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let sup = drydock_vm::SupervisorCommand {
+        exe: &exe,
+        state_dir: &ctx.state_dir,
+        store_root: ctx.store_root.as_deref(),
+        name,
+        incoming,
+    };
+    Ok(drydock_vm::spawn_supervisor(&sup, paths, &CANCEL)?)
 }
 
 /// `--detach`: a supervisor process owns the VM; wait here until it is ready.
@@ -721,7 +496,7 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
-    recorded_store(ctx, &a.name, &record)?;
+    drydock_vm::recorded_store(&record, &ctx.layout(), explicit_store(ctx))?;
     if let Some(state) = VmState::read(&paths) {
         drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
     }

@@ -2,11 +2,10 @@
 //! it back (detached, owned by a supervisor) with `-incoming`, after checking that the snapshot
 //! fits the VM (closure, QEMU, machine options).
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use drydock_vm::{SnapshotError, VmPaths, VmState};
+use drydock_vm::{SnapshotError, VmState};
 
 use super::{CANCEL, existing_record, spawn_supervisor, vm_paths};
 use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
@@ -59,7 +58,7 @@ struct RestoreReport<'a> {
 pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
-    super::recorded_store(ctx, &a.name, &record)?;
+    drydock_vm::recorded_store(&record, &ctx.layout(), super::explicit_store(ctx))?;
     let deadline = a.timeout;
     let meta = drydock_vm::read_snapshot(&paths, &a.tag).map_err(snapshot_error)?;
     let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
@@ -77,7 +76,7 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     super::install_cancel_handler();
     let t = Instant::now();
     let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some((&uri, &a.tag)))?;
-    let state = wait_running(&paths, sup, deadline)?;
+    let state = drydock_vm::wait_running(&paths, sup, deadline, &CANCEL)?;
     eprintln!(
         "drydock: {} restored from snapshot {:?} in {:.3} s; running in the background (QEMU pid {})",
         a.name,
@@ -96,35 +95,4 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
         crate::out::json(&mut crate::out::stdout(), &report)?;
     }
     Ok(Outcome::Success)
-}
-
-/// Wait until the supervisor reports the VM running; if it dies first (QEMU refused the state),
-/// say why from its log. The VM is then stopped, not half-started.
-fn wait_running(paths: &VmPaths, sup: u32, deadline: Duration) -> anyhow::Result<VmState> {
-    let t = Instant::now();
-    loop {
-        let state = VmState::read(paths);
-        if let Some(s) = &state {
-            if s.phase == "running" {
-                return Ok(s.clone());
-            }
-        }
-        if !drydock_vm::pid_alive(sup) {
-            let log = std::fs::read_to_string(paths.supervisor_log()).unwrap_or_default();
-            return Err(anyhow!(
-                "the VM did not come back; it is stopped:\n{}",
-                log.trim()
-            ));
-        }
-        if t.elapsed() > deadline || CANCEL.load(Ordering::SeqCst) {
-            if let Some(s) = state {
-                drydock_vm::stop_remote(paths, &s, Duration::ZERO, true)?;
-            }
-            return Err(anyhow!(
-                "the VM was not running again after {:.1} s; it is stopped",
-                t.elapsed().as_secs_f64()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
