@@ -152,6 +152,10 @@ pub(crate) fn check(
         &ids,
     )];
 
+    if parsed.bad.iter().any(|b| b.fatal) {
+        // Nix rejects the whole list: it reaches no builder, so neither does the doctor.
+        return out;
+    }
     let opts = ssh_opts();
     let reach: Vec<(Finding, bool)> = std::thread::scope(|s| {
         let handles: Vec<_> = parsed
@@ -177,28 +181,14 @@ pub(crate) fn check(
     out.extend(reach.into_iter().map(|(f, _)| f));
 
     if probe {
-        let probes: Vec<Finding> = std::thread::scope(|s| {
-            let handles: Vec<_> = parsed
-                .machines
-                .iter()
-                .zip(&ids)
-                .zip(&reachable)
-                .map(|((m, id), ok)| {
-                    let opts = &opts;
-                    let local = &local;
-                    s.spawn(move || probe_on(m, id, *ok, local, store_root, conf, opts))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .zip(&ids)
-                .map(|(h, id)| {
-                    h.join().unwrap_or_else(|_| {
-                        Finding::new(&format!("{id}.probe"), Status::Fail, "the probe panicked")
-                    })
-                })
-                .collect()
-        });
+        // One after another: each is a whole nix-build, and parallel ones race to create a
+        // fresh store's directories (Nix 2.8: "creating symlink ... File exists").
+        let probes = parsed
+            .machines
+            .iter()
+            .zip(&ids)
+            .zip(&reachable)
+            .map(|((m, id), ok)| probe_on(m, id, *ok, &local, store_root, conf, &opts));
         out.extend(probes);
     }
     out
@@ -374,9 +364,11 @@ fn reach(host: &Host, m: &Machine, id: &str, ssh_opts: &str) -> (Finding, bool) 
         }
     };
     if r.code == Some(0) {
+        // (Nix 2.8 prints it on stderr.)
         let version = r
             .stdout
             .lines()
+            .chain(r.stderr.lines())
             .find_map(|l| l.strip_prefix("Version:"))
             .map(|v| format!(", Nix {}", v.trim()))
             .unwrap_or_default();

@@ -434,11 +434,14 @@ pub(crate) fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Build a derivation requiring the `kvm` feature whose builder opens `/dev/kvm` inside the
-/// sandbox and writes what happened to `$out`.
+/// Build, on this machine, a derivation requiring the `kvm` feature whose builder opens
+/// `/dev/kvm` inside the sandbox and writes what happened to `$out`.
 pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> Finding {
     let id = "nix.probe";
-    let seen = match build_probe(store_root, conf, &["kvm"], &[], &[]) {
+    // Built here: with remote builders configured Nix would send it away (each builder has its
+    // own probe, `builder.HOST.probe`).
+    let local_only = ["--builders".to_string(), String::new()];
+    let seen = match build_probe(store_root, conf, &["kvm"], &local_only, &[]) {
         Ok(seen) => seen,
         Err(f) if f.summary.starts_with("nix-build not found") => {
             return Finding::new(id, Status::Fail, f.summary).fix("install Nix");
