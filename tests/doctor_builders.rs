@@ -159,7 +159,7 @@ impl Fleet {
 
     /// Start sshd in remote `i`'s namespace with its own configuration; `nix_conf` is that
     /// host's nix.conf.
-    fn start_sshd(&mut self, i: usize, nix_conf: &str) {
+    fn start_sshd(&mut self, i: usize, nix_conf: &str, extra_config: &str) {
         let r = &self.remotes[i];
         std::fs::write(r.dir.join("etc/nix.conf"), nix_conf).unwrap();
         let conf = r.dir.join("sshd_config");
@@ -169,7 +169,7 @@ impl Fleet {
                 "ListenAddress {addr}\nHostKey {dir}/ssh_host_ed25519_key\nPidFile none\n\
                  AuthorizedKeysFile {top}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 StrictModes no\nSetEnv NIX_CONF_DIR={dir}/etc\nLogLevel VERBOSE\n",
+                 StrictModes no\nSetEnv NIX_CONF_DIR={dir}/etc\nLogLevel VERBOSE\n{extra_config}",
                 addr = r.addr,
                 dir = r.dir.display(),
                 top = self.dir.display()
@@ -213,6 +213,16 @@ impl Fleet {
             self.dir.display(),
             r.host_key_b64
         )
+    }
+
+    /// An address routed into remote `i`'s namespace that nobody there has: packets to it are
+    /// dropped there (no forwarding), so connecting to it times out. The route goes with the veth.
+    fn blackhole(&self, i: usize) -> String {
+        let r = &self.remotes[i];
+        let (net, _) = r.addr.rsplit_once('.').unwrap();
+        let addr = format!("{net}.{}", 4 * self.remotes.len() + 2);
+        ip(&["route", "add", &format!("{addr}/32"), "dev", &r.veth]);
+        addr
     }
 
     /// Remove everything; safe to call twice.
@@ -287,6 +297,17 @@ fn doctor(
     args: &[&str],
     nix_config: Option<&str>,
 ) -> std::process::Output {
+    doctor_with(conf_dir, store, args, nix_config, None)
+}
+
+/// [`doctor`] with `NIX_SSHOPTS`.
+fn doctor_with(
+    conf_dir: &Path,
+    store: &Path,
+    args: &[&str],
+    nix_config: Option<&str>,
+    ssh_opts: Option<&str>,
+) -> std::process::Output {
     let state = conf_dir.join("state");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_drydock"));
     cmd.arg("--store")
@@ -304,6 +325,9 @@ fn doctor(
     if let Some(c) = nix_config {
         cmd.env("NIX_CONFIG", c);
     }
+    if let Some(o) = ssh_opts {
+        cmd.env("NIX_SSHOPTS", o);
+    }
     cmd.output().expect("run drydock doctor")
 }
 
@@ -316,11 +340,13 @@ fn three_builders_each_get_their_state_and_fix() {
     fleet.start_sshd(
         0,
         "build-users-group =\nsystem-features = kvm nixos-test\nsandbox-paths = /bin/sh=/bin/busybox\nsubstituters =\n",
+        "",
     );
     // h2: the usual multi-user Nix: nixbld build users, /dev/kvm root-only.
     fleet.start_sshd(
         1,
         "build-users-group = nixbld\nsystem-features = kvm nixos-test\nsandbox-paths = /bin/sh=/bin/busybox\nsubstituters =\n",
+        "",
     );
     // h3: no sshd at all.
     let local = dir.join("local");
@@ -466,15 +492,49 @@ fn three_builders_each_get_their_state_and_fix() {
     let missing_key = fleet
         .line(1, "ssh-ng", "kvm")
         .replace(&format!("{}/id ", fleet.dir.display()), "/nonexistent/id ");
-    let out = doctor(
+    // h3 now gets an sshd whose sessions find no Nix (their commands run with a PATH without it).
+    fleet.start_sshd(
+        2,
+        "",
+        "ForceCommand PATH=/nonexistent; eval \"$SSH_ORIGINAL_COMMAND\"\n",
+    );
+    let no_nix = fleet.line(2, "ssh-ng", "kvm");
+    let black = fleet.blackhole(2);
+    let timeout = fleet
+        .line(2, "ssh", "kvm")
+        .replace(&fleet.remotes[2].addr, &black);
+    let started = Instant::now();
+    let out = doctor_with(
         &local,
         &store,
         &["--json"],
         Some(&format!(
-            "builders = {wrong_host_key} ; {wrong_key} ; {missing_key}"
+            "builders = {wrong_host_key} ; {wrong_key} ; {missing_key} ; {no_nix} ; {timeout}"
         )),
+        // The user's NIX_SSHOPTS come first, so their ConnectTimeout wins over doctor's.
+        Some("-oConnectTimeout=2"),
+    );
+    // Five builders, checked at once: about the timeout's 2 s, not five times anything.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!(
+        "{}",
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["id"].as_str().unwrap().starts_with("builder."))
+            .map(|c| format!(
+                "{} {}: {}\n  fix: {}",
+                c["status"], c["id"], c["summary"], c["fix"]
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let list = find(&doc, "nix.builders");
     assert!(text(list, "detail").contains("(NIX_CONFIG)"), "{list}");
     // None advertises nixos-test: a VM test does not go to any of them.
@@ -512,6 +572,21 @@ fn three_builders_each_get_their_state_and_fix() {
     assert!(
         text(missing, "fix").contains("/nonexistent/id (field 3"),
         "{missing}"
+    );
+    let nonix = find(&doc, &format!("builder.{h3}"));
+    assert!(
+        text(nonix, "summary").starts_with("unreachable (no Nix on the remote)"),
+        "{nonix}"
+    );
+    assert!(text(nonix, "fix").contains("remote-program="), "{nonix}");
+    let slow = find(&doc, &format!("builder.{black}"));
+    assert!(
+        text(slow, "summary").starts_with("unreachable (timeout)"),
+        "{slow}"
+    );
+    assert!(
+        text(slow, "detail").contains("-oConnectTimeout=2 -oBatchMode=yes"),
+        "{slow}"
     );
 
     // Everything the test made is gone.

@@ -408,11 +408,11 @@ fn reach(host: &Host, m: &Machine, id: &str, ssh_opts: &str) -> (Finding, bool) 
         Unreachable::Timeout => (
             format!("{h} did not answer (timeout, or no route to it)"),
             format!(
-                "check that {h} is up and that no firewall drops ssh (port 22) between this machine and it; doctor waited {CONNECT_TIMEOUT} s to connect"
+                "check that {h} is up and that no firewall drops ssh (port 22) between this machine and it (doctor gives ssh -oConnectTimeout={CONNECT_TIMEOUT} unless NIX_SSHOPTS sets one)"
             ),
         ),
         Unreachable::Authentication => (
-            format!("{target} refused the ssh key (authentication)"),
+            format!("{target} refused the ssh key"),
             match (key, key_missing) {
                 (_, Some(k)) => format!(
                     "the key file {k} (field 3 of {}) does not exist here: create it or name the right one",
@@ -434,21 +434,22 @@ fn reach(host: &Host, m: &Machine, id: &str, ssh_opts: &str) -> (Finding, bool) 
                 m.origin
             ),
         ),
-        Unreachable::NoNix => (
-            format!(
-                "{target} has no `{}` on its PATH (no Nix on the remote?)",
-                remote_command(m.scheme())
-            ),
-            format!(
-                "install Nix on {h}, or make it found in a non-interactive ssh session (PATH for `ssh {target} {}`), or name it with the store parameter `?remote-program=/nix/var/nix/profiles/default/bin/{}`",
-                remote_command(m.scheme()),
-                if m.scheme() == "ssh-ng" {
-                    "nix-daemon"
-                } else {
-                    "nix-store"
-                }
-            ),
-        ),
+        Unreachable::NoNix => {
+            let program = if m.scheme() == "ssh-ng" {
+                "nix-daemon"
+            } else {
+                "nix-store"
+            };
+            (
+                format!(
+                    "{target} has no `{program}` on the PATH of its ssh sessions (no Nix on the remote?)"
+                ),
+                format!(
+                    "install Nix on {h}, or make it found in a non-interactive ssh session (PATH for `ssh {target} {}`), or name it with the store parameter `?remote-program=/nix/var/nix/profiles/default/bin/{program}`",
+                    remote_command(m.scheme())
+                ),
+            )
+        }
         Unreachable::Other => (
             format!("{} could not be opened", m.uri),
             format!(

@@ -29,11 +29,17 @@ pub(crate) struct Origin {
     pub source: String,
     /// 1-based line within `source` (for a setting: the line of its value, usually 1).
     pub line: usize,
+    /// 1-based position among the `;`-separated entries of that line, when it has several.
+    pub entry: Option<usize>,
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} line {}", self.source, self.line)
+        write!(f, "{} line {}", self.source, self.line)?;
+        match self.entry {
+            Some(e) => write!(f, " entry {e}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -99,15 +105,20 @@ fn expand(
     out: &mut Machines,
 ) {
     for (n, line) in text.split('\n').enumerate() {
-        let origin = Origin {
-            source: source.to_string(),
-            line: n + 1,
-        };
-        for entry in line.split(';') {
-            let entry = entry.split('#').next().unwrap_or("").trim();
+        let entries: Vec<&str> = line
+            .split(';')
+            .map(|e| e.split('#').next().unwrap_or("").trim())
+            .collect();
+        let several = entries.iter().filter(|e| !e.is_empty()).count() > 1;
+        for (k, entry) in entries.into_iter().enumerate() {
             if entry.is_empty() {
                 continue;
             }
+            let origin = Origin {
+                source: source.to_string(),
+                line: n + 1,
+                entry: several.then_some(k + 1),
+            };
             if let Some(file) = entry.strip_prefix('@') {
                 let file = PathBuf::from(file.trim());
                 if depth >= MAX_NESTING {
@@ -593,7 +604,8 @@ mod tests {
             got.machines[4].origin,
             Origin {
                 source: "/etc/nix/machines".into(),
-                line: 4
+                line: 4,
+                entry: None,
             }
         );
         assert_eq!(got.machines[0].origin.source, "NIX_CONFIG");
@@ -602,7 +614,8 @@ mod tests {
             got.bad[0].origin,
             Origin {
                 source: "/etc/nix/machines".into(),
-                line: 5
+                line: 5,
+                entry: None,
             }
         );
         assert!(
@@ -621,7 +634,8 @@ mod tests {
             got.bad[1].origin,
             Origin {
                 source: "NIX_CONFIG".into(),
-                line: 2
+                line: 2,
+                entry: Some(3),
             }
         );
         assert!(got.files.contains(&(PathBuf::from("/nowhere"), false)));
