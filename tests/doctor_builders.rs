@@ -389,6 +389,13 @@ fn three_builders_each_get_their_state_and_fix() {
         "{list}"
     );
     assert!(text(list, "detail").contains("3 builder(s)"), "{list}");
+    // Nix skips a builder it cannot connect to ("cannot build on ..."), and so says doctor.
+    assert!(
+        text(list, "detail").contains(&format!(
+            "skipped by Nix (`cannot build on ...`): builder.{h3}"
+        )),
+        "{list}"
+    );
 
     let b1 = find(&doc, &format!("builder.{h1}"));
     assert_eq!(b1["status"], "pass", "{b1}");

@@ -179,6 +179,7 @@ pub(crate) fn check(
     });
     let reachable: Vec<bool> = reach.iter().map(|(_, ok)| *ok).collect();
     out.extend(reach.into_iter().map(|(f, _)| f));
+    after_reach(&mut out[0], &parsed.machines, &reachable, &ids, &local);
 
     if probe {
         // One after another: each is a whole nix-build, and parallel ones race to create a
@@ -316,6 +317,63 @@ fn summary(parsed: &Machines, value: &str, source: &str, local: &Local, ids: &[S
         )
         .detail(format!("{detail}; {why}"))
         .fix("add `kvm,nixos-test` to field 6 (supported features) of a builder's machine line whose build users can open /dev/kvm (check with `drydock doctor --nix-probe --builders`), or make this machine able to build them (see nix.system-features)"),
+    }
+}
+
+/// `nix.builders` once the builders were tried: Nix 2.8 disables a builder it cannot connect to
+/// ("cannot build on ...") and chooses again, so with every candidate unreachable it builds the
+/// test here if it can, and otherwise says `unable to start any build; remote machines may not
+/// have all required system features`.
+fn after_reach(
+    finding: &mut Finding,
+    machines: &[Machine],
+    reachable: &[bool],
+    ids: &[String],
+    local: &Local,
+) {
+    let Plan::Remote(order) = machines::plan(machines, local) else {
+        return;
+    };
+    let down: Vec<&str> = order
+        .iter()
+        .filter(|&&i| !reachable[i])
+        .map(|&i| ids[i].as_str())
+        .collect();
+    if down.is_empty() {
+        return;
+    }
+    let up: Vec<Machine> = machines
+        .iter()
+        .zip(reachable)
+        .filter(|(_, ok)| **ok)
+        .map(|(m, _)| m.clone())
+        .collect();
+    let note = format!(
+        "; unreachable, so skipped by Nix (`cannot build on ...`): {}",
+        down.join(", ")
+    );
+    finding.detail.push_str(&note);
+    match machines::plan(&up, local) {
+        Plan::Remote(_) => {}
+        Plan::Local => {
+            finding.status = Status::Warn;
+            finding.summary = format!(
+                "every builder that takes VM tests is unreachable ({}): Nix builds them on this machine instead",
+                down.join(", ")
+            );
+            finding.fix = Some(format!("see {}", down.join(", ")));
+        }
+        Plan::Refuse(why) => {
+            finding.status = Status::Fail;
+            finding.summary = format!(
+                "every builder that takes VM tests is unreachable ({}): Nix will refuse VM tests here",
+                down.join(", ")
+            );
+            finding.detail.push_str(&format!(
+                "; Nix then says `unable to start any build; remote machines may not have all required system features`; {why}"
+            ));
+            finding.fix = Some(format!("see {}", down.join(", ")));
+        }
     }
 }
 
@@ -649,6 +707,44 @@ mod tests {
         )
         .machines;
         assert_eq!(ids(&ms), ["builder.a", "builder.a-2", "builder.b"]);
+    }
+
+    #[test]
+    fn unreachable_builders_are_skipped_as_nix_skips_them() {
+        let ms = machines::parse(
+            "ssh://a x86_64-linux - 1 1 kvm,nixos-test\nssh://b x86_64-linux - 1 1 kvm,nixos-test",
+            "t",
+            &|_| Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        );
+        let ids = ids(&ms.machines);
+        let local = |features: &[&str], max_jobs| Local {
+            system: "x86_64-linux".into(),
+            features: features.iter().map(|s| s.to_string()).collect(),
+            max_jobs,
+        };
+        let here = local(&["kvm", "nixos-test"], 1);
+        let run = |reachable: &[bool], local: &Local| {
+            let mut f = summary(&ms, "x", "t", local, &ids);
+            after_reach(&mut f, &ms.machines, reachable, &ids, local);
+            f
+        };
+        let f = run(&[true, false], &here);
+        assert_eq!(f.status, Status::Pass, "{f:?}");
+        assert!(
+            f.detail
+                .contains("skipped by Nix (`cannot build on ...`): builder.b"),
+            "{f:?}"
+        );
+        let f = run(&[false, false], &here);
+        assert_eq!(f.status, Status::Warn, "{f:?}");
+        assert!(
+            f.summary.contains("builds them on this machine instead"),
+            "{f:?}"
+        );
+        let f = run(&[false, false], &local(&["kvm", "nixos-test"], 0));
+        assert_eq!(f.status, Status::Fail, "{f:?}");
+        assert!(f.detail.contains("unable to start any build"), "{f:?}");
+        assert_eq!(f.fix.as_deref(), Some("see builder.a, builder.b"));
     }
 
     #[test]

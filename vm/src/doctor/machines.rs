@@ -14,8 +14,6 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 /// The features every NixOS VM test requires (`requiredSystemFeatures`).
 pub(crate) const VM_TEST_FEATURES: [&str; 2] = ["kvm", "nixos-test"];
 
@@ -23,7 +21,7 @@ pub(crate) const VM_TEST_FEATURES: [&str; 2] = ["kvm", "nixos-test"];
 const MAX_NESTING: u32 = 8;
 
 /// Where a machine specification was written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Origin {
     /// A file, or the setting's source (e.g. `NIX_CONFIG`, `/etc/nix/nix.conf`).
     pub source: String,
@@ -44,7 +42,7 @@ impl std::fmt::Display for Origin {
 }
 
 /// One remote builder, every field of its machine line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Machine {
     /// The store URI (`ssh://` prefixed when written without a scheme).
     pub uri: String,
