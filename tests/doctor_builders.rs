@@ -428,9 +428,19 @@ fn three_builders_each_get_their_state_and_fix() {
     let p1 = find(&doc, &format!("builder.{h1}.probe"));
     assert_eq!(p1["status"], "pass", "{p1}");
     assert!(text(p1, "summary").contains("opened /dev/kvm"), "{p1}");
-    assert!(text(p1, "detail").contains("uid "), "{p1}");
+    // Builds as root: uid 1000 in the sandbox's user namespace is root outside it.
+    assert!(
+        text(p1, "detail").contains("uid 1000") && text(p1, "detail").contains("uid 0 outside"),
+        "{p1}"
+    );
     let p2 = find(&doc, &format!("builder.{h2}.probe"));
     assert_eq!(p2["status"], "fail", "{p2}");
+    // A nixbld user (uid 30001.. here), refused with EACCES by the root-only device.
+    assert!(
+        text(p2, "detail").contains("opening it failed: EACCES (Permission denied)")
+            && text(p2, "detail").contains("uid 300"),
+        "{p2}"
+    );
     assert!(
         text(p2, "summary").contains("advertises kvm, but its build users cannot open /dev/kvm"),
         "{p2}"

@@ -620,7 +620,10 @@ fn probe_on(
                 m.host()
             ),
         )
-        .detail(format!("builder credentials: {ids}; the sandbox has /dev/kvm, opening it failed with EACCES"))
+        .detail(format!(
+            "builder credentials: {ids}; the sandbox has /dev/kvm, opening it failed: {}",
+            seen.errno.as_deref().unwrap_or("(no message)")
+        ))
         .fix(format!(
             "on {}: a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` (then `udevadm trigger --name-match=kvm`), or `setfacl -m g:nixbld:rw /dev/kvm` for its build group; `drydock doctor` run there shows nix.build-users. Until then, remove kvm from field 6 of its line ({})",
             m.host(),

@@ -302,6 +302,8 @@ pub(crate) struct ProbeSeen {
     pub verdict: String,
     /// The builder's credentials, readable ("uid 1000, gid 100, ...").
     pub ids: String,
+    /// How opening `/dev/kvm` failed ("EACCES (Permission denied)"), when it did.
+    pub errno: Option<String>,
     pub out_path: String,
     /// Where the report was read.
     pub report: String,
@@ -351,7 +353,7 @@ pub(crate) fn build_probe(
             .unwrap_or(0)
     );
     let expr = dir.join(format!("probe-{nonce}.nix"));
-    let script = r#"if ( exec 3<>/dev/kvm ) 2>/dev/null; then r=ok; elif [ -e /dev/kvm ]; then r=denied; else r=absent; fi; ids=""; while read -r k a b c d; do case "$k" in Uid:|Gid:|Groups:) ids="$ids $k $a $b $c $d;";; esac; done < /proc/self/status; echo "$r$ids" > "$out""#;
+    let script = r#"if ( exec 3<>/dev/kvm ) 2>/dev/null; then r=ok; elif [ -e /dev/kvm ]; then r=denied; else r=absent; fi; ids=""; while read -r k a b c d; do case "$k" in Uid:|Gid:|Groups:) ids="$ids $k $a $b $c $d;";; esac; done < /proc/self/status; e=""; if [ "$r" = denied ]; then e=$( { exec 3<>/dev/kvm; } 2>&1 ); fi; m=""; if read -r x y z < /proc/self/uid_map; then m="$x $y $z"; fi; echo "$r$ids Map: $m; Err: $e;" > "$out""#;
     let features = features
         .iter()
         .map(|f| format!("{f:?}"))
@@ -423,6 +425,7 @@ pub(crate) fn build_probe(
     Ok(ProbeSeen {
         verdict: verdict.to_string(),
         ids: describe_probe_ids(ids),
+        errno: probe_errno(ids),
         out_path,
         report: format!("{}: {report:?}", physical.display()),
     })
@@ -458,7 +461,11 @@ pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> F
         "ok" => Finding::new(id, Status::Pass, "a Nix build opened /dev/kvm inside the sandbox")
             .detail(format!("builder credentials: {ids}; output {}", seen.out_path)),
         "denied" => Finding::new(id, Status::Fail, "inside the Nix sandbox, the builder cannot open /dev/kvm")
-            .detail(format!("builder credentials: {ids}; /dev/kvm is {}", kvm_desc(host)))
+            .detail(format!(
+                "builder credentials: {ids}; opening /dev/kvm failed: {}; /dev/kvm is {}",
+                seen.errno.as_deref().unwrap_or("(no message)"),
+                kvm_desc(host)
+            ))
             .fix("a udev rule `KERNEL==\"kvm\", MODE=\"0666\"`, or `setfacl -m g:nixbld:rw /dev/kvm` (see nix.build-users)"),
         "absent" => Finding::new(id, Status::Fail, "the Nix sandbox has no /dev/kvm")
             .detail(format!("builder credentials: {ids}"))
@@ -490,7 +497,37 @@ fn describe_probe_ids(ids: &str) -> String {
     } else {
         format!("groups {}", groups.join(","))
     };
-    format!("uid {uid}, gid {gid}, {groups} (as seen inside the build)")
+    // /proc/self/uid_map inside the sandbox: "INSIDE OUTSIDE COUNT" (Nix 2.8's sandbox is a user
+    // namespace: uid 1000 inside is the build user, or root, outside).
+    let outside = match field("Map:").as_slice() {
+        [inside, outside, _] if inside != outside => {
+            format!("; uid {outside} outside the sandbox's user namespace")
+        }
+        _ => String::new(),
+    };
+    format!("uid {uid}, gid {gid}, {groups} (as seen inside the build){outside}")
+}
+
+/// The error the builder's shell printed opening `/dev/kvm` ("sh: can't open '/dev/kvm':
+/// Permission denied"), as the errno's name and text: "EACCES (Permission denied)".
+fn probe_errno(ids: &str) -> Option<String> {
+    let err = ids
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("Err:"))?
+        .trim();
+    let text = err.rsplit(": ").next()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let name = match text {
+        "Permission denied" => "EACCES",
+        "Operation not permitted" => "EPERM",
+        "No such device" => "ENODEV",
+        "No such file or directory" => "ENOENT",
+        "No such device or address" => "ENXIO",
+        _ => return Some(text.to_string()),
+    };
+    Some(format!("{name} ({text})"))
 }
 
 pub(crate) fn tempfile_dir() -> io::Result<PathBuf> {
@@ -546,6 +583,33 @@ mod tests {
             err.to_string()
                 .contains(&host.path("/etc/nix/nix.conf").display().to_string()),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn probe_reports_the_errno_and_the_outer_uid() {
+        let report = "Uid: 1000 1000 1000 1000; Gid: 100 100 100 100; Groups: ; Map: 1000 30001 1; Err: sh: can't open '/dev/kvm': Permission denied;";
+        assert_eq!(
+            probe_errno(report).as_deref(),
+            Some("EACCES (Permission denied)")
+        );
+        assert!(
+            describe_probe_ids(report)
+                .ends_with("; uid 30001 outside the sandbox's user namespace"),
+            "{}",
+            describe_probe_ids(report)
+        );
+        assert_eq!(
+            probe_errno("Uid: 0 0 0 0; Map: 0 0 4294967295; Err: ;"),
+            None
+        );
+        assert!(
+            !describe_probe_ids("Uid: 0 0 0 0; Map: 0 0 4294967295; Err: ;").contains("outside")
+        );
+        assert_eq!(
+            probe_errno("Err: /bin/sh: 1: cannot open /dev/kvm: Operation not permitted;")
+                .as_deref(),
+            Some("EPERM (Operation not permitted)")
         );
     }
 
