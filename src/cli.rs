@@ -64,6 +64,10 @@ pub struct DoctorArgs {
     /// Build a tiny derivation that opens /dev/kvm inside the Nix sandbox.
     #[arg(long)]
     pub nix_probe: bool,
+    /// With --nix-probe: run the probe build on each of Nix's remote builders too, through Nix's
+    /// own remote building (`--builders` naming one builder, `--max-jobs 0`).
+    #[arg(long, requires = "nix_probe")]
+    pub builders: bool,
     /// Boot a Linux kernel under KVM with a deadline and report how far it got.
     #[arg(long)]
     pub boot_probe: bool,

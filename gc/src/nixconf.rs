@@ -6,6 +6,7 @@
 //! user's files (`$NIX_USER_CONF_FILES`, else `$XDG_CONFIG_HOME/nix/nix.conf` or
 //! `~/.config/nix/nix.conf` and `nix/nix.conf` under each of `$XDG_CONFIG_DIRS`, default
 //! `/etc/xdg`; Nix applies them last to first, so the first listed wins), then `$NIX_CONFIG`.
+//! `builders` defaults to `@$NIX_CONF_DIR/machines`, as in Nix ([`NixConf::builders`]).
 //! Lines are `name = value` (`#` starts a comment); `include FILE` and `!include FILE` read
 //! `FILE` relative to the including file's directory (`include` of a missing file is an error,
 //! as in Nix; `!include` skips it); `extra-NAME = ...` appends to `NAME`.
@@ -75,6 +76,9 @@ pub struct NixConfSources {
     pub files: Vec<PathBuf>,
     /// The contents of `NIX_CONFIG`.
     pub inline: Option<String>,
+    /// Nix's configuration directory (`$NIX_CONF_DIR`, default `/etc/nix`), which holds the
+    /// default machines file.
+    pub conf_dir: PathBuf,
 }
 
 impl NixConfSources {
@@ -114,6 +118,7 @@ impl NixConfSources {
         Self {
             files,
             inline: var("NIX_CONFIG").map(|v| v.to_string_lossy().into_owned()),
+            conf_dir: abs(conf_dir),
         }
     }
 }
@@ -161,6 +166,14 @@ impl NixConf {
     /// The merged value of a setting (`extra-` lines appended), if any source sets it.
     pub fn get(&self, name: &str) -> Option<&Setting> {
         self.settings.get(name)
+    }
+
+    /// The `builders` setting, or Nix's default `@CONF_DIR/machines` (source `Nix's default`).
+    pub fn builders(&self, sources: &NixConfSources) -> Setting {
+        self.get("builders").cloned().unwrap_or_else(|| Setting {
+            value: format!("@{}", sources.conf_dir.join("machines").display()),
+            source: "Nix's default".to_owned(),
+        })
     }
 
     /// Whether no source sets anything.
@@ -336,6 +349,7 @@ mod tests {
         NixConfSources {
             files: files.iter().map(PathBuf::from).collect(),
             inline: inline.map(str::to_owned),
+            conf_dir: "/etc/nix".into(),
         }
     }
 
@@ -606,6 +620,28 @@ mod tests {
     }
 
     #[test]
+    fn builders_default_to_the_machines_file_in_the_conf_dir() {
+        let d = tree(&[]);
+        let mut src = sources(&[SYS], None);
+        src.conf_dir = "/c".into();
+        let conf = NixConf::load(d.path(), &src).unwrap();
+        let b = conf.builders(&src);
+        assert_eq!(
+            (b.value.as_str(), b.source.as_str()),
+            ("@/c/machines", "Nix's default")
+        );
+        let d = tree(&[("etc/nix/nix.conf", "builders = ssh://a ; ssh://b # c\n")]);
+        let conf = NixConf::load(d.path(), &src).unwrap();
+        let b = conf.builders(&src);
+        assert_eq!(
+            (b.value.as_str(), b.source.as_str()),
+            ("ssh://a ; ssh://b", SYS)
+        );
+        let conf = NixConf::load(d.path(), &sources(&[SYS], Some("builders = @/m"))).unwrap();
+        assert_eq!(conf.builders(&src).value, "@/m");
+    }
+
+    #[test]
     fn include_loops_stop() {
         let d = tree(&[("etc/nix/nix.conf", "sandbox = false\ninclude nix.conf\n")]);
         let conf = NixConf::load(d.path(), &sources(&[SYS], None)).unwrap();
@@ -651,6 +687,7 @@ mod tests {
             ])
         );
         assert_eq!(s.inline.as_deref(), Some("sandbox = false"));
+        assert_eq!(s.conf_dir, PathBuf::from("/c"));
         // NIX_USER_CONF_FILES replaces the XDG files; the first listed wins, so comes last.
         let s = env(&[("NIX_USER_CONF_FILES", "/a.conf:/b.conf"), ("HOME", "/h")]);
         assert_eq!(s.files, p(&["/etc/nix/nix.conf", "/b.conf", "/a.conf"]));

@@ -534,6 +534,7 @@ pub(crate) mod tests {
             let sources = NixConfSources {
                 files: vec!["/etc/nix/nix.conf".into()],
                 inline: inline.map(str::to_owned),
+                conf_dir: "/etc/nix".into(),
             };
             GcSettings::from_nix_conf(&NixConf::load(d.path(), &sources).unwrap())
         };

@@ -19,6 +19,7 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
         store_root: ctx.store_root.clone(),
         nix_conf: NixConfSources::from_env(),
         nix_probe: args.nix_probe,
+        builder_probe: args.builders,
         qemu: drydock_vm::configured_qemu(None),
         boot_probe: if args.boot_probe {
             Some(boot_probe(args)?)

@@ -8,7 +8,8 @@
 //! - readiness is a line the child prints on its stdout, awaited with a deadline;
 //! - stopping is SIGTERM, then SIGKILL once a grace period has passed, and always a reap; dropping
 //!   a [`Supervised`] stops it the same way, so no child outlives its handle;
-//! - a short-lived helper ([`run_captured`]) has a deadline and is killed when it overruns;
+//! - a short-lived helper ([`run_captured`]) has a deadline and is killed, with everything it
+//!   started (its process group: `nix` and the `ssh` it runs), when it overruns;
 //! - only [`spawn_detached`] makes a process that outlives drydock (a VM left running on purpose).
 
 use std::io::{BufRead, BufReader, Read};
@@ -269,11 +270,15 @@ pub(crate) struct Captured {
     pub timed_out: bool,
 }
 
-/// Run `cmd` to completion or until `deadline` passes (then SIGKILL it).
+/// Run `cmd` to completion or until `deadline` passes (then SIGKILL it and its process group:
+/// a grandchild such as Nix's `ssh` would otherwise hold the output pipes open).
 pub(crate) fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
+    use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
+    sysproc::die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
@@ -294,6 +299,7 @@ pub(crate) fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Res
             break (Some(st), false);
         }
         if start.elapsed() >= deadline {
+            let _ = sysproc::signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
             break (None, true);
@@ -416,6 +422,21 @@ mod captured_tests {
         assert!(r.timed_out);
         assert_eq!(r.code, None);
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_deadline_kills_grandchildren_too() {
+        // A grandchild holding stdout open must not keep the caller waiting.
+        let start = Instant::now();
+        let mut c = Command::new("sh");
+        c.args(["-c", "sleep 30 & sleep 30"]);
+        let r = run_captured(c, Duration::from_millis(200)).unwrap();
+        assert!(r.timed_out);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

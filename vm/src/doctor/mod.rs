@@ -8,10 +8,12 @@
 
 mod access;
 mod boot;
+mod builders;
 mod cgroup;
 mod disk;
 mod host;
 mod kvm;
+mod machines;
 mod nix;
 mod qemu;
 
@@ -86,6 +88,8 @@ pub struct DoctorOptions {
     pub nix_conf: NixConfSources,
     /// Build a derivation that opens `/dev/kvm` inside the Nix sandbox.
     pub nix_probe: bool,
+    /// With `nix_probe`: build it on each remote builder too, through Nix's remote building.
+    pub builder_probe: bool,
     /// The QEMU binary to check (default: `qemu-system-x86_64` on `PATH`).
     pub qemu: Option<PathBuf>,
     /// Boot this kernel under KVM with a deadline (`--boot-probe`).
@@ -126,6 +130,14 @@ pub fn run_checks(host: &Host, opts: &DoctorOptions) -> Result<Vec<Finding>, Doc
     let kvm = kvm::check_all(host);
     out.extend(kvm.findings.iter().cloned());
     out.extend(nix::check(host, &conf, &kvm, opts.store_root.is_some()));
+    out.extend(builders::check(
+        host,
+        &conf,
+        &opts.nix_conf,
+        &kvm,
+        opts.store_root.as_deref(),
+        opts.nix_probe && opts.builder_probe,
+    ));
     if let Some(bp) = &opts.boot_probe {
         if kvm.opened {
             out.push(boot::probe(bp, &std::env::temp_dir()));

@@ -45,25 +45,7 @@ pub(crate) fn check(host: &Host, conf: &NixConf, kvm: &KvmReport, chroot: bool) 
     let mut out = Vec::new();
 
     // system-features
-    let kvm_accessible_to_nix = kvm.device.is_some() && (as_root || daemon || kvm.opened);
-    let (features, feat_src): (Vec<String>, String) = match conf.get("system-features") {
-        Some(s) => (
-            s.value.split_whitespace().map(str::to_string).collect(),
-            format!("set in {}", s.source),
-        ),
-        None => {
-            let mut f: Vec<String> = ["nixos-test", "benchmark", "big-parallel"]
-                .map(String::from)
-                .to_vec();
-            if kvm_accessible_to_nix {
-                f.push("kvm".into());
-            }
-            (
-                f,
-                "Nix's default (adds kvm only when the Nix process can open /dev/kvm)".into(),
-            )
-        }
-    };
+    let (features, feat_src) = system_features(host, conf, kvm);
     let has = |f: &str| features.iter().any(|x| x == f);
     let missing: Vec<&str> = ["kvm", "nixos-test"]
         .into_iter()
@@ -128,6 +110,36 @@ pub(crate) fn check(host: &Host, conf: &NixConf, kvm: &KvmReport, chroot: bool) 
         group_setting.is_some(),
     ));
     out
+}
+
+/// This machine's `system-features` (explicit, or Nix's default, which adds `kvm` only when the
+/// Nix process can open `/dev/kvm`) and where they come from.
+pub(crate) fn system_features(
+    host: &Host,
+    conf: &NixConf,
+    kvm: &KvmReport,
+) -> (Vec<String>, String) {
+    let as_root = host.creds().ok().is_some_and(|c| c.euid == 0);
+    let daemon = host.exists("/nix/var/nix/daemon-socket/socket");
+    let kvm_accessible_to_nix = kvm.device.is_some() && (as_root || daemon || kvm.opened);
+    match conf.get("system-features") {
+        Some(s) => (
+            s.value.split_whitespace().map(str::to_string).collect(),
+            format!("set in {}", s.source),
+        ),
+        None => {
+            let mut f: Vec<String> = ["nixos-test", "benchmark", "big-parallel"]
+                .map(String::from)
+                .to_vec();
+            if kvm_accessible_to_nix {
+                f.push("kvm".into());
+            }
+            (
+                f,
+                "Nix's default (adds kvm only when the Nix process can open /dev/kvm)".into(),
+            )
+        }
+    }
 }
 
 fn check_builders(
@@ -283,23 +295,55 @@ fn check_builders(
     }
 }
 
-/// Build a derivation requiring the `kvm` feature whose builder opens `/dev/kvm` inside the
-/// sandbox and writes what happened to `$out`.
-pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> Finding {
-    let id = "nix.probe";
-    let Some(nix_build) = command::which("nix-build") else {
-        return Finding::new(id, Status::Fail, "nix-build not found on PATH").fix("install Nix");
-    };
-    let dir = match tempfile_dir() {
-        Ok(d) => d,
-        Err(e) => {
-            return Finding::new(
-                id,
-                Status::Fail,
-                format!("cannot create a temporary directory: {e}"),
-            );
+/// What the probe build's builder saw inside its sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProbeSeen {
+    /// `ok`, `denied` or `absent`.
+    pub verdict: String,
+    /// The builder's credentials, readable ("uid 1000, gid 100, ...").
+    pub ids: String,
+    /// How opening `/dev/kvm` failed ("EACCES (Permission denied)"), when it did.
+    pub errno: Option<String>,
+    pub out_path: String,
+    /// Where the report was read.
+    pub report: String,
+}
+
+/// Why the probe build gave no report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProbeFailed {
+    pub summary: String,
+    /// The last lines of Nix's output.
+    pub detail: String,
+    /// Nix refused for want of a machine with the required features (or a reachable one).
+    pub refused: bool,
+}
+
+impl ProbeFailed {
+    fn new(summary: impl Into<String>) -> Self {
+        Self {
+            summary: summary.into(),
+            detail: String::new(),
+            refused: false,
         }
+    }
+}
+
+/// Build a derivation requiring `features` whose builder opens `/dev/kvm` inside the sandbox
+/// and writes what happened to `$out`; `extra` are more `nix-build` arguments (`--builders`,
+/// `--max-jobs 0`), `env` more environment (`NIX_SSHOPTS`).
+pub(crate) fn build_probe(
+    store_root: Option<&Path>,
+    conf: &NixConf,
+    features: &[&str],
+    extra: &[String],
+    env: &[(&str, String)],
+) -> Result<ProbeSeen, ProbeFailed> {
+    let Some(nix_build) = command::which("nix-build") else {
+        return Err(ProbeFailed::new("nix-build not found on PATH"));
     };
+    let dir = tempfile_dir()
+        .map_err(|e| ProbeFailed::new(format!("cannot create a temporary directory: {e}")))?;
     let nonce = format!(
         "{}-{}",
         std::process::id(),
@@ -308,24 +352,31 @@ pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> F
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     );
-    let expr = dir.join("probe.nix");
-    let script = r#"if ( exec 3<>/dev/kvm ) 2>/dev/null; then r=ok; elif [ -e /dev/kvm ]; then r=denied; else r=absent; fi; ids=""; while read -r k a b c d; do case "$k" in Uid:|Gid:|Groups:) ids="$ids $k $a $b $c $d;";; esac; done < /proc/self/status; echo "$r$ids" > "$out""#;
+    let expr = dir.join(format!("probe-{nonce}.nix"));
+    let script = r#"if ( exec 3<>/dev/kvm ) 2>/dev/null; then r=ok; elif [ -e /dev/kvm ]; then r=denied; else r=absent; fi; ids=""; while read -r k a b c d; do case "$k" in Uid:|Gid:|Groups:) ids="$ids $k $a $b $c $d;";; esac; done < /proc/self/status; e=""; if [ "$r" = denied ]; then e=$( { exec 3<>/dev/kvm; } 2>&1 ); fi; m=""; if read -r x y z < /proc/self/uid_map; then m="$x $y $z"; fi; echo "$r$ids Map: $m; Err: $e;" > "$out""#;
+    let features = features
+        .iter()
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let text = format!(
-        "derivation {{\n  name = \"drydock-kvm-probe\";\n  system = builtins.currentSystem;\n  builder = \"/bin/sh\";\n  args = [ \"-c\" {script:?} ];\n  requiredSystemFeatures = [ \"kvm\" ];\n  nonce = \"{nonce}\";\n}}\n"
+        "derivation {{\n  name = \"drydock-kvm-probe\";\n  system = builtins.currentSystem;\n  builder = \"/bin/sh\";\n  args = [ \"-c\" {script:?} ];\n  requiredSystemFeatures = [ {features} ];\n  nonce = \"{nonce}\";\n}}\n"
     );
     if let Err(e) = std::fs::write(&expr, text) {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Finding::new(
-            id,
-            Status::Fail,
-            format!("cannot write {}: {e}", expr.display()),
-        );
+        let _ = std::fs::remove_file(&expr);
+        let _ = std::fs::remove_dir(&dir);
+        return Err(ProbeFailed::new(format!(
+            "cannot write {}: {e}",
+            expr.display()
+        )));
     }
     let mut cmd = Command::new(nix_build);
     // No substituters: the probe is unique, and a cache lookup without network only delays.
     cmd.arg(&expr)
         .arg("--no-out-link")
-        .args(["--option", "substituters", ""]);
+        .args(["--option", "substituters", ""])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(root) = store_root {
         cmd.arg("--store").arg(root);
     }
@@ -344,39 +395,25 @@ pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> F
         }
     }
     let result = command::run_captured(cmd, PROBE_DEADLINE);
-    let _ = std::fs::remove_dir_all(&dir);
-    let r = match result {
-        Ok(r) => r,
-        Err(e) => return Finding::new(id, Status::Fail, format!("cannot run nix-build: {e}")),
-    };
+    let _ = std::fs::remove_file(&expr);
+    // Other probes may still use the directory: removed only once empty.
+    let _ = std::fs::remove_dir(&dir);
+    let r = result.map_err(|e| ProbeFailed::new(format!("cannot run nix-build: {e}")))?;
     if r.timed_out {
-        return Finding::new(
-            id,
-            Status::Fail,
-            format!(
-                "nix-build did not finish within {} s",
-                PROBE_DEADLINE.as_secs()
-            ),
-        );
+        return Err(ProbeFailed::new(format!(
+            "nix-build did not finish within {} s",
+            PROBE_DEADLINE.as_secs()
+        )));
     }
-    let tail: String = r
-        .stderr
-        .lines()
-        .rev()
-        .take(6)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
     if r.code != Some(0) {
-        if r.stderr.contains("required system feature") || r.stderr.contains("is required to build")
-        {
-            return Finding::new(id, Status::Fail, "Nix refused: no builder has the kvm system feature")
-                .detail(tail)
-                .fix("make /dev/kvm usable by the build users (see nix.build-users), then `extra-system-features = kvm nixos-test` in nix.conf");
-        }
-        return Finding::new(id, Status::Fail, "the probe build failed").detail(tail);
+        let refused = r.stderr.contains("required system feature")
+            || r.stderr.contains("is required to build")
+            || r.stderr.contains("unable to start any build");
+        return Err(ProbeFailed {
+            summary: "the probe build failed".into(),
+            detail: last_lines(&r.stderr, 6),
+            refused,
+        });
     }
     let out_path = r.stdout.lines().last().unwrap_or("").trim().to_string();
     let physical = match store_root {
@@ -385,18 +422,56 @@ pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> F
     };
     let report = std::fs::read_to_string(&physical).unwrap_or_default();
     let (verdict, ids) = report.trim().split_once(' ').unwrap_or((report.trim(), ""));
-    let ids = describe_probe_ids(ids);
-    match verdict {
+    Ok(ProbeSeen {
+        verdict: verdict.to_string(),
+        ids: describe_probe_ids(ids),
+        errno: probe_errno(ids),
+        out_path,
+        report: format!("{}: {report:?}", physical.display()),
+    })
+}
+
+/// The last `n` lines of `text`, in order.
+pub(crate) fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Build, on this machine, a derivation requiring the `kvm` feature whose builder opens
+/// `/dev/kvm` inside the sandbox and writes what happened to `$out`.
+pub(crate) fn probe(host: &Host, store_root: Option<&Path>, conf: &NixConf) -> Finding {
+    let id = "nix.probe";
+    // Built here: with remote builders configured Nix would send it away (each builder has its
+    // own probe, `builder.HOST.probe`).
+    let local_only = ["--builders".to_string(), String::new()];
+    let seen = match build_probe(store_root, conf, &["kvm"], &local_only, &[]) {
+        Ok(seen) => seen,
+        Err(f) if f.summary.starts_with("nix-build not found") => {
+            return Finding::new(id, Status::Fail, f.summary).fix("install Nix");
+        }
+        Err(f) if f.refused => {
+            return Finding::new(id, Status::Fail, "Nix refused: no builder has the kvm system feature")
+                .detail(f.detail)
+                .fix("make /dev/kvm usable by the build users (see nix.build-users), then `extra-system-features = kvm nixos-test` in nix.conf");
+        }
+        Err(f) => return Finding::new(id, Status::Fail, f.summary).detail(f.detail),
+    };
+    let ids = &seen.ids;
+    match seen.verdict.as_str() {
         "ok" => Finding::new(id, Status::Pass, "a Nix build opened /dev/kvm inside the sandbox")
-            .detail(format!("builder credentials: {ids}; output {out_path}")),
+            .detail(format!("builder credentials: {ids}; output {}", seen.out_path)),
         "denied" => Finding::new(id, Status::Fail, "inside the Nix sandbox, the builder cannot open /dev/kvm")
-            .detail(format!("builder credentials: {ids}; /dev/kvm is {}", kvm_desc(host)))
+            .detail(format!(
+                "builder credentials: {ids}; opening /dev/kvm failed: {}; /dev/kvm is {}",
+                seen.errno.as_deref().unwrap_or("(no message)"),
+                kvm_desc(host)
+            ))
             .fix("a udev rule `KERNEL==\"kvm\", MODE=\"0666\"`, or `setfacl -m g:nixbld:rw /dev/kvm` (see nix.build-users)"),
         "absent" => Finding::new(id, Status::Fail, "the Nix sandbox has no /dev/kvm")
             .detail(format!("builder credentials: {ids}"))
             .fix("check `sandbox-paths` and that /dev/kvm exists on the host"),
         _ => Finding::new(id, Status::Fail, "the probe build produced no verdict")
-            .detail(format!("{}: {report:?}", physical.display())),
+            .detail(seen.report),
     }
 }
 
@@ -422,10 +497,40 @@ fn describe_probe_ids(ids: &str) -> String {
     } else {
         format!("groups {}", groups.join(","))
     };
-    format!("uid {uid}, gid {gid}, {groups} (as seen inside the build)")
+    // /proc/self/uid_map inside the sandbox: "INSIDE OUTSIDE COUNT" (Nix 2.8's sandbox is a user
+    // namespace: uid 1000 inside is the build user, or root, outside).
+    let outside = match field("Map:").as_slice() {
+        [inside, outside, _] if inside != outside => {
+            format!("; uid {outside} outside the sandbox's user namespace")
+        }
+        _ => String::new(),
+    };
+    format!("uid {uid}, gid {gid}, {groups} (as seen inside the build){outside}")
 }
 
-fn tempfile_dir() -> io::Result<PathBuf> {
+/// The error the builder's shell printed opening `/dev/kvm` ("sh: can't open '/dev/kvm':
+/// Permission denied"), as the errno's name and text: "EACCES (Permission denied)".
+fn probe_errno(ids: &str) -> Option<String> {
+    let err = ids
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("Err:"))?
+        .trim();
+    let text = err.rsplit(": ").next()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let name = match text {
+        "Permission denied" => "EACCES",
+        "Operation not permitted" => "EPERM",
+        "No such device" => "ENODEV",
+        "No such file or directory" => "ENOENT",
+        "No such device or address" => "ENXIO",
+        _ => return Some(text.to_string()),
+    };
+    Some(format!("{name} ({text})"))
+}
+
+pub(crate) fn tempfile_dir() -> io::Result<PathBuf> {
     let base = std::env::temp_dir().join(format!("drydock-probe-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     Ok(base)
@@ -441,6 +546,7 @@ mod tests {
         NixConfSources {
             files: vec!["/etc/nix/nix.conf".into()],
             inline: Some("extra-system-features = big-parallel".into()),
+            conf_dir: "/etc/nix".into(),
         }
     }
 
@@ -477,6 +583,33 @@ mod tests {
             err.to_string()
                 .contains(&host.path("/etc/nix/nix.conf").display().to_string()),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn probe_reports_the_errno_and_the_outer_uid() {
+        let report = "Uid: 1000 1000 1000 1000; Gid: 100 100 100 100; Groups: ; Map: 1000 30001 1; Err: sh: can't open '/dev/kvm': Permission denied;";
+        assert_eq!(
+            probe_errno(report).as_deref(),
+            Some("EACCES (Permission denied)")
+        );
+        assert!(
+            describe_probe_ids(report)
+                .ends_with("; uid 30001 outside the sandbox's user namespace"),
+            "{}",
+            describe_probe_ids(report)
+        );
+        assert_eq!(
+            probe_errno("Uid: 0 0 0 0; Map: 0 0 4294967295; Err: ;"),
+            None
+        );
+        assert!(
+            !describe_probe_ids("Uid: 0 0 0 0; Map: 0 0 4294967295; Err: ;").contains("outside")
+        );
+        assert_eq!(
+            probe_errno("Err: /bin/sh: 1: cannot open /dev/kvm: Operation not permitted;")
+                .as_deref(),
+            Some("EPERM (Operation not permitted)")
         );
     }
 
@@ -539,6 +672,7 @@ mod builder_tests {
             &NixConfSources {
                 files: vec!["/etc/nix/nix.conf".into()],
                 inline: None,
+                conf_dir: "/etc/nix".into(),
             },
         )
         .unwrap();
@@ -665,6 +799,7 @@ mod builder_tests {
             &NixConfSources {
                 files: vec!["/etc/nix/nix.conf".into()],
                 inline: None,
+                conf_dir: "/etc/nix".into(),
             },
         )
         .unwrap();

@@ -1,5 +1,5 @@
 //! Process control that std does not offer: the parent-death signal (`prctl(PR_SET_PDEATHSIG)`),
-//! sending an arbitrary signal to a child, `unshare(2)`, `PR_SET_NO_NEW_PRIVS` and the effective
+//! sending an arbitrary signal to a child (or its process group), `unshare(2)`, `PR_SET_NO_NEW_PRIVS` and the effective
 //! uid. Used by `spawn` (every child drydock starts dies with it) and by the store server's
 //! sandbox.
 
@@ -57,6 +57,25 @@ pub(crate) fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     }
     // SAFETY: kill(2) takes two integers and touches no memory; `pid` is a single positive pid.
     let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Send `signal` to every process in the process group `pgid` (a child started as the leader of
+/// its own group, see `CommandExt::process_group`).
+pub(crate) fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pgid =
+        libc::pid_t::try_from(pgid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    if pgid <= 1 {
+        // killpg(0) is our own group, killpg(1) init's: never what is meant here.
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: killpg(2) takes two integers and touches no memory; `pgid` is a positive group id
+    // other than init's.
+    let rc = unsafe { libc::killpg(pgid, signal) };
     if rc == 0 {
         Ok(())
     } else {
