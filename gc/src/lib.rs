@@ -50,4 +50,15 @@ pub use runsdb::{
     UnfinishedGc, partition_by_store,
 };
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
+pub use sys::{lock_exclusive_within, send_signal};
 pub use track::{TrackError, TrackReport, track};
+
+/// Seconds since the epoch, now (0 if the clock is before 1970).
+pub fn epoch_secs() -> i64 {
+    runsdb::now()
+}
+
+/// FNV-1a (64 bits) of some bytes: short, stable names (pin links, socket folders, lock files).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    runsdb::fnv1a(bytes)
+}

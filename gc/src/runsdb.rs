@@ -464,11 +464,6 @@ impl RunsDb {
         }
     }
 
-    /// Seconds since the epoch, now (for ages shown next to runs).
-    pub fn now_secs() -> i64 {
-        now()
-    }
-
     /// The state directory this database lives in.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir

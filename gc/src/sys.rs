@@ -13,10 +13,30 @@ pub fn try_lock_exclusive(f: &File) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
-/// Send `sig` to process `pid`. Errors (e.g. the process already exited) are returned.
+/// Take an exclusive `flock` on `f`, waiting at most `within` for another holder. Returns
+/// whether it was taken (it stays held until the file is closed).
+pub fn lock_exclusive_within(f: &File, within: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if try_lock_exclusive(f) {
+            return true;
+        }
+        if start.elapsed() >= within {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Send `sig` to the process `pid` (one process: pid 0 and negative pids, which would signal
+/// process groups, are refused with ESRCH). Errors (e.g. the process already exited) are
+/// returned.
 pub fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: kill(2) takes two integers and touches no memory; `pid` is a single positive pid.
     let rc = unsafe { libc::kill(pid, sig) };
     if rc == 0 {
         Ok(())
@@ -40,6 +60,34 @@ mod tests {
         assert!(!try_lock_exclusive(&b));
         drop(a);
         assert!(try_lock_exclusive(&b));
+    }
+
+    #[test]
+    fn signal_zero_probes_own_process_and_rejects_group_pids() {
+        send_signal(std::process::id(), 0).expect("own pid exists");
+        let err = send_signal(0, 0).expect_err("pid 0 means a process group");
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_within_the_deadline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        std::fs::write(&p, b"").unwrap();
+        let a = File::open(&p).unwrap();
+        let b = File::open(&p).unwrap();
+        assert!(lock_exclusive_within(&a, std::time::Duration::ZERO));
+        let t = std::time::Instant::now();
+        assert!(!lock_exclusive_within(
+            &b,
+            std::time::Duration::from_millis(100)
+        ));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(100));
+        drop(a);
+        assert!(lock_exclusive_within(
+            &b,
+            std::time::Duration::from_millis(100)
+        ));
     }
 
     #[test]

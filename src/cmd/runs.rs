@@ -13,7 +13,7 @@ use crate::exit::Outcome;
 use super::gc::size;
 
 fn age(secs: i64) -> String {
-    let d = (drydock_gc::RunsDb::now_secs() - secs).max(0);
+    let d = (drydock_gc::epoch_secs() - secs).max(0);
     match d {
         0..60 => format!("{d}s"),
         60..3600 => format!("{}m", d / 60),

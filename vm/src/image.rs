@@ -68,7 +68,7 @@
 //!
 //! A build writes `IMAGES/.KEY.tmp-PID-N`, fsyncs it, makes it read-only and renames it to
 //! `KEY.erofs`, so a reader never sees a partial image. Builds take an exclusive lock on
-//! `IMAGES/.lock` (`flock(2)` through `rustix`, as `File::lock` is newer than the crate's
+//! `IMAGES/.lock` (`flock(2)`, waited for with a deadline, as `File::lock` is newer than the crate's
 //! minimum Rust; the kernel releases it if the builder dies) and look for the image again once
 //! they hold it, so concurrent builders of one key build it once and all get the same file; a
 //! cache hit never waits for the lock. One lock for the directory (not one per key) means no
@@ -297,6 +297,10 @@ pub fn ensure_store_image(
 
 /// Take the images directory's lock (`IMAGES/.lock`, `flock`), held until the file is dropped;
 /// the kernel releases it if the holder dies. Builders and the collector both take it.
+/// How long a builder or the collector waits for the images directory's lock (a build of a big
+/// closure takes minutes).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 fn lock_images_dir(images_dir: &Path) -> Result<File, ImageError> {
     let dir_err = |source| ImageError::ImagesDir {
         path: images_dir.to_path_buf(),
@@ -308,8 +312,16 @@ fn lock_images_dir(images_dir: &Path) -> Result<File, ImageError> {
         .write(true)
         .open(images_dir.join(LOCK_FILE))
         .map_err(dir_err)?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| dir_err(e.into()))?;
+    if !drydock_gc::lock_exclusive_within(&lock, LOCK_WAIT) {
+        return Err(dir_err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "another drydock held {} for {} s (building an image?)",
+                LOCK_FILE,
+                LOCK_WAIT.as_secs()
+            ),
+        )));
+    }
     Ok(lock)
 }
 

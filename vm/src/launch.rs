@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,6 @@ use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
-use crate::sys::proc as sysproc;
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -553,10 +552,7 @@ pub fn start(
         server_pid: server.as_ref().map(StoreServer::pid),
         accel: spec.accel.as_str().to_string(),
         memory_mib: spec.memory_mib,
-        started: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started: drydock_gc::epoch_secs().max(0) as u64,
         cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
         phase: if incoming.is_some() {
             Phase::Loading
@@ -743,7 +739,7 @@ pub fn kill_process(pid: u32) {
 }
 
 fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
-    match sysproc::send_signal(pid, sig) {
+    match drydock_gc::send_signal(pid, sig) {
         Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
             Err(LaunchError::Signal { pid, source: e })
         }

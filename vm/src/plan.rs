@@ -57,14 +57,12 @@ pub struct VmPaths {
     pub sockets: PathBuf,
 }
 
-/// FNV-1a of a path: a short, stable folder name for sockets.
+/// A short, stable folder name for a VM's sockets: 48 bits of FNV-1a of its folder's path.
 fn short_id(p: &Path) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in p.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{:012x}", h & 0xffff_ffff_ffff)
+    format!(
+        "{:012x}",
+        drydock_gc::fnv1a(p.as_os_str().as_encoded_bytes()) & 0xffff_ffff_ffff
+    )
 }
 
 /// This process's uid (the owner of `/proc/self`).

@@ -7,7 +7,7 @@
 //! device.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -128,10 +128,7 @@ pub fn save_snapshot(
         let state_bytes = std::fs::metadata(&state).map_err(io(&state))?.len();
         let meta = SnapshotMeta {
             tag: tag.to_string(),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: drydock_gc::epoch_secs().max(0) as u64,
             closure_key: record.closure_key.clone(),
             qemu_version: qemu_version.to_string(),
             machine: plan(&record.spec)

@@ -183,7 +183,7 @@ impl Supervised {
         }
         let pid = self.pid();
         // The child is unreaped here, so its pid cannot have been reused.
-        match sysproc::send_signal(pid, libc::SIGTERM) {
+        match drydock_gc::send_signal(pid, libc::SIGTERM) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return Err(self.control(e)),
             _ => {}
         }

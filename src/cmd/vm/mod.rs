@@ -7,7 +7,7 @@ mod snapshot;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use drydock_vm::{
@@ -587,13 +587,6 @@ fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// One line of `vm list`.
 #[derive(Debug, serde::Serialize)]
 struct VmRow {
@@ -636,7 +629,7 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
             Some(s) if s.qemu_alive() => (
                 "running",
                 Some(s.qemu_pid),
-                Some(now().saturating_sub(s.started)),
+                Some((drydock_gc::epoch_secs().max(0) as u64).saturating_sub(s.started)),
             ),
             Some(s) => {
                 // Stale: the owner died without cleaning up. Clean now, and end its run.

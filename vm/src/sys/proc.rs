@@ -48,22 +48,6 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Send `signal` to the process `pid`.
-pub(crate) fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    if pid <= 0 {
-        // kill(0 or negative) would signal whole process groups: never what is meant here.
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    // SAFETY: kill(2) takes two integers and touches no memory; `pid` is a single positive pid.
-    let rc = unsafe { libc::kill(pid, signal) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Send `signal` to every process in the process group `pgid` (a child started as the leader of
 /// its own group, see `CommandExt::process_group`).
 pub(crate) fn signal_group(pgid: u32, signal: libc::c_int) -> io::Result<()> {
@@ -117,13 +101,6 @@ pub(crate) fn effective_uid() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signal_zero_probes_own_process_and_rejects_group_pids() {
-        send_signal(std::process::id(), 0).expect("own pid exists");
-        let err = send_signal(0, 0).expect_err("pid 0 means a process group");
-        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
-    }
 
     #[test]
     fn child_is_killed_when_the_spawning_thread_ends() {
