@@ -57,6 +57,17 @@ pub enum Command {
     Du(DuArgs),
     /// Find and repair store damage (registered paths missing on disk, stray entries).
     Store(StoreArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) for drydock.
+    Completions(CompletionsArgs),
+    /// Print drydock's manual page (roff), generated from the same definitions as --help.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

@@ -26,6 +26,12 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.global.verbose, cli.global.quiet);
+    // Generated from the clap definitions; they need no state, store or Nix.
+    match &cli.command {
+        Command::Completions(args) => return exit::finish(cmd::help::completions(args)),
+        Command::Man => return exit::finish(cmd::help::man()),
+        _ => {}
+    }
     let result = Context::resolve(&cli.global).and_then(|ctx| match &cli.command {
         Command::Doctor(args) => cmd::doctor::run(&ctx, args),
         Command::Vm(args) => cmd::vm::run(&ctx, args),
@@ -36,6 +42,8 @@ fn main() -> ExitCode {
         Command::Gc(args) => cmd::gc::run(&ctx, args),
         Command::Du(args) => cmd::du::run(&ctx, args),
         Command::Store(args) => cmd::store::run(&ctx, args),
+        Command::Completions(args) => cmd::help::completions(args),
+        Command::Man => cmd::help::man(),
     });
     exit::finish(result)
 }

@@ -12,7 +12,7 @@
 //! [`Fleet`] guard). Needs root, `/dev/kvm`, `ip`, `sshd`, `ssh-keygen` and `nix-build`: all
 //! installed by scripts/setup, so a missing one fails the test instead of skipping it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! root: a direct link in gcroots, indirect `result` links (gcroots/auto), a profile, a
 //! runtime root (a process whose environment names a store path), and keep-derivations.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! hard links into `.links`): byte counts agree with GNU `du` (which counts an inode once), and
 //! a dead path's file that a live path shares is not counted as freeable.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

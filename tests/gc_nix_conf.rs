@@ -5,7 +5,7 @@
 //! `gc --all` under that environment deletes only what Nix calls dead; and an unreadable
 //! configuration file is bad input (exit 2) naming the file.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

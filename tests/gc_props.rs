@@ -4,7 +4,7 @@
 //! holder, and `nix-store --verify --check-contents` is clean. A final `gc --all` leaves
 //! nothing for Nix's collector.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

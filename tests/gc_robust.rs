@@ -2,7 +2,7 @@
 //! consistent and a second `gc` finishes; a build running while `gc --all` deletes keeps its
 //! outputs and inputs (Nix's GC lock and temporary roots do their job).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! counted, never lost), another store's run named by id is bad input, and a collection in one
 //! store leaves the other store's paths (even the same logical paths) alone.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

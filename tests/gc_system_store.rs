@@ -6,7 +6,7 @@
 //! `du` measures that store; `gc --all --dry-run` finds exactly `nix-store --gc --print-dead`;
 //! `gc --all` deletes exactly that through Nix, and the store verifies clean.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 use common::{PRELUDE, drydock, drydock_json, nix_build_cmd, scratch, track_ok};
 
 fn bin() -> &'static str {

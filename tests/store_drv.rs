@@ -1,7 +1,7 @@
 //! Our `.drv` parser against Nix's own `nix show-derivation` JSON, for every derivation of a
 //! real chroot store with awkward strings, several outputs and a fixed-output derivation.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

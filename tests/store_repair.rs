@@ -3,7 +3,7 @@
 //! `store repair` refuses while a root holds the damage, then heals it through Nix, and the
 //! build works again.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! attribution through the derivation closure (a concurrent untracked build is not claimed),
 //! exit codes passed through, "why is this alive", deletion through Nix, bad input.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

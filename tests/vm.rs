@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-mod vmcommon;
+use crate::vmcommon;
 use vmcommon::{
     bin, build_system, drydock_in, processes_mentioning, shared_store, wait_no_processes,
     wait_until,

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-mod vmcommon;
+use crate::vmcommon;
 use vmcommon::{bin, build_system, drydock_in, shared_store, wait_no_processes, wait_until};
 
 struct Fixture {

@@ -3,6 +3,7 @@
 pub mod doctor;
 pub mod du;
 pub mod gc;
+pub mod help;
 pub mod runs;
 pub mod store;
 pub mod store_server;

@@ -7,7 +7,9 @@ use std::io::Read;
 use drydock_vm::{StoreServeOptions, StoreServerError, parse_allow_list, serve_store};
 
 use crate::cli::StoreServerArgs;
-use crate::exit::{Outcome, bad_input};
+use anyhow::Context as _;
+
+use crate::exit::Outcome;
 
 pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
     let allow = match &args.allow_list {
@@ -19,22 +21,16 @@ pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
             } else {
                 std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
             };
-            read.map_err(|e| typed(StoreServerError::AllowList(e), "--allow-list"))?;
-            Some(parse_allow_list(&text).map_err(|e| typed(e, "--allow-list"))?)
+            read
+                .map_err(StoreServerError::AllowList)
+                .context("--allow-list")?;
+            Some(parse_allow_list(&text).context("--allow-list")?)
         }
     };
     let mut opts = StoreServeOptions::new(args.socket.clone(), args.shared_dir.clone(), allow);
     opts.thread_pool_size = args.thread_pool_size;
     opts.sandbox = !args.no_sandbox;
-    serve_store(&opts).map_err(|e| typed(e, "store server"))?;
+    serve_store(&opts).context("store server")?;
     Ok(Outcome::Success)
 }
 
-/// Keep the exit code contract: bad input exits 2, anything else 1.
-fn typed(e: StoreServerError, what: &str) -> anyhow::Error {
-    if e.is_bad_input() {
-        bad_input(format!("{what}: {:#}", anyhow::Error::new(e)))
-    } else {
-        anyhow::Error::new(e).context(what.to_owned())
-    }
-}

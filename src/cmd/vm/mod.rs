@@ -258,7 +258,7 @@ fn foreground(
     wait: &Wait,
 ) -> anyhow::Result<Outcome> {
     let mut vm =
-        drydock_vm::start(&record.spec, record.share.as_ref(), None).map_err(launch_error)?;
+        drydock_vm::start(&record.spec, record.share.as_ref(), None)?;
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut echo = echo_to(ctx.json, name);
@@ -368,14 +368,6 @@ fn report_end(
         crate::out::json(&mut crate::out::stdout(), &report)?;
     }
     Ok(code)
-}
-
-fn launch_error(e: drydock_vm::LaunchError) -> anyhow::Error {
-    if e.is_bad_input() {
-        bad_input(format!("{:#}", anyhow!(e)))
-    } else {
-        anyhow!(e)
-    }
 }
 
 /// Start the detached supervisor of a VM (see [`drydock_vm::spawn_supervisor`]).

@@ -4,21 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
-use drydock_vm::{SnapshotError, VmState};
+use drydock_vm::VmState;
 
 use super::{CANCEL, existing_record, spawn_supervisor, vm_paths};
 use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
-
-fn snapshot_error(e: SnapshotError) -> anyhow::Error {
-    if e.is_bad_input() {
-        bad_input(format!("{:#}", anyhow!(e)))
-    } else {
-        anyhow!(e)
-    }
-}
 
 pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
@@ -30,8 +21,8 @@ pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
             a.name
         )));
     }
-    let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
-    let meta = drydock_vm::save_snapshot(&record, &a.tag, &version).map_err(snapshot_error)?;
+    let version = drydock_vm::qemu_version(&record.spec.qemu)?;
+    let meta = drydock_vm::save_snapshot(&record, &a.tag, &version)?;
     eprintln!(
         "drydock: snapshot {:?} of {}: {:.1} MiB of state saved in {:.2} s (guest paused meanwhile, now running again)",
         a.tag,
@@ -60,9 +51,9 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let mut record = existing_record(ctx, &paths, &a.name)?;
     drydock_vm::recorded_store(&record, &ctx.layout(), super::explicit_store(ctx))?;
     let deadline = a.timeout;
-    let meta = drydock_vm::read_snapshot(&paths, &a.tag).map_err(snapshot_error)?;
-    let version = drydock_vm::qemu_version(&record.spec.qemu).map_err(snapshot_error)?;
-    drydock_vm::check_restorable(&meta, &record, &version).map_err(snapshot_error)?;
+    let meta = drydock_vm::read_snapshot(&paths, &a.tag)?;
+    let version = drydock_vm::qemu_version(&record.spec.qemu)?;
+    drydock_vm::check_restorable(&meta, &record, &version)?;
     // The snapshot replaces whatever runs now.
     if let Some(state) = VmState::read(&paths) {
         drydock_vm::stop_remote(&paths, &state, Duration::ZERO, false)?;
@@ -72,7 +63,7 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     }
     super::reopen_run(ctx, &record)?;
     record.write(&paths)?;
-    let uri = drydock_vm::prepare_restore(&record, &a.tag).map_err(snapshot_error)?;
+    let uri = drydock_vm::prepare_restore(&record, &a.tag)?;
     super::install_cancel_handler();
     let t = Instant::now();
     let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some((&uri, &a.tag)))?;

@@ -1,0 +1,24 @@
+//! drydock's integration tests: one test binary (built and linked once) with a module per area,
+//! each running the real `drydock` binary against real QEMU, real chroot Nix stores, real
+//! processes and signals. Fixtures are built by `scripts/` once per run and shared through
+//! `common` and `vmcommon`. Every `tests/*.rs` must be listed here (`scripts/test` checks).
+
+mod common;
+mod vmcommon;
+
+mod doctor;
+mod doctor_builders;
+mod gc_all;
+mod gc_du;
+mod gc_nix_conf;
+mod gc_props;
+mod gc_robust;
+mod gc_stores;
+mod gc_system_store;
+mod hostile;
+mod store_drv;
+mod store_repair;
+mod store_server;
+mod track_gc;
+mod vm;
+mod vm_restart;
