@@ -21,8 +21,7 @@ pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
             } else {
                 std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
             };
-            read
-                .map_err(StoreServerError::AllowList)
+            read.map_err(StoreServerError::AllowList)
                 .context("--allow-list")?;
             Some(parse_allow_list(&text).context("--allow-list")?)
         }
@@ -33,4 +32,3 @@ pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
     serve_store(&opts).context("store server")?;
     Ok(Outcome::Success)
 }
-

@@ -257,8 +257,7 @@ fn foreground(
     record: &LaunchRecord,
     wait: &Wait,
 ) -> anyhow::Result<Outcome> {
-    let mut vm =
-        drydock_vm::start(&record.spec, record.share.as_ref(), None)?;
+    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref(), None)?;
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut echo = echo_to(ctx.json, name);
