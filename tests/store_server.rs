@@ -916,13 +916,13 @@ fn server_dies_with_its_parent() {
     let store = fake_store();
     let dir = store.store.parent().unwrap().parent().unwrap().to_owned();
     let mut parent = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "helper_parent_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--ignored", "--exact"])
+        // The helper's name as libtest knows it: its module path without the crate's name.
+        .arg(match module_path!().split_once("::") {
+            Some((_, module)) => format!("{module}::helper_parent_process"),
+            None => "helper_parent_process".to_owned(),
+        })
+        .args(["--nocapture", "--test-threads=1"])
         .env(PARENT_ROLE, &dir)
         .stdout(Stdio::piped())
         .spawn()

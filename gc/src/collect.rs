@@ -516,7 +516,7 @@ pub struct PathStatus {
     /// Path.
     pub path: String,
     /// Class.
-    pub class: String,
+    pub class: crate::classify::PathClass,
     /// NAR size.
     pub nar_size: u64,
     /// `alive`, `reclaimable`, `held`, `deleted` or `missing`.
@@ -597,7 +597,7 @@ pub fn run_statuses(
         };
         out.push(PathStatus {
             path: p.path.clone(),
-            class: p.class.clone(),
+            class: p.class,
             nar_size: p.nar_size,
             status: status.to_owned(),
             why,
@@ -740,7 +740,7 @@ mod tests {
             id,
             name: String::new(),
             command: vec![],
-            kind: "build".into(),
+            kind: crate::runsdb::RunKind::Build,
             started_at: started,
             ended_at: ended,
             exit_status: Some(0),

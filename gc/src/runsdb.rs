@@ -177,11 +177,57 @@ pub enum RunKind {
 }
 
 impl RunKind {
-    fn as_str(self) -> &'static str {
+    /// The stable name used in the runs database and JSON.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Build => "build",
             Self::Vm => "vm",
         }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Build, Self::Vm]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A text column holding one of an enum's stable names; anything else is a corrupt database
+/// (bad input naming the file, through [`RunsDbError::Corrupt`]).
+fn text_enum<T>(
+    v: rusqlite::types::ValueRef<'_>,
+    what: &'static str,
+    parse: fn(&str) -> Option<T>,
+) -> rusqlite::types::FromSqlResult<T> {
+    let s = v.as_str()?;
+    parse(s).ok_or_else(|| {
+        rusqlite::types::FromSqlError::Other(format!("{s:?} is not a {what}").into())
+    })
+}
+
+impl rusqlite::types::FromSql for RunKind {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        text_enum(v, "run kind", Self::parse)
+    }
+}
+
+impl rusqlite::types::FromSql for ArtifactKind {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        text_enum(v, "artifact kind", Self::parse)
+    }
+}
+
+impl rusqlite::types::FromSql for crate::classify::PathClass {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        text_enum(v, "path class", |s| {
+            Self::ALL.into_iter().find(|c| c.as_str() == s)
+        })
     }
 }
 
@@ -200,13 +246,26 @@ pub enum ArtifactKind {
 }
 
 impl ArtifactKind {
-    fn as_str(self) -> &'static str {
+    /// The stable name used in the runs database and JSON.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::StateDir => "state_dir",
             Self::Overlay => "overlay",
             Self::Log => "log",
             Self::Other => "other",
         }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::StateDir, Self::Overlay, Self::Log, Self::Other]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ArtifactKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -220,7 +279,7 @@ pub struct Run {
     /// The command line.
     pub command: Vec<String>,
     /// `build` or `vm`.
-    pub kind: String,
+    pub kind: RunKind,
     /// Start, seconds since the epoch.
     pub started_at: i64,
     /// End, if finished.
@@ -272,8 +331,8 @@ pub fn partition_by_store(runs: Vec<Run>, store_id: &str) -> (Vec<Run>, Vec<Othe
 pub struct RunPath {
     /// Full logical path.
     pub path: String,
-    /// Class name ([`PathClass::as_str`]).
-    pub class: String,
+    /// Its class.
+    pub class: crate::classify::PathClass,
     /// NAR size when claimed.
     pub nar_size: u64,
     /// What GC did (`deleted`, `refused`), if anything.
@@ -285,8 +344,8 @@ pub struct RunPath {
 pub struct Artifact {
     /// Id.
     pub id: i64,
-    /// Kind name.
-    pub kind: String,
+    /// What it is.
+    pub kind: ArtifactKind,
     /// Path on disk.
     pub path: String,
     /// When GC removed it.
@@ -962,7 +1021,10 @@ mod tests {
         assert_eq!(r.command, vec!["nix-build", "x.nix"]);
         assert_eq!(r.exit_status, Some(3));
         assert!(r.ended_at.is_some());
-        assert_eq!(db.run_paths(id).unwrap()[0].class, "test_run");
+        assert_eq!(
+            db.run_paths(id).unwrap()[0].class,
+            crate::classify::PathClass::TestRun
+        );
         db.artifact_removed(art).unwrap();
         assert!(db.artifacts(id).unwrap()[0].removed_at.is_some());
         assert!(matches!(db.run(99), Err(RunsDbError::UnknownRun(99))));

@@ -51,7 +51,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
         let mut skip = Vec::new();
         for id in &plan.runs {
             for a in runs.artifacts(*id).map_err(drydock_gc::GcError::from)? {
-                if a.kind == "state_dir" {
+                if a.kind == drydock_gc::ArtifactKind::StateDir {
                     skip.push(std::path::PathBuf::from(&a.path));
                 }
             }

@@ -124,7 +124,7 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                         out,
                         "  {:<12} {:<12} {:>10}  {}",
                         p.status,
-                        p.class,
+                        p.class.as_str(),
                         size(p.nar_size),
                         p.path
                     )?;
