@@ -12,6 +12,7 @@ mod collect;
 mod drv;
 mod du;
 mod error;
+mod names;
 mod nixconf;
 mod nixdb;
 mod plan;
@@ -23,7 +24,9 @@ mod store_path;
 mod sys;
 mod track;
 
-pub use check::{Blocked, Damage, RepairPlan, StoreCheckError, StoreEntries, read_store_dir};
+pub use check::{
+    Blocked, Damage, OnDisk, RepairPlan, StoreCheckError, StoreEntries, read_store_dir,
+};
 pub use classify::{PathClass, classify};
 pub use collect::{
     DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded, PathStatus,
@@ -33,10 +36,12 @@ pub use collect::{
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
+pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{
-    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,
+    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, dead_set_on_disk,
+    deletable_subset,
 };
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
