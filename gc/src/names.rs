@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(l.get(1), "");
         assert_eq!(l.get(2), "de");
         assert_eq!(l.iter().collect::<Vec<_>>(), vec!["abc", "", "de"]);
-        assert_eq!((&l).into_iter().rev().next(), Some("de"));
+        assert_eq!((&l).into_iter().next_back(), Some("de"));
         assert_eq!(serde_json::to_string(&l).unwrap(), r#"["abc","","de"]"#);
         assert_eq!(format!("{l:?}"), r#"["abc", "", "de"]"#);
         let m: NameList = ["abc", "", "de"].into_iter().collect();
