@@ -111,39 +111,46 @@ pub struct PathInfo {
     pub nar_size: u64,
 }
 
-/// Compressed sparse rows: for each node, a list of nodes, all in one array.
-#[derive(Debug, Default, Clone)]
-struct Csr {
+/// Compressed sparse rows: for each node, a list of items (nodes, by default), all in one
+/// array.
+#[derive(Debug, Clone)]
+struct Csr<T = Node> {
     /// Row `n` is `items[starts[n]..starts[n + 1]]`.
     starts: Vec<u32>,
-    items: Vec<Node>,
+    items: Vec<T>,
 }
 
-impl Csr {
-    /// Rows over `n` nodes from `(row, item)` pairs (rows out of range are skipped); each row
-    /// keeps the order of its pairs. `pairs` is walked twice (count, then fill).
-    fn from_pairs<I: Iterator<Item = (Node, Node)>>(n: usize, pairs: impl Fn() -> I) -> Self {
+impl<T> Default for Csr<T> {
+    fn default() -> Self {
+        Self {
+            starts: vec![0],
+            items: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Default> Csr<T> {
+    /// Rows over `n` nodes from `(row, item)` pairs, every row below `n`; each row keeps the
+    /// order of its pairs. `pairs` is walked twice (count, then fill).
+    fn from_pairs<I: Iterator<Item = (Node, T)>>(n: usize, pairs: impl Fn() -> I) -> Self {
         let mut starts = vec![0u32; n + 1];
         for (r, _) in pairs() {
-            if let Some(c) = starts.get_mut(r as usize + 1).filter(|_| (r as usize) < n) {
-                *c += 1;
-            }
+            starts[r as usize + 1] += 1;
         }
         for i in 0..n {
             starts[i + 1] += starts[i];
         }
-        let mut items = vec![NO_NODE; starts[n] as usize];
+        let mut items = vec![T::default(); starts[n] as usize];
         let mut next: Vec<u32> = starts[..n].to_vec();
         for (r, x) in pairs() {
-            if let Some(at) = next.get_mut(r as usize) {
-                items[*at as usize] = x;
-                *at += 1;
-            }
+            let at = &mut next[r as usize];
+            items[*at as usize] = x;
+            *at += 1;
         }
         Self { starts, items }
     }
 
-    fn row(&self, n: Node) -> &[Node] {
+    fn row(&self, n: Node) -> &[T] {
         let n = n as usize;
         &self.items[self.starts[n] as usize..self.starts[n + 1] as usize]
     }
@@ -216,10 +223,9 @@ pub struct Snapshot {
     /// References and referrers (self references removed).
     refs: Csr,
     referrers: Csr,
-    /// Valid outputs recorded in `DerivationOutputs` for each derivation, with their output
-    /// names (indexes into `output_names`, parallel to `drv_outputs.items`).
-    drv_outputs: Csr,
-    drv_output_name: Vec<u32>,
+    /// Valid outputs recorded in `DerivationOutputs` for each derivation: (output name as an
+    /// index into `output_names`, output node).
+    drv_outputs: Csr<(u32, Node)>,
     output_names: Vec<Box<str>>,
     /// Derivations that list a node as one of their outputs.
     output_of: Csr,
@@ -237,7 +243,9 @@ struct IdMap<'a> {
 impl<'a> IdMap<'a> {
     fn new(ids: &'a [i64]) -> Self {
         let first = ids.first().copied().unwrap_or(0);
-        let span = ids.last().map_or(0, |&l| (l - first) as u64 + 1);
+        let span = ids
+            .last()
+            .map_or(0, |&l| l.abs_diff(first).saturating_add(1));
         let mut table = Vec::new();
         if span <= 4 * ids.len() as u64 + 1024 {
             table = vec![NO_NODE; span as usize];
@@ -330,15 +338,7 @@ impl Builder {
         self.snap.referrers = Csr::from_pairs(n, || refs.iter().map(|&(a, b)| (b, a)));
         drop(refs);
         let outs = std::mem::take(&mut self.outs);
-        self.snap.drv_outputs = Csr::from_pairs(n, || outs.iter().map(|&(d, _, o)| (d, o)));
-        // The names in the same (stable) row order as the outputs.
-        let mut names = vec![0u32; outs.len()];
-        let mut next: Vec<u32> = self.snap.drv_outputs.starts[..n].to_vec();
-        for &(d, k, _) in &outs {
-            names[next[d as usize] as usize] = k;
-            next[d as usize] += 1;
-        }
-        self.snap.drv_output_name = names;
+        self.snap.drv_outputs = Csr::from_pairs(n, || outs.iter().map(|&(d, k, o)| (d, (k, o))));
         self.snap.output_of = Csr::from_pairs(n, || outs.iter().map(|&(d, _, o)| (o, d)));
         self.snap
     }
@@ -426,17 +426,10 @@ impl Snapshot {
     /// The valid outputs recorded in `DerivationOutputs` for a derivation node:
     /// (output name, output node).
     pub fn drv_outputs(&self, n: Node) -> impl Iterator<Item = (&str, Node)> + '_ {
-        let start = self.drv_outputs.starts[n as usize] as usize;
         self.drv_outputs
             .row(n)
             .iter()
-            .enumerate()
-            .map(move |(i, &o)| {
-                (
-                    &*self.output_names[self.drv_output_name[start + i] as usize],
-                    o,
-                )
-            })
+            .map(|&(k, o)| (&*self.output_names[k as usize], o))
     }
 
     /// Derivations that list a node as one of their outputs.
