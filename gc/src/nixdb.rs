@@ -844,6 +844,35 @@ mod tests {
     }
 
     #[test]
+    fn id_map_dense_and_sparse() {
+        let dense = [3, 4, 6];
+        let sparse = [1, 1 << 40, (1 << 40) + 7];
+        for ids in [&dense[..], &sparse[..]] {
+            let m = IdMap::new(ids);
+            assert_eq!(m.table.is_empty(), ids == sparse);
+            for (n, &id) in ids.iter().enumerate() {
+                assert_eq!(m.get(id), Some(n as Node));
+            }
+            assert_eq!(m.get(5), None);
+            assert_eq!(m.get(0), None);
+            assert_eq!(m.get(-1), None);
+            assert_eq!(m.get(i64::MAX), None);
+        }
+    }
+
+    #[test]
+    fn name_index_finds_every_name_and_nothing_else() {
+        // Hash parts that differ only at the end, as in hand-made fixtures.
+        let names: NameList = (0..5000).map(|i| format!("{i:0>32}-p")).collect();
+        let ix = NameIndex::build(&names);
+        for (n, name) in names.iter().enumerate() {
+            assert_eq!(ix.get(&names, name), Some(n as Node));
+        }
+        assert_eq!(ix.get(&names, &format!("{:0>32}-p", 5000)), None);
+        assert_eq!(ix.get(&names, &format!("{:0>32}-q", 1)), None);
+    }
+
+    #[test]
     fn from_parts_ignores_out_of_range() {
         let s = Snapshot::from_parts(vec![info(1, sp("x"))], &[(0, 5), (0, 0)], &[]);
         assert!(s.refs(0).is_empty());
