@@ -136,9 +136,7 @@ impl Damage {
     pub fn is_damaged(&self) -> bool {
         !self.missing.is_empty()
     }
-}
 
-impl Damage {
     /// Compare the database with the directory listing (resolved against the snapshot).
     pub fn of(snap: &Snapshot, disk: &OnDisk) -> Self {
         let missing = (0..snap.len() as Node)
