@@ -44,11 +44,18 @@ impl Write for Out {
     }
 }
 
-/// One pretty JSON document and a newline. (Serialised first: serde_json's own writer errors
-/// would hide the marker.)
+/// One pretty JSON document and a newline, streamed (a plan of a million paths is never one
+/// string in memory). serde_json keeps only the kind of an I/O error, so a broken pipe from
+/// this writer is marked again here.
 pub fn json<T: serde::Serialize + ?Sized>(out: &mut Out, value: &T) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
-    writeln!(out, "{text}")?;
+    serde_json::to_writer_pretty(&mut *out, value).map_err(|e| {
+        if e.io_error_kind() == Some(io::ErrorKind::BrokenPipe) {
+            anyhow::Error::new(io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed))
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
+    writeln!(out)?;
     out.flush()?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::nixdb::{Node, Snapshot};
 use crate::plan::{ChainStep, GcSettings, Liveness, for_each_reverse};
-use crate::store_path::{StoreLayout, StorePath};
+use crate::store_path::{StoreLayout, StorePath, check_base_name};
 
 /// Errors reading the store directory.
 #[derive(Debug, thiserror::Error)]
@@ -32,11 +32,26 @@ pub struct StoreEntries {
 
 /// List the store directory once (no `stat` per entry).
 pub fn read_store_dir(layout: &StoreLayout) -> Result<StoreEntries, StoreCheckError> {
+    let (mut paths, mut junk) = (Vec::new(), Vec::new());
+    list_store_dir(
+        layout,
+        |base| paths.extend(StorePath::from_base_name(base).ok()),
+        &mut junk,
+    )?;
+    Ok(StoreEntries { paths, junk })
+}
+
+/// List the store directory once (no `stat` per entry): each entry named like a store path
+/// goes to `path`, the other names (except `.links`) to `junk`, sorted.
+pub fn list_store_dir(
+    layout: &StoreLayout,
+    mut path: impl FnMut(&str),
+    junk: &mut Vec<String>,
+) -> Result<(), StoreCheckError> {
     let err = |source| StoreCheckError::ReadStore {
         path: layout.store_dir.clone(),
         source,
     };
-    let mut out = StoreEntries::default();
     for e in std::fs::read_dir(&layout.store_dir).map_err(err)? {
         let e = e.map_err(err)?;
         let name = e.file_name();
@@ -44,14 +59,67 @@ pub fn read_store_dir(layout: &StoreLayout) -> Result<StoreEntries, StoreCheckEr
         if name == ".links" {
             continue;
         }
-        match StorePath::from_base_name(&name) {
-            Ok(p) => out.paths.push(p),
-            Err(_) => out.junk.push(name.into_owned()),
+        match check_base_name(&name) {
+            Ok(()) => path(&name),
+            Err(_) => junk.push(name.into_owned()),
         }
     }
-    // Not sorted: 100,000 names would cost more than the listing; callers sort results.
-    out.junk.sort();
-    Ok(out)
+    // Paths not sorted: 100,000 names would cost more than the listing; callers sort results.
+    junk.sort();
+    Ok(())
+}
+
+/// The store directory's entries resolved against a [`Snapshot`]: which registered paths are
+/// on disk (one flag per node), and the entries that are not registered.
+#[derive(Debug, Clone, Default)]
+pub struct OnDisk {
+    present: Vec<bool>,
+    /// Entries named like store paths that are not registered, in listing order.
+    pub unregistered: Vec<StorePath>,
+    /// Other entries (lock files, temporary files), except `.links`.
+    pub junk: Vec<String>,
+}
+
+impl OnDisk {
+    /// Resolve entry base names (store path names, validated) against `snap`.
+    pub fn resolve<'a>(
+        snap: &Snapshot,
+        names: impl IntoIterator<Item = &'a str>,
+        junk: Vec<String>,
+    ) -> Self {
+        let mut out = Self {
+            present: vec![false; snap.len()],
+            unregistered: Vec::new(),
+            junk,
+        };
+        for name in names {
+            match snap.node_of_base(name) {
+                Some(n) => out.present[n as usize] = true,
+                None => {
+                    if let Ok(p) = StorePath::from_base_name(name) {
+                        out.unregistered.push(p);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Resolve a full listing.
+    pub fn of_entries(snap: &Snapshot, entries: &StoreEntries) -> Self {
+        let names = entries.paths.iter().map(StorePath::base_name);
+        Self::resolve(snap, names, entries.junk.clone())
+    }
+
+    /// Whether a registered path is on disk.
+    pub fn is_present(&self, n: Node) -> bool {
+        self.present[n as usize]
+    }
+
+    /// The registered paths on disk, in node order.
+    pub fn registered(&self) -> impl Iterator<Item = Node> + '_ {
+        (0..self.present.len() as Node).filter(|&n| self.present[n as usize])
+    }
 }
 
 /// What `store check` found.
@@ -68,23 +136,16 @@ impl Damage {
     pub fn is_damaged(&self) -> bool {
         !self.missing.is_empty()
     }
-}
 
-/// Compare the database with the directory listing.
-pub fn find_damage(snap: &Snapshot, entries: &StoreEntries) -> Damage {
-    let on_disk: crate::nixdb::FastMap<&StorePath, ()> =
-        entries.paths.iter().map(|p| (p, ())).collect();
-    let missing = (0..snap.len() as Node)
-        .filter(|&n| !on_disk.contains_key(snap.path(n)))
-        .collect();
-    let mut stray: Vec<StorePath> = entries
-        .paths
-        .iter()
-        .filter(|p| snap.node(p).is_none())
-        .cloned()
-        .collect();
-    stray.sort();
-    Damage { missing, stray }
+    /// Compare the database with the directory listing (resolved against the snapshot).
+    pub fn of(snap: &Snapshot, disk: &OnDisk) -> Self {
+        let missing = (0..snap.len() as Node)
+            .filter(|&n| !disk.is_present(n))
+            .collect();
+        let mut stray = disk.unregistered.clone();
+        stray.sort();
+        Damage { missing, stray }
+    }
 }
 
 /// A registered path of the repair set held by a root.
@@ -178,7 +239,7 @@ mod tests {
             paths: vec![sp(1), sp(2), sp(3), sp(9)],
             junk: vec![],
         };
-        let d = find_damage(&s, &e);
+        let d = Damage::of(&s, &OnDisk::of_entries(&s, &e));
         assert_eq!(d.missing, vec![0]);
         assert_eq!(d.stray, vec![sp(9)]);
         assert!(d.is_damaged());

@@ -7,11 +7,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use crate::GcError;
-use crate::check::{Damage, RepairPlan, StoreEntries, find_damage, plan_repair, read_store_dir};
+use crate::check::{
+    Damage, OnDisk, RepairPlan, StoreEntries, list_store_dir, plan_repair, read_store_dir,
+};
 use crate::classify::{PathClass, classify};
 use crate::du::{InodeSet, links_inodes};
+use crate::names::NameList;
 use crate::nixdb::{NixDb, Node, Snapshot};
-use crate::plan::{ChainStep, GcSettings, Liveness, batches, dead_set, deletable_subset};
+use crate::plan::{ChainStep, GcSettings, Liveness, batches, dead_set_on_disk, deletable_subset};
 use crate::reclaim::{DeleteResult, delete_batch, remove_artifact};
 use crate::roots::{Root, find_roots};
 use crate::runsdb::{Run, RunsDb};
@@ -95,8 +98,8 @@ pub struct Loaded {
     pub roots: Vec<Root>,
     /// Nix's keep-* settings.
     pub settings: GcSettings,
-    /// The store directory's entries.
-    pub entries: StoreEntries,
+    /// The store directory's entries, resolved against the snapshot.
+    pub disk: OnDisk,
 }
 
 /// Threads for filesystem walks (the kernel work of `stat` and `getdents` overlaps well).
@@ -113,9 +116,13 @@ impl Loaded {
         // Roots, the directory listing and the database snapshot are read side by side. Any
         // interleaving is safe: a path rooted or registered meanwhile is either not planned
         // or refused by `nix-store --delete`, which checks roots itself.
+        // The listing is kept as names in one buffer until the snapshot can resolve them.
         std::thread::scope(|s| {
             let roots = s.spawn(|| find_roots(layout));
-            let entries = s.spawn(|| read_store_dir(layout));
+            let entries = s.spawn(|| {
+                let (mut names, mut junk) = (NameList::default(), Vec::new());
+                list_store_dir(layout, |base| names.push(base), &mut junk).map(|()| (names, junk))
+            });
             let snap = db.snapshot();
             let roots = roots
                 .join()
@@ -123,12 +130,15 @@ impl Loaded {
             let entries = entries
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            let snap = snap?;
+            let (names, junk) = entries?;
+            let disk = OnDisk::resolve(&snap, &names, junk);
             Ok(Self {
                 layout: layout.clone(),
-                snap: snap?,
+                snap,
                 roots: roots?,
                 settings,
-                entries: entries?,
+                disk,
             })
         })
     }
@@ -159,7 +169,7 @@ impl Loaded {
 fn chain_names(layout: &StoreLayout, snap: &Snapshot, chain: &[ChainStep]) -> Vec<String> {
     chain
         .iter()
-        .map(|s| layout.logical(snap.path(s.node)))
+        .map(|s| layout.logical(&snap.path(s.node)))
         .collect()
 }
 
@@ -182,7 +192,7 @@ pub struct GcPlan {
     /// Runs selected.
     pub runs: Vec<i64>,
     /// Paths to delete, in order.
-    pub paths: Vec<String>,
+    pub paths: NameList,
     /// Estimated bytes freed: disk blocks of inodes whose every link goes.
     pub bytes: u64,
     /// Sum of NAR sizes of the registered paths in the plan.
@@ -191,8 +201,9 @@ pub struct GcPlan {
     pub kept: Vec<KeptPath>,
     /// Store directory entries that are not store paths (left alone).
     pub junk: Vec<String>,
+    /// Where each `nix-store --delete` batch ends in `paths`.
     #[serde(skip)]
-    batches: Vec<Vec<StorePath>>,
+    batch_ends: Vec<usize>,
 }
 
 /// A selected path that will not be deleted.
@@ -224,11 +235,11 @@ pub fn plan_gc(
     if sel.all {
         plan.mode = "all".into();
         let live = Liveness::compute(snap, &loaded.roots, loaded.settings);
-        let d = dead_set(snap, &live, loaded.settings, &loaded.entries.paths);
+        let d = dead_set_on_disk(snap, &live, loaded.settings, &loaded.disk);
         nodes = d.valid;
         invalid = d.invalid;
         invalid.sort();
-        plan.junk = loaded.entries.junk.clone();
+        plan.junk = loaded.disk.junk.clone();
     } else {
         let db = runs.ok_or(crate::collect::SelectError::NothingSelected)?;
         // Only this store's runs: another store's run named by id is bad input.
@@ -257,14 +268,14 @@ pub fn plan_gc(
         cands.dedup();
         let (del, held) = deletable_subset(snap, &live, loaded.settings, &cands);
         for h in held {
-            let path = l.logical(snap.path(h.node));
+            let path = l.logical(&snap.path(h.node));
             let alive = loaded.explain(&live, h.node);
             let reason = if alive.is_some() {
                 "alive".to_owned()
             } else {
                 format!(
                     "needed by {} (not selected)",
-                    l.logical(snap.path(h.holder))
+                    l.logical(&snap.path(h.holder))
                 )
             };
             plan.kept.push(KeptPath {
@@ -276,21 +287,34 @@ pub fn plan_gc(
         nodes = del;
         plan.runs = selected;
     }
-    let mut bs: Vec<Vec<StorePath>> = batches(snap, loaded.settings, &nodes, batch_size)
-        .into_iter()
-        .map(|b| b.into_iter().map(|n| snap.path(n).clone()).collect())
-        .collect();
-    if !invalid.is_empty() {
-        for c in invalid.chunks(batch_size.max(1)) {
-            bs.push(c.to_vec());
+    plan.nar_bytes = nodes.iter().map(|&n| snap.nar_size(n)).sum();
+    // The plan's paths go straight into one buffer, batch by batch; the walk that estimates
+    // the space freed makes each physical path as it goes.
+    let order = batches(snap, loaded.settings, &nodes, batch_size);
+    drop(nodes);
+    let avg = l.logical_store_dir.len() + 64;
+    let count = order.iter().map(Vec::len).sum::<usize>() + invalid.len();
+    plan.paths = NameList::with_capacity(count, avg);
+    for b in order {
+        for n in b {
+            plan.paths.push(&l.logical_of_base(snap.base_name(n)));
         }
+        plan.batch_ends.push(plan.paths.len());
     }
-    plan.nar_bytes = nodes.iter().map(|&n| snap.paths[n as usize].nar_size).sum();
-    let phys: Vec<PathBuf> = bs.iter().flatten().map(|p| l.physical(p)).collect();
-    let inodes = InodeSet::walk_parallel(&phys, walk_threads())?;
+    for c in invalid.chunks(batch_size.max(1)) {
+        for p in c {
+            plan.paths.push(&l.logical(p));
+        }
+        plan.batch_ends.push(plan.paths.len());
+    }
+    drop(invalid);
+    let paths = &plan.paths;
+    let inodes = InodeSet::walk_parallel(paths.len(), walk_threads(), |i| {
+        l.parse(paths.get(i))
+            .map(|p| l.physical(&p))
+            .expect("planned paths are store paths")
+    })?;
     plan.bytes = inodes.freeable_bytes(&links_inodes(l));
-    plan.paths = bs.iter().flatten().map(|p| l.logical(p)).collect();
-    plan.batches = bs;
     Ok(plan)
 }
 
@@ -416,7 +440,10 @@ pub fn execute_gc(
     // freed was deleted by it and not by a concurrent one.
     let _lock = lock_store_for_gc(layout, runs.map(|r| r.state_dir()))?;
     let event = match runs {
-        Some(r) => Some(r.begin_gc(layout, &plan.mode, &plan.paths, plan.bytes)?),
+        Some(r) => {
+            let planned: Vec<String> = plan.paths.iter().map(str::to_owned).collect();
+            Some(r.begin_gc(layout, &plan.mode, &planned, plan.bytes)?)
+        }
         None => None,
     };
     if let Some(r) = runs {
@@ -428,7 +455,12 @@ pub fn execute_gc(
     let total = plan.paths.len();
     let mut done = 0;
     progress(0, total);
-    for b in &plan.batches {
+    let mut start = 0;
+    for &end in &plan.batch_ends {
+        let b: Vec<StorePath> = (start..end)
+            .filter_map(|i| layout.parse(plan.paths.get(i)).ok())
+            .collect();
+        start = end;
         // Freed bytes are measured, not estimated from the free space (which counts whatever
         // else the machine wrote meanwhile): the blocks of the inodes that only the paths this
         // batch confirmed gone held (a `.links` entry counts if Nix removed it too). Paths that
@@ -441,13 +473,14 @@ pub fn execute_gc(
             })
             .collect::<Result<_, _>>()?;
         let links_before = crate::du::links_inodes(layout);
-        let res: DeleteResult = delete_batch(layout, &db, b)?;
+        let res: DeleteResult = delete_batch(layout, &db, &b)?;
         let links_after = crate::du::links_inodes(layout);
         let removed_links: std::collections::HashSet<u64> =
             links_before.difference(&links_after).copied().collect();
+        let gone: std::collections::HashSet<&StorePath> = res.gone.iter().collect();
         let mut gone_inodes = crate::du::InodeSet::default();
         for (p, set) in walked {
-            if res.gone.contains(&p) {
+            if gone.contains(&p) {
                 gone_inodes.merge(set);
             }
         }
@@ -593,7 +626,11 @@ pub fn run_statuses(
             None => ("missing", None, None),
             Some(n) if live.is_alive(n) => ("alive", loaded.explain(live, n), None),
             Some(n) if del.contains(&n) => ("reclaimable", None, None),
-            Some(n) => ("held", None, held.get(&n).map(|h| l.logical(snap.path(*h)))),
+            Some(n) => (
+                "held",
+                None,
+                held.get(&n).map(|h| l.logical(&snap.path(*h))),
+            ),
         };
         out.push(PathStatus {
             path: p.path.clone(),
@@ -636,7 +673,7 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
     let mut per_class: BTreeMap<PathClass, InodeSet> = BTreeMap::new();
     let mut total = InodeSet::default();
     for (c, paths) in per_class_paths {
-        let set = InodeSet::walk_parallel(&paths, walk_threads())?;
+        let set = InodeSet::walk_parallel(paths.len(), walk_threads(), |i| paths[i].clone())?;
         per_class.insert(c, set);
     }
     let mut rep = DuReport::default();
@@ -671,9 +708,8 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
 }
 
 /// `store check`: the damage found.
-pub fn check(loaded: &Loaded) -> Result<(Damage, StoreEntries), GcError> {
-    let entries = loaded.entries.clone();
-    Ok((find_damage(&loaded.snap, &entries), entries))
+pub fn check(loaded: &Loaded) -> Result<Damage, GcError> {
+    Ok(Damage::of(&loaded.snap, &loaded.disk))
 }
 
 /// Remove the symlink roots (links in `gcroots`, and the user links behind indirect roots
@@ -722,11 +758,7 @@ pub fn repair(
         return Ok((plan, None));
     }
     let db = NixDb::open(&loaded.layout)?;
-    let paths: Vec<StorePath> = plan
-        .delete
-        .iter()
-        .map(|&n| loaded.snap.path(n).clone())
-        .collect();
+    let paths: Vec<StorePath> = plan.delete.iter().map(|&n| loaded.snap.path(n)).collect();
     let res = delete_batch(&loaded.layout, &db, &paths)?;
     Ok((plan, Some(res)))
 }

@@ -22,10 +22,19 @@ pub enum DuError {
 }
 
 /// Inodes seen while walking, with their size on disk and link count.
+///
+/// A set made by [`InodeSet::walk_parallel`] walks trees that do not overlap (distinct store
+/// paths): there an inode that cannot be reached twice (a directory, or a file with one
+/// link) is only counted, and only inodes with several links are remembered one by one.
 #[derive(Debug, Default, Clone)]
 pub struct InodeSet {
     /// (dev, ino) -> (bytes on disk, st_nlink, links seen in the walk, is_dir).
     inodes: HashMap<(u64, u64), (u64, u64, u64, bool)>,
+    /// The walked trees do not overlap: see above.
+    disjoint: bool,
+    /// Bytes and number of the inodes only counted (they are freed with their one link).
+    unique_bytes: u64,
+    unique: usize,
 }
 
 impl InodeSet {
@@ -42,6 +51,11 @@ impl InodeSet {
     }
 
     fn add(&mut self, m: &std::fs::Metadata) {
+        if self.disjoint && (m.is_dir() || m.nlink() == 1) {
+            self.unique_bytes += m.blocks() * 512;
+            self.unique += 1;
+            return;
+        }
         let e = self.inodes.entry((m.dev(), m.ino())).or_insert((
             m.blocks() * 512,
             m.nlink(),
@@ -72,23 +86,34 @@ impl InodeSet {
 
     /// Add another walk's inodes (links seen add up).
     pub fn merge(&mut self, other: InodeSet) {
+        self.unique_bytes += other.unique_bytes;
+        self.unique += other.unique;
         for (k, v) in other.inodes {
             self.inodes.entry(k).and_modify(|e| e.2 += v.2).or_insert(v);
         }
     }
 
-    /// Walk several trees on `threads` threads and merge the result.
-    pub fn walk_parallel(paths: &[PathBuf], threads: usize) -> Result<Self, DuError> {
+    /// Walk `count` trees that do not overlap (distinct store paths), the `i`th at
+    /// `path_of(i)`, on `threads` threads, and merge the result.
+    pub fn walk_parallel(
+        count: usize,
+        threads: usize,
+        path_of: impl Fn(usize) -> PathBuf + Sync,
+    ) -> Result<Self, DuError> {
         let threads = threads.clamp(1, 8);
-        let chunk = paths.len().div_ceil(threads).max(1);
+        let chunk = count.div_ceil(threads).max(1);
+        let path_of = &path_of;
         let parts: Vec<Result<InodeSet, DuError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = paths
-                .chunks(chunk)
-                .map(|c| {
+            let handles: Vec<_> = (0..count)
+                .step_by(chunk)
+                .map(|start| {
                     s.spawn(move || {
-                        let mut set = InodeSet::default();
-                        for p in c {
-                            set.add_tree(p)?;
+                        let mut set = InodeSet {
+                            disjoint: true,
+                            ..InodeSet::default()
+                        };
+                        for i in start..(start + chunk).min(count) {
+                            set.add_tree(&path_of(i))?;
                         }
                         Ok(set)
                     })
@@ -99,7 +124,10 @@ impl InodeSet {
                 .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
                 .collect()
         });
-        let mut all = InodeSet::default();
+        let mut all = InodeSet {
+            disjoint: true,
+            ..InodeSet::default()
+        };
         for p in parts {
             all.merge(p?);
         }
@@ -108,29 +136,31 @@ impl InodeSet {
 
     /// Bytes on disk, each inode once.
     pub fn bytes(&self) -> u64 {
-        self.inodes.values().map(|v| v.0).sum()
+        self.unique_bytes + self.inodes.values().map(|v| v.0).sum::<u64>()
     }
 
     /// Bytes that deleting everything walked would free: inodes all of whose links were
     /// walked, counting a `.links` entry (from `links`) as walked too.
     pub fn freeable_bytes(&self, links: &HashSet<u64>) -> u64 {
-        self.inodes
-            .iter()
-            .filter(|((_, ino), (_, nlink, seen, is_dir))| {
-                *is_dir || seen + u64::from(links.contains(ino)) >= *nlink
-            })
-            .map(|(_, v)| v.0)
-            .sum()
+        self.unique_bytes
+            + self
+                .inodes
+                .iter()
+                .filter(|((_, ino), (_, nlink, seen, is_dir))| {
+                    *is_dir || seen + u64::from(links.contains(ino)) >= *nlink
+                })
+                .map(|(_, v)| v.0)
+                .sum::<u64>()
     }
 
     /// Number of distinct inodes.
     pub fn len(&self) -> usize {
-        self.inodes.len()
+        self.unique + self.inodes.len()
     }
 
     /// Whether nothing was walked.
     pub fn is_empty(&self) -> bool {
-        self.inodes.is_empty()
+        self.len() == 0
     }
 }
 
@@ -212,7 +242,8 @@ mod tests {
         assert_eq!(s.freeable_bytes(&[ino].into()), file_bytes + 2 * dir_bytes);
         assert_eq!(s.len(), 3);
         // The parallel walk sees the same links.
-        let p = InodeSet::walk_parallel(&[a.clone(), b.clone()], 2).unwrap();
+        let trees = [a.clone(), b.clone()];
+        let p = InodeSet::walk_parallel(2, 2, |i| trees[i].clone()).unwrap();
         assert_eq!(p.freeable_bytes(&[ino].into()), file_bytes + 2 * dir_bytes);
         assert_eq!(p.freeable_bytes(&HashSet::new()), 2 * dir_bytes);
     }

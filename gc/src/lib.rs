@@ -13,6 +13,7 @@ mod drv;
 mod du;
 mod error;
 mod fsread;
+mod names;
 mod nixconf;
 mod nixdb;
 mod plan;
@@ -24,7 +25,9 @@ mod store_path;
 mod sys;
 mod track;
 
-pub use check::{Blocked, Damage, RepairPlan, StoreCheckError, StoreEntries, read_store_dir};
+pub use check::{
+    Blocked, Damage, OnDisk, RepairPlan, StoreCheckError, StoreEntries, read_store_dir,
+};
 pub use classify::{PathClass, classify};
 pub use collect::{
     DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded, PathStatus,
@@ -38,10 +41,12 @@ pub use fsread::{
     Links, MAX_CONF_BYTES, MAX_DRV_BYTES, MAX_STATE_BYTES, ReadFileError, open_regular,
     read_regular, read_regular_text,
 };
+pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{
-    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, deletable_subset,
+    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, dead_set_on_disk,
+    deletable_subset,
 };
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};

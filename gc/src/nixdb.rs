@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
-use crate::store_path::{StoreLayout, StorePath};
+use crate::names::NameList;
+use crate::store_path::{StoreLayout, StorePath, parse_base_name};
 
 /// How long to wait for Nix's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,6 +96,9 @@ pub type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>
 /// Index of a path inside a [`Snapshot`].
 pub type Node = u32;
 
+/// "No node" in the snapshot's dense per-node arrays.
+const NO_NODE: Node = Node::MAX;
+
 /// One registered path.
 #[derive(Debug, Clone)]
 pub struct PathInfo {
@@ -110,88 +114,345 @@ pub struct PathInfo {
     pub nar_size: u64,
 }
 
-/// A consistent, in-memory view of the registered paths and their relations.
+/// Compressed sparse rows: for each node, a list of items (nodes, by default), all in one
+/// array.
+#[derive(Debug, Clone)]
+struct Csr<T = Node> {
+    /// Row `n` is `items[starts[n]..starts[n + 1]]`.
+    starts: Vec<u32>,
+    items: Vec<T>,
+}
+
+impl<T> Default for Csr<T> {
+    fn default() -> Self {
+        Self {
+            starts: vec![0],
+            items: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Default> Csr<T> {
+    /// Rows over `n` nodes from `(row, item)` pairs, every row below `n`; each row keeps the
+    /// order of its pairs. `pairs` is walked twice (count, then fill).
+    fn from_pairs<I: Iterator<Item = (Node, T)>>(n: usize, pairs: impl Fn() -> I) -> Self {
+        let mut starts = vec![0u32; n + 1];
+        for (r, _) in pairs() {
+            starts[r as usize + 1] += 1;
+        }
+        for i in 0..n {
+            starts[i + 1] += starts[i];
+        }
+        let mut items = vec![T::default(); starts[n] as usize];
+        let mut next: Vec<u32> = starts[..n].to_vec();
+        for (r, x) in pairs() {
+            let at = &mut next[r as usize];
+            items[*at as usize] = x;
+            *at += 1;
+        }
+        Self { starts, items }
+    }
+
+    fn row(&self, n: Node) -> &[T] {
+        let n = n as usize;
+        &self.items[self.starts[n] as usize..self.starts[n + 1] as usize]
+    }
+}
+
+/// Open-addressing hash index from base name to node (names live in the snapshot's
+/// [`NameList`], the table holds only node numbers).
+#[derive(Debug, Default, Clone)]
+struct NameIndex {
+    slots: Vec<Node>,
+    shift: u32,
+}
+
+impl NameIndex {
+    fn hash(name: &str) -> u64 {
+        let mut h = FastHasher::default();
+        std::hash::Hasher::write(&mut h, name.as_bytes());
+        std::hash::Hasher::finish(&h)
+    }
+
+    /// Index `names`; a name given twice maps to its last node.
+    fn build(names: &NameList) -> Self {
+        let bits = (names.len().max(4) * 2)
+            .next_power_of_two()
+            .trailing_zeros();
+        let mut ix = Self {
+            slots: vec![NO_NODE; 1 << bits],
+            shift: 64 - bits,
+        };
+        for (n, name) in names.iter().enumerate() {
+            let mut i = (Self::hash(name) >> ix.shift) as usize;
+            loop {
+                let s = ix.slots[i];
+                if s == NO_NODE || names.get(s as usize) == name {
+                    ix.slots[i] = n as Node;
+                    break;
+                }
+                i = (i + 1) & (ix.slots.len() - 1);
+            }
+        }
+        ix
+    }
+
+    fn get(&self, names: &NameList, name: &str) -> Option<Node> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut i = (Self::hash(name) >> self.shift) as usize;
+        loop {
+            match self.slots[i] {
+                NO_NODE => return None,
+                s if names.get(s as usize) == name => return Some(s),
+                _ => i = (i + 1) & (self.slots.len() - 1),
+            }
+        }
+    }
+}
+
+/// A consistent, in-memory view of the registered paths and their relations, held
+/// compactly: per node a few numbers, base names in one [`NameList`], relations as
+/// compressed rows of node numbers.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// All valid paths; a [`Node`] indexes this.
-    pub paths: Vec<PathInfo>,
-    /// References of each node (self references removed).
-    pub refs: Vec<Vec<Node>>,
-    /// Referrers of each node (self references removed).
-    pub referrers: Vec<Vec<Node>>,
-    /// Outputs recorded in `DerivationOutputs` for each derivation node: (output name, path).
-    pub drv_outputs: FastMap<Node, Vec<(String, StorePath)>>,
+    /// Base names; a [`Node`] indexes this and the other per-node arrays.
+    names: NameList,
+    ids: Vec<i64>,
+    nar_sizes: Vec<u64>,
+    /// The deriver of each node when it is a valid path, else `NO_NODE`.
+    derivers: Vec<Node>,
+    /// References and referrers (self references removed).
+    refs: Csr,
+    referrers: Csr,
+    /// Valid outputs recorded in `DerivationOutputs` for each derivation: (output name as an
+    /// index into `output_names`, output node).
+    drv_outputs: Csr<(u32, Node)>,
+    output_names: Vec<Box<str>>,
     /// Derivations that list a node as one of their outputs.
-    pub output_of: FastMap<Node, Vec<Node>>,
-    index: FastMap<StorePath, Node>,
+    output_of: Csr,
+    index: NameIndex,
+}
+
+/// Maps Nix's row ids to nodes while a snapshot is read: a table when the ids are dense
+/// enough, else a binary search over the sorted ids.
+struct IdMap<'a> {
+    ids: &'a [i64],
+    first: i64,
+    table: Vec<Node>,
+}
+
+impl<'a> IdMap<'a> {
+    fn new(ids: &'a [i64]) -> Self {
+        let first = ids.first().copied().unwrap_or(0);
+        let span = ids
+            .last()
+            .map_or(0, |&l| l.abs_diff(first).saturating_add(1));
+        let mut table = Vec::new();
+        if span <= 4 * ids.len() as u64 + 1024 {
+            table = vec![NO_NODE; span as usize];
+            for (n, &id) in ids.iter().enumerate() {
+                table[(id - first) as usize] = n as Node;
+            }
+        }
+        Self { ids, first, table }
+    }
+
+    fn get(&self, id: i64) -> Option<Node> {
+        if !self.table.is_empty() {
+            let i = usize::try_from(id.checked_sub(self.first)?).ok()?;
+            return self.table.get(i).copied().filter(|&n| n != NO_NODE);
+        }
+        self.ids.binary_search(&id).ok().map(|n| n as Node)
+    }
+}
+
+/// Builds a [`Snapshot`] from streamed rows: paths first (in row id order), then derivers,
+/// references and derivation outputs by node.
+#[derive(Default)]
+struct Builder {
+    snap: Snapshot,
+    refs: Vec<(Node, Node)>,
+    outs: Vec<(Node, u32, Node)>,
+    out_name_ix: FastMap<Box<str>, u32>,
+}
+
+impl Builder {
+    fn with_capacity(n: usize) -> Self {
+        let mut b = Self::default();
+        b.snap.names = NameList::with_capacity(n, 48);
+        b.snap.ids.reserve_exact(n);
+        b.snap.nar_sizes.reserve_exact(n);
+        b
+    }
+
+    fn path(&mut self, id: i64, base: &str, nar_size: u64) {
+        self.snap.names.push(base);
+        self.snap.ids.push(id);
+        self.snap.nar_sizes.push(nar_size);
+    }
+
+    /// All paths are in: index them.
+    fn index(&mut self) {
+        self.snap.names.shrink_to_fit();
+        self.snap.ids.shrink_to_fit();
+        self.snap.nar_sizes.shrink_to_fit();
+        self.snap.index = NameIndex::build(&self.snap.names);
+        self.snap.derivers = vec![NO_NODE; self.snap.len()];
+    }
+
+    fn deriver(&mut self, n: Node, deriver_base: &str) {
+        if let Some(d) = self.snap.node_of_base(deriver_base) {
+            self.snap.derivers[n as usize] = d;
+        }
+    }
+
+    fn reference(&mut self, a: Node, b: Node) {
+        let n = self.snap.len();
+        if a != b && (a as usize) < n && (b as usize) < n {
+            self.refs.push((a, b));
+        }
+    }
+
+    fn output(&mut self, d: Node, name: &str, out_base: &str) {
+        if (d as usize) >= self.snap.len() {
+            return;
+        }
+        let Some(o) = self.snap.node_of_base(out_base) else {
+            return;
+        };
+        let k = match self.out_name_ix.get(name) {
+            Some(&k) => k,
+            None => {
+                let k = self.snap.output_names.len() as u32;
+                self.snap.output_names.push(name.into());
+                self.out_name_ix.insert(name.into(), k);
+                k
+            }
+        };
+        self.outs.push((d, k, o));
+    }
+
+    fn finish(mut self) -> Snapshot {
+        let n = self.snap.len();
+        let refs = std::mem::take(&mut self.refs);
+        self.snap.refs = Csr::from_pairs(n, || refs.iter().copied());
+        self.snap.referrers = Csr::from_pairs(n, || refs.iter().map(|&(a, b)| (b, a)));
+        drop(refs);
+        let outs = std::mem::take(&mut self.outs);
+        self.snap.drv_outputs = Csr::from_pairs(n, || outs.iter().map(|&(d, k, o)| (d, (k, o))));
+        self.snap.output_of = Csr::from_pairs(n, || outs.iter().map(|&(d, _, o)| (o, d)));
+        self.snap
+    }
 }
 
 impl Snapshot {
     /// Build a snapshot from plain data (used by the planner's unit tests and fixtures).
     /// `refs` are pairs (referrer, reference) of indexes into `paths`; `drv_outputs` are
-    /// (derivation index, output name, output path).
+    /// (derivation index, output name, output path). Outputs that are not among `paths` are
+    /// left out, as are pairs out of range and self references.
     pub fn from_parts(
         paths: Vec<PathInfo>,
         refs: &[(Node, Node)],
         drv_outputs: &[(Node, String, StorePath)],
     ) -> Self {
-        let n = paths.len();
-        let index = paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.path.clone(), i as Node))
-            .collect::<FastMap<_, _>>();
-        let mut s = Self {
-            refs: vec![Vec::new(); n],
-            referrers: vec![Vec::new(); n],
-            paths,
-            index,
-            ..Self::default()
-        };
-        for &(a, b) in refs {
-            if a != b && (a as usize) < n && (b as usize) < n {
-                s.refs[a as usize].push(b);
-                s.referrers[b as usize].push(a);
+        let mut b = Builder::with_capacity(paths.len());
+        for p in &paths {
+            b.path(p.id, p.path.base_name(), p.nar_size);
+        }
+        b.index();
+        for (n, p) in paths.iter().enumerate() {
+            if let Some(d) = &p.deriver {
+                b.deriver(n as Node, d.base_name());
             }
+        }
+        for &(a, r) in refs {
+            b.reference(a, r);
         }
         for (d, name, out) in drv_outputs {
-            if (*d as usize) >= n {
-                continue;
-            }
-            if let Some(&o) = s.index.get(out) {
-                s.output_of.entry(o).or_default().push(*d);
-            }
-            s.drv_outputs
-                .entry(*d)
-                .or_default()
-                .push((name.clone(), out.clone()));
+            b.output(*d, name, out.base_name());
         }
-        s
+        b.finish()
     }
 
     /// The node of a path, if it is valid.
     pub fn node(&self, p: &StorePath) -> Option<Node> {
-        self.index.get(p).copied()
+        self.node_of_base(p.base_name())
+    }
+
+    /// The node of a base name `<hash>-<name>`, if it is a valid path.
+    pub fn node_of_base(&self, base: &str) -> Option<Node> {
+        self.index.get(&self.names, base)
     }
 
     /// The path of a node.
-    pub fn path(&self, n: Node) -> &StorePath {
-        &self.paths[n as usize].path
+    pub fn path(&self, n: Node) -> StorePath {
+        StorePath::from_base_name(self.base_name(n)).expect("snapshot names are validated")
+    }
+
+    /// The base name `<hash>-<name>` of a node.
+    pub fn base_name(&self, n: Node) -> &str {
+        self.names.get(n as usize)
+    }
+
+    /// Whether a node is a derivation (`.drv`).
+    pub fn is_derivation(&self, n: Node) -> bool {
+        self.base_name(n).ends_with(".drv")
+    }
+
+    /// Nix's row id of a node.
+    pub fn id(&self, n: Node) -> i64 {
+        self.ids[n as usize]
+    }
+
+    /// NAR size of a node in bytes (0 if unknown).
+    pub fn nar_size(&self, n: Node) -> u64 {
+        self.nar_sizes[n as usize]
+    }
+
+    /// The deriver Nix recorded for a node, if it is a valid path.
+    pub fn deriver(&self, n: Node) -> Option<Node> {
+        Some(self.derivers[n as usize]).filter(|&d| d != NO_NODE)
+    }
+
+    /// References of a node (self references removed).
+    pub fn refs(&self, n: Node) -> &[Node] {
+        self.refs.row(n)
+    }
+
+    /// Referrers of a node (self references removed).
+    pub fn referrers(&self, n: Node) -> &[Node] {
+        self.referrers.row(n)
+    }
+
+    /// The valid outputs recorded in `DerivationOutputs` for a derivation node:
+    /// (output name, output node).
+    pub fn drv_outputs(&self, n: Node) -> impl Iterator<Item = (&str, Node)> + '_ {
+        self.drv_outputs
+            .row(n)
+            .iter()
+            .map(|&(k, o)| (&*self.output_names[k as usize], o))
+    }
+
+    /// Derivations that list a node as one of their outputs.
+    pub fn output_of(&self, n: Node) -> &[Node] {
+        self.output_of.row(n)
     }
 
     /// Number of valid paths.
     pub fn len(&self) -> usize {
-        self.paths.len()
+        self.names.len()
     }
 
     /// Whether no path is registered.
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+        self.names.is_empty()
     }
 
     /// The highest row id (0 for an empty store).
     pub fn max_id(&self) -> i64 {
-        self.paths.iter().map(|p| p.id).max().unwrap_or(0)
+        self.ids.iter().copied().max().unwrap_or(0)
     }
 
     /// The reference closure of some nodes (including them).
@@ -207,7 +468,7 @@ impl Snapshot {
         let mut out = Vec::new();
         while let Some(n) = stack.pop() {
             out.push(n);
-            for &r in &self.refs[n as usize] {
+            for &r in self.refs(n) {
                 if !seen[r as usize] {
                     seen[r as usize] = true;
                     stack.push(r);
@@ -216,6 +477,13 @@ impl Snapshot {
         }
         out
     }
+}
+
+/// A text column of a row, borrowed from SQLite (no allocation).
+fn text<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    let v = row.get_ref(i)?;
+    v.as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
 }
 
 /// A read-only connection to Nix's database.
@@ -280,37 +548,47 @@ impl NixDb {
         }
     }
 
-    /// Read every valid path, reference and derivation output in one read transaction.
+    /// Read every valid path, reference and derivation output in one read transaction,
+    /// row by row into the snapshot's compact arrays (no per-row allocation).
     pub fn snapshot(&self) -> Result<Snapshot, NixDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.q())?;
         let sd = &self.layout.logical_store_dir;
-        let mut paths = Vec::new();
-        let mut by_id: FastMap<i64, Node> = FastMap::default();
+        let count: i64 = tx
+            .query_row("SELECT count(*) FROM ValidPaths", [], |r| r.get(0))
+            .map_err(self.q())?;
+        let mut b = Builder::with_capacity(usize::try_from(count).unwrap_or(0));
         {
             let mut st = tx
-                .prepare("SELECT id, path, registrationTime, deriver, narSize FROM ValidPaths")
+                .prepare("SELECT id, path, narSize FROM ValidPaths ORDER BY id")
                 .map_err(self.q())?;
             let mut rows = st.query([]).map_err(self.q())?;
             while let Some(row) = rows.next().map_err(self.q())? {
                 let id: i64 = row.get(0).map_err(self.q())?;
-                let p: String = row.get(1).map_err(self.q())?;
-                let Ok(path) = StorePath::parse(sd, &p) else {
+                let p = text(row, 1).map_err(self.q())?;
+                let Ok(base) = parse_base_name(sd, p) else {
                     tracing::warn!("ignoring malformed path in Nix database: {p}");
                     continue;
                 };
-                let deriver: Option<String> = row.get(3).map_err(self.q())?;
-                let nar: Option<i64> = row.get(4).map_err(self.q())?;
-                by_id.insert(id, paths.len() as Node);
-                paths.push(PathInfo {
-                    id,
-                    path,
-                    registration_time: row.get(2).map_err(self.q())?,
-                    deriver: deriver.and_then(|d| StorePath::parse(sd, &d).ok()),
-                    nar_size: nar.unwrap_or(0).max(0) as u64,
-                });
+                let nar: Option<i64> = row.get(2).map_err(self.q())?;
+                b.path(id, base, nar.unwrap_or(0).max(0) as u64);
             }
         }
-        let mut refs = Vec::new();
+        b.index();
+        let ids = std::mem::take(&mut b.snap.ids);
+        let by_id = IdMap::new(&ids);
+        {
+            let mut st = tx
+                .prepare("SELECT id, deriver FROM ValidPaths WHERE deriver IS NOT NULL")
+                .map_err(self.q())?;
+            let mut rows = st.query([]).map_err(self.q())?;
+            while let Some(row) = rows.next().map_err(self.q())? {
+                let id: i64 = row.get(0).map_err(self.q())?;
+                let d = text(row, 1).map_err(self.q())?;
+                if let (Some(n), Ok(d)) = (by_id.get(id), parse_base_name(sd, d)) {
+                    b.deriver(n, d);
+                }
+            }
+        }
         {
             let mut st = tx
                 .prepare("SELECT referrer, reference FROM Refs")
@@ -318,13 +596,12 @@ impl NixDb {
             let mut rows = st.query([]).map_err(self.q())?;
             while let Some(row) = rows.next().map_err(self.q())? {
                 let a: i64 = row.get(0).map_err(self.q())?;
-                let b: i64 = row.get(1).map_err(self.q())?;
-                if let (Some(&a), Some(&b)) = (by_id.get(&a), by_id.get(&b)) {
-                    refs.push((a, b));
+                let r: i64 = row.get(1).map_err(self.q())?;
+                if let (Some(a), Some(r)) = (by_id.get(a), by_id.get(r)) {
+                    b.reference(a, r);
                 }
             }
         }
-        let mut outs = Vec::new();
         {
             let mut st = tx
                 .prepare("SELECT drv, id, path FROM DerivationOutputs")
@@ -332,17 +609,18 @@ impl NixDb {
             let mut rows = st.query([]).map_err(self.q())?;
             while let Some(row) = rows.next().map_err(self.q())? {
                 let d: i64 = row.get(0).map_err(self.q())?;
-                let name: String = row.get(1).map_err(self.q())?;
-                let p: String = row.get(2).map_err(self.q())?;
-                if let (Some(&d), Ok(p)) = (by_id.get(&d), StorePath::parse(sd, &p)) {
-                    outs.push((d, name, p));
+                let name = text(row, 1).map_err(self.q())?;
+                let p = text(row, 2).map_err(self.q())?;
+                if let (Some(d), Ok(p)) = (by_id.get(d), parse_base_name(sd, p)) {
+                    b.output(d, name, p);
                 }
             }
         }
         tx.finish().map_err(self.q())?;
-        Ok(Snapshot::from_parts(paths, &refs, &outs))
+        drop(by_id);
+        b.snap.ids = ids;
+        Ok(b.finish())
     }
-
     /// The highest row id of `ValidPaths` (0 when empty).
     pub fn max_path_id(&self) -> Result<i64, NixDbError> {
         self.conn
@@ -540,29 +818,29 @@ mod tests {
         let d = s
             .node(&StorePath::from_base_name("00000000000000000000000000000000-a.drv").unwrap())
             .unwrap();
-        assert_eq!(s.refs[a as usize], vec![b], "self reference dropped");
-        assert_eq!(s.referrers[b as usize], vec![a]);
-        assert_eq!(s.paths[a as usize].deriver.as_ref(), Some(s.path(d)));
-        assert_eq!(s.paths[a as usize].nar_size, 200);
-        assert_eq!(s.paths[b as usize].nar_size, 0);
-        assert_eq!(s.output_of[&a], vec![d]);
-        assert_eq!(s.drv_outputs[&d][0].0, "out");
+        assert_eq!(s.refs(a), vec![b], "self reference dropped");
+        assert_eq!(s.referrers(b), vec![a]);
+        assert_eq!(s.deriver(a).map(|d| s.path(d)), Some(s.path(d)));
+        assert_eq!(s.nar_size(a), 200);
+        assert_eq!(s.nar_size(b), 0);
+        assert_eq!(s.output_of(a), vec![d]);
+        assert_eq!(s.drv_outputs(d).next().unwrap().0, "out");
         assert_eq!(s.max_id(), 3);
         assert_eq!(db.max_path_id().unwrap(), 4);
         let since = db.paths_since(1).unwrap();
         assert_eq!(since.len(), 2);
-        assert_eq!(db.references(s.path(a)).unwrap().len(), 2);
-        assert_eq!(db.derivers_of(s.path(a)).unwrap(), vec![s.path(d).clone()]);
-        assert!(db.is_valid(s.path(b)).unwrap());
+        assert_eq!(db.references(&s.path(a)).unwrap().len(), 2);
+        assert_eq!(db.derivers_of(&s.path(a)).unwrap(), vec![s.path(d)]);
+        assert!(db.is_valid(&s.path(b)).unwrap());
         assert!(!db.is_valid(&sp("zzz")).unwrap());
         let mut c = s.closure([a]);
         c.sort();
         let mut want = vec![a, b];
         want.sort();
         assert_eq!(c, want); // The recursive query agrees with the snapshot's walk.
-        let mut q = db.closure_of(s.path(a)).unwrap().unwrap();
+        let mut q = db.closure_of(&s.path(a)).unwrap().unwrap();
         q.sort();
-        let mut w: Vec<StorePath> = want.iter().map(|n| s.path(*n).clone()).collect();
+        let mut w: Vec<StorePath> = want.iter().map(|n| s.path(*n)).collect();
         w.sort();
         assert_eq!(q, w);
         assert_eq!(db.closure_of(&sp("zzz")).unwrap(), None);
@@ -583,8 +861,37 @@ mod tests {
     }
 
     #[test]
+    fn id_map_dense_and_sparse() {
+        let dense = [3, 4, 6];
+        let sparse = [1, 1 << 40, (1 << 40) + 7];
+        for ids in [&dense[..], &sparse[..]] {
+            let m = IdMap::new(ids);
+            assert_eq!(m.table.is_empty(), ids == sparse);
+            for (n, &id) in ids.iter().enumerate() {
+                assert_eq!(m.get(id), Some(n as Node));
+            }
+            assert_eq!(m.get(5), None);
+            assert_eq!(m.get(0), None);
+            assert_eq!(m.get(-1), None);
+            assert_eq!(m.get(i64::MAX), None);
+        }
+    }
+
+    #[test]
+    fn name_index_finds_every_name_and_nothing_else() {
+        // Hash parts that differ only at the end, as in hand-made fixtures.
+        let names: NameList = (0..5000).map(|i| format!("{i:0>32}-p")).collect();
+        let ix = NameIndex::build(&names);
+        for (n, name) in names.iter().enumerate() {
+            assert_eq!(ix.get(&names, name), Some(n as Node));
+        }
+        assert_eq!(ix.get(&names, &format!("{:0>32}-p", 5000)), None);
+        assert_eq!(ix.get(&names, &format!("{:0>32}-q", 1)), None);
+    }
+
+    #[test]
     fn from_parts_ignores_out_of_range() {
         let s = Snapshot::from_parts(vec![info(1, sp("x"))], &[(0, 5), (0, 0)], &[]);
-        assert!(s.refs[0].is_empty());
+        assert!(s.refs(0).is_empty());
     }
 }

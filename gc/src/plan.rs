@@ -3,9 +3,10 @@
 //! "why is this alive" chains, the subset of a selection that can be deleted on its own, and
 //! the order of deletion batches. Everything here is data in, data out.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 
+use crate::check::OnDisk;
 use crate::nixconf::{NixConf, NixConfError, NixConfSources};
 use crate::nixdb::{Node, Snapshot};
 use crate::roots::Root;
@@ -67,26 +68,20 @@ pub enum Edge {
 
 /// The forward edges of node `n`: what `n` keeps alive.
 fn for_each_forward(snap: &Snapshot, s: GcSettings, n: Node, mut f: impl FnMut(Node, Edge)) {
-    for &r in &snap.refs[n as usize] {
+    for &r in snap.refs(n) {
         f(r, Edge::Reference);
     }
-    if s.keep_derivations
-        && let Some(ds) = snap.output_of.get(&n)
-    {
-        let deriver = snap.paths[n as usize].deriver.as_ref();
-        for &d in ds {
-            if deriver == Some(snap.path(d)) && snap.path(d).is_derivation() {
+    if s.keep_derivations {
+        let deriver = snap.deriver(n);
+        for &d in snap.output_of(n) {
+            if deriver == Some(d) && snap.is_derivation(d) {
                 f(d, Edge::Deriver);
             }
         }
     }
-    if s.keep_outputs
-        && let Some(outs) = snap.drv_outputs.get(&n)
-    {
-        for (_, o) in outs {
-            if let Some(o) = snap.node(o) {
-                f(o, Edge::Output);
-            }
+    if s.keep_outputs {
+        for (_, o) in snap.drv_outputs(n) {
+            f(o, Edge::Output);
         }
     }
 }
@@ -94,26 +89,18 @@ fn for_each_forward(snap: &Snapshot, s: GcSettings, n: Node, mut f: impl FnMut(N
 /// The reverse edges of node `n`: what would keep `n` alive if it were alive (Nix visits
 /// exactly these when it decides whether a path can go).
 pub fn for_each_reverse(snap: &Snapshot, s: GcSettings, n: Node, mut f: impl FnMut(Node)) {
-    for &r in &snap.referrers[n as usize] {
+    for &r in snap.referrers(n) {
         f(r);
     }
-    let p = snap.path(n);
-    if s.keep_derivations
-        && p.is_derivation()
-        && let Some(outs) = snap.drv_outputs.get(&n)
-    {
-        for (_, o) in outs {
-            if let Some(o) = snap.node(o)
-                && snap.paths[o as usize].deriver.as_ref() == Some(p)
-            {
+    if s.keep_derivations && snap.is_derivation(n) {
+        for (_, o) in snap.drv_outputs(n) {
+            if snap.deriver(o) == Some(n) {
                 f(o);
             }
         }
     }
-    if s.keep_outputs
-        && let Some(ds) = snap.output_of.get(&n)
-    {
-        for &d in ds {
+    if s.keep_outputs {
+        for &d in snap.output_of(n) {
             f(d);
         }
     }
@@ -124,10 +111,12 @@ const NONE: u32 = u32::MAX;
 /// Which valid paths are alive, and through what.
 #[derive(Debug, Clone)]
 pub struct Liveness {
-    alive: Vec<bool>,
-    /// For each alive node: the node that keeps it (or `NONE` for a root) and the edge.
-    parent: Vec<(u32, Edge)>,
-    /// For each alive node: the index (into the roots given) of the root holding it.
+    /// For each alive node: the node that keeps it (or `NONE` for a root).
+    parent: Vec<u32>,
+    /// For each alive node that is not a root: the edge from its parent.
+    edge: Vec<Edge>,
+    /// For each node: the index (into the roots given) of the root holding it, or `NONE`
+    /// when it is dead.
     root_of: Vec<u32>,
     /// Hash parts of temporary roots (they protect even unregistered paths).
     temp_hashes: HashSet<String>,
@@ -158,8 +147,8 @@ impl Liveness {
     ) -> Self {
         let n = snap.len();
         let mut l = Self {
-            alive: vec![false; n],
-            parent: vec![(NONE, Edge::Reference); n],
+            parent: vec![NONE; n],
+            edge: vec![Edge::Reference; n],
             root_of: vec![NONE; n],
             temp_hashes: HashSet::new(),
         };
@@ -172,9 +161,8 @@ impl Liveness {
                 l.temp_hashes.insert(r.path.hash_part().to_owned());
             }
             if let Some(node) = snap.node(&r.path)
-                && !l.alive[node as usize]
+                && !l.is_alive(node)
             {
-                l.alive[node as usize] = true;
                 l.root_of[node as usize] = i as u32;
                 queue.push_back(node);
             }
@@ -182,9 +170,9 @@ impl Liveness {
         while let Some(x) = queue.pop_front() {
             let root = l.root_of[x as usize];
             for_each_forward(snap, s, x, |y, e| {
-                if !l.alive[y as usize] {
-                    l.alive[y as usize] = true;
-                    l.parent[y as usize] = (x, e);
+                if !l.is_alive(y) {
+                    l.parent[y as usize] = x;
+                    l.edge[y as usize] = e;
                     l.root_of[y as usize] = root;
                     queue.push_back(y);
                 }
@@ -195,7 +183,7 @@ impl Liveness {
 
     /// Whether a valid node is alive.
     pub fn is_alive(&self, n: Node) -> bool {
-        self.alive[n as usize]
+        self.root_of[n as usize] != NONE
     }
 
     /// Whether an unregistered path is protected by a temporary root.
@@ -205,13 +193,13 @@ impl Liveness {
 
     /// Number of alive nodes.
     pub fn alive_count(&self) -> usize {
-        self.alive.iter().filter(|a| **a).count()
+        self.root_of.iter().filter(|&&r| r != NONE).count()
     }
 
     /// Why `n` is alive: the index of the root (into the roots given to `compute`) and the
     /// chain from the root's path down to `n`. `None` if `n` is dead.
     pub fn why(&self, n: Node) -> Option<(usize, Vec<ChainStep>)> {
-        if !self.alive[n as usize] {
+        if !self.is_alive(n) {
             return None;
         }
         let mut chain = vec![ChainStep {
@@ -219,8 +207,8 @@ impl Liveness {
             edge: None,
         }];
         let mut cur = n;
-        while self.parent[cur as usize].0 != NONE {
-            let (p, e) = self.parent[cur as usize];
+        while self.parent[cur as usize] != NONE {
+            let (p, e) = (self.parent[cur as usize], self.edge[cur as usize]);
             chain.push(ChainStep {
                 node: p,
                 edge: Some(e),
@@ -244,24 +232,27 @@ pub struct DeadSet {
 /// The dead set of a store: the entries of the store directory (and every registered path
 /// that refers to one of them) that are not alive.
 pub fn dead_set(snap: &Snapshot, live: &Liveness, s: GcSettings, entries: &[StorePath]) -> DeadSet {
+    let names = entries.iter().map(StorePath::base_name);
+    dead_set_on_disk(snap, live, s, &OnDisk::resolve(snap, names, Vec::new()))
+}
+
+/// [`dead_set`] for store directory entries already resolved against the snapshot.
+pub fn dead_set_on_disk(snap: &Snapshot, live: &Liveness, s: GcSettings, disk: &OnDisk) -> DeadSet {
     let mut seen = vec![false; snap.len()];
     let mut out = DeadSet::default();
     let mut stack = Vec::new();
-    for e in entries {
-        match snap.node(e) {
-            Some(n) => {
-                if !live.is_alive(n) && !seen[n as usize] {
-                    seen[n as usize] = true;
-                    stack.push(n);
-                }
-            }
-            None => {
-                if !live.is_temp_root_hash(e) {
-                    out.invalid.push(e.clone());
-                }
-            }
+    for n in disk.registered() {
+        if !live.is_alive(n) && !seen[n as usize] {
+            seen[n as usize] = true;
+            stack.push(n);
         }
     }
+    out.invalid = disk
+        .unregistered
+        .iter()
+        .filter(|e| !live.is_temp_root_hash(e))
+        .cloned()
+        .collect();
     while let Some(n) = stack.pop() {
         out.valid.push(n);
         for_each_reverse(snap, s, n, |m| {
@@ -335,50 +326,70 @@ pub fn deletable_subset(
 /// and `keep-*` relations inside the set) is in the same or an earlier batch.
 pub fn batches(snap: &Snapshot, s: GcSettings, nodes: &[Node], size: usize) -> Vec<Vec<Node>> {
     let size = size.max(1);
-    let set: HashSet<Node> = nodes.iter().copied().collect();
-    // indeg[n] = number of set members that must come before n.
-    let mut indeg: HashMap<Node, usize> = nodes.iter().map(|&n| (n, 0)).collect();
-    let mut after: HashMap<Node, Vec<Node>> = HashMap::new();
+    // Dense arrays over the members (in the order given, a node given twice counts once):
+    // `member[n]` is n's member number; `indeg[i]` counts the members that must come before
+    // member i, and `after` lists, for each member, the members waiting for it (as
+    // compressed rows, filled in the order the reverse edges are visited).
+    let mut member = vec![NONE; snap.len()];
+    let mut members: Vec<Node> = Vec::with_capacity(nodes.len());
     for &n in nodes {
-        for_each_reverse(snap, s, n, |m| {
-            if m != n && set.contains(&m) {
-                *indeg.get_mut(&n).expect("member") += 1;
-                after.entry(m).or_default().push(n);
-            }
-        });
+        if member[n as usize] == NONE {
+            member[n as usize] = members.len() as u32;
+            members.push(n);
+        }
     }
-    let mut ready: VecDeque<Node> = {
-        let mut v: Vec<Node> = nodes.iter().copied().filter(|n| indeg[n] == 0).collect();
-        v.sort_unstable();
+    let k = members.len();
+    let mut indeg = vec![0u32; k];
+    let mut starts = vec![0u32; k + 1];
+    let each_edge = |f: &mut dyn FnMut(usize, usize)| {
+        for (i, &n) in members.iter().enumerate() {
+            for_each_reverse(snap, s, n, |m| {
+                let j = member[m as usize];
+                if m != n && j != NONE {
+                    f(j as usize, i);
+                }
+            });
+        }
+    };
+    each_edge(&mut |j, i| {
+        indeg[i] += 1;
+        starts[j + 1] += 1;
+    });
+    for j in 0..k {
+        starts[j + 1] += starts[j];
+    }
+    let mut after = vec![0u32; starts[k] as usize];
+    let mut fill: Vec<u32> = starts[..k].to_vec();
+    each_edge(&mut |j, i| {
+        after[fill[j] as usize] = i as u32;
+        fill[j] += 1;
+    });
+    drop(fill);
+    let mut ready: VecDeque<u32> = {
+        let mut v: Vec<u32> = (0..k as u32).filter(|&i| indeg[i as usize] == 0).collect();
+        v.sort_unstable_by_key(|&i| members[i as usize]);
         v.into()
     };
-    let mut order = Vec::with_capacity(nodes.len());
-    let mut done: HashSet<Node> = HashSet::new();
-    while let Some(n) = ready.pop_front() {
-        if !done.insert(n) {
+    let mut order = Vec::with_capacity(k);
+    let mut done = vec![false; k];
+    while let Some(i) = ready.pop_front() {
+        if std::mem::replace(&mut done[i as usize], true) {
             continue;
         }
-        order.push(n);
-        if let Some(next) = after.get(&n) {
-            for &m in next {
-                let d = indeg.get_mut(&m).expect("member");
-                *d -= 1;
-                if *d == 0 {
-                    ready.push_back(m);
-                }
+        order.push(members[i as usize]);
+        for &m in &after[starts[i as usize] as usize..starts[i as usize + 1] as usize] {
+            let d = &mut indeg[m as usize];
+            *d -= 1;
+            if *d == 0 {
+                ready.push_back(m);
             }
         }
     }
     let mut out: Vec<Vec<Node>> = order.chunks(size).map(<[Node]>::to_vec).collect();
     // Cycles (not produced by Nix's reference graph) go together into one last batch.
-    let mut rest: Vec<Node> = nodes
-        .iter()
-        .copied()
-        .filter(|n| !done.contains(n))
-        .collect();
+    let mut rest: Vec<Node> = (0..k).filter(|&i| !done[i]).map(|i| members[i]).collect();
     if !rest.is_empty() {
         rest.sort_unstable();
-        rest.dedup();
         out.push(rest);
     }
     out
@@ -390,6 +401,7 @@ pub(crate) mod tests {
     use crate::nixdb::PathInfo;
     use crate::roots::RootKind;
     use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::path::PathBuf;
 
     pub(crate) fn sp(i: usize, drv: bool) -> StorePath {
@@ -604,16 +616,16 @@ pub(crate) mod tests {
             keep_outputs in any::<bool>(),
         ) {
             let s = GcSettings { keep_derivations: true, keep_outputs };
-            let roots: Vec<Root> = roots.iter().map(|&i| root(snap.path(i as Node))).collect();
+            let roots: Vec<Root> = roots.iter().map(|&i| root(&snap.path(i as Node))).collect();
             let l = Liveness::compute(&snap, &roots, s);
-            let all: Vec<StorePath> = snap.paths.iter().map(|p| p.path.clone()).collect();
+            let all: Vec<StorePath> = (0..snap.len() as Node).map(|n| snap.path(n)).collect();
             let d = dead_set(&snap, &l, s, &all);
             for n in 0..snap.len() as Node {
                 prop_assert_eq!(d.valid.contains(&n), !l.is_alive(n));
                 if l.is_alive(n) {
                     // The chain is made of real forward edges, starting at a root.
                     let (ri, chain) = l.why(n).unwrap();
-                    prop_assert_eq!(snap.path(chain[0].node), &roots[ri].path);
+                    prop_assert_eq!(&snap.path(chain[0].node), &roots[ri].path);
                     for w in chain.windows(2) {
                         let mut ok = false;
                         for_each_forward(&snap, s, w[0].node, |y, e| ok |= y == w[1].node && Some(e) == w[0].edge);

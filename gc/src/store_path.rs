@@ -57,45 +57,13 @@ pub struct StorePath {
 impl StorePath {
     /// Parse a base name `<32 base-32 chars>-<name>`.
     pub fn from_base_name(base: &str) -> Result<Self, StorePathError> {
-        let bytes = base.as_bytes();
-        if bytes.len() < HASH_LEN + 2 {
-            return Err(StorePathError::TooShort(base.to_owned()));
-        }
-        if !bytes[..HASH_LEN]
-            .iter()
-            .all(|&b| CLASS[b as usize] & 1 != 0)
-        {
-            return Err(StorePathError::BadHash(base.to_owned()));
-        }
-        if bytes[HASH_LEN] != b'-' {
-            return Err(StorePathError::BadHash(base.to_owned()));
-        }
-        let name = &bytes[HASH_LEN + 1..];
-        let valid_char = |&c: &u8| CLASS[c as usize] & 2 != 0;
-        if name.is_empty()
-            || name.len() > MAX_NAME_LEN
-            || name[0] == b'.'
-            || !name.iter().all(valid_char)
-        {
-            return Err(StorePathError::BadName(base.to_owned()));
-        }
+        check_base_name(base)?;
         Ok(Self { base: base.into() })
     }
 
     /// Parse a full path `STORE_DIR/<hash>-<name>` (nothing after the base name).
     pub fn parse(store_dir: &str, path: &str) -> Result<Self, StorePathError> {
-        let not_in_store = || StorePathError::NotInStore {
-            path: path.to_owned(),
-            store_dir: store_dir.to_owned(),
-        };
-        let rest = path
-            .strip_prefix(store_dir)
-            .and_then(|r| r.strip_prefix('/'))
-            .ok_or_else(not_in_store)?;
-        if rest.contains('/') {
-            return Err(not_in_store());
-        }
-        Self::from_base_name(rest)
+        parse_base_name(store_dir, path).map(|base| Self { base: base.into() })
     }
 
     /// Parse the store path that `path` is in or below (`STORE_DIR/<base>/sub/dir` works).
@@ -130,6 +98,53 @@ impl StorePath {
     pub fn is_derivation(&self) -> bool {
         self.base.ends_with(".drv")
     }
+}
+
+/// Check that `base` is a valid base name `<32 base-32 chars>-<name>`, as Nix checks it.
+pub(crate) fn check_base_name(base: &str) -> Result<(), StorePathError> {
+    let bytes = base.as_bytes();
+    if bytes.len() < HASH_LEN + 2 {
+        return Err(StorePathError::TooShort(base.to_owned()));
+    }
+    if !bytes[..HASH_LEN]
+        .iter()
+        .all(|&b| CLASS[b as usize] & 1 != 0)
+    {
+        return Err(StorePathError::BadHash(base.to_owned()));
+    }
+    if bytes[HASH_LEN] != b'-' {
+        return Err(StorePathError::BadHash(base.to_owned()));
+    }
+    let name = &bytes[HASH_LEN + 1..];
+    let valid_char = |&c: &u8| CLASS[c as usize] & 2 != 0;
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || name[0] == b'.'
+        || !name.iter().all(valid_char)
+    {
+        return Err(StorePathError::BadName(base.to_owned()));
+    }
+    Ok(())
+}
+
+/// The validated base name of a full path `STORE_DIR/<hash>-<name>`, without allocating.
+pub(crate) fn parse_base_name<'a>(
+    store_dir: &str,
+    path: &'a str,
+) -> Result<&'a str, StorePathError> {
+    let not_in_store = || StorePathError::NotInStore {
+        path: path.to_owned(),
+        store_dir: store_dir.to_owned(),
+    };
+    let rest = path
+        .strip_prefix(store_dir)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(not_in_store)?;
+    if rest.contains('/') {
+        return Err(not_in_store());
+    }
+    check_base_name(rest)?;
+    Ok(rest)
 }
 
 impl fmt::Debug for StorePath {
@@ -199,7 +214,12 @@ impl StoreLayout {
 
     /// Logical full name of a store path, as Nix prints it.
     pub fn logical(&self, p: &StorePath) -> String {
-        format!("{}/{}", self.logical_store_dir, p.base_name())
+        self.logical_of_base(p.base_name())
+    }
+
+    /// Logical full name of a store path given by its base name.
+    pub fn logical_of_base(&self, base: &str) -> String {
+        format!("{}/{}", self.logical_store_dir, base)
     }
 
     /// Parse a logical full path.

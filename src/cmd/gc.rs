@@ -58,9 +58,17 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
         }
         let images = unused_images(ctx, &skip, true)?;
         if ctx.json {
-            let mut doc = serde_json::to_value(&plan)?;
-            doc["images"] = serde_json::json!(images.iter().map(|i| &i.path).collect::<Vec<_>>());
-            doc["image_bytes"] = serde_json::json!(images.iter().map(|i| i.bytes).sum::<u64>());
+            let doc = DryRunDoc {
+                bytes: plan.bytes,
+                image_bytes: images.iter().map(|i| i.bytes).sum(),
+                images: images.iter().map(|i| i.path.as_path()).collect(),
+                junk: &plan.junk,
+                kept: serde_json::to_value(&plan.kept)?,
+                mode: &plan.mode,
+                nar_bytes: plan.nar_bytes,
+                paths: &plan.paths,
+                runs: &plan.runs,
+            };
             crate::out::json(&mut out, &doc)?;
         } else {
             for i in &images {
@@ -148,6 +156,22 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// The dry run's JSON document: the plan and the store images that would go. It is written
+/// out as it is serialized (a plan can list a million paths), with its keys in alphabetical
+/// order, nested ones too, as when it was built as a `serde_json::Value`.
+#[derive(serde::Serialize)]
+struct DryRunDoc<'a> {
+    bytes: u64,
+    image_bytes: u64,
+    images: Vec<&'a std::path::Path>,
+    junk: &'a [String],
+    kept: serde_json::Value,
+    mode: &'a str,
+    nar_bytes: u64,
+    paths: &'a drydock_gc::NameList,
+    runs: &'a [i64],
 }
 
 /// Store images (drydock state, not Nix store paths) that no VM outside `skip` uses; removed

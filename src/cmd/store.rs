@@ -12,7 +12,7 @@ use crate::exit::Outcome;
 pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     let mut loaded = Loaded::load(&layout)?;
-    let (mut damage, _entries) = drydock_gc::check(&loaded)?;
+    let mut damage = drydock_gc::check(&loaded)?;
     let mut roots_removed: Vec<String> = Vec::new();
     let mut roots_refused: Vec<String> = Vec::new();
     if let StoreAction::Repair {
@@ -33,7 +33,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
             }
             roots_removed.extend(removed);
             loaded = Loaded::load(&layout)?;
-            damage = drydock_gc::check(&loaded)?.0;
+            damage = drydock_gc::check(&loaded)?;
         }
     }
     for r in &roots_removed {
@@ -45,7 +45,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let missing: Vec<String> = damage
         .missing
         .iter()
-        .map(|&n| layout.logical(loaded.snap.path(n)))
+        .map(|&n| layout.logical(&loaded.snap.path(n)))
         .collect();
     let stray: Vec<String> = damage.stray.iter().map(|p| layout.logical(p)).collect();
     let mut out = crate::out::stdout();
@@ -83,14 +83,14 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
             let names: Vec<String> = plan
                 .delete
                 .iter()
-                .map(|&n| layout.logical(loaded.snap.path(n)))
+                .map(|&n| layout.logical(&loaded.snap.path(n)))
                 .collect();
             let blocked: Vec<serde_json::Value> = plan
                 .blocked
                 .iter()
                 .map(|b| {
                     serde_json::json!({
-                        "path": layout.logical(loaded.snap.path(b.node)),
+                        "path": layout.logical(&loaded.snap.path(b.node)),
                         "root": loaded.roots[b.root].link.display().to_string(),
                     })
                 })
@@ -117,7 +117,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                     writeln!(
                         out,
                         "refusing: {} is held by root {}",
-                        layout.logical(loaded.snap.path(b.node)),
+                        layout.logical(&loaded.snap.path(b.node)),
                         loaded.roots[b.root].link.display()
                     )?;
                 }

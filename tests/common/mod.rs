@@ -169,7 +169,9 @@ pub fn valid_paths(root: &Path) -> Vec<String> {
     let layout = drydock_gc::StoreLayout::chroot(root);
     let db = drydock_gc::NixDb::open(&layout).expect("open Nix db");
     let snap = db.snapshot().expect("snapshot");
-    let mut v: Vec<String> = snap.paths.iter().map(|p| layout.logical(&p.path)).collect();
+    let mut v: Vec<String> = (0..snap.len() as drydock_gc::Node)
+        .map(|n| layout.logical(&snap.path(n)))
+        .collect();
     v.sort();
     v
 }
