@@ -712,6 +712,48 @@ pub fn check(loaded: &Loaded) -> Result<Damage, GcError> {
     Ok(Damage::of(&loaded.snap, &loaded.disk))
 }
 
+/// What [`clear_blocking_roots`] did: the store as it is now, its damage, and the roots.
+#[derive(Debug)]
+pub struct ClearedRoots {
+    /// The store, loaded again after the last removal.
+    pub loaded: Loaded,
+    /// Its damage now.
+    pub damage: Damage,
+    /// Roots removed.
+    pub removed: Vec<String>,
+    /// Roots that hold damage but are not drydock's to remove (profiles, runtime, temporary).
+    pub refused: Vec<String>,
+}
+
+/// `store repair --remove-roots`: remove the roots that hold damaged paths, then look again
+/// (removing one may show another), at most 16 rounds, until no removable root blocks the
+/// repair.
+pub fn clear_blocking_roots(mut loaded: Loaded) -> Result<ClearedRoots, GcError> {
+    let mut damage = check(&loaded)?;
+    let mut removed_all = Vec::new();
+    let mut refused_now = Vec::new();
+    for _ in 0..16 {
+        let (plan, _) = repair(&loaded, &damage, true)?;
+        if plan.blocked.is_empty() {
+            break;
+        }
+        let (removed, refused) = remove_blocking_roots(&loaded, &plan)?;
+        refused_now = refused;
+        if removed.is_empty() {
+            break;
+        }
+        removed_all.extend(removed);
+        loaded = Loaded::load(&loaded.layout)?;
+        damage = check(&loaded)?;
+    }
+    Ok(ClearedRoots {
+        loaded,
+        damage,
+        removed: removed_all,
+        refused: refused_now,
+    })
+}
+
 /// Remove the symlink roots (links in `gcroots`, and the user links behind indirect roots
 /// such as `./result`) that hold paths of a blocked repair. Profiles, runtime and temporary
 /// roots are never removed: they are returned as refusals.

@@ -30,9 +30,10 @@ pub use check::{
 };
 pub use classify::{PathClass, classify};
 pub use collect::{
-    DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded, PathStatus,
-    RunSummary, SelectError, Selection, check, du, execute_gc, parse_duration, plan_gc,
-    recover_interrupted, remove_blocking_roots, repair, run_statuses, select_runs, summarize_runs,
+    ClearedRoots, DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded,
+    PathStatus, RunSummary, SelectError, Selection, check, clear_blocking_roots, du, execute_gc,
+    parse_duration, plan_gc, recover_interrupted, remove_blocking_roots, repair, run_statuses,
+    select_runs, summarize_runs,
 };
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};

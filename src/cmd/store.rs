@@ -11,31 +11,20 @@ use crate::exit::Outcome;
 
 pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
-    let mut loaded = Loaded::load(&layout)?;
-    let mut damage = drydock_gc::check(&loaded)?;
-    let mut roots_removed: Vec<String> = Vec::new();
-    let mut roots_refused: Vec<String> = Vec::new();
-    if let StoreAction::Repair {
-        dry_run: false,
-        remove_roots: true,
-    } = &args.action
-    {
-        // Remove what holds the damage, then look again (another root may show up).
-        for _ in 0..16 {
-            let (plan, _) = drydock_gc::repair(&loaded, &damage, true)?;
-            if plan.blocked.is_empty() {
-                break;
-            }
-            let (removed, refused) = drydock_gc::remove_blocking_roots(&loaded, &plan)?;
-            roots_refused = refused;
-            if removed.is_empty() {
-                break;
-            }
-            roots_removed.extend(removed);
-            loaded = Loaded::load(&layout)?;
-            damage = drydock_gc::check(&loaded)?;
+    let loaded = Loaded::load(&layout)?;
+    let (loaded, damage, roots_removed, roots_refused) = match &args.action {
+        StoreAction::Repair {
+            dry_run: false,
+            remove_roots: true,
+        } => {
+            let c = drydock_gc::clear_blocking_roots(loaded)?;
+            (c.loaded, c.damage, c.removed, c.refused)
         }
-    }
+        _ => {
+            let damage = drydock_gc::check(&loaded)?;
+            (loaded, damage, Vec::new(), Vec::new())
+        }
+    };
     for r in &roots_removed {
         eprintln!("drydock: removed root {r}");
     }
