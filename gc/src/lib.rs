@@ -25,35 +25,26 @@ mod store_path;
 mod sys;
 mod track;
 
-pub use check::{
-    Blocked, Damage, OnDisk, RepairPlan, StoreCheckError, StoreEntries, read_store_dir,
-};
+pub use check::{Blocked, Damage, OnDisk, RepairPlan, StoreCheckError, StoreEntries};
 pub use classify::{PathClass, classify};
 pub use collect::{
     ClearedRoots, DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded,
     PathStatus, RunSummary, SelectError, Selection, check, clear_blocking_roots, du, execute_gc,
-    parse_duration, plan_gc, recover_interrupted, remove_blocking_roots, repair, run_statuses,
-    select_runs, summarize_runs,
+    parse_duration, plan_gc, recover_interrupted, repair, run_statuses, summarize_runs,
 };
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
-pub use fsread::{
-    Links, MAX_CONF_BYTES, MAX_DRV_BYTES, MAX_STATE_BYTES, ReadFileError, open_regular,
-    read_regular, read_regular_text,
-};
+pub use fsread::{Links, MAX_STATE_BYTES, ReadFileError, read_regular};
 pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
-pub use plan::{
-    ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set, dead_set_on_disk,
-    deletable_subset,
-};
+pub use plan::{ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set};
 pub use reclaim::{DeleteResult, ReclaimError};
-pub use roots::{Root, RootKind, RootsError, find_link_roots, find_roots};
+pub use roots::{Root, RootKind, RootsError};
 pub use runsdb::{
     Artifact, ArtifactKind, OtherStoreRuns, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError,
-    UnfinishedGc, partition_by_store,
+    UnfinishedGc,
 };
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
 pub use sys::{lock_exclusive_within, send_signal};

@@ -19,42 +19,37 @@ mod sys;
 mod system;
 
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
+    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
 pub use image::{
-    ImageError, ImagesInUse, StoreImage, closure_key, ensure_store_image, images_in_use,
-    list_images, remove_unused_images,
+    ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, fresh_disk, kill_process, log_tail, orderly_shutdown,
-    pid_alive, start, stop_remote, write_json,
+    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote,
 };
 pub use owner::{
     OwnerError, SupervisorCommand, end_vm_run, reap_dead_vms, reap_stale, record_vm_run,
     recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
 };
 pub use plan::{
-    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid,
-    kernel_cmdline, plan, plan_incoming, validate_name,
+    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid, plan,
+    validate_name,
 };
-pub use qmp::{
-    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
-};
+pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, choose_accel,
-    configured_qemu, find_qemu, images_dir, resolve_launch,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, configured_qemu,
+    images_dir, resolve_launch,
 };
 pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
-    resume_incoming, save_snapshot, snapshot_dir, snapshots_size,
+    resume_incoming, save_snapshot,
 };
-pub use spawn::{SpawnError, Supervised, spawn_detached};
+pub use spawn::{SpawnError, Supervised};
 pub use storefs::{
-    READY_LINE, STORE_SERVER_SUBCOMMAND, StoreServeOptions, StoreServer, StoreServerError,
-    parse_allow_list, serve_store,
+    StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store,
 };
-pub use system::{SystemBoot, SystemError, resolve_logical, resolve_system, toplevel_path};
+pub use system::{SystemBoot, SystemError};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -338,18 +338,6 @@ pub fn resume_incoming(
     Ok(())
 }
 
-/// Bytes held by a VM's snapshots.
-pub fn snapshots_size(paths: &VmPaths) -> u64 {
-    let Ok(rd) = std::fs::read_dir(paths.snapshots()) else {
-        return 0;
-    };
-    rd.flatten()
-        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
