@@ -139,38 +139,34 @@ fn files_that_are_not_regular_are_refused_without_blocking_or_reading_for_ever()
         .status()
         .unwrap();
     assert!(st.success());
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(bin())
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["gc", "--all", "--dry-run"])
-        .env("NIX_CONF_DIR", &conf)
-        .env("NIX_USER_CONF_FILES", dir.join("none"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // `gc` with this configuration dir (bounded by `timeout`, in case open() blocks): its exit
+    // code and stderr.
+    let gc_with_conf = || {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(bin())
+            .arg("--store")
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["gc", "--all", "--dry-run"])
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_USER_CONF_FILES", dir.join("none"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = gc_with_conf();
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("nix.conf") && err.contains("FIFO"), "{err}");
     // ... nor a link to /dev/zero.
     std::fs::remove_file(conf.join("nix.conf")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", conf.join("nix.conf")).unwrap();
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(bin())
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["gc", "--all", "--dry-run"])
-        .env("NIX_CONF_DIR", &conf)
-        .env("NIX_USER_CONF_FILES", dir.join("none"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = gc_with_conf();
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("character device"), "{err}");
 }
 
