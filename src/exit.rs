@@ -96,6 +96,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .downcast_ref::<vm::PlanError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
+                .downcast_ref::<vm::LifecycleError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
                 .downcast_ref::<vm::OwnerError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause

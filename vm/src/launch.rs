@@ -271,6 +271,28 @@ impl LaunchRecord {
         Ok(record)
     }
 
+    /// Every file the recorded launch needs must still be there (they are pinned, but someone
+    /// may have deleted them by hand): the first one that is not, as a sentence.
+    pub fn missing_file(&self) -> Option<String> {
+        let spec = &self.spec;
+        let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+        if let Some(i) = &spec.initrd {
+            files.push(("initrd", i.clone()));
+        }
+        if let crate::plan::StoreAttachment::Image { path } = &spec.store {
+            files.push(("store image", path.clone()));
+        }
+        if let Some(share) = &self.share {
+            for name in share.allow.iter().flatten() {
+                files.push(("store path", share.shared_dir.join(name)));
+            }
+        }
+        files
+            .into_iter()
+            .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
+            .map(|(what, p)| format!("the pinned {what} {} is gone", p.display()))
+    }
+
     /// Every path of the record that drydock writes or attaches as a disk, against where it
     /// belongs: the VM's folder (`paths.dir`), its socket folder, or the state dir's `images`
     /// folder (two levels above the VM's folder). Returns the first one out of place as (field,

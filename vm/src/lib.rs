@@ -7,6 +7,7 @@ mod cgroup;
 mod doctor;
 mod image;
 mod launch;
+mod lifecycle;
 mod owner;
 mod plan;
 mod qmp;
@@ -28,9 +29,12 @@ pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
     WaitOutcome, discard_disk, follow, log_tail, start, stop_remote,
 };
+pub use lifecycle::{
+    Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
+};
 pub use owner::{
-    OwnerError, SupervisorCommand, end_vm_run, reap_dead_vms, reap_stale, record_vm_run,
-    recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
+    OwnerError, SupervisorCommand, claim_name, end_vm_run, reap_dead_vms, reap_stale,
+    record_vm_run, recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
 };
 pub use plan::{
     Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid, plan,

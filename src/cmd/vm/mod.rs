@@ -6,13 +6,10 @@ mod snapshot;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, anyhow};
-use drydock_vm::{
-    ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState, WaitOutcome,
-};
+use drydock_vm::{ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState};
 
 use crate::cli::{
     AccelArg, ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs,
@@ -47,23 +44,6 @@ fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
 /// Where store images and the blank base disk live: shared by every VM of this state dir.
 pub(crate) fn images_dir(ctx: &Context) -> PathBuf {
     drydock_vm::images_dir(&ctx.state_dir)
-}
-
-/// Refuse a name whose VM is alive; clean up a stale entry.
-fn claim_name(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result<()> {
-    if let Some(state) = VmState::read(paths) {
-        let alive = state.qemu_alive() || state.supervisor_alive();
-        if alive {
-            return Err(bad_input(format!(
-                "a VM named {name} is already running (QEMU pid {}); stop it with `drydock vm stop {name}` or choose another --name",
-                state.qemu_pid
-            )));
-        }
-        tracing::info!("cleaning up the stale entry of VM {name}");
-        let record = LaunchRecord::read(paths).ok();
-        drydock_vm::reap_stale(&ctx.state_dir, paths, &state, record.as_ref())?;
-    }
-    Ok(())
 }
 
 /// Before `runs`, `du` and `gc` read the runs: end the runs of VMs whose owner died.
@@ -142,21 +122,9 @@ pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result
     Ok(())
 }
 
-/// Mark the launch's run finished with QEMU's exit code.
-pub(super) fn finish_run(
-    ctx: &Context,
-    record: &LaunchRecord,
-    status: Option<std::process::ExitStatus>,
-) {
-    if let Err(e) = drydock_vm::end_vm_run(&ctx.state_dir, record, status.and_then(|s| s.code())) {
-        tracing::warn!("{:#}", anyhow!(e));
-    }
-}
-
-/// How a launch waits for its VM.
+/// How a launch waits for its VM: the library's wait, and whether to return once ready.
 struct Wait {
-    ready: Option<regex::Regex>,
-    timeout: Option<Duration>,
+    spec: drydock_vm::WaitSpec,
     detach: bool,
 }
 
@@ -167,29 +135,20 @@ impl Wait {
             .as_deref()
             .map(|r| regex::Regex::new(r).map_err(|e| bad_input(format!("--ready {r:?}: {e}"))))
             .transpose()?;
-        let timeout = a.timeout;
         Ok(Self {
-            ready,
-            timeout,
+            spec: drydock_vm::WaitSpec {
+                ready,
+                timeout: a.timeout,
+            },
             detach: a.detach,
         })
-    }
-
-    /// Follow the console until ready, timed out, QEMU gone (`gone`) or Ctrl-C.
-    fn follow(
-        &self,
-        tail: &mut ConsoleTail,
-        gone: &mut dyn FnMut() -> bool,
-        echo: &mut dyn FnMut(&str),
-    ) -> WaitOutcome {
-        drydock_vm::follow(tail, self.ready.as_ref(), self.timeout, &CANCEL, gone, echo)
     }
 }
 
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
     let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    claim_name(ctx, &paths, &a.name)?;
+    drydock_vm::claim_name(&ctx.state_dir, &paths, &a.name)?;
     let mut record = prepare(ctx, a, &paths)?;
     if let Some(disk) = &record.spec.disk {
         drydock_vm::discard_disk(disk)?;
@@ -257,62 +216,55 @@ fn foreground(
     record: &LaunchRecord,
     wait: &Wait,
 ) -> anyhow::Result<Outcome> {
-    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref(), None)?;
-    let started = Instant::now();
-    let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut echo = echo_to(ctx.json, name);
-    let mut ready_line = None;
-    let mut outcome = wait.follow(&mut tail, &mut || vm.exited().is_some(), &mut echo);
-    if let WaitOutcome::Ready(line) = &outcome {
-        ready_line = Some(line.clone());
-        eprintln!(
-            "drydock: {name} ready after {:.2} s",
-            started.elapsed().as_secs_f64()
-        );
-        // Foreground: stay with the VM until it ends or Ctrl-C.
-        let mut gone = || vm.exited().is_some();
-        outcome = drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut echo);
-    }
-    let status = vm.exited();
-    vm.stop(drydock_vm::POWERDOWN_GRACE)?;
-    finish_run(ctx, record, status.or_else(|| vm.exited()));
-    let (code, why) = match &outcome {
-        WaitOutcome::Exited if wait.ready.is_some() && ready_line.is_none() => (
-            Outcome::Failed,
-            "the VM stopped before it became ready".to_string(),
-        ),
-        WaitOutcome::Exited => (
+    let end = drydock_vm::run_foreground(
+        &ctx.state_dir,
+        record,
+        &wait.spec,
+        &CANCEL,
+        &mut echo,
+        &mut |_, after| eprintln!("drydock: {name} ready after {:.2} s", after.as_secs_f64()),
+    )?;
+    report_end(ctx, name, &record.spec.paths, &end, wait)
+}
+
+/// The outcome and the sentence for how a launch ended.
+fn judge(end: &drydock_vm::LaunchEnd, waited_for_ready: bool, detached: bool) -> (Outcome, String) {
+    use drydock_vm::Ending;
+    let secs = end.elapsed.as_secs_f64();
+    match &end.ending {
+        Ending::Stopped(status) => (
             Outcome::Success,
             format!(
                 "the VM stopped ({})",
                 status.map(|s| s.to_string()).unwrap_or_default()
             ),
         ),
-        WaitOutcome::TimedOut => (
+        Ending::StoppedBeforeReady => (
+            Outcome::Failed,
+            "the VM stopped before it became ready".to_string(),
+        ),
+        Ending::TimedOut if detached => (
+            Outcome::Failed,
+            format!("not ready after {secs:.1} s; VM stopped"),
+        ),
+        Ending::TimedOut => (
             Outcome::Failed,
             format!(
-                "timed out after {:.1} s{}",
-                started.elapsed().as_secs_f64(),
-                if wait.ready.is_some() {
+                "timed out after {secs:.1} s{}",
+                if waited_for_ready {
                     " waiting for --ready"
                 } else {
                     ""
                 }
             ),
         ),
-        WaitOutcome::Cancelled => (Outcome::Interrupted, "interrupted; VM stopped".to_string()),
-        // The second follow has no pattern, so it cannot report Ready.
-        WaitOutcome::Ready(_) => (Outcome::Failed, "internal: ready twice".to_string()),
-    };
-    report_end(
-        ctx,
-        name,
-        &record.spec.paths,
-        code,
-        &why,
-        ready_line.as_deref(),
-        started.elapsed(),
-    )
+        Ending::Interrupted => (Outcome::Interrupted, "interrupted; VM stopped".to_string()),
+        Ending::Running { qemu_pid } => (
+            Outcome::Success,
+            format!("ready after {secs:.2} s; running in the background (pid {qemu_pid})"),
+        ),
+    }
 }
 
 /// What `vm run`, `vm restart` and `vm restore` print with `--json`: how the launch ended.
@@ -335,56 +287,59 @@ fn report_end(
     ctx: &Context,
     name: &str,
     paths: &VmPaths,
-    code: Outcome,
-    why: &str,
-    ready_line: Option<&str>,
-    elapsed: Duration,
+    end: &drydock_vm::LaunchEnd,
+    wait: &Wait,
 ) -> anyhow::Result<Outcome> {
+    let (code, why) = judge(end, wait.spec.ready.is_some(), wait.detach);
+    let running = matches!(end.ending, drydock_vm::Ending::Running { .. });
     if code == Outcome::Failed {
         let tail = drydock_vm::log_tail(&paths.console_log(), 15);
         eprintln!(
             "drydock: {name}: {why}\n--- last console lines ({}) ---\n{tail}",
             paths.console_log().display()
         );
+    } else if running {
+        eprintln!("drydock: {name} {why}; `drydock vm stop {name}` stops it");
     } else {
         eprintln!("drydock: {name}: {why}");
     }
     if ctx.json {
-        let result = match code {
-            Outcome::Success => "ok",
-            Outcome::Failed => "failed",
-            _ => "interrupted",
-        };
         let report = LaunchReport {
             name,
-            result,
-            reason: Some(why),
-            ready_line,
-            qemu_pid: None,
-            seconds: elapsed.as_secs_f64(),
-            console_log: Some(paths.console_log()),
+            result: match (&end.ending, code) {
+                (drydock_vm::Ending::Running { .. }, _) => "ready",
+                (_, Outcome::Success) => "ok",
+                (_, Outcome::Failed) => "failed",
+                _ => "interrupted",
+            },
+            reason: (!running).then_some(why.as_str()),
+            ready_line: end.ready_line.as_deref(),
+            qemu_pid: match end.ending {
+                drydock_vm::Ending::Running { qemu_pid } => Some(qemu_pid),
+                _ => None,
+            },
+            seconds: end.elapsed.as_secs_f64(),
+            console_log: (!running).then(|| paths.console_log()),
         };
         crate::out::json(&mut crate::out::stdout(), &report)?;
     }
     Ok(code)
 }
 
-/// Start the detached supervisor of a VM (see [`drydock_vm::spawn_supervisor`]).
-pub(super) fn spawn_supervisor(
-    ctx: &Context,
-    name: &str,
-    paths: &VmPaths,
-    incoming: Option<(&str, &str)>,
-) -> anyhow::Result<(u32, VmState)> {
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let sup = drydock_vm::SupervisorCommand {
-        exe: &exe,
+/// The detached supervisor command of a VM of this state dir and store.
+pub(super) fn supervisor<'a>(
+    ctx: &'a Context,
+    exe: &'a std::path::Path,
+    name: &'a str,
+    incoming: Option<(&'a str, &'a str)>,
+) -> drydock_vm::SupervisorCommand<'a> {
+    drydock_vm::SupervisorCommand {
+        exe,
         state_dir: &ctx.state_dir,
         store_root: ctx.store_root.as_deref(),
         name,
         incoming,
-    };
-    Ok(drydock_vm::spawn_supervisor(&sup, paths, &CANCEL)?)
+    }
 }
 
 /// `--detach`: a supervisor process owns the VM; wait here until it is ready.
@@ -394,52 +349,11 @@ fn detach(
     record: &LaunchRecord,
     wait: &Wait,
 ) -> anyhow::Result<Outcome> {
-    let paths = &record.spec.paths;
-    let started = Instant::now();
-    let (_, state) = spawn_supervisor(ctx, name, paths, None)?;
-    let mut tail = ConsoleTail::new(paths.console_log());
+    let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let sup = supervisor(ctx, &exe, name, None);
     let mut echo = echo_to(ctx.json, name);
-    let outcome = wait.follow(&mut tail, &mut || !state.qemu_alive(), &mut echo);
-    match outcome {
-        WaitOutcome::Ready(line) => {
-            eprintln!(
-                "drydock: {name} ready after {:.2} s; running in the background (pid {}); `drydock vm stop {name}` stops it",
-                started.elapsed().as_secs_f64(),
-                state.qemu_pid,
-            );
-            if ctx.json {
-                let report = LaunchReport {
-                    name,
-                    result: "ready",
-                    reason: None,
-                    ready_line: Some(&line),
-                    qemu_pid: Some(state.qemu_pid),
-                    seconds: started.elapsed().as_secs_f64(),
-                    console_log: None,
-                };
-                crate::out::json(&mut crate::out::stdout(), &report)?;
-            }
-            Ok(Outcome::Success)
-        }
-        other => {
-            drydock_vm::stop_remote(paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
-            let (code, why) = match other {
-                WaitOutcome::TimedOut => (
-                    Outcome::Failed,
-                    format!(
-                        "not ready after {:.1} s; VM stopped",
-                        started.elapsed().as_secs_f64()
-                    ),
-                ),
-                WaitOutcome::Cancelled => (Outcome::Interrupted, "interrupted; VM stopped".into()),
-                _ => (
-                    Outcome::Failed,
-                    "the VM stopped before it became ready".into(),
-                ),
-            };
-            report_end(ctx, name, paths, code, &why, None, started.elapsed())
-        }
-    }
+    let end = drydock_vm::run_detached(&sup, record, &wait.spec, &CANCEL, &mut echo)?;
+    report_end(ctx, name, &record.spec.paths, &end, wait)
 }
 
 /// The hidden `__vm-supervise`: start the recorded launch (or load a snapshot into it) and stay
@@ -451,26 +365,12 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
         share.exe = std::env::current_exe().context("locating the drydock binary")?;
     }
     install_cancel_handler();
-    let mut vm = drydock_vm::start(&record.spec, record.share.as_ref(), a.incoming.as_deref())?;
-    eprintln!(
-        "drydock: supervising {} (QEMU pid {})",
-        a.name, vm.state.qemu_pid
-    );
-    if a.incoming.is_some() {
-        // Load the snapshot (bounded), resume the guest, tell the waiting `vm restore`.
-        let tag = a.snapshot_tag.as_deref().unwrap_or("default");
-        if let Err(e) = drydock_vm::resume_incoming(&mut vm, tag, Duration::from_secs(120)) {
-            vm.stop(Duration::ZERO)?;
-            return Err(anyhow!(e));
-        }
-        eprintln!("drydock: {} resumed from its snapshot", a.name);
-    }
-    while vm.exited().is_none() && !CANCEL.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let status = vm.exited();
-    vm.stop(drydock_vm::POWERDOWN_GRACE)?;
-    finish_run(ctx, &record, status.or_else(|| vm.exited()));
+    let incoming = a
+        .incoming
+        .as_deref()
+        .map(|uri| (uri, a.snapshot_tag.as_deref().unwrap_or("default")));
+    eprintln!("drydock: supervising {}", a.name);
+    let status = drydock_vm::supervise(&ctx.state_dir, &record, incoming, &CANCEL)?;
     eprintln!(
         "drydock: {} stopped ({})",
         a.name,
@@ -491,7 +391,7 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     if let Some(state) = VmState::read(&paths) {
         drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
     }
-    if let Err(missing) = check_pinned(&record) {
+    if let Some(missing) = record.missing_file() {
         eprintln!("drydock: cannot restart {}: {missing}", a.name);
         return Ok(Outcome::Failed);
     }
@@ -517,31 +417,6 @@ fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result
         )));
     }
     Ok(LaunchRecord::read(paths)?)
-}
-
-/// Every file the recorded launch needs must still be there (they are pinned, but someone may
-/// have deleted them by hand): name the first one that is not.
-fn check_pinned(record: &LaunchRecord) -> Result<(), String> {
-    let spec = &record.spec;
-    let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
-    if let Some(i) = &spec.initrd {
-        files.push(("initrd", i.clone()));
-    }
-    if let StoreAttachment::Image { path } = &spec.store {
-        files.push(("store image", path.clone()));
-    }
-    if let Some(share) = &record.share {
-        for name in share.allow.iter().flatten() {
-            files.push(("store path", share.shared_dir.join(name)));
-        }
-    }
-    match files
-        .into_iter()
-        .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
-    {
-        Some((what, p)) => Err(format!("the pinned {what} {} is gone", p.display())),
-        None => Ok(()),
-    }
 }
 
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use drydock_vm::VmState;
 
-use super::{CANCEL, existing_record, spawn_supervisor, vm_paths};
+use super::{CANCEL, existing_record, vm_paths};
 use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
@@ -66,7 +66,9 @@ pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     let uri = drydock_vm::prepare_restore(&record, &a.tag)?;
     super::install_cancel_handler();
     let t = Instant::now();
-    let (sup, _) = spawn_supervisor(ctx, &a.name, &paths, Some((&uri, &a.tag)))?;
+    let exe = std::env::current_exe()?;
+    let sup = super::supervisor(ctx, &exe, &a.name, Some((&uri, &a.tag)));
+    let (sup, _) = drydock_vm::spawn_supervisor(&sup, &paths, &CANCEL)?;
     let state = drydock_vm::wait_running(&paths, sup, deadline, &CANCEL)?;
     eprintln!(
         "drydock: {} restored from snapshot {:?} in {:.3} s; running in the background (QEMU pid {})",
