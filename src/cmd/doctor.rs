@@ -12,6 +12,12 @@ use crate::cli::DoctorArgs;
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
+/// `doctor --json`.
+#[derive(Debug, serde::Serialize)]
+struct DoctorReport<'a> {
+    checks: &'a [Finding],
+}
+
 pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
     let opts = DoctorOptions {
         store_dir: ctx.store_dir.clone(),
@@ -32,7 +38,7 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
     let findings = drydock_vm::run_checks(&host, &opts)?;
     let mut out = crate::out::stdout();
     if ctx.json {
-        crate::out::json(&mut out, &serde_json::json!({ "checks": findings }))?;
+        crate::out::json(&mut out, &DoctorReport { checks: &findings })?;
     } else {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         render(&mut out, &findings, colour)?;

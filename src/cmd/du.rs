@@ -10,6 +10,20 @@ use crate::exit::Outcome;
 
 use super::gc::size;
 
+/// `du --json`: the library's report, plus the store images (drydock state) on their own.
+#[derive(Debug, serde::Serialize)]
+struct DuJson<'a> {
+    #[serde(flatten)]
+    report: &'a drydock_gc::DuReport,
+    store_images: StoreImages,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StoreImages {
+    bytes: u64,
+    count: usize,
+}
+
 pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     drydock_gc::NixDb::open(&layout).map_err(drydock_gc::GcError::from)?;
@@ -20,8 +34,13 @@ pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
     let image_bytes: u64 = images.iter().map(|i| i.bytes).sum();
     let mut out = crate::out::stdout();
     if ctx.json {
-        let mut doc = serde_json::to_value(&rep)?;
-        doc["store_images"] = serde_json::json!({ "count": images.len(), "bytes": image_bytes });
+        let doc = DuJson {
+            report: &rep,
+            store_images: StoreImages {
+                bytes: image_bytes,
+                count: images.len(),
+            },
+        };
         crate::out::json(&mut out, &doc)?;
         out.flush()?;
         return Ok(Outcome::Success);

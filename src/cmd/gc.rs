@@ -115,20 +115,18 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     // The collected runs' VM folders are gone now: images no remaining VM uses go too.
     let images = unused_images(ctx, &[], false)?;
     if ctx.json {
-        crate::out::json(
-            &mut out,
-            &serde_json::json!({
-                "runs": plan.runs,
-                "planned": plan.paths.len(),
-                "deleted": result.deleted,
-                "refused": result.refused,
-                "bytes": plan.bytes,
-                "freed_bytes": result.freed_bytes,
-                "artifacts_removed": result.artifacts_removed,
-                "images_removed": images.iter().map(|i| &i.path).collect::<Vec<_>>(),
-                "image_bytes": images.iter().map(|i| i.bytes).sum::<u64>(),
-            }),
-        )?;
+        let report = GcReport {
+            artifacts_removed: &result.artifacts_removed,
+            bytes: plan.bytes,
+            deleted: &result.deleted,
+            freed_bytes: result.freed_bytes,
+            image_bytes: images.iter().map(|i| i.bytes).sum(),
+            images_removed: images.iter().map(|i| i.path.as_path()).collect(),
+            planned: plan.paths.len(),
+            refused: &result.refused,
+            runs: &plan.runs,
+        };
+        crate::out::json(&mut out, &report)?;
     } else {
         for (p, why) in &result.refused {
             writeln!(out, "refused by Nix: {p}: {why}")?;
@@ -171,6 +169,21 @@ struct DryRunDoc<'a> {
     mode: &'a str,
     nar_bytes: u64,
     paths: &'a drydock_gc::NameList,
+    runs: &'a [i64],
+}
+
+/// `gc --json` after a real collection (keys in the order JSON objects had before: sorted).
+#[derive(Debug, serde::Serialize)]
+struct GcReport<'a> {
+    artifacts_removed: &'a [String],
+    bytes: u64,
+    deleted: &'a [String],
+    /// Measured from the deleted inodes, never negative.
+    freed_bytes: i64,
+    image_bytes: u64,
+    images_removed: Vec<&'a std::path::Path>,
+    planned: usize,
+    refused: &'a [(String, String)],
     runs: &'a [i64],
 }
 

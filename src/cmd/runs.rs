@@ -58,6 +58,21 @@ fn other_stores_line(others: &[OtherStoreRuns]) -> String {
     format!("{n} {runs} of other stores not shown: {stores}")
 }
 
+/// `runs --json`.
+#[derive(Debug, serde::Serialize)]
+struct RunsList<'a> {
+    other_stores: &'a [OtherStoreRuns],
+    runs: &'a [drydock_gc::RunSummary],
+}
+
+/// `runs show ID --json`.
+#[derive(Debug, serde::Serialize)]
+struct RunShow<'a> {
+    artifacts: &'a [drydock_gc::Artifact],
+    paths: &'a [drydock_gc::PathStatus],
+    run: &'a drydock_gc::Run,
+}
+
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     super::vm::reap_dead(ctx);
@@ -74,7 +89,10 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
             if ctx.json {
                 crate::out::json(
                     &mut out,
-                    &serde_json::json!({ "runs": list, "other_stores": others }),
+                    &RunsList {
+                        other_stores: &others,
+                        runs: &list,
+                    },
                 )?;
             } else {
                 writeln!(
@@ -109,7 +127,11 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
             if ctx.json {
                 crate::out::json(
                     &mut out,
-                    &serde_json::json!({ "run": run, "paths": paths, "artifacts": artifacts }),
+                    &RunShow {
+                        artifacts: &artifacts,
+                        paths: &paths,
+                        run: &run,
+                    },
                 )?;
             } else {
                 writeln!(

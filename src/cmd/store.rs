@@ -9,6 +9,32 @@ use crate::cli::{StoreAction, StoreArgs};
 use crate::context::Context;
 use crate::exit::Outcome;
 
+/// `store check --json`.
+#[derive(Debug, serde::Serialize)]
+struct CheckReport<'a> {
+    damaged: bool,
+    missing: &'a [String],
+    stray: &'a [String],
+}
+
+/// A damaged path that a root holds (repair refuses it).
+#[derive(Debug, serde::Serialize)]
+struct BlockedPath {
+    path: String,
+    root: String,
+}
+
+/// `store repair --json`.
+#[derive(Debug, serde::Serialize)]
+struct RepairReport<'a> {
+    blocked: &'a [BlockedPath],
+    missing: &'a [String],
+    refused: &'a [(String, String)],
+    remove: &'a [String],
+    removed: &'a [String],
+    roots_removed: &'a [String],
+}
+
 pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let layout = ctx.layout();
     let loaded = Loaded::load(&layout)?;
@@ -43,8 +69,11 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
             if ctx.json {
                 crate::out::json(
                     &mut out,
-                    &serde_json::json!({ "missing": missing, "stray": stray,
-                                         "damaged": damage.is_damaged() }),
+                    &CheckReport {
+                        damaged: damage.is_damaged(),
+                        missing: &missing,
+                        stray: &stray,
+                    },
                 )?;
             } else {
                 for m in &missing {
@@ -74,14 +103,12 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                 .iter()
                 .map(|&n| layout.logical(&loaded.snap.path(n)))
                 .collect();
-            let blocked: Vec<serde_json::Value> = plan
+            let blocked: Vec<BlockedPath> = plan
                 .blocked
                 .iter()
-                .map(|b| {
-                    serde_json::json!({
-                        "path": layout.logical(&loaded.snap.path(b.node)),
-                        "root": loaded.roots[b.root].link.display().to_string(),
-                    })
+                .map(|b| BlockedPath {
+                    path: layout.logical(&loaded.snap.path(b.node)),
+                    root: loaded.roots[b.root].link.display().to_string(),
                 })
                 .collect();
             let (gone, refused) = match &res {
@@ -97,9 +124,14 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
             if ctx.json {
                 crate::out::json(
                     &mut out,
-                    &serde_json::json!({ "missing": missing, "remove": names,
-                        "blocked": blocked, "removed": gone, "refused": refused,
-                        "roots_removed": roots_removed }),
+                    &RepairReport {
+                        blocked: &blocked,
+                        missing: &missing,
+                        refused: &refused,
+                        remove: &names,
+                        removed: &gone,
+                        roots_removed: &roots_removed,
+                    },
                 )?;
             } else {
                 for b in &plan.blocked {
