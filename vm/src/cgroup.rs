@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::doctor::Host;
+use crate::host::Host;
 
 /// Room for QEMU itself beyond the guest's memory.
 const OVERHEAD_MIB: u64 = 256;

@@ -19,6 +19,7 @@ use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
+use crate::sys::proc::proc_stat;
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -158,46 +159,6 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError
 /// Whether a process is alive (and not a zombie).
 pub fn pid_alive(pid: u32) -> bool {
     same_process_alive(pid, None)
-}
-
-/// What `/proc/PID/stat` says about a process, as far as liveness goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcStat {
-    /// One-letter state (`R`, `S`, `D`, `Z`, ...).
-    state: char,
-    /// Kernel task flags (`PF_*`).
-    flags: u64,
-    /// Start time in clock ticks after boot: with the pid, it names one process.
-    start_ticks: u64,
-}
-
-/// `PF_EXITING`: the task is inside `exit()`. Its memory and command line may already be
-/// gone while its state letter still reads `R` or `D`.
-const PF_EXITING: u64 = 0x4;
-
-impl ProcStat {
-    /// Parse the text of `/proc/PID/stat`; the command name may hold spaces and parentheses,
-    /// so fields are counted from the last `)`.
-    fn parse(text: &str) -> Option<Self> {
-        let (_, rest) = text.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // After the name: state(3) ppid(4) pgrp(5) session(6) tty(7) tpgid(8) flags(9) ...
-        // starttime(22).
-        Some(Self {
-            state: fields.first()?.chars().next()?,
-            flags: fields.get(6)?.parse().ok()?,
-            start_ticks: fields.get(19)?.parse().ok()?,
-        })
-    }
-
-    /// Running in any sense that matters: not a zombie, not dead, not on its way out.
-    fn alive(&self) -> bool {
-        !matches!(self.state, 'Z' | 'X' | 'x') && self.flags & PF_EXITING == 0
-    }
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// When process `pid` started (clock ticks after boot), if it exists.
@@ -959,40 +920,6 @@ mod tests {
         let pid = c.id();
         c.wait().unwrap();
         assert!(!pid_alive(pid));
-    }
-
-    #[test]
-    fn proc_stat_fields_are_counted_from_the_last_parenthesis() {
-        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 \
-                    4 0 987654 1000 100 18446744073709551615";
-        let st = ProcStat::parse(line).unwrap();
-        assert_eq!(
-            st,
-            ProcStat {
-                state: 'S',
-                flags: 4194560,
-                start_ticks: 987654
-            }
-        );
-        assert!(st.alive());
-        let table = [
-            ('R', 0, true),
-            ('D', 0, true),
-            ('S', PF_EXITING, false),
-            ('D', PF_EXITING | 0x400000, false),
-            ('Z', 0, false),
-            ('X', 0, false),
-        ];
-        for (state, flags, alive) in table {
-            let st = ProcStat {
-                state,
-                flags,
-                start_ticks: 1,
-            };
-            assert_eq!(st.alive(), alive, "{state} {flags:#x}");
-        }
-        assert_eq!(ProcStat::parse("12 (x) S 1"), None);
-        assert_eq!(ProcStat::parse("garbage"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod cgroup;
 mod doctor;
+mod host;
 mod image;
 mod launch;
 mod lifecycle;

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use drydock_gc::{NixDb, NixDbError, StoreLayout};
 
-use crate::doctor::{Finding, Host};
+use crate::doctor::Finding;
+use crate::host::Host;
 use crate::image::{ImageError, StoreImage, closure_key, ensure_store_image};
 use crate::launch::{LaunchRecord, StoreShare};
 use crate::plan::{Accel, Disk, PlanError, StoreAttachment, VmPaths, VmSpec};

@@ -2,7 +2,7 @@
 //! entries under the mask, owning and ACL groups, other; root overrides), and in words.
 //! Pure functions over [`FileInfo`] and credentials, so every case is a table row in tests.
 
-use super::host::{AclTag, FileInfo};
+use crate::host::{AclTag, FileInfo};
 
 const RW: u32 = 0o6;
 
@@ -106,9 +106,9 @@ pub(crate) fn rw_access(
 /// `crw-rw----` style rendering of a device's mode.
 pub(crate) fn mode_string(info: &FileInfo) -> String {
     let kind = match info.kind {
-        super::host::FileKind::CharDevice => 'c',
-        super::host::FileKind::BlockDevice => 'b',
-        super::host::FileKind::Directory => 'd',
+        crate::host::FileKind::CharDevice => 'c',
+        crate::host::FileKind::BlockDevice => 'b',
+        crate::host::FileKind::Directory => 'd',
         _ => '-',
     };
     let mut s = String::from(kind);
@@ -144,8 +144,8 @@ pub(crate) fn acl_rw_groups(info: &FileInfo) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::host::{AclEntry, FileKind};
     use super::*;
+    use crate::host::{AclEntry, FileKind};
 
     fn dev(mode: u32, uid: u32, gid: u32, acl: Option<Vec<(AclTag, u32)>>) -> FileInfo {
         FileInfo {

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use drydock_gc::{NixConf, NixConfSources};
 
-use super::host::Host;
 use super::kvm::KvmReport;
 use super::machines::{self, Local, Machine, Machines, Plan, VM_TEST_FEATURES};
 use super::nix::{build_probe, last_lines, system_features};
 use super::{Finding, Status};
+use crate::host::Host;
 use crate::spawn as command;
 
 /// Seconds ssh may take to connect (passed as `-oConnectTimeout`).

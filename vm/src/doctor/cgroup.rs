@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use super::host::Host;
 use super::{Finding, Status};
 use crate::cgroup::{Hierarchy, hierarchy, memory_parent};
+use crate::host::Host;
 
 /// Try to create `parent/NAME` with a 64 MiB limit, then remove it.
 fn try_child(parent: &Path, limit_file: &str) -> Result<(), String> {

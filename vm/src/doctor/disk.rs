@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use super::host::Host;
 use super::{Finding, Status, gib};
+use crate::host::Host;
 
 const MIN_FREE: u64 = 10 << 30;
 const MIN_PERCENT: u64 = 10;

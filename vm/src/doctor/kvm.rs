@@ -7,8 +7,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::access::{Denial, mode_string, rw_access};
-use super::host::{Creds, FileInfo, FileKind, Host};
 use super::{Finding, Status};
+use crate::host::{Creds, FileInfo, FileKind, Host};
 use crate::sys::kvm::{ExecOutcome, run_real_mode};
 
 pub(crate) const KVM_PATH: &str = "/dev/kvm";

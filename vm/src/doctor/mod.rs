@@ -11,7 +11,6 @@ mod boot;
 mod builders;
 mod cgroup;
 mod disk;
-mod host;
 mod kvm;
 mod machines;
 mod nix;
@@ -22,8 +21,8 @@ use std::path::PathBuf;
 use drydock_gc::{NixConf, NixConfError, NixConfSources};
 use serde::Serialize;
 
+pub use crate::host::Host;
 pub use boot::BootProbe;
-pub use host::Host;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -232,7 +231,7 @@ pub(crate) mod fixture {
     pub(crate) fn is_root() -> bool {
         std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| super::host::parse_status(&s))
+            .and_then(|s| crate::host::parse_status(&s))
             .is_some_and(|c| c.euid == 0)
     }
 

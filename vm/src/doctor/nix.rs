@@ -11,9 +11,9 @@ use std::time::Duration;
 use drydock_gc::NixConf;
 
 use super::access::{acl_rw_groups, rw_access};
-use super::host::Host;
 use super::kvm::{KVM_PATH, KvmReport, describe_device};
 use super::{Finding, Status};
+use crate::host::Host;
 use crate::spawn as command;
 
 const PROBE_DEADLINE: Duration = Duration::from_secs(180);
@@ -639,8 +639,8 @@ mod tests {
 #[cfg(test)]
 mod builder_tests {
     use super::super::fixture::{self, GROUP, PASSWD, ROOT_STATUS};
-    use super::super::host::{AclEntry, AclTag, FileInfo, FileKind};
     use super::*;
+    use crate::host::{AclEntry, AclTag, FileInfo, FileKind};
     use drydock_gc::NixConfSources;
 
     fn report(mode: u32, acl: Option<Vec<AclEntry>>) -> KvmReport {

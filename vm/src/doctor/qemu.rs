@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::host::Host;
 use super::{Finding, Status, gib};
+use crate::host::Host;
 use crate::spawn as command;
 
 const DEADLINE: Duration = Duration::from_secs(10);

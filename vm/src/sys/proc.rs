@@ -1,7 +1,9 @@
-//! Process control that std does not offer: the parent-death signal (`prctl(PR_SET_PDEATHSIG)`),
-//! sending an arbitrary signal to a child (or its process group), `unshare(2)`, `PR_SET_NO_NEW_PRIVS` and the effective
-//! uid. Used by `spawn` (every child drydock starts dies with it) and by the store server's
-//! sandbox.
+//! Process control and process facts that std does not offer: the parent-death signal
+//! (`prctl(PR_SET_PDEATHSIG)`), signalling a child's process group, `unshare(2)`,
+//! `PR_SET_NO_NEW_PRIVS`, the effective uid, and what `/proc/PID/stat` says about a process
+//! (state, flags, start time: whether a pid is still the process drydock started). Used by
+//! `spawn` (every child drydock starts dies with it), `launch` (liveness) and the store server's
+//! sandbox. Signalling one process is `drydock_gc::send_signal`.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -98,6 +100,47 @@ pub(crate) fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// What `/proc/PID/stat` says about a process, as far as liveness goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcStat {
+    /// One-letter state (`R`, `S`, `D`, `Z`, ...).
+    pub(crate) state: char,
+    /// Kernel task flags (`PF_*`).
+    pub(crate) flags: u64,
+    /// Start time in clock ticks after boot: with the pid, it names one process.
+    pub(crate) start_ticks: u64,
+}
+
+/// `PF_EXITING`: the task is inside `exit()`. Its memory and command line may already be
+/// gone while its state letter still reads `R` or `D`.
+const PF_EXITING: u64 = 0x4;
+
+impl ProcStat {
+    /// Parse the text of `/proc/PID/stat`; the command name may hold spaces and parentheses,
+    /// so fields are counted from the last `)`.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let (_, rest) = text.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state(3) ppid(4) pgrp(5) session(6) tty(7) tpgid(8) flags(9) ...
+        // starttime(22).
+        Some(Self {
+            state: fields.first()?.chars().next()?,
+            flags: fields.get(6)?.parse().ok()?,
+            start_ticks: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// Running in any sense that matters: not a zombie, not dead, not on its way out.
+    pub(crate) fn alive(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x') && self.flags & PF_EXITING == 0
+    }
+}
+
+/// `/proc/PID/stat` of the process `pid`, if it exists.
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
+    ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +167,39 @@ mod tests {
         let mut cmd = Command::new("true");
         die_with_parent(&mut cmd);
         assert!(cmd.status().expect("spawn true").success());
+    }
+
+    #[test]
+    fn proc_stat_fields_are_counted_from_the_last_parenthesis() {
+        let line = "4242 (qemu (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 \
+                    4 0 987654 1000 100 18446744073709551615";
+        let st = ProcStat::parse(line).unwrap();
+        assert_eq!(
+            st,
+            ProcStat {
+                state: 'S',
+                flags: 4194560,
+                start_ticks: 987654
+            }
+        );
+        assert!(st.alive());
+        let table = [
+            ('R', 0, true),
+            ('D', 0, true),
+            ('S', PF_EXITING, false),
+            ('D', PF_EXITING | 0x400000, false),
+            ('Z', 0, false),
+            ('X', 0, false),
+        ];
+        for (state, flags, alive) in table {
+            let st = ProcStat {
+                state,
+                flags,
+                start_ticks: 1,
+            };
+            assert_eq!(st.alive(), alive, "{state} {flags:#x}");
+        }
+        assert_eq!(ProcStat::parse("12 (x) S 1"), None);
+        assert_eq!(ProcStat::parse("garbage"), None);
     }
 }

@@ -1,5 +1,6 @@
-//! The one layer through which every doctor check reads the system. It takes a root directory,
-//! so unit tests point it at fixture trees (`proc/`, `sys/`, `etc/`, `dev/`) instead of `/`.
+//! The one layer through which drydock's checks read the system (the doctor, the accelerator
+//! choice of a launch, cgroup placement). It takes a root directory, so unit tests point it at
+//! fixture trees (`proc/`, `sys/`, `etc/`, `dev/`) instead of `/`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
