@@ -263,20 +263,9 @@ fn is_key(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Nix's base-32 alphabet (no e, o, u, t).
-const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-
-/// `HASH-NAME` with a 32-character Nix base-32 hash and a name of Nix's allowed characters.
+/// `HASH-NAME` as Nix allows it (drydock-gc's `StorePath` checks, the one copy).
 fn is_store_basename(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() > 33
-        && b[..32].iter().all(|c| NIX_BASE32.contains(c))
-        && b[32] == b'-'
-        && b[33..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-        && s[33..] != *"."
-        && s[33..] != *".."
+    drydock_gc::StorePath::from_base_name(s).is_ok()
 }
 
 /// Make sure `images_dir` holds the store image of `closure` and return it, building it if it is
