@@ -455,3 +455,56 @@ fn sigterm_ends_track_after_its_command_has_exited() {
     assert_eq!(status.code(), Some(130));
     let _ = Command::new("pkill").args(["-f", "sleep 21.37"]).status();
 }
+
+#[test]
+fn a_state_file_naming_other_processes_and_places_is_not_obeyed() {
+    // A VM entry whose state.json was edited to name an unrelated process (with its true start
+    // time, so liveness checks pass) as QEMU, owner and store server, and a directory elsewhere
+    // as its cgroup: cleaning the entry up must signal nothing and remove nothing.
+    let dir = scratch("hostile-state");
+    let state = dir.join("state");
+    let vm = state.join("vms/victim");
+    std::fs::create_dir_all(&vm).unwrap();
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = bystander.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[19].parse().unwrap();
+    let not_a_cgroup = dir.join("keep-me");
+    std::fs::create_dir_all(&not_a_cgroup).unwrap();
+    let doc = serde_json::json!({
+        "name": "victim", "supervisor_pid": pid, "qemu_pid": pid, "server_pid": pid,
+        "accel": "tcg", "memory_mib": 64, "started": 0,
+        "cgroup": not_a_cgroup, "phase": "running",
+        "qemu_start_ticks": null, "supervisor_start_ticks": ticks, "server_start_ticks": ticks,
+    });
+    std::fs::write(vm.join("state.json"), serde_json::to_vec(&doc).unwrap()).unwrap();
+    for args in [&["vm", "stop", "victim"][..], &["vm", "list"][..]] {
+        let out = Command::new(bin())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            bystander.try_wait().unwrap().is_none(),
+            "{args:?} killed a process that is not the VM's"
+        );
+    }
+    assert!(
+        not_a_cgroup.is_dir(),
+        "a directory that is no VM cgroup was removed"
+    );
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}

@@ -670,7 +670,16 @@ pub fn stop_remote(
     force: bool,
 ) -> Result<(), LaunchError> {
     let pid = state.qemu_pid;
-    let mut gone = || !state.qemu_alive();
+    // A state file is read back from disk: obey it only for processes that are this VM's.
+    let qemu_ours = is_vm_process(pid, paths, ProcessRole::Qemu);
+    let mut gone = || !qemu_ours || !state.qemu_alive();
+    if !qemu_ours && state.qemu_alive() {
+        tracing::warn!(
+            "{}: pid {pid} is not this VM's QEMU (its command line does not name {}); not signalling it",
+            paths.state_file().display(),
+            paths.dir.display()
+        );
+    }
     if !force {
         orderly_shutdown(paths, pid, grace, &mut gone);
     }
@@ -701,17 +710,61 @@ pub fn stop_remote(
     let owner = Some((state.supervisor_pid, state.supervisor_start_ticks));
     let server = state.server_pid.map(|p| (p, state.server_start_ticks));
     for (p, ticks) in [owner, server].into_iter().flatten() {
-        if p != std::process::id() && same_process_alive(p, ticks) {
+        if p != std::process::id()
+            && same_process_alive(p, ticks)
+            && is_vm_process(p, paths, ProcessRole::Drydock)
+        {
             signal(p, libc::SIGKILL)?;
         }
     }
-    if let Some(cg) = &state.cgroup {
+    if let Some(cg) = state.cgroup.as_deref().filter(|cg| is_vm_cgroup(cg)) {
         let _ = std::fs::remove_dir(cg);
     }
     let _ = std::fs::remove_file(paths.state_file());
     let _ = std::fs::remove_file(paths.qmp_socket());
     let _ = std::fs::remove_file(paths.fs_socket());
     Ok(())
+}
+
+/// Which of a VM's processes a pid from its state file should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcessRole {
+    /// QEMU: its command line names the VM's folder (console log, pid file).
+    Qemu,
+    /// The owner (`vm run` or `__vm-supervise`) or the store server: a drydock process.
+    Drydock,
+}
+
+/// Whether `pid` plays `role` for the VM of `paths` (read from `/proc/PID/cmdline`), so that a
+/// state file edited to name another process makes drydock signal nothing.
+fn is_vm_process(pid: u32, paths: &VmPaths, role: ProcessRole) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+    match role {
+        ProcessRole::Qemu => {
+            let dir = paths.dir.as_os_str().as_encoded_bytes();
+            args.iter().any(|a| a.windows(dir.len()).any(|w| w == dir))
+        }
+        ProcessRole::Drydock => args.first().is_some_and(|argv0| {
+            Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(argv0))
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"drydock"))
+        }),
+    }
+}
+
+/// Whether a cgroup path from a state file is one drydock makes for a VM (`drydock-vm-NAME`
+/// under the cgroup file system), before removing it.
+fn is_vm_cgroup(cg: &Path) -> bool {
+    cg.starts_with("/sys/fs/cgroup")
+        && cg
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"drydock-vm-"))
+        && !cg
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
 }
 
 /// SIGKILL a process of ours (a supervisor that never got going); gone already is fine.
