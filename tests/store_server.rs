@@ -802,6 +802,93 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
 }
 
 #[test]
+fn the_closure_view_changes_live_without_stale_entries_or_listings() {
+    let store = fake_store();
+    let run = tempfile::tempdir().unwrap();
+    let socket = socket_in(run.path());
+    let server = StoreServer::spawn(
+        Path::new(DRYDOCK),
+        &socket,
+        &store.store,
+        Some(&[ALLOWED.to_owned()]),
+    )
+    .unwrap();
+    let mut fs = FsDriver::connect(&socket);
+    fs.init();
+    let set = |names: &[&str]| -> BTreeSet<String> {
+        [".", ".."]
+            .iter()
+            .chain(names)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // Before: the new path is absent, and its absence is asked again each time (ENOENT, not a
+    // cached negative entry); the root is opened without directory caching.
+    assert_errno(fs.lookup(ROOT, ALLOWED_2), libc::ENOENT, "LOOKUP before");
+    let open = fs.open(FUSE_OPENDIR, ROOT, 0).ok("OPENDIR root");
+    const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+    const FOPEN_CACHE_DIR: u32 = 1 << 3;
+    assert_eq!(
+        u32_at(&open, 8) & (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
+        0,
+        "the filtered root must not be cached"
+    );
+    let listed: BTreeSet<String> = fs.list(ROOT, FUSE_READDIR, 4096).into_iter().collect();
+    assert_eq!(listed, set(&[ALLOWED]));
+
+    // Grow: the next lookup and listing see it, with no restart of server or guest.
+    let shown = drydock_vm::update_closure(
+        &socket,
+        &[ALLOWED.to_owned(), ALLOWED_2.to_owned()],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(shown, 2);
+    fs.lookup_ok(ROOT, ALLOWED_2);
+    let listed: BTreeSet<String> = fs.list(ROOT, FUSE_READDIRPLUS, 65536).into_iter().collect();
+    assert_eq!(listed, set(&[ALLOWED, ALLOWED_2]));
+
+    // Shrink to the new closure: the old path is gone for new lookups and listings.
+    assert_eq!(
+        drydock_vm::update_closure(&socket, &[ALLOWED_2.to_owned()], Duration::from_secs(5))
+            .unwrap(),
+        1
+    );
+    assert_errno(
+        fs.lookup(ROOT, ALLOWED),
+        libc::ENOENT,
+        "LOOKUP after shrink",
+    );
+    let listed: BTreeSet<String> = fs.list(ROOT, FUSE_READDIR, 4096).into_iter().collect();
+    assert_eq!(listed, set(&[ALLOWED_2]));
+
+    // A bad list is refused by the client, and one that gets past it by the server; the view
+    // stays as it was.
+    let bad = drydock_vm::update_closure(&socket, &["../etc".to_owned()], Duration::from_secs(5));
+    assert!(bad.is_err_and(|e| e.is_bad_input()));
+    let ctl = {
+        let mut p = socket.clone().into_os_string();
+        p.push(".ctl");
+        PathBuf::from(p)
+    };
+    let mut raw = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    std::io::Write::write_all(&mut raw, b"a/b\n").unwrap();
+    raw.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&raw).read_line(&mut reply).unwrap();
+    assert!(reply.starts_with("error: "), "{reply}");
+    fs.lookup_ok(ROOT, ALLOWED_2);
+    assert_errno(fs.lookup(ROOT, HIDDEN), libc::ENOENT, "LOOKUP hidden");
+
+    let status = server.stop().unwrap();
+    assert!(Supervised::is_clean_stop(&status), "{status:?}");
+    assert!(
+        !ctl.exists(),
+        "the control socket is removed with the server"
+    );
+}
+
+#[test]
 fn whole_store_share_shows_everything() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();

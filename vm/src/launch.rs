@@ -723,6 +723,7 @@ pub fn stop_remote(
     let _ = std::fs::remove_file(paths.state_file());
     let _ = std::fs::remove_file(paths.qmp_socket());
     let _ = std::fs::remove_file(paths.fs_socket());
+    let _ = std::fs::remove_file(crate::storefs::control_socket(&paths.fs_socket()));
     Ok(())
 }
 

@@ -52,7 +52,7 @@ pub use snapshot::{
 };
 pub use spawn::{SpawnError, Supervised};
 pub use storefs::{
-    StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store,
+    StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
 pub use system::{SystemBoot, SystemError};
 

@@ -13,6 +13,13 @@
 //!   root is enough; names containing `/` (never sent by a real kernel) are refused with `EINVAL`
 //!   at every level so a crafted request cannot walk past the root filter.
 //!
+//! - **live**: the allow-list can be replaced while the guest runs (hot reload: a new system's
+//!   closure becomes visible at once). Nothing stale survives in the guest: a hidden name's lookup
+//!   answers a plain `ENOENT`, which the kernel does not cache as a negative entry, and the
+//!   filtered root is opened without `FOPEN_CACHE_DIR`/`FOPEN_KEEP_CACHE`, so every listing is
+//!   read anew. (A name that was visible and is hidden afterwards stays reachable through a dentry
+//!   the guest already holds, until it expires: virtio-fs has no invalidation messages.)
+//!
 //! Why a wrapper: `PassthroughFsRo` cannot filter, and the `FileSystem` trait is the seam virtiofsd
 //! offers; filtering at the root inode keeps the rest of passthrough's behaviour (inode and handle
 //! tracking, `readdirplus` via `lookup`) intact.
@@ -20,6 +27,7 @@
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::io;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use virtiofsd::filesystem::{
@@ -65,15 +73,25 @@ impl AllowList {
     }
 }
 
+/// An allow-list shared between the file system and whoever replaces it (the control socket).
+pub(crate) type SharedAllowList = Arc<RwLock<AllowList>>;
+
 /// Read-only, optionally closure-filtered passthrough file system. See the module docs.
 pub(crate) struct StoreFs {
     inner: Inner,
-    allow: Option<AllowList>,
+    allow: Option<SharedAllowList>,
 }
 
 impl StoreFs {
-    pub(crate) fn new(inner: Inner, allow: Option<AllowList>) -> Self {
+    pub(crate) fn new(inner: Inner, allow: Option<SharedAllowList>) -> Self {
         Self { inner, allow }
+    }
+
+    /// The current allow-list (a poisoned lock still holds the last complete list).
+    fn allowed(&self) -> Option<std::sync::RwLockReadGuard<'_, AllowList>> {
+        self.allow
+            .as_ref()
+            .map(|a| a.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// `Err(ENOENT)` if `name` in `parent` is hidden by the allow-list; `Err(EINVAL)` for names
@@ -83,7 +101,7 @@ impl StoreFs {
         if bytes.contains(&b'/') {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        match &self.allow {
+        match self.allowed() {
             Some(allow) if parent == fuse::ROOT_ID && !allow.shows(bytes) => Err(enoent()),
             _ => Ok(()),
         }
@@ -423,7 +441,15 @@ impl FileSystem for StoreFs {
         inode: Inode,
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
+        if self.allow.is_some() && inode == fuse::ROOT_ID {
+            // The filtered root's listing changes with the allow-list: never cached.
+            return Ok((
+                handle,
+                opts - OpenOptions::CACHE_DIR - OpenOptions::KEEP_CACHE,
+            ));
+        }
+        Ok((handle, opts))
     }
 
     fn readdir(
@@ -434,9 +460,9 @@ impl FileSystem for StoreFs {
         size: u32,
         offset: u64,
     ) -> io::Result<StoreDirIter> {
-        match &self.allow {
+        match self.allowed() {
             Some(allow) if inode == fuse::ROOT_ID && size > 0 => {
-                self.filtered_root_readdir(allow, ctx, handle, size, offset)
+                self.filtered_root_readdir(&allow, ctx, handle, size, offset)
             }
             _ => self
                 .inner

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use crate::spawn::{DEFAULT_GRACE, SpawnError, Supervised};
 
+pub(crate) use serve::control_socket;
 pub use serve::{READY_LINE, StoreServeOptions, parse_allow_list, serve_store};
 
 /// The hidden subcommand that runs [`serve_store`].
@@ -87,6 +88,16 @@ pub enum StoreServerError {
     /// Starting, awaiting or stopping the server process failed.
     #[error("store server process")]
     Process(#[source] SpawnError),
+    /// The running server's control socket could not be reached or did not answer in time.
+    #[error("cannot change the closure view through {}", path.display())]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused the new allow-list (and kept the old one).
+    #[error("the store server refused the new closure: {0}")]
+    ControlRefused(String),
 }
 
 impl StoreServerError {
@@ -109,6 +120,44 @@ impl StoreServerError {
             StoreServerError::Process(e) => e.is_bad_input(),
             _ => false,
         }
+    }
+}
+
+/// Replace the closure view of the running store server that listens on `socket` (a VM's
+/// `fs.sock`): from now on the guest sees exactly `names` at the root of its store (new names at
+/// once; see the `closure` module for names it already looked up). Returns how many names are
+/// shown. Every step has the `deadline`.
+pub fn update_closure(
+    socket: &Path,
+    names: &[String],
+    deadline: std::time::Duration,
+) -> Result<usize, StoreServerError> {
+    use std::io::{BufRead, Write as _};
+    for n in names {
+        serve::check_allow_entry(n)?;
+    }
+    let path = serve::control_socket(socket);
+    let io_err = |source| StoreServerError::Control {
+        path: path.clone(),
+        source,
+    };
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(io_err)?;
+    conn.set_write_timeout(Some(deadline)).map_err(io_err)?;
+    conn.set_read_timeout(Some(deadline)).map_err(io_err)?;
+    let mut text = names.join("\n");
+    text.push('\n');
+    conn.write_all(text.as_bytes()).map_err(io_err)?;
+    conn.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&conn)
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    let reply = reply.trim();
+    match reply.strip_prefix("ok ").and_then(|n| n.parse().ok()) {
+        Some(n) => Ok(n),
+        None => Err(StoreServerError::ControlRefused(
+            reply.strip_prefix("error: ").unwrap_or(reply).to_owned(),
+        )),
     }
 }
 
@@ -199,11 +248,14 @@ impl StoreServer {
         self.stop_within(DEFAULT_GRACE)
     }
 
+    /// Remove the vhost-user socket and the control socket.
     fn remove_socket(&self) {
-        match std::fs::remove_file(&self.socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("removing {}: {e}", self.socket.display()),
+        for path in [self.socket.clone(), serve::control_socket(&self.socket)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("removing {}: {e}", path.display()),
+            }
         }
     }
 }

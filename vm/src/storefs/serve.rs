@@ -20,11 +20,12 @@
 //! well), and keeps SIGTERM's default action: SIGTERM ends it at once, which is a clean stop since
 //! it holds no state worth saving.
 
+use std::io::Read;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use vhost::vhost_user::Listener;
@@ -38,7 +39,7 @@ use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::StoreServerError;
-use super::closure::{AllowList, StoreFs};
+use super::closure::{AllowList, SharedAllowList, StoreFs};
 use crate::sys::proc as sysproc;
 
 /// What the server prints, alone on a line on stdout, once it accepts a connection.
@@ -147,6 +148,12 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
     };
 
     let listener = bind_socket(&opts.socket)?;
+    // A closure share can be changed while it runs: its control socket, bound before the sandbox
+    // like the vhost-user socket.
+    let control = match &allow {
+        Some(_) => Some(bind_socket(&control_socket(&opts.socket))?),
+        None => None,
+    };
     // Passthrough keeps an O_PATH descriptor per inode the guest knows: raise the soft limit as
     // far as the hard limit allows (virtiofsd's own default asks for 1M and warns when it cannot).
     let wanted = nofile_hard_limit().map(|hard| hard.min(DEFAULT_NOFILE));
@@ -212,6 +219,14 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
     }
 
     let shown = allow.as_ref().map(AllowList::len);
+    let allow = allow.map(|a| Arc::new(RwLock::new(a)));
+    if let (Some(listener), Some(allow)) = (control, &allow) {
+        let allow = Arc::clone(allow);
+        std::thread::Builder::new()
+            .name("store-control".into())
+            .spawn(move || serve_control(&listener, &allow))
+            .map_err(StoreServerError::Filesystem)?;
+    }
     let fs = StoreFs::new(
         PassthroughFsRo::new(cfg).map_err(StoreServerError::Filesystem)?,
         allow,
@@ -255,6 +270,49 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
             Ok(())
         }
         Err(e) => Err(StoreServerError::Daemon(e.to_string())),
+    }
+}
+
+/// The control socket of the store server listening on `socket`: `SOCKET.ctl`.
+pub(crate) fn control_socket(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".ctl");
+    PathBuf::from(s)
+}
+
+/// The largest allow-list a control connection may send (a closure of a million paths).
+const MAX_CONTROL_BYTES: u64 = 128 << 20;
+
+/// Serve the control socket: each connection sends a whole new allow-list (one basename per
+/// line, then end of stream) and gets one line back, `ok N` (N entries now shown) or `error:
+/// WHY` (the list is then unchanged). The socket is mode 0600: only the VM's owner reaches it.
+fn serve_control(listener: &UnixListener, allow: &SharedAllowList) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        // As a `File`: read(2)/write(2), which the seccomp filter allows (a socket's own
+        // recv/send are recvfrom/sendto, which it does not: the process would be killed).
+        let mut conn = std::fs::File::from(std::os::fd::OwnedFd::from(conn));
+        let mut text = String::new();
+        let reply = match (&mut conn)
+            .take(MAX_CONTROL_BYTES + 1)
+            .read_to_string(&mut text)
+        {
+            Err(e) => format!("error: reading the allow-list: {e}"),
+            Ok(n) if n as u64 > MAX_CONTROL_BYTES => {
+                format!("error: the allow-list is larger than {MAX_CONTROL_BYTES} bytes")
+            }
+            Ok(_) => match parse_allow_list(&text) {
+                Ok(names) => {
+                    let list = AllowList::new(&names);
+                    let n = list.len();
+                    *allow.write().unwrap_or_else(|p| p.into_inner()) = list;
+                    tracing::info!("closure view replaced: {n} store paths shown");
+                    format!("ok {n}")
+                }
+                Err(e) => format!("error: {e}"),
+            },
+        };
+        let _ = writeln!(conn, "{reply}");
     }
 }
 
