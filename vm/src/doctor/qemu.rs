@@ -60,10 +60,11 @@ fn ask(bin: &Path, key: String) -> Result<Caps, String> {
     let b2 = bin.to_path_buf();
     let dev = std::thread::spawn(move || run(&b1, &["-machine", "none", "-device", "help"]));
     let obj = std::thread::spawn(move || run(&b2, &["-machine", "none", "-object", "help"]));
-    let version = run(bin, &["--version"]);
+    // The same question a snapshot records the answer of: one helper asks it.
+    let version = crate::snapshot::qemu_version(bin).map_err(|e| crate::error_chain(&e));
     let devices = dev.join().unwrap_or_else(|_| Err("panicked".into()));
     let objects = obj.join().unwrap_or_else(|_| Err("panicked".into()));
-    let version = version?.lines().next().unwrap_or("").trim().to_string();
+    let version = version?;
     Ok(Caps {
         key,
         version,
@@ -77,9 +78,10 @@ fn capabilities(bin: &Path, cache_dir: Option<&Path>) -> Result<Caps, String> {
     let key = cache_key(bin).ok_or_else(|| format!("{} does not exist", bin.display()))?;
     let file = cache_dir.map(|d| d.join("qemu-capabilities.json"));
     if let Some(f) = &file {
-        if let Some(c) = std::fs::read(f)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Caps>(&b).ok())
+        if let Some(c) =
+            drydock_gc::read_regular(f, drydock_gc::Links::Refuse, drydock_gc::MAX_STATE_BYTES)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Caps>(&b).ok())
         {
             if c.key == key {
                 return Ok(c);
