@@ -35,8 +35,8 @@ pub use owner::{
     recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
 };
 pub use plan::{
-    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid,
-    kernel_cmdline, plan, plan_incoming, validate_name,
+    Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
+    VmSpec, current_uid, kernel_cmdline, plan, plan_incoming, validate_name,
 };
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,

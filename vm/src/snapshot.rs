@@ -370,6 +370,7 @@ mod tests {
                 store,
                 disk: None,
                 paths,
+                devices: Default::default(),
             },
             share: None,
             toplevel: None,
