@@ -4,6 +4,7 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod cluster;
 mod doctor;
 mod image;
 mod launch;
@@ -18,6 +19,12 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use cluster::compose::{
+    ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
+    MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
+    valid_machine_name, validate_cluster_name,
+};
+pub use cluster::eval::{EvalError, build as build_composition, evaluate as evaluate_composition};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
 };

@@ -1,0 +1,7 @@
+//! Clusters: compositions of machines (`drydock.nix`), each a VM of the one launch path, on
+//! private layer-2 segments (one hub per VLAN), with a backdoor shell into each guest.
+//!
+//! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build).
+
+pub(crate) mod compose;
+pub(crate) mod eval;
