@@ -25,6 +25,7 @@ pub use cluster::compose::{
     valid_machine_name, validate_cluster_name,
 };
 pub use cluster::eval::{EvalError, build as build_composition, evaluate as evaluate_composition};
+pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
 };

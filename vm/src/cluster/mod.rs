@@ -1,7 +1,9 @@
 //! Clusters: compositions of machines (`drydock.nix`), each a VM of the one launch path, on
 //! private layer-2 segments (one hub per VLAN), with a backdoor shell into each guest.
 //!
-//! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build).
+//! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build); `hub` forwards
+//! frames on a VLAN.
 
 pub(crate) mod compose;
 pub(crate) mod eval;
+pub(crate) mod hub;
