@@ -19,6 +19,9 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use cluster::backdoor::{
+    Backdoor, BackdoorError, ExecOutput, READY_LINE as BACKDOOR_READY_LINE, call_line, parse_reply,
+};
 pub use cluster::compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
