@@ -36,6 +36,11 @@ fn main() -> ExitCode {
         Command::Gc(args) => cmd::gc::run(&ctx, args),
         Command::Du(args) => cmd::du::run(&ctx, args),
         Command::Store(args) => cmd::store::run(&ctx, args),
+        Command::Up(args) => cmd::cluster::up(&ctx, args),
+        Command::Down(args) => cmd::cluster::down(&ctx, args),
+        Command::Ps(args) => cmd::cluster::ps(&ctx, args),
+        Command::Exec(args) => cmd::cluster::exec(&ctx, args),
+        Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
     });
     exit::finish(result)
 }

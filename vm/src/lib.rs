@@ -29,6 +29,10 @@ pub use cluster::compose::{
 };
 pub use cluster::eval::{EvalError, build as build_composition, evaluate as evaluate_composition};
 pub use cluster::hub::{Hub, HubCounters, HubError};
+pub use cluster::run::{
+    ClusterError, ClusterLaunch, ClusterState, MachineEvent, RunningCluster, cluster_paths,
+    exec_remote, exec_socket, up as cluster_up,
+};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, kvm_usable, overall, run_checks,
 };

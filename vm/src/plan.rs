@@ -88,7 +88,11 @@ impl VmPaths {
     /// in `$XDG_RUNTIME_DIR/drydock-UID/ID` (else the temporary directory) when the VM folder is
     /// too deep for a socket path. `name` must have passed [`validate_name`].
     pub fn in_state_dir(state_dir: &Path, name: &str) -> Self {
-        let dir = state_dir.join("vms").join(name);
+        Self::in_folder(state_dir, "vms", name)
+    }
+    /// The same for `STATE/FOLDER/NAME` (a cluster's folder is `STATE/clusters/NAME`).
+    pub fn in_folder(state_dir: &Path, folder: &str, name: &str) -> Self {
+        let dir = state_dir.join(folder).join(name);
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())

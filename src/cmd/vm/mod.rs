@@ -36,6 +36,10 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
         VmCommand::Restart(a) => restart(ctx, a),
         VmCommand::Snapshot(a) => snapshot::snapshot(ctx, a),
         VmCommand::Restore(a) => snapshot::restore(ctx, a),
+        VmCommand::Exec(a) => {
+            let paths = vm_paths(ctx, &a.name)?;
+            crate::cmd::cluster::exec_vm(&a.name, &paths, &a.command, a.timeout)
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -58,6 +59,8 @@ pub enum BackdoorError {
     Malformed(String),
     #[error("the guest's reply exceeds {} MiB", MAX_REPLY >> 20)]
     TooLarge,
+    #[error("interrupted")]
+    Cancelled,
 }
 
 impl BackdoorError {
@@ -159,10 +162,11 @@ pub struct Backdoor {
 
 impl Backdoor {
     /// Read the console until the guest prints [`READY_LINE`] (lines before it go to `seen`),
-    /// at most `within`.
+    /// at most `within`, or until `cancel` is set.
     pub fn wait_ready(
         stream: UnixStream,
         within: Duration,
+        cancel: &AtomicBool,
         seen: &mut dyn FnMut(&str),
     ) -> Result<Self, BackdoorError> {
         let mut conn = Conn {
@@ -173,14 +177,21 @@ impl Backdoor {
         };
         let deadline = Instant::now() + within;
         loop {
-            match conn.line(deadline)? {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(BackdoorError::Cancelled);
+            }
+            let step = deadline.min(Instant::now() + Duration::from_millis(100));
+            match conn.line(step)? {
                 Some(l) if l.trim_end().ends_with(READY_LINE) => {
                     return Ok(Self {
                         conn: Mutex::new(conn),
                     });
                 }
                 Some(l) => seen(l.trim_end()),
-                None => return Err(BackdoorError::NotReady(within)),
+                None if Instant::now() >= deadline => {
+                    return Err(BackdoorError::NotReady(within));
+                }
+                None => {}
             }
         }
     }
@@ -307,9 +318,12 @@ mod tests {
             .spawn()
             .expect("busybox");
         let mut seen = Vec::new();
-        let b = Backdoor::wait_ready(ours, Duration::from_secs(10), &mut |l| {
-            seen.push(l.to_string())
-        })
+        let b = Backdoor::wait_ready(
+            ours,
+            Duration::from_secs(10),
+            &AtomicBool::new(false),
+            &mut |l| seen.push(l.to_string()),
+        )
         .unwrap();
         assert_eq!(seen, ["booting"]);
         TestShell { b, child }
@@ -391,7 +405,13 @@ mod tests {
     #[test]
     fn a_shell_that_never_becomes_ready_is_reported() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let e = Backdoor::wait_ready(ours, Duration::from_millis(200), &mut |_| {}).unwrap_err();
+        let e = Backdoor::wait_ready(
+            ours,
+            Duration::from_millis(200),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap_err();
         assert!(matches!(e, BackdoorError::NotReady(_)), "{e}");
         drop(theirs);
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The kernel command line word that names the machine.
@@ -16,7 +16,7 @@ pub const MACHINE_PARAM: &str = "drydock.machine";
 pub const HOSTS_FW_CFG: &str = "opt/drydock/hosts";
 
 /// What a machine boots, as Nix evaluated it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum SystemRef {
     /// A derivation: built by the cluster's one `nix-build`.
@@ -36,7 +36,7 @@ impl SystemRef {
 }
 
 /// One machine's settings, defaults applied (names follow NixOS's `virtualisation.*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineSettings {
     pub system: SystemRef,
     /// `memorySize`, MiB.
@@ -49,7 +49,7 @@ pub struct MachineSettings {
 }
 
 /// A checked composition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Composition {
     pub file: PathBuf,
     /// By name: alphabetical, which is also their numbering.
@@ -323,7 +323,7 @@ fn parse_system(v: &Value) -> Result<SystemRef, String> {
 }
 
 /// A machine's NIC on one VLAN.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicPlan {
     pub vlan: u8,
     /// `52:54:00:12:VV:NN`.
@@ -333,7 +333,7 @@ pub struct NicPlan {
 }
 
 /// One machine of a cluster plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachinePlan {
     pub machine: String,
     /// `CLUSTER.MACHINE`.
@@ -347,7 +347,7 @@ pub struct MachinePlan {
 }
 
 /// A cluster, planned: what every launch and hub needs, as data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPlan {
     pub name: String,
     pub machines: Vec<MachinePlan>,
