@@ -115,6 +115,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
             report.claimed.len()
         );
     }
+    drydock_vm::check_systems(&layout, &composition, &names)?;
     drydock_vm::write_json(&plan_file(ctx, &name), &plan)?;
     if a.detach {
         return detach(ctx, a, &name, &plan);

@@ -27,7 +27,9 @@ pub use cluster::compose::{
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
     valid_machine_name, validate_cluster_name,
 };
-pub use cluster::eval::{EvalError, build as build_composition, evaluate as evaluate_composition};
+pub use cluster::eval::{
+    EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
+};
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterState, MachineEvent, RunningCluster, cluster_paths,

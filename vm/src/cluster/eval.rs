@@ -220,6 +220,34 @@ pub fn build(
     Ok(Some(report))
 }
 
+/// After the build: every named machine's system must be a NixOS-shaped toplevel in the store
+/// (kernel, initrd, init, kernel-params), else bad input naming `machines.NAME.system`.
+pub fn check_systems(
+    layout: &StoreLayout,
+    c: &Composition,
+    names: &[&str],
+) -> Result<(), ComposeError> {
+    for name in names {
+        let Some(m) = c.machines.get(*name) else {
+            continue;
+        };
+        let target = m.system.target();
+        let result = crate::system::toplevel_path(layout, target)
+            .and_then(|top| crate::system::resolve_system(layout, &top));
+        if let Err(e) = result {
+            return Err(ComposeError::BadValue {
+                file: c.file.clone(),
+                attr: format!("machines.{name}.system"),
+                message: format!(
+                    "{target} is not a NixOS-shaped system: {}",
+                    crate::error_chain(&e)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
