@@ -61,6 +61,17 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print drydock's manual page (roff), generated from the same definitions as --help.
     Man,
+    /// Boot a composition (drydock.nix): every machine a VM, on private networks.
+    Up(UpArgs),
+    /// Stop every machine of a cluster and its networks.
+    Down(ClusterArgs),
+    /// A cluster's machines: name, state, pid, addresses, system, uptime.
+    Ps(ClusterArgs),
+    /// Run a command as root in a cluster machine, through its backdoor.
+    Exec(ExecArgs),
+    /// Internal: own a detached cluster (started by `up --detach`).
+    #[command(name = "__cluster-supervise", hide = true)]
+    ClusterSupervise(ClusterSuperviseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +79,77 @@ pub struct CompletionsArgs {
     /// The shell to complete for.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+/// Which cluster: the composition file and the cluster's name.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// The composition.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        default_value = "drydock.nix"
+    )]
+    pub file: PathBuf,
+    /// The cluster's name (default: the name of FILE's directory).
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Only these machines (default: all).
+    pub machines: Vec<String>,
+    /// Return once every machine is ready; the cluster keeps running (`drydock down` stops it).
+    #[arg(long)]
+    pub detach: bool,
+    /// Seconds each machine gets to become ready (its backdoor connected).
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
+    /// Hide these machines' console lines from the terminal (they still go to their logs).
+    #[arg(long, value_name = "M,...", value_delimiter = ',')]
+    pub hide: Vec<String>,
+    /// Show only these machines' console lines.
+    #[arg(
+        long,
+        value_name = "M,...",
+        value_delimiter = ',',
+        conflicts_with = "hide"
+    )]
+    pub show: Vec<String>,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub machine: String,
+    /// Seconds the command may run (then it is killed and the exit code is 124).
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
+    /// The command: its words are joined with spaces and run by the guest's shell.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterSuperviseArgs {
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, value_enum)]
+    pub accel: AccelArg,
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    #[arg(long, value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +298,19 @@ pub enum VmCommand {
     Snapshot(VmSnapshotArgs),
     /// Bring a VM back from a snapshot; returns when it runs again.
     Restore(VmRestoreArgs),
+    /// Run a command as root in a VM through its backdoor (cluster machines), by VM name.
+    Exec(VmExecArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmExecArgs {
+    pub name: String,
+    /// Seconds the command may run (then it is killed and the exit code is 124).
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
+    /// The command: its words are joined with spaces and run by the guest's shell.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 /// How a launch waits for its VM (shared by run and restart).

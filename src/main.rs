@@ -44,6 +44,11 @@ fn main() -> ExitCode {
         Command::Store(args) => cmd::store::run(&ctx, args),
         Command::Completions(args) => cmd::help::completions(args),
         Command::Man => cmd::help::man(),
+        Command::Up(args) => cmd::cluster::up(&ctx, args),
+        Command::Down(args) => cmd::cluster::down(&ctx, args),
+        Command::Ps(args) => cmd::cluster::ps(&ctx, args),
+        Command::Exec(args) => cmd::cluster::exec(&ctx, args),
+        Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
     });
     exit::finish(result)
 }

@@ -6,6 +6,7 @@
 mod common;
 mod vmcommon;
 
+mod cluster;
 mod doctor;
 mod doctor_builders;
 mod gc_all;

@@ -23,6 +23,7 @@
 , initrd                # absolute host path of the stage-1 initrd
 , variant ? ""          # non-empty: adds a harmless difference to the closure
 , kernelParams ? "console=ttyS0 panic=-1 quiet loglevel=4"
+, services ? ""         # shell run in the background once a cluster machine's network is up
 }:
 let
   system = "x86_64-linux";
@@ -93,8 +94,10 @@ let
 
     tests=""
     stay=""
+    machine=""
     for w in $(cat /proc/cmdline); do
       case "$w" in
+        drydock.machine=*) machine="''${w#drydock.machine=}"; stay=1 ;;
         drydock.test=*) tests="$tests $(echo "''${w#drydock.test=}" | tr , ' ')" ;;
         drydock.stay) stay=1 ;;
       esac
@@ -103,6 +106,40 @@ let
     echo "DRYDOCK-SYSTEM: $systemConfig"
     echo "DRYDOCK-STORE: $store_fs"
     [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
+    if [ -n "$machine" ]; then
+      # A cluster machine (what a NixOS test VM has): hostname, NICs from the MAC convention
+      # 52:54:00:12:VV:NN -> 192.168.V.N/24, /etc/hosts from fw_cfg, a tiny service, and the
+      # backdoor root shell on hvc0.
+      hostname "$machine"
+      mkdir -p /etc /srv/www
+      echo "$machine" > /etc/hostname
+      ip link set lo up
+      for i in $(ls /sys/class/net); do
+        mac="$(cat "/sys/class/net/$i/address")"
+        case "$mac" in
+          52:54:00:12:*)
+            v=$((0x$(echo "$mac" | cut -d: -f5))); n=$((0x$(echo "$mac" | cut -d: -f6)))
+            ip addr add "192.168.$v.$n/24" dev "$i"
+            ip link set "$i" up
+            echo "DRYDOCK-NIC: $i $mac 192.168.$v.$n/24" ;;
+        esac
+      done
+      echo "127.0.0.1 localhost" > /etc/hosts
+      hosts=/sys/firmware/qemu_fw_cfg/by_name/opt/drydock/hosts/raw
+      [ -r "$hosts" ] && cat "$hosts" >> /etc/hosts
+      echo "hello from $machine" > /srv/www/index.html
+      httpd -p 80 -h /srv/www
+      if [ -c /dev/hvc0 ]; then
+        (
+          stty -F /dev/hvc0 raw -echo
+          exec </dev/hvc0 >/dev/hvc0 2>/dev/console
+          cd /tmp
+          echo "Spawning backdoor root shell..."
+          exec sh /dev/hvc0
+        ) &
+      fi
+      ${if services == "" then "" else "( ${services} ) &"}
+    fi
     echo "DRYDOCK-READY"
 
     for t in $tests; do

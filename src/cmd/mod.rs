@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into an `Outcome`.
 
+pub mod cluster;
 pub mod doctor;
 pub mod du;
 pub mod gc;

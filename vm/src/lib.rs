@@ -4,6 +4,7 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod cluster;
 mod doctor;
 mod host;
 mod image;
@@ -20,6 +21,22 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use cluster::backdoor::{
+    Backdoor, BackdoorError, ExecOutput, READY_LINE as BACKDOOR_READY_LINE, call_line, parse_reply,
+};
+pub use cluster::compose::{
+    ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
+    MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
+    valid_machine_name, validate_cluster_name,
+};
+pub use cluster::eval::{
+    EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
+};
+pub use cluster::hub::{Hub, HubCounters, HubError};
+pub use cluster::run::{
+    ClusterError, ClusterLaunch, ClusterState, MachineEvent, RunningCluster, cluster_paths,
+    exec_remote, exec_socket, up as cluster_up,
+};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
@@ -28,7 +45,7 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote,
+    WaitOutcome, discard_disk, follow, log_tail, pid_alive, start, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
@@ -38,8 +55,8 @@ pub use owner::{
     record_vm_run, recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
 };
 pub use plan::{
-    Accel, Disk, PlanError, QemuPlan, StoreAttachment, VmPaths, VmSpec, current_uid, plan,
-    validate_name,
+    Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
+    VmSpec, current_uid, plan, validate_name,
 };
 pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
 pub use resolve::{
@@ -50,7 +67,7 @@ pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
     resume_incoming, save_snapshot,
 };
-pub use spawn::{SpawnError, Supervised};
+pub use spawn::{SpawnError, Supervised, spawn_detached};
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };

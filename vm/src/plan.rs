@@ -88,7 +88,11 @@ impl VmPaths {
     /// in `$XDG_RUNTIME_DIR/drydock-UID/ID` (else the temporary directory) when the VM folder is
     /// too deep for a socket path. `name` must have passed [`validate_name`].
     pub fn in_state_dir(state_dir: &Path, name: &str) -> Self {
-        let dir = state_dir.join("vms").join(name);
+        Self::in_folder(state_dir, "vms", name)
+    }
+    /// The same for `STATE/FOLDER/NAME` (a cluster's folder is `STATE/clusters/NAME`).
+    pub fn in_folder(state_dir: &Path, folder: &str, name: &str) -> Self {
+        let dir = state_dir.join(folder).join(name);
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
@@ -149,6 +153,42 @@ pub struct VmSpec {
     #[serde(default)]
     pub disk: Option<Disk>,
     pub paths: VmPaths,
+    /// A cluster machine's NICs, backdoor and firmware config files (none for a lone VM).
+    #[serde(default)]
+    pub devices: GuestDevices,
+}
+
+/// A virtio-net NIC on a private segment: QEMU's datagram socket `socket` sends each frame to
+/// the hub's socket `hub` and receives the hub's frames on `socket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// `52:54:00:12:VV:NN`.
+    pub mac: String,
+    /// The VM's end (QEMU binds it).
+    pub socket: PathBuf,
+    /// The hub's socket of the segment.
+    pub hub: PathBuf,
+}
+
+/// A file QEMU exposes in the firmware config (`/sys/firmware/qemu_fw_cfg/by_name/NAME/raw`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FwCfgFile {
+    /// E.g. `opt/drydock/hosts`.
+    pub name: String,
+    pub file: PathBuf,
+}
+
+/// What a cluster adds to a VM: NICs, the backdoor console and firmware config files.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDevices {
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    /// The unix socket drydock listens on; QEMU connects to it as a client and the guest sees
+    /// it as `/dev/hvc0` (QEMU drops what a guest writes to a server-mode chardev with no client).
+    #[serde(default)]
+    pub backdoor: Option<PathBuf>,
+    #[serde(default)]
+    pub fw_cfg: Vec<FwCfgFile>,
 }
 
 /// QEMU's command line, as data.
@@ -189,6 +229,12 @@ pub enum PlanError {
     SocketPath(PathBuf),
     #[error("QEMU cannot take {what} containing a comma: {}", path.display())]
     Comma { what: &'static str, path: PathBuf },
+    #[error("bad MAC address {0:?}")]
+    Mac(String),
+    #[error(
+        "bad firmware config name {0:?}: use opt/ followed by letters, digits, '/', '.', '-' or '_'"
+    )]
+    FwCfgName(String),
 }
 
 impl PlanError {
@@ -342,10 +388,69 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
             &format!("file={overlay},format=qcow2,if=virtio,discard=unmap"),
         ]);
     }
+    push_devices(&spec.devices, &mut a)?;
     Ok(QemuPlan {
         program: spec.qemu.clone(),
         args: a,
     })
+}
+
+fn socket_arg(what: &'static str, p: &Path) -> Result<String, PlanError> {
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(PlanError::SocketPath(p.to_path_buf()));
+    }
+    no_comma(what, p)
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// NICs (`-netdev dgram` over unix sockets, one `virtio-net-pci` each), the backdoor
+/// (`virtio-serial` with a `virtconsole` on a client-mode socket) and firmware config files.
+fn push_devices(d: &GuestDevices, a: &mut Vec<String>) -> Result<(), PlanError> {
+    for (i, nic) in d.nics.iter().enumerate() {
+        if !valid_mac(&nic.mac) {
+            return Err(PlanError::Mac(nic.mac.clone()));
+        }
+        let local = socket_arg("a socket folder", &nic.socket)?;
+        let hub = socket_arg("a socket folder", &nic.hub)?;
+        a.push("-netdev".into());
+        a.push(format!(
+            "dgram,id=net{i},local.type=unix,local.path={local},remote.type=unix,remote.path={hub}"
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac));
+    }
+    if let Some(sock) = &d.backdoor {
+        let sock = socket_arg("a socket folder", sock)?;
+        a.extend([
+            "-chardev".to_string(),
+            format!("socket,id=backdoor,path={sock}"),
+            "-device".into(),
+            "virtio-serial".into(),
+            "-device".into(),
+            "virtconsole,chardev=backdoor".into(),
+        ]);
+    }
+    for f in &d.fw_cfg {
+        let ok = f.name.starts_with("opt/")
+            && f.name.len() <= 55
+            && f.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_'));
+        if !ok {
+            return Err(PlanError::FwCfgName(f.name.clone()));
+        }
+        let file = no_comma("a state folder", &f.file)?;
+        a.push("-fw_cfg".into());
+        a.push(format!("name={},file={file}", f.name));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -368,6 +473,7 @@ mod tests {
             },
             disk: None,
             paths,
+            devices: GuestDevices::default(),
         }
     }
 
@@ -550,6 +656,98 @@ mod tests {
         }
         for bad in ["", ".hidden", "-x", "a/b", "a b", &"n".repeat(41)] {
             assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn cluster_devices() -> GuestDevices {
+        GuestDevices {
+            nics: vec![
+                Nic {
+                    mac: "52:54:00:12:01:02".into(),
+                    socket: "/s/vms/c.b/vlan1.sock".into(),
+                    hub: "/s/clusters/c/vlan1.sock".into(),
+                },
+                Nic {
+                    mac: "52:54:00:12:0a:02".into(),
+                    socket: "/s/vms/c.b/vlan10.sock".into(),
+                    hub: "/s/clusters/c/vlan10.sock".into(),
+                },
+            ],
+            backdoor: Some("/s/vms/c.b/backdoor.sock".into()),
+            fw_cfg: vec![FwCfgFile {
+                name: "opt/drydock/hosts".into(),
+                file: "/s/clusters/c/hosts".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn cluster_devices_become_nics_backdoor_and_fw_cfg() {
+        let mut s = spec();
+        s.devices = cluster_devices();
+        let p = plan(&s).unwrap();
+        assert_eq!(
+            after(&p, "-netdev"),
+            [
+                "dgram,id=net0,local.type=unix,local.path=/s/vms/c.b/vlan1.sock,remote.type=unix,remote.path=/s/clusters/c/vlan1.sock",
+                "dgram,id=net1,local.type=unix,local.path=/s/vms/c.b/vlan10.sock,remote.type=unix,remote.path=/s/clusters/c/vlan10.sock",
+            ]
+        );
+        assert_eq!(
+            after(&p, "-device"),
+            [
+                "vhost-user-fs-pci,chardev=fs0,tag=nix-store",
+                "virtio-net-pci,netdev=net0,mac=52:54:00:12:01:02",
+                "virtio-net-pci,netdev=net1,mac=52:54:00:12:0a:02",
+                "virtio-serial",
+                "virtconsole,chardev=backdoor",
+            ]
+        );
+        // Client mode (no server=on): drydock listens, QEMU connects.
+        assert!(
+            after(&p, "-chardev").contains(&"socket,id=backdoor,path=/s/vms/c.b/backdoor.sock")
+        );
+        assert_eq!(
+            after(&p, "-fw_cfg"),
+            ["name=opt/drydock/hosts,file=/s/clusters/c/hosts"]
+        );
+        // A lone VM has none of them.
+        let lone = plan(&spec()).unwrap();
+        for flag in ["-netdev", "-fw_cfg"] {
+            assert!(after(&lone, flag).is_empty(), "{flag}");
+        }
+    }
+
+    #[test]
+    fn bad_cluster_devices_are_named() {
+        type Edit = Box<dyn Fn(&mut GuestDevices)>;
+        let long = PathBuf::from(format!("/{}", "x".repeat(120)));
+        let cases: Vec<(Edit, PlanError)> = vec![
+            (
+                Box::new(|d| d.nics[0].mac = "52:54:00:12:1:2".into()),
+                PlanError::Mac("52:54:00:12:1:2".into()),
+            ),
+            (
+                Box::new(move |d| d.nics[1].hub = long.clone()),
+                PlanError::SocketPath(PathBuf::from(format!("/{}", "x".repeat(120)))),
+            ),
+            (
+                Box::new(|d| d.backdoor = Some("/a,b".into())),
+                PlanError::Comma {
+                    what: "a socket folder",
+                    path: "/a,b".into(),
+                },
+            ),
+            (
+                Box::new(|d| d.fw_cfg[0].name = "etc/hosts".into()),
+                PlanError::FwCfgName("etc/hosts".into()),
+            ),
+        ];
+        for (edit, want) in cases {
+            let mut s = spec();
+            s.devices = cluster_devices();
+            edit(&mut s.devices);
+            assert_eq!(plan(&s).unwrap_err(), want);
         }
     }
 

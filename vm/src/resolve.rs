@@ -14,7 +14,7 @@ use crate::doctor::Finding;
 use crate::host::Host;
 use crate::image::{ImageError, StoreImage, closure_key, ensure_store_image};
 use crate::launch::{LaunchRecord, StoreShare};
-use crate::plan::{Accel, Disk, PlanError, StoreAttachment, VmPaths, VmSpec};
+use crate::plan::{Accel, Disk, GuestDevices, PlanError, StoreAttachment, VmPaths, VmSpec};
 use crate::system::SystemError;
 
 /// What to boot.
@@ -73,6 +73,8 @@ pub struct LaunchRequest {
     pub disk_size_mib: u32,
     /// The drydock binary, re-executed as the store server.
     pub exe: PathBuf,
+    /// A cluster machine's NICs, backdoor and firmware config (default: none).
+    pub devices: GuestDevices,
 }
 
 /// A resolved launch, and what it took.
@@ -286,6 +288,7 @@ pub fn resolve_launch(
             size_mib: req.disk_size_mib,
         }),
         paths: paths.clone(),
+        devices: req.devices.clone(),
     };
     crate::plan::plan(&spec).map_err(ResolveError::Plan)?;
     Ok(Resolved {
@@ -319,6 +322,7 @@ mod tests {
             cpus: 1,
             disk_size_mib: 64,
             exe: PathBuf::from("/bin/true"),
+            devices: GuestDevices::default(),
         }
     }
 

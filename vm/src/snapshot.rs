@@ -358,6 +358,7 @@ mod tests {
                 store,
                 disk: None,
                 paths,
+                devices: Default::default(),
             },
             share: None,
             toplevel: None,

@@ -33,6 +33,10 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
         VmCommand::Restart(a) => restart(ctx, a),
         VmCommand::Snapshot(a) => snapshot::snapshot(ctx, a),
         VmCommand::Restore(a) => snapshot::restore(ctx, a),
+        VmCommand::Exec(a) => {
+            let paths = vm_paths(ctx, &a.name)?;
+            crate::cmd::cluster::exec_vm(&a.name, &paths, &a.command, a.timeout)
+        }
     }
 }
 
@@ -94,6 +98,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         cpus: a.cpus,
         disk_size_mib: a.disk_size,
         exe: std::env::current_exe().context("locating the drydock binary")?,
+        devices: Default::default(),
     };
     let resolved = drydock_vm::resolve_launch(&ctx.layout(), &ctx.state_dir, paths, &req)?;
     if let Some((image, paths_in, took)) = &resolved.image {

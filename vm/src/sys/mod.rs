@@ -4,4 +4,5 @@
 pub(crate) mod daemon;
 pub(crate) mod fs;
 pub(crate) mod kvm;
+pub(crate) mod net;
 pub(crate) mod proc;

@@ -1,0 +1,431 @@
+//! The backdoor: a root shell in the guest on a virtio console (`/dev/hvc0`), connected to a
+//! unix socket drydock listens on. "Ready" is the guest's line [`READY_LINE`] (as NixOS's
+//! `test-instrumentation.nix` prints it). Each call is one line of POSIX `sh` that works in bash
+//! and busybox `sh` alike: the command travels base64-encoded (so no quoting, and a syntax error
+//! is the command's own failure, not the protocol's) and is `eval`ed in a subshell with stdin
+//! from `/dev/null` and stdout and stderr in two temporary files; a watchdog kills it at the
+//! deadline; then one reply line carries the status and both outputs base64-encoded:
+//!
+//! ```text
+//! DRYDOCK-<id> <status> <base64 stdout> <base64 stderr> DRYDOCK-<id>-END
+//! ```
+//!
+//! so both streams arrive complete and binary-safe, and anything else the console carries
+//! (echo, noise) is skipped. A call that hits its deadline has status 124 and the shell answers
+//! the next call; a shell that does not answer within a grace period after the deadline is
+//! wedged, and the backdoor refuses further calls. Calls on one backdoor queue on its mutex.
+//!
+//! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
+//! not throttled, unlike `virtserialport`), so the reader must keep up: each byte of a reply is
+//! scanned once, and a reply that lost bytes fails to decode (an error, never wrong output).
+//!
+//! Line building and reply parsing are pure and tested as data; [`Backdoor`] drives a stream.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+/// The line a guest's backdoor prints when its shell is ready.
+pub const READY_LINE: &str = "Spawning backdoor root shell...";
+/// How long past a call's deadline the shell may take to report the kill.
+const GRACE: Duration = Duration::from_secs(10);
+/// A reply line is refused beyond this size (base64 of both streams).
+const MAX_REPLY: usize = 256 << 20;
+
+/// What a command printed and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The command's exit status; 124 if its deadline hit.
+    pub status: i32,
+}
+
+/// Why a call could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum BackdoorError {
+    #[error("the backdoor connection failed")]
+    Io(#[source] std::io::Error),
+    #[error("the guest closed the backdoor")]
+    Closed,
+    #[error("the guest did not print {READY_LINE:?} within {} s", .0.as_secs())]
+    NotReady(Duration),
+    #[error("the guest's shell did not answer within {} s of the command's deadline; the backdoor is unusable until the machine restarts", GRACE.as_secs())]
+    Wedged,
+    #[error("the backdoor is unusable after an earlier failure")]
+    Broken,
+    #[error("a malformed reply from the guest: {0}")]
+    Malformed(String),
+    #[error("the guest's reply exceeds {} MiB", MAX_REPLY >> 20)]
+    TooLarge,
+    #[error("interrupted")]
+    Cancelled,
+}
+
+impl BackdoorError {
+    pub fn is_bad_input(&self) -> bool {
+        false
+    }
+}
+
+/// The line that runs `cmd` as call `id` with a deadline of `secs` seconds.
+pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
+    let code = B64.encode(cmd);
+    let m = format!("DRYDOCK-{id}");
+    format!(
+        "d=$(mktemp -d) && {{ (eval \"$(printf %s '{code}' | base64 -d)\") </dev/null >\"$d/o\" 2>\"$d/e\" & p=$!; \
+(sleep {secs}; : >\"$d/t\"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; \
+wait $w 2>/dev/null; [ -e \"$d/t\" ] && s=124; printf '\\n%s %s ' {m} \"$s\"; base64 \"$d/o\" | tr -d '\\r\\n'; printf ' '; \
+base64 \"$d/e\" | tr -d '\\r\\n'; printf ' %s\\n' {m}-END; rm -rf \"$d\"; }}\n"
+    )
+}
+
+/// Parse a console line as the reply to call `id`: `None` if it is not one.
+pub fn parse_reply(id: u64, line: &str) -> Option<Result<ExecOutput, BackdoorError>> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let head = format!("DRYDOCK-{id} ");
+    let tail = format!(" DRYDOCK-{id}-END");
+    let body = line.strip_prefix(&head)?.strip_suffix(&tail)?;
+    let parts: Vec<&str> = body.split(' ').collect();
+    let [status, out, err] = parts[..] else {
+        return Some(Err(BackdoorError::Malformed(format!(
+            "{} fields",
+            parts.len()
+        ))));
+    };
+    let decode = |s: &str, what: &str| {
+        B64.decode(s)
+            .map_err(|e| BackdoorError::Malformed(format!("{what}: {e}")))
+    };
+    Some((|| {
+        Ok(ExecOutput {
+            status: status
+                .parse()
+                .map_err(|_| BackdoorError::Malformed(format!("status {status:?}")))?,
+            stdout: decode(out, "stdout")?,
+            stderr: decode(err, "stderr")?,
+        })
+    })())
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    /// Bytes read past the last line.
+    pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline (a long reply is scanned once).
+    scanned: usize,
+    next_id: u64,
+    broken: bool,
+}
+
+impl Conn {
+    /// The next console line, waiting until `deadline`; `Ok(None)` when it passed.
+    fn line(&mut self, deadline: Instant) -> Result<Option<String>, BackdoorError> {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            if let Some(i) = self.pending[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let rest = self.pending.split_off(self.scanned + i + 1);
+                let line = std::mem::replace(&mut self.pending, rest);
+                self.scanned = 0;
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            self.scanned = self.pending.len();
+            if self.pending.len() > MAX_REPLY {
+                return Err(BackdoorError::TooLarge);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(BackdoorError::Io)?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(BackdoorError::Closed),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(BackdoorError::Io(e)),
+            }
+        }
+    }
+}
+
+/// A guest's backdoor shell. Calls queue: one runs at a time.
+#[derive(Debug)]
+pub struct Backdoor {
+    conn: Mutex<Conn>,
+}
+
+impl Backdoor {
+    /// Read the console until the guest prints [`READY_LINE`] (lines before it go to `seen`),
+    /// at most `within`, or until `cancel` is set.
+    pub fn wait_ready(
+        stream: UnixStream,
+        within: Duration,
+        cancel: &AtomicBool,
+        seen: &mut dyn FnMut(&str),
+    ) -> Result<Self, BackdoorError> {
+        let mut conn = Conn {
+            stream,
+            pending: Vec::new(),
+            scanned: 0,
+            next_id: 1,
+            broken: false,
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(BackdoorError::Cancelled);
+            }
+            let step = deadline.min(Instant::now() + Duration::from_millis(100));
+            match conn.line(step)? {
+                Some(l) if l.trim_end().ends_with(READY_LINE) => {
+                    return Ok(Self {
+                        conn: Mutex::new(conn),
+                    });
+                }
+                Some(l) => seen(l.trim_end()),
+                None if Instant::now() >= deadline => {
+                    return Err(BackdoorError::NotReady(within));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Run `cmd` in the guest's shell; at `timeout` it is killed and the status is 124.
+    pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput, BackdoorError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.broken {
+            return Err(BackdoorError::Broken);
+        }
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let result = (|| {
+            conn.stream
+                .write_all(call_line(id, cmd, secs).as_bytes())
+                .map_err(BackdoorError::Io)?;
+            let deadline = Instant::now() + Duration::from_secs(secs) + GRACE;
+            loop {
+                match conn.line(deadline)? {
+                    Some(l) => {
+                        if let Some(r) = parse_reply(id, &l) {
+                            return r;
+                        }
+                    }
+                    None => return Err(BackdoorError::Wedged),
+                }
+            }
+        })();
+        // A malformed reply was still one whole line: the next call finds its own reply.
+        if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_))) {
+            conn.broken = true;
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    #[test]
+    fn replies_parse_or_are_skipped() {
+        let b = |s: &[u8]| B64.encode(s);
+        let ok = format!(
+            "DRYDOCK-7 3 {} {} DRYDOCK-7-END\r\n",
+            b(b"out\0\xff"),
+            b(b"err")
+        );
+        assert_eq!(
+            parse_reply(7, &ok).unwrap().unwrap(),
+            ExecOutput {
+                stdout: b"out\0\xff".to_vec(),
+                stderr: b"err".to_vec(),
+                status: 3
+            }
+        );
+        let empty = "DRYDOCK-2 0   DRYDOCK-2-END";
+        let e = parse_reply(2, empty).unwrap().unwrap();
+        assert_eq!((e.status, e.stdout.len(), e.stderr.len()), (0, 0, 0));
+        for other in [
+            "noise",
+            "DRYDOCK-71 0   DRYDOCK-71-END",
+            &ok.replace("DRYDOCK-7", "DRYDOCK-8"),
+            "d=$(mktemp -d) && printf '\\n%s %s ' DRYDOCK-7",
+        ] {
+            assert!(parse_reply(7, other).is_none(), "{other}");
+        }
+        assert!(matches!(
+            parse_reply(1, "DRYDOCK-1 x   DRYDOCK-1-END"),
+            Some(Err(BackdoorError::Malformed(_)))
+        ));
+        assert!(matches!(
+            parse_reply(1, "DRYDOCK-1 0 !! DRYDOCK-1-END"),
+            Some(Err(BackdoorError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn the_call_line_is_one_line_without_the_command_in_clear() {
+        let l = call_line(5, "echo 'hi' | tr a-z A-Z\nexit 3", 30);
+        assert_eq!(l.matches('\n').count(), 1);
+        assert!(l.ends_with('\n'));
+        assert!(!l.contains("echo"));
+        assert!(l.contains("sleep 30;"));
+        assert!(l.contains("DRYDOCK-5-END"));
+    }
+
+    /// A real shell on a socketpair, as the guest runs it on hvc0; killed on drop.
+    struct TestShell {
+        b: Backdoor,
+        child: std::process::Child,
+    }
+
+    impl Drop for TestShell {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl std::ops::Deref for TestShell {
+        type Target = Backdoor;
+        fn deref(&self) -> &Backdoor {
+            &self.b
+        }
+    }
+
+    fn shell(program: &[&str]) -> TestShell {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = theirs.into();
+        let fd2 = fd.try_clone().unwrap();
+        let script = format!(
+            "echo booting; echo '{READY_LINE}'; exec {}",
+            program.join(" ")
+        );
+        let child = Command::new("busybox")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::from(fd))
+            .stdout(Stdio::from(fd2))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox");
+        let mut seen = Vec::new();
+        let b = Backdoor::wait_ready(
+            ours,
+            Duration::from_secs(10),
+            &AtomicBool::new(false),
+            &mut |l| seen.push(l.to_string()),
+        )
+        .unwrap();
+        assert_eq!(seen, ["booting"]);
+        TestShell { b, child }
+    }
+
+    fn calls_work(b: &Backdoor) {
+        let t = Duration::from_secs(20);
+        let r = b.exec("echo out; echo err >&2; exit 3", t).unwrap();
+        assert_eq!(
+            (r.stdout.as_slice(), r.stderr.as_slice(), r.status),
+            (&b"out\n"[..], &b"err\n"[..], 3)
+        );
+        // Words joined as ssh does: a pipe, quotes, a syntax error is the command's failure.
+        let r = b.exec("printf 'a b\\n' | tr a-z A-Z", t).unwrap();
+        assert_eq!((r.stdout.as_slice(), r.status), (&b"A B\n"[..], 0));
+        let r = b.exec("if then", t).unwrap();
+        assert_ne!(r.status, 0);
+        assert!(!r.stderr.is_empty());
+        // 1 MiB of binary output, intact.
+        let r = b
+            .exec("f=$(mktemp); dd if=/dev/urandom bs=65536 count=16 2>/dev/null >$f; md5sum <$f >&2; cat $f; rm $f", t)
+            .unwrap();
+        assert_eq!(r.stdout.len(), 1 << 20);
+        let md5 = String::from_utf8_lossy(&r.stderr).to_string();
+        let mut p = Command::new("md5sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin.take().unwrap().write_all(&r.stdout).unwrap();
+        let ours = String::from_utf8(p.wait_with_output().unwrap().stdout).unwrap();
+        assert_eq!(
+            md5.split_whitespace().next(),
+            ours.split_whitespace().next()
+        );
+        // The deadline: 124, and the shell answers afterwards.
+        let t0 = Instant::now();
+        let r = b
+            .exec("echo started; sleep 30", Duration::from_secs(1))
+            .unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (124, &b"started\n"[..]));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let r = b.exec("echo still here", t).unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (0, &b"still here\n"[..]));
+        // The command cannot eat the protocol's input.
+        let r = b.exec("cat; echo done", t).unwrap();
+        assert_eq!(r.stdout, b"done\n");
+    }
+
+    #[test]
+    fn busybox_sh_runs_calls_completely_with_status_and_deadline() {
+        calls_work(&shell(&["busybox", "sh"]));
+    }
+
+    #[test]
+    fn bash_runs_the_same_calls() {
+        // As NixOS's backdoor runs it: `bash --norc` reading commands from its stdin.
+        calls_work(&shell(&["bash", "--norc", "-s"]));
+    }
+
+    #[test]
+    fn calls_on_one_backdoor_queue() {
+        let b = Arc::new(shell(&["busybox", "sh"]));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    b.exec(&format!("sleep 0.2; echo {i}"), Duration::from_secs(20))
+                        .unwrap()
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let r = t.join().unwrap();
+            assert_eq!((r.status, r.stdout), (0, format!("{i}\n").into_bytes()));
+        }
+    }
+
+    #[test]
+    fn a_shell_that_never_becomes_ready_is_reported() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let e = Backdoor::wait_ready(
+            ours,
+            Duration::from_millis(200),
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, BackdoorError::NotReady(_)), "{e}");
+        drop(theirs);
+    }
+}

@@ -1,0 +1,368 @@
+//! Evaluating and building a composition with Nix: `nix-instantiate --eval --strict --json`
+//! prints the settings (systems reduced to their `drvPath`/`outPath`, so nothing is built and
+//! no derivation is forced beyond its paths), which `compose` checks; then one `nix-build` of
+//! every machine's system, in the same `--store`, recorded as a run by `drydock_gc::track`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use drydock_gc::{RunsDb, StoreLayout, TrackReport};
+
+use super::compose::{ComposeError, Composition, SystemRef, parse_settings};
+
+/// How long evaluating the settings may take.
+const EVAL_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The settings expression; `file` is the composition's absolute path. A system becomes
+/// `{kind, drv, out}` (not `outPath`: JSON would print a set with one as that string) or `{kind = "path"; value}`; a function anywhere else becomes a
+/// marker so that JSON output never fails on it (the checks then name it).
+pub const SETTINGS_EXPR: &str = r#"{ file }:
+let
+  raw = import (/. + file);
+  c = if builtins.isFunction raw then raw { } else raw;
+  sys = s:
+    if builtins.isAttrs s && s ? outPath && s ? drvPath then
+      { kind = "derivation"; drv = s.drvPath; out = s.outPath; }
+    else if builtins.isString s || builtins.isPath s then
+      { kind = "path"; value = toString s; }
+    else if builtins.isAttrs s && s ? outPath then
+      { kind = "path"; value = toString s.outPath; }
+    else { kind = "other"; type = builtins.typeOf s; };
+  val = v: if builtins.isFunction v then { __drydockType = "function"; } else v;
+  machine = m:
+    if builtins.isAttrs m then
+      { attrs = builtins.mapAttrs (k: v: if k == "system" then sys v else val v) m; }
+    else { type = builtins.typeOf m; };
+in
+if !(builtins.isAttrs c) then { error = "not-attrs"; type = builtins.typeOf c; }
+else if !(c ? machines) then { error = "no-machines"; }
+else if !(builtins.isAttrs c.machines) then { error = "machines-not-attrs"; type = builtins.typeOf c.machines; }
+else { machines = builtins.mapAttrs (n: machine) c.machines; }
+"#;
+
+/// The build expression: an attribute set of the named machines' systems.
+pub const BUILD_EXPR: &str = r#"{ file, names }:
+let
+  raw = import (/. + file);
+  c = if builtins.isFunction raw then raw { } else raw;
+  wanted = builtins.filter (n: builtins.elem n (builtins.fromJSON names)) (builtins.attrNames c.machines);
+in
+builtins.listToAttrs (map (n: { name = n; value = c.machines.${n}.system; }) wanted)
+"#;
+
+/// Why a composition could not be evaluated or built.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{}: no such file", .0.display())]
+    NoFile(PathBuf),
+    #[error("cannot run nix-instantiate")]
+    Spawn(#[source] std::io::Error),
+    #[error("{}: Nix could not evaluate the composition:\n{message}", file.display())]
+    Nix { file: PathBuf, message: String },
+    #[error("{}: evaluating the composition took longer than {} s", file.display(), EVAL_DEADLINE.as_secs())]
+    Timeout { file: PathBuf },
+    #[error("{}: nix-instantiate printed something that is not JSON", file.display())]
+    Json {
+        file: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Compose(ComposeError),
+    #[error("building the composition's systems")]
+    Track(#[source] Box<drydock_gc::GcError>),
+    #[error(
+        "nix-build of the composition's systems failed (exit code {0}); its messages are above"
+    )]
+    BuildFailed(i32),
+    #[error("cannot write the build expression {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EvalError {
+    /// A composition that does not evaluate, or evaluates to bad settings, is bad input; a
+    /// failed build is a failure (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::NoFile(_) | Self::Nix { .. } | Self::Json { .. } | Self::Compose(_)
+        )
+    }
+}
+
+/// `--store ROOT` for Nix commands, when the store is a chroot store.
+fn store_args(layout: &StoreLayout) -> Vec<String> {
+    match &layout.root {
+        Some(root) => vec!["--store".into(), root.display().to_string()],
+        None => Vec::new(),
+    }
+}
+
+/// Nix's message without its colour codes and the noise of the wrapper expression.
+fn nix_message(stderr: &str) -> String {
+    let mut out = String::new();
+    let mut chars = stderr.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim().to_string()
+}
+
+/// Evaluate the composition `file`'s settings and check them.
+pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalError> {
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    if !file.is_file() {
+        return Err(EvalError::NoFile(file));
+    }
+    let mut cmd = std::process::Command::new("nix-instantiate");
+    cmd.args(["--eval", "--strict", "--json", "--expr", SETTINGS_EXPR])
+        .arg("--argstr")
+        .arg("file")
+        .arg(&file)
+        .args(store_args(layout));
+    let r = crate::spawn::run_captured(cmd, EVAL_DEADLINE).map_err(EvalError::Spawn)?;
+    if r.timed_out {
+        return Err(EvalError::Timeout { file });
+    }
+    if r.code != Some(0) {
+        return Err(EvalError::Nix {
+            file,
+            message: nix_message(&r.stderr),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(r.stdout.trim()).map_err(|source| EvalError::Json {
+            file: file.clone(),
+            source,
+        })?;
+    parse_settings(&file, &v).map_err(EvalError::Compose)
+}
+
+/// The `nix-build` command line that builds the systems of `names` (pure; `track` runs it).
+pub fn build_command(
+    layout: &StoreLayout,
+    file: &Path,
+    expr_file: &Path,
+    names: &[&str],
+) -> Vec<String> {
+    let mut cmd = vec![
+        "nix-build".to_string(),
+        expr_file.display().to_string(),
+        "--no-out-link".into(),
+        "--argstr".into(),
+        "file".into(),
+        file.display().to_string(),
+        "--argstr".into(),
+        "names".into(),
+        serde_json::to_string(names).unwrap_or_else(|_| "[]".into()),
+    ];
+    cmd.extend(store_args(layout));
+    cmd
+}
+
+/// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run named
+/// `run_name` (kind build). Machines whose system is a plain store path need no build; with none
+/// to build, nothing runs and `None` is returned.
+pub fn build(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    c: &Composition,
+    names: &[&str],
+    run_name: &str,
+    expr_dir: &Path,
+    cancel: &AtomicBool,
+) -> Result<Option<TrackReport>, EvalError> {
+    let to_build: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| {
+            matches!(
+                c.machines.get(*n).map(|m| &m.system),
+                Some(SystemRef::Derivation { .. })
+            )
+        })
+        .collect();
+    if to_build.is_empty() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(expr_dir).map_err(|source| EvalError::Write {
+        path: expr_dir.to_path_buf(),
+        source,
+    })?;
+    let expr_file = expr_dir.join("build.nix");
+    std::fs::write(&expr_file, BUILD_EXPR).map_err(|source| EvalError::Write {
+        path: expr_file.clone(),
+        source,
+    })?;
+    let cmd = build_command(layout, &c.file, &expr_file, &to_build);
+    let report = drydock_gc::track(layout, runs, Some(run_name), &cmd, cancel)
+        .map_err(|e| EvalError::Track(Box::new(e)))?;
+    if report.exit_code != 0 {
+        return Err(EvalError::BuildFailed(report.exit_code));
+    }
+    Ok(Some(report))
+}
+
+/// After the build: every named machine's system must be a NixOS-shaped toplevel in the store
+/// (kernel, initrd, init, kernel-params), else bad input naming `machines.NAME.system`.
+pub fn check_systems(
+    layout: &StoreLayout,
+    c: &Composition,
+    names: &[&str],
+) -> Result<(), ComposeError> {
+    for name in names {
+        let Some(m) = c.machines.get(*name) else {
+            continue;
+        };
+        let target = m.system.target();
+        let result = crate::system::toplevel_path(layout, target)
+            .and_then(|top| crate::system::resolve_system(layout, &top));
+        if let Err(e) = result {
+            return Err(ComposeError::BadValue {
+                file: c.file.clone(),
+                attr: format!("machines.{name}.system"),
+                message: format!(
+                    "{target} is not a NixOS-shaped system: {}",
+                    crate::error_chain(&e)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_messages_lose_their_colours() {
+        assert_eq!(
+            nix_message("\u{1b}[31;1merror:\u{1b}[0m syntax error\n"),
+            "error: syntax error"
+        );
+    }
+
+    #[test]
+    fn the_build_command_names_the_store_and_the_machines() {
+        let l = StoreLayout::chroot(PathBuf::from("/r"));
+        let cmd = build_command(
+            &l,
+            Path::new("/p/drydock.nix"),
+            Path::new("/s/build.nix"),
+            &["a", "b"],
+        );
+        assert_eq!(
+            cmd,
+            [
+                "nix-build",
+                "/s/build.nix",
+                "--no-out-link",
+                "--argstr",
+                "file",
+                "/p/drydock.nix",
+                "--argstr",
+                "names",
+                "[\"a\",\"b\"]",
+                "--store",
+                "/r"
+            ]
+        );
+    }
+
+    /// Real evaluations (no build, no store written: `--eval` is read-only) of each bad
+    /// composition of issue #10, and of a good one.
+    #[test]
+    fn compositions_evaluate_or_name_what_is_wrong() {
+        if std::process::Command::new("nix-instantiate")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            panic!("nix-instantiate is needed for this test");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let layout = StoreLayout::chroot(store);
+        let sys = r#"derivation { name = "s"; system = "x86_64-linux"; builder = "/bin/sh"; }"#;
+        let cases: Vec<(&str, String, Option<&str>)> = vec![
+            (
+                "good",
+                format!(
+                    "{{ n ? 2 }}: {{ machines = {{ server = {{ system = {sys}; memorySize = 256; }}; agent = {{ system = \"/nix/store/x\"; vlans = [ n ]; }}; }}; }}"
+                ),
+                None,
+            ),
+            ("nomachines", "{ }".into(), Some("no attribute `machines`")),
+            (
+                "big",
+                format!("{{ machines.server = {{ system = {sys}; memorySize = \"big\"; }}; }}"),
+                Some("machines.server.memorySize: expected an integer (MiB)"),
+            ),
+            (
+                "underscore",
+                format!("{{ machines.my_server = {{ system = {sys}; }}; }}"),
+                Some("machines.my_server: a machine name is a hostname"),
+            ),
+            (
+                "notnixos",
+                "{ machines.server = { system = 42; }; }".into(),
+                Some("machines.server.system: expected a derivation or store path"),
+            ),
+            (
+                "syntax",
+                "{ machines = { ; }".into(),
+                Some("Nix could not evaluate the composition:\nerror: syntax error"),
+            ),
+            (
+                "lambda",
+                format!("{{ machines.server = {{ system = {sys}; cores = x: x; }}; }}"),
+                Some("machines.server.cores: expected an integer from 1 to 64, got a function"),
+            ),
+        ];
+        for (name, text, says) in cases {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let file = d.join("drydock.nix");
+            std::fs::write(&file, text).unwrap();
+            match (evaluate(&layout, &file), says) {
+                (Ok(c), None) => {
+                    assert_eq!(c.machines.keys().collect::<Vec<_>>(), ["agent", "server"]);
+                    assert_eq!(c.machines["agent"].vlans, vec![2]);
+                    assert_eq!(c.machines["server"].memory_mib, 256);
+                    assert!(matches!(
+                        c.machines["server"].system,
+                        SystemRef::Derivation { .. }
+                    ));
+                }
+                (Err(e), Some(says)) => {
+                    let text = e.to_string();
+                    assert!(e.is_bad_input(), "{name}: {text}");
+                    assert!(text.contains(says), "{name}: {text:?} should say {says:?}");
+                    assert!(
+                        text.starts_with(&file.display().to_string()),
+                        "{name}: {text} names the file"
+                    );
+                }
+                (r, _) => panic!("{name}: unexpected {r:?}"),
+            }
+        }
+    }
+}

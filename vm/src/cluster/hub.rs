@@ -1,0 +1,227 @@
+//! A private layer-2 segment: a hub (like `vde_switch --hub`) on one unix datagram socket.
+//! Each VM's NIC is a QEMU `-netdev dgram` whose local socket is one of the hub's ports; every
+//! frame the hub receives from a port goes to every other port, unchanged. Frames from a socket
+//! that is not a port are dropped, and so is a frame for a port whose queue is full or that is
+//! not there yet (no port can stall the others). No root, no tap, nothing on the host's network.
+//!
+//! One thread per hub, blocking on its one socket: a hub is a single file descriptor with one
+//! reader, so an async runtime would add nothing but a dependency (see docs/ARCHITECTURE.md).
+//! The thread belongs to the process that owns the cluster and dies with it, SIGKILL included.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A frame is at most a jumbo Ethernet frame; QEMU sends one per datagram.
+const MAX_FRAME: usize = 65_536;
+/// How often the thread looks at its stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Why a hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot bind the hub socket of VLAN {vlan} at {}", path.display())]
+    Bind {
+        vlan: u8,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the hub thread of VLAN {vlan}")]
+    Thread {
+        vlan: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a hub did.
+#[derive(Debug, Default)]
+pub struct HubCounters {
+    /// Frames received from a port.
+    pub frames: AtomicU64,
+    /// Copies delivered to other ports.
+    pub delivered: AtomicU64,
+    /// Copies dropped (port absent or full) and frames from strangers.
+    pub dropped: AtomicU64,
+}
+
+/// A running hub; stopped (thread joined, socket removed) by [`Hub::stop`] or on drop.
+#[derive(Debug)]
+pub struct Hub {
+    vlan: u8,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    counters: Arc<HubCounters>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hub {
+    /// Bind `socket` (a stale file there is replaced) and forward frames among `ports`.
+    pub fn start(vlan: u8, socket: &Path, ports: Vec<PathBuf>) -> Result<Self, HubError> {
+        let bind = |source| HubError::Bind {
+            vlan,
+            path: socket.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(bind)?;
+        }
+        let _ = std::fs::remove_file(socket);
+        let sock = UnixDatagram::bind(socket).map_err(bind)?;
+        sock.set_read_timeout(Some(POLL)).map_err(bind)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(HubCounters::default());
+        let thread = std::thread::Builder::new()
+            .name(format!("hub-vlan{vlan}"))
+            .spawn({
+                let stop = stop.clone();
+                let counters = counters.clone();
+                move || forward(&sock, &ports, &stop, &counters)
+            })
+            .map_err(|source| HubError::Thread { vlan, source })?;
+        tracing::debug!(vlan, socket = %socket.display(), "hub started");
+        Ok(Self {
+            vlan,
+            socket: socket.to_path_buf(),
+            stop,
+            counters,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn vlan(&self) -> u8 {
+        self.vlan
+    }
+
+    pub fn counters(&self) -> &HubCounters {
+        &self.counters
+    }
+
+    /// Stop forwarding, join the thread (within [`POLL`]) and remove the socket. Idempotent.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn forward(sock: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool, c: &HubCounters) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("hub: receiving failed: {e}");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let Some(sender) = from.as_pathname().filter(|p| ports.iter().any(|q| q == p)) else {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        c.frames.fetch_add(1, Ordering::Relaxed);
+        for port in ports.iter().filter(|p| p.as_path() != sender) {
+            match crate::sys::net::send_to_nowait(sock, &buf[..n], port) {
+                Ok(_) => c.delivered.fetch_add(1, Ordering::Relaxed),
+                Err(_) => c.dropped.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(dir: &Path, name: &str) -> (PathBuf, UnixDatagram) {
+        let p = dir.join(name);
+        let s = UnixDatagram::bind(&p).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (p, s)
+    }
+
+    fn recv(s: &UnixDatagram) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_FRAME];
+        s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    }
+
+    #[test]
+    fn each_frame_reaches_every_other_port_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let (pc, c) = port(dir.path(), "c.sock");
+        // A port whose VM is not up yet: its copies are dropped, the others still flow.
+        let absent = dir.path().join("absent.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let mut hub = Hub::start(1, &hub_path, vec![pa, pb, pc, absent]).unwrap();
+
+        let big: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+        a.send_to(&big, &hub_path).unwrap();
+        assert_eq!(recv(&b).as_deref(), Some(&big[..]));
+        assert_eq!(recv(&c).as_deref(), Some(&big[..]));
+        b.send_to(b"from b", &hub_path).unwrap();
+        assert_eq!(recv(&a).as_deref(), Some(&b"from b"[..]));
+        assert_eq!(recv(&c).as_deref(), Some(&b"from b"[..]));
+
+        // Nothing echoes back to the sender, and a stranger's frame goes nowhere.
+        let (_, stranger) = port(dir.path(), "stranger.sock");
+        stranger.send_to(b"intruder", &hub_path).unwrap();
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+        }
+        assert_eq!(recv(&a), None, "a got its own frame or the stranger's");
+        assert_eq!(recv(&b), None);
+        assert_eq!(recv(&c), None);
+
+        let k = hub.counters();
+        assert_eq!(k.frames.load(Ordering::SeqCst), 2);
+        assert_eq!(k.delivered.load(Ordering::SeqCst), 4);
+        // One copy each to the absent port, and the stranger's frame.
+        assert_eq!(k.dropped.load(Ordering::SeqCst), 3);
+        hub.stop();
+        assert!(!hub_path.exists(), "the hub's socket is removed");
+    }
+
+    #[test]
+    fn a_full_port_does_not_stall_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, _never_reads) = port(dir.path(), "b.sock");
+        let (pc, c) = port(dir.path(), "c.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(2, &hub_path, vec![pa, pb, pc]).unwrap();
+        let t = std::time::Instant::now();
+        for i in 0..500u32 {
+            a.send_to(&i.to_le_bytes(), &hub_path).unwrap();
+            assert_eq!(recv(&c).as_deref(), Some(&i.to_le_bytes()[..]), "frame {i}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // b's queue filled up: its copies were dropped, c's were not.
+        let dropped = hub.counters().dropped.load(Ordering::SeqCst);
+        assert!((1..500).contains(&dropped), "dropped {dropped}");
+    }
+}

@@ -1,0 +1,12 @@
+//! Clusters: compositions of machines (`drydock.nix`), each a VM of the one launch path, on
+//! private layer-2 segments (one hub per VLAN), with a backdoor shell into each guest.
+//!
+//! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build);
+//! `hub` forwards frames on a VLAN; `backdoor` runs commands in a guest's shell; `run` owns an
+//! up cluster (hubs, one thread per machine, the exec service).
+
+pub(crate) mod backdoor;
+pub(crate) mod compose;
+pub(crate) mod eval;
+pub(crate) mod hub;
+pub(crate) mod run;

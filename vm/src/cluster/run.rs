@@ -1,0 +1,591 @@
+//! The effectful layer of a cluster: its owner process starts one hub per VLAN and one
+//! long-lived thread per machine (so QEMU's parent-death signal is tied to a thread that lives
+//! as long as the machine). Each machine thread launches its VM through the one launch path
+//! (`resolve_launch`, `record_vm_run`, `start`), listens on the backdoor socket QEMU connects
+//! to, waits for the guest's ready line, then serves `exec` requests from other drydock
+//! processes on `exec.sock` (one JSON line each way; calls queue on the backdoor), until the
+//! owner stops the cluster or QEMU exits. Stopping sets one flag: every machine thread stops its
+//! VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs stop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use drydock_gc::StoreLayout;
+use serde::{Deserialize, Serialize};
+
+use super::backdoor::{Backdoor, ExecOutput};
+use super::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
+use super::hub::Hub;
+use crate::launch::{LaunchRecord, VmState};
+use crate::plan::{FwCfgFile, GuestDevices, Nic, VmPaths};
+use crate::resolve::{AccelChoice, Boot, LaunchRequest, Share, StoreMode};
+
+/// Why a cluster could not start, or a call could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot write {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Hub(super::hub::HubError),
+    #[error("machine {machine}: {message}")]
+    Machine { machine: String, message: String },
+    #[error("the cluster {0} is not up (no owner found)")]
+    NotUp(String),
+    #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
+    NoExec(String),
+    #[error("the exec call to {vm} failed")]
+    Call {
+        vm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{vm}: {message}")]
+    Remote { vm: String, message: String },
+    #[error("interrupted while the cluster started; everything started was stopped")]
+    Interrupted,
+}
+
+impl ClusterError {
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::NotUp(_) | Self::NoExec(_))
+    }
+}
+
+/// How to launch a cluster's machines.
+#[derive(Debug, Clone)]
+pub struct ClusterLaunch {
+    pub layout: StoreLayout,
+    pub state_dir: PathBuf,
+    /// The drydock binary (the store servers).
+    pub exe: PathBuf,
+    pub accel: AccelChoice,
+    pub qemu: Option<PathBuf>,
+    /// How long a machine may take from start to its backdoor's ready line.
+    pub ready_timeout: Duration,
+    /// The command line recorded with each machine's run.
+    pub argv: Vec<String>,
+}
+
+/// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub name: String,
+    pub owner_pid: u32,
+    pub owner_start_ticks: Option<u64>,
+    /// Every machine's backdoor is ready.
+    pub ready: bool,
+    pub plan: ClusterPlan,
+}
+
+impl ClusterState {
+    pub fn read(state_dir: &Path, name: &str) -> Option<Self> {
+        let bytes = drydock_gc::read_regular(
+            &cluster_paths(state_dir, name).dir.join("cluster.json"),
+            drydock_gc::Links::Refuse,
+            drydock_gc::MAX_STATE_BYTES,
+        )
+        .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+    pub fn owner_alive(&self) -> bool {
+        crate::launch::same_process_alive(self.owner_pid, self.owner_start_ticks)
+    }
+    fn write(&self, state_dir: &Path) -> Result<(), ClusterError> {
+        let path = cluster_paths(state_dir, &self.name)
+            .dir
+            .join("cluster.json");
+        crate::launch::write_json(&path, self).map_err(|e| ClusterError::Files {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+}
+
+/// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
+pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
+    VmPaths::in_folder(state_dir, "clusters", name)
+}
+
+/// The socket a machine's owner serves `exec` on.
+pub fn exec_socket(paths: &VmPaths) -> PathBuf {
+    paths.sockets.join("exec.sock")
+}
+
+fn hub_socket(cluster: &VmPaths, vlan: u8) -> PathBuf {
+    cluster.sockets.join(format!("vlan{vlan}.sock"))
+}
+
+/// What a machine thread reports.
+#[derive(Debug)]
+pub enum MachineEvent {
+    Ready { machine: String, after: Duration },
+    Failed { machine: String, message: String },
+    Stopped { machine: String },
+}
+
+/// An up cluster, owned by this process. Dropping it stops everything.
+#[derive(Debug)]
+pub struct RunningCluster {
+    pub plan: ClusterPlan,
+    state_dir: PathBuf,
+    hubs: Vec<Hub>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    pub events: Receiver<MachineEvent>,
+    stopped: bool,
+}
+
+/// Start the cluster `plan`: hubs, then every machine in parallel. Returns once every machine
+/// is ready; a machine that fails, `cancel` or the timeout stops everything started.
+/// `on_event` sees each machine's event, and `None` every 50 ms meanwhile.
+pub fn up(
+    plan: &ClusterPlan,
+    opts: &ClusterLaunch,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(Option<&MachineEvent>),
+) -> Result<RunningCluster, ClusterError> {
+    let cpaths = cluster_paths(&opts.state_dir, &plan.name);
+    for d in [&cpaths.dir, &cpaths.sockets] {
+        std::fs::create_dir_all(d).map_err(|source| ClusterError::Files {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    let hosts = cpaths.dir.join("hosts");
+    std::fs::write(&hosts, &plan.hosts).map_err(|source| ClusterError::Files {
+        path: hosts.clone(),
+        source,
+    })?;
+    let (tx, rx) = channel();
+    let mut running = RunningCluster {
+        plan: plan.clone(),
+        state_dir: opts.state_dir.clone(),
+        hubs: Vec::new(),
+        threads: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
+        events: rx,
+        stopped: false,
+    };
+    for &v in &plan.vlans {
+        let ports = plan
+            .on_vlan(v)
+            .map(|m| nic_socket(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name), v))
+            .collect();
+        running
+            .hubs
+            .push(Hub::start(v, &hub_socket(&cpaths, v), ports).map_err(ClusterError::Hub)?);
+    }
+    for m in &plan.machines {
+        let (m, opts, tx, stop) = (m.clone(), opts.clone(), tx.clone(), running.stop.clone());
+        let (hosts, cp) = (hosts.clone(), cpaths.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("machine-{}", m.machine))
+            .spawn(move || machine_main(&m, &opts, &cp, &hosts, &stop, &tx))
+            .map_err(|source| ClusterError::Files {
+                path: cpaths.dir.clone(),
+                source,
+            })?;
+        running.threads.push(t);
+    }
+    let started = Instant::now();
+    let mut ready = 0;
+    while ready < plan.machines.len() {
+        if cancel.load(Ordering::SeqCst) {
+            running.stop();
+            return Err(ClusterError::Interrupted);
+        }
+        match running.events.recv_timeout(Duration::from_millis(50)) {
+            Ok(ev) => {
+                on_event(Some(&ev));
+                match ev {
+                    MachineEvent::Ready { .. } => ready += 1,
+                    MachineEvent::Failed { machine, message } => {
+                        running.stop();
+                        return Err(ClusterError::Machine { machine, message });
+                    }
+                    MachineEvent::Stopped { machine } => {
+                        running.stop();
+                        return Err(ClusterError::Machine {
+                            machine,
+                            message: "stopped before it became ready".into(),
+                        });
+                    }
+                }
+            }
+            Err(_) if started.elapsed() > opts.ready_timeout + Duration::from_secs(60) => {
+                running.stop();
+                return Err(ClusterError::Machine {
+                    machine: "?".into(),
+                    message: "the cluster did not become ready in time".into(),
+                });
+            }
+            Err(_) => on_event(None),
+        }
+    }
+    Ok(running)
+}
+
+impl RunningCluster {
+    /// Record this process as the cluster's owner (for `down`, `ps`, `exec`).
+    pub fn write_state(&self, ready: bool) -> Result<(), ClusterError> {
+        let pid = std::process::id();
+        ClusterState {
+            name: self.plan.name.clone(),
+            owner_pid: pid,
+            owner_start_ticks: crate::launch::process_start_ticks(pid),
+            ready,
+            plan: self.plan.clone(),
+        }
+        .write(&self.state_dir)
+    }
+
+    /// Whether every machine thread has ended (their VMs stopped).
+    pub fn all_stopped(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Stop every machine in parallel, then the hubs; remove the owner's state. Idempotent.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for h in &mut self.hubs {
+            h.stop();
+        }
+        let dir = cluster_paths(&self.state_dir, &self.plan.name).dir;
+        let _ = std::fs::remove_file(dir.join("cluster.json"));
+    }
+}
+
+impl Drop for RunningCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
+    paths.sockets.join(format!("vlan{vlan}.sock"))
+}
+
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::error_chain(e)
+}
+
+/// One machine, start to stop. Everything it started it stops before returning.
+fn machine_main(
+    m: &MachinePlan,
+    opts: &ClusterLaunch,
+    cpaths: &VmPaths,
+    hosts: &Path,
+    stop: &AtomicBool,
+    tx: &Sender<MachineEvent>,
+) {
+    let fail = |message: String| {
+        let _ = tx.send(MachineEvent::Failed {
+            machine: m.machine.clone(),
+            message,
+        });
+    };
+    let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
+    if let Some(state) = VmState::read(&paths) {
+        if state.qemu_alive() || state.supervisor_alive() {
+            return fail(format!(
+                "a VM named {} is already running (QEMU pid {})",
+                m.vm_name, state.qemu_pid
+            ));
+        }
+        let record = LaunchRecord::read(&paths).ok();
+        if let Err(e) = crate::owner::reap_stale(&opts.state_dir, &paths, &state, record.as_ref()) {
+            return fail(error_text(&e));
+        }
+    }
+    for d in [&paths.dir, &paths.sockets] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return fail(format!("cannot create {}: {e}", d.display()));
+        }
+    }
+    let backdoor_path = paths.sockets.join("backdoor.sock");
+    let exec_path = exec_socket(&paths);
+    let nics: Vec<Nic> = m
+        .nics
+        .iter()
+        .map(|n| Nic {
+            mac: n.mac.clone(),
+            socket: nic_socket(&paths, n.vlan),
+            hub: hub_socket(cpaths, n.vlan),
+        })
+        .collect();
+    for p in nics
+        .iter()
+        .map(|n| &n.socket)
+        .chain([&backdoor_path, &exec_path])
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    let listener = match UnixListener::bind(&backdoor_path) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
+    };
+    let req = LaunchRequest {
+        name: m.vm_name.clone(),
+        boot: Boot::System(m.settings.system.target().to_string()),
+        append: Some(m.append.clone()),
+        share: Share::Closure,
+        store_mode: StoreMode::VirtioFs,
+        accel: opts.accel,
+        qemu: opts.qemu.clone(),
+        memory_mib: m.settings.memory_mib,
+        cpus: m.settings.cores,
+        disk_size_mib: m.settings.disk_mib,
+        exe: opts.exe.clone(),
+        devices: GuestDevices {
+            nics,
+            backdoor: Some(backdoor_path.clone()),
+            fw_cfg: vec![FwCfgFile {
+                name: HOSTS_FW_CFG.into(),
+                file: hosts.to_path_buf(),
+            }],
+        },
+    };
+    let mut record =
+        match crate::resolve::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
+            Ok(r) => r.record,
+            Err(e) => {
+                return fail(format!(
+                    "system {}: {}",
+                    m.settings.system.target(),
+                    error_text(&e)
+                ));
+            }
+        };
+    if let Some(disk) = &record.spec.disk {
+        if let Err(e) = crate::launch::discard_disk(disk) {
+            return fail(error_text(&e));
+        }
+    }
+    record.run_id = crate::owner::record_vm_run(&opts.state_dir, &opts.layout, &record, &opts.argv);
+    if let Err(e) = record.write(&paths) {
+        return fail(error_text(&e));
+    }
+    let started = Instant::now();
+    let mut vm = match crate::launch::start(&record.spec, record.share.as_ref(), None) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = crate::owner::end_vm_run(&opts.state_dir, &record, None);
+            return fail(error_text(&e));
+        }
+    };
+    // From here on the VM is stopped on every path out.
+    let result = serve(m, opts, &mut vm, &listener, &exec_path, stop, tx, started);
+    let status = vm.exited();
+    if let Err(e) = vm.stop(crate::launch::POWERDOWN_GRACE) {
+        tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
+    }
+    let _ = crate::owner::end_vm_run(
+        &opts.state_dir,
+        &record,
+        status.or_else(|| vm.exited()).and_then(|s| s.code()),
+    );
+    for p in [&backdoor_path, &exec_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    for n in &record.spec.devices.nics {
+        let _ = std::fs::remove_file(&n.socket);
+    }
+    match result {
+        Ok(()) => {
+            let _ = tx.send(MachineEvent::Stopped {
+                machine: m.machine.clone(),
+            });
+        }
+        Err(message) => fail(message),
+    }
+}
+
+/// Wait for the backdoor, report ready, serve `exec` until stopped or QEMU exits.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    m: &MachinePlan,
+    opts: &ClusterLaunch,
+    vm: &mut crate::launch::Vm,
+    listener: &UnixListener,
+    exec_path: &Path,
+    stop: &AtomicBool,
+    tx: &Sender<MachineEvent>,
+    started: Instant,
+) -> Result<(), String> {
+    let deadline = started + opts.ready_timeout;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("backdoor socket: {e}"))?;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("backdoor socket: {e}")),
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if vm.exited().is_some() {
+            return Err("QEMU exited before it connected the backdoor".into());
+        }
+        if Instant::now() > deadline {
+            return Err("QEMU did not connect the backdoor in time".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = stream.set_nonblocking(false);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let backdoor = Backdoor::wait_ready(stream, left, stop, &mut |_| {}).map_err(|e| {
+        format!(
+            "{} (see {})",
+            error_text(&e),
+            vm.paths().console_log().display()
+        )
+    })?;
+    let backdoor = Arc::new(backdoor);
+    let _ = tx.send(MachineEvent::Ready {
+        machine: m.machine.clone(),
+        after: started.elapsed(),
+    });
+    let exec = UnixListener::bind(exec_path)
+        .map_err(|e| format!("cannot listen on {}: {e}", exec_path.display()))?;
+    exec.set_nonblocking(true)
+        .map_err(|e| format!("exec socket: {e}"))?;
+    let calls: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    while !stop.load(Ordering::SeqCst) && vm.exited().is_none() {
+        match exec.accept() {
+            Ok((s, _)) => {
+                let b = backdoor.clone();
+                if let Ok(t) = std::thread::Builder::new()
+                    .name(format!("exec-{}", m.machine))
+                    .spawn(move || answer(s, &b))
+                {
+                    let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
+                    c.retain(|t| !t.is_finished());
+                    c.push(t);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("exec socket: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// An `exec` request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecRequest {
+    cmd: String,
+    timeout_ms: u64,
+}
+
+/// An `exec` reply on the wire (outputs base64).
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecReply {
+    #[serde(default)]
+    status: i32,
+    #[serde(default)]
+    stdout: String,
+    #[serde(default)]
+    stderr: String,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn answer(s: UnixStream, b: &Backdoor) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    let mut r = BufReader::new(&s);
+    let reply = match r
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<ExecRequest>(&line).map_err(|e| e.to_string()))
+    {
+        Ok(req) => match b.exec(&req.cmd, Duration::from_millis(req.timeout_ms)) {
+            Ok(o) => ExecReply {
+                status: o.status,
+                stdout: B64.encode(&o.stdout),
+                stderr: B64.encode(&o.stderr),
+                error: None,
+            },
+            Err(e) => ExecReply {
+                status: 1,
+                stdout: String::new(),
+                stderr: String::new(),
+                error: Some(error_text(&e)),
+            },
+        },
+        Err(e) => ExecReply {
+            status: 2,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: Some(format!("bad request: {e}")),
+        },
+    };
+    let mut w = &s;
+    if let Ok(mut text) = serde_json::to_string(&reply) {
+        text.push('\n');
+        let _ = w.write_all(text.as_bytes());
+    }
+}
+
+/// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket.
+pub fn exec_remote(
+    vm: &str,
+    paths: &VmPaths,
+    cmd: &str,
+    timeout: Duration,
+) -> Result<ExecOutput, ClusterError> {
+    let sock = exec_socket(paths);
+    let s = UnixStream::connect(&sock).map_err(|_| ClusterError::NoExec(vm.to_string()))?;
+    let call = |source| ClusterError::Call {
+        vm: vm.to_string(),
+        source,
+    };
+    // The owner's deadline is the call's; ours adds its grace for the reply.
+    s.set_read_timeout(Some(timeout + Duration::from_secs(30)))
+        .map_err(call)?;
+    let mut text = serde_json::to_string(&ExecRequest {
+        cmd: cmd.to_string(),
+        timeout_ms: timeout.as_millis() as u64,
+    })
+    .map_err(|e| call(std::io::Error::other(e)))?;
+    text.push('\n');
+    (&s).write_all(text.as_bytes()).map_err(call)?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(call)?;
+    let reply: ExecReply =
+        serde_json::from_str(&line).map_err(|e| call(std::io::Error::other(e)))?;
+    if let Some(message) = reply.error {
+        return Err(ClusterError::Remote {
+            vm: vm.to_string(),
+            message,
+        });
+    }
+    let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
+    Ok(ExecOutput {
+        status: reply.status,
+        stdout: dec(&reply.stdout)?,
+        stderr: dec(&reply.stderr)?,
+    })
+}
