@@ -362,6 +362,16 @@ pub enum AccelArg {
     Tcg,
 }
 
+impl From<AccelArg> for drydock_vm::AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => Self::Auto,
+            AccelArg::Kvm => Self::Kvm,
+            AccelArg::Tcg => Self::Tcg,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ShareArg {
     /// Only the system's closure (from the Nix database's references).

@@ -30,14 +30,6 @@ fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
     Ok(name)
 }
 
-fn accel(a: AccelArg) -> drydock_vm::AccelChoice {
-    match a {
-        AccelArg::Auto => drydock_vm::AccelChoice::Auto,
-        AccelArg::Kvm => drydock_vm::AccelChoice::Kvm,
-        AccelArg::Tcg => drydock_vm::AccelChoice::Tcg,
-    }
-}
-
 fn accel_word(a: AccelArg) -> &'static str {
     match a {
         AccelArg::Auto => "auto",
@@ -56,7 +48,7 @@ fn launch_opts(
         layout: ctx.layout(),
         state_dir: ctx.state_dir.clone(),
         exe: std::env::current_exe().context("locating the drydock binary")?,
-        accel: accel(a),
+        accel: drydock_vm::AccelChoice::from(a),
         qemu: qemu.map(Path::to_path_buf),
         ready_timeout: timeout,
         argv: std::env::args().collect(),

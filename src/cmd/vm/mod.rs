@@ -88,11 +88,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
             StoreModeArg::Virtiofs => drydock_vm::StoreMode::VirtioFs,
             StoreModeArg::Image => drydock_vm::StoreMode::Image,
         },
-        accel: match a.accel {
-            AccelArg::Auto => drydock_vm::AccelChoice::Auto,
-            AccelArg::Kvm => drydock_vm::AccelChoice::Kvm,
-            AccelArg::Tcg => drydock_vm::AccelChoice::Tcg,
-        },
+        accel: a.accel.into(),
         qemu: a.qemu.clone(),
         memory_mib: a.memory,
         cpus: a.cpus,
