@@ -12,8 +12,8 @@ use anyhow::{Context as _, anyhow};
 use drydock_vm::{ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState};
 
 use crate::cli::{
-    AccelArg, ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs,
-    VmStopArgs, VmSuperviseArgs, WaitArgs,
+    ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs, VmStopArgs,
+    VmSuperviseArgs, WaitArgs,
 };
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
