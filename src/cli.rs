@@ -69,6 +69,8 @@ pub enum Command {
     Ps(ClusterArgs),
     /// Run a command as root in a cluster machine, through its backdoor.
     Exec(ExecArgs),
+    /// The machines' console logs, prefixed by machine, merged in time order.
+    Logs(LogsArgs),
     /// Internal: own a detached cluster (started by `up --detach`).
     #[command(name = "__cluster-supervise", hide = true)]
     ClusterSupervise(ClusterSuperviseArgs),
@@ -125,6 +127,20 @@ pub struct UpArgs {
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Only these machines (default: all).
+    pub machines: Vec<String>,
+    /// Leave out these machines.
+    #[arg(long, value_name = "M,...", value_delimiter = ',')]
+    pub hide: Vec<String>,
+    /// Keep printing new lines until the cluster is down (or Ctrl-C).
+    #[arg(long)]
+    pub follow: bool,
 }
 
 #[derive(Debug, Args)]

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Command::Down(args) => cmd::cluster::down(&ctx, args),
         Command::Ps(args) => cmd::cluster::ps(&ctx, args),
         Command::Exec(args) => cmd::cluster::exec(&ctx, args),
+        Command::Logs(args) => cmd::cluster::logs(&ctx, args),
         Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
     });
     exit::finish(result)

@@ -1,4 +1,4 @@
-//! `drydock up|down|ps|exec` and the hidden `__cluster-supervise` that owns a detached cluster:
+//! `drydock up|down|ps|exec|logs` and the hidden `__cluster-supervise` that owns a detached cluster:
 //! argument handling over `drydock_vm`'s cluster module (evaluation, planning, the one tracked
 //! build, hubs, machines, backdoors).
 
@@ -14,7 +14,7 @@ use drydock_vm::{
 };
 
 use crate::cancel::CANCEL;
-use crate::cli::{AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, UpArgs};
+use crate::cli::{AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, LogsArgs, UpArgs};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
@@ -429,4 +429,55 @@ pub fn exec_vm(
     out.write_all(&o.stdout)?;
     out.flush()?;
     Ok(Outcome::Code(o.status.clamp(0, 255) as u8))
+}
+
+/// `logs`: the machines' timed console logs, merged in time order.
+pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
+    let name = cluster_name(&a.cluster)?;
+    let path = plan_file(ctx, &name);
+    let bytes = drydock_gc::read_regular(
+        &path,
+        drydock_gc::Links::Refuse,
+        drydock_gc::MAX_STATE_BYTES,
+    )
+    .map_err(|_| bad_input(format!("the cluster {name} was never up here")))?;
+    let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
+    for m in a.machines.iter().chain(&a.hide) {
+        if plan.machine(m).is_none() {
+            return Err(bad_input(format!("the cluster {name} has no machine {m}")));
+        }
+    }
+    let chosen: Vec<_> = plan
+        .machines
+        .iter()
+        .filter(|m| a.machines.is_empty() || a.machines.contains(&m.machine))
+        .filter(|m| !a.hide.contains(&m.machine))
+        .collect();
+    let width = chosen.iter().map(|m| m.machine.len()).max().unwrap_or(0);
+    crate::cancel::install();
+    let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = crate::out::stdout();
+    loop {
+        let logs = chosen
+            .iter()
+            .map(|m| {
+                let p = drydock_vm::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
+                let lines =
+                    drydock_vm::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
+                let skip = printed.get(&m.machine).copied().unwrap_or(0);
+                printed.insert(m.machine.clone(), lines.len());
+                (m.machine.clone(), lines.into_iter().skip(skip).collect())
+            })
+            .collect();
+        for (_, m, line) in drydock_vm::merge_timed(logs) {
+            writeln!(out, "{m:width$} │ {line}")?;
+        }
+        out.flush()?;
+        let up = ClusterState::read(&ctx.state_dir, &name).is_some_and(|s| s.owner_alive());
+        if !a.follow || !up || CANCEL.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(Outcome::Success)
 }

@@ -35,7 +35,7 @@ pub use cluster::eval::{
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterState, MachineEvent, RunningCluster, cluster_paths,
-    exec_remote, exec_socket, up as cluster_up,
+    exec_remote, exec_socket, merge_timed, parse_timed, timed_log, up as cluster_up,
 };
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,

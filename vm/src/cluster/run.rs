@@ -142,6 +142,9 @@ pub struct RunningCluster {
     hubs: Vec<Hub>,
     threads: Vec<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Stops the console stamping, after the machines (their last lines are stamped too).
+    stamp_stop: Arc<AtomicBool>,
+    stamper: Option<std::thread::JoinHandle<()>>,
     pub events: Receiver<MachineEvent>,
     stopped: bool,
 }
@@ -174,6 +177,8 @@ pub fn up(
         hubs: Vec::new(),
         threads: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        stamp_stop: Arc::new(AtomicBool::new(false)),
+        stamper: None,
         events: rx,
         stopped: false,
     };
@@ -186,6 +191,28 @@ pub fn up(
             .hubs
             .push(Hub::start(v, &hub_socket(&cpaths, v), ports).map_err(ClusterError::Hub)?);
     }
+    // Each console is read as it grows and its lines written, stamped on arrival, to the
+    // machine's timed log (what `drydock logs` merges); QEMU writes the console log itself.
+    let mut tails = Vec::new();
+    for m in &plan.machines {
+        let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
+        let _ = std::fs::remove_file(paths.console_log());
+        let _ = std::fs::remove_file(timed_log(&paths));
+        tails.push((
+            crate::launch::ConsoleTail::new(paths.console_log()),
+            timed_log(&paths),
+        ));
+    }
+    let stop = running.stamp_stop.clone();
+    running.stamper = Some(
+        std::thread::Builder::new()
+            .name("console-stamps".into())
+            .spawn(move || stamp_consoles(tails, &stop))
+            .map_err(|source| ClusterError::Files {
+                path: cpaths.dir.clone(),
+                source,
+            })?,
+    );
     for m in &plan.machines {
         let (m, opts, tx, stop) = (m.clone(), opts.clone(), tx.clone(), running.stop.clone());
         let (hosts, cp) = (hosts.clone(), cpaths.clone());
@@ -265,6 +292,10 @@ impl RunningCluster {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.stamp_stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.stamper.take() {
+            let _ = t.join();
+        }
         for h in &mut self.hubs {
             h.stop();
         }
@@ -277,6 +308,77 @@ impl Drop for RunningCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A machine's console lines, each stamped with its arrival (ms since the epoch, a tab, the line).
+pub fn timed_log(paths: &VmPaths) -> PathBuf {
+    paths.dir.join("console.timed")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn stamp_consoles(mut tails: Vec<(crate::launch::ConsoleTail, PathBuf)>, stop: &AtomicBool) {
+    let mut files: Vec<Option<std::fs::File>> = tails.iter().map(|_| None).collect();
+    loop {
+        let last = stop.load(Ordering::SeqCst);
+        for ((tail, path), file) in tails.iter_mut().zip(files.iter_mut()) {
+            let mut lines = tail.lines();
+            if last {
+                lines.extend(tail.rest());
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            if file.is_none() {
+                *file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&*path)
+                    .ok();
+            }
+            if let Some(f) = file {
+                let t = now_ms();
+                let text: String = lines.iter().map(|l| format!("{t}\t{l}\n")).collect();
+                let _ = f.write_all(text.as_bytes());
+            }
+        }
+        if last {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parse a timed log (see [`timed_log`]); lines without a stamp are skipped.
+pub fn parse_timed(text: &str) -> Vec<(u64, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (t, line) = l.split_once('\t')?;
+            Some((t.parse().ok()?, line.to_string()))
+        })
+        .collect()
+}
+
+/// Merge machines' timed lines in time order; lines of one machine keep their order, and
+/// lines stamped in the same millisecond follow the machines' order.
+pub fn merge_timed(logs: Vec<(String, Vec<(u64, String)>)>) -> Vec<(u64, String, String)> {
+    let mut all: Vec<(u64, usize, usize, String, String)> = logs
+        .into_iter()
+        .enumerate()
+        .flat_map(|(mi, (m, lines))| {
+            lines
+                .into_iter()
+                .enumerate()
+                .map(move |(li, (t, l))| (t, mi, li, m.clone(), l))
+        })
+        .collect();
+    all.sort_by_key(|x| (x.0, x.1, x.2));
+    all.into_iter().map(|(t, _, _, m, l)| (t, m, l)).collect()
 }
 
 fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
@@ -588,4 +690,30 @@ pub fn exec_remote(
         stdout: dec(&reply.stdout)?,
         stderr: dec(&reply.stderr)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timed_logs_merge_in_time_order() {
+        let a = parse_timed("10\ta1\n30\ta2\nnoise\n30\ta3\n");
+        let b = parse_timed("20\tb1\n30\tb2\n");
+        let merged: Vec<(String, String)> = merge_timed(vec![("a".into(), a), ("b".into(), b)])
+            .into_iter()
+            .map(|(_, m, l)| (m, l))
+            .collect();
+        let want = [
+            ("a", "a1"),
+            ("b", "b1"),
+            ("a", "a2"),
+            ("a", "a3"),
+            ("b", "b2"),
+        ];
+        assert_eq!(
+            merged,
+            want.map(|(m, l)| (m.to_string(), l.to_string())).to_vec()
+        );
+    }
 }
