@@ -16,8 +16,12 @@
 //! wedged, and the backdoor refuses further calls. Calls on one backdoor queue on its mutex.
 //!
 //! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
-//! not throttled, unlike `virtserialport`), so the reader must keep up: each byte of a reply is
-//! scanned once, and a reply that lost bytes fails to decode (an error, never wrong output).
+//! not throttled, unlike `virtserialport`: QEMU's `virtio-console.c` drops on `EAGAIN` rather
+//! than stall the guest's hvc driver), so a reply is sent with flow control: the guest writes it
+//! in chunks of [`CHUNK`] bytes and reads one line (drydock's `:`, a no-op if it ever reaches the
+//! shell as a command) before each next chunk; drydock acknowledges each whole chunk it has read,
+//! so no more than a chunk is ever in flight. Each byte of a reply is also scanned once, and a
+//! reply that lost bytes anyway fails to decode (an error, never wrong output).
 //!
 //! Line building and reply parsing are pure and tested as data; [`Backdoor`] drives a stream.
 
@@ -34,6 +38,10 @@ use base64::engine::general_purpose::STANDARD as B64;
 pub const READY_LINE: &str = "Spawning backdoor root shell...";
 /// How long past a call's deadline the shell may take to report the kill.
 const GRACE: Duration = Duration::from_secs(10);
+/// A reply travels in chunks of this many bytes, each acknowledged (see the module docs).
+pub const CHUNK: usize = 32 * 1024;
+/// Silence after which drydock acknowledges again, in case a chunk boundary was missed.
+const ACK_IDLE: Duration = Duration::from_secs(1);
 /// A reply line is refused beyond this size (base64 of both streams).
 const MAX_REPLY: usize = 256 << 20;
 
@@ -80,8 +88,10 @@ pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
     format!(
         "d=$(mktemp -d) && {{ (eval \"$(printf %s '{code}' | base64 -d)\") </dev/null >\"$d/o\" 2>\"$d/e\" & p=$!; \
 (sleep {secs}; : >\"$d/t\"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; \
-wait $w 2>/dev/null; [ -e \"$d/t\" ] && s=124; printf '\\n%s %s ' {m} \"$s\"; base64 \"$d/o\" | tr -d '\\r\\n'; printf ' '; \
-base64 \"$d/e\" | tr -d '\\r\\n'; printf ' %s\\n' {m}-END; rm -rf \"$d\"; }}\n"
+wait $w 2>/dev/null; [ -e \"$d/t\" ] && s=124; {{ printf '\\n%s %s ' {m} \"$s\"; base64 \"$d/o\" | tr -d '\\r\\n'; printf ' '; \
+base64 \"$d/e\" | tr -d '\\r\\n'; printf ' %s\\n' {m}-END; }} >\"$d/r\"; n=$(wc -c <\"$d/r\"); k=0; \
+while [ $((k*{CHUNK})) -lt $n ]; do dd if=\"$d/r\" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); \
+[ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -rf \"$d\"; }}\n"
     )
 }
 
@@ -122,9 +132,36 @@ struct Conn {
     scanned: usize,
     next_id: u64,
     broken: bool,
+    /// While a call's reply is awaited: its head (`DRYDOCK-<id> `) and the chunks acknowledged.
+    acking: Option<(Vec<u8>, usize)>,
 }
 
 impl Conn {
+    /// Acknowledge every whole chunk of the reply in progress (`pending` starts with its head
+    /// once the lines before it were taken; the chunk count includes the reply's leading
+    /// newline). With `idle`, acknowledge once more anyway.
+    fn ack(&mut self, idle: bool) -> Result<(), BackdoorError> {
+        let Some((head, sent)) = &mut self.acking else {
+            return Ok(());
+        };
+        if !self.pending.starts_with(head) {
+            return Ok(());
+        }
+        let got = 1 + self.pending.len();
+        let mut acks = 0;
+        while got >= (*sent + 1) * CHUNK {
+            *sent += 1;
+            acks += 1;
+        }
+        if idle {
+            acks += 1;
+        }
+        for _ in 0..acks {
+            self.stream.write_all(b":\n").map_err(BackdoorError::Io)?;
+        }
+        Ok(())
+    }
+
     /// The next console line, waiting until `deadline`; `Ok(None)` when it passed.
     fn line(&mut self, deadline: Instant) -> Result<Option<String>, BackdoorError> {
         let mut buf = [0u8; 64 * 1024];
@@ -146,19 +183,29 @@ impl Conn {
             if left.is_zero() {
                 return Ok(None);
             }
+            let wait = if self.acking.is_some() {
+                left.min(ACK_IDLE)
+            } else {
+                left
+            };
             self.stream
-                .set_read_timeout(Some(left))
+                .set_read_timeout(Some(wait))
                 .map_err(BackdoorError::Io)?;
             match self.stream.read(&mut buf) {
                 Ok(0) => return Err(BackdoorError::Closed),
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    self.pending.extend_from_slice(&buf[..n]);
+                    self.ack(false)?;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.ack(true)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(BackdoorError::Io(e)),
             }
         }
@@ -186,6 +233,7 @@ impl Backdoor {
             scanned: 0,
             next_id: 1,
             broken: false,
+            acking: None,
         };
         let deadline = Instant::now() + within;
         loop {
@@ -222,6 +270,7 @@ impl Backdoor {
                 .write_all(call_line(id, cmd, secs).as_bytes())
                 .map_err(BackdoorError::Io)?;
             let deadline = Instant::now() + Duration::from_secs(secs) + GRACE;
+            conn.acking = Some((format!("DRYDOCK-{id} ").into_bytes(), 0));
             loop {
                 match conn.line(deadline)? {
                     Some(l) => {
@@ -233,6 +282,7 @@ impl Backdoor {
                 }
             }
         })();
+        conn.acking = None;
         // A malformed reply was still one whole line: the next call finds its own reply.
         if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_))) {
             conn.broken = true;
@@ -293,6 +343,62 @@ mod tests {
         assert!(!l.contains("echo"));
         assert!(l.contains("sleep 30;"));
         assert!(l.contains("DRYDOCK-5-END"));
+    }
+
+    #[test]
+    fn a_reply_waits_for_an_acknowledgement_after_each_chunk() {
+        // No more than one chunk is ever in flight: without `:` lines the guest stops after the
+        // first chunk (QEMU would drop what does not fit the socket), and each `:` releases one.
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = theirs.into();
+        let fd2 = fd.try_clone().unwrap();
+        let mut child = Command::new("busybox")
+            .args(["sh", "-s"])
+            .stdin(Stdio::from(fd))
+            .stdout(Stdio::from(fd2))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ours.write_all(call_line(1, "head -c 300000 /dev/zero", 30).as_bytes())
+            .unwrap();
+        fn read_for(ours: &mut UnixStream, got: &mut Vec<u8>, d: Duration) {
+            let mut buf = [0u8; 65536];
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                ours.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                if let Ok(n) = ours.read(&mut buf) {
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let mut got = Vec::new();
+        read_for(&mut ours, &mut got, Duration::from_millis(1500));
+        assert_eq!(
+            got.len(),
+            CHUNK,
+            "only the first chunk before an acknowledgement"
+        );
+        let mut acks = 0;
+        while !got.ends_with(b"DRYDOCK-1-END\n") {
+            ours.write_all(b":\n").unwrap();
+            acks += 1;
+            let before = got.len();
+            read_for(&mut ours, &mut got, Duration::from_millis(300));
+            assert!(
+                got.len() - before <= CHUNK,
+                "more than a chunk per acknowledgement"
+            );
+            assert!(acks < 100, "the reply never ended");
+        }
+        let line = String::from_utf8(got).unwrap();
+        let r = parse_reply(1, line.trim_start_matches('\n'))
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.stdout.len()), (0, 300000));
+        assert_eq!(acks, (line.len() - 1) / CHUNK);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// A real shell on a socketpair, as the guest runs it on hvc0; killed on drop.
