@@ -131,8 +131,10 @@ let
       httpd -p 80 -h /srv/www
       if [ -c /dev/hvc0 ]; then
         (
-          stty -F /dev/hvc0 raw -echo
+          # Open first, then set the mode: the hvc driver resets a console's termios when its
+          # last user closes it (as NixOS's test-instrumentation does it, stty after exec).
           exec </dev/hvc0 >/dev/hvc0 2>/dev/console
+          stty raw -echo
           cd /tmp
           echo "Spawning backdoor root shell..."
           exec sh /dev/hvc0
