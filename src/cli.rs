@@ -71,6 +71,10 @@ pub enum Command {
     Exec(ExecArgs),
     /// The machines' console logs, prefixed by machine, merged in time order.
     Logs(LogsArgs),
+    /// Wait until a machine's console prints a matching line, or a command succeeds in it.
+    Wait(MachineWaitArgs),
+    /// An interactive root shell in a cluster machine, through its backdoor.
+    Shell(ShellArgs),
     /// Internal: own a detached cluster (started by `up --detach`).
     #[command(name = "__cluster-supervise", hide = true)]
     ClusterSupervise(ClusterSuperviseArgs),
@@ -154,6 +158,30 @@ pub struct ExecArgs {
     /// The command: its words are joined with spaces and run by the guest's shell.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("until").required(true).args(["console", "succeeds"])))]
+pub struct MachineWaitArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub machine: String,
+    /// Until a line of the machine's console (since it booted) matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub console: Option<String>,
+    /// Until this command exits 0 in the guest (tried again every second).
+    #[arg(long, value_name = "CMD")]
+    pub succeeds: Option<String>,
+    /// Give up after SECS (exit 1, with what was seen last).
+    #[arg(long, value_name = "SECS", default_value = "900", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    pub machine: String,
 }
 
 #[derive(Debug, Args)]

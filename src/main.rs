@@ -49,6 +49,8 @@ fn main() -> ExitCode {
         Command::Ps(args) => cmd::cluster::ps(&ctx, args),
         Command::Exec(args) => cmd::cluster::exec(&ctx, args),
         Command::Logs(args) => cmd::cluster::logs(&ctx, args),
+        Command::Wait(args) => cmd::cluster::wait(&ctx, args),
+        Command::Shell(args) => cmd::cluster::shell(&ctx, args),
         Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
     });
     exit::finish(result)

@@ -1,7 +1,8 @@
 //! Clusters against real QEMU (TCG) and test systems built by `drydock up` into a private
 //! chroot store: machines reach each other by name over a shared VLAN and not across VLANs,
 //! `exec` passes stdout, stderr and the exit status through (124 at the deadline, the machine
-//! still answering), calls on one machine queue, Ctrl-C and SIGKILL leave no QEMU, store server
+//! still answering), calls on one machine queue, `wait` on the console and on a late service,
+//! `shell`, GC while up keeps every system, Ctrl-C and SIGKILL leave no QEMU, store server
 //! or owner behind (checked over /proc), and bad compositions are exit 2. Needs root for the
 //! store server's sandbox, and the test guest's kernel (`scripts/guest/build-initrd`).
 
@@ -250,6 +251,139 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
         rows[1]["addresses"],
         serde_json::json!(["192.168.1.2/24", "192.168.2.2/24"])
     );
+
+    // `wait --console`: a line the guest printed at boot; a line it never prints is exit 1 at
+    // the deadline, with the last lines seen; a bad expression is bad input.
+    let w = |args: &[&str]| {
+        drydock(&state)
+            .arg("wait")
+            .arg("-f")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = w(&[
+        "alpha",
+        "--console",
+        "DRYDOCK-NIC: eth0 .*192\\.168\\.1\\.1/",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = w(&["alpha", "--console", "NEVER-PRINTED", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("DRYDOCK-READY"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = w(&["alpha", "--console", "(unclosed", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("(unclosed"), "{}", text(&o.stderr));
+    let o = w(&["nosuch", "--succeeds", "true"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("nosuch"), "{}", text(&o.stderr));
+    // `wait --succeeds`: a service that comes up late on alpha, waited for from beta over the
+    // network; it failed first, then succeeded.
+    let o = exec(
+        &state,
+        &file,
+        "alpha",
+        "30",
+        "mkdir -p /srv/late && echo late > /srv/late/index.html && (sleep 4; httpd -p 8080 -h /srv/late) >/dev/null 2>&1 &",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = drydock(&state)
+        .args(["--json", "wait", "-f"])
+        .arg(&file)
+        .args([
+            "beta",
+            "--timeout",
+            "120",
+            "--succeeds",
+            "timeout 3 wget -qO- http://alpha:8080/",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (r["met"].as_bool(), r["last_stdout"].as_str()),
+        (Some(true), Some("late\n")),
+        "{r}"
+    );
+    assert!(
+        r["tries"].as_u64().unwrap() > 1,
+        "it did not come up late: {r}"
+    );
+    let o = w(&[
+        "beta",
+        "--timeout",
+        "3",
+        "--succeeds",
+        "echo not yet; false",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("not yet"), "{}", text(&o.stderr));
+
+    // `shell`: an interactive shell, its prompt naming the machine, only its output.
+    let mut sh = drydock(&state)
+        .arg("shell")
+        .arg("-f")
+        .arg(&file)
+        .arg("gamma")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sh.stdin
+        .take()
+        .unwrap()
+        .write_all(b"cd /srv/www\ncat index.html\necho $((6*7))\n")
+        .unwrap();
+    let o = sh.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("gamma# "), "{out}");
+    assert!(
+        out.contains("hello from gamma\n") && out.contains("42\n"),
+        "{out}"
+    );
+    assert!(!out.contains("DRYDOCK-"), "{out}");
+    let o = exec(&state, &file, "gamma", "30", "echo after the shell");
+    assert_eq!(text(&o.stdout), "after the shell\n", "{}", text(&o.stderr));
+
+    // GC while the cluster is up keeps every machine's system (its run pins it), and the guests
+    // still read their store afterwards.
+    let gc = drydock(&state)
+        .args(["--json", "gc", "--all"])
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    let ps = drydock(&state)
+        .args(["--json", "ps", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    for r in rows.as_array().unwrap() {
+        let sys = r["system"].as_str().unwrap();
+        let on_disk = store().join(sys.trim_start_matches('/'));
+        assert!(
+            on_disk.join("kernel-params").exists(),
+            "{sys} was collected while up"
+        );
+        let o = exec(
+            &state,
+            &file,
+            r["machine"].as_str().unwrap(),
+            "30",
+            &format!("cat {sys}/kernel-params"),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    }
 
     let down = drydock(&state)
         .arg("down")

@@ -1,4 +1,4 @@
-//! `drydock up|down|ps|exec|logs` and the hidden `__cluster-supervise` that owns a detached cluster:
+//! `drydock up|down|ps|exec|wait|shell|logs` and the hidden `__cluster-supervise` that owns a detached cluster:
 //! argument handling over `drydock_vm`'s cluster module (evaluation, planning, the one tracked
 //! build, hubs, machines, backdoors).
 
@@ -14,12 +14,12 @@ use drydock_vm::{
 };
 
 use crate::cancel::CANCEL;
-use crate::cli::{AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, LogsArgs, UpArgs};
+use crate::cli::{
+    AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, LogsArgs, MachineWaitArgs, ShellArgs,
+    UpArgs,
+};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
-
-/// How long `down` waits for the owner to stop every machine.
-const DOWN_DEADLINE: Duration = Duration::from_secs(120);
 
 fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
     let name = a
@@ -28,14 +28,6 @@ fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
         .unwrap_or_else(|| drydock_vm::default_cluster_name(&a.file));
     drydock_vm::validate_cluster_name(&name)?;
     Ok(name)
-}
-
-fn accel_word(a: AccelArg) -> &'static str {
-    match a {
-        AccelArg::Auto => "auto",
-        AccelArg::Kvm => "kvm",
-        AccelArg::Tcg => "tcg",
-    }
 }
 
 fn launch_opts(
@@ -205,74 +197,31 @@ fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<O
 /// `--detach`: a supervisor owns the cluster; wait here until every machine is ready.
 fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let cdir = drydock_vm::cluster_paths(&ctx.state_dir, name).dir;
-    let log_path = cdir.join("drydock.log");
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--state-dir").arg(&ctx.state_dir);
-    if let Some(root) = &ctx.store_root {
-        cmd.arg("--store").arg(root);
-    }
-    cmd.args([
-        "__cluster-supervise",
-        "--name",
+    let owner = drydock_vm::DetachedOwner {
+        exe: &exe,
+        state_dir: &ctx.state_dir,
+        store_root: ctx.store_root.as_deref(),
         name,
-        "--accel",
-        accel_word(a.accel),
-    ])
-    .arg("--timeout")
-    .arg(a.timeout.as_secs_f64().to_string());
-    if let Some(q) = &a.qemu {
-        cmd.arg("--qemu").arg(q);
+        accel: a.accel.into(),
+        qemu: a.qemu.as_deref(),
+        ready_timeout: a.timeout,
+    };
+    match drydock_vm::start_detached(&owner, &CANCEL) {
+        Ok(d) => {
+            eprintln!(
+                "drydock: cluster {name} up after {:.2} s ({} machines, owner pid {}); `drydock down -p {name}` stops it",
+                d.after_secs,
+                plan.machines.len(),
+                d.owner_pid
+            );
+            Ok(Outcome::Success)
+        }
+        Err(drydock_vm::ClusterError::Interrupted) => {
+            eprintln!("drydock: interrupted; every machine is stopped");
+            Ok(Outcome::Interrupted)
+        }
+        Err(e) => Err(e.into()),
     }
-    let started = Instant::now();
-    let pid = drydock_vm::spawn_detached("cluster supervisor", cmd, log)?;
-    let deadline = a.timeout + Duration::from_secs(120);
-    loop {
-        if let Some(s) = ClusterState::read(&ctx.state_dir, name) {
-            if s.ready && s.owner_pid == pid {
-                break;
-            }
-        }
-        if !drydock_vm::pid_alive(pid) {
-            return Err(anyhow::anyhow!(
-                "the cluster did not start:\n{}",
-                drydock_vm::log_tail(&log_path, 40).trim()
-            ));
-        }
-        if CANCEL.load(Ordering::SeqCst) || started.elapsed() > deadline {
-            let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
-            wait_gone(pid, DOWN_DEADLINE);
-            if CANCEL.load(Ordering::SeqCst) {
-                eprintln!("drydock: interrupted; every machine is stopped");
-                return Ok(Outcome::Interrupted);
-            }
-            return Err(anyhow::anyhow!(
-                "the cluster was not ready after {:.0} s; it is stopped:\n{}",
-                started.elapsed().as_secs_f64(),
-                drydock_vm::log_tail(&log_path, 40).trim()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!(
-        "drydock: cluster {name} up after {:.2} s ({} machines, owner pid {pid}); `drydock down -p {name}` stops it",
-        started.elapsed().as_secs_f64(),
-        plan.machines.len()
-    );
-    Ok(Outcome::Success)
-}
-
-fn wait_gone(pid: u32, within: Duration) -> bool {
-    let t = Instant::now();
-    while drydock_vm::pid_alive(pid) {
-        if t.elapsed() > within {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
 }
 
 /// `__cluster-supervise`: own the cluster planned in `up.json` until `down` (SIGTERM).
@@ -307,35 +256,23 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
 /// `down`: ask the owner to stop everything and wait; then make sure no machine is left.
 pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(a)?;
-    let Some(state) = ClusterState::read(&ctx.state_dir, &name) else {
+    let d = drydock_vm::cluster_down(&ctx.state_dir, &name)?;
+    if ctx.json {
+        crate::out::json(&mut crate::out::stdout(), &d)?;
+    } else if !d.was_up {
         eprintln!("drydock: the cluster {name} is not up");
-        return Ok(Outcome::Success);
-    };
-    let t = Instant::now();
-    if state.owner_alive() {
-        let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGTERM);
-        if !wait_gone(state.owner_pid, DOWN_DEADLINE) {
-            let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGKILL);
-        }
+    } else {
+        eprintln!(
+            "drydock: cluster {name} down ({} machines) in {:.2} s{}",
+            d.machines,
+            d.after_secs,
+            if d.killed {
+                " (its owner did not stop in time and was killed)"
+            } else {
+                ""
+            }
+        );
     }
-    // An owner that died without cleaning up: its machines' entries are reaped here.
-    for m in &state.plan.machines {
-        let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
-        if let Some(vs) = VmState::read(&paths) {
-            let record = drydock_vm::LaunchRecord::read(&paths).ok();
-            drydock_vm::reap_stale(&ctx.state_dir, &paths, &vs, record.as_ref())?;
-        }
-    }
-    let _ = std::fs::remove_file(
-        drydock_vm::cluster_paths(&ctx.state_dir, &name)
-            .dir
-            .join("cluster.json"),
-    );
-    eprintln!(
-        "drydock: cluster {name} down ({} machines) in {:.2} s",
-        state.plan.machines.len(),
-        t.elapsed().as_secs_f64()
-    );
     Ok(Outcome::Success)
 }
 
@@ -409,10 +346,114 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
 
 /// `exec MACHINE -- CMD...`.
 pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
-    let name = cluster_name(&a.cluster)?;
-    let vm = format!("{name}.{}", a.machine);
-    let paths = VmPaths::in_state_dir(&ctx.state_dir, &vm);
+    let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
     exec_vm(&vm, &paths, &a.command, a.timeout)
+}
+
+/// A machine of an up cluster: its VM name and folder; bad input if the cluster is not up or
+/// has no such machine.
+fn up_machine(ctx: &Context, a: &ClusterArgs, machine: &str) -> anyhow::Result<(String, VmPaths)> {
+    let name = cluster_name(a)?;
+    let Some(state) = ClusterState::read(&ctx.state_dir, &name).filter(ClusterState::owner_alive)
+    else {
+        return Err(bad_input(format!("the cluster {name} is not up")));
+    };
+    let Some(m) = state.plan.machine(machine) else {
+        return Err(bad_input(format!(
+            "the cluster {name} has no machine {machine} (it has {})",
+            state
+                .plan
+                .machines
+                .iter()
+                .map(|m| m.machine.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    Ok((
+        m.vm_name.clone(),
+        VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name),
+    ))
+}
+
+/// `wait MACHINE (--console REGEX | --succeeds CMD)`.
+pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
+    let what = match (&a.console, &a.succeeds) {
+        (Some(re), _) => drydock_vm::WaitFor::Console(
+            regex::Regex::new(re).map_err(|e| bad_input(format!("--console {re:?}: {e}")))?,
+        ),
+        (None, Some(cmd)) => drydock_vm::WaitFor::Succeeds(cmd.clone()),
+        (None, None) => return Err(bad_input("give --console REGEX or --succeeds CMD")),
+    };
+    let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
+    crate::cancel::install();
+    let r = drydock_vm::wait_machine(&vm, &paths, &what, a.timeout, &CANCEL)?;
+    if ctx.json {
+        crate::out::json(&mut crate::out::stdout(), &r)?;
+    } else if r.met {
+        match &what {
+            drydock_vm::WaitFor::Console(_) => eprintln!(
+                "drydock: {} printed {:?} after {:.1} s",
+                a.machine,
+                r.lines.first().map(String::as_str).unwrap_or(""),
+                r.after_secs
+            ),
+            drydock_vm::WaitFor::Succeeds(cmd) => eprintln!(
+                "drydock: `{cmd}` succeeded on {} after {:.1} s ({} tries)",
+                a.machine, r.after_secs, r.tries
+            ),
+        }
+    } else {
+        match &what {
+            drydock_vm::WaitFor::Console(re) => {
+                eprintln!(
+                    "drydock: no console line of {} matched {:?} within {:.0} s; its last lines:",
+                    a.machine,
+                    re.as_str(),
+                    r.after_secs
+                );
+                for l in &r.lines {
+                    eprintln!("  {l}");
+                }
+            }
+            drydock_vm::WaitFor::Succeeds(cmd) => {
+                eprintln!(
+                    "drydock: `{cmd}` did not succeed on {} within {:.0} s ({} tries); the last try exited {}:",
+                    a.machine,
+                    r.after_secs,
+                    r.tries,
+                    r.last_status.unwrap_or(-1)
+                );
+                for l in r
+                    .last_stdout
+                    .iter()
+                    .chain(&r.last_stderr)
+                    .flat_map(|t| t.lines())
+                {
+                    eprintln!("  {l}");
+                }
+            }
+        }
+    }
+    if CANCEL.load(Ordering::SeqCst) && !r.met {
+        return Ok(Outcome::Interrupted);
+    }
+    Ok(if r.met {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// `shell MACHINE`: stdin to the guest's shell, its output to stdout, until it exits.
+pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
+    let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
+    eprintln!(
+        "drydock: a root shell on {} (no terminal in the guest; Ctrl-D, `exit` or Ctrl-C leaves)",
+        a.machine
+    );
+    drydock_vm::shell_remote(&vm, &paths, std::io::stdin(), &mut std::io::stdout())?;
+    Ok(Outcome::Success)
 }
 
 /// Run `words` (joined with spaces, as `ssh` does) in the VM `vm`; its outputs become ours and

@@ -29,14 +29,18 @@ pub use cluster::compose::{
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
     valid_machine_name, validate_cluster_name,
 };
+pub use cluster::control::{
+    DOWN_DEADLINE, Detached, DetachedOwner, Down, down as cluster_down, start_detached,
+};
 pub use cluster::eval::{
     EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
 };
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterState, MachineEvent, RunningCluster, cluster_paths,
-    exec_remote, exec_socket, merge_timed, parse_timed, timed_log, up as cluster_up,
+    exec_remote, exec_socket, merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up,
 };
+pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };

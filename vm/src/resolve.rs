@@ -56,6 +56,17 @@ pub enum AccelChoice {
     Tcg,
 }
 
+impl AccelChoice {
+    /// The word `--accel` takes for this choice.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
 /// A launch as the user asked for it.
 #[derive(Debug, Clone)]
 pub struct LaunchRequest {

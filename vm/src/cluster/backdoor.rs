@@ -1,10 +1,10 @@
 //! The backdoor: a root shell in the guest on a virtio console (`/dev/hvc0`), connected to a
 //! unix socket drydock listens on. "Ready" is the guest's line [`READY_LINE`] (as NixOS's
-//! `test-instrumentation.nix` prints it). Each call is one line of POSIX `sh` that works in bash
-//! and busybox `sh` alike: the command travels base64-encoded (so no quoting, and a syntax error
-//! is the command's own failure, not the protocol's) and is `eval`ed in a subshell with stdin
-//! from `/dev/null` and stdout and stderr in two temporary files; a watchdog kills it at the
-//! deadline; then one reply line carries the status and both outputs base64-encoded:
+//! `test-instrumentation.nix` prints it). Each call is POSIX `sh` that works in bash and busybox
+//! `sh` alike: the command travels as one single-quoted word (so a syntax error is the command's
+//! own failure, not the protocol's) and is `eval`ed in a subshell with stdin from `/dev/null` and
+//! stdout and stderr in two files of a private folder; a watchdog kills it at the deadline; then
+//! one reply line carries the status and both outputs base64-encoded:
 //!
 //! ```text
 //! DRYDOCK-<id> <status> <base64 stdout> <base64 stderr> DRYDOCK-<id>-END
@@ -22,6 +22,10 @@
 //! shell as a command) before each next chunk; drydock acknowledges each whole chunk it has read,
 //! so no more than a chunk is ever in flight. Each byte of a reply is also scanned once, and a
 //! reply that lost bytes anyway fails to decode (an error, never wrong output).
+//!
+//! An interactive session ([`Backdoor::shell`]) runs a second shell, `sh -i`, on the console and
+//! relays bytes both ways until it exits; a marker line then tells drydock the backdoor's own
+//! shell reads calls again.
 //!
 //! Line building and reply parsing are pure and tested as data; [`Backdoor`] drives a stream.
 
@@ -81,17 +85,24 @@ impl BackdoorError {
     }
 }
 
-/// The line that runs `cmd` as call `id` with a deadline of `secs` seconds.
+/// `s` as one single-quoted word of POSIX `sh`: each `'` becomes `'\''`.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The text that runs `cmd` as call `id` with a deadline of `secs` seconds. It starts as few
+/// processes as it can, since under emulation each costs the guest milliseconds: the command
+/// travels single-quoted and is `eval`ed in a subshell; its outputs go to two files in a
+/// private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
+/// costs no encoder; and a reply shorter than a chunk is printed by the shell's own `printf`.
+/// A call of `true` starts the subshell and the watchdog, nothing else.
 pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
-    let code = B64.encode(cmd);
     let m = format!("DRYDOCK-{id}");
+    let code = sh_quote(cmd);
+    let small = CHUNK - 2;
     format!(
-        "d=$(mktemp -d) && {{ (eval \"$(printf %s '{code}' | base64 -d)\") </dev/null >\"$d/o\" 2>\"$d/e\" & p=$!; \
-(sleep {secs}; : >\"$d/t\"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; \
-wait $w 2>/dev/null; [ -e \"$d/t\" ] && s=124; {{ printf '\\n%s %s ' {m} \"$s\"; base64 \"$d/o\" | tr -d '\\r\\n'; printf ' '; \
-base64 \"$d/e\" | tr -d '\\r\\n'; printf ' %s\\n' {m}-END; }} >\"$d/r\"; n=$(wc -c <\"$d/r\"); k=0; \
-while [ $((k*{CHUNK})) -lt $n ]; do dd if=\"$d/r\" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); \
-[ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -rf \"$d\"; }}\n"
+        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && {{ d=$DRYDOCK_TMP; (eval {code}) </dev/null >"$d/o" 2>"$d/e" & p=$!; (sleep {secs}; : >"$d/t{id}"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
+"#
     )
 }
 
@@ -289,6 +300,129 @@ impl Backdoor {
         }
         result
     }
+
+    /// An interactive session: run `sh -i` (prompt `prompt`) on the console and relay bytes
+    /// between it and `client` until that shell exits. When the client leaves (EOF), the shell
+    /// is told to `exit`; input that arrives after it exited is drained, never run by the
+    /// backdoor's own shell. A shell that does not end within a grace period after the client
+    /// left (a command still running there) leaves the backdoor unusable, as a wedged call does.
+    /// `started` runs once the session's shell is there, before any of its bytes are relayed.
+    pub fn shell(
+        &self,
+        client: &UnixStream,
+        prompt: &str,
+        started: &mut dyn FnMut(),
+    ) -> Result<(), BackdoorError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.broken {
+            return Err(BackdoorError::Broken);
+        }
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let result = relay_shell(&mut conn, client, id, prompt, started);
+        if result.is_err() {
+            conn.broken = true;
+        }
+        result
+    }
+}
+
+/// The text that starts session `id` (see [`Backdoor::shell`]).
+pub fn shell_line(id: u64, prompt: &str) -> String {
+    let p = sh_quote(prompt);
+    format!(
+        "printf '\\nDRYDOCK-{id}-SHELL\\n'; PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
+    )
+}
+
+fn relay_shell(
+    conn: &mut Conn,
+    client: &UnixStream,
+    id: u64,
+    prompt: &str,
+    started: &mut dyn FnMut(),
+) -> Result<(), BackdoorError> {
+    let start = format!("DRYDOCK-{id}-SHELL");
+    let end = format!("\nDRYDOCK-{id}-SHELL-END\n").into_bytes();
+    conn.stream
+        .write_all(shell_line(id, prompt).as_bytes())
+        .map_err(BackdoorError::Io)?;
+    let deadline = Instant::now() + GRACE;
+    loop {
+        match conn.line(deadline)? {
+            Some(l) if l.trim_end() == start => break,
+            Some(_) => {}
+            None => return Err(BackdoorError::Wedged),
+        }
+    }
+    started();
+    let ended = std::sync::Arc::new(AtomicBool::new(false));
+    let left = std::sync::Arc::new(Mutex::new(None::<Instant>));
+    let mut to_guest = conn.stream.try_clone().map_err(BackdoorError::Io)?;
+    let mut from_client = client.try_clone().map_err(BackdoorError::Io)?;
+    let (ended2, left2) = (ended.clone(), left.clone());
+    let input = std::thread::Builder::new()
+        .name("shell-input".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = from_client.read(&mut buf).unwrap_or(0);
+                if ended2.load(Ordering::SeqCst) {
+                    return;
+                }
+                if n == 0 {
+                    *left2.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    let _ = to_guest.write_all(b"\nexit\n");
+                    return;
+                }
+                if to_guest.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(BackdoorError::Io)?;
+    let mut out = client;
+    let mut buf = std::mem::take(&mut conn.pending);
+    conn.scanned = 0;
+    let mut chunk = [0u8; 64 * 1024];
+    let result = loop {
+        if let Some(i) = buf.windows(end.len()).position(|w| w == end.as_slice()) {
+            let _ = out.write_all(&buf[..i]);
+            conn.pending = buf.split_off(i + end.len());
+            break Ok(());
+        }
+        let keep = end.len() - 1;
+        if buf.len() > keep {
+            let _ = out.write_all(&buf[..buf.len() - keep]);
+            buf.drain(..buf.len() - keep);
+        }
+        let gone = *left.lock().unwrap_or_else(|e| e.into_inner());
+        if gone.is_some_and(|t| t.elapsed() > GRACE) {
+            break Err(BackdoorError::Wedged);
+        }
+        if let Err(e) = conn
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+        {
+            break Err(BackdoorError::Io(e));
+        }
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => break Err(BackdoorError::Closed),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => break Err(BackdoorError::Io(e)),
+        }
+    };
+    ended.store(true, Ordering::SeqCst);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    let _ = input.join();
+    result
 }
 
 #[cfg(test)]
@@ -336,13 +470,20 @@ mod tests {
     }
 
     #[test]
-    fn the_call_line_is_one_line_without_the_command_in_clear() {
+    fn the_call_line_quotes_the_command_as_one_word() {
         let l = call_line(5, "echo 'hi' | tr a-z A-Z\nexit 3", 30);
-        assert_eq!(l.matches('\n').count(), 1);
-        assert!(l.ends_with('\n'));
-        assert!(!l.contains("echo"));
+        assert!(l.contains(r"(eval 'echo '\''hi'\'' | tr a-z A-Z"), "{l}");
+        assert!(l.ends_with("}\n"));
         assert!(l.contains("sleep 30;"));
         assert!(l.contains("DRYDOCK-5-END"));
+        for (s, q) in [
+            ("", "''"),
+            ("a b", "'a b'"),
+            ("'", r"''\'''"),
+            ("$x`y`", "'$x`y`'"),
+        ] {
+            assert_eq!(sh_quote(s), q);
+        }
     }
 
     #[test]
@@ -518,6 +659,58 @@ mod tests {
         for (i, t) in threads.into_iter().enumerate() {
             let r = t.join().unwrap();
             assert_eq!((r.status, r.stdout), (0, format!("{i}\n").into_bytes()));
+        }
+    }
+
+    #[test]
+    fn a_shell_session_relays_and_hands_the_console_back() {
+        for program in [&["busybox", "sh"][..], &["bash", "--norc", "-s"]] {
+            let b = Arc::new(shell(program));
+            let dir = tempfile::tempdir().unwrap();
+            let marker = dir.path().join("ran");
+            // A session the user ends with `exit`; what they typed after it is never run.
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let b2 = b.clone();
+            let t = std::thread::spawn(move || b2.shell(&theirs, "m1# ", &mut || {}));
+            let mut w = &ours;
+            w.write_all(
+                format!(
+                    "echo hello from $(hostname -s 2>/dev/null || echo guest)\nexit\ntouch {}\n",
+                    marker.display()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut got = Vec::new();
+            ours.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            (&ours).read_to_end(&mut got).unwrap();
+            t.join().unwrap().unwrap();
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.contains("m1# "), "{text:?}");
+            assert!(text.contains("hello from"), "{text:?}");
+            assert!(!text.contains("SHELL-END"), "{text:?}");
+            let r = b.exec("echo after", Duration::from_secs(20)).unwrap();
+            assert_eq!(r.stdout, b"after\n");
+            assert!(
+                !marker.exists(),
+                "input after `exit` reached the backdoor's shell"
+            );
+            // A client that just leaves: the session's shell is told to exit.
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let b2 = b.clone();
+            let t = std::thread::spawn(move || b2.shell(&theirs, "m1# ", &mut || {}));
+            (&ours).write_all(b"cd /tmp\n").unwrap();
+            ours.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            (&ours).read_to_end(&mut got).unwrap();
+            t.join().unwrap().unwrap();
+            let r = b.exec("pwd", Duration::from_secs(20)).unwrap();
+            assert_ne!(
+                r.stdout, b"/tmp\n",
+                "the session's `cd` stays in the session"
+            );
+            assert_eq!(r.status, 0);
         }
     }
 

@@ -3,10 +3,13 @@
 //!
 //! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build);
 //! `hub` forwards frames on a VLAN; `backdoor` runs commands in a guest's shell; `run` owns an
-//! up cluster (hubs, one thread per machine, the exec service).
+//! up cluster (hubs, one thread per machine, the exec service); `wait` waits on a machine;
+//! `control` starts a detached cluster's owner and stops it (`down`).
 
 pub(crate) mod backdoor;
 pub(crate) mod compose;
+pub(crate) mod control;
 pub(crate) mod eval;
 pub(crate) mod hub;
 pub(crate) mod run;
+pub(crate) mod wait;

@@ -7,7 +7,7 @@
 //! owner stops the cluster or QEMU exits. Stopping sets one flag: every machine thread stops its
 //! VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs stop.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,6 +54,14 @@ pub enum ClusterError {
     Remote { vm: String, message: String },
     #[error("interrupted while the cluster started; everything started was stopped")]
     Interrupted,
+    #[error("cannot start the cluster's owner")]
+    Spawn(#[source] crate::spawn::SpawnError),
+    #[error("the cluster did not start:\n{log}")]
+    DidNotStart { log: String },
+    #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
+    NotReady { after: Duration, log: String },
+    #[error("cannot clean up after the cluster's dead owner")]
+    Reap(#[source] Box<crate::owner::OwnerError>),
 }
 
 impl ClusterError {
@@ -572,22 +580,27 @@ fn serve(
     exec.set_nonblocking(true)
         .map_err(|e| format!("exec socket: {e}"))?;
     let calls: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let prompt = format!("{}# ", m.machine);
     while !stop.load(Ordering::SeqCst) && vm.exited().is_none() {
+        // Answer a call at once; look at the stop flag and QEMU every 100 ms meanwhile.
+        match crate::sys::net::wait_readable(&exec, Duration::from_millis(100)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return Err(format!("exec socket: {e}")),
+        }
         match exec.accept() {
             Ok((s, _)) => {
-                let b = backdoor.clone();
+                let (b, prompt) = (backdoor.clone(), prompt.clone());
                 if let Ok(t) = std::thread::Builder::new()
                     .name(format!("exec-{}", m.machine))
-                    .spawn(move || answer(s, &b))
+                    .spawn(move || answer(s, &b, &prompt))
                 {
                     let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
                     c.retain(|t| !t.is_finished());
                     c.push(t);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(format!("exec socket: {e}")),
         }
     }
@@ -597,8 +610,14 @@ fn serve(
 /// An `exec` request on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 struct ExecRequest {
+    #[serde(default)]
     cmd: String,
+    #[serde(default)]
     timeout_ms: u64,
+    /// An interactive session instead of a call: after one reply line (`error` unset), the
+    /// connection carries the session's bytes both ways until it ends.
+    #[serde(default)]
+    shell: bool,
 }
 
 /// An `exec` reply on the wire (outputs base64).
@@ -614,15 +633,34 @@ struct ExecReply {
     error: Option<String>,
 }
 
-fn answer(s: UnixStream, b: &Backdoor) {
+fn send_reply(s: &UnixStream, reply: &ExecReply) {
+    let mut w = s;
+    if let Ok(mut text) = serde_json::to_string(reply) {
+        text.push('\n');
+        let _ = w.write_all(text.as_bytes());
+    }
+}
+
+fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut line = String::new();
-    let mut r = BufReader::new(&s);
-    let reply = match r
-        .read_line(&mut line)
+    let req = read_line_unbuffered(&s)
         .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<ExecRequest>(&line).map_err(|e| e.to_string()))
-    {
+        .and_then(|line| serde_json::from_slice::<ExecRequest>(&line).map_err(|e| e.to_string()));
+    if let Ok(ExecRequest { shell: true, .. }) = &req {
+        let _ = s.set_read_timeout(None);
+        let reply = |error: Option<String>| ExecReply {
+            status: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            error,
+        };
+        if let Err(e) = b.shell(&s, prompt, &mut || send_reply(&s, &reply(None))) {
+            tracing::warn!("shell session: {}", error_text(&e));
+            send_reply(&s, &reply(Some(error_text(&e))));
+        }
+        return;
+    }
+    let reply = match req {
         Ok(req) => match b.exec(&req.cmd, Duration::from_millis(req.timeout_ms)) {
             Ok(o) => ExecReply {
                 status: o.status,
@@ -644,10 +682,76 @@ fn answer(s: UnixStream, b: &Backdoor) {
             error: Some(format!("bad request: {e}")),
         },
     };
-    let mut w = &s;
-    if let Ok(mut text) = serde_json::to_string(&reply) {
-        text.push('\n');
-        let _ = w.write_all(text.as_bytes());
+    send_reply(&s, &reply);
+}
+
+/// One line, read a byte at a time (what follows it on the stream is left there).
+fn read_line_unbuffered(s: &UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') && line.len() < 1 << 20 {
+        if (&*s).read(&mut byte)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(line)
+}
+
+/// An interactive root shell in the VM `vm` through its owner: `input` goes to the guest's
+/// shell, what it prints to `output`, until it exits (`exit`, or `input` ends).
+pub fn shell_remote(
+    vm: &str,
+    paths: &VmPaths,
+    input: impl Read + Send + 'static,
+    output: &mut dyn Write,
+) -> Result<(), ClusterError> {
+    let sock = exec_socket(paths);
+    let s = UnixStream::connect(&sock).map_err(|_| ClusterError::NoExec(vm.to_string()))?;
+    let call = |source| ClusterError::Call {
+        vm: vm.to_string(),
+        source,
+    };
+    let mut text = serde_json::to_string(&ExecRequest {
+        cmd: String::new(),
+        timeout_ms: 0,
+        shell: true,
+    })
+    .map_err(|e| call(std::io::Error::other(e)))?;
+    text.push('\n');
+    (&s).write_all(text.as_bytes()).map_err(call)?;
+    // The owner answers once the session started (or why it could not); calls queue before it.
+    let line = read_line_unbuffered(&s).map_err(call)?;
+    let reply: ExecReply =
+        serde_json::from_slice(&line).map_err(|e| call(std::io::Error::other(e)))?;
+    if let Some(message) = reply.error {
+        return Err(ClusterError::Remote {
+            vm: vm.to_string(),
+            message,
+        });
+    }
+    let mut to_guest = s.try_clone().map_err(call)?;
+    // The input thread may block on a terminal after the session ended; it is left to the
+    // process's exit then, never joined.
+    std::thread::Builder::new()
+        .name("shell-stdin".into())
+        .spawn(move || {
+            let mut input = input;
+            let _ = std::io::copy(&mut input, &mut to_guest);
+            let _ = to_guest.shutdown(std::net::Shutdown::Write);
+        })
+        .map_err(call)?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match (&s).read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                output.write_all(&buf[..n]).map_err(call)?;
+                output.flush().map_err(call)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(call(e)),
+        }
     }
 }
 
@@ -670,6 +774,7 @@ pub fn exec_remote(
     let mut text = serde_json::to_string(&ExecRequest {
         cmd: cmd.to_string(),
         timeout_ms: timeout.as_millis() as u64,
+        shell: false,
     })
     .map_err(|e| call(std::io::Error::other(e)))?;
     text.push('\n');

@@ -1,0 +1,167 @@
+//! A detached cluster's life from the outside: `up --detach` starts its owner (the hidden
+//! `__cluster-supervise`, which runs [`super::run::up`]) and waits until every machine is ready;
+//! `down` asks the owner to stop everything (SIGTERM), waits with a deadline, and reaps what an
+//! owner that died uncleanly left behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::run::{ClusterError, ClusterState, cluster_paths};
+use crate::launch::{LaunchRecord, VmState};
+use crate::plan::VmPaths;
+use crate::resolve::AccelChoice;
+
+/// How long `down` waits for the owner to stop every machine before it kills it.
+pub const DOWN_DEADLINE: Duration = Duration::from_secs(120);
+/// How long past the machines' ready timeout `up --detach` waits for the owner.
+const OWNER_SLACK: Duration = Duration::from_secs(120);
+
+/// The owner to start for a detached cluster (its plan is already in `up.json`).
+#[derive(Debug, Clone)]
+pub struct DetachedOwner<'a> {
+    pub exe: &'a Path,
+    pub state_dir: &'a Path,
+    pub store_root: Option<&'a Path>,
+    pub name: &'a str,
+    pub accel: AccelChoice,
+    pub qemu: Option<&'a Path>,
+    pub ready_timeout: Duration,
+}
+
+/// A detached cluster that is up.
+#[derive(Debug, Clone, Serialize)]
+pub struct Detached {
+    pub owner_pid: u32,
+    pub after_secs: f64,
+    /// The owner's log.
+    pub log: PathBuf,
+}
+
+/// Start the owner and wait until it reports every machine ready. On `cancel` or the deadline
+/// the owner is stopped (it stops everything it started) before returning.
+pub fn start_detached(
+    o: &DetachedOwner<'_>,
+    cancel: &AtomicBool,
+) -> Result<Detached, ClusterError> {
+    let dir = cluster_paths(o.state_dir, o.name).dir;
+    let log_path = dir.join("drydock.log");
+    let files = |source| ClusterError::Files {
+        path: log_path.clone(),
+        source,
+    };
+    let log = std::fs::File::create(&log_path).map_err(files)?;
+    let mut cmd = std::process::Command::new(o.exe);
+    cmd.arg("--state-dir").arg(o.state_dir);
+    if let Some(root) = o.store_root {
+        cmd.arg("--store").arg(root);
+    }
+    cmd.args([
+        "__cluster-supervise",
+        "--name",
+        o.name,
+        "--accel",
+        o.accel.as_arg(),
+    ])
+    .arg("--timeout")
+    .arg(o.ready_timeout.as_secs_f64().to_string());
+    if let Some(q) = o.qemu {
+        cmd.arg("--qemu").arg(q);
+    }
+    let started = Instant::now();
+    let pid = crate::spawn::spawn_detached("cluster supervisor", cmd, log)
+        .map_err(ClusterError::Spawn)?;
+    let deadline = o.ready_timeout + OWNER_SLACK;
+    loop {
+        if ClusterState::read(o.state_dir, o.name).is_some_and(|s| s.ready && s.owner_pid == pid) {
+            return Ok(Detached {
+                owner_pid: pid,
+                after_secs: started.elapsed().as_secs_f64(),
+                log: log_path,
+            });
+        }
+        if !crate::launch::pid_alive(pid) {
+            return Err(ClusterError::DidNotStart {
+                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+            });
+        }
+        if cancel.load(Ordering::SeqCst) || started.elapsed() > deadline {
+            let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
+            if !wait_gone(pid, DOWN_DEADLINE) {
+                let _ = drydock_gc::send_signal(pid, libc::SIGKILL);
+            }
+            if cancel.load(Ordering::SeqCst) {
+                return Err(ClusterError::Interrupted);
+            }
+            return Err(ClusterError::NotReady {
+                after: started.elapsed(),
+                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_gone(pid: u32, within: Duration) -> bool {
+    let t = Instant::now();
+    while crate::launch::pid_alive(pid) {
+        if t.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// What `down` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Down {
+    pub name: String,
+    /// Whether the cluster was up (an owner's record existed).
+    pub was_up: bool,
+    pub machines: usize,
+    /// The owner did not stop within [`DOWN_DEADLINE`] and was killed.
+    pub killed: bool,
+    pub after_secs: f64,
+}
+
+/// Stop the cluster `name`: SIGTERM to its owner, which stops every machine and hub; SIGKILL
+/// at the deadline; then the machines' records of an owner that died uncleanly are reaped.
+pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
+    let t = Instant::now();
+    let Some(state) = ClusterState::read(state_dir, name) else {
+        return Ok(Down {
+            name: name.to_string(),
+            was_up: false,
+            machines: 0,
+            killed: false,
+            after_secs: 0.0,
+        });
+    };
+    let mut killed = false;
+    if state.owner_alive() {
+        let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGTERM);
+        if !wait_gone(state.owner_pid, DOWN_DEADLINE) {
+            let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGKILL);
+            killed = true;
+        }
+    }
+    for m in &state.plan.machines {
+        let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
+        if let Some(vs) = VmState::read(&paths) {
+            let record = LaunchRecord::read(&paths).ok();
+            crate::owner::reap_stale(state_dir, &paths, &vs, record.as_ref())
+                .map_err(|e| ClusterError::Reap(Box::new(e)))?;
+        }
+    }
+    let _ = std::fs::remove_file(cluster_paths(state_dir, name).dir.join("cluster.json"));
+    Ok(Down {
+        name: name.to_string(),
+        was_up: true,
+        machines: state.plan.machines.len(),
+        killed,
+        after_secs: t.elapsed().as_secs_f64(),
+    })
+}

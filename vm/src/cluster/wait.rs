@@ -1,0 +1,116 @@
+//! `wait`: until a machine's console prints a matching line, or until a command succeeds in
+//! it (retried once a second, like the NixOS test driver's `wait_until_succeeds`). Both have a
+//! deadline and report what they saw last, so a wait that gives up says why.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::backdoor::ExecOutput;
+use super::run::{ClusterError, exec_remote};
+use crate::launch::ConsoleTail;
+use crate::plan::VmPaths;
+
+/// The pause between two tries of `--succeeds`.
+const RETRY: Duration = Duration::from_secs(1);
+/// How many of the last console lines a `--console` wait that gave up reports.
+const LAST_LINES: usize = 20;
+
+/// What a wait waits for.
+#[derive(Debug, Clone)]
+pub enum WaitFor {
+    /// A console line (since the machine booted) matching this expression.
+    Console(regex::Regex),
+    /// This command exits 0 in the guest.
+    Succeeds(String),
+}
+
+/// How a wait ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct WaitReport {
+    pub vm: String,
+    /// Whether the condition was met before the deadline.
+    pub met: bool,
+    pub after_secs: f64,
+    /// `--succeeds`: how many times the command ran.
+    pub tries: u32,
+    /// `--console`: the matching line; when not met, the last lines seen.
+    pub lines: Vec<String>,
+    /// `--succeeds`: the last try's status and outputs (lossy text).
+    pub last_status: Option<i32>,
+    pub last_stdout: Option<String>,
+    pub last_stderr: Option<String>,
+}
+
+/// Wait for `what` on the VM `vm` (folder `paths`) for at most `timeout`. `Err` only when the
+/// wait itself cannot be made (no such machine up, a broken backdoor); an unmet condition is a
+/// report with `met: false`. `cancel` ends it early, as not met.
+pub fn wait(
+    vm: &str,
+    paths: &VmPaths,
+    what: &WaitFor,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<WaitReport, ClusterError> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut report = WaitReport {
+        vm: vm.to_string(),
+        met: false,
+        after_secs: 0.0,
+        tries: 0,
+        lines: Vec::new(),
+        last_status: None,
+        last_stdout: None,
+        last_stderr: None,
+    };
+    match what {
+        WaitFor::Console(re) => {
+            if !crate::launch::VmState::read(paths).is_some_and(|s| s.qemu_alive()) {
+                return Err(ClusterError::NoExec(vm.to_string()));
+            }
+            let mut tail = ConsoleTail::new(paths.console_log());
+            let mut last: std::collections::VecDeque<String> = Default::default();
+            'outer: loop {
+                for line in tail.lines() {
+                    if re.is_match(&line) {
+                        report.met = true;
+                        report.lines = vec![line];
+                        break 'outer;
+                    }
+                    last.push_back(line);
+                    if last.len() > LAST_LINES {
+                        last.pop_front();
+                    }
+                }
+                if Instant::now() >= deadline || cancel.load(Ordering::SeqCst) {
+                    report.lines = last.into();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        WaitFor::Succeeds(cmd) => loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            report.tries += 1;
+            let o: ExecOutput = exec_remote(vm, paths, cmd, left.max(Duration::from_secs(1)))?;
+            report.last_status = Some(o.status);
+            report.last_stdout = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+            report.last_stderr = Some(String::from_utf8_lossy(&o.stderr).into_owned());
+            if o.status == 0 {
+                report.met = true;
+                break;
+            }
+            if Instant::now() + RETRY >= deadline || cancel.load(Ordering::SeqCst) {
+                break;
+            }
+            let pause = Instant::now() + RETRY;
+            while Instant::now() < pause && !cancel.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        },
+    }
+    report.after_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
