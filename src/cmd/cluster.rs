@@ -445,14 +445,78 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
     })
 }
 
+/// The terminal on stdin in raw mode (keys go to the guest's line editing as typed) until
+/// dropped; set and restored with `stty`, as a shell script would.
+struct RawTerminal {
+    saved: String,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        let stty = |args: &[&str]| {
+            std::process::Command::new("stty")
+                .args(args)
+                .stdin(std::process::Stdio::inherit())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        };
+        let saved = String::from_utf8(stty(&["-g"])?.stdout).ok()?;
+        stty(&["raw", "-echo", "opost"])?;
+        Some(Self {
+            saved: saved.trim().to_string(),
+        })
+    }
+
+    /// Rows and columns, as `stty size` prints them.
+    fn size() -> Option<(u16, u16)> {
+        let o = std::process::Command::new("stty")
+            .arg("size")
+            .stdin(std::process::Stdio::inherit())
+            .output()
+            .ok()?;
+        let text = String::from_utf8(o.stdout).ok()?;
+        let (r, c) = text.trim().split_once(' ')?;
+        Some((r.parse().ok()?, c.parse().ok()?))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg(&self.saved)
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    }
+}
+
 /// `shell MACHINE`: stdin to the guest's shell, its output to stdout, until it exits.
 pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
     let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
-    eprintln!(
-        "drydock: a root shell on {} (no terminal in the guest; Ctrl-D, `exit` or Ctrl-C leaves)",
-        a.machine
+    let size = RawTerminal::size();
+    let raw = RawTerminal::enter();
+    eprint!(
+        "drydock: a root shell on {}; `exit`{} leaves{}",
+        a.machine,
+        if raw.is_some() {
+            ", Ctrl-D or ~."
+        } else {
+            " or the end of input"
+        },
+        if raw.is_some() { "\r\n" } else { "\n" }
     );
-    drydock_vm::shell_remote(&vm, &paths, std::io::stdin(), &mut std::io::stdout())?;
+    let opts = drydock_vm::ShellOptions {
+        size,
+        escape: raw.is_some(),
+    };
+    let result =
+        drydock_vm::shell_remote(&vm, &paths, opts, std::io::stdin(), &mut std::io::stdout());
+    drop(raw);
+    result?;
     Ok(Outcome::Success)
 }
 

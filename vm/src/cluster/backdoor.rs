@@ -46,6 +46,10 @@ const GRACE: Duration = Duration::from_secs(10);
 pub const CHUNK: usize = 32 * 1024;
 /// Silence after which drydock acknowledges again, in case a chunk boundary was missed.
 const ACK_IDLE: Duration = Duration::from_secs(1);
+/// How long a shell session waits for the calls before it.
+const SHELL_WAIT: Duration = Duration::from_secs(600);
+/// How long a shell session whose client left may take to end (its last command to finish).
+const SESSION_END: Duration = Duration::from_secs(3600);
 /// A reply line is refused beyond this size (base64 of both streams).
 const MAX_REPLY: usize = 256 << 20;
 
@@ -77,6 +81,8 @@ pub enum BackdoorError {
     TooLarge,
     #[error("interrupted")]
     Cancelled,
+    #[error("the backdoor stayed busy for {} s (a `shell` session, or a command it left running, holds it)", .0.as_secs())]
+    Busy(Duration),
 }
 
 impl BackdoorError {
@@ -269,7 +275,7 @@ impl Backdoor {
 
     /// Run `cmd` in the guest's shell; at `timeout` it is killed and the status is 124.
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput, BackdoorError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.lock_within(timeout)?;
         if conn.broken {
             return Err(BackdoorError::Broken);
         }
@@ -304,22 +310,43 @@ impl Backdoor {
     /// An interactive session: run `sh -i` (prompt `prompt`) on the console and relay bytes
     /// between it and `client` until that shell exits. When the client leaves (EOF), the shell
     /// is told to `exit`; input that arrives after it exited is drained, never run by the
-    /// backdoor's own shell. A shell that does not end within a grace period after the client
-    /// left (a command still running there) leaves the backdoor unusable, as a wedged call does.
+    /// backdoor's own shell. If a command still runs there, the session ends when it does;
+    /// calls wait for that, each within its own deadline.
+    /// The connection, waiting at most `within` for the call or session before us.
+    fn lock_within(
+        &self,
+        within: Duration,
+    ) -> Result<std::sync::MutexGuard<'_, Conn>, BackdoorError> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.conn.try_lock() {
+                Ok(c) => return Ok(c),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(BackdoorError::Busy(within));
+                }
+            }
+        }
+    }
+
     /// `started` runs once the session's shell is there, before any of its bytes are relayed.
     pub fn shell(
         &self,
         client: &UnixStream,
         prompt: &str,
+        size: Option<(u16, u16)>,
         started: &mut dyn FnMut(),
     ) -> Result<(), BackdoorError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.lock_within(SHELL_WAIT)?;
         if conn.broken {
             return Err(BackdoorError::Broken);
         }
         let id = conn.next_id;
         conn.next_id += 1;
-        let result = relay_shell(&mut conn, client, id, prompt, started);
+        let result = relay_shell(&mut conn, client, id, prompt, size, started);
         if result.is_err() {
             conn.broken = true;
         }
@@ -328,10 +355,13 @@ impl Backdoor {
 }
 
 /// The text that starts session `id` (see [`Backdoor::shell`]).
-pub fn shell_line(id: u64, prompt: &str) -> String {
+pub fn shell_line(id: u64, prompt: &str, size: Option<(u16, u16)>) -> String {
     let p = sh_quote(prompt);
+    let stty = size
+        .map(|(r, c)| format!("stty rows {r} cols {c} 2>/dev/null; "))
+        .unwrap_or_default();
     format!(
-        "printf '\\nDRYDOCK-{id}-SHELL\\n'; PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
+        "printf '\\nDRYDOCK-{id}-SHELL\\n'; {stty}PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
     )
 }
 
@@ -340,12 +370,13 @@ fn relay_shell(
     client: &UnixStream,
     id: u64,
     prompt: &str,
+    size: Option<(u16, u16)>,
     started: &mut dyn FnMut(),
 ) -> Result<(), BackdoorError> {
     let start = format!("DRYDOCK-{id}-SHELL");
     let end = format!("\nDRYDOCK-{id}-SHELL-END\n").into_bytes();
     conn.stream
-        .write_all(shell_line(id, prompt).as_bytes())
+        .write_all(shell_line(id, prompt, size).as_bytes())
         .map_err(BackdoorError::Io)?;
     let deadline = Instant::now() + GRACE;
     loop {
@@ -396,8 +427,11 @@ fn relay_shell(
             let _ = out.write_all(&buf[..buf.len() - keep]);
             buf.drain(..buf.len() - keep);
         }
+        // The client left and the session's shell was told to exit: it does once the command
+        // running there (if any) ends. Until then calls wait their turn (or give up at their
+        // deadline); past SESSION_END the backdoor is given up as wedged.
         let gone = *left.lock().unwrap_or_else(|e| e.into_inner());
-        if gone.is_some_and(|t| t.elapsed() > GRACE) {
+        if gone.is_some_and(|t| t.elapsed() > SESSION_END) {
             break Err(BackdoorError::Wedged);
         }
         if let Err(e) = conn
@@ -671,7 +705,8 @@ mod tests {
             // A session the user ends with `exit`; what they typed after it is never run.
             let (ours, theirs) = UnixStream::pair().unwrap();
             let b2 = b.clone();
-            let t = std::thread::spawn(move || b2.shell(&theirs, "m1# ", &mut || {}));
+            let t =
+                std::thread::spawn(move || b2.shell(&theirs, "m1# ", Some((40, 100)), &mut || {}));
             let mut w = &ours;
             w.write_all(
                 format!(
@@ -699,7 +734,8 @@ mod tests {
             // A client that just leaves: the session's shell is told to exit.
             let (ours, theirs) = UnixStream::pair().unwrap();
             let b2 = b.clone();
-            let t = std::thread::spawn(move || b2.shell(&theirs, "m1# ", &mut || {}));
+            let t =
+                std::thread::spawn(move || b2.shell(&theirs, "m1# ", Some((40, 100)), &mut || {}));
             (&ours).write_all(b"cd /tmp\n").unwrap();
             ours.shutdown(std::net::Shutdown::Write).unwrap();
             let mut got = Vec::new();
@@ -711,6 +747,21 @@ mod tests {
                 "the session's `cd` stays in the session"
             );
             assert_eq!(r.status, 0);
+            // A client that leaves while a command runs in the session: calls wait for it to
+            // end (or give up at their own deadline), and the backdoor stays usable.
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let b2 = b.clone();
+            let t = std::thread::spawn(move || b2.shell(&theirs, "m1# ", None, &mut || {}));
+            (&ours).write_all(b"sleep 3\n").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(ours);
+            let e = b.exec("true", Duration::from_millis(500)).unwrap_err();
+            assert!(matches!(e, BackdoorError::Busy(_)), "{e}");
+            let r = b
+                .exec("echo after the session", Duration::from_secs(20))
+                .unwrap();
+            assert_eq!(r.stdout, b"after the session\n");
+            t.join().unwrap().unwrap();
         }
     }
 

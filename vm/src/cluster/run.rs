@@ -618,6 +618,9 @@ struct ExecRequest {
     /// connection carries the session's bytes both ways until it ends.
     #[serde(default)]
     shell: bool,
+    /// A session's terminal size (rows, columns), for the guest's line editing.
+    #[serde(default)]
+    size: Option<(u16, u16)>,
 }
 
 /// An `exec` reply on the wire (outputs base64).
@@ -654,7 +657,8 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
             stderr: String::new(),
             error,
         };
-        if let Err(e) = b.shell(&s, prompt, &mut || send_reply(&s, &reply(None))) {
+        let size = req.as_ref().ok().and_then(|r| r.size);
+        if let Err(e) = b.shell(&s, prompt, size, &mut || send_reply(&s, &reply(None))) {
             tracing::warn!("shell session: {}", error_text(&e));
             send_reply(&s, &reply(Some(error_text(&e))));
         }
@@ -698,11 +702,66 @@ fn read_line_unbuffered(s: &UnixStream) -> std::io::Result<Vec<u8>> {
     Ok(line)
 }
 
+/// How a `shell` session runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShellOptions {
+    /// The terminal's size (rows, columns), passed to the guest.
+    pub size: Option<(u16, u16)>,
+    /// `~.` at the start of a line leaves the session (`~~` sends one `~`), as in ssh: for a
+    /// terminal in raw mode, where Ctrl-C is a byte for the guest.
+    pub escape: bool,
+}
+
+/// The `~.` escape of [`ShellOptions::escape`], as a state machine over the input bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Escape {
+    at_line_start: bool,
+    tilde: bool,
+}
+
+impl Default for Escape {
+    fn default() -> Self {
+        Self {
+            at_line_start: true,
+            tilde: false,
+        }
+    }
+}
+
+impl Escape {
+    /// The bytes of `input` to send on, and whether the escape was typed (nothing after it is
+    /// sent).
+    pub fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if self.tilde {
+                self.tilde = false;
+                match b {
+                    b'.' => return (out, true),
+                    b'~' => {
+                        out.push(b'~');
+                        self.at_line_start = false;
+                        continue;
+                    }
+                    _ => out.push(b'~'),
+                }
+            } else if self.at_line_start && b == b'~' {
+                self.tilde = true;
+                continue;
+            }
+            out.push(b);
+            self.at_line_start = matches!(b, b'\r' | b'\n');
+        }
+        (out, false)
+    }
+}
+
 /// An interactive root shell in the VM `vm` through its owner: `input` goes to the guest's
-/// shell, what it prints to `output`, until it exits (`exit`, or `input` ends).
+/// shell, what it prints to `output`, until it exits (`exit`, or `input` ends, or the escape).
 pub fn shell_remote(
     vm: &str,
     paths: &VmPaths,
+    opts: ShellOptions,
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
 ) -> Result<(), ClusterError> {
@@ -716,6 +775,7 @@ pub fn shell_remote(
         cmd: String::new(),
         timeout_ms: 0,
         shell: true,
+        size: opts.size,
     })
     .map_err(|e| call(std::io::Error::other(e)))?;
     text.push('\n');
@@ -737,7 +797,22 @@ pub fn shell_remote(
         .name("shell-stdin".into())
         .spawn(move || {
             let mut input = input;
-            let _ = std::io::copy(&mut input, &mut to_guest);
+            let mut escape = Escape::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let (bytes, leave) = if opts.escape {
+                    escape.feed(&buf[..n])
+                } else {
+                    (buf[..n].to_vec(), false)
+                };
+                if to_guest.write_all(&bytes).is_err() || leave {
+                    break;
+                }
+            }
             let _ = to_guest.shutdown(std::net::Shutdown::Write);
         })
         .map_err(call)?;
@@ -775,6 +850,7 @@ pub fn exec_remote(
         cmd: cmd.to_string(),
         timeout_ms: timeout.as_millis() as u64,
         shell: false,
+        size: None,
     })
     .map_err(|e| call(std::io::Error::other(e)))?;
     text.push('\n');
@@ -800,6 +876,37 @@ pub fn exec_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shell_escape_is_tilde_dot_at_a_line_start() {
+        let cases: [(&[&str], &str, bool); 8] = [
+            (&["ls\r"], "ls\r", false),
+            (&["~."], "", true),
+            (&["ls\r~.rest"], "ls\r", true),
+            (&["ls\n~", ".x"], "ls\n", true),
+            (&["a~.b"], "a~.b", false),
+            (&["~~.\r"], "~.\r", false),
+            (&["~x"], "~x", false),
+            (&["\r~", "~", "\r~."], "\r~\r", true),
+        ];
+        for (inputs, want, want_leave) in cases {
+            let mut e = Escape::default();
+            let (mut got, mut left) = (Vec::new(), false);
+            for i in inputs {
+                let (b, l) = e.feed(i.as_bytes());
+                got.extend(b);
+                if l {
+                    left = true;
+                    break;
+                }
+            }
+            assert_eq!(
+                (String::from_utf8(got).unwrap(), left),
+                (want.to_string(), want_leave),
+                "{inputs:?}"
+            );
+        }
+    }
 
     #[test]
     fn timed_logs_merge_in_time_order() {
