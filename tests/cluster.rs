@@ -80,6 +80,16 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+fn ps_json(state: &Path, file: &Path) -> serde_json::Value {
+    let ps = drydock(state)
+        .args(["--json", "ps", "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
+    serde_json::from_slice(&ps.stdout).unwrap()
+}
+
 fn exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
     drydock(state)
         .arg("exec")
@@ -238,12 +248,7 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
         "{}",
         text(&o.stdout)
     );
-    let ps = drydock(&state)
-        .args(["--json", "ps", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let rows = ps_json(&state, &file);
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 3);
     assert!(rows.iter().all(|r| r["state"] == "running"), "{rows:?}");
@@ -362,12 +367,7 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
         .output()
         .unwrap();
     assert!(gc.status.success(), "{}", text(&gc.stderr));
-    let ps = drydock(&state)
-        .args(["--json", "ps", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let rows = ps_json(&state, &file);
     for r in rows.as_array().unwrap() {
         let sys = r["system"].as_str().unwrap();
         let on_disk = store().join(sys.trim_start_matches('/'));

@@ -121,14 +121,7 @@ fn forward(sock: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool, c: &HubCou
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if super::try_again(&e) => {
                 continue;
             }
             Err(e) => {

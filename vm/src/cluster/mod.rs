@@ -13,3 +13,13 @@ pub(crate) mod eval;
 pub(crate) mod hub;
 pub(crate) mod run;
 pub(crate) mod wait;
+
+/// A read or receive that timed out or was interrupted: try again (after looking at a flag).
+pub(crate) fn try_again(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
