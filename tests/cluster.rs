@@ -360,6 +360,28 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
     let o = exec(&state, &file, "gamma", "30", "echo after the shell");
     assert_eq!(text(&o.stdout), "after the shell\n", "{}", text(&o.stderr));
 
+    // A cluster machine is its owner's: `vm stop`/`restart`/`snapshot` on it are bad input
+    // naming the cluster, and leave the cluster as it was.
+    for verb in ["stop", "restart", "snapshot"] {
+        let o = drydock(&state)
+            .args(["vm", verb, "net.alpha"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "vm {verb}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("cluster net"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    let o = exec(&state, &file, "alpha", "30", "echo still in its cluster");
+    assert_eq!(
+        text(&o.stdout),
+        "still in its cluster\n",
+        "{}",
+        text(&o.stderr)
+    );
+
     // GC while the cluster is up keeps every machine's system (its run pins it), and the guests
     // still read their store afterwards.
     let gc = drydock(&state)

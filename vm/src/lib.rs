@@ -37,9 +37,9 @@ pub use cluster::eval::{
 };
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::run::{
-    ClusterError, ClusterLaunch, ClusterState, Escape, MachineEvent, RunningCluster, ShellOptions,
-    cluster_paths, exec_remote, exec_socket, merge_timed, parse_timed, shell_remote, timed_log,
-    up as cluster_up,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, Escape, MachineEvent,
+    RunningCluster, ShellOptions, cluster_machine, cluster_paths, exec_remote, exec_socket,
+    merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use doctor::{

@@ -120,6 +120,27 @@ impl ClusterState {
     }
 }
 
+/// A VM that is a machine of a cluster that is up (its owner alive).
+#[derive(Debug, Clone)]
+pub struct ClusterMachine {
+    pub cluster: String,
+    pub machine: String,
+    pub owner_pid: u32,
+}
+
+/// Whether the VM `vm` (named `CLUSTER.MACHINE`) is a machine of a cluster that is up: then its
+/// owner, not a VM supervisor, runs it, and only the owner may stop or relaunch it.
+pub fn cluster_machine(state_dir: &Path, vm: &str) -> Option<ClusterMachine> {
+    let (cluster, _) = vm.split_once('.')?;
+    let state = ClusterState::read(state_dir, cluster).filter(ClusterState::owner_alive)?;
+    let m = state.plan.machines.iter().find(|m| m.vm_name == vm)?;
+    Some(ClusterMachine {
+        cluster: cluster.to_string(),
+        machine: m.machine.clone(),
+        owner_pid: state.owner_pid,
+    })
+}
+
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
 pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
     VmPaths::in_folder(state_dir, "clusters", name)
