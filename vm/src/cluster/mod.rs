@@ -3,10 +3,15 @@
 //!
 //! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build);
 //! `hub` forwards frames on a VLAN; `backdoor` runs commands in a guest's shell; `run` owns an
-//! up cluster (hubs, one thread per machine, the exec service).
+//! up cluster (hubs, one thread per machine, the exec service). Hot reload: `reload` plans it
+//! (pure: which machines keep, switch, restart, come or go) and `apply` carries it out in the
+//! owner, asked over the cluster's control socket; `watch` waits for edits of a composition.
 
+pub(crate) mod apply;
 pub(crate) mod backdoor;
 pub(crate) mod compose;
 pub(crate) mod eval;
 pub(crate) mod hub;
+pub(crate) mod reload;
 pub(crate) mod run;
+pub(crate) mod watch;
