@@ -269,6 +269,18 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         ],
         "{v}"
     );
+    // --restart turns the switch into a restart, and leaves the keeps alone.
+    let (code, v, err) = up_json(&state, &file, &["--dry-run", "--restart"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "restart", "planned"),
+            row("gamma", "keep", "planned")
+        ],
+        "{v}"
+    );
     assert_eq!(
         stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
         "beta v1\n",
