@@ -343,7 +343,13 @@ pub fn reload(ctx: &Context, a: &UpArgs, name: &str) -> anyhow::Result<Outcome> 
 }
 
 fn announce(changed: &[PathBuf]) {
-    let names: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+    // An editor's or sed's temporary file, gone again, is not worth naming.
+    let there: Vec<&PathBuf> = changed.iter().filter(|p| p.exists()).collect();
+    let shown: Vec<&PathBuf> = match there.is_empty() {
+        true => changed.iter().collect(),
+        false => there,
+    };
+    let names: Vec<String> = shown.iter().map(|p| p.display().to_string()).collect();
     eprintln!("drydock: changed: {}", names.join(", "));
 }
 
