@@ -246,7 +246,7 @@ fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<O
         while let Ok(ev) = cluster.events.try_recv() {
             report_event(&ev);
         }
-        let served = cluster.serve_control(&mut |ev| {
+        let served = cluster.serve_control(&CANCEL, &mut |ev| {
             if let Some(ev) = ev {
                 report_event(ev);
             }
@@ -385,7 +385,7 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
         while let Ok(ev) = cluster.events.try_recv() {
             report_event(&ev);
         }
-        if cluster.serve_control(&mut |ev| {
+        if cluster.serve_control(&CANCEL, &mut |ev| {
             if let Some(ev) = ev {
                 report_event(ev);
             }

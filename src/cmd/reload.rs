@@ -243,7 +243,7 @@ fn cycle(
     }
     let t = Instant::now();
     let outcomes = match owner {
-        Owner::Local(c) => c.apply_reload(&new, a.restart, on_event)?,
+        Owner::Local(c) => c.apply_reload(&new, a.restart, &CANCEL, on_event)?,
         Owner::Remote { state_dir, name } => {
             apply_remote(state_dir, name, &new, a, &report.machines, ctx.json)?
         }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -177,6 +177,7 @@ pub fn request(
 /// The facts a plan needs, gathered.
 struct Facts {
     recorded: BTreeMap<String, LaunchRecord>,
+    stopped: BTreeSet<String>,
     launches: BTreeMap<String, NewLaunch>,
 }
 
@@ -336,7 +337,22 @@ impl RunningCluster {
             let switchable = switchable(&self.opts.layout, &record);
             launches.insert(m.machine.clone(), NewLaunch { record, switchable });
         }
-        Ok(Facts { recorded, launches })
+        let stopped = self
+            .plan
+            .machines
+            .iter()
+            .filter(|m| {
+                self.machines
+                    .get(&m.machine)
+                    .is_none_or(|t| t.thread.is_finished())
+            })
+            .map(|m| m.machine.clone())
+            .collect();
+        Ok(Facts {
+            recorded,
+            stopped,
+            launches,
+        })
     }
 
     /// The plan from the running cluster to `new` (nothing changes).
@@ -349,6 +365,7 @@ impl RunningCluster {
         Ok(plan_reload(
             &self.plan,
             &f.recorded,
+            &f.stopped,
             new,
             &f.launches,
             force_restart,
@@ -357,17 +374,20 @@ impl RunningCluster {
 
     /// Plan and carry out the reload to `new`; every machine's outcome, in the plan's order.
     /// `on_event` sees the events of machines this reload does not wait for, and `None` every
-    /// 50 ms while it waits (the owner's console echo).
+    /// 50 ms while it waits (the owner's console echo). `cancel` (the owner is being stopped)
+    /// ends the wait for booting machines: they are reported failed, and the owner stops them.
     pub fn apply_reload(
         &mut self,
         new: &ClusterPlan,
         force_restart: bool,
+        cancel: &AtomicBool,
         on_event: &mut dyn FnMut(Option<&MachineEvent>),
     ) -> Result<Vec<MachineOutcome>, ReloadError> {
         let facts = self.gather(new)?;
         let plan = plan_reload(
             &self.plan,
             &facts.recorded,
+            &facts.stopped,
             new,
             &facts.launches,
             force_restart,
@@ -517,13 +537,19 @@ impl RunningCluster {
                             ));
                         }
                     }
-                    Err(_) if boot_started.elapsed() > deadline => {
+                    Err(_)
+                        if boot_started.elapsed() > deadline || cancel.load(Ordering::SeqCst) =>
+                    {
+                        let why = match cancel.load(Ordering::SeqCst) {
+                            true => "interrupted: the cluster is being stopped",
+                            false => "it did not become ready in time",
+                        };
                         for m in std::mem::take(&mut waiting) {
                             boot_results.push((
                                 m,
                                 Outcome::Failed,
                                 stopped_after + boot_started.elapsed(),
-                                Some("it did not become ready in time".into()),
+                                Some(why.into()),
                             ));
                         }
                     }
@@ -576,8 +602,13 @@ impl RunningCluster {
     }
 
     /// Answer a second `up` if one is asking (non-blocking when none is): `plan` or `apply`.
-    /// Returns whether a request was served. `on_event` as for [`Self::apply_reload`].
-    pub fn serve_control(&mut self, on_event: &mut dyn FnMut(Option<&MachineEvent>)) -> bool {
+    /// Returns whether a request was served. `cancel` and `on_event` as for
+    /// [`Self::apply_reload`].
+    pub fn serve_control(
+        &mut self,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(Option<&MachineEvent>),
+    ) -> bool {
         let Some(conn) = self.control.as_ref().and_then(|l| l.accept().ok()) else {
             return false;
         };
@@ -600,7 +631,7 @@ impl RunningCluster {
                     ControlOp::Plan => self
                         .plan_reload(&req.plan, req.restart)
                         .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
-                    ControlOp::Apply => self.apply_reload(&req.plan, req.restart, on_event),
+                    ControlOp::Apply => self.apply_reload(&req.plan, req.restart, cancel, on_event),
                 };
                 match result {
                     Ok(machines) => ControlReply {

@@ -132,11 +132,13 @@ fn launch_changes(old: &LaunchRecord, new: &LaunchRecord) -> Vec<String> {
 }
 
 /// Plan the reload of the running cluster `old` (its machines' recorded launches in
-/// `recorded`) to `new` (each machine's new launch in `launches`). `force_restart` (`--restart`)
-/// turns every `switch` into a `restart`. One action per machine of either plan, by name.
+/// `recorded`; `stopped` names those whose VM is no longer running) to `new` (each machine's
+/// new launch in `launches`). `force_restart` (`--restart`) turns every `switch` into a
+/// `restart`. One action per machine of either plan, by name.
 pub fn plan_reload(
     old: &ClusterPlan,
     recorded: &BTreeMap<String, LaunchRecord>,
+    stopped: &BTreeSet<String>,
     new: &ClusterPlan,
     launches: &BTreeMap<String, NewLaunch>,
     force_restart: bool,
@@ -156,6 +158,10 @@ pub fn plan_reload(
             let (action, why) = match (o, n) {
                 (None, _) => (Action::Create, "added to the composition".to_string()),
                 (Some(_), None) => (Action::Remove, "removed from the composition".to_string()),
+                (Some(_), Some(_)) if stopped.contains(name) => (
+                    Action::Restart,
+                    "it is not running (its VM stopped)".to_string(),
+                ),
                 (Some(o), Some(n)) => {
                     decide(o, n, recorded.get(name), launches.get(name), force_restart)
                 }
@@ -475,7 +481,7 @@ mod tests {
                     switchable: lb.3,
                 },
             )]);
-            let plan = plan_reload(&old, &recorded, &new, &launches, force);
+            let plan = plan_reload(&old, &recorded, &BTreeSet::new(), &new, &launches, force);
             assert_eq!(plan.len(), 1, "{name}");
             assert_eq!(plan[0].action, action, "{name}: {}", plan[0].why);
             assert!(
@@ -511,7 +517,8 @@ mod tests {
                 )
             })
             .collect();
-        let plan = plan_reload(&old, &recorded, &new, &launches, false);
+        let none = BTreeSet::new();
+        let plan = plan_reload(&old, &recorded, &none, &new, &launches, false);
         let got: Vec<(&str, Action, Option<&str>, Option<&str>)> = plan
             .iter()
             .map(|p| {
@@ -540,9 +547,14 @@ mod tests {
         assert!(plan[0].why.contains("hosts table"), "{}", plan[0].why);
 
         // Without a launch record a machine cannot be compared: it restarts.
-        let plan = plan_reload(&old, &BTreeMap::new(), &old, &launches, false);
+        let plan = plan_reload(&old, &BTreeMap::new(), &none, &old, &launches, false);
         assert_eq!(plan[0].action, Action::Restart);
         assert!(plan[0].why.contains("launch record"), "{}", plan[0].why);
+        // A machine whose VM stopped (it crashed, or was stopped by hand) boots again.
+        let stopped = BTreeSet::from(["a".to_string()]);
+        let plan = plan_reload(&old, &recorded, &stopped, &new, &launches, false);
+        assert_eq!(plan[0].action, Action::Restart);
+        assert!(plan[0].why.contains("not running"), "{}", plan[0].why);
     }
 
     #[test]
