@@ -127,8 +127,8 @@ pub struct UpArgs {
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
-    /// Evaluate, build and print the plan (on a cluster that is up: keep/switch/restart/
-    /// create/remove per machine); change nothing.
+    /// Evaluate, build and print the plan (on a cluster that is up: keep, switch, restart,
+    /// create or remove, per machine); change nothing.
     #[arg(long, conflicts_with = "watch")]
     pub dry_run: bool,
     /// Hot reload: restart the machines that could switch in place.
