@@ -131,6 +131,17 @@ pub struct UpArgs {
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
+    /// Evaluate, build and print the plan (on a cluster that is up: keep, switch, restart,
+    /// create or remove, per machine); change nothing.
+    #[arg(long, conflicts_with = "watch")]
+    pub dry_run: bool,
+    /// Hot reload: restart the machines that could switch in place.
+    #[arg(long)]
+    pub restart: bool,
+    /// Stay in the foreground and reload on every change under the composition's directory
+    /// (`result*` and dot files ignored).
+    #[arg(long, conflicts_with = "detach")]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]

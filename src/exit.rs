@@ -117,6 +117,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .downcast_ref::<vm::EvalError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
+                .downcast_ref::<vm::ReloadError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
                 .downcast_ref::<drydock_gc::GcError>()
                 .is_some_and(|e| e.is_bad_input())
     })

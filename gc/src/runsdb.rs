@@ -801,6 +801,28 @@ impl RunsDb {
         rows.collect::<Result<_, _>>().map_err(self.e())
     }
 
+    /// Remove one pin of a run (both links), e.g. the old system of a VM that switched to a
+    /// new one; `store_path` is the logical path as [`RunsDb::pin`] recorded it. Removing a pin
+    /// that is not there is not an error. Returns whether there was one.
+    pub fn unpin(&self, id: i64, store_path: &str) -> Result<bool, RunsDbError> {
+        let Some(p) = self
+            .pins(id)?
+            .into_iter()
+            .find(|p| p.store_path == store_path)
+        else {
+            return Ok(false);
+        };
+        crate::reclaim::remove_link(&p.root_link).map_err(RunsDbError::Unpin)?;
+        crate::reclaim::remove_link(&p.link).map_err(RunsDbError::Unpin)?;
+        self.conn
+            .execute(
+                "DELETE FROM pins WHERE run_id = ?1 AND store_path = ?2",
+                params![id, store_path],
+            )
+            .map_err(self.e())?;
+        Ok(true)
+    }
+
     /// Remove every pin of a run (both links), e.g. when its VM stops or GC takes it.
     pub fn unpin_run(&self, id: i64) -> Result<(), RunsDbError> {
         for p in self.pins(id)? {
@@ -1123,6 +1145,28 @@ mod tests {
         db.unpin_run(id).unwrap();
         assert!(find_link_roots(&layout).unwrap().is_empty());
         assert!(db.pins(id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_pin_moves_and_the_other_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = StoreLayout::chroot(dir.path().join("root"));
+        let db = RunsDb::open(&dir.path().join("state")).unwrap();
+        let id = db.begin_run(&layout, "vm", &[], RunKind::Vm).unwrap();
+        let sys = |c: &str| {
+            StorePath::from_base_name(&format!("{}-nixos-system-x", c.repeat(32))).unwrap()
+        };
+        let (old, new) = (sys("1"), sys("2"));
+        let old_pin = db.pin(&layout, id, &old).unwrap();
+        db.pin(&layout, id, &new).unwrap();
+        assert!(db.unpin(id, &old_pin.store_path).unwrap());
+        assert!(!db.unpin(id, &old_pin.store_path).unwrap(), "already gone");
+        let roots = find_link_roots(&layout).unwrap();
+        assert_eq!(roots.iter().map(|r| &r.path).collect::<Vec<_>>(), [&new]);
+        assert!(!old_pin.link.exists() && !old_pin.root_link.exists());
+        let pins = db.pins(id).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].store_path, layout.logical(&new));
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct Passthrough {
 
 impl Passthrough {
     /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded.
-    fn spawn(cmd: &[String]) -> Result<Self, TrackError> {
+    fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
         let mut child = Command::new(&program)
             .args(&cmd[1..])
@@ -89,7 +89,10 @@ impl Passthrough {
         if let Some(out) = child.stdout.take() {
             std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
-                let mut stdout = std::io::stdout();
+                let mut stdout: Box<dyn Write> = match echo {
+                    Echo::Stdout => Box::new(std::io::stdout()),
+                    Echo::Stderr => Box::new(std::io::stderr()),
+                };
                 let mut line = Vec::new();
                 loop {
                     line.clear();
@@ -163,7 +166,7 @@ impl Passthrough {
 
 #[cfg(test)]
 fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
-    Passthrough::spawn(cmd)?.wait(&AtomicBool::new(false))
+    Passthrough::spawn(cmd, Echo::Stdout)?.wait(&AtomicBool::new(false))
 }
 
 /// Store paths named in command output (one per whitespace-separated token).
@@ -343,6 +346,14 @@ impl StoreView for DbView<'_> {
     }
 }
 
+/// Where a tracked command's stdout is passed through to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    Stdout,
+    /// For a caller whose own stdout is a report (`up --json`).
+    Stderr,
+}
+
 /// Run `cmd` as a tracked run and record what it claimed. `cancel` is the caller's Ctrl-C flag
 /// (the library installs no signal handler): while the command runs it is forwarded to it;
 /// afterwards it ends `track` with [`TrackError::Interrupted`].
@@ -352,6 +363,18 @@ pub fn track(
     name: Option<&str>,
     cmd: &[String],
     cancel: &AtomicBool,
+) -> Result<TrackReport, crate::GcError> {
+    track_to(layout, runs, name, cmd, cancel, Echo::Stdout)
+}
+
+/// [`track`], with the command's stdout passed through to `echo`.
+pub fn track_to(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    name: Option<&str>,
+    cmd: &[String],
+    cancel: &AtomicBool,
+    echo: Echo,
 ) -> Result<TrackReport, crate::GcError> {
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
@@ -364,7 +387,7 @@ pub fn track(
     };
     let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
     // Started before the run is recorded: a command that cannot start records nothing.
-    let child = Passthrough::spawn(cmd)?;
+    let child = Passthrough::spawn(cmd, echo)?;
     let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
         Ok(id) => id,
         Err(e) => {

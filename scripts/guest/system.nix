@@ -14,6 +14,10 @@
 #               sw             -> busybox (bin/busybox + applet symlinks)
 #               system         "x86_64-linux"
 #               variant        -> variant marker (only if variant != "")
+#               activate       (re)starts a cluster machine's services from this system
+#               bin/switch-to-configuration
+#                              `switch-to-configuration test` activates this system in a
+#                              running guest (hot reload), as NixOS's does in spirit
 #   outside   /nix/store/...-drydock-not-in-closure: built into the same
 #             store but NOT referenced by toplevel, to check that paths
 #             outside the closure stay invisible to the guest.
@@ -24,6 +28,8 @@
 , variant ? ""          # non-empty: adds a harmless difference to the closure
 , kernelParams ? "console=ttyS0 panic=-1 quiet loglevel=4"
 , services ? ""         # shell run in the background once a cluster machine's network is up
+, www ? ""              # the web page the machine serves (default: "hello from MACHINE")
+, activation ? ""       # shell run at each activation, before the services; failing fails it
 }:
 let
   system = "x86_64-linux";
@@ -127,8 +133,8 @@ let
       echo "127.0.0.1 localhost" > /etc/hosts
       hosts=/sys/firmware/qemu_fw_cfg/by_name/opt/drydock/hosts/raw
       [ -r "$hosts" ] && cat "$hosts" >> /etc/hosts
-      echo "hello from $machine" > /srv/www/index.html
-      httpd -p 80 -h /srv/www
+      mkdir -p /run
+      "$systemConfig/activate" || echo "DRYDOCK-ACTIVATION-FAILED"
       if [ -c /dev/hvc0 ]; then
         (
           # Open first, then set the mode: the hvc driver resets a console's termios when its
@@ -140,7 +146,6 @@ let
           exec sh /dev/hvc0
         ) &
       fi
-      ${if services == "" then "" else "( ${services} ) &"}
     fi
     echo "DRYDOCK-READY"
 
@@ -189,9 +194,61 @@ let
     poweroff -f
   '';
 
+  # Activation of a cluster machine: the activation snippet first (a failure leaves the running
+  # services alone), then the services of the previous activation are stopped (each runs in its
+  # own session, recorded in /run/drydock), this system's started, /run/current-system set.
+  # Services get the console, never the caller's output (a switch's caller waits for its EOF).
+  activate = ''
+    #!${busybox}/bin/sh
+    export PATH=${busybox}/bin
+    systemConfig=@out@
+    machine="$(hostname)"
+    mkdir -p /run/drydock /srv/www
+    cd /
+    if ! ( :
+      ${activation}
+    ); then
+      echo "activation of $systemConfig failed" >&2
+      exit 1
+    fi
+    for f in /run/drydock/*.pid; do
+      [ -e "$f" ] || continue
+      p="$(cat "$f")"
+      kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null
+      i=0
+      while kill -0 "$p" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+      rm -f "$f"
+    done
+    if [ -r "$systemConfig/www/index.html" ]; then
+      www="$systemConfig/www"
+    else
+      echo "hello from $machine" > /srv/www/index.html
+      www=/srv/www
+    fi
+    setsid httpd -f -p 80 -h "$www" </dev/null >/dev/console 2>&1 &
+    echo $! > /run/drydock/httpd.pid
+    ${if services == "" then "" else ''
+      setsid sh "$systemConfig/services" </dev/null >/dev/console 2>&1 &
+      echo $! > /run/drydock/services.pid
+    ''}
+    ln -sfn "$systemConfig" /run/current-system
+  '';
+
+  switchToConfiguration = ''
+    #!${busybox}/bin/sh
+    # switch-to-configuration ACTION: only `test` (activate now; nothing to make permanent).
+    export PATH=${busybox}/bin
+    case "$1" in
+      test) ;;
+      *) echo "usage: switch-to-configuration test" >&2; exit 2 ;;
+    esac
+    echo "activating @out@"
+    exec @out@/activate
+  '';
+
   toplevel = derivation {
     name = "drydock-test-system";
-    inherit system kernelParams stage2;
+    inherit system kernelParams stage2 activate switchToConfiguration services www;
     builder = "/bin/sh";
     kernel = kernelFile;
     initrd = initrdFile;
@@ -207,6 +264,12 @@ let
       printf '%s' "$system" > $out/system
       printf '%s' "$stage2" | sed "s|@out@|$out|g" > $out/init
       chmod 0555 $out/init
+      printf '%s' "$activate" | sed "s|@out@|$out|g" > $out/activate
+      mkdir -p $out/bin
+      printf '%s' "$switchToConfiguration" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
+      chmod 0555 $out/activate $out/bin/switch-to-configuration
+      if [ -n "$services" ]; then printf '%s\n' "$services" > $out/services; fi
+      if [ -n "$www" ]; then mkdir -p $out/www && printf '%s\n' "$www" > $out/www/index.html; fi
       if [ -n "$variant" ]; then ln -s $variant $out/variant; fi
     '';
   };

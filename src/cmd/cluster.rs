@@ -21,7 +21,7 @@ use crate::cli::{
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
-fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
+pub fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
     let name = a
         .name
         .clone()
@@ -47,25 +47,57 @@ fn launch_opts(
     })
 }
 
-fn plan_file(ctx: &Context, name: &str) -> std::path::PathBuf {
+pub fn plan_file(ctx: &Context, name: &str) -> std::path::PathBuf {
     drydock_vm::cluster_paths(&ctx.state_dir, name)
         .dir
         .join("up.json")
 }
 
-/// `up`: evaluate, plan, build (one tracked run), then boot in the foreground or detached.
+/// `up`: evaluate, plan, build (one tracked run), then boot in the foreground or detached. On
+/// a cluster that is up: a hot reload (see `reload`).
 pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(&a.cluster)?;
-    let cancel = crate::cancel::install();
+    crate::cancel::install();
     if let Some(s) = ClusterState::read(&ctx.state_dir, &name).filter(ClusterState::owner_alive) {
-        return Err(bad_input(format!(
-            "the cluster {name} is already up (owner pid {}); hot reload is not implemented yet: `drydock down -p {name}` first",
-            s.owner_pid
-        )));
+        if !s.ready {
+            return Err(bad_input(format!(
+                "the cluster {name} is still starting (owner pid {}); try again once it is up",
+                s.owner_pid
+            )));
+        }
+        return crate::cmd::reload::reload(ctx, a, &name);
     }
+    let (plan, _) = prepare(ctx, a, &name, None)?;
+    if a.dry_run {
+        return crate::cmd::reload::print_fresh_plan(ctx, &plan);
+    }
+    drydock_vm::write_json(&plan_file(ctx, &name), &plan)?;
+    if a.detach {
+        return detach(ctx, a, &name, &plan);
+    }
+    foreground(ctx, a, &plan)
+}
+
+/// How long evaluating and building took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub evaluate: Duration,
+    pub build: Duration,
+}
+
+/// Evaluate the composition, plan the cluster and build its systems (one tracked run). With
+/// `running` (a hot reload), machines left out on the command line keep their running plan.
+pub fn prepare(
+    ctx: &Context,
+    a: &UpArgs,
+    name: &str,
+    running: Option<&ClusterPlan>,
+) -> anyhow::Result<(ClusterPlan, Phases)> {
     let layout = ctx.layout();
+    let t = Instant::now();
     let composition = drydock_vm::evaluate_composition(&layout, &a.cluster.file)?;
-    let mut plan = drydock_vm::plan_cluster(&name, &composition)?;
+    let mut plan = drydock_vm::plan_cluster(name, &composition)?;
+    let evaluate = t.elapsed();
     for m in a.machines.iter().chain(&a.hide).chain(&a.show) {
         if !composition.machines.contains_key(m) {
             return Err(drydock_vm::ComposeError::NoSuchMachine {
@@ -76,11 +108,35 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         }
     }
     if !a.machines.is_empty() {
-        plan.machines.retain(|m| a.machines.contains(&m.machine));
+        let keep = |m: &drydock_vm::MachinePlan| a.machines.contains(&m.machine);
+        plan.machines = plan
+            .machines
+            .iter()
+            .filter_map(|m| {
+                if keep(m) {
+                    Some(m.clone())
+                } else {
+                    running.and_then(|r| r.machine(&m.machine).cloned())
+                }
+            })
+            .collect();
+        let mut vlans: Vec<u8> = plan
+            .machines
+            .iter()
+            .flat_map(|m| m.settings.vlans.clone())
+            .collect();
+        vlans.sort_unstable();
+        vlans.dedup();
+        plan.vlans = vlans;
     }
-    let names: Vec<&str> = plan.machines.iter().map(|m| m.machine.as_str()).collect();
+    let names: Vec<&str> = plan
+        .machines
+        .iter()
+        .filter(|m| a.machines.is_empty() || a.machines.contains(&m.machine))
+        .map(|m| m.machine.as_str())
+        .collect();
     let runs = drydock_gc::RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
-    let cdir = drydock_vm::cluster_paths(&ctx.state_dir, &name).dir;
+    let cdir = drydock_vm::cluster_paths(&ctx.state_dir, name).dir;
     let t = Instant::now();
     if let Some(report) = drydock_vm::build_composition(
         &layout,
@@ -89,7 +145,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         &names,
         &format!("cluster {name}"),
         &cdir,
-        cancel,
+        &CANCEL,
     )? {
         eprintln!(
             "drydock: built {} systems in {:.1} s (run {}, {} paths recorded)",
@@ -99,22 +155,19 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
             report.claimed.len()
         );
     }
+    let build = t.elapsed();
     drydock_vm::check_systems(&layout, &composition, &names)?;
-    drydock_vm::write_json(&plan_file(ctx, &name), &plan)?;
-    if a.detach {
-        return detach(ctx, a, &name, &plan);
-    }
-    foreground(ctx, a, &plan)
+    Ok((plan, Phases { evaluate, build }))
 }
 
-fn shown(a: &UpArgs, machine: &str) -> bool {
+pub fn shown(a: &UpArgs, machine: &str) -> bool {
     if !a.show.is_empty() {
         return a.show.iter().any(|m| m == machine);
     }
     !a.hide.iter().any(|m| m == machine)
 }
 
-fn report_event(ev: &MachineEvent) {
+pub fn report_event(ev: &MachineEvent) {
     match ev {
         MachineEvent::Ready { machine, after } => {
             eprintln!(
@@ -176,10 +229,45 @@ fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<O
         started.elapsed().as_secs_f64(),
         plan.machines.len()
     );
+    let mut watching = match a.watch {
+        true => Some(crate::cmd::reload::Watching::new(&a.cluster.file)?),
+        false => None,
+    };
     while !CANCEL.load(Ordering::SeqCst) && !cluster.all_stopped() {
         echo(&mut tails);
         while let Ok(ev) = cluster.events.try_recv() {
             report_event(&ev);
+        }
+        let served = cluster.serve_control(&CANCEL, &mut |ev| {
+            if let Some(ev) = ev {
+                report_event(ev);
+            }
+            echo(&mut tails);
+        });
+        let due = watching.as_mut().and_then(|w| w.due());
+        if let Some(changed) = &due {
+            crate::cmd::reload::watched_change(ctx, a, &mut cluster, changed, &mut |ev| {
+                if let Some(ev) = ev {
+                    report_event(ev);
+                }
+                echo(&mut tails);
+            });
+        }
+        if served || due.is_some() {
+            // Machines a reload created get their console echoed, removed ones lose it.
+            let _ = drydock_vm::write_json(&plan_file(ctx, &plan.name), &cluster.plan);
+            tails.retain(|m, _| cluster.plan.machine(m).is_some());
+            for m in cluster
+                .plan
+                .machines
+                .iter()
+                .filter(|m| shown(a, &m.machine))
+            {
+                tails.entry(m.machine.clone()).or_insert_with(|| {
+                    let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
+                    ConsoleTail::new(paths.console_log())
+                });
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -245,6 +333,13 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     while !CANCEL.load(Ordering::SeqCst) && !cluster.all_stopped() {
         while let Ok(ev) = cluster.events.try_recv() {
             report_event(&ev);
+        }
+        if cluster.serve_control(&CANCEL, &mut |ev| {
+            if let Some(ev) = ev {
+                report_event(ev);
+            }
+        }) {
+            let _ = drydock_vm::write_json(&path, &cluster.plan);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

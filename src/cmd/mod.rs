@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod du;
 pub mod gc;
 pub mod help;
+pub mod reload;
 pub mod runs;
 pub mod store;
 pub mod store_server;

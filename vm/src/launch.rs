@@ -784,12 +784,15 @@ fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
     }
 }
 
-/// Reads a growing console log line by line.
+/// Reads a growing console log line by line. A log made anew (a machine restarted by a hot
+/// reload: another file at the same path, or a shorter one) is read from its start. (Whoever
+/// makes it anew keeps the old one aside, so the new file cannot reuse its inode.)
 #[derive(Debug)]
 pub struct ConsoleTail {
     path: PathBuf,
     offset: u64,
     partial: Vec<u8>,
+    file_id: Option<(u64, u64)>,
 }
 
 impl ConsoleTail {
@@ -798,15 +801,25 @@ impl ConsoleTail {
             path,
             offset: 0,
             partial: Vec::new(),
+            file_id: None,
         }
     }
 
     /// Complete lines written since the last call (without `\r`/`\n`).
     pub fn lines(&mut self) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt as _;
         let mut out = Vec::new();
         let Ok(mut f) = File::open(&self.path) else {
             return out;
         };
+        if let Ok(m) = f.metadata() {
+            let id = (m.dev(), m.ino());
+            if self.file_id.is_some_and(|old| old != id) || m.len() < self.offset {
+                self.offset = 0;
+                self.partial.clear();
+            }
+            self.file_id = Some(id);
+        }
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return out;
         }
@@ -916,6 +929,22 @@ mod tests {
         f.write_all(b"o\nthree").unwrap();
         assert_eq!(t.lines(), ["two"]);
         assert_eq!(t.rest().as_deref(), Some("three"));
+    }
+
+    #[test]
+    fn console_tail_reads_a_log_made_anew_from_its_start() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        std::fs::write(&p, "first boot, a long line\n").unwrap();
+        let mut t = ConsoleTail::new(p.clone());
+        assert_eq!(t.lines(), ["first boot, a long line"]);
+        // A restart: the old log is kept aside and QEMU writes a new one, longer than the offset.
+        std::fs::rename(&p, d.path().join("console.log.prev")).unwrap();
+        std::fs::write(&p, "second boot\nand a second line here\n").unwrap();
+        assert_eq!(t.lines(), ["second boot", "and a second line here"]);
+        // Truncated in place: shorter than what was read.
+        std::fs::write(&p, "third\n").unwrap();
+        assert_eq!(t.lines(), ["third"]);
     }
 
     #[test]

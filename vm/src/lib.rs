@@ -21,6 +21,9 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use cluster::apply::{
+    ControlOp, ControlReply, ControlRequest, ReloadError, control_socket, request as reload_request,
+};
 pub use cluster::backdoor::{
     Backdoor, BackdoorError, ExecOutput, READY_LINE as BACKDOOR_READY_LINE, call_line, parse_reply,
 };
@@ -36,12 +39,17 @@ pub use cluster::eval::{
     EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
 };
 pub use cluster::hub::{Hub, HubCounters, HubError};
+pub use cluster::reload::{
+    Action as ReloadAction, MachineOutcome as ReloadOutcome, NewLaunch, Outcome as ActionOutcome,
+    PlannedAction, all_done as reload_succeeded, params_without_init, plan_reload,
+};
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, Escape, MachineEvent,
     RunningCluster, ShellOptions, cluster_machine, cluster_paths, exec_remote, exec_socket,
     merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
+pub use cluster::watch::{Debounce, WatchError, Watcher, ignored as watch_ignores};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };

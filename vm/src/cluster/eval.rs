@@ -212,8 +212,16 @@ pub fn build(
         source,
     })?;
     let cmd = build_command(layout, &c.file, &expr_file, &to_build);
-    let report = drydock_gc::track(layout, runs, Some(run_name), &cmd, cancel)
-        .map_err(|e| EvalError::Track(Box::new(e)))?;
+    // Nix's output paths go to stderr: `up`'s stdout is the consoles, or its JSON report.
+    let report = drydock_gc::track_to(
+        layout,
+        runs,
+        Some(run_name),
+        &cmd,
+        cancel,
+        drydock_gc::Echo::Stderr,
+    )
+    .map_err(|e| EvalError::Track(Box::new(e)))?;
     if report.exit_code != 0 {
         return Err(EvalError::BuildFailed(report.exit_code));
     }

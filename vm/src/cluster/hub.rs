@@ -7,11 +7,13 @@
 //! One thread per hub, blocking on its one socket: a hub is a single file descriptor with one
 //! reader, so an async runtime would add nothing but a dependency (see docs/ARCHITECTURE.md).
 //! The thread belongs to the process that owns the cluster and dies with it, SIGKILL included.
+//! A hot reload that adds, removes or rewires machines replaces the port list in place
+//! ([`Hub::set_ports`]): the machines that stay keep their segment without a gap.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// A frame is at most a jumbo Ethernet frame; QEMU sends one per datagram.
@@ -55,6 +57,7 @@ pub struct Hub {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     counters: Arc<HubCounters>,
+    ports: Arc<RwLock<Vec<PathBuf>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -74,11 +77,13 @@ impl Hub {
         sock.set_read_timeout(Some(POLL)).map_err(bind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(HubCounters::default());
+        let ports = Arc::new(RwLock::new(ports));
         let thread = std::thread::Builder::new()
             .name(format!("hub-vlan{vlan}"))
             .spawn({
                 let stop = stop.clone();
                 let counters = counters.clone();
+                let ports = ports.clone();
                 move || forward(&sock, &ports, &stop, &counters)
             })
             .map_err(|source| HubError::Thread { vlan, source })?;
@@ -88,6 +93,7 @@ impl Hub {
             socket: socket.to_path_buf(),
             stop,
             counters,
+            ports,
             thread: Some(thread),
         })
     }
@@ -98,6 +104,16 @@ impl Hub {
 
     pub fn counters(&self) -> &HubCounters {
         &self.counters
+    }
+
+    /// Forward among `ports` from now on (frames from a port no longer listed are dropped).
+    pub fn set_ports(&self, ports: Vec<PathBuf>) {
+        *self.ports.write().unwrap_or_else(|e| e.into_inner()) = ports;
+    }
+
+    /// The ports it forwards among.
+    pub fn ports(&self) -> Vec<PathBuf> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Stop forwarding, join the thread (within [`POLL`]) and remove the socket. Idempotent.
@@ -116,7 +132,7 @@ impl Drop for Hub {
     }
 }
 
-fn forward(sock: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool, c: &HubCounters) {
+fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &AtomicBool, c: &HubCounters) {
     let mut buf = vec![0u8; MAX_FRAME];
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match sock.recv_from(&mut buf) {
@@ -130,6 +146,7 @@ fn forward(sock: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool, c: &HubCou
                 continue;
             }
         };
+        let ports = ports.read().unwrap_or_else(|e| e.into_inner());
         let Some(sender) = from.as_pathname().filter(|p| ports.iter().any(|q| q == p)) else {
             c.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -197,6 +214,31 @@ mod tests {
         assert_eq!(k.dropped.load(Ordering::SeqCst), 3);
         hub.stop();
         assert!(!hub_path.exists(), "the hub's socket is removed");
+    }
+
+    #[test]
+    fn a_new_port_list_takes_effect_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let (pc, c) = port(dir.path(), "c.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(3, &hub_path, vec![pa.clone(), pb.clone()]).unwrap();
+        a.send_to(b"one", &hub_path).unwrap();
+        assert_eq!(recv(&b).as_deref(), Some(&b"one"[..]));
+        // c joins, b leaves: a's frames reach c only, and b's are dropped as a stranger's.
+        hub.set_ports(vec![pa.clone(), pc.clone()]);
+        assert_eq!(hub.ports(), vec![pa, pc]);
+        a.send_to(b"two", &hub_path).unwrap();
+        assert_eq!(recv(&c).as_deref(), Some(&b"two"[..]));
+        b.send_to(b"gone", &hub_path).unwrap();
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+        }
+        assert_eq!(recv(&b), None, "b is no longer a port");
+        assert_eq!(recv(&a), None, "a left port's frame was forwarded");
+        assert_eq!(recv(&c), None);
     }
 
     #[test]

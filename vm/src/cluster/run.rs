@@ -4,9 +4,12 @@
 //! (`resolve_launch`, `record_vm_run`, `start`), listens on the backdoor socket QEMU connects
 //! to, waits for the guest's ready line, then serves `exec` requests from other drydock
 //! processes on `exec.sock` (one JSON line each way; calls queue on the backdoor), until the
-//! owner stops the cluster or QEMU exits. Stopping sets one flag: every machine thread stops its
-//! VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs stop.
+//! owner stops the cluster or QEMU exits. Stopping sets every machine's flag: every machine
+//! thread stops its VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs
+//! stop. A hot reload (`apply`) stops, starts and rewires single machines of a running cluster
+//! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -151,7 +154,7 @@ pub fn exec_socket(paths: &VmPaths) -> PathBuf {
     paths.sockets.join("exec.sock")
 }
 
-fn hub_socket(cluster: &VmPaths, vlan: u8) -> PathBuf {
+pub(super) fn hub_socket(cluster: &VmPaths, vlan: u8) -> PathBuf {
     cluster.sockets.join(format!("vlan{vlan}.sock"))
 }
 
@@ -163,14 +166,28 @@ pub enum MachineEvent {
     Stopped { machine: String },
 }
 
+/// One machine's thread and its stop flag.
+#[derive(Debug)]
+pub(super) struct MachineThread {
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) thread: std::thread::JoinHandle<()>,
+}
+
+/// The consoles being stamped, by machine: each tail and its timed log.
+pub(super) type Tails = Arc<Mutex<BTreeMap<String, (crate::launch::ConsoleTail, PathBuf)>>>;
+
 /// An up cluster, owned by this process. Dropping it stops everything.
 #[derive(Debug)]
 pub struct RunningCluster {
     pub plan: ClusterPlan,
-    state_dir: PathBuf,
-    hubs: Vec<Hub>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    pub(super) opts: ClusterLaunch,
+    pub(super) state_dir: PathBuf,
+    pub(super) hubs: Vec<Hub>,
+    pub(super) machines: BTreeMap<String, MachineThread>,
+    pub(super) tx: Sender<MachineEvent>,
+    pub(super) tails: Tails,
+    /// Where a second `up` asks for a hot reload (see `apply`).
+    pub(super) control: Option<UnixListener>,
     /// Stops the console stamping, after the machines (their last lines are stamped too).
     stamp_stop: Arc<AtomicBool>,
     stamper: Option<std::thread::JoinHandle<()>>,
@@ -202,57 +219,48 @@ pub fn up(
     let (tx, rx) = channel();
     let mut running = RunningCluster {
         plan: plan.clone(),
+        opts: opts.clone(),
         state_dir: opts.state_dir.clone(),
         hubs: Vec::new(),
-        threads: Vec::new(),
-        stop: Arc::new(AtomicBool::new(false)),
+        machines: BTreeMap::new(),
+        tx,
+        tails: Tails::default(),
+        control: None,
         stamp_stop: Arc::new(AtomicBool::new(false)),
         stamper: None,
         events: rx,
         stopped: false,
     };
     for &v in &plan.vlans {
-        let ports = plan
-            .on_vlan(v)
-            .map(|m| nic_socket(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name), v))
-            .collect();
-        running
-            .hubs
-            .push(Hub::start(v, &hub_socket(&cpaths, v), ports).map_err(ClusterError::Hub)?);
+        running.hubs.push(
+            Hub::start(
+                v,
+                &hub_socket(&cpaths, v),
+                vlan_ports(plan, &opts.state_dir, v),
+            )
+            .map_err(ClusterError::Hub)?,
+        );
     }
     // Each console is read as it grows and its lines written, stamped on arrival, to the
     // machine's timed log (what `drydock logs` merges); QEMU writes the console log itself.
-    let mut tails = Vec::new();
     for m in &plan.machines {
         let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
         let _ = std::fs::remove_file(paths.console_log());
         let _ = std::fs::remove_file(timed_log(&paths));
-        tails.push((
-            crate::launch::ConsoleTail::new(paths.console_log()),
-            timed_log(&paths),
-        ));
+        running.add_tail(m);
     }
-    let stop = running.stamp_stop.clone();
+    let (stop, tails) = (running.stamp_stop.clone(), running.tails.clone());
     running.stamper = Some(
         std::thread::Builder::new()
             .name("console-stamps".into())
-            .spawn(move || stamp_consoles(tails, &stop))
+            .spawn(move || stamp_consoles(&tails, &stop))
             .map_err(|source| ClusterError::Files {
                 path: cpaths.dir.clone(),
                 source,
             })?,
     );
     for m in &plan.machines {
-        let (m, opts, tx, stop) = (m.clone(), opts.clone(), tx.clone(), running.stop.clone());
-        let (hosts, cp) = (hosts.clone(), cpaths.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("machine-{}", m.machine))
-            .spawn(move || machine_main(&m, &opts, &cp, &hosts, &stop, &tx))
-            .map_err(|source| ClusterError::Files {
-                path: cpaths.dir.clone(),
-                source,
-            })?;
-        running.threads.push(t);
+        running.spawn_machine(m)?;
     }
     let started = Instant::now();
     let mut ready = 0;
@@ -289,10 +297,49 @@ pub fn up(
             Err(_) => on_event(None),
         }
     }
+    running.control = Some(super::apply::bind_control(&cpaths)?);
     Ok(running)
 }
 
+/// The NIC sockets of the machines of `plan` on `vlan`: the ports of its hub.
+pub(super) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<PathBuf> {
+    plan.on_vlan(vlan)
+        .map(|m| nic_socket(&VmPaths::in_state_dir(state_dir, &m.vm_name), vlan))
+        .collect()
+}
+
 impl RunningCluster {
+    /// Start the thread of machine `m` (its VM boots; it reports on `events`).
+    pub(super) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let hosts = cpaths.dir.join("hosts");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m2, opts, tx, flag) = (m.clone(), self.opts.clone(), self.tx.clone(), stop.clone());
+        let cp = cpaths.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("machine-{}", m.machine))
+            .spawn(move || machine_main(&m2, &opts, &cp, &hosts, &flag, &tx))
+            .map_err(|source| ClusterError::Files {
+                path: cpaths.dir.clone(),
+                source,
+            })?;
+        self.machines
+            .insert(m.machine.clone(), MachineThread { stop, thread });
+        Ok(())
+    }
+
+    /// Stamp the console of machine `m` (from the start of its log).
+    pub(super) fn add_tail(&self, m: &MachinePlan) {
+        let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+        self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            m.machine.clone(),
+            (
+                crate::launch::ConsoleTail::new(paths.console_log()),
+                timed_log(&paths),
+            ),
+        );
+    }
+
     /// Record this process as the cluster's owner (for `down`, `ps`, `exec`).
     pub fn write_state(&self, ready: bool) -> Result<(), ClusterError> {
         let pid = std::process::id();
@@ -308,7 +355,7 @@ impl RunningCluster {
 
     /// Whether every machine thread has ended (their VMs stopped).
     pub fn all_stopped(&self) -> bool {
-        self.threads.iter().all(|t| t.is_finished())
+        self.machines.values().all(|t| t.thread.is_finished())
     }
 
     /// Stop every machine in parallel, then the hubs; remove the owner's state. Idempotent.
@@ -317,9 +364,14 @@ impl RunningCluster {
             return;
         }
         self.stopped = true;
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        self.control = None;
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let _ = std::fs::remove_file(super::apply::control_socket(&cpaths));
+        for t in self.machines.values() {
+            t.stop.store(true, Ordering::SeqCst);
+        }
+        for (_, t) in std::mem::take(&mut self.machines) {
+            let _ = t.thread.join();
         }
         self.stamp_stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.stamper.take() {
@@ -351,11 +403,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn stamp_consoles(mut tails: Vec<(crate::launch::ConsoleTail, PathBuf)>, stop: &AtomicBool) {
-    let mut files: Vec<Option<std::fs::File>> = tails.iter().map(|_| None).collect();
+fn stamp_consoles(tails: &Tails, stop: &AtomicBool) {
+    let mut files: BTreeMap<PathBuf, Option<std::fs::File>> = BTreeMap::new();
     loop {
         let last = stop.load(Ordering::SeqCst);
-        for ((tail, path), file) in tails.iter_mut().zip(files.iter_mut()) {
+        let mut tails = tails.lock().unwrap_or_else(|e| e.into_inner());
+        for (tail, path) in tails.values_mut() {
+            let file = files.entry(path.clone()).or_default();
             let mut lines = tail.lines();
             if last {
                 lines.extend(tail.rest());
@@ -376,6 +430,7 @@ fn stamp_consoles(mut tails: Vec<(crate::launch::ConsoleTail, PathBuf)>, stop: &
                 let _ = f.write_all(text.as_bytes());
             }
         }
+        drop(tails);
         if last {
             return;
         }
@@ -418,6 +473,46 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     crate::error_chain(e)
 }
 
+/// The launch of machine `m` of a cluster whose folder is `cpaths` (its hosts table `hosts`).
+pub(super) fn machine_request(
+    m: &MachinePlan,
+    opts: &ClusterLaunch,
+    cpaths: &VmPaths,
+    hosts: &Path,
+) -> LaunchRequest {
+    let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
+    let nics: Vec<Nic> = m
+        .nics
+        .iter()
+        .map(|n| Nic {
+            mac: n.mac.clone(),
+            socket: nic_socket(&paths, n.vlan),
+            hub: hub_socket(cpaths, n.vlan),
+        })
+        .collect();
+    LaunchRequest {
+        name: m.vm_name.clone(),
+        boot: Boot::System(m.settings.system.target().to_string()),
+        append: Some(m.append.clone()),
+        share: Share::Closure,
+        store_mode: StoreMode::VirtioFs,
+        accel: opts.accel,
+        qemu: opts.qemu.clone(),
+        memory_mib: m.settings.memory_mib,
+        cpus: m.settings.cores,
+        disk_size_mib: m.settings.disk_mib,
+        exe: opts.exe.clone(),
+        devices: GuestDevices {
+            nics,
+            backdoor: Some(paths.sockets.join("backdoor.sock")),
+            fw_cfg: vec![FwCfgFile {
+                name: HOSTS_FW_CFG.into(),
+                file: hosts.to_path_buf(),
+            }],
+        },
+    }
+}
+
 /// One machine, start to stop. Everything it started it stops before returning.
 fn machine_main(
     m: &MachinePlan,
@@ -453,16 +548,10 @@ fn machine_main(
     }
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
-    let nics: Vec<Nic> = m
+    let req = machine_request(m, opts, cpaths, hosts);
+    for p in req
+        .devices
         .nics
-        .iter()
-        .map(|n| Nic {
-            mac: n.mac.clone(),
-            socket: nic_socket(&paths, n.vlan),
-            hub: hub_socket(cpaths, n.vlan),
-        })
-        .collect();
-    for p in nics
         .iter()
         .map(|n| &n.socket)
         .chain([&backdoor_path, &exec_path])
@@ -472,27 +561,6 @@ fn machine_main(
     let listener = match UnixListener::bind(&backdoor_path) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
-    };
-    let req = LaunchRequest {
-        name: m.vm_name.clone(),
-        boot: Boot::System(m.settings.system.target().to_string()),
-        append: Some(m.append.clone()),
-        share: Share::Closure,
-        store_mode: StoreMode::VirtioFs,
-        accel: opts.accel,
-        qemu: opts.qemu.clone(),
-        memory_mib: m.settings.memory_mib,
-        cpus: m.settings.cores,
-        disk_size_mib: m.settings.disk_mib,
-        exe: opts.exe.clone(),
-        devices: GuestDevices {
-            nics,
-            backdoor: Some(backdoor_path.clone()),
-            fw_cfg: vec![FwCfgFile {
-                name: HOSTS_FW_CFG.into(),
-                file: hosts.to_path_buf(),
-            }],
-        },
     };
     let mut record =
         match crate::resolve::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {

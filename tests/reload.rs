@@ -1,0 +1,519 @@
+//! Hot reload against real QEMU (TCG) and test systems built by `drydock up` into a private
+//! chroot store, on one 3-machine cluster: a changed service content is a `switch` (the guest
+//! serves the new content, no machine's uptime resets, the old system is collectable and the new
+//! one pinned), a kernel parameter is a `restart`, an added and a removed machine are `create` and
+//! `remove` (the new one on the network, with the others), a `switch-to-configuration` that fails
+//! makes `up` exit 1 with the machine still answering, and under `--watch` a syntax error changes
+//! nothing while the next good edit applies. Nothing is left running (checked over /proc).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::vmcommon;
+use vmcommon::{bin, wait_no_processes, wait_until};
+
+/// The chroot store the cluster tests share (the systems' builds are reused across runs).
+fn store() -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn cache() -> String {
+    std::env::var("DRYDOCK_CACHE_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/drydock",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
+}
+
+fn guest_ready() {
+    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
+    let out = Command::new(s).output().expect("build-initrd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The composition's variable parts.
+#[derive(Clone)]
+struct Edit {
+    beta_www: &'static str,
+    beta_activation: &'static str,
+    gamma_params: &'static str,
+    zed: bool,
+}
+
+const FIRST: Edit = Edit {
+    beta_www: "beta v1",
+    beta_activation: "",
+    gamma_params: "console=ttyS0 panic=-1 quiet loglevel=4",
+    zed: false,
+};
+
+fn write(file: &Path, e: &Edit) {
+    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
+    let zed = if e.zed {
+        "zed = { system = sys { }; memorySize = 256; };"
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"let
+  cache = "{cache}/guest";
+  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
+  sys = args: (import {system} ({{
+    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
+    initrd = cache + "/initrd"; inherit kernelVersion;
+  }} // args)).toplevel;
+in {{ machines = {{
+  alpha = {{ system = sys {{ www = "alpha v1"; }}; memorySize = 256; }};
+  beta = {{ system = sys {{ www = "{bw}"; activation = "{ba}"; }}; memorySize = 256; }};
+  gamma = {{ system = sys {{ www = "gamma v1"; kernelParams = "{gp}"; }}; memorySize = 256; }};
+  {zed}
+}}; }}
+"#,
+        cache = cache(),
+        system = system.display(),
+        bw = e.beta_www,
+        ba = e.beta_activation,
+        gp = e.gamma_params,
+    );
+    std::fs::write(file, text).unwrap();
+}
+
+fn drydock(state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store")
+        .arg(store())
+        .arg("--state-dir")
+        .arg(state)
+        .env(
+            "NIX_CONFIG",
+            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
+        );
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn exec(state: &Path, file: &Path, machine: &str, cmd: &str) -> Output {
+    drydock(state)
+        .arg("exec")
+        .arg("-f")
+        .arg(file)
+        .args([machine, "--timeout", "60", "--", cmd])
+        .output()
+        .unwrap()
+}
+
+fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
+    let o = exec(state, file, machine, cmd);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{machine}: {cmd}: {}",
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// `up --json` (with `extra` arguments): its exit code and its report.
+fn up_json(state: &Path, file: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let o = drydock(state)
+        .arg("--json")
+        .arg("up")
+        .arg("-f")
+        .arg(file)
+        .args(["--accel", "tcg", "--timeout", "300"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "up --json printed no JSON ({e}): {}\n{err}",
+            text(&o.stdout)
+        )
+    });
+    (o.status.code(), v, err)
+}
+
+/// Each machine's (action, outcome) in a report.
+fn actions(v: &serde_json::Value) -> Vec<(String, String, String)> {
+    v["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["machine"].as_str().unwrap().to_string(),
+                m["action"].as_str().unwrap().to_string(),
+                m["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn row(machine: &str, action: &str, outcome: &str) -> (String, String, String) {
+    (machine.into(), action.into(), outcome.into())
+}
+
+fn machine<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine"] == name)
+        .unwrap()
+}
+
+/// Every running machine's QEMU pid, by `ps --json`.
+fn pids(state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
+    let o = drydock(state)
+        .args(["--json", "ps", "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["machine"].as_str().unwrap().to_string(),
+                r["qemu_pid"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+fn uptime(state: &Path, file: &Path, m: &str) -> f64 {
+    let s = stdout_of(state, file, m, "cut -d' ' -f1 /proc/uptime");
+    s.trim().parse().unwrap()
+}
+
+fn collectable(state: &Path) -> Vec<String> {
+    let o = drydock(state)
+        .args(["--json", "gc", "--all", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Takes the cluster down when the test ends, passed or not.
+struct Down(PathBuf, PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = drydock(&self.0).arg("down").arg("-f").arg(&self.1).output();
+    }
+}
+
+#[test]
+fn hot_reload_switches_restarts_creates_removes_and_watches() {
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = dir.path().join("rl");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("drydock.nix");
+    write(&file, &FIRST);
+    let _down = Down(state.clone(), file.clone());
+    let up = drydock(&state)
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "up: {}", text(&up.stderr));
+    let before = pids(&state, &file);
+    assert_eq!(before.len(), 3);
+    let up0: Vec<f64> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|m| uptime(&state, &file, m))
+        .collect();
+    assert_eq!(
+        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
+        "beta v1\n"
+    );
+
+    // 1. Only beta's service content changes: the plan (dry run first) switches beta alone.
+    let e2 = Edit {
+        beta_www: "beta v2",
+        ..FIRST
+    };
+    write(&file, &e2);
+    let (code, v, err) = up_json(&state, &file, &["--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "switch", "planned"),
+            row("gamma", "keep", "planned")
+        ],
+        "{v}"
+    );
+    // --restart turns the switch into a restart, and leaves the keeps alone.
+    let (code, v, err) = up_json(&state, &file, &["--dry-run", "--restart"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "restart", "planned"),
+            row("gamma", "keep", "planned")
+        ],
+        "{v}"
+    );
+    assert_eq!(
+        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        "beta v1\n",
+        "a dry run changes nothing"
+    );
+    let (code, v, err) = up_json(&state, &file, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "switch", "done"),
+            row("gamma", "keep", "planned")
+        ],
+        "{v}\n{err}"
+    );
+    // The plan was printed before it was applied, and the switch's output streamed.
+    let plan_at = err.find("switch   beta").unwrap_or(usize::MAX);
+    let streamed_at = err.find("│ activating").unwrap_or(usize::MAX);
+    assert!(plan_at < streamed_at && streamed_at < usize::MAX, "{err}");
+    let (old_beta, new_beta) = (
+        machine(&v, "beta")["from"].as_str().unwrap().to_string(),
+        machine(&v, "beta")["to"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(old_beta, new_beta);
+    assert_eq!(
+        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
+        "beta v2\n"
+    );
+    assert_eq!(
+        stdout_of(&state, &file, "beta", "readlink /run/current-system"),
+        format!("{new_beta}\n")
+    );
+    // No machine rebooted: same QEMU processes, guest uptimes carried on.
+    assert_eq!(pids(&state, &file), before);
+    for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        let now = uptime(&state, &file, m);
+        assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
+    }
+    // The launch record names the new system (a `vm restart` boots it) and the pin moved.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["toplevel"], new_beta.as_str());
+    assert!(
+        rec["spec"]["cmdline"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("init={new_beta}/init"))
+    );
+    let dead = collectable(&state);
+    assert!(
+        dead.contains(&old_beta),
+        "the old system is collectable: {dead:?}"
+    );
+    assert!(!dead.contains(&new_beta), "the new system is pinned");
+    // The guest sees the new closure only (the old system is hidden again).
+    let listing = stdout_of(&state, &file, "beta", "ls /nix/store");
+    let old_base = old_beta.trim_start_matches("/nix/store/");
+    let new_base = new_beta.trim_start_matches("/nix/store/");
+    assert!(
+        listing.contains(new_base) && !listing.contains(old_base),
+        "{listing}"
+    );
+
+    // 2. A kernel parameter of gamma (restart), and a new machine zed (create).
+    let e3 = Edit {
+        gamma_params: "console=ttyS0 panic=-1 quiet loglevel=5",
+        zed: true,
+        ..e2.clone()
+    };
+    write(&file, &e3);
+    let (code, v, err) = up_json(&state, &file, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "keep", "planned"),
+            row("gamma", "restart", "done"),
+            row("zed", "create", "done")
+        ],
+        "{v}\n{err}"
+    );
+    assert!(
+        machine(&v, "gamma")["why"]
+            .as_str()
+            .unwrap()
+            .contains("kernel-params"),
+        "{v}"
+    );
+    let after = pids(&state, &file);
+    assert_eq!(after.len(), 4);
+    assert_eq!(after[0], before[0], "alpha untouched");
+    assert_eq!(after[1], before[1], "beta untouched");
+    assert_ne!(after[2], before[2], "gamma restarted");
+    assert!(
+        stdout_of(&state, &file, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
+        "gamma booted the new kernel-params"
+    );
+    // The restarted and the new machine are on the network with the others: zed by name
+    // (its hosts table is the new one), alpha reaches zed (192.168.1.4) and gamma.
+    assert_eq!(
+        stdout_of(&state, &file, "zed", "wget -qO- http://alpha/"),
+        "alpha v1\n"
+    );
+    assert_eq!(
+        stdout_of(&state, &file, "alpha", "wget -qO- http://192.168.1.4/"),
+        "hello from zed\n"
+    );
+    assert_eq!(
+        stdout_of(&state, &file, "alpha", "wget -qO- http://gamma/"),
+        "gamma v1\n"
+    );
+
+    // 3. zed goes (remove), and beta's new system fails to activate: up exits 1 and says why,
+    // beta keeps running its old system and answers.
+    let e4 = Edit {
+        beta_www: "beta v3",
+        beta_activation: "echo broken activation; exit 1",
+        zed: false,
+        ..e3.clone()
+    };
+    write(&file, &e4);
+    let (code, v, err) = up_json(&state, &file, &[]);
+    assert_eq!(code, Some(1), "{v}\n{err}");
+    assert_eq!(
+        actions(&v),
+        [
+            row("alpha", "keep", "planned"),
+            row("beta", "switch", "failed"),
+            row("gamma", "keep", "planned"),
+            row("zed", "remove", "done")
+        ],
+        "{v}\n{err}"
+    );
+    assert!(
+        machine(&v, "beta")["output"]
+            .as_str()
+            .unwrap()
+            .contains("broken activation"),
+        "{v}"
+    );
+    assert!(err.contains("broken activation"), "{err}");
+    assert_eq!(
+        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        "beta v2\n"
+    );
+    let rows = pids(&state, &file);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[1], before[1], "beta still the same VM");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        rec["toplevel"],
+        new_beta.as_str(),
+        "a failed switch keeps the record"
+    );
+
+    // 4. --watch on the running cluster: its first cycle applies the fixed composition, a syntax
+    // error is reported and changes nothing, the next good edit applies.
+    let e5 = Edit {
+        beta_www: "beta v4",
+        beta_activation: "",
+        ..e4.clone()
+    };
+    write(&file, &e5);
+    let log = dir.path().join("watch.log");
+    let mut watch = drydock(&state)
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--watch", "--accel", "tcg", "--timeout", "300"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said =
+        |what: &str, n: usize| std::fs::read_to_string(&log).unwrap().matches(what).count() >= n;
+    wait_until("the first watched reload", Duration::from_secs(120), || {
+        said("waiting for the next change", 1)
+    });
+    assert_eq!(
+        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        "beta v4\n"
+    );
+    std::fs::write(&file, "{ machines = { ; }").unwrap();
+    wait_until(
+        "the syntax error is reported",
+        Duration::from_secs(60),
+        || said("waiting for the next change", 2),
+    );
+    let l = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        l.contains("syntax error") && l.contains("nothing changed"),
+        "{l}"
+    );
+    assert_eq!(pids(&state, &file), rows, "the cluster is unchanged");
+    let e6 = Edit {
+        beta_www: "beta v5",
+        ..e5.clone()
+    };
+    let t = Instant::now();
+    write(&file, &e6);
+    wait_until("the good edit applies", Duration::from_secs(120), || {
+        exec(&state, &file, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+    });
+    eprintln!(
+        "--watch: edit to applied in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    drydock_gc::send_signal(watch.id(), libc::SIGINT).unwrap();
+    let t = Instant::now();
+    while watch.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the watch did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        pids(&state, &file),
+        rows,
+        "the cluster stays up after the watch"
+    );
+
+    let down = drydock(&state)
+        .arg("down")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    wait_no_processes(&state, Duration::from_secs(30));
+}

@@ -1,0 +1,671 @@
+//! The effectful layer of hot reload, in the cluster's owner (it holds the hubs, the machine
+//! threads and, through them, the store servers and backdoors). [`RunningCluster::plan_reload`]
+//! gathers the facts `reload` plans from (each running machine's recorded launch, each new
+//! machine's launch resolved as `up` would launch it, whether its system is switchable);
+//! [`RunningCluster::apply_reload`] carries the plan out:
+//!
+//! 1. `remove` and `restart`: their threads stop their VMs (in parallel); a restarted machine's
+//!    console log is kept aside as `console.log.prev`.
+//! 2. The hubs take the new port lists (new VLANs get a hub, unused ones stop); the hosts table
+//!    is rewritten for the machines that boot now. Machines that keep running are not touched.
+//! 3. `create` and `restart` boot (a thread each, as `up` starts them), while every `switch`
+//!    runs: the store server shows the old and new closures at once, then
+//!    `NEW/bin/switch-to-configuration test` runs through the backdoor, its output on the guest's
+//!    console too (so it streams to `up` as `MACHINE │ line`); on success the view shrinks to the
+//!    new closure, the launch record names the new system and the run's GC pin moves to it. On
+//!    failure the machine keeps running and keeps its record and pin.
+//!
+//! A second `up` reaches the owner over `STATE/clusters/NAME/.../control.sock`: one JSON request
+//! line, one JSON reply line, per connection ([`request`]). Every wait has a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::compose::ClusterPlan;
+use super::hub::Hub;
+use super::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
+use super::run::{
+    ClusterError, MachineEvent, RunningCluster, cluster_paths, exec_remote, hub_socket,
+    machine_request, vlan_ports,
+};
+use crate::launch::LaunchRecord;
+use crate::plan::VmPaths;
+
+/// How long `switch-to-configuration` may run in a guest.
+const SWITCH_DEADLINE: Duration = Duration::from_secs(300);
+/// How long one exchange with a store server's control socket may take.
+const CLOSURE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the owner waits for a request line once a connection is accepted.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Why a reload could not be planned or carried out (before any machine was touched, unless
+/// said otherwise; a machine's own failure is its outcome, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("machine {machine}: its new launch")]
+    Resolve {
+        machine: String,
+        #[source]
+        source: Box<crate::resolve::ResolveError>,
+    },
+    #[error("the new plan is for the cluster {got}, not {want}")]
+    OtherCluster { got: String, want: String },
+    #[error("cannot write {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting a machine or a hub")]
+    Cluster(#[source] Box<ClusterError>),
+    #[error("the cluster {0} is not up (no owner answers on its control socket)")]
+    NotUp(String),
+    #[error("talking to the owner of the cluster {name}")]
+    Control {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the owner of the cluster {name}: {message}")]
+    Owner {
+        name: String,
+        message: String,
+        bad_input: bool,
+    },
+}
+
+impl ReloadError {
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Resolve { source, .. } => source.is_bad_input(),
+            Self::OtherCluster { .. } | Self::NotUp(_) => true,
+            Self::Owner { bad_input, .. } => *bad_input,
+            _ => false,
+        }
+    }
+}
+
+/// The owner's control socket, in the cluster's socket folder.
+pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
+    cpaths.sockets.join("control.sock")
+}
+
+pub(super) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
+    let path = control_socket(cpaths);
+    let _ = std::fs::remove_file(&path);
+    let files = |source| ClusterError::Files {
+        path: path.clone(),
+        source,
+    };
+    let l = UnixListener::bind(&path).map_err(files)?;
+    l.set_nonblocking(true).map_err(files)?;
+    Ok(l)
+}
+
+/// What a second `up` asks the owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlRequest {
+    /// `plan` (nothing changes) or `apply`.
+    pub op: ControlOp,
+    pub plan: ClusterPlan,
+    /// `--restart`.
+    pub restart: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlOp {
+    Plan,
+    Apply,
+}
+
+/// The owner's answer: every machine's action (and outcome, for `apply`), or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlReply {
+    #[serde(default)]
+    pub machines: Vec<MachineOutcome>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub bad_input: bool,
+}
+
+/// Ask the owner of the cluster `name` (state in `state_dir`) to plan or apply `req`, waiting
+/// at most `deadline` for its answer.
+pub fn request(
+    state_dir: &Path,
+    name: &str,
+    req: &ControlRequest,
+    deadline: Duration,
+) -> Result<Vec<MachineOutcome>, ReloadError> {
+    let path = control_socket(&cluster_paths(state_dir, name));
+    let s = UnixStream::connect(&path).map_err(|_| ReloadError::NotUp(name.to_string()))?;
+    let io = |source| ReloadError::Control {
+        name: name.to_string(),
+        source,
+    };
+    s.set_read_timeout(Some(deadline)).map_err(io)?;
+    s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
+    let mut text = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
+    text.push('\n');
+    (&s).write_all(text.as_bytes()).map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(io)?;
+    if line.is_empty() {
+        return Err(io(std::io::Error::other(
+            "the owner closed the connection without an answer",
+        )));
+    }
+    let reply: ControlReply =
+        serde_json::from_str(&line).map_err(|e| io(std::io::Error::other(e)))?;
+    match reply.error {
+        Some(message) => Err(ReloadError::Owner {
+            name: name.to_string(),
+            message,
+            bad_input: reply.bad_input,
+        }),
+        None => Ok(reply.machines),
+    }
+}
+
+/// The facts a plan needs, gathered.
+struct Facts {
+    recorded: BTreeMap<String, LaunchRecord>,
+    stopped: BTreeSet<String>,
+    launches: BTreeMap<String, NewLaunch>,
+}
+
+fn switchable(layout: &drydock_gc::StoreLayout, record: &LaunchRecord) -> bool {
+    let Some(top) = &record.toplevel else {
+        return false;
+    };
+    let Ok(sp) = layout.parse(top) else {
+        return false;
+    };
+    layout
+        .physical(&sp)
+        .join("bin/switch-to-configuration")
+        .is_file()
+}
+
+fn union(a: &[String], b: &[String]) -> Vec<String> {
+    let set: BTreeSet<&String> = a.iter().chain(b).collect();
+    set.into_iter().cloned().collect()
+}
+
+/// What one switch did: `switch-to-configuration`'s output, and an error if it failed.
+struct Switched {
+    output: String,
+    error: Option<String>,
+}
+
+/// Switch the running machine `vm` from `old` to `new` (see the module's doc).
+fn switch(
+    state_dir: &Path,
+    fallback: &drydock_gc::StoreLayout,
+    vm: &str,
+    old: &LaunchRecord,
+    new: &LaunchRecord,
+) -> Switched {
+    let failed = |error: String, output: String| Switched {
+        output,
+        error: Some(error),
+    };
+    let paths = VmPaths::in_state_dir(state_dir, vm);
+    let allow = |r: &LaunchRecord| r.share.as_ref().and_then(|s| s.allow.clone());
+    let (Some(old_allow), Some(new_allow), Some(top)) = (allow(old), allow(new), &new.toplevel)
+    else {
+        return failed("no closure view to change".into(), String::new());
+    };
+    let both = union(&old_allow, &new_allow);
+    if let Err(e) = crate::storefs::update_closure(&paths.fs_socket(), &both, CLOSURE_DEADLINE) {
+        return failed(
+            format!("showing the new closure: {}", crate::error_chain(&e)),
+            String::new(),
+        );
+    }
+    tracing::info!(vm, names = both.len(), "the guest sees the new closure");
+    // The output goes to the caller and to the console (the machine's log, streamed by `up`);
+    // the status survives the pipe through a file.
+    let cmd = format!(
+        "s=/tmp/drydock-switch.status; echo 1 > $s; {{ {top}/bin/switch-to-configuration test; echo $? > $s; }} 2>&1 | tee /dev/console; exit \"$(cat $s)\""
+    );
+    let out = match exec_remote(vm, &paths, &cmd, SWITCH_DEADLINE) {
+        Ok(o) => o,
+        Err(e) => return failed(crate::error_chain(&e), String::new()),
+    };
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status != 0 {
+        return failed(
+            format!(
+                "switch-to-configuration test exited with status {}",
+                out.status
+            ),
+            output,
+        );
+    }
+    if let Err(e) = crate::storefs::update_closure(&paths.fs_socket(), &new_allow, CLOSURE_DEADLINE)
+    {
+        tracing::warn!(
+            "{vm}: narrowing the closure view: {}",
+            crate::error_chain(&e)
+        );
+    }
+    let mut record = new.clone();
+    record.run_id = old.run_id;
+    if let Err(e) = record.write(&paths) {
+        return failed(
+            format!(
+                "switched, but the launch record: {}",
+                crate::error_chain(&e)
+            ),
+            output,
+        );
+    }
+    if let Err(e) = move_pin(state_dir, fallback, old, top) {
+        return failed(format!("switched, but the GC pin: {e}"), output);
+    }
+    Switched {
+        output,
+        error: None,
+    }
+}
+
+/// Pin `new_top` for the machine's run and unpin its old system.
+fn move_pin(
+    state_dir: &Path,
+    fallback: &drydock_gc::StoreLayout,
+    old: &LaunchRecord,
+    new_top: &str,
+) -> Result<(), String> {
+    let Some(id) = old.run_id else {
+        return Ok(());
+    };
+    let layout = old.store.clone().unwrap_or_else(|| fallback.clone());
+    let db = drydock_gc::RunsDb::open(state_dir).map_err(|e| crate::error_chain(&e))?;
+    let sp = layout.parse(new_top).map_err(|e| crate::error_chain(&e))?;
+    db.pin(&layout, id, &sp)
+        .map_err(|e| crate::error_chain(&e))?;
+    if let Some(old_top) = old.toplevel.as_deref().filter(|t| *t != new_top) {
+        db.unpin(id, old_top).map_err(|e| crate::error_chain(&e))?;
+    }
+    Ok(())
+}
+
+impl RunningCluster {
+    fn gather(&self, new: &ClusterPlan) -> Result<Facts, ReloadError> {
+        if new.name != self.plan.name {
+            return Err(ReloadError::OtherCluster {
+                got: new.name.clone(),
+                want: self.plan.name.clone(),
+            });
+        }
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let hosts = cpaths.dir.join("hosts");
+        let recorded = self
+            .plan
+            .machines
+            .iter()
+            .filter_map(|m| {
+                let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+                LaunchRecord::read(&paths)
+                    .ok()
+                    .map(|r| (m.machine.clone(), r))
+            })
+            .collect();
+        let mut launches = BTreeMap::new();
+        for m in &new.machines {
+            let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+            let req = machine_request(m, &self.opts, &cpaths, &hosts);
+            let record =
+                crate::resolve::resolve_launch(&self.opts.layout, &self.state_dir, &paths, &req)
+                    .map_err(|e| ReloadError::Resolve {
+                        machine: m.machine.clone(),
+                        source: Box::new(e),
+                    })?
+                    .record;
+            let switchable = switchable(&self.opts.layout, &record);
+            launches.insert(m.machine.clone(), NewLaunch { record, switchable });
+        }
+        let stopped = self
+            .plan
+            .machines
+            .iter()
+            .filter(|m| {
+                self.machines
+                    .get(&m.machine)
+                    .is_none_or(|t| t.thread.is_finished())
+            })
+            .map(|m| m.machine.clone())
+            .collect();
+        Ok(Facts {
+            recorded,
+            stopped,
+            launches,
+        })
+    }
+
+    /// The plan from the running cluster to `new` (nothing changes).
+    pub fn plan_reload(
+        &self,
+        new: &ClusterPlan,
+        force_restart: bool,
+    ) -> Result<Vec<PlannedAction>, ReloadError> {
+        let f = self.gather(new)?;
+        Ok(plan_reload(
+            &self.plan,
+            &f.recorded,
+            &f.stopped,
+            new,
+            &f.launches,
+            force_restart,
+        ))
+    }
+
+    /// Plan and carry out the reload to `new`; every machine's outcome, in the plan's order.
+    /// `on_event` sees the events of machines this reload does not wait for, and `None` every
+    /// 50 ms while it waits (the owner's console echo). `cancel` (the owner is being stopped)
+    /// ends the wait for booting machines: they are reported failed, and the owner stops them.
+    pub fn apply_reload(
+        &mut self,
+        new: &ClusterPlan,
+        force_restart: bool,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(Option<&MachineEvent>),
+    ) -> Result<Vec<MachineOutcome>, ReloadError> {
+        let facts = self.gather(new)?;
+        let plan = plan_reload(
+            &self.plan,
+            &facts.recorded,
+            &facts.stopped,
+            new,
+            &facts.launches,
+            force_restart,
+        );
+        let mut outcomes: Vec<MachineOutcome> =
+            plan.iter().cloned().map(MachineOutcome::planned).collect();
+        let of = |a: Action| -> Vec<String> {
+            plan.iter()
+                .filter(|p| p.action == a)
+                .map(|p| p.machine.clone())
+                .collect()
+        };
+        let (removes, restarts, creates, switches) = (
+            of(Action::Remove),
+            of(Action::Restart),
+            of(Action::Create),
+            of(Action::Switch),
+        );
+        let t0 = Instant::now();
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let files = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReloadError::Files { path, source }
+        };
+        let hosts = cpaths.dir.join("hosts");
+        std::fs::write(&hosts, &new.hosts).map_err(files(&hosts))?;
+
+        // 1. Stop what goes away or boots again, in parallel.
+        let stopping: Vec<&String> = removes.iter().chain(&restarts).collect();
+        for m in &stopping {
+            if let Some(t) = self.machines.get(*m) {
+                t.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        for m in &stopping {
+            if let Some(t) = self.machines.remove(*m) {
+                let _ = t.thread.join();
+            }
+        }
+        while let Ok(ev) = self.events.try_recv() {
+            on_event(Some(&ev));
+        }
+        let stopped_after = t0.elapsed();
+        for m in &removes {
+            self.tails
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(m);
+            set_outcome(&mut outcomes, m, Outcome::Done, stopped_after, None);
+        }
+
+        // The plan the cluster runs afterwards: the new one, but a machine whose switch fails
+        // keeps its old system (fixed up below).
+        let mut running = new.clone();
+
+        // 2. The hubs: every VLAN of the new plan, with its ports.
+        for &v in &running.vlans {
+            let ports = vlan_ports(&running, &self.state_dir, v);
+            match self.hubs.iter().find(|h| h.vlan() == v) {
+                Some(h) => h.set_ports(ports),
+                None => self.hubs.push(
+                    Hub::start(v, &hub_socket(&cpaths, v), ports)
+                        .map_err(|e| ReloadError::Cluster(Box::new(ClusterError::Hub(e))))?,
+                ),
+            }
+        }
+        for h in self.hubs.iter_mut() {
+            if !running.vlans.contains(&h.vlan()) {
+                h.stop();
+            }
+        }
+        self.hubs.retain(|h| running.vlans.contains(&h.vlan()));
+
+        // 3. Boot, and switch meanwhile.
+        let booting: Vec<String> = restarts.iter().chain(&creates).cloned().collect();
+        for name in &booting {
+            let Some(m) = running.machine(name).cloned() else {
+                continue;
+            };
+            let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+            let log = paths.console_log();
+            if log.exists() {
+                let _ = std::fs::rename(&log, paths.dir.join("console.log.prev"));
+            }
+            if !self
+                .tails
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(name)
+            {
+                self.add_tail(&m);
+            }
+            self.spawn_machine(&m)
+                .map_err(|e| ReloadError::Cluster(Box::new(e)))?;
+        }
+        let boot_started = Instant::now();
+        let (state_dir, layout) = (self.state_dir.clone(), self.opts.layout.clone());
+        let jobs: Vec<(String, String, LaunchRecord, LaunchRecord)> = switches
+            .iter()
+            .filter_map(|name| {
+                let vm = running.machine(name)?.vm_name.clone();
+                let old = facts.recorded.get(name)?.clone();
+                let new = facts.launches.get(name)?.record.clone();
+                Some((name.clone(), vm, old, new))
+            })
+            .collect();
+        let deadline = self.opts.ready_timeout + Duration::from_secs(60);
+        let mut waiting: BTreeSet<String> = booting.iter().cloned().collect();
+        let mut boot_results: Vec<(String, Outcome, Duration, Option<String>)> = Vec::new();
+        let switched: Vec<(String, Duration, Switched)> = std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .map(|(name, vm, old, new)| {
+                    let (state_dir, layout) = (&state_dir, &layout);
+                    let h = s.spawn(move || {
+                        let t = Instant::now();
+                        let r = switch(state_dir, layout, vm, old, new);
+                        (t.elapsed(), r)
+                    });
+                    (name.clone(), h)
+                })
+                .collect();
+            while !waiting.is_empty() {
+                match self.events.recv_timeout(Duration::from_millis(50)) {
+                    Ok(ev) => {
+                        let (m, result) = match &ev {
+                            MachineEvent::Ready { machine, .. } => (machine, Ok(())),
+                            MachineEvent::Failed { machine, message } => {
+                                (machine, Err(message.clone()))
+                            }
+                            MachineEvent::Stopped { machine } => {
+                                (machine, Err("stopped before it became ready".to_string()))
+                            }
+                        };
+                        on_event(Some(&ev));
+                        if waiting.remove(m) {
+                            let outcome = if result.is_ok() {
+                                Outcome::Done
+                            } else {
+                                Outcome::Failed
+                            };
+                            boot_results.push((
+                                m.clone(),
+                                outcome,
+                                stopped_after + boot_started.elapsed(),
+                                result.err(),
+                            ));
+                        }
+                    }
+                    Err(_)
+                        if boot_started.elapsed() > deadline || cancel.load(Ordering::SeqCst) =>
+                    {
+                        let why = match cancel.load(Ordering::SeqCst) {
+                            true => "interrupted: the cluster is being stopped",
+                            false => "it did not become ready in time",
+                        };
+                        for m in std::mem::take(&mut waiting) {
+                            boot_results.push((
+                                m,
+                                Outcome::Failed,
+                                stopped_after + boot_started.elapsed(),
+                                Some(why.into()),
+                            ));
+                        }
+                    }
+                    Err(_) => on_event(None),
+                }
+            }
+            handles
+                .into_iter()
+                .map(|(name, h)| {
+                    let (took, r) = h.join().unwrap_or_else(|_| {
+                        (
+                            Duration::ZERO,
+                            Switched {
+                                output: String::new(),
+                                error: Some("the switch thread panicked".into()),
+                            },
+                        )
+                    });
+                    (name, took, r)
+                })
+                .collect()
+        });
+        for (m, outcome, took, error) in boot_results {
+            set_outcome(&mut outcomes, &m, outcome, took, error);
+        }
+        for (name, took, r) in switched {
+            if r.error.is_some() {
+                // Still the old system: its machine plan stays the old one.
+                if let (Some(old), Some(slot)) = (
+                    self.plan.machine(&name).cloned(),
+                    running.machines.iter_mut().find(|m| m.machine == name),
+                ) {
+                    *slot = old;
+                }
+            }
+            if let Some(o) = outcomes.iter_mut().find(|o| o.planned.machine == name) {
+                o.output = r.output;
+            }
+            let outcome = if r.error.is_some() {
+                Outcome::Failed
+            } else {
+                Outcome::Done
+            };
+            set_outcome(&mut outcomes, &name, outcome, took, r.error);
+        }
+        self.plan = running;
+        self.write_state(true)
+            .map_err(|e| ReloadError::Cluster(Box::new(e)))?;
+        Ok(outcomes)
+    }
+
+    /// Answer a second `up` if one is asking (non-blocking when none is): `plan` or `apply`.
+    /// Returns whether a request was served. `cancel` and `on_event` as for
+    /// [`Self::apply_reload`].
+    pub fn serve_control(
+        &mut self,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(Option<&MachineEvent>),
+    ) -> bool {
+        let Some(conn) = self.control.as_ref().and_then(|l| l.accept().ok()) else {
+            return false;
+        };
+        let s = conn.0;
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(REQUEST_DEADLINE));
+        let mut line = String::new();
+        let req = BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()));
+        let reply = match req {
+            Err(e) => ControlReply {
+                machines: Vec::new(),
+                error: Some(format!("bad request: {e}")),
+                bad_input: true,
+            },
+            Ok(req) => {
+                let result = match req.op {
+                    ControlOp::Plan => self
+                        .plan_reload(&req.plan, req.restart)
+                        .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
+                    ControlOp::Apply => self.apply_reload(&req.plan, req.restart, cancel, on_event),
+                };
+                match result {
+                    Ok(machines) => ControlReply {
+                        machines,
+                        error: None,
+                        bad_input: false,
+                    },
+                    Err(e) => ControlReply {
+                        machines: Vec::new(),
+                        error: Some(crate::error_chain(&e)),
+                        bad_input: e.is_bad_input(),
+                    },
+                }
+            }
+        };
+        if let Ok(mut text) = serde_json::to_string(&reply) {
+            text.push('\n');
+            let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
+            let _ = (&s).write_all(text.as_bytes());
+        }
+        true
+    }
+}
+
+fn set_outcome(
+    outcomes: &mut [MachineOutcome],
+    machine: &str,
+    outcome: Outcome,
+    took: Duration,
+    error: Option<String>,
+) {
+    if let Some(o) = outcomes.iter_mut().find(|o| o.planned.machine == machine) {
+        o.outcome = outcome;
+        o.seconds = took.as_secs_f64();
+        o.error = error;
+    }
+}
