@@ -360,9 +360,40 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
     let o = exec(&state, &file, "gamma", "30", "echo after the shell");
     assert_eq!(text(&o.stdout), "after the shell\n", "{}", text(&o.stderr));
 
-    // A cluster machine is its owner's: `vm stop`/`restart`/`snapshot` on it are bad input
-    // naming the cluster, and leave the cluster as it was.
-    for verb in ["stop", "restart", "snapshot"] {
+    // A cluster machine is its owner's: `vm restart` restarts it in its cluster, on its
+    // networks, and nothing else; `vm stop`/`snapshot` on it are bad input naming the cluster.
+    let before = ps_json(&state, &file);
+    let pid = |rows: &serde_json::Value, m: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["machine"] == m)
+            .unwrap()["qemu_pid"]
+            .as_u64()
+    };
+    let o = drydock(&state)
+        .args(["vm", "restart", "net.gamma", "--timeout", "300"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "vm restart: {}", text(&o.stderr));
+    let after = ps_json(&state, &file);
+    assert_ne!(
+        pid(&before, "gamma"),
+        pid(&after, "gamma"),
+        "gamma did not restart"
+    );
+    for m in ["alpha", "beta"] {
+        assert_eq!(pid(&before, m), pid(&after, m), "{m} was touched");
+    }
+    let o = exec(
+        &state,
+        &file,
+        "gamma",
+        "30",
+        "timeout 5 wget -qO- http://192.168.2.2/",
+    );
+    assert_eq!(text(&o.stdout), "hello from beta\n", "{}", text(&o.stderr));
+    for verb in ["stop", "snapshot"] {
         let o = drydock(&state)
             .args(["vm", verb, "net.alpha"])
             .output()

@@ -192,7 +192,7 @@ fn cycle(
     let t = Instant::now();
     let planned: Vec<ReloadOutcome> = match owner {
         Owner::Local(c) => c
-            .plan_reload(&new, a.restart)?
+            .plan_reload(&new, a.restart, &[])?
             .into_iter()
             .map(ReloadOutcome::planned)
             .collect(),
@@ -203,6 +203,7 @@ fn cycle(
                 op: ControlOp::Plan,
                 plan: new.clone(),
                 restart: a.restart,
+                restart_machines: Vec::new(),
             },
             PLAN_DEADLINE,
         )?,
@@ -243,7 +244,7 @@ fn cycle(
     }
     let t = Instant::now();
     let outcomes = match owner {
-        Owner::Local(c) => c.apply_reload(&new, a.restart, &CANCEL, on_event)?,
+        Owner::Local(c) => c.apply_reload(&new, a.restart, &[], &CANCEL, on_event)?,
         Owner::Remote { state_dir, name } => {
             apply_remote(state_dir, name, &new, a, &report.machines, ctx.json)?
         }
@@ -279,6 +280,7 @@ fn apply_remote(
         op: ControlOp::Apply,
         plan: new.clone(),
         restart: a.restart,
+        restart_machines: Vec::new(),
     };
     // The owner waits up to its own ready timeout for booting machines, plus its margins.
     let deadline = a.timeout + Duration::from_secs(600);

@@ -22,7 +22,8 @@ mod sys;
 mod system;
 
 pub use cluster::apply::{
-    ControlOp, ControlReply, ControlRequest, ReloadError, control_socket, request as reload_request,
+    ControlOp, ControlReply, ControlRequest, ReloadError, control_socket,
+    request as reload_request, restart_machine,
 };
 pub use cluster::backdoor::{
     Backdoor, BackdoorError, ExecOutput, READY_LINE as BACKDOOR_READY_LINE, call_line, parse_reply,

@@ -6,7 +6,7 @@ mod snapshot;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use drydock_vm::{ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState};
@@ -45,8 +45,8 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
 pub(crate) fn refuse_cluster_machine(ctx: &Context, name: &str, what: &str) -> anyhow::Result<()> {
     if let Some(c) = drydock_vm::cluster_machine(&ctx.state_dir, name) {
         return Err(bad_input(format!(
-            "{name} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `drydock down -p {}` stops the cluster, and `drydock up -p {}` after a change restarts or switches what changed",
-            c.machine, c.cluster, c.owner_pid, c.cluster, c.cluster
+            "{name} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {name}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
+            c.machine, c.cluster, c.owner_pid, c.cluster
         )));
     }
     Ok(())
@@ -397,7 +397,9 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
 /// `vm restart`: the recorded launch again. Everything it needs is pinned; nothing is evaluated
 /// or built, and Nix is not called.
 fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
-    refuse_cluster_machine(ctx, &a.name, "restart")?;
+    if let Some(cm) = drydock_vm::cluster_machine(&ctx.state_dir, &a.name) {
+        return restart_in_cluster(ctx, a, &cm);
+    }
     let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
@@ -420,6 +422,41 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     reopen_run(ctx, &record)?;
     record.write(&paths)?;
     launch(ctx, &a.name, &record, &wait)
+}
+
+/// `vm restart` of a machine of an up cluster: its owner restarts it, on the cluster's networks
+/// (a fresh disk, as `up` restarts machines), and the command returns once it is ready again.
+fn restart_in_cluster(
+    ctx: &Context,
+    a: &VmRestartArgs,
+    cm: &drydock_vm::ClusterMachine,
+) -> anyhow::Result<Outcome> {
+    if a.keep_state || a.wait.ready.is_some() {
+        return Err(bad_input(format!(
+            "{} is machine {} of the cluster {}: its owner restarts it with a fresh disk and waits for its backdoor; --keep-state and --ready do not apply",
+            a.name, cm.machine, cm.cluster
+        )));
+    }
+    let deadline = a.wait.timeout.unwrap_or(Duration::from_secs(600));
+    eprintln!(
+        "drydock: restarting {} through the owner of cluster {} (pid {})",
+        a.name, cm.cluster, cm.owner_pid
+    );
+    let o = drydock_vm::restart_machine(&ctx.state_dir, cm, deadline)?;
+    if ctx.json {
+        crate::out::json(&mut crate::out::stdout(), &o)?;
+    }
+    if o.outcome == drydock_vm::ActionOutcome::Done {
+        eprintln!("drydock: {} restarted in {:.2} s", a.name, o.seconds);
+        Ok(Outcome::Success)
+    } else {
+        eprintln!(
+            "drydock: {} did not restart: {}",
+            a.name,
+            o.error.as_deref().unwrap_or("see its log")
+        );
+        Ok(Outcome::Failed)
+    }
 }
 
 /// The launch record of an existing VM, or bad input naming the VM.

@@ -116,6 +116,9 @@ pub struct ControlRequest {
     pub plan: ClusterPlan,
     /// `--restart`.
     pub restart: bool,
+    /// Machines to restart even if the plan would keep or switch them (`vm restart`).
+    #[serde(default)]
+    pub restart_machines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +137,28 @@ pub struct ControlReply {
     pub error: Option<String>,
     #[serde(default)]
     pub bad_input: bool,
+}
+
+/// `vm restart` of a machine of an up cluster: its owner restarts it on the cluster's networks,
+/// with the cluster's current plan (nothing else changes). Its outcome, within `deadline`.
+pub fn restart_machine(
+    state_dir: &Path,
+    cm: &super::run::ClusterMachine,
+    deadline: Duration,
+) -> Result<MachineOutcome, ReloadError> {
+    let state = super::run::ClusterState::read(state_dir, &cm.cluster)
+        .filter(super::run::ClusterState::owner_alive)
+        .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))?;
+    let req = ControlRequest {
+        op: ControlOp::Apply,
+        plan: state.plan,
+        restart: false,
+        restart_machines: vec![cm.machine.clone()],
+    };
+    request(state_dir, &cm.cluster, &req, deadline)?
+        .into_iter()
+        .find(|o| o.planned.machine == cm.machine)
+        .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))
 }
 
 /// Ask the owner of the cluster `name` (state in `state_dir`) to plan or apply `req`, waiting
@@ -360,16 +385,19 @@ impl RunningCluster {
         &self,
         new: &ClusterPlan,
         force_restart: bool,
+        restart_machines: &[String],
     ) -> Result<Vec<PlannedAction>, ReloadError> {
         let f = self.gather(new)?;
-        Ok(plan_reload(
+        let mut plan = plan_reload(
             &self.plan,
             &f.recorded,
             &f.stopped,
             new,
             &f.launches,
             force_restart,
-        ))
+        );
+        super::reload::restart_named(&mut plan, restart_machines);
+        Ok(plan)
     }
 
     /// Plan and carry out the reload to `new`; every machine's outcome, in the plan's order.
@@ -380,11 +408,12 @@ impl RunningCluster {
         &mut self,
         new: &ClusterPlan,
         force_restart: bool,
+        restart_machines: &[String],
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(Option<&MachineEvent>),
     ) -> Result<Vec<MachineOutcome>, ReloadError> {
         let facts = self.gather(new)?;
-        let plan = plan_reload(
+        let mut plan = plan_reload(
             &self.plan,
             &facts.recorded,
             &facts.stopped,
@@ -392,6 +421,7 @@ impl RunningCluster {
             &facts.launches,
             force_restart,
         );
+        super::reload::restart_named(&mut plan, restart_machines);
         let mut outcomes: Vec<MachineOutcome> =
             plan.iter().cloned().map(MachineOutcome::planned).collect();
         let of = |a: Action| -> Vec<String> {
@@ -629,9 +659,15 @@ impl RunningCluster {
             Ok(req) => {
                 let result = match req.op {
                     ControlOp::Plan => self
-                        .plan_reload(&req.plan, req.restart)
+                        .plan_reload(&req.plan, req.restart, &req.restart_machines)
                         .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
-                    ControlOp::Apply => self.apply_reload(&req.plan, req.restart, cancel, on_event),
+                    ControlOp::Apply => self.apply_reload(
+                        &req.plan,
+                        req.restart,
+                        &req.restart_machines,
+                        cancel,
+                        on_event,
+                    ),
                 };
                 match result {
                     Ok(machines) => ControlReply {

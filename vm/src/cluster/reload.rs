@@ -182,6 +182,17 @@ pub fn plan_reload(
         .collect()
 }
 
+/// `vm restart` of machines of an up cluster: each named machine that the plan keeps or
+/// switches restarts instead (a machine the plan creates, removes or restarts anyway is left so).
+pub fn restart_named(plan: &mut [PlannedAction], machines: &[String]) {
+    for p in plan.iter_mut() {
+        if machines.contains(&p.machine) && matches!(p.action, Action::Keep | Action::Switch) {
+            p.action = Action::Restart;
+            p.why = "a restart was asked for (`vm restart`)".into();
+        }
+    }
+}
+
 fn decide(
     o: &MachinePlan,
     n: &MachinePlan,
@@ -578,5 +589,40 @@ mod tests {
         assert!(all_done(std::slice::from_ref(&o)));
         o.outcome = Outcome::Failed;
         assert!(!all_done(&[o]));
+    }
+
+    #[test]
+    fn a_named_restart_turns_keep_and_switch_into_restart_only() {
+        let p = |m: &str, action| PlannedAction {
+            machine: m.into(),
+            action,
+            why: "w".into(),
+            from: None,
+            to: None,
+        };
+        let mut plan = vec![
+            p("a", Action::Keep),
+            p("b", Action::Switch),
+            p("c", Action::Keep),
+            p("d", Action::Remove),
+            p("e", Action::Create),
+        ];
+        restart_named(&mut plan, &["a".into(), "b".into(), "d".into(), "e".into()]);
+        let got: Vec<(&str, Action)> = plan
+            .iter()
+            .map(|p| (p.machine.as_str(), p.action))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", Action::Restart),
+                ("b", Action::Restart),
+                ("c", Action::Keep),
+                ("d", Action::Remove),
+                ("e", Action::Create)
+            ]
+        );
+        assert!(plan[0].why.contains("vm restart"));
+        assert_eq!(plan[2].why, "w");
     }
 }
