@@ -11,34 +11,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::vmcommon;
-use vmcommon::{bin, processes_mentioning, wait_no_processes, wait_until};
-
-/// The chroot store the cluster tests share (the systems' builds are reused across runs).
-fn store() -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store");
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn cache() -> String {
-    std::env::var("DRYDOCK_CACHE_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/drydock",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    })
-}
-
-/// Make sure the guest kernel and initrd exist (instant once cached).
-fn guest_ready() {
-    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-    let out = Command::new(s).output().expect("build-initrd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use vmcommon::{
+    cluster_drydock, cluster_exec, cluster_store as store, cluster_up_detached,
+    guest_cache as cache, guest_ready, processes_mentioning, text, wait_no_processes, wait_until,
+};
 
 /// A composition of the test system, in its own directory `dir/NAME/drydock.nix`.
 fn composition(dir: &Path, name: &str, machines: &str) -> PathBuf {
@@ -63,23 +39,6 @@ in {{ machines = {{ {machines} }}; }}
     f
 }
 
-fn drydock(state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store")
-        .arg(store())
-        .arg("--state-dir")
-        .arg(state)
-        .env(
-            "NIX_CONFIG",
-            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
-        );
-    c
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn ps_json(state: &Path, file: &Path) -> serde_json::Value {
     let ps = drydock(state)
         .args(["--json", "ps", "-f"])
@@ -90,14 +49,12 @@ fn ps_json(state: &Path, file: &Path) -> serde_json::Value {
     serde_json::from_slice(&ps.stdout).unwrap()
 }
 
+fn drydock(state: &Path) -> Command {
+    cluster_drydock(state)
+}
+
 fn exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
-    drydock(state)
-        .arg("exec")
-        .arg("-f")
-        .arg(file)
-        .args([machine, "--timeout", timeout, "--", cmd])
-        .output()
-        .unwrap()
+    cluster_exec(state, file, machine, timeout, cmd)
 }
 
 #[test]
@@ -113,14 +70,19 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
          gamma = { system = sys; memorySize = 256; vlans = [ 2 ]; };",
     );
     let t = Instant::now();
-    let up = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
-        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "up: {}", text(&up.stderr));
+    cluster_up_detached(&state, &file);
+    // The build's roots held the systems until the machines' runs pinned them, then went.
+    let cdir = state.join("clusters/net");
+    let left: Vec<_> = std::fs::read_dir(&cdir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("result"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "build roots left in {}: {left:?}",
+        cdir.display()
+    );
     eprintln!(
         "up --detach of 3 machines: {:.1} s",
         t.elapsed().as_secs_f64()

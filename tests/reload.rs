@@ -11,33 +11,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::vmcommon;
-use vmcommon::{bin, wait_no_processes, wait_until};
-
-/// The chroot store the cluster tests share (the systems' builds are reused across runs).
-fn store() -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store");
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn cache() -> String {
-    std::env::var("DRYDOCK_CACHE_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/drydock",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    })
-}
-
-fn guest_ready() {
-    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-    let out = Command::new(s).output().expect("build-initrd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use vmcommon::{
+    cluster_drydock_with, cluster_exec, cluster_up_detached_with, guest_cache as cache,
+    guest_ready, text, wait_no_processes, wait_until,
+};
 
 /// The composition's variable parts.
 #[derive(Clone)]
@@ -86,31 +63,20 @@ in {{ machines = {{
     std::fs::write(file, text).unwrap();
 }
 
-fn drydock(state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store")
-        .arg(store())
-        .arg("--state-dir")
-        .arg(state)
-        .env(
-            "NIX_CONFIG",
-            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
-        );
-    c
+/// The reload test's own chroot store: the cluster tests run `gc --all` on theirs, which would
+/// collect this test's old systems before it looks at them.
+fn store() -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-reload-store");
+    std::fs::create_dir_all(&p).unwrap();
+    p
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn drydock(state: &Path) -> Command {
+    cluster_drydock_with(&store(), state)
 }
 
 fn exec(state: &Path, file: &Path, machine: &str, cmd: &str) -> Output {
-    drydock(state)
-        .arg("exec")
-        .arg("-f")
-        .arg(file)
-        .args([machine, "--timeout", "60", "--", cmd])
-        .output()
-        .unwrap()
+    cluster_exec(state, file, machine, "60", cmd)
 }
 
 fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
@@ -233,14 +199,7 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     let file = d.join("drydock.nix");
     write(&file, &FIRST);
     let _down = Down(state.clone(), file.clone());
-    let up = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
-        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "up: {}", text(&up.stderr));
+    cluster_up_detached_with(&store(), &state, &file);
     let before = pids(&state, &file);
     assert_eq!(before.len(), 3);
     let up0: Vec<f64> = ["alpha", "beta", "gamma"]

@@ -58,6 +58,9 @@ pub fn plan_file(ctx: &Context, name: &str) -> std::path::PathBuf {
 pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(&a.cluster)?;
     crate::cancel::install();
+    // What this `up` builds stays rooted until it returns: by then every machine's run pins
+    // its system (or the cluster is stopped, and nothing needs it).
+    let _roots = BuildRoots(drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
     if let Some(s) = ClusterState::read(&ctx.state_dir, &name).filter(ClusterState::owner_alive) {
         if !s.ready {
             return Err(bad_input(format!(
@@ -76,6 +79,15 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         return detach(ctx, a, &name, &plan);
     }
     foreground(ctx, a, &plan)
+}
+
+/// Releases the build's GC roots when dropped.
+struct BuildRoots(std::path::PathBuf);
+
+impl Drop for BuildRoots {
+    fn drop(&mut self) {
+        drydock_vm::release_build_roots(&self.0);
+    }
 }
 
 /// How long evaluating and building took.
@@ -214,6 +226,8 @@ fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<O
         }
         echo(&mut tails);
     });
+    // Every machine's run pins its system now (or none runs): the build's roots can go.
+    drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, &plan.name).dir);
     let mut cluster = match up {
         Ok(c) => c,
         Err(drydock_vm::ClusterError::Interrupted) => {
@@ -352,6 +366,8 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
 pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(a)?;
     let d = drydock_vm::cluster_down(&ctx.state_dir, &name)?;
+    // An `up` killed between its build and its machines' pins left its roots behind.
+    drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {

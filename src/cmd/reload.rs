@@ -249,6 +249,8 @@ fn cycle(
             apply_remote(state_dir, name, &new, a, &report.machines, ctx.json)?
         }
     };
+    // The switched and booted machines' runs pin their new systems now.
+    drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, name).dir);
     report.apply_secs = Some(t.elapsed().as_secs_f64());
     report.ok = drydock_vm::reload_succeeded(&outcomes);
     report.machines = outcomes;

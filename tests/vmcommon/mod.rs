@@ -1,9 +1,10 @@
 //! Helpers shared by the VM test binaries: the drydock binary, test systems built into chroot
-//! stores by `scripts/guest/build-test-system`, and the process-tree checks.
+//! stores by `scripts/guest/build-test-system`, the process-tree checks, and what the cluster
+//! tests share (their store, the guest's kernel, drydock with the sandbox's shell, `exec`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -88,4 +89,83 @@ pub fn wait_no_processes(state: &Path, within: Duration) {
         assert!(t.elapsed() < within, "processes left behind: {left:#?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The chroot store the cluster tests share (the systems' builds are reused across runs).
+pub fn cluster_store() -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// Where the guest's kernel and initrd are cached.
+pub fn guest_cache() -> String {
+    std::env::var("DRYDOCK_CACHE_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/drydock",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
+}
+
+/// Make sure the guest kernel and initrd exist (instant once cached).
+pub fn guest_ready() {
+    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
+    let out = Command::new(s).output().expect("build-initrd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// drydock on the cluster store, with state in `state` and the test system's builders' shell.
+pub fn cluster_drydock(state: &Path) -> Command {
+    cluster_drydock_with(&cluster_store(), state)
+}
+
+/// The same on the chroot store `store`.
+pub fn cluster_drydock_with(store: &Path, state: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("--store")
+        .arg(store)
+        .arg("--state-dir")
+        .arg(state)
+        .env(
+            "NIX_CONFIG",
+            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
+        );
+    c
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `drydock exec -f FILE MACHINE --timeout SECS -- CMD`.
+pub fn cluster_exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
+    cluster_drydock(state)
+        .arg("exec")
+        .arg("-f")
+        .arg(file)
+        .args([machine, "--timeout", timeout, "--", cmd])
+        .output()
+        .unwrap()
+}
+
+/// `drydock up -f FILE --detach` under TCG; panics with drydock's messages if it fails.
+pub fn cluster_up_detached(state: &Path, file: &Path) {
+    cluster_up_detached_with(&cluster_store(), state, file)
+}
+
+/// The same on the chroot store `store`.
+pub fn cluster_up_detached_with(store: &Path, state: &Path, file: &Path) {
+    let up = cluster_drydock_with(store, state)
+        .arg("up")
+        .arg("-f")
+        .arg(file)
+        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "up: {}", text(&up.stderr));
 }

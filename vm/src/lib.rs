@@ -38,6 +38,7 @@ pub use cluster::control::{
 };
 pub use cluster::eval::{
     EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
+    release_build_roots,
 };
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::reload::{

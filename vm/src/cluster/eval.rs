@@ -155,6 +155,30 @@ pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalEr
     parse_settings(&file, &v).map_err(EvalError::Compose)
 }
 
+/// Where the build's outputs are rooted (`result`, `result-2`, ... beside the expression).
+fn out_link(expr_file: &Path) -> PathBuf {
+    expr_file.with_file_name("result")
+}
+
+/// Drop the GC roots a [`build`] left in `dir` (its `result*` links), once every system it built
+/// is pinned by its machine's run, or is not needed any more.
+pub fn release_build_roots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = name == "result"
+            || name
+                .strip_prefix("result-")
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()));
+        if ours && e.file_type().is_ok_and(|t| t.is_symlink()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// The `nix-build` command line that builds the systems of `names` (pure; `track` runs it).
 pub fn build_command(
     layout: &StoreLayout,
@@ -165,7 +189,8 @@ pub fn build_command(
     let mut cmd = vec![
         "nix-build".to_string(),
         expr_file.display().to_string(),
-        "--no-out-link".into(),
+        "--out-link".into(),
+        out_link(expr_file).display().to_string(),
         "--argstr".into(),
         "file".into(),
         file.display().to_string(),
@@ -178,7 +203,8 @@ pub fn build_command(
 }
 
 /// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run named
-/// `run_name` (kind build). Machines whose system is a plain store path need no build; with none
+/// `run_name` (kind build). The outputs stay rooted (links `result*` in `expr_dir`) until
+/// [`release_build_roots`]: a GC between the build and the machines' pins cannot take them. Machines whose system is a plain store path need no build; with none
 /// to build, nothing runs and `None` is returned.
 pub fn build(
     layout: &StoreLayout,
@@ -282,7 +308,8 @@ mod tests {
             [
                 "nix-build",
                 "/s/build.nix",
-                "--no-out-link",
+                "--out-link",
+                "/s/result",
                 "--argstr",
                 "file",
                 "/p/drydock.nix",
