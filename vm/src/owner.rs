@@ -7,13 +7,14 @@
 //! collect it like any stopped VM.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use drydock_gc::{ArtifactKind, RunKind, RunsDb, RunsDbError, StoreLayout};
 
 use crate::launch::{LaunchError, LaunchRecord, Phase, VmState, stop_remote};
 use crate::plan::VmPaths;
+use crate::spawn::Awaited;
 
 /// What can go wrong while ending a dead owner's run.
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +103,7 @@ pub fn spawn_supervisor(
         path: log_path.clone(),
         source,
     })?;
-    let mut cmd = std::process::Command::new(sup.exe);
-    cmd.arg("--state-dir").arg(sup.state_dir);
-    if let Some(root) = sup.store_root {
-        cmd.arg("--store").arg(root);
-    }
+    let mut cmd = crate::spawn::drydock_command(sup.exe, sup.state_dir, sup.store_root);
     cmd.arg("__vm-supervise").arg("--name").arg(sup.name);
     if let Some((uri, tag)) = sup.incoming {
         cmd.arg("--incoming")
@@ -116,24 +113,21 @@ pub fn spawn_supervisor(
     }
     let pid = crate::spawn::spawn_detached("vm supervisor", cmd, log)
         .map_err(|e| OwnerError::Spawn(Box::new(e)))?;
-    let started = Instant::now();
-    loop {
-        if let Some(s) = VmState::read(paths) {
-            return Ok((pid, s));
-        }
-        if !crate::launch::pid_alive(pid) {
-            return Err(OwnerError::DidNotStart {
-                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
-            });
-        }
-        if started.elapsed() > SUPERVISOR_START || cancel.load(Ordering::SeqCst) {
+    let every = Duration::from_millis(10);
+    match crate::spawn::await_report(pid, SUPERVISOR_START, every, cancel, || {
+        VmState::read(paths)
+    }) {
+        Awaited::Ready(s) => Ok((pid, s)),
+        Awaited::Died => Err(OwnerError::DidNotStart {
+            log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+        }),
+        Awaited::Late => {
             crate::launch::kill_process(pid);
-            return Err(OwnerError::StartTimeout {
+            Err(OwnerError::StartTimeout {
                 after: SUPERVISOR_START,
                 log: log_path,
-            });
+            })
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -147,22 +141,17 @@ pub fn wait_running(
     cancel: &AtomicBool,
 ) -> Result<VmState, OwnerError> {
     let t = Instant::now();
-    loop {
-        let state = VmState::read(paths);
-        if let Some(s) = &state {
-            if s.phase == Phase::Running {
-                return Ok(s.clone());
-            }
-        }
-        if !crate::launch::pid_alive(supervisor) {
-            return Err(OwnerError::NotBack {
-                log: crate::launch::log_tail(&paths.supervisor_log(), 40)
-                    .trim()
-                    .to_owned(),
-            });
-        }
-        if t.elapsed() > deadline || cancel.load(Ordering::SeqCst) {
-            if let Some(s) = state {
+    let every = Duration::from_millis(5);
+    let running = || VmState::read(paths).filter(|s| s.phase == Phase::Running);
+    match crate::spawn::await_report(supervisor, deadline, every, cancel, running) {
+        Awaited::Ready(s) => Ok(s),
+        Awaited::Died => Err(OwnerError::NotBack {
+            log: crate::launch::log_tail(&paths.supervisor_log(), 40)
+                .trim()
+                .to_owned(),
+        }),
+        Awaited::Late => {
+            if let Some(s) = VmState::read(paths) {
                 stop_remote(paths, &s, Duration::ZERO, true).map_err(|source| {
                     OwnerError::Cleanup {
                         dir: paths.dir.clone(),
@@ -170,9 +159,8 @@ pub fn wait_running(
                     }
                 })?;
             }
-            return Err(OwnerError::NotRunningAgain { after: t.elapsed() });
+            Err(OwnerError::NotRunningAgain { after: t.elapsed() })
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

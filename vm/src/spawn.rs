@@ -14,7 +14,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -230,6 +232,51 @@ impl Drop for Supervised {
         if let Err(e) = self.stop(DEFAULT_GRACE) {
             tracing::warn!(name = %self.name, "stopping on drop failed: {e}");
         }
+    }
+}
+
+/// drydock itself (`exe`) with the global options a detached helper needs to find the same
+/// state and store: `--state-dir DIR [--store ROOT]`; the subcommand and its arguments follow.
+pub(crate) fn drydock_command(exe: &Path, state_dir: &Path, store_root: Option<&Path>) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir").arg(state_dir);
+    if let Some(root) = store_root {
+        cmd.arg("--store").arg(root);
+    }
+    cmd
+}
+
+/// How a wait for a detached process to report in ended.
+#[derive(Debug)]
+pub(crate) enum Awaited<T> {
+    Ready(T),
+    /// The process exited first (its log says why).
+    Died,
+    /// The deadline passed, or the wait was cancelled; the process is left to the caller.
+    Late,
+}
+
+/// Look at `ready` every `every` until it gives a value, the process `pid` dies, `within`
+/// passes or `cancel` is set, whichever comes first.
+pub(crate) fn await_report<T>(
+    pid: u32,
+    within: Duration,
+    every: Duration,
+    cancel: &AtomicBool,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Awaited<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = ready() {
+            return Awaited::Ready(v);
+        }
+        if !crate::launch::pid_alive(pid) {
+            return Awaited::Died;
+        }
+        if started.elapsed() > within || cancel.load(Ordering::SeqCst) {
+            return Awaited::Late;
+        }
+        std::thread::sleep(every);
     }
 }
 

@@ -13,6 +13,7 @@ use super::run::{ClusterError, ClusterState, cluster_paths};
 use crate::launch::{LaunchRecord, VmState};
 use crate::plan::VmPaths;
 use crate::resolve::AccelChoice;
+use crate::spawn::Awaited;
 
 /// How long `down` waits for the owner to stop every machine before it kills it.
 pub const DOWN_DEADLINE: Duration = Duration::from_secs(120);
@@ -53,11 +54,7 @@ pub fn start_detached(
         source,
     };
     let log = std::fs::File::create(&log_path).map_err(files)?;
-    let mut cmd = std::process::Command::new(o.exe);
-    cmd.arg("--state-dir").arg(o.state_dir);
-    if let Some(root) = o.store_root {
-        cmd.arg("--store").arg(root);
-    }
+    let mut cmd = crate::spawn::drydock_command(o.exe, o.state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
         "--name",
@@ -74,34 +71,40 @@ pub fn start_detached(
     let pid = crate::spawn::spawn_detached("cluster supervisor", cmd, log)
         .map_err(ClusterError::Spawn)?;
     let deadline = o.ready_timeout + OWNER_SLACK;
-    loop {
-        if ClusterState::read(o.state_dir, o.name).is_some_and(|s| s.ready && s.owner_pid == pid) {
-            return Ok(Detached {
-                owner_pid: pid,
-                after_secs: started.elapsed().as_secs_f64(),
-                log: log_path,
-            });
-        }
-        if !crate::launch::pid_alive(pid) {
-            return Err(ClusterError::DidNotStart {
-                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
-            });
-        }
-        if cancel.load(Ordering::SeqCst) || started.elapsed() > deadline {
-            let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
-            if !wait_gone(pid, DOWN_DEADLINE) {
-                let _ = drydock_gc::send_signal(pid, libc::SIGKILL);
-            }
+    let every = Duration::from_millis(20);
+    let ready =
+        || ClusterState::read(o.state_dir, o.name).filter(|s| s.ready && s.owner_pid == pid);
+    match crate::spawn::await_report(pid, deadline, every, cancel, ready) {
+        Awaited::Ready(_) => Ok(Detached {
+            owner_pid: pid,
+            after_secs: started.elapsed().as_secs_f64(),
+            log: log_path,
+        }),
+        Awaited::Died => Err(ClusterError::DidNotStart {
+            log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+        }),
+        Awaited::Late => {
+            terminate(pid);
             if cancel.load(Ordering::SeqCst) {
                 return Err(ClusterError::Interrupted);
             }
-            return Err(ClusterError::NotReady {
+            Err(ClusterError::NotReady {
                 after: started.elapsed(),
                 log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
-            });
+            })
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// SIGTERM to an owner (it stops everything it started), SIGKILL if it has not exited within
+/// [`DOWN_DEADLINE`]; whether it had to be killed.
+fn terminate(pid: u32) -> bool {
+    let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
+    if wait_gone(pid, DOWN_DEADLINE) {
+        return false;
+    }
+    let _ = drydock_gc::send_signal(pid, libc::SIGKILL);
+    true
 }
 
 fn wait_gone(pid: u32, within: Duration) -> bool {
@@ -140,14 +143,7 @@ pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
             after_secs: 0.0,
         });
     };
-    let mut killed = false;
-    if state.owner_alive() {
-        let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGTERM);
-        if !wait_gone(state.owner_pid, DOWN_DEADLINE) {
-            let _ = drydock_gc::send_signal(state.owner_pid, libc::SIGKILL);
-            killed = true;
-        }
-    }
+    let killed = state.owner_alive() && terminate(state.owner_pid);
     for m in &state.plan.machines {
         let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
         if let Some(vs) = VmState::read(&paths) {
