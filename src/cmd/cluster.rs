@@ -61,7 +61,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     // What this `up` builds stays rooted until it returns: by then every machine's run pins
     // its system (or the cluster is stopped, and nothing needs it).
     let _roots = BuildRoots(drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
-    if let Some(s) = ClusterState::read(&ctx.state_dir, &name).filter(ClusterState::owner_alive) {
+    if let Some(s) = ClusterState::read_up(&ctx.state_dir, &name) {
         if !s.ready {
             return Err(bad_input(format!(
                 "the cluster {name} is still starting (owner pid {}); try again once it is up",
@@ -464,27 +464,9 @@ pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
 /// A machine of an up cluster: its VM name and folder; bad input if the cluster is not up or
 /// has no such machine.
 fn up_machine(ctx: &Context, a: &ClusterArgs, machine: &str) -> anyhow::Result<(String, VmPaths)> {
-    let name = cluster_name(a)?;
-    let Some(state) = ClusterState::read(&ctx.state_dir, &name).filter(ClusterState::owner_alive)
-    else {
-        return Err(bad_input(format!("the cluster {name} is not up")));
-    };
-    let Some(m) = state.plan.machine(machine) else {
-        return Err(bad_input(format!(
-            "the cluster {name} has no machine {machine} (it has {})",
-            state
-                .plan
-                .machines
-                .iter()
-                .map(|m| m.machine.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    };
-    Ok((
-        m.vm_name.clone(),
-        VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name),
-    ))
+    let m = drydock_vm::up_machine(&ctx.state_dir, &cluster_name(a)?, machine)?;
+    let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm);
+    Ok((m.vm, paths))
 }
 
 /// `wait MACHINE (--console REGEX | --succeeds CMD)`.
@@ -689,7 +671,7 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
             writeln!(out, "{m:width$} │ {line}")?;
         }
         out.flush()?;
-        let up = ClusterState::read(&ctx.state_dir, &name).is_some_and(|s| s.owner_alive());
+        let up = ClusterState::read_up(&ctx.state_dir, &name).is_some();
         if !a.follow || !up || CANCEL.load(Ordering::SeqCst) {
             break;
         }

@@ -333,7 +333,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, name: &str) -> anyhow::Result<Outcome> 
     );
     report_cycle(ctx, cycle(ctx, a, name, &mut owner, &mut on_event));
     while !CANCEL.load(Ordering::SeqCst) {
-        if !ClusterState::read(&ctx.state_dir, name).is_some_and(|s| s.owner_alive()) {
+        if ClusterState::read_up(&ctx.state_dir, name).is_none() {
             eprintln!("drydock: the cluster {name} is down; stopped watching");
             return Ok(Outcome::Success);
         }

@@ -48,7 +48,7 @@ pub use cluster::reload::{
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, Escape, MachineEvent,
     RunningCluster, ShellOptions, cluster_machine, cluster_paths, exec_remote, exec_socket,
-    merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up,
+    merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up, up_machine,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use cluster::watch::{Debounce, WatchError, Watcher, ignored as watch_ignores};

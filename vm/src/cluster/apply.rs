@@ -146,8 +146,7 @@ pub fn restart_machine(
     cm: &super::run::ClusterMachine,
     deadline: Duration,
 ) -> Result<MachineOutcome, ReloadError> {
-    let state = super::run::ClusterState::read(state_dir, &cm.cluster)
-        .filter(super::run::ClusterState::owner_alive)
+    let state = super::run::ClusterState::read_up(state_dir, &cm.cluster)
         .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))?;
     let req = ControlRequest {
         op: ControlOp::Apply,

@@ -47,6 +47,12 @@ pub enum ClusterError {
     NotUp(String),
     #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
     NoExec(String),
+    #[error("the cluster {cluster} has no machine {machine} (it has {})", has.join(", "))]
+    NoMachine {
+        cluster: String,
+        machine: String,
+        has: Vec<String>,
+    },
     #[error("the exec call to {vm} failed")]
     Call {
         vm: String,
@@ -69,7 +75,10 @@ pub enum ClusterError {
 
 impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::NotUp(_) | Self::NoExec(_))
+        matches!(
+            self,
+            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. }
+        )
     }
 }
 
@@ -109,6 +118,10 @@ impl ClusterState {
         .ok()?;
         serde_json::from_slice(&bytes).ok()
     }
+    /// The record of the cluster `name` if it is up (its owner alive).
+    pub fn read_up(state_dir: &Path, name: &str) -> Option<Self> {
+        Self::read(state_dir, name).filter(Self::owner_alive)
+    }
     pub fn owner_alive(&self) -> bool {
         crate::launch::same_process_alive(self.owner_pid, self.owner_start_ticks)
     }
@@ -128,20 +141,53 @@ impl ClusterState {
 pub struct ClusterMachine {
     pub cluster: String,
     pub machine: String,
+    /// `CLUSTER.MACHINE`.
+    pub vm: String,
     pub owner_pid: u32,
+}
+
+impl ClusterMachine {
+    fn of(state: &ClusterState, m: &MachinePlan) -> Self {
+        Self {
+            cluster: state.name.clone(),
+            machine: m.machine.clone(),
+            vm: m.vm_name.clone(),
+            owner_pid: state.owner_pid,
+        }
+    }
 }
 
 /// Whether the VM `vm` (named `CLUSTER.MACHINE`) is a machine of a cluster that is up: then its
 /// owner, not a VM supervisor, runs it, and only the owner may stop or relaunch it.
 pub fn cluster_machine(state_dir: &Path, vm: &str) -> Option<ClusterMachine> {
     let (cluster, _) = vm.split_once('.')?;
-    let state = ClusterState::read(state_dir, cluster).filter(ClusterState::owner_alive)?;
+    let state = ClusterState::read_up(state_dir, cluster)?;
     let m = state.plan.machines.iter().find(|m| m.vm_name == vm)?;
-    Some(ClusterMachine {
-        cluster: cluster.to_string(),
-        machine: m.machine.clone(),
-        owner_pid: state.owner_pid,
-    })
+    Some(ClusterMachine::of(&state, m))
+}
+
+/// The machine `machine` of the cluster `cluster`, which must be up: bad input otherwise.
+pub fn up_machine(
+    state_dir: &Path,
+    cluster: &str,
+    machine: &str,
+) -> Result<ClusterMachine, ClusterError> {
+    let state = ClusterState::read_up(state_dir, cluster)
+        .ok_or_else(|| ClusterError::NotUp(cluster.into()))?;
+    let m = state
+        .plan
+        .machine(machine)
+        .ok_or_else(|| ClusterError::NoMachine {
+            cluster: cluster.into(),
+            machine: machine.into(),
+            has: state
+                .plan
+                .machines
+                .iter()
+                .map(|m| m.machine.clone())
+                .collect(),
+        })?;
+    Ok(ClusterMachine::of(&state, m))
 }
 
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
@@ -854,32 +900,16 @@ pub fn shell_remote(
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
 ) -> Result<(), ClusterError> {
-    let sock = exec_socket(paths);
-    let s = UnixStream::connect(&sock).map_err(|_| ClusterError::NoExec(vm.to_string()))?;
-    let call = |source| ClusterError::Call {
-        vm: vm.to_string(),
-        source,
-    };
-    let mut text = serde_json::to_string(&ExecRequest {
+    let call = call_error(vm);
+    let req = ExecRequest {
         cmd: String::new(),
         timeout_ms: 0,
         shell: true,
         size: opts.size,
-    })
-    .map_err(|e| call(std::io::Error::other(e)))?;
-    text.push('\n');
-    (&s).write_all(text.as_bytes()).map_err(call)?;
+    };
     // The owner answers once the session started (or why it could not); calls queue before it.
-    let line = read_line_unbuffered(&s).map_err(call)?;
-    let reply: ExecReply =
-        serde_json::from_slice(&line).map_err(|e| call(std::io::Error::other(e)))?;
-    if let Some(message) = reply.error {
-        return Err(ClusterError::Remote {
-            vm: vm.to_string(),
-            message,
-        });
-    }
-    let mut to_guest = s.try_clone().map_err(call)?;
+    let (mut s, _) = ask_owner(vm, paths, &req, None)?;
+    let mut to_guest = s.get_ref().try_clone().map_err(&call)?;
     // The input thread may block on a terminal after the session ended; it is left to the
     // process's exit then, never joined.
     std::thread::Builder::new()
@@ -904,19 +934,56 @@ pub fn shell_remote(
             }
             let _ = to_guest.shutdown(std::net::Shutdown::Write);
         })
-        .map_err(call)?;
+        .map_err(&call)?;
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match (&s).read(&mut buf) {
+        match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => {
-                output.write_all(&buf[..n]).map_err(call)?;
-                output.flush().map_err(call)?;
+                output.write_all(&buf[..n]).map_err(&call)?;
+                output.flush().map_err(&call)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(call(e)),
         }
     }
+}
+
+fn call_error(vm: &str) -> impl Fn(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Call {
+        vm: vm.to_string(),
+        source,
+    }
+}
+
+/// Send `req` to the owner of the VM `vm` on its exec socket and read the reply line (within
+/// `read_timeout`, if any): the reply, unless it carries an error, and the connection, buffered,
+/// for whatever follows it.
+fn ask_owner(
+    vm: &str,
+    paths: &VmPaths,
+    req: &ExecRequest,
+    read_timeout: Option<Duration>,
+) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
+    let s = UnixStream::connect(exec_socket(paths))
+        .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
+    let call = call_error(vm);
+    s.set_read_timeout(read_timeout).map_err(&call)?;
+    let mut text = serde_json::to_string(req).map_err(|e| call(std::io::Error::other(e)))?;
+    text.push('\n');
+    (&s).write_all(text.as_bytes()).map_err(&call)?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(&call)?;
+    let reply: ExecReply =
+        serde_json::from_str(&line).map_err(|e| call(std::io::Error::other(e)))?;
+    if let Some(message) = reply.error {
+        return Err(ClusterError::Remote {
+            vm: vm.to_string(),
+            message,
+        });
+    }
+    Ok((r, reply))
 }
 
 /// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket.
@@ -926,34 +993,15 @@ pub fn exec_remote(
     cmd: &str,
     timeout: Duration,
 ) -> Result<ExecOutput, ClusterError> {
-    let sock = exec_socket(paths);
-    let s = UnixStream::connect(&sock).map_err(|_| ClusterError::NoExec(vm.to_string()))?;
-    let call = |source| ClusterError::Call {
-        vm: vm.to_string(),
-        source,
-    };
-    // The owner's deadline is the call's; ours adds its grace for the reply.
-    s.set_read_timeout(Some(timeout + Duration::from_secs(30)))
-        .map_err(call)?;
-    let mut text = serde_json::to_string(&ExecRequest {
+    let req = ExecRequest {
         cmd: cmd.to_string(),
         timeout_ms: timeout.as_millis() as u64,
         shell: false,
         size: None,
-    })
-    .map_err(|e| call(std::io::Error::other(e)))?;
-    text.push('\n');
-    (&s).write_all(text.as_bytes()).map_err(call)?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(call)?;
-    let reply: ExecReply =
-        serde_json::from_str(&line).map_err(|e| call(std::io::Error::other(e)))?;
-    if let Some(message) = reply.error {
-        return Err(ClusterError::Remote {
-            vm: vm.to_string(),
-            message,
-        });
-    }
+    };
+    // The owner's deadline is the call's; ours adds its grace for the reply.
+    let (_, reply) = ask_owner(vm, paths, &req, Some(timeout + Duration::from_secs(30)))?;
+    let call = call_error(vm);
     let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
     Ok(ExecOutput {
         status: reply.status,
