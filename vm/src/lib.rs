@@ -22,36 +22,31 @@ mod sys;
 mod system;
 
 pub use cluster::apply::{
-    ControlOp, ControlReply, ControlRequest, ReloadError, control_socket,
-    request as reload_request, restart_machine,
+    ControlOp, ControlRequest, ReloadError, request as reload_request, restart_machine,
 };
-pub use cluster::backdoor::{
-    Backdoor, BackdoorError, ExecOutput, READY_LINE as BACKDOOR_READY_LINE, call_line, parse_reply,
-};
+pub use cluster::backdoor::{BackdoorError, ExecOutput};
 pub use cluster::compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
     valid_machine_name, validate_cluster_name,
 };
-pub use cluster::control::{
-    DOWN_DEADLINE, Detached, DetachedOwner, Down, down as cluster_down, start_detached,
-};
+pub use cluster::control::{Detached, DetachedOwner, Down, down as cluster_down, start_detached};
 pub use cluster::eval::{
     EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
     release_build_roots,
 };
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::reload::{
-    Action as ReloadAction, MachineOutcome as ReloadOutcome, NewLaunch, Outcome as ActionOutcome,
-    PlannedAction, all_done as reload_succeeded, params_without_init, plan_reload,
+    Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
+    PlannedAction, all_done as reload_succeeded, plan_reload,
 };
 pub use cluster::run::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, Escape, MachineEvent,
-    RunningCluster, ShellOptions, cluster_machine, cluster_paths, exec_remote, exec_socket,
-    merge_timed, parse_timed, shell_remote, timed_log, up as cluster_up, up_machine,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineEvent, RunningCluster,
+    ShellOptions, cluster_machine, cluster_paths, exec_remote, merge_timed, parse_timed,
+    shell_remote, timed_log, up as cluster_up, up_machine,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use cluster::watch::{Debounce, WatchError, Watcher, ignored as watch_ignores};
+pub use cluster::watch::{Debounce, WatchError, Watcher};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
