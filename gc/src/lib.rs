@@ -48,7 +48,7 @@ pub use runsdb::{
 };
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
 pub use sys::{lock_exclusive_within, send_signal};
-pub use track::{Echo, TrackError, TrackReport, track, track_to};
+pub use track::{Echo, TrackError, TrackReport, ensure_store, track, track_to};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).
 pub fn epoch_secs() -> i64 {

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::classify::{PathClass, classify};
 use crate::drv::{Derivation, parse_derivation};
@@ -41,6 +42,16 @@ pub enum TrackError {
         #[source]
         source: std::io::Error,
     },
+    /// A chroot store without a database could not be created.
+    #[error("cannot create the Nix store at {}", root.display())]
+    InitStore {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nix-store --init` failed on a chroot store without a database.
+    #[error("cannot create the Nix store at {}: nix-store --init said: {message}", root.display())]
+    InitFailed { root: PathBuf, message: String },
 }
 
 impl TrackError {
@@ -346,6 +357,77 @@ impl StoreView for DbView<'_> {
     }
 }
 
+/// How long the first user of a new chroot store waits for another one creating it.
+const INIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Create the chroot store `layout.root` if it has no database yet, once. Concurrent first
+/// users of a new store (two `up`s, parallel builds) would otherwise race Nix's own creation
+/// of its database, and the loser fails with `SQLite database '…' is busy` or `'…/schema' is
+/// corrupt`. The root directory is `flock`ed while `nix-store --init` makes the database; a
+/// store that has one, and the system store, are left alone.
+pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
+    let Some(root) = &layout.root else {
+        return Ok(());
+    };
+    if layout.has_database() {
+        return Ok(());
+    }
+    let init = |source| TrackError::InitStore {
+        root: root.clone(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(init)?;
+    let dir = std::fs::File::open(root).map_err(init)?;
+    if !crate::sys::lock_exclusive_within(&dir, INIT_DEADLINE) {
+        return Err(init(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("another process held the store's lock for {INIT_DEADLINE:?}"),
+        )));
+    }
+    if layout.has_database() {
+        return Ok(());
+    }
+    tracing::info!("creating the Nix store at {}", root.display());
+    let mut child = Command::new("nix-store")
+        .arg("--store")
+        .arg(root)
+        .arg("--init")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| TrackError::Spawn {
+            program: "nix-store".into(),
+            source,
+        })?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(init)? {
+            break st;
+        }
+        if start.elapsed() >= INIT_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TrackError::InitFailed {
+                root: root.clone(),
+                message: format!("no answer within {INIT_DEADLINE:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if !status.success() {
+        let mut message = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut message);
+        }
+        return Err(TrackError::InitFailed {
+            root: root.clone(),
+            message: message.trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Where a tracked command's stdout is passed through to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Echo {
@@ -379,6 +461,7 @@ pub fn track_to(
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
     }
+    ensure_store(layout)?;
     // A store that does not exist yet (the command's first build creates it) starts at 0.
     let before = if layout.has_database() {
         NixDb::open(layout)?.max_path_id()?
@@ -623,5 +706,52 @@ mod tests {
         assert_eq!(code, 128 + 9);
         let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
         assert!(e.is_bad_input());
+    }
+
+    #[test]
+    fn a_new_chroot_store_is_created_once_for_concurrent_first_users() {
+        // Without the lock, 8 Nix commands opening a new store at once lose the race for its
+        // database now and then ("schema is corrupt", "database is busy").
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let layout = StoreLayout::chroot(dir.path().join("store"));
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    let layout = layout.clone();
+                    std::thread::spawn(move || {
+                        ensure_store(&layout).unwrap();
+                        Command::new("nix-instantiate")
+                            .arg("--store")
+                            .arg(layout.root.as_ref().unwrap())
+                            .args(["--eval", "-E", "1"])
+                            .output()
+                            .unwrap()
+                    })
+                })
+                .collect();
+            for t in threads {
+                let o = t.join().unwrap();
+                assert!(
+                    o.status.success(),
+                    "round {round}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            assert!(layout.has_database());
+        }
+    }
+
+    #[test]
+    fn a_store_root_that_cannot_be_made_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let e = ensure_store(&StoreLayout::chroot(&file)).unwrap_err();
+        assert!(matches!(e, TrackError::InitStore { .. }), "{e:?}");
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+        // The system store is never created by drydock.
+        let system = StoreLayout::system(dir.path().join("nostore"), dir.path().join("nostate"));
+        ensure_store(&system).unwrap();
+        assert!(!dir.path().join("nostate").exists());
     }
 }

@@ -14,7 +14,30 @@ pub fn bin() -> &'static str {
 /// The chroot store the VM tests share: under Cargo's target temporary directory, so it is
 /// reused across runs (building into it again is a no-op) instead of piling up in /tmp.
 pub fn shared_store() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-vm-fixture-store")
+    created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-vm-fixture-store"))
+}
+
+/// `root` as a chroot store whose database exists: tests that share a store start their Nix
+/// commands at once, and Nix's creation of a new store's database is not safe against that.
+/// (drydock creates a new store once itself; the fixture scripts run Nix directly.)
+pub fn created(root: PathBuf) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !root.join("nix/var/nix/db/db.sqlite").is_file() {
+        let out = Command::new("nix-store")
+            .arg("--store")
+            .arg(&root)
+            .arg("--init")
+            .output()
+            .expect("run nix-store --init");
+        assert!(
+            out.status.success(),
+            "nix-store --init {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    root
 }
 
 /// `drydock --store ROOT --state-dir STATE`.
@@ -93,9 +116,7 @@ pub fn wait_no_processes(state: &Path, within: Duration) {
 
 /// The chroot store the cluster tests share (the systems' builds are reused across runs).
 pub fn cluster_store() -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store");
-    std::fs::create_dir_all(&p).unwrap();
-    p
+    created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store"))
 }
 
 /// Where the guest's kernel and initrd are cached.

@@ -70,6 +70,8 @@ pub enum EvalError {
     },
     #[error(transparent)]
     Compose(ComposeError),
+    #[error("preparing the store for the composition")]
+    Store(#[source] drydock_gc::TrackError),
     #[error("building the composition's systems")]
     Track(#[source] Box<drydock_gc::GcError>),
     #[error(
@@ -131,6 +133,8 @@ pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalEr
     if !file.is_file() {
         return Err(EvalError::NoFile(file));
     }
+    // Evaluation opens the store: a new chroot store is created first, once.
+    drydock_gc::ensure_store(layout).map_err(EvalError::Store)?;
     let mut cmd = std::process::Command::new("nix-instantiate");
     cmd.args(["--eval", "--strict", "--json", "--expr", SETTINGS_EXPR])
         .arg("--argstr")
