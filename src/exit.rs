@@ -42,6 +42,14 @@ pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(BadInput(msg.into()))
 }
 
+/// An error and its causes on one line, `a: b: c`, as [`finish`] prints them.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Print the error chain once and choose the exit code.
 pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
     match result {
@@ -67,6 +75,8 @@ fn is_interrupted(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
         c.downcast_ref::<drydock_gc::GcError>()
             .is_some_and(|e| e.is_interrupted())
+            || c.downcast_ref::<drydock_vm::SessionError>()
+                .is_some_and(|e| e.is_interrupted())
     })
 }
 
@@ -118,6 +128,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<vm::ReloadError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::SessionError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<drydock_gc::GcError>()

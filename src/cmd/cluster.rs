@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use drydock_vm::{
-    ClusterLaunch, ClusterPlan, ClusterState, ConsoleTail, MachineEvent, VmPaths, VmState,
+    ClusterLaunch, ClusterPlan, ClusterState, ReloadReport, UpEvent, UpRequest, VmPaths, VmState,
+    Watching,
 };
 
 use crate::cancel::CANCEL;
@@ -18,6 +19,7 @@ use crate::cli::{
     AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, LogsArgs, MachineWaitArgs, ShellArgs,
     UpArgs,
 };
+use crate::cmd::reload::{Echo, UpPrinter, report_event};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
@@ -47,10 +49,17 @@ fn launch_opts(
     })
 }
 
-pub fn plan_file(ctx: &Context, name: &str) -> std::path::PathBuf {
-    drydock_vm::cluster_paths(&ctx.state_dir, name)
-        .dir
-        .join("up.json")
+/// What `up`'s arguments ask of the composition.
+fn up_request(a: &UpArgs, name: &str) -> UpRequest {
+    UpRequest {
+        file: a.cluster.file.clone(),
+        name: name.to_string(),
+        machines: a.machines.clone(),
+        mentioned: a.hide.iter().chain(&a.show).cloned().collect(),
+        restart: a.restart,
+        dry_run: a.dry_run,
+        ready_timeout: a.timeout,
+    }
 }
 
 /// `up`: evaluate, plan, build (one tracked run), then boot in the foreground or detached. On
@@ -61,6 +70,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     // What this `up` builds stays rooted until it returns: by then every machine's run pins
     // its system (or the cluster is stopped, and nothing needs it).
     let _roots = BuildRoots(drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
+    let req = up_request(a, &name);
     if let Some(s) = ClusterState::read_up(&ctx.state_dir, &name) {
         if !s.ready {
             return Err(bad_input(format!(
@@ -68,17 +78,26 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
                 s.owner_pid
             )));
         }
-        return crate::cmd::reload::reload(ctx, a, &name);
+        return crate::cmd::reload::reload(ctx, a, &req);
     }
-    let (plan, _) = prepare(ctx, a, &name, None)?;
+    let mut printer = UpPrinter::new(ctx.json, None);
+    let prepared = drydock_vm::prepare_cluster(
+        &ctx.layout(),
+        &ctx.state_dir,
+        &req,
+        None,
+        &CANCEL,
+        &mut |ev| printer.event(ev),
+    )?;
+    let plan = prepared.plan;
     if a.dry_run {
-        return crate::cmd::reload::print_fresh_plan(ctx, &plan);
+        return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
     }
-    drydock_vm::write_json(&plan_file(ctx, &name), &plan)?;
+    drydock_vm::write_json(&drydock_vm::up_plan_file(&ctx.state_dir, &name), &plan)?;
     if a.detach {
         return detach(ctx, a, &name, &plan);
     }
-    foreground(ctx, a, &plan)
+    foreground(ctx, a, &req, &plan)
 }
 
 /// Releases the build's GC roots when dropped.
@@ -90,141 +109,17 @@ impl Drop for BuildRoots {
     }
 }
 
-/// How long evaluating and building took.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Phases {
-    pub evaluate: Duration,
-    pub build: Duration,
-}
-
-/// Evaluate the composition, plan the cluster and build its systems (one tracked run). With
-/// `running` (a hot reload), machines left out on the command line keep their running plan.
-pub fn prepare(
+fn foreground(
     ctx: &Context,
     a: &UpArgs,
-    name: &str,
-    running: Option<&ClusterPlan>,
-) -> anyhow::Result<(ClusterPlan, Phases)> {
-    let layout = ctx.layout();
-    let t = Instant::now();
-    let composition = drydock_vm::evaluate_composition(&layout, &a.cluster.file)?;
-    let mut plan = drydock_vm::plan_cluster(name, &composition)?;
-    let evaluate = t.elapsed();
-    for m in a.machines.iter().chain(&a.hide).chain(&a.show) {
-        if !composition.machines.contains_key(m) {
-            return Err(drydock_vm::ComposeError::NoSuchMachine {
-                file: composition.file.clone(),
-                name: m.clone(),
-            }
-            .into());
-        }
-    }
-    if !a.machines.is_empty() {
-        let keep = |m: &drydock_vm::MachinePlan| a.machines.contains(&m.machine);
-        plan.machines = plan
-            .machines
-            .iter()
-            .filter_map(|m| {
-                if keep(m) {
-                    Some(m.clone())
-                } else {
-                    running.and_then(|r| r.machine(&m.machine).cloned())
-                }
-            })
-            .collect();
-        let mut vlans: Vec<u8> = plan
-            .machines
-            .iter()
-            .flat_map(|m| m.settings.vlans.clone())
-            .collect();
-        vlans.sort_unstable();
-        vlans.dedup();
-        plan.vlans = vlans;
-    }
-    let names: Vec<&str> = plan
-        .machines
-        .iter()
-        .filter(|m| a.machines.is_empty() || a.machines.contains(&m.machine))
-        .map(|m| m.machine.as_str())
-        .collect();
-    let runs = drydock_gc::RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
-    let cdir = drydock_vm::cluster_paths(&ctx.state_dir, name).dir;
-    let t = Instant::now();
-    if let Some(report) = drydock_vm::build_composition(
-        &layout,
-        &runs,
-        &composition,
-        &names,
-        &format!("cluster {name}"),
-        &cdir,
-        &CANCEL,
-    )? {
-        eprintln!(
-            "drydock: built {} systems in {:.1} s (run {}, {} paths recorded)",
-            names.len(),
-            t.elapsed().as_secs_f64(),
-            report.run_id,
-            report.claimed.len()
-        );
-    }
-    let build = t.elapsed();
-    drydock_vm::check_systems(&layout, &composition, &names)?;
-    Ok((plan, Phases { evaluate, build }))
-}
-
-pub fn shown(a: &UpArgs, machine: &str) -> bool {
-    if !a.show.is_empty() {
-        return a.show.iter().any(|m| m == machine);
-    }
-    !a.hide.iter().any(|m| m == machine)
-}
-
-pub fn report_event(ev: &MachineEvent) {
-    match ev {
-        MachineEvent::Ready { machine, after } => {
-            eprintln!(
-                "drydock: {machine} ready after {:.2} s",
-                after.as_secs_f64()
-            )
-        }
-        MachineEvent::Failed { machine, message } => {
-            eprintln!("drydock: {machine} failed: {message}")
-        }
-        MachineEvent::Stopped { machine } => eprintln!("drydock: {machine} stopped"),
-    }
-}
-
-fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
+    req: &UpRequest,
+    plan: &ClusterPlan,
+) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
-    let mut tails: BTreeMap<String, ConsoleTail> = plan
-        .machines
-        .iter()
-        .filter(|m| shown(a, &m.machine))
-        .map(|m| {
-            let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
-            (m.machine.clone(), ConsoleTail::new(paths.console_log()))
-        })
-        .collect();
-    let width = plan
-        .machines
-        .iter()
-        .map(|m| m.machine.len())
-        .max()
-        .unwrap_or(0);
-    let echo = |tails: &mut BTreeMap<String, ConsoleTail>| {
-        let mut out = std::io::stdout().lock();
-        for (m, t) in tails.iter_mut() {
-            for line in t.lines() {
-                let _ = writeln!(out, "{m:width$} │ {line}");
-            }
-        }
-    };
+    let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
     let started = Instant::now();
     let up = drydock_vm::cluster_up(plan, &opts, &CANCEL, &mut |ev| {
-        if let Some(ev) = ev {
-            report_event(ev);
-        }
-        echo(&mut tails);
+        printer.event(ev.map_or(UpEvent::Tick, UpEvent::Machine))
     });
     // Every machine's run pins its system now (or none runs): the build's roots can go.
     drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, &plan.name).dir);
@@ -244,52 +139,14 @@ fn foreground(ctx: &Context, a: &UpArgs, plan: &ClusterPlan) -> anyhow::Result<O
         plan.machines.len()
     );
     let mut watching = match a.watch {
-        true => Some(crate::cmd::reload::Watching::new(&a.cluster.file)?),
+        true => Some(Watching::new(&a.cluster.file)?),
         false => None,
     };
-    while !CANCEL.load(Ordering::SeqCst) && !cluster.all_stopped() {
-        echo(&mut tails);
-        while let Ok(ev) = cluster.events.try_recv() {
-            report_event(&ev);
-        }
-        let served = cluster.serve_control(&CANCEL, &mut |ev| {
-            if let Some(ev) = ev {
-                report_event(ev);
-            }
-            echo(&mut tails);
-        });
-        let due = watching.as_mut().and_then(|w| w.due());
-        if let Some(changed) = &due {
-            crate::cmd::reload::watched_change(ctx, a, &mut cluster, changed, &mut |ev| {
-                if let Some(ev) = ev {
-                    report_event(ev);
-                }
-                echo(&mut tails);
-            });
-        }
-        if served || due.is_some() {
-            // Machines a reload created get their console echoed, removed ones lose it.
-            let _ = drydock_vm::write_json(&plan_file(ctx, &plan.name), &cluster.plan);
-            tails.retain(|m, _| cluster.plan.machine(m).is_some());
-            for m in cluster
-                .plan
-                .machines
-                .iter()
-                .filter(|m| shown(a, &m.machine))
-            {
-                tails.entry(m.machine.clone()).or_insert_with(|| {
-                    let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
-                    ConsoleTail::new(paths.console_log())
-                });
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let interrupted = CANCEL.load(Ordering::SeqCst);
-    cluster.stop();
-    echo(&mut tails);
+    cluster.own(watching.as_mut().map(|w| (w, req)), &CANCEL, &mut |ev| {
+        printer.event(ev)
+    });
     eprintln!("drydock: cluster {} stopped", plan.name);
-    Ok(if interrupted {
+    Ok(if CANCEL.load(Ordering::SeqCst) {
         Outcome::Interrupted
     } else {
         Outcome::Success
@@ -329,7 +186,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
 /// `__cluster-supervise`: own the cluster planned in `up.json` until `down` (SIGTERM).
 pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outcome> {
     crate::cancel::install();
-    let path = plan_file(ctx, &a.name);
+    let path = drydock_vm::up_plan_file(&ctx.state_dir, &a.name);
     let bytes = drydock_gc::read_regular(
         &path,
         drydock_gc::Links::Refuse,
@@ -344,20 +201,11 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
         }
     })?;
     cluster.write_state(true)?;
-    while !CANCEL.load(Ordering::SeqCst) && !cluster.all_stopped() {
-        while let Ok(ev) = cluster.events.try_recv() {
-            report_event(&ev);
+    cluster.own(None, &CANCEL, &mut |ev| {
+        if let UpEvent::Machine(ev) = ev {
+            report_event(ev);
         }
-        if cluster.serve_control(&CANCEL, &mut |ev| {
-            if let Some(ev) = ev {
-                report_event(ev);
-            }
-        }) {
-            let _ = drydock_vm::write_json(&path, &cluster.plan);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cluster.stop();
+    });
     eprintln!("drydock: cluster {} stopped", plan.name);
     Ok(Outcome::Success)
 }
@@ -632,7 +480,7 @@ pub fn exec_vm(
 /// `logs`: the machines' timed console logs, merged in time order.
 pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(&a.cluster)?;
-    let path = plan_file(ctx, &name);
+    let path = drydock_vm::up_plan_file(&ctx.state_dir, &name);
     let bytes = drydock_gc::read_regular(
         &path,
         drydock_gc::Links::Refuse,

@@ -43,7 +43,12 @@ pub use cluster::reload::{
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineEvent, RunningCluster,
     ShellOptions, cluster_machine, cluster_paths, exec_remote, merge_timed, parse_timed,
-    shell_remote, timed_log, up as cluster_up, up_machine,
+    refuse_cluster_machine, shell_remote, timed_log, up as cluster_up, up_machine,
+};
+pub use cluster::session::{
+    Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest, WatchEnd,
+    Watching, narrow as narrow_cluster_plan, prepare as prepare_cluster, reload_cycle,
+    up_plan_file, watch_reloads,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use cluster::watch::{Debounce, WatchError, Watcher};

@@ -40,18 +40,6 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
     }
 }
 
-/// A machine of an up cluster is its owner's to stop or relaunch (the owner holds its networks,
-/// backdoor and store server): `what` on it is bad input that says what to do instead.
-pub(crate) fn refuse_cluster_machine(ctx: &Context, name: &str, what: &str) -> anyhow::Result<()> {
-    if let Some(c) = drydock_vm::cluster_machine(&ctx.state_dir, name) {
-        return Err(bad_input(format!(
-            "{name} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {name}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
-            c.machine, c.cluster, c.owner_pid, c.cluster
-        )));
-    }
-    Ok(())
-}
-
 fn vm_paths(ctx: &Context, name: &str) -> anyhow::Result<VmPaths> {
     drydock_vm::validate_name(name).map_err(|e| bad_input(e.to_string()))?;
     Ok(VmPaths::in_state_dir(&ctx.state_dir, name))
@@ -471,7 +459,7 @@ fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result
 }
 
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
-    refuse_cluster_machine(ctx, &a.name, "stop")?;
+    drydock_vm::refuse_cluster_machine(&ctx.state_dir, &a.name, "stop")?;
     let paths = vm_paths(ctx, &a.name)?;
     if !paths.dir.is_dir() {
         return Err(bad_input(format!(

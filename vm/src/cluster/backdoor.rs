@@ -31,8 +31,8 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -232,7 +232,47 @@ impl Conn {
 /// A guest's backdoor shell. Calls queue: one runs at a time.
 #[derive(Debug)]
 pub struct Backdoor {
-    conn: Mutex<Conn>,
+    /// The connection; `None` while a call or a session has it.
+    conn: Mutex<Option<Conn>>,
+    /// Signalled each time the connection is given back.
+    returned: Condvar,
+}
+
+/// The connection, lent to one call or session; given back (and the next waiter woken) when
+/// dropped, a panic's unwinding included.
+struct Lease<'a> {
+    owner: &'a Backdoor,
+    conn: Option<Conn>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a lease holds the connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds the connection until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            *self
+                .owner
+                .conn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(c);
+            self.owner.returned.notify_one();
+        }
+    }
 }
 
 impl Backdoor {
@@ -261,7 +301,8 @@ impl Backdoor {
             match conn.line(step)? {
                 Some(l) if l.trim_end().ends_with(READY_LINE) => {
                     return Ok(Self {
-                        conn: Mutex::new(conn),
+                        conn: Mutex::new(Some(conn)),
+                        returned: Condvar::new(),
                     });
                 }
                 Some(l) => seen(l.trim_end()),
@@ -307,31 +348,27 @@ impl Backdoor {
         result
     }
 
+    /// The connection, waiting at most `within` for the call or session before us.
+    fn lock_within(&self, within: Duration) -> Result<Lease<'_>, BackdoorError> {
+        let free = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut free, _) = self
+            .returned
+            .wait_timeout_while(free, within, |c| c.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        match free.take() {
+            Some(conn) => Ok(Lease {
+                owner: self,
+                conn: Some(conn),
+            }),
+            None => Err(BackdoorError::Busy(within)),
+        }
+    }
+
     /// An interactive session: run `sh -i` (prompt `prompt`) on the console and relay bytes
     /// between it and `client` until that shell exits. When the client leaves (EOF), the shell
     /// is told to `exit`; input that arrives after it exited is drained, never run by the
     /// backdoor's own shell. If a command still runs there, the session ends when it does;
     /// calls wait for that, each within its own deadline.
-    /// The connection, waiting at most `within` for the call or session before us.
-    fn lock_within(
-        &self,
-        within: Duration,
-    ) -> Result<std::sync::MutexGuard<'_, Conn>, BackdoorError> {
-        let deadline = Instant::now() + within;
-        loop {
-            match self.conn.try_lock() {
-                Ok(c) => return Ok(c),
-                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    return Err(BackdoorError::Busy(within));
-                }
-            }
-        }
-    }
-
     /// `started` runs once the session's shell is there, before any of its bytes are relayed.
     pub fn shell(
         &self,

@@ -7,6 +7,7 @@
 //! `control` starts a detached cluster's owner and stops it (`down`). Hot reload: `reload` plans
 //! it (pure: which machines keep, switch, restart, come or go) and `apply` carries it out in the
 //! owner, asked over the cluster's control socket; `watch` waits for edits of a composition.
+//! `session` is what one `up` does with them: prepare, reload cycles, the owner's loop.
 
 pub(crate) mod apply;
 pub(crate) mod backdoor;
@@ -16,6 +17,7 @@ pub(crate) mod eval;
 pub(crate) mod hub;
 pub(crate) mod reload;
 pub(crate) mod run;
+pub(crate) mod session;
 pub(crate) mod wait;
 pub(crate) mod watch;
 

@@ -71,13 +71,21 @@ pub enum ClusterError {
     NotReady { after: Duration, log: String },
     #[error("cannot clean up after the cluster's dead owner")]
     Reap(#[source] Box<crate::owner::OwnerError>),
+    #[error(
+        "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
+        machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster
+    )]
+    OwnedByCluster {
+        machine: ClusterMachine,
+        what: &'static str,
+    },
 }
 
 impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. }
+            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. } | Self::OwnedByCluster { .. }
         )
     }
 }
@@ -164,6 +172,19 @@ pub fn cluster_machine(state_dir: &Path, vm: &str) -> Option<ClusterMachine> {
     let state = ClusterState::read_up(state_dir, cluster)?;
     let m = state.plan.machines.iter().find(|m| m.vm_name == vm)?;
     Some(ClusterMachine::of(&state, m))
+}
+
+/// `vm stop`, `vm snapshot`, `vm restore` (`what`) act on a VM's own supervisor: refused, as
+/// bad input, for a machine of a cluster that is up (see [`cluster_machine`]).
+pub fn refuse_cluster_machine(
+    state_dir: &Path,
+    vm: &str,
+    what: &'static str,
+) -> Result<(), ClusterError> {
+    match cluster_machine(state_dir, vm) {
+        Some(machine) => Err(ClusterError::OwnedByCluster { machine, what }),
+        None => Ok(()),
+    }
 }
 
 /// The machine `machine` of the cluster `cluster`, which must be up: bad input otherwise.

@@ -1,0 +1,671 @@
+//! What one `drydock up` does with a composition, above the pieces: [`prepare`] (evaluate, plan,
+//! the one tracked build), [`reload_cycle`] (a hot reload against the cluster's owner: this
+//! process, or another one over its control socket), [`watch_reloads`] (a reload per edit of a
+//! cluster another process owns) and [`RunningCluster::own`] (the owner's loop: machine events,
+//! control requests, watched edits, until it is stopped). What they have to say reaches the
+//! caller as [`UpEvent`]s; the caller prints them. The planning inside is pure ([`narrow`] here,
+//! `reload` and `compose`); the effects are the modules' below.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use drydock_gc::{GcError, RunsDb, StoreLayout};
+use serde::Serialize;
+
+use super::apply::{ControlOp, ControlRequest, ReloadError, request};
+use super::compose::{ClusterPlan, ComposeError, plan_cluster};
+use super::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
+use super::reload::{Action, MachineOutcome, PlannedAction, all_done};
+use super::run::{ClusterError, ClusterState, MachineEvent, RunningCluster, cluster_paths};
+use super::watch::{Debounce, WatchError, Watcher};
+use crate::launch::{ConsoleTail, LaunchError, write_json};
+use crate::plan::VmPaths;
+
+/// How long a change must be followed by quiet before it is applied (an editor's burst).
+const QUIET: Duration = Duration::from_millis(300);
+/// How long a remote owner may take to plan.
+const PLAN_DEADLINE: Duration = Duration::from_secs(300);
+/// A remote owner waits up to the ready timeout for booting machines; this is its margin.
+const APPLY_MARGIN: Duration = Duration::from_secs(600);
+/// How often the loops here look at their sockets, watches and flags.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Why an `up` (or a reload) could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Compose(#[from] ComposeError),
+    #[error(transparent)]
+    Runs(#[from] GcError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Write(#[from] LaunchError),
+    #[error("the thread asking the cluster's owner to apply the reload panicked")]
+    Panicked,
+}
+
+impl SessionError {
+    /// A composition, machine name or request that is wrong: exit 2.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Eval(e) => e.is_bad_input(),
+            Self::Compose(e) => e.is_bad_input(),
+            Self::Runs(e) => e.is_bad_input(),
+            Self::Reload(e) => e.is_bad_input(),
+            Self::Cluster(e) => e.is_bad_input(),
+            Self::Write(e) => e.is_bad_input(),
+            Self::Watch(_) | Self::Panicked => false,
+        }
+    }
+
+    /// Ctrl-C ended the build: exit 130.
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            Self::Runs(e) => e.is_interrupted(),
+            Self::Eval(EvalError::Track(e)) => e.is_interrupted(),
+            Self::Cluster(ClusterError::Interrupted) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What `up` asks of a composition.
+#[derive(Debug, Clone)]
+pub struct UpRequest {
+    /// The composition (`drydock.nix`).
+    pub file: PathBuf,
+    /// The cluster's name.
+    pub name: String,
+    /// Only these machines are built and planned anew (all when empty); the others keep the
+    /// running cluster's plan.
+    pub machines: Vec<String>,
+    /// Machines the caller names otherwise (`--hide`, `--show`): each must exist.
+    pub mentioned: Vec<String>,
+    /// Restart instead of switching.
+    pub restart: bool,
+    /// Plan, and stop there.
+    pub dry_run: bool,
+    /// How long a booting machine may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+/// The one tracked build of a `prepare`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Built {
+    pub systems: usize,
+    pub secs: f64,
+    pub run_id: i64,
+    pub paths_recorded: usize,
+}
+
+/// A composition, evaluated, planned and built.
+#[derive(Debug)]
+pub struct Prepared {
+    pub plan: ClusterPlan,
+    pub evaluate: Duration,
+    pub build: Duration,
+    /// Absent when no machine needed a build (systems given as store paths).
+    pub built: Option<Built>,
+}
+
+/// Something an `up` has to say while it works.
+#[derive(Debug)]
+pub enum UpEvent<'a> {
+    /// Nothing happened for a while (every 50 ms): time to echo consoles.
+    Tick,
+    /// A machine became ready, failed or stopped.
+    Machine(&'a MachineEvent),
+    /// The systems were built.
+    Built(&'a Built),
+    /// A reload's plan, before anything changes.
+    Planned {
+        cluster: &'a str,
+        machines: &'a [MachineOutcome],
+    },
+    /// A reload found every machine unchanged.
+    NothingToDo,
+    /// A line a changed machine printed while another process's owner applied the reload.
+    Console { machine: &'a str, line: &'a str },
+    /// Watched files changed (those still there, or all of them if none is).
+    Changed(&'a [PathBuf]),
+    /// A watched reload ended; with an error, nothing changed.
+    Reloaded(&'a Result<ReloadReport, SessionError>),
+    /// The cluster's machines changed (a reload, a restart asked for).
+    PlanChanged(&'a ClusterPlan),
+}
+
+/// What one reload did, as printed (text) or as `--json`.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub cluster: String,
+    pub dry_run: bool,
+    pub evaluate_secs: f64,
+    pub build_secs: f64,
+    pub plan_secs: f64,
+    /// Absent when nothing was applied (`--dry-run`, or nothing to do).
+    pub apply_secs: Option<f64>,
+    pub machines: Vec<MachineOutcome>,
+    /// Every action that ran went well.
+    pub ok: bool,
+}
+
+impl ReloadReport {
+    /// `up --dry-run` of a cluster that is not up: every machine would be created.
+    pub fn fresh(plan: &ClusterPlan) -> Self {
+        let machines = plan
+            .machines
+            .iter()
+            .map(|m| {
+                MachineOutcome::planned(PlannedAction {
+                    machine: m.machine.clone(),
+                    action: Action::Create,
+                    why: "the cluster is not up".into(),
+                    from: None,
+                    to: Some(m.settings.system.target().to_string()),
+                })
+            })
+            .collect();
+        Self {
+            cluster: plan.name.clone(),
+            dry_run: true,
+            evaluate_secs: 0.0,
+            build_secs: 0.0,
+            plan_secs: 0.0,
+            apply_secs: None,
+            machines,
+            ok: true,
+        }
+    }
+}
+
+/// Where a cluster's plan is kept for its owner and for `logs` (`clusters/NAME/up.json`).
+pub fn up_plan_file(state_dir: &Path, name: &str) -> PathBuf {
+    cluster_paths(state_dir, name).dir.join("up.json")
+}
+
+/// `plan` narrowed to the machines `only` (every machine when empty): the others keep their
+/// plan in `running`, or are left out when nothing runs them. The VLANs are those left in use.
+pub fn narrow(plan: ClusterPlan, only: &[String], running: Option<&ClusterPlan>) -> ClusterPlan {
+    if only.is_empty() {
+        return plan;
+    }
+    let machines: Vec<_> = plan
+        .machines
+        .iter()
+        .filter_map(|m| match only.contains(&m.machine) {
+            true => Some(m.clone()),
+            false => running.and_then(|r| r.machine(&m.machine).cloned()),
+        })
+        .collect();
+    let mut vlans: Vec<u8> = machines
+        .iter()
+        .flat_map(|m| m.settings.vlans.clone())
+        .collect();
+    vlans.sort_unstable();
+    vlans.dedup();
+    ClusterPlan {
+        machines,
+        vlans,
+        ..plan
+    }
+}
+
+/// Evaluate the composition, plan the cluster and build its systems (one tracked run, named
+/// `cluster NAME`). With `running` (a hot reload), machines the request leaves out keep their
+/// running plan. The build's outputs stay rooted beside the cluster's files until
+/// [`release_build_roots`] (the caller's, once the machines pin them).
+pub fn prepare(
+    layout: &StoreLayout,
+    state_dir: &Path,
+    req: &UpRequest,
+    running: Option<&ClusterPlan>,
+    cancel: &AtomicBool,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<Prepared, SessionError> {
+    let t = Instant::now();
+    let composition = evaluate(layout, &req.file)?;
+    let planned = plan_cluster(&req.name, &composition)?;
+    let evaluate = t.elapsed();
+    if let Some(m) = req
+        .machines
+        .iter()
+        .chain(&req.mentioned)
+        .find(|m| !composition.machines.contains_key(*m))
+    {
+        return Err(ComposeError::NoSuchMachine {
+            file: composition.file.clone(),
+            name: m.clone(),
+        }
+        .into());
+    }
+    let plan = narrow(planned, &req.machines, running);
+    let names: Vec<&str> = plan
+        .machines
+        .iter()
+        .filter(|m| req.machines.is_empty() || req.machines.contains(&m.machine))
+        .map(|m| m.machine.as_str())
+        .collect();
+    let runs = RunsDb::open(state_dir).map_err(GcError::from)?;
+    let t = Instant::now();
+    let report = build(
+        layout,
+        &runs,
+        &composition,
+        &names,
+        &format!("cluster {}", req.name),
+        &cluster_paths(state_dir, &req.name).dir,
+        cancel,
+    )?;
+    let build_took = t.elapsed();
+    let built = report.map(|r| Built {
+        systems: names.len(),
+        secs: build_took.as_secs_f64(),
+        run_id: r.run_id,
+        paths_recorded: r.claimed.len(),
+    });
+    if let Some(b) = &built {
+        on(UpEvent::Built(b));
+    }
+    check_systems(layout, &composition, &names)?;
+    Ok(Prepared {
+        plan,
+        evaluate,
+        build: build_took,
+        built,
+    })
+}
+
+/// Who applies a reload: this process's own cluster, or the owner of a cluster that is up.
+#[derive(Debug)]
+pub enum ReloadOwner<'a> {
+    Local(&'a mut RunningCluster),
+    Remote { state_dir: PathBuf, name: String },
+}
+
+impl ReloadOwner<'_> {
+    /// The plan the cluster runs now.
+    fn running(&self) -> Result<ClusterPlan, SessionError> {
+        match self {
+            Self::Local(c) => Ok(c.plan.clone()),
+            Self::Remote { state_dir, name } => ClusterState::read(state_dir, name)
+                .map(|s| s.plan)
+                .ok_or_else(|| ReloadError::NotUp(name.clone()).into()),
+        }
+    }
+
+    fn request(op: ControlOp, new: &ClusterPlan, restart: bool) -> ControlRequest {
+        ControlRequest {
+            op,
+            plan: new.clone(),
+            restart,
+            restart_machines: Vec::new(),
+        }
+    }
+
+    fn plan(&self, new: &ClusterPlan, restart: bool) -> Result<Vec<MachineOutcome>, SessionError> {
+        Ok(match self {
+            Self::Local(c) => c
+                .plan_reload(new, restart, &[])?
+                .into_iter()
+                .map(MachineOutcome::planned)
+                .collect(),
+            Self::Remote { state_dir, name } => request(
+                state_dir,
+                name,
+                &Self::request(ControlOp::Plan, new, restart),
+                PLAN_DEADLINE,
+            )?,
+        })
+    }
+
+    fn apply(
+        &mut self,
+        new: &ClusterPlan,
+        req: &UpRequest,
+        planned: &[MachineOutcome],
+        cancel: &AtomicBool,
+        on: &mut dyn FnMut(UpEvent<'_>),
+    ) -> Result<Vec<MachineOutcome>, SessionError> {
+        match self {
+            Self::Local(c) => Ok(c.apply_reload(new, req.restart, &[], cancel, &mut |ev| {
+                on(ev.map_or(UpEvent::Tick, UpEvent::Machine))
+            })?),
+            Self::Remote { state_dir, name } => {
+                apply_remote(state_dir, name, new, req, planned, on)
+            }
+        }
+    }
+}
+
+/// Tails of the consoles of the machines a reload changes, from their current end.
+fn changed_tails(
+    state_dir: &Path,
+    name: &str,
+    machines: &[MachineOutcome],
+) -> BTreeMap<String, ConsoleTail> {
+    machines
+        .iter()
+        .filter(|m| !matches!(m.planned.action, Action::Keep | Action::Remove))
+        .map(|m| {
+            let vm = format!("{name}.{}", m.planned.machine);
+            let mut t = ConsoleTail::new(VmPaths::in_state_dir(state_dir, &vm).console_log());
+            let _ = t.lines();
+            (m.planned.machine.clone(), t)
+        })
+        .collect()
+}
+
+/// Ask the remote owner to apply, passing the changed machines' console lines on meanwhile.
+fn apply_remote(
+    state_dir: &Path,
+    name: &str,
+    new: &ClusterPlan,
+    req: &UpRequest,
+    planned: &[MachineOutcome],
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<Vec<MachineOutcome>, SessionError> {
+    let mut tails = changed_tails(state_dir, name, planned);
+    let call = ReloadOwner::request(ControlOp::Apply, new, req.restart);
+    let deadline = req.ready_timeout + APPLY_MARGIN;
+    let (sd, n) = (state_dir.to_path_buf(), name.to_string());
+    let call = std::thread::spawn(move || request(&sd, &n, &call, deadline));
+    let mut echo = |tails: &mut BTreeMap<String, ConsoleTail>| {
+        for (m, t) in tails.iter_mut() {
+            for line in t.lines() {
+                on(UpEvent::Console {
+                    machine: m,
+                    line: &line,
+                });
+            }
+        }
+    };
+    while !call.is_finished() {
+        echo(&mut tails);
+        std::thread::sleep(TICK);
+    }
+    echo(&mut tails);
+    Ok(call.join().map_err(|_| SessionError::Panicked)??)
+}
+
+/// One hot reload: evaluate, build, plan (reported as [`UpEvent::Planned`] before anything
+/// changes), apply (unless `dry_run`). Afterwards the build's roots are released (the runs pin
+/// the new systems) and `up.json` names the cluster's machines as they now are.
+pub fn reload_cycle(
+    layout: &StoreLayout,
+    state_dir: &Path,
+    req: &UpRequest,
+    owner: &mut ReloadOwner<'_>,
+    cancel: &AtomicBool,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<ReloadReport, SessionError> {
+    let running = owner.running()?;
+    let prepared = prepare(layout, state_dir, req, Some(&running), cancel, on)?;
+    let new = prepared.plan;
+    let t = Instant::now();
+    let planned = owner.plan(&new, req.restart)?;
+    let mut report = ReloadReport {
+        cluster: req.name.clone(),
+        dry_run: req.dry_run,
+        evaluate_secs: prepared.evaluate.as_secs_f64(),
+        build_secs: prepared.build.as_secs_f64(),
+        plan_secs: t.elapsed().as_secs_f64(),
+        apply_secs: None,
+        machines: planned,
+        ok: true,
+    };
+    if req.dry_run {
+        return Ok(report);
+    }
+    on(UpEvent::Planned {
+        cluster: &req.name,
+        machines: &report.machines,
+    });
+    if report
+        .machines
+        .iter()
+        .all(|m| m.planned.action == Action::Keep)
+    {
+        on(UpEvent::NothingToDo);
+        return Ok(report);
+    }
+    let t = Instant::now();
+    let outcomes = owner.apply(&new, req, &report.machines, cancel, on);
+    // The switched and booted machines' runs pin their new systems now.
+    release_build_roots(&cluster_paths(state_dir, &req.name).dir);
+    let outcomes = outcomes?;
+    report.apply_secs = Some(t.elapsed().as_secs_f64());
+    report.ok = all_done(&outcomes);
+    report.machines = outcomes;
+    if let Ok(now) = owner.running() {
+        write_json(&up_plan_file(state_dir, &req.name), &now)?;
+    }
+    Ok(report)
+}
+
+/// The composition's directory, watched, and the burst of changes being collected.
+#[derive(Debug)]
+pub struct Watching {
+    pub dir: PathBuf,
+    watcher: Watcher,
+    debounce: Debounce,
+}
+
+impl Watching {
+    /// Watch the directory of the composition `file` (and below it).
+    pub fn new(file: &Path) -> Result<Self, WatchError> {
+        let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        let dir = abs
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(Self {
+            watcher: Watcher::new(&dir)?,
+            dir,
+            debounce: Debounce::default(),
+        })
+    }
+
+    /// The changed paths, once a burst of changes is over; never blocks.
+    fn due(&mut self) -> Option<Vec<PathBuf>> {
+        match self.watcher.poll() {
+            Ok(paths) => self.debounce.push(paths, Instant::now()),
+            Err(e) => tracing::warn!("{}", crate::error_chain(&e)),
+        }
+        self.debounce.take(Instant::now(), QUIET)
+    }
+
+    /// A burst of edits is over: report it, then reload.
+    fn reload_if_due(
+        &mut self,
+        layout: &StoreLayout,
+        state_dir: &Path,
+        req: &UpRequest,
+        owner: &mut ReloadOwner<'_>,
+        cancel: &AtomicBool,
+        on: &mut dyn FnMut(UpEvent<'_>),
+    ) -> bool {
+        let Some(changed) = self.due() else {
+            return false;
+        };
+        // An editor's or sed's temporary file, gone again, is not worth naming.
+        let there: Vec<PathBuf> = changed.iter().filter(|p| p.exists()).cloned().collect();
+        on(UpEvent::Changed(if there.is_empty() {
+            &changed
+        } else {
+            &there
+        }));
+        let r = reload_cycle(layout, state_dir, req, owner, cancel, on);
+        on(UpEvent::Reloaded(&r));
+        true
+    }
+}
+
+/// How [`watch_reloads`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The cluster went down.
+    Down,
+    /// `cancel` was set.
+    Interrupted,
+}
+
+/// `up --watch` on a cluster another process owns: one reload now, then one per burst of edits
+/// (each reported as [`UpEvent::Reloaded`]), until the cluster is down or `cancel`.
+pub fn watch_reloads(
+    layout: &StoreLayout,
+    state_dir: &Path,
+    req: &UpRequest,
+    watching: &mut Watching,
+    cancel: &AtomicBool,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> WatchEnd {
+    let mut owner = ReloadOwner::Remote {
+        state_dir: state_dir.to_path_buf(),
+        name: req.name.clone(),
+    };
+    let r = reload_cycle(layout, state_dir, req, &mut owner, cancel, on);
+    on(UpEvent::Reloaded(&r));
+    while !cancel.load(Ordering::SeqCst) {
+        if ClusterState::read_up(state_dir, &req.name).is_none() {
+            return WatchEnd::Down;
+        }
+        watching.reload_if_due(layout, state_dir, req, &mut owner, cancel, on);
+        std::thread::sleep(TICK);
+    }
+    WatchEnd::Interrupted
+}
+
+impl RunningCluster {
+    /// Own the cluster until `cancel` or until every machine stopped: report machine events,
+    /// answer control requests (a second `up`, `vm restart`), and with `watch` reload on each
+    /// burst of edits; `up.json` follows every change. Everything is stopped before it returns.
+    pub fn own(
+        &mut self,
+        mut watch: Option<(&mut Watching, &UpRequest)>,
+        cancel: &AtomicBool,
+        on: &mut dyn FnMut(UpEvent<'_>),
+    ) {
+        let (state_dir, layout) = (self.state_dir.clone(), self.opts.layout.clone());
+        let plan_file = up_plan_file(&state_dir, &self.plan.name);
+        while !cancel.load(Ordering::SeqCst) && !self.all_stopped() {
+            on(UpEvent::Tick);
+            while let Ok(ev) = self.events.try_recv() {
+                on(UpEvent::Machine(&ev));
+            }
+            let mut changed = self.serve_control(cancel, &mut |ev| {
+                on(ev.map_or(UpEvent::Tick, UpEvent::Machine))
+            });
+            if let Some((w, req)) = watch.as_mut() {
+                let mut owner = ReloadOwner::Local(self);
+                changed |= w.reload_if_due(&layout, &state_dir, req, &mut owner, cancel, on);
+            }
+            if changed {
+                let _ = write_json(&plan_file, &self.plan);
+                on(UpEvent::PlanChanged(&self.plan));
+            }
+            std::thread::sleep(TICK);
+        }
+        self.stop();
+        on(UpEvent::Tick);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::compose::{Composition, MachineSettings, SystemRef};
+
+    fn composition(machines: &[(&str, &[u8])]) -> Composition {
+        Composition {
+            file: PathBuf::from("/c/drydock.nix"),
+            machines: machines
+                .iter()
+                .map(|(n, vlans)| {
+                    (
+                        n.to_string(),
+                        MachineSettings {
+                            system: SystemRef::Path {
+                                path: format!("/nix/store/{:0>32}-{n}", 0),
+                            },
+                            memory_mib: 256,
+                            cores: 1,
+                            disk_mib: 1024,
+                            vlans: vlans.to_vec(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn names(p: &ClusterPlan) -> Vec<&str> {
+        p.machines.iter().map(|m| m.machine.as_str()).collect()
+    }
+
+    #[test]
+    fn narrowing_keeps_the_running_plan_of_machines_left_out() {
+        let running = plan_cluster("c", &composition(&[("a", &[1]), ("b", &[1, 2])])).unwrap();
+        let new = || {
+            plan_cluster(
+                "c",
+                &composition(&[("a", &[1]), ("b", &[1, 2]), ("z", &[3])]),
+            )
+            .unwrap()
+        };
+        // (only, running?) → machines, vlans
+        type Case<'a> = (&'a [&'a str], bool, &'a [&'a str], &'a [u8]);
+        let cases: [Case; 5] = [
+            (&[], true, &["a", "b", "z"], &[1, 2, 3]),
+            (&[], false, &["a", "b", "z"], &[1, 2, 3]),
+            (&["z"], true, &["a", "b", "z"], &[1, 2, 3]),
+            (&["z"], false, &["z"], &[3]),
+            (&["a"], true, &["a", "b"], &[1, 2]),
+        ];
+        for (only, with_running, want, vlans) in cases {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            let got = narrow(new(), &only, with_running.then_some(&running));
+            assert_eq!(names(&got), want, "{only:?} {with_running}");
+            assert_eq!(got.vlans, vlans, "{only:?} {with_running}");
+        }
+        // A machine left out keeps what it runs, not the new plan's settings.
+        let mut changed = new();
+        changed.machines[1].settings.memory_mib = 1024;
+        let got = narrow(changed, &["a".into()], Some(&running));
+        assert_eq!(got.machine("b").unwrap().settings.memory_mib, 256);
+    }
+
+    #[test]
+    fn a_fresh_dry_run_creates_every_machine() {
+        let plan = plan_cluster("c", &composition(&[("a", &[1]), ("b", &[])])).unwrap();
+        let r = ReloadReport::fresh(&plan);
+        assert!(r.dry_run && r.ok && r.apply_secs.is_none());
+        assert_eq!(r.machines.len(), 2);
+        assert!(
+            r.machines
+                .iter()
+                .all(|m| m.planned.action == Action::Create && m.planned.from.is_none())
+        );
+    }
+
+    #[test]
+    fn errors_keep_their_exit_class() {
+        let e: SessionError = ClusterError::Interrupted.into();
+        assert!(e.is_interrupted() && !e.is_bad_input());
+        let e: SessionError = ComposeError::NoSuchMachine {
+            file: "/c/drydock.nix".into(),
+            name: "x".into(),
+        }
+        .into();
+        assert!(e.is_bad_input() && !e.is_interrupted());
+        assert!(e.to_string().contains("/c/drydock.nix"), "{e}");
+    }
+}
