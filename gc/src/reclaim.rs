@@ -3,10 +3,9 @@
 //! refuses is reported, never forced. Besides that: drydock's own pin links and VM artifacts
 //! inside the state directory.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::nixdb::{NixDb, NixDbError};
 use crate::store_path::{StoreLayout, StorePath};
@@ -59,35 +58,11 @@ fn nix_store_delete(
     cmd.args(layout.nix_args()).arg("--delete");
     cmd.args(paths.iter().map(|p| layout.logical(p)));
     tracing::debug!("running nix-store --delete on {} paths", paths.len());
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(ReclaimError::Spawn)?;
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut text);
-        }
-        text
-    });
     // Waiting for Nix's GC lock is expected; waiting for ever is not.
-    let deadline = Instant::now() + DELETE_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(ReclaimError::Spawn)? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(ReclaimError::Timeout(DELETE_DEADLINE));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let stderr = reader.join().unwrap_or_default();
-    Ok((status.success(), stderr))
+    match crate::track::run_nix(cmd, DELETE_DEADLINE).map_err(ReclaimError::Spawn)? {
+        Some((status, stderr)) => Ok((status.success(), stderr)),
+        None => Err(ReclaimError::Timeout(DELETE_DEADLINE)),
+    }
 }
 
 /// How long one batch's `nix-store --delete` may take.

@@ -388,44 +388,57 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
         return Ok(());
     }
     tracing::info!("creating the Nix store at {}", root.display());
-    let mut child = Command::new("nix-store")
-        .arg("--store")
-        .arg(root)
-        .arg("--init")
+    let mut cmd = Command::new("nix-store");
+    cmd.args(layout.nix_args()).arg("--init");
+    match run_nix(cmd, INIT_DEADLINE) {
+        Err(source) => Err(TrackError::Spawn {
+            program: "nix-store".into(),
+            source,
+        }),
+        Ok(None) => Err(TrackError::InitFailed {
+            root: root.clone(),
+            message: format!("no answer within {INIT_DEADLINE:?}"),
+        }),
+        Ok(Some((status, _))) if status.success() => Ok(()),
+        Ok(Some((_, stderr))) => Err(TrackError::InitFailed {
+            root: root.clone(),
+            message: stderr.trim().to_string(),
+        }),
+    }
+}
+
+/// Run the Nix command `cmd` (no input, stdout dropped) until it exits or `deadline` passes,
+/// when it is killed: its status and what it printed on stderr, or `None` if it was late.
+pub(crate) fn run_nix(
+    mut cmd: Command,
+    deadline: Duration,
+) -> std::io::Result<Option<(std::process::ExitStatus, String)>> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| TrackError::Spawn {
-            program: "nix-store".into(),
-            source,
-        })?;
+        .spawn()?;
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = std::io::Read::read_to_string(e, &mut text);
+        }
+        text
+    });
     let start = Instant::now();
     let status = loop {
-        if let Some(st) = child.try_wait().map_err(init)? {
-            break st;
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
-        if start.elapsed() >= INIT_DEADLINE {
+        if start.elapsed() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(TrackError::InitFailed {
-                root: root.clone(),
-                message: format!("no answer within {INIT_DEADLINE:?}"),
-            });
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    if !status.success() {
-        let mut message = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut message);
-        }
-        return Err(TrackError::InitFailed {
-            root: root.clone(),
-            message: message.trim().to_string(),
-        });
-    }
-    Ok(())
+    Ok(Some((status, reader.join().unwrap_or_default())))
 }
 
 /// Where a tracked command's stdout is passed through to.
