@@ -4,7 +4,9 @@
 //! one pinned), a kernel parameter is a `restart`, an added and a removed machine are `create` and
 //! `remove` (the new one on the network, with the others), a `switch-to-configuration` that fails
 //! makes `up` exit 1 with the machine still answering, and under `--watch` a syntax error changes
-//! nothing while the next good edit applies. Nothing is left running (checked over /proc).
+//! nothing while the next good edit applies. A foreground `up --watch` owns its cluster: an edit
+//! switches its machine in place, its console is echoed, and Ctrl-C stops everything (exit 130).
+//! Nothing is left running (checked over /proc).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -66,9 +68,7 @@ in {{ machines = {{
 /// The reload test's own chroot store: the cluster tests run `gc --all` on theirs, which would
 /// collect this test's old systems before it looks at them.
 fn store() -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-reload-store");
-    std::fs::create_dir_all(&p).unwrap();
-    p
+    vmcommon::created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-reload-store"))
 }
 
 fn drydock(state: &Path) -> Command {
@@ -474,5 +474,88 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         .output()
         .unwrap();
     assert!(down.status.success(), "{}", text(&down.stderr));
+    wait_no_processes(&state, Duration::from_secs(30));
+}
+
+/// A one-machine composition whose service serves `www`.
+fn write_solo(file: &Path, www: &str) {
+    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
+    let text = format!(
+        r#"let
+  cache = "{cache}/guest";
+  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
+in {{ machines.solo = {{
+  system = (import {system} {{
+    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
+    initrd = cache + "/initrd"; inherit kernelVersion; www = "{www}";
+  }}).toplevel;
+  memorySize = 256;
+}}; }}
+"#,
+        cache = cache(),
+        system = system.display(),
+    );
+    std::fs::write(file, text).unwrap();
+}
+
+#[test]
+fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = dir.path().join("fw");
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("drydock.nix");
+    write_solo(&file, "solo v1");
+    let (out, err) = (dir.path().join("up.out"), dir.path().join("up.err"));
+    let mut up = drydock(&state)
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--watch", "--accel", "tcg", "--timeout", "300"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let _down = Down(state.clone(), file.clone());
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_until("the cluster is up", Duration::from_secs(300), || {
+        assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
+        read(&err).contains("Ctrl-C stops it")
+    });
+    assert_eq!(
+        stdout_of(&state, &file, "solo", "wget -qO- http://localhost/"),
+        "solo v1\n"
+    );
+    let before = pids(&state, &file);
+    write_solo(&file, "solo v2");
+    wait_until("the edit is applied", Duration::from_secs(180), || {
+        exec(&state, &file, "solo", "wget -qO- http://localhost/").stdout == b"solo v2\n"
+    });
+    wait_until("the reload is reported", Duration::from_secs(30), || {
+        read(&err).contains("reload applied")
+    });
+    let (o, e) = (read(&out), read(&err));
+    assert!(e.contains("changed: ") && e.contains("drydock.nix"), "{e}");
+    assert!(
+        o.contains("plan for cluster fw") && o.contains("switch") && o.contains("solo │ "),
+        "the plan and the echoed console on stdout: {o}"
+    );
+    assert_eq!(
+        pids(&state, &file),
+        before,
+        "switched in place, not restarted"
+    );
+    drydock_gc::send_signal(up.id(), libc::SIGINT).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{}", read(&err));
+    assert!(read(&err).contains("cluster fw stopped"), "{}", read(&err));
     wait_no_processes(&state, Duration::from_secs(30));
 }
