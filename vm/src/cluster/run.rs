@@ -69,6 +69,8 @@ pub enum ClusterError {
     DidNotStart { log: String },
     #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
     NotReady { after: Duration, log: String },
+    #[error("cannot record the cluster's state")]
+    Record(#[source] crate::launch::LaunchError),
     #[error("cannot clean up after the cluster's dead owner")]
     Reap(#[source] Box<crate::owner::OwnerError>),
     #[error(
@@ -137,10 +139,7 @@ impl ClusterState {
         let path = cluster_paths(state_dir, &self.name)
             .dir
             .join("cluster.json");
-        crate::launch::write_json(&path, self).map_err(|e| ClusterError::Files {
-            path,
-            source: std::io::Error::other(e.to_string()),
-        })
+        crate::launch::write_json(&path, self).map_err(ClusterError::Record)
     }
 }
 
@@ -407,7 +406,8 @@ impl RunningCluster {
         );
     }
 
-    /// Record this process as the cluster's owner (for `down`, `ps`, `exec`).
+    /// Record this process as the cluster's owner (`cluster.json`, for `down`, `ps`, `exec`)
+    /// and the machines it runs (`up.json`, which `logs` reads after `down` too).
     pub fn write_state(&self, ready: bool) -> Result<(), ClusterError> {
         let pid = std::process::id();
         ClusterState {
@@ -417,7 +417,9 @@ impl RunningCluster {
             ready,
             plan: self.plan.clone(),
         }
-        .write(&self.state_dir)
+        .write(&self.state_dir)?;
+        let up = super::session::up_plan_file(&self.state_dir, &self.plan.name);
+        crate::launch::write_json(&up, &self.plan).map_err(ClusterError::Record)
     }
 
     /// Whether every machine thread has ended (their VMs stopped).

@@ -20,7 +20,7 @@ use super::eval::{EvalError, build, check_systems, evaluate, release_build_roots
 use super::reload::{Action, MachineOutcome, PlannedAction, all_done};
 use super::run::{ClusterError, ClusterState, MachineEvent, RunningCluster, cluster_paths};
 use super::watch::{Debounce, WatchError, Watcher};
-use crate::launch::{ConsoleTail, LaunchError, write_json};
+use crate::launch::ConsoleTail;
 use crate::plan::VmPaths;
 
 /// How long a change must be followed by quiet before it is applied (an editor's burst).
@@ -47,8 +47,6 @@ pub enum SessionError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Watch(#[from] WatchError),
-    #[error(transparent)]
-    Write(#[from] LaunchError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
 }
@@ -62,7 +60,6 @@ impl SessionError {
             Self::Runs(e) => e.is_bad_input(),
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
-            Self::Write(e) => e.is_bad_input(),
             Self::Watch(_) | Self::Panicked => false,
         }
     }
@@ -398,7 +395,7 @@ fn apply_remote(
 
 /// One hot reload: evaluate, build, plan (reported as [`UpEvent::Planned`] before anything
 /// changes), apply (unless `dry_run`). Afterwards the build's roots are released (the runs pin
-/// the new systems) and `up.json` names the cluster's machines as they now are.
+/// the new systems); the owner has recorded the cluster as it now is.
 pub fn reload_cycle(
     layout: &StoreLayout,
     state_dir: &Path,
@@ -445,9 +442,6 @@ pub fn reload_cycle(
     report.apply_secs = Some(t.elapsed().as_secs_f64());
     report.ok = all_done(&outcomes);
     report.machines = outcomes;
-    if let Ok(now) = owner.running() {
-        write_json(&up_plan_file(state_dir, &req.name), &now)?;
-    }
     Ok(report)
 }
 
@@ -547,7 +541,7 @@ pub fn watch_reloads(
 impl RunningCluster {
     /// Own the cluster until `cancel` or until every machine stopped: report machine events,
     /// answer control requests (a second `up`, `vm restart`), and with `watch` reload on each
-    /// burst of edits; `up.json` follows every change. Everything is stopped before it returns.
+    /// burst of edits. Everything is stopped before it returns.
     pub fn own(
         &mut self,
         mut watch: Option<(&mut Watching, &UpRequest)>,
@@ -555,7 +549,6 @@ impl RunningCluster {
         on: &mut dyn FnMut(UpEvent<'_>),
     ) {
         let (state_dir, layout) = (self.state_dir.clone(), self.opts.layout.clone());
-        let plan_file = up_plan_file(&state_dir, &self.plan.name);
         while !cancel.load(Ordering::SeqCst) && !self.all_stopped() {
             on(UpEvent::Tick);
             while let Ok(ev) = self.events.try_recv() {
@@ -569,7 +562,6 @@ impl RunningCluster {
                 changed |= w.reload_if_due(&layout, &state_dir, req, &mut owner, cancel, on);
             }
             if changed {
-                let _ = write_json(&plan_file, &self.plan);
                 on(UpEvent::PlanChanged(&self.plan));
             }
             std::thread::sleep(TICK);
