@@ -12,49 +12,30 @@ use std::time::{Duration, Instant};
 
 use crate::vmcommon;
 use vmcommon::{
-    cluster_drydock, cluster_exec, cluster_store as store, cluster_up_detached,
-    guest_cache as cache, guest_ready, processes_mentioning, text, wait_no_processes, wait_until,
+    DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_ps, cluster_store as store,
+    cluster_up_detached, guest_ready, processes_mentioning, qemu_pids, text, wait_no_processes,
+    wait_until, write_composition,
 };
 
 /// A composition of the test system, in its own directory `dir/NAME/drydock.nix`.
 fn composition(dir: &Path, name: &str, machines: &str) -> PathBuf {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).unwrap();
-    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
-    let text = format!(
-        r#"let
-  cache = "{cache}/guest";
-  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
-  sys = (import {system} {{
-    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
-    initrd = cache + "/initrd"; inherit kernelVersion;
-  }}).toplevel;
-in {{ machines = {{ {machines} }}; }}
-"#,
-        cache = cache(),
-        system = system.display()
-    );
     let f = d.join("drydock.nix");
-    std::fs::write(&f, text).unwrap();
+    write_composition(&f, machines);
     f
 }
 
 fn ps_json(state: &Path, file: &Path) -> serde_json::Value {
-    let ps = drydock(state)
-        .args(["--json", "ps", "-f"])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
-    serde_json::from_slice(&ps.stdout).unwrap()
+    cluster_ps(&store(), state, file)
 }
 
 fn drydock(state: &Path) -> Command {
-    cluster_drydock(state)
+    cluster_drydock(&store(), state)
 }
 
 fn exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
-    cluster_exec(state, file, machine, timeout, cmd)
+    cluster_exec(&store(), state, file, machine, timeout, cmd)
 }
 
 #[test]
@@ -65,12 +46,17 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
     let file = composition(
         dir.path(),
         "net",
-        "alpha = { system = sys; memorySize = 256; };
-         beta = { system = sys; memorySize = 256; vlans = [ 1 2 ]; };
-         gamma = { system = sys; memorySize = 256; vlans = [ 2 ]; };",
+        "alpha = { system = sys { }; memorySize = 256; };
+         beta = { system = sys { }; memorySize = 256; vlans = [ 1 2 ]; };
+         gamma = { system = sys { }; memorySize = 256; vlans = [ 2 ]; };",
     );
     let t = Instant::now();
-    cluster_up_detached(&state, &file);
+    cluster_up_detached(&store(), &state, &file);
+    let _down = DownOnDrop {
+        store: store(),
+        state: state.clone(),
+        file: file.clone(),
+    };
     // The build's roots held the systems until the machines' runs pinned them, then went.
     let cdir = state.join("clusters/net");
     let left: Vec<_> = std::fs::read_dir(&cdir)
@@ -324,21 +310,16 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
 
     // A cluster machine is its owner's: `vm restart` restarts it in its cluster, on its
     // networks, and nothing else; `vm stop`/`snapshot` on it are bad input naming the cluster.
-    let before = ps_json(&state, &file);
-    let pid = |rows: &serde_json::Value, m: &str| {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == m)
-            .unwrap()["qemu_pid"]
-            .as_u64()
+    let before = qemu_pids(&store(), &state, &file);
+    let pid = |rows: &[(String, Option<u64>)], m: &str| {
+        rows.iter().find(|(name, _)| name == m).unwrap().1
     };
     let o = drydock(&state)
         .args(["vm", "restart", "net.gamma", "--timeout", "300"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "vm restart: {}", text(&o.stderr));
-    let after = ps_json(&state, &file);
+    let after = qemu_pids(&store(), &state, &file);
     assert_ne!(
         pid(&before, "gamma"),
         pid(&after, "gamma"),
@@ -400,14 +381,7 @@ fn machines_talk_by_name_on_their_vlans_only_and_exec_passes_everything_through(
         assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     }
 
-    let down = drydock(&state)
-        .arg("down")
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(down.status.success(), "{}", text(&down.stderr));
-    wait_no_processes(&state, Duration::from_secs(30));
+    cluster_down(&store(), &state, &file);
     let o = exec(&state, &file, "alpha", "5", "true");
     assert_eq!(
         o.status.code(),
@@ -424,7 +398,7 @@ fn ctrl_c_and_sigkill_leave_no_process() {
     let file = composition(
         dir.path(),
         "stop",
-        "one = { system = sys; memorySize = 256; }; two = { system = sys; memorySize = 256; };",
+        "one = { system = sys { }; memorySize = 256; }; two = { system = sys { }; memorySize = 256; };",
     );
     // Foreground: Ctrl-C once up stops everything and exits 130.
     let mut child = drydock(&state)
@@ -463,14 +437,7 @@ fn ctrl_c_and_sigkill_leave_no_process() {
     assert!(one_log.contains("DRYDOCK-READY"));
 
     // Detached, then the owner is SIGKILLed: its machines and store servers die with it.
-    let up = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
-        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", text(&up.stderr));
+    cluster_up_detached(&store(), &state, &file);
     let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
     let owner = st["owner_pid"].as_u64().unwrap() as u32;
     assert!(
@@ -480,13 +447,7 @@ fn ctrl_c_and_sigkill_leave_no_process() {
     drydock_gc::send_signal(owner, libc::SIGKILL).unwrap();
     wait_no_processes(&state, Duration::from_secs(10));
     // `down` afterwards cleans up the dead owner's entries.
-    let down = drydock(&state)
-        .arg("down")
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(down.status.success(), "{}", text(&down.stderr));
+    cluster_down(&store(), &state, &file);
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::vmcommon;
 use vmcommon::{
-    cluster_drydock_with, cluster_exec, cluster_up_detached_with, guest_cache as cache,
-    guest_ready, text, wait_no_processes, wait_until,
+    DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_up_detached, guest_ready,
+    qemu_pids, text, wait_no_processes, wait_until, write_composition,
 };
 
 /// The composition's variable parts.
@@ -35,34 +35,23 @@ const FIRST: Edit = Edit {
 };
 
 fn write(file: &Path, e: &Edit) {
-    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
     let zed = if e.zed {
         "zed = { system = sys { }; memorySize = 256; };"
     } else {
         ""
     };
-    let text = format!(
-        r#"let
-  cache = "{cache}/guest";
-  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
-  sys = args: (import {system} ({{
-    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
-    initrd = cache + "/initrd"; inherit kernelVersion;
-  }} // args)).toplevel;
-in {{ machines = {{
+    let machines = format!(
+        r#"
   alpha = {{ system = sys {{ www = "alpha v1"; }}; memorySize = 256; }};
   beta = {{ system = sys {{ www = "{bw}"; activation = "{ba}"; }}; memorySize = 256; }};
   gamma = {{ system = sys {{ www = "gamma v1"; kernelParams = "{gp}"; }}; memorySize = 256; }};
   {zed}
-}}; }}
 "#,
-        cache = cache(),
-        system = system.display(),
         bw = e.beta_www,
         ba = e.beta_activation,
         gp = e.gamma_params,
     );
-    std::fs::write(file, text).unwrap();
+    write_composition(file, &machines);
 }
 
 /// The reload test's own chroot store: the cluster tests run `gc --all` on theirs, which would
@@ -72,11 +61,11 @@ fn store() -> PathBuf {
 }
 
 fn drydock(state: &Path) -> Command {
-    cluster_drydock_with(&store(), state)
+    cluster_drydock(&store(), state)
 }
 
 fn exec(state: &Path, file: &Path, machine: &str, cmd: &str) -> Output {
-    cluster_exec(state, file, machine, "60", cmd)
+    cluster_exec(&store(), state, file, machine, "60", cmd)
 }
 
 fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
@@ -140,24 +129,8 @@ fn machine<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap()
 }
 
-/// Every running machine's QEMU pid, by `ps --json`.
 fn pids(state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
-    let o = drydock(state)
-        .args(["--json", "ps", "-f"])
-        .arg(file)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["machine"].as_str().unwrap().to_string(),
-                r["qemu_pid"].as_u64(),
-            )
-        })
-        .collect()
+    qemu_pids(&store(), state, file)
 }
 
 fn uptime(state: &Path, file: &Path, m: &str) -> f64 {
@@ -181,11 +154,11 @@ fn collectable(state: &Path) -> Vec<String> {
 }
 
 /// Takes the cluster down when the test ends, passed or not.
-struct Down(PathBuf, PathBuf);
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = drydock(&self.0).arg("down").arg("-f").arg(&self.1).output();
+fn down_on_drop(state: &Path, file: &Path) -> DownOnDrop {
+    DownOnDrop {
+        store: store(),
+        state: state.to_path_buf(),
+        file: file.to_path_buf(),
     }
 }
 
@@ -198,8 +171,8 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     std::fs::create_dir_all(&d).unwrap();
     let file = d.join("drydock.nix");
     write(&file, &FIRST);
-    let _down = Down(state.clone(), file.clone());
-    cluster_up_detached_with(&store(), &state, &file);
+    let _down = down_on_drop(&state, &file);
+    cluster_up_detached(&store(), &state, &file);
     let before = pids(&state, &file);
     assert_eq!(before.len(), 3);
     let up0: Vec<f64> = ["alpha", "beta", "gamma"]
@@ -467,35 +440,15 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         "the cluster stays up after the watch"
     );
 
-    let down = drydock(&state)
-        .arg("down")
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(down.status.success(), "{}", text(&down.stderr));
-    wait_no_processes(&state, Duration::from_secs(30));
+    cluster_down(&store(), &state, &file);
 }
 
 /// A one-machine composition whose service serves `www`.
 fn write_solo(file: &Path, www: &str) {
-    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
-    let text = format!(
-        r#"let
-  cache = "{cache}/guest";
-  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
-in {{ machines.solo = {{
-  system = (import {system} {{
-    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
-    initrd = cache + "/initrd"; inherit kernelVersion; www = "{www}";
-  }}).toplevel;
-  memorySize = 256;
-}}; }}
-"#,
-        cache = cache(),
-        system = system.display(),
+    write_composition(
+        file,
+        &format!(r#"solo = {{ system = sys {{ www = "{www}"; }}; memorySize = 256; }};"#),
     );
-    std::fs::write(file, text).unwrap();
 }
 
 #[test]
@@ -517,7 +470,7 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let _down = Down(state.clone(), file.clone());
+    let _down = down_on_drop(&state, &file);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_until("the cluster is up", Duration::from_secs(300), || {
         assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));

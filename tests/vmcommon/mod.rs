@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -48,8 +49,27 @@ pub fn drydock_in(root: &Path, state: &Path) -> Command {
 }
 
 /// Build the test system (with `args`: `--outside`, or a variant name) into the chroot store
-/// `root`; returns the printed store path. The uncompressed kernel halves a TCG boot.
+/// `root`, once per test run for each `(root, args)`; returns the printed store path. The
+/// uncompressed kernel halves a TCG boot.
 pub fn build_system(root: &Path, args: &[&str]) -> String {
+    type Built = std::sync::Mutex<
+        std::collections::BTreeMap<(PathBuf, Vec<String>), std::sync::Arc<OnceLock<String>>>,
+    >;
+    static BUILT: Built = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let key = (
+        root.to_path_buf(),
+        args.iter().map(|a| a.to_string()).collect(),
+    );
+    let cell = BUILT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .clone();
+    cell.get_or_init(|| build_system_now(root, args)).clone()
+}
+
+fn build_system_now(root: &Path, args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
     let (flags, rest): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| a.starts_with("--"));
     let out = Command::new(&script)
@@ -119,34 +139,56 @@ pub fn cluster_store() -> PathBuf {
     created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-cluster-store"))
 }
 
-/// Where the guest's kernel and initrd are cached.
+/// Where the guest's kernel and initrd are cached: the scripts' own default
+/// (`$DRYDOCK_CACHE_DIR`, else `${XDG_CACHE_HOME:-$HOME/.cache}/drydock`).
 pub fn guest_cache() -> String {
     std::env::var("DRYDOCK_CACHE_DIR").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/drydock",
-            std::env::var("HOME").unwrap_or_default()
-        )
+        let base = std::env::var("XDG_CACHE_HOME")
+            .ok()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| format!("{}/.cache", std::env::var("HOME").unwrap_or_default()));
+        format!("{base}/drydock")
     })
 }
 
-/// Make sure the guest kernel and initrd exist (instant once cached).
+/// Make sure the guest kernel and initrd exist (instant once cached; run once per test run).
 pub fn guest_ready() {
-    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-    let out = Command::new(s).output().expect("build-initrd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
+        let out = Command::new(s).output().expect("build-initrd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// Write the composition `file` with the machines `machines` (the body of `machines = { ... }`),
+/// where `sys ARGS` is the test system's toplevel (`scripts/guest/system.nix` with `ARGS`, e.g.
+/// `www`, `activation`, `kernelParams`) on the cached guest kernel and initrd.
+pub fn write_composition(file: &Path, machines: &str) {
+    let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
+    let text = format!(
+        r#"let
+  cache = "{cache}/guest";
+  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
+  sys = args: (import {system} ({{
+    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
+    initrd = cache + "/initrd"; inherit kernelVersion;
+  }} // args)).toplevel;
+in {{ machines = {{ {machines} }}; }}
+"#,
+        cache = guest_cache(),
+        system = system.display()
     );
+    std::fs::write(file, text).unwrap();
 }
 
-/// drydock on the cluster store, with state in `state` and the test system's builders' shell.
-pub fn cluster_drydock(state: &Path) -> Command {
-    cluster_drydock_with(&cluster_store(), state)
-}
-
-/// The same on the chroot store `store`.
-pub fn cluster_drydock_with(store: &Path, state: &Path) -> Command {
+/// drydock on the chroot store `store`, with state in `state` and the test system's builders'
+/// shell.
+pub fn cluster_drydock(store: &Path, state: &Path) -> Command {
     let mut c = Command::new(bin());
     c.arg("--store")
         .arg(store)
@@ -164,8 +206,15 @@ pub fn text(b: &[u8]) -> String {
 }
 
 /// `drydock exec -f FILE MACHINE --timeout SECS -- CMD`.
-pub fn cluster_exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
-    cluster_drydock(state)
+pub fn cluster_exec(
+    store: &Path,
+    state: &Path,
+    file: &Path,
+    machine: &str,
+    timeout: &str,
+    cmd: &str,
+) -> Output {
+    cluster_drydock(store, state)
         .arg("exec")
         .arg("-f")
         .arg(file)
@@ -175,13 +224,8 @@ pub fn cluster_exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd
 }
 
 /// `drydock up -f FILE --detach` under TCG; panics with drydock's messages if it fails.
-pub fn cluster_up_detached(state: &Path, file: &Path) {
-    cluster_up_detached_with(&cluster_store(), state, file)
-}
-
-/// The same on the chroot store `store`.
-pub fn cluster_up_detached_with(store: &Path, state: &Path, file: &Path) {
-    let up = cluster_drydock_with(store, state)
+pub fn cluster_up_detached(store: &Path, state: &Path, file: &Path) {
+    let up = cluster_drydock(store, state)
         .arg("up")
         .arg("-f")
         .arg(file)
@@ -189,4 +233,60 @@ pub fn cluster_up_detached_with(store: &Path, state: &Path, file: &Path) {
         .output()
         .unwrap();
     assert!(up.status.success(), "up: {}", text(&up.stderr));
+}
+
+/// `drydock down -f FILE`, which must succeed; then no process of `state` may be left.
+pub fn cluster_down(store: &Path, state: &Path, file: &Path) {
+    let down = cluster_drydock(store, state)
+        .arg("down")
+        .arg("-f")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "down: {}", text(&down.stderr));
+    wait_no_processes(state, Duration::from_secs(30));
+}
+
+/// Takes a cluster down when dropped, whether the test passed or not (nothing is checked: a
+/// test that got that far checks its own `down`).
+pub struct DownOnDrop {
+    pub store: PathBuf,
+    pub state: PathBuf,
+    pub file: PathBuf,
+}
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = cluster_drydock(&self.store, &self.state)
+            .arg("down")
+            .arg("-f")
+            .arg(&self.file)
+            .output();
+    }
+}
+
+/// `ps --json` of the cluster of `file`, which must succeed.
+pub fn cluster_ps(store: &Path, state: &Path, file: &Path) -> serde_json::Value {
+    let ps = cluster_drydock(store, state)
+        .args(["--json", "ps", "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
+    serde_json::from_slice(&ps.stdout).unwrap()
+}
+
+/// Every machine's QEMU pid (none if it is stopped), by `ps --json`.
+pub fn qemu_pids(store: &Path, state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
+    cluster_ps(store, state, file)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["machine"].as_str().unwrap().to_string(),
+                r["qemu_pid"].as_u64(),
+            )
+        })
+        .collect()
 }
