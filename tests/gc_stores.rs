@@ -142,10 +142,9 @@ fn runs_belong_to_their_store() {
     // and leaves it to B.
     let b_event = {
         let db = drydock_gc::RunsDb::open(&state).unwrap();
-        let run_b: Vec<String> = paths_b
+        let run_b: drydock_gc::NameList = paths_b
             .iter()
             .filter(|p| p.ends_with("-vm-test-run-b"))
-            .cloned()
             .collect();
         db.begin_gc(&drydock_gc::StoreLayout::chroot(&b), "runs", &run_b, 1)
             .unwrap()

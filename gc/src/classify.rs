@@ -44,12 +44,14 @@ impl PathClass {
         }
     }
 
+    /// The class named `s` by [`PathClass::as_str`], if any.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// Parse [`PathClass::as_str`] back (unknown names are `Other`).
     pub fn parse(s: &str) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .unwrap_or(Self::Other)
+        Self::from_name(s).unwrap_or(Self::Other)
     }
 
     /// Whether the class is a test artifact (counted by `du`).

@@ -169,7 +169,7 @@ impl Loaded {
 fn chain_names(layout: &StoreLayout, snap: &Snapshot, chain: &[ChainStep]) -> Vec<String> {
     chain
         .iter()
-        .map(|s| layout.logical(&snap.path(s.node)))
+        .map(|s| layout.logical_of_base(snap.base_name(s.node)))
         .collect()
 }
 
@@ -268,14 +268,14 @@ pub fn plan_gc(
         cands.dedup();
         let (del, held) = deletable_subset(snap, &live, loaded.settings, &cands);
         for h in held {
-            let path = l.logical(&snap.path(h.node));
+            let path = l.logical_of_base(snap.base_name(h.node));
             let alive = loaded.explain(&live, h.node);
             let reason = if alive.is_some() {
                 "alive".to_owned()
             } else {
                 format!(
                     "needed by {} (not selected)",
-                    l.logical(&snap.path(h.holder))
+                    l.logical_of_base(snap.base_name(h.holder))
                 )
             };
             plan.kept.push(KeptPath {
@@ -440,10 +440,7 @@ pub fn execute_gc(
     // freed was deleted by it and not by a concurrent one.
     let _lock = lock_store_for_gc(layout, runs.map(|r| r.state_dir()))?;
     let event = match runs {
-        Some(r) => {
-            let planned: Vec<String> = plan.paths.iter().map(str::to_owned).collect();
-            Some(r.begin_gc(layout, &plan.mode, &planned, plan.bytes)?)
-        }
+        Some(r) => Some(r.begin_gc(layout, &plan.mode, &plan.paths, plan.bytes)?),
         None => None,
     };
     if let Some(r) = runs {
@@ -629,7 +626,7 @@ pub fn run_statuses(
             Some(n) => (
                 "held",
                 None,
-                held.get(&n).map(|h| l.logical(&snap.path(*h))),
+                held.get(&n).map(|h| l.logical_of_base(snap.base_name(*h))),
             ),
         };
         out.push(PathStatus {

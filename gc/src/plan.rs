@@ -370,12 +370,9 @@ pub fn batches(snap: &Snapshot, s: GcSettings, nodes: &[Node], size: usize) -> V
         v.sort_unstable_by_key(|&i| members[i as usize]);
         v.into()
     };
+    // Each member is ready once: at the start, or when the last member before it is done.
     let mut order = Vec::with_capacity(k);
-    let mut done = vec![false; k];
     while let Some(i) = ready.pop_front() {
-        if std::mem::replace(&mut done[i as usize], true) {
-            continue;
-        }
         order.push(members[i as usize]);
         for &m in &after[starts[i as usize] as usize..starts[i as usize + 1] as usize] {
             let d = &mut indeg[m as usize];
@@ -387,7 +384,10 @@ pub fn batches(snap: &Snapshot, s: GcSettings, nodes: &[Node], size: usize) -> V
     }
     let mut out: Vec<Vec<Node>> = order.chunks(size).map(<[Node]>::to_vec).collect();
     // Cycles (not produced by Nix's reference graph) go together into one last batch.
-    let mut rest: Vec<Node> = (0..k).filter(|&i| !done[i]).map(|i| members[i]).collect();
+    let mut rest: Vec<Node> = (0..k)
+        .filter(|&i| indeg[i] != 0)
+        .map(|i| members[i])
+        .collect();
     if !rest.is_empty() {
         rest.sort_unstable();
         out.push(rest);

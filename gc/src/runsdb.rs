@@ -223,11 +223,15 @@ impl rusqlite::types::FromSql for ArtifactKind {
     }
 }
 
+/// Remove a pin's two links (its GC root and drydock's own link).
+fn remove_pin_links(p: &Pin) -> Result<(), RunsDbError> {
+    crate::reclaim::remove_link(&p.root_link).map_err(RunsDbError::Unpin)?;
+    crate::reclaim::remove_link(&p.link).map_err(RunsDbError::Unpin)
+}
+
 impl rusqlite::types::FromSql for crate::classify::PathClass {
     fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        text_enum(v, "path class", |s| {
-            Self::ALL.into_iter().find(|c| c.as_str() == s)
-        })
+        text_enum(v, "path class", Self::from_name)
     }
 }
 
@@ -812,8 +816,7 @@ impl RunsDb {
         else {
             return Ok(false);
         };
-        crate::reclaim::remove_link(&p.root_link).map_err(RunsDbError::Unpin)?;
-        crate::reclaim::remove_link(&p.link).map_err(RunsDbError::Unpin)?;
+        remove_pin_links(&p)?;
         self.conn
             .execute(
                 "DELETE FROM pins WHERE run_id = ?1 AND store_path = ?2",
@@ -826,8 +829,7 @@ impl RunsDb {
     /// Remove every pin of a run (both links), e.g. when its VM stops or GC takes it.
     pub fn unpin_run(&self, id: i64) -> Result<(), RunsDbError> {
         for p in self.pins(id)? {
-            crate::reclaim::remove_link(&p.root_link).map_err(RunsDbError::Unpin)?;
-            crate::reclaim::remove_link(&p.link).map_err(RunsDbError::Unpin)?;
+            remove_pin_links(&p)?;
         }
         self.conn
             .execute("DELETE FROM pins WHERE run_id = ?1", [id])
@@ -840,7 +842,7 @@ impl RunsDb {
         &self,
         store: &StoreLayout,
         mode: &str,
-        planned: &[String],
+        planned: &crate::names::NameList,
         planned_bytes: u64,
     ) -> Result<i64, RunsDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.e())?;
@@ -1083,7 +1085,7 @@ mod tests {
             .begin_gc(
                 &store("a"),
                 "runs",
-                &["/nix/store/a".into(), "/nix/store/b".into()],
+                &["/nix/store/a", "/nix/store/b"].into_iter().collect(),
                 10,
             )
             .unwrap();
@@ -1230,7 +1232,7 @@ mod tests {
                 .unwrap();
         }
         let ev = db
-            .begin_gc(&a, "runs", std::slice::from_ref(&p), 1)
+            .begin_gc(&a, "runs", &[&p].into_iter().collect(), 1)
             .unwrap();
         db.record_outcomes(ev, std::slice::from_ref(&p), &[])
             .unwrap();

@@ -60,7 +60,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
     let missing: Vec<String> = damage
         .missing
         .iter()
-        .map(|&n| layout.logical(&loaded.snap.path(n)))
+        .map(|&n| layout.logical_of_base(loaded.snap.base_name(n)))
         .collect();
     let stray: Vec<String> = damage.stray.iter().map(|p| layout.logical(p)).collect();
     let mut out = crate::out::stdout();
@@ -101,13 +101,13 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
             let names: Vec<String> = plan
                 .delete
                 .iter()
-                .map(|&n| layout.logical(&loaded.snap.path(n)))
+                .map(|&n| layout.logical_of_base(loaded.snap.base_name(n)))
                 .collect();
             let blocked: Vec<BlockedPath> = plan
                 .blocked
                 .iter()
                 .map(|b| BlockedPath {
-                    path: layout.logical(&loaded.snap.path(b.node)),
+                    path: layout.logical_of_base(loaded.snap.base_name(b.node)),
                     root: loaded.roots[b.root].link.display().to_string(),
                 })
                 .collect();
@@ -138,7 +138,7 @@ pub fn run(ctx: &Context, args: &StoreArgs) -> anyhow::Result<Outcome> {
                     writeln!(
                         out,
                         "refusing: {} is held by root {}",
-                        layout.logical(&loaded.snap.path(b.node)),
+                        layout.logical_of_base(loaded.snap.base_name(b.node)),
                         loaded.roots[b.root].link.display()
                     )?;
                 }
