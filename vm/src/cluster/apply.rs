@@ -445,17 +445,8 @@ impl RunningCluster {
         std::fs::write(&hosts, &new.hosts).map_err(files(&hosts))?;
 
         // 1. Stop what goes away or boots again, in parallel.
-        let stopping: Vec<&String> = removes.iter().chain(&restarts).collect();
-        for m in &stopping {
-            if let Some(t) = self.machines.get(*m) {
-                t.stop.store(true, Ordering::SeqCst);
-            }
-        }
-        for m in &stopping {
-            if let Some(t) = self.machines.remove(*m) {
-                let _ = t.thread.join();
-            }
-        }
+        let stopping: Vec<String> = removes.iter().chain(&restarts).cloned().collect();
+        self.stop_machines(&stopping);
         while let Ok(ev) = self.events.try_recv() {
             on_event(Some(&ev));
         }
@@ -483,11 +474,7 @@ impl RunningCluster {
                 ),
             }
         }
-        for h in self.hubs.iter_mut() {
-            if !running.vlans.contains(&h.vlan()) {
-                h.stop();
-            }
-        }
+        // A hub no machine uses any more stops when dropped.
         self.hubs.retain(|h| running.vlans.contains(&h.vlan()));
 
         // 3. Boot, and switch meanwhile.

@@ -239,8 +239,16 @@ pub(super) struct MachineThread {
     pub(super) thread: std::thread::JoinHandle<()>,
 }
 
-/// The consoles being stamped, by machine: each tail and its timed log.
-pub(super) type Tails = Arc<Mutex<BTreeMap<String, (crate::launch::ConsoleTail, PathBuf)>>>;
+/// One console being stamped: its tail, its timed log and that log once opened.
+#[derive(Debug)]
+pub(super) struct Stamp {
+    tail: crate::launch::ConsoleTail,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+/// The consoles being stamped, by machine (a machine's log is closed when it is removed).
+pub(super) type Tails = Arc<Mutex<BTreeMap<String, Stamp>>>;
 
 /// An up cluster, owned by this process. Dropping it stops everything.
 #[derive(Debug)]
@@ -399,10 +407,11 @@ impl RunningCluster {
         let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
         self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
             m.machine.clone(),
-            (
-                crate::launch::ConsoleTail::new(paths.console_log()),
-                timed_log(&paths),
-            ),
+            Stamp {
+                tail: crate::launch::ConsoleTail::new(paths.console_log()),
+                path: timed_log(&paths),
+                file: None,
+            },
         );
     }
 
@@ -427,6 +436,21 @@ impl RunningCluster {
         self.machines.values().all(|t| t.thread.is_finished())
     }
 
+    /// Stop the machines `names`, in parallel (every stop flag first, then the joins), and
+    /// forget their threads.
+    pub(super) fn stop_machines(&mut self, names: &[String]) {
+        for m in names {
+            if let Some(t) = self.machines.get(m) {
+                t.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        for m in names {
+            if let Some(t) = self.machines.remove(m) {
+                let _ = t.thread.join();
+            }
+        }
+    }
+
     /// Stop every machine in parallel, then the hubs; remove the owner's state. Idempotent.
     pub fn stop(&mut self) {
         if self.stopped {
@@ -436,12 +460,8 @@ impl RunningCluster {
         self.control = None;
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
         let _ = std::fs::remove_file(super::apply::control_socket(&cpaths));
-        for t in self.machines.values() {
-            t.stop.store(true, Ordering::SeqCst);
-        }
-        for (_, t) in std::mem::take(&mut self.machines) {
-            let _ = t.thread.join();
-        }
+        let all: Vec<String> = self.machines.keys().cloned().collect();
+        self.stop_machines(&all);
         self.stamp_stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.stamper.take() {
             let _ = t.join();
@@ -473,12 +493,10 @@ fn now_ms() -> u64 {
 }
 
 fn stamp_consoles(tails: &Tails, stop: &AtomicBool) {
-    let mut files: BTreeMap<PathBuf, Option<std::fs::File>> = BTreeMap::new();
     loop {
         let last = stop.load(Ordering::SeqCst);
         let mut tails = tails.lock().unwrap_or_else(|e| e.into_inner());
-        for (tail, path) in tails.values_mut() {
-            let file = files.entry(path.clone()).or_default();
+        for Stamp { tail, path, file } in tails.values_mut() {
             let mut lines = tail.lines();
             if last {
                 lines.extend(tail.rest());

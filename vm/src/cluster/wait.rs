@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::backdoor::ExecOutput;
 use super::run::{ClusterError, exec_remote};
-use crate::launch::ConsoleTail;
+use crate::launch::{ConsoleTail, WaitOutcome};
 use crate::plan::VmPaths;
 
 /// The pause between two tries of `--succeeds`.
@@ -72,23 +72,27 @@ pub fn wait(
             }
             let mut tail = ConsoleTail::new(paths.console_log());
             let mut last: std::collections::VecDeque<String> = Default::default();
-            'outer: loop {
-                for line in tail.lines() {
-                    if re.is_match(&line) {
-                        report.met = true;
-                        report.lines = vec![line];
-                        break 'outer;
-                    }
-                    last.push_back(line);
+            // A machine restarted meanwhile (`vm restart`) is waited for across its restart:
+            // its QEMU going away does not end the wait.
+            let outcome = crate::launch::follow(
+                &mut tail,
+                Some(re),
+                Some(timeout),
+                cancel,
+                &mut || false,
+                &mut |line| {
+                    last.push_back(line.to_string());
                     if last.len() > LAST_LINES {
                         last.pop_front();
                     }
+                },
+            );
+            match outcome {
+                WaitOutcome::Ready(line) => {
+                    report.met = true;
+                    report.lines = vec![line];
                 }
-                if Instant::now() >= deadline || cancel.load(Ordering::SeqCst) {
-                    report.lines = last.into();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                _ => report.lines = last.into(),
             }
         }
         WaitFor::Succeeds(cmd) => loop {

@@ -133,9 +133,7 @@ pub fn update_closure(
     deadline: std::time::Duration,
 ) -> Result<usize, StoreServerError> {
     use std::io::{BufRead, Write as _};
-    for n in names {
-        serve::check_allow_entry(n)?;
-    }
+    let text = serve::encode_allow_list(names)?;
     let path = serve::control_socket(socket);
     let io_err = |source| StoreServerError::Control {
         path: path.clone(),
@@ -144,8 +142,6 @@ pub fn update_closure(
     let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(io_err)?;
     conn.set_write_timeout(Some(deadline)).map_err(io_err)?;
     conn.set_read_timeout(Some(deadline)).map_err(io_err)?;
-    let mut text = names.join("\n");
-    text.push('\n');
     conn.write_all(text.as_bytes()).map_err(io_err)?;
     conn.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
     let mut reply = String::new();
@@ -182,11 +178,7 @@ impl StoreServer {
         shared_dir: &Path,
         allow: Option<&[String]>,
     ) -> Result<Self, StoreServerError> {
-        if let Some(names) = allow {
-            for n in names {
-                serve::check_allow_entry(n)?;
-            }
-        }
+        let allow = allow.map(serve::encode_allow_list).transpose()?;
         let mut cmd = Command::new(exe);
         cmd.arg(STORE_SERVER_SUBCOMMAND)
             .arg("--socket")
@@ -200,12 +192,10 @@ impl StoreServer {
         }
         let mut child =
             Supervised::spawn("store server", cmd).map_err(StoreServerError::Process)?;
-        if let Some(names) = allow {
+        if let Some(text) = &allow {
             let mut stdin = child
                 .stdin()
                 .ok_or_else(|| StoreServerError::Ready(std::io::ErrorKind::BrokenPipe.into()))?;
-            let mut text = names.join("\n");
-            text.push('\n');
             // A write error means the server is gone; wait_ready below reports how it ended.
             if let Err(e) = stdin.write_all(text.as_bytes()) {
                 tracing::debug!("writing the allow-list to the store server: {e}");

@@ -106,6 +106,18 @@ pub(crate) fn check_allow_entry(entry: &str) -> Result<(), StoreServerError> {
     }
 }
 
+/// An allow-list's text, each entry checked: one basename per line (what [`parse_allow_list`]
+/// reads back).
+pub(crate) fn encode_allow_list(names: &[String]) -> Result<String, StoreServerError> {
+    let mut text = String::new();
+    for n in names {
+        check_allow_entry(n)?;
+        text.push_str(n);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
 /// Parse an allow-list file's text: one basename per line; blank lines are ignored.
 pub fn parse_allow_list(text: &str) -> Result<Vec<String>, StoreServerError> {
     let mut out = Vec::new();
