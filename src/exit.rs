@@ -42,14 +42,6 @@ pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(BadInput(msg.into()))
 }
 
-/// An error and its causes on one line, `a: b: c`, as [`finish`] prints them.
-pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    std::iter::successors(Some(e), |e| e.source())
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
 /// Print the error chain once and choose the exit code.
 pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
     match result {

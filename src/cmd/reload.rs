@@ -266,7 +266,7 @@ impl UpPrinter {
             }
             Err(e) => eprintln!(
                 "drydock: reload failed, nothing changed: {}\ndrydock: waiting for the next change",
-                crate::exit::one_line(e)
+                drydock_vm::error_chain(e)
             ),
         }
     }

@@ -21,9 +21,7 @@ mod storefs;
 mod sys;
 mod system;
 
-pub use cluster::apply::{
-    ControlOp, ControlRequest, ReloadError, request as reload_request, restart_machine,
-};
+pub use cluster::apply::{ReloadError, restart_machine};
 pub use cluster::backdoor::{BackdoorError, ExecOutput};
 pub use cluster::compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
@@ -31,14 +29,11 @@ pub use cluster::compose::{
     valid_machine_name, validate_cluster_name,
 };
 pub use cluster::control::{Detached, DetachedOwner, Down, down as cluster_down, start_detached};
-pub use cluster::eval::{
-    EvalError, build as build_composition, check_systems, evaluate as evaluate_composition,
-    release_build_roots,
-};
+pub use cluster::eval::{EvalError, release_build_roots};
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
-    PlannedAction, all_done as reload_succeeded, plan_reload,
+    PlannedAction,
 };
 pub use cluster::run::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineEvent, RunningCluster,
@@ -47,11 +42,10 @@ pub use cluster::run::{
 };
 pub use cluster::session::{
     Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest, WatchEnd,
-    Watching, narrow as narrow_cluster_plan, prepare as prepare_cluster, reload_cycle,
-    up_plan_file, watch_reloads,
+    Watching, prepare as prepare_cluster, reload_cycle, up_plan_file, watch_reloads,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use cluster::watch::{Debounce, WatchError, Watcher};
+pub use cluster::watch::WatchError;
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
@@ -60,7 +54,7 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, pid_alive, start, stop_remote, write_json,
+    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
@@ -82,14 +76,14 @@ pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
     resume_incoming, save_snapshot,
 };
-pub use spawn::{SpawnError, Supervised, spawn_detached};
+pub use spawn::{SpawnError, Supervised};
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
 pub use system::{SystemBoot, SystemError};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     std::iter::successors(Some(e), |e| e.source())
         .map(|e| e.to_string())
         .collect::<Vec<_>>()

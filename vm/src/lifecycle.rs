@@ -45,8 +45,6 @@ pub struct LaunchEnd {
     pub ending: Ending,
     /// The console line that matched `ready`.
     pub ready_line: Option<String>,
-    /// When it matched, from the start.
-    pub ready_after: Option<Duration>,
     /// From the start to the end.
     pub elapsed: Duration,
 }
@@ -93,7 +91,6 @@ pub fn run_foreground(
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut ready_line = None;
-    let mut ready_after = None;
     let mut outcome = follow(
         &mut tail,
         wait.ready.as_ref(),
@@ -106,7 +103,6 @@ pub fn run_foreground(
         let after = started.elapsed();
         on_ready(line, after);
         ready_line = Some(line.clone());
-        ready_after = Some(after);
         // Foreground: stay with the VM until it ends or Ctrl-C.
         outcome = follow(
             &mut tail,
@@ -131,7 +127,6 @@ pub fn run_foreground(
     Ok(LaunchEnd {
         ending,
         ready_line,
-        ready_after,
         elapsed: started.elapsed(),
     })
 }
@@ -165,7 +160,6 @@ pub fn run_detached(
                     qemu_pid: state.qemu_pid,
                 },
                 ready_line: Some(line),
-                ready_after: Some(started.elapsed()),
                 elapsed: started.elapsed(),
             });
         }
@@ -177,7 +171,6 @@ pub fn run_detached(
     Ok(LaunchEnd {
         ending,
         ready_line: None,
-        ready_after: None,
         elapsed: started.elapsed(),
     })
 }

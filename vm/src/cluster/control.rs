@@ -3,7 +3,7 @@
 //! `down` asks the owner to stop everything (SIGTERM), waits with a deadline, and reaps what an
 //! owner that died uncleanly left behind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,6 @@ pub struct DetachedOwner<'a> {
 pub struct Detached {
     pub owner_pid: u32,
     pub after_secs: f64,
-    /// The owner's log.
-    pub log: PathBuf,
 }
 
 /// Start the owner and wait until it reports every machine ready. On `cancel` or the deadline
@@ -78,7 +76,6 @@ pub fn start_detached(
         Awaited::Ready(_) => Ok(Detached {
             owner_pid: pid,
             after_secs: started.elapsed().as_secs_f64(),
-            log: log_path,
         }),
         Awaited::Died => Err(ClusterError::DidNotStart {
             log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),

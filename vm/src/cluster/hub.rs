@@ -112,6 +112,7 @@ impl Hub {
     }
 
     /// The ports it forwards among.
+    #[cfg(test)]
     pub fn ports(&self) -> Vec<PathBuf> {
         self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
