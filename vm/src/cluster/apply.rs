@@ -19,7 +19,7 @@
 //! line, one JSON reply line, per connection ([`request`]). Every wait has a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -176,18 +176,8 @@ pub fn request(
     };
     s.set_read_timeout(Some(deadline)).map_err(io)?;
     s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
-    let mut text = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
-    text.push('\n');
-    (&s).write_all(text.as_bytes()).map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(io)?;
-    if line.is_empty() {
-        return Err(io(std::io::Error::other(
-            "the owner closed the connection without an answer",
-        )));
-    }
-    let reply: ControlReply =
-        serde_json::from_str(&line).map_err(|e| io(std::io::Error::other(e)))?;
+    super::write_json_line(&s, req).map_err(io)?;
+    let reply: ControlReply = super::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
     match reply.error {
         Some(message) => Err(ReloadError::Owner {
             name: name.to_string(),
@@ -669,11 +659,8 @@ impl RunningCluster {
                 }
             }
         };
-        if let Ok(mut text) = serde_json::to_string(&reply) {
-            text.push('\n');
-            let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
-            let _ = (&s).write_all(text.as_bytes());
-        }
+        let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
+        let _ = super::write_json_line(&s, &reply);
         true
     }
 }

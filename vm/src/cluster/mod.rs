@@ -30,3 +30,30 @@ pub(crate) fn try_again(e: &std::io::Error) -> bool {
             | std::io::ErrorKind::Interrupted
     )
 }
+
+/// Send `value` as one JSON line: the framing of the exec and control sockets.
+pub(crate) fn write_json_line(
+    s: &std::os::unix::net::UnixStream,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut text = serde_json::to_string(value).map_err(std::io::Error::other)?;
+    text.push('\n');
+    let mut w = s;
+    w.write_all(text.as_bytes())
+}
+
+/// Read one JSON line (see [`write_json_line`]); a peer that closed without a line is an error.
+pub(crate) fn read_json_line<T: serde::de::DeserializeOwned>(
+    r: &mut impl std::io::BufRead,
+) -> std::io::Result<T> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the owner closed the connection without an answer",
+        ));
+    }
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}

@@ -10,7 +10,7 @@
 //! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -813,11 +813,7 @@ struct ExecReply {
 }
 
 fn send_reply(s: &UnixStream, reply: &ExecReply) {
-    let mut w = s;
-    if let Ok(mut text) = serde_json::to_string(reply) {
-        text.push('\n');
-        let _ = w.write_all(text.as_bytes());
-    }
+    let _ = super::write_json_line(s, reply);
 }
 
 fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
@@ -1010,14 +1006,9 @@ fn ask_owner(
         .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
     let call = call_error(vm);
     s.set_read_timeout(read_timeout).map_err(&call)?;
-    let mut text = serde_json::to_string(req).map_err(|e| call(std::io::Error::other(e)))?;
-    text.push('\n');
-    (&s).write_all(text.as_bytes()).map_err(&call)?;
+    super::write_json_line(&s, req).map_err(&call)?;
     let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(&call)?;
-    let reply: ExecReply =
-        serde_json::from_str(&line).map_err(|e| call(std::io::Error::other(e)))?;
+    let reply: ExecReply = super::read_json_line(&mut r).map_err(&call)?;
     if let Some(message) = reply.error {
         return Err(ClusterError::Remote {
             vm: vm.to_string(),
