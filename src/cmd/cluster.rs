@@ -67,9 +67,6 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
 pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(&a.cluster)?;
     crate::cancel::install();
-    // What this `up` builds stays rooted until it returns: by then every machine's run pins
-    // its system (or the cluster is stopped, and nothing needs it).
-    let _roots = BuildRoots(drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
     let req = up_request(a, &name);
     if let Some(s) = ClusterState::read_up(&ctx.state_dir, &name) {
         if !s.ready {
@@ -81,7 +78,9 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         return crate::cmd::reload::reload(ctx, a, &req);
     }
     let mut printer = UpPrinter::new(ctx.json, None);
-    let prepared = drydock_vm::prepare_cluster(
+    // What this `up` built stays rooted until `roots` is dropped: once every machine's run
+    // pins its system (or the cluster is stopped, and nothing needs it).
+    let drydock_vm::Prepared { plan, roots, .. } = drydock_vm::prepare_cluster(
         &ctx.layout(),
         &ctx.state_dir,
         &req,
@@ -89,7 +88,6 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         &CANCEL,
         &mut |ev| printer.event(ev),
     )?;
-    let plan = prepared.plan;
     if a.dry_run {
         return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
     }
@@ -97,16 +95,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     if a.detach {
         return detach(ctx, a, &name, &plan);
     }
-    foreground(ctx, a, &req, &plan)
-}
-
-/// Releases the build's GC roots when dropped.
-struct BuildRoots(std::path::PathBuf);
-
-impl Drop for BuildRoots {
-    fn drop(&mut self) {
-        drydock_vm::release_build_roots(&self.0);
-    }
+    foreground(ctx, a, &req, &plan, roots)
 }
 
 fn foreground(
@@ -114,6 +103,7 @@ fn foreground(
     a: &UpArgs,
     req: &UpRequest,
     plan: &ClusterPlan,
+    roots: drydock_vm::BuildRoots,
 ) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
     let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
@@ -122,7 +112,7 @@ fn foreground(
         printer.event(ev.map_or(UpEvent::Tick, UpEvent::Machine))
     });
     // Every machine's run pins its system now (or none runs): the build's roots can go.
-    drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, &plan.name).dir);
+    drop(roots);
     let mut cluster = match up {
         Ok(c) => c,
         Err(drydock_vm::ClusterError::Interrupted) => {
@@ -214,8 +204,6 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
 pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(a)?;
     let d = drydock_vm::cluster_down(&ctx.state_dir, &name)?;
-    // An `up` killed between its build and its machines' pins left its roots behind.
-    drydock_vm::release_build_roots(&drydock_vm::cluster_paths(&ctx.state_dir, &name).dir);
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {

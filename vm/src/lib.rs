@@ -29,7 +29,7 @@ pub use cluster::compose::{
     valid_machine_name, validate_cluster_name,
 };
 pub use cluster::control::{Detached, DetachedOwner, Down, down as cluster_down, start_detached};
-pub use cluster::eval::{EvalError, release_build_roots};
+pub use cluster::eval::EvalError;
 pub use cluster::hub::{Hub, HubCounters, HubError};
 pub use cluster::reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
@@ -41,8 +41,8 @@ pub use cluster::run::{
     refuse_cluster_machine, shell_remote, timed_log, up as cluster_up, up_machine,
 };
 pub use cluster::session::{
-    Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest, WatchEnd,
-    Watching, prepare as prepare_cluster, reload_cycle, up_plan_file, watch_reloads,
+    BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
+    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, up_plan_file, watch_reloads,
 };
 pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use cluster::watch::WatchError;

@@ -128,9 +128,12 @@ pub struct Down {
 }
 
 /// Stop the cluster `name`: SIGTERM to its owner, which stops every machine and hub; SIGKILL
-/// at the deadline; then the machines' records of an owner that died uncleanly are reaped.
+/// at the deadline; then the machines' records of an owner that died uncleanly are reaped,
+/// and build roots a killed `up` left are released.
 pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
     let t = Instant::now();
+    // An `up` killed between its build and its machines' pins left its roots behind.
+    super::eval::release_build_roots(&cluster_paths(state_dir, name).dir);
     let Some(state) = ClusterState::read(state_dir, name) else {
         return Ok(Down {
             name: name.to_string(),

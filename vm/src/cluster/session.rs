@@ -112,6 +112,20 @@ pub struct Prepared {
     pub build: Duration,
     /// Absent when no machine needed a build (systems given as store paths).
     pub built: Option<Built>,
+    /// What the build made stays rooted until this is dropped.
+    pub roots: BuildRoots,
+}
+
+/// The GC roots of a cluster's build (its `result*` links beside the cluster's files),
+/// released when dropped: drop it once the machines' runs pin what they run, or once nothing
+/// needs it. (`down` releases those that a killed `up` left behind.)
+#[derive(Debug)]
+pub struct BuildRoots(PathBuf);
+
+impl Drop for BuildRoots {
+    fn drop(&mut self) {
+        release_build_roots(&self.0);
+    }
 }
 
 /// Something an `up` has to say while it works.
@@ -218,8 +232,8 @@ pub fn narrow(plan: ClusterPlan, only: &[String], running: Option<&ClusterPlan>)
 
 /// Evaluate the composition, plan the cluster and build its systems (one tracked run, named
 /// `cluster NAME`). With `running` (a hot reload), machines the request leaves out keep their
-/// running plan. The build's outputs stay rooted beside the cluster's files until
-/// [`release_build_roots`] (the caller's, once the machines pin them).
+/// running plan. The build's outputs stay rooted until the returned [`Prepared::roots`] is
+/// dropped (on an error, before this returns).
 pub fn prepare(
     layout: &StoreLayout,
     state_dir: &Path,
@@ -252,6 +266,8 @@ pub fn prepare(
         .map(|m| m.machine.as_str())
         .collect();
     let runs = RunsDb::open(state_dir).map_err(GcError::from)?;
+    let cdir = cluster_paths(state_dir, &req.name).dir;
+    let roots = BuildRoots(cdir.clone());
     let t = Instant::now();
     let report = build(
         layout,
@@ -259,7 +275,7 @@ pub fn prepare(
         &composition,
         &names,
         &format!("cluster {}", req.name),
-        &cluster_paths(state_dir, &req.name).dir,
+        &cdir,
         cancel,
     )?;
     let build_took = t.elapsed();
@@ -278,6 +294,7 @@ pub fn prepare(
         evaluate,
         build: build_took,
         built,
+        roots,
     })
 }
 
@@ -405,15 +422,20 @@ pub fn reload_cycle(
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<ReloadReport, SessionError> {
     let running = owner.running()?;
-    let prepared = prepare(layout, state_dir, req, Some(&running), cancel, on)?;
-    let new = prepared.plan;
+    let Prepared {
+        plan: new,
+        evaluate,
+        build,
+        roots,
+        ..
+    } = prepare(layout, state_dir, req, Some(&running), cancel, on)?;
     let t = Instant::now();
     let planned = owner.plan(&new, req.restart)?;
     let mut report = ReloadReport {
         cluster: req.name.clone(),
         dry_run: req.dry_run,
-        evaluate_secs: prepared.evaluate.as_secs_f64(),
-        build_secs: prepared.build.as_secs_f64(),
+        evaluate_secs: evaluate.as_secs_f64(),
+        build_secs: build.as_secs_f64(),
         plan_secs: t.elapsed().as_secs_f64(),
         apply_secs: None,
         machines: planned,
@@ -437,7 +459,7 @@ pub fn reload_cycle(
     let t = Instant::now();
     let outcomes = owner.apply(&new, req, &report.machines, cancel, on);
     // The switched and booted machines' runs pin their new systems now.
-    release_build_roots(&cluster_paths(state_dir, &req.name).dir);
+    drop(roots);
     let outcomes = outcomes?;
     report.apply_secs = Some(t.elapsed().as_secs_f64());
     report.ok = all_done(&outcomes);
