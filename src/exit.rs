@@ -67,7 +67,7 @@ fn is_interrupted(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
         c.downcast_ref::<drydock_gc::GcError>()
             .is_some_and(|e| e.is_interrupted())
-            || c.downcast_ref::<drydock_vm::SessionError>()
+            || c.downcast_ref::<drydock_cluster::SessionError>()
                 .is_some_and(|e| e.is_interrupted())
     })
 }
@@ -110,19 +110,19 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .downcast_ref::<vm::SystemError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
-                .downcast_ref::<vm::ComposeError>()
+                .downcast_ref::<drydock_cluster::ComposeError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
-                .downcast_ref::<vm::ClusterError>()
+                .downcast_ref::<drydock_cluster::ClusterError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
-                .downcast_ref::<vm::EvalError>()
+                .downcast_ref::<drydock_cluster::EvalError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
-                .downcast_ref::<vm::ReloadError>()
+                .downcast_ref::<drydock_cluster::ReloadError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
-                .downcast_ref::<vm::SessionError>()
+                .downcast_ref::<drydock_cluster::SessionError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<drydock_gc::GcError>()

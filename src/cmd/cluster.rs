@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use drydock_vm::{
-    ClusterLaunch, ClusterPlan, ClusterState, ReloadReport, UpEvent, UpRequest, VmPaths, VmState,
-    Watching,
+use drydock_cluster::{
+    ClusterLaunch, ClusterPlan, ClusterState, ReloadReport, UpEvent, UpRequest, Watching,
 };
+use drydock_vm::{VmPaths, VmState};
 
 use crate::cancel::CANCEL;
 use crate::cli::{
@@ -27,8 +27,8 @@ pub fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
     let name = a
         .name
         .clone()
-        .unwrap_or_else(|| drydock_vm::default_cluster_name(&a.file));
-    drydock_vm::validate_cluster_name(&name)?;
+        .unwrap_or_else(|| drydock_cluster::default_cluster_name(&a.file));
+    drydock_cluster::validate_cluster_name(&name)?;
     Ok(name)
 }
 
@@ -80,7 +80,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     let mut printer = UpPrinter::new(ctx.json, None);
     // What this `up` built stays rooted until `roots` is dropped: once every machine's run
     // pins its system (or the cluster is stopped, and nothing needs it).
-    let drydock_vm::Prepared { plan, roots, .. } = drydock_vm::prepare_cluster(
+    let drydock_cluster::Prepared { plan, roots, .. } = drydock_cluster::prepare_cluster(
         &ctx.layout(),
         &ctx.state_dir,
         &req,
@@ -91,7 +91,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     if a.dry_run {
         return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
     }
-    drydock_vm::write_json(&drydock_vm::up_plan_file(&ctx.state_dir, &name), &plan)?;
+    drydock_vm::write_json(&drydock_cluster::up_plan_file(&ctx.state_dir, &name), &plan)?;
     if a.detach {
         return detach(ctx, a, &name, &plan);
     }
@@ -103,19 +103,19 @@ fn foreground(
     a: &UpArgs,
     req: &UpRequest,
     plan: &ClusterPlan,
-    roots: drydock_vm::BuildRoots,
+    roots: drydock_cluster::BuildRoots,
 ) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
     let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
     let started = Instant::now();
-    let up = drydock_vm::cluster_up(plan, &opts, &CANCEL, &mut |ev| {
+    let up = drydock_cluster::cluster_up(plan, &opts, &CANCEL, &mut |ev| {
         printer.event(ev.map_or(UpEvent::Tick, UpEvent::Machine))
     });
     // Every machine's run pins its system now (or none runs): the build's roots can go.
     drop(roots);
     let mut cluster = match up {
         Ok(c) => c,
-        Err(drydock_vm::ClusterError::Interrupted) => {
+        Err(drydock_cluster::ClusterError::Interrupted) => {
             eprintln!("drydock: interrupted; every machine is stopped");
             return Ok(Outcome::Interrupted);
         }
@@ -146,7 +146,7 @@ fn foreground(
 /// `--detach`: a supervisor owns the cluster; wait here until every machine is ready.
 fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let owner = drydock_vm::DetachedOwner {
+    let owner = drydock_cluster::DetachedOwner {
         exe: &exe,
         state_dir: &ctx.state_dir,
         store_root: ctx.store_root.as_deref(),
@@ -155,7 +155,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
         qemu: a.qemu.as_deref(),
         ready_timeout: a.timeout,
     };
-    match drydock_vm::start_detached(&owner, &CANCEL) {
+    match drydock_cluster::start_detached(&owner, &CANCEL) {
         Ok(d) => {
             eprintln!(
                 "drydock: cluster {name} up after {:.2} s ({} machines, owner pid {}); `drydock down -p {name}` stops it",
@@ -165,7 +165,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
             );
             Ok(Outcome::Success)
         }
-        Err(drydock_vm::ClusterError::Interrupted) => {
+        Err(drydock_cluster::ClusterError::Interrupted) => {
             eprintln!("drydock: interrupted; every machine is stopped");
             Ok(Outcome::Interrupted)
         }
@@ -176,7 +176,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
 /// `__cluster-supervise`: own the cluster planned in `up.json` until `down` (SIGTERM).
 pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outcome> {
     crate::cancel::install();
-    let path = drydock_vm::up_plan_file(&ctx.state_dir, &a.name);
+    let path = drydock_cluster::up_plan_file(&ctx.state_dir, &a.name);
     let bytes = drydock_gc::read_regular(
         &path,
         drydock_gc::Links::Refuse,
@@ -185,7 +185,7 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     .with_context(|| format!("reading {}", path.display()))?;
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
-    let mut cluster = drydock_vm::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
+    let mut cluster = drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
         if let Some(ev) = ev {
             report_event(ev);
         }
@@ -203,7 +203,7 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
 /// `down`: ask the owner to stop everything and wait; then make sure no machine is left.
 pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(a)?;
-    let d = drydock_vm::cluster_down(&ctx.state_dir, &name)?;
+    let d = drydock_cluster::cluster_down(&ctx.state_dir, &name)?;
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {
@@ -300,7 +300,7 @@ pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
 /// A machine of an up cluster: its VM name and folder; bad input if the cluster is not up or
 /// has no such machine.
 fn up_machine(ctx: &Context, a: &ClusterArgs, machine: &str) -> anyhow::Result<(String, VmPaths)> {
-    let m = drydock_vm::up_machine(&ctx.state_dir, &cluster_name(a)?, machine)?;
+    let m = drydock_cluster::up_machine(&ctx.state_dir, &cluster_name(a)?, machine)?;
     let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm);
     Ok((m.vm, paths))
 }
@@ -308,33 +308,33 @@ fn up_machine(ctx: &Context, a: &ClusterArgs, machine: &str) -> anyhow::Result<(
 /// `wait MACHINE (--console REGEX | --succeeds CMD)`.
 pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
     let what = match (&a.console, &a.succeeds) {
-        (Some(re), _) => drydock_vm::WaitFor::Console(
+        (Some(re), _) => drydock_cluster::WaitFor::Console(
             regex::Regex::new(re).map_err(|e| bad_input(format!("--console {re:?}: {e}")))?,
         ),
-        (None, Some(cmd)) => drydock_vm::WaitFor::Succeeds(cmd.clone()),
+        (None, Some(cmd)) => drydock_cluster::WaitFor::Succeeds(cmd.clone()),
         (None, None) => return Err(bad_input("give --console REGEX or --succeeds CMD")),
     };
     let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
     crate::cancel::install();
-    let r = drydock_vm::wait_machine(&vm, &paths, &what, a.timeout, &CANCEL)?;
+    let r = drydock_cluster::wait_machine(&vm, &paths, &what, a.timeout, &CANCEL)?;
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &r)?;
     } else if r.met {
         match &what {
-            drydock_vm::WaitFor::Console(_) => eprintln!(
+            drydock_cluster::WaitFor::Console(_) => eprintln!(
                 "drydock: {} printed {:?} after {:.1} s",
                 a.machine,
                 r.lines.first().map(String::as_str).unwrap_or(""),
                 r.after_secs
             ),
-            drydock_vm::WaitFor::Succeeds(cmd) => eprintln!(
+            drydock_cluster::WaitFor::Succeeds(cmd) => eprintln!(
                 "drydock: `{cmd}` succeeded on {} after {:.1} s ({} tries)",
                 a.machine, r.after_secs, r.tries
             ),
         }
     } else {
         match &what {
-            drydock_vm::WaitFor::Console(re) => {
+            drydock_cluster::WaitFor::Console(re) => {
                 eprintln!(
                     "drydock: no console line of {} matched {:?} within {:.0} s; its last lines:",
                     a.machine,
@@ -345,7 +345,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
                     eprintln!("  {l}");
                 }
             }
-            drydock_vm::WaitFor::Succeeds(cmd) => {
+            drydock_cluster::WaitFor::Succeeds(cmd) => {
                 eprintln!(
                     "drydock: `{cmd}` did not succeed on {} within {:.0} s ({} tries); the last try exited {}:",
                     a.machine,
@@ -438,12 +438,12 @@ pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
         },
         if raw.is_some() { "\r\n" } else { "\n" }
     );
-    let opts = drydock_vm::ShellOptions {
+    let opts = drydock_cluster::ShellOptions {
         size,
         escape: raw.is_some(),
     };
     let result =
-        drydock_vm::shell_remote(&vm, &paths, opts, std::io::stdin(), &mut std::io::stdout());
+        drydock_cluster::shell_remote(&vm, &paths, opts, std::io::stdin(), &mut std::io::stdout());
     drop(raw);
     result?;
     Ok(Outcome::Success)
@@ -457,7 +457,7 @@ pub fn exec_vm(
     words: &[String],
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
-    let o = drydock_vm::exec_remote(vm, paths, &words.join(" "), timeout)?;
+    let o = drydock_cluster::exec_remote(vm, paths, &words.join(" "), timeout)?;
     std::io::stderr().write_all(&o.stderr)?;
     let mut out = std::io::stdout().lock();
     out.write_all(&o.stdout)?;
@@ -468,7 +468,7 @@ pub fn exec_vm(
 /// `logs`: the machines' timed console logs, merged in time order.
 pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
     let name = cluster_name(&a.cluster)?;
-    let path = drydock_vm::up_plan_file(&ctx.state_dir, &name);
+    let path = drydock_cluster::up_plan_file(&ctx.state_dir, &name);
     let bytes = drydock_gc::read_regular(
         &path,
         drydock_gc::Links::Refuse,
@@ -495,15 +495,16 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
         let logs = chosen
             .iter()
             .map(|m| {
-                let p = drydock_vm::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
+                let p =
+                    drydock_cluster::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
                 let lines =
-                    drydock_vm::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
+                    drydock_cluster::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
                 let skip = printed.get(&m.machine).copied().unwrap_or(0);
                 printed.insert(m.machine.clone(), lines.len());
                 (m.machine.clone(), lines.into_iter().skip(skip).collect())
             })
             .collect();
-        for (_, m, line) in drydock_vm::merge_timed(logs) {
+        for (_, m, line) in drydock_cluster::merge_timed(logs) {
             writeln!(out, "{m:width$} │ {line}")?;
         }
         out.flush()?;

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use drydock_vm::{
-    ActionOutcome, ClusterPlan, ConsoleTail, MachineEvent, ReloadAction, ReloadOutcome,
-    ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest, VmPaths, WatchEnd, Watching,
+use drydock_cluster::{
+    ActionOutcome, ClusterPlan, MachineEvent, ReloadAction, ReloadOutcome, ReloadOwner,
+    ReloadReport, SessionError, UpEvent, UpRequest, WatchEnd, Watching,
 };
+use drydock_vm::{ConsoleTail, VmPaths};
 
 use crate::cancel::CANCEL;
 use crate::cli::UpArgs;
@@ -281,7 +282,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
             state_dir: ctx.state_dir.clone(),
             name: req.name.clone(),
         };
-        let report = drydock_vm::reload_cycle(
+        let report = drydock_cluster::reload_cycle(
             &layout,
             &ctx.state_dir,
             req,
@@ -297,7 +298,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
         "drydock: watching {} for changes; Ctrl-C stops watching (the cluster stays up)",
         watching.dir.display()
     );
-    match drydock_vm::watch_reloads(
+    match drydock_cluster::watch_reloads(
         &layout,
         &ctx.state_dir,
         req,

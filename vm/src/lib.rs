@@ -4,7 +4,6 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
-mod cluster;
 mod doctor;
 mod host;
 mod image;
@@ -21,31 +20,6 @@ mod storefs;
 mod sys;
 mod system;
 
-pub use cluster::apply::{ReloadError, restart_machine};
-pub use cluster::backdoor::{BackdoorError, ExecOutput};
-pub use cluster::compose::{
-    ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
-    MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
-    valid_machine_name, validate_cluster_name,
-};
-pub use cluster::control::{Detached, DetachedOwner, Down, down as cluster_down, start_detached};
-pub use cluster::eval::EvalError;
-pub use cluster::hub::{Hub, HubCounters, HubError};
-pub use cluster::reload::{
-    Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
-    PlannedAction,
-};
-pub use cluster::run::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineEvent, RunningCluster,
-    ShellOptions, cluster_machine, cluster_paths, exec_remote, merge_timed, parse_timed,
-    refuse_cluster_machine, shell_remote, timed_log, up as cluster_up, up_machine,
-};
-pub use cluster::session::{
-    BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
-    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, up_plan_file, watch_reloads,
-};
-pub use cluster::wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use cluster::watch::WatchError;
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
@@ -54,7 +28,8 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
+    WaitOutcome, discard_disk, follow, log_tail, pid_alive, process_start_ticks,
+    same_process_alive, start, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
@@ -76,11 +51,14 @@ pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
     resume_incoming, save_snapshot,
 };
-pub use spawn::{SpawnError, Supervised};
+pub use spawn::{
+    Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
+    spawn_detached,
+};
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
-pub use system::{SystemBoot, SystemError};
+pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -237,7 +237,7 @@ impl Drop for Supervised {
 
 /// drydock itself (`exe`) with the global options a detached helper needs to find the same
 /// state and store: `--state-dir DIR [--store ROOT]`; the subcommand and its arguments follow.
-pub(crate) fn drydock_command(exe: &Path, state_dir: &Path, store_root: Option<&Path>) -> Command {
+pub fn drydock_command(exe: &Path, state_dir: &Path, store_root: Option<&Path>) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("--state-dir").arg(state_dir);
     if let Some(root) = store_root {
@@ -248,7 +248,7 @@ pub(crate) fn drydock_command(exe: &Path, state_dir: &Path, store_root: Option<&
 
 /// How a wait for a detached process to report in ended.
 #[derive(Debug)]
-pub(crate) enum Awaited<T> {
+pub enum Awaited<T> {
     Ready(T),
     /// The process exited first (its log says why).
     Died,
@@ -258,7 +258,7 @@ pub(crate) enum Awaited<T> {
 
 /// Look at `ready` every `every` until it gives a value, the process `pid` dies, `within`
 /// passes or `cancel` is set, whichever comes first.
-pub(crate) fn await_report<T>(
+pub fn await_report<T>(
     pid: u32,
     within: Duration,
     every: Duration,
@@ -309,7 +309,7 @@ pub fn spawn_detached(name: &str, mut cmd: Command, log: std::fs::File) -> Resul
 
 /// What a finished (or killed) child left behind.
 #[derive(Debug, Clone)]
-pub(crate) struct Captured {
+pub struct Captured {
     /// `None` when the child was killed at the deadline or by a signal.
     pub code: Option<i32>,
     pub stdout: String,
@@ -319,7 +319,7 @@ pub(crate) struct Captured {
 
 /// Run `cmd` to completion or until `deadline` passes (then SIGKILL it and its process group:
 /// a grandchild such as Nix's `ssh` would otherwise hold the output pipes open).
-pub(crate) fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
+pub fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
     use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

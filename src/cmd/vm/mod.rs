@@ -385,7 +385,7 @@ pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> 
 /// `vm restart`: the recorded launch again. Everything it needs is pinned; nothing is evaluated
 /// or built, and Nix is not called.
 fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
-    if let Some(cm) = drydock_vm::cluster_machine(&ctx.state_dir, &a.name) {
+    if let Some(cm) = drydock_cluster::cluster_machine(&ctx.state_dir, &a.name) {
         return restart_in_cluster(ctx, a, &cm);
     }
     let paths = vm_paths(ctx, &a.name)?;
@@ -417,7 +417,7 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
 fn restart_in_cluster(
     ctx: &Context,
     a: &VmRestartArgs,
-    cm: &drydock_vm::ClusterMachine,
+    cm: &drydock_cluster::ClusterMachine,
 ) -> anyhow::Result<Outcome> {
     if a.keep_state || a.wait.ready.is_some() {
         return Err(bad_input(format!(
@@ -430,11 +430,11 @@ fn restart_in_cluster(
         "drydock: restarting {} through the owner of cluster {} (pid {})",
         a.name, cm.cluster, cm.owner_pid
     );
-    let o = drydock_vm::restart_machine(&ctx.state_dir, cm, deadline)?;
+    let o = drydock_cluster::restart_machine(&ctx.state_dir, cm, deadline)?;
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &o)?;
     }
-    if o.outcome == drydock_vm::ActionOutcome::Done {
+    if o.outcome == drydock_cluster::ActionOutcome::Done {
         eprintln!("drydock: {} restarted in {:.2} s", a.name, o.seconds);
         Ok(Outcome::Success)
     } else {
@@ -459,7 +459,7 @@ fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result
 }
 
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
-    drydock_vm::refuse_cluster_machine(&ctx.state_dir, &a.name, "stop")?;
+    drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "stop")?;
     let paths = vm_paths(ctx, &a.name)?;
     if !paths.dir.is_dir() {
         return Err(bad_input(format!(

@@ -12,7 +12,7 @@ use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
 pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
-    drydock_vm::refuse_cluster_machine(&ctx.state_dir, &a.name, "snapshot")?;
+    drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "snapshot")?;
     let paths = vm_paths(ctx, &a.name)?;
     let record = existing_record(ctx, &paths, &a.name)?;
     let running = VmState::read(&paths).is_some_and(|s| s.qemu_alive());
@@ -48,7 +48,7 @@ struct RestoreReport<'a> {
 }
 
 pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
-    drydock_vm::refuse_cluster_machine(&ctx.state_dir, &a.name, "restore")?;
+    drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "restore")?;
     let paths = vm_paths(ctx, &a.name)?;
     let mut record = existing_record(ctx, &paths, &a.name)?;
     drydock_vm::recorded_store(&record, &ctx.layout(), super::explicit_store(ctx))?;

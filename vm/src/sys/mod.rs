@@ -4,5 +4,4 @@
 pub(crate) mod daemon;
 pub(crate) mod fs;
 pub(crate) mod kvm;
-pub(crate) mod net;
 pub(crate) mod proc;

@@ -138,7 +138,7 @@ fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &AtomicBool,
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e) if super::try_again(&e) => {
+            Err(e) if crate::try_again(&e) => {
                 continue;
             }
             Err(e) => {
@@ -154,7 +154,7 @@ fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &AtomicBool,
         };
         c.frames.fetch_add(1, Ordering::Relaxed);
         for port in ports.iter().filter(|p| p.as_path() != sender) {
-            match crate::sys::net::send_to_nowait(sock, &buf[..n], port) {
+            match crate::sys::send_to_nowait(sock, &buf[..n], port) {
                 Ok(_) => c.delivered.fetch_add(1, Ordering::Relaxed),
                 Err(_) => c.dropped.fetch_add(1, Ordering::Relaxed),
             };

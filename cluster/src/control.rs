@@ -1,5 +1,5 @@
 //! A detached cluster's life from the outside: `up --detach` starts its owner (the hidden
-//! `__cluster-supervise`, which runs [`super::run::up`]) and waits until every machine is ready;
+//! `__cluster-supervise`, which runs [`crate::run::up`]) and waits until every machine is ready;
 //! `down` asks the owner to stop everything (SIGTERM), waits with a deadline, and reaps what an
 //! owner that died uncleanly left behind.
 
@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::run::{ClusterError, ClusterState, cluster_paths};
-use crate::launch::{LaunchRecord, VmState};
-use crate::plan::VmPaths;
-use crate::resolve::AccelChoice;
-use crate::spawn::Awaited;
+use crate::run::{ClusterError, ClusterState, cluster_paths};
+use drydock_vm::AccelChoice;
+use drydock_vm::Awaited;
+use drydock_vm::VmPaths;
+use drydock_vm::{LaunchRecord, VmState};
 
 /// How long `down` waits for the owner to stop every machine before it kills it.
 pub const DOWN_DEADLINE: Duration = Duration::from_secs(120);
@@ -52,7 +52,7 @@ pub fn start_detached(
         source,
     };
     let log = std::fs::File::create(&log_path).map_err(files)?;
-    let mut cmd = crate::spawn::drydock_command(o.exe, o.state_dir, o.store_root);
+    let mut cmd = drydock_vm::drydock_command(o.exe, o.state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
         "--name",
@@ -66,19 +66,19 @@ pub fn start_detached(
         cmd.arg("--qemu").arg(q);
     }
     let started = Instant::now();
-    let pid = crate::spawn::spawn_detached("cluster supervisor", cmd, log)
-        .map_err(ClusterError::Spawn)?;
+    let pid =
+        drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
     let deadline = o.ready_timeout + OWNER_SLACK;
     let every = Duration::from_millis(20);
     let ready =
         || ClusterState::read(o.state_dir, o.name).filter(|s| s.ready && s.owner_pid == pid);
-    match crate::spawn::await_report(pid, deadline, every, cancel, ready) {
+    match drydock_vm::await_report(pid, deadline, every, cancel, ready) {
         Awaited::Ready(_) => Ok(Detached {
             owner_pid: pid,
             after_secs: started.elapsed().as_secs_f64(),
         }),
         Awaited::Died => Err(ClusterError::DidNotStart {
-            log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+            log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
         }),
         Awaited::Late => {
             terminate(pid);
@@ -87,7 +87,7 @@ pub fn start_detached(
             }
             Err(ClusterError::NotReady {
                 after: started.elapsed(),
-                log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+                log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
             })
         }
     }
@@ -106,7 +106,7 @@ fn terminate(pid: u32) -> bool {
 
 fn wait_gone(pid: u32, within: Duration) -> bool {
     let t = Instant::now();
-    while crate::launch::pid_alive(pid) {
+    while drydock_vm::pid_alive(pid) {
         if t.elapsed() > within {
             return false;
         }
@@ -133,7 +133,7 @@ pub struct Down {
 pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
     let t = Instant::now();
     // An `up` killed between its build and its machines' pins left its roots behind.
-    super::eval::release_build_roots(&cluster_paths(state_dir, name).dir);
+    crate::eval::release_build_roots(&cluster_paths(state_dir, name).dir);
     let Some(state) = ClusterState::read(state_dir, name) else {
         return Ok(Down {
             name: name.to_string(),
@@ -148,7 +148,7 @@ pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
         let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
         if let Some(vs) = VmState::read(&paths) {
             let record = LaunchRecord::read(&paths).ok();
-            crate::owner::reap_stale(state_dir, &paths, &vs, record.as_ref())
+            drydock_vm::reap_stale(state_dir, &paths, &vs, record.as_ref())
                 .map_err(|e| ClusterError::Reap(Box::new(e)))?;
         }
     }

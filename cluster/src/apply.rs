@@ -27,15 +27,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::compose::ClusterPlan;
-use super::hub::Hub;
-use super::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
-use super::run::{
+use crate::compose::ClusterPlan;
+use crate::hub::Hub;
+use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
+use crate::run::{
     ClusterError, MachineEvent, RunningCluster, cluster_paths, exec_remote, hub_socket,
     machine_request, vlan_ports,
 };
-use crate::launch::LaunchRecord;
-use crate::plan::VmPaths;
+use drydock_vm::LaunchRecord;
+use drydock_vm::VmPaths;
 
 /// How long `switch-to-configuration` may run in a guest.
 const SWITCH_DEADLINE: Duration = Duration::from_secs(300);
@@ -52,7 +52,7 @@ pub enum ReloadError {
     Resolve {
         machine: String,
         #[source]
-        source: Box<crate::resolve::ResolveError>,
+        source: Box<drydock_vm::ResolveError>,
     },
     #[error("the new plan is for the cluster {got}, not {want}")]
     OtherCluster { got: String, want: String },
@@ -143,10 +143,10 @@ pub struct ControlReply {
 /// with the cluster's current plan (nothing else changes). Its outcome, within `deadline`.
 pub fn restart_machine(
     state_dir: &Path,
-    cm: &super::run::ClusterMachine,
+    cm: &crate::run::ClusterMachine,
     deadline: Duration,
 ) -> Result<MachineOutcome, ReloadError> {
-    let state = super::run::ClusterState::read_up(state_dir, &cm.cluster)
+    let state = crate::run::ClusterState::read_up(state_dir, &cm.cluster)
         .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))?;
     let req = ControlRequest {
         op: ControlOp::Apply,
@@ -176,8 +176,8 @@ pub fn request(
     };
     s.set_read_timeout(Some(deadline)).map_err(io)?;
     s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
-    super::write_json_line(&s, req).map_err(io)?;
-    let reply: ControlReply = super::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
+    crate::write_json_line(&s, req).map_err(io)?;
+    let reply: ControlReply = crate::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
     match reply.error {
         Some(message) => Err(ReloadError::Owner {
             name: name.to_string(),
@@ -238,9 +238,9 @@ fn switch(
         return failed("no closure view to change".into(), String::new());
     };
     let both = union(&old_allow, &new_allow);
-    if let Err(e) = crate::storefs::update_closure(&paths.fs_socket(), &both, CLOSURE_DEADLINE) {
+    if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), &both, CLOSURE_DEADLINE) {
         return failed(
-            format!("showing the new closure: {}", crate::error_chain(&e)),
+            format!("showing the new closure: {}", drydock_vm::error_chain(&e)),
             String::new(),
         );
     }
@@ -252,7 +252,7 @@ fn switch(
     );
     let out = match exec_remote(vm, &paths, &cmd, SWITCH_DEADLINE) {
         Ok(o) => o,
-        Err(e) => return failed(crate::error_chain(&e), String::new()),
+        Err(e) => return failed(drydock_vm::error_chain(&e), String::new()),
     };
     let output = format!(
         "{}{}",
@@ -268,11 +268,10 @@ fn switch(
             output,
         );
     }
-    if let Err(e) = crate::storefs::update_closure(&paths.fs_socket(), &new_allow, CLOSURE_DEADLINE)
-    {
+    if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), &new_allow, CLOSURE_DEADLINE) {
         tracing::warn!(
             "{vm}: narrowing the closure view: {}",
-            crate::error_chain(&e)
+            drydock_vm::error_chain(&e)
         );
     }
     let mut record = new.clone();
@@ -281,7 +280,7 @@ fn switch(
         return failed(
             format!(
                 "switched, but the launch record: {}",
-                crate::error_chain(&e)
+                drydock_vm::error_chain(&e)
             ),
             output,
         );
@@ -306,12 +305,15 @@ fn move_pin(
         return Ok(());
     };
     let layout = old.store.clone().unwrap_or_else(|| fallback.clone());
-    let db = drydock_gc::RunsDb::open(state_dir).map_err(|e| crate::error_chain(&e))?;
-    let sp = layout.parse(new_top).map_err(|e| crate::error_chain(&e))?;
+    let db = drydock_gc::RunsDb::open(state_dir).map_err(|e| drydock_vm::error_chain(&e))?;
+    let sp = layout
+        .parse(new_top)
+        .map_err(|e| drydock_vm::error_chain(&e))?;
     db.pin(&layout, id, &sp)
-        .map_err(|e| crate::error_chain(&e))?;
+        .map_err(|e| drydock_vm::error_chain(&e))?;
     if let Some(old_top) = old.toplevel.as_deref().filter(|t| *t != new_top) {
-        db.unpin(id, old_top).map_err(|e| crate::error_chain(&e))?;
+        db.unpin(id, old_top)
+            .map_err(|e| drydock_vm::error_chain(&e))?;
     }
     Ok(())
 }
@@ -342,7 +344,7 @@ impl RunningCluster {
             let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
             let req = machine_request(m, &self.opts, &cpaths, &hosts);
             let record =
-                crate::resolve::resolve_launch(&self.opts.layout, &self.state_dir, &paths, &req)
+                drydock_vm::resolve_launch(&self.opts.layout, &self.state_dir, &paths, &req)
                     .map_err(|e| ReloadError::Resolve {
                         machine: m.machine.clone(),
                         source: Box::new(e),
@@ -385,7 +387,7 @@ impl RunningCluster {
             &f.launches,
             force_restart,
         );
-        super::reload::restart_named(&mut plan, restart_machines);
+        crate::reload::restart_named(&mut plan, restart_machines);
         Ok(plan)
     }
 
@@ -410,7 +412,7 @@ impl RunningCluster {
             &facts.launches,
             force_restart,
         );
-        super::reload::restart_named(&mut plan, restart_machines);
+        crate::reload::restart_named(&mut plan, restart_machines);
         let mut outcomes: Vec<MachineOutcome> =
             plan.iter().cloned().map(MachineOutcome::planned).collect();
         let of = |a: Action| -> Vec<String> {
@@ -653,14 +655,14 @@ impl RunningCluster {
                     },
                     Err(e) => ControlReply {
                         machines: Vec::new(),
-                        error: Some(crate::error_chain(&e)),
+                        error: Some(drydock_vm::error_chain(&e)),
                         bad_input: e.is_bad_input(),
                     },
                 }
             }
         };
         let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
-        let _ = super::write_json_line(&s, &reply);
+        let _ = crate::write_json_line(&s, &reply);
         true
     }
 }

@@ -1,4 +1,4 @@
-//! Clusters: compositions of machines (`drydock.nix`), each a VM of the one launch path, on
+//! drydock's clusters: compositions of machines (`drydock.nix`), each a VM of the one launch path, on
 //! private layer-2 segments (one hub per VLAN), with a backdoor shell into each guest.
 //!
 //! `compose` is the pure layer (settings → plan); `eval` runs Nix (settings, the one build);
@@ -9,17 +9,48 @@
 //! owner, asked over the cluster's control socket; `watch` waits for edits of a composition.
 //! `session` is what one `up` does with them: prepare, reload cycles, the owner's loop.
 
-pub(crate) mod apply;
-pub(crate) mod backdoor;
-pub(crate) mod compose;
-pub(crate) mod control;
-pub(crate) mod eval;
-pub(crate) mod hub;
-pub(crate) mod reload;
-pub(crate) mod run;
-pub(crate) mod session;
-pub(crate) mod wait;
-pub(crate) mod watch;
+//!
+//! Modules are private; the small public API is re-exported here.
+
+mod apply;
+mod backdoor;
+mod compose;
+mod control;
+mod eval;
+mod hub;
+mod reload;
+mod run;
+mod session;
+#[allow(unsafe_code)]
+mod sys;
+mod wait;
+mod watch;
+
+pub use apply::{ReloadError, restart_machine};
+pub use backdoor::{BackdoorError, ExecOutput};
+pub use compose::{
+    ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
+    MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
+    valid_machine_name, validate_cluster_name,
+};
+pub use control::{Detached, DetachedOwner, Down, down as cluster_down, start_detached};
+pub use eval::EvalError;
+pub use hub::{Hub, HubCounters, HubError};
+pub use reload::{
+    Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
+    PlannedAction,
+};
+pub use run::{
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineEvent, RunningCluster,
+    ShellOptions, cluster_machine, cluster_paths, exec_remote, merge_timed, parse_timed,
+    refuse_cluster_machine, shell_remote, timed_log, up as cluster_up, up_machine,
+};
+pub use session::{
+    BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
+    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, up_plan_file, watch_reloads,
+};
+pub use wait::{WaitFor, WaitReport, wait as wait_machine};
+pub use watch::WatchError;
 
 /// A read or receive that timed out or was interrupted: try again (after looking at a flag).
 pub(crate) fn try_again(e: &std::io::Error) -> bool {

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use drydock_gc::{GcError, RunsDb, StoreLayout};
 use serde::Serialize;
 
-use super::apply::{ControlOp, ControlRequest, ReloadError, request};
-use super::compose::{ClusterPlan, ComposeError, plan_cluster};
-use super::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
-use super::reload::{Action, MachineOutcome, PlannedAction, all_done};
-use super::run::{ClusterError, ClusterState, MachineEvent, RunningCluster, cluster_paths};
-use super::watch::{Debounce, WatchError, Watcher};
-use crate::launch::ConsoleTail;
-use crate::plan::VmPaths;
+use crate::apply::{ControlOp, ControlRequest, ReloadError, request};
+use crate::compose::{ClusterPlan, ComposeError, plan_cluster};
+use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
+use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
+use crate::run::{ClusterError, ClusterState, MachineEvent, RunningCluster, cluster_paths};
+use crate::watch::{Debounce, WatchError, Watcher};
+use drydock_vm::ConsoleTail;
+use drydock_vm::VmPaths;
 
 /// How long a change must be followed by quiet before it is applied (an editor's burst).
 const QUIET: Duration = Duration::from_millis(300);
@@ -494,7 +494,7 @@ impl Watching {
     fn due(&mut self) -> Option<Vec<PathBuf>> {
         match self.watcher.poll() {
             Ok(paths) => self.debounce.push(paths, Instant::now()),
-            Err(e) => tracing::warn!("{}", crate::error_chain(&e)),
+            Err(e) => tracing::warn!("{}", drydock_vm::error_chain(&e)),
         }
         self.debounce.take(Instant::now(), QUIET)
     }
@@ -596,7 +596,7 @@ impl RunningCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::compose::{Composition, MachineSettings, SystemRef};
+    use crate::compose::{Composition, MachineSettings, SystemRef};
 
     fn composition(machines: &[(&str, &[u8])]) -> Composition {
         Composition {

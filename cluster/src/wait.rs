@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::backdoor::ExecOutput;
-use super::run::{ClusterError, exec_remote};
-use crate::launch::{ConsoleTail, WaitOutcome};
-use crate::plan::VmPaths;
+use crate::backdoor::ExecOutput;
+use crate::run::{ClusterError, exec_remote};
+use drydock_vm::VmPaths;
+use drydock_vm::{ConsoleTail, WaitOutcome};
 
 /// The pause between two tries of `--succeeds`.
 const RETRY: Duration = Duration::from_secs(1);
@@ -67,14 +67,14 @@ pub fn wait(
     };
     match what {
         WaitFor::Console(re) => {
-            if !crate::launch::VmState::read(paths).is_some_and(|s| s.qemu_alive()) {
+            if !drydock_vm::VmState::read(paths).is_some_and(|s| s.qemu_alive()) {
                 return Err(ClusterError::NoExec(vm.to_string()));
             }
             let mut tail = ConsoleTail::new(paths.console_log());
             let mut last: std::collections::VecDeque<String> = Default::default();
             // A machine restarted meanwhile (`vm restart`) is waited for across its restart:
             // its QEMU going away does not end the wait.
-            let outcome = crate::launch::follow(
+            let outcome = drydock_vm::follow(
                 &mut tail,
                 Some(re),
                 Some(timeout),

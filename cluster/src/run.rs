@@ -23,12 +23,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use drydock_gc::StoreLayout;
 use serde::{Deserialize, Serialize};
 
-use super::backdoor::{Backdoor, ExecOutput};
-use super::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
-use super::hub::Hub;
-use crate::launch::{LaunchRecord, VmState};
-use crate::plan::{FwCfgFile, GuestDevices, Nic, VmPaths};
-use crate::resolve::{AccelChoice, Boot, LaunchRequest, Share, StoreMode};
+use crate::backdoor::{Backdoor, ExecOutput};
+use crate::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
+use crate::hub::Hub;
+use drydock_vm::{AccelChoice, Boot, LaunchRequest, Share, StoreMode};
+use drydock_vm::{FwCfgFile, GuestDevices, Nic, VmPaths};
+use drydock_vm::{LaunchRecord, VmState};
 
 /// Why a cluster could not start, or a call could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum ClusterError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Hub(super::hub::HubError),
+    Hub(crate::hub::HubError),
     #[error("machine {machine}: {message}")]
     Machine { machine: String, message: String },
     #[error("the cluster {0} is not up (no owner found)")]
@@ -64,15 +64,15 @@ pub enum ClusterError {
     #[error("interrupted while the cluster started; everything started was stopped")]
     Interrupted,
     #[error("cannot start the cluster's owner")]
-    Spawn(#[source] crate::spawn::SpawnError),
+    Spawn(#[source] drydock_vm::SpawnError),
     #[error("the cluster did not start:\n{log}")]
     DidNotStart { log: String },
     #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
     NotReady { after: Duration, log: String },
     #[error("cannot record the cluster's state")]
-    Record(#[source] crate::launch::LaunchError),
+    Record(#[source] drydock_vm::LaunchError),
     #[error("cannot clean up after the cluster's dead owner")]
-    Reap(#[source] Box<crate::owner::OwnerError>),
+    Reap(#[source] Box<drydock_vm::OwnerError>),
     #[error(
         "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
         machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster
@@ -133,13 +133,13 @@ impl ClusterState {
         Self::read(state_dir, name).filter(Self::owner_alive)
     }
     pub fn owner_alive(&self) -> bool {
-        crate::launch::same_process_alive(self.owner_pid, self.owner_start_ticks)
+        drydock_vm::same_process_alive(self.owner_pid, self.owner_start_ticks)
     }
     fn write(&self, state_dir: &Path) -> Result<(), ClusterError> {
         let path = cluster_paths(state_dir, &self.name)
             .dir
             .join("cluster.json");
-        crate::launch::write_json(&path, self).map_err(ClusterError::Record)
+        drydock_vm::write_json(&path, self).map_err(ClusterError::Record)
     }
 }
 
@@ -242,7 +242,7 @@ pub(super) struct MachineThread {
 /// One console being stamped: its tail, its timed log and that log once opened.
 #[derive(Debug)]
 pub(super) struct Stamp {
-    tail: crate::launch::ConsoleTail,
+    tail: drydock_vm::ConsoleTail,
     path: PathBuf,
     file: Option<std::fs::File>,
 }
@@ -371,7 +371,7 @@ pub fn up(
             Err(_) => on_event(None),
         }
     }
-    running.control = Some(super::apply::bind_control(&cpaths)?);
+    running.control = Some(crate::apply::bind_control(&cpaths)?);
     Ok(running)
 }
 
@@ -408,7 +408,7 @@ impl RunningCluster {
         self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
             m.machine.clone(),
             Stamp {
-                tail: crate::launch::ConsoleTail::new(paths.console_log()),
+                tail: drydock_vm::ConsoleTail::new(paths.console_log()),
                 path: timed_log(&paths),
                 file: None,
             },
@@ -422,13 +422,13 @@ impl RunningCluster {
         ClusterState {
             name: self.plan.name.clone(),
             owner_pid: pid,
-            owner_start_ticks: crate::launch::process_start_ticks(pid),
+            owner_start_ticks: drydock_vm::process_start_ticks(pid),
             ready,
             plan: self.plan.clone(),
         }
         .write(&self.state_dir)?;
-        let up = super::session::up_plan_file(&self.state_dir, &self.plan.name);
-        crate::launch::write_json(&up, &self.plan).map_err(ClusterError::Record)
+        let up = crate::session::up_plan_file(&self.state_dir, &self.plan.name);
+        drydock_vm::write_json(&up, &self.plan).map_err(ClusterError::Record)
     }
 
     /// Whether every machine thread has ended (their VMs stopped).
@@ -459,7 +459,7 @@ impl RunningCluster {
         self.stopped = true;
         self.control = None;
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let _ = std::fs::remove_file(super::apply::control_socket(&cpaths));
+        let _ = std::fs::remove_file(crate::apply::control_socket(&cpaths));
         let all: Vec<String> = self.machines.keys().cloned().collect();
         self.stop_machines(&all);
         self.stamp_stop.store(true, Ordering::SeqCst);
@@ -557,7 +557,7 @@ fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
 }
 
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::error_chain(e)
+    drydock_vm::error_chain(e)
 }
 
 /// The launch of machine `m` of a cluster whose folder is `cpaths` (its hosts table `hosts`).
@@ -624,7 +624,7 @@ fn machine_main(
             ));
         }
         let record = LaunchRecord::read(&paths).ok();
-        if let Err(e) = crate::owner::reap_stale(&opts.state_dir, &paths, &state, record.as_ref()) {
+        if let Err(e) = drydock_vm::reap_stale(&opts.state_dir, &paths, &state, record.as_ref()) {
             return fail(error_text(&e));
         }
     }
@@ -649,41 +649,40 @@ fn machine_main(
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
     };
-    let mut record =
-        match crate::resolve::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
-            Ok(r) => r.record,
-            Err(e) => {
-                return fail(format!(
-                    "system {}: {}",
-                    m.settings.system.target(),
-                    error_text(&e)
-                ));
-            }
-        };
+    let mut record = match drydock_vm::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
+        Ok(r) => r.record,
+        Err(e) => {
+            return fail(format!(
+                "system {}: {}",
+                m.settings.system.target(),
+                error_text(&e)
+            ));
+        }
+    };
     if let Some(disk) = &record.spec.disk {
-        if let Err(e) = crate::launch::discard_disk(disk) {
+        if let Err(e) = drydock_vm::discard_disk(disk) {
             return fail(error_text(&e));
         }
     }
-    record.run_id = crate::owner::record_vm_run(&opts.state_dir, &opts.layout, &record, &opts.argv);
+    record.run_id = drydock_vm::record_vm_run(&opts.state_dir, &opts.layout, &record, &opts.argv);
     if let Err(e) = record.write(&paths) {
         return fail(error_text(&e));
     }
     let started = Instant::now();
-    let mut vm = match crate::launch::start(&record.spec, record.share.as_ref(), None) {
+    let mut vm = match drydock_vm::start(&record.spec, record.share.as_ref(), None) {
         Ok(vm) => vm,
         Err(e) => {
-            let _ = crate::owner::end_vm_run(&opts.state_dir, &record, None);
+            let _ = drydock_vm::end_vm_run(&opts.state_dir, &record, None);
             return fail(error_text(&e));
         }
     };
     // From here on the VM is stopped on every path out.
     let result = serve(m, opts, &mut vm, &listener, &exec_path, stop, tx, started);
     let status = vm.exited();
-    if let Err(e) = vm.stop(crate::launch::POWERDOWN_GRACE) {
+    if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
         tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
     }
-    let _ = crate::owner::end_vm_run(
+    let _ = drydock_vm::end_vm_run(
         &opts.state_dir,
         &record,
         status.or_else(|| vm.exited()).and_then(|s| s.code()),
@@ -709,7 +708,7 @@ fn machine_main(
 fn serve(
     m: &MachinePlan,
     opts: &ClusterLaunch,
-    vm: &mut crate::launch::Vm,
+    vm: &mut drydock_vm::Vm,
     listener: &UnixListener,
     exec_path: &Path,
     stop: &AtomicBool,
@@ -759,7 +758,7 @@ fn serve(
     let prompt = format!("{}# ", m.machine);
     while !stop.load(Ordering::SeqCst) && vm.exited().is_none() {
         // Answer a call at once; look at the stop flag and QEMU every 100 ms meanwhile.
-        match crate::sys::net::wait_readable(&exec, Duration::from_millis(100)) {
+        match crate::sys::wait_readable(&exec, Duration::from_millis(100)) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => return Err(format!("exec socket: {e}")),
@@ -813,7 +812,7 @@ struct ExecReply {
 }
 
 fn send_reply(s: &UnixStream, reply: &ExecReply) {
-    let _ = super::write_json_line(s, reply);
+    let _ = crate::write_json_line(s, reply);
 }
 
 fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
@@ -1006,9 +1005,9 @@ fn ask_owner(
         .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
     let call = call_error(vm);
     s.set_read_timeout(read_timeout).map_err(&call)?;
-    super::write_json_line(&s, req).map_err(&call)?;
+    crate::write_json_line(&s, req).map_err(&call)?;
     let mut r = BufReader::new(s);
-    let reply: ExecReply = super::read_json_line(&mut r).map_err(&call)?;
+    let reply: ExecReply = crate::read_json_line(&mut r).map_err(&call)?;
     if let Some(message) = reply.error {
         return Err(ClusterError::Remote {
             vm: vm.to_string(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use drydock_gc::{RunsDb, StoreLayout, TrackReport};
 
-use super::compose::{ComposeError, Composition, SystemRef, parse_settings};
+use crate::compose::{ComposeError, Composition, SystemRef, parse_settings};
 
 /// How long evaluating the settings may take.
 const EVAL_DEADLINE: Duration = Duration::from_secs(300);
@@ -141,7 +141,7 @@ pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalEr
         .arg("file")
         .arg(&file)
         .args(store_args(layout));
-    let r = crate::spawn::run_captured(cmd, EVAL_DEADLINE).map_err(EvalError::Spawn)?;
+    let r = drydock_vm::run_captured(cmd, EVAL_DEADLINE).map_err(EvalError::Spawn)?;
     if r.timed_out {
         return Err(EvalError::Timeout { file });
     }
@@ -270,15 +270,15 @@ pub fn check_systems(
             continue;
         };
         let target = m.system.target();
-        let result = crate::system::toplevel_path(layout, target)
-            .and_then(|top| crate::system::resolve_system(layout, &top));
+        let result = drydock_vm::toplevel_path(layout, target)
+            .and_then(|top| drydock_vm::resolve_system(layout, &top));
         if let Err(e) = result {
             return Err(ComposeError::BadValue {
                 file: c.file.clone(),
                 attr: format!("machines.{name}.system"),
                 message: format!(
                     "{target} is not a NixOS-shaped system: {}",
-                    crate::error_chain(&e)
+                    drydock_vm::error_chain(&e)
                 ),
             });
         }

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::compose::{ClusterPlan, MachinePlan};
-use crate::launch::LaunchRecord;
-use crate::plan::StoreAttachment;
+use crate::compose::{ClusterPlan, MachinePlan};
+use drydock_vm::LaunchRecord;
+use drydock_vm::StoreAttachment;
 
 /// What happens to one machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,9 +280,9 @@ pub fn all_done(outcomes: &[MachineOutcome]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::compose::{Composition, MachineSettings, SystemRef, plan_cluster};
-    use crate::launch::StoreShare;
-    use crate::plan::{Accel, GuestDevices, VmPaths, VmSpec};
+    use crate::compose::{Composition, MachineSettings, SystemRef, plan_cluster};
+    use drydock_vm::StoreShare;
+    use drydock_vm::{Accel, GuestDevices, VmPaths, VmSpec};
     use std::path::{Path, PathBuf};
 
     fn settings(system: &str) -> MachineSettings {

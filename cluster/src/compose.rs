@@ -392,7 +392,7 @@ pub fn plan_cluster(name: &str, c: &Composition) -> Result<ClusterPlan, ComposeE
             count: c.machines.len(),
         })?;
         let vm_name = format!("{name}.{machine}");
-        if crate::plan::validate_name(&vm_name).is_err() {
+        if drydock_vm::validate_name(&vm_name).is_err() {
             return Err(ComposeError::VmName {
                 name: name.into(),
                 machine: machine.clone(),
