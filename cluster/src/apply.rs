@@ -19,21 +19,17 @@
 //! line, one JSON reply line, per connection ([`request`]). Every wait has a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::compose::ClusterPlan;
+use crate::control::ControlOp;
+use crate::exec::exec_remote;
 use crate::hub::Hub;
 use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
-use crate::run::{
-    ClusterError, MachineEvent, RunningCluster, cluster_paths, exec_remote, hub_socket,
-    machine_request, vlan_ports,
-};
+use crate::run::{MachineEvent, RunningCluster, machine_request, vlan_ports};
+use crate::state::{ClusterError, cluster_paths, hub_socket};
 use drydock_vm::LaunchRecord;
 use drydock_vm::VmPaths;
 
@@ -41,8 +37,6 @@ use drydock_vm::VmPaths;
 const SWITCH_DEADLINE: Duration = Duration::from_secs(300);
 /// How long one exchange with a store server's control socket may take.
 const CLOSURE_DEADLINE: Duration = Duration::from_secs(30);
-/// How long the owner waits for a request line once a connection is accepted.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Why a reload could not be planned or carried out (before any machine was touched, unless
 /// said otherwise; a machine's own failure is its outcome, not an error).
@@ -64,127 +58,18 @@ pub enum ReloadError {
     },
     #[error("starting a machine or a hub")]
     Cluster(#[source] Box<ClusterError>),
-    #[error("the cluster {0} is not up (no owner answers on its control socket)")]
-    NotUp(String),
-    #[error("talking to the owner of the cluster {name}")]
-    Control {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the owner of the cluster {name}: {message}")]
-    Owner {
-        name: String,
-        message: String,
-        bad_input: bool,
-    },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 impl ReloadError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::Resolve { source, .. } => source.is_bad_input(),
-            Self::OtherCluster { .. } | Self::NotUp(_) => true,
-            Self::Owner { bad_input, .. } => *bad_input,
+            Self::OtherCluster { .. } => true,
+            Self::Control(e) => e.is_bad_input(),
             _ => false,
         }
-    }
-}
-
-/// The owner's control socket, in the cluster's socket folder.
-pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
-    cpaths.sockets.join("control.sock")
-}
-
-pub(super) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
-    let path = control_socket(cpaths);
-    let _ = std::fs::remove_file(&path);
-    let files = |source| ClusterError::Files {
-        path: path.clone(),
-        source,
-    };
-    let l = UnixListener::bind(&path).map_err(files)?;
-    l.set_nonblocking(true).map_err(files)?;
-    Ok(l)
-}
-
-/// What a second `up` asks the owner.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ControlRequest {
-    /// `plan` (nothing changes) or `apply`.
-    pub op: ControlOp,
-    pub plan: ClusterPlan,
-    /// `--restart`.
-    pub restart: bool,
-    /// Machines to restart even if the plan would keep or switch them (`vm restart`).
-    #[serde(default)]
-    pub restart_machines: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ControlOp {
-    Plan,
-    Apply,
-}
-
-/// The owner's answer: every machine's action (and outcome, for `apply`), or why not.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ControlReply {
-    #[serde(default)]
-    pub machines: Vec<MachineOutcome>,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub bad_input: bool,
-}
-
-/// `vm restart` of a machine of an up cluster: its owner restarts it on the cluster's networks,
-/// with the cluster's current plan (nothing else changes). Its outcome, within `deadline`.
-pub fn restart_machine(
-    state_dir: &Path,
-    cm: &crate::run::ClusterMachine,
-    deadline: Duration,
-) -> Result<MachineOutcome, ReloadError> {
-    let state = crate::run::ClusterState::read_up(state_dir, &cm.cluster)
-        .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))?;
-    let req = ControlRequest {
-        op: ControlOp::Apply,
-        plan: state.plan,
-        restart: false,
-        restart_machines: vec![cm.machine.clone()],
-    };
-    request(state_dir, &cm.cluster, &req, deadline)?
-        .into_iter()
-        .find(|o| o.planned.machine == cm.machine)
-        .ok_or_else(|| ReloadError::NotUp(cm.cluster.clone()))
-}
-
-/// Ask the owner of the cluster `name` (state in `state_dir`) to plan or apply `req`, waiting
-/// at most `deadline` for its answer.
-pub fn request(
-    state_dir: &Path,
-    name: &str,
-    req: &ControlRequest,
-    deadline: Duration,
-) -> Result<Vec<MachineOutcome>, ReloadError> {
-    let path = control_socket(&cluster_paths(state_dir, name));
-    let s = UnixStream::connect(&path).map_err(|_| ReloadError::NotUp(name.to_string()))?;
-    let io = |source| ReloadError::Control {
-        name: name.to_string(),
-        source,
-    };
-    s.set_read_timeout(Some(deadline)).map_err(io)?;
-    s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
-    crate::write_json_line(&s, req).map_err(io)?;
-    let reply: ControlReply = crate::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
-    match reply.error {
-        Some(message) => Err(ReloadError::Owner {
-            name: name.to_string(),
-            message,
-            bad_input: reply.bad_input,
-        }),
-        None => Ok(reply.machines),
     }
 }
 
@@ -617,53 +502,26 @@ impl RunningCluster {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(Option<&MachineEvent>),
     ) -> bool {
-        let Some(conn) = self.control.as_ref().and_then(|l| l.accept().ok()) else {
+        let Some(listener) = self.control.take() else {
             return false;
         };
-        let s = conn.0;
-        let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(REQUEST_DEADLINE));
-        let mut line = String::new();
-        let req = BufReader::new(&s)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())
-            .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()));
-        let reply = match req {
-            Err(e) => ControlReply {
-                machines: Vec::new(),
-                error: Some(format!("bad request: {e}")),
-                bad_input: true,
-            },
-            Ok(req) => {
-                let result = match req.op {
-                    ControlOp::Plan => self
-                        .plan_reload(&req.plan, req.restart, &req.restart_machines)
-                        .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
-                    ControlOp::Apply => self.apply_reload(
-                        &req.plan,
-                        req.restart,
-                        &req.restart_machines,
-                        cancel,
-                        on_event,
-                    ),
-                };
-                match result {
-                    Ok(machines) => ControlReply {
-                        machines,
-                        error: None,
-                        bad_input: false,
-                    },
-                    Err(e) => ControlReply {
-                        machines: Vec::new(),
-                        error: Some(drydock_vm::error_chain(&e)),
-                        bad_input: e.is_bad_input(),
-                    },
-                }
-            }
-        };
-        let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
-        let _ = crate::write_json_line(&s, &reply);
-        true
+        let served = crate::control::answer_one(&listener, &mut |req| {
+            let result = match req.op {
+                ControlOp::Plan => self
+                    .plan_reload(&req.plan, req.restart, &req.restart_machines)
+                    .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
+                ControlOp::Apply => self.apply_reload(
+                    &req.plan,
+                    req.restart,
+                    &req.restart_machines,
+                    cancel,
+                    on_event,
+                ),
+            };
+            result.map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input()))
+        });
+        self.control = Some(listener);
+        served
     }
 }
 

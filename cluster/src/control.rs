@@ -9,7 +9,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::run::{ClusterError, ClusterState, cluster_paths};
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::compose::ClusterPlan;
+use crate::reload::MachineOutcome;
+use crate::state::{ClusterError, ClusterMachine, ClusterState, cluster_paths};
 use drydock_vm::AccelChoice;
 use drydock_vm::Awaited;
 use drydock_vm::VmPaths;
@@ -160,4 +168,174 @@ pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
         killed,
         after_secs: t.elapsed().as_secs_f64(),
     })
+}
+
+/// Why a call to a cluster's owner on its control socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the cluster {0} is not up (no owner answers on its control socket)")]
+    NotUp(String),
+    #[error("talking to the owner of the cluster {name}")]
+    Io {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the owner of the cluster {name}: {message}")]
+    Owner {
+        name: String,
+        message: String,
+        bad_input: bool,
+    },
+}
+
+impl ControlError {
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::NotUp(_) => true,
+            Self::Owner { bad_input, .. } => *bad_input,
+            Self::Io { .. } => false,
+        }
+    }
+}
+
+/// How long the owner waits for a request line once a connection is accepted, and a client
+/// for its request to be taken.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The owner's control socket, in the cluster's socket folder.
+pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
+    cpaths.sockets.join("control.sock")
+}
+
+pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
+    let path = control_socket(cpaths);
+    let _ = std::fs::remove_file(&path);
+    let files = |source| ClusterError::Files {
+        path: path.clone(),
+        source,
+    };
+    let l = UnixListener::bind(&path).map_err(files)?;
+    l.set_nonblocking(true).map_err(files)?;
+    Ok(l)
+}
+
+/// What a second `up` asks the owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlRequest {
+    /// `plan` (nothing changes) or `apply`.
+    pub op: ControlOp,
+    pub plan: ClusterPlan,
+    /// `--restart`.
+    pub restart: bool,
+    /// Machines to restart even if the plan would keep or switch them (`vm restart`).
+    #[serde(default)]
+    pub restart_machines: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlOp {
+    Plan,
+    Apply,
+}
+
+/// The owner's answer: every machine's action (and outcome, for `apply`), or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlReply {
+    #[serde(default)]
+    pub machines: Vec<MachineOutcome>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub bad_input: bool,
+}
+
+/// `vm restart` of a machine of an up cluster: its owner restarts it on the cluster's networks,
+/// with the cluster's current plan (nothing else changes). Its outcome, within `deadline`.
+pub fn restart_machine(
+    state_dir: &Path,
+    cm: &ClusterMachine,
+    deadline: Duration,
+) -> Result<MachineOutcome, ControlError> {
+    let state = ClusterState::read_up(state_dir, &cm.cluster)
+        .ok_or_else(|| ControlError::NotUp(cm.cluster.clone()))?;
+    let req = ControlRequest {
+        op: ControlOp::Apply,
+        plan: state.plan,
+        restart: false,
+        restart_machines: vec![cm.machine.clone()],
+    };
+    request(state_dir, &cm.cluster, &req, deadline)?
+        .into_iter()
+        .find(|o| o.planned.machine == cm.machine)
+        .ok_or_else(|| ControlError::NotUp(cm.cluster.clone()))
+}
+
+/// Ask the owner of the cluster `name` (state in `state_dir`) to plan or apply `req`, waiting
+/// at most `deadline` for its answer.
+pub fn request(
+    state_dir: &Path,
+    name: &str,
+    req: &ControlRequest,
+    deadline: Duration,
+) -> Result<Vec<MachineOutcome>, ControlError> {
+    let path = control_socket(&cluster_paths(state_dir, name));
+    let s = UnixStream::connect(&path).map_err(|_| ControlError::NotUp(name.to_string()))?;
+    let io = |source| ControlError::Io {
+        name: name.to_string(),
+        source,
+    };
+    s.set_read_timeout(Some(deadline)).map_err(io)?;
+    s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
+    crate::wire::write_json_line(&s, req).map_err(io)?;
+    let reply: ControlReply = crate::wire::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
+    match reply.error {
+        Some(message) => Err(ControlError::Owner {
+            name: name.to_string(),
+            message,
+            bad_input: reply.bad_input,
+        }),
+        None => Ok(reply.machines),
+    }
+}
+
+/// Answer one request on the owner's control socket if one is waiting (non-blocking when none
+/// is): read its line, let `handle` plan or apply it, write the reply. Whether one was served.
+pub(crate) fn answer_one(
+    listener: &UnixListener,
+    handle: &mut dyn FnMut(ControlRequest) -> Result<Vec<MachineOutcome>, (String, bool)>,
+) -> bool {
+    let Ok((s, _)) = listener.accept() else {
+        return false;
+    };
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(REQUEST_DEADLINE));
+    let mut line = String::new();
+    let req = BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()));
+    let reply = match req {
+        Err(e) => ControlReply {
+            machines: Vec::new(),
+            error: Some(format!("bad request: {e}")),
+            bad_input: true,
+        },
+        Ok(req) => match handle(req) {
+            Ok(machines) => ControlReply {
+                machines,
+                error: None,
+                bad_input: false,
+            },
+            Err((error, bad_input)) => ControlReply {
+                machines: Vec::new(),
+                error: Some(error),
+                bad_input,
+            },
+        },
+    };
+    let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
+    let _ = crate::wire::write_json_line(&s, &reply);
+    true
 }

@@ -138,7 +138,7 @@ fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &AtomicBool,
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
-            Err(e) if crate::try_again(&e) => {
+            Err(e) if crate::wire::try_again(&e) => {
                 continue;
             }
             Err(e) => {

@@ -10,219 +10,24 @@
 //! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use drydock_gc::StoreLayout;
-use serde::{Deserialize, Serialize};
-
-use crate::backdoor::{Backdoor, ExecOutput};
+use crate::backdoor::Backdoor;
 use crate::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
 use crate::hub::Hub;
-use drydock_vm::{AccelChoice, Boot, LaunchRequest, Share, StoreMode};
+use crate::logs::timed_log;
+use crate::logs::{Stamp, Tails, stamp_consoles};
+use crate::state::{
+    ClusterError, ClusterLaunch, ClusterState, cluster_paths, exec_socket, hub_socket, nic_socket,
+};
+use drydock_vm::{Boot, LaunchRequest, Share, StoreMode};
 use drydock_vm::{FwCfgFile, GuestDevices, Nic, VmPaths};
 use drydock_vm::{LaunchRecord, VmState};
-
-/// Why a cluster could not start, or a call could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("cannot write {}", path.display())]
-    Files {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Hub(crate::hub::HubError),
-    #[error("machine {machine}: {message}")]
-    Machine { machine: String, message: String },
-    #[error("the cluster {0} is not up (no owner found)")]
-    NotUp(String),
-    #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
-    NoExec(String),
-    #[error("the cluster {cluster} has no machine {machine} (it has {})", has.join(", "))]
-    NoMachine {
-        cluster: String,
-        machine: String,
-        has: Vec<String>,
-    },
-    #[error("the exec call to {vm} failed")]
-    Call {
-        vm: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{vm}: {message}")]
-    Remote { vm: String, message: String },
-    #[error("interrupted while the cluster started; everything started was stopped")]
-    Interrupted,
-    #[error("cannot start the cluster's owner")]
-    Spawn(#[source] drydock_vm::SpawnError),
-    #[error("the cluster did not start:\n{log}")]
-    DidNotStart { log: String },
-    #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
-    NotReady { after: Duration, log: String },
-    #[error("cannot record the cluster's state")]
-    Record(#[source] drydock_vm::LaunchError),
-    #[error("cannot clean up after the cluster's dead owner")]
-    Reap(#[source] Box<drydock_vm::OwnerError>),
-    #[error(
-        "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
-        machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster
-    )]
-    OwnedByCluster {
-        machine: ClusterMachine,
-        what: &'static str,
-    },
-}
-
-impl ClusterError {
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. } | Self::OwnedByCluster { .. }
-        )
-    }
-}
-
-/// How to launch a cluster's machines.
-#[derive(Debug, Clone)]
-pub struct ClusterLaunch {
-    pub layout: StoreLayout,
-    pub state_dir: PathBuf,
-    /// The drydock binary (the store servers).
-    pub exe: PathBuf,
-    pub accel: AccelChoice,
-    pub qemu: Option<PathBuf>,
-    /// How long a machine may take from start to its backdoor's ready line.
-    pub ready_timeout: Duration,
-    /// The command line recorded with each machine's run.
-    pub argv: Vec<String>,
-}
-
-/// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterState {
-    pub name: String,
-    pub owner_pid: u32,
-    pub owner_start_ticks: Option<u64>,
-    /// Every machine's backdoor is ready.
-    pub ready: bool,
-    pub plan: ClusterPlan,
-}
-
-impl ClusterState {
-    pub fn read(state_dir: &Path, name: &str) -> Option<Self> {
-        let bytes = drydock_gc::read_regular(
-            &cluster_paths(state_dir, name).dir.join("cluster.json"),
-            drydock_gc::Links::Refuse,
-            drydock_gc::MAX_STATE_BYTES,
-        )
-        .ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-    /// The record of the cluster `name` if it is up (its owner alive).
-    pub fn read_up(state_dir: &Path, name: &str) -> Option<Self> {
-        Self::read(state_dir, name).filter(Self::owner_alive)
-    }
-    pub fn owner_alive(&self) -> bool {
-        drydock_vm::same_process_alive(self.owner_pid, self.owner_start_ticks)
-    }
-    fn write(&self, state_dir: &Path) -> Result<(), ClusterError> {
-        let path = cluster_paths(state_dir, &self.name)
-            .dir
-            .join("cluster.json");
-        drydock_vm::write_json(&path, self).map_err(ClusterError::Record)
-    }
-}
-
-/// A VM that is a machine of a cluster that is up (its owner alive).
-#[derive(Debug, Clone)]
-pub struct ClusterMachine {
-    pub cluster: String,
-    pub machine: String,
-    /// `CLUSTER.MACHINE`.
-    pub vm: String,
-    pub owner_pid: u32,
-}
-
-impl ClusterMachine {
-    fn of(state: &ClusterState, m: &MachinePlan) -> Self {
-        Self {
-            cluster: state.name.clone(),
-            machine: m.machine.clone(),
-            vm: m.vm_name.clone(),
-            owner_pid: state.owner_pid,
-        }
-    }
-}
-
-/// Whether the VM `vm` (named `CLUSTER.MACHINE`) is a machine of a cluster that is up: then its
-/// owner, not a VM supervisor, runs it, and only the owner may stop or relaunch it.
-pub fn cluster_machine(state_dir: &Path, vm: &str) -> Option<ClusterMachine> {
-    let (cluster, _) = vm.split_once('.')?;
-    let state = ClusterState::read_up(state_dir, cluster)?;
-    let m = state.plan.machines.iter().find(|m| m.vm_name == vm)?;
-    Some(ClusterMachine::of(&state, m))
-}
-
-/// `vm stop`, `vm snapshot`, `vm restore` (`what`) act on a VM's own supervisor: refused, as
-/// bad input, for a machine of a cluster that is up (see [`cluster_machine`]).
-pub fn refuse_cluster_machine(
-    state_dir: &Path,
-    vm: &str,
-    what: &'static str,
-) -> Result<(), ClusterError> {
-    match cluster_machine(state_dir, vm) {
-        Some(machine) => Err(ClusterError::OwnedByCluster { machine, what }),
-        None => Ok(()),
-    }
-}
-
-/// The machine `machine` of the cluster `cluster`, which must be up: bad input otherwise.
-pub fn up_machine(
-    state_dir: &Path,
-    cluster: &str,
-    machine: &str,
-) -> Result<ClusterMachine, ClusterError> {
-    let state = ClusterState::read_up(state_dir, cluster)
-        .ok_or_else(|| ClusterError::NotUp(cluster.into()))?;
-    let m = state
-        .plan
-        .machine(machine)
-        .ok_or_else(|| ClusterError::NoMachine {
-            cluster: cluster.into(),
-            machine: machine.into(),
-            has: state
-                .plan
-                .machines
-                .iter()
-                .map(|m| m.machine.clone())
-                .collect(),
-        })?;
-    Ok(ClusterMachine::of(&state, m))
-}
-
-/// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
-pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
-    VmPaths::in_folder(state_dir, "clusters", name)
-}
-
-/// The socket a machine's owner serves `exec` on.
-pub fn exec_socket(paths: &VmPaths) -> PathBuf {
-    paths.sockets.join("exec.sock")
-}
-
-pub(super) fn hub_socket(cluster: &VmPaths, vlan: u8) -> PathBuf {
-    cluster.sockets.join(format!("vlan{vlan}.sock"))
-}
 
 /// What a machine thread reports.
 #[derive(Debug)]
@@ -234,34 +39,23 @@ pub enum MachineEvent {
 
 /// One machine's thread and its stop flag.
 #[derive(Debug)]
-pub(super) struct MachineThread {
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) thread: std::thread::JoinHandle<()>,
+pub(crate) struct MachineThread {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) thread: std::thread::JoinHandle<()>,
 }
-
-/// One console being stamped: its tail, its timed log and that log once opened.
-#[derive(Debug)]
-pub(super) struct Stamp {
-    tail: drydock_vm::ConsoleTail,
-    path: PathBuf,
-    file: Option<std::fs::File>,
-}
-
-/// The consoles being stamped, by machine (a machine's log is closed when it is removed).
-pub(super) type Tails = Arc<Mutex<BTreeMap<String, Stamp>>>;
 
 /// An up cluster, owned by this process. Dropping it stops everything.
 #[derive(Debug)]
 pub struct RunningCluster {
     pub plan: ClusterPlan,
-    pub(super) opts: ClusterLaunch,
-    pub(super) state_dir: PathBuf,
-    pub(super) hubs: Vec<Hub>,
-    pub(super) machines: BTreeMap<String, MachineThread>,
-    pub(super) tx: Sender<MachineEvent>,
-    pub(super) tails: Tails,
+    pub(crate) opts: ClusterLaunch,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) hubs: Vec<Hub>,
+    pub(crate) machines: BTreeMap<String, MachineThread>,
+    pub(crate) tx: Sender<MachineEvent>,
+    pub(crate) tails: Tails,
     /// Where a second `up` asks for a hot reload (see `apply`).
-    pub(super) control: Option<UnixListener>,
+    pub(crate) control: Option<UnixListener>,
     /// Stops the console stamping, after the machines (their last lines are stamped too).
     stamp_stop: Arc<AtomicBool>,
     stamper: Option<std::thread::JoinHandle<()>>,
@@ -371,12 +165,12 @@ pub fn up(
             Err(_) => on_event(None),
         }
     }
-    running.control = Some(crate::apply::bind_control(&cpaths)?);
+    running.control = Some(crate::control::bind_control(&cpaths)?);
     Ok(running)
 }
 
 /// The NIC sockets of the machines of `plan` on `vlan`: the ports of its hub.
-pub(super) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<PathBuf> {
+pub(crate) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<PathBuf> {
     plan.on_vlan(vlan)
         .map(|m| nic_socket(&VmPaths::in_state_dir(state_dir, &m.vm_name), vlan))
         .collect()
@@ -384,7 +178,7 @@ pub(super) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<
 
 impl RunningCluster {
     /// Start the thread of machine `m` (its VM boots; it reports on `events`).
-    pub(super) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+    pub(crate) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
         let hosts = cpaths.dir.join("hosts");
         let stop = Arc::new(AtomicBool::new(false));
@@ -403,15 +197,14 @@ impl RunningCluster {
     }
 
     /// Stamp the console of machine `m` (from the start of its log).
-    pub(super) fn add_tail(&self, m: &MachinePlan) {
+    pub(crate) fn add_tail(&self, m: &MachinePlan) {
         let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
         self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
             m.machine.clone(),
-            Stamp {
-                tail: drydock_vm::ConsoleTail::new(paths.console_log()),
-                path: timed_log(&paths),
-                file: None,
-            },
+            Stamp::new(
+                drydock_vm::ConsoleTail::new(paths.console_log()),
+                timed_log(&paths),
+            ),
         );
     }
 
@@ -427,7 +220,7 @@ impl RunningCluster {
             plan: self.plan.clone(),
         }
         .write(&self.state_dir)?;
-        let up = crate::session::up_plan_file(&self.state_dir, &self.plan.name);
+        let up = crate::state::up_plan_file(&self.state_dir, &self.plan.name);
         drydock_vm::write_json(&up, &self.plan).map_err(ClusterError::Record)
     }
 
@@ -438,7 +231,7 @@ impl RunningCluster {
 
     /// Stop the machines `names`, in parallel (every stop flag first, then the joins), and
     /// forget their threads.
-    pub(super) fn stop_machines(&mut self, names: &[String]) {
+    pub(crate) fn stop_machines(&mut self, names: &[String]) {
         for m in names {
             if let Some(t) = self.machines.get(m) {
                 t.stop.store(true, Ordering::SeqCst);
@@ -459,7 +252,7 @@ impl RunningCluster {
         self.stopped = true;
         self.control = None;
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let _ = std::fs::remove_file(crate::apply::control_socket(&cpaths));
+        let _ = std::fs::remove_file(crate::control::control_socket(&cpaths));
         let all: Vec<String> = self.machines.keys().cloned().collect();
         self.stop_machines(&all);
         self.stamp_stop.store(true, Ordering::SeqCst);
@@ -480,88 +273,12 @@ impl Drop for RunningCluster {
     }
 }
 
-/// A machine's console lines, each stamped with its arrival (ms since the epoch, a tab, the line).
-pub fn timed_log(paths: &VmPaths) -> PathBuf {
-    paths.dir.join("console.timed")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn stamp_consoles(tails: &Tails, stop: &AtomicBool) {
-    loop {
-        let last = stop.load(Ordering::SeqCst);
-        let mut tails = tails.lock().unwrap_or_else(|e| e.into_inner());
-        for Stamp { tail, path, file } in tails.values_mut() {
-            let mut lines = tail.lines();
-            if last {
-                lines.extend(tail.rest());
-            }
-            if lines.is_empty() {
-                continue;
-            }
-            if file.is_none() {
-                *file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&*path)
-                    .ok();
-            }
-            if let Some(f) = file {
-                let t = now_ms();
-                let text: String = lines.iter().map(|l| format!("{t}\t{l}\n")).collect();
-                let _ = f.write_all(text.as_bytes());
-            }
-        }
-        drop(tails);
-        if last {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Parse a timed log (see [`timed_log`]); lines without a stamp are skipped.
-pub fn parse_timed(text: &str) -> Vec<(u64, String)> {
-    text.lines()
-        .filter_map(|l| {
-            let (t, line) = l.split_once('\t')?;
-            Some((t.parse().ok()?, line.to_string()))
-        })
-        .collect()
-}
-
-/// Merge machines' timed lines in time order; lines of one machine keep their order, and
-/// lines stamped in the same millisecond follow the machines' order.
-pub fn merge_timed(logs: Vec<(String, Vec<(u64, String)>)>) -> Vec<(u64, String, String)> {
-    let mut all: Vec<(u64, usize, usize, String, String)> = logs
-        .into_iter()
-        .enumerate()
-        .flat_map(|(mi, (m, lines))| {
-            lines
-                .into_iter()
-                .enumerate()
-                .map(move |(li, (t, l))| (t, mi, li, m.clone(), l))
-        })
-        .collect();
-    all.sort_by_key(|x| (x.0, x.1, x.2));
-    all.into_iter().map(|(t, _, _, m, l)| (t, m, l)).collect()
-}
-
-fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
-    paths.sockets.join(format!("vlan{vlan}.sock"))
-}
-
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     drydock_vm::error_chain(e)
 }
 
 /// The launch of machine `m` of a cluster whose folder is `cpaths` (its hosts table `hosts`).
-pub(super) fn machine_request(
+pub(crate) fn machine_request(
     m: &MachinePlan,
     opts: &ClusterLaunch,
     cpaths: &VmPaths,
@@ -750,350 +467,7 @@ fn serve(
         machine: m.machine.clone(),
         after: started.elapsed(),
     });
-    let exec = UnixListener::bind(exec_path)
-        .map_err(|e| format!("cannot listen on {}: {e}", exec_path.display()))?;
-    exec.set_nonblocking(true)
-        .map_err(|e| format!("exec socket: {e}"))?;
-    let calls: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
-    let prompt = format!("{}# ", m.machine);
-    while !stop.load(Ordering::SeqCst) && vm.exited().is_none() {
-        // Answer a call at once; look at the stop flag and QEMU every 100 ms meanwhile.
-        match crate::sys::wait_readable(&exec, Duration::from_millis(100)) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => return Err(format!("exec socket: {e}")),
-        }
-        match exec.accept() {
-            Ok((s, _)) => {
-                let (b, prompt) = (backdoor.clone(), prompt.clone());
-                if let Ok(t) = std::thread::Builder::new()
-                    .name(format!("exec-{}", m.machine))
-                    .spawn(move || answer(s, &b, &prompt))
-                {
-                    let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
-                    c.retain(|t| !t.is_finished());
-                    c.push(t);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("exec socket: {e}")),
-        }
-    }
-    Ok(())
-}
-
-/// An `exec` request on the wire.
-#[derive(Debug, Serialize, Deserialize)]
-struct ExecRequest {
-    #[serde(default)]
-    cmd: String,
-    #[serde(default)]
-    timeout_ms: u64,
-    /// An interactive session instead of a call: after one reply line (`error` unset), the
-    /// connection carries the session's bytes both ways until it ends.
-    #[serde(default)]
-    shell: bool,
-    /// A session's terminal size (rows, columns), for the guest's line editing.
-    #[serde(default)]
-    size: Option<(u16, u16)>,
-}
-
-/// An `exec` reply on the wire (outputs base64).
-#[derive(Debug, Serialize, Deserialize)]
-struct ExecReply {
-    #[serde(default)]
-    status: i32,
-    #[serde(default)]
-    stdout: String,
-    #[serde(default)]
-    stderr: String,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-fn send_reply(s: &UnixStream, reply: &ExecReply) {
-    let _ = crate::write_json_line(s, reply);
-}
-
-fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = read_line_unbuffered(&s)
-        .map_err(|e| e.to_string())
-        .and_then(|line| serde_json::from_slice::<ExecRequest>(&line).map_err(|e| e.to_string()));
-    if let Ok(ExecRequest { shell: true, .. }) = &req {
-        let _ = s.set_read_timeout(None);
-        let reply = |error: Option<String>| ExecReply {
-            status: 0,
-            stdout: String::new(),
-            stderr: String::new(),
-            error,
-        };
-        let size = req.as_ref().ok().and_then(|r| r.size);
-        if let Err(e) = b.shell(&s, prompt, size, &mut || send_reply(&s, &reply(None))) {
-            tracing::warn!("shell session: {}", error_text(&e));
-            send_reply(&s, &reply(Some(error_text(&e))));
-        }
-        return;
-    }
-    let reply = match req {
-        Ok(req) => match b.exec(&req.cmd, Duration::from_millis(req.timeout_ms)) {
-            Ok(o) => ExecReply {
-                status: o.status,
-                stdout: B64.encode(&o.stdout),
-                stderr: B64.encode(&o.stderr),
-                error: None,
-            },
-            Err(e) => ExecReply {
-                status: 1,
-                stdout: String::new(),
-                stderr: String::new(),
-                error: Some(error_text(&e)),
-            },
-        },
-        Err(e) => ExecReply {
-            status: 2,
-            stdout: String::new(),
-            stderr: String::new(),
-            error: Some(format!("bad request: {e}")),
-        },
-    };
-    send_reply(&s, &reply);
-}
-
-/// One line, read a byte at a time (what follows it on the stream is left there).
-fn read_line_unbuffered(s: &UnixStream) -> std::io::Result<Vec<u8>> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') && line.len() < 1 << 20 {
-        if (&*s).read(&mut byte)? == 0 {
-            break;
-        }
-        line.push(byte[0]);
-    }
-    Ok(line)
-}
-
-/// How a `shell` session runs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ShellOptions {
-    /// The terminal's size (rows, columns), passed to the guest.
-    pub size: Option<(u16, u16)>,
-    /// `~.` at the start of a line leaves the session (`~~` sends one `~`), as in ssh: for a
-    /// terminal in raw mode, where Ctrl-C is a byte for the guest.
-    pub escape: bool,
-}
-
-/// The `~.` escape of [`ShellOptions::escape`], as a state machine over the input bytes.
-#[derive(Debug, Clone, Copy)]
-pub struct Escape {
-    at_line_start: bool,
-    tilde: bool,
-}
-
-impl Default for Escape {
-    fn default() -> Self {
-        Self {
-            at_line_start: true,
-            tilde: false,
-        }
-    }
-}
-
-impl Escape {
-    /// The bytes of `input` to send on, and whether the escape was typed (nothing after it is
-    /// sent).
-    pub fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
-        let mut out = Vec::with_capacity(input.len());
-        for &b in input {
-            if self.tilde {
-                self.tilde = false;
-                match b {
-                    b'.' => return (out, true),
-                    b'~' => {
-                        out.push(b'~');
-                        self.at_line_start = false;
-                        continue;
-                    }
-                    _ => out.push(b'~'),
-                }
-            } else if self.at_line_start && b == b'~' {
-                self.tilde = true;
-                continue;
-            }
-            out.push(b);
-            self.at_line_start = matches!(b, b'\r' | b'\n');
-        }
-        (out, false)
-    }
-}
-
-/// An interactive root shell in the VM `vm` through its owner: `input` goes to the guest's
-/// shell, what it prints to `output`, until it exits (`exit`, or `input` ends, or the escape).
-pub fn shell_remote(
-    vm: &str,
-    paths: &VmPaths,
-    opts: ShellOptions,
-    input: impl Read + Send + 'static,
-    output: &mut dyn Write,
-) -> Result<(), ClusterError> {
-    let call = call_error(vm);
-    let req = ExecRequest {
-        cmd: String::new(),
-        timeout_ms: 0,
-        shell: true,
-        size: opts.size,
-    };
-    // The owner answers once the session started (or why it could not); calls queue before it.
-    let (mut s, _) = ask_owner(vm, paths, &req, None)?;
-    let mut to_guest = s.get_ref().try_clone().map_err(&call)?;
-    // The input thread may block on a terminal after the session ended; it is left to the
-    // process's exit then, never joined.
-    std::thread::Builder::new()
-        .name("shell-stdin".into())
-        .spawn(move || {
-            let mut input = input;
-            let mut escape = Escape::default();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let (bytes, leave) = if opts.escape {
-                    escape.feed(&buf[..n])
-                } else {
-                    (buf[..n].to_vec(), false)
-                };
-                if to_guest.write_all(&bytes).is_err() || leave {
-                    break;
-                }
-            }
-            let _ = to_guest.shutdown(std::net::Shutdown::Write);
-        })
-        .map_err(&call)?;
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                output.write_all(&buf[..n]).map_err(&call)?;
-                output.flush().map_err(&call)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(call(e)),
-        }
-    }
-}
-
-fn call_error(vm: &str) -> impl Fn(std::io::Error) -> ClusterError + '_ {
-    move |source| ClusterError::Call {
-        vm: vm.to_string(),
-        source,
-    }
-}
-
-/// Send `req` to the owner of the VM `vm` on its exec socket and read the reply line (within
-/// `read_timeout`, if any): the reply, unless it carries an error, and the connection, buffered,
-/// for whatever follows it.
-fn ask_owner(
-    vm: &str,
-    paths: &VmPaths,
-    req: &ExecRequest,
-    read_timeout: Option<Duration>,
-) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
-    let s = UnixStream::connect(exec_socket(paths))
-        .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
-    let call = call_error(vm);
-    s.set_read_timeout(read_timeout).map_err(&call)?;
-    crate::write_json_line(&s, req).map_err(&call)?;
-    let mut r = BufReader::new(s);
-    let reply: ExecReply = crate::read_json_line(&mut r).map_err(&call)?;
-    if let Some(message) = reply.error {
-        return Err(ClusterError::Remote {
-            vm: vm.to_string(),
-            message,
-        });
-    }
-    Ok((r, reply))
-}
-
-/// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket.
-pub fn exec_remote(
-    vm: &str,
-    paths: &VmPaths,
-    cmd: &str,
-    timeout: Duration,
-) -> Result<ExecOutput, ClusterError> {
-    let req = ExecRequest {
-        cmd: cmd.to_string(),
-        timeout_ms: timeout.as_millis() as u64,
-        shell: false,
-        size: None,
-    };
-    // The owner's deadline is the call's; ours adds its grace for the reply.
-    let (_, reply) = ask_owner(vm, paths, &req, Some(timeout + Duration::from_secs(30)))?;
-    let call = call_error(vm);
-    let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
-    Ok(ExecOutput {
-        status: reply.status,
-        stdout: dec(&reply.stdout)?,
-        stderr: dec(&reply.stderr)?,
+    crate::exec::serve(&m.machine, backdoor, exec_path, stop, &mut || {
+        vm.exited().is_none()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_shell_escape_is_tilde_dot_at_a_line_start() {
-        let cases: [(&[&str], &str, bool); 8] = [
-            (&["ls\r"], "ls\r", false),
-            (&["~."], "", true),
-            (&["ls\r~.rest"], "ls\r", true),
-            (&["ls\n~", ".x"], "ls\n", true),
-            (&["a~.b"], "a~.b", false),
-            (&["~~.\r"], "~.\r", false),
-            (&["~x"], "~x", false),
-            (&["\r~", "~", "\r~."], "\r~\r", true),
-        ];
-        for (inputs, want, want_leave) in cases {
-            let mut e = Escape::default();
-            let (mut got, mut left) = (Vec::new(), false);
-            for i in inputs {
-                let (b, l) = e.feed(i.as_bytes());
-                got.extend(b);
-                if l {
-                    left = true;
-                    break;
-                }
-            }
-            assert_eq!(
-                (String::from_utf8(got).unwrap(), left),
-                (want.to_string(), want_leave),
-                "{inputs:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn timed_logs_merge_in_time_order() {
-        let a = parse_timed("10\ta1\n30\ta2\nnoise\n30\ta3\n");
-        let b = parse_timed("20\tb1\n30\tb2\n");
-        let merged: Vec<(String, String)> = merge_timed(vec![("a".into(), a), ("b".into(), b)])
-            .into_iter()
-            .map(|(_, m, l)| (m, l))
-            .collect();
-        let want = [
-            ("a", "a1"),
-            ("b", "b1"),
-            ("a", "a2"),
-            ("a", "a3"),
-            ("b", "b2"),
-        ];
-        assert_eq!(
-            merged,
-            want.map(|(m, l)| (m.to_string(), l.to_string())).to_vec()
-        );
-    }
 }

@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 use drydock_gc::{GcError, RunsDb, StoreLayout};
 use serde::Serialize;
 
-use crate::apply::{ControlOp, ControlRequest, ReloadError, request};
+use crate::apply::ReloadError;
 use crate::compose::{ClusterPlan, ComposeError, plan_cluster};
+use crate::control::{ControlOp, ControlRequest, request};
 use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
 use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
-use crate::run::{ClusterError, ClusterState, MachineEvent, RunningCluster, cluster_paths};
+use crate::run::{MachineEvent, RunningCluster};
+use crate::state::{ClusterError, ClusterState, cluster_paths};
 use crate::watch::{Debounce, WatchError, Watcher};
 use drydock_vm::ConsoleTail;
 use drydock_vm::VmPaths;
@@ -198,11 +200,6 @@ impl ReloadReport {
     }
 }
 
-/// Where a cluster's plan is kept for its owner and for `logs` (`clusters/NAME/up.json`).
-pub fn up_plan_file(state_dir: &Path, name: &str) -> PathBuf {
-    cluster_paths(state_dir, name).dir.join("up.json")
-}
-
 /// `plan` narrowed to the machines `only` (every machine when empty): the others keep their
 /// plan in `running`, or are left out when nothing runs them. The VLANs are those left in use.
 pub fn narrow(plan: ClusterPlan, only: &[String], running: Option<&ClusterPlan>) -> ClusterPlan {
@@ -312,7 +309,9 @@ impl ReloadOwner<'_> {
             Self::Local(c) => Ok(c.plan.clone()),
             Self::Remote { state_dir, name } => ClusterState::read(state_dir, name)
                 .map(|s| s.plan)
-                .ok_or_else(|| ReloadError::NotUp(name.clone()).into()),
+                .ok_or_else(|| {
+                    ReloadError::from(crate::control::ControlError::NotUp(name.clone())).into()
+                }),
         }
     }
 
@@ -337,7 +336,8 @@ impl ReloadOwner<'_> {
                 name,
                 &Self::request(ControlOp::Plan, new, restart),
                 PLAN_DEADLINE,
-            )?,
+            )
+            .map_err(ReloadError::from)?,
         })
     }
 
@@ -391,7 +391,8 @@ fn apply_remote(
     let call = ReloadOwner::request(ControlOp::Apply, new, req.restart);
     let deadline = req.ready_timeout + APPLY_MARGIN;
     let (sd, n) = (state_dir.to_path_buf(), name.to_string());
-    let call = std::thread::spawn(move || request(&sd, &n, &call, deadline));
+    let call =
+        std::thread::spawn(move || request(&sd, &n, &call, deadline).map_err(ReloadError::from));
     let mut echo = |tails: &mut BTreeMap<String, ConsoleTail>| {
         for (m, t) in tails.iter_mut() {
             for line in t.lines() {

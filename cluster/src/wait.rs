@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backdoor::ExecOutput;
-use crate::run::{ClusterError, exec_remote};
+use crate::exec::exec_remote;
+use crate::state::ClusterError;
 use drydock_vm::VmPaths;
 use drydock_vm::{ConsoleTail, WaitOutcome};
 

@@ -1,0 +1,342 @@
+//! `exec` and `shell` on a cluster's machines: the per-machine exec server in the owner (one JSON
+//! request line, one reply line, or an interactive session on the same connection), and the
+//! client side other drydock processes call.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::backdoor::{Backdoor, ExecOutput};
+use crate::state::{ClusterError, exec_socket};
+use drydock_vm::{VmPaths, error_chain as error_text};
+use std::io::BufReader;
+
+/// Serve `exec` calls to `machine` on `exec_path` until `stop` is set or `alive` says QEMU
+/// exited: one thread per call, queueing on the backdoor.
+pub(crate) fn serve(
+    machine: &str,
+    backdoor: Arc<Backdoor>,
+    exec_path: &Path,
+    stop: &AtomicBool,
+    alive: &mut dyn FnMut() -> bool,
+) -> Result<(), String> {
+    let exec = UnixListener::bind(exec_path)
+        .map_err(|e| format!("cannot listen on {}: {e}", exec_path.display()))?;
+    exec.set_nonblocking(true)
+        .map_err(|e| format!("exec socket: {e}"))?;
+    let calls: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let prompt = format!("{}# ", machine);
+    while !stop.load(Ordering::SeqCst) && alive() {
+        // Answer a call at once; look at the stop flag and QEMU every 100 ms meanwhile.
+        match crate::sys::wait_readable(&exec, Duration::from_millis(100)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return Err(format!("exec socket: {e}")),
+        }
+        match exec.accept() {
+            Ok((s, _)) => {
+                let (b, prompt) = (backdoor.clone(), prompt.clone());
+                if let Ok(t) = std::thread::Builder::new()
+                    .name(format!("exec-{}", machine))
+                    .spawn(move || answer(s, &b, &prompt))
+                {
+                    let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
+                    c.retain(|t| !t.is_finished());
+                    c.push(t);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("exec socket: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// An `exec` request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecRequest {
+    #[serde(default)]
+    cmd: String,
+    #[serde(default)]
+    timeout_ms: u64,
+    /// An interactive session instead of a call: after one reply line (`error` unset), the
+    /// connection carries the session's bytes both ways until it ends.
+    #[serde(default)]
+    shell: bool,
+    /// A session's terminal size (rows, columns), for the guest's line editing.
+    #[serde(default)]
+    size: Option<(u16, u16)>,
+}
+
+/// An `exec` reply on the wire (outputs base64).
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecReply {
+    #[serde(default)]
+    status: i32,
+    #[serde(default)]
+    stdout: String,
+    #[serde(default)]
+    stderr: String,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn send_reply(s: &UnixStream, reply: &ExecReply) {
+    let _ = crate::wire::write_json_line(s, reply);
+}
+
+fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = crate::wire::read_line_unbuffered(&s)
+        .map_err(|e| e.to_string())
+        .and_then(|line| serde_json::from_slice::<ExecRequest>(&line).map_err(|e| e.to_string()));
+    if let Ok(ExecRequest { shell: true, .. }) = &req {
+        let _ = s.set_read_timeout(None);
+        let reply = |error: Option<String>| ExecReply {
+            status: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            error,
+        };
+        let size = req.as_ref().ok().and_then(|r| r.size);
+        if let Err(e) = b.shell(&s, prompt, size, &mut || send_reply(&s, &reply(None))) {
+            tracing::warn!("shell session: {}", error_text(&e));
+            send_reply(&s, &reply(Some(error_text(&e))));
+        }
+        return;
+    }
+    let reply = match req {
+        Ok(req) => match b.exec(&req.cmd, Duration::from_millis(req.timeout_ms)) {
+            Ok(o) => ExecReply {
+                status: o.status,
+                stdout: B64.encode(&o.stdout),
+                stderr: B64.encode(&o.stderr),
+                error: None,
+            },
+            Err(e) => ExecReply {
+                status: 1,
+                stdout: String::new(),
+                stderr: String::new(),
+                error: Some(error_text(&e)),
+            },
+        },
+        Err(e) => ExecReply {
+            status: 2,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: Some(format!("bad request: {e}")),
+        },
+    };
+    send_reply(&s, &reply);
+}
+
+/// How a `shell` session runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShellOptions {
+    /// The terminal's size (rows, columns), passed to the guest.
+    pub size: Option<(u16, u16)>,
+    /// `~.` at the start of a line leaves the session (`~~` sends one `~`), as in ssh: for a
+    /// terminal in raw mode, where Ctrl-C is a byte for the guest.
+    pub escape: bool,
+}
+
+/// The `~.` escape of [`ShellOptions::escape`], as a state machine over the input bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Escape {
+    at_line_start: bool,
+    tilde: bool,
+}
+
+impl Default for Escape {
+    fn default() -> Self {
+        Self {
+            at_line_start: true,
+            tilde: false,
+        }
+    }
+}
+
+impl Escape {
+    /// The bytes of `input` to send on, and whether the escape was typed (nothing after it is
+    /// sent).
+    pub fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if self.tilde {
+                self.tilde = false;
+                match b {
+                    b'.' => return (out, true),
+                    b'~' => {
+                        out.push(b'~');
+                        self.at_line_start = false;
+                        continue;
+                    }
+                    _ => out.push(b'~'),
+                }
+            } else if self.at_line_start && b == b'~' {
+                self.tilde = true;
+                continue;
+            }
+            out.push(b);
+            self.at_line_start = matches!(b, b'\r' | b'\n');
+        }
+        (out, false)
+    }
+}
+
+/// An interactive root shell in the VM `vm` through its owner: `input` goes to the guest's
+/// shell, what it prints to `output`, until it exits (`exit`, or `input` ends, or the escape).
+pub fn shell_remote(
+    vm: &str,
+    paths: &VmPaths,
+    opts: ShellOptions,
+    input: impl Read + Send + 'static,
+    output: &mut dyn Write,
+) -> Result<(), ClusterError> {
+    let call = call_error(vm);
+    let req = ExecRequest {
+        cmd: String::new(),
+        timeout_ms: 0,
+        shell: true,
+        size: opts.size,
+    };
+    // The owner answers once the session started (or why it could not); calls queue before it.
+    let (mut s, _) = ask_owner(vm, paths, &req, None)?;
+    let mut to_guest = s.get_ref().try_clone().map_err(&call)?;
+    // The input thread may block on a terminal after the session ended; it is left to the
+    // process's exit then, never joined.
+    std::thread::Builder::new()
+        .name("shell-stdin".into())
+        .spawn(move || {
+            let mut input = input;
+            let mut escape = Escape::default();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let (bytes, leave) = if opts.escape {
+                    escape.feed(&buf[..n])
+                } else {
+                    (buf[..n].to_vec(), false)
+                };
+                if to_guest.write_all(&bytes).is_err() || leave {
+                    break;
+                }
+            }
+            let _ = to_guest.shutdown(std::net::Shutdown::Write);
+        })
+        .map_err(&call)?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                output.write_all(&buf[..n]).map_err(&call)?;
+                output.flush().map_err(&call)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(call(e)),
+        }
+    }
+}
+
+fn call_error(vm: &str) -> impl Fn(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Call {
+        vm: vm.to_string(),
+        source,
+    }
+}
+
+/// Send `req` to the owner of the VM `vm` on its exec socket and read the reply line (within
+/// `read_timeout`, if any): the reply, unless it carries an error, and the connection, buffered,
+/// for whatever follows it.
+fn ask_owner(
+    vm: &str,
+    paths: &VmPaths,
+    req: &ExecRequest,
+    read_timeout: Option<Duration>,
+) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
+    let s = UnixStream::connect(exec_socket(paths))
+        .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
+    let call = call_error(vm);
+    s.set_read_timeout(read_timeout).map_err(&call)?;
+    crate::wire::write_json_line(&s, req).map_err(&call)?;
+    let mut r = BufReader::new(s);
+    let reply: ExecReply = crate::wire::read_json_line(&mut r).map_err(&call)?;
+    if let Some(message) = reply.error {
+        return Err(ClusterError::Remote {
+            vm: vm.to_string(),
+            message,
+        });
+    }
+    Ok((r, reply))
+}
+
+/// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket.
+pub fn exec_remote(
+    vm: &str,
+    paths: &VmPaths,
+    cmd: &str,
+    timeout: Duration,
+) -> Result<ExecOutput, ClusterError> {
+    let req = ExecRequest {
+        cmd: cmd.to_string(),
+        timeout_ms: timeout.as_millis() as u64,
+        shell: false,
+        size: None,
+    };
+    // The owner's deadline is the call's; ours adds its grace for the reply.
+    let (_, reply) = ask_owner(vm, paths, &req, Some(timeout + Duration::from_secs(30)))?;
+    let call = call_error(vm);
+    let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
+    Ok(ExecOutput {
+        status: reply.status,
+        stdout: dec(&reply.stdout)?,
+        stderr: dec(&reply.stderr)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shell_escape_is_tilde_dot_at_a_line_start() {
+        let cases: [(&[&str], &str, bool); 8] = [
+            (&["ls\r"], "ls\r", false),
+            (&["~."], "", true),
+            (&["ls\r~.rest"], "ls\r", true),
+            (&["ls\n~", ".x"], "ls\n", true),
+            (&["a~.b"], "a~.b", false),
+            (&["~~.\r"], "~.\r", false),
+            (&["~x"], "~x", false),
+            (&["\r~", "~", "\r~."], "\r~\r", true),
+        ];
+        for (inputs, want, want_leave) in cases {
+            let mut e = Escape::default();
+            let (mut got, mut left) = (Vec::new(), false);
+            for i in inputs {
+                let (b, l) = e.feed(i.as_bytes());
+                got.extend(b);
+                if l {
+                    left = true;
+                    break;
+                }
+            }
+            assert_eq!(
+                (String::from_utf8(got).unwrap(), left),
+                (want.to_string(), want_leave),
+                "{inputs:?}"
+            );
+        }
+    }
+}

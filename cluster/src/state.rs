@@ -1,0 +1,215 @@
+//! A cluster's state on disk and its paths: who owns an up cluster (`cluster.json`), how its
+//! machines are launched, where its sockets live, and the cluster's error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compose::{ClusterPlan, MachinePlan};
+use drydock_gc::StoreLayout;
+use drydock_vm::AccelChoice;
+use drydock_vm::VmPaths;
+
+/// Why a cluster could not start, or a call could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot write {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Hub(crate::hub::HubError),
+    #[error("machine {machine}: {message}")]
+    Machine { machine: String, message: String },
+    #[error("the cluster {0} is not up (no owner found)")]
+    NotUp(String),
+    #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
+    NoExec(String),
+    #[error("the cluster {cluster} has no machine {machine} (it has {})", has.join(", "))]
+    NoMachine {
+        cluster: String,
+        machine: String,
+        has: Vec<String>,
+    },
+    #[error("the exec call to {vm} failed")]
+    Call {
+        vm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{vm}: {message}")]
+    Remote { vm: String, message: String },
+    #[error("interrupted while the cluster started; everything started was stopped")]
+    Interrupted,
+    #[error("cannot start the cluster's owner")]
+    Spawn(#[source] drydock_vm::SpawnError),
+    #[error("the cluster did not start:\n{log}")]
+    DidNotStart { log: String },
+    #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
+    NotReady { after: Duration, log: String },
+    #[error("cannot record the cluster's state")]
+    Record(#[source] drydock_vm::LaunchError),
+    #[error("cannot clean up after the cluster's dead owner")]
+    Reap(#[source] Box<drydock_vm::OwnerError>),
+    #[error(
+        "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
+        machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster
+    )]
+    OwnedByCluster {
+        machine: ClusterMachine,
+        what: &'static str,
+    },
+}
+
+impl ClusterError {
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. } | Self::OwnedByCluster { .. }
+        )
+    }
+}
+
+/// How to launch a cluster's machines.
+#[derive(Debug, Clone)]
+pub struct ClusterLaunch {
+    pub layout: StoreLayout,
+    pub state_dir: PathBuf,
+    /// The drydock binary (the store servers).
+    pub exe: PathBuf,
+    pub accel: AccelChoice,
+    pub qemu: Option<PathBuf>,
+    /// How long a machine may take from start to its backdoor's ready line.
+    pub ready_timeout: Duration,
+    /// The command line recorded with each machine's run.
+    pub argv: Vec<String>,
+}
+
+/// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub name: String,
+    pub owner_pid: u32,
+    pub owner_start_ticks: Option<u64>,
+    /// Every machine's backdoor is ready.
+    pub ready: bool,
+    pub plan: ClusterPlan,
+}
+
+impl ClusterState {
+    pub fn read(state_dir: &Path, name: &str) -> Option<Self> {
+        let bytes = drydock_gc::read_regular(
+            &cluster_paths(state_dir, name).dir.join("cluster.json"),
+            drydock_gc::Links::Refuse,
+            drydock_gc::MAX_STATE_BYTES,
+        )
+        .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+    /// The record of the cluster `name` if it is up (its owner alive).
+    pub fn read_up(state_dir: &Path, name: &str) -> Option<Self> {
+        Self::read(state_dir, name).filter(Self::owner_alive)
+    }
+    pub fn owner_alive(&self) -> bool {
+        drydock_vm::same_process_alive(self.owner_pid, self.owner_start_ticks)
+    }
+    pub(crate) fn write(&self, state_dir: &Path) -> Result<(), ClusterError> {
+        let path = cluster_paths(state_dir, &self.name)
+            .dir
+            .join("cluster.json");
+        drydock_vm::write_json(&path, self).map_err(ClusterError::Record)
+    }
+}
+
+/// A VM that is a machine of a cluster that is up (its owner alive).
+#[derive(Debug, Clone)]
+pub struct ClusterMachine {
+    pub cluster: String,
+    pub machine: String,
+    /// `CLUSTER.MACHINE`.
+    pub vm: String,
+    pub owner_pid: u32,
+}
+
+impl ClusterMachine {
+    fn of(state: &ClusterState, m: &MachinePlan) -> Self {
+        Self {
+            cluster: state.name.clone(),
+            machine: m.machine.clone(),
+            vm: m.vm_name.clone(),
+            owner_pid: state.owner_pid,
+        }
+    }
+}
+
+/// Whether the VM `vm` (named `CLUSTER.MACHINE`) is a machine of a cluster that is up: then its
+/// owner, not a VM supervisor, runs it, and only the owner may stop or relaunch it.
+pub fn cluster_machine(state_dir: &Path, vm: &str) -> Option<ClusterMachine> {
+    let (cluster, _) = vm.split_once('.')?;
+    let state = ClusterState::read_up(state_dir, cluster)?;
+    let m = state.plan.machines.iter().find(|m| m.vm_name == vm)?;
+    Some(ClusterMachine::of(&state, m))
+}
+
+/// `vm stop`, `vm snapshot`, `vm restore` (`what`) act on a VM's own supervisor: refused, as
+/// bad input, for a machine of a cluster that is up (see [`cluster_machine`]).
+pub fn refuse_cluster_machine(
+    state_dir: &Path,
+    vm: &str,
+    what: &'static str,
+) -> Result<(), ClusterError> {
+    match cluster_machine(state_dir, vm) {
+        Some(machine) => Err(ClusterError::OwnedByCluster { machine, what }),
+        None => Ok(()),
+    }
+}
+
+/// The machine `machine` of the cluster `cluster`, which must be up: bad input otherwise.
+pub fn up_machine(
+    state_dir: &Path,
+    cluster: &str,
+    machine: &str,
+) -> Result<ClusterMachine, ClusterError> {
+    let state = ClusterState::read_up(state_dir, cluster)
+        .ok_or_else(|| ClusterError::NotUp(cluster.into()))?;
+    let m = state
+        .plan
+        .machine(machine)
+        .ok_or_else(|| ClusterError::NoMachine {
+            cluster: cluster.into(),
+            machine: machine.into(),
+            has: state
+                .plan
+                .machines
+                .iter()
+                .map(|m| m.machine.clone())
+                .collect(),
+        })?;
+    Ok(ClusterMachine::of(&state, m))
+}
+
+/// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
+pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
+    VmPaths::in_folder(state_dir, "clusters", name)
+}
+
+/// The socket a machine's owner serves `exec` on.
+pub fn exec_socket(paths: &VmPaths) -> PathBuf {
+    paths.sockets.join("exec.sock")
+}
+
+pub(crate) fn hub_socket(cluster: &VmPaths, vlan: u8) -> PathBuf {
+    cluster.sockets.join(format!("vlan{vlan}.sock"))
+}
+
+pub(crate) fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
+    paths.sockets.join(format!("vlan{vlan}.sock"))
+}
+
+/// Where a cluster's plan is kept for its owner and for `logs` (`clusters/NAME/up.json`).
+pub fn up_plan_file(state_dir: &Path, name: &str) -> PathBuf {
+    cluster_paths(state_dir, name).dir.join("up.json")
+}
