@@ -19,7 +19,7 @@ use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
-use crate::sys::proc::proc_stat;
+use crate::sys::proc::{process_start_ticks, same_process_alive};
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -154,22 +154,6 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| files(e.into()))?;
     std::fs::write(&tmp, bytes).map_err(files)?;
     std::fs::rename(&tmp, path).map_err(files)
-}
-
-/// Whether a process is alive (and not a zombie).
-pub fn pid_alive(pid: u32) -> bool {
-    same_process_alive(pid, None)
-}
-
-/// When process `pid` started (clock ticks after boot), if it exists.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|st| st.start_ticks)
-}
-
-/// Whether `pid` is alive and, when `start_ticks` is known, still the same process (a pid
-/// that the kernel handed to someone else after the VM died is not the VM).
-pub fn same_process_alive(pid: u32, start_ticks: Option<u64>) -> bool {
-    proc_stat(pid).is_some_and(|st| st.alive() && start_ticks.is_none_or(|t| t == st.start_ticks))
 }
 
 /// How the store reaches the store server.
@@ -916,6 +900,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+    use crate::sys::proc::pid_alive;
 
     #[test]
     fn console_tail_yields_whole_lines_as_they_grow() {

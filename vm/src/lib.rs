@@ -28,8 +28,7 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, pid_alive, process_start_ticks,
-    same_process_alive, start, stop_remote, write_json,
+    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
@@ -58,6 +57,7 @@ pub use spawn::{
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
+pub use sys::proc::{pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
