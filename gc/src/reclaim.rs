@@ -59,7 +59,7 @@ fn nix_store_delete(
     cmd.args(paths.iter().map(|p| layout.logical(p)));
     tracing::debug!("running nix-store --delete on {} paths", paths.len());
     // Waiting for Nix's GC lock is expected; waiting for ever is not.
-    match crate::track::run_nix(cmd, DELETE_DEADLINE).map_err(ReclaimError::Spawn)? {
+    match crate::nixcmd::run_nix(cmd, DELETE_DEADLINE).map_err(ReclaimError::Spawn)? {
         Some((status, stderr)) => Ok((status.success(), stderr)),
         None => Err(ReclaimError::Timeout(DELETE_DEADLINE)),
     }
