@@ -335,24 +335,18 @@ fn lock_store_for_gc(
         path: layout.state_dir.join("drydock-gc.lock"),
         source,
     })?;
-    let start = std::time::Instant::now();
-    let mut said = false;
-    while !crate::sys::try_lock_exclusive(&file) {
-        if start.elapsed() > GC_LOCK_WAIT {
+    if !crate::sys::try_lock_exclusive(&file) {
+        tracing::warn!(
+            "waiting for another drydock gc of this store ({})",
+            path.display()
+        );
+        if !crate::sys::lock_exclusive_within(&file, GC_LOCK_WAIT) {
             return Err(crate::reclaim::ReclaimError::LockTimeout {
                 path,
                 after: GC_LOCK_WAIT,
             }
             .into());
         }
-        if !said {
-            tracing::warn!(
-                "waiting for another drydock gc of this store ({})",
-                path.display()
-            );
-            said = true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     Ok(file)
 }

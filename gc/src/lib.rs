@@ -9,8 +9,9 @@
 //! Modules import only modules of lower layers (or of their own layer, listed before them), so
 //! that the imports form a DAG (`grep -n 'crate::' gc/src/*.rs` outside `mod tests` shows it):
 //!
-//! 1. leaves, importing nothing of the crate: `store_path`, `drv`, `names`, `fsread`, `sys`
-//!    (the only `unsafe`), `nixcmd` (a Nix command with a deadline);
+//! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `store_path`, `drv`,
+//!    `names`, `fsread`; then `sys` (the only `unsafe`) and `nixcmd` (a Nix command with a
+//!    deadline), which import `deadline`;
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
 //!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
 //! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
@@ -23,6 +24,7 @@
 mod check;
 mod classify;
 mod collect;
+mod deadline;
 mod drv;
 mod du;
 mod error;
@@ -50,6 +52,7 @@ pub use collect::{
     PathStatus, RunSummary, check, clear_blocking_roots, du, execute_gc, plan_gc,
     recover_interrupted, repair, run_statuses, summarize_runs,
 };
+pub use deadline::Deadline;
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;

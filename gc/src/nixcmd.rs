@@ -2,13 +2,15 @@
 //! stdout dropped, stderr kept for the message, killed when it is late.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::deadline::Deadline;
 
 /// Run the Nix command `cmd` (no input, stdout dropped) until it exits or `deadline` passes,
 /// when it is killed: its status and what it printed on stderr, or `None` if it was late.
 pub fn run_nix(
     mut cmd: Command,
-    deadline: Duration,
+    deadline: Deadline,
 ) -> std::io::Result<Option<(std::process::ExitStatus, String)>> {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -23,12 +25,11 @@ pub fn run_nix(
         }
         text
     });
-    let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if start.elapsed() >= deadline {
+        if deadline.expired() {
             let _ = child.kill();
             let _ = child.wait();
             return Ok(None);

@@ -4,6 +4,12 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use crate::deadline::Deadline;
+
+/// How long [`lock_exclusive_within`] sleeps between two tries.
+const LOCK_RETRY: Duration = Duration::from_millis(20);
 
 /// Try to take an exclusive `flock` on `f` without waiting. Returns whether it was taken (it
 /// stays held until the file is closed or [`unlock`] is called).
@@ -16,15 +22,15 @@ pub fn try_lock_exclusive(f: &File) -> bool {
 /// Take an exclusive `flock` on `f`, waiting at most `within` for another holder. Returns
 /// whether it was taken (it stays held until the file is closed).
 pub fn lock_exclusive_within(f: &File, within: std::time::Duration) -> bool {
-    let start = std::time::Instant::now();
+    let deadline = Deadline::after(within);
     loop {
         if try_lock_exclusive(f) {
             return true;
         }
-        if start.elapsed() >= within {
+        if deadline.expired() {
             return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(LOCK_RETRY.min(deadline.remaining()));
     }
 }
 

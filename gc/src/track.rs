@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
 use crate::nixdb::{NixDb, PathInfo};
 use crate::store_path::{StoreLayout, StorePath};
@@ -140,18 +141,15 @@ impl Passthrough {
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         let mut captured = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = Deadline::after(Duration::from_secs(2));
         loop {
             if cancel.load(Ordering::SeqCst) {
                 break;
             }
-            let left = deadline
-                .saturating_duration_since(std::time::Instant::now())
-                .min(std::time::Duration::from_millis(100));
-            match self.lines.recv_timeout(left) {
+            let slice = Deadline::after(Duration::from_millis(100)).min(deadline);
+            match self.lines.recv_timeout(slice.remaining()) {
                 Ok(line) => captured.extend_from_slice(&line),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    if std::time::Instant::now() < deadline => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !deadline.expired() => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     tracing::debug!("stdout still open after the command exited; not waiting");
                     break;
@@ -395,7 +393,7 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
     tracing::info!("creating the Nix store at {}", root.display());
     let mut cmd = Command::new("nix-store");
     cmd.args(layout.nix_args()).arg("--init");
-    match crate::nixcmd::run_nix(cmd, INIT_DEADLINE) {
+    match crate::nixcmd::run_nix(cmd, Deadline::after(INIT_DEADLINE)) {
         Err(source) => Err(TrackError::Spawn {
             program: "nix-store".into(),
             source,
