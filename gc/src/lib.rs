@@ -10,8 +10,8 @@
 //! that the imports form a DAG (`grep -n 'crate::' gc/src/*.rs` outside `mod tests` shows it):
 //!
 //! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `store_path`, `drv`,
-//!    `names`, `fsread`; then `sys` (the only `unsafe`) and `nixcmd` (a Nix command with a
-//!    deadline), which import `deadline`;
+//!    `names`, `fsread`; then `sys` (the only `unsafe`; deadline), `child` (a blocking wait for
+//!    a child's exit; sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
 //!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
 //! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
@@ -22,6 +22,7 @@
 //!    `runs`, `du`, `store check/repair`).
 
 mod check;
+mod child;
 mod classify;
 mod collect;
 mod deadline;

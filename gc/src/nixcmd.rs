@@ -2,8 +2,8 @@
 //! stdout dropped, stderr kept for the message, killed when it is late.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
+use crate::child::ExitWatch;
 use crate::deadline::Deadline;
 
 /// Run the Nix command `cmd` (no input, stdout dropped) until it exits or `deadline` passes,
@@ -25,16 +25,12 @@ pub fn run_nix(
         }
         text
     });
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if deadline.expired() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let watch = ExitWatch::start(&child);
+    if !watch.wait_until(deadline) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(None);
+    }
+    let status = child.wait()?;
     Ok(Some((status, reader.join().unwrap_or_default())))
 }

@@ -444,6 +444,9 @@ impl RunsDb {
                     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
                         && !wal_deadline.expired() =>
                 {
+                    // A back-off, bounded by the deadline: SQLite's busy handler does not cover
+                    // this step, and there is nothing to block on until the other opener's
+                    // lock is gone.
                     std::thread::sleep(WAL_RETRY.min(wal_deadline.remaining()));
                 }
                 Err(e) => return Err(corrupt(e)),

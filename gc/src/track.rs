@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::child::ExitWatch;
 use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
 use crate::nixdb::{NixDb, PathInfo};
@@ -61,6 +62,9 @@ impl TrackError {
         matches!(self, Self::NoCommand | Self::Spawn { .. })
     }
 }
+
+/// How often the wait for a tracked command looks at the caller's cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(10);
 
 /// The tracked command, started with stdin and stderr inherited and stdout passed through (and
 /// scanned for store paths).
@@ -129,17 +133,21 @@ impl Passthrough {
             program: self.program.clone(),
             source,
         };
-        let mut forwarded = false;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().map_err(wait_err)? {
-                break status;
+        let pid = self.child.id();
+        let watch = ExitWatch::start(&self.child);
+        // The command's exit ends the wait at once. The cancel flag, set by the caller's signal
+        // handler, cannot be waited on: it is looked at every CANCEL_CHECK until it has been
+        // forwarded, and then the wait is for the exit alone.
+        let mut exited = false;
+        while !exited {
+            exited = watch.wait_until(Deadline::after(CANCEL_CHECK));
+            if !exited && cancel.swap(false, Ordering::SeqCst) {
+                let _ = crate::sys::send_signal(pid, libc::SIGINT);
+                watch.wait();
+                exited = true;
             }
-            if !forwarded && cancel.swap(false, Ordering::SeqCst) {
-                forwarded = true;
-                let _ = crate::sys::send_signal(self.child.id(), libc::SIGINT);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
+        }
+        let status = self.child.wait().map_err(wait_err)?;
         let mut captured = Vec::new();
         let deadline = Deadline::after(Duration::from_secs(2));
         loop {
