@@ -17,6 +17,7 @@ use std::time::Duration;
 use crate::child::ExitWatch;
 use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{NixDb, PathInfo};
 use crate::store_path::{StoreLayout, StorePath};
 
@@ -57,10 +58,17 @@ pub enum TrackError {
     InitFailed { root: PathBuf, message: String },
 }
 
-impl TrackError {
-    /// A missing or unstartable command is bad input.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::NoCommand | Self::Spawn { .. })
+impl Classify for TrackError {
+    /// A missing or unstartable command is bad input; Ctrl-C after the command ended is an
+    /// interruption; the rest are failures.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::NoCommand | Self::Spawn { .. } => ExitClass::BadInput,
+            Self::Interrupted { .. } => ExitClass::Interrupted,
+            Self::Wait { .. } | Self::InitStore { .. } | Self::InitFailed { .. } => {
+                ExitClass::Failed
+            }
+        }
     }
 }
 
@@ -706,7 +714,7 @@ mod tests {
         let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();
         assert_eq!(code, 128 + 9);
         let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
-        assert!(e.is_bad_input());
+        assert_eq!(e.exit_class(), ExitClass::BadInput);
     }
 
     #[test]
