@@ -330,11 +330,6 @@ impl Passthrough {
     }
 }
 
-#[cfg(test)]
-fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<StorePath>), TrackError> {
-    Passthrough::spawn(cmd, Echo::Stdout, "/nix/store")?.wait(&AtomicBool::new(false))
-}
-
 /// Store paths named in command output (one per whitespace-separated token).
 pub fn store_paths_in_output(store_dir: &str, text: &[u8]) -> Vec<StorePath> {
     let text = String::from_utf8_lossy(text);
@@ -702,52 +697,6 @@ mod tests {
             &["nix-build".into(), "-o".into(), "mine".into()],
         );
         assert_eq!(got, vec![sp(1, ""), sp(2, ""), sp(3, ""), sp(4, "")]);
-    }
-
-    #[test]
-    fn passthrough_exit_codes() {
-        let p = sp(1, "");
-        let script = format!("echo hi; echo {}; exit 7", full(&p));
-        let (code, out) = run_passthrough(&["sh".into(), "-c".into(), script]).unwrap();
-        assert_eq!(code, 7);
-        assert_eq!(out, vec![p]);
-        let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();
-        assert_eq!(code, 128 + 9);
-        let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
-        assert_eq!(e.exit_class(), ExitClass::BadInput);
-    }
-
-    #[test]
-    fn a_new_chroot_store_is_created_once_for_concurrent_first_users() {
-        // Without the lock, 8 Nix commands opening a new store at once lose the race for its
-        // database now and then ("schema is corrupt", "database is busy").
-        for round in 0..10 {
-            let dir = tempfile::tempdir().unwrap();
-            let layout = StoreLayout::chroot(dir.path().join("store"));
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    let layout = layout.clone();
-                    std::thread::spawn(move || {
-                        ensure_store(&layout).unwrap();
-                        Command::new("nix-instantiate")
-                            .arg("--store")
-                            .arg(layout.root.as_ref().unwrap())
-                            .args(["--eval", "-E", "1"])
-                            .output()
-                            .unwrap()
-                    })
-                })
-                .collect();
-            for t in threads {
-                let o = t.join().unwrap();
-                assert!(
-                    o.status.success(),
-                    "round {round}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-            assert!(layout.has_database());
-        }
     }
 
     #[test]
