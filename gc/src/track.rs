@@ -303,6 +303,9 @@ impl Passthrough {
             }
         }
         let status = self.child.wait().map_err(wait_err)?;
+        // What the reader has still to send, until it reaches the end of the output, for at
+        // most 2 s (a background process may hold the pipe open for ever). Again the cancel
+        // flag is looked at between waits of at most 100 ms.
         let mut found = Vec::new();
         let deadline = Deadline::after(Duration::from_secs(2));
         loop {
