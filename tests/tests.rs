@@ -11,6 +11,7 @@ mod doctor;
 mod doctor_builders;
 mod gc_all;
 mod gc_du;
+mod gc_nix;
 mod gc_nix_conf;
 mod gc_props;
 mod gc_robust;

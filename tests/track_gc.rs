@@ -256,6 +256,28 @@ fn pins_of_vm_runs_are_roots_until_collected() {
 }
 
 #[test]
+fn track_passes_the_output_and_exit_code_through() {
+    // Moved from drydock-gc's unit tests (they run no external program): the command's
+    // stdout reaches ours as it printed it, and its exit code (128 + signal when killed) is
+    // drydock's; a command that cannot start is bad input.
+    let dir = common::scratch("track-passthrough");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&root).unwrap();
+    let out = drydock(
+        &root,
+        &state,
+        &["track", "--", "sh", "-c", "echo hi; exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(out.stdout, b"hi\n");
+    let out = drydock(&root, &state, &["track", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(128 + 9));
+    let out = drydock(&root, &state, &["track", "--", "/nonexistent/cmd"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn track_forwards_ctrl_c_and_passes_the_exit_code() {
     let dir = common::scratch("track-sigint");
     let root = dir.join("root");
