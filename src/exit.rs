@@ -107,6 +107,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .downcast_ref::<vm::ResolveError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
+                .downcast_ref::<vm::LauncherError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
                 .downcast_ref::<vm::SystemError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause

@@ -228,13 +228,18 @@ impl RunningCluster {
         for m in &new.machines {
             let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
             let req = machine_request(m, &self.opts, &cpaths, &hosts);
-            let record =
-                drydock_vm::resolve_launch(&self.opts.layout, &self.state_dir, &paths, &req)
-                    .map_err(|e| ReloadError::Resolve {
-                        machine: m.machine.clone(),
-                        source: Box::new(e),
-                    })?
-                    .record;
+            let record = drydock_vm::resolve_launch(
+                &self.opts.layout,
+                &self.state_dir,
+                &paths,
+                &req,
+                &self.opts.exe,
+            )
+            .map_err(|e| ReloadError::Resolve {
+                machine: m.machine.clone(),
+                source: Box::new(e),
+            })?
+            .record;
             let switchable = switchable(&self.opts.layout, &record);
             launches.insert(m.machine.clone(), NewLaunch { record, switchable });
         }

@@ -305,7 +305,6 @@ pub(crate) fn machine_request(
         memory_mib: m.settings.memory_mib,
         cpus: m.settings.cores,
         disk_size_mib: m.settings.disk_mib,
-        exe: opts.exe.clone(),
         devices: GuestDevices {
             nics,
             backdoor: Some(paths.sockets.join("backdoor.sock")),
@@ -366,7 +365,9 @@ fn machine_main(
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
     };
-    let mut record = match drydock_vm::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
+    let resolved =
+        drydock_vm::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req, &opts.exe);
+    let mut record = match resolved {
         Ok(r) => r.record,
         Err(e) => {
             return fail(format!(

@@ -62,6 +62,8 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no VM named {name} in {}", dir.display())]
+    NoVm { name: String, dir: PathBuf },
 }
 
 impl LaunchError {
@@ -70,7 +72,7 @@ impl LaunchError {
             Self::Plan(e) => e.is_bad_input(),
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
-            Self::Untrusted { .. } => true,
+            Self::Untrusted { .. } | Self::NoVm { .. } => true,
             // Bad input unless the file simply cannot be opened (missing, permissions).
             Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
             _ => false,
@@ -216,11 +218,25 @@ impl LaunchRecord {
         Ok(record)
     }
 
+    /// The recorded launch of the VM `name` under `state_dir`: an invalid name, or a VM that was
+    /// never launched, is bad input.
+    pub fn of_vm(state_dir: &Path, name: &str) -> Result<Self, LaunchError> {
+        crate::plan::validate_name(name)?;
+        let paths = VmPaths::in_state_dir(state_dir, name);
+        if !paths.launch_file().exists() {
+            return Err(LaunchError::NoVm {
+                name: name.to_owned(),
+                dir: state_dir.join("vms"),
+            });
+        }
+        Self::read(&paths)
+    }
+
     /// Every file the recorded launch needs must still be there (they are pinned, but someone
-    /// may have deleted them by hand): the first one that is not, as a sentence.
-    pub fn missing_file(&self) -> Option<String> {
+    /// may have deleted them by hand): the first one that is not, as what it is and its path.
+    pub fn missing_file(&self) -> Option<(&'static str, PathBuf)> {
         let spec = &self.spec;
-        let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+        let mut files: Vec<(&'static str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
         if let Some(i) = &spec.initrd {
             files.push(("initrd", i.clone()));
         }
@@ -235,7 +251,6 @@ impl LaunchRecord {
         files
             .into_iter()
             .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
-            .map(|(what, p)| format!("the pinned {what} {} is gone", p.display()))
     }
 
     /// Every path of the record that drydock writes or attaches as a disk, against where it

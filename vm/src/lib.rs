@@ -1,6 +1,11 @@
 //! drydock's VM side: the host preflight (`doctor`), turning a VM spec into a QEMU plan, and
 //! launching it with the Nix store shared read-only over an in-process virtio-fs server.
 //!
+//! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
+//! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
+//! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `sys`.
+//!
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
@@ -8,6 +13,7 @@ mod doctor;
 mod host;
 mod image;
 mod launch;
+mod launcher;
 mod lifecycle;
 mod owner;
 mod plan;
@@ -30,26 +36,21 @@ pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
     WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
 };
+pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
-    Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
+    Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
-pub use owner::{
-    OwnerError, SupervisorCommand, claim_name, end_vm_run, reap_dead_vms, reap_stale,
-    record_vm_run, recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
-};
+pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale, record_vm_run};
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
 };
 pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, configured_qemu,
-    images_dir, resolve_launch,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
+    resolve_launch,
 };
-pub use snapshot::{
-    SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
-    resume_incoming, save_snapshot,
-};
+pub use snapshot::{SnapshotError, SnapshotMeta, qemu_version, save_snapshot};
 pub use spawn::{
     Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
     spawn_detached,

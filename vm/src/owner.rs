@@ -2,7 +2,7 @@
 //! the VM's system while it lives ([`record_vm_run`], [`reopen_vm_run`], [`end_vm_run`]); the
 //! process that owns the VM (the foreground `vm run`, or a detached `__vm-supervise` started by
 //! [`spawn_supervisor`]) ends that run when the VM stops. An owner that was SIGKILLed
-//! cannot: whoever next notices its dead entry (`vm list`, `vm stop`, `vm run` of the same
+//! cannot: whoever next notices its dead entry (`vm list`, `vm stop`, a launch of the same
 //! name, `runs`, `du`, `gc`) cleans the entry up and ends its run, exactly once, so GC can then
 //! collect it like any stopped VM.
 
@@ -25,10 +25,6 @@ pub enum OwnerError {
         #[source]
         source: Box<LaunchError>,
     },
-    #[error(
-        "a VM named {name} is already running (QEMU pid {qemu_pid}); stop it with `drydock vm stop {name}` or choose another --name"
-    )]
-    NameInUse { name: String, qemu_pid: u32 },
     #[error("cannot create the supervisor's log {}", path.display())]
     Log {
         path: PathBuf,
@@ -269,10 +265,7 @@ pub fn reopen_vm_run(
 impl OwnerError {
     /// Whether the user's input is at fault (exit 2).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::OtherStore { .. } | Self::Collected { .. } | Self::NameInUse { .. }
-        )
+        matches!(self, Self::OtherStore { .. } | Self::Collected { .. })
     }
 }
 
@@ -293,23 +286,6 @@ pub fn end_vm_run(
     };
     let db = RunsDb::open(state_dir).map_err(run_err)?;
     db.finish_open_run(id, exit_code).map_err(run_err)
-}
-
-/// Take the name `name` for a new launch: refuse it while its VM lives (bad input), and reap a
-/// dead entry of that name (ending its run) first.
-pub fn claim_name(state_dir: &Path, paths: &VmPaths, name: &str) -> Result<(), OwnerError> {
-    if let Some(state) = VmState::read(paths) {
-        if state.qemu_alive() || state.supervisor_alive() {
-            return Err(OwnerError::NameInUse {
-                name: name.to_owned(),
-                qemu_pid: state.qemu_pid,
-            });
-        }
-        tracing::info!("cleaning up the stale entry of VM {name}");
-        let record = LaunchRecord::read(paths).ok();
-        reap_stale(state_dir, paths, &state, record.as_ref())?;
-    }
-    Ok(())
 }
 
 /// A VM entry whose processes are gone (its owner died without cleaning up): kill whatever is

@@ -1,6 +1,6 @@
 //! `drydock vm run|list|stop|logs|restart|snapshot|restore` and the hidden `__vm-supervise`
-//! that owns a detached VM. Resolution (system, closure, store image, accelerator, QEMU) happens
-//! here; planning and launching are `drydock_vm`'s.
+//! that owns a detached VM. A launch (`run`, `restart`, `restore`) is one call,
+//! `drydock_vm::launch_vm`, the library's one launch sequence; this prints what it reports.
 
 mod snapshot;
 
@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
-use drydock_vm::{ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState};
+use drydock_vm::{
+    ConsoleTail, LaunchEvent, LaunchKind, LaunchRecord, Launcher, LauncherError, LifecycleError,
+    StoreAttachment, StoreShare, VmPaths, VmState,
+};
 
 use crate::cli::{
     ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs, VmStopArgs,
@@ -65,9 +68,19 @@ fn reap_stale(ctx: &Context, paths: &VmPaths, state: &VmState, record: Option<&L
     }
 }
 
-/// Build the launch record: the library resolves the system or kernel, the closure, the store
-/// image, QEMU and the accelerator.
-fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<LaunchRecord> {
+/// The library's launcher for this command line: its store, state dir and binary.
+pub(super) fn launcher(ctx: &Context) -> anyhow::Result<Launcher> {
+    Ok(Launcher {
+        layout: ctx.layout(),
+        state_dir: ctx.state_dir.clone(),
+        store_root: ctx.store_root.clone(),
+        exe: std::env::current_exe().context("locating the drydock binary")?,
+        argv: std::env::args().collect(),
+    })
+}
+
+/// What `vm run` asks for.
+fn run_request(a: &VmRunArgs) -> anyhow::Result<drydock_vm::LaunchRequest> {
     let boot = match (&a.system, &a.kernel) {
         (Some(sys), _) => drydock_vm::Boot::System(sys.clone()),
         (None, Some(k)) => drydock_vm::Boot::Kernel {
@@ -76,7 +89,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         },
         (None, None) => return Err(drydock_vm::ResolveError::NothingToBoot.into()),
     };
-    let req = drydock_vm::LaunchRequest {
+    Ok(drydock_vm::LaunchRequest {
         name: a.name.clone(),
         boot,
         append: a.append.clone(),
@@ -93,11 +106,13 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         memory_mib: a.memory,
         cpus: a.cpus,
         disk_size_mib: a.disk_size,
-        exe: std::env::current_exe().context("locating the drydock binary")?,
         devices: Default::default(),
-    };
-    let resolved = drydock_vm::resolve_launch(&ctx.layout(), &ctx.state_dir, paths, &req)?;
-    if let Some((image, paths_in, took)) = &resolved.image {
+    })
+}
+
+/// The store image line of a launch with `--store-mode image`.
+fn describe_image(plan: &drydock_vm::LaunchPlan) {
+    if let Some((image, paths_in, took)) = plan.image() {
         eprintln!(
             "drydock: store image {} ({paths_in} paths, {:.1} MiB, {})",
             image.path.display(),
@@ -109,18 +124,6 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
             }
         );
     }
-    Ok(resolved.record)
-}
-
-/// `--store` as given, for the checks that a restart or restore names the VM's own store.
-pub(super) fn explicit_store(ctx: &Context) -> Option<&std::path::Path> {
-    ctx.store_root.as_deref()
-}
-
-/// A restart or restore: the run is live again and its pin renewed in the VM's own store.
-pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result<()> {
-    drydock_vm::reopen_vm_run(&ctx.state_dir, record, &ctx.layout(), explicit_store(ctx))?;
-    Ok(())
 }
 
 /// How a launch waits for its VM: the library's wait, and whether to return once ready.
@@ -147,17 +150,9 @@ impl Wait {
 }
 
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    drydock_vm::claim_name(&ctx.state_dir, &paths, &a.name)?;
-    let mut record = prepare(ctx, a, &paths)?;
-    if let Some(disk) = &record.spec.disk {
-        drydock_vm::discard_disk(disk)?;
-    }
-    let argv: Vec<String> = std::env::args().collect();
-    record.run_id = drydock_vm::record_vm_run(&ctx.state_dir, &ctx.layout(), &record, &argv);
-    record.write(&paths)?;
-    launch(ctx, &a.name, &record, &wait)
+    let req = run_request(a)?;
+    launch(ctx, &a.name, LaunchKind::New(req), &wait)
 }
 
 /// The one-line summary printed when a VM starts.
@@ -184,19 +179,41 @@ fn describe(name: &str, record: &LaunchRecord) {
     );
 }
 
-fn launch(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    describe(name, record);
-    install_cancel_handler();
-    if wait.detach {
-        detach(ctx, name, record, wait)
-    } else {
-        foreground(ctx, name, record, wait)
-    }
+/// Launch `kind` with the library's launch sequence: the summary once it is planned, the
+/// console as it comes, then how it ended.
+fn launch(ctx: &Context, name: &str, kind: LaunchKind, wait: &Wait) -> anyhow::Result<Outcome> {
+    let launcher = launcher(ctx)?;
+    let opts = drydock_vm::LaunchOptions {
+        detach: wait.detach,
+        wait: wait.spec.clone(),
+    };
+    let mut echo = echo_to(ctx.json, name);
+    let end = drydock_vm::launch_vm(&launcher, kind, &opts, &CANCEL, &mut |ev| match ev {
+        LaunchEvent::Planned(plan) => {
+            describe_image(plan);
+            describe(name, plan.record());
+            install_cancel_handler();
+        }
+        LaunchEvent::Console(line) => echo(line),
+        LaunchEvent::Ready { after, .. } => {
+            eprintln!("drydock: {name} ready after {:.2} s", after.as_secs_f64())
+        }
+    });
+    let end = match end {
+        // A restart whose pinned files are gone: said plainly, exit 1.
+        Err(LifecycleError::Launcher(e @ LauncherError::Gone { .. })) => {
+            eprintln!("drydock: {e}");
+            return Ok(Outcome::Failed);
+        }
+        end => end?,
+    };
+    report_end(
+        ctx,
+        name,
+        &VmPaths::in_state_dir(&ctx.state_dir, name),
+        &end,
+        wait,
+    )
 }
 
 fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
@@ -209,24 +226,6 @@ fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
             let _ = writeln!(out, "{prefix}{line}");
         }
     }
-}
-
-fn foreground(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    let mut echo = echo_to(ctx.json, name);
-    let end = drydock_vm::run_foreground(
-        &ctx.state_dir,
-        record,
-        &wait.spec,
-        &CANCEL,
-        &mut echo,
-        &mut |_, after| eprintln!("drydock: {name} ready after {:.2} s", after.as_secs_f64()),
-    )?;
-    report_end(ctx, name, &record.spec.paths, &end, wait)
 }
 
 /// The outcome and the sentence for how a launch ended.
@@ -327,51 +326,17 @@ fn report_end(
     Ok(code)
 }
 
-/// The detached supervisor command of a VM of this state dir and store.
-pub(super) fn supervisor<'a>(
-    ctx: &'a Context,
-    exe: &'a std::path::Path,
-    name: &'a str,
-    incoming: Option<(&'a str, &'a str)>,
-) -> drydock_vm::SupervisorCommand<'a> {
-    drydock_vm::SupervisorCommand {
-        exe,
-        state_dir: &ctx.state_dir,
-        store_root: ctx.store_root.as_deref(),
-        name,
-        incoming,
-    }
-}
-
-/// `--detach`: a supervisor process owns the VM; wait here until it is ready.
-fn detach(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let sup = supervisor(ctx, &exe, name, None);
-    let mut echo = echo_to(ctx.json, name);
-    let end = drydock_vm::run_detached(&sup, record, &wait.spec, &CANCEL, &mut echo)?;
-    report_end(ctx, name, &record.spec.paths, &end, wait)
-}
-
 /// The hidden `__vm-supervise`: start the recorded launch (or load a snapshot into it) and stay
 /// with it until QEMU exits or we are told to stop (SIGTERM/SIGHUP/SIGINT), then clean up.
 pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
-    let mut record = LaunchRecord::read(&paths)?;
-    if let Some(share) = &mut record.share {
-        share.exe = std::env::current_exe().context("locating the drydock binary")?;
-    }
+    let launcher = launcher(ctx)?;
     install_cancel_handler();
     let incoming = a
         .incoming
         .as_deref()
         .map(|uri| (uri, a.snapshot_tag.as_deref().unwrap_or("default")));
     eprintln!("drydock: supervising {}", a.name);
-    let status = drydock_vm::supervise(&ctx.state_dir, &record, incoming, &CANCEL)?;
+    let status = drydock_vm::supervise(&launcher, &a.name, incoming, &CANCEL)?;
     eprintln!(
         "drydock: {} stopped ({})",
         a.name,
@@ -388,28 +353,12 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     if let Some(cm) = drydock_cluster::cluster_machine(&ctx.state_dir, &a.name) {
         return restart_in_cluster(ctx, a, &cm);
     }
-    let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    let mut record = existing_record(ctx, &paths, &a.name)?;
-    drydock_vm::recorded_store(&record, &ctx.layout(), explicit_store(ctx))?;
-    if let Some(state) = VmState::read(&paths) {
-        drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
-    }
-    if let Some(missing) = record.missing_file() {
-        eprintln!("drydock: cannot restart {}: {missing}", a.name);
-        return Ok(Outcome::Failed);
-    }
-    if let Some(share) = &mut record.share {
-        share.exe = std::env::current_exe().context("locating the drydock binary")?;
-    }
-    if let Some(disk) = &record.spec.disk {
-        if !a.keep_state {
-            drydock_vm::discard_disk(disk)?;
-        }
-    }
-    reopen_run(ctx, &record)?;
-    record.write(&paths)?;
-    launch(ctx, &a.name, &record, &wait)
+    let kind = LaunchKind::Restart {
+        name: a.name.clone(),
+        keep_disk: a.keep_state,
+    };
+    launch(ctx, &a.name, kind, &wait)
 }
 
 /// `vm restart` of a machine of an up cluster: its owner restarts it, on the cluster's networks
