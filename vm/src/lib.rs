@@ -34,13 +34,13 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
+    WaitOutcome, follow, log_tail, stop_remote, write_json,
 };
 pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
     Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
-pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale, record_vm_run};
+pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale};
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
@@ -48,7 +48,6 @@ pub use plan::{
 pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
-    resolve_launch,
 };
 pub use snapshot::{SnapshotError, SnapshotMeta, qemu_version, save_snapshot};
 pub use spawn::{
