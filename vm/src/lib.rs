@@ -34,13 +34,16 @@ pub use image::{
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, follow, log_tail, stop_remote, write_json,
+    WaitOutcome, follow, follow_console, log_tail, write_json,
 };
 pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
     Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
-pub use owner::{OwnerError, end_vm_run, reap_dead_vms, reap_stale};
+pub use owner::{
+    ListedState, ListedVm, OwnerError, Stopped, VmListing, end_vm_run, list_vms, reap_dead_vms,
+    reap_stale, stop_vm,
+};
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
@@ -49,7 +52,7 @@ pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, Vm
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
 };
-pub use snapshot::{SnapshotError, SnapshotMeta, qemu_version, save_snapshot};
+pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
     spawn_detached,

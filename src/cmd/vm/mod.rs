@@ -1,17 +1,17 @@
 //! `drydock vm run|list|stop|logs|restart|snapshot|restore` and the hidden `__vm-supervise`
-//! that owns a detached VM. A launch (`run`, `restart`, `restore`) is one call,
-//! `drydock_vm::launch_vm`, the library's one launch sequence; this prints what it reports.
+//! that owns a detached VM: each turns its arguments into one `drydock_vm` call (a launch goes
+//! through `drydock_vm::launch_vm`, the library's one launch sequence) and prints its report.
 
 mod snapshot;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use drydock_vm::{
-    ConsoleTail, LaunchEvent, LaunchKind, LaunchRecord, Launcher, LauncherError, LifecycleError,
-    StoreAttachment, StoreShare, VmPaths, VmState,
+    LaunchEvent, LaunchKind, LaunchRecord, Launcher, LauncherError, LifecycleError,
+    StoreAttachment, StoreShare, VmPaths,
 };
 
 use crate::cli::{
@@ -57,14 +57,6 @@ pub(crate) fn images_dir(ctx: &Context) -> PathBuf {
 pub(crate) fn reap_dead(ctx: &Context) {
     for name in drydock_vm::reap_dead_vms(&ctx.state_dir) {
         eprintln!("drydock: VM {name} had died with its owner; its run is ended now");
-    }
-}
-
-/// A dead entry found while listing: clean it up and end its run (a failure is logged; the
-/// listing goes on).
-fn reap_stale(ctx: &Context, paths: &VmPaths, state: &VmState, record: Option<&LaunchRecord>) {
-    if let Err(e) = drydock_vm::reap_stale(&ctx.state_dir, paths, state, record) {
-        tracing::warn!("{:#}", anyhow!(e));
     }
 }
 
@@ -396,120 +388,33 @@ fn restart_in_cluster(
     }
 }
 
-/// The launch record of an existing VM, or bad input naming the VM.
-fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result<LaunchRecord> {
-    if !paths.launch_file().exists() {
-        return Err(bad_input(format!(
-            "no VM named {name} in {}",
-            ctx.state_dir.join("vms").display()
-        )));
-    }
-    Ok(LaunchRecord::read(paths)?)
-}
-
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
     drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "stop")?;
-    let paths = vm_paths(ctx, &a.name)?;
-    if !paths.dir.is_dir() {
-        return Err(bad_input(format!(
-            "no VM named {} in {}",
-            a.name,
-            ctx.state_dir.join("vms").display()
-        )));
-    }
-    let Some(state) = VmState::read(&paths) else {
-        eprintln!("drydock: {} is not running", a.name);
-        return Ok(Outcome::Success);
-    };
-    let grace = a.grace;
-    let t = Instant::now();
-    let was_alive = state.qemu_alive();
-    if was_alive {
-        drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
-    } else {
-        let record = LaunchRecord::read(&paths).ok();
-        drydock_vm::reap_stale(&ctx.state_dir, &paths, &state, record.as_ref())?;
-    }
-    if was_alive {
-        eprintln!(
-            "drydock: {} stopped in {:.2} s",
-            a.name,
-            t.elapsed().as_secs_f64()
-        );
-    } else {
-        eprintln!("drydock: {} was not running (stale entry cleaned)", a.name);
+    match drydock_vm::stop_vm(&ctx.state_dir, &a.name, a.grace, a.force)? {
+        drydock_vm::Stopped::NotRunning => eprintln!("drydock: {} is not running", a.name),
+        drydock_vm::Stopped::Stopped { after } => {
+            eprintln!(
+                "drydock: {} stopped in {:.2} s",
+                a.name,
+                after.as_secs_f64()
+            )
+        }
+        drydock_vm::Stopped::StaleCleaned => {
+            eprintln!("drydock: {} was not running (stale entry cleaned)", a.name)
+        }
     }
     Ok(Outcome::Success)
 }
 
-/// One line of `vm list`.
-#[derive(Debug, serde::Serialize)]
-struct VmRow {
-    name: String,
-    /// `running`, `stopped` or `stale (cleaned)`.
-    state: &'static str,
-    pid: Option<u32>,
-    accel: Option<&'static str>,
-    memory_mib: Option<u32>,
-    uptime_seconds: Option<u64>,
-    system: Option<String>,
-}
-
-/// `vm list --json`.
-#[derive(Debug, serde::Serialize)]
-struct VmList {
-    vms: Vec<VmRow>,
-}
-
 fn list(ctx: &Context) -> anyhow::Result<Outcome> {
-    let root = ctx.state_dir.join("vms");
-    let mut rows = Vec::new();
-    let mut names: Vec<String> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(anyhow!(e).context(format!("reading {}", root.display()))),
-    };
-    names.sort();
-    for name in names {
-        let Ok(paths) = vm_paths(ctx, &name) else {
-            continue;
-        };
-        let record = LaunchRecord::read(&paths).ok();
-        let state = VmState::read(&paths);
-        let (status, pid, uptime) = match &state {
-            Some(s) if s.qemu_alive() => (
-                "running",
-                Some(s.qemu_pid),
-                Some((drydock_gc::epoch_secs().max(0) as u64).saturating_sub(s.started)),
-            ),
-            Some(s) => {
-                // Stale: the owner died without cleaning up. Clean now, and end its run.
-                reap_stale(ctx, &paths, s, record.as_ref());
-                ("stale (cleaned)", None, None)
-            }
-            None => ("stopped", None, None),
-        };
-        rows.push(VmRow {
-            name,
-            state: status,
-            pid,
-            accel: record.as_ref().map(|r| r.spec.accel.as_str()),
-            memory_mib: record.as_ref().map(|r| r.spec.memory_mib),
-            uptime_seconds: uptime,
-            system: record.as_ref().and_then(|r| r.toplevel.clone()),
-        });
-    }
+    let listing = drydock_vm::list_vms(&ctx.state_dir)?;
     let mut out = crate::out::stdout();
     if ctx.json {
-        crate::out::json(&mut out, &VmList { vms: rows })?;
+        crate::out::json(&mut out, &listing)?;
         return Ok(Outcome::Success);
     }
-    if rows.is_empty() {
-        writeln!(out, "no VMs in {}", root.display())?;
+    if listing.vms.is_empty() {
+        writeln!(out, "no VMs in {}", listing.dir.display())?;
         out.flush()?;
         return Ok(Outcome::Success);
     }
@@ -519,12 +424,12 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
         "NAME", "STATE", "PID", "ACCEL", "MEMORY", "UPTIME"
     )?;
     let dash = || "-".to_string();
-    for r in rows {
+    for r in &listing.vms {
         writeln!(
             out,
             "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
             r.name,
-            r.state,
+            r.state.as_str(),
             r.pid.map(|p| p.to_string()).unwrap_or_else(dash),
             r.accel.unwrap_or("-"),
             r.memory_mib.map(|m| format!("{m}M")).unwrap_or_else(dash),
@@ -538,42 +443,28 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
 }
 
 fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
-    let log = paths.console_log();
-    if !log.exists() {
-        return Err(bad_input(format!(
-            "no console log for a VM named {} ({} does not exist)",
-            a.name,
-            log.display()
-        )));
+    if a.follow {
+        install_cancel_handler();
     }
-    let mut tail = ConsoleTail::new(log);
     let mut out = crate::out::stdout();
-    if !a.follow {
-        for l in tail.lines() {
-            writeln!(out, "{l}")?;
-        }
-        if let Some(r) = tail.rest() {
-            writeln!(out, "{r}")?;
-        }
-        out.flush()?;
-        return Ok(Outcome::Success);
-    }
-    install_cancel_handler();
-    // A reader that went away ends the follow, quietly.
-    let failed = std::cell::RefCell::new(None);
-    let mut echo = |l: &str| {
-        if failed.borrow().is_none() {
-            if let Err(e) = writeln!(out, "{l}").and_then(|()| out.flush()) {
-                *failed.borrow_mut() = Some(e);
+    // A write that fails (the reader went away) ends the reading; its error is returned.
+    let mut failed = None;
+    drydock_vm::follow_console(&ctx.state_dir, &a.name, a.follow, &CANCEL, &mut |l| {
+        let written = writeln!(out, "{l}").and_then(|()| match a.follow {
+            true => out.flush(),
+            false => Ok(()),
+        });
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
             }
         }
-    };
-    let mut gone =
-        || failed.borrow().is_some() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
-    drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut echo);
-    if let Some(e) = failed.take() {
+    })?;
+    if let Some(e) = failed {
         return Err(e.into());
     }
+    out.flush()?;
     Ok(Outcome::Success)
 }

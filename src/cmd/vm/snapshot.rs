@@ -2,26 +2,16 @@
 //! it back (detached, owned by a supervisor) with `-incoming`, after the library checked that
 //! the snapshot fits the VM (closure, QEMU, machine options).
 
-use drydock_vm::{Ending, LaunchEvent, LaunchKind, VmState};
+use drydock_vm::{Ending, LaunchEvent, LaunchKind};
 
-use super::{CANCEL, existing_record, install_cancel_handler, launcher, vm_paths};
+use super::{CANCEL, install_cancel_handler, launcher};
 use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
 use crate::context::Context;
-use crate::exit::{Outcome, bad_input};
+use crate::exit::Outcome;
 
 pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
     drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "snapshot")?;
-    let paths = vm_paths(ctx, &a.name)?;
-    let record = existing_record(ctx, &paths, &a.name)?;
-    let running = VmState::read(&paths).is_some_and(|s| s.qemu_alive());
-    if !running {
-        return Err(bad_input(format!(
-            "{} is not running: only a running VM can be snapshotted",
-            a.name
-        )));
-    }
-    let version = drydock_vm::qemu_version(&record.spec.qemu)?;
-    let meta = drydock_vm::save_snapshot(&record, &a.tag, &version)?;
+    let meta = drydock_vm::snapshot_vm(&ctx.state_dir, &a.name, &a.tag)?;
     eprintln!(
         "drydock: snapshot {:?} of {}: {:.1} MiB of state saved in {:.2} s (guest paused meanwhile, now running again)",
         a.tag,
