@@ -69,6 +69,8 @@ fn is_interrupted(err: &anyhow::Error) -> bool {
             .is_some_and(|e| e.is_interrupted())
             || c.downcast_ref::<drydock_cluster::SessionError>()
                 .is_some_and(|e| e.is_interrupted())
+            || c.downcast_ref::<drydock_vm::CollectError>()
+                .is_some_and(|e| e.is_interrupted())
     })
 }
 
@@ -108,6 +110,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<vm::LauncherError>()
+                .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<vm::CollectError>()
                 .is_some_and(|e| e.is_bad_input())
             || cause
                 .downcast_ref::<vm::SystemError>()

@@ -4,11 +4,12 @@
 //! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
 //! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
 //! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
-//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `sys`.
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `sys`; `collect` (`gc`) → `owner`, `image`.
 //!
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod collect;
 mod doctor;
 mod host;
 mod image;
@@ -26,12 +27,11 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
-pub use image::{
-    ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
-};
+pub use image::{ImageError, StoreImage, list_images};
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
     WaitOutcome, follow, follow_console, log_tail, write_json,
