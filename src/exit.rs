@@ -104,7 +104,12 @@ fn vm_class(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
     if let Some(e) = cause.downcast_ref::<drydock_cluster::SessionError>() {
         return Some(of(e.is_interrupted(), e.is_bad_input()));
     }
+    if let Some(e) = cause.downcast_ref::<vm::CollectError>() {
+        return Some(of(e.is_interrupted(), e.is_bad_input()));
+    }
     let bad_input = if let Some(e) = cause.downcast_ref::<vm::DoctorError>() {
+        e.is_bad_input()
+    } else if let Some(e) = cause.downcast_ref::<vm::LauncherError>() {
         e.is_bad_input()
     } else if let Some(e) = cause.downcast_ref::<vm::LaunchError>() {
         e.is_bad_input()

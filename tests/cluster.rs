@@ -3,7 +3,8 @@
 //! `exec` passes stdout, stderr and the exit status through (124 at the deadline, the machine
 //! still answering), calls on one machine queue, `wait` on the console and on a late service,
 //! `shell`, GC while up keeps every system, Ctrl-C and SIGKILL leave no QEMU, store server
-//! or owner behind (checked over /proc), and bad compositions are exit 2. Needs root for the
+//! or owner behind (checked over /proc), bad compositions are exit 2, and a machine that cannot
+//! launch (a missing QEMU, a name in use) is exit 2 before anything starts. Needs root for the
 //! store server's sandbox, and the test guest's kernel (`scripts/guest/build-initrd`).
 
 use std::path::{Path, PathBuf};
@@ -510,4 +511,98 @@ fn bad_compositions_are_exit_2_naming_file_and_attribute() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("machines.m.system"), "{err}");
     wait_no_processes(&state, Duration::from_secs(10));
+}
+
+#[test]
+fn a_machine_that_cannot_launch_starts_nothing_and_a_missing_qemu_is_exit_2_as_for_vm_run() {
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = composition(
+        dir.path(),
+        "bad",
+        "a = { system = sys { }; memorySize = 256; }; b = { system = sys { }; memorySize = 256; };",
+    );
+    let cdir = state.join("clusters/bad");
+    let up = |extra: &[&str], qemu: Option<&Path>| {
+        let mut c = drydock(&state);
+        c.arg("up")
+            .arg("-f")
+            .arg(&file)
+            .args(["--accel", "tcg", "--timeout", "60"])
+            .args(extra);
+        if let Some(q) = qemu {
+            c.arg("--qemu").arg(q);
+        }
+        c.output().unwrap()
+    };
+    // Nothing of the cluster started: no hosts table (written before the hubs), no owner, no
+    // machine's folder, no process.
+    let nothing_started = |what: &str| {
+        for f in ["hosts", "cluster.json", "drydock.log"] {
+            assert!(!cdir.join(f).exists(), "{what}: {f} exists");
+        }
+        assert!(
+            !state.join("vms/bad.a").exists(),
+            "{what}: bad.a was launched"
+        );
+        wait_no_processes(&state, Duration::from_secs(10));
+    };
+
+    // A QEMU that does not exist: bad input naming it, foreground or detached, as for `vm run`.
+    let missing = dir.path().join("no-such-qemu");
+    let says = format!("QEMU not found: {} does not exist", missing.display());
+    for extra in [&[][..], &["--detach"]] {
+        let o = up(extra, Some(&missing));
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "up {extra:?}: {err}");
+        assert!(err.contains(&says), "up {extra:?}: {err}");
+        nothing_started(&format!("up {extra:?} --qemu"));
+    }
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cdir.join("up.json")).unwrap()).unwrap();
+    let system = plan["machines"][0]["settings"]["system"]["out_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = drydock(&state)
+        .args([
+            "vm", "run", "--name", "lone", "--accel", "tcg", "--system", &system,
+        ])
+        .arg("--qemu")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "vm run: {err}");
+    assert!(err.contains(&says), "vm run: {err}");
+
+    // One machine's name is taken by a running VM: `up` says so, and starts no other machine.
+    let mut holder = Command::new("sleep").arg("600").spawn().unwrap();
+    let vm_b = state.join("vms/bad.b");
+    std::fs::create_dir_all(&vm_b).unwrap();
+    let pid = holder.id();
+    std::fs::write(
+        vm_b.join("state.json"),
+        serde_json::json!({
+            "name": "bad.b", "supervisor_pid": pid, "qemu_pid": pid, "server_pid": null,
+            "accel": "tcg", "memory_mib": 256, "started": 0, "cgroup": null,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    for extra in [&[][..], &["--detach"]] {
+        let o = up(extra, None);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "up {extra:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "machine b: a VM named bad.b is already running (QEMU pid {pid})"
+            )),
+            "up {extra:?}: {err}"
+        );
+        nothing_started(&format!("up {extra:?} with bad.b taken"));
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }

@@ -62,6 +62,10 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no VM named {name} in {}", dir.display())]
+    NoVm { name: String, dir: PathBuf },
+    #[error("no console log for a VM named {name} ({} does not exist)", path.display())]
+    NoConsoleLog { name: String, path: PathBuf },
 }
 
 impl LaunchError {
@@ -70,7 +74,7 @@ impl LaunchError {
             Self::Plan(e) => e.is_bad_input(),
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
-            Self::Untrusted { .. } => true,
+            Self::Untrusted { .. } | Self::NoVm { .. } | Self::NoConsoleLog { .. } => true,
             // Bad input unless the file simply cannot be opened (missing, permissions).
             Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
             _ => false,
@@ -216,11 +220,25 @@ impl LaunchRecord {
         Ok(record)
     }
 
+    /// The recorded launch of the VM `name` under `state_dir`: an invalid name, or a VM that was
+    /// never launched, is bad input.
+    pub fn of_vm(state_dir: &Path, name: &str) -> Result<Self, LaunchError> {
+        crate::plan::validate_name(name)?;
+        let paths = VmPaths::in_state_dir(state_dir, name);
+        if !paths.launch_file().exists() {
+            return Err(LaunchError::NoVm {
+                name: name.to_owned(),
+                dir: state_dir.join("vms"),
+            });
+        }
+        Self::read(&paths)
+    }
+
     /// Every file the recorded launch needs must still be there (they are pinned, but someone
-    /// may have deleted them by hand): the first one that is not, as a sentence.
-    pub fn missing_file(&self) -> Option<String> {
+    /// may have deleted them by hand): the first one that is not, as what it is and its path.
+    pub fn missing_file(&self) -> Option<(&'static str, PathBuf)> {
         let spec = &self.spec;
-        let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+        let mut files: Vec<(&'static str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
         if let Some(i) = &spec.initrd {
             files.push(("initrd", i.clone()));
         }
@@ -235,7 +253,6 @@ impl LaunchRecord {
         files
             .into_iter()
             .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
-            .map(|(what, p)| format!("the pinned {what} {} is gone", p.display()))
     }
 
     /// Every path of the record that drydock writes or attaches as a disk, against where it
@@ -884,6 +901,50 @@ pub fn follow(
     }
 }
 
+/// `vm logs`: the console log of the VM `name` under `state_dir`, line by line to `echo` (the
+/// unfinished last line too); with `follow`, then every new line until the VM is not running,
+/// `cancel` is set or `echo` says to stop (returns `false`: its reader went away). A VM without
+/// a console log is bad input.
+pub fn follow_console(
+    state_dir: &Path,
+    name: &str,
+    follow_it: bool,
+    cancel: &AtomicBool,
+    echo: &mut dyn FnMut(&str) -> bool,
+) -> Result<(), LaunchError> {
+    crate::plan::validate_name(name)?;
+    let paths = VmPaths::in_state_dir(state_dir, name);
+    let log = paths.console_log();
+    if !log.exists() {
+        return Err(LaunchError::NoConsoleLog {
+            name: name.to_owned(),
+            path: log,
+        });
+    }
+    let mut tail = ConsoleTail::new(log);
+    if !follow_it {
+        for l in tail.lines() {
+            if !echo(&l) {
+                return Ok(());
+            }
+        }
+        if let Some(r) = tail.rest() {
+            echo(&r);
+        }
+        return Ok(());
+    }
+    // A reader that went away ends the follow, quietly.
+    let stopped = std::cell::Cell::new(false);
+    let mut each = |l: &str| {
+        if !stopped.get() && !echo(l) {
+            stopped.set(true);
+        }
+    };
+    let mut gone = || stopped.get() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
+    follow(&mut tail, None, None, cancel, &mut gone, &mut each);
+    Ok(())
+}
+
 /// The last `n` lines of a console log, for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -979,6 +1040,38 @@ mod tests {
             &mut |_| {},
         );
         assert_eq!(out, WaitOutcome::Cancelled);
+    }
+
+    #[test]
+    fn a_vms_console_is_read_until_its_reader_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = VmPaths::in_state_dir(d.path(), "v");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.console_log(), "one\ntwo\nthree").unwrap();
+        let no = AtomicBool::new(false);
+        let read = |follow_it: bool, take: usize| {
+            let mut seen = Vec::new();
+            follow_console(d.path(), "v", follow_it, &no, &mut |l| {
+                seen.push(l.to_string());
+                seen.len() < take
+            })
+            .map(|()| seen)
+        };
+        assert_eq!(read(false, 9).unwrap(), ["one", "two", "three"]);
+        assert_eq!(
+            read(false, 2).unwrap(),
+            ["one", "two"],
+            "the reader went away"
+        );
+        // Followed, it ends once the VM is not running (it has no state file here).
+        assert_eq!(read(true, 9).unwrap(), ["one", "two", "three"]);
+        for (name, says) in [
+            ("w", "no console log for a VM named w"),
+            ("../x", "invalid"),
+        ] {
+            let e = follow_console(d.path(), name, false, &no, &mut |_| true).unwrap_err();
+            assert!(e.is_bad_input() && e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]
