@@ -12,7 +12,7 @@
 //! [`Fleet`] guard). Needs root, `/dev/kvm`, `ip`, `sshd`, `ssh-keygen` and `nix-build`: all
 //! installed by scripts/setup, so a missing one fails the test instead of skipping it.
 
-use crate::common;
+use crate::common::{self, Drydock, Ran};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,12 +291,7 @@ fn text(v: &Value, field: &str) -> String {
 }
 
 /// doctor with a private Nix configuration directory and a private chroot store.
-fn doctor(
-    conf_dir: &Path,
-    store: &Path,
-    args: &[&str],
-    nix_config: Option<&str>,
-) -> std::process::Output {
+fn doctor(conf_dir: &Path, store: &Path, args: &[&str], nix_config: Option<&str>) -> Ran {
     doctor_with(conf_dir, store, args, nix_config, None)
 }
 
@@ -307,13 +302,9 @@ fn doctor_with(
     args: &[&str],
     nix_config: Option<&str>,
     ssh_opts: Option<&str>,
-) -> std::process::Output {
+) -> Ran {
     let state = conf_dir.join("state");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_drydock"));
-    cmd.arg("--store")
-        .arg(store)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut cmd = Drydock::on(store, &state)
         .arg("doctor")
         .args(args)
         .env("NIX_CONF_DIR", conf_dir)
@@ -323,12 +314,12 @@ fn doctor_with(
         .env_remove("XDG_CONFIG_HOME")
         .env_remove("NIX_USER_CONF_FILES");
     if let Some(c) = nix_config {
-        cmd.env("NIX_CONFIG", c);
+        cmd = cmd.env("NIX_CONFIG", c);
     }
     if let Some(o) = ssh_opts {
-        cmd.env("NIX_SSHOPTS", o);
+        cmd = cmd.env("NIX_SSHOPTS", o);
     }
-    cmd.output().expect("run drydock doctor")
+    cmd.run()
 }
 
 #[test]

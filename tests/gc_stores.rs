@@ -7,7 +7,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::{drydock, drydock_json, drydock_ok, nix_store, valid_paths};
+use common::{Drydock, nix_store, valid_paths};
 
 /// A test run depending on a driver that both stores build (the same logical path in each).
 fn expr(tag: &str) -> String {
@@ -55,12 +55,10 @@ fn runs_belong_to_their_store() {
         std::fs::write(&file, expr(tag)).unwrap();
         let cmd = common::nix_build_cmd(root, &file, "--no-out-link");
         let name = format!("in-{tag}");
-        drydock_ok(
-            root,
-            &state,
-            &["track", "--name", &name, "--", "sh", "-c", &cmd],
-            0,
-        );
+        Drydock::on(root, &state)
+            .args(["track", "--name", &name, "--", "sh", "-c", &cmd])
+            .run()
+            .ok();
     }
     let (id_a, id_b) = (store_id(&a), store_id(&b));
     let (paths_a, paths_b) = (valid_paths(&a), valid_paths(&b));
@@ -74,7 +72,11 @@ fn runs_belong_to_their_store() {
 
     // `runs` in each store: its own run only, and one line naming the other store.
     for (root, own, other, other_root) in [(&a, "in-a", "in-b", &b), (&b, "in-b", "in-a", &a)] {
-        let text = drydock_ok(root, &state, &["runs"], 0);
+        let text = Drydock::on(root, &state)
+            .args(["runs"])
+            .run()
+            .ok()
+            .stdout_str();
         assert!(text.lines().any(|l| l.contains(own)), "{text}");
         assert!(!text.lines().any(|l| l.contains(other)), "{text}");
         let last = text.lines().last().unwrap();
@@ -88,7 +90,12 @@ fn runs_belong_to_their_store() {
             "{text}"
         );
     }
-    let runs_a = drydock_json(&a, &state, &["runs"], 0);
+    let runs_a = Drydock::on(&a, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json();
     let list = runs_a["runs"].as_array().unwrap();
     assert_eq!(list.len(), 1, "{runs_a}");
     assert_eq!(list[0]["id"], 1);
@@ -100,16 +107,26 @@ fn runs_belong_to_their_store() {
     );
 
     // `runs show` of the other store's run: bad input naming its store.
-    let o = drydock(&a, &state, &["runs", "show", "2"]);
+    let o = Drydock::on(&a, &state).args(["runs", "show", "2"]).run();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains(&id_b), "{}", stderr(&o));
     assert_eq!(
-        drydock_json(&b, &state, &["runs", "show", "2"], 0)["run"]["id"],
+        Drydock::on(&b, &state)
+            .json()
+            .args(["runs", "show", "2"])
+            .run()
+            .ok()
+            .stdout_json()["run"]["id"],
         2
     );
 
     // `du` by run: this store's run only.
-    let du = drydock_json(&a, &state, &["du"], 0);
+    let du = Drydock::on(&a, &state)
+        .json()
+        .args(["du"])
+        .run()
+        .ok()
+        .stdout_json();
     let by_run = du["by_run"].as_array().unwrap();
     assert_eq!(by_run.len(), 1, "{du}");
     assert_eq!(by_run[0][0], 1);
@@ -119,7 +136,7 @@ fn runs_belong_to_their_store() {
         &["gc", "--run", "2"][..],
         &["gc", "--run", "2", "--dry-run"],
     ] {
-        let o = drydock(&a, &state, args);
+        let o = Drydock::on(&a, &state).args(args).run();
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(&id_b), "{}", stderr(&o));
     }
@@ -127,15 +144,30 @@ fn runs_belong_to_their_store() {
     intact(&b, &paths_b);
 
     // Filters count and select only this store's runs.
-    let plan = drydock_json(&b, &state, &["gc", "--older-than", "0s", "--dry-run"], 0);
+    let plan = Drydock::on(&b, &state)
+        .json()
+        .args(["gc", "--older-than", "0s", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(plan["runs"], serde_json::json!([2]), "{plan}");
-    let plan = drydock_json(&a, &state, &["gc", "--keep-last", "1", "--dry-run"], 0);
+    let plan = Drydock::on(&a, &state)
+        .json()
+        .args(["gc", "--keep-last", "1", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(
         plan["runs"],
         serde_json::json!([]),
         "B's run does not count: {plan}"
     );
-    let plan = drydock_json(&a, &state, &["gc", "--keep-last", "0", "--dry-run"], 0);
+    let plan = Drydock::on(&a, &state)
+        .json()
+        .args(["gc", "--keep-last", "0", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(plan["runs"], serde_json::json!([1]), "{plan}");
 
     // A collection in B left unfinished (drydock killed): a `gc` in A cannot check B's paths
@@ -151,7 +183,12 @@ fn runs_belong_to_their_store() {
     };
 
     // A real collection in A: A's run goes, B's paths (the shared ones too) stay.
-    let done = drydock_json(&a, &state, &["gc", "--keep-last", "0"], 0);
+    let done = Drydock::on(&a, &state)
+        .json()
+        .args(["gc", "--keep-last", "0"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(done["runs"], serde_json::json!([1]), "{done}");
     assert_eq!(done["deleted"].as_array().unwrap().len(), 4, "{done}");
     assert!(valid_paths(&a).is_empty());
@@ -173,7 +210,12 @@ fn runs_belong_to_their_store() {
             .contains(&(b_event, "running".to_owned()))
     );
     // B's next collection reconciles it: nothing of it is gone.
-    drydock_json(&b, &state, &["gc", "--keep-last", "5"], 0);
+    Drydock::on(&b, &state)
+        .json()
+        .args(["gc", "--keep-last", "5"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(
         db.gc_event_statuses()
             .unwrap()
@@ -186,9 +228,19 @@ fn runs_belong_to_their_store() {
             .all(|p| p.gc_state.is_none())
     );
     intact(&b, &paths_b);
-    let runs_b = drydock_json(&b, &state, &["runs"], 0);
+    let runs_b = Drydock::on(&b, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(runs_b["runs"][0]["live_paths"], 4, "{runs_b}");
-    let show = drydock_json(&b, &state, &["runs", "show", "2"], 0);
+    let show = Drydock::on(&b, &state)
+        .json()
+        .args(["runs", "show", "2"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(
         show["paths"]
             .as_array()

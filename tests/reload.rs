@@ -9,14 +9,12 @@
 //! Nothing is left running (checked over /proc).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::common::Ran;
 use crate::vmcommon;
-use vmcommon::{
-    DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_up_detached, guest_ready,
-    qemu_pids, text, wait_no_processes, wait_until, write_composition,
-};
+use vmcommon::{Cluster, text, wait_no_processes, wait_until};
 
 /// The composition's variable parts.
 #[derive(Clone)]
@@ -34,13 +32,14 @@ const FIRST: Edit = Edit {
     zed: false,
 };
 
-fn write(file: &Path, e: &Edit) {
+/// The machines of the composition `e`.
+fn machines(e: &Edit) -> String {
     let zed = if e.zed {
         "zed = { system = sys { }; memorySize = 256; };"
     } else {
         ""
     };
-    let machines = format!(
+    format!(
         r#"
   alpha = {{ system = sys {{ www = "alpha v1"; }}; memorySize = 256; }};
   beta = {{ system = sys {{ www = "{bw}"; activation = "{ba}"; }}; memorySize = 256; }};
@@ -50,8 +49,7 @@ fn write(file: &Path, e: &Edit) {
         bw = e.beta_www,
         ba = e.beta_activation,
         gp = e.gamma_params,
-    );
-    write_composition(file, &machines);
+    )
 }
 
 /// The reload test's own chroot store: the cluster tests run `gc --all` on theirs, which would
@@ -60,16 +58,12 @@ fn store() -> PathBuf {
     vmcommon::created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-reload-store"))
 }
 
-fn drydock(state: &Path) -> Command {
-    cluster_drydock(&store(), state)
+fn exec(c: &Cluster, machine: &str, cmd: &str) -> Ran {
+    c.exec(machine, "60", cmd)
 }
 
-fn exec(state: &Path, file: &Path, machine: &str, cmd: &str) -> Output {
-    cluster_exec(&store(), state, file, machine, "60", cmd)
-}
-
-fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
-    let o = exec(state, file, machine, cmd);
+fn stdout_of(c: &Cluster, machine: &str, cmd: &str) -> String {
+    let o = exec(c, machine, cmd);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -80,16 +74,16 @@ fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
 }
 
 /// `up --json` (with `extra` arguments): its exit code and its report.
-fn up_json(state: &Path, file: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let o = drydock(state)
+fn up_json(c: &Cluster, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let o = c
+        .drydock()
         .arg("--json")
         .arg("up")
         .arg("-f")
-        .arg(file)
+        .arg(c.file())
         .args(["--accel", "tcg", "--timeout", "300"])
         .args(extra)
-        .output()
-        .unwrap();
+        .run();
     let err = text(&o.stderr);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
@@ -129,20 +123,16 @@ fn machine<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap()
 }
 
-fn pids(state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
-    qemu_pids(&store(), state, file)
-}
-
-fn uptime(state: &Path, file: &Path, m: &str) -> f64 {
-    let s = stdout_of(state, file, m, "cut -d' ' -f1 /proc/uptime");
+fn uptime(c: &Cluster, m: &str) -> f64 {
+    let s = stdout_of(c, m, "cut -d' ' -f1 /proc/uptime");
     s.trim().parse().unwrap()
 }
 
-fn collectable(state: &Path) -> Vec<String> {
-    let o = drydock(state)
+fn collectable(c: &Cluster) -> Vec<String> {
+    let o = c
+        .drydock()
         .args(["--json", "gc", "--all", "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["paths"]
@@ -153,34 +143,20 @@ fn collectable(state: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Takes the cluster down when the test ends, passed or not.
-fn down_on_drop(state: &Path, file: &Path) -> DownOnDrop {
-    DownOnDrop {
-        store: store(),
-        state: state.to_path_buf(),
-        file: file.to_path_buf(),
-    }
-}
-
 #[test]
 fn hot_reload_switches_restarts_creates_removes_and_watches() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let d = dir.path().join("rl");
-    std::fs::create_dir_all(&d).unwrap();
-    let file = d.join("drydock.nix");
-    write(&file, &FIRST);
-    let _down = down_on_drop(&state, &file);
-    cluster_up_detached(&store(), &state, &file);
-    let before = pids(&state, &file);
+    let c = Cluster::named("rl")
+        .store(store())
+        .machines(&machines(&FIRST))
+        .up();
+    let before = c.qemu_pids();
     assert_eq!(before.len(), 3);
     let up0: Vec<f64> = ["alpha", "beta", "gamma"]
         .iter()
-        .map(|m| uptime(&state, &file, m))
+        .map(|m| uptime(&c, m))
         .collect();
     assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
+        stdout_of(&c, "alpha", "wget -qO- http://beta/"),
         "beta v1\n"
     );
 
@@ -189,8 +165,8 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         beta_www: "beta v2",
         ..FIRST
     };
-    write(&file, &e2);
-    let (code, v, err) = up_json(&state, &file, &["--dry-run"]);
+    c.set_machines(&machines(&e2));
+    let (code, v, err) = up_json(&c, &["--dry-run"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         actions(&v),
@@ -202,7 +178,7 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         "{v}"
     );
     // --restart turns the switch into a restart, and leaves the keeps alone.
-    let (code, v, err) = up_json(&state, &file, &["--dry-run", "--restart"]);
+    let (code, v, err) = up_json(&c, &["--dry-run", "--restart"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         actions(&v),
@@ -214,11 +190,11 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         "{v}"
     );
     assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
         "beta v1\n",
         "a dry run changes nothing"
     );
-    let (code, v, err) = up_json(&state, &file, &[]);
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         actions(&v),
@@ -239,22 +215,22 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     );
     assert_ne!(old_beta, new_beta);
     assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
+        stdout_of(&c, "alpha", "wget -qO- http://beta/"),
         "beta v2\n"
     );
     assert_eq!(
-        stdout_of(&state, &file, "beta", "readlink /run/current-system"),
+        stdout_of(&c, "beta", "readlink /run/current-system"),
         format!("{new_beta}\n")
     );
     // No machine rebooted: same QEMU processes, guest uptimes carried on.
-    assert_eq!(pids(&state, &file), before);
+    assert_eq!(c.qemu_pids(), before);
     for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
-        let now = uptime(&state, &file, m);
+        let now = uptime(&c, m);
         assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
     }
     // The launch record names the new system (a `vm restart` boots it) and the pin moved.
     let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap())
             .unwrap();
     assert_eq!(rec["toplevel"], new_beta.as_str());
     assert!(
@@ -263,14 +239,14 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
             .unwrap()
             .contains(&format!("init={new_beta}/init"))
     );
-    let dead = collectable(&state);
+    let dead = collectable(&c);
     assert!(
         dead.contains(&old_beta),
         "the old system is collectable: {dead:?}"
     );
     assert!(!dead.contains(&new_beta), "the new system is pinned");
     // The guest sees the new closure only (the old system is hidden again).
-    let listing = stdout_of(&state, &file, "beta", "ls /nix/store");
+    let listing = stdout_of(&c, "beta", "ls /nix/store");
     let old_base = old_beta.trim_start_matches("/nix/store/");
     let new_base = new_beta.trim_start_matches("/nix/store/");
     assert!(
@@ -284,8 +260,8 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         zed: true,
         ..e2.clone()
     };
-    write(&file, &e3);
-    let (code, v, err) = up_json(&state, &file, &[]);
+    c.set_machines(&machines(&e3));
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         actions(&v),
@@ -304,27 +280,27 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
             .contains("kernel-params"),
         "{v}"
     );
-    let after = pids(&state, &file);
+    let after = c.qemu_pids();
     assert_eq!(after.len(), 4);
     assert_eq!(after[0], before[0], "alpha untouched");
     assert_eq!(after[1], before[1], "beta untouched");
     assert_ne!(after[2], before[2], "gamma restarted");
     assert!(
-        stdout_of(&state, &file, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
+        stdout_of(&c, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
         "gamma booted the new kernel-params"
     );
     // The restarted and the new machine are on the network with the others: zed by name
     // (its hosts table is the new one), alpha reaches zed (192.168.1.4) and gamma.
     assert_eq!(
-        stdout_of(&state, &file, "zed", "wget -qO- http://alpha/"),
+        stdout_of(&c, "zed", "wget -qO- http://alpha/"),
         "alpha v1\n"
     );
     assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://192.168.1.4/"),
+        stdout_of(&c, "alpha", "wget -qO- http://192.168.1.4/"),
         "hello from zed\n"
     );
     assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://gamma/"),
+        stdout_of(&c, "alpha", "wget -qO- http://gamma/"),
         "gamma v1\n"
     );
 
@@ -336,8 +312,8 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         zed: false,
         ..e3.clone()
     };
-    write(&file, &e4);
-    let (code, v, err) = up_json(&state, &file, &[]);
+    c.set_machines(&machines(&e4));
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(1), "{v}\n{err}");
     assert_eq!(
         actions(&v),
@@ -358,14 +334,14 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     );
     assert!(err.contains("broken activation"), "{err}");
     assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
         "beta v2\n"
     );
-    let rows = pids(&state, &file);
+    let rows = c.qemu_pids();
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!(rows[1], before[1], "beta still the same VM");
     let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap())
             .unwrap();
     assert_eq!(
         rec["toplevel"],
@@ -380,27 +356,24 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         beta_activation: "",
         ..e4.clone()
     };
-    write(&file, &e5);
-    let log = dir.path().join("watch.log");
-    let mut watch = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    c.set_machines(&machines(&e5));
+    let log = c.dir().join("watch.log");
+    let mut watch = c
+        .verb("up")
         .args(["--watch", "--accel", "tcg", "--timeout", "300"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn();
     let said =
         |what: &str, n: usize| std::fs::read_to_string(&log).unwrap().matches(what).count() >= n;
     wait_until("the first watched reload", Duration::from_secs(120), || {
         said("waiting for the next change", 1)
     });
     assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
+        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
         "beta v4\n"
     );
-    std::fs::write(&file, "{ machines = { ; }").unwrap();
+    std::fs::write(c.file(), "{ machines = { ; }").unwrap();
     wait_until(
         "the syntax error is reported",
         Duration::from_secs(60),
@@ -411,21 +384,21 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         l.contains("syntax error") && l.contains("nothing changed"),
         "{l}"
     );
-    assert_eq!(pids(&state, &file), rows, "the cluster is unchanged");
+    assert_eq!(c.qemu_pids(), rows, "the cluster is unchanged");
     let e6 = Edit {
         beta_www: "beta v5",
         ..e5.clone()
     };
     let t = Instant::now();
-    write(&file, &e6);
+    c.set_machines(&machines(&e6));
     wait_until("the good edit applies", Duration::from_secs(120), || {
-        exec(&state, &file, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+        exec(&c, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
     });
     eprintln!(
         "--watch: edit to applied in {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    drydock_gc::send_signal(watch.id(), libc::SIGINT).unwrap();
+    watch.signal(libc::SIGINT);
     let t = Instant::now();
     while watch.try_wait().unwrap().is_none() {
         assert!(
@@ -434,56 +407,43 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        pids(&state, &file),
-        rows,
-        "the cluster stays up after the watch"
-    );
+    assert_eq!(c.qemu_pids(), rows, "the cluster stays up after the watch");
 
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 /// A one-machine composition whose service serves `www`.
-fn write_solo(file: &Path, www: &str) {
-    write_composition(
-        file,
-        &format!(r#"solo = {{ system = sys {{ www = "{www}"; }}; memorySize = 256; }};"#),
-    );
+fn solo(www: &str) -> String {
+    format!(r#"solo = {{ system = sys {{ www = "{www}"; }}; memorySize = 256; }};"#)
 }
 
 #[test]
 fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let d = dir.path().join("fw");
-    std::fs::create_dir_all(&d).unwrap();
-    let file = d.join("drydock.nix");
-    write_solo(&file, "solo v1");
-    let (out, err) = (dir.path().join("up.out"), dir.path().join("up.err"));
-    let mut up = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    vmcommon::guest_ready();
+    let c = Cluster::named("fw")
+        .store(store())
+        .machines(&solo("solo v1"))
+        .write();
+    let (out, err) = (c.dir().join("up.out"), c.dir().join("up.err"));
+    let mut up = c
+        .verb("up")
         .args(["--watch", "--accel", "tcg", "--timeout", "300"])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let _down = down_on_drop(&state, &file);
+        .spawn();
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_until("the cluster is up", Duration::from_secs(300), || {
         assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
         read(&err).contains("Ctrl-C stops it")
     });
     assert_eq!(
-        stdout_of(&state, &file, "solo", "wget -qO- http://localhost/"),
+        stdout_of(&c, "solo", "wget -qO- http://localhost/"),
         "solo v1\n"
     );
-    let before = pids(&state, &file);
-    write_solo(&file, "solo v2");
+    let before = c.qemu_pids();
+    c.set_machines(&solo("solo v2"));
     wait_until("the edit is applied", Duration::from_secs(180), || {
-        exec(&state, &file, "solo", "wget -qO- http://localhost/").stdout == b"solo v2\n"
+        exec(&c, "solo", "wget -qO- http://localhost/").stdout == b"solo v2\n"
     });
     wait_until("the reload is reported", Duration::from_secs(30), || {
         read(&err).contains("reload applied")
@@ -494,12 +454,8 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
         o.contains("plan for cluster fw") && o.contains("switch") && o.contains("solo │ "),
         "the plan and the echoed console on stdout: {o}"
     );
-    assert_eq!(
-        pids(&state, &file),
-        before,
-        "switched in place, not restarted"
-    );
-    drydock_gc::send_signal(up.id(), libc::SIGINT).unwrap();
+    assert_eq!(c.qemu_pids(), before, "switched in place, not restarted");
+    up.signal(libc::SIGINT);
     let t = Instant::now();
     let status = loop {
         if let Some(s) = up.try_wait().unwrap() {
@@ -510,5 +466,5 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
     };
     assert_eq!(status.code(), Some(130), "{}", read(&err));
     assert!(read(&err).contains("cluster fw stopped"), "{}", read(&err));
-    wait_no_processes(&state, Duration::from_secs(30));
+    wait_no_processes(c.state(), Duration::from_secs(30));
 }

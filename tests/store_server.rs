@@ -12,13 +12,13 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
+use crate::common::{Drydock, bin};
 use drydock_vm::{StoreServer, Supervised};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-const DRYDOCK: &str = env!("CARGO_BIN_EXE_drydock");
 const DEADLINE: Duration = Duration::from_secs(20);
 
 const ALLOWED: &str = "0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-allowed-1.0";
@@ -478,8 +478,7 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
     let allow = vec![ALLOWED.to_owned(), ALLOWED_2.to_owned()];
-    let mut server =
-        StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, Some(&allow)).unwrap();
+    let mut server = StoreServer::spawn(bin(), &socket, &store.store, Some(&allow)).unwrap();
     assert!(socket.exists(), "listening once ready");
 
     let mut fs = FsDriver::connect(&socket);
@@ -806,13 +805,8 @@ fn the_closure_view_changes_live_without_stale_entries_or_listings() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(
-        Path::new(DRYDOCK),
-        &socket,
-        &store.store,
-        Some(&[ALLOWED.to_owned()]),
-    )
-    .unwrap();
+    let server =
+        StoreServer::spawn(bin(), &socket, &store.store, Some(&[ALLOWED.to_owned()])).unwrap();
     let mut fs = FsDriver::connect(&socket);
     fs.init();
     let set = |names: &[&str]| -> BTreeSet<String> {
@@ -893,7 +887,7 @@ fn whole_store_share_shows_everything() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let mut fs = FsDriver::connect(&socket);
     fs.init();
     let (hidden, _) = fs.lookup_ok(ROOT, HIDDEN);
@@ -922,7 +916,7 @@ fn sigterm_stops_a_waiting_server() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let status = server.stop_within(Duration::from_secs(10)).unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
@@ -936,34 +930,32 @@ fn sigterm_stops_a_waiting_server() {
 fn bad_input_exits_2() {
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let out = Command::new(DRYDOCK)
+    let out = Drydock::new()
         .args(["__store-server", "--socket"])
         .arg(&socket)
         .args(["--shared-dir", "/nonexistent/nix/store"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nix/store"));
 
     let store = fake_store();
     let list = run.path().join("allow");
     std::fs::write(&list, format!("{ALLOWED}\n../etc\n")).unwrap();
-    let out = Command::new(DRYDOCK)
+    let out = Drydock::new()
         .args(["__store-server", "--socket"])
         .arg(&socket)
         .arg("--shared-dir")
         .arg(&store.store)
         .arg("--allow-list")
         .arg(&list)
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(!socket.exists(), "nothing bound on bad input");
 }
 
 #[test]
 fn hidden_subcommand_is_not_in_help() {
-    let out = Command::new(DRYDOCK).arg("--help").output().unwrap();
+    let out = Drydock::new().arg("--help").run();
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("store-server"));
 }
@@ -977,7 +969,7 @@ const PARENT_ROLE: &str = "DRYDOCK_TEST_STORE_PARENT_DIR";
 fn helper_parent_process() {
     let dir = PathBuf::from(std::env::var_os(PARENT_ROLE).expect("run by the parent test"));
     let server = StoreServer::spawn(
-        Path::new(DRYDOCK),
+        bin(),
         &dir.join("store.sock"),
         &dir.join("nix/store"),
         Some(&[ALLOWED.to_owned()]),
@@ -1054,7 +1046,7 @@ fn server_is_sandboxed() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let pid = server.pid();
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");

@@ -6,7 +6,7 @@ use crate::common;
 
 use std::path::Path;
 
-use common::{drydock, drydock_json, drydock_ok, nix_store, valid_paths};
+use common::{Drydock, nix_store, valid_paths};
 
 fn expr(tag: &str) -> String {
     format!(
@@ -35,18 +35,16 @@ fn track_runs_and_gc_selected_runs() {
         common::nix_build_cmd(&root, &dir.join("other.nix"), ""),
         common::nix_build_cmd(&root, &dir.join("one.nix"), "")
     );
-    let out = drydock(
-        &root,
-        &state,
-        &["track", "--name", "one", "--", "sh", "-c", &script],
-    );
+    let out = Drydock::on(&root, &state)
+        .args(["track", "--name", "one", "--", "sh", "-c", &script])
+        .run();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let printed = String::from_utf8(out.stdout).unwrap();
+    let printed = String::from_utf8(out.output.stdout).unwrap();
     assert!(
         printed.trim().ends_with("vm-test-run-one"),
         "stdout passes through: {printed}"
@@ -63,22 +61,30 @@ fn track_runs_and_gc_selected_runs() {
     let mut a = vec!["track", "--", "nix-build", "--store", &root_s, &two_s];
     a.extend(common::NIX_BUILD_OPTIONS);
     a.extend(["-o", &link_s]);
-    drydock_ok(&root, &state, &a, 0);
+    Drydock::on(&root, &state).args(&a).run().ok();
     // Exit codes pass through.
-    let out = drydock(
-        &root,
-        &state,
-        &["track", "--name", "fails", "--", "sh", "-c", "exit 3"],
-    );
+    let out = Drydock::on(&root, &state)
+        .args(["track", "--name", "fails", "--", "sh", "-c", "exit 3"])
+        .run();
     assert_eq!(out.status.code(), Some(3));
 
-    let runs = drydock_json(&root, &state, &["runs"], 0);
+    let runs = Drydock::on(&root, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json();
     let list = runs["runs"].as_array().unwrap();
     assert_eq!(list.len(), 3);
     assert_eq!(list[0]["name"], "one");
     assert_eq!(list[2]["exit_status"], 3);
     // Run 1: 3 drvs + 3 outputs, nothing of "other".
-    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
+    let show = Drydock::on(&root, &state)
+        .json()
+        .args(["runs", "show", "1"])
+        .run()
+        .ok()
+        .stdout_json();
     let paths = show["paths"].as_array().unwrap();
     let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
     assert_eq!(paths.len(), 6, "{names:?}");
@@ -90,7 +96,12 @@ fn track_runs_and_gc_selected_runs() {
     assert!(paths.iter().all(|p| p["status"] == "reclaimable"), "{show}");
     assert!(list[0]["reclaimable"].as_u64().unwrap() > 0);
     // Run 2 is alive through its result link: the root and the chain are named.
-    let show2 = drydock_json(&root, &state, &["runs", "show", "2"], 0);
+    let show2 = Drydock::on(&root, &state)
+        .json()
+        .args(["runs", "show", "2"])
+        .run()
+        .ok()
+        .stdout_json();
     let alive: Vec<&serde_json::Value> = show2["paths"]
         .as_array()
         .unwrap()
@@ -113,7 +124,12 @@ fn track_runs_and_gc_selected_runs() {
     );
 
     // `du` by run: each run's claimed paths, hard links once.
-    let du = drydock_json(&root, &state, &["du"], 0);
+    let du = Drydock::on(&root, &state)
+        .json()
+        .args(["du"])
+        .run()
+        .ok()
+        .stdout_json();
     let by_run = du["by_run"].as_array().unwrap();
     assert_eq!(by_run.len(), 3, "{du}");
     assert!(by_run[0][2].as_u64().unwrap() > 0 && by_run[1][2].as_u64().unwrap() > 0);
@@ -123,55 +139,78 @@ fn track_runs_and_gc_selected_runs() {
     // Bad input: exit 2, nothing deleted.
     let before = valid_paths(&root);
     assert_eq!(
-        drydock(&root, &state, &["gc", "--run", "99"]).status.code(),
-        Some(2)
-    );
-    assert_eq!(drydock(&root, &state, &["gc"]).status.code(), Some(2));
-    assert_eq!(
-        drydock(&root, &state, &["gc", "--older-than", "7y", "--dry-run"])
+        Drydock::on(&root, &state)
+            .args(["gc", "--run", "99"])
+            .run()
             .status
             .code(),
         Some(2)
     );
     assert_eq!(
-        drydock(&root, &state, &["runs", "show", "42"])
+        Drydock::on(&root, &state).args(["gc"]).run().status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        Drydock::on(&root, &state)
+            .args(["gc", "--older-than", "7y", "--dry-run"])
+            .run()
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        Drydock::on(&root, &state)
+            .args(["runs", "show", "42"])
+            .run()
             .status
             .code(),
         Some(2)
     );
     let not_store = dir.join("not-a-store");
     std::fs::create_dir_all(&not_store).unwrap();
-    let o = drydock(&not_store, &state, &["gc", "--all"]);
+    let o = Drydock::on(&not_store, &state).args(["gc", "--all"]).run();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a Nix store"));
     let bad_state = dir.join("bad-state");
     std::fs::create_dir_all(&bad_state).unwrap();
     std::fs::write(bad_state.join("runs.sqlite"), vec![b'z'; 4096]).unwrap();
-    let o = drydock(&root, &bad_state, &["gc", "--keep-last", "0"]);
+    let o = Drydock::on(&root, &bad_state)
+        .args(["gc", "--keep-last", "0"])
+        .run();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("runs.sqlite"));
     assert_eq!(valid_paths(&root), before);
 
     // gc of runs 1 and 2: run 1's paths go, run 2's are kept (alive), "other" stays.
-    let plan = drydock_json(
-        &root,
-        &state,
-        &["gc", "--run", "1", "--run", "2", "--dry-run"],
-        0,
-    );
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1", "--run", "2", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     let planned: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();
     assert_eq!(planned.len(), 6);
     assert!(planned.iter().all(|p| p.contains("-one")));
     assert_eq!(plan["kept"].as_array().unwrap().len(), 6);
     assert!(plan["bytes"].as_u64().unwrap() > 0);
-    let done = drydock_json(&root, &state, &["gc", "--run", "1", "--run", "2"], 0);
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1", "--run", "2"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(done["deleted"].as_array().unwrap().len(), 6, "{done}");
     let after = valid_paths(&root);
     assert!(after.iter().all(|p| !p.contains("-one")));
     assert!(after.iter().any(|p| p.ends_with("vm-test-run-other")));
     assert!(after.iter().any(|p| p.ends_with("vm-test-run-two")));
     nix_store(&root, &["--verify", "--check-contents"]);
-    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
+    let show = Drydock::on(&root, &state)
+        .json()
+        .args(["runs", "show", "1"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(
         show["paths"]
             .as_array()
@@ -214,7 +253,12 @@ fn pins_of_vm_runs_are_roots_until_collected() {
     // Nix itself sees the pin.
     let dead = common::nix_print_dead(&root);
     assert!(!dead.contains(&out[0]));
-    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(
         !plan["paths"]
             .as_array()
@@ -238,13 +282,25 @@ fn pins_of_vm_runs_are_roots_until_collected() {
         .unwrap();
         db.pin(&layout, id, &other_top).unwrap();
     }
-    let o = drydock(&root, &state, &["gc", "--run", "2", "--dry-run"]);
+    let o = Drydock::on(&root, &state)
+        .args(["gc", "--run", "2", "--dry-run"])
+        .run();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("still running"));
-    let plan = drydock_json(&root, &state, &["gc", "--keep-last", "0", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--keep-last", "0", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(plan["runs"], serde_json::json!([1]));
     // Selecting the run ignores its own pin, unpins it and removes its VM state.
-    let done = drydock_json(&root, &state, &["gc", "--run", "1"], 0);
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(done["deleted"].as_array().unwrap().len(), 1, "{done}");
     assert!(!vm_state.exists());
     assert!(!valid_paths(&root).contains(&out[0]));
@@ -268,16 +324,11 @@ fn track_forwards_ctrl_c_and_passes_the_exit_code() {
         pidfile.display(),
         ready.display()
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drydock"))
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut child = Drydock::on(&root, &state)
         .args(["track", "--name", "interrupted", "--", "sh", "-c", &script])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let start = std::time::Instant::now();
     while !ready.exists() {
         assert!(start.elapsed().as_secs() < 30, "the command never started");
