@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::Ran;
+use crate::common::{Checks, Ran};
 use crate::vmcommon;
 use vmcommon::{Cluster, text, wait_no_processes, wait_until};
 
@@ -145,20 +145,29 @@ fn collectable(c: &Cluster) -> Vec<String> {
 
 #[test]
 fn hot_reload_switches_restarts_creates_removes_and_watches() {
+    // One 3-machine cluster goes through every edit below, each starting from the cluster the
+    // edit before left, so the steps cannot be separate tests without a boot each. Instead each
+    // reload itself (its exit code, and what the next steps read from its report) is asserted
+    // hard: the steps after it assume it happened. What is checked about its effects is soft
+    // (common::Checks): every wrong effect is reported, not only the first, and the test fails
+    // at the end listing them all.
     let c = Cluster::named("rl")
         .store(store())
         .machines(&machines(&FIRST))
         .up();
+    let mut checks = Checks::new();
     let before = c.qemu_pids();
     assert_eq!(before.len(), 3);
     let up0: Vec<f64> = ["alpha", "beta", "gamma"]
         .iter()
         .map(|m| uptime(&c, m))
         .collect();
-    assert_eq!(
-        stdout_of(&c, "alpha", "wget -qO- http://beta/"),
-        "beta v1\n"
-    );
+    checks.check("alpha reaches beta's service", || {
+        assert_eq!(
+            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+            "beta v1\n"
+        );
+    });
 
     // 1. Only beta's service content changes: the plan (dry run first) switches beta alone.
     let e2 = Edit {
@@ -166,93 +175,121 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         ..FIRST
     };
     c.set_machines(&machines(&e2));
-    let (code, v, err) = up_json(&c, &["--dry-run"]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "planned"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}"
+    checks.check("1: a dry run plans the switch of beta alone", || {
+        let (code, v, err) = up_json(&c, &["--dry-run"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(
+            actions(&v),
+            [
+                row("alpha", "keep", "planned"),
+                row("beta", "switch", "planned"),
+                row("gamma", "keep", "planned")
+            ],
+            "{v}"
+        );
+    });
+    checks.check(
+        "1: --restart turns the switch into a restart, and leaves the keeps alone",
+        || {
+            let (code, v, err) = up_json(&c, &["--dry-run", "--restart"]);
+            assert_eq!(code, Some(0), "{err}");
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "restart", "planned"),
+                    row("gamma", "keep", "planned")
+                ],
+                "{v}"
+            );
+        },
     );
-    // --restart turns the switch into a restart, and leaves the keeps alone.
-    let (code, v, err) = up_json(&c, &["--dry-run", "--restart"]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "restart", "planned"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}"
-    );
-    assert_eq!(
-        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
-        "beta v1\n",
-        "a dry run changes nothing"
-    );
+    checks.check("1: a dry run changes nothing", || {
+        assert_eq!(
+            stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+            "beta v1\n",
+            "a dry run changes nothing"
+        );
+    });
     let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "done"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}\n{err}"
+    checks.check("1: the switch of beta is done", || {
+        assert_eq!(
+            actions(&v),
+            [
+                row("alpha", "keep", "planned"),
+                row("beta", "switch", "done"),
+                row("gamma", "keep", "planned")
+            ],
+            "{v}\n{err}"
+        );
+    });
+    checks.check(
+        "1: the plan is printed before it is applied, the switch streamed",
+        || {
+            let plan_at = err.find("switch   beta").unwrap_or(usize::MAX);
+            let streamed_at = err.find("│ activating").unwrap_or(usize::MAX);
+            assert!(plan_at < streamed_at && streamed_at < usize::MAX, "{err}");
+        },
     );
-    // The plan was printed before it was applied, and the switch's output streamed.
-    let plan_at = err.find("switch   beta").unwrap_or(usize::MAX);
-    let streamed_at = err.find("│ activating").unwrap_or(usize::MAX);
-    assert!(plan_at < streamed_at && streamed_at < usize::MAX, "{err}");
     let (old_beta, new_beta) = (
         machine(&v, "beta")["from"].as_str().unwrap().to_string(),
         machine(&v, "beta")["to"].as_str().unwrap().to_string(),
     );
     assert_ne!(old_beta, new_beta);
-    assert_eq!(
-        stdout_of(&c, "alpha", "wget -qO- http://beta/"),
-        "beta v2\n"
+    checks.check(
+        "1: beta serves the new content and runs the new system",
+        || {
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+                "beta v2\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "beta", "readlink /run/current-system"),
+                format!("{new_beta}\n")
+            );
+        },
     );
-    assert_eq!(
-        stdout_of(&c, "beta", "readlink /run/current-system"),
-        format!("{new_beta}\n")
-    );
-    // No machine rebooted: same QEMU processes, guest uptimes carried on.
-    assert_eq!(c.qemu_pids(), before);
-    for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
-        let now = uptime(&c, m);
-        assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
-    }
-    // The launch record names the new system (a `vm restart` boots it) and the pin moved.
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap())
-            .unwrap();
-    assert_eq!(rec["toplevel"], new_beta.as_str());
-    assert!(
-        rec["spec"]["cmdline"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("init={new_beta}/init"))
-    );
-    let dead = collectable(&c);
-    assert!(
-        dead.contains(&old_beta),
-        "the old system is collectable: {dead:?}"
-    );
-    assert!(!dead.contains(&new_beta), "the new system is pinned");
-    // The guest sees the new closure only (the old system is hidden again).
-    let listing = stdout_of(&c, "beta", "ls /nix/store");
-    let old_base = old_beta.trim_start_matches("/nix/store/");
-    let new_base = new_beta.trim_start_matches("/nix/store/");
-    assert!(
-        listing.contains(new_base) && !listing.contains(old_base),
-        "{listing}"
-    );
+    checks.check("1: no machine rebooted", || {
+        // Same QEMU processes, guest uptimes carried on.
+        assert_eq!(c.qemu_pids(), before);
+        for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
+            let now = uptime(&c, m);
+            assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
+        }
+    });
+    checks.check("1: the launch record names the new system", || {
+        // A `vm restart` boots it.
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec["toplevel"], new_beta.as_str());
+        assert!(
+            rec["spec"]["cmdline"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("init={new_beta}/init"))
+        );
+    });
+    checks.check("1: the pin moved to the new system", || {
+        let dead = collectable(&c);
+        assert!(
+            dead.contains(&old_beta),
+            "the old system is collectable: {dead:?}"
+        );
+        assert!(!dead.contains(&new_beta), "the new system is pinned");
+    });
+    checks.check("1: the guest sees the new closure only", || {
+        // The old system is hidden again.
+        let listing = stdout_of(&c, "beta", "ls /nix/store");
+        let old_base = old_beta.trim_start_matches("/nix/store/");
+        let new_base = new_beta.trim_start_matches("/nix/store/");
+        assert!(
+            listing.contains(new_base) && !listing.contains(old_base),
+            "{listing}"
+        );
+    });
 
     // 2. A kernel parameter of gamma (restart), and a new machine zed (create).
     let e3 = Edit {
@@ -263,45 +300,59 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     c.set_machines(&machines(&e3));
     let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "keep", "planned"),
-            row("gamma", "restart", "done"),
-            row("zed", "create", "done")
-        ],
-        "{v}\n{err}"
+    checks.check(
+        "2: gamma restarts for its kernel parameter, zed is created",
+        || {
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "keep", "planned"),
+                    row("gamma", "restart", "done"),
+                    row("zed", "create", "done")
+                ],
+                "{v}\n{err}"
+            );
+            assert!(
+                machine(&v, "gamma")["why"]
+                    .as_str()
+                    .unwrap()
+                    .contains("kernel-params"),
+                "{v}"
+            );
+        },
     );
-    assert!(
-        machine(&v, "gamma")["why"]
-            .as_str()
-            .unwrap()
-            .contains("kernel-params"),
-        "{v}"
-    );
-    let after = c.qemu_pids();
-    assert_eq!(after.len(), 4);
-    assert_eq!(after[0], before[0], "alpha untouched");
-    assert_eq!(after[1], before[1], "beta untouched");
-    assert_ne!(after[2], before[2], "gamma restarted");
-    assert!(
-        stdout_of(&c, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
-        "gamma booted the new kernel-params"
-    );
-    // The restarted and the new machine are on the network with the others: zed by name
-    // (its hosts table is the new one), alpha reaches zed (192.168.1.4) and gamma.
-    assert_eq!(
-        stdout_of(&c, "zed", "wget -qO- http://alpha/"),
-        "alpha v1\n"
-    );
-    assert_eq!(
-        stdout_of(&c, "alpha", "wget -qO- http://192.168.1.4/"),
-        "hello from zed\n"
-    );
-    assert_eq!(
-        stdout_of(&c, "alpha", "wget -qO- http://gamma/"),
-        "gamma v1\n"
+    checks.check("2: only gamma restarted", || {
+        let after = c.qemu_pids();
+        assert_eq!(after.len(), 4);
+        assert_eq!(after[0], before[0], "alpha untouched");
+        assert_eq!(after[1], before[1], "beta untouched");
+        assert_ne!(after[2], before[2], "gamma restarted");
+    });
+    checks.check("2: gamma booted the new kernel-params", || {
+        assert!(
+            stdout_of(&c, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
+            "gamma booted the new kernel-params"
+        );
+    });
+    checks.check(
+        "2: the restarted and the new machine are on the network",
+        || {
+            // zed by name (its hosts table is the new one), alpha reaches zed (192.168.1.4) and
+            // gamma.
+            assert_eq!(
+                stdout_of(&c, "zed", "wget -qO- http://alpha/"),
+                "alpha v1\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://192.168.1.4/"),
+                "hello from zed\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://gamma/"),
+                "gamma v1\n"
+            );
+        },
     );
 
     // 3. zed goes (remove), and beta's new system fails to activate: up exits 1 and says why,
@@ -315,39 +366,51 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     c.set_machines(&machines(&e4));
     let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(1), "{v}\n{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "failed"),
-            row("gamma", "keep", "planned"),
-            row("zed", "remove", "done")
-        ],
-        "{v}\n{err}"
+    checks.check(
+        "3: zed is removed, beta's switch failed and says why",
+        || {
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "switch", "failed"),
+                    row("gamma", "keep", "planned"),
+                    row("zed", "remove", "done")
+                ],
+                "{v}\n{err}"
+            );
+            assert!(
+                machine(&v, "beta")["output"]
+                    .as_str()
+                    .unwrap()
+                    .contains("broken activation"),
+                "{v}"
+            );
+            assert!(err.contains("broken activation"), "{err}");
+        },
     );
-    assert!(
-        machine(&v, "beta")["output"]
-            .as_str()
-            .unwrap()
-            .contains("broken activation"),
-        "{v}"
-    );
-    assert!(err.contains("broken activation"), "{err}");
-    assert_eq!(
-        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
-        "beta v2\n"
-    );
+    checks.check("3: beta still serves its old content", || {
+        assert_eq!(
+            stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+            "beta v2\n"
+        );
+    });
     let rows = c.qemu_pids();
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    assert_eq!(rows[1], before[1], "beta still the same VM");
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        rec["toplevel"],
-        new_beta.as_str(),
-        "a failed switch keeps the record"
-    );
+    checks.check("3: beta is still the same VM, zed is gone", || {
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(rows[1], before[1], "beta still the same VM");
+    });
+    checks.check("3: a failed switch keeps the launch record", || {
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            rec["toplevel"],
+            new_beta.as_str(),
+            "a failed switch keeps the record"
+        );
+    });
 
     // 4. --watch on the running cluster: its first cycle applies the fixed composition, a syntax
     // error is reported and changes nothing, the next good edit applies.
@@ -369,9 +432,14 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
     wait_until("the first watched reload", Duration::from_secs(120), || {
         said("waiting for the next change", 1)
     });
-    assert_eq!(
-        stdout_of(&c, "beta", "wget -qO- http://localhost/"),
-        "beta v4\n"
+    checks.check(
+        "4: the watch's first cycle applied the fixed composition",
+        || {
+            assert_eq!(
+                stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+                "beta v4\n"
+            );
+        },
     );
     std::fs::write(c.file(), "{ machines = { ; }").unwrap();
     wait_until(
@@ -379,25 +447,29 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         Duration::from_secs(60),
         || said("waiting for the next change", 2),
     );
-    let l = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        l.contains("syntax error") && l.contains("nothing changed"),
-        "{l}"
-    );
-    assert_eq!(c.qemu_pids(), rows, "the cluster is unchanged");
+    checks.check("4: a syntax error is reported and changes nothing", || {
+        let l = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            l.contains("syntax error") && l.contains("nothing changed"),
+            "{l}"
+        );
+        assert_eq!(c.qemu_pids(), rows, "the cluster is unchanged");
+    });
     let e6 = Edit {
         beta_www: "beta v5",
         ..e5.clone()
     };
     let t = Instant::now();
     c.set_machines(&machines(&e6));
-    wait_until("the good edit applies", Duration::from_secs(120), || {
-        exec(&c, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+    checks.check("4: the next good edit applies", || {
+        wait_until("the good edit applies", Duration::from_secs(120), || {
+            exec(&c, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+        });
+        eprintln!(
+            "--watch: edit to applied in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
     });
-    eprintln!(
-        "--watch: edit to applied in {:.2} s",
-        t.elapsed().as_secs_f64()
-    );
     watch.signal(libc::SIGINT);
     let t = Instant::now();
     while watch.try_wait().unwrap().is_none() {
@@ -407,7 +479,9 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(c.qemu_pids(), rows, "the cluster stays up after the watch");
+    checks.check("4: the cluster stays up after the watch", || {
+        assert_eq!(c.qemu_pids(), rows, "the cluster stays up after the watch");
+    });
 
     c.down();
 }

@@ -1,11 +1,13 @@
 //! Shared helpers of every test module: [`Drydock`], the one way to run the real `drydock`
-//! binary; real chroot Nix stores built with `nix-build --store ROOT`.
+//! binary; [`Checks`], soft checks for long scenario tests; real chroot Nix stores built with
+//! `nix-build --store ROOT`.
 
 #![allow(dead_code)]
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::ops::{Deref, DerefMut};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -546,6 +548,73 @@ impl Drop for Spawned {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        }
+    }
+}
+
+/// Soft checks for long scenario tests, where one failed assertion must not hide the ones after
+/// it. [`Checks::check`] runs a group of assertions as one named check: if any fails (panics),
+/// the failure is recorded and the test goes on. A step that later steps depend on is asserted
+/// outside a check (or its result taken from [`Checks::value`]), so the test still stops there.
+/// When the test ends, every recorded failure is listed at once and the test fails; if it
+/// stops early on a hard assertion, the soft failures before it are printed too.
+#[derive(Debug, Default)]
+pub struct Checks {
+    failures: Vec<String>,
+    run: usize,
+}
+
+impl Checks {
+    pub fn new() -> Checks {
+        Checks::default()
+    }
+
+    /// Run the assertions in `f` as the check `name`; returns whether they all held.
+    pub fn check(&mut self, name: &str, f: impl FnOnce()) -> bool {
+        self.value(name, f).is_some()
+    }
+
+    /// Like [`Checks::check`], for a check that produces what later checks use: `None` if it
+    /// failed.
+    pub fn value<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> Option<T> {
+        self.run += 1;
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(v) => Some(v),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(a panic without a message)");
+                self.failures.push(format!("{name}: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn report(&self) -> String {
+        format!(
+            "{} of {} checks failed:\n{}",
+            self.failures.len(),
+            self.run,
+            self.failures
+                .iter()
+                .map(|f| format!("- {}", f.replace('\n', "\n  ")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        if self.failures.is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("before the test stopped, {}", self.report());
+        } else {
+            panic!("{}", self.report());
         }
     }
 }
