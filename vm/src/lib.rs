@@ -42,7 +42,9 @@ pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
 };
-pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
+pub use qmp::{
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, configured_qemu,
     images_dir, resolve_launch,
