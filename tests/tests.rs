@@ -17,6 +17,7 @@ mod gc_robust;
 mod gc_stores;
 mod gc_system_store;
 mod hostile;
+mod images;
 mod qmp;
 mod reload;
 mod store_drv;

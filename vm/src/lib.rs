@@ -24,7 +24,9 @@ pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
 pub use image::{
-    ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
+    ImageError, ImagesInUse, Staging, StoreImage, Tools as ImageTools, closure_key,
+    ensure_store_image, ensure_with as ensure_store_image_with, images_in_use, list_images,
+    remove_unused_images,
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
