@@ -44,7 +44,7 @@ pub use compose::{
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
-pub use eval::EvalError;
+pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use exec::{ShellOptions, exec_remote, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
 pub use logs::{merge_timed, parse_timed, timed_log};
