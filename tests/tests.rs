@@ -6,6 +6,7 @@
 mod common;
 mod vmcommon;
 
+mod backdoor;
 mod cluster;
 mod doctor;
 mod doctor_builders;

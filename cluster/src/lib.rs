@@ -35,7 +35,9 @@ mod watch;
 mod wire;
 
 pub use apply::ReloadError;
-pub use backdoor::{BackdoorError, ExecOutput};
+pub use backdoor::{
+    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
+};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
