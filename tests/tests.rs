@@ -1,7 +1,9 @@
 //! drydock's integration tests: one test binary (built and linked once) with a module per area,
-//! each running the real `drydock` binary against real QEMU, real chroot Nix stores, real
-//! processes and signals. Fixtures are built by `scripts/` once per run and shared through
-//! `common` and `vmcommon`. Every `tests/*.rs` must be listed here (`scripts/test` checks).
+//! each running the real `drydock` binary (through `common::Drydock`; where no command reaches
+//! the code, the libraries' public API) against real QEMU, real chroot Nix stores, real
+//! processes and signals: whatever a hermetic unit test cannot do. Fixtures are built by
+//! `scripts/` once per run and shared through `common` and `vmcommon`. Every `tests/*.rs` must
+//! be listed here (`scripts/test` checks).
 
 mod common;
 mod vmcommon;
