@@ -7,20 +7,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                == Some("0")
-        })
-        .unwrap_or(false)
-}
+use crate::common::{Drydock, Ran, bin, is_root};
 
 fn kvm_present() -> bool {
     Path::new("/dev/kvm").exists()
@@ -52,11 +39,10 @@ fn state_dir() -> tempfile::TempDir {
 #[test]
 fn every_finding_has_the_documented_shape() {
     let state = state_dir();
-    let out = Command::new(bin())
-        .args(["doctor", "--json", "--state-dir"])
-        .arg(state.path())
-        .output()
-        .unwrap();
+    let out = Drydock::new()
+        .args(["doctor", "--json"])
+        .state(state.path())
+        .run();
     let doc = json_of(&out);
     let checks = doc["checks"].as_array().unwrap();
     assert!(checks.len() >= 12, "{doc:#}");
@@ -92,12 +78,8 @@ fn every_finding_has_the_documented_shape() {
 #[test]
 fn human_output_is_a_table_then_fixes_without_colour_when_piped() {
     let state = state_dir();
-    let out = Command::new(bin())
-        .args(["doctor", "--state-dir"])
-        .arg(state.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
+    let out = Drydock::new().arg("doctor").state(state.path()).run();
+    let text = String::from_utf8(out.output.stdout).unwrap();
     assert!(
         !text.contains('\x1b'),
         "colour codes in piped output:\n{text}"
@@ -117,11 +99,10 @@ fn as_root_here_device_and_access_pass_and_build_users_warn() {
         return;
     }
     let state = state_dir();
-    let out = Command::new(bin())
-        .args(["doctor", "--json", "--state-dir"])
-        .arg(state.path())
-        .output()
-        .unwrap();
+    let out = Drydock::new()
+        .args(["doctor", "--json"])
+        .state(state.path())
+        .run();
     let doc = json_of(&out);
     assert_eq!(check(&doc, "kvm.device")["status"], "pass");
     assert_eq!(check(&doc, "kvm.access")["status"], "pass");
@@ -179,21 +160,25 @@ impl TempUser {
     }
 
     /// Run drydock as this user (fresh credentials from /etc/group, as a login would).
-    fn drydock(&self, args: &[&str], state: &Path) -> Output {
-        Command::new("setpriv")
-            .args([
+    fn drydock(&self, args: &[&str], state: &Path) -> Ran {
+        self.command()
+            .args(args)
+            .state(state)
+            .env("HOME", state)
+            .run()
+    }
+
+    /// drydock as this user: a copy of the binary it can read, under `setpriv`.
+    fn command(&self) -> Drydock {
+        Drydock::new().binary(&copy_of_binary()).via(
+            "setpriv",
+            [
                 &format!("--reuid={}", self.name),
                 &format!("--regid={}", self.name),
                 "--init-groups",
                 "--",
-            ])
-            .arg(copy_of_binary())
-            .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .env("HOME", state)
-            .output()
-            .expect("setpriv")
+            ],
+        )
     }
 }
 
@@ -294,18 +279,20 @@ impl DevicesCgroup {
     }
 
     /// Run drydock inside this cgroup.
-    fn drydock(&self, args: &[&str], state: &Path) -> Output {
+    fn drydock(&self, args: &[&str], state: &Path) -> Ran {
         let procs = self.path.join("cgroup.procs");
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
-            .arg("sh")
-            .arg(bin())
+        Drydock::new()
+            .via(
+                "sh",
+                [
+                    "-c",
+                    &format!("echo $$ > {} && exec \"$@\"", procs.display()),
+                    "sh",
+                ],
+            )
             .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .output()
-            .unwrap()
+            .state(state)
+            .run()
     }
 }
 
@@ -377,10 +364,9 @@ fn inside_a_v1_devices_cgroup_that_denies_kvm() {
 
 #[test]
 fn store_that_names_nothing_is_bad_input() {
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--store", "/nonexistent/drydock-store"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--store /nonexistent/drydock-store"), "{err}");
@@ -392,12 +378,11 @@ fn unreadable_nix_conf_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     // A directory in place of the file: it exists and cannot be read.
     std::fs::create_dir(dir.path().join("nix.conf")).unwrap();
-    let out = Command::new(bin())
-        .args(["doctor", "--state-dir"])
-        .arg(dir.path())
+    let out = Drydock::new()
+        .arg("doctor")
+        .state(dir.path())
         .env("NIX_CONF_DIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -418,20 +403,13 @@ fn unreadable_nix_conf_for_an_ordinary_user() {
     std::fs::write(&conf, "sandbox = true\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            &format!("--reuid={}", user.name),
-            &format!("--regid={}", user.name),
-            "--init-groups",
-            "--",
-        ])
-        .arg(copy_of_binary())
-        .args(["doctor", "--state-dir"])
-        .arg(dir.path())
+    let out = user
+        .command()
+        .arg("doctor")
+        .state(dir.path())
         .env("NIX_CONF_DIR", dir.path())
         .env("HOME", dir.path())
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -454,13 +432,11 @@ fn nix_probe_builds_in_a_chroot_store_and_reports_what_the_builder_saw() {
     }
     let store = tempfile::tempdir().unwrap();
     let state = state_dir();
-    let out = Command::new(bin())
-        .args(["doctor", "--json", "--nix-probe", "--store"])
-        .arg(store.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .output()
-        .unwrap();
+    let out = Drydock::new()
+        .args(["doctor", "--json", "--nix-probe"])
+        .store(store.path())
+        .state(state.path())
+        .run();
     let doc = json_of(&out);
     let p = check(&doc, "nix.probe");
     // The build really ran into the chroot store.
@@ -492,18 +468,10 @@ fn boot_probe_reports_how_far_a_kernel_got_under_kvm() {
         return;
     }
     let state = state_dir();
-    let out = Command::new(bin())
-        .args([
-            "doctor",
-            "--json",
-            "--boot-probe",
-            "--probe-timeout",
-            "8",
-            "--state-dir",
-        ])
-        .arg(state.path())
-        .output()
-        .unwrap();
+    let out = Drydock::new()
+        .args(["doctor", "--json", "--boot-probe", "--probe-timeout", "8"])
+        .state(state.path())
+        .run();
     if out.status.code() == Some(2) {
         // No test kernel in the cache: the message must say where it looked and what to do.
         let err = String::from_utf8_lossy(&out.stderr);

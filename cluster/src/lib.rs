@@ -38,7 +38,9 @@ mod watch;
 mod wire;
 
 pub use apply::ReloadError;
-pub use backdoor::{BackdoorError, ExecOutput};
+pub use backdoor::{
+    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
+};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
@@ -47,7 +49,7 @@ pub use compose::{
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
-pub use eval::EvalError;
+pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use exec::{ShellOptions, exec_remote, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
 pub use logs::{merge_timed, parse_timed, timed_log};

@@ -31,7 +31,10 @@ pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, coll
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
-pub use image::{ImageError, StoreImage, list_images};
+pub use image::{
+    ImageError, Staging, StoreImage, Tools as ImageTools, closure_key, ensure_store_image,
+    ensure_with as ensure_store_image_with, list_images,
+};
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
     WaitOutcome, follow, follow_console, log_tail, write_json,
@@ -48,7 +51,9 @@ pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
 };
-pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
+pub use qmp::{
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
 };

@@ -237,15 +237,7 @@ pub(crate) mod fixture {
 
     /// Create a character device node (needs root; tests that call this say so).
     pub(crate) fn mknod_char(path: &std::path::Path, major: u32, minor: u32, mode: u32) {
-        let status = std::process::Command::new("mknod")
-            .arg("-m")
-            .arg(format!("{mode:o}"))
-            .arg(path)
-            .arg("c")
-            .arg(major.to_string())
-            .arg(minor.to_string())
-            .status()
-            .expect("run mknod");
-        assert!(status.success(), "mknod {}", path.display());
+        crate::sys::fs::mknod_char(path, major, minor, mode)
+            .unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
     }
 }
