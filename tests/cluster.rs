@@ -490,13 +490,15 @@ fn bad_compositions_are_exit_2_naming_file_and_attribute() {
         assert!(err.contains(says), "{name}: {err}");
         assert!(err.contains(&f.display().to_string()), "{name}: {err}");
     }
-    // A system that evaluates but is not NixOS-shaped: built, then refused by the launch.
+    // A system that evaluates but is not NixOS-shaped: built, then refused by the launch. Nix's
+    // own builder makes it (a directory with one link), so nothing from the host is needed in the
+    // sandbox.
     let d = dir.path().join("shape");
     std::fs::create_dir_all(&d).unwrap();
     let f = d.join("drydock.nix");
     std::fs::write(
         &f,
-        r#"{ machines.m.system = derivation { name = "not-nixos"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }; }"#,
+        r#"{ machines.m.system = derivation { name = "not-nixos"; system = "x86_64-linux"; builder = "builtin:buildenv"; derivations = ""; manifest = "none"; allowSubstitutes = false; }; }"#,
     )
     .unwrap();
     let o = drydock(&state)

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The options every fixture build gets: `/bin/sh` in the sandbox is busybox, and no binary
-/// cache (nothing to fetch offline, and no retries to wait for).
+/// cache (nothing to fetch offline, and no retries to wait for). Only these throwaway fixtures
+/// use `/bin/sh` as builder, on their own command line; the test system (`scripts/guest`) needs
+/// neither option. The tests count these fixtures' store paths exactly, so they keep the one
+/// builder that adds no path to the store.
 pub const NIX_BUILD_OPTIONS: [&str; 6] = [
     "--option",
     "sandbox-paths",

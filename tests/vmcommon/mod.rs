@@ -1,6 +1,6 @@
 //! Helpers shared by the VM test binaries: the drydock binary, test systems built into chroot
 //! stores by `scripts/guest/build-test-system`, the process-tree checks, and what the cluster
-//! tests share (their store, the guest's kernel, drydock with the sandbox's shell, `exec`).
+//! tests share (their store, the guest's kernel, drydock on a store, `exec`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -186,18 +186,15 @@ in {{ machines = {{ {machines} }}; }}
     std::fs::write(file, text).unwrap();
 }
 
-/// drydock on the chroot store `store`, with state in `state` and the test system's builders'
-/// shell.
+/// drydock on the chroot store `store`, with state in `state`, and without `NIX_CONFIG`: the
+/// test system's builds need nothing from the environment.
 pub fn cluster_drydock(store: &Path, state: &Path) -> Command {
     let mut c = Command::new(bin());
     c.arg("--store")
         .arg(store)
         .arg("--state-dir")
         .arg(state)
-        .env(
-            "NIX_CONFIG",
-            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
-        );
+        .env_remove("NIX_CONFIG");
     c
 }
 
