@@ -9,6 +9,7 @@ mod vmcommon;
 mod cluster;
 mod doctor;
 mod doctor_builders;
+mod example;
 mod gc_all;
 mod gc_du;
 mod gc_nix_conf;
