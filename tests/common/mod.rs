@@ -178,3 +178,80 @@ pub fn valid_paths(root: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// An ordinary user made for one test (removed on drop); `useradd` needs root.
+pub struct TempUser {
+    pub name: String,
+}
+
+impl TempUser {
+    pub fn create() -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ddt{}x{n}", std::process::id() % 100000);
+        let st = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", &name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        Self { name }
+    }
+
+    /// `drydock` (a copy every user can run) as this user, with fresh credentials from
+    /// /etc/group as a login would give; the caller adds the arguments and the environment.
+    pub fn drydock(&self) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={}", self.name),
+            &format!("--regid={}", self.name),
+            "--init-groups",
+            "--",
+        ])
+        .arg(copy_of_binary());
+        c
+    }
+
+    /// Give `path` and everything under it to this user.
+    pub fn own(&self, path: &Path) {
+        let st = Command::new("chown")
+            .args(["-R", &format!("{0}:{0}", self.name)])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(st.success(), "chown -R {} {}", self.name, path.display());
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// The test binary's directory may not be readable by other users; put a copy where it is.
+pub fn copy_of_binary() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("drydock");
+        std::fs::copy(env!("CARGO_BIN_EXE_drydock"), &p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    })
+    .clone()
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                == Some("0")
+        })
+        .unwrap_or(false)
+}

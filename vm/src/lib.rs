@@ -21,7 +21,8 @@ mod sys;
 mod system;
 
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
+    Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
+    Status, Verdict, VmsAnswer, run_checks, verdict,
 };
 pub use image::{
     ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
