@@ -440,10 +440,12 @@ fn bad_compositions_are_exit_2_naming_file_and_attribute() {
         assert!(err.contains(says), "{name}: {err}");
         assert!(err.contains(&f.display().to_string()), "{name}: {err}");
     }
-    // A system that evaluates but is not NixOS-shaped: built, then refused by the launch.
+    // A system that evaluates but is not NixOS-shaped: built, then refused by the launch. Nix's
+    // own builder makes it (a directory with one link), so nothing from the host is needed in the
+    // sandbox.
     let c = Cluster::named("shape")
         .composition(
-            r#"{ machines.m.system = derivation { name = "not-nixos"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }; }"#,
+            r#"{ machines.m.system = derivation { name = "not-nixos"; system = "x86_64-linux"; builder = "builtin:buildenv"; derivations = ""; manifest = "none"; allowSubstitutes = false; }; }"#,
         )
         .write();
     let o = c.verb("up").args(["--detach", "--accel", "tcg"]).run();

@@ -380,6 +380,34 @@ fn three_builders_each_get_their_state_and_fix() {
     });
     let [h1, h2, h3] = [0, 1, 2].map(|i| fleet.remotes[i].addr.clone());
 
+    // The verdict: VM tests work on one builder only, and Nix may send one to any of them.
+    checks.check("the verdict: partly, on builder 1 only", || {
+        let nix = &doc["verdict"]["nix"];
+        assert_eq!(nix["answer"], "partly", "{nix}");
+        assert_eq!(nix["on"], "remote", "{nix}");
+        assert_eq!(nix["probed"], true, "{nix}");
+        let answers: Vec<(String, String)> = nix["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (text(b, "id"), text(b, "answer")))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                (format!("builder.{h1}"), "yes".to_string()),
+                (format!("builder.{h2}"), "no".to_string()),
+                (format!("builder.{h3}"), "no".to_string()),
+            ],
+            "{nix}"
+        );
+        assert!(
+            text(nix, "text").starts_with(&format!("only on builder.{h1}, ")),
+            "{nix}"
+        );
+        assert_eq!(doc["verdict"]["failed"], true);
+    });
+
     checks.check("nix.builders lists the fleet and who Nix skips", || {
         let list = find(&doc, "nix.builders");
         assert_eq!(list["status"], "pass", "{list}");
@@ -678,15 +706,26 @@ fn a_malformed_machine_line_is_a_failing_finding_naming_file_and_line() {
     .unwrap();
     std::fs::create_dir_all(dir.join("store")).unwrap();
     let out = doctor(&dir, &dir.join("store"), &["--json"], None);
+    // A failing finding the user did not probe for: the verdict says no, the exit code stays 0.
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     let list = find(&doc, "nix.builders");
     assert_eq!(list["status"], "fail", "{list}");
+    let nix = &doc["verdict"]["nix"];
+    assert_eq!(nix["answer"], "no", "{nix}");
+    assert_eq!(nix["because"][0], "nix.builders", "{nix}");
+    assert!(
+        nix["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("no: Nix rejects the builders list"),
+        "{nix}"
+    );
     let where_ = format!("{}/fleet line 3", dir.display());
     assert!(text(list, "summary").contains(&where_), "{list}");
     assert!(

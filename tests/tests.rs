@@ -13,6 +13,7 @@ mod cluster;
 mod doctor;
 mod doctor_builders;
 mod eval;
+mod example;
 mod gc_all;
 mod gc_du;
 mod gc_nix;

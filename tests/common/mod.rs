@@ -13,7 +13,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The options every fixture build gets: `/bin/sh` in the sandbox is busybox, and no binary
-/// cache (nothing to fetch offline, and no retries to wait for).
+/// cache (nothing to fetch offline, and no retries to wait for). Only these throwaway fixtures
+/// use `/bin/sh` as builder, on their own command line; the test system (`scripts/guest`) needs
+/// neither option. The tests count these fixtures' store paths exactly, so they keep the one
+/// builder that adds no path to the store.
 pub const NIX_BUILD_OPTIONS: [&str; 6] = [
     "--option",
     "sandbox-paths",
@@ -144,6 +147,72 @@ pub fn valid_paths(root: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// An ordinary user made for one test (removed on drop); `useradd` needs root.
+pub struct TempUser {
+    pub name: String,
+}
+
+impl TempUser {
+    pub fn create() -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ddt{}x{n}", std::process::id() % 100000);
+        let st = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", &name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        Self { name }
+    }
+
+    /// drydock as this user: a copy of the binary it can read, under `setpriv` with fresh
+    /// credentials from /etc/group as a login would give; the caller adds the arguments and the
+    /// environment.
+    pub fn drydock(&self) -> Drydock {
+        Drydock::new().binary(&copy_of_binary()).via(
+            "setpriv",
+            [
+                &format!("--reuid={}", self.name),
+                &format!("--regid={}", self.name),
+                "--init-groups",
+                "--",
+            ],
+        )
+    }
+
+    /// Give `path` and everything under it to this user.
+    pub fn own(&self, path: &Path) {
+        let st = Command::new("chown")
+            .args(["-R", &format!("{0}:{0}", self.name)])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(st.success(), "chown -R {} {}", self.name, path.display());
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// The test binary's directory may not be readable by other users; put a copy where it is.
+pub fn copy_of_binary() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("drydock");
+        std::fs::copy(bin(), &p).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    })
+    .clone()
 }
 
 /// Whether the tests run as root (the effective user of this process).

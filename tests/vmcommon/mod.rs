@@ -182,10 +182,6 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The Nix configuration clusters are built with (as the fixtures': the sandbox's `/bin/sh` is
-/// busybox, no binary cache).
-const CLUSTER_NIX_CONFIG: &str = "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =";
-
 /// What a test's cluster is made of, before it exists: see [`Cluster::named`].
 pub struct ClusterBuilder {
     name: String,
@@ -283,9 +279,10 @@ impl Cluster {
         &self.file
     }
 
-    /// drydock on the cluster's store and state, with the clusters' Nix configuration.
+    /// drydock on the cluster's store and state, without `NIX_CONFIG`: the test system's builds
+    /// need nothing from the environment.
     pub fn drydock(&self) -> Drydock {
-        Drydock::on(&self.store, &self.state).env("NIX_CONFIG", CLUSTER_NIX_CONFIG)
+        Drydock::on(&self.store, &self.state).env_remove("NIX_CONFIG")
     }
 
     /// `drydock VERB -f FILE`.

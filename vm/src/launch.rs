@@ -460,6 +460,10 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// Whether this process said that its VMs run without a cgroup of their own. It is said once:
+/// a cluster's machines are all started by one process (its owner), for the same reason each.
+static SAID_NO_CGROUP: AtomicBool = AtomicBool::new(false);
+
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
 /// `incoming`, QEMU starts paused and loads a saved state from that migration URI.
 pub fn start(
@@ -510,7 +514,13 @@ pub fn start(
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("VM {} runs without its own cgroup: {e}", spec.name);
+            if SAID_NO_CGROUP.swap(true, Ordering::Relaxed) {
+                tracing::debug!("VM {} runs without its own cgroup: {e}", spec.name);
+            } else {
+                tracing::warn!(
+                    "VMs started here run without a cgroup of their own, so without a memory limit each (doctor: cgroup.placement): {e}"
+                );
+            }
             None
         }
     };

@@ -29,7 +29,8 @@ mod system;
 
 pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
+    Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
+    Status, Verdict, VmsAnswer, run_checks, verdict,
 };
 pub use image::{
     ImageError, Staging, StoreImage, Tools as ImageTools, closure_key, ensure_store_image,
