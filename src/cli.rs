@@ -69,6 +69,8 @@ pub enum Command {
     Ps(ClusterArgs),
     /// Run a command as root in a cluster machine, through its backdoor.
     Exec(ExecArgs),
+    /// Copy files or directories between the host and a cluster machine (MACHINE:PATH).
+    Cp(CpArgs),
     /// The machines' console logs, prefixed by machine, merged in time order.
     Logs(LogsArgs),
     /// Wait until a machine's console prints a matching line, or a command succeeds in it.
@@ -163,12 +165,43 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     pub machine: String,
+    #[command(flatten)]
+    pub exec: ExecOpts,
+}
+
+/// How `exec` and `vm exec` run a command.
+#[derive(Debug, Args)]
+pub struct ExecOpts {
     /// Seconds the command may run (then it is killed and the exit code is 124).
     #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
     pub timeout: std::time::Duration,
-    /// The command: its words are joined with spaces and run by the guest's shell.
+    /// Forward stdin even when it is a terminal (read to its end first; it is forwarded
+    /// whenever it is not a terminal).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// On a terminal: run the command as `shell` runs its shell (raw keys, its output as it
+    /// comes, stderr merged into stdout).
+    #[arg(short = 't', long, conflicts_with = "interactive")]
+    pub tty: bool,
+    /// The command: one word is a shell command line, run as written (`'a | b'`); several are
+    /// a program and its arguments, each passed intact.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// What to copy: a host path, or MACHINE:PATH.
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// Where to: MACHINE:PATH, or a host path (into it if it is a directory).
+    #[arg(value_name = "DST")]
+    pub dst: String,
+    /// Seconds the copy may take in the guest.
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -360,12 +393,8 @@ pub enum VmCommand {
 #[derive(Debug, Args)]
 pub struct VmExecArgs {
     pub name: String,
-    /// Seconds the command may run (then it is killed and the exit code is 124).
-    #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
-    pub timeout: std::time::Duration,
-    /// The command: its words are joined with spaces and run by the guest's shell.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+    #[command(flatten)]
+    pub exec: ExecOpts,
 }
 
 /// How a launch waits for its VM (shared by run and restart).

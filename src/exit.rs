@@ -135,6 +135,8 @@ fn vm_class(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
         e.is_bad_input()
     } else if let Some(e) = cause.downcast_ref::<drydock_cluster::ClusterError>() {
         e.is_bad_input()
+    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::CopyError>() {
+        e.is_bad_input()
     } else if let Some(e) = cause.downcast_ref::<drydock_cluster::EvalError>() {
         e.is_bad_input()
     } else if let Some(e) = cause.downcast_ref::<drydock_cluster::ReloadError>() {

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Command::Down(args) => cmd::cluster::down(&ctx, args),
         Command::Ps(args) => cmd::cluster::ps(&ctx, args),
         Command::Exec(args) => cmd::cluster::exec(&ctx, args),
+        Command::Cp(args) => cmd::cluster::cp(&ctx, args),
         Command::Logs(args) => cmd::cluster::logs(&ctx, args),
         Command::Wait(args) => cmd::cluster::wait(&ctx, args),
         Command::Shell(args) => cmd::cluster::shell(&ctx, args),

@@ -257,3 +257,72 @@ fn a_shell_session_relays_and_hands_the_console_back() {
         t.join().unwrap().unwrap();
     }
 }
+
+/// `exec`'s encodings (drydock-cluster's `GuestCommand` and `with_stdin`) on a real shell: an
+/// argv keeps every word, one word is a command line, stdin arrives whole with its end.
+fn commands_keep_their_words_and_stdin(b: &Backdoor) {
+    use drydock_cluster::{GuestCommand, with_stdin};
+    let t = Duration::from_secs(60);
+    let run = |words: &[&str], stdin: &[u8]| {
+        let c = GuestCommand::from_words(words.iter().map(|w| w.to_string()).collect());
+        b.exec(&with_stdin(&c.script(), stdin), t).unwrap()
+    };
+    let r = run(&["sh", "-c", "exit 3"], b"");
+    assert_eq!(r.status, 3);
+    let r = run(&["echo", "a   b"], b"");
+    assert_eq!(r.stdout, b"a   b\n");
+    let r = run(&["sh", "-c", "echo one; echo two"], b"");
+    assert_eq!(r.stdout, b"one\ntwo\n");
+    let r = run(&["printf", "%s\\n", "x y"], b"");
+    assert_eq!(r.stdout, b"x y\n");
+    let r = run(&["echo", "it's", "$HOME", "*", "`x`"], b"");
+    assert_eq!(r.stdout, b"it's $HOME * `x`\n");
+    let r = run(&["echo one; echo two"], b"");
+    assert_eq!(r.stdout, b"one\ntwo\n");
+    let r = run(&["cat"], b"z\n");
+    assert_eq!((r.status, r.stdout.as_slice()), (0, &b"z\n"[..]));
+    // Its own exit status, through the temporary file's removal.
+    let r = run(&["cat; exit 7"], b"last line without a newline");
+    assert_eq!(
+        (r.status, r.stdout.as_slice()),
+        (7, &b"last line without a newline"[..])
+    );
+    // 1 MiB of binary stdin through cat, byte for byte.
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let t0 = Instant::now();
+    let r = run(&["cat"], &data);
+    eprintln!("1 MiB through cat: {:?}", t0.elapsed());
+    assert_eq!(r.status, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(r.stdout == data, "1 MiB through cat differs");
+    // The temporary file is gone once the command ended.
+    let r = run(&["cat >/dev/null; echo \"$drydock_in\""], b"x");
+    let file = String::from_utf8(r.stdout).unwrap();
+    let r = b.exec(&format!("ls {}", file.trim()), t).unwrap();
+    assert_ne!(r.status, 0, "{file} is left");
+    let r = run(
+        &[
+            "sh",
+            "-c",
+            "ls -l /proc/$$/fd/0 | grep -q /tmp/tmp. && echo file",
+        ],
+        b"x",
+    );
+    assert_eq!(
+        r.stdout,
+        b"file\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+#[test]
+fn busybox_sh_keeps_words_and_stdin() {
+    commands_keep_their_words_and_stdin(&shell(&["busybox", "sh"]));
+}
+
+#[test]
+fn bash_keeps_words_and_stdin() {
+    commands_keep_their_words_and_stdin(&shell(&["bash", "--norc", "-s"]));
+}

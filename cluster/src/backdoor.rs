@@ -377,13 +377,35 @@ impl Backdoor {
         size: Option<(u16, u16)>,
         started: &mut dyn FnMut(),
     ) -> Result<(), BackdoorError> {
+        self.session(client, &Session::Shell { prompt }, size, started)
+    }
+
+    /// A session as [`Backdoor::shell`]'s that runs the shell text `script` (stderr merged into
+    /// stdout) instead of an interactive shell: `exec -t`.
+    pub fn run_tty(
+        &self,
+        client: &UnixStream,
+        script: &str,
+        size: Option<(u16, u16)>,
+        started: &mut dyn FnMut(),
+    ) -> Result<(), BackdoorError> {
+        self.session(client, &Session::Command { script }, size, started)
+    }
+
+    fn session(
+        &self,
+        client: &UnixStream,
+        what: &Session<'_>,
+        size: Option<(u16, u16)>,
+        started: &mut dyn FnMut(),
+    ) -> Result<(), BackdoorError> {
         let mut conn = self.lock_within(SHELL_WAIT)?;
         if conn.broken {
             return Err(BackdoorError::Broken);
         }
         let id = conn.next_id;
         conn.next_id += 1;
-        let result = relay_shell(&mut conn, client, id, prompt, size, started);
+        let result = relay_shell(&mut conn, client, id, what, size, started);
         if result.is_err() {
             conn.broken = true;
         }
@@ -391,14 +413,26 @@ impl Backdoor {
     }
 }
 
+/// What a session runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Session<'a> {
+    /// An interactive shell with this prompt.
+    Shell { prompt: &'a str },
+    /// This shell text, its stderr merged into its stdout.
+    Command { script: &'a str },
+}
+
 /// The text that starts session `id` (see [`Backdoor::shell`]).
-pub fn shell_line(id: u64, prompt: &str, size: Option<(u16, u16)>) -> String {
-    let p = sh_quote(prompt);
+pub fn shell_line(id: u64, what: &Session<'_>, size: Option<(u16, u16)>) -> String {
     let stty = size
         .map(|(r, c)| format!("stty rows {r} cols {c} 2>/dev/null; "))
         .unwrap_or_default();
+    let run = match what {
+        Session::Shell { prompt } => format!("PS1={} sh -i 2>&1", sh_quote(prompt)),
+        Session::Command { script } => format!("(eval {}) 2>&1", sh_quote(script)),
+    };
     format!(
-        "printf '\\nDRYDOCK-{id}-SHELL\\n'; {stty}PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
+        "printf '\\nDRYDOCK-{id}-SHELL\\n'; {stty}{run}; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
     )
 }
 
@@ -406,14 +440,14 @@ fn relay_shell(
     conn: &mut Conn,
     client: &UnixStream,
     id: u64,
-    prompt: &str,
+    what: &Session<'_>,
     size: Option<(u16, u16)>,
     started: &mut dyn FnMut(),
 ) -> Result<(), BackdoorError> {
     let start = format!("DRYDOCK-{id}-SHELL");
     let end = format!("\nDRYDOCK-{id}-SHELL-END\n").into_bytes();
     conn.stream
-        .write_all(shell_line(id, prompt, size).as_bytes())
+        .write_all(shell_line(id, what, size).as_bytes())
         .map_err(BackdoorError::Io)?;
     let deadline = Instant::now() + GRACE;
     loop {

@@ -14,6 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::{Backdoor, ExecOutput};
+use crate::command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
 use crate::state::{ClusterError, exec_socket};
 use drydock_vm::{VmPaths, error_chain as error_text};
 use std::io::BufReader;
@@ -73,6 +74,10 @@ struct ExecRequest {
     /// A session's terminal size (rows, columns), for the guest's line editing.
     #[serde(default)]
     size: Option<(u16, u16)>,
+    /// How many bytes of the command's stdin follow the request line (at most
+    /// [`MAX_STDIN`]).
+    #[serde(default)]
+    stdin_bytes: u64,
 }
 
 /// An `exec` reply on the wire (outputs base64).
@@ -105,15 +110,28 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
             stderr: String::new(),
             error,
         };
-        let size = req.as_ref().ok().and_then(|r| r.size);
-        if let Err(e) = b.shell(&s, prompt, size, &mut || send_reply(&s, &reply(None))) {
+        let (size, cmd) = match &req {
+            Ok(r) => (r.size, r.cmd.as_str()),
+            Err(_) => (None, ""),
+        };
+        let mut started = || send_reply(&s, &reply(None));
+        let ran = if cmd.is_empty() {
+            b.shell(&s, prompt, size, &mut started)
+        } else {
+            b.run_tty(&s, cmd, size, &mut started)
+        };
+        if let Err(e) = ran {
             tracing::warn!("shell session: {}", error_text(&e));
             send_reply(&s, &reply(Some(error_text(&e))));
         }
         return;
     }
+    let req = req.and_then(|req| {
+        let stdin = read_stdin(&s, req.stdin_bytes)?;
+        Ok((with_stdin(&req.cmd, &stdin), req.timeout_ms))
+    });
     let reply = match req {
-        Ok(req) => match b.exec(&req.cmd, Duration::from_millis(req.timeout_ms)) {
+        Ok((cmd, timeout_ms)) => match b.exec(&cmd, Duration::from_millis(timeout_ms)) {
             Ok(o) => ExecReply {
                 status: o.status,
                 stdout: B64.encode(&o.stdout),
@@ -137,6 +155,22 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
     send_reply(&s, &reply);
 }
 
+/// The `n` bytes of stdin that follow a request line.
+fn read_stdin(s: &UnixStream, n: u64) -> Result<Vec<u8>, String> {
+    if n > MAX_STDIN as u64 {
+        return Err(format!(
+            "stdin of {n} bytes; at most {} MiB",
+            MAX_STDIN >> 20
+        ));
+    }
+    let mut bytes = vec![0; n as usize];
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    (&mut &*s)
+        .read_exact(&mut bytes)
+        .map_err(|e| format!("reading stdin: {e}"))?;
+    Ok(bytes)
+}
+
 /// How a `shell` session runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ShellOptions {
@@ -145,6 +179,43 @@ pub struct ShellOptions {
     /// `~.` at the start of a line leaves the session (`~~` sends one `~`), as in ssh: for a
     /// terminal in raw mode, where Ctrl-C is a byte for the guest.
     pub escape: bool,
+}
+
+/// How long the call that fetches `exec -t`'s status may take.
+const TTY_STATUS: Duration = Duration::from_secs(30);
+
+/// `exec -t`: run `cmd` in the VM `vm` as a session (see [`shell_remote`]) and return its exit
+/// status, which a second call fetches.
+pub fn exec_tty(
+    vm: &str,
+    paths: &VmPaths,
+    cmd: &GuestCommand,
+    opts: ShellOptions,
+    input: impl Read + Send + 'static,
+    output: &mut dyn Write,
+) -> Result<i32, ClusterError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let status_file = tty_status_file(&format!("{}-{nanos}", std::process::id()));
+    session_remote(
+        vm,
+        paths,
+        &tty_script(&cmd.script(), &status_file),
+        opts,
+        input,
+        output,
+    )?;
+    let f = crate::backdoor::sh_quote(&status_file);
+    let o = exec_remote(vm, paths, &format!("cat {f} && rm -f {f}"), TTY_STATUS)?;
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| ClusterError::Remote {
+            vm: vm.to_string(),
+            message: "the command's exit status was not found after its session".into(),
+        })
 }
 
 /// The `~.` escape of [`ShellOptions::escape`], as a state machine over the input bytes.
@@ -200,15 +271,28 @@ pub fn shell_remote(
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
 ) -> Result<(), ClusterError> {
+    session_remote(vm, paths, "", opts, input, output)
+}
+
+/// A session that runs `script`, or an interactive shell when it is empty.
+fn session_remote(
+    vm: &str,
+    paths: &VmPaths,
+    script: &str,
+    opts: ShellOptions,
+    input: impl Read + Send + 'static,
+    output: &mut dyn Write,
+) -> Result<(), ClusterError> {
     let call = call_error(vm);
     let req = ExecRequest {
-        cmd: String::new(),
+        cmd: script.to_string(),
         timeout_ms: 0,
         shell: true,
         size: opts.size,
+        stdin_bytes: 0,
     };
     // The owner answers once the session started (or why it could not); calls queue before it.
-    let (mut s, _) = ask_owner(vm, paths, &req, None)?;
+    let (mut s, _) = ask_owner(vm, paths, &req, &[], None)?;
     let mut to_guest = s.get_ref().try_clone().map_err(&call)?;
     // The input thread may block on a terminal after the session ended; it is left to the
     // process's exit then, never joined.
@@ -256,13 +340,14 @@ fn call_error(vm: &str) -> impl Fn(std::io::Error) -> ClusterError + '_ {
     }
 }
 
-/// Send `req` to the owner of the VM `vm` on its exec socket and read the reply line (within
-/// `read_timeout`, if any): the reply, unless it carries an error, and the connection, buffered,
-/// for whatever follows it.
+/// Send `req` (and the bytes `after` it) to the owner of the VM `vm` on its exec socket and
+/// read the reply line (within `read_timeout`, if any): the reply, unless it carries an error,
+/// and the connection, buffered, for whatever follows it.
 fn ask_owner(
     vm: &str,
     paths: &VmPaths,
     req: &ExecRequest,
+    after: &[u8],
     read_timeout: Option<Duration>,
 ) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
     let s = UnixStream::connect(exec_socket(paths))
@@ -270,6 +355,7 @@ fn ask_owner(
     let call = call_error(vm);
     s.set_read_timeout(read_timeout).map_err(&call)?;
     crate::wire::write_json_line(&s, req).map_err(&call)?;
+    (&mut &s).write_all(after).map_err(&call)?;
     let mut r = BufReader::new(s);
     let reply: ExecReply = crate::wire::read_json_line(&mut r).map_err(&call)?;
     if let Some(message) = reply.error {
@@ -281,21 +367,53 @@ fn ask_owner(
     Ok((r, reply))
 }
 
-/// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket.
+/// Run the shell command line `cmd` in the VM `vm` (its folder `paths`) through its owner's
+/// exec socket, with no stdin.
 pub fn exec_remote(
     vm: &str,
     paths: &VmPaths,
     cmd: &str,
     timeout: Duration,
 ) -> Result<ExecOutput, ClusterError> {
+    exec_in(
+        vm,
+        paths,
+        &GuestCommand::Line(cmd.to_string()),
+        &[],
+        timeout,
+    )
+}
+
+/// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket, with `stdin`
+/// (at most [`MAX_STDIN`] bytes) as its standard input; at `timeout` it is killed (status 124).
+pub fn exec_in(
+    vm: &str,
+    paths: &VmPaths,
+    cmd: &GuestCommand,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<ExecOutput, ClusterError> {
+    if stdin.len() > MAX_STDIN {
+        return Err(ClusterError::StdinTooLarge {
+            bytes: stdin.len() as u64,
+            max: MAX_STDIN as u64,
+        });
+    }
     let req = ExecRequest {
-        cmd: cmd.to_string(),
+        cmd: cmd.script(),
         timeout_ms: timeout.as_millis() as u64,
         shell: false,
         size: None,
+        stdin_bytes: stdin.len() as u64,
     };
     // The owner's deadline is the call's; ours adds its grace for the reply.
-    let (_, reply) = ask_owner(vm, paths, &req, Some(timeout + Duration::from_secs(30)))?;
+    let (_, reply) = ask_owner(
+        vm,
+        paths,
+        &req,
+        stdin,
+        Some(timeout + Duration::from_secs(30)),
+    )?;
     let call = call_error(vm);
     let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
     Ok(ExecOutput {

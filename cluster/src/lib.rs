@@ -6,12 +6,14 @@
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
 //!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
-//! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
+//! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
+//!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
 //! - `state` (the cluster's paths, `cluster.json`, `up.json`, its errors and a machine's);
 //! - `launches` (each machine's launch request, and every machine's launch checked by
 //!   drydock-vm's launcher before anything starts);
-//! - `exec` (the exec server per machine and its client), `control` (the owner's control socket:
+//! - `exec` (the exec server per machine and its client), `copy` (`cp`: a tar archive through
+//!   `exec`, checked before it is unpacked), `control` (the owner's control socket:
 //!   protocol, client and server; starting a detached owner, `down`), `wait`;
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
 //!   owner), `session` (what one `up` does: prepare, reload cycles, the owner's loop).
@@ -20,8 +22,10 @@
 
 mod apply;
 mod backdoor;
+mod command;
 mod compose;
 mod control;
+mod copy;
 mod eval;
 mod exec;
 mod hub;
@@ -39,8 +43,9 @@ mod wire;
 
 pub use apply::ReloadError;
 pub use backdoor::{
-    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
+    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, Session, call_line, parse_reply,
 };
+pub use command::{GuestCommand, MAX_STDIN, with_stdin};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
@@ -49,8 +54,9 @@ pub use compose::{
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
+pub use copy::{CopyError, CopyReport, MAX_ARCHIVE, copy_from_guest, copy_to_guest};
 pub use eval::{EvalError, evaluate as evaluate_composition};
-pub use exec::{ShellOptions, exec_remote, shell_remote};
+pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
 pub use logs::{merge_timed, parse_timed, timed_log};
 pub use reload::{

@@ -130,6 +130,8 @@ pub enum ClusterError {
     },
     #[error("{vm}: {message}")]
     Remote { vm: String, message: String },
+    #[error("stdin is {} MiB; a command takes at most {} MiB (`drydock cp` copies files)", bytes >> 20, max >> 20)]
+    StdinTooLarge { bytes: u64, max: u64 },
     #[error("interrupted while the cluster started; everything started was stopped")]
     Interrupted,
     #[error("cannot start the cluster's owner")]
@@ -160,6 +162,7 @@ impl ClusterError {
                 self,
                 Self::NotUp(_)
                     | Self::NoExec(_)
+                    | Self::StdinTooLarge { .. }
                     | Self::NoMachine { .. }
                     | Self::OwnedByCluster { .. }
             ),

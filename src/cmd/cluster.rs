@@ -16,8 +16,8 @@ use drydock_vm::{VmPaths, VmState};
 
 use crate::cancel::CANCEL;
 use crate::cli::{
-    AccelArg, ClusterArgs, ClusterSuperviseArgs, ExecArgs, LogsArgs, MachineWaitArgs, ShellArgs,
-    UpArgs,
+    AccelArg, ClusterArgs, ClusterSuperviseArgs, CpArgs, ExecArgs, ExecOpts, LogsArgs,
+    MachineWaitArgs, ShellArgs, UpArgs,
 };
 use crate::cmd::reload::{Echo, UpPrinter, report_event};
 use crate::context::Context;
@@ -290,7 +290,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
 /// `exec MACHINE -- CMD...`.
 pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
     let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
-    exec_vm(&vm, &paths, &a.command, a.timeout)
+    exec_vm(ctx, &vm, &paths, &a.exec)
 }
 
 /// A machine of an up cluster: its VM name and folder; bad input if the cluster is not up or
@@ -445,20 +445,163 @@ pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// Run `words` (joined with spaces, as `ssh` does) in the VM `vm`; its outputs become ours and
-/// its exit status our exit code.
-pub fn exec_vm(
+/// `exec`'s report with `--json`: the outputs as text (invalid UTF-8 replaced).
+#[derive(Debug, serde::Serialize)]
+struct ExecReport {
+    status: i32,
+    timed_out: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run `a.command` in the VM `vm` (one word: a command line; several: an argv), with our
+/// stdin when it is not a terminal (or `-i`); its outputs become ours and its exit status our
+/// exit code.
+pub fn exec_vm(ctx: &Context, vm: &str, paths: &VmPaths, a: &ExecOpts) -> anyhow::Result<Outcome> {
+    let command = drydock_cluster::GuestCommand::from_words(a.command.clone());
+    if a.tty {
+        return exec_tty(ctx, vm, paths, &command);
+    }
+    let stdin = read_stdin(a.interactive)?;
+    let started = Instant::now();
+    let o = drydock_cluster::exec_in(vm, paths, &command, &stdin, a.timeout)?;
+    // 124 is also what the watchdog reports; a command that said 124 itself did so early.
+    let timed_out = o.status == 124 && started.elapsed() >= a.timeout;
+    if ctx.json {
+        let report = ExecReport {
+            status: o.status,
+            timed_out,
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        };
+        crate::out::json(&mut crate::out::stdout(), &report)?;
+    } else {
+        std::io::stderr().write_all(&o.stderr)?;
+        let mut out = crate::out::stdout();
+        out.write_all(&o.stdout)?;
+        out.flush()?;
+    }
+    if timed_out {
+        eprintln!(
+            "drydock: `{}` did not finish on {vm} within {} s (--timeout); it was killed, exit 124",
+            command.shown(),
+            secs(a.timeout)
+        );
+    }
+    Ok(Outcome::Code(o.status.clamp(0, 255) as u8))
+}
+
+/// `exec -t`: the command in a session, as `shell` runs its shell, on this terminal.
+fn exec_tty(
+    ctx: &Context,
     vm: &str,
     paths: &VmPaths,
-    words: &[String],
-    timeout: Duration,
+    command: &drydock_cluster::GuestCommand,
 ) -> anyhow::Result<Outcome> {
-    let o = drydock_cluster::exec_remote(vm, paths, &words.join(" "), timeout)?;
-    std::io::stderr().write_all(&o.stderr)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(&o.stdout)?;
-    out.flush()?;
-    Ok(Outcome::Code(o.status.clamp(0, 255) as u8))
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(bad_input(
+            "exec -t needs a terminal on stdin (without -t, stdin is forwarded to the command)",
+        ));
+    }
+    if ctx.json {
+        return Err(bad_input(
+            "exec -t prints the command's terminal as it comes: it has no --json report",
+        ));
+    }
+    let size = RawTerminal::size();
+    let raw = RawTerminal::enter();
+    let opts = drydock_cluster::ShellOptions {
+        size,
+        escape: raw.is_some(),
+    };
+    let status = drydock_cluster::exec_tty(
+        vm,
+        paths,
+        command,
+        opts,
+        std::io::stdin(),
+        &mut std::io::stdout(),
+    );
+    drop(raw);
+    Ok(Outcome::Code(status?.clamp(0, 255) as u8))
+}
+
+/// Seconds as the user would write them.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s}")
+    }
+}
+
+/// Our stdin for the guest's command: read to its end unless it is a terminal (or `forced`);
+/// bounded.
+fn read_stdin(forced: bool) -> anyhow::Result<Vec<u8>> {
+    use std::io::{IsTerminal, Read};
+    let stdin = std::io::stdin();
+    if !forced && stdin.is_terminal() {
+        return Ok(Vec::new());
+    }
+    let max = drydock_cluster::MAX_STDIN;
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .context("reading stdin")?;
+    if bytes.len() > max {
+        return Err(bad_input(format!(
+            "stdin is more than {} MiB, the most a command takes; `drydock cp` copies files",
+            max >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// `MACHINE:PATH` as (machine, path); `None` for a host path (a `/` before any `:`, no `:`, or
+/// nothing before it: write `./a:b` for a host file named `a:b`).
+fn remote_path(arg: &str) -> Option<(&str, &str)> {
+    let (machine, path) = arg.split_once(':')?;
+    (!machine.is_empty() && !machine.contains('/')).then_some((machine, path))
+}
+
+/// `cp SRC DST`: one of them `MACHINE:PATH`.
+pub fn cp(ctx: &Context, a: &CpArgs) -> anyhow::Result<Outcome> {
+    let report = match (remote_path(&a.src), remote_path(&a.dst)) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(bad_input(format!(
+                "cp {} {}: exactly one of the two must be MACHINE:PATH (a host path with a `:` is written ./{})",
+                a.src, a.dst, a.src
+            )));
+        }
+        (_, Some((_, ""))) | (Some((_, "")), _) => {
+            return Err(bad_input(
+                "cp: a path in the machine is empty (MACHINE:PATH)",
+            ));
+        }
+        (None, Some((machine, path))) => {
+            let (vm, paths) = up_machine(ctx, &a.cluster, machine)?;
+            drydock_cluster::copy_to_guest(&vm, &paths, Path::new(&a.src), path, a.timeout)?
+        }
+        (Some((machine, path)), None) => {
+            let (vm, paths) = up_machine(ctx, &a.cluster, machine)?;
+            drydock_cluster::copy_from_guest(&vm, &paths, path, Path::new(&a.dst), a.timeout)?
+        }
+    };
+    if ctx.json {
+        crate::out::json(&mut crate::out::stdout(), &report)?;
+    } else {
+        eprintln!(
+            "drydock: copied {} to {} ({})",
+            report.from,
+            report.to,
+            humansize::format_size(report.bytes, humansize::BINARY)
+        );
+    }
+    Ok(Outcome::Success)
 }
 
 /// `logs`: the machines' timed console logs, merged in time order.
@@ -511,4 +654,24 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_path_is_a_name_and_a_colon_before_any_slash() {
+        for (arg, want) in [
+            ("server:/tmp/f", Some(("server", "/tmp/f"))),
+            ("server:", Some(("server", ""))),
+            ("server:rel/x", Some(("server", "rel/x"))),
+            ("./a:b", None),
+            ("/tmp/a:b", None),
+            (":x", None),
+            ("plain", None),
+        ] {
+            assert_eq!(remote_path(arg), want, "{arg}");
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub fn run(ctx: &Context, args: &VmArgs) -> anyhow::Result<Outcome> {
         VmCommand::Restore(a) => snapshot::restore(ctx, a),
         VmCommand::Exec(a) => {
             let paths = vm_paths(ctx, &a.name)?;
-            crate::cmd::cluster::exec_vm(&a.name, &paths, &a.command, a.timeout)
+            crate::cmd::cluster::exec_vm(ctx, &a.name, &paths, &a.exec)
         }
     }
 }
