@@ -326,3 +326,39 @@ fn busybox_sh_keeps_words_and_stdin() {
 fn bash_keeps_words_and_stdin() {
     commands_keep_their_words_and_stdin(&shell(&["bash", "--norc", "-s"]));
 }
+
+#[test]
+fn a_tty_session_runs_its_command_and_leaves_its_status() {
+    // `exec -t`: the command in a session, its input relayed, its status in a file.
+    use drydock_cluster::{GuestCommand, tty_script, tty_status_file};
+    for program in [&["busybox", "sh"][..], &["bash", "--norc", "-s"]] {
+        let b = Arc::new(shell(program));
+        let f = tty_status_file(&format!("test-{}", std::process::id()));
+        let cmd = GuestCommand::Argv(vec![
+            "sh".into(),
+            "-c".into(),
+            "read x; echo got $x; exit 5".into(),
+        ]);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let b2 = b.clone();
+        let script = tty_script(&cmd.script(), &f);
+        let t = std::thread::spawn(move || b2.run_tty(&theirs, &script, None, &mut || {}));
+        (&ours).write_all(b"hello\n").unwrap();
+        let mut got = Vec::new();
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("got hello") {
+            let n = (&ours).read(&mut buf).unwrap();
+            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        // The session ends with its command (the client leaving would not end it).
+        (&ours).read_to_end(&mut got).unwrap();
+        t.join().unwrap().unwrap();
+        let r = b
+            .exec(&format!("cat {f} && rm -f {f}"), Duration::from_secs(20))
+            .unwrap();
+        assert_eq!(r.stdout, b"5\n", "{:?}", String::from_utf8_lossy(&got));
+    }
+}

@@ -463,6 +463,12 @@ fn relay_shell(
     let mut to_guest = conn.stream.try_clone().map_err(BackdoorError::Io)?;
     let mut from_client = client.try_clone().map_err(BackdoorError::Io)?;
     let (ended2, left2) = (ended.clone(), left.clone());
+    // A client that leaves tells an interactive shell to exit; a command has no such word (it
+    // may have ended already, and the backdoor's own shell would read it).
+    let farewell: &'static [u8] = match what {
+        Session::Shell { .. } => b"\nexit\n",
+        Session::Command { .. } => b"",
+    };
     let input = std::thread::Builder::new()
         .name("shell-input".into())
         .spawn(move || {
@@ -474,7 +480,7 @@ fn relay_shell(
                 }
                 if n == 0 {
                     *left2.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                    let _ = to_guest.write_all(b"\nexit\n");
+                    let _ = to_guest.write_all(farewell);
                     return;
                 }
                 if to_guest.write_all(&buf[..n]).is_err() {

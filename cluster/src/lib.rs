@@ -45,7 +45,7 @@ pub use apply::ReloadError;
 pub use backdoor::{
     Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, Session, call_line, parse_reply,
 };
-pub use command::{GuestCommand, MAX_STDIN, with_stdin};
+pub use command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
