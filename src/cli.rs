@@ -11,8 +11,22 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
+    #[command(flatten)]
+    pub compose: ComposeOpts,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Which cluster, given before the subcommand as compose takes them (`drydock -p demo ps`);
+/// the cluster commands also take them after their name.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ComposeOpts {
+    /// The composition of the cluster commands (default: drydock.nix here).
+    #[arg(short = 'f', long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
+    pub file: Vec<PathBuf>,
+    /// The cluster's name for the cluster commands (default: the name of FILE's directory).
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// Options every subcommand takes.
@@ -65,6 +79,8 @@ pub enum Command {
     Up(UpArgs),
     /// Stop every machine of a cluster and its networks.
     Down(ClusterArgs),
+    /// The clusters that are up: name, composition file, machines, since when.
+    Ls,
     /// A cluster's machines: name, state, pid, addresses, system, uptime.
     Ps(ClusterArgs),
     /// Run a command as root in a cluster machine, through its backdoor.
@@ -82,6 +98,23 @@ pub enum Command {
     ClusterSupervise(ClusterSuperviseArgs),
 }
 
+impl Command {
+    /// Whether it acts on a cluster (so `-f`/`-p` before it mean something).
+    pub fn is_cluster_command(&self) -> bool {
+        matches!(
+            self,
+            Self::Up(_)
+                | Self::Down(_)
+                | Self::Ps(_)
+                | Self::Exec(_)
+                | Self::Cp(_)
+                | Self::Logs(_)
+                | Self::Wait(_)
+                | Self::Shell(_)
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     /// The shell to complete for.
@@ -89,17 +122,13 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
-/// Which cluster: the composition file and the cluster's name.
-#[derive(Debug, Args)]
+/// Which cluster: the composition file and the cluster's name (also accepted before the
+/// subcommand, see [`ComposeOpts`]).
+#[derive(Debug, Args, Clone, Default)]
 pub struct ClusterArgs {
-    /// The composition.
-    #[arg(
-        short = 'f',
-        long = "file",
-        value_name = "FILE",
-        default_value = "drydock.nix"
-    )]
-    pub file: PathBuf,
+    /// The composition (default: drydock.nix here).
+    #[arg(short = 'f', long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
+    pub file: Vec<PathBuf>,
     /// The cluster's name (default: the name of FILE's directory).
     #[arg(short = 'p', long = "project-name", value_name = "NAME")]
     pub name: Option<String>,
@@ -112,7 +141,7 @@ pub struct UpArgs {
     /// Only these machines (default: all).
     pub machines: Vec<String>,
     /// Return once every machine is ready; the cluster keeps running (`drydock down` stops it).
-    #[arg(long)]
+    #[arg(short = 'd', long)]
     pub detach: bool,
     /// Seconds each machine gets to become ready (its backdoor connected).
     #[arg(long, value_name = "SECS", default_value = "600", value_parser = parse_secs)]
@@ -148,16 +177,36 @@ pub struct UpArgs {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
+    /// The composition (`-f` is --follow here, as in compose; `drydock -f FILE logs` works).
+    #[arg(long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
+    pub file: Vec<PathBuf>,
+    /// The cluster's name (default: the name of FILE's directory).
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub name: Option<String>,
     /// Only these machines (default: all).
     pub machines: Vec<String>,
     /// Leave out these machines.
     #[arg(long, value_name = "M,...", value_delimiter = ',')]
     pub hide: Vec<String>,
     /// Keep printing new lines until the cluster is down (or Ctrl-C).
-    #[arg(long)]
+    #[arg(short = 'f', long)]
     pub follow: bool,
+    /// Only the last N lines of each machine (then, with -f, what comes).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    /// Each line with the time it arrived (UTC, to the millisecond).
+    #[arg(short = 't', long)]
+    pub timestamps: bool,
+}
+
+impl LogsArgs {
+    /// The cluster it names.
+    pub fn cluster(&self) -> ClusterArgs {
+        ClusterArgs {
+            file: self.file.clone(),
+            name: self.name.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,8 @@ pub struct Context {
     pub state_dir: PathBuf,
     /// Print one JSON document on stdout instead of text.
     pub json: bool,
+    /// `-f`/`-p` given before the subcommand.
+    pub compose: crate::cli::ComposeOpts,
 }
 
 impl Context {
@@ -58,7 +60,23 @@ impl Context {
             nix_state_dir,
             state_dir,
             json: opts.json,
+            compose: Default::default(),
         })
+    }
+
+    /// With `-f`/`-p` given before the subcommand: bad input unless it acts on a cluster.
+    pub fn with_compose(
+        mut self,
+        opts: &crate::cli::ComposeOpts,
+        cluster: bool,
+    ) -> anyhow::Result<Self> {
+        if !cluster && (!opts.file.is_empty() || opts.name.is_some()) {
+            return Err(bad_input(
+                "-f/--file and -p/--project-name name a cluster: give them with up, down, ps, exec, cp, logs, wait or shell",
+            ));
+        }
+        self.compose = opts.clone();
+        Ok(self)
     }
 
     /// The store's layout (logical and physical directories) for the store libraries.

@@ -8,6 +8,7 @@ mod cmd;
 mod context;
 mod exit;
 mod out;
+mod paint;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            let e = without_hidden_suggestions(e);
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
@@ -32,29 +34,64 @@ fn main() -> ExitCode {
         Command::Man => return exit::finish(cmd::help::man()),
         _ => {}
     }
-    let result = Context::resolve(&cli.global).and_then(|ctx| match &cli.command {
-        Command::Doctor(args) => cmd::doctor::run(&ctx, args),
-        Command::Vm(args) => cmd::vm::run(&ctx, args),
-        Command::VmSupervise(args) => cmd::vm::supervise(&ctx, args),
-        Command::StoreServer(args) => cmd::store_server::run(args),
-        Command::Track(args) => cmd::track::run(&ctx, args),
-        Command::Runs(args) => cmd::runs::run(&ctx, args),
-        Command::Gc(args) => cmd::gc::run(&ctx, args),
-        Command::Du(args) => cmd::du::run(&ctx, args),
-        Command::Store(args) => cmd::store::run(&ctx, args),
-        Command::Completions(args) => cmd::help::completions(args),
-        Command::Man => cmd::help::man(),
-        Command::Up(args) => cmd::cluster::up(&ctx, args),
-        Command::Down(args) => cmd::cluster::down(&ctx, args),
-        Command::Ps(args) => cmd::cluster::ps(&ctx, args),
-        Command::Exec(args) => cmd::cluster::exec(&ctx, args),
-        Command::Cp(args) => cmd::cluster::cp(&ctx, args),
-        Command::Logs(args) => cmd::cluster::logs(&ctx, args),
-        Command::Wait(args) => cmd::cluster::wait(&ctx, args),
-        Command::Shell(args) => cmd::cluster::shell(&ctx, args),
-        Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
-    });
+    let result = Context::resolve(&cli.global)
+        .and_then(|ctx| ctx.with_compose(&cli.compose, cli.command.is_cluster_command()))
+        .and_then(|ctx| match &cli.command {
+            Command::Doctor(args) => cmd::doctor::run(&ctx, args),
+            Command::Vm(args) => cmd::vm::run(&ctx, args),
+            Command::VmSupervise(args) => cmd::vm::supervise(&ctx, args),
+            Command::StoreServer(args) => cmd::store_server::run(args),
+            Command::Track(args) => cmd::track::run(&ctx, args),
+            Command::Runs(args) => cmd::runs::run(&ctx, args),
+            Command::Gc(args) => cmd::gc::run(&ctx, args),
+            Command::Du(args) => cmd::du::run(&ctx, args),
+            Command::Store(args) => cmd::store::run(&ctx, args),
+            Command::Completions(args) => cmd::help::completions(args),
+            Command::Man => cmd::help::man(),
+            Command::Up(args) => cmd::cluster::up(&ctx, args),
+            Command::Down(args) => cmd::cluster::down(&ctx, args),
+            Command::Ls => cmd::cluster::ls(&ctx),
+            Command::Ps(args) => cmd::cluster::ps(&ctx, args),
+            Command::Exec(args) => cmd::cluster::exec(&ctx, args),
+            Command::Cp(args) => cmd::cluster::cp(&ctx, args),
+            Command::Logs(args) => cmd::cluster::logs(&ctx, args),
+            Command::Wait(args) => cmd::cluster::wait(&ctx, args),
+            Command::Shell(args) => cmd::cluster::shell(&ctx, args),
+            Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
+        });
     exit::finish(result)
+}
+
+/// clap suggests hidden subcommands too (`drydock supervise` → `__vm-supervise`): drop them,
+/// and the tip with them when nothing else is left.
+fn without_hidden_suggestions(mut e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::Strings(names)) = e.get(ContextKind::SuggestedSubcommand) else {
+        return e;
+    };
+    let shown: Vec<String> = names
+        .iter()
+        .filter(|n| !n.starts_with("__"))
+        .cloned()
+        .collect();
+    if shown.len() == names.len() {
+        return e;
+    }
+    if shown.is_empty() {
+        let mut plain =
+            clap::Error::new(e.kind()).with_cmd(&<Cli as clap::CommandFactory>::command());
+        for (kind, value) in e.context() {
+            if kind != ContextKind::SuggestedSubcommand {
+                plain.insert(kind, value.clone());
+            }
+        }
+        return plain;
+    }
+    e.insert(
+        ContextKind::SuggestedSubcommand,
+        ContextValue::Strings(shown),
+    );
+    e
 }
 
 fn init_tracing(verbose: u8, quiet: u8) {
@@ -70,7 +107,33 @@ fn init_tracing(verbose: u8, quiet: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Plain text where stderr is a file (a detached owner's drydock.log) or NO_COLOR is set.
+        .with_ansi(paint::colour_on(std::io::IsTerminal::is_terminal(
+            &std::io::stderr(),
+        )))
         .with_target(false)
         .without_time()
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_subcommands_are_never_suggested() {
+        for typo in [
+            "__vm-supervis",
+            "supervise",
+            "__store-serve",
+            "cluster-supervise",
+            "lss",
+        ] {
+            let e = Cli::try_parse_from(["drydock", typo]).unwrap_err();
+            let text = without_hidden_suggestions(e).render().to_string();
+            assert!(text.contains("unrecognized subcommand"), "{text}");
+            let tips: Vec<&str> = text.lines().filter(|l| l.contains("tip:")).collect();
+            assert!(tips.iter().all(|l| !l.contains("__")), "{typo}: {text}");
+        }
+    }
 }

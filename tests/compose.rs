@@ -194,3 +194,196 @@ fn check_tree(root: &Path, bin: &[u8]) {
         Path::new("sub/run")
     );
 }
+
+#[test]
+fn compose_option_places_ls_and_one_file_per_project() {
+    let c = Cluster::named("places").machines(ONE).up();
+    let file = std::fs::canonicalize(c.file()).unwrap();
+    let mut checks = Checks::new();
+    checks.check("-p and -f before the subcommand", || {
+        let o = c.drydock().args(["-p", "places", "ps"]).run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        assert!(o.stdout_str().contains("server"), "{}", o.stdout_str());
+        let o = c
+            .drydock()
+            .arg("-f")
+            .arg(c.file())
+            .args(["exec", "server", "--", "true"])
+            .run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+    });
+    checks.check("several -f are refused, saying why", || {
+        let o = c
+            .drydock()
+            .arg("-f")
+            .arg(c.file())
+            .arg("ps")
+            .arg("-f")
+            .arg(c.file())
+            .run();
+        assert_eq!(o.code(), Some(2));
+        assert!(
+            o.stderr_str()
+                .contains("a cluster has one composition file"),
+            "{}",
+            o.stderr_str()
+        );
+    });
+    checks.check("ls lists the cluster with its file", || {
+        let o = c.drydock().json().arg("ls").run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        let v = o.stdout_json();
+        let row = &v["clusters"][0];
+        assert_eq!(
+            (&row["name"], &row["file"], &row["machines"]),
+            (
+                &serde_json::json!("places"),
+                &serde_json::json!(file.display().to_string()),
+                &serde_json::json!(1)
+            ),
+            "{v}"
+        );
+        assert!(row["since"].as_i64().is_some(), "{v}");
+        let o = c.drydock().arg("ls").run();
+        assert!(o.stdout_str().contains("places"), "{}", o.stdout_str());
+    });
+    checks.check("logs -f follows a line printed later", || {
+        let log = c.dir().join("follow.out");
+        let mut follow = c
+            .drydock()
+            .args(["-p", "places", "logs", "-f", "server"])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .spawn();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(
+            follow.try_wait().unwrap().is_none(),
+            "logs -f ended at once"
+        );
+        let o = exec(&c, &[], &["sh", "-c", "echo LATER-LINE >/dev/console"]);
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        crate::vmcommon::wait_until(
+            "logs -f prints the new line",
+            std::time::Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("server │ LATER-LINE")
+            },
+        );
+        assert!(follow.try_wait().unwrap().is_none(), "logs -f ended");
+        follow.signal(libc::SIGINT);
+        follow.wait_within(std::time::Duration::from_secs(10));
+    });
+    checks.check("logs --tail 1 -t", || {
+        let o = c
+            .drydock()
+            .args(["-p", "places", "logs", "--tail", "1", "-t"])
+            .run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        let lines: Vec<String> = o.stdout_str().lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let re = regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z server │ ").unwrap();
+        assert!(re.is_match(&lines[0]), "{lines:?}");
+    });
+    checks.check("up -d is --detach", || {
+        let o = c.verb("up").args(["-d", "--accel", "tcg"]).run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        assert!(
+            o.stderr_str().contains("nothing to do"),
+            "{}",
+            o.stderr_str()
+        );
+    });
+    checks.check("another file with the same project name is refused", || {
+        let other = c.dir().join("elsewhere/places");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::copy(c.file(), other.join("drydock.nix")).unwrap();
+        for verb in [
+            &["exec", "server", "--", "true"][..],
+            &["up", "--dry-run"],
+            &["ps"],
+            &["down"],
+        ] {
+            let o = c
+                .drydock()
+                .arg("-f")
+                .arg(other.join("drydock.nix"))
+                .args(verb)
+                .run();
+            assert_eq!(o.code(), Some(2), "{verb:?}: {}", o.stderr_str());
+            let e = o.stderr_str();
+            assert!(
+                e.contains(&format!("is up from {}", file.display()))
+                    && e.contains(&other.join("drydock.nix").display().to_string())
+                    && e.contains("-p NAME"),
+                "{verb:?}: {e}"
+            );
+        }
+    });
+    checks.check(
+        "a cluster that is not up is named with the one that is",
+        || {
+            let o = c.drydock().args(["-p", "ghost", "ps"]).run();
+            assert_eq!(o.code(), Some(2));
+            assert!(
+                o.stderr_str()
+                    .contains("the cluster ghost is not up (the cluster up is places)"),
+                "{}",
+                o.stderr_str()
+            );
+        },
+    );
+    drop(checks);
+    c.down();
+}
+
+#[test]
+fn one_answer_for_a_cluster_that_is_not_up() {
+    // No cluster runs: every command on one says the same, exit 2.
+    let c = Cluster::named("ghost").machines(ONE).write();
+    let want = "the cluster ghost is not up (no cluster is up)";
+    let mut checks = Checks::new();
+    for verb in [
+        &["ps"][..],
+        &["down"],
+        &["logs"],
+        &["logs", "-f"],
+        &["exec", "server", "--", "true"],
+        &["wait", "server", "--succeeds", "true", "--timeout", "1"],
+        &["shell", "server"],
+        &["cp", "server:/etc/hostname", "."],
+    ] {
+        checks.check(&format!("{verb:?}"), || {
+            let o = c.verb(verb[0]).args(&verb[1..]).run();
+            assert_eq!(o.code(), Some(2), "{}", o.stderr_str());
+            assert!(o.stderr_str().contains(want), "{}", o.stderr_str());
+        });
+    }
+    checks.check("a directory without drydock.nix says so", || {
+        let empty = c.dir().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let o = c
+            .drydock()
+            .args(["exec", "server", "--", "true"])
+            .with(move |cmd| {
+                cmd.current_dir(&empty);
+            })
+            .run();
+        assert_eq!(o.code(), Some(2));
+        assert!(
+            o.stderr_str().contains("no drydock.nix here"),
+            "{}",
+            o.stderr_str()
+        );
+    });
+    checks.check("up with a misspelt machine lists the real ones", || {
+        let o = c.verb("up").args(["sever", "--dry-run"]).run();
+        assert_eq!(o.code(), Some(2), "{}", o.stderr_str());
+        assert!(
+            o.stderr_str()
+                .contains("the machine \"sever\" is not in the composition (it has server)"),
+            "{}",
+            o.stderr_str()
+        );
+    });
+}

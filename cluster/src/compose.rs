@@ -88,8 +88,12 @@ pub enum ComposeError {
     VmName { name: String, machine: String },
     #[error("cluster name {0:?}: use letters, digits and '-' (at most 30), not starting with '-'")]
     ClusterName(String),
-    #[error("{}: the machine {name:?} is not in the composition", file.display())]
-    NoSuchMachine { file: PathBuf, name: String },
+    #[error("{}: the machine {name:?} is not in the composition (it has {})", file.display(), has.join(", "))]
+    NoSuchMachine {
+        file: PathBuf,
+        name: String,
+        has: Vec<String>,
+    },
 }
 
 impl ComposeError {
@@ -350,6 +354,9 @@ pub struct MachinePlan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPlan {
     pub name: String,
+    /// The composition it was planned from (absolute); `None` in records older than this field.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     pub machines: Vec<MachinePlan>,
     /// Every VLAN some machine is on, ascending: one hub each.
     pub vlans: Vec<u8>,
@@ -429,6 +436,7 @@ pub fn plan_cluster(name: &str, c: &Composition) -> Result<ClusterPlan, ComposeE
         .collect();
     Ok(ClusterPlan {
         name: name.into(),
+        file: Some(c.file.clone()),
         machines,
         vlans,
         hosts,

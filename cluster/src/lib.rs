@@ -69,8 +69,9 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, cluster_machine,
-    cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, check_file,
+    cluster_machine, cluster_paths, list_up, refuse_cluster_machine, up_cluster, up_machine,
+    up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::WatchError;

@@ -235,6 +235,7 @@ impl RunningCluster {
             owner_pid: pid,
             owner_start_ticks: drydock_vm::process_start_ticks(pid),
             ready,
+            since: None,
             plan: self.plan.clone(),
         }
         .write(&self.state_dir)?;

@@ -252,6 +252,7 @@ pub fn prepare(
         return Err(ComposeError::NoSuchMachine {
             file: composition.file.clone(),
             name: m.clone(),
+            has: composition.machines.keys().cloned().collect(),
         }
         .into());
     }
@@ -677,10 +678,15 @@ mod tests {
         assert!(e.is_interrupted() && !e.is_bad_input());
         let e: SessionError = ComposeError::NoSuchMachine {
             file: "/c/drydock.nix".into(),
-            name: "x".into(),
+            name: "sever".into(),
+            has: vec!["agent".into(), "server".into()],
         }
         .into();
         assert!(e.is_bad_input() && !e.is_interrupted());
-        assert!(e.to_string().contains("/c/drydock.nix"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("/c/drydock.nix: the machine \"sever\" is not in the composition (it has agent, server)"),
+            "{e}"
+        );
     }
 }

@@ -112,8 +112,19 @@ pub enum ClusterError {
         #[source]
         source: Arc<MachineError>,
     },
-    #[error("the cluster {0} is not up (no owner found)")]
-    NotUp(String),
+    #[error("the cluster {name} is not up ({})", up_list(up))]
+    NotUp { name: String, up: Vec<String> },
+    #[error(
+        "the cluster {name} is up from {}, not from {}: give this composition another name with -p NAME to run it beside that one, or -f {} to act on that cluster",
+        running.display(), given.display(), running.display()
+    )]
+    OtherFile {
+        name: String,
+        running: PathBuf,
+        given: PathBuf,
+    },
+    #[error("{}: no such composition file{}", .0.display(), if .0.ends_with("drydock.nix") { " (no drydock.nix here: give -f FILE, or -p NAME for a cluster that is up; `drydock ls` lists them)" } else { "" })]
+    NoFile(PathBuf),
     #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
     NoExec(String),
     #[error("the cluster {cluster} has no machine {machine} (it has {})", has.join(", "))]
@@ -160,12 +171,22 @@ impl ClusterError {
             Self::Machine { source, .. } => source.is_bad_input(),
             _ => matches!(
                 self,
-                Self::NotUp(_)
+                Self::NotUp { .. }
+                    | Self::OtherFile { .. }
+                    | Self::NoFile(_)
                     | Self::NoExec(_)
                     | Self::StdinTooLarge { .. }
                     | Self::NoMachine { .. }
                     | Self::OwnedByCluster { .. }
             ),
+        }
+    }
+
+    /// The cluster `name` is not up: the error names the clusters that are.
+    pub fn not_up(state_dir: &Path, name: &str) -> Self {
+        Self::NotUp {
+            name: name.to_string(),
+            up: list_up(state_dir).into_iter().map(|s| s.name).collect(),
         }
     }
 
@@ -175,6 +196,18 @@ impl ClusterError {
             machine: machine.to_owned(),
             source: Arc::new(e),
         }
+    }
+}
+
+/// The clusters that are up, for a message.
+fn up_list(up: &[String]) -> String {
+    match up {
+        [] => "no cluster is up".to_string(),
+        [one] => format!("the cluster up is {one}"),
+        many => format!(
+            "the clusters up are {}; `drydock ls` lists them",
+            many.join(", ")
+        ),
     }
 }
 
@@ -214,6 +247,9 @@ pub struct ClusterState {
     pub owner_start_ticks: Option<u64>,
     /// Every machine's backdoor is ready.
     pub ready: bool,
+    /// When its owner recorded it first (seconds since the epoch).
+    #[serde(default)]
+    pub since: Option<i64>,
     pub plan: ClusterPlan,
 }
 
@@ -235,11 +271,69 @@ impl ClusterState {
         drydock_vm::same_process_alive(self.owner_pid, self.owner_start_ticks)
     }
     pub(crate) fn write(&self, state_dir: &Path) -> Result<(), ClusterError> {
+        let mut this = self.clone();
+        // The same owner keeps the time it first recorded.
+        if this.since.is_none() {
+            this.since = Self::read(state_dir, &self.name)
+                .filter(|old| old.owner_pid == self.owner_pid)
+                .and_then(|old| old.since)
+                .or_else(|| Some(drydock_gc::epoch_secs()));
+        }
         let path = cluster_paths(state_dir, &self.name)
             .dir
             .join("cluster.json");
-        drydock_vm::write_json(&path, self).map_err(ClusterError::Record)
+        drydock_vm::write_json(&path, &this).map_err(ClusterError::Record)
     }
+
+    /// The composition file this cluster was started from, if recorded.
+    pub fn file(&self) -> Option<&Path> {
+        self.plan.file.as_deref()
+    }
+}
+
+/// Every cluster that is up (its owner alive) in the state directory, by name.
+pub fn list_up(state_dir: &Path) -> Vec<ClusterState> {
+    let mut up: Vec<ClusterState> = std::fs::read_dir(state_dir.join("clusters"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| ClusterState::read_up(state_dir, &e.file_name().to_string_lossy()))
+        .collect();
+    up.sort_by(|a, b| a.name.cmp(&b.name));
+    up
+}
+
+/// Whether `given` names the composition `state` was started from: refused (naming both) when
+/// the cluster recorded another file.
+pub fn check_file(state: &ClusterState, given: &Path) -> Result<(), ClusterError> {
+    let Some(running) = state.file() else {
+        return Ok(());
+    };
+    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let given_abs = std::path::absolute(given).unwrap_or_else(|_| given.to_path_buf());
+    if same(running) == same(&given_abs) {
+        return Ok(());
+    }
+    Err(ClusterError::OtherFile {
+        name: state.name.clone(),
+        running: running.to_path_buf(),
+        given: given_abs,
+    })
+}
+
+/// The cluster `name`, which must be up, and (when `file` is given) must have been started
+/// from that composition.
+pub fn up_cluster(
+    state_dir: &Path,
+    name: &str,
+    file: Option<&Path>,
+) -> Result<ClusterState, ClusterError> {
+    let state = ClusterState::read_up(state_dir, name)
+        .ok_or_else(|| ClusterError::not_up(state_dir, name))?;
+    if let Some(f) = file {
+        check_file(&state, f)?;
+    }
+    Ok(state)
 }
 
 /// A VM that is a machine of a cluster that is up (its owner alive).
@@ -285,14 +379,15 @@ pub fn refuse_cluster_machine(
     }
 }
 
-/// The machine `machine` of the cluster `cluster`, which must be up: bad input otherwise.
+/// The machine `machine` of the cluster `cluster`, which must be up (and started from `file`,
+/// when given): bad input otherwise.
 pub fn up_machine(
     state_dir: &Path,
     cluster: &str,
+    file: Option<&Path>,
     machine: &str,
 ) -> Result<ClusterMachine, ClusterError> {
-    let state = ClusterState::read_up(state_dir, cluster)
-        .ok_or_else(|| ClusterError::NotUp(cluster.into()))?;
+    let state = up_cluster(state_dir, cluster, file)?;
     let m = state
         .plan
         .machine(machine)

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -23,13 +23,85 @@ use crate::cmd::reload::{Echo, UpPrinter, report_event};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
-pub fn cluster_name(a: &ClusterArgs) -> anyhow::Result<String> {
-    let name = a
-        .name
-        .clone()
-        .unwrap_or_else(|| drydock_cluster::default_cluster_name(&a.file));
-    drydock_cluster::validate_cluster_name(&name)?;
-    Ok(name)
+/// The cluster a command names: its composition and its name, each given (before or after the
+/// subcommand) or defaulted.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub file: PathBuf,
+    pub name: String,
+    file_given: bool,
+    name_given: bool,
+}
+
+/// Resolve `-f`/`-p` from before the subcommand (`ctx.compose`) and after it (`a`).
+pub fn target(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Target> {
+    let files: Vec<&PathBuf> = ctx.compose.file.iter().chain(&a.file).collect();
+    if files.len() > 1 {
+        let shown: Vec<String> = files
+            .iter()
+            .map(|f| format!("-f {}", f.display()))
+            .collect();
+        return Err(bad_input(format!(
+            "{}: a cluster has one composition file; drydock does not merge files as docker compose does (import one from the other in Nix, e.g. `machines = (import ./base.nix).machines // {{ ... }}`)",
+            shown.join(" ")
+        )));
+    }
+    let name = match (&ctx.compose.name, &a.name) {
+        (Some(x), Some(y)) if x != y => {
+            return Err(bad_input(format!(
+                "-p {x} and -p {y}: a command acts on one cluster"
+            )));
+        }
+        (x, y) => y.clone().or_else(|| x.clone()),
+    };
+    let file = files
+        .first()
+        .map(|f| f.to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("drydock.nix"));
+    let t = Target {
+        name: name
+            .clone()
+            .unwrap_or_else(|| drydock_cluster::default_cluster_name(&file)),
+        file_given: !files.is_empty(),
+        name_given: name.is_some(),
+        file,
+    };
+    drydock_cluster::validate_cluster_name(&t.name)?;
+    Ok(t)
+}
+
+impl Target {
+    /// The composition a running cluster must have been started from: the one given, or the
+    /// one its name came from; `None` when only `-p` names it. Such a composition must exist.
+    pub fn checked_file(&self) -> Result<Option<&Path>, drydock_cluster::ClusterError> {
+        if self.name_given && !self.file_given {
+            return Ok(None);
+        }
+        if !self.file.is_file() {
+            return Err(drydock_cluster::ClusterError::NoFile(
+                std::path::absolute(&self.file).unwrap_or_else(|_| self.file.clone()),
+            ));
+        }
+        Ok(Some(&self.file))
+    }
+
+    /// The cluster's record (its owner alive or not), checked against the composition; `None`
+    /// when there is none.
+    fn record(&self, ctx: &Context) -> anyhow::Result<Option<ClusterState>> {
+        let file = self.checked_file()?;
+        let Some(state) = ClusterState::read(&ctx.state_dir, &self.name) else {
+            return Ok(None);
+        };
+        if let Some(f) = file {
+            drydock_cluster::check_file(&state, f)?;
+        }
+        Ok(Some(state))
+    }
+
+    /// The not-up error for this cluster.
+    fn not_up(&self, ctx: &Context) -> anyhow::Error {
+        drydock_cluster::ClusterError::not_up(&ctx.state_dir, &self.name).into()
+    }
 }
 
 fn launch_opts(
@@ -50,10 +122,10 @@ fn launch_opts(
 }
 
 /// What `up`'s arguments ask of the composition.
-fn up_request(a: &UpArgs, name: &str) -> UpRequest {
+fn up_request(a: &UpArgs, t: &Target) -> UpRequest {
     UpRequest {
-        file: a.cluster.file.clone(),
-        name: name.to_string(),
+        file: t.file.clone(),
+        name: t.name.clone(),
         machines: a.machines.clone(),
         mentioned: a.hide.iter().chain(&a.show).cloned().collect(),
         restart: a.restart,
@@ -65,10 +137,18 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
 /// `up`: evaluate, plan, build (one tracked run), then boot in the foreground or detached. On
 /// a cluster that is up: a hot reload (see `reload`).
 pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
-    let name = cluster_name(&a.cluster)?;
+    let t = target(ctx, &a.cluster)?;
+    let name = t.name.clone();
+    if !t.file.is_file() {
+        return Err(drydock_cluster::ClusterError::NoFile(
+            std::path::absolute(&t.file).unwrap_or_else(|_| t.file.clone()),
+        )
+        .into());
+    }
     crate::cancel::install();
-    let req = up_request(a, &name);
+    let req = up_request(a, &t);
     if let Some(s) = ClusterState::read_up(&ctx.state_dir, &name) {
+        drydock_cluster::check_file(&s, &t.file)?;
         if !s.ready {
             return Err(bad_input(format!(
                 "the cluster {name} is still starting (owner pid {}); try again once it is up",
@@ -129,7 +209,7 @@ fn foreground(
         plan.machines.len()
     );
     let mut watching = match a.watch {
-        true => Some(Watching::new(&a.cluster.file)?),
+        true => Some(Watching::new(&req.file)?),
         false => None,
     };
     cluster.own(watching.as_mut().map(|w| (w, req)), &CANCEL, &mut |ev| {
@@ -198,12 +278,16 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
 
 /// `down`: ask the owner to stop everything and wait; then make sure no machine is left.
 pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
-    let name = cluster_name(a)?;
+    let t = target(ctx, a)?;
+    let name = t.name.clone();
+    if t.record(ctx)?.is_none() {
+        return Err(t.not_up(ctx));
+    }
     let d = drydock_cluster::cluster_down(&ctx.state_dir, &name)?;
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {
-        eprintln!("drydock: the cluster {name} is not up");
+        return Err(t.not_up(ctx));
     } else {
         eprintln!(
             "drydock: cluster {name} down ({} machines) in {:.2} s{}",
@@ -232,9 +316,9 @@ struct PsRow {
 }
 
 pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
-    let name = cluster_name(a)?;
-    let Some(state) = ClusterState::read(&ctx.state_dir, &name) else {
-        return Err(bad_input(format!("the cluster {name} is not up")));
+    let t = target(ctx, a)?;
+    let Some(state) = t.record(ctx)? else {
+        return Err(t.not_up(ctx));
     };
     let now = drydock_gc::epoch_secs().max(0) as u64;
     let rows: Vec<PsRow> = state
@@ -296,7 +380,8 @@ pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
 /// A machine of an up cluster: its VM name and folder; bad input if the cluster is not up or
 /// has no such machine.
 fn up_machine(ctx: &Context, a: &ClusterArgs, machine: &str) -> anyhow::Result<(String, VmPaths)> {
-    let m = drydock_cluster::up_machine(&ctx.state_dir, &cluster_name(a)?, machine)?;
+    let t = target(ctx, a)?;
+    let m = drydock_cluster::up_machine(&ctx.state_dir, &t.name, t.checked_file()?, machine)?;
     let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm);
     Ok((m.vm, paths))
 }
@@ -604,21 +689,44 @@ pub fn cp(ctx: &Context, a: &CpArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// `logs`: the machines' timed console logs, merged in time order.
+/// `logs`: the machines' timed console logs, merged in time order. A cluster that is not up
+/// but was: its last run's logs, said so; one never up here: the not-up error.
 pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
-    let name = cluster_name(&a.cluster)?;
+    let t = target(ctx, &a.cluster())?;
+    let name = t.name.clone();
+    let record = t.record(ctx)?;
+    let up_now = record.as_ref().is_some_and(ClusterState::owner_alive);
     let path = drydock_cluster::up_plan_file(&ctx.state_dir, &name);
-    let bytes = drydock_gc::read_regular(
+    let Ok(bytes) = drydock_gc::read_regular(
         &path,
         drydock_gc::Links::Refuse,
         drydock_gc::MAX_STATE_BYTES,
-    )
-    .map_err(|_| bad_input(format!("the cluster {name} was never up here")))?;
+    ) else {
+        return Err(t.not_up(ctx));
+    };
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
+    if let (Some(f), false) = (t.checked_file()?, up_now)
+        && let Some(last) = &plan.file
+        && std::fs::canonicalize(f).ok() != std::fs::canonicalize(last).ok()
+    {
+        // Its last run came from another composition: not this file's cluster.
+        return Err(t.not_up(ctx));
+    }
     for m in a.machines.iter().chain(&a.hide) {
         if plan.machine(m).is_none() {
-            return Err(bad_input(format!("the cluster {name} has no machine {m}")));
+            return Err(drydock_cluster::ClusterError::NoMachine {
+                cluster: name.clone(),
+                machine: m.clone(),
+                has: plan.machines.iter().map(|m| m.machine.clone()).collect(),
+            }
+            .into());
         }
+    }
+    if !up_now {
+        eprintln!(
+            "drydock: the cluster {name} is not up; these are the logs of its last run{}",
+            if a.follow { " (nothing to follow)" } else { "" }
+        );
     }
     let chosen: Vec<_> = plan
         .machines
@@ -627,6 +735,7 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
         .filter(|m| !a.hide.contains(&m.machine))
         .collect();
     let width = chosen.iter().map(|m| m.machine.len()).max().unwrap_or(0);
+    let paint = crate::paint::Paint::for_stdout();
     crate::cancel::install();
     let mut printed: BTreeMap<String, usize> = BTreeMap::new();
     let mut out = crate::out::stdout();
@@ -638,13 +747,27 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
                     drydock_cluster::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
                 let lines =
                     drydock_cluster::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
-                let skip = printed.get(&m.machine).copied().unwrap_or(0);
+                let skip = match (printed.get(&m.machine), a.tail) {
+                    (Some(n), _) => *n,
+                    (None, Some(tail)) => lines.len().saturating_sub(tail),
+                    (None, None) => 0,
+                };
                 printed.insert(m.machine.clone(), lines.len());
                 (m.machine.clone(), lines.into_iter().skip(skip).collect())
             })
             .collect();
-        for (_, m, line) in drydock_cluster::merge_timed(logs) {
-            writeln!(out, "{m:width$} │ {line}")?;
+        for (ms, m, line) in drydock_cluster::merge_timed(logs) {
+            let stamp = if a.timestamps {
+                format!("{} ", utc_millis(ms))
+            } else {
+                String::new()
+            };
+            writeln!(
+                out,
+                "{stamp}{} │ {}",
+                paint.machine(&m, width),
+                crate::paint::printable(&line)
+            )?;
         }
         out.flush()?;
         let up = ClusterState::read_up(&ctx.state_dir, &name).is_some();
@@ -654,6 +777,94 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(Outcome::Success)
+}
+
+/// Milliseconds since the epoch as UTC, `2026-12-03T17:40:12.345Z`.
+fn utc_millis(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// `ls`: the clusters that are up.
+pub fn ls(ctx: &Context) -> anyhow::Result<Outcome> {
+    #[derive(serde::Serialize)]
+    struct Row {
+        name: String,
+        file: Option<PathBuf>,
+        machines: usize,
+        since: Option<i64>,
+        owner_pid: u32,
+    }
+    #[derive(serde::Serialize)]
+    struct Report {
+        clusters: Vec<Row>,
+    }
+    let rows: Vec<Row> = drydock_cluster::list_up(&ctx.state_dir)
+        .into_iter()
+        .map(|s| Row {
+            file: s.plan.file.clone(),
+            machines: s.plan.machines.len(),
+            since: s.since,
+            owner_pid: s.owner_pid,
+            name: s.name,
+        })
+        .collect();
+    let mut out = crate::out::stdout();
+    if ctx.json {
+        crate::out::json(&mut out, &Report { clusters: rows })?;
+        return Ok(Outcome::Success);
+    }
+    if rows.is_empty() {
+        eprintln!("drydock: no cluster is up");
+        return Ok(Outcome::Success);
+    }
+    let now = drydock_gc::epoch_secs();
+    writeln!(out, "{:<30} {:>8} {:>9}  FILE", "NAME", "MACHINES", "UP")?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<30} {:>8} {:>9}  {}",
+            r.name,
+            r.machines,
+            r.since
+                .map(|t| age(now.saturating_sub(t).max(0) as u64))
+                .unwrap_or_else(|| "-".into()),
+            r.file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "-".into())
+        )?;
+    }
+    out.flush()?;
+    Ok(Outcome::Success)
+}
+
+/// A duration as `45s`, `12m`, `3h`, `2d`.
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
 }
 
 #[cfg(test)]
@@ -673,5 +884,20 @@ mod tests {
         ] {
             assert_eq!(remote_path(arg), want, "{arg}");
         }
+    }
+
+    #[test]
+    fn times_print_as_utc() {
+        for (ms, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_123, "2000-02-29T00:00:00.123Z"),
+            (1_796_318_412_345, "2026-12-03T17:20:12.345Z"),
+        ] {
+            assert_eq!(utc_millis(ms), want);
+        }
+        assert_eq!(
+            [age(5), age(125), age(7300), age(200_000)],
+            ["5s", "2m", "2h", "2d"]
+        );
     }
 }

@@ -170,9 +170,15 @@ impl Echo {
     fn lines(&mut self) {
         let mut out = std::io::stdout().lock();
         let w = self.width;
+        let paint = crate::paint::Paint::for_stdout();
         for (m, t) in self.tails.iter_mut() {
             for line in t.lines() {
-                let _ = writeln!(out, "{m:w$} │ {line}");
+                let _ = writeln!(
+                    out,
+                    "{} │ {}",
+                    paint.machine(m, w),
+                    crate::paint::printable(&line)
+                );
             }
         }
     }
@@ -222,8 +228,19 @@ impl UpPrinter {
             }
             UpEvent::Console { machine, line } => {
                 let w = self.width;
+                let paint = match self.json {
+                    true => crate::paint::Paint::new(crate::paint::colour_on(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                    )),
+                    false => crate::paint::Paint::for_stdout(),
+                };
                 let mut out = self.out();
-                let _ = writeln!(out, "{machine:w$} │ {line}");
+                let _ = writeln!(
+                    out,
+                    "{} │ {}",
+                    paint.machine(machine, w),
+                    crate::paint::printable(line)
+                );
                 let _ = out.flush();
             }
             UpEvent::Changed(paths) => {
@@ -296,7 +313,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
         printer.outcomes(&report);
         return emit(ctx, &report);
     }
-    let mut watching = Watching::new(&a.cluster.file)?;
+    let mut watching = Watching::new(&req.file)?;
     eprintln!(
         "drydock: watching {} for changes; Ctrl-C stops watching (the cluster stays up)",
         watching.dir.display()

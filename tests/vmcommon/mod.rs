@@ -285,12 +285,12 @@ impl Cluster {
         Drydock::on(&self.store, &self.state).env_remove("NIX_CONFIG")
     }
 
-    /// `drydock VERB -f FILE`.
+    /// `drydock VERB --file FILE` (`--file`: `logs -f` is `--follow`).
     pub fn verb(&self, verb: &str) -> Drydock {
         if verb == "up" {
             self.maybe_up.store(true, Ordering::SeqCst);
         }
-        self.drydock().arg(verb).arg("-f").arg(&self.file)
+        self.drydock().arg(verb).arg("--file").arg(&self.file)
     }
 
     /// Replace the composition with the test system's `machines`.

@@ -1,0 +1,92 @@
+//! What reaches a terminal from a guest: machine prefixes coloured per machine on a terminal
+//! (`NO_COLOR` honoured), and console lines with their control characters shown escaped (a
+//! guest's escape sequences never act on the user's terminal). Pure but for [`Paint::for_stdout`].
+
+use std::io::IsTerminal;
+
+/// Whether colour is wanted: a terminal, and `NO_COLOR` unset or empty.
+pub fn colour_on(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// How machine prefixes are printed.
+#[derive(Debug, Clone, Copy)]
+pub struct Paint {
+    colour: bool,
+}
+
+/// Six distinct foreground colours (green, yellow, blue, magenta, cyan, red).
+const COLOURS: [u8; 6] = [32, 33, 34, 35, 36, 31];
+
+impl Paint {
+    pub fn new(colour: bool) -> Self {
+        Self { colour }
+    }
+
+    /// Colour when stdout is a terminal and `NO_COLOR` is not set.
+    pub fn for_stdout() -> Self {
+        Self::new(colour_on(std::io::stdout().is_terminal()))
+    }
+
+    /// `machine` padded to `width`, in its own colour when colour is on.
+    pub fn machine(&self, machine: &str, width: usize) -> String {
+        let padded = format!("{machine:width$}");
+        if !self.colour {
+            return padded;
+        }
+        let h = machine
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        format!(
+            "\x1b[{}m{padded}\x1b[0m",
+            COLOURS[h as usize % COLOURS.len()]
+        )
+    }
+}
+
+/// `line` with every control character but a tab written as `\xNN` (a guest's ANSI escapes
+/// included), so it prints as text.
+pub fn printable(line: &str) -> String {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return line.to_string();
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if c.is_control() && c != '\t' {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_coloured_only_when_asked() {
+        assert_eq!(Paint::new(false).machine("db", 5), "db   ");
+        let c = Paint::new(true).machine("db", 5);
+        assert!(
+            c.starts_with("\x1b[3") && c.ends_with("db   \x1b[0m"),
+            "{c:?}"
+        );
+        assert_eq!(Paint::new(true).machine("db", 5), c, "stable per machine");
+    }
+
+    #[test]
+    fn control_characters_print_escaped() {
+        for (line, want) in [
+            ("plain\ttext", "plain\ttext"),
+            ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+            ("bell\x07 and cr\r", "bell\\x07 and cr"),
+            ("a\rb", "a\\x0db"),
+            ("ünïcode", "ünïcode"),
+        ] {
+            assert_eq!(printable(line), want, "{line:?}");
+        }
+    }
+}
