@@ -287,6 +287,9 @@ pub struct ClusterSuperviseArgs {
     pub qemu: Option<PathBuf>,
     #[arg(long, value_parser = parse_secs)]
     pub timeout: std::time::Duration,
+    /// The run the machines join (recorded by the `up` that starts this owner).
+    #[arg(long)]
+    pub run: Option<i64>,
 }
 
 #[derive(Debug, Args)]

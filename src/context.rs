@@ -144,3 +144,95 @@ fn is_root() -> bool {
 }
 
 pub use drydock_vm::current_uid;
+
+impl Context {
+    /// For `runs`, `du` and `gc` without `--store` (nor `NIX_STORE_DIR`): when the system store
+    /// holds none of the runs recorded in the state directory and another store does, use the
+    /// store of the most recent run, and say so on stderr.
+    pub fn store_of_runs(self) -> Self {
+        if self.store_root.is_some() || env_path("NIX_STORE_DIR").is_some() {
+            return self;
+        }
+        if !self.state_dir.join("runs.sqlite").is_file() {
+            return self;
+        }
+        let Ok(runs) = drydock_gc::RunsDb::open(&self.state_dir).and_then(|db| db.runs()) else {
+            return self;
+        };
+        let recorded: Vec<(Option<String>, i64)> =
+            runs.into_iter().map(|r| (r.store, r.started_at)).collect();
+        let here = self.layout().id();
+        let Some(root) = chosen_store(&recorded, &here, |d| std::path::Path::new(d).is_dir())
+        else {
+            return self;
+        };
+        eprintln!(
+            "drydock: using --store {} (the system store has none of the runs recorded here; give --store to choose)",
+            root.display()
+        );
+        Self {
+            store_dir: root.join("nix/store"),
+            nix_state_dir: root.join("nix/var/nix"),
+            store_root: Some(root),
+            ..self
+        }
+    }
+}
+
+/// Of runs recorded as (store, started), none in the store `here`: the chroot store root of
+/// the most recent run in a store that still exists.
+fn chosen_store(
+    runs: &[(Option<String>, i64)],
+    here: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Option<PathBuf> {
+    if runs.iter().any(|(s, _)| s.as_deref() == Some(here)) {
+        return None;
+    }
+    runs.iter()
+        .filter_map(|(s, t)| Some((s.as_deref()?, *t)))
+        .filter(|(s, _)| exists(s))
+        .filter_map(|(s, t)| {
+            let root = s.strip_suffix("/nix/store").filter(|r| !r.is_empty())?;
+            Some((t, root))
+        })
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, root)| PathBuf::from(root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_elsewhere_choose_the_store_when_the_system_store_has_none() {
+        let sys = "/nix/store";
+        let r = |s: Option<&str>, t: i64| (s.map(str::to_string), t);
+        let exists = |s: &str| s != "/gone/nix/store";
+        for (runs, want) in [
+            (vec![], None),
+            (vec![r(Some(sys), 1), r(Some("/a/nix/store"), 2)], None),
+            (vec![r(Some("/a/nix/store"), 2)], Some("/a")),
+            (
+                vec![
+                    r(Some("/a/nix/store"), 2),
+                    r(Some("/b/nix/store"), 5),
+                    r(None, 9),
+                ],
+                Some("/b"),
+            ),
+            (
+                vec![r(Some("/gone/nix/store"), 9), r(Some("/a/nix/store"), 1)],
+                Some("/a"),
+            ),
+            (vec![r(Some("/gone/nix/store"), 9)], None),
+            (vec![r(Some("/opt/store"), 3)], None),
+        ] {
+            assert_eq!(
+                chosen_store(&runs, sys, exists),
+                want.map(PathBuf::from),
+                "{runs:?}"
+            );
+        }
+    }
+}

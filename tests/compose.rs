@@ -387,3 +387,100 @@ fn one_answer_for_a_cluster_that_is_not_up() {
         );
     });
 }
+
+#[test]
+fn runs_stay_readable_across_no_op_reloads() {
+    let c = Cluster::named("tally")
+        .machines(
+            "a = { system = sys { }; memorySize = 256; };
+             b = { system = sys { }; memorySize = 256; };",
+        )
+        .up();
+    let runs = |c: &Cluster| -> Vec<serde_json::Value> {
+        let o = c.drydock().json().arg("runs").run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        o.stdout_json()["runs"].as_array().unwrap().clone()
+    };
+    let after_up = runs(&c);
+    let mut checks = Checks::new();
+    checks.check("the machines are one run, named for the cluster", || {
+        let vms: Vec<&serde_json::Value> = after_up.iter().filter(|r| r["kind"] == "vm").collect();
+        assert_eq!(vms.len(), 1, "{after_up:#?}");
+        assert_eq!(vms[0]["name"], "machines of tally");
+        let id = vms[0]["id"].as_i64().unwrap().to_string();
+        let o = c.drydock().json().args(["runs", "show", &id]).run();
+        let folders: Vec<String> = o.stdout_json()["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["path"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            folders.iter().any(|f| f.ends_with("vms/tally.a"))
+                && folders.iter().any(|f| f.ends_with("vms/tally.b")),
+            "{folders:?}"
+        );
+        for b in after_up.iter().filter(|r| r["kind"] == "build") {
+            assert_eq!(b["name"], "up tally", "{b}");
+            let cmd: Vec<&str> = b["command"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w.as_str().unwrap())
+                .collect();
+            assert!(
+                cmd.contains(&"up") && !cmd.iter().any(|w| w.contains("nix-build")),
+                "{cmd:?}"
+            );
+        }
+    });
+    checks.check("two no-op reloads record no run", || {
+        for _ in 0..2 {
+            let o = c.verb("up").run();
+            assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+            assert!(
+                o.stderr_str().contains("nothing new: no run recorded"),
+                "{}",
+                o.stderr_str()
+            );
+        }
+        let now = runs(&c);
+        assert_eq!(now.len(), after_up.len(), "{now:#?}");
+    });
+    checks.check("runs without --store use the store of the runs", || {
+        let o = crate::common::Drydock::new()
+            .state(c.state())
+            .env_remove("NIX_STORE_DIR")
+            .json()
+            .arg("runs")
+            .run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        assert!(
+            o.stderr_str()
+                .contains(&format!("using --store {}", c.store().display())),
+            "{}",
+            o.stderr_str()
+        );
+        assert_eq!(
+            o.stdout_json()["runs"].as_array().unwrap().len(),
+            after_up.len()
+        );
+    });
+    checks.check("du's total holds every run", || {
+        let o = c.drydock().json().arg("du").run();
+        assert_eq!(o.code(), Some(0), "{}", o.stderr_str());
+        let v = o.stdout_json();
+        let total = v["total"].as_u64().unwrap();
+        for r in v["by_run"].as_array().unwrap() {
+            assert!(r[2].as_u64().unwrap() <= total, "{v}");
+        }
+    });
+    drop(checks);
+    c.down();
+    let ended = runs(&c);
+    let vm = ended.iter().find(|r| r["kind"] == "vm").unwrap();
+    assert!(
+        !vm["ended_at"].is_null(),
+        "down ends the machines' run: {vm}"
+    );
+}

@@ -291,7 +291,7 @@ fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == "killed")
+        .find(|r| r["name"] == "vm killed")
         .unwrap_or_else(|| panic!("no run of the killed VM: {doc}"))
         .clone();
     assert!(

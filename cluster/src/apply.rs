@@ -114,6 +114,7 @@ fn switch(
     vm: &str,
     old: &LaunchRecord,
     new: &LaunchRecord,
+    others: &[String],
 ) -> Switched {
     let failed = |error: String, output: String| Switched {
         output,
@@ -173,7 +174,7 @@ fn switch(
             output,
         );
     }
-    if let Err(e) = move_pin(state_dir, fallback, old, top) {
+    if let Err(e) = move_pin(state_dir, fallback, old, top, others) {
         return failed(format!("switched, but the GC pin: {e}"), output);
     }
     Switched {
@@ -182,12 +183,14 @@ fn switch(
     }
 }
 
-/// Pin `new_top` for the machine's run and unpin its old system.
+/// Pin `new_top` for the machine's run and unpin its old system, unless (in the cluster's
+/// shared run) one of the `others` VMs still runs it.
 fn move_pin(
     state_dir: &Path,
     fallback: &drydock_gc::StoreLayout,
     old: &LaunchRecord,
     new_top: &str,
+    others: &[String],
 ) -> Result<(), String> {
     let Some(id) = old.run_id else {
         return Ok(());
@@ -199,7 +202,21 @@ fn move_pin(
         .map_err(|e| drydock_vm::error_chain(&e))?;
     db.pin(&layout, id, &sp)
         .map_err(|e| drydock_vm::error_chain(&e))?;
-    if let Some(old_top) = old.toplevel.as_deref().filter(|t| *t != new_top) {
+    let still_used = |top: &str| {
+        old.shared_run
+            && others.iter().any(|vm| {
+                LaunchRecord::read(&VmPaths::in_state_dir(state_dir, vm))
+                    .ok()
+                    .and_then(|r| r.toplevel)
+                    .as_deref()
+                    == Some(top)
+            })
+    };
+    if let Some(old_top) = old
+        .toplevel
+        .as_deref()
+        .filter(|t| *t != new_top && !still_used(t))
+    {
         db.unpin(id, old_top)
             .map_err(|e| drydock_vm::error_chain(&e))?;
     }
@@ -391,6 +408,7 @@ impl RunningCluster {
                 Some((name.clone(), vm, old, new))
             })
             .collect();
+        let all_vms: Vec<String> = running.machines.iter().map(|m| m.vm_name.clone()).collect();
         let deadline = self.opts.ready_timeout + Duration::from_secs(60);
         let mut waiting: BTreeSet<String> = booting.iter().cloned().collect();
         let mut boot_results: Vec<(String, Outcome, Duration, Option<String>)> = Vec::new();
@@ -399,9 +417,11 @@ impl RunningCluster {
                 .iter()
                 .map(|(name, vm, old, new)| {
                     let (state_dir, layout) = (&state_dir, &layout);
+                    let others: Vec<String> =
+                        all_vms.iter().filter(|v| *v != vm).cloned().collect();
                     let h = s.spawn(move || {
                         let t = Instant::now();
-                        let r = switch(state_dir, layout, vm, old, new);
+                        let r = switch(state_dir, layout, vm, old, new, &others);
                         (t.elapsed(), r)
                     });
                     (name.clone(), h)

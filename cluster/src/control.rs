@@ -74,9 +74,22 @@ pub fn start_detached(
     if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
     }
+    // The machines' run is recorded here, with the command line the user typed; the owner
+    // joins it.
+    let run = crate::run::begin_machines_run(l, name);
+    if let Some(id) = run {
+        cmd.arg("--run").arg(id.to_string());
+    }
+    let end_run = || {
+        if let Some(id) = run {
+            crate::run::end_machines_run(state_dir, id);
+        }
+    };
     let started = Instant::now();
-    let pid =
-        drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
+    let pid = drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(|e| {
+        end_run();
+        ClusterError::Spawn(e)
+    })?;
     let deadline = l.ready_timeout + OWNER_SLACK;
     let every = Duration::from_millis(20);
     let ready = || ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid);
@@ -85,11 +98,15 @@ pub fn start_detached(
             owner_pid: pid,
             after_secs: started.elapsed().as_secs_f64(),
         }),
-        Awaited::Died => Err(ClusterError::DidNotStart {
-            log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
-        }),
+        Awaited::Died => {
+            end_run();
+            Err(ClusterError::DidNotStart {
+                log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
+            })
+        }
         Awaited::Late => {
             terminate(pid);
+            end_run();
             if cancel.load(Ordering::SeqCst) {
                 return Err(ClusterError::Interrupted);
             }
@@ -159,6 +176,9 @@ pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
             drydock_vm::reap_stale(state_dir, &paths, &vs, record.as_ref())
                 .map_err(|e| ClusterError::Reap(Box::new(e)))?;
         }
+    }
+    if let Some(id) = state.run_id {
+        crate::run::end_machines_run(state_dir, id);
     }
     let _ = std::fs::remove_file(cluster_paths(state_dir, name).dir.join("cluster.json"));
     Ok(Down {

@@ -207,7 +207,8 @@ pub fn build_command(
 }
 
 /// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run named
-/// `run_name` (kind build). The outputs stay rooted (links `result*` in `expr_dir`) until
+/// `run_name` (kind build) with the command line `recorded` (what the user typed), unless it
+/// built nothing new (then `TrackReport::run_id` is 0 and no run is left). The outputs stay rooted (links `result*` in `expr_dir`) until
 /// [`release_build_roots`]: a GC between the build and the machines' pins cannot take them. Machines whose system is a plain store path need no build; with none
 /// to build, nothing runs and `None` is returned.
 pub fn build(
@@ -215,7 +216,7 @@ pub fn build(
     runs: &RunsDb,
     c: &Composition,
     names: &[&str],
-    run_name: &str,
+    (run_name, recorded): (&str, &[String]),
     expr_dir: &Path,
     cancel: &AtomicBool,
 ) -> Result<Option<TrackReport>, EvalError> {
@@ -243,15 +244,15 @@ pub fn build(
     })?;
     let cmd = build_command(layout, &c.file, &expr_file, &to_build);
     // Nix's output paths go to stderr: `up`'s stdout is the consoles, or its JSON report.
-    let report = drydock_gc::track_to(
-        layout,
-        runs,
-        Some(run_name),
-        &cmd,
-        cancel,
-        drydock_gc::Echo::Stderr,
-    )
-    .map_err(|e| EvalError::Track(Box::new(e)))?;
+    // Recorded as the command the user typed, and only if it built something new.
+    let how = drydock_gc::TrackAs {
+        name: Some(run_name),
+        echo: drydock_gc::Echo::Stderr,
+        recorded: (!recorded.is_empty()).then_some(recorded),
+        forget_if_empty: true,
+    };
+    let report = drydock_gc::track_as(layout, runs, &cmd, cancel, &how)
+        .map_err(|e| EvalError::Track(Box::new(e)))?;
     if report.exit_code != 0 {
         return Err(EvalError::BuildFailed(report.exit_code));
     }

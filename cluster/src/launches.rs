@@ -125,6 +125,7 @@ mod tests {
             qemu: Some(PathBuf::from(qemu)),
             ready_timeout: Duration::from_secs(10),
             argv: Vec::new(),
+            run: None,
         }
     }
 

@@ -347,6 +347,7 @@ mod tests {
             toplevel: Some(top),
             accel_reason: String::new(),
             run_id: Some(1),
+            shared_run: false,
             closure_key: None,
             store: None,
         }

@@ -28,7 +28,7 @@ use crate::logs::timed_log;
 use crate::logs::{Stamp, Tails, stamp_consoles};
 use crate::state::{
     ClusterError, ClusterLaunch, ClusterState, MachineError, cluster_paths, exec_socket,
-    hub_socket, nic_socket,
+    hub_socket, machines_run_name, nic_socket,
 };
 use drydock_vm::LaunchPlan;
 use drydock_vm::VmPaths;
@@ -87,6 +87,11 @@ pub fn up(
     on_event: &mut dyn FnMut(Option<&MachineEvent>),
 ) -> Result<RunningCluster, ClusterError> {
     let launches = plan_launches(plan, opts)?;
+    let mut opts = opts.clone();
+    if opts.run.is_none() {
+        opts.run = begin_machines_run(&opts, &plan.name);
+    }
+    let opts = &opts;
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
     for d in [&cpaths.dir, &cpaths.sockets] {
         std::fs::create_dir_all(d).map_err(|source| ClusterError::Files {
@@ -184,6 +189,38 @@ pub fn up(
     Ok(running)
 }
 
+/// Record the run the machines of cluster `name` share (a VM run named
+/// [`machines_run_name`], with the command line that started the cluster); `None`, said in the
+/// log, if it cannot be (each machine then records its own).
+pub(crate) fn begin_machines_run(opts: &ClusterLaunch, name: &str) -> Option<i64> {
+    let run = drydock_gc::RunsDb::open(&opts.state_dir).and_then(|db| {
+        db.begin_run(
+            &opts.layout,
+            &machines_run_name(name),
+            &opts.argv,
+            drydock_gc::RunKind::Vm,
+        )
+    });
+    match run {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                "the machines of {name} are not recorded as one run: {}",
+                drydock_vm::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// End the machines' run `id` (the cluster stopped), unless it has ended.
+pub(crate) fn end_machines_run(state_dir: &Path, id: i64) {
+    if let Err(e) = drydock_gc::RunsDb::open(state_dir).and_then(|db| db.finish_open_run(id, None))
+    {
+        tracing::warn!("ending run {id}: {}", drydock_vm::error_chain(&e));
+    }
+}
+
 /// The NIC sockets of the machines of `plan` on `vlan`: the ports of its hub.
 pub(crate) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<PathBuf> {
     plan.on_vlan(vlan)
@@ -236,6 +273,7 @@ impl RunningCluster {
             owner_start_ticks: drydock_vm::process_start_ticks(pid),
             ready,
             since: None,
+            run_id: self.opts.run,
             plan: self.plan.clone(),
         }
         .write(&self.state_dir)?;
@@ -280,6 +318,9 @@ impl RunningCluster {
         }
         for h in &mut self.hubs {
             h.stop();
+        }
+        if let Some(id) = self.opts.run {
+            end_machines_run(&self.state_dir, id);
         }
         let dir = cluster_paths(&self.state_dir, &self.plan.name).dir;
         let _ = std::fs::remove_file(dir.join("cluster.json"));

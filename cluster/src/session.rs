@@ -95,6 +95,8 @@ pub struct UpRequest {
     pub dry_run: bool,
     /// How long a booting machine may take to become ready.
     pub ready_timeout: Duration,
+    /// The command line that asked (recorded with the build's run).
+    pub argv: Vec<String>,
 }
 
 /// The one tracked build of a `prepare`.
@@ -102,7 +104,8 @@ pub struct UpRequest {
 pub struct Built {
     pub systems: usize,
     pub secs: f64,
-    pub run_id: i64,
+    /// The build's run; `None` when it built nothing new (then no run is recorded).
+    pub run_id: Option<i64>,
     pub paths_recorded: usize,
 }
 
@@ -272,7 +275,14 @@ pub fn prepare(
         &runs,
         &composition,
         &names,
-        &format!("cluster {}", req.name),
+        (
+            &format!(
+                "{} {}",
+                if running.is_some() { "reload" } else { "up" },
+                req.name
+            ),
+            &req.argv,
+        ),
         &cdir,
         cancel,
     )?;
@@ -280,7 +290,7 @@ pub fn prepare(
     let built = report.map(|r| Built {
         systems: names.len(),
         secs: build_took.as_secs_f64(),
-        run_id: r.run_id,
+        run_id: (r.run_id != 0).then_some(r.run_id),
         paths_recorded: r.claimed.len(),
     });
     if let Some(b) = &built {

@@ -222,8 +222,16 @@ pub struct ClusterLaunch {
     pub qemu: Option<PathBuf>,
     /// How long a machine may take from start to its backdoor's ready line.
     pub ready_timeout: Duration,
-    /// The command line recorded with each machine's run.
+    /// The command line recorded with the machines' run.
     pub argv: Vec<String>,
+    /// The run the machines share (see [`machines_run_name`]); `None` until the cluster's
+    /// owner records it (or when it could not).
+    pub run: Option<i64>,
+}
+
+/// The name of the run a cluster's machines share.
+pub fn machines_run_name(cluster: &str) -> String {
+    format!("machines of {cluster}")
 }
 
 impl ClusterLaunch {
@@ -235,6 +243,7 @@ impl ClusterLaunch {
             store_root: None,
             exe: self.exe.clone(),
             argv: self.argv.clone(),
+            shared_run: self.run,
         }
     }
 }
@@ -250,6 +259,9 @@ pub struct ClusterState {
     /// When its owner recorded it first (seconds since the epoch).
     #[serde(default)]
     pub since: Option<i64>,
+    /// The run its machines share (ended when the cluster stops, or by `down`).
+    #[serde(default)]
+    pub run_id: Option<i64>,
     pub plan: ClusterPlan,
 }
 

@@ -615,6 +615,11 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
             for p in r.run_paths(run.id)? {
                 if let Ok(sp) = layout.parse(&p.path) {
                     s.add_tree(&layout.physical(&sp))?;
+                    // The total holds every run's paths: those of no test class too (the
+                    // classes' paths are in it already).
+                    if !classify(&sp).is_test_artifact() {
+                        total.add_tree(&layout.physical(&sp))?;
+                    }
                 }
             }
             // A VM run's own files (its folder: console log, overlay, snapshots) count too.
@@ -622,6 +627,7 @@ pub fn du(layout: &StoreLayout, runs: Option<&RunsDb>) -> Result<DuReport, GcErr
                 let p = std::path::Path::new(&a.path);
                 if a.removed_at.is_none() && p.exists() {
                     s.add_tree(p)?;
+                    total.add_tree(p)?;
                 }
             }
             rep.by_run.push((run.id, run.name.clone(), s.bytes()));

@@ -594,6 +594,22 @@ impl RunsDb {
         Ok(n == 1)
     }
 
+    /// Remove the run `id` if it holds nothing: no paths, artifacts or pins (a build that
+    /// built nothing new). Returns whether it was removed.
+    pub fn forget_empty_run(&self, id: i64) -> Result<bool, RunsDbError> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM runs WHERE id = ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM run_paths WHERE run_id = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM artifacts WHERE run_id = ?1) \
+                 AND NOT EXISTS (SELECT 1 FROM pins WHERE run_id = ?1)",
+                params![id],
+            )
+            .map_err(self.e())?;
+        Ok(n == 1)
+    }
+
     /// Mark a finished run as running again (a VM restarted or restored from its recorded
     /// launch), so that GC leaves it and its artifacts alone until it finishes again.
     pub fn reopen_run(&self, id: i64) -> Result<(), RunsDbError> {
@@ -698,7 +714,10 @@ impl RunsDb {
         &self,
         store: &StoreLayout,
     ) -> Result<(Vec<Run>, Vec<OtherStoreRuns>), RunsDbError> {
-        Ok(partition_by_store(self.runs()?, &store.id()))
+        let (own, mut others) = partition_by_store(self.runs()?, &store.id());
+        // A store that is gone (a deleted temporary store) has nothing to show or collect.
+        others.retain(|o| Path::new(&o.store).is_dir());
+        Ok((own, others))
     }
 
     /// The runs of `store` (and those recorded before stores were), oldest first.

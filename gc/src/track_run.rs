@@ -49,6 +49,44 @@ pub fn track_to(
     cancel: &AtomicBool,
     echo: Echo,
 ) -> Result<TrackReport, GcError> {
+    track_as(
+        layout,
+        runs,
+        cmd,
+        cancel,
+        &TrackAs {
+            name,
+            echo,
+            recorded: None,
+            forget_if_empty: false,
+        },
+    )
+}
+
+/// How [`track_as`] runs and records a command.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackAs<'a> {
+    /// The run's name (default: derived from the command).
+    pub name: Option<&'a str>,
+    /// Where the command's stdout goes.
+    pub echo: Echo,
+    /// The command line recorded with the run, when it is not `cmd` (what the user typed that
+    /// made drydock run it).
+    pub recorded: Option<&'a [String]>,
+    /// A command that exits 0 and claims nothing leaves no run ([`TrackReport::run_id`] is
+    /// then 0): a build that built nothing new is no run.
+    pub forget_if_empty: bool,
+}
+
+/// [`track_to`], as `how` says.
+pub fn track_as(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    cmd: &[String],
+    cancel: &AtomicBool,
+    how: &TrackAs<'_>,
+) -> Result<TrackReport, GcError> {
+    let (name, echo) = (how.name, how.echo);
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
     }
@@ -63,7 +101,7 @@ pub fn track_to(
     // Started before the run is recorded: a command that cannot start records nothing.
     let sd = &layout.logical_store_dir;
     let child = Passthrough::spawn(cmd, echo, sd)?;
-    let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
+    let run_id = match runs.begin_run(layout, &name, how.recorded.unwrap_or(cmd), RunKind::Build) {
         Ok(id) => id,
         Err(e) => {
             // Without a run the command's paths could not be recorded: do not leave it running.
@@ -124,6 +162,10 @@ pub fn track_to(
         .collect();
     runs.add_paths(run_id, &rows)?;
     runs.finish_run(run_id, Some(exit_code))?;
+    let run_id = match how.forget_if_empty && exit_code == 0 && rows.is_empty() {
+        true if runs.forget_empty_run(run_id)? => 0,
+        _ => run_id,
+    };
     tracing::info!(
         "run {run_id}: claimed {} of {} new paths",
         rows.len(),

@@ -118,6 +118,7 @@ fn launch_opts(
         qemu: qemu.map(Path::to_path_buf),
         ready_timeout: timeout,
         argv: std::env::args().collect(),
+        run: None,
     })
 }
 
@@ -131,6 +132,7 @@ fn up_request(a: &UpArgs, t: &Target) -> UpRequest {
         restart: a.restart,
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
+        argv: std::env::args().collect(),
     }
 }
 
@@ -260,7 +262,8 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     )
     .with_context(|| format!("reading {}", path.display()))?;
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
-    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
+    let mut opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
+    opts.run = a.run;
     let mut cluster = drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
         if let Some(ev) = ev {
             report_event(ev);

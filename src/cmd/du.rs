@@ -25,6 +25,7 @@ struct StoreImages {
 }
 
 pub fn run(ctx: &Context, _args: &DuArgs) -> anyhow::Result<Outcome> {
+    let ctx = &ctx.clone().store_of_runs();
     let layout = ctx.layout();
     drydock_gc::NixDb::open(&layout).map_err(drydock_gc::GcError::from)?;
     let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;

@@ -17,6 +17,7 @@ pub fn size(n: u64) -> String {
 }
 
 pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
+    let ctx = &ctx.clone().store_of_runs();
     let layout = ctx.layout();
     let older_than = args
         .older_than

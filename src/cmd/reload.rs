@@ -213,10 +213,19 @@ impl UpPrinter {
         match ev {
             UpEvent::Tick => {}
             UpEvent::Machine(ev) => report_event(ev),
-            UpEvent::Built(b) => eprintln!(
-                "drydock: built {} systems in {:.1} s (run {}, {} paths recorded)",
-                b.systems, b.secs, b.run_id, b.paths_recorded
-            ),
+            UpEvent::Built(b) => match b.run_id {
+                Some(id) => eprintln!(
+                    "drydock: built {} in {:.1} s (run {id}, {} recorded)",
+                    plural(b.systems, "system"),
+                    b.secs,
+                    plural(b.paths_recorded, "path")
+                ),
+                None => eprintln!(
+                    "drydock: built {} in {:.1} s (nothing new: no run recorded)",
+                    plural(b.systems, "system"),
+                    b.secs
+                ),
+            },
             UpEvent::Planned { cluster, machines } => {
                 self.width = width(machines);
                 let mut out = self.out();
@@ -334,5 +343,14 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
             Ok(Outcome::Success)
         }
         WatchEnd::Interrupted => Ok(Outcome::Interrupted),
+    }
+}
+
+/// `1 machine`, `2 machines`.
+pub fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
     }
 }

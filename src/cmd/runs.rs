@@ -39,6 +39,22 @@ fn shell_words(cmd: &[String]) -> String {
         .join(" ")
 }
 
+/// The command column: the program by its file name, the line cut at 60 characters (`runs
+/// show` has it whole).
+fn short_command(cmd: &[String]) -> String {
+    let mut words = cmd.to_vec();
+    if let Some(first) = words.first_mut()
+        && let Some(name) = std::path::Path::new(first.as_str()).file_name()
+    {
+        *first = name.to_string_lossy().into_owned();
+    }
+    let line = shell_words(&words);
+    match line.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
 /// "3 runs of other stores not shown: /a/nix/store (2, --store /a), ..."
 fn other_stores_line(others: &[OtherStoreRuns]) -> String {
     let n: usize = others.iter().map(|o| o.runs).sum();
@@ -74,6 +90,7 @@ struct RunShow<'a> {
 }
 
 pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
+    let ctx = &ctx.clone().store_of_runs();
     let layout = ctx.layout();
     super::vm::reap_dead(ctx);
     let loaded = Loaded::load(&layout)?;
@@ -110,7 +127,7 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
                         s.live_paths,
                         size(s.size),
                         size(s.reclaimable),
-                        shell_words(&s.run.command)
+                        short_command(&s.run.command)
                     )?;
                 }
                 if !others.is_empty() {
@@ -166,4 +183,21 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     }
     out.flush()?;
     Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_column_is_short() {
+        let w = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            short_command(&w(&["/usr/local/bin/drydock", "up", "-d"])),
+            "drydock up -d"
+        );
+        let long = short_command(&w(&["nix-build", &"x".repeat(100)]));
+        assert_eq!(long.chars().count(), 61);
+        assert!(long.ends_with('…'));
+    }
 }

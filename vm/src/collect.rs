@@ -175,6 +175,7 @@ mod tests {
                 toplevel: None,
                 accel_reason: String::new(),
                 run_id: None,
+                shared_run: false,
                 closure_key: None,
                 store: None,
             }

@@ -183,6 +183,10 @@ pub struct LaunchRecord {
     /// The run this launch is recorded as in drydock's runs database.
     #[serde(default)]
     pub run_id: Option<i64>,
+    /// `run_id` is a cluster's run, shared by its machines: ending this VM does not end it
+    /// (the cluster's owner, or `down`, does).
+    #[serde(default)]
+    pub shared_run: bool,
     /// A key derived from the closure the guest sees (snapshots and store images check it).
     #[serde(default)]
     pub closure_key: Option<String>,

@@ -30,8 +30,8 @@ use crate::launch::{
     LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, discard_disk, stop_remote,
 };
 use crate::owner::{
-    OwnerError, SupervisorCommand, end_vm_run, reap_stale, record_vm_run, recorded_store,
-    reopen_vm_run, spawn_supervisor,
+    OwnerError, SupervisorCommand, end_vm_run, join_vm_run, reap_stale, record_vm_run,
+    recorded_store, reopen_vm_run, spawn_supervisor,
 };
 use crate::plan::{PlanError, VmPaths, validate_name};
 use crate::resolve::{LaunchRequest, ResolveError, resolve_launch};
@@ -53,6 +53,9 @@ pub struct Launcher {
     pub exe: PathBuf,
     /// The command line recorded with a new run.
     pub argv: Vec<String>,
+    /// A run to join instead of recording one per launch: a cluster's, which its machines
+    /// share (each adds its folder and pins its system; a machine's stop does not end it).
+    pub shared_run: Option<i64>,
 }
 
 /// What to launch.
@@ -360,9 +363,16 @@ impl Launcher {
             _ => {}
         }
         match steps.run {
-            RunStep::Begin => {
-                record.run_id = record_vm_run(&self.state_dir, &self.layout, &record, &self.argv);
-            }
+            RunStep::Begin => match self.shared_run {
+                Some(id) => {
+                    record.run_id = join_vm_run(&self.state_dir, &self.layout, &record, id);
+                    record.shared_run = record.run_id.is_some();
+                }
+                None => {
+                    record.run_id =
+                        record_vm_run(&self.state_dir, &self.layout, &record, &self.argv);
+                }
+            },
             RunStep::Reopen => {
                 reopen_vm_run(
                     &self.state_dir,
@@ -508,6 +518,7 @@ mod tests {
             store_root: None,
             exe: PathBuf::from("/bin/drydock"),
             argv: vec!["drydock".into()],
+            shared_run: None,
         };
         Fixture {
             dir,

@@ -181,7 +181,7 @@ pub fn record_vm_run(
         let db = RunsDb::open(state_dir).map_err(|e| db_err(0, record, e))?;
         let l = record.store.clone().unwrap_or_else(|| fallback.clone());
         let id = db
-            .begin_run(&l, &record.spec.name, argv, RunKind::Vm)
+            .begin_run(&l, &format!("vm {}", record.spec.name), argv, RunKind::Vm)
             .map_err(|e| db_err(0, record, e))?;
         db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)
             .map_err(|e| db_err(id, record, e))?;
@@ -193,6 +193,46 @@ pub fn record_vm_run(
         Err(e) => {
             tracing::warn!(
                 "the launch of {} is not recorded as a run: {}",
+                record.spec.name,
+                crate::error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Add this launch to the shared run `id` (a cluster's): its folder as an artifact (once) and its
+/// system pinned; the run is reopened if it had ended. `None`, said in the log, when it cannot.
+pub fn join_vm_run(
+    state_dir: &Path,
+    fallback: &StoreLayout,
+    record: &LaunchRecord,
+    id: i64,
+) -> Option<i64> {
+    let result = (|| -> Result<(), OwnerError> {
+        let db = RunsDb::open(state_dir).map_err(|e| db_err(id, record, e))?;
+        let run = db.run(id).map_err(|e| db_err(id, record, e))?;
+        if run.ended_at.is_some() {
+            db.reopen_run(id).map_err(|e| db_err(id, record, e))?;
+        }
+        let dir = &record.spec.paths.dir;
+        let known = db
+            .artifacts(id)
+            .map_err(|e| db_err(id, record, e))?
+            .iter()
+            .any(|a| a.path == *dir && a.removed_at.is_none());
+        if !known {
+            db.add_artifact(id, ArtifactKind::StateDir, dir)
+                .map_err(|e| db_err(id, record, e))?;
+        }
+        let l = record.store.clone().unwrap_or_else(|| fallback.clone());
+        pin_system(&db, id, &l, record)
+    })();
+    match result {
+        Ok(()) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                "the launch of {} is not recorded in its cluster's run: {}",
                 record.spec.name,
                 crate::error_chain(&e)
             );
@@ -287,7 +327,7 @@ pub fn end_vm_run(
     record: &LaunchRecord,
     exit_code: Option<i32>,
 ) -> Result<bool, OwnerError> {
-    let Some(id) = record.run_id else {
+    let Some(id) = record.run_id.filter(|_| !record.shared_run) else {
         return Ok(false);
     };
     let run_err = |source| OwnerError::Run {

@@ -309,6 +309,7 @@ pub fn resolve_launch(
             toplevel: toplevel.map(|t| layout.logical(&t)),
             accel_reason,
             run_id: None,
+            shared_run: false,
             closure_key,
         },
         image: image_report,

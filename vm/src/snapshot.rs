@@ -385,6 +385,7 @@ mod tests {
             toplevel: None,
             accel_reason: String::new(),
             run_id: None,
+            shared_run: false,
             closure_key: Some(key.into()),
             store: None,
         }

@@ -68,6 +68,7 @@ pub(super) fn launcher(ctx: &Context) -> anyhow::Result<Launcher> {
         store_root: ctx.store_root.clone(),
         exe: std::env::current_exe().context("locating the drydock binary")?,
         argv: std::env::args().collect(),
+        shared_run: None,
     })
 }
 
