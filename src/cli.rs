@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::ArgValueCandidates;
 
 /// drydock: run NixOS VM tests without the pain.
 #[derive(Debug, Parser)]
@@ -25,7 +26,7 @@ pub struct ComposeOpts {
     #[arg(short = 'f', long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
     pub file: Vec<PathBuf>,
     /// The cluster's name for the cluster commands (default: the name of FILE's directory).
-    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    #[arg(short = 'p', long = "project-name", value_name = "NAME", add = ArgValueCandidates::new(crate::complete::clusters))]
     pub name: Option<String>,
 }
 
@@ -130,7 +131,7 @@ pub struct ClusterArgs {
     #[arg(short = 'f', long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
     pub file: Vec<PathBuf>,
     /// The cluster's name (default: the name of FILE's directory).
-    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    #[arg(short = 'p', long = "project-name", value_name = "NAME", add = ArgValueCandidates::new(crate::complete::clusters))]
     pub name: Option<String>,
 }
 
@@ -139,6 +140,7 @@ pub struct UpArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Only these machines (default: all).
+    #[arg(add = ArgValueCandidates::new(crate::complete::machines))]
     pub machines: Vec<String>,
     /// Return once every machine is ready; the cluster keeps running (`drydock down` stops it).
     #[arg(short = 'd', long)]
@@ -181,9 +183,10 @@ pub struct LogsArgs {
     #[arg(long = "file", value_name = "FILE", action = clap::ArgAction::Append)]
     pub file: Vec<PathBuf>,
     /// The cluster's name (default: the name of FILE's directory).
-    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    #[arg(short = 'p', long = "project-name", value_name = "NAME", add = ArgValueCandidates::new(crate::complete::clusters))]
     pub name: Option<String>,
     /// Only these machines (default: all).
+    #[arg(add = ArgValueCandidates::new(crate::complete::machines))]
     pub machines: Vec<String>,
     /// Leave out these machines.
     #[arg(long, value_name = "M,...", value_delimiter = ',')]
@@ -213,6 +216,7 @@ impl LogsArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[arg(add = ArgValueCandidates::new(crate::complete::machines))]
     pub machine: String,
     #[command(flatten)]
     pub exec: ExecOpts,
@@ -258,6 +262,7 @@ pub struct CpArgs {
 pub struct MachineWaitArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[arg(add = ArgValueCandidates::new(crate::complete::machines))]
     pub machine: String,
     /// Until a line of the machine's console (since it booted) matches this regular expression.
     #[arg(long, value_name = "REGEX")]
@@ -274,6 +279,7 @@ pub struct MachineWaitArgs {
 pub struct ShellArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[arg(add = ArgValueCandidates::new(crate::complete::machines))]
     pub machine: String,
 }
 

@@ -23,6 +23,8 @@ pub struct Context {
     pub json: bool,
     /// `-f`/`-p` given before the subcommand.
     pub compose: crate::cli::ComposeOpts,
+    /// How many `-v`.
+    pub verbose: u8,
 }
 
 impl Context {
@@ -51,7 +53,7 @@ impl Context {
         };
         let state_dir = match &opts.state_dir {
             Some(dir) => dir.clone(),
-            None => default_state_dir(),
+            None => default_state_dir_unless_set(),
         };
         let state_dir = check_state_dir(&state_dir)?;
         Ok(Self {
@@ -61,6 +63,7 @@ impl Context {
             state_dir,
             json: opts.json,
             compose: Default::default(),
+            verbose: opts.verbose,
         })
     }
 
@@ -128,7 +131,15 @@ fn env_path(name: &str) -> Option<PathBuf> {
 
 /// `$XDG_STATE_HOME/drydock`, else `~/.local/state/drydock`; `/var/lib/drydock` for root.
 /// (`$DRYDOCK_STATE_DIR` is handled by clap as the option's environment variable.)
-fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = env_path("DRYDOCK_STATE_DIR") {
+        return d;
+    }
+    default_state_dir_unless_set()
+}
+
+/// The default when neither `--state-dir` nor `$DRYDOCK_STATE_DIR` is given.
+fn default_state_dir_unless_set() -> PathBuf {
     if is_root() {
         return PathBuf::from("/var/lib/drydock");
     }

@@ -5,10 +5,12 @@
 mod cancel;
 mod cli;
 mod cmd;
+mod complete;
 mod context;
 mod exit;
 mod out;
 mod paint;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -18,6 +20,8 @@ use crate::cli::{Cli, Command};
 use crate::context::Context;
 
 fn main() -> ExitCode {
+    // `COMPLETE=SHELL drydock -- WORDS`: the shell asks for completions (see `complete`).
+    clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).complete();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -484,3 +484,40 @@ fn runs_stay_readable_across_no_op_reloads() {
         "down ends the machines' run: {vm}"
     );
 }
+
+#[test]
+fn up_says_progress_in_plurals_without_store_paths_and_logs_plain_text() {
+    let c = Cluster::named("polish").machines(ONE).write();
+    crate::vmcommon::guest_ready();
+    let up = c
+        .verb("up")
+        .args(["-d", "--accel", "tcg", "--timeout", "300"])
+        .run();
+    assert_eq!(up.code(), Some(0), "{}", up.stderr_str());
+    let err = up.stderr_str();
+    let mut checks = Checks::new();
+    checks.check("one machine is said in the singular", || {
+        assert!(err.contains("(1 machine, owner pid"), "{err}");
+    });
+    checks.check(
+        "the boot's progress: each machine ready, with seconds",
+        || {
+            let re = regex::Regex::new(r"drydock: server ready after \d+\.\d s").unwrap();
+            assert!(re.is_match(&err), "{err}");
+        },
+    );
+    checks.check("nix-build's store paths only with -v", || {
+        let paths: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("/nix/store/"))
+            .collect();
+        assert!(paths.is_empty(), "{err}");
+        assert!(up.stdout.is_empty(), "{}", up.stdout_str());
+    });
+    checks.check("drydock.log is plain text", || {
+        let log = std::fs::read(c.state().join("clusters/polish/drydock.log")).unwrap();
+        assert!(!log.contains(&0x1b), "{}", text(&log));
+    });
+    drop(checks);
+    c.down();
+}

@@ -48,9 +48,11 @@ pub struct Detached {
 /// Check every machine's launch (a machine that cannot launch is the error, here, typed, and
 /// nothing starts), start the owner and wait until it reports every machine ready. On `cancel`
 /// or the deadline the owner is stopped (it stops everything it started) before returning.
+/// `waiting` runs every 20 ms while the owner boots the machines (a progress display).
 pub fn start_detached(
     o: &DetachedOwner<'_>,
     cancel: &AtomicBool,
+    waiting: &mut dyn FnMut(),
 ) -> Result<Detached, ClusterError> {
     crate::launches::plan_launches(o.plan, o.launch)?;
     let (state_dir, name, l) = (o.launch.state_dir.as_path(), o.plan.name.as_str(), o.launch);
@@ -92,7 +94,10 @@ pub fn start_detached(
     })?;
     let deadline = l.ready_timeout + OWNER_SLACK;
     let every = Duration::from_millis(20);
-    let ready = || ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid);
+    let ready = || {
+        waiting();
+        ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid)
+    };
     match drydock_vm::await_report(pid, deadline, every, cancel, ready) {
         Awaited::Ready(_) => Ok(Detached {
             owner_pid: pid,

@@ -206,9 +206,20 @@ pub fn build_command(
     cmd
 }
 
-/// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run named
-/// `run_name` (kind build) with the command line `recorded` (what the user typed), unless it
-/// built nothing new (then `TrackReport::run_id` is 0 and no run is left). The outputs stay rooted (links `result*` in `expr_dir`) until
+/// How a composition's build is recorded and shown.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildRun<'a> {
+    /// The run's name (`up NAME`, `reload NAME`).
+    pub name: &'a str,
+    /// The command line recorded with it (what the user typed).
+    pub command: &'a [String],
+    /// Show the store paths `nix-build` prints (on stderr).
+    pub show_outputs: bool,
+}
+
+/// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run
+/// (kind build) as `run` says, unless it built nothing new (then `TrackReport::run_id` is 0
+/// and no run is left). The outputs stay rooted (links `result*` in `expr_dir`) until
 /// [`release_build_roots`]: a GC between the build and the machines' pins cannot take them. Machines whose system is a plain store path need no build; with none
 /// to build, nothing runs and `None` is returned.
 pub fn build(
@@ -216,7 +227,7 @@ pub fn build(
     runs: &RunsDb,
     c: &Composition,
     names: &[&str],
-    (run_name, recorded): (&str, &[String]),
+    run: &BuildRun<'_>,
     expr_dir: &Path,
     cancel: &AtomicBool,
 ) -> Result<Option<TrackReport>, EvalError> {
@@ -246,9 +257,12 @@ pub fn build(
     // Nix's output paths go to stderr: `up`'s stdout is the consoles, or its JSON report.
     // Recorded as the command the user typed, and only if it built something new.
     let how = drydock_gc::TrackAs {
-        name: Some(run_name),
-        echo: drydock_gc::Echo::Stderr,
-        recorded: (!recorded.is_empty()).then_some(recorded),
+        name: Some(run.name),
+        echo: match run.show_outputs {
+            true => drydock_gc::Echo::Stderr,
+            false => drydock_gc::Echo::Hidden,
+        },
+        recorded: (!run.command.is_empty()).then_some(run.command),
         forget_if_empty: true,
     };
     let report = drydock_gc::track_as(layout, runs, &cmd, cancel, &how)

@@ -97,6 +97,8 @@ pub struct UpRequest {
     pub ready_timeout: Duration,
     /// The command line that asked (recorded with the build's run).
     pub argv: Vec<String>,
+    /// Show the store paths the build prints (`-v`); its messages on stderr are shown anyway.
+    pub show_build_outputs: bool,
 }
 
 /// The one tracked build of a `prepare`.
@@ -275,14 +277,15 @@ pub fn prepare(
         &runs,
         &composition,
         &names,
-        (
-            &format!(
+        &crate::eval::BuildRun {
+            name: &format!(
                 "{} {}",
                 if running.is_some() { "reload" } else { "up" },
                 req.name
             ),
-            &req.argv,
-        ),
+            command: &req.argv,
+            show_outputs: req.show_build_outputs,
+        },
         &cdir,
         cancel,
     )?;

@@ -253,6 +253,7 @@ impl Passthrough {
                 let mut stdout: Box<dyn Write> = match echo {
                     Echo::Stdout => Box::new(std::io::stdout()),
                     Echo::Stderr => Box::new(std::io::stderr()),
+                    Echo::Hidden => Box::new(std::io::sink()),
                 };
                 while listening.load(Ordering::SeqCst) {
                     match scan.next_line(&mut r, &mut stdout) {
@@ -578,6 +579,8 @@ pub enum Echo {
     Stdout,
     /// For a caller whose own stdout is a report (`up --json`).
     Stderr,
+    /// Read (the outputs are still found) but not shown: `up`'s build, unless `-v`.
+    Hidden,
 }
 
 #[cfg(test)]

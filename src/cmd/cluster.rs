@@ -19,7 +19,7 @@ use crate::cli::{
     AccelArg, ClusterArgs, ClusterSuperviseArgs, CpArgs, ExecArgs, ExecOpts, LogsArgs,
     MachineWaitArgs, ShellArgs, UpArgs,
 };
-use crate::cmd::reload::{Echo, UpPrinter, report_event};
+use crate::cmd::reload::{Echo, UpPrinter, plural, report_event};
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
@@ -123,7 +123,7 @@ fn launch_opts(
 }
 
 /// What `up`'s arguments ask of the composition.
-fn up_request(a: &UpArgs, t: &Target) -> UpRequest {
+fn up_request(ctx: &Context, a: &UpArgs, t: &Target) -> UpRequest {
     UpRequest {
         file: t.file.clone(),
         name: t.name.clone(),
@@ -133,6 +133,7 @@ fn up_request(a: &UpArgs, t: &Target) -> UpRequest {
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
         argv: std::env::args().collect(),
+        show_build_outputs: ctx.verbose > 0,
     }
 }
 
@@ -148,7 +149,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         .into());
     }
     crate::cancel::install();
-    let req = up_request(a, &t);
+    let req = up_request(ctx, a, &t);
     if let Some(s) = ClusterState::read_up(&ctx.state_dir, &name) {
         drydock_cluster::check_file(&s, &t.file)?;
         if !s.ready {
@@ -205,10 +206,10 @@ fn foreground(
     };
     cluster.write_state(true)?;
     eprintln!(
-        "drydock: cluster {} up after {:.2} s ({} machines); Ctrl-C stops it",
+        "drydock: cluster {} up after {:.2} s ({}); Ctrl-C stops it",
         plan.name,
         started.elapsed().as_secs_f64(),
-        plan.machines.len()
+        plural(plan.machines.len(), "machine")
     );
     let mut watching = match a.watch {
         true => Some(Watching::new(&req.file)?),
@@ -233,12 +234,34 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
         launch: &opts,
         store_root: ctx.store_root.as_deref(),
     };
-    match drydock_cluster::start_detached(&owner, &CANCEL) {
+    let mut progress =
+        crate::progress::Progress::new(plan.machines.iter().map(|m| m.machine.clone()));
+    let log = drydock_cluster::cluster_paths(&ctx.state_dir, name)
+        .dir
+        .join("drydock.log");
+    let look = |progress: &mut crate::progress::Progress| {
+        // The owner's log is new for this boot: it says which machines are ready.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let ready = crate::cmd::reload::ready_in_log(&text);
+        progress.update(|m| ready.iter().find(|(r, _)| r == m).map(|(_, s)| *s));
+    };
+    let mut last = Instant::now() - Duration::from_secs(1);
+    let started = drydock_cluster::start_detached(&owner, &CANCEL, &mut || {
+        if last.elapsed() >= Duration::from_millis(250) {
+            last = Instant::now();
+            look(&mut progress);
+        }
+    });
+    if started.is_ok() {
+        look(&mut progress);
+    }
+    progress.clear();
+    match started {
         Ok(d) => {
             eprintln!(
-                "drydock: cluster {name} up after {:.2} s ({} machines, owner pid {}); `drydock down -p {name}` stops it",
+                "drydock: cluster {name} up after {:.2} s ({}, owner pid {}); `drydock down -p {name}` stops it",
                 d.after_secs,
-                plan.machines.len(),
+                plural(plan.machines.len(), "machine"),
                 d.owner_pid
             );
             Ok(Outcome::Success)
@@ -293,8 +316,8 @@ pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
         return Err(t.not_up(ctx));
     } else {
         eprintln!(
-            "drydock: cluster {name} down ({} machines) in {:.2} s{}",
-            d.machines,
+            "drydock: cluster {name} down ({}) in {:.2} s{}",
+            plural(d.machines, "machine"),
             d.after_secs,
             if d.killed {
                 " (its owner did not stop in time and was killed)"
@@ -635,11 +658,12 @@ fn read_stdin(forced: bool) -> anyhow::Result<Vec<u8>> {
     }
     let max = drydock_cluster::MAX_STDIN;
     let mut bytes = Vec::new();
-    stdin
-        .lock()
-        .take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .context("reading stdin")?;
+    match stdin.lock().take(max as u64 + 1).read_to_end(&mut bytes) {
+        Ok(_) => {}
+        // No stdin at all (a closed descriptor): nothing to forward.
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::Error::new(e).context("reading stdin")),
+    }
     if bytes.len() > max {
         return Err(bad_input(format!(
             "stdin is more than {} MiB, the most a command takes; `drydock cp` copies files",

@@ -11,12 +11,19 @@ use std::io::Write;
 use clap::CommandFactory;
 
 use crate::cli::{Cli, CompletionsArgs};
+
 use crate::exit::Outcome;
 
+/// The shell's script, which calls `COMPLETE=SHELL drydock -- WORDS` as one types: commands and
+/// options as `--help` has them, and machine and cluster names (see `crate::complete`).
 pub fn completions(args: &CompletionsArgs) -> anyhow::Result<Outcome> {
-    let mut cmd = Cli::command();
+    let shells = clap_complete::env::Shells::builtins();
+    let name = args.shell.to_string();
+    let shell = shells
+        .completer(&name)
+        .ok_or_else(|| crate::exit::bad_input(format!("no dynamic completion for {name}")))?;
     let mut script = Vec::new();
-    clap_complete::generate(args.shell, &mut cmd, "drydock", &mut script);
+    shell.write_registration("COMPLETE", "drydock", "drydock", "drydock", &mut script)?;
     let mut out = crate::out::stdout();
     out.write_all(&script)?;
     out.flush()?;

@@ -118,6 +118,19 @@ pub fn report_event(ev: &MachineEvent) {
     }
 }
 
+/// The machines a detached owner's log (`drydock.log`, written by [`report_event`]) says are
+/// ready, with the owner's seconds.
+pub fn ready_in_log(log: &str) -> Vec<(String, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("drydock: ")?;
+            let (machine, secs) = rest.split_once(" ready after ")?;
+            let secs = secs.strip_suffix(" s")?.parse().ok()?;
+            Some((machine.to_string(), secs))
+        })
+        .collect()
+}
+
 /// The consoles a foreground `up` echoes as `MACHINE │ line`: the machines `--hide`/`--show`
 /// let through, following the cluster as reloads add and remove machines.
 pub struct Echo {
@@ -352,5 +365,23 @@ pub fn plural(n: usize, word: &str) -> String {
         format!("1 {word}")
     } else {
         format!("{n} {word}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_log_says_who_is_ready() {
+        let log = "WARN something\ndrydock: server ready after 12.34 s\ndrydock: agent1 failed: x\ndrydock: agent-2 ready after 3.00 s\n";
+        assert_eq!(
+            ready_in_log(log),
+            [("server".to_string(), 12.34), ("agent-2".to_string(), 3.0)]
+        );
+        assert_eq!(
+            [plural(1, "machine"), plural(4, "machine")],
+            ["1 machine", "4 machines"]
+        );
     }
 }
