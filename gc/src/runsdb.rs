@@ -714,10 +714,7 @@ impl RunsDb {
         &self,
         store: &StoreLayout,
     ) -> Result<(Vec<Run>, Vec<OtherStoreRuns>), RunsDbError> {
-        let (own, mut others) = partition_by_store(self.runs()?, &store.id());
-        // A store that is gone (a deleted temporary store) has nothing to show or collect.
-        others.retain(|o| Path::new(&o.store).is_dir());
-        Ok((own, others))
+        Ok(partition_by_store(self.runs()?, &store.id()))
     }
 
     /// The runs of `store` (and those recorded before stores were), oldest first.

@@ -39,6 +39,12 @@ fn shell_words(cmd: &[String]) -> String {
         .join(" ")
 }
 
+/// The other stores that still exist (a deleted temporary store has nothing to show).
+fn existing(mut others: Vec<OtherStoreRuns>, exists: impl Fn(&str) -> bool) -> Vec<OtherStoreRuns> {
+    others.retain(|o| exists(&o.store));
+    others
+}
+
 /// The command column: the program by its file name, the line cut at 60 characters (`runs
 /// show` has it whole).
 fn short_command(cmd: &[String]) -> String {
@@ -99,10 +105,12 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
     match &args.action {
         None => {
             let list = drydock_gc::summarize_runs(&loaded, &runs)?;
-            let others = runs
-                .runs_by_store(&layout)
-                .map_err(drydock_gc::GcError::from)?
-                .1;
+            let others = existing(
+                runs.runs_by_store(&layout)
+                    .map_err(drydock_gc::GcError::from)?
+                    .1,
+                |s| std::path::Path::new(s).is_dir(),
+            );
             if ctx.json {
                 crate::out::json(
                     &mut out,
@@ -188,6 +196,18 @@ pub fn run(ctx: &Context, args: &RunsArgs) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stores_that_are_gone_are_not_listed() {
+        let o = |s: &str| OtherStoreRuns {
+            store: s.into(),
+            runs: 1,
+        };
+        let kept = existing(vec![o("/a/nix/store"), o("/gone/nix/store")], |s| {
+            !s.starts_with("/gone")
+        });
+        assert_eq!(kept, vec![o("/a/nix/store")]);
+    }
 
     #[test]
     fn the_command_column_is_short() {
