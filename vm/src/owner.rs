@@ -320,14 +320,26 @@ impl OwnerError {
     }
 }
 
-/// End a VM's run with QEMU's exit code, unless it has ended already. Returns whether this call
-/// ended it.
+/// End a VM's run with QEMU's exit code, unless it has ended already or is a cluster's shared
+/// run (its owner ends that). Returns whether this call ended it.
 pub fn end_vm_run(
     state_dir: &Path,
     record: &LaunchRecord,
     exit_code: Option<i32>,
 ) -> Result<bool, OwnerError> {
-    let Some(id) = record.run_id.filter(|_| !record.shared_run) else {
+    if record.shared_run {
+        return Ok(false);
+    }
+    end_run_of(state_dir, record, exit_code)
+}
+
+/// End the run of `record`, shared or not.
+fn end_run_of(
+    state_dir: &Path,
+    record: &LaunchRecord,
+    exit_code: Option<i32>,
+) -> Result<bool, OwnerError> {
+    let Some(id) = record.run_id else {
         return Ok(false);
     };
     let run_err = |source| OwnerError::Run {
@@ -352,8 +364,9 @@ pub fn reap_stale(
         dir: paths.dir.clone(),
         source: Box::new(source),
     })?;
+    // Its owner is dead: a cluster's shared run ends too (the whole cluster died with it).
     match record {
-        Some(r) => end_vm_run(state_dir, r, None),
+        Some(r) => end_run_of(state_dir, r, None),
         None => Ok(false),
     }
 }
