@@ -35,7 +35,12 @@ pub struct Target {
 
 /// Resolve `-f`/`-p` from before the subcommand (`ctx.compose`) and after it (`a`).
 pub fn target(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Target> {
-    let files: Vec<&PathBuf> = ctx.compose.file.iter().chain(&a.file).collect();
+    resolve_target(&ctx.compose, a)
+}
+
+/// [`target`], from the options before the subcommand and after it (pure).
+fn resolve_target(before: &crate::cli::ComposeOpts, a: &ClusterArgs) -> anyhow::Result<Target> {
+    let files: Vec<&PathBuf> = before.file.iter().chain(&a.file).collect();
     if files.len() > 1 {
         let shown: Vec<String> = files
             .iter()
@@ -46,7 +51,7 @@ pub fn target(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Target> {
             shown.join(" ")
         )));
     }
-    let name = match (&ctx.compose.name, &a.name) {
+    let name = match (&before.name, &a.name) {
         (Some(x), Some(y)) if x != y => {
             return Err(bad_input(format!(
                 "-p {x} and -p {y}: a command acts on one cluster"
@@ -910,6 +915,86 @@ mod tests {
             ("plain", None),
         ] {
             assert_eq!(remote_path(arg), want, "{arg}");
+        }
+    }
+
+    #[test]
+    fn f_and_p_combine_from_both_places() {
+        use crate::cli::ComposeOpts;
+        let p = |s: &str| PathBuf::from(s);
+        type Want = Result<(&'static str, &'static str, bool, bool), &'static str>;
+        let cases: [(ComposeOpts, ClusterArgs, Want); 6] = [
+            (
+                ComposeOpts::default(),
+                ClusterArgs::default(),
+                Ok(("drydock.nix", "", false, false)),
+            ),
+            (
+                ComposeOpts {
+                    file: vec![p("/x/demo/drydock.nix")],
+                    name: None,
+                },
+                ClusterArgs::default(),
+                Ok(("/x/demo/drydock.nix", "demo", true, false)),
+            ),
+            (
+                ComposeOpts {
+                    file: vec![],
+                    name: Some("c1".into()),
+                },
+                ClusterArgs {
+                    file: vec![p("/x/a.nix")],
+                    name: None,
+                },
+                Ok(("/x/a.nix", "c1", true, true)),
+            ),
+            (
+                ComposeOpts {
+                    file: vec![p("a.nix")],
+                    name: None,
+                },
+                ClusterArgs {
+                    file: vec![p("b.nix")],
+                    name: None,
+                },
+                Err("a cluster has one composition file"),
+            ),
+            (
+                ComposeOpts::default(),
+                ClusterArgs {
+                    file: vec![p("a.nix"), p("a.nix")],
+                    name: None,
+                },
+                Err("-f a.nix -f a.nix: a cluster has one"),
+            ),
+            (
+                ComposeOpts {
+                    file: vec![],
+                    name: Some("a".into()),
+                },
+                ClusterArgs {
+                    file: vec![],
+                    name: Some("b".into()),
+                },
+                Err("-p a and -p b"),
+            ),
+        ];
+        for (before, after, want) in cases {
+            let got = resolve_target(&before, &after);
+            match want {
+                Ok((file, name, file_given, name_given)) => {
+                    let t = got.unwrap();
+                    assert_eq!(t.file, p(file));
+                    if !name.is_empty() {
+                        assert_eq!(t.name, name);
+                    }
+                    assert_eq!((t.file_given, t.name_given), (file_given, name_given));
+                }
+                Err(part) => {
+                    let e = format!("{:#}", got.unwrap_err());
+                    assert!(e.contains(part), "{e}");
+                }
+            }
         }
     }
 
