@@ -20,6 +20,7 @@
 
 mod apply;
 mod backdoor;
+mod class;
 mod compose;
 mod control;
 mod eval;
@@ -41,6 +42,7 @@ pub use apply::ReloadError;
 pub use backdoor::{
     Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
 };
+pub use class::exit_class_of;
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,

@@ -9,6 +9,7 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod class;
 mod collect;
 mod doctor;
 mod host;
@@ -27,6 +28,7 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use class::exit_class_of;
 pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use doctor::{
     Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
