@@ -127,5 +127,8 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
             || cause
                 .downcast_ref::<drydock_gc::GcError>()
                 .is_some_and(|e| e.is_bad_input())
+            || cause
+                .downcast_ref::<drydock_gc::PrivateError>()
+                .is_some_and(|e| e.is_bad_input())
     })
 }

@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+use crate::common;
+use common::TempUser;
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_drydock")
 }
@@ -158,65 +161,6 @@ fn as_root_here_device_and_access_pass_and_build_users_warn() {
         );
         assert!(b["fix"].as_str().unwrap().contains("MODE=\"0666\""), "{b}");
     }
-}
-
-/// An ordinary user made for this test (removed on drop).
-struct TempUser {
-    name: String,
-}
-
-impl TempUser {
-    fn create() -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("ddt{}x{n}", std::process::id() % 100000);
-        let st = Command::new("useradd")
-            .args(["--no-create-home", "--shell", "/bin/sh", &name])
-            .status()
-            .expect("useradd");
-        assert!(st.success(), "useradd {name}");
-        Self { name }
-    }
-
-    /// Run drydock as this user (fresh credentials from /etc/group, as a login would).
-    fn drydock(&self, args: &[&str], state: &Path) -> Output {
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={}", self.name),
-                &format!("--regid={}", self.name),
-                "--init-groups",
-                "--",
-            ])
-            .arg(copy_of_binary())
-            .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .env("HOME", state)
-            .output()
-            .expect("setpriv")
-    }
-}
-
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).status();
-    }
-}
-
-/// The test binary's directory may not be readable by other users; put a copy where it is.
-fn copy_of_binary() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("drydock");
-        std::fs::copy(bin(), &p).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    })
-    .clone()
 }
 
 fn world_writable_state() -> tempfile::TempDir {
@@ -425,7 +369,7 @@ fn unreadable_nix_conf_for_an_ordinary_user() {
             "--init-groups",
             "--",
         ])
-        .arg(copy_of_binary())
+        .arg(common::binary_for_all())
         .args(["doctor", "--state-dir"])
         .arg(dir.path())
         .env("NIX_CONF_DIR", dir.path())

@@ -59,7 +59,7 @@ pub fn start_detached(
         path: log_path.clone(),
         source,
     };
-    let log = std::fs::File::create(&log_path).map_err(files)?;
+    let log = drydock_gc::create_nofollow(&log_path).map_err(files)?;
     let mut cmd = drydock_vm::drydock_command(o.exe, o.state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
@@ -181,6 +181,8 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("the owner of the cluster {name}: {message}")]
     Owner {
         name: String,
@@ -193,6 +195,7 @@ impl ControlError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::NotUp(_) => true,
+            Self::NotPrivate(e) => e.is_bad_input(),
             Self::Owner { bad_input, .. } => *bad_input,
             Self::Io { .. } => false,
         }
@@ -210,12 +213,11 @@ pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
 
 pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
     let path = control_socket(cpaths);
-    let _ = std::fs::remove_file(&path);
     let files = |source| ClusterError::Files {
         path: path.clone(),
         source,
     };
-    let l = UnixListener::bind(&path).map_err(files)?;
+    let l = drydock_gc::bind_listener(&path).map_err(files)?;
     l.set_nonblocking(true).map_err(files)?;
     Ok(l)
 }
@@ -280,8 +282,10 @@ pub fn request(
     req: &ControlRequest,
     deadline: Duration,
 ) -> Result<Vec<MachineOutcome>, ControlError> {
-    let path = control_socket(&cluster_paths(state_dir, name));
-    let s = UnixStream::connect(&path).map_err(|_| ControlError::NotUp(name.to_string()))?;
+    let cpaths = cluster_paths(state_dir, name);
+    cpaths.check_private().map_err(ControlError::NotPrivate)?;
+    let s = UnixStream::connect(control_socket(&cpaths))
+        .map_err(|_| ControlError::NotUp(name.to_string()))?;
     let io = |source| ControlError::Io {
         name: name.to_string(),
         source,

@@ -73,16 +73,13 @@ pub fn up(
     on_event: &mut dyn FnMut(Option<&MachineEvent>),
 ) -> Result<RunningCluster, ClusterError> {
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
-    for d in [&cpaths.dir, &cpaths.sockets] {
-        std::fs::create_dir_all(d).map_err(|source| ClusterError::Files {
-            path: d.clone(),
-            source,
-        })?;
-    }
+    crate::state::make_private(&opts.state_dir, plan)?;
     let hosts = cpaths.dir.join("hosts");
-    std::fs::write(&hosts, &plan.hosts).map_err(|source| ClusterError::Files {
-        path: hosts.clone(),
-        source,
+    drydock_gc::write_atomic(&hosts, plan.hosts.as_bytes()).map_err(|source| {
+        ClusterError::Files {
+            path: hosts.clone(),
+            source,
+        }
     })?;
     let (tx, rx) = channel();
     let mut running = RunningCluster {
@@ -345,10 +342,8 @@ fn machine_main(
             return fail(error_text(&e));
         }
     }
-    for d in [&paths.dir, &paths.sockets] {
-        if let Err(e) = std::fs::create_dir_all(d) {
-            return fail(format!("cannot create {}: {e}", d.display()));
-        }
+    if let Err(e) = paths.make_private() {
+        return fail(error_text(&e));
     }
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
@@ -362,7 +357,7 @@ fn machine_main(
     {
         let _ = std::fs::remove_file(p);
     }
-    let listener = match UnixListener::bind(&backdoor_path) {
+    let listener = match drydock_gc::bind_listener(&backdoor_path) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
     };

@@ -256,6 +256,9 @@ pub fn prepare(
         .into());
     }
     let plan = narrow(planned, &req.machines, running);
+    // The cluster's and the machines' folders are this user's alone, before anything is
+    // written there (the build's expression and roots are the first).
+    crate::state::make_private(state_dir, &plan)?;
     let names: Vec<&str> = plan
         .machines
         .iter()

@@ -14,6 +14,10 @@ use drydock_vm::VmPaths;
 /// Why a cluster could not start, or a call could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// A folder of the cluster's or of a machine's belongs to another user, or others can
+    /// write it.
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("cannot write {}", path.display())]
     Files {
         path: PathBuf,
@@ -66,10 +70,16 @@ pub enum ClusterError {
 
 impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. } | Self::OwnedByCluster { .. }
-        )
+        match self {
+            Self::NotPrivate(e) => e.is_bad_input(),
+            _ => matches!(
+                self,
+                Self::NotUp(_)
+                    | Self::NoExec(_)
+                    | Self::NoMachine { .. }
+                    | Self::OwnedByCluster { .. }
+            ),
+        }
     }
 }
 
@@ -189,6 +199,21 @@ pub fn up_machine(
                 .collect(),
         })?;
     Ok(ClusterMachine::of(&state, m))
+}
+
+/// Make the folders the cluster `plan` uses private (see `VmPaths::make_private`): its own
+/// (`STATE/clusters/NAME`, its socket folder) and every machine's; a folder of another user,
+/// or one others can write, is refused before anything is written in it.
+pub(crate) fn make_private(state_dir: &Path, plan: &ClusterPlan) -> Result<(), ClusterError> {
+    cluster_paths(state_dir, &plan.name)
+        .make_private()
+        .map_err(ClusterError::NotPrivate)?;
+    for m in &plan.machines {
+        VmPaths::in_state_dir(state_dir, &m.vm_name)
+            .make_private()
+            .map_err(ClusterError::NotPrivate)?;
+    }
+    Ok(())
 }
 
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).

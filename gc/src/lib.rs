@@ -17,6 +17,7 @@ mod names;
 mod nixconf;
 mod nixdb;
 mod plan;
+mod private;
 mod reclaim;
 mod roots;
 mod runsdb;
@@ -40,6 +41,11 @@ pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set};
+pub use private::{
+    DIR_MODE, FILE_MODE, PrivateError, bind_datagram, bind_listener, check_private,
+    check_private_tree, create_nofollow, open_append_nofollow, private_dir, private_tree,
+    write_atomic,
+};
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError};
 pub use runsdb::{
@@ -47,7 +53,7 @@ pub use runsdb::{
     UnfinishedGc,
 };
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
-pub use sys::{lock_exclusive_within, send_signal};
+pub use sys::{effective_uid, lock_exclusive_within, send_signal};
 pub use track::{Echo, TrackError, TrackReport, ensure_store, track, track_to};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).

@@ -1,4 +1,5 @@
-//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals).
+//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals, the
+//! effective uid).
 //! Each call is small, checked, and documented with its safety argument.
 
 use std::fs::File;
@@ -26,6 +27,12 @@ pub fn lock_exclusive_within(f: &File, within: std::time::Duration) -> bool {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// The effective user id of this process (the owner of what it creates).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
 }
 
 /// Send `sig` to the process `pid` (one process: pid 0 and negative pids, which would signal

@@ -175,3 +175,94 @@ pub fn valid_paths(root: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// An ordinary user made for a test (removed on drop): the other local user of tests that play
+/// one (`useradd` needs root).
+pub struct TempUser {
+    pub name: String,
+}
+
+impl TempUser {
+    pub fn create() -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ddt{}x{n}", std::process::id() % 100000);
+        let st = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", &name])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        Self { name }
+    }
+
+    /// This user's uid.
+    pub fn uid(&self) -> u32 {
+        let out = Command::new("id")
+            .args(["-u", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// `program` run as this user (fresh credentials from /etc/group, as a login would).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={}", self.name),
+            &format!("--regid={}", self.name),
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        c
+    }
+
+    /// drydock run as this user with `--state-dir STATE` (and `HOME` there).
+    pub fn drydock(&self, args: &[&str], state: &Path) -> Output {
+        self.command(binary_for_all())
+            .args(args)
+            .arg("--state-dir")
+            .arg(state)
+            .env("HOME", state)
+            .output()
+            .expect("setpriv")
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// The test binary's directory may not be readable by other users; a copy of drydock where it
+/// is.
+pub fn binary_for_all() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("drydock");
+        // A copy per run: a running copy cannot be overwritten (ETXTBSY), so write beside it.
+        let tmp = dir.join(format!("drydock.{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_drydock"), &tmp).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        p
+    })
+    .clone()
+}
+
+/// Whether this process runs as root (tests that create users or cgroups need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                == Some("0")
+        })
+        .unwrap_or(false)
+}

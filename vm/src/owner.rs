@@ -29,6 +29,9 @@ pub enum OwnerError {
         "a VM named {name} is already running (QEMU pid {qemu_pid}); stop it with `drydock vm stop {name}` or choose another --name"
     )]
     NameInUse { name: String, qemu_pid: u32 },
+    /// The VM's folder or its socket folder belongs to another user, or others can write it.
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("cannot create the supervisor's log {}", path.display())]
     Log {
         path: PathBuf,
@@ -99,7 +102,7 @@ pub fn spawn_supervisor(
     cancel: &AtomicBool,
 ) -> Result<(u32, VmState), OwnerError> {
     let log_path = paths.supervisor_log();
-    let log = std::fs::File::create(&log_path).map_err(|source| OwnerError::Log {
+    let log = drydock_gc::create_nofollow(&log_path).map_err(|source| OwnerError::Log {
         path: log_path.clone(),
         source,
     })?;
@@ -269,10 +272,13 @@ pub fn reopen_vm_run(
 impl OwnerError {
     /// Whether the user's input is at fault (exit 2).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::OtherStore { .. } | Self::Collected { .. } | Self::NameInUse { .. }
-        )
+        match self {
+            Self::NotPrivate(e) => e.is_bad_input(),
+            _ => matches!(
+                self,
+                Self::OtherStore { .. } | Self::Collected { .. } | Self::NameInUse { .. }
+            ),
+        }
     }
 }
 
@@ -295,9 +301,12 @@ pub fn end_vm_run(
     db.finish_open_run(id, exit_code).map_err(run_err)
 }
 
-/// Take the name `name` for a new launch: refuse it while its VM lives (bad input), and reap a
-/// dead entry of that name (ending its run) first.
+/// Take the name `name` for a new launch: its folders are made private (or refused, before
+/// anything in them is read, if they belong to another user or others can write them); refuse
+/// the name while its VM lives (bad input), and reap a dead entry of that name (ending its run)
+/// first.
 pub fn claim_name(state_dir: &Path, paths: &VmPaths, name: &str) -> Result<(), OwnerError> {
+    paths.make_private().map_err(OwnerError::NotPrivate)?;
     if let Some(state) = VmState::read(paths) {
         if state.qemu_alive() || state.supervisor_alive() {
             return Err(OwnerError::NameInUse {

@@ -1,0 +1,344 @@
+//! What another local user, a guest and drydock's own output can do to a cluster (issue 19),
+//! played for real: a second user made by the test pre-creates drydock's socket folder or a
+//! state dir full of links to root's files, and connects to root's sockets; a cluster is started
+//! under `umask 000`. Needs root (`useradd`, the store server's sandbox) and, for the tests that
+//! boot, the test guest's kernel (`scripts/guest/build-initrd`).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::common::{self, TempUser};
+use crate::vmcommon::{
+    self, DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_store as store,
+    guest_ready, processes_mentioning, text, wait_no_processes, write_composition,
+};
+
+/// A composition in its own directory `dir/NAME/drydock.nix`, written with `body` as is.
+fn composition_text(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let f = d.join("drydock.nix");
+    std::fs::write(&f, body).unwrap();
+    f
+}
+
+/// A composition whose one machine boots a store path given as a string: it evaluates at once
+/// and nothing is built, so a refusal after planning is all that can happen.
+fn plain_composition(dir: &Path, name: &str) -> PathBuf {
+    composition_text(
+        dir,
+        name,
+        r#"{ machines.solo.system = "/nix/store/00000000000000000000000000000000-not-built"; }"#,
+    )
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+/// Run `cmd` as `user`, which must succeed.
+fn as_user(user: &TempUser, cmd: &[&str]) {
+    let o = user.command(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(o.status.success(), "{cmd:?}: {}", text(&o.stderr));
+}
+
+fn skip_unless_root() -> bool {
+    if !common::is_root() {
+        eprintln!("skipped: needs root (a second user is made with useradd)");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn another_users_socket_folder_is_refused_before_anything_starts() {
+    if skip_unless_root() {
+        return;
+    }
+    let user = TempUser::create();
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    // A runtime folder every user may write to, as /tmp is; the other user is there first.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    chmod(&run, 0o1777);
+    let theirs = run.join(format!("drydock-{}", drydock_gc::effective_uid()));
+    as_user(&user, &["mkdir", "-m", "777", theirs.to_str().unwrap()]);
+    // A state dir deep enough that sockets go to the runtime folder.
+    let state = dir.path().join("s".repeat(100));
+    let says = format!("{} belongs to uid {}", theirs.display(), user.uid());
+
+    // `vm run`: refused before the VM's run is recorded or anything is launched.
+    let kernel = dir.path().join("kernel");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"not an initrd").unwrap();
+    let o = Command::new(vmcommon::bin())
+        .arg("--store")
+        .arg(store())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["vm", "run", "--name", "v", "--accel", "tcg", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .env("XDG_RUNTIME_DIR", &run)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&says), "{err}");
+
+    // `up --detach`: refused after planning, before the build or any machine.
+    let file = plain_composition(dir.path(), "sock");
+    let o = cluster_drydock(&store(), &state)
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--detach", "--accel", "tcg"])
+        .env("XDG_RUNTIME_DIR", &run)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&says), "{err}");
+    assert!(err.contains("remove it"), "the fix is named: {err}");
+
+    // Nothing of root's went into the other user's folder, and nothing runs.
+    let left: Vec<_> = std::fs::read_dir(&theirs).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(processes_mentioning(&state).is_empty());
+}
+
+#[test]
+fn a_state_dir_of_another_user_with_planted_links_is_refused_and_nothing_is_followed() {
+    if skip_unless_root() {
+        return;
+    }
+    let user = TempUser::create();
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    // A folder every user may write to, as /tmp is.
+    let shared = dir.path().join("tmp");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o1777);
+    // Root's files, which the links point at.
+    let precious = dir.path().join("precious");
+    std::fs::create_dir(&precious).unwrap();
+    let targets: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| precious.join(n)).collect();
+    for t in &targets {
+        std::fs::write(t, b"root's file\n").unwrap();
+    }
+    let plant = |state: &Path| {
+        let c = state.join("clusters/links");
+        as_user(&user, &["mkdir", "-p", "-m", "777", c.to_str().unwrap()]);
+        for (name, t) in ["drydock.log", "hosts", "build.nix"].iter().zip(&targets) {
+            as_user(
+                &user,
+                &[
+                    "ln",
+                    "-s",
+                    t.to_str().unwrap(),
+                    c.join(name).to_str().unwrap(),
+                ],
+            );
+        }
+    };
+    let file = plain_composition(dir.path(), "links");
+    let up = |state: &Path| {
+        cluster_drydock(&store(), state)
+            .arg("up")
+            .arg("-f")
+            .arg(&file)
+            .args(["--detach", "--accel", "tcg"])
+            .output()
+            .unwrap()
+    };
+    let unchanged = || {
+        for t in &targets {
+            assert_eq!(
+                std::fs::read(t).unwrap(),
+                b"root's file\n",
+                "{}",
+                t.display()
+            );
+        }
+    };
+
+    // The other user's state dir (mode 777).
+    let theirs = shared.join("theirs");
+    as_user(&user, &["mkdir", "-m", "777", theirs.to_str().unwrap()]);
+    plant(&theirs);
+    let o = up(&theirs);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} belongs to uid {}",
+            theirs.display(),
+            user.uid()
+        )),
+        "{err}"
+    );
+    unchanged();
+    assert!(!theirs.join("runs.sqlite").exists());
+
+    // Root's own state dir, but one every user may write to: the folders are loose.
+    let loose = shared.join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    chmod(&loose, 0o777);
+    plant(&loose);
+    let o = up(&loose);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{} can be written by", loose.display()))
+            && err.contains("chmod go-w"),
+        "{err}"
+    );
+    unchanged();
+    assert!(processes_mentioning(&theirs).is_empty() && processes_mentioning(&loose).is_empty());
+}
+
+/// Connect to the unix socket `sock` as `user`: `connected`, or the errno of the failure.
+fn connect_as(user: &TempUser, sock: &Path) -> String {
+    let o = user
+        .command("/usr/bin/python3")
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1]); print('connected')\nexcept OSError as e:\n    print(e.errno)",
+        ])
+        .arg(sock)
+        .output()
+        .unwrap();
+    text(&o.stdout).trim().to_string()
+}
+
+/// Every folder under `top` is 0700 and every other file, socket or FIFO grants nothing to
+/// group or others (links aside): the offenders.
+fn loose_entries(top: &Path) -> Vec<(PathBuf, u32)> {
+    let mut bad = Vec::new();
+    let mut todo = vec![top.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let m = mode(&d);
+        if m != 0o700 {
+            bad.push((d.clone(), m));
+        }
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(e.path());
+            } else if !t.is_symlink() && mode(&e.path()) & 0o077 != 0 {
+                bad.push((e.path(), mode(&e.path())));
+            }
+        }
+    }
+    bad
+}
+
+#[test]
+fn under_umask_000_every_socket_and_folder_is_private_and_another_user_reaches_nothing() {
+    if skip_unless_root() {
+        return;
+    }
+    guest_ready();
+    let user = TempUser::create();
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    let state = dir.path().join("state");
+    let cdir = dir.path().join("um");
+    std::fs::create_dir(&cdir).unwrap();
+    let file = cdir.join("drydock.nix");
+    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
+    let up = Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$@\"", "sh", vmcommon::bin()])
+        .arg("--store")
+        .arg(store())
+        .arg("--state-dir")
+        .arg(&state)
+        .env(
+            "NIX_CONFIG",
+            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
+        )
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "up: {}", text(&up.stderr));
+    let _down = DownOnDrop {
+        store: store(),
+        state: state.clone(),
+        file: file.clone(),
+    };
+    let vm = state.join("vms/um.solo");
+    let cl = state.join("clusters/um");
+    let sockets = [
+        vm.join("exec.sock"),
+        vm.join("qmp.sock"),
+        vm.join("backdoor.sock"),
+        vm.join("fs.sock"),
+        vm.join("vlan1.sock"),
+        cl.join("control.sock"),
+        cl.join("vlan1.sock"),
+    ];
+    for s in &sockets {
+        assert_eq!(mode(s), 0o600, "{}", s.display());
+    }
+    for d in [
+        &state,
+        &state.join("vms"),
+        &state.join("clusters"),
+        &vm,
+        &cl,
+    ] {
+        assert_eq!(mode(d), 0o700, "{}", d.display());
+    }
+    for f in ["cluster.json", "up.json", "hosts", "drydock.log"] {
+        assert_eq!(mode(&cl.join(f)), 0o600, "{f}");
+    }
+    for f in [
+        "launch.json",
+        "state.json",
+        "console.log",
+        "qemu.pid",
+        "disk.qcow2",
+    ] {
+        assert_eq!(mode(&vm.join(f)), 0o600, "{f}");
+    }
+    let loose = loose_entries(&state);
+    assert!(loose.is_empty(), "{loose:#?}");
+
+    // The other user reaches none of the sockets, and `drydock exec` gets nothing as them.
+    let eacces = libc::EACCES.to_string();
+    for s in [&sockets[0], &sockets[1], &sockets[2], &sockets[5]] {
+        assert_eq!(connect_as(&user, s), eacces, "{}", s.display());
+    }
+    let o: Output = user
+        .command(common::binary_for_all())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["exec", "-f"])
+        .arg(&file)
+        .args(["solo", "--", "id"])
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(!text(&o.stdout).contains("uid="), "{}", text(&o.stdout));
+    // Root's own call works.
+    let o = cluster_exec(&store(), &state, &file, "solo", "60", "id -u");
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(0), "0\n".to_string()),
+        "{}",
+        text(&o.stderr)
+    );
+    cluster_down(&store(), &state, &file);
+    wait_no_processes(&state, std::time::Duration::from_secs(30));
+}
