@@ -49,6 +49,9 @@ pub enum SessionError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    /// The machines ask for more memory than the host has.
+    #[error(transparent)]
+    Memory(drydock_vm::PlanError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
 }
@@ -62,6 +65,7 @@ impl SessionError {
             Self::Runs(e) => e.is_bad_input(),
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
+            Self::Memory(e) => e.is_bad_input(),
             Self::Watch(_) | Self::Panicked => false,
         }
     }
@@ -95,6 +99,8 @@ pub struct UpRequest {
     pub dry_run: bool,
     /// How long a booting machine may take to become ready.
     pub ready_timeout: Duration,
+    /// Start the machines even if together they ask for more memory than the host has.
+    pub allow_overcommit: bool,
 }
 
 /// The one tracked build of a `prepare`.
@@ -256,6 +262,14 @@ pub fn prepare(
         .into());
     }
     let plan = narrow(planned, &req.machines, running);
+    // The machines the cluster will run, all together, must fit the host's memory (before
+    // anything is built or booted).
+    let memory: Vec<(String, u32)> = plan
+        .machines
+        .iter()
+        .map(|m| (m.machine.clone(), m.settings.memory_mib))
+        .collect();
+    drydock_vm::check_host_memory(&memory, req.allow_overcommit).map_err(SessionError::Memory)?;
     // The cluster's and the machines' folders are this user's alone, before anything is
     // written there (the build's expression and roots are the first).
     crate::state::make_private(state_dir, &plan)?;

@@ -59,6 +59,7 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
         restart: a.restart,
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
+        allow_overcommit: a.allow_overcommit,
     }
 }
 

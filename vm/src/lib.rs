@@ -40,12 +40,12 @@ pub use owner::{
 };
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
-    VmSpec, current_uid, plan, validate_name,
+    VmSpec, check_memory, current_uid, plan, validate_name,
 };
 pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, configured_qemu,
-    images_dir, resolve_launch,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, check_host_memory,
+    configured_qemu, images_dir, resolve_launch,
 };
 pub use snapshot::{
     SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,

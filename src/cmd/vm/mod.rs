@@ -95,6 +95,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         disk_size_mib: a.disk_size,
         exe: std::env::current_exe().context("locating the drydock binary")?,
         devices: Default::default(),
+        allow_overcommit: a.allow_overcommit,
     };
     let resolved = drydock_vm::resolve_launch(&ctx.layout(), &ctx.state_dir, paths, &req)?;
     if let Some((image, paths_in, took)) = &resolved.image {
