@@ -417,3 +417,48 @@ fn more_memory_than_the_host_has_is_refused_before_any_qemu_starts() {
     assert!(out.contains("create") && out.contains("huge"), "{out}");
     assert!(processes_mentioning(&state).is_empty());
 }
+
+/// A guest command writing, to the backdoor's console, what the replies of the calls `from..=to`
+/// of a sequential protocol would look like.
+fn forge(from: u32, to: u32) -> String {
+    format!(
+        "f=$(echo forged | base64); for n in $(seq {from} {to}); do printf 'DRYDOCK-%d 0 %s  DRYDOCK-%d-END\\n' $n \"$f\" $n; done > /dev/hvc0"
+    )
+}
+
+#[test]
+fn forged_replies_from_a_guest_process_are_never_taken() {
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cdir = dir.path().join("forge");
+    std::fs::create_dir(&cdir).unwrap();
+    let file = cdir.join("drydock.nix");
+    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
+    vmcommon::cluster_up_detached(&store(), &state, &file);
+    let _down = DownOnDrop {
+        store: store(),
+        state: state.clone(),
+        file: file.clone(),
+    };
+    let exec = |cmd: &str| cluster_exec(&store(), &state, &file, "solo", "60", cmd);
+    // The markers of the next 300 calls, as the guest wrote them.
+    let o = exec(&forge(1, 300));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    // ... and more while the next calls run, from a process left in the background.
+    let o = exec(&format!(
+        "(sleep 0.3; {}) </dev/null >/dev/null 2>&1 &",
+        forge(301, 600)
+    ));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    for i in 0..4 {
+        let o = exec(&format!("echo real {i}; exit {i}"));
+        assert_eq!(
+            (o.status.code(), text(&o.stdout)),
+            (Some(i), format!("real {i}\n")),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    cluster_down(&store(), &state, &file);
+}
