@@ -462,3 +462,78 @@ fn forged_replies_from_a_guest_process_are_never_taken() {
     }
     cluster_down(&store(), &state, &file);
 }
+
+#[test]
+fn two_ups_of_one_project_at_once_start_it_once() {
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cdir = dir.path().join("twice");
+    std::fs::create_dir(&cdir).unwrap();
+    let file = cdir.join("drydock.nix");
+    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
+    let up = || {
+        cluster_drydock(&store(), &state)
+            .arg("up")
+            .arg("-f")
+            .arg(&file)
+            .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (up(), up());
+    let pids = [a.id(), b.id()];
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let _down = DownOnDrop {
+        store: store(),
+        state: state.clone(),
+        file: file.clone(),
+    };
+    let errs: Vec<String> = outs.iter().map(|o| text(&o.stderr)).collect();
+    for e in &errs {
+        assert!(
+            !e.contains("File exists") && !e.contains("syntax error"),
+            "{errs:#?}"
+        );
+    }
+    let owner = vmcommon::cluster_ps(&store(), &state, &file);
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("clusters/twice/cluster.json")).unwrap())
+            .unwrap();
+    let owner_pid = st["owner_pid"].as_u64().unwrap() as u32;
+    match (outs[0].status.code(), outs[1].status.code()) {
+        (Some(0), Some(0)) => {
+            // The second came once the first was up: a reload with nothing to do.
+            assert!(
+                errs.iter().any(|e| e.contains("nothing to do")),
+                "{errs:#?}"
+            );
+        }
+        (Some(0), Some(2)) | (Some(2), Some(0)) => {
+            let (won, lost) = match outs[0].status.code() {
+                Some(0) => (0, 1),
+                _ => (1, 0),
+            };
+            let says = &errs[lost];
+            assert!(
+                says.contains("the cluster twice is being started by another drydock (pid ")
+                    && (says.contains(&format!("pid {},", pids[won]))
+                        || says.contains(&format!("pid {owner_pid},"))),
+                "{says}"
+            );
+        }
+        codes => panic!("{codes:?}: {errs:#?}"),
+    }
+    // One owner, one machine, one QEMU.
+    assert_eq!(owner.as_array().unwrap().len(), 1, "{owner}");
+    assert_eq!(owner[0]["state"], "running", "{owner}");
+    let qemus = processes_mentioning(&state)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .count();
+    assert_eq!(qemus, 1);
+    assert!(Path::new(&format!("/proc/{owner_pid}")).exists());
+    cluster_down(&store(), &state, &file);
+}

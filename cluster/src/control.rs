@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::compose::ClusterPlan;
 use crate::reload::MachineOutcome;
-use crate::state::{ClusterError, ClusterMachine, ClusterState, cluster_paths};
+use crate::state::{ClusterError, ClusterMachine, ClusterState, OwnerLock, cluster_paths};
 use drydock_vm::AccelChoice;
 use drydock_vm::Awaited;
 use drydock_vm::VmPaths;
@@ -38,6 +38,9 @@ pub struct DetachedOwner<'a> {
     pub accel: AccelChoice,
     pub qemu: Option<&'a Path>,
     pub ready_timeout: Duration,
+    /// The cluster's owner lock, which this `up` holds: the owner holds it from its start on
+    /// (it is the owner's stdin), and this process may let go of it once the owner is up.
+    pub lock: &'a OwnerLock,
 }
 
 /// A detached cluster that is up.
@@ -73,9 +76,13 @@ pub fn start_detached(
     if let Some(q) = o.qemu {
         cmd.arg("--qemu").arg(q);
     }
+    let held = o.lock.handle().map_err(|source| ClusterError::Lock {
+        path: dir.join("owner.lock"),
+        source,
+    })?;
     let started = Instant::now();
-    let pid =
-        drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
+    let pid = drydock_vm::spawn_detached_holding("cluster supervisor", cmd, log, held)
+        .map_err(ClusterError::Spawn)?;
     let deadline = o.ready_timeout + OWNER_SLACK;
     let every = Duration::from_millis(20);
     let ready =

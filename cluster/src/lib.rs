@@ -8,7 +8,7 @@
 //!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its error);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its error);
 //! - `exec` (the exec server per machine and its client), `control` (the owner's control socket:
 //!   protocol, client and server; starting a detached owner, `down`), `wait`;
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
@@ -58,8 +58,8 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_machine, cluster_paths,
-    refuse_cluster_machine, up_machine, up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, OwnerLock,
+    cluster_machine, cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::WatchError;

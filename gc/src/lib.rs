@@ -43,8 +43,8 @@ pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use plan::{ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set};
 pub use private::{
     DIR_MODE, FILE_MODE, PrivateError, bind_datagram, bind_listener, check_private,
-    check_private_tree, create_nofollow, open_append_nofollow, private_dir, private_tree,
-    write_atomic,
+    check_private_tree, create_nofollow, open_append_nofollow, open_nofollow, private_dir,
+    private_tree, write_atomic,
 };
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError};

@@ -241,6 +241,17 @@ pub fn open_append_nofollow(path: &Path) -> std::io::Result<File> {
     tighten(options().append(true).create(true).open(path)?)
 }
 
+/// Open `path` for reading and writing (created 0600 if missing), keeping what it holds (a lock
+/// file whose holder wrote who it is); a link there is an error (`ELOOP`), never followed.
+pub fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// Create or truncate `path` (0600) for writing; a link there is an error (`ELOOP`), never
 /// followed.
 pub fn create_nofollow(path: &Path) -> std::io::Result<File> {

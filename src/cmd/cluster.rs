@@ -78,6 +78,21 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         }
         return crate::cmd::reload::reload(ctx, a, &req);
     }
+    // One `up` at a time starts a cluster: it holds the owner lock while it prepares, and the
+    // owner holds it for its life (a dry run changes nothing and takes none). A second `up`
+    // meanwhile is exit 2 naming the holder; once the cluster is up, `up` is a reload.
+    let lock = match a.dry_run {
+        true => None,
+        false => match drydock_cluster::OwnerLock::claim(&ctx.state_dir, &name) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                if ClusterState::read_up(&ctx.state_dir, &name).is_some_and(|s| s.ready) {
+                    return crate::cmd::reload::reload(ctx, a, &req);
+                }
+                return Err(e.into());
+            }
+        },
+    };
     let mut printer = UpPrinter::new(ctx.json, None);
     // What this `up` built stays rooted until `roots` is dropped: once every machine's run
     // pins its system (or the cluster is stopped, and nothing needs it).
@@ -89,14 +104,14 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         &CANCEL,
         &mut |ev| printer.event(ev),
     )?;
-    if a.dry_run {
+    let Some(lock) = lock else {
         return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
-    }
+    };
     drydock_vm::write_json(&drydock_cluster::up_plan_file(&ctx.state_dir, &name), &plan)?;
     if a.detach {
-        return detach(ctx, a, &name, &plan);
+        return detach(ctx, a, &name, &plan, &lock);
     }
-    foreground(ctx, a, &req, &plan, roots)
+    foreground(ctx, a, &req, &plan, roots, lock)
 }
 
 fn foreground(
@@ -105,6 +120,8 @@ fn foreground(
     req: &UpRequest,
     plan: &ClusterPlan,
     roots: drydock_cluster::BuildRoots,
+    // Held until this owner returns, everything stopped.
+    _lock: drydock_cluster::OwnerLock,
 ) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
     let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
@@ -145,7 +162,13 @@ fn foreground(
 }
 
 /// `--detach`: a supervisor owns the cluster; wait here until every machine is ready.
-fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
+fn detach(
+    ctx: &Context,
+    a: &UpArgs,
+    name: &str,
+    plan: &ClusterPlan,
+    lock: &drydock_cluster::OwnerLock,
+) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("locating the drydock binary")?;
     let owner = drydock_cluster::DetachedOwner {
         exe: &exe,
@@ -155,6 +178,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
         accel: a.accel.into(),
         qemu: a.qemu.as_deref(),
         ready_timeout: a.timeout,
+        lock,
     };
     match drydock_cluster::start_detached(&owner, &CANCEL) {
         Ok(d) => {
@@ -177,6 +201,8 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
 /// `__cluster-supervise`: own the cluster planned in `up.json` until `down` (SIGTERM).
 pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outcome> {
     crate::cancel::install();
+    // The owner lock the `up` that started us handed over (our stdin), held for our life.
+    let _lock = drydock_cluster::OwnerLock::inherit_or_claim(&ctx.state_dir, &a.name)?;
     let path = drydock_cluster::up_plan_file(&ctx.state_dir, &a.name);
     let bytes = drydock_gc::read_regular(
         &path,

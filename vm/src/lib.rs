@@ -53,7 +53,7 @@ pub use snapshot::{
 };
 pub use spawn::{
     Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
-    spawn_detached,
+    spawn_detached, spawn_detached_holding,
 };
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
