@@ -141,8 +141,8 @@ pub struct UpArgs {
     /// Start the machines even if together they ask for more memory than the host has.
     #[arg(long)]
     pub allow_overcommit: bool,
-    /// Stay in the foreground and reload on every change under the composition's directory
-    /// (`result*` and dot files ignored).
+    /// Stay in the foreground and reload when a file under the composition's directory that
+    /// the evaluation read changes (the composition, its imports, files it reads).
     #[arg(long, conflicts_with = "detach")]
     pub watch: bool,
 }

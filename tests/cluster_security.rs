@@ -537,3 +537,110 @@ fn two_ups_of_one_project_at_once_start_it_once() {
     assert!(Path::new(&format!("/proc/{owner_pid}")).exists());
     cluster_down(&store(), &state, &file);
 }
+
+#[test]
+fn a_watch_whose_output_goes_into_the_compositions_folder_reloads_only_on_edits() {
+    use std::time::{Duration, Instant};
+    guest_ready();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let d = dir.path().join("own");
+    std::fs::create_dir(&d).unwrap();
+    let file = d.join("drydock.nix");
+    let www = d.join("www.nix");
+    std::fs::write(&www, "\"solo v1\"").unwrap();
+    write_composition(
+        &file,
+        "solo = { system = sys { www = import ./www.nix; }; memorySize = 256; };",
+    );
+    // `up --watch > up.log 2> up.err`, both in the composition's folder.
+    let (out, err) = (d.join("up.log"), d.join("up.err"));
+    let mut up = cluster_drydock(&store(), &state)
+        .arg("up")
+        .arg("-f")
+        .arg(&file)
+        .args(["--watch", "--accel", "tcg", "--timeout", "300"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let _down = DownOnDrop {
+        store: store(),
+        state: state.clone(),
+        file: file.clone(),
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let served = || {
+        let o = cluster_exec(
+            &store(),
+            &state,
+            &file,
+            "solo",
+            "60",
+            "wget -qO- http://localhost/",
+        );
+        text(&o.stdout)
+    };
+    vmcommon::wait_until("the cluster is up", Duration::from_secs(300), || {
+        assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
+        read(&err).contains("Ctrl-C stops it")
+    });
+    assert_eq!(served(), "solo v1\n");
+    // Its own output grows (the guest's console is echoed to up.log), and a file the
+    // evaluation never read is written: for 10 s, no reload.
+    let o = cluster_exec(
+        &store(),
+        &state,
+        &file,
+        "solo",
+        "60",
+        "for i in 1 2 3 4 5; do echo console noise $i > /dev/console; sleep 1; done",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    std::fs::write(d.join("notes.txt"), "not part of the composition\n").unwrap();
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(10) {
+        assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(read(&out).contains("console noise 5"), "{}", read(&out));
+    assert!(
+        !read(&err).contains("changed: ") && !read(&out).contains("plan for cluster"),
+        "reloaded without an edit: {}",
+        read(&err)
+    );
+    // An edit of an imported file reloads; so does one of the composition itself.
+    std::fs::write(&www, "\"solo v2\"").unwrap();
+    vmcommon::wait_until(
+        "the import's edit is applied",
+        Duration::from_secs(180),
+        || served() == "solo v2\n",
+    );
+    write_composition(
+        &file,
+        r#"solo = { system = sys { www = "solo v3"; }; memorySize = 256; };"#,
+    );
+    vmcommon::wait_until(
+        "the composition's edit is applied",
+        Duration::from_secs(180),
+        || served() == "solo v3\n",
+    );
+    let e = read(&err);
+    assert!(
+        e.contains(&format!("changed: {}", www.display()))
+            && e.contains(&format!("changed: {}", file.display())),
+        "{e}"
+    );
+    assert!(!e.contains("up.log") && !e.contains("notes.txt"), "{e}");
+    drydock_gc::send_signal(up.id(), libc::SIGINT).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{}", read(&err));
+    wait_no_processes(&state, Duration::from_secs(30));
+}

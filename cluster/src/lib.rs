@@ -5,7 +5,8 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
+//!   come or go), `watch` (waiting for edits of what the evaluation read), `logs` (console
+//!   stamping, timed-log merge);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
 //! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its error);
@@ -62,4 +63,4 @@ pub use state::{
     cluster_machine, cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use watch::WatchError;
+pub use watch::{Reads, WatchError};

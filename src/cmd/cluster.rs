@@ -60,6 +60,7 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
         allow_overcommit: a.allow_overcommit,
+        watch: a.watch,
     }
 }
 
@@ -94,6 +95,8 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         },
     };
     let mut printer = UpPrinter::new(ctx.json, None);
+    // With --watch: what the evaluation read, which the watch reloads on.
+    let mut reads = None;
     // What this `up` built stays rooted until `roots` is dropped: once every machine's run
     // pins its system (or the cluster is stopped, and nothing needs it).
     let drydock_cluster::Prepared { plan, roots, .. } = drydock_cluster::prepare_cluster(
@@ -102,7 +105,12 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         &req,
         None,
         &CANCEL,
-        &mut |ev| printer.event(ev),
+        &mut |ev| {
+            if let UpEvent::Evaluated { reads: r, .. } = &ev {
+                reads = Some((*r).clone());
+            }
+            printer.event(ev)
+        },
     )?;
     let Some(lock) = lock else {
         return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
@@ -111,7 +119,7 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
     if a.detach {
         return detach(ctx, a, &name, &plan, &lock);
     }
-    foreground(ctx, a, &req, &plan, roots, lock)
+    foreground(ctx, a, &req, &plan, roots, lock, reads)
 }
 
 fn foreground(
@@ -122,6 +130,7 @@ fn foreground(
     roots: drydock_cluster::BuildRoots,
     // Held until this owner returns, everything stopped.
     _lock: drydock_cluster::OwnerLock,
+    reads: Option<drydock_cluster::Reads>,
 ) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
     let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
@@ -147,7 +156,13 @@ fn foreground(
         plan.machines.len()
     );
     let mut watching = match a.watch {
-        true => Some(Watching::new(&a.cluster.file)?),
+        true => {
+            let mut w = Watching::new(&a.cluster.file, &ctx.state_dir)?;
+            if let Some(r) = &reads {
+                w.evaluated(r, true);
+            }
+            Some(w)
+        }
         false => None,
     };
     cluster.own(watching.as_mut().map(|w| (w, req)), &CANCEL, &mut |ev| {
