@@ -1,4 +1,4 @@
-//! The command line, as `clap` derive types. The contract lives in `CLI.md`; this file is its
+//! The command line, as `clap` derive types. The contract lives in `docs/cli.md`; this file is its
 //! code form. Nothing here has side effects.
 
 use std::path::PathBuf;

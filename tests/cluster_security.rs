@@ -1,37 +1,25 @@
 //! What another local user, a guest, a composition and drydock's own output can do to a cluster
 //! (issue 19), played for real: a second user made by the test pre-creates drydock's socket
 //! folder or a state dir full of links to root's files, and connects to root's sockets; a
-//! cluster is started under `umask 000`; a composition asks for more memory than the host has. Needs root (`useradd`, the store server's sandbox) and, for the tests that
-//! boot, the test guest's kernel (`scripts/guest/build-initrd`).
+//! cluster is started under `umask 000`; a composition asks for more memory than the host has;
+//! a guest process forges backdoor replies; two `up`s of one project race; `up --watch` writes
+//! its output into the composition's folder. Needs root (`useradd`, the store server's sandbox)
+//! and, for the tests that boot, the test guest's kernel (`scripts/guest/build-initrd`).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use crate::common::{self, TempUser};
+use crate::common::{self, Drydock, TempUser};
 use crate::vmcommon::{
-    self, DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_store as store,
-    guest_ready, processes_mentioning, text, wait_no_processes, write_composition,
+    Cluster, cluster_store, guest_ready, processes_mentioning, text, wait_no_processes, wait_until,
 };
-
-/// A composition in its own directory `dir/NAME/drydock.nix`, written with `body` as is.
-fn composition_text(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let f = d.join("drydock.nix");
-    std::fs::write(&f, body).unwrap();
-    f
-}
 
 /// A composition whose one machine boots a store path given as a string: it evaluates at once
 /// and nothing is built, so a refusal after planning is all that can happen.
-fn plain_composition(dir: &Path, name: &str) -> PathBuf {
-    composition_text(
-        dir,
-        name,
-        r#"{ machines.solo.system = "/nix/store/00000000000000000000000000000000-not-built"; }"#,
-    )
-}
+const PLAIN: &str =
+    r#"{ machines.solo.system = "/nix/store/00000000000000000000000000000000-not-built"; }"#;
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -78,34 +66,29 @@ fn another_users_socket_folder_is_refused_before_anything_starts() {
     std::fs::write(&kernel, b"not a kernel").unwrap();
     let initrd = dir.path().join("initrd");
     std::fs::write(&initrd, b"not an initrd").unwrap();
-    let o = Command::new(vmcommon::bin())
-        .arg("--store")
-        .arg(store())
-        .arg("--state-dir")
-        .arg(&state)
+    let o = Drydock::on(&cluster_store(), &state)
         .args(["vm", "run", "--name", "v", "--accel", "tcg", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
         .env("XDG_RUNTIME_DIR", &run)
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+        .run()
+        .exit(2);
+    let err = o.stderr_str();
     assert!(err.contains(&says), "{err}");
 
     // `up --detach`: refused after planning, before the build or any machine.
-    let file = plain_composition(dir.path(), "sock");
-    let o = cluster_drydock(&store(), &state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    let c = Cluster::named("sock")
+        .composition(PLAIN)
+        .state(state.clone())
+        .write();
+    let o = c
+        .verb("up")
         .args(["--detach", "--accel", "tcg"])
         .env("XDG_RUNTIME_DIR", &run)
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+        .run()
+        .exit(2);
+    let err = o.stderr_str();
     assert!(err.contains(&says), "{err}");
     assert!(err.contains("remove it"), "the fix is named: {err}");
 
@@ -149,15 +132,16 @@ fn a_state_dir_of_another_user_with_planted_links_is_refused_and_nothing_is_foll
             );
         }
     };
-    let file = plain_composition(dir.path(), "links");
     let up = |state: &Path| {
-        cluster_drydock(&store(), state)
-            .arg("up")
-            .arg("-f")
-            .arg(&file)
+        let c = Cluster::named("links")
+            .composition(PLAIN)
+            .state(state.to_path_buf())
+            .write();
+        c.verb("up")
             .args(["--detach", "--accel", "tcg"])
-            .output()
-            .unwrap()
+            .run()
+            .exit(2)
+            .stderr_str()
     };
     let unchanged = || {
         for t in &targets {
@@ -174,9 +158,7 @@ fn a_state_dir_of_another_user_with_planted_links_is_refused_and_nothing_is_foll
     let theirs = shared.join("theirs");
     as_user(&user, &["mkdir", "-m", "777", theirs.to_str().unwrap()]);
     plant(&theirs);
-    let o = up(&theirs);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = up(&theirs);
     assert!(
         err.contains(&format!(
             "{} belongs to uid {}",
@@ -193,9 +175,7 @@ fn a_state_dir_of_another_user_with_planted_links_is_refused_and_nothing_is_foll
     std::fs::create_dir(&loose).unwrap();
     chmod(&loose, 0o777);
     plant(&loose);
-    let o = up(&loose);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = up(&loose);
     assert!(
         err.contains(&format!("{} can be written by", loose.display()))
             && err.contains("chmod go-w"),
@@ -248,35 +228,17 @@ fn under_umask_000_every_socket_and_folder_is_private_and_another_user_reaches_n
     }
     guest_ready();
     let user = TempUser::create();
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o755);
-    let state = dir.path().join("state");
-    let cdir = dir.path().join("um");
-    std::fs::create_dir(&cdir).unwrap();
-    let file = cdir.join("drydock.nix");
-    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
-    let up = Command::new("sh")
-        .args(["-c", "umask 000 && exec \"$@\"", "sh", vmcommon::bin()])
-        .arg("--store")
-        .arg(store())
-        .arg("--state-dir")
-        .arg(&state)
-        .env(
-            "NIX_CONFIG",
-            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
-        )
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    let c = Cluster::named("um")
+        .machines("solo = { system = sys { }; memorySize = 256; };")
+        .write();
+    // The other user may walk up to the state dir: only drydock's own modes keep them out.
+    chmod(c.dir(), 0o755);
+    let state = c.state().to_path_buf();
+    c.verb("up")
+        .via("sh", ["-c", "umask 000 && exec \"$@\"", "sh"])
         .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "up: {}", text(&up.stderr));
-    let _down = DownOnDrop {
-        store: store(),
-        state: state.clone(),
-        file: file.clone(),
-    };
+        .run()
+        .ok();
     let vm = state.join("vms/um.solo");
     let cl = state.join("clusters/um");
     let sockets = [
@@ -300,7 +262,13 @@ fn under_umask_000_every_socket_and_folder_is_private_and_another_user_reaches_n
     ] {
         assert_eq!(mode(d), 0o700, "{}", d.display());
     }
-    for f in ["cluster.json", "up.json", "hosts", "drydock.log"] {
+    for f in [
+        "cluster.json",
+        "up.json",
+        "hosts",
+        "drydock.log",
+        "owner.lock",
+    ] {
         assert_eq!(mode(&cl.join(f)), 0o600, "{f}");
     }
     for f in [
@@ -320,27 +288,20 @@ fn under_umask_000_every_socket_and_folder_is_private_and_another_user_reaches_n
     for s in [&sockets[0], &sockets[1], &sockets[2], &sockets[5]] {
         assert_eq!(connect_as(&user, s), eacces, "{}", s.display());
     }
-    let o: Output = user
-        .command(common::binary_for_all())
-        .arg("--state-dir")
-        .arg(&state)
+    let o = user
+        .drydock()
+        .state(&state)
+        .env("HOME", &state)
         .args(["exec", "-f"])
-        .arg(&file)
+        .arg(c.file())
         .args(["solo", "--", "id"])
-        .output()
-        .unwrap();
-    assert_ne!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert!(!text(&o.stdout).contains("uid="), "{}", text(&o.stdout));
+        .run();
+    assert_ne!(o.code(), Some(0), "{}", o.stderr_str());
+    assert!(!o.stdout_str().contains("uid="), "{}", o.stdout_str());
     // Root's own call works.
-    let o = cluster_exec(&store(), &state, &file, "solo", "60", "id -u");
-    assert_eq!(
-        (o.status.code(), text(&o.stdout)),
-        (Some(0), "0\n".to_string()),
-        "{}",
-        text(&o.stderr)
-    );
-    cluster_down(&store(), &state, &file);
-    wait_no_processes(&state, std::time::Duration::from_secs(30));
+    let o = c.exec("solo", "60", "id -u").ok();
+    assert_eq!(o.stdout_str(), "0\n");
+    c.down();
 }
 
 /// The host's memory in MiB (`MemTotal`).
@@ -358,52 +319,39 @@ fn host_mib() -> u64 {
 #[test]
 fn more_memory_than_the_host_has_is_refused_before_any_qemu_starts() {
     guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let cdir = dir.path().join("big");
-    std::fs::create_dir(&cdir).unwrap();
-    let file = cdir.join("drydock.nix");
-    write_composition(
-        &file,
-        "huge = { system = sys { }; memorySize = 1000000; };
-         small = { system = sys { }; memorySize = 256; };",
-    );
+    let c = Cluster::named("big")
+        .machines(
+            "huge = { system = sys { }; memorySize = 1000000; };
+             small = { system = sys { }; memorySize = 256; };",
+        )
+        .write();
+    let state = c.state();
     let host = host_mib();
     let up = |extra: &[&str]| {
-        cluster_drydock(&store(), &state)
-            .arg("up")
-            .arg("-f")
-            .arg(&file)
+        c.verb("up")
             .args(["--accel", "tcg", "--timeout", "300"])
             .args(extra)
-            .output()
-            .unwrap()
+            .run()
     };
-    let o = up(&["--detach"]);
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = up(&["--detach"]).exit(2).stderr_str();
     assert!(
         err.contains(&format!(
             "huge (1000000 MiB), small (256 MiB) ask for 1000256 MiB of memory in all, more than this host has ({host} MiB)"
         )) && err.contains("--allow-overcommit"),
         "{err}"
     );
-    assert!(processes_mentioning(&state).is_empty());
+    assert!(processes_mentioning(state).is_empty());
     assert!(!state.join("vms/big.huge/launch.json").exists());
     // A lone VM: the same.
-    let o = Command::new(vmcommon::bin())
-        .arg("--store")
-        .arg(store())
-        .arg("--state-dir")
-        .arg(&state)
+    let err = c
+        .drydock()
         .args([
             "vm", "run", "--name", "v", "--accel", "tcg", "--memory", "1000000",
         ])
         .args(["--kernel", "/nonexistent/k", "--initrd", "/nonexistent/i"])
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+        .run()
+        .exit(2)
+        .stderr_str();
     assert!(
         err.contains(&format!(
             "v (1000000 MiB) asks for 1000000 MiB of memory, more than this host has ({host} MiB)"
@@ -411,11 +359,9 @@ fn more_memory_than_the_host_has_is_refused_before_any_qemu_starts() {
         "{err}"
     );
     // Who knows better says so: the plan goes through (a dry run; nothing boots 1 TB here).
-    let o = up(&["--dry-run", "--allow-overcommit"]);
-    let out = text(&o.stdout);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = up(&["--dry-run", "--allow-overcommit"]).ok().stdout_str();
     assert!(out.contains("create") && out.contains("huge"), "{out}");
-    assert!(processes_mentioning(&state).is_empty());
+    assert!(processes_mentioning(state).is_empty());
 }
 
 /// A guest command writing, to the backdoor's console, what the replies of the calls `from..=to`
@@ -428,82 +374,63 @@ fn forge(from: u32, to: u32) -> String {
 
 #[test]
 fn forged_replies_from_a_guest_process_are_never_taken() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let cdir = dir.path().join("forge");
-    std::fs::create_dir(&cdir).unwrap();
-    let file = cdir.join("drydock.nix");
-    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
-    vmcommon::cluster_up_detached(&store(), &state, &file);
-    let _down = DownOnDrop {
-        store: store(),
-        state: state.clone(),
-        file: file.clone(),
-    };
-    let exec = |cmd: &str| cluster_exec(&store(), &state, &file, "solo", "60", cmd);
+    let c = Cluster::named("forge")
+        .machines("solo = { system = sys { }; memorySize = 256; };")
+        .up();
     // The markers of the next 300 calls, as the issue's guest wrote them.
-    let o = exec(&forge(1, 300));
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    c.exec("solo", "60", &forge(1, 300)).ok();
     // ... and more while the next calls run, from a process left in the background.
-    let o = exec(&format!(
-        "(sleep 0.3; {}) </dev/null >/dev/null 2>&1 &",
-        forge(301, 600)
-    ));
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    c.exec(
+        "solo",
+        "60",
+        &format!(
+            "(sleep 0.3; {}) </dev/null >/dev/null 2>&1 &",
+            forge(301, 600)
+        ),
+    )
+    .ok();
     for i in 0..4 {
-        let o = exec(&format!("echo real {i}; exit {i}"));
+        let o = c.exec("solo", "60", &format!("echo real {i}; exit {i}"));
         assert_eq!(
-            (o.status.code(), text(&o.stdout)),
+            (o.code(), o.stdout_str()),
             (Some(i), format!("real {i}\n")),
             "{}",
-            text(&o.stderr)
+            o.stderr_str()
         );
     }
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 #[test]
 fn two_ups_of_one_project_at_once_start_it_once() {
     guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let cdir = dir.path().join("twice");
-    std::fs::create_dir(&cdir).unwrap();
-    let file = cdir.join("drydock.nix");
-    write_composition(&file, "solo = { system = sys { }; memorySize = 256; };");
+    let c = Cluster::named("twice")
+        .machines("solo = { system = sys { }; memorySize = 256; };")
+        .write();
+    let state = c.state();
     let up = || {
-        cluster_drydock(&store(), &state)
-            .arg("up")
-            .arg("-f")
-            .arg(&file)
+        c.verb("up")
             .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
     };
     let (a, b) = (up(), up());
     let pids = [a.id(), b.id()];
-    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
-    let _down = DownOnDrop {
-        store: store(),
-        state: state.clone(),
-        file: file.clone(),
-    };
-    let errs: Vec<String> = outs.iter().map(|o| text(&o.stderr)).collect();
+    let outs = [a.output(), b.output()];
+    let errs: Vec<String> = outs.iter().map(|o| o.stderr_str()).collect();
     for e in &errs {
         assert!(
             !e.contains("File exists") && !e.contains("syntax error"),
             "{errs:#?}"
         );
     }
-    let owner = vmcommon::cluster_ps(&store(), &state, &file);
+    let owner = c.ps();
     let st: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.join("clusters/twice/cluster.json")).unwrap())
             .unwrap();
     let owner_pid = st["owner_pid"].as_u64().unwrap() as u32;
-    match (outs[0].status.code(), outs[1].status.code()) {
+    match (outs[0].code(), outs[1].code()) {
         (Some(0), Some(0)) => {
             // The second came once the first was up: a reload with nothing to do.
             assert!(
@@ -512,7 +439,7 @@ fn two_ups_of_one_project_at_once_start_it_once() {
             );
         }
         (Some(0), Some(2)) | (Some(2), Some(0)) => {
-            let (won, lost) = match outs[0].status.code() {
+            let (won, lost) = match outs[0].code() {
                 Some(0) => (0, 1),
                 _ => (1, 0),
             };
@@ -529,74 +456,50 @@ fn two_ups_of_one_project_at_once_start_it_once() {
     // One owner, one machine, one QEMU.
     assert_eq!(owner.as_array().unwrap().len(), 1, "{owner}");
     assert_eq!(owner[0]["state"], "running", "{owner}");
-    let qemus = processes_mentioning(&state)
+    let qemus = processes_mentioning(state)
         .into_iter()
         .filter(|(_, cmd)| cmd.contains("qemu-system"))
         .count();
     assert_eq!(qemus, 1);
     assert!(Path::new(&format!("/proc/{owner_pid}")).exists());
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 #[test]
 fn a_watch_whose_output_goes_into_the_compositions_folder_reloads_only_on_edits() {
-    use std::time::{Duration, Instant};
     guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let d = dir.path().join("own");
-    std::fs::create_dir(&d).unwrap();
-    let file = d.join("drydock.nix");
+    let c = Cluster::named("own")
+        .machines("solo = { system = sys { www = import ./www.nix; }; memorySize = 256; };")
+        .write();
+    let d = c.file().parent().unwrap().to_path_buf();
     let www = d.join("www.nix");
     std::fs::write(&www, "\"solo v1\"").unwrap();
-    write_composition(
-        &file,
-        "solo = { system = sys { www = import ./www.nix; }; memorySize = 256; };",
-    );
     // `up --watch > up.log 2> up.err`, both in the composition's folder.
     let (out, err) = (d.join("up.log"), d.join("up.err"));
-    let mut up = cluster_drydock(&store(), &state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    let mut up = c
+        .verb("up")
         .args(["--watch", "--accel", "tcg", "--timeout", "300"])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let _down = DownOnDrop {
-        store: store(),
-        state: state.clone(),
-        file: file.clone(),
-    };
+        .spawn();
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let served = || {
-        let o = cluster_exec(
-            &store(),
-            &state,
-            &file,
-            "solo",
-            "60",
-            "wget -qO- http://localhost/",
-        );
-        text(&o.stdout)
+        c.exec("solo", "60", "wget -qO- http://localhost/")
+            .stdout_str()
     };
-    vmcommon::wait_until("the cluster is up", Duration::from_secs(300), || {
+    wait_until("the cluster is up", Duration::from_secs(300), || {
         assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
         read(&err).contains("Ctrl-C stops it")
     });
     assert_eq!(served(), "solo v1\n");
     // Its own output grows (the guest's console is echoed to up.log), and a file the
     // evaluation never read is written: for 10 s, no reload.
-    let o = cluster_exec(
-        &store(),
-        &state,
-        &file,
+    c.exec(
         "solo",
         "60",
         "for i in 1 2 3 4 5; do echo console noise $i > /dev/console; sleep 1; done",
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    )
+    .ok();
     std::fs::write(d.join("notes.txt"), "not part of the composition\n").unwrap();
     let quiet = Instant::now();
     while quiet.elapsed() < Duration::from_secs(10) {
@@ -611,16 +514,13 @@ fn a_watch_whose_output_goes_into_the_compositions_folder_reloads_only_on_edits(
     );
     // An edit of an imported file reloads; so does one of the composition itself.
     std::fs::write(&www, "\"solo v2\"").unwrap();
-    vmcommon::wait_until(
+    wait_until(
         "the import's edit is applied",
         Duration::from_secs(180),
         || served() == "solo v2\n",
     );
-    write_composition(
-        &file,
-        r#"solo = { system = sys { www = "solo v3"; }; memorySize = 256; };"#,
-    );
-    vmcommon::wait_until(
+    c.set_machines(r#"solo = { system = sys { www = "solo v3"; }; memorySize = 256; };"#);
+    wait_until(
         "the composition's edit is applied",
         Duration::from_secs(180),
         || served() == "solo v3\n",
@@ -628,19 +528,12 @@ fn a_watch_whose_output_goes_into_the_compositions_folder_reloads_only_on_edits(
     let e = read(&err);
     assert!(
         e.contains(&format!("changed: {}", www.display()))
-            && e.contains(&format!("changed: {}", file.display())),
+            && e.contains(&format!("changed: {}", c.file().display())),
         "{e}"
     );
     assert!(!e.contains("up.log") && !e.contains("notes.txt"), "{e}");
-    drydock_gc::send_signal(up.id(), libc::SIGINT).unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = up.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "up did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    up.signal(libc::SIGINT);
+    let status = up.wait_within(Duration::from_secs(60));
     assert_eq!(status.code(), Some(130), "{}", read(&err));
-    wait_no_processes(&state, Duration::from_secs(30));
+    wait_no_processes(c.state(), Duration::from_secs(30));
 }

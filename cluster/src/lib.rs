@@ -9,7 +9,10 @@
 //!   stamping, timed-log merge);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its error);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors and a
+//!   machine's);
+//! - `launches` (each machine's launch request, and every machine's launch checked by
+//!   drydock-vm's launcher before anything starts);
 //! - `exec` (the exec server per machine and its client), `control` (the owner's control socket:
 //!   protocol, client and server; starting a detached owner, `down`), `wait`;
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
@@ -24,6 +27,7 @@ mod control;
 mod eval;
 mod exec;
 mod hub;
+mod launches;
 mod logs;
 mod reload;
 mod run;
@@ -36,7 +40,9 @@ mod watch;
 mod wire;
 
 pub use apply::ReloadError;
-pub use backdoor::{BackdoorError, ExecOutput};
+pub use backdoor::{
+    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
+};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
@@ -45,7 +51,7 @@ pub use compose::{
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
-pub use eval::EvalError;
+pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use exec::{ShellOptions, exec_remote, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
 pub use logs::{merge_timed, parse_timed, timed_log};
@@ -59,7 +65,7 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, OwnerLock,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
     cluster_machine, cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};

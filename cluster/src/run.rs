@@ -1,10 +1,13 @@
-//! The effectful layer of a cluster: its owner process starts one hub per VLAN and one
-//! long-lived thread per machine (so QEMU's parent-death signal is tied to a thread that lives
-//! as long as the machine). Each machine thread launches its VM through the one launch path
-//! (`resolve_launch`, `record_vm_run`, `start`), listens on the backdoor socket QEMU connects
-//! to, waits for the guest's ready line, then serves `exec` requests from other drydock
-//! processes on `exec.sock` (one JSON line each way; calls queue on the backdoor), until the
-//! owner stops the cluster or QEMU exits. Stopping sets every machine's flag: every machine
+//! The effectful layer of a cluster: its owner process checks every machine's launch first
+//! (`launches`: resolved and checked by drydock-vm's launcher, so a bad machine starts
+//! nothing), then starts one hub per VLAN and one long-lived thread per machine (so QEMU's
+//! parent-death signal is tied to a thread that lives as long as the machine). Each machine
+//! thread carries its checked launch out with the launcher (claim, then its backdoor socket,
+//! then disk, run, record, QEMU), listens on the backdoor socket QEMU connects to, waits for
+//! the guest's ready line, then serves `exec` requests from other drydock processes on
+//! `exec.sock` (one JSON line each way; calls queue on the backdoor), until the owner stops the
+//! cluster or QEMU exits; what fails reaches the owner as a typed [`MachineError`]. Stopping
+//! sets every machine's flag: every machine
 //! thread stops its VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs
 //! stop. A hot reload (`apply`) stops, starts and rewires single machines of a running cluster
 //! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
@@ -18,23 +21,33 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use crate::backdoor::Backdoor;
-use crate::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
+use crate::compose::{ClusterPlan, MachinePlan};
 use crate::hub::Hub;
+use crate::launches::plan_launches;
 use crate::logs::timed_log;
 use crate::logs::{Stamp, Tails, stamp_consoles};
 use crate::state::{
-    ClusterError, ClusterLaunch, ClusterState, cluster_paths, exec_socket, hub_socket, nic_socket,
+    ClusterError, ClusterLaunch, ClusterState, MachineError, cluster_paths, exec_socket,
+    hub_socket, nic_socket,
 };
-use drydock_vm::{Boot, LaunchRequest, Share, StoreMode};
-use drydock_vm::{FwCfgFile, GuestDevices, Nic, VmPaths};
-use drydock_vm::{LaunchRecord, VmState};
+use drydock_vm::LaunchPlan;
+use drydock_vm::VmPaths;
 
 /// What a machine thread reports.
 #[derive(Debug)]
 pub enum MachineEvent {
-    Ready { machine: String, after: Duration },
-    Failed { machine: String, message: String },
-    Stopped { machine: String },
+    Ready {
+        machine: String,
+        after: Duration,
+    },
+    /// Its error as it happened (shared: the owner reports it and may return it).
+    Failed {
+        machine: String,
+        error: Arc<MachineError>,
+    },
+    Stopped {
+        machine: String,
+    },
 }
 
 /// One machine's thread and its stop flag.
@@ -63,15 +76,17 @@ pub struct RunningCluster {
     stopped: bool,
 }
 
-/// Start the cluster `plan`: hubs, then every machine in parallel. Returns once every machine
-/// is ready; a machine that fails, `cancel` or the timeout stops everything started.
-/// `on_event` sees each machine's event, and `None` every 50 ms meanwhile.
+/// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
+/// the error, and nothing starts), then hubs, then every machine in parallel. Returns once
+/// every machine is ready; a machine that fails, `cancel` or the timeout stops everything
+/// started. `on_event` sees each machine's event, and `None` every 50 ms meanwhile.
 pub fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(Option<&MachineEvent>),
 ) -> Result<RunningCluster, ClusterError> {
+    let launches = plan_launches(plan, opts)?;
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
     crate::state::make_private(&opts.state_dir, plan)?;
     let hosts = cpaths.dir.join("hosts");
@@ -124,8 +139,8 @@ pub fn up(
                 source,
             })?,
     );
-    for m in &plan.machines {
-        running.spawn_machine(m)?;
+    for (m, launch) in plan.machines.iter().zip(launches) {
+        running.spawn_machine(m, launch)?;
     }
     let started = Instant::now();
     let mut ready = 0;
@@ -139,25 +154,25 @@ pub fn up(
                 on_event(Some(&ev));
                 match ev {
                     MachineEvent::Ready { .. } => ready += 1,
-                    MachineEvent::Failed { machine, message } => {
-                        running.stop();
-                        return Err(ClusterError::Machine { machine, message });
-                    }
-                    MachineEvent::Stopped { machine } => {
+                    MachineEvent::Failed { machine, error } => {
                         running.stop();
                         return Err(ClusterError::Machine {
                             machine,
-                            message: "stopped before it became ready".into(),
+                            source: error,
                         });
+                    }
+                    MachineEvent::Stopped { machine } => {
+                        running.stop();
+                        return Err(ClusterError::machine(
+                            &machine,
+                            MachineError::StoppedBeforeReady,
+                        ));
                     }
                 }
             }
             Err(_) if started.elapsed() > opts.ready_timeout + Duration::from_secs(60) => {
                 running.stop();
-                return Err(ClusterError::Machine {
-                    machine: "?".into(),
-                    message: "the cluster did not become ready in time".into(),
-                });
+                return Err(ClusterError::machine("?", MachineError::Late));
             }
             Err(_) => on_event(None),
         }
@@ -174,16 +189,19 @@ pub(crate) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<
 }
 
 impl RunningCluster {
-    /// Start the thread of machine `m` (its VM boots; it reports on `events`).
-    pub(crate) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+    /// Start the thread of machine `m`, which carries out its checked `launch` (its VM boots;
+    /// it reports on `events`).
+    pub(crate) fn spawn_machine(
+        &mut self,
+        m: &MachinePlan,
+        launch: LaunchPlan,
+    ) -> Result<(), ClusterError> {
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let hosts = cpaths.dir.join("hosts");
         let stop = Arc::new(AtomicBool::new(false));
         let (m2, opts, tx, flag) = (m.clone(), self.opts.clone(), self.tx.clone(), stop.clone());
-        let cp = cpaths.clone();
         let thread = std::thread::Builder::new()
             .name(format!("machine-{}", m.machine))
-            .spawn(move || machine_main(&m2, &opts, &cp, &hosts, &flag, &tx))
+            .spawn(move || machine_main(&m2, &opts, launch, &flag, &tx))
             .map_err(|source| ClusterError::Files {
                 path: cpaths.dir.clone(),
                 source,
@@ -270,132 +288,60 @@ impl Drop for RunningCluster {
     }
 }
 
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    drydock_vm::error_chain(e)
-}
-
-/// The launch of machine `m` of a cluster whose folder is `cpaths` (its hosts table `hosts`).
-pub(crate) fn machine_request(
-    m: &MachinePlan,
-    opts: &ClusterLaunch,
-    cpaths: &VmPaths,
-    hosts: &Path,
-) -> LaunchRequest {
-    let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-    let nics: Vec<Nic> = m
-        .nics
-        .iter()
-        .map(|n| Nic {
-            mac: n.mac.clone(),
-            socket: nic_socket(&paths, n.vlan),
-            hub: hub_socket(cpaths, n.vlan),
-        })
-        .collect();
-    LaunchRequest {
-        name: m.vm_name.clone(),
-        boot: Boot::System(m.settings.system.target().to_string()),
-        append: Some(m.append.clone()),
-        share: Share::Closure,
-        store_mode: StoreMode::VirtioFs,
-        accel: opts.accel,
-        qemu: opts.qemu.clone(),
-        memory_mib: m.settings.memory_mib,
-        cpus: m.settings.cores,
-        disk_size_mib: m.settings.disk_mib,
-        exe: opts.exe.clone(),
-        devices: GuestDevices {
-            nics,
-            backdoor: Some(paths.sockets.join("backdoor.sock")),
-            fw_cfg: vec![FwCfgFile {
-                name: HOSTS_FW_CFG.into(),
-                file: hosts.to_path_buf(),
-            }],
-        },
-        // The cluster's memory, all machines together, was checked when it was planned
-        // (`session::prepare`), with the user's `--allow-overcommit`.
-        allow_overcommit: true,
-    }
-}
-
-/// One machine, start to stop. Everything it started it stops before returning.
+/// One machine, start to stop: its checked `launch` carried out, then served. Everything it
+/// started it stops before returning.
 fn machine_main(
     m: &MachinePlan,
     opts: &ClusterLaunch,
-    cpaths: &VmPaths,
-    hosts: &Path,
+    launch: LaunchPlan,
     stop: &AtomicBool,
     tx: &Sender<MachineEvent>,
 ) {
-    let fail = |message: String| {
+    let fail = |error: MachineError| {
         let _ = tx.send(MachineEvent::Failed {
             machine: m.machine.clone(),
-            message,
+            error: Arc::new(error),
         });
     };
+    let launcher = opts.launcher();
+    let claimed = match launcher.claim(launch) {
+        Ok(c) => c,
+        Err(e) => return fail(MachineError::launching(e)),
+    };
     let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-    if let Some(state) = VmState::read(&paths) {
-        if state.qemu_alive() || state.supervisor_alive() {
-            return fail(format!(
-                "a VM named {} is already running (QEMU pid {})",
-                m.vm_name, state.qemu_pid
-            ));
-        }
-        let record = LaunchRecord::read(&paths).ok();
-        if let Err(e) = drydock_vm::reap_stale(&opts.state_dir, &paths, &state, record.as_ref()) {
-            return fail(error_text(&e));
-        }
-    }
-    if let Err(e) = paths.make_private() {
-        return fail(error_text(&e));
-    }
+    // The claim made the VM's folder and its socket folder private (or refused them).
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
-    let req = machine_request(m, opts, cpaths, hosts);
-    for p in req
+    let nics: Vec<PathBuf> = claimed
+        .record()
+        .spec
         .devices
         .nics
         .iter()
-        .map(|n| &n.socket)
-        .chain([&backdoor_path, &exec_path])
-    {
+        .map(|n| n.socket.clone())
+        .collect();
+    for p in nics.iter().chain([&backdoor_path, &exec_path]) {
         let _ = std::fs::remove_file(p);
     }
     let listener = match drydock_gc::bind_listener(&backdoor_path) {
         Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
-    };
-    let mut record = match drydock_vm::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
-        Ok(r) => r.record,
-        Err(e) => {
-            return fail(format!(
-                "system {}: {}",
-                m.settings.system.target(),
-                error_text(&e)
-            ));
+        Err(source) => {
+            return fail(MachineError::Listen {
+                path: backdoor_path,
+                source,
+            });
         }
     };
-    if let Some(disk) = &record.spec.disk {
-        if let Err(e) = drydock_vm::discard_disk(disk) {
-            return fail(error_text(&e));
-        }
-    }
-    record.run_id = drydock_vm::record_vm_run(&opts.state_dir, &opts.layout, &record, &opts.argv);
-    if let Err(e) = record.write(&paths) {
-        return fail(error_text(&e));
-    }
     let started = Instant::now();
-    let mut vm = match drydock_vm::start(&record.spec, record.share.as_ref(), None) {
-        Ok(vm) => vm,
-        Err(e) => {
-            let _ = drydock_vm::end_vm_run(&opts.state_dir, &record, None);
-            return fail(error_text(&e));
-        }
+    let (record, mut vm) = match launcher.start_here(claimed) {
+        Ok(started) => started,
+        Err(e) => return fail(MachineError::launching(e)),
     };
     // From here on the VM is stopped on every path out.
     let result = serve(m, opts, &mut vm, &listener, &exec_path, stop, tx, started);
     let status = vm.exited();
     if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
-        tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
+        tracing::warn!("stopping {}: {}", m.vm_name, drydock_vm::error_chain(&e));
     }
     let _ = drydock_vm::end_vm_run(
         &opts.state_dir,
@@ -405,8 +351,8 @@ fn machine_main(
     for p in [&backdoor_path, &exec_path] {
         let _ = std::fs::remove_file(p);
     }
-    for n in &record.spec.devices.nics {
-        let _ = std::fs::remove_file(&n.socket);
+    for n in &nics {
+        let _ = std::fs::remove_file(n);
     }
     match result {
         Ok(()) => {
@@ -414,7 +360,7 @@ fn machine_main(
                 machine: m.machine.clone(),
             });
         }
-        Err(message) => fail(message),
+        Err(e) => fail(e),
     }
 }
 
@@ -429,36 +375,35 @@ fn serve(
     stop: &AtomicBool,
     tx: &Sender<MachineEvent>,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<(), MachineError> {
     let deadline = started + opts.ready_timeout;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("backdoor socket: {e}"))?;
+        .map_err(MachineError::BackdoorSocket)?;
     let stream = loop {
         match listener.accept() {
             Ok((s, _)) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("backdoor socket: {e}")),
+            Err(e) => return Err(MachineError::BackdoorSocket(e)),
         }
         if stop.load(Ordering::SeqCst) {
             return Ok(());
         }
         if vm.exited().is_some() {
-            return Err("QEMU exited before it connected the backdoor".into());
+            return Err(MachineError::ExitedEarly);
         }
         if Instant::now() > deadline {
-            return Err("QEMU did not connect the backdoor in time".into());
+            return Err(MachineError::NoBackdoor);
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let _ = stream.set_nonblocking(false);
     let left = deadline.saturating_duration_since(Instant::now());
-    let backdoor = Backdoor::wait_ready(stream, left, stop, &mut |_| {}).map_err(|e| {
-        format!(
-            "{} (see {})",
-            error_text(&e),
-            vm.paths().console_log().display()
-        )
+    let backdoor = Backdoor::wait_ready(stream, left, stop, &mut |_| {}).map_err(|error| {
+        MachineError::NotReady {
+            error,
+            console: vm.paths().console_log(),
+        }
     })?;
     let backdoor = Arc::new(backdoor);
     let _ = tx.send(MachineEvent::Ready {
@@ -468,4 +413,5 @@ fn serve(
     crate::exec::serve(&m.machine, backdoor, exec_path, stop, &mut || {
         vm.exited().is_none()
     })
+    .map_err(MachineError::Exec)
 }

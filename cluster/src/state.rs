@@ -1,8 +1,10 @@
 //! A cluster's state on disk and its paths: who owns an up cluster (`cluster.json`) and the lock
 //! that makes it one owner at a time (`owner.lock`), how its machines are launched, where its
-//! sockets live, and the cluster's error.
+//! sockets live, and the cluster's errors (one machine's, [`MachineError`], carried whole from
+//! its thread to the owner, and the cluster's).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +13,88 @@ use crate::compose::{ClusterPlan, MachinePlan};
 use drydock_gc::StoreLayout;
 use drydock_vm::AccelChoice;
 use drydock_vm::VmPaths;
+use drydock_vm::{Launcher, LauncherError};
+
+/// Why one machine could not be launched or served: found before the cluster starts (its launch
+/// resolved and checked), or in its thread, which reports it to the owner as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("a VM named {vm} is already running (QEMU pid {qemu_pid})")]
+    Running { vm: String, qemu_pid: u32 },
+    /// Its system (and its settings) cannot be launched.
+    #[error("system {system}")]
+    System {
+        system: String,
+        #[source]
+        source: Box<LauncherError>,
+    },
+    /// Claiming its name, its disk, its run, its record or starting QEMU failed.
+    #[error(transparent)]
+    Launch(Box<LauncherError>),
+    #[error("cannot create {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backdoor socket")]
+    BackdoorSocket(#[source] std::io::Error),
+    #[error("QEMU exited before it connected the backdoor")]
+    ExitedEarly,
+    #[error("QEMU did not connect the backdoor in time")]
+    NoBackdoor,
+    /// The guest's backdoor never became ready (the console says why); the backdoor's error is
+    /// kept, and shown before the console's path.
+    #[error("{} (see {})", drydock_vm::error_chain(error), console.display())]
+    NotReady {
+        error: crate::backdoor::BackdoorError,
+        console: PathBuf,
+    },
+    /// The exec server failed (its words).
+    #[error("{0}")]
+    Exec(String),
+    #[error("stopped before it became ready")]
+    StoppedBeforeReady,
+    #[error("the cluster did not become ready in time")]
+    Late,
+}
+
+impl MachineError {
+    /// A launch refused by the launcher, in the words of a cluster machine: a name that is taken,
+    /// or its system (the resolution and checks).
+    pub(crate) fn planning(system: &str, e: LauncherError) -> Self {
+        match e {
+            LauncherError::NameInUse { name, qemu_pid } => Self::Running { vm: name, qemu_pid },
+            source => Self::System {
+                system: system.to_owned(),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    /// A launch that failed while it was carried out.
+    pub(crate) fn launching(e: LauncherError) -> Self {
+        match e {
+            LauncherError::NameInUse { name, qemu_pid } => Self::Running { vm: name, qemu_pid },
+            e => Self::Launch(Box::new(e)),
+        }
+    }
+
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Running { .. } => true,
+            Self::System { source, .. } | Self::Launch(source) => source.is_bad_input(),
+            Self::NotReady { error, .. } => error.is_bad_input(),
+            _ => false,
+        }
+    }
+}
 
 /// Why a cluster could not start, or a call could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +111,12 @@ pub enum ClusterError {
     },
     #[error(transparent)]
     Hub(crate::hub::HubError),
-    #[error("machine {machine}: {message}")]
-    Machine { machine: String, message: String },
+    #[error("machine {machine}")]
+    Machine {
+        machine: String,
+        #[source]
+        source: Arc<MachineError>,
+    },
     #[error("the cluster {0} is not up (no owner found)")]
     NotUp(String),
     /// Another process holds the cluster's owner lock: an `up` preparing it, or its owner
@@ -91,6 +179,7 @@ impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::NotPrivate(e) => e.is_bad_input(),
+            Self::Machine { source, .. } => source.is_bad_input(),
             _ => matches!(
                 self,
                 Self::NotUp(_)
@@ -99,6 +188,14 @@ impl ClusterError {
                     | Self::NoMachine { .. }
                     | Self::OwnedByCluster { .. }
             ),
+        }
+    }
+
+    /// Machine `machine` failed.
+    pub(crate) fn machine(machine: &str, e: MachineError) -> Self {
+        Self::Machine {
+            machine: machine.to_owned(),
+            source: Arc::new(e),
         }
     }
 }
@@ -242,6 +339,19 @@ pub struct ClusterLaunch {
     pub ready_timeout: Duration,
     /// The command line recorded with each machine's run.
     pub argv: Vec<String>,
+}
+
+impl ClusterLaunch {
+    /// drydock-vm's launcher for the machines.
+    pub fn launcher(&self) -> Launcher {
+        Launcher {
+            layout: self.layout.clone(),
+            state_dir: self.state_dir.clone(),
+            store_root: None,
+            exe: self.exe.clone(),
+            argv: self.argv.clone(),
+        }
+    }
 }
 
 /// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).

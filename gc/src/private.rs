@@ -24,6 +24,8 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::exitclass::{Classify, ExitClass};
+
 /// The mode of every folder drydock makes.
 pub const DIR_MODE: u32 = 0o700;
 /// The mode of every file and socket drydock makes.
@@ -61,11 +63,25 @@ pub enum PrivateError {
     },
 }
 
+impl Classify for PrivateError {
+    /// A folder of another user, one others can write, a link or not a folder is the caller's
+    /// to fix (bad input); an I/O failure is a failure.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::Io { .. } => ExitClass::Failed,
+            Self::NotOwned { .. }
+            | Self::Loose { .. }
+            | Self::Link { .. }
+            | Self::NotADirectory { .. } => ExitClass::BadInput,
+        }
+    }
+}
+
 impl PrivateError {
-    /// A folder of another user, or one others can write, is the caller's to fix (exit 2); an
-    /// I/O failure is not.
+    /// `self.exit_class() == ExitClass::BadInput`, for drydock-vm's own `is_bad_input`s until
+    /// they ask [`Classify`]; remove then.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, Self::Io { .. })
+        self.exit_class() == ExitClass::BadInput
     }
 
     /// The folder named.

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::deadline::Deadline;
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{NixDb, NixDbError};
 use crate::store_path::{StoreLayout, StorePath};
 
@@ -41,6 +43,14 @@ pub enum ReclaimError {
     },
 }
 
+impl Classify for ReclaimError {
+    /// Always a failure: deleting is asked of drydock, and whatever stops it (Nix, the
+    /// database checked afterwards, a lock held too long) is not the user's input.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
+}
+
 /// What happened to the paths of one or more batches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeleteResult {
@@ -59,7 +69,9 @@ fn nix_store_delete(
     cmd.args(paths.iter().map(|p| layout.logical(p)));
     tracing::debug!("running nix-store --delete on {} paths", paths.len());
     // Waiting for Nix's GC lock is expected; waiting for ever is not.
-    match crate::track::run_nix(cmd, DELETE_DEADLINE).map_err(ReclaimError::Spawn)? {
+    match crate::nixcmd::run_nix(cmd, Deadline::after(DELETE_DEADLINE))
+        .map_err(ReclaimError::Spawn)?
+    {
         Some((status, stderr)) => Ok((status.success(), stderr)),
         None => Err(ReclaimError::Timeout(DELETE_DEADLINE)),
     }

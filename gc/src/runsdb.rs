@@ -17,10 +17,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::classify::PathClass;
+use crate::deadline::Deadline;
+use crate::exitclass::{Classify, ExitClass};
 use crate::store_path::{StoreLayout, StorePath};
 
 /// File name of the database inside the state directory.
 pub const RUNS_DB_FILE: &str = "runs.sqlite";
+
+/// How long opening the database sleeps between two tries to switch it to WAL.
+const WAL_RETRY: Duration = Duration::from_millis(5);
 
 /// Schema migrations; `user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -154,21 +159,23 @@ pub enum RunsDbError {
     },
 }
 
-impl RunsDbError {
-    /// Bad input: a corrupt or too-new database, an unknown run id.
-    pub fn is_bad_input(&self) -> bool {
-        if let Self::NotPrivate(e) = self {
-            return e.is_bad_input();
-        }
-        matches!(
-            self,
+impl Classify for RunsDbError {
+    /// Bad input: a corrupt, unwritable or too-new database (or state directory), a state
+    /// directory of another user or one others can write, an unknown run id, another store's
+    /// run. A state directory that cannot be inspected and removing a pin are classified as
+    /// their cause; the rest are failures.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::NotPrivate(e) => e.exit_class(),
             Self::Corrupt { .. }
-                | Self::StateDir { .. }
-                | Self::Unwritable { .. }
-                | Self::TooNew { .. }
-                | Self::UnknownRun(_)
-                | Self::OtherStore { .. }
-        )
+            | Self::StateDir { .. }
+            | Self::Unwritable { .. }
+            | Self::TooNew { .. }
+            | Self::UnknownRun(_)
+            | Self::OtherStore { .. } => ExitClass::BadInput,
+            Self::Unpin(e) => e.exit_class(),
+            Self::Pin { .. } | Self::Sqlite { .. } => ExitClass::Failed,
+        }
     }
 }
 
@@ -442,15 +449,18 @@ impl RunsDb {
             .map_err(corrupt)?;
         // Switching a new file to WAL needs an exclusive lock, and SQLite reports a concurrent
         // opener's lock at once (no busy handler for this step): retry within the same bound.
-        let wal_deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let wal_deadline = Deadline::after(Duration::from_secs(30));
         loop {
             match conn.pragma_update(None, "journal_mode", "WAL") {
                 Ok(()) => break,
                 Err(e)
                     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
-                        && std::time::Instant::now() < wal_deadline =>
+                        && !wal_deadline.expired() =>
                 {
-                    std::thread::sleep(Duration::from_millis(5));
+                    // A back-off, bounded by the deadline: SQLite's busy handler does not cover
+                    // this step, and there is nothing to block on until the other opener's
+                    // lock is gone.
+                    std::thread::sleep(WAL_RETRY.min(wal_deadline.remaining()));
                 }
                 Err(e) => return Err(corrupt(e)),
             }
@@ -1075,7 +1085,10 @@ mod tests {
         db.artifact_removed(art).unwrap();
         assert!(db.artifacts(id).unwrap()[0].removed_at.is_some());
         assert!(matches!(db.run(99), Err(RunsDbError::UnknownRun(99))));
-        assert!(db.finish_run(99, None).unwrap_err().is_bad_input());
+        assert_eq!(
+            db.finish_run(99, None).unwrap_err().exit_class(),
+            ExitClass::BadInput
+        );
         drop(db);
         // Reopening keeps data and does not re-migrate.
         let db = RunsDb::open(dir.path()).unwrap();
@@ -1136,12 +1149,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RUNS_DB_FILE), vec![b'x'; 4096]).unwrap();
         let e = RunsDb::open(dir.path()).unwrap_err();
-        assert!(e.is_bad_input(), "{e}");
+        assert_eq!(e.exit_class(), ExitClass::BadInput, "{e}");
         let dir = tempfile::tempdir().unwrap();
         let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
         c.execute_batch("CREATE TABLE other (x)").unwrap();
         drop(c);
-        assert!(RunsDb::open(dir.path()).unwrap_err().is_bad_input());
+        assert_eq!(
+            RunsDb::open(dir.path()).unwrap_err().exit_class(),
+            ExitClass::BadInput
+        );
         let dir = tempfile::tempdir().unwrap();
         let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
@@ -1227,7 +1243,7 @@ mod tests {
         );
         assert_eq!(db.run_in_store(&a, ra).unwrap().id, ra);
         let e = db.run_in_store(&a, rb).unwrap_err();
-        assert!(e.is_bad_input());
+        assert_eq!(e.exit_class(), ExitClass::BadInput);
         let msg = e.to_string();
         assert!(
             msg.contains(&b.id()) && msg.contains("--store /nonexistent-drydock-test/b"),

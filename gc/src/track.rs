@@ -1,20 +1,24 @@
-//! `drydock track`: run a command and attribute to it the store paths it caused to be
-//! registered. Before: Nix's highest path id. After: the paths registered since, kept only if
-//! they lie in the derivation closure of what the command built (outputs printed on stdout or
-//! left as `result` links, their derivers, `inputDrvs` walked with our parser), so that a
-//! concurrent, untracked build's paths are not claimed.
+//! How `drydock track` attributes store paths to a command: the command passed through (its
+//! stdout scanned for store paths), and the rule. Before: Nix's highest path id. After: the
+//! paths registered since, kept only if they lie in the derivation closure of what the command
+//! built (outputs printed on stdout or left as `result` links, their derivers, `inputDrvs`
+//! walked with our parser), so that a concurrent, untracked build's paths are not claimed.
+//! Also the one-time creation of a new chroot store ([`ensure_store`]). The operation that
+//! records the run in the runs database is `track_run`, above this module.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::classify::{PathClass, classify};
+use crate::child::ExitWatch;
+use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{NixDb, PathInfo};
-use crate::runsdb::{RunKind, RunsDb};
 use crate::store_path::{StoreLayout, StorePath};
 
 /// Errors of `track` itself (the command's own failure is its exit code, not an error).
@@ -54,37 +58,180 @@ pub enum TrackError {
     InitFailed { root: PathBuf, message: String },
 }
 
-impl TrackError {
-    /// A missing or unstartable command is bad input.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::NoCommand | Self::Spawn { .. })
+impl Classify for TrackError {
+    /// A missing or unstartable command is bad input; Ctrl-C after the command ended is an
+    /// interruption; the rest are failures.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::NoCommand | Self::Spawn { .. } => ExitClass::BadInput,
+            Self::Interrupted { .. } => ExitClass::Interrupted,
+            Self::Wait { .. } | Self::InitStore { .. } | Self::InitFailed { .. } => {
+                ExitClass::Failed
+            }
+        }
     }
 }
 
-/// What `track` recorded.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TrackReport {
-    /// The run's id.
-    pub run_id: i64,
-    /// The command's exit code (128 + signal if it was killed).
-    pub exit_code: i32,
-    /// The paths claimed, with their class and NAR size.
-    pub claimed: Vec<(String, PathClass, u64)>,
-    /// Paths registered meanwhile that were not claimed (someone else's build).
-    pub not_claimed: usize,
+/// How often the wait for a tracked command looks at the caller's cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(10);
+
+/// At most this many distinct store paths named on a tracked command's stdout are kept (each
+/// is a starting point of the attribution); further ones are dropped with one warning. A build
+/// prints one path per output it was asked for, far fewer than this.
+const MAX_OUTPUT_PATHS: usize = 65_536;
+
+/// Lines of a tracked command's stdout longer than this many bytes are passed through but not
+/// scanned for store paths (with one warning), so that a line without end cannot grow
+/// drydock's memory. A store path's line is short; `nix build --json` naming thousands of
+/// outputs on one line fits.
+const MAX_SCANNED_LINE: usize = 1 << 20;
+
+/// A tracked command's stdout, passed through line by line and scanned for store paths, in
+/// bounded memory: one line of at most [`MAX_SCANNED_LINE`] bytes and at most
+/// [`MAX_OUTPUT_PATHS`] distinct paths are held, whatever the command prints.
+#[derive(Debug)]
+struct OutputScan {
+    store_dir: String,
+    /// The current line, while it is within [`MAX_SCANNED_LINE`] (its capacity never grows
+    /// beyond that).
+    line: Vec<u8>,
+    /// Every path kept so far.
+    seen: HashSet<StorePath>,
+    /// Paths kept since [`OutputScan::take_new`] was last called.
+    new: Vec<StorePath>,
+    /// Lines passed through but not scanned, for being too long.
+    long_lines: usize,
+    /// Distinct paths dropped beyond [`MAX_OUTPUT_PATHS`].
+    dropped_paths: usize,
+}
+
+/// Pass `bytes` through to `echo`. A closed stdout on our side must not kill the command's run,
+/// so errors are ignored.
+fn echo_bytes(echo: &mut dyn Write, bytes: &[u8]) {
+    let _ = echo.write_all(bytes).and_then(|_| echo.flush());
+}
+
+impl OutputScan {
+    fn new(store_dir: &str) -> Self {
+        Self {
+            store_dir: store_dir.to_owned(),
+            line: Vec::with_capacity(MAX_SCANNED_LINE),
+            seen: HashSet::new(),
+            new: Vec::new(),
+            long_lines: 0,
+            dropped_paths: 0,
+        }
+    }
+
+    /// Read one line of `input` (up to and including its `\n`, or to the end of the input),
+    /// pass it through to `echo` and keep the store paths it names. A line within
+    /// [`MAX_SCANNED_LINE`] is written (and flushed) whole once complete, as before scanning
+    /// was bounded; a longer one is written piece by piece as it is read. Returns false at the
+    /// end of the input.
+    fn next_line(
+        &mut self,
+        input: &mut impl BufRead,
+        echo: &mut dyn Write,
+    ) -> std::io::Result<bool> {
+        self.line.clear();
+        let (mut read_any, mut too_long) = (false, false);
+        loop {
+            let buf = match input.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                break;
+            }
+            read_any = true;
+            let (chunk, ends) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..=i], true),
+                None => (buf, false),
+            };
+            if !too_long && self.line.len() + chunk.len() <= MAX_SCANNED_LINE {
+                self.line.extend_from_slice(chunk);
+            } else {
+                if !too_long {
+                    too_long = true;
+                    echo_bytes(echo, &self.line);
+                    self.line.clear();
+                    if self.long_lines == 0 {
+                        tracing::warn!(
+                            "the command printed a line longer than {MAX_SCANNED_LINE} bytes: it \
+                             is passed through but not scanned for store paths (said once)"
+                        );
+                    }
+                    self.long_lines += 1;
+                }
+                echo_bytes(echo, chunk);
+            }
+            let n = chunk.len();
+            input.consume(n);
+            if ends {
+                break;
+            }
+        }
+        if !too_long && read_any {
+            echo_bytes(echo, &self.line);
+            self.keep_paths();
+        }
+        Ok(read_any)
+    }
+
+    /// Keep the store paths named on the current line, new ones only, up to the cap.
+    fn keep_paths(&mut self) {
+        for p in store_paths_in_output(&self.store_dir, &self.line) {
+            if self.seen.contains(&p) {
+                continue;
+            }
+            if self.seen.len() >= MAX_OUTPUT_PATHS {
+                if self.dropped_paths == 0 {
+                    tracing::warn!(
+                        "the command named more than {MAX_OUTPUT_PATHS} store paths on its \
+                         output: only the first ones are used to attribute its paths (said once)"
+                    );
+                }
+                self.dropped_paths += 1;
+                continue;
+            }
+            self.seen.insert(p.clone());
+            self.new.push(p);
+        }
+    }
+
+    /// The paths kept since the last call.
+    fn take_new(&mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.new)
+    }
+}
+
+/// Set while someone waits for what the reader of a tracked command's stdout finds; cleared
+/// when the [`Passthrough`] is dropped, and the reader then stops at the next line.
+#[derive(Debug)]
+struct Listening(Arc<AtomicBool>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// The tracked command, started with stdin and stderr inherited and stdout passed through (and
 /// scanned for store paths).
-struct Passthrough {
+pub(crate) struct Passthrough {
     program: String,
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The distinct store paths its stdout named, each sent once, at most
+    /// [`MAX_OUTPUT_PATHS`] in all (so the channel is bounded too).
+    paths: std::sync::mpsc::Receiver<StorePath>,
+    _listening: Listening,
 }
 
 impl Passthrough {
-    /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded.
-    fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
+    /// Start `cmd`, scanning its stdout for paths in `store_dir` (the logical store
+    /// directory). A command that cannot be started is bad input, and nothing is recorded.
+    pub(crate) fn spawn(cmd: &[String], echo: Echo, store_dir: &str) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
         let mut child = Command::new(&program)
             .args(&cmd[1..])
@@ -96,26 +243,24 @@ impl Passthrough {
             })?;
         // Copy stdout in a thread, so that a background process that inherited the pipe cannot
         // keep us waiting once the command itself has exited.
-        let (tx, lines) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (tx, paths) = std::sync::mpsc::channel::<StorePath>();
+        let listening = Arc::new(AtomicBool::new(true));
         if let Some(out) = child.stdout.take() {
+            let listening = Arc::clone(&listening);
+            let mut scan = OutputScan::new(store_dir);
             std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut stdout: Box<dyn Write> = match echo {
                     Echo::Stdout => Box::new(std::io::stdout()),
                     Echo::Stderr => Box::new(std::io::stderr()),
                 };
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match r.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            // A closed stdout on our side must not kill the command's run.
-                            let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
-                            if tx.send(line.clone()).is_err() {
-                                break;
-                            }
-                        }
+                while listening.load(Ordering::SeqCst) {
+                    match scan.next_line(&mut r, &mut stdout) {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => break,
+                    }
+                    if scan.take_new().into_iter().any(|p| tx.send(p).is_err()) {
+                        break;
                     }
                 }
             });
@@ -123,42 +268,54 @@ impl Passthrough {
         Ok(Self {
             program,
             child,
-            lines,
+            paths,
+            _listening: Listening(listening),
         })
+    }
+
+    /// Stop the command (kill and reap it), when its run cannot be recorded.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Wait for the command. `cancel` (set by the caller's Ctrl-C/SIGTERM handler) is forwarded
     /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
-    /// follows. Returns the exit code (128 + signal if it was killed) and the stdout text.
-    fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<u8>), TrackError> {
+    /// follows. Returns the exit code (128 + signal if it was killed) and the distinct store
+    /// paths named on its stdout, sorted.
+    pub(crate) fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<StorePath>), TrackError> {
         let wait_err = |source| TrackError::Wait {
             program: self.program.clone(),
             source,
         };
-        let mut forwarded = false;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().map_err(wait_err)? {
-                break status;
+        let pid = self.child.id();
+        let watch = ExitWatch::start(&self.child);
+        // The command's exit ends the wait at once. The cancel flag, set by the caller's signal
+        // handler, cannot be waited on: it is looked at every CANCEL_CHECK until it has been
+        // forwarded, and then the wait is for the exit alone.
+        let mut exited = false;
+        while !exited {
+            exited = watch.wait_until(Deadline::after(CANCEL_CHECK));
+            if !exited && cancel.swap(false, Ordering::SeqCst) {
+                let _ = crate::sys::send_signal(pid, libc::SIGINT);
+                watch.wait();
+                exited = true;
             }
-            if !forwarded && cancel.swap(false, Ordering::SeqCst) {
-                forwarded = true;
-                let _ = crate::sys::send_signal(self.child.id(), libc::SIGINT);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
-        let mut captured = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        }
+        let status = self.child.wait().map_err(wait_err)?;
+        // What the reader has still to send, until it reaches the end of the output, for at
+        // most 2 s (a background process may hold the pipe open for ever). Again the cancel
+        // flag is looked at between waits of at most 100 ms.
+        let mut found = Vec::new();
+        let deadline = Deadline::after(Duration::from_secs(2));
         loop {
             if cancel.load(Ordering::SeqCst) {
                 break;
             }
-            let left = deadline
-                .saturating_duration_since(std::time::Instant::now())
-                .min(std::time::Duration::from_millis(100));
-            match self.lines.recv_timeout(left) {
-                Ok(line) => captured.extend_from_slice(&line),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    if std::time::Instant::now() < deadline => {}
+            let slice = Deadline::after(Duration::from_millis(100)).min(deadline);
+            match self.paths.recv_timeout(slice.remaining()) {
+                Ok(p) => found.push(p),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !deadline.expired() => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     tracing::debug!("stdout still open after the command exited; not waiting");
                     break;
@@ -166,18 +323,14 @@ impl Passthrough {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
+        found.sort();
         use std::os::unix::process::ExitStatusExt;
         let code = status
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(1);
-        Ok((code, captured))
+        Ok((code, found))
     }
-}
-
-#[cfg(test)]
-fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
-    Passthrough::spawn(cmd, Echo::Stdout)?.wait(&AtomicBool::new(false))
 }
 
 /// Store paths named in command output (one per whitespace-separated token).
@@ -314,10 +467,22 @@ pub fn attribute(
     claimed
 }
 
-struct DbView<'a> {
+/// [`StoreView`] over Nix's database, reading `.drv` files from the store (each once).
+pub(crate) struct DbView<'a> {
     db: &'a NixDb,
     layout: &'a StoreLayout,
     cache: std::cell::RefCell<HashMap<StorePath, Option<Derivation>>>,
+}
+
+impl<'a> DbView<'a> {
+    /// A view of the store `layout` through its open database `db`.
+    pub(crate) fn new(db: &'a NixDb, layout: &'a StoreLayout) -> Self {
+        Self {
+            db,
+            layout,
+            cache: Default::default(),
+        }
+    }
 }
 
 impl StoreView for DbView<'_> {
@@ -390,7 +555,7 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
     tracing::info!("creating the Nix store at {}", root.display());
     let mut cmd = Command::new("nix-store");
     cmd.args(layout.nix_args()).arg("--init");
-    match run_nix(cmd, INIT_DEADLINE) {
+    match crate::nixcmd::run_nix(cmd, Deadline::after(INIT_DEADLINE)) {
         Err(source) => Err(TrackError::Spawn {
             program: "nix-store".into(),
             source,
@@ -407,179 +572,12 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
     }
 }
 
-/// Run the Nix command `cmd` (no input, stdout dropped) until it exits or `deadline` passes,
-/// when it is killed: its status and what it printed on stderr, or `None` if it was late.
-pub(crate) fn run_nix(
-    mut cmd: Command,
-    deadline: Duration,
-) -> std::io::Result<Option<(std::process::ExitStatus, String)>> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = std::io::Read::read_to_string(e, &mut text);
-        }
-        text
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(Some((status, reader.join().unwrap_or_default())))
-}
-
 /// Where a tracked command's stdout is passed through to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Echo {
     Stdout,
     /// For a caller whose own stdout is a report (`up --json`).
     Stderr,
-}
-
-/// Run `cmd` as a tracked run and record what it claimed. `cancel` is the caller's Ctrl-C flag
-/// (the library installs no signal handler): while the command runs it is forwarded to it;
-/// afterwards it ends `track` with [`TrackError::Interrupted`].
-pub fn track(
-    layout: &StoreLayout,
-    runs: &RunsDb,
-    name: Option<&str>,
-    cmd: &[String],
-    cancel: &AtomicBool,
-) -> Result<TrackReport, crate::GcError> {
-    track_to(layout, runs, name, cmd, cancel, Echo::Stdout)
-}
-
-/// [`track`], with the command's stdout passed through to `echo`.
-pub fn track_to(
-    layout: &StoreLayout,
-    runs: &RunsDb,
-    name: Option<&str>,
-    cmd: &[String],
-    cancel: &AtomicBool,
-    echo: Echo,
-) -> Result<TrackReport, crate::GcError> {
-    if cmd.is_empty() {
-        return Err(TrackError::NoCommand.into());
-    }
-    ensure_store(layout)?;
-    // A store that does not exist yet (the command's first build creates it) starts at 0.
-    let before = if layout.has_database() {
-        NixDb::open(layout)?.max_path_id()?
-    } else {
-        0
-    };
-    let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
-    // Started before the run is recorded: a command that cannot start records nothing.
-    let child = Passthrough::spawn(cmd, echo)?;
-    let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
-        Ok(id) => id,
-        Err(e) => {
-            // Without a run the command's paths could not be recorded: do not leave it running.
-            let mut child = child.child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
-        }
-    };
-    let (exit_code, stdout) = match child.wait(cancel) {
-        Ok(x) => x,
-        Err(e) => {
-            runs.finish_run(run_id, Some(127))?;
-            return Err(e.into());
-        }
-    };
-    // Ctrl-C after the command ended interrupts drydock itself: the run ends with the
-    // command's code, unattributed, and the caller exits 130.
-    let interrupted = |runs: &RunsDb| -> Result<TrackReport, crate::GcError> {
-        runs.finish_run(run_id, Some(exit_code))?;
-        Err(TrackError::Interrupted { run_id, exit_code }.into())
-    };
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    if !layout.has_database() {
-        tracing::warn!("the command registered nothing: there is no Nix database yet");
-        runs.finish_run(run_id, Some(exit_code))?;
-        return Ok(TrackReport {
-            run_id,
-            exit_code,
-            claimed: Vec::new(),
-            not_claimed: 0,
-        });
-    }
-    let db = NixDb::open(layout)?;
-    let new_paths = db.paths_since(before)?;
-    let sd = &layout.logical_store_dir;
-    let mut outputs = store_paths_in_output(sd, &stdout);
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    outputs.extend(result_links(sd, &cwd, cmd));
-    outputs.sort();
-    outputs.dedup();
-    let view = DbView {
-        db: &db,
-        layout,
-        cache: Default::default(),
-    };
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    let claimed = attribute(sd, &new_paths, &outputs, &view);
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    let sizes: HashMap<&StorePath, u64> = new_paths.iter().map(|p| (&p.path, p.nar_size)).collect();
-    let rows: Vec<(String, PathClass, u64)> = claimed
-        .iter()
-        .map(|p| {
-            (
-                layout.logical(p),
-                classify(p),
-                sizes.get(p).copied().unwrap_or(0),
-            )
-        })
-        .collect();
-    runs.add_paths(run_id, &rows)?;
-    runs.finish_run(run_id, Some(exit_code))?;
-    tracing::info!(
-        "run {run_id}: claimed {} of {} new paths",
-        rows.len(),
-        new_paths.len()
-    );
-    Ok(TrackReport {
-        run_id,
-        exit_code,
-        not_claimed: new_paths.len() - rows.len(),
-        claimed: rows,
-    })
-}
-
-/// A run name from the command: the last argument that is not an option, or the program.
-fn default_name(cmd: &[String]) -> String {
-    let base = |s: &str| {
-        Path::new(s)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| s.to_owned())
-    };
-    cmd.iter()
-        .skip(1)
-        .rev()
-        .find(|a| !a.starts_with('-'))
-        .map(|a| base(a))
-        .unwrap_or_else(|| base(&cmd[0]))
 }
 
 #[cfg(test)]
@@ -676,7 +674,7 @@ mod tests {
     }
 
     #[test]
-    fn output_scanning_and_names() {
+    fn output_scanning() {
         let t = format!(
             "building...\n{}\n'{}/bin/x'\n",
             full(&sp(1, "")),
@@ -686,11 +684,6 @@ mod tests {
             store_paths_in_output("/nix/store", t.as_bytes()),
             vec![sp(1, ""), sp(2, "")]
         );
-        assert_eq!(
-            default_name(&["nix-build".into(), "-A".into(), "/x/test.nix".into()]),
-            "test.nix"
-        );
-        assert_eq!(default_name(&["make".into()]), "make");
     }
 
     #[test]
@@ -710,51 +703,6 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_exit_codes() {
-        let (code, out) =
-            run_passthrough(&["sh".into(), "-c".into(), "echo hi; exit 7".into()]).unwrap();
-        assert_eq!(code, 7);
-        assert_eq!(out, b"hi\n");
-        let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();
-        assert_eq!(code, 128 + 9);
-        let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
-        assert!(e.is_bad_input());
-    }
-
-    #[test]
-    fn a_new_chroot_store_is_created_once_for_concurrent_first_users() {
-        // Without the lock, 8 Nix commands opening a new store at once lose the race for its
-        // database now and then ("schema is corrupt", "database is busy").
-        for round in 0..10 {
-            let dir = tempfile::tempdir().unwrap();
-            let layout = StoreLayout::chroot(dir.path().join("store"));
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    let layout = layout.clone();
-                    std::thread::spawn(move || {
-                        ensure_store(&layout).unwrap();
-                        Command::new("nix-instantiate")
-                            .arg("--store")
-                            .arg(layout.root.as_ref().unwrap())
-                            .args(["--eval", "-E", "1"])
-                            .output()
-                            .unwrap()
-                    })
-                })
-                .collect();
-            for t in threads {
-                let o = t.join().unwrap();
-                assert!(
-                    o.status.success(),
-                    "round {round}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-            assert!(layout.has_database());
-        }
-    }
-
-    #[test]
     fn a_store_root_that_cannot_be_made_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("file");
@@ -766,5 +714,107 @@ mod tests {
         let system = StoreLayout::system(dir.path().join("nostore"), dir.path().join("nostate"));
         ensure_store(&system).unwrap();
         assert!(!dir.path().join("nostate").exists());
+    }
+    use std::io::Read as _;
+
+    /// `left` bytes of build log without a store path, generated as read.
+    struct Log {
+        left: usize,
+        at: usize,
+    }
+
+    impl std::io::Read for Log {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            const LINE: &[u8] = b"building: compiling module 42 of a long build, no path here\n";
+            let n = buf.len().min(self.left);
+            for b in &mut buf[..n] {
+                *b = LINE[self.at % LINE.len()];
+                self.at += 1;
+            }
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// Counts what is passed through.
+    #[derive(Default)]
+    struct Counted(usize);
+
+    impl Write for Counted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn scan_all(
+        scan: &mut OutputScan,
+        input: impl std::io::Read,
+        echo: &mut dyn Write,
+    ) -> Vec<StorePath> {
+        let mut input = BufReader::new(input);
+        let mut kept = Vec::new();
+        while scan.next_line(&mut input, echo).unwrap() {
+            kept.extend(scan.take_new());
+        }
+        kept
+    }
+
+    #[test]
+    fn huge_output_without_paths_is_passed_through_in_bounded_memory() {
+        let log = 16 << 20;
+        let long_line = 3 * MAX_SCANNED_LINE;
+        let last = format!("\n{}\n", full(&sp(1, "")));
+        let input = Log { left: log, at: 0 }
+            .chain(std::io::repeat(b'x').take(long_line as u64))
+            .chain(last.as_bytes());
+        let mut scan = OutputScan::new("/nix/store");
+        let mut echo = Counted::default();
+        let kept = scan_all(&mut scan, input, &mut echo);
+        // Everything was passed through; of it, only the one path is kept.
+        assert_eq!(echo.0, log + long_line + last.len());
+        assert_eq!(kept, vec![sp(1, "")]);
+        assert_eq!(scan.seen.len(), 1);
+        // The line without end went over the cap: passed through, not held.
+        assert_eq!(scan.long_lines, 1);
+        assert!(scan.line.capacity() <= MAX_SCANNED_LINE);
+    }
+
+    #[test]
+    fn paths_beyond_the_cap_are_dropped() {
+        let n = MAX_OUTPUT_PATHS + 100;
+        let text: String = (0..n)
+            .map(|i| format!("{} {}\n", full(&sp(i, "")), full(&sp(i, ""))))
+            .collect();
+        let mut scan = OutputScan::new("/nix/store");
+        let kept = scan_all(&mut scan, text.as_bytes(), &mut std::io::sink());
+        assert_eq!(kept.len(), MAX_OUTPUT_PATHS);
+        assert_eq!(scan.seen.len(), MAX_OUTPUT_PATHS);
+        assert_eq!(scan.dropped_paths, 100);
+    }
+
+    #[test]
+    fn store_paths_are_found_and_output_passed_through_as_printed() {
+        let (a, b, c) = (sp(1, ""), sp(2, ".drv"), sp(3, ""));
+        // A line of exactly the cap is still scanned; the last line has no newline.
+        let pad = "y".repeat(MAX_SCANNED_LINE - full(&c).len() - 2);
+        let text = format!(
+            "building...\n{}\n'{}/bin/x' and {}\nagain {}\n{pad} {}\nno newline {}",
+            full(&a),
+            full(&b),
+            full(&a),
+            full(&b),
+            full(&c),
+            full(&sp(4, ""))
+        );
+        let mut scan = OutputScan::new("/nix/store");
+        let mut echo = Vec::new();
+        let kept = scan_all(&mut scan, text.as_bytes(), &mut echo);
+        assert_eq!(echo, text.as_bytes());
+        assert_eq!(kept, vec![a, b, c, sp(4, "")]);
+        assert_eq!(scan.long_lines, 0);
     }
 }

@@ -184,15 +184,11 @@ fn detach(
     plan: &ClusterPlan,
     lock: &drydock_cluster::OwnerLock,
 ) -> anyhow::Result<Outcome> {
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
     let owner = drydock_cluster::DetachedOwner {
-        exe: &exe,
-        state_dir: &ctx.state_dir,
+        plan,
+        launch: &opts,
         store_root: ctx.store_root.as_deref(),
-        name,
-        accel: a.accel.into(),
-        qemu: a.qemu.as_deref(),
-        ready_timeout: a.timeout,
         lock,
     };
     match drydock_cluster::start_detached(&owner, &CANCEL) {

@@ -20,7 +20,7 @@ use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
-use crate::sys::proc::proc_stat;
+use crate::sys::proc::{process_start_ticks, same_process_alive};
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -66,6 +66,10 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no VM named {name} in {}", dir.display())]
+    NoVm { name: String, dir: PathBuf },
+    #[error("no console log for a VM named {name} ({} does not exist)", path.display())]
+    NoConsoleLog { name: String, path: PathBuf },
 }
 
 impl LaunchError {
@@ -74,7 +78,7 @@ impl LaunchError {
             Self::Plan(e) => e.is_bad_input(),
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
-            Self::Untrusted { .. } => true,
+            Self::Untrusted { .. } | Self::NoVm { .. } | Self::NoConsoleLog { .. } => true,
             Self::NotPrivate(e) => e.is_bad_input(),
             // Bad input unless the file simply cannot be opened (missing, permissions).
             Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
@@ -201,22 +205,6 @@ impl VmPaths {
     }
 }
 
-/// Whether a process is alive (and not a zombie).
-pub fn pid_alive(pid: u32) -> bool {
-    same_process_alive(pid, None)
-}
-
-/// When process `pid` started (clock ticks after boot), if it exists.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|st| st.start_ticks)
-}
-
-/// Whether `pid` is alive and, when `start_ticks` is known, still the same process (a pid
-/// that the kernel handed to someone else after the VM died is not the VM).
-pub fn same_process_alive(pid: u32, start_ticks: Option<u64>) -> bool {
-    proc_stat(pid).is_some_and(|st| st.alive() && start_ticks.is_none_or(|t| t == st.start_ticks))
-}
-
 /// How the store reaches the store server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreShare {
@@ -277,11 +265,25 @@ impl LaunchRecord {
         Ok(record)
     }
 
+    /// The recorded launch of the VM `name` under `state_dir`: an invalid name, or a VM that was
+    /// never launched, is bad input.
+    pub fn of_vm(state_dir: &Path, name: &str) -> Result<Self, LaunchError> {
+        crate::plan::validate_name(name)?;
+        let paths = VmPaths::in_state_dir(state_dir, name);
+        if !paths.launch_file().exists() {
+            return Err(LaunchError::NoVm {
+                name: name.to_owned(),
+                dir: state_dir.join("vms"),
+            });
+        }
+        Self::read(&paths)
+    }
+
     /// Every file the recorded launch needs must still be there (they are pinned, but someone
-    /// may have deleted them by hand): the first one that is not, as a sentence.
-    pub fn missing_file(&self) -> Option<String> {
+    /// may have deleted them by hand): the first one that is not, as what it is and its path.
+    pub fn missing_file(&self) -> Option<(&'static str, PathBuf)> {
         let spec = &self.spec;
-        let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+        let mut files: Vec<(&'static str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
         if let Some(i) = &spec.initrd {
             files.push(("initrd", i.clone()));
         }
@@ -296,7 +298,6 @@ impl LaunchRecord {
         files
             .into_iter()
             .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
-            .map(|(what, p)| format!("the pinned {what} {} is gone", p.display()))
     }
 
     /// Every path of the record that drydock writes or attaches as a disk, against where it
@@ -502,6 +503,10 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// Whether this process said that its VMs run without a cgroup of their own. It is said once:
+/// a cluster's machines are all started by one process (its owner), for the same reason each.
+static SAID_NO_CGROUP: AtomicBool = AtomicBool::new(false);
+
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
 /// `incoming`, QEMU starts paused and loads a saved state from that migration URI.
 pub fn start(
@@ -555,7 +560,13 @@ pub fn start(
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("VM {} runs without its own cgroup: {e}", spec.name);
+            if SAID_NO_CGROUP.swap(true, Ordering::Relaxed) {
+                tracing::debug!("VM {} runs without its own cgroup: {e}", spec.name);
+            } else {
+                tracing::warn!(
+                    "VMs started here run without a cgroup of their own, so without a memory limit each (doctor: cgroup.placement): {e}"
+                );
+            }
             None
         }
     };
@@ -948,6 +959,50 @@ pub fn follow(
     }
 }
 
+/// `vm logs`: the console log of the VM `name` under `state_dir`, line by line to `echo` (the
+/// unfinished last line too); with `follow`, then every new line until the VM is not running,
+/// `cancel` is set or `echo` says to stop (returns `false`: its reader went away). A VM without
+/// a console log is bad input.
+pub fn follow_console(
+    state_dir: &Path,
+    name: &str,
+    follow_it: bool,
+    cancel: &AtomicBool,
+    echo: &mut dyn FnMut(&str) -> bool,
+) -> Result<(), LaunchError> {
+    crate::plan::validate_name(name)?;
+    let paths = VmPaths::in_state_dir(state_dir, name);
+    let log = paths.console_log();
+    if !log.exists() {
+        return Err(LaunchError::NoConsoleLog {
+            name: name.to_owned(),
+            path: log,
+        });
+    }
+    let mut tail = ConsoleTail::new(log);
+    if !follow_it {
+        for l in tail.lines() {
+            if !echo(&l) {
+                return Ok(());
+            }
+        }
+        if let Some(r) = tail.rest() {
+            echo(&r);
+        }
+        return Ok(());
+    }
+    // A reader that went away ends the follow, quietly.
+    let stopped = std::cell::Cell::new(false);
+    let mut each = |l: &str| {
+        if !stopped.get() && !echo(l) {
+            stopped.set(true);
+        }
+    };
+    let mut gone = || stopped.get() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
+    follow(&mut tail, None, None, cancel, &mut gone, &mut each);
+    Ok(())
+}
+
 /// The last `n` lines of a console log, for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -964,6 +1019,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+    use crate::sys::proc::pid_alive;
 
     #[test]
     fn console_tail_yields_whole_lines_as_they_grow() {
@@ -1042,6 +1098,38 @@ mod tests {
             &mut |_| {},
         );
         assert_eq!(out, WaitOutcome::Cancelled);
+    }
+
+    #[test]
+    fn a_vms_console_is_read_until_its_reader_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = VmPaths::in_state_dir(d.path(), "v");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.console_log(), "one\ntwo\nthree").unwrap();
+        let no = AtomicBool::new(false);
+        let read = |follow_it: bool, take: usize| {
+            let mut seen = Vec::new();
+            follow_console(d.path(), "v", follow_it, &no, &mut |l| {
+                seen.push(l.to_string());
+                seen.len() < take
+            })
+            .map(|()| seen)
+        };
+        assert_eq!(read(false, 9).unwrap(), ["one", "two", "three"]);
+        assert_eq!(
+            read(false, 2).unwrap(),
+            ["one", "two"],
+            "the reader went away"
+        );
+        // Followed, it ends once the VM is not running (it has no state file here).
+        assert_eq!(read(true, 9).unwrap(), ["one", "two", "three"]);
+        for (name, says) in [
+            ("w", "no console log for a VM named w"),
+            ("../x", "invalid"),
+        ] {
+            let e = follow_console(d.path(), name, false, &no, &mut |_| true).unwrap_err();
+            assert!(e.is_bad_input() && e.to_string().contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! drydock's VM side: the host preflight (`doctor`), turning a VM spec into a QEMU plan, and
 //! launching it with the Nix store shared read-only over an in-process virtio-fs server.
 //!
+//! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
+//! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
+//! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `sys`; `collect` (`gc`) → `owner`, `image`.
+//!
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod collect;
 mod doctor;
 mod host;
 mod image;
 mod launch;
+mod launcher;
 mod lifecycle;
 mod owner;
 mod plan;
@@ -20,37 +27,39 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
+    Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
+    Status, Verdict, VmsAnswer, run_checks, verdict,
 };
 pub use image::{
-    ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
+    ImageError, Staging, StoreImage, Tools as ImageTools, closure_key, ensure_store_image,
+    ensure_with as ensure_store_image_with, list_images,
 };
 pub use launch::{
     ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, pid_alive, process_start_ticks,
-    same_process_alive, start, stop_remote, write_json,
+    WaitOutcome, follow, follow_console, log_tail, write_json,
 };
+pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
-    Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
+    Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
 pub use owner::{
-    OwnerError, SupervisorCommand, claim_name, end_vm_run, reap_dead_vms, reap_stale,
-    record_vm_run, recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
+    ListedState, ListedVm, OwnerError, Stopped, VmListing, end_vm_run, list_vms, reap_dead_vms,
+    reap_stale, stop_vm,
 };
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, check_memory, current_uid, plan, validate_name,
 };
-pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
+pub use qmp::{
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, check_host_memory,
-    configured_qemu, images_dir, resolve_launch,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
+    configured_qemu, images_dir,
 };
-pub use snapshot::{
-    SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
-    resume_incoming, save_snapshot,
-};
+pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
     spawn_detached, spawn_detached_holding,
@@ -58,6 +67,7 @@ pub use spawn::{
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
+pub use sys::proc::{pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).

@@ -270,7 +270,7 @@ pub fn await_report<T>(
         if let Some(v) = ready() {
             return Awaited::Ready(v);
         }
-        if !crate::launch::pid_alive(pid) {
+        if !crate::sys::proc::pid_alive(pid) {
             return Awaited::Died;
         }
         if started.elapsed() > within || cancel.load(Ordering::SeqCst) {

@@ -158,6 +158,22 @@ pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
     ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// Whether a process is alive (and not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    same_process_alive(pid, None)
+}
+
+/// When process `pid` started (clock ticks after boot), if it exists.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|st| st.start_ticks)
+}
+
+/// Whether `pid` is alive and, when `start_ticks` is known, still the same process (a pid
+/// that the kernel handed to someone else after the VM died is not the VM).
+pub fn same_process_alive(pid: u32, start_ticks: Option<u64>) -> bool {
+    proc_stat(pid).is_some_and(|st| st.alive() && start_ticks.is_none_or(|t| t == st.start_ticks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
