@@ -296,7 +296,8 @@ pub fn prepare(
         .collect();
     drydock_vm::check_host_memory(&memory, req.allow_overcommit).map_err(SessionError::Memory)?;
     // The cluster's and the machines' folders are this user's alone, before anything is
-    // written there (the build's expression and roots are the first).
+    // written there (the build's expression and roots are the first); the machines' are made
+    // when they launch.
     crate::state::make_private(state_dir, &plan)?;
     let names: Vec<&str> = plan
         .machines

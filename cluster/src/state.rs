@@ -457,16 +457,18 @@ pub fn up_machine(
     Ok(ClusterMachine::of(&state, m))
 }
 
-/// Make the folders the cluster `plan` uses private (see `VmPaths::make_private`): its own
-/// (`STATE/clusters/NAME`, its socket folder) and every machine's; a folder of another user,
-/// or one others can write, is refused before anything is written in it.
+/// Make the cluster `plan`'s own folders private (`STATE/clusters/NAME` and its socket folder,
+/// see `VmPaths::make_private`) and check every machine's that exists (`VmPaths::check_private`:
+/// a machine's folders are made by its launch's claim, so a cluster that does not start leaves
+/// none); a folder of another user, or one others can write, is refused before anything is
+/// written in it.
 pub(crate) fn make_private(state_dir: &Path, plan: &ClusterPlan) -> Result<(), ClusterError> {
     cluster_paths(state_dir, &plan.name)
         .make_private()
         .map_err(ClusterError::NotPrivate)?;
     for m in &plan.machines {
         VmPaths::in_state_dir(state_dir, &m.vm_name)
-            .make_private()
+            .check_private()
             .map_err(ClusterError::NotPrivate)?;
     }
     Ok(())
