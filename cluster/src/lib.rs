@@ -5,10 +5,12 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
+//!   come or go), `watch` (waiting for edits of what the evaluation read), `logs` (console
+//!   stamping, timed-log merge);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its errors and a machine's);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors and a
+//!   machine's);
 //! - `launches` (each machine's launch request, and every machine's launch checked by
 //!   drydock-vm's launcher before anything starts);
 //! - `exec` (the exec server per machine and its client), `control` (the owner's control socket:
@@ -65,8 +67,8 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, cluster_machine,
-    cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
+    cluster_machine, cluster_paths, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use watch::WatchError;
+pub use watch::{Reads, WatchError};
