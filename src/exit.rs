@@ -61,7 +61,7 @@ pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
 
 /// The class of a command's error, from its chain: interrupted if anything in it says so,
 /// else bad input if anything says so, else a failure. The binary's own [`BadInput`] counts
-/// anywhere; drydock-vm's errors count anywhere (see [`vm_class`]); drydock-gc's errors
+/// anywhere; drydock-vm's and drydock-cluster's errors count anywhere (see [`library_class`]); drydock-gc's errors
 /// classify themselves (`drydock_gc::exit_class_of`): the outermost one speaks for its causes,
 /// and one wrapped by a drydock-vm error is that error's to classify.
 fn class_of(err: &anyhow::Error) -> ExitClass {
@@ -70,7 +70,7 @@ fn class_of(err: &anyhow::Error) -> ExitClass {
     let mut below_vm = false;
     for cause in err.chain() {
         bad |= cause.is::<BadInput>();
-        if let Some(class) = vm_class(cause) {
+        if let Some(class) = library_class(cause) {
             interrupted |= class == ExitClass::Interrupted;
             bad |= class == ExitClass::BadInput;
             below_vm = true;
@@ -89,62 +89,10 @@ fn class_of(err: &anyhow::Error) -> ExitClass {
     }
 }
 
-/// The class of `cause` if it is one of drydock-vm's errors.
-fn vm_class(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
-    use drydock_vm as vm;
-    fn of(interrupted: bool, bad_input: bool) -> ExitClass {
-        if interrupted {
-            ExitClass::Interrupted
-        } else if bad_input {
-            ExitClass::BadInput
-        } else {
-            ExitClass::Failed
-        }
-    }
-    if let Some(e) = cause.downcast_ref::<drydock_cluster::SessionError>() {
-        return Some(of(e.is_interrupted(), e.is_bad_input()));
-    }
-    if let Some(e) = cause.downcast_ref::<vm::CollectError>() {
-        return Some(of(e.is_interrupted(), e.is_bad_input()));
-    }
-    let bad_input = if let Some(e) = cause.downcast_ref::<vm::DoctorError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::LauncherError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::LaunchError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::SnapshotError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::ImageError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::StoreServerError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::SpawnError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::PlanError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::LifecycleError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::OwnerError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::ResolveError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<vm::SystemError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::ComposeError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::ClusterError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::CopyError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::EvalError>() {
-        e.is_bad_input()
-    } else if let Some(e) = cause.downcast_ref::<drydock_cluster::ReloadError>() {
-        e.is_bad_input()
-    } else {
-        return None;
-    };
-    Some(of(false, bad_input))
+/// The class of `cause` if it is one of drydock-cluster's or drydock-vm's errors: each library
+/// knows its own (`exit_class_of`), so no error type is listed here.
+fn library_class(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
+    drydock_cluster::exit_class_of(cause).or_else(|| drydock_vm::exit_class_of(cause))
 }
 
 #[cfg(test)]
@@ -183,5 +131,17 @@ mod tests {
         assert_eq!(class_of(&not_regular), ExitClass::Failed);
         assert_eq!(class_of(&anyhow::anyhow!("plain")), ExitClass::Failed);
         assert_eq!(class_of(&bad_input("no")), ExitClass::BadInput);
+        // A folder of another user's, or one others can write: bad input, alone or wrapped.
+        let loose = || drydock_gc::PrivateError::Loose {
+            path: "/tmp/drydock-0".into(),
+            mode: 0o777,
+            who: "its group and every user",
+        };
+        assert_eq!(
+            class_of(&anyhow::Error::new(loose()).context("starting")),
+            ExitClass::BadInput
+        );
+        let cluster = drydock_cluster::ClusterError::NotPrivate(loose());
+        assert_eq!(class_of(&anyhow::Error::new(cluster)), ExitClass::BadInput);
     }
 }

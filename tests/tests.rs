@@ -10,6 +10,7 @@ mod vmcommon;
 
 mod backdoor;
 mod cluster;
+mod cluster_security;
 mod compose;
 mod doctor;
 mod doctor_builders;

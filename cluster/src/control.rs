@@ -18,7 +18,9 @@ use serde::Deserialize;
 
 use crate::compose::ClusterPlan;
 use crate::reload::MachineOutcome;
-use crate::state::{ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_paths};
+use crate::state::{
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, OwnerLock, cluster_paths,
+};
 use drydock_vm::Awaited;
 use drydock_vm::VmPaths;
 use drydock_vm::{LaunchRecord, VmState};
@@ -36,6 +38,9 @@ pub struct DetachedOwner<'a> {
     /// How its machines launch (the owner gets the same accelerator, QEMU and timeout).
     pub launch: &'a ClusterLaunch,
     pub store_root: Option<&'a Path>,
+    /// The cluster's owner lock, which this `up` holds: the owner holds it from its start on
+    /// (it is the owner's stdin), and this process may let go of it once the owner is up.
+    pub lock: &'a OwnerLock,
 }
 
 /// A detached cluster that is up.
@@ -62,7 +67,7 @@ pub fn start_detached(
         path: log_path.clone(),
         source,
     };
-    let log = std::fs::File::create(&log_path).map_err(files)?;
+    let log = drydock_gc::create_nofollow(&log_path).map_err(files)?;
     let mut cmd = drydock_vm::drydock_command(&l.exe, state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
@@ -76,6 +81,10 @@ pub fn start_detached(
     if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
     }
+    let held = o.lock.handle().map_err(|source| ClusterError::Lock {
+        path: dir.join("owner.lock"),
+        source,
+    })?;
     // The machines' run is recorded here, with the command line the user typed; the owner
     // joins it.
     let run = crate::run::begin_machines_run(l, name);
@@ -88,10 +97,11 @@ pub fn start_detached(
         }
     };
     let started = Instant::now();
-    let pid = drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(|e| {
-        end_run();
-        ClusterError::Spawn(e)
-    })?;
+    let pid =
+        drydock_vm::spawn_detached_holding("cluster supervisor", cmd, log, held).map_err(|e| {
+            end_run();
+            ClusterError::Spawn(e)
+        })?;
     let deadline = l.ready_timeout + OWNER_SLACK;
     let every = Duration::from_millis(20);
     let ready = || {
@@ -206,6 +216,8 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("the owner of the cluster {name}: {message}")]
     Owner {
         name: String,
@@ -218,6 +230,7 @@ impl ControlError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::NotUp(_) => true,
+            Self::NotPrivate(e) => e.is_bad_input(),
             Self::Owner { bad_input, .. } => *bad_input,
             Self::Io { .. } => false,
         }
@@ -235,12 +248,11 @@ pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
 
 pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
     let path = control_socket(cpaths);
-    let _ = std::fs::remove_file(&path);
     let files = |source| ClusterError::Files {
         path: path.clone(),
         source,
     };
-    let l = UnixListener::bind(&path).map_err(files)?;
+    let l = drydock_gc::bind_listener(&path).map_err(files)?;
     l.set_nonblocking(true).map_err(files)?;
     Ok(l)
 }
@@ -305,8 +317,10 @@ pub fn request(
     req: &ControlRequest,
     deadline: Duration,
 ) -> Result<Vec<MachineOutcome>, ControlError> {
-    let path = control_socket(&cluster_paths(state_dir, name));
-    let s = UnixStream::connect(&path).map_err(|_| ControlError::NotUp(name.to_string()))?;
+    let cpaths = cluster_paths(state_dir, name);
+    cpaths.check_private().map_err(ControlError::NotPrivate)?;
+    let s = UnixStream::connect(control_socket(&cpaths))
+        .map_err(|_| ControlError::NotUp(name.to_string()))?;
     let io = |source| ControlError::Io {
         name: name.to_string(),
         source,

@@ -3,7 +3,7 @@
 //! client side other drydock processes call.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +28,7 @@ pub(crate) fn serve(
     stop: &AtomicBool,
     alive: &mut dyn FnMut() -> bool,
 ) -> Result<(), String> {
-    let exec = UnixListener::bind(exec_path)
+    let exec = drydock_gc::bind_listener(exec_path)
         .map_err(|e| format!("cannot listen on {}: {e}", exec_path.display()))?;
     exec.set_nonblocking(true)
         .map_err(|e| format!("exec socket: {e}"))?;
@@ -350,6 +350,9 @@ fn ask_owner(
     after: &[u8],
     read_timeout: Option<Duration>,
 ) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
+    // The socket's folders must be this user's alone: another user's folder at the same place
+    // could hold a socket of theirs that takes the command and forges its reply.
+    paths.check_private().map_err(ClusterError::NotPrivate)?;
     let s = UnixStream::connect(exec_socket(paths))
         .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
     let call = call_error(vm);

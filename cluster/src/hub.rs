@@ -70,10 +70,9 @@ impl Hub {
             source,
         };
         if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).map_err(bind)?;
+            drydock_gc::private_dir(dir).map_err(|e| bind(std::io::Error::other(e)))?;
         }
-        let _ = std::fs::remove_file(socket);
-        let sock = UnixDatagram::bind(socket).map_err(bind)?;
+        let sock = drydock_gc::bind_datagram(socket).map_err(bind)?;
         sock.set_read_timeout(Some(POLL)).map_err(bind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(HubCounters::default());

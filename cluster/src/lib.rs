@@ -5,11 +5,13 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
+//!   come or go), `watch` (waiting for edits of what the evaluation read), `logs` (console
+//!   stamping, timed-log merge);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
 //!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its errors and a machine's);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors and a
+//!   machine's);
 //! - `launches` (each machine's launch request, and every machine's launch checked by
 //!   drydock-vm's launcher before anything starts);
 //! - `exec` (the exec server per machine and its client), `copy` (`cp`: a tar archive through
@@ -22,6 +24,7 @@
 
 mod apply;
 mod backdoor;
+mod class;
 mod command;
 mod compose;
 mod control;
@@ -45,6 +48,7 @@ pub use apply::ReloadError;
 pub use backdoor::{
     Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, Session, call_line, parse_reply,
 };
+pub use class::exit_class_of;
 pub use command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
@@ -69,9 +73,9 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, check_file,
-    cluster_machine, cluster_paths, list_up, refuse_cluster_machine, up_cluster, up_machine,
-    up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
+    check_file, cluster_machine, cluster_paths, list_up, refuse_cluster_machine, up_cluster,
+    up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use watch::WatchError;
+pub use watch::{Reads, WatchError};

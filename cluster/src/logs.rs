@@ -57,11 +57,7 @@ pub(crate) fn stamp_consoles(tails: &Tails, stop: &AtomicBool) {
                 continue;
             }
             if file.is_none() {
-                *file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&*path)
-                    .ok();
+                *file = drydock_gc::open_append_nofollow(path).ok();
             }
             if let Some(f) = file {
                 let t = now_ms();

@@ -21,7 +21,7 @@ use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots
 use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
 use crate::run::{MachineEvent, RunningCluster};
 use crate::state::{ClusterError, ClusterState, cluster_paths};
-use crate::watch::{Debounce, WatchError, Watcher};
+use crate::watch::{Debounce, Reads, Recorder, WatchError, Watcher, triggers};
 use drydock_vm::ConsoleTail;
 use drydock_vm::VmPaths;
 
@@ -49,6 +49,9 @@ pub enum SessionError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    /// The machines ask for more memory than the host has.
+    #[error(transparent)]
+    Memory(drydock_vm::PlanError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
 }
@@ -62,6 +65,7 @@ impl SessionError {
             Self::Runs(e) => e.is_bad_input(),
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
+            Self::Memory(e) => e.is_bad_input(),
             Self::Watch(_) | Self::Panicked => false,
         }
     }
@@ -99,6 +103,11 @@ pub struct UpRequest {
     pub argv: Vec<String>,
     /// Show the store paths the build prints (`-v`); its messages on stderr are shown anyway.
     pub show_build_outputs: bool,
+    /// Start the machines even if together they ask for more memory than the host has.
+    pub allow_overcommit: bool,
+    /// Note what the evaluation reads under the composition's directory (for `--watch`,
+    /// reported as [`UpEvent::Evaluated`]).
+    pub watch: bool,
 }
 
 /// The one tracked build of a `prepare`.
@@ -140,6 +149,9 @@ impl Drop for BuildRoots {
 pub enum UpEvent<'a> {
     /// Nothing happened for a while (every 50 ms): time to echo consoles.
     Tick,
+    /// The composition was evaluated (`ok`, or it failed), reading `reads` under its directory
+    /// (with [`UpRequest::watch`] only): what a [`Watching`] reloads on.
+    Evaluated { reads: &'a Reads, ok: bool },
     /// A machine became ready, failed or stopped.
     Machine(&'a MachineEvent),
     /// The systems were built.
@@ -245,7 +257,26 @@ pub fn prepare(
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Prepared, SessionError> {
     let t = Instant::now();
-    let composition = evaluate(layout, &req.file)?;
+    let composition = match req.watch {
+        false => evaluate(layout, &req.file)?,
+        true => {
+            let dir = composition_dir(&req.file);
+            let recorder = Recorder::start(&dir)
+                .map_err(|e| tracing::warn!("{}", drydock_vm::error_chain(&e)))
+                .ok();
+            let composition = evaluate(layout, &req.file);
+            let mut reads = recorder.map(Recorder::finish).unwrap_or_default();
+            // The composition itself, whatever the evaluation did (it may not exist yet).
+            reads
+                .paths
+                .insert(dir.join(req.file.file_name().unwrap_or_default()));
+            on(UpEvent::Evaluated {
+                reads: &reads,
+                ok: composition.is_ok(),
+            });
+            composition?
+        }
+    };
     let planned = plan_cluster(&req.name, &composition)?;
     let evaluate = t.elapsed();
     if let Some(m) = req
@@ -262,6 +293,18 @@ pub fn prepare(
         .into());
     }
     let plan = narrow(planned, &req.machines, running);
+    // The machines the cluster will run, all together, must fit the host's memory (before
+    // anything is built or booted).
+    let memory: Vec<(String, u32)> = plan
+        .machines
+        .iter()
+        .map(|m| (m.machine.clone(), m.settings.memory_mib))
+        .collect();
+    drydock_vm::check_host_memory(&memory, req.allow_overcommit).map_err(SessionError::Memory)?;
+    // The cluster's and the machines' folders are this user's alone, before anything is
+    // written there (the build's expression and roots are the first); the machines' are made
+    // when they launch.
+    crate::state::make_private(state_dir, &plan)?;
     let names: Vec<&str> = plan
         .machines
         .iter()
@@ -482,36 +525,105 @@ pub fn reload_cycle(
     Ok(report)
 }
 
-/// The composition's directory, watched, and the burst of changes being collected.
+/// The directory of the composition `file`, as the watches name it (links resolved, so that
+/// the paths of drydock's own output files compare equal).
+fn composition_dir(file: &Path) -> PathBuf {
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let dir = abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
+/// The regular files this process's stdout and stderr go to (`up --watch > up.log`): drydock
+/// writes them, so their changes are its own.
+fn own_output_files() -> Vec<PathBuf> {
+    [1, 2]
+        .iter()
+        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
+        .filter(|p| p.is_absolute() && p.is_file())
+        .collect()
+}
+
+/// The composition's directory, watched; what the last evaluation read there; and the burst of
+/// changes being collected.
 #[derive(Debug)]
 pub struct Watching {
     pub dir: PathBuf,
     watcher: Watcher,
     debounce: Debounce,
+    /// What the last evaluation read (unknown until one was recorded: every change counts).
+    reads: Option<Reads>,
+    /// The last evaluation failed.
+    failed: bool,
+    /// drydock's own files: its state dir and its output files, where they are in the tree.
+    own: Vec<PathBuf>,
 }
 
 impl Watching {
-    /// Watch the directory of the composition `file` (and below it).
-    pub fn new(file: &Path) -> Result<Self, WatchError> {
-        let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-        let dir = abs
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+    /// Watch the directory of the composition `file` (and below it); drydock's own files there
+    /// (the state dir `state_dir`, the files its output goes to) never count.
+    pub fn new(file: &Path, state_dir: &Path) -> Result<Self, WatchError> {
+        let dir = composition_dir(file);
+        let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
         Ok(Self {
             watcher: Watcher::new(&dir)?,
             dir,
             debounce: Debounce::default(),
+            reads: None,
+            failed: false,
+            own: std::iter::once(state).chain(own_output_files()).collect(),
         })
     }
 
-    /// The changed paths, once a burst of changes is over; never blocks.
+    /// An evaluation read `reads` (see [`UpEvent::Evaluated`]): from now on only changes of
+    /// those reload.
+    pub fn evaluated(&mut self, reads: &Reads, ok: bool) {
+        self.reads = Some(reads.clone());
+        self.failed = !ok;
+    }
+
+    /// The changed paths that call for a reload, once a burst of such changes is over; never
+    /// blocks.
     fn due(&mut self) -> Option<Vec<PathBuf>> {
         match self.watcher.poll() {
-            Ok(paths) => self.debounce.push(paths, Instant::now()),
+            Ok(changes) => {
+                let reads = self.reads.as_ref();
+                let wanted = changes
+                    .into_iter()
+                    .filter(|c| triggers(c, reads, self.failed, &self.own))
+                    .map(|c| c.path)
+                    .collect();
+                self.debounce.push(wanted, Instant::now());
+            }
             Err(e) => tracing::warn!("{}", drydock_vm::error_chain(&e)),
         }
         self.debounce.take(Instant::now(), QUIET)
+    }
+
+    /// One reload ([`reload_cycle`]), noting what its evaluation read.
+    fn cycle(
+        &mut self,
+        layout: &StoreLayout,
+        state_dir: &Path,
+        req: &UpRequest,
+        owner: &mut ReloadOwner<'_>,
+        cancel: &AtomicBool,
+        on: &mut dyn FnMut(UpEvent<'_>),
+    ) -> Result<ReloadReport, SessionError> {
+        let mut evaluated = None;
+        let r = reload_cycle(layout, state_dir, req, owner, cancel, &mut |ev| {
+            if let UpEvent::Evaluated { reads, ok } = &ev {
+                evaluated = Some(((*reads).clone(), *ok));
+            }
+            on(ev)
+        });
+        if let Some((reads, ok)) = evaluated {
+            self.evaluated(&reads, ok);
+        }
+        // Changes made while it ran are looked at afresh against what it read.
+        r
     }
 
     /// A burst of edits is over: report it, then reload.
@@ -534,7 +646,7 @@ impl Watching {
         } else {
             &there
         }));
-        let r = reload_cycle(layout, state_dir, req, owner, cancel, on);
+        let r = self.cycle(layout, state_dir, req, owner, cancel, on);
         on(UpEvent::Reloaded(&r));
         true
     }
@@ -563,7 +675,7 @@ pub fn watch_reloads(
         state_dir: state_dir.to_path_buf(),
         name: req.name.clone(),
     };
-    let r = reload_cycle(layout, state_dir, req, &mut owner, cancel, on);
+    let r = watching.cycle(layout, state_dir, req, &mut owner, cancel, on);
     on(UpEvent::Reloaded(&r));
     while !cancel.load(Ordering::SeqCst) {
         if ClusterState::read_up(state_dir, &req.name).is_none() {

@@ -224,7 +224,7 @@ impl UpPrinter {
 
     pub fn event(&mut self, ev: UpEvent<'_>) {
         match ev {
-            UpEvent::Tick => {}
+            UpEvent::Tick | UpEvent::Evaluated { .. } => {}
             UpEvent::Machine(ev) => report_event(ev),
             UpEvent::Built(b) => match b.run_id {
                 Some(id) => eprintln!(
@@ -335,7 +335,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
         printer.outcomes(&report);
         return emit(ctx, &report);
     }
-    let mut watching = Watching::new(&req.file)?;
+    let mut watching = Watching::new(&req.file, &ctx.state_dir)?;
     eprintln!(
         "drydock: watching {} for changes; Ctrl-C stops watching (the cluster stays up)",
         watching.dir.display()

@@ -186,11 +186,13 @@ pub fn text(b: &[u8]) -> String {
 pub struct ClusterBuilder {
     name: String,
     store: Option<PathBuf>,
+    state: Option<PathBuf>,
     text: Option<String>,
 }
 
 /// A test's cluster: the composition `DIR/NAME/drydock.nix` in a temporary directory of its own
-/// (so the cluster is called NAME), a chroot store and the state directory `DIR/state`. Made by
+/// (so the cluster is called NAME), a chroot store and the state directory `DIR/state` (unless
+/// [`ClusterBuilder::state`] names another). Made by
 /// [`Cluster::named`]; dropping it takes the cluster down (`down -f`, whether the test passed or
 /// not, failures ignored: a test that gets that far checks its own [`Cluster::down`]), then
 /// removes the directory.
@@ -211,6 +213,7 @@ impl Cluster {
         ClusterBuilder {
             name: name.to_string(),
             store: None,
+            state: None,
             text: None,
         }
     }
@@ -220,6 +223,13 @@ impl ClusterBuilder {
     /// Use this chroot store instead of the shared [`cluster_store`].
     pub fn store(mut self, store: PathBuf) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Use this state directory instead of `DIR/state` (one the test prepared: another user's,
+    /// one others can write, one deep enough that sockets go elsewhere).
+    pub fn state(mut self, state: PathBuf) -> Self {
+        self.state = Some(state);
         self
     }
 
@@ -244,7 +254,7 @@ impl ClusterBuilder {
         let file = d.join("drydock.nix");
         std::fs::write(&file, self.text.expect("a composition")).unwrap();
         Cluster {
-            state: dir.path().join("state"),
+            state: self.state.unwrap_or_else(|| dir.path().join("state")),
             store: self.store.unwrap_or_else(cluster_store),
             file,
             dir,

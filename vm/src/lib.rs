@@ -9,6 +9,7 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod class;
 mod collect;
 mod doctor;
 mod host;
@@ -27,6 +28,7 @@ mod storefs;
 mod sys;
 mod system;
 
+pub use class::exit_class_of;
 pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use doctor::{
     Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
@@ -50,18 +52,19 @@ pub use owner::{
 };
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
-    VmSpec, current_uid, plan, validate_name,
+    VmSpec, check_memory, current_uid, plan, validate_name,
 };
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
 };
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
+    configured_qemu, images_dir,
 };
 pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
-    spawn_detached,
+    spawn_detached, spawn_detached_holding,
 };
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
