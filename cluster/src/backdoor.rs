@@ -105,7 +105,7 @@ pub fn sh_quote(s: &str) -> String {
 }
 
 /// A new call's nonce: 128 bits from the kernel's random source, as 32 hex digits.
-fn nonce() -> Result<String, BackdoorError> {
+pub(crate) fn nonce() -> Result<String, BackdoorError> {
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))

@@ -97,7 +97,7 @@ pub fn with_stdin(script: &str, stdin: &[u8]) -> String {
     text
 }
 
-/// Where `exec -t`'s command leaves its exit status (`token` unique to the call).
+/// Where `exec -t`'s command leaves its exit status (`token`: a nonce of the call's own).
 pub fn tty_status_file(token: &str) -> String {
     format!("/tmp/drydock-exec-{token}.status")
 }

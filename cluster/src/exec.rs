@@ -194,11 +194,13 @@ pub fn exec_tty(
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
 ) -> Result<i32, ClusterError> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let status_file = tty_status_file(&format!("{}-{nanos}", std::process::id()));
+    // A name no other guest process can guess (as the backdoor's markers): the status is the
+    // command's, not one planted there first.
+    let token = crate::backdoor::nonce().map_err(|e| ClusterError::Remote {
+        vm: vm.to_string(),
+        message: drydock_vm::error_chain(&e),
+    })?;
+    let status_file = tty_status_file(&token);
     session_remote(
         vm,
         paths,
