@@ -12,7 +12,7 @@ pub enum GcError {
     Roots(#[from] crate::roots::RootsError),
     /// Reading the store directory.
     #[error(transparent)]
-    StoreCheck(#[from] crate::check::StoreCheckError),
+    StoreCheck(#[from] crate::ondisk::StoreCheckError),
     /// The runs database.
     #[error(transparent)]
     RunsDb(#[from] crate::runsdb::RunsDbError),
@@ -27,7 +27,7 @@ pub enum GcError {
     Track(#[from] crate::track::TrackError),
     /// Selecting runs.
     #[error(transparent)]
-    Select(#[from] crate::collect::SelectError),
+    Select(#[from] crate::select::SelectError),
     /// Reading Nix's configuration.
     #[error(transparent)]
     NixConf(#[from] crate::nixconf::NixConfError),

@@ -5,33 +5,55 @@
 //! computed from a read-only [`Snapshot`] of Nix's database and the roots found on disk; and a
 //! thin effectful layer. Only one private module deletes anything, and store paths are deleted
 //! only through `nix-store --delete` with the same `--store`.
+//!
+//! Modules import only modules of lower layers (or of their own layer, listed before them), so
+//! that the imports form a DAG (`grep -n 'crate::' gc/src/*.rs` outside `mod tests` shows it):
+//!
+//! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `store_path`, `drv`,
+//!    `names`, `fsread`; then `sys` (the only `unsafe`; deadline), `child` (a blocking wait for
+//!    a child's exit; sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
+//! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
+//!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
+//! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
+//! 4. effects: `reclaim`, the one deleter (nixcmd, nixdb); `runsdb` (classify, names,
+//!    reclaim); `select` (runsdb); `track` (drv, fsread, nixcmd, nixdb, sys);
+//! 5. `error`: [`GcError`], the umbrella over every module's error;
+//! 6. the operations that return it: `track_run` (`track`, `track_to`) and `collect` (`gc`,
+//!    `runs`, `du`, `store check/repair`).
 
 mod check;
+mod child;
 mod classify;
 mod collect;
+mod deadline;
 mod drv;
 mod du;
 mod error;
 mod fsread;
 mod names;
+mod nixcmd;
 mod nixconf;
 mod nixdb;
+mod ondisk;
 mod plan;
 mod reclaim;
 mod roots;
 mod runsdb;
+mod select;
 mod store_path;
 #[allow(unsafe_code)]
 mod sys;
 mod track;
+mod track_run;
 
-pub use check::{Blocked, Damage, OnDisk, RepairPlan, StoreCheckError, StoreEntries};
+pub use check::{Blocked, Damage, RepairPlan};
 pub use classify::{PathClass, classify};
 pub use collect::{
     ClearedRoots, DEFAULT_BATCH, DuReport, Explanation, GcOutcome, GcPlan, KeptPath, Loaded,
-    PathStatus, RunSummary, SelectError, Selection, check, clear_blocking_roots, du, execute_gc,
-    parse_duration, plan_gc, recover_interrupted, repair, run_statuses, summarize_runs,
+    PathStatus, RunSummary, check, clear_blocking_roots, du, execute_gc, plan_gc,
+    recover_interrupted, repair, run_statuses, summarize_runs,
 };
+pub use deadline::Deadline;
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
@@ -39,6 +61,7 @@ pub use fsread::{Links, MAX_STATE_BYTES, ReadFileError, read_regular};
 pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
+pub use ondisk::{OnDisk, StoreCheckError, StoreEntries};
 pub use plan::{ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set};
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError};
@@ -46,9 +69,11 @@ pub use runsdb::{
     Artifact, ArtifactKind, OtherStoreRuns, Pin, Run, RunKind, RunPath, RunsDb, RunsDbError,
     UnfinishedGc,
 };
+pub use select::{SelectError, Selection, parse_duration};
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
 pub use sys::{lock_exclusive_within, send_signal};
-pub use track::{Echo, TrackError, TrackReport, ensure_store, track, track_to};
+pub use track::{Echo, TrackError, ensure_store};
+pub use track_run::{TrackReport, track, track_to};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).
 pub fn epoch_secs() -> i64 {

@@ -6,9 +6,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 
-use crate::check::OnDisk;
 use crate::nixconf::{NixConf, NixConfError, NixConfSources};
 use crate::nixdb::{Node, Snapshot};
+use crate::ondisk::OnDisk;
 use crate::roots::Root;
 use crate::store_path::StorePath;
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::deadline::Deadline;
 use crate::nixdb::{NixDb, NixDbError};
 use crate::store_path::{StoreLayout, StorePath};
 
@@ -59,7 +60,9 @@ fn nix_store_delete(
     cmd.args(paths.iter().map(|p| layout.logical(p)));
     tracing::debug!("running nix-store --delete on {} paths", paths.len());
     // Waiting for Nix's GC lock is expected; waiting for ever is not.
-    match crate::track::run_nix(cmd, DELETE_DEADLINE).map_err(ReclaimError::Spawn)? {
+    match crate::nixcmd::run_nix(cmd, Deadline::after(DELETE_DEADLINE))
+        .map_err(ReclaimError::Spawn)?
+    {
         Some((status, stderr)) => Ok((status.success(), stderr)),
         None => Err(ReclaimError::Timeout(DELETE_DEADLINE)),
     }

@@ -17,10 +17,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::classify::PathClass;
+use crate::deadline::Deadline;
 use crate::store_path::{StoreLayout, StorePath};
 
 /// File name of the database inside the state directory.
 pub const RUNS_DB_FILE: &str = "runs.sqlite";
+
+/// How long opening the database sleeps between two tries to switch it to WAL.
+const WAL_RETRY: Duration = Duration::from_millis(5);
 
 /// Schema migrations; `user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -432,15 +436,18 @@ impl RunsDb {
             .map_err(corrupt)?;
         // Switching a new file to WAL needs an exclusive lock, and SQLite reports a concurrent
         // opener's lock at once (no busy handler for this step): retry within the same bound.
-        let wal_deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let wal_deadline = Deadline::after(Duration::from_secs(30));
         loop {
             match conn.pragma_update(None, "journal_mode", "WAL") {
                 Ok(()) => break,
                 Err(e)
                     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
-                        && std::time::Instant::now() < wal_deadline =>
+                        && !wal_deadline.expired() =>
                 {
-                    std::thread::sleep(Duration::from_millis(5));
+                    // A back-off, bounded by the deadline: SQLite's busy handler does not cover
+                    // this step, and there is nothing to block on until the other opener's
+                    // lock is gone.
+                    std::thread::sleep(WAL_RETRY.min(wal_deadline.remaining()));
                 }
                 Err(e) => return Err(corrupt(e)),
             }

@@ -1,9 +1,16 @@
-//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals).
+//! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals,
+//! waiting for a child's exit).
 //! Each call is small, checked, and documented with its safety argument.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use crate::deadline::Deadline;
+
+/// How long [`lock_exclusive_within`] sleeps between two tries.
+const LOCK_RETRY: Duration = Duration::from_millis(20);
 
 /// Try to take an exclusive `flock` on `f` without waiting. Returns whether it was taken (it
 /// stays held until the file is closed or [`unlock`] is called).
@@ -16,15 +23,50 @@ pub fn try_lock_exclusive(f: &File) -> bool {
 /// Take an exclusive `flock` on `f`, waiting at most `within` for another holder. Returns
 /// whether it was taken (it stays held until the file is closed).
 pub fn lock_exclusive_within(f: &File, within: std::time::Duration) -> bool {
-    let start = std::time::Instant::now();
+    let deadline = Deadline::after(within);
     loop {
         if try_lock_exclusive(f) {
             return true;
         }
-        if start.elapsed() >= within {
+        if deadline.expired() {
             return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // A back-off, bounded by the deadline: a blocking flock(2) cannot be given a timeout
+        // (a thread blocked in it would take the lock after we gave up), and another process's
+        // unlock wakes nothing here.
+        std::thread::sleep(LOCK_RETRY.min(deadline.remaining()));
+    }
+}
+
+/// Block until the child process `pid` has exited, without reaping it (`waitid` with
+/// `WNOWAIT`): its status stays for `Child::wait`, and its pid cannot be reused until then, so
+/// that signalling it meanwhile is safe. Interrupted waits are retried; an error (`ECHILD`: not
+/// a child of this process, or already reaped) is returned.
+pub fn wait_exited(pid: u32) -> io::Result<()> {
+    let pid = libc::id_t::from(pid);
+    if pid == 0 {
+        return Err(io::Error::from_raw_os_error(libc::ECHILD));
+    }
+    loop {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+        // SAFETY: `info` is a writable siginfo_t that outlives the call; waitid writes at most
+        // one siginfo_t through the pointer and keeps no reference to it. P_PID with a nonzero
+        // pid waits for that one child only.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                info.as_mut_ptr(),
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 

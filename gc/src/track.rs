@@ -1,20 +1,22 @@
-//! `drydock track`: run a command and attribute to it the store paths it caused to be
-//! registered. Before: Nix's highest path id. After: the paths registered since, kept only if
-//! they lie in the derivation closure of what the command built (outputs printed on stdout or
-//! left as `result` links, their derivers, `inputDrvs` walked with our parser), so that a
-//! concurrent, untracked build's paths are not claimed.
+//! How `drydock track` attributes store paths to a command: the command passed through (its
+//! stdout scanned for store paths), and the rule. Before: Nix's highest path id. After: the
+//! paths registered since, kept only if they lie in the derivation closure of what the command
+//! built (outputs printed on stdout or left as `result` links, their derivers, `inputDrvs`
+//! walked with our parser), so that a concurrent, untracked build's paths are not claimed.
+//! Also the one-time creation of a new chroot store ([`ensure_store`]). The operation that
+//! records the run in the runs database is `track_run`, above this module.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::classify::{PathClass, classify};
+use crate::child::ExitWatch;
+use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
 use crate::nixdb::{NixDb, PathInfo};
-use crate::runsdb::{RunKind, RunsDb};
 use crate::store_path::{StoreLayout, StorePath};
 
 /// Errors of `track` itself (the command's own failure is its exit code, not an error).
@@ -61,22 +63,12 @@ impl TrackError {
     }
 }
 
-/// What `track` recorded.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TrackReport {
-    /// The run's id.
-    pub run_id: i64,
-    /// The command's exit code (128 + signal if it was killed).
-    pub exit_code: i32,
-    /// The paths claimed, with their class and NAR size.
-    pub claimed: Vec<(String, PathClass, u64)>,
-    /// Paths registered meanwhile that were not claimed (someone else's build).
-    pub not_claimed: usize,
-}
+/// How often the wait for a tracked command looks at the caller's cancel flag.
+const CANCEL_CHECK: Duration = Duration::from_millis(10);
 
 /// The tracked command, started with stdin and stderr inherited and stdout passed through (and
 /// scanned for store paths).
-struct Passthrough {
+pub(crate) struct Passthrough {
     program: String,
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -84,7 +76,7 @@ struct Passthrough {
 
 impl Passthrough {
     /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded.
-    fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
+    pub(crate) fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
         let mut child = Command::new(&program)
             .args(&cmd[1..])
@@ -127,38 +119,45 @@ impl Passthrough {
         })
     }
 
+    /// Stop the command (kill and reap it), when its run cannot be recorded.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Wait for the command. `cancel` (set by the caller's Ctrl-C/SIGTERM handler) is forwarded
     /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
     /// follows. Returns the exit code (128 + signal if it was killed) and the stdout text.
-    fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<u8>), TrackError> {
+    pub(crate) fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<u8>), TrackError> {
         let wait_err = |source| TrackError::Wait {
             program: self.program.clone(),
             source,
         };
-        let mut forwarded = false;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().map_err(wait_err)? {
-                break status;
+        let pid = self.child.id();
+        let watch = ExitWatch::start(&self.child);
+        // The command's exit ends the wait at once. The cancel flag, set by the caller's signal
+        // handler, cannot be waited on: it is looked at every CANCEL_CHECK until it has been
+        // forwarded, and then the wait is for the exit alone.
+        let mut exited = false;
+        while !exited {
+            exited = watch.wait_until(Deadline::after(CANCEL_CHECK));
+            if !exited && cancel.swap(false, Ordering::SeqCst) {
+                let _ = crate::sys::send_signal(pid, libc::SIGINT);
+                watch.wait();
+                exited = true;
             }
-            if !forwarded && cancel.swap(false, Ordering::SeqCst) {
-                forwarded = true;
-                let _ = crate::sys::send_signal(self.child.id(), libc::SIGINT);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
+        }
+        let status = self.child.wait().map_err(wait_err)?;
         let mut captured = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let deadline = Deadline::after(Duration::from_secs(2));
         loop {
             if cancel.load(Ordering::SeqCst) {
                 break;
             }
-            let left = deadline
-                .saturating_duration_since(std::time::Instant::now())
-                .min(std::time::Duration::from_millis(100));
-            match self.lines.recv_timeout(left) {
+            let slice = Deadline::after(Duration::from_millis(100)).min(deadline);
+            match self.lines.recv_timeout(slice.remaining()) {
                 Ok(line) => captured.extend_from_slice(&line),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    if std::time::Instant::now() < deadline => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !deadline.expired() => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     tracing::debug!("stdout still open after the command exited; not waiting");
                     break;
@@ -314,10 +313,22 @@ pub fn attribute(
     claimed
 }
 
-struct DbView<'a> {
+/// [`StoreView`] over Nix's database, reading `.drv` files from the store (each once).
+pub(crate) struct DbView<'a> {
     db: &'a NixDb,
     layout: &'a StoreLayout,
     cache: std::cell::RefCell<HashMap<StorePath, Option<Derivation>>>,
+}
+
+impl<'a> DbView<'a> {
+    /// A view of the store `layout` through its open database `db`.
+    pub(crate) fn new(db: &'a NixDb, layout: &'a StoreLayout) -> Self {
+        Self {
+            db,
+            layout,
+            cache: Default::default(),
+        }
+    }
 }
 
 impl StoreView for DbView<'_> {
@@ -390,7 +401,7 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
     tracing::info!("creating the Nix store at {}", root.display());
     let mut cmd = Command::new("nix-store");
     cmd.args(layout.nix_args()).arg("--init");
-    match run_nix(cmd, INIT_DEADLINE) {
+    match crate::nixcmd::run_nix(cmd, Deadline::after(INIT_DEADLINE)) {
         Err(source) => Err(TrackError::Spawn {
             program: "nix-store".into(),
             source,
@@ -407,179 +418,12 @@ pub fn ensure_store(layout: &StoreLayout) -> Result<(), TrackError> {
     }
 }
 
-/// Run the Nix command `cmd` (no input, stdout dropped) until it exits or `deadline` passes,
-/// when it is killed: its status and what it printed on stderr, or `None` if it was late.
-pub(crate) fn run_nix(
-    mut cmd: Command,
-    deadline: Duration,
-) -> std::io::Result<Option<(std::process::ExitStatus, String)>> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = std::io::Read::read_to_string(e, &mut text);
-        }
-        text
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok(Some((status, reader.join().unwrap_or_default())))
-}
-
 /// Where a tracked command's stdout is passed through to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Echo {
     Stdout,
     /// For a caller whose own stdout is a report (`up --json`).
     Stderr,
-}
-
-/// Run `cmd` as a tracked run and record what it claimed. `cancel` is the caller's Ctrl-C flag
-/// (the library installs no signal handler): while the command runs it is forwarded to it;
-/// afterwards it ends `track` with [`TrackError::Interrupted`].
-pub fn track(
-    layout: &StoreLayout,
-    runs: &RunsDb,
-    name: Option<&str>,
-    cmd: &[String],
-    cancel: &AtomicBool,
-) -> Result<TrackReport, crate::GcError> {
-    track_to(layout, runs, name, cmd, cancel, Echo::Stdout)
-}
-
-/// [`track`], with the command's stdout passed through to `echo`.
-pub fn track_to(
-    layout: &StoreLayout,
-    runs: &RunsDb,
-    name: Option<&str>,
-    cmd: &[String],
-    cancel: &AtomicBool,
-    echo: Echo,
-) -> Result<TrackReport, crate::GcError> {
-    if cmd.is_empty() {
-        return Err(TrackError::NoCommand.into());
-    }
-    ensure_store(layout)?;
-    // A store that does not exist yet (the command's first build creates it) starts at 0.
-    let before = if layout.has_database() {
-        NixDb::open(layout)?.max_path_id()?
-    } else {
-        0
-    };
-    let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
-    // Started before the run is recorded: a command that cannot start records nothing.
-    let child = Passthrough::spawn(cmd, echo)?;
-    let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
-        Ok(id) => id,
-        Err(e) => {
-            // Without a run the command's paths could not be recorded: do not leave it running.
-            let mut child = child.child;
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.into());
-        }
-    };
-    let (exit_code, stdout) = match child.wait(cancel) {
-        Ok(x) => x,
-        Err(e) => {
-            runs.finish_run(run_id, Some(127))?;
-            return Err(e.into());
-        }
-    };
-    // Ctrl-C after the command ended interrupts drydock itself: the run ends with the
-    // command's code, unattributed, and the caller exits 130.
-    let interrupted = |runs: &RunsDb| -> Result<TrackReport, crate::GcError> {
-        runs.finish_run(run_id, Some(exit_code))?;
-        Err(TrackError::Interrupted { run_id, exit_code }.into())
-    };
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    if !layout.has_database() {
-        tracing::warn!("the command registered nothing: there is no Nix database yet");
-        runs.finish_run(run_id, Some(exit_code))?;
-        return Ok(TrackReport {
-            run_id,
-            exit_code,
-            claimed: Vec::new(),
-            not_claimed: 0,
-        });
-    }
-    let db = NixDb::open(layout)?;
-    let new_paths = db.paths_since(before)?;
-    let sd = &layout.logical_store_dir;
-    let mut outputs = store_paths_in_output(sd, &stdout);
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    outputs.extend(result_links(sd, &cwd, cmd));
-    outputs.sort();
-    outputs.dedup();
-    let view = DbView {
-        db: &db,
-        layout,
-        cache: Default::default(),
-    };
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    let claimed = attribute(sd, &new_paths, &outputs, &view);
-    if cancel.load(Ordering::SeqCst) {
-        return interrupted(runs);
-    }
-    let sizes: HashMap<&StorePath, u64> = new_paths.iter().map(|p| (&p.path, p.nar_size)).collect();
-    let rows: Vec<(String, PathClass, u64)> = claimed
-        .iter()
-        .map(|p| {
-            (
-                layout.logical(p),
-                classify(p),
-                sizes.get(p).copied().unwrap_or(0),
-            )
-        })
-        .collect();
-    runs.add_paths(run_id, &rows)?;
-    runs.finish_run(run_id, Some(exit_code))?;
-    tracing::info!(
-        "run {run_id}: claimed {} of {} new paths",
-        rows.len(),
-        new_paths.len()
-    );
-    Ok(TrackReport {
-        run_id,
-        exit_code,
-        not_claimed: new_paths.len() - rows.len(),
-        claimed: rows,
-    })
-}
-
-/// A run name from the command: the last argument that is not an option, or the program.
-fn default_name(cmd: &[String]) -> String {
-    let base = |s: &str| {
-        Path::new(s)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| s.to_owned())
-    };
-    cmd.iter()
-        .skip(1)
-        .rev()
-        .find(|a| !a.starts_with('-'))
-        .map(|a| base(a))
-        .unwrap_or_else(|| base(&cmd[0]))
 }
 
 #[cfg(test)]
@@ -676,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn output_scanning_and_names() {
+    fn output_scanning() {
         let t = format!(
             "building...\n{}\n'{}/bin/x'\n",
             full(&sp(1, "")),
@@ -686,11 +530,6 @@ mod tests {
             store_paths_in_output("/nix/store", t.as_bytes()),
             vec![sp(1, ""), sp(2, "")]
         );
-        assert_eq!(
-            default_name(&["nix-build".into(), "-A".into(), "/x/test.nix".into()]),
-            "test.nix"
-        );
-        assert_eq!(default_name(&["make".into()]), "make");
     }
 
     #[test]
