@@ -9,7 +9,8 @@
 //! Modules import only modules of lower layers (or of their own layer, listed before them), so
 //! that the imports form a DAG (`grep -n 'crate::' gc/src/*.rs` outside `mod tests` shows it):
 //!
-//! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `store_path`, `drv`,
+//! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `cancel` ([`Cancel`]),
+//!    `store_path`, `drv`,
 //!    `names`, `fsread`; then `sys` (the only `unsafe`; deadline), `child` (a blocking wait for
 //!    a child's exit; sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
@@ -21,6 +22,7 @@
 //! 6. the operations that return it: `track_run` (`track`, `track_to`) and `collect` (`gc`,
 //!    `runs`, `du`, `store check/repair`).
 
+mod cancel;
 mod check;
 mod child;
 mod classify;
@@ -46,6 +48,7 @@ mod sys;
 mod track;
 mod track_run;
 
+pub use cancel::{Cancel, OnCancel};
 pub use check::{Blocked, Damage, RepairPlan};
 pub use classify::{PathClass, classify};
 pub use collect::{
