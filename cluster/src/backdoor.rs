@@ -3,7 +3,8 @@
 //! `test-instrumentation.nix` prints it). Each call is POSIX `sh` that works in bash and busybox
 //! `sh` alike: the command travels as one single-quoted word (so a syntax error is the command's
 //! own failure, not the protocol's) and is `eval`ed in a subshell with stdin from `/dev/null` and
-//! stdout and stderr in two files of a private folder; a watchdog kills it at the deadline; then
+//! stdout and stderr in two files of a private folder; a watchdog kills it at the deadline, or
+//! earlier when drydock sends it a line (the caller went away: [`Backdoor::exec_for`]); then
 //! one reply line carries the status and both outputs base64-encoded:
 //!
 //! ```text
@@ -11,8 +12,8 @@
 //! ```
 //!
 //! so both streams arrive complete and binary-safe, and anything else the console carries
-//! (echo, noise) is skipped. A call that hits its deadline has status 124 and the shell answers
-//! the next call; a shell that does not answer within a grace period after the deadline is
+//! (echo, noise) is skipped. A call that hits its deadline has status 124 (130 if it was
+//! cancelled) and the shell answers the next call; a shell that does not answer within a grace period after the deadline is
 //! wedged, and the backdoor refuses further calls. Calls on one backdoor queue on its mutex.
 //!
 //! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
@@ -30,10 +31,13 @@
 //! Line building and reply parsing are pure and tested as data; [`Backdoor`] drives a stream.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use drydock_gc::Deadline;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -44,6 +48,9 @@ pub const READY_LINE: &str = "Spawning backdoor root shell...";
 const GRACE: Duration = Duration::from_secs(10);
 /// A reply travels in chunks of this many bytes, each acknowledged (see the module docs).
 pub const CHUNK: usize = 32 * 1024;
+/// What drydock sends the guest to cancel the call running there (its watchdog reads it); a
+/// no-op should it reach the shell itself (the call had just ended).
+pub const CANCEL_LINE: &str = ":\n";
 /// Silence after which drydock acknowledges again, in case a chunk boundary was missed.
 const ACK_IDLE: Duration = Duration::from_secs(1);
 /// How long a shell session waits for the calls before it.
@@ -83,6 +90,9 @@ pub enum BackdoorError {
     Cancelled,
     #[error("the backdoor stayed busy for {} s (a `shell` session, or a command it left running, holds it)", .0.as_secs())]
     Busy(Duration),
+    /// The machine lost what the backdoor needs (see [`Backdoor::close`]).
+    #[error("{0}")]
+    Gone(String),
 }
 
 impl BackdoorError {
@@ -102,12 +112,17 @@ pub fn sh_quote(s: &str) -> String {
 /// private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
 /// costs no encoder; and a reply shorter than a chunk is printed by the shell's own `printf`.
 /// A call of `true` starts the subshell and the watchdog, nothing else.
+///
+/// The watchdog waits with the shell's own `read -t` on the console (fd 9, a copy of the
+/// shell's input: a background job's own input is `/dev/null`): at the deadline it marks the
+/// call timed out (124), and a line from drydock ([`CANCEL_LINE`]) before it marks it
+/// cancelled (130); either way it kills the command. The command never sees fd 9.
 pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
     let m = format!("DRYDOCK-{id}");
     let code = sh_quote(cmd);
     let small = CHUNK - 2;
     format!(
-        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && {{ d=$DRYDOCK_TMP; (eval {code}) </dev/null >"$d/o" 2>"$d/e" & p=$!; (sleep {secs}; : >"$d/t{id}"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
+        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{id}"; else : >"$d/t{id}"; fi; kill -9 $p 2>/dev/null; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; [ -e "$d/c{id}" ] && {{ s=130; rm -f "$d/c{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
 "#
     )
 }
@@ -180,7 +195,19 @@ impl Conn {
     }
 
     /// The next console line, waiting until `deadline`; `Ok(None)` when it passed.
-    fn line(&mut self, deadline: Instant) -> Result<Option<String>, BackdoorError> {
+    fn line(&mut self, deadline: Deadline) -> Result<Option<String>, BackdoorError> {
+        match self.line_or(deadline, &[])? {
+            Got::Line(l) => Ok(Some(l)),
+            Got::Late | Got::Watched => Ok(None),
+        }
+    }
+
+    /// [`Self::line`], also ending when one of `watch` becomes readable ([`Got::Watched`]).
+    fn line_or(
+        &mut self,
+        deadline: Deadline,
+        watch: &[BorrowedFd<'_>],
+    ) -> Result<Got, BackdoorError> {
         let mut buf = [0u8; 64 * 1024];
         loop {
             if let Some(i) = self.pending[self.scanned..]
@@ -190,43 +217,73 @@ impl Conn {
                 let rest = self.pending.split_off(self.scanned + i + 1);
                 let line = std::mem::replace(&mut self.pending, rest);
                 self.scanned = 0;
-                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+                return Ok(Got::Line(String::from_utf8_lossy(&line).into_owned()));
             }
             self.scanned = self.pending.len();
             if self.pending.len() > MAX_REPLY {
                 return Err(BackdoorError::TooLarge);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
+            if deadline.expired() {
+                return Ok(Got::Late);
             }
             let wait = if self.acking.is_some() {
-                left.min(ACK_IDLE)
+                Deadline::after(ACK_IDLE).min(deadline)
             } else {
-                left
+                deadline
             };
-            self.stream
-                .set_read_timeout(Some(wait))
-                .map_err(BackdoorError::Io)?;
+            let mut fds = vec![self.stream.as_fd()];
+            fds.extend_from_slice(watch);
+            let ready = drydock_vm::wait_readable(&fds, Some(wait)).map_err(BackdoorError::Io)?;
+            if ready[1..].iter().any(|r| *r) {
+                return Ok(Got::Watched);
+            }
+            if !ready[0] {
+                if wait.expired() && !deadline.expired() {
+                    self.ack(true)?;
+                }
+                continue;
+            }
             match self.stream.read(&mut buf) {
                 Ok(0) => return Err(BackdoorError::Closed),
                 Ok(n) => {
                     self.pending.extend_from_slice(&buf[..n]);
                     self.ack(false)?;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    self.ack(true)?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if drydock_vm::retry(&e) => {}
                 Err(e) => return Err(BackdoorError::Io(e)),
             }
         }
     }
+}
+
+/// What [`Conn::line_or`] got.
+#[derive(Debug)]
+enum Got {
+    Line(String),
+    /// The deadline passed.
+    Late,
+    /// The watched descriptor became readable.
+    Watched,
+}
+
+/// Whether the peer of `client` (an `exec` caller) went away: its connection is readable and
+/// reads end-of-file (or fails). Anything it sent after its request is read and dropped.
+fn peer_gone(client: &UnixStream) -> bool {
+    let mut buf = [0u8; 512];
+    if client.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let gone = loop {
+        match (&*client).read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break true,
+        }
+    };
+    let _ = client.set_nonblocking(false);
+    gone
 }
 
 /// A guest's backdoor shell. Calls queue: one runs at a time.
@@ -236,6 +293,10 @@ pub struct Backdoor {
     conn: Mutex<Option<Conn>>,
     /// Signalled each time the connection is given back.
     returned: Condvar,
+    /// The same socket, to shut it down under whoever holds the connection ([`Self::close`]).
+    shutdown: Option<UnixStream>,
+    /// Why the backdoor was closed, if it was.
+    closed: Mutex<Option<String>>,
 }
 
 /// The connection, lent to one call or session; given back (and the next waiter woken) when
@@ -277,11 +338,12 @@ impl Drop for Lease<'_> {
 
 impl Backdoor {
     /// Read the console until the guest prints [`READY_LINE`] (lines before it go to `seen`),
-    /// at most `within`, or until `cancel` is set.
+    /// at most `within`, or until one of `cancel` is readable (a stop, a process's exit: waited
+    /// on with the console).
     pub fn wait_ready(
         stream: UnixStream,
         within: Duration,
-        cancel: &AtomicBool,
+        cancel: &[BorrowedFd<'_>],
         seen: &mut dyn FnMut(&str),
     ) -> Result<Self, BackdoorError> {
         let mut conn = Conn {
@@ -292,33 +354,65 @@ impl Backdoor {
             broken: false,
             acking: None,
         };
-        let deadline = Instant::now() + within;
+        let deadline = Deadline::after(within);
         loop {
-            if cancel.load(Ordering::SeqCst) {
-                return Err(BackdoorError::Cancelled);
-            }
-            let step = deadline.min(Instant::now() + Duration::from_millis(100));
-            match conn.line(step)? {
-                Some(l) if l.trim_end().ends_with(READY_LINE) => {
+            match conn.line_or(deadline, cancel)? {
+                Got::Line(l) if l.trim_end().ends_with(READY_LINE) => {
+                    let shutdown = conn.stream.try_clone().ok();
                     return Ok(Self {
                         conn: Mutex::new(Some(conn)),
                         returned: Condvar::new(),
+                        shutdown,
+                        closed: Mutex::new(None),
                     });
                 }
-                Some(l) => seen(l.trim_end()),
-                None if Instant::now() >= deadline => {
-                    return Err(BackdoorError::NotReady(within));
-                }
-                None => {}
+                Got::Line(l) => seen(l.trim_end()),
+                Got::Late => return Err(BackdoorError::NotReady(within)),
+                Got::Watched => return Err(BackdoorError::Cancelled),
             }
         }
     }
 
+    /// Give the backdoor up because the machine cannot serve it any more (`why`, e.g. its
+    /// store server died): the connection is shut down under the call or session that holds
+    /// it, which fails at once, and every later call fails with `why`.
+    pub fn close(&self, why: &str) {
+        *self.closed.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_string());
+        if let Some(s) = &self.shutdown {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Why the backdoor was closed, if it was.
+    fn closed(&self) -> Option<BackdoorError> {
+        self.closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map(BackdoorError::Gone)
+    }
+
     /// Run `cmd` in the guest's shell; at `timeout` it is killed and the status is 124.
+    #[cfg(test)]
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput, BackdoorError> {
+        self.exec_for(cmd, timeout, None)
+    }
+
+    /// [`Self::exec`] on behalf of the caller at the other end of `client`: if it goes away
+    /// (its connection closes) while the command runs, the command is killed in the guest at
+    /// once (status 130) and the backdoor is free for the next call.
+    pub fn exec_for(
+        &self,
+        cmd: &str,
+        timeout: Duration,
+        client: Option<&UnixStream>,
+    ) -> Result<ExecOutput, BackdoorError> {
+        if let Some(e) = self.closed() {
+            return Err(e);
+        }
         let mut conn = self.lock_within(timeout)?;
         if conn.broken {
-            return Err(BackdoorError::Broken);
+            return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
         let id = conn.next_id;
         conn.next_id += 1;
@@ -327,16 +421,27 @@ impl Backdoor {
             conn.stream
                 .write_all(call_line(id, cmd, secs).as_bytes())
                 .map_err(BackdoorError::Io)?;
-            let deadline = Instant::now() + Duration::from_secs(secs) + GRACE;
+            let deadline = Deadline::after(Duration::from_secs(secs) + GRACE);
             conn.acking = Some((format!("DRYDOCK-{id} ").into_bytes(), 0));
+            let mut watch = client;
             loop {
-                match conn.line(deadline)? {
-                    Some(l) => {
+                let fds: Vec<BorrowedFd<'_>> = watch.iter().map(|c| c.as_fd()).collect();
+                match conn.line_or(deadline, &fds)? {
+                    Got::Line(l) => {
                         if let Some(r) = parse_reply(id, &l) {
                             return r;
                         }
                     }
-                    None => return Err(BackdoorError::Wedged),
+                    Got::Watched => {
+                        if watch.is_some_and(peer_gone) {
+                            tracing::debug!(id, "the caller went away: cancelling its command");
+                            conn.stream
+                                .write_all(CANCEL_LINE.as_bytes())
+                                .map_err(BackdoorError::Io)?;
+                            watch = None;
+                        }
+                    }
+                    Got::Late => return Err(BackdoorError::Wedged),
                 }
             }
         })();
@@ -345,7 +450,10 @@ impl Backdoor {
         if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_))) {
             conn.broken = true;
         }
-        result
+        match (result, self.closed()) {
+            (Err(BackdoorError::Closed | BackdoorError::Io(_)), Some(why)) => Err(why),
+            (r, _) => r,
+        }
     }
 
     /// The connection, waiting at most `within` for the call or session before us.
@@ -377,9 +485,12 @@ impl Backdoor {
         size: Option<(u16, u16)>,
         started: &mut dyn FnMut(),
     ) -> Result<(), BackdoorError> {
+        if let Some(e) = self.closed() {
+            return Err(e);
+        }
         let mut conn = self.lock_within(SHELL_WAIT)?;
         if conn.broken {
-            return Err(BackdoorError::Broken);
+            return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
         let id = conn.next_id;
         conn.next_id += 1;
@@ -415,7 +526,7 @@ fn relay_shell(
     conn.stream
         .write_all(shell_line(id, prompt, size).as_bytes())
         .map_err(BackdoorError::Io)?;
-    let deadline = Instant::now() + GRACE;
+    let deadline = Deadline::after(GRACE);
     loop {
         match conn.line(deadline)? {
             Some(l) if l.trim_end() == start => break,
@@ -425,10 +536,12 @@ fn relay_shell(
     }
     started();
     let ended = std::sync::Arc::new(AtomicBool::new(false));
-    let left = std::sync::Arc::new(Mutex::new(None::<Instant>));
+    let left = std::sync::Arc::new(Mutex::new(None::<Deadline>));
     let mut to_guest = conn.stream.try_clone().map_err(BackdoorError::Io)?;
     let mut from_client = client.try_clone().map_err(BackdoorError::Io)?;
     let (ended2, left2) = (ended.clone(), left.clone());
+    // The input thread says the client left (the session's end now has a deadline).
+    let (client_left, client_left_fd) = drydock_vm::wake_pair().map_err(BackdoorError::Io)?;
     let input = std::thread::Builder::new()
         .name("shell-input".into())
         .spawn(move || {
@@ -439,7 +552,9 @@ fn relay_shell(
                     return;
                 }
                 if n == 0 {
-                    *left2.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    *left2.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Deadline::after(SESSION_END));
+                    client_left.wake();
                     let _ = to_guest.write_all(b"\nexit\n");
                     return;
                 }
@@ -468,14 +583,18 @@ fn relay_shell(
         // running there (if any) ends. Until then calls wait their turn (or give up at their
         // deadline); past SESSION_END the backdoor is given up as wedged.
         let gone = *left.lock().unwrap_or_else(|e| e.into_inner());
-        if gone.is_some_and(|t| t.elapsed() > SESSION_END) {
+        if gone.is_some_and(Deadline::expired) {
             break Err(BackdoorError::Wedged);
         }
-        if let Err(e) = conn
-            .stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-        {
-            break Err(BackdoorError::Io(e));
+        // The guest's next bytes, or (until the client left) the client leaving.
+        let mut fds = vec![conn.stream.as_fd()];
+        if gone.is_none() {
+            fds.push(client_left_fd.as_fd());
+        }
+        match drydock_vm::wait_readable(&fds, gone) {
+            Ok(r) if r[0] => {}
+            Ok(_) => continue,
+            Err(e) => break Err(BackdoorError::Io(e)),
         }
         match conn.stream.read(&mut chunk) {
             Ok(0) => break Err(BackdoorError::Closed),
@@ -496,6 +615,7 @@ mod tests {
     use std::os::fd::OwnedFd;
     use std::process::{Command, Stdio};
     use std::sync::Arc;
+    use std::time::Instant;
 
     #[test]
     fn replies_parse_or_are_skipped() {
@@ -539,7 +659,9 @@ mod tests {
         let l = call_line(5, "echo 'hi' | tr a-z A-Z\nexit 3", 30);
         assert!(l.contains(r"(eval 'echo '\''hi'\'' | tr a-z A-Z"), "{l}");
         assert!(l.ends_with("}\n"));
-        assert!(l.contains("sleep 30;"));
+        assert!(l.contains("read -t 30 -r x <&9;"));
+        // The command never sees the copy of the console the watchdog reads.
+        assert!(l.contains("</dev/null 9<&- >"));
         assert!(l.contains("DRYDOCK-5-END"));
         for (s, q) in [
             ("", "''"),
@@ -643,12 +765,9 @@ mod tests {
             .spawn()
             .expect("busybox");
         let mut seen = Vec::new();
-        let b = Backdoor::wait_ready(
-            ours,
-            Duration::from_secs(10),
-            &AtomicBool::new(false),
-            &mut |l| seen.push(l.to_string()),
-        )
+        let b = Backdoor::wait_ready(ours, Duration::from_secs(10), &[], &mut |l| {
+            seen.push(l.to_string())
+        })
         .unwrap();
         assert_eq!(seen, ["booting"]);
         TestShell { b, child }
@@ -696,6 +815,58 @@ mod tests {
         // The command cannot eat the protocol's input.
         let r = b.exec("cat; echo done", t).unwrap();
         assert_eq!(r.stdout, b"done\n");
+    }
+
+    /// A caller that goes away: its command is killed in the guest at once (130), and the
+    /// next call is answered at once.
+    fn a_gone_caller_cancels_its_command(b: &Backdoor) {
+        let (caller, ours) = UnixStream::pair().unwrap();
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            let call = s.spawn(|| {
+                b.exec_for(
+                    "echo started; sleep 30",
+                    Duration::from_secs(60),
+                    Some(&ours),
+                )
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            drop(caller);
+            let r = call.join().unwrap().unwrap();
+            assert_eq!((r.status, r.stdout.as_slice()), (130, &b"started\n"[..]));
+        });
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        let t1 = Instant::now();
+        let r = b.exec("echo next", Duration::from_secs(20)).unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (0, &b"next\n"[..]));
+        assert!(t1.elapsed() < Duration::from_secs(5));
+        // A caller that stays: nothing is cancelled.
+        let (_caller, ours) = UnixStream::pair().unwrap();
+        let r = b
+            .exec_for("sleep 0.3; echo done", Duration::from_secs(20), Some(&ours))
+            .unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (0, &b"done\n"[..]));
+    }
+
+    #[test]
+    fn a_gone_caller_cancels_its_command_in_busybox_and_bash() {
+        a_gone_caller_cancels_its_command(&shell(&["busybox", "sh"]));
+        a_gone_caller_cancels_its_command(&shell(&["bash", "--norc", "-s"]));
+    }
+
+    #[test]
+    fn a_closed_backdoor_fails_calls_at_once_saying_why() {
+        let b = Arc::new(shell(&["busybox", "sh"]));
+        let b2 = b.clone();
+        let t0 = Instant::now();
+        let call = std::thread::spawn(move || b2.exec("sleep 30", Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(300));
+        b.close("its store server died");
+        let e = call.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("its store server died"), "{e}");
+        let e = b.exec("true", Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("its store server died"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
@@ -799,13 +970,8 @@ mod tests {
     #[test]
     fn a_shell_that_never_becomes_ready_is_reported() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let e = Backdoor::wait_ready(
-            ours,
-            Duration::from_millis(200),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap_err();
+        let e =
+            Backdoor::wait_ready(ours, Duration::from_millis(200), &[], &mut |_| {}).unwrap_err();
         assert!(matches!(e, BackdoorError::NotReady(_)), "{e}");
         drop(theirs);
     }

@@ -4,8 +4,9 @@
 //! owner that died uncleanly left behind.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use serde::Serialize;
 
@@ -38,6 +39,8 @@ pub struct DetachedOwner<'a> {
     pub accel: AccelChoice,
     pub qemu: Option<&'a Path>,
     pub ready_timeout: Duration,
+    /// The bytes of console logs each machine keeps (`--log-limit`).
+    pub log_limit: u64,
 }
 
 /// A detached cluster that is up.
@@ -49,10 +52,7 @@ pub struct Detached {
 
 /// Start the owner and wait until it reports every machine ready. On `cancel` or the deadline
 /// the owner is stopped (it stops everything it started) before returning.
-pub fn start_detached(
-    o: &DetachedOwner<'_>,
-    cancel: &AtomicBool,
-) -> Result<Detached, ClusterError> {
+pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached, ClusterError> {
     let dir = cluster_paths(o.state_dir, o.name).dir;
     let log_path = dir.join("drydock.log");
     let files = |source| ClusterError::Files {
@@ -69,28 +69,41 @@ pub fn start_detached(
         o.accel.as_arg(),
     ])
     .arg("--timeout")
-    .arg(o.ready_timeout.as_secs_f64().to_string());
+    .arg(o.ready_timeout.as_secs_f64().to_string())
+    .arg("--log-limit")
+    .arg(o.log_limit.to_string());
     if let Some(q) = o.qemu {
         cmd.arg("--qemu").arg(q);
     }
     let started = Instant::now();
-    let pid =
+    let child =
         drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
+    let pid = child.pid;
     let deadline = o.ready_timeout + OWNER_SLACK;
-    let every = Duration::from_millis(20);
     let ready =
         || ClusterState::read(o.state_dir, o.name).filter(|s| s.ready && s.owner_pid == pid);
-    match drydock_vm::await_report(pid, deadline, every, cancel, ready) {
+    let report = dir.join("cluster.json");
+    match drydock_vm::await_report(pid, deadline, &report, cancel, ready) {
         Awaited::Ready(_) => Ok(Detached {
             owner_pid: pid,
             after_secs: started.elapsed().as_secs_f64(),
         }),
-        Awaited::Died => Err(ClusterError::DidNotStart {
-            log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
-        }),
+        Awaited::Died => {
+            // The owner is our child: how it ended is known (its reaper has it at once).
+            let how = match child.status(Deadline::after(Duration::from_secs(2))) {
+                Some(st) => describe_exit(st),
+                None => "died".to_string(),
+            };
+            Err(ClusterError::DidNotStart {
+                pid,
+                how,
+                log_path: log_path.clone(),
+                log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
+            })
+        }
         Awaited::Late => {
-            terminate(pid);
-            if cancel.load(Ordering::SeqCst) {
+            terminate(pid, None);
+            if cancel.is_set() {
                 return Err(ClusterError::Interrupted);
             }
             Err(ClusterError::NotReady {
@@ -101,25 +114,38 @@ pub fn start_detached(
     }
 }
 
+/// How a process ended, as words ("exited with status 1", "was killed by signal 9 (SIGKILL)").
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => {
+            let name = match sig {
+                libc::SIGKILL => " (SIGKILL)",
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGINT => " (SIGINT)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                _ => "",
+            };
+            format!("was killed by signal {sig}{name}")
+        }
+        _ => "died".to_string(),
+    }
+}
+
 /// SIGTERM to an owner (it stops everything it started), SIGKILL if it has not exited within
-/// [`DOWN_DEADLINE`]; whether it had to be killed.
-fn terminate(pid: u32) -> bool {
+/// [`DOWN_DEADLINE`]; whether it had to be killed. `ticks`: its start time, when known.
+fn terminate(pid: u32, ticks: Option<u64>) -> bool {
+    let exit = drydock_vm::ProcessWatch::open(pid, ticks);
     let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
-    if wait_gone(pid, DOWN_DEADLINE) {
+    if exit
+        .as_ref()
+        .is_none_or(|w| w.wait(Deadline::after(DOWN_DEADLINE)))
+    {
         return false;
     }
     let _ = drydock_gc::send_signal(pid, libc::SIGKILL);
-    true
-}
-
-fn wait_gone(pid: u32, within: Duration) -> bool {
-    let t = Instant::now();
-    while drydock_vm::pid_alive(pid) {
-        if t.elapsed() > within {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     true
 }
 
@@ -151,7 +177,7 @@ pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
             after_secs: 0.0,
         });
     };
-    let killed = state.owner_alive() && terminate(state.owner_pid);
+    let killed = state.owner_alive() && terminate(state.owner_pid, state.owner_start_ticks);
     for m in &state.plan.machines {
         let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
         if let Some(vs) = VmState::read(&paths) {
@@ -300,42 +326,33 @@ pub fn request(
     }
 }
 
-/// Answer one request on the owner's control socket if one is waiting (non-blocking when none
-/// is): read its line, let `handle` plan or apply it, write the reply. Whether one was served.
-pub(crate) fn answer_one(
-    listener: &UnixListener,
-    handle: &mut dyn FnMut(ControlRequest) -> Result<Vec<MachineOutcome>, (String, bool)>,
-) -> bool {
-    let Ok((s, _)) = listener.accept() else {
-        return false;
-    };
+/// Read the request line of a connection to the owner's control socket (within
+/// [`REQUEST_DEADLINE`]), or why it could not be read.
+pub(crate) fn read_request(s: &UnixStream) -> Result<ControlRequest, String> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(REQUEST_DEADLINE));
     let mut line = String::new();
-    let req = BufReader::new(&s)
+    BufReader::new(s)
         .read_line(&mut line)
         .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()));
-    let reply = match req {
-        Err(e) => ControlReply {
-            machines: Vec::new(),
-            error: Some(format!("bad request: {e}")),
-            bad_input: true,
+        .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()))
+}
+
+/// Answer a request: every machine's outcome, or an error (its text, and whether it is bad
+/// input).
+pub(crate) fn reply(s: &UnixStream, result: Result<Vec<MachineOutcome>, (String, bool)>) {
+    let reply = match result {
+        Ok(machines) => ControlReply {
+            machines,
+            error: None,
+            bad_input: false,
         },
-        Ok(req) => match handle(req) {
-            Ok(machines) => ControlReply {
-                machines,
-                error: None,
-                bad_input: false,
-            },
-            Err((error, bad_input)) => ControlReply {
-                machines: Vec::new(),
-                error: Some(error),
-                bad_input,
-            },
+        Err((error, bad_input)) => ControlReply {
+            machines: Vec::new(),
+            error: Some(error),
+            bad_input,
         },
     };
     let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
-    let _ = crate::wire::write_json_line(&s, &reply);
-    true
+    let _ = crate::wire::write_json_line(s, &reply);
 }

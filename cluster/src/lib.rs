@@ -5,12 +5,14 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits), `logs` (console stamping, timed-log merge);
+//!   come or go), `watch` (waiting for edits);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its error);
-//! - `exec` (the exec server per machine and its client), `control` (the owner's control socket:
-//!   protocol, client and server; starting a detached owner, `down`), `wait`;
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, a machine's failure, its error);
+//! - `logs` (console stamping, the timed logs' merge and follow), `exec` (the exec server per
+//!   machine and its client), `control` (the owner's control socket: protocol, client and
+//!   server; starting a detached owner, `down`), `wait`;
+//! - `events` (what the owner reacts to, on one channel);
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
 //!   owner), `session` (what one `up` does: prepare, reload cycles, the owner's loop).
 //!
@@ -21,6 +23,7 @@ mod backdoor;
 mod compose;
 mod control;
 mod eval;
+mod events;
 mod exec;
 mod hub;
 mod logs;
@@ -45,21 +48,23 @@ pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
 pub use eval::EvalError;
+pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_remote, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
-pub use logs::{merge_timed, parse_timed, timed_log};
+pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
 pub use reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
     PlannedAction,
 };
-pub use run::{MachineEvent, RunningCluster, up as cluster_up};
+pub use run::RunningCluster;
 pub use session::{
     BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
-    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
+    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up,
+    watch_reloads,
 };
 pub use state::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_machine, cluster_paths,
-    refuse_cluster_machine, up_machine, up_plan_file,
+    machine_failure, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::WatchError;

@@ -1,47 +1,64 @@
 //! The effectful layer of a cluster: its owner process starts one hub per VLAN and one
 //! long-lived thread per machine (so QEMU's parent-death signal is tied to a thread that lives
 //! as long as the machine). Each machine thread launches its VM through the one launch path
-//! (`resolve_launch`, `record_vm_run`, `start`), listens on the backdoor socket QEMU connects
-//! to, waits for the guest's ready line, then serves `exec` requests from other drydock
+//! (`resolve_launch`, `record_vm_run`, `start_with`), listens on the backdoor socket QEMU
+//! connects to, waits for the guest's ready line, then serves `exec` requests from other drydock
 //! processes on `exec.sock` (one JSON line each way; calls queue on the backdoor), until the
-//! owner stops the cluster or QEMU exits. Stopping sets every machine's flag: every machine
-//! thread stops its VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs
-//! stop. A hot reload (`apply`) stops, starts and rewires single machines of a running cluster
-//! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
+//! owner stops the cluster, QEMU exits or the machine's store server dies: the thread blocks on
+//! all of these at once (its stop, QEMU's and the store server's pidfds, the exec socket).
+//!
+//! The owner itself waits on one channel (see `events`): the machines' events, their console
+//! lines (stamped into `console.timed` and handed on by each VM's console pump), the control
+//! socket's requests (read by a thread of their own) and interruptions. Stopping wakes every
+//! machine's stop: every machine thread stops its VM at once (powerdown → quit → SIGTERM →
+//! SIGKILL), in parallel, then the hubs stop. A hot reload (`apply`) stops, starts and rewires
+//! single machines of a running cluster through the same pieces: one stop and one thread per
+//! machine, hubs whose ports can change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use crate::backdoor::Backdoor;
 use crate::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
+use crate::events::{ConsoleEcho, ControlCall, MachineEvent, OwnerEvent};
 use crate::hub::Hub;
-use crate::logs::timed_log;
-use crate::logs::{Stamp, Tails, stamp_consoles};
+use crate::logs::{TimedLog, clear_logs};
 use crate::state::{
     ClusterError, ClusterLaunch, ClusterState, cluster_paths, exec_socket, hub_socket, nic_socket,
+    record_failure,
 };
 use drydock_vm::{Boot, LaunchRequest, Share, StoreMode};
+use drydock_vm::{ConsoleOptions, WakeFd, Waker, wait_readable, wake_pair};
 use drydock_vm::{FwCfgFile, GuestDevices, Nic, VmPaths};
 use drydock_vm::{LaunchRecord, VmState};
 
-/// What a machine thread reports.
-#[derive(Debug)]
-pub enum MachineEvent {
-    Ready { machine: String, after: Duration },
-    Failed { machine: String, message: String },
-    Stopped { machine: String },
-}
+/// How long stopping machines may take before the owner stops waiting for their threads (each
+/// VM's own stop is bounded well within it: powerdown, quit, SIGTERM, SIGKILL).
+const STOP_DEADLINE: Duration = Duration::from_secs(120);
+/// How many of a failed machine's last console lines its error shows.
+const FAILED_CONSOLE_LINES: usize = 15;
 
-/// One machine's thread and its stop flag.
+/// One machine's thread and its stop.
 #[derive(Debug)]
 pub(crate) struct MachineThread {
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) thread: std::thread::JoinHandle<()>,
+    /// Which thread this is (the events it sends carry it).
+    id: u64,
+    stop: Waker,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A thread that feeds the owner's channel (the control socket's), and its stop.
+#[derive(Debug)]
+struct Feeder {
+    stop: Waker,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// An up cluster, owned by this process. Dropping it stops everything.
@@ -51,26 +68,26 @@ pub struct RunningCluster {
     pub(crate) opts: ClusterLaunch,
     pub(crate) state_dir: PathBuf,
     pub(crate) hubs: Vec<Hub>,
+    /// The machines whose thread runs (a machine whose thread ended is not here).
     pub(crate) machines: BTreeMap<String, MachineThread>,
-    pub(crate) tx: Sender<MachineEvent>,
-    pub(crate) tails: Tails,
-    /// Where a second `up` asks for a hot reload (see `apply`).
-    pub(crate) control: Option<UnixListener>,
-    /// Stops the console stamping, after the machines (their last lines are stamped too).
-    stamp_stop: Arc<AtomicBool>,
-    stamper: Option<std::thread::JoinHandle<()>>,
-    pub events: Receiver<MachineEvent>,
+    next_thread: u64,
+    pub(crate) tx: SyncSender<OwnerEvent>,
+    events: Receiver<OwnerEvent>,
+    /// Events taken off the channel while waiting for something else, for the owner's loop.
+    pub(crate) deferred: VecDeque<OwnerEvent>,
+    /// Where a second `up` asks for a hot reload (see `apply`), and its thread.
+    control: Option<Feeder>,
     stopped: bool,
 }
 
 /// Start the cluster `plan`: hubs, then every machine in parallel. Returns once every machine
-/// is ready; a machine that fails, `cancel` or the timeout stops everything started.
-/// `on_event` sees each machine's event, and `None` every 50 ms meanwhile.
-pub fn up(
+/// is ready; a machine that fails, `cancel` or the timeout stops everything started. `on_event`
+/// sees each event meanwhile (the machines' and their console lines).
+pub(crate) fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
-    cancel: &AtomicBool,
-    on_event: &mut dyn FnMut(Option<&MachineEvent>),
+    cancel: &Cancel,
+    on_event: &mut dyn FnMut(&OwnerEvent),
 ) -> Result<RunningCluster, ClusterError> {
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
     for d in [&cpaths.dir, &cpaths.sockets] {
@@ -84,19 +101,18 @@ pub fn up(
         path: hosts.clone(),
         source,
     })?;
-    let (tx, rx) = channel();
+    let (tx, rx) = crate::events::channel();
     let mut running = RunningCluster {
         plan: plan.clone(),
         opts: opts.clone(),
         state_dir: opts.state_dir.clone(),
         hubs: Vec::new(),
         machines: BTreeMap::new(),
+        next_thread: 0,
         tx,
-        tails: Tails::default(),
-        control: None,
-        stamp_stop: Arc::new(AtomicBool::new(false)),
-        stamper: None,
         events: rx,
+        deferred: VecDeque::new(),
+        control: None,
         stopped: false,
     };
     for &v in &plan.vlans {
@@ -109,63 +125,50 @@ pub fn up(
             .map_err(ClusterError::Hub)?,
         );
     }
-    // Each console is read as it grows and its lines written, stamped on arrival, to the
-    // machine's timed log (what `drydock logs` merges); QEMU writes the console log itself.
+    // A new cluster's logs start empty (a restarted machine's carry on).
     for m in &plan.machines {
-        let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-        let _ = std::fs::remove_file(paths.console_log());
-        let _ = std::fs::remove_file(timed_log(&paths));
-        running.add_tail(m);
+        clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
     }
-    let (stop, tails) = (running.stamp_stop.clone(), running.tails.clone());
-    running.stamper = Some(
-        std::thread::Builder::new()
-            .name("console-stamps".into())
-            .spawn(move || stamp_consoles(&tails, &stop))
-            .map_err(|source| ClusterError::Files {
-                path: cpaths.dir.clone(),
-                source,
-            })?,
-    );
     for m in &plan.machines {
         running.spawn_machine(m)?;
     }
-    let started = Instant::now();
+    let tx = running.tx.clone();
+    let _interrupt = cancel.on_cancel(move || {
+        let _ = tx.try_send(OwnerEvent::Interrupt);
+    });
+    let deadline = Deadline::after(opts.ready_timeout + Duration::from_secs(60));
     let mut ready = 0;
     while ready < plan.machines.len() {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.is_set() {
             running.stop();
             return Err(ClusterError::Interrupted);
         }
-        match running.events.recv_timeout(Duration::from_millis(50)) {
-            Ok(ev) => {
-                on_event(Some(&ev));
-                match ev {
-                    MachineEvent::Ready { .. } => ready += 1,
-                    MachineEvent::Failed { machine, message } => {
-                        running.stop();
-                        return Err(ClusterError::Machine { machine, message });
-                    }
-                    MachineEvent::Stopped { machine } => {
-                        running.stop();
-                        return Err(ClusterError::Machine {
-                            machine,
-                            message: "stopped before it became ready".into(),
-                        });
-                    }
+        let Some(ev) = running.next_event(Some(deadline)) else {
+            running.stop();
+            return Err(ClusterError::Machine {
+                machine: "?".into(),
+                message: "the cluster did not become ready in time".into(),
+            });
+        };
+        on_event(&ev);
+        if let OwnerEvent::Machine { event, .. } = ev {
+            match event {
+                MachineEvent::Ready { .. } => ready += 1,
+                MachineEvent::Failed { machine, message } => {
+                    running.stop();
+                    return Err(ClusterError::Machine { machine, message });
+                }
+                MachineEvent::Stopped { machine } => {
+                    running.stop();
+                    return Err(ClusterError::Machine {
+                        machine,
+                        message: "stopped before it became ready".into(),
+                    });
                 }
             }
-            Err(_) if started.elapsed() > opts.ready_timeout + Duration::from_secs(60) => {
-                running.stop();
-                return Err(ClusterError::Machine {
-                    machine: "?".into(),
-                    message: "the cluster did not become ready in time".into(),
-                });
-            }
-            Err(_) => on_event(None),
         }
     }
-    running.control = Some(crate::control::bind_control(&cpaths)?);
+    running.start_control()?;
     Ok(running)
 }
 
@@ -176,36 +179,112 @@ pub(crate) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<
         .collect()
 }
 
+/// The control socket's thread: each connection's request line, read (within its deadline)
+/// before the owner sees it, so a slow client never holds the owner.
+fn feed_control(listener: UnixListener, stop: WakeFd, tx: SyncSender<OwnerEvent>) {
+    loop {
+        match wait_readable(&[listener.as_fd(), stop.as_fd()], None) {
+            Ok(r) if r[1] => return,
+            Ok(r) if r[0] => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                return;
+            }
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if drydock_vm::retry(&e) => continue,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                return;
+            }
+        };
+        let request = crate::control::read_request(&stream);
+        // Blocks while the owner is busy (a reload); the owner drops its end before joining.
+        if tx
+            .send(OwnerEvent::Control(ControlCall { stream, request }))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 impl RunningCluster {
-    /// Start the thread of machine `m` (its VM boots; it reports on `events`).
-    pub(crate) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+    /// Listen on the control socket (its thread feeds the owner's channel).
+    fn start_control(&mut self) -> Result<(), ClusterError> {
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let hosts = cpaths.dir.join("hosts");
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m2, opts, tx, flag) = (m.clone(), self.opts.clone(), self.tx.clone(), stop.clone());
-        let cp = cpaths.clone();
+        let listener = crate::control::bind_control(&cpaths)?;
+        let files = |source| ClusterError::Files {
+            path: cpaths.sockets.clone(),
+            source,
+        };
+        let (stop, stopped) = wake_pair().map_err(files)?;
+        let tx = self.tx.clone();
         let thread = std::thread::Builder::new()
-            .name(format!("machine-{}", m.machine))
-            .spawn(move || machine_main(&m2, &opts, &cp, &hosts, &flag, &tx))
-            .map_err(|source| ClusterError::Files {
-                path: cpaths.dir.clone(),
-                source,
-            })?;
-        self.machines
-            .insert(m.machine.clone(), MachineThread { stop, thread });
+            .name("control".into())
+            .spawn(move || feed_control(listener, stopped, tx))
+            .map_err(files)?;
+        self.control = Some(Feeder { stop, thread });
         Ok(())
     }
 
-    /// Stamp the console of machine `m` (from the start of its log).
-    pub(crate) fn add_tail(&self, m: &MachinePlan) {
-        let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
-        self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            m.machine.clone(),
-            Stamp::new(
-                drydock_vm::ConsoleTail::new(paths.console_log()),
-                timed_log(&paths),
-            ),
-        );
+    /// The next event: a deferred one, else the channel's, waiting until `deadline` (none: for
+    /// ever); `None` once it passed. A machine thread's last event ends its thread here (it is
+    /// joined: the event is the last thing it does).
+    pub(crate) fn next_event(&mut self, deadline: Option<Deadline>) -> Option<OwnerEvent> {
+        if let Some(ev) = self.deferred.pop_front() {
+            return Some(ev);
+        }
+        let ev = match deadline {
+            None => self.events.recv().ok()?,
+            Some(d) => match self.events.recv_timeout(d.remaining()) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            },
+        };
+        if let OwnerEvent::Machine { thread, event } = &ev {
+            if event.is_last() {
+                self.ended(event.machine(), *thread);
+            }
+        }
+        Some(ev)
+    }
+
+    /// The thread `id` of `machine` has ended (its last event came): join it, forget it.
+    fn ended(&mut self, machine: &str, id: u64) {
+        if self.machines.get(machine).is_some_and(|t| t.id == id) {
+            if let Some(t) = self.machines.remove(machine) {
+                let _ = t.thread.join();
+            }
+        }
+    }
+
+    /// Start the thread of machine `m` (its VM boots; it reports on the owner's channel).
+    pub(crate) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let hosts = cpaths.dir.join("hosts");
+        let files = |source| ClusterError::Files {
+            path: cpaths.dir.clone(),
+            source,
+        };
+        let (stop, stopped) = wake_pair().map_err(files)?;
+        let id = self.next_thread;
+        self.next_thread += 1;
+        let (m2, opts, tx) = (m.clone(), self.opts.clone(), self.tx.clone());
+        let cp = cpaths.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("machine-{}", m.machine))
+            .spawn(move || {
+                let event = machine_main(&m2, &opts, &cp, &hosts, &stopped, &tx);
+                // The thread's last act: the owner joins it once it has this.
+                let _ = tx.send(OwnerEvent::Machine { thread: id, event });
+            })
+            .map_err(files)?;
+        self.machines
+            .insert(m.machine.clone(), MachineThread { id, stop, thread });
+        Ok(())
     }
 
     /// Record this process as the cluster's owner (`cluster.json`, for `down`, `ps`, `exec`)
@@ -226,44 +305,94 @@ impl RunningCluster {
 
     /// Whether every machine thread has ended (their VMs stopped).
     pub fn all_stopped(&self) -> bool {
-        self.machines.values().all(|t| t.thread.is_finished())
+        self.machines.is_empty()
     }
 
-    /// Stop the machines `names`, in parallel (every stop flag first, then the joins), and
-    /// forget their threads.
-    pub(crate) fn stop_machines(&mut self, names: &[String]) {
+    /// Stop the machines `names`, in parallel (every stop first, then the wait for each thread's
+    /// last event), and forget their threads. Meanwhile the events of other machines and the
+    /// console lines go to `on_event`; anything else waits in `deferred` for the owner's loop.
+    pub(crate) fn stop_machines(
+        &mut self,
+        names: &[String],
+        on_event: &mut dyn FnMut(&OwnerEvent),
+    ) {
+        let mut waiting: BTreeMap<String, u64> = BTreeMap::new();
         for m in names {
             if let Some(t) = self.machines.get(m) {
-                t.stop.store(true, Ordering::SeqCst);
+                t.stop.wake();
+                waiting.insert(m.clone(), t.id);
             }
         }
-        for m in names {
-            if let Some(t) = self.machines.remove(m) {
-                let _ = t.thread.join();
+        let deadline = Deadline::after(STOP_DEADLINE);
+        while waiting
+            .iter()
+            .any(|(m, id)| self.machines.get(m).is_some_and(|t| t.id == *id))
+        {
+            // Taken from the channel only: deferred events wait for the owner's loop.
+            let ev = match self.events.recv_timeout(deadline.remaining()) {
+                Ok(ev) => ev,
+                Err(_) => {
+                    for (m, id) in &waiting {
+                        if self.machines.get(m).is_some_and(|t| t.id == *id) {
+                            tracing::warn!("machine {m}: its thread did not end in time");
+                            self.machines.remove(m);
+                        }
+                    }
+                    break;
+                }
+            };
+            if let OwnerEvent::Machine { thread, event } = &ev {
+                if event.is_last() {
+                    self.ended(event.machine(), *thread);
+                }
+            }
+            match ev {
+                ev @ (OwnerEvent::Machine { .. } | OwnerEvent::Console { .. }) => on_event(&ev),
+                ev => self.deferred.push_back(ev),
             }
         }
     }
 
     /// Stop every machine in parallel, then the hubs; remove the owner's state. Idempotent.
     pub fn stop(&mut self) {
+        self.stop_with(&mut |_| {});
+    }
+
+    /// [`Self::stop`], with the machines' last events and console lines going to `on_event`.
+    pub(crate) fn stop_with(&mut self, on_event: &mut dyn FnMut(&OwnerEvent)) {
         if self.stopped {
             return;
         }
         self.stopped = true;
-        self.control = None;
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        if let Some(c) = &self.control {
+            c.stop.wake();
+        }
         let _ = std::fs::remove_file(crate::control::control_socket(&cpaths));
         let all: Vec<String> = self.machines.keys().cloned().collect();
-        self.stop_machines(&all);
-        self.stamp_stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.stamper.take() {
-            let _ = t.join();
+        self.stop_machines(&all, on_event);
+        // Requests that came meanwhile are answered: the cluster is going down.
+        for ev in std::mem::take(&mut self.deferred) {
+            if let OwnerEvent::Control(call) = ev {
+                crate::control::reply(
+                    &call.stream,
+                    Err((format!("the cluster {} is stopping", self.plan.name), false)),
+                );
+            }
+        }
+        // Nothing is received from here on: a feeder blocked on a full channel gets an error
+        // and ends.
+        let (_, closed) = crate::events::channel();
+        drop(std::mem::replace(&mut self.events, closed));
+        if let Some(c) = self.control.take() {
+            let _ = c.thread.join();
         }
         for h in &mut self.hubs {
             h.stop();
         }
-        let dir = cluster_paths(&self.state_dir, &self.plan.name).dir;
-        let _ = std::fs::remove_file(dir.join("cluster.json"));
+        let _ = std::fs::remove_file(cpaths.dir.join("cluster.json"));
+        // The socket folders drydock made, if nothing else is in them.
+        let _ = std::fs::remove_dir(&cpaths.sockets);
     }
 }
 
@@ -317,20 +446,19 @@ pub(crate) fn machine_request(
     }
 }
 
-/// One machine, start to stop. Everything it started it stops before returning.
+/// One machine, start to stop. Everything it started it stops before returning; the returned
+/// event is its last (`Stopped`, or `Failed` and why).
 fn machine_main(
     m: &MachinePlan,
     opts: &ClusterLaunch,
     cpaths: &VmPaths,
     hosts: &Path,
-    stop: &AtomicBool,
-    tx: &Sender<MachineEvent>,
-) {
-    let fail = |message: String| {
-        let _ = tx.send(MachineEvent::Failed {
-            machine: m.machine.clone(),
-            message,
-        });
+    stop: &WakeFd,
+    tx: &SyncSender<OwnerEvent>,
+) -> MachineEvent {
+    let fail = |message: String| MachineEvent::Failed {
+        machine: m.machine.clone(),
+        message,
     };
     let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
     if let Some(state) = VmState::read(&paths) {
@@ -350,6 +478,7 @@ fn machine_main(
             return fail(format!("cannot create {}: {e}", d.display()));
         }
     }
+    record_failure(&paths, None);
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
     let req = machine_request(m, opts, cpaths, hosts);
@@ -386,7 +515,17 @@ fn machine_main(
         return fail(error_text(&e));
     }
     let started = Instant::now();
-    let mut vm = match drydock_vm::start(&record.spec, record.share.as_ref(), None) {
+    // Each console line: stamped into the timed log, and to the owner (echo), once.
+    let mut timed = TimedLog::open(&paths, opts.log_limit);
+    let mut echo = ConsoleEcho::new(&m.machine, tx.clone());
+    let console = ConsoleOptions {
+        log_limit: opts.log_limit,
+        on_line: Some(Box::new(move |line: &str| {
+            timed.line(line);
+            echo.line(line);
+        })),
+    };
+    let mut vm = match drydock_vm::start_with(&record.spec, record.share.as_ref(), None, console) {
         Ok(vm) => vm,
         Err(e) => {
             let _ = drydock_vm::end_vm_run(&opts.state_dir, &record, None);
@@ -394,10 +533,22 @@ fn machine_main(
         }
     };
     // From here on the VM is stopped on every path out.
-    let result = serve(m, opts, &mut vm, &listener, &exec_path, stop, tx, started);
+    let mut calls = Vec::new();
+    let ready = Deadline::at(started + opts.ready_timeout);
+    let result = serve(
+        m, &mut vm, &listener, &exec_path, stop, tx, started, ready, &mut calls,
+    );
+    if let Err(Failure::Lost(why)) = &result {
+        // Calls in progress and to come fail at once, saying why; so do `ps` and `exec`.
+        record_failure(&paths, Some(why));
+    }
     let status = vm.exited();
     if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
         tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
+    }
+    // The VM is gone, so is its backdoor: every call thread ends now.
+    for c in calls {
+        let _ = c.join();
     }
     let _ = drydock_vm::end_vm_run(
         &opts.state_dir,
@@ -410,64 +561,136 @@ fn machine_main(
     for n in &record.spec.devices.nics {
         let _ = std::fs::remove_file(&n.socket);
     }
+    // A socket folder of its own (a VM folder too deep for socket paths) goes once empty.
+    if paths.sockets != paths.dir {
+        let _ = std::fs::remove_dir(&paths.sockets);
+    }
     match result {
-        Ok(()) => {
-            let _ = tx.send(MachineEvent::Stopped {
-                machine: m.machine.clone(),
-            });
+        Ok(()) => MachineEvent::Stopped {
+            machine: m.machine.clone(),
+        },
+        Err(Failure::Lost(why)) => fail(why),
+        Err(Failure::Other(message)) => {
+            // What the guest printed last usually says why (a panic, a failed mount).
+            let tail = drydock_vm::log_tail(&paths.console_log(), FAILED_CONSOLE_LINES);
+            let shown: Vec<String> = tail
+                .lines()
+                .map(|l| format!("  {}", drydock_vm::escape_control(l)))
+                .collect();
+            fail(match shown.is_empty() {
+                true => message,
+                false => format!(
+                    "{message}; the last lines of its console:\n{}",
+                    shown.join("\n")
+                ),
+            })
         }
-        Err(message) => fail(message),
     }
 }
 
-/// Wait for the backdoor, report ready, serve `exec` until stopped or QEMU exits.
+/// Why a machine's serving ended other than by its stop.
+#[derive(Debug)]
+enum Failure {
+    /// It lost a process it needs (its store server): the reason, for `ps` and `exec`.
+    Lost(String),
+    Other(String),
+}
+
+/// Why the store server of `vm` ended, as a sentence.
+fn server_died(vm: &mut drydock_vm::Vm) -> Failure {
+    let why = match vm.server_status() {
+        Some((pid, Some(status))) => format!("its store server (pid {pid}) died ({status})"),
+        Some((pid, None)) => format!("its store server (pid {pid}) died"),
+        None => "its store server died".to_string(),
+    };
+    Failure::Lost(format!(
+        "{why}; the guest cannot reach its store (`drydock up` restarts it)"
+    ))
+}
+
+/// Wait for the backdoor, report ready, serve `exec` until stopped, QEMU exits or the store
+/// server dies. Exec calls started are in `calls` (joined once the VM is stopped).
 #[allow(clippy::too_many_arguments)]
 fn serve(
     m: &MachinePlan,
-    opts: &ClusterLaunch,
     vm: &mut drydock_vm::Vm,
     listener: &UnixListener,
     exec_path: &Path,
-    stop: &AtomicBool,
-    tx: &Sender<MachineEvent>,
+    stop: &WakeFd,
+    tx: &SyncSender<OwnerEvent>,
     started: Instant,
-) -> Result<(), String> {
-    let deadline = started + opts.ready_timeout;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("backdoor socket: {e}"))?;
+    ready: Deadline,
+    calls: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Result<(), Failure> {
+    let other = |what: &str, e: std::io::Error| Failure::Other(format!("{what}: {e}"));
+    // QEMU connects the backdoor as it starts: wait for that, the stop, or a process's end.
     let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("backdoor socket: {e}")),
-        }
-        if stop.load(Ordering::SeqCst) {
+        let mut fds = vec![listener.as_fd(), stop.as_fd()];
+        fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+        fds.extend(vm.server_exit().map(|w| w.as_fd()));
+        let r = wait_readable(&fds, Some(ready)).map_err(|e| other("backdoor socket", e))?;
+        if r[1] {
             return Ok(());
         }
-        if vm.exited().is_some() {
-            return Err("QEMU exited before it connected the backdoor".into());
+        if vm.qemu_exit().is_some_and(|w| w.exited()) {
+            return Err(Failure::Other(
+                "QEMU exited before it connected the backdoor".into(),
+            ));
         }
-        if Instant::now() > deadline {
-            return Err("QEMU did not connect the backdoor in time".into());
+        if vm.server_exit().is_some_and(|w| w.exited()) {
+            return Err(server_died(vm));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        if ready.expired() {
+            return Err(Failure::Other(
+                "QEMU did not connect the backdoor in time".into(),
+            ));
+        }
+        if r[0] {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if drydock_vm::retry(&e) => {}
+                Err(e) => return Err(other("backdoor socket", e)),
+            }
+        }
     };
-    let _ = stream.set_nonblocking(false);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let backdoor = Backdoor::wait_ready(stream, left, stop, &mut |_| {}).map_err(|e| {
-        format!(
-            "{} (see {})",
-            error_text(&e),
-            vm.paths().console_log().display()
-        )
-    })?;
-    let backdoor = Arc::new(backdoor);
-    let _ = tx.send(MachineEvent::Ready {
-        machine: m.machine.clone(),
-        after: started.elapsed(),
+    let backdoor = {
+        // Until ready: the stop, QEMU's and the store server's ends interrupt the wait.
+        let mut fds = vec![stop.as_fd()];
+        fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+        fds.extend(vm.server_exit().map(|w| w.as_fd()));
+        Backdoor::wait_ready(stream, ready.remaining(), &fds, &mut |_| {})
+    };
+    let backdoor = match backdoor {
+        Ok(b) => Arc::new(b),
+        Err(_) if stop.is_woken() => return Ok(()),
+        Err(_) if vm.server_exit().is_some_and(|w| w.exited()) => return Err(server_died(vm)),
+        Err(e) => {
+            return Err(Failure::Other(format!(
+                "{} (see {})",
+                error_text(&e),
+                vm.paths().console_log().display()
+            )));
+        }
+    };
+    let exec = UnixListener::bind(exec_path)
+        .map_err(|e| other(&format!("cannot listen on {}", exec_path.display()), e))?;
+    let _ = tx.send(OwnerEvent::Machine {
+        // Not the last event: which thread sent it does not matter.
+        thread: u64::MAX,
+        event: MachineEvent::Ready {
+            machine: m.machine.clone(),
+            after: started.elapsed(),
+        },
     });
-    crate::exec::serve(&m.machine, backdoor, exec_path, stop, &mut || {
-        vm.exited().is_none()
-    })
+    match crate::exec::serve(&m.machine, &backdoor, &exec, stop, vm, calls) {
+        Ok(crate::exec::ServeEnd::Stopped | crate::exec::ServeEnd::QemuExited) => Ok(()),
+        Ok(crate::exec::ServeEnd::ServerDied) => {
+            let lost = server_died(vm);
+            if let Failure::Lost(why) = &lost {
+                backdoor.close(&format!("machine {}: {why}", m.machine));
+            }
+            Err(lost)
+        }
+        Err(e) => Err(other("exec socket", e)),
+    }
 }

@@ -42,12 +42,22 @@ pub enum ClusterError {
     },
     #[error("{vm}: {message}")]
     Remote { vm: String, message: String },
+    #[error("{vm} is not running: {why}")]
+    Failed { vm: String, why: String },
     #[error("interrupted while the cluster started; everything started was stopped")]
     Interrupted,
     #[error("cannot start the cluster's owner")]
     Spawn(#[source] drydock_vm::SpawnError),
-    #[error("the cluster did not start:\n{log}")]
-    DidNotStart { log: String },
+    #[error(
+        "the cluster did not start: its owner (pid {pid}) {how} before every machine was ready; {}",
+        log_words(log_path, log)
+    )]
+    DidNotStart {
+        pid: u32,
+        how: String,
+        log_path: PathBuf,
+        log: String,
+    },
     #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
     NotReady { after: Duration, log: String },
     #[error("cannot record the cluster's state")]
@@ -62,6 +72,14 @@ pub enum ClusterError {
         machine: ClusterMachine,
         what: &'static str,
     },
+}
+
+/// What a log says, for an error: its last lines, or that it is empty.
+fn log_words(path: &Path, log: &str) -> String {
+    match log.trim().is_empty() {
+        true => format!("its log {} is empty", path.display()),
+        false => format!("its log {} ends:\n{log}", path.display()),
+    }
 }
 
 impl ClusterError {
@@ -86,6 +104,9 @@ pub struct ClusterLaunch {
     pub ready_timeout: Duration,
     /// The command line recorded with each machine's run.
     pub argv: Vec<String>,
+    /// The bytes of console logs each machine keeps on disk (`console.log` and
+    /// `console.timed`, with their rotated files).
+    pub log_limit: u64,
 }
 
 /// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).
@@ -194,6 +215,35 @@ pub fn up_machine(
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
 pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
     VmPaths::in_folder(state_dir, "clusters", name)
+}
+
+/// Where a machine's thread says why the machine failed while it ran (its store server died),
+/// for `ps` and `exec` (removed when it starts again).
+fn failure_file(paths: &VmPaths) -> PathBuf {
+    paths.dir.join("failed")
+}
+
+/// Why the machine of `paths` failed while it ran, if it did (and has not started since).
+pub fn machine_failure(paths: &VmPaths) -> Option<String> {
+    let bytes =
+        drydock_gc::read_regular(&failure_file(paths), drydock_gc::Links::Refuse, 4096).ok()?;
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+/// Record why the machine of `paths` failed (`None`: it did not, or it starts again).
+pub(crate) fn record_failure(paths: &VmPaths, why: Option<&str>) {
+    let path = failure_file(paths);
+    match why {
+        None => {
+            let _ = std::fs::remove_file(path);
+        }
+        Some(why) => {
+            if let Err(e) = std::fs::write(&path, why) {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+    }
 }
 
 /// The socket a machine's owner serves `exec` on.

@@ -2,7 +2,6 @@
 //! argument handling over `drydock_vm`'s cluster module (evaluation, planning, the one tracked
 //! build, hubs, machines, backdoors).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -37,6 +36,7 @@ fn launch_opts(
     a: AccelArg,
     qemu: Option<&Path>,
     timeout: Duration,
+    log_limit: u64,
 ) -> anyhow::Result<ClusterLaunch> {
     Ok(ClusterLaunch {
         layout: ctx.layout(),
@@ -46,6 +46,7 @@ fn launch_opts(
         qemu: qemu.map(Path::to_path_buf),
         ready_timeout: timeout,
         argv: std::env::args().collect(),
+        log_limit,
     })
 }
 
@@ -59,6 +60,7 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
         restart: a.restart,
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
+        build_timeout: a.build_timeout,
     }
 }
 
@@ -105,12 +107,10 @@ fn foreground(
     plan: &ClusterPlan,
     roots: drydock_cluster::BuildRoots,
 ) -> anyhow::Result<Outcome> {
-    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
-    let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
+    let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(a, plan)));
     let started = Instant::now();
-    let up = drydock_cluster::cluster_up(plan, &opts, &CANCEL, &mut |ev| {
-        printer.event(ev.map_or(UpEvent::Tick, UpEvent::Machine))
-    });
+    let up = drydock_cluster::cluster_up(plan, &opts, &CANCEL, &mut |ev| printer.event(ev));
     // Every machine's run pins its system now (or none runs): the build's roots can go.
     drop(roots);
     let mut cluster = match up {
@@ -154,6 +154,7 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
         accel: a.accel.into(),
         qemu: a.qemu.as_deref(),
         ready_timeout: a.timeout,
+        log_limit: a.log_limit,
     };
     match drydock_cluster::start_detached(&owner, &CANCEL) {
         Ok(d) => {
@@ -184,9 +185,9 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     )
     .with_context(|| format!("reading {}", path.display()))?;
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
-    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     let mut cluster = drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
-        if let Some(ev) = ev {
+        if let UpEvent::Machine(ev) = ev {
             report_event(ev);
         }
     })?;
@@ -233,6 +234,9 @@ struct PsRow {
     addresses: Vec<String>,
     system: String,
     uptime_secs: Option<u64>,
+    /// Why a `failed` machine failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
 }
 
 pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
@@ -246,12 +250,19 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
         .machines
         .iter()
         .map(|m| {
-            let vs = VmState::read(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
+            let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
+            let vs = VmState::read(&paths);
             let alive = vs.as_ref().is_some_and(|s| s.qemu_alive());
+            // A machine that lost its store server is stopped by its owner, which says why.
+            let problem = drydock_cluster::machine_failure(&paths).filter(|_| !alive);
             PsRow {
                 machine: m.machine.clone(),
                 vm: m.vm_name.clone(),
-                state: if alive { "running" } else { "stopped" },
+                state: match (alive, &problem) {
+                    (true, _) => "running",
+                    (false, Some(_)) => "failed",
+                    (false, None) => "stopped",
+                },
                 qemu_pid: vs.as_ref().filter(|_| alive).map(|s| s.qemu_pid),
                 addresses: m.nics.iter().map(|n| format!("{}/24", n.address)).collect(),
                 system: m.settings.system.target().to_string(),
@@ -259,6 +270,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                     .as_ref()
                     .filter(|_| alive)
                     .map(|s| now.saturating_sub(s.started)),
+                problem,
             }
         })
         .collect();
@@ -287,6 +299,14 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                 r.system
             )?;
         }
+        for r in rows.iter().filter(|r| r.problem.is_some()) {
+            writeln!(
+                out,
+                "{}: {}",
+                r.machine,
+                r.problem.as_deref().unwrap_or_default()
+            )?;
+        }
     }
     Ok(Outcome::Success)
 }
@@ -294,6 +314,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
 /// `exec MACHINE -- CMD...`.
 pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
     let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
+    crate::cancel::install();
     exec_vm(&vm, &paths, &a.command, a.timeout)
 }
 
@@ -324,7 +345,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
             drydock_cluster::WaitFor::Console(_) => eprintln!(
                 "drydock: {} printed {:?} after {:.1} s",
                 a.machine,
-                r.lines.first().map(String::as_str).unwrap_or(""),
+                drydock_vm::escape_control(r.lines.first().map(String::as_str).unwrap_or("")),
                 r.after_secs
             ),
             drydock_cluster::WaitFor::Succeeds(cmd) => eprintln!(
@@ -342,7 +363,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
                     r.after_secs
                 );
                 for l in &r.lines {
-                    eprintln!("  {l}");
+                    eprintln!("  {}", drydock_vm::escape_control(l));
                 }
             }
             drydock_cluster::WaitFor::Succeeds(cmd) => {
@@ -359,7 +380,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
                     .chain(&r.last_stderr)
                     .flat_map(|t| t.lines())
                 {
-                    eprintln!("  {l}");
+                    eprintln!("  {}", drydock_vm::escape_control(l));
                 }
             }
         }
@@ -442,22 +463,36 @@ pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
         size,
         escape: raw.is_some(),
     };
-    let result =
-        drydock_cluster::shell_remote(&vm, &paths, opts, std::io::stdin(), &mut std::io::stdout());
+    // SIGTERM (and Ctrl-C off a raw terminal) ends the session; the terminal is restored.
+    crate::cancel::install();
+    let result = drydock_cluster::shell_remote(
+        &vm,
+        &paths,
+        opts,
+        std::io::stdin(),
+        &mut std::io::stdout(),
+        Some(&CANCEL),
+    );
     drop(raw);
-    result?;
-    Ok(Outcome::Success)
+    match result {
+        Err(drydock_cluster::ClusterError::Interrupted) => Ok(Outcome::Interrupted),
+        r => r.map(|()| Outcome::Success).map_err(Into::into),
+    }
 }
 
 /// Run `words` (joined with spaces, as `ssh` does) in the VM `vm`; its outputs become ours and
-/// its exit status our exit code.
+/// its exit status our exit code. Ctrl-C or SIGTERM kills the command in the guest: exit 130.
 pub fn exec_vm(
     vm: &str,
     paths: &VmPaths,
     words: &[String],
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
-    let o = drydock_cluster::exec_remote(vm, paths, &words.join(" "), timeout)?;
+    let o = match drydock_cluster::exec_remote(vm, paths, &words.join(" "), timeout, Some(&CANCEL))
+    {
+        Err(drydock_cluster::ClusterError::Interrupted) => return Ok(Outcome::Interrupted),
+        r => r?,
+    };
     std::io::stderr().write_all(&o.stderr)?;
     let mut out = std::io::stdout().lock();
     out.write_all(&o.stdout)?;
@@ -489,30 +524,28 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
         .collect();
     let width = chosen.iter().map(|m| m.machine.len()).max().unwrap_or(0);
     crate::cancel::install();
-    let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+    let machines: Vec<(String, VmPaths)> = chosen
+        .iter()
+        .map(|m| {
+            let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
+            (m.machine.clone(), paths)
+        })
+        .collect();
     let mut out = crate::out::stdout();
-    loop {
-        let logs = chosen
-            .iter()
-            .map(|m| {
-                let p =
-                    drydock_cluster::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
-                let lines =
-                    drydock_cluster::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
-                let skip = printed.get(&m.machine).copied().unwrap_or(0);
-                printed.insert(m.machine.clone(), lines.len());
-                (m.machine.clone(), lines.into_iter().skip(skip).collect())
-            })
-            .collect();
-        for (_, m, line) in drydock_cluster::merge_timed(logs) {
-            writeln!(out, "{m:width$} │ {line}")?;
-        }
-        out.flush()?;
-        let up = ClusterState::read_up(&ctx.state_dir, &name).is_some();
-        if !a.follow || !up || CANCEL.load(Ordering::SeqCst) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(Outcome::Success)
+    drydock_cluster::follow_logs(
+        &ctx.state_dir,
+        &name,
+        &machines,
+        a.follow,
+        &CANCEL,
+        &mut |_, m, line| {
+            writeln!(out, "{m:width$} │ {}", drydock_vm::escape_control(line))?;
+            out.flush()
+        },
+    )?;
+    Ok(if CANCEL.is_set() {
+        Outcome::Interrupted
+    } else {
+        Outcome::Success
+    })
 }

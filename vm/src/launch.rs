@@ -1,25 +1,28 @@
 //! The effectful side of a VM: start the store server and QEMU from a [`VmSpec`]'s plan, place
-//! QEMU in its own cgroup, record the VM's state, follow its console log, and stop it in order
-//! (QMP `system_powerdown` → grace → QMP `quit` → SIGTERM → SIGKILL) on every exit path.
+//! QEMU in its own cgroup, record the VM's state, read its console (`console`'s pump), and stop
+//! it in order (QMP `system_powerdown` → grace → QMP `quit` → SIGTERM → SIGKILL) on every exit
+//! path. Each wait for a process's exit blocks on its pidfd until it exits or the grace ends.
 //!
 //! Nobody holds the QMP socket (QEMU serves one client at a time): each operation connects,
 //! acts and disconnects, so `drydock vm stop` from another terminal can always get in.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use drydock_gc::Deadline;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::VmCgroup;
+use crate::console::{BoundedLog, ConsoleOptions, ConsolePump, rotate_at};
 use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
 use crate::sys::proc::{process_start_ticks, same_process_alive};
+use crate::wait::{ProcessWatch, wait_readable};
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -317,8 +320,13 @@ impl LaunchRecord {
 pub struct Vm {
     paths: VmPaths,
     qemu: Supervised,
+    /// QEMU's exit, to wait on (QEMU is our unreaped child, so its pid stays its own).
+    qemu_exit: Option<ProcessWatch>,
     server: Option<StoreServer>,
+    /// The store server's exit.
+    server_exit: Option<ProcessWatch>,
     cgroup: Option<VmCgroup>,
+    console: Option<ConsolePump>,
     stopped: bool,
     pub state: VmState,
 }
@@ -333,6 +341,7 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
     for f in [
         paths.qmp_socket(),
         paths.fs_socket(),
+        paths.console_socket(),
         paths.qemu_pidfile(),
         paths.state_file(),
     ] {
@@ -343,10 +352,6 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
             _ => {}
         }
     }
-    File::create(paths.console_log()).map_err(|source| LaunchError::Files {
-        path: paths.console_log(),
-        source,
-    })?;
     Ok(())
 }
 
@@ -444,11 +449,22 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
 }
 
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
-/// `incoming`, QEMU starts paused and loads a saved state from that migration URI.
+/// `incoming`, QEMU starts paused and loads a saved state from that migration URI. The console
+/// is kept as [`ConsoleOptions::default`] says (see [`start_with`]).
 pub fn start(
     spec: &VmSpec,
     share: Option<&StoreShare>,
     incoming: Option<&str>,
+) -> Result<Vm, LaunchError> {
+    start_with(spec, share, incoming, ConsoleOptions::default())
+}
+
+/// [`start`], with the console's log limit and a sink for its lines (`console`).
+pub fn start_with(
+    spec: &VmSpec,
+    share: Option<&StoreShare>,
+    incoming: Option<&str>,
+    console: ConsoleOptions,
 ) -> Result<Vm, LaunchError> {
     let qemu_plan = match incoming {
         Some(uri) => crate::plan::plan_incoming(spec, uri)?,
@@ -486,10 +502,18 @@ pub fn start(
         path: qemu_log.clone(),
         source,
     })?;
+    // QEMU connects its serial port to us as it starts: listen first.
+    let files = |path: PathBuf| move |source| LaunchError::Files { path, source };
+    let console_sock = paths.console_socket();
+    let console_listener = std::os::unix::net::UnixListener::bind(&console_sock)
+        .map_err(files(console_sock.clone()))?;
+    let console_log = BoundedLog::create(&paths.console_log(), rotate_at(console.log_limit))
+        .map_err(files(paths.console_log()))?;
     let mut cmd = Command::new(&qemu_plan.program);
     cmd.args(&qemu_plan.args).stdin(Stdio::null()).stderr(log);
     tracing::info!(plan = %qemu_plan.display(), "starting QEMU");
     let mut qemu = Supervised::spawn("qemu", cmd).map_err(LaunchError::Qemu)?;
+    let qemu_exit = ProcessWatch::open(qemu.pid(), None);
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -498,20 +522,30 @@ pub fn start(
         }
     };
     // QEMU fails fast on bad arguments or a missing device: catch that here, with its words.
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(300) {
-        if let Ok(Some(status)) = qemu.try_wait() {
-            let text = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            return Err(LaunchError::QemuDied {
-                status,
-                log: text.trim().to_string(),
-            });
+    // It is far enough once it connected its console (its chardevs are made), or 300 ms on.
+    let early = Deadline::after(Duration::from_millis(300));
+    while !early.expired() {
+        let mut fds = vec![console_listener.as_fd()];
+        fds.extend(qemu_exit.as_ref().map(|w| w.as_fd()));
+        match wait_readable(&fds, Some(early)) {
+            Ok(r) if r.get(1) == Some(&true) => break,
+            Ok(r) if r[0] => break,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("waiting for QEMU to start: {e}");
+                break;
+            }
         }
-        if paths.qmp_socket().exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
+    if let Ok(Some(status)) = qemu.try_wait() {
+        let text = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        return Err(LaunchError::QemuDied {
+            status,
+            log: text.trim().to_string(),
+        });
+    }
+    let pump = ConsolePump::start(&spec.name, console_listener, console_log, console.on_line)
+        .map_err(files(console_sock))?;
     let state = VmState {
         name: spec.name.clone(),
         supervisor_pid: std::process::id(),
@@ -530,15 +564,23 @@ pub fn start(
         supervisor_start_ticks: process_start_ticks(std::process::id()),
         server_start_ticks: server.as_ref().and_then(|s| process_start_ticks(s.pid())),
     };
-    state.write(&paths)?;
-    Ok(Vm {
+    let server_exit = server
+        .as_ref()
+        .and_then(|s| ProcessWatch::open(s.pid(), None));
+    let vm = Vm {
         paths,
         qemu,
+        qemu_exit,
         server,
+        server_exit,
         cgroup,
+        console: Some(pump),
         stopped: false,
         state,
-    })
+    };
+    // From here on the VM is stopped (by its drop) on every way out.
+    vm.state.write(&vm.paths)?;
+    Ok(vm)
 }
 
 impl Vm {
@@ -557,6 +599,22 @@ impl Vm {
         self.qemu.try_wait().ok().flatten()
     }
 
+    /// QEMU's exit, to wait on with other descriptors (readable once it exited).
+    pub fn qemu_exit(&self) -> Option<&ProcessWatch> {
+        self.qemu_exit.as_ref()
+    }
+
+    /// The store server's exit, likewise (a VM with its store over virtio-fs has one).
+    pub fn server_exit(&self) -> Option<&ProcessWatch> {
+        self.server_exit.as_ref()
+    }
+
+    /// The store server's pid, and how it ended if it has (reaping it).
+    pub fn server_status(&mut self) -> Option<(u32, Option<ExitStatus>)> {
+        let s = self.server.as_mut()?;
+        Some((s.pid(), s.try_wait().ok().flatten()))
+    }
+
     /// Stop the VM in order and clean up (store server, cgroup, state file). Idempotent.
     pub fn stop(&mut self, grace: Duration) -> Result<(), LaunchError> {
         if self.stopped {
@@ -565,11 +623,15 @@ impl Vm {
         self.stopped = true;
         let pid = self.qemu.pid();
         let paths = self.paths.clone();
-        let qemu = &mut self.qemu;
-        let mut gone = || qemu.try_wait().ok().flatten().is_some();
-        orderly_shutdown(&paths, pid, grace, &mut gone);
+        let exit = self.qemu_exit.as_ref();
+        let gone = |d: Deadline| exit.is_none_or(|w| w.wait(d));
+        orderly_shutdown(&paths, pid, grace, &gone);
         // Whatever QMP achieved, make sure: SIGTERM, then SIGKILL; always reaped.
         let _ = self.qemu.stop(TERM_GRACE);
+        // QEMU is gone: its console's last bytes are in the log.
+        if let Some(mut pump) = self.console.take() {
+            pump.finish();
+        }
         if let Some(server) = self.server.take() {
             if let Err(e) = server.stop() {
                 tracing::warn!("stopping the store server: {e}");
@@ -580,6 +642,7 @@ impl Vm {
         }
         let _ = std::fs::remove_file(self.paths.state_file());
         let _ = std::fs::remove_file(self.paths.qmp_socket());
+        let _ = std::fs::remove_file(self.paths.console_socket());
         Ok(())
     }
 }
@@ -591,24 +654,16 @@ impl Drop for Vm {
 }
 
 /// QMP powerdown, wait up to `grace`; QMP quit, wait; each step only if the VM is still there.
-/// `gone` says whether QEMU has exited. Signals are the caller's last resort.
+/// `gone` waits until QEMU has exited (`true`) or the deadline passes (`false`). Signals are
+/// the caller's last resort.
 pub fn orderly_shutdown(
     paths: &VmPaths,
     pid: u32,
     grace: Duration,
-    gone: &mut dyn FnMut() -> bool,
+    gone: &dyn Fn(Deadline) -> bool,
 ) {
-    let wait = |gone: &mut dyn FnMut() -> bool, d: Duration| {
-        let t = Instant::now();
-        while t.elapsed() < d {
-            if gone() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        gone()
-    };
-    if gone() {
+    let wait = |gone: &dyn Fn(Deadline) -> bool, d: Duration| gone(Deadline::after(d));
+    if gone(Deadline::after(Duration::ZERO)) {
         return;
     }
     match Qmp::connect(&paths.qmp_socket(), QMP_CONNECT) {
@@ -656,7 +711,8 @@ pub fn stop_remote(
     let pid = state.qemu_pid;
     // A state file is read back from disk: obey it only for processes that are this VM's.
     let qemu_ours = is_vm_process(pid, paths, ProcessRole::Qemu);
-    let mut gone = || !qemu_ours || !state.qemu_alive();
+    let qemu_exit = ProcessWatch::open(pid, state.qemu_start_ticks);
+    let gone = |d: Deadline| !qemu_ours || qemu_exit.as_ref().is_none_or(|w| w.wait(d));
     if !qemu_ours && state.qemu_alive() {
         tracing::warn!(
             "{}: pid {pid} is not this VM's QEMU (its command line does not name {}); not signalling it",
@@ -665,31 +721,26 @@ pub fn stop_remote(
         );
     }
     if !force {
-        orderly_shutdown(paths, pid, grace, &mut gone);
+        orderly_shutdown(paths, pid, grace, &gone);
     }
     for (sig, wait) in [
         (libc::SIGTERM, TERM_GRACE),
         (libc::SIGKILL, Duration::from_secs(2)),
     ] {
-        if gone() {
+        if gone(Deadline::after(Duration::ZERO)) {
             break;
         }
         if force && sig == libc::SIGTERM {
             continue;
         }
         signal(pid, sig)?;
-        let t = Instant::now();
-        while t.elapsed() < wait && !gone() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        gone(Deadline::after(wait));
     }
     // The owner cleans up after QEMU; give it a moment, then make sure nothing is left.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5)
-        && state.supervisor_pid != std::process::id()
-        && state.supervisor_alive()
-    {
-        std::thread::sleep(Duration::from_millis(20));
+    if state.supervisor_pid != std::process::id() {
+        if let Some(w) = ProcessWatch::open(state.supervisor_pid, state.supervisor_start_ticks) {
+            w.wait(Deadline::after(Duration::from_secs(5)));
+        }
     }
     let owner = Some((state.supervisor_pid, state.supervisor_start_ticks));
     let server = state.server_pid.map(|p| (p, state.server_start_ticks));
@@ -706,6 +757,7 @@ pub fn stop_remote(
     }
     let _ = std::fs::remove_file(paths.state_file());
     let _ = std::fs::remove_file(paths.qmp_socket());
+    let _ = std::fs::remove_file(paths.console_socket());
     let _ = std::fs::remove_file(paths.fs_socket());
     let _ = std::fs::remove_file(crate::storefs::control_socket(&paths.fs_socket()));
     Ok(())
@@ -768,218 +820,10 @@ fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
     }
 }
 
-/// Reads a growing console log line by line. A log made anew (a machine restarted by a hot
-/// reload: another file at the same path, or a shorter one) is read from its start. (Whoever
-/// makes it anew keeps the old one aside, so the new file cannot reuse its inode.)
-#[derive(Debug)]
-pub struct ConsoleTail {
-    path: PathBuf,
-    offset: u64,
-    partial: Vec<u8>,
-    file_id: Option<(u64, u64)>,
-}
-
-impl ConsoleTail {
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            offset: 0,
-            partial: Vec::new(),
-            file_id: None,
-        }
-    }
-
-    /// Complete lines written since the last call (without `\r`/`\n`).
-    pub fn lines(&mut self) -> Vec<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let mut out = Vec::new();
-        let Ok(mut f) = File::open(&self.path) else {
-            return out;
-        };
-        if let Ok(m) = f.metadata() {
-            let id = (m.dev(), m.ino());
-            if self.file_id.is_some_and(|old| old != id) || m.len() < self.offset {
-                self.offset = 0;
-                self.partial.clear();
-            }
-            self.file_id = Some(id);
-        }
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return out;
-        }
-        let mut buf = Vec::new();
-        if let Ok(n) = f.read_to_end(&mut buf) {
-            self.offset += n as u64;
-        }
-        self.partial.extend_from_slice(&buf);
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line);
-            out.push(text.trim_end_matches(['\n', '\r']).to_string());
-        }
-        out
-    }
-
-    /// The unfinished last line, if any (for a final flush).
-    pub fn rest(&mut self) -> Option<String> {
-        if self.partial.is_empty() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&self.partial)
-            .trim_end_matches('\r')
-            .to_string();
-        self.partial.clear();
-        Some(text)
-    }
-}
-
-/// How a wait on a VM's console ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitOutcome {
-    /// The ready pattern matched this line.
-    Ready(String),
-    /// QEMU exited.
-    Exited,
-    /// The deadline passed.
-    TimedOut,
-    /// `cancel` was set (Ctrl-C).
-    Cancelled,
-}
-
-/// Follow `tail` until `ready` matches a line, QEMU is gone, `timeout` passes or `cancel` is
-/// set. Every line goes to `echo`.
-pub fn follow(
-    tail: &mut ConsoleTail,
-    ready: Option<&regex::Regex>,
-    timeout: Option<Duration>,
-    cancel: &AtomicBool,
-    gone: &mut dyn FnMut() -> bool,
-    echo: &mut dyn FnMut(&str),
-) -> WaitOutcome {
-    let start = Instant::now();
-    loop {
-        let exited = gone();
-        for line in tail.lines() {
-            echo(&line);
-            if ready.is_some_and(|r| r.is_match(&line)) {
-                return WaitOutcome::Ready(line);
-            }
-        }
-        if exited {
-            if let Some(rest) = tail.rest() {
-                echo(&rest);
-                if ready.is_some_and(|r| r.is_match(&rest)) {
-                    return WaitOutcome::Ready(rest);
-                }
-            }
-            return WaitOutcome::Exited;
-        }
-        if cancel.load(Ordering::SeqCst) {
-            return WaitOutcome::Cancelled;
-        }
-        if timeout.is_some_and(|t| start.elapsed() >= t) {
-            return WaitOutcome::TimedOut;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The last `n` lines of a console log, for error messages.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| l.trim_end_matches('\r'))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
     use crate::sys::proc::pid_alive;
-
-    #[test]
-    fn console_tail_yields_whole_lines_as_they_grow() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        let mut f = File::create(&p).unwrap();
-        let mut t = ConsoleTail::new(p.clone());
-        assert!(t.lines().is_empty());
-        f.write_all(b"one\r\ntw").unwrap();
-        assert_eq!(t.lines(), ["one"]);
-        f.write_all(b"o\nthree").unwrap();
-        assert_eq!(t.lines(), ["two"]);
-        assert_eq!(t.rest().as_deref(), Some("three"));
-    }
-
-    #[test]
-    fn console_tail_reads_a_log_made_anew_from_its_start() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        std::fs::write(&p, "first boot, a long line\n").unwrap();
-        let mut t = ConsoleTail::new(p.clone());
-        assert_eq!(t.lines(), ["first boot, a long line"]);
-        // A restart: the old log is kept aside and QEMU writes a new one, longer than the offset.
-        std::fs::rename(&p, d.path().join("console.log.prev")).unwrap();
-        std::fs::write(&p, "second boot\nand a second line here\n").unwrap();
-        assert_eq!(t.lines(), ["second boot", "and a second line here"]);
-        // Truncated in place: shorter than what was read.
-        std::fs::write(&p, "third\n").unwrap();
-        assert_eq!(t.lines(), ["third"]);
-    }
-
-    #[test]
-    fn follow_stops_on_ready_timeout_exit_and_cancel() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        std::fs::write(&p, "booting\nDRYDOCK-READY\nafter\n").unwrap();
-        let no = AtomicBool::new(false);
-        let re = regex::Regex::new("READY").unwrap();
-        let mut seen = Vec::new();
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&re),
-            None,
-            &no,
-            &mut || false,
-            &mut |l| seen.push(l.to_string()),
-        );
-        assert_eq!(out, WaitOutcome::Ready("DRYDOCK-READY".into()));
-        assert_eq!(seen, ["booting", "DRYDOCK-READY"]);
-        let never = regex::Regex::new("NEVER").unwrap();
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&never),
-            Some(Duration::from_millis(50)),
-            &no,
-            &mut || false,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::TimedOut);
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&never),
-            None,
-            &no,
-            &mut || true,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::Exited);
-        let yes = AtomicBool::new(true);
-        let out = follow(
-            &mut ConsoleTail::new(p),
-            None,
-            None,
-            &yes,
-            &mut || false,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::Cancelled);
-    }
 
     #[test]
     fn liveness_of_processes() {

@@ -4,6 +4,7 @@
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod console;
 mod doctor;
 mod host;
 mod image;
@@ -19,7 +20,12 @@ mod storefs;
 #[allow(unsafe_code)]
 mod sys;
 mod system;
+mod wait;
 
+pub use console::{
+    BoundedLog, ConsoleOptions, ConsoleTail, DEFAULT_LOG_LIMIT, LineSink, LogWatch, MIN_LOG_LIMIT,
+    WaitOutcome, Woke, escape_control, follow, log_tail, rotate_at, rotated,
+};
 pub use doctor::{
     BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
 };
@@ -27,8 +33,8 @@ pub use image::{
     ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
 };
 pub use launch::{
-    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, discard_disk, follow, log_tail, start, stop_remote, write_json,
+    LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState, discard_disk,
+    start, start_with, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
@@ -59,6 +65,7 @@ pub use storefs::{
 };
 pub use sys::proc::{pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
+pub use wait::{ProcessWatch, WakeFd, Waker, readable_now, retry, wait_readable, wake_pair};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

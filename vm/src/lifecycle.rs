@@ -6,14 +6,14 @@
 
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::launch::{
-    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, WaitOutcome, follow, start,
-    stop_remote,
-};
+use drydock_gc::Cancel;
+
+use crate::console::{ConsoleTail, WaitOutcome, follow};
+use crate::launch::{LaunchError, LaunchRecord, POWERDOWN_GRACE, start, stop_remote};
 use crate::owner::{OwnerError, SupervisorCommand, end_vm_run, spawn_supervisor};
+use crate::wait::ProcessWatch;
 
 /// What a launch waits for.
 #[derive(Debug, Clone, Default)]
@@ -83,7 +83,7 @@ pub fn run_foreground(
     state_dir: &Path,
     record: &LaunchRecord,
     wait: &WaitSpec,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     echo: &mut dyn FnMut(&str),
     on_ready: &mut dyn FnMut(&str, Duration),
 ) -> Result<LaunchEnd, LifecycleError> {
@@ -91,12 +91,16 @@ pub fn run_foreground(
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut ready_line = None;
+    let echo = &mut |l: &str| {
+        echo(l);
+        true
+    };
     let mut outcome = follow(
         &mut tail,
         wait.ready.as_ref(),
         wait.timeout,
         cancel,
-        &mut || vm.exited().is_some(),
+        vm.qemu_exit(),
         echo,
     );
     if let WaitOutcome::Ready(line) = &outcome {
@@ -104,14 +108,7 @@ pub fn run_foreground(
         on_ready(line, after);
         ready_line = Some(line.clone());
         // Foreground: stay with the VM until it ends or Ctrl-C.
-        outcome = follow(
-            &mut tail,
-            None,
-            None,
-            cancel,
-            &mut || vm.exited().is_some(),
-            echo,
-        );
+        outcome = follow(&mut tail, None, None, cancel, vm.qemu_exit(), echo);
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;
@@ -138,21 +135,29 @@ pub fn run_detached(
     sup: &SupervisorCommand<'_>,
     record: &LaunchRecord,
     wait: &WaitSpec,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     echo: &mut dyn FnMut(&str),
 ) -> Result<LaunchEnd, LifecycleError> {
     let paths = &record.spec.paths;
     let started = Instant::now();
     let (_, state) = spawn_supervisor(sup, paths, cancel)?;
     let mut tail = ConsoleTail::new(paths.console_log());
-    let outcome = follow(
-        &mut tail,
-        wait.ready.as_ref(),
-        wait.timeout,
-        cancel,
-        &mut || !state.qemu_alive(),
-        echo,
-    );
+    let qemu = ProcessWatch::open(state.qemu_pid, state.qemu_start_ticks);
+    let echo = &mut |l: &str| {
+        echo(l);
+        true
+    };
+    let outcome = match &qemu {
+        Some(q) => follow(
+            &mut tail,
+            wait.ready.as_ref(),
+            wait.timeout,
+            cancel,
+            Some(q),
+            echo,
+        ),
+        None => WaitOutcome::Exited,
+    };
     let ending = match outcome {
         WaitOutcome::Ready(line) => {
             return Ok(LaunchEnd {
@@ -182,7 +187,7 @@ pub fn supervise(
     state_dir: &Path,
     record: &LaunchRecord,
     incoming: Option<(&str, &str)>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<Option<ExitStatus>, LifecycleError> {
     let mut vm = start(
         &record.spec,
@@ -201,8 +206,17 @@ pub fn supervise(
         }
         tracing::info!("{} resumed from its snapshot", record.spec.name);
     }
-    while vm.exited().is_none() && !cancel.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
+    // Until QEMU exits or the cancel wakes us: both are descriptors to block on.
+    let (waker, woken) = crate::wait::wake_pair().map_err(|source| LaunchError::Files {
+        path: vm.paths().dir.clone(),
+        source,
+    })?;
+    let _wake = cancel.on_cancel(move || waker.wake());
+    if let Some(q) = vm.qemu_exit() {
+        use std::os::fd::AsFd;
+        while !cancel.is_set() && !q.exited() {
+            let _ = crate::wait::wait_readable(&[q.as_fd(), woken.as_fd()], None);
+        }
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;

@@ -201,7 +201,9 @@ fn launch(
 
 fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
     let prefix = format!("{name} │ ");
+    // What the guest prints is shown, never obeyed by the terminal.
     move |line: &str| {
+        let line = drydock_vm::escape_control(line);
         if json {
             eprintln!("{prefix}{line}");
         } else {
@@ -295,6 +297,11 @@ fn report_end(
     let running = matches!(end.ending, drydock_vm::Ending::Running { .. });
     if code == Outcome::Failed {
         let tail = drydock_vm::log_tail(&paths.console_log(), 15);
+        let tail: Vec<String> = tail
+            .lines()
+            .map(|l| drydock_vm::escape_control(l).into_owned())
+            .collect();
+        let tail = tail.join("\n");
         eprintln!(
             "drydock: {name}: {why}\n--- last console lines ({}) ---\n{tail}",
             paths.console_log().display()
@@ -598,33 +605,49 @@ fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
             log.display()
         )));
     }
-    let mut tail = ConsoleTail::new(log);
+    let mut tail = ConsoleTail::with_rotated(log);
     let mut out = crate::out::stdout();
+    // What the guest printed is shown escaped, never obeyed by the terminal.
+    let show = |l: &str| drydock_vm::escape_control(l).into_owned();
     if !a.follow {
         for l in tail.lines() {
-            writeln!(out, "{l}")?;
+            writeln!(out, "{}", show(&l))?;
         }
         if let Some(r) = tail.rest() {
-            writeln!(out, "{r}")?;
+            writeln!(out, "{}", show(&r))?;
         }
         out.flush()?;
         return Ok(Outcome::Success);
     }
     install_cancel_handler();
     // A reader that went away ends the follow, quietly.
-    let failed = std::cell::RefCell::new(None);
-    let mut echo = |l: &str| {
-        if failed.borrow().is_none() {
-            if let Err(e) = writeln!(out, "{l}").and_then(|()| out.flush()) {
-                *failed.borrow_mut() = Some(e);
-            }
+    let mut failed = None;
+    let mut echo = |l: &str| match writeln!(out, "{}", show(l)).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
         }
     };
-    let mut gone =
-        || failed.borrow().is_some() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
-    drydock_vm::follow(&mut tail, None, None, &CANCEL, &mut gone, &mut echo);
-    if let Some(e) = failed.take() {
+    // Until the VM's QEMU is gone.
+    let qemu = VmState::read(&paths)
+        .and_then(|s| drydock_vm::ProcessWatch::open(s.qemu_pid, s.qemu_start_ticks));
+    let end = match &qemu {
+        Some(q) => drydock_vm::follow(&mut tail, None, None, &CANCEL, Some(q), &mut echo),
+        None => drydock_vm::follow(
+            &mut tail,
+            None,
+            Some(Duration::ZERO),
+            &CANCEL,
+            None,
+            &mut echo,
+        ),
+    };
+    if let Some(e) = failed {
         return Err(e.into());
     }
-    Ok(Outcome::Success)
+    Ok(match end {
+        drydock_vm::WaitOutcome::Cancelled if CANCEL.is_set() => Outcome::Interrupted,
+        _ => Outcome::Success,
+    })
 }
