@@ -116,13 +116,15 @@ pub fn sh_quote(s: &str) -> String {
 /// The watchdog waits with the shell's own `read -t` on the console (fd 9, a copy of the
 /// shell's input: a background job's own input is `/dev/null`): at the deadline it marks the
 /// call timed out (124), and a line from drydock ([`CANCEL_LINE`]) before it marks it
-/// cancelled (130); either way it kills the command. The command never sees fd 9.
+/// cancelled (130); either way it kills the command with everything it started (`drydock_k`:
+/// stopped, then its children found in `/proc` killed first, then it). The command never sees
+/// fd 9.
 pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
     let m = format!("DRYDOCK-{id}");
     let code = sh_quote(cmd);
     let small = CHUNK - 2;
     format!(
-        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{id}"; else : >"$d/t{id}"; fi; kill -9 $p 2>/dev/null; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; [ -e "$d/c{id}" ] && {{ s=130; rm -f "$d/c{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
+        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; drydock_k() {{ kill -STOP $1 2>/dev/null; for f in /proc/[0-9]*/stat; do read -r c x y q z <$f && [ "$q" = "$1" ] && drydock_k $c; done 2>/dev/null; kill -9 $1 2>/dev/null; }}; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{id}"; else : >"$d/t{id}"; fi; drydock_k $p; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; [ -e "$d/c{id}" ] && {{ s=130; rm -f "$d/c{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
 "#
     )
 }
@@ -662,6 +664,7 @@ mod tests {
         assert!(l.contains("read -t 30 -r x <&9;"));
         // The command never sees the copy of the console the watchdog reads.
         assert!(l.contains("</dev/null 9<&- >"));
+        assert!(l.contains("drydock_k $p;"));
         assert!(l.contains("DRYDOCK-5-END"));
         for (s, q) in [
             ("", "''"),
@@ -840,6 +843,16 @@ mod tests {
         let r = b.exec("echo next", Duration::from_secs(20)).unwrap();
         assert_eq!((r.status, r.stdout.as_slice()), (0, &b"next\n"[..]));
         assert!(t1.elapsed() < Duration::from_secs(5));
+        // Everything the command started went with it (here, the shell's children are ours).
+        let left = Command::new("pgrep")
+            .args(["-f", "sleep 3[78]$"])
+            .output()
+            .unwrap();
+        assert!(
+            left.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&left.stdout)
+        );
         // A caller that stays: nothing is cancelled.
         let (_caller, ours) = UnixStream::pair().unwrap();
         let r = b
