@@ -70,6 +70,7 @@ impl SessionError {
         match self {
             Self::Runs(e) => e.is_interrupted(),
             Self::Eval(EvalError::Track(e)) => e.is_interrupted(),
+            Self::Eval(EvalError::Interrupted) => true,
             Self::Cluster(ClusterError::Interrupted) => true,
             _ => false,
         }
@@ -274,7 +275,7 @@ pub fn prepare(
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Prepared, SessionError> {
     let t = Instant::now();
-    let composition = evaluate(layout, &req.file)?;
+    let composition = evaluate(layout, &req.file, req.build_timeout, cancel)?;
     let planned = plan_cluster(&req.name, &composition)?;
     let evaluate = t.elapsed();
     if let Some(m) = req
@@ -307,6 +308,7 @@ pub fn prepare(
         &names,
         &format!("cluster {}", req.name),
         &cdir,
+        req.build_timeout,
         cancel,
     )?;
     let build_took = t.elapsed();

@@ -74,9 +74,9 @@ pub use runsdb::{
 };
 pub use select::{SelectError, Selection, parse_duration};
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
-pub use sys::{lock_exclusive_within, send_signal};
+pub use sys::{die_with_parent, lock_exclusive_within, send_signal};
 pub use track::{Echo, TrackError, ensure_store};
-pub use track_run::{TrackReport, track, track_to};
+pub use track_run::{TrackReport, track, track_to, track_within};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).
 pub fn epoch_secs() -> i64 {

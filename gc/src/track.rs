@@ -37,6 +37,14 @@ pub enum TrackError {
         "interrupted; run {run_id} ended with the command's exit code {exit_code}, its paths not attributed"
     )]
     Interrupted { run_id: i64, exit_code: i32 },
+    /// The command ran past its deadline and was stopped (SIGINT, then SIGKILL).
+    #[error("'{program}' did not finish within {} s and was stopped; run {run_id} ended with code {exit_code}", after.as_secs())]
+    Late {
+        program: String,
+        after: Duration,
+        run_id: i64,
+        exit_code: i32,
+    },
     /// Waiting for the command or copying its output failed.
     #[error("while running '{program}'")]
     Wait {
@@ -65,6 +73,9 @@ impl TrackError {
 
 /// How often the wait for a tracked command looks at the caller's cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(10);
+/// How long a command told to stop (SIGINT: Ctrl-C forwarded, or its deadline) has before it
+/// is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The tracked command, started with stdin and stderr inherited and stdout passed through (and
 /// scanned for store paths).
@@ -75,17 +86,17 @@ pub(crate) struct Passthrough {
 }
 
 impl Passthrough {
-    /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded.
+    /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded. It
+    /// dies with drydock (SIGKILL included).
     pub(crate) fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
-        let mut child = Command::new(&program)
-            .args(&cmd[1..])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|source| TrackError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
+        let mut command = Command::new(&program);
+        command.args(&cmd[1..]).stdout(Stdio::piped());
+        crate::sys::die_with_parent(&mut command);
+        let mut child = command.spawn().map_err(|source| TrackError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         // Copy stdout in a thread, so that a background process that inherited the pipe cannot
         // keep us waiting once the command itself has exited.
         let (tx, lines) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -127,8 +138,14 @@ impl Passthrough {
 
     /// Wait for the command. `cancel` (set by the caller's Ctrl-C/SIGTERM handler) is forwarded
     /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
-    /// follows. Returns the exit code (128 + signal if it was killed) and the stdout text.
-    pub(crate) fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<u8>), TrackError> {
+    /// follows. At `deadline` it is sent SIGINT too. A command that has not exited
+    /// [`STOP_GRACE`] after its SIGINT (or at a second interruption) is killed. Returns the exit
+    /// code (128 + signal if it was killed), the stdout text and whether the deadline passed.
+    pub(crate) fn wait(
+        mut self,
+        cancel: &AtomicBool,
+        deadline: Option<Deadline>,
+    ) -> Result<(i32, Vec<u8>, bool), TrackError> {
         let wait_err = |source| TrackError::Wait {
             program: self.program.clone(),
             source,
@@ -137,13 +154,27 @@ impl Passthrough {
         let watch = ExitWatch::start(&self.child);
         // The command's exit ends the wait at once. The cancel flag, set by the caller's signal
         // handler, cannot be waited on: it is looked at every CANCEL_CHECK until it has been
-        // forwarded, and then the wait is for the exit alone.
+        // forwarded, and then the wait is for the exit, within STOP_GRACE.
         let mut exited = false;
+        let mut late = false;
         while !exited {
-            exited = watch.wait_until(Deadline::after(CANCEL_CHECK));
-            if !exited && cancel.swap(false, Ordering::SeqCst) {
+            let step = Deadline::after(CANCEL_CHECK);
+            exited = watch.wait_until(deadline.map_or(step, |d| d.min(step)));
+            if exited {
+                break;
+            }
+            late = deadline.is_some_and(Deadline::expired);
+            if late || cancel.swap(false, Ordering::SeqCst) {
                 let _ = crate::sys::send_signal(pid, libc::SIGINT);
-                watch.wait();
+                let grace = Deadline::after(STOP_GRACE);
+                // A second interruption during the grace kills at once.
+                while !watch.wait_until(Deadline::after(CANCEL_CHECK).min(grace)) {
+                    if grace.expired() || cancel.load(Ordering::SeqCst) {
+                        let _ = self.child.kill();
+                        watch.wait();
+                        break;
+                    }
+                }
                 exited = true;
             }
         }
@@ -170,13 +201,19 @@ impl Passthrough {
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(1);
-        Ok((code, captured))
+        Ok((code, captured, late))
+    }
+
+    pub(crate) fn program(&self) -> &str {
+        &self.program
     }
 }
 
 #[cfg(test)]
 fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
-    Passthrough::spawn(cmd, Echo::Stdout)?.wait(&AtomicBool::new(false))
+    Passthrough::spawn(cmd, Echo::Stdout)?
+        .wait(&AtomicBool::new(false), None)
+        .map(|(code, out, _)| (code, out))
 }
 
 /// Store paths named in command output (one per whitespace-separated token).

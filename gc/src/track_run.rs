@@ -52,6 +52,21 @@ pub fn track_to(
     cancel: &AtomicBool,
     echo: Echo,
 ) -> Result<TrackReport, GcError> {
+    track_within(layout, runs, name, cmd, cancel, echo, None)
+}
+
+/// [`track_to`], with a deadline: a command still running at `deadline` is stopped (SIGINT,
+/// then SIGKILL) and its run ends with [`TrackError::Late`].
+pub fn track_within(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    name: Option<&str>,
+    cmd: &[String],
+    cancel: &AtomicBool,
+    echo: Echo,
+    deadline: Option<crate::deadline::Deadline>,
+) -> Result<TrackReport, GcError> {
+    let started = std::time::Instant::now();
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
     }
@@ -73,13 +88,24 @@ pub fn track_to(
             return Err(e.into());
         }
     };
-    let (exit_code, stdout) = match child.wait(cancel) {
+    let program = child.program().to_string();
+    let (exit_code, stdout, late) = match child.wait(cancel, deadline) {
         Ok(x) => x,
         Err(e) => {
             runs.finish_run(run_id, Some(127))?;
             return Err(e.into());
         }
     };
+    if late {
+        runs.finish_run(run_id, Some(exit_code))?;
+        return Err(TrackError::Late {
+            program,
+            after: started.elapsed(),
+            run_id,
+            exit_code,
+        }
+        .into());
+    }
     // Ctrl-C after the command ended interrupts drydock itself: the run ends with the
     // command's code, unattributed, and the caller exits 130.
     let interrupted = |runs: &RunsDb| -> Result<TrackReport, GcError> {

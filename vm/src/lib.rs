@@ -57,8 +57,8 @@ pub use snapshot::{
     resume_incoming, save_snapshot,
 };
 pub use spawn::{
-    Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
-    spawn_detached,
+    Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
+    run_captured, run_captured_until, spawn_detached,
 };
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
