@@ -94,6 +94,13 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
                 Some(st) => describe_exit(st),
                 None => "died".to_string(),
             };
+            // What it left (its machines died with it) is cleaned up, their runs ended.
+            if let Some(plan) = last_plan(o.state_dir, o.name) {
+                let (_, problems) = reap_machines(o.state_dir, o.name, &plan);
+                for p in problems {
+                    tracing::warn!("{p}");
+                }
+            }
             Err(ClusterError::DidNotStart {
                 pid,
                 how,
@@ -158,40 +165,116 @@ pub struct Down {
     pub machines: usize,
     /// The owner did not stop within [`DOWN_DEADLINE`] and was killed.
     pub killed: bool,
+    /// Runs of machines that `down` ended itself (their owner could not: it was killed, or
+    /// the state dir was full).
+    pub runs_ended: usize,
     pub after_secs: f64,
 }
 
+/// The plan the cluster `name` last ran: its owner's record, else `up.json` (an owner that
+/// died before it was up wrote no record).
+fn last_plan(state_dir: &Path, name: &str) -> Option<ClusterPlan> {
+    if let Some(s) = ClusterState::read(state_dir, name) {
+        return Some(s.plan);
+    }
+    let bytes = drydock_gc::read_regular(
+        &crate::state::up_plan_file(state_dir, name),
+        drydock_gc::Links::Refuse,
+        drydock_gc::MAX_STATE_BYTES,
+    )
+    .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Remove the sockets drydock made in `dir` (nothing listens once their owner is gone), and
+/// `dir` itself when it is a socket folder of its own (`own`) and empty.
+fn remove_sockets(dir: &Path, own: bool) {
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".sock") || name.ends_with(".sock.ctl");
+            if ours && e.file_type().is_ok_and(|t| t.is_socket()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if own {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Once the owner of a cluster whose machines were `plan` is gone: what it left of each machine
+/// is cleaned up (processes, state files, cgroups, sockets and socket folders), and every run it
+/// left open is ended, from the state file or, when that is gone (the owner could not end the
+/// run: a full state dir), from the machine's launch record. Each stopped machine's writable
+/// disk goes first (its next start makes a new one): on a full state dir, that is the room the
+/// runs database needs to record the ends. Returns how many runs were ended, and what could
+/// not be done.
+pub(crate) fn reap_machines(
+    state_dir: &Path,
+    name: &str,
+    plan: &ClusterPlan,
+) -> (usize, Vec<String>) {
+    let (mut ended, mut problems) = (0, Vec::new());
+    for m in &plan.machines {
+        let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
+        let state = VmState::read(&paths);
+        if state.as_ref().is_some_and(|s| s.supervisor_alive()) {
+            // Someone owns it (a new `up` of the cluster): not ours to touch.
+            continue;
+        }
+        let _ = std::fs::remove_file(paths.overlay());
+        let record = LaunchRecord::read(&paths).ok();
+        let result = match &state {
+            Some(vs) => drydock_vm::reap_stale(state_dir, &paths, vs, record.as_ref()),
+            None => match &record {
+                Some(r) => drydock_vm::end_vm_run(state_dir, r, None),
+                None => Ok(false),
+            },
+        };
+        match result {
+            Ok(true) => ended += 1,
+            Ok(false) => {}
+            Err(e) => problems.push(format!("{}: {}", m.vm_name, drydock_vm::error_chain(&e))),
+        }
+        remove_sockets(&paths.sockets, paths.sockets != paths.dir);
+    }
+    let cpaths = cluster_paths(state_dir, name);
+    remove_sockets(&cpaths.sockets, cpaths.sockets != cpaths.dir);
+    (ended, problems)
+}
+
 /// Stop the cluster `name`: SIGTERM to its owner, which stops every machine and hub; SIGKILL
-/// at the deadline; then the machines' records of an owner that died uncleanly are reaped,
-/// and build roots a killed `up` left are released.
+/// at the deadline; then what the owner left is cleaned up and the runs it left open are
+/// ended (see [`reap_machines`]; also when the cluster is not up: a `down` that could not end
+/// them, on a full state dir, is run again), and build roots a killed `up` left are released.
 pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
     let t = Instant::now();
     // An `up` killed between its build and its machines' pins left its roots behind.
     crate::eval::release_build_roots(&cluster_paths(state_dir, name).dir);
-    let Some(state) = ClusterState::read(state_dir, name) else {
-        return Ok(Down {
-            name: name.to_string(),
-            was_up: false,
-            machines: 0,
-            killed: false,
-            after_secs: 0.0,
-        });
+    let state = ClusterState::read(state_dir, name);
+    let killed = state
+        .as_ref()
+        .is_some_and(|s| s.owner_alive() && terminate(s.owner_pid, s.owner_start_ticks));
+    let plan = last_plan(state_dir, name);
+    let (runs_ended, problems) = match &plan {
+        Some(p) => reap_machines(state_dir, name, p),
+        None => (0, Vec::new()),
     };
-    let killed = state.owner_alive() && terminate(state.owner_pid, state.owner_start_ticks);
-    for m in &state.plan.machines {
-        let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
-        if let Some(vs) = VmState::read(&paths) {
-            let record = LaunchRecord::read(&paths).ok();
-            drydock_vm::reap_stale(state_dir, &paths, &vs, record.as_ref())
-                .map_err(|e| ClusterError::Reap(Box::new(e)))?;
-        }
-    }
     let _ = std::fs::remove_file(cluster_paths(state_dir, name).dir.join("cluster.json"));
+    if !problems.is_empty() {
+        return Err(ClusterError::Unreaped {
+            state_dir: state_dir.to_path_buf(),
+            problems,
+        });
+    }
     Ok(Down {
         name: name.to_string(),
-        was_up: true,
-        machines: state.plan.machines.len(),
+        was_up: state.is_some(),
+        machines: state.as_ref().map_or(0, |s| s.plan.machines.len()),
         killed,
+        runs_ended,
         after_secs: t.elapsed().as_secs_f64(),
     })
 }

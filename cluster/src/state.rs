@@ -62,8 +62,11 @@ pub enum ClusterError {
     NotReady { after: Duration, log: String },
     #[error("cannot record the cluster's state")]
     Record(#[source] drydock_vm::LaunchError),
-    #[error("cannot clean up after the cluster's dead owner")]
-    Reap(#[source] Box<drydock_vm::OwnerError>),
+    #[error("every machine is stopped, but not everything could be cleaned up after them: {}; once that is fixed (a full {}: free space), `drydock down` again finishes it", problems.join("; "), state_dir.display())]
+    Unreaped {
+        state_dir: PathBuf,
+        problems: Vec<String>,
+    },
     #[error(
         "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
         machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster

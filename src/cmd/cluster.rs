@@ -208,7 +208,13 @@ pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {
-        eprintln!("drydock: the cluster {name} is not up");
+        eprintln!(
+            "drydock: the cluster {name} is not up{}",
+            match d.runs_ended {
+                0 => String::new(),
+                n => format!(" (the {n} runs its machines had left open are ended now)"),
+            }
+        );
     } else {
         eprintln!(
             "drydock: cluster {name} down ({} machines) in {:.2} s{}",
