@@ -571,6 +571,18 @@ fn machine_main(
         },
         Err(Failure::Lost(why)) => fail(why),
         Err(Failure::Other(message)) => {
+            // Whether QEMU had died under the guest, and what it said.
+            let message = match status {
+                Some(st) => {
+                    let said = drydock_vm::log_tail(&paths.dir.join("qemu.log"), 5);
+                    let said = said.trim();
+                    match said.is_empty() {
+                        true => format!("{message} (QEMU had exited: {st})"),
+                        false => format!("{message} (QEMU had exited: {st}; it said: {said})"),
+                    }
+                }
+                None => message,
+            };
             // What the guest printed last usually says why (a panic, a failed mount).
             let tail = drydock_vm::log_tail(&paths.console_log(), FAILED_CONSOLE_LINES);
             let shown: Vec<String> = tail
