@@ -7,6 +7,7 @@ mod common;
 mod vmcommon;
 
 mod cluster;
+mod cluster_faults;
 mod doctor;
 mod doctor_builders;
 mod gc_all;
