@@ -841,7 +841,7 @@ mod tests {
         );
         assert_eq!(out, WaitOutcome::TimedOut);
         let mut gone = std::process::Command::new("true").spawn().unwrap();
-        let watch = ProcessWatch::open(gone.id(), None).unwrap();
+        let watch = ProcessWatch::child(gone.id()).unwrap();
         let out = follow(
             &mut ConsoleTail::new(p.clone()),
             Some(&never),

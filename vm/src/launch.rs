@@ -513,7 +513,7 @@ pub fn start_with(
     cmd.args(&qemu_plan.args).stdin(Stdio::null()).stderr(log);
     tracing::info!(plan = %qemu_plan.display(), "starting QEMU");
     let mut qemu = Supervised::spawn("qemu", cmd).map_err(LaunchError::Qemu)?;
-    let qemu_exit = ProcessWatch::open(qemu.pid(), None);
+    let qemu_exit = ProcessWatch::child(qemu.pid());
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -564,9 +564,7 @@ pub fn start_with(
         supervisor_start_ticks: process_start_ticks(std::process::id()),
         server_start_ticks: server.as_ref().and_then(|s| process_start_ticks(s.pid())),
     };
-    let server_exit = server
-        .as_ref()
-        .and_then(|s| ProcessWatch::open(s.pid(), None));
+    let server_exit = server.as_ref().and_then(|s| ProcessWatch::child(s.pid()));
     let vm = Vm {
         paths,
         qemu,
@@ -753,7 +751,7 @@ pub fn stop_remote(
         }
     }
     if let Some(cg) = state.cgroup.as_deref().filter(|cg| is_vm_cgroup(cg)) {
-        let _ = std::fs::remove_dir(cg);
+        remove_cgroup(cg);
     }
     let _ = std::fs::remove_file(paths.state_file());
     let _ = std::fs::remove_file(paths.qmp_socket());
@@ -761,6 +759,39 @@ pub fn stop_remote(
     let _ = std::fs::remove_file(paths.fs_socket());
     let _ = std::fs::remove_file(crate::storefs::control_socket(&paths.fs_socket()));
     Ok(())
+}
+
+/// How long [`remove_cgroup`] tries, and how often.
+const CGROUP_RELEASE: Duration = Duration::from_secs(5);
+const CGROUP_RETRY: Duration = Duration::from_millis(20);
+
+/// Remove the cgroup a VM named `name` would have had, had this process started it, if it is
+/// there and empty: what an owner killed before it recorded its VM's state left (a cgroup with
+/// a task in it is not removed).
+pub fn remove_stale_cgroup(name: &str) {
+    if let Some(cg) = VmCgroup::path_for(name).filter(|p| p.is_dir() && is_vm_cgroup(p)) {
+        remove_cgroup(&cg);
+    }
+}
+
+/// Remove a VM's cgroup once its QEMU is gone. A QEMU killed with its owner (not our child)
+/// may still be exiting, its memory being torn down, and the kernel refuses to remove a cgroup
+/// with a task in it (EBUSY) until the task is released, which nothing signals: a back-off,
+/// bounded by [`CGROUP_RELEASE`].
+fn remove_cgroup(cg: &Path) {
+    let deadline = Deadline::after(CGROUP_RELEASE);
+    loop {
+        match std::fs::remove_dir(cg) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && !deadline.expired() => {
+                std::thread::sleep(CGROUP_RETRY.min(deadline.remaining()));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("cannot remove the cgroup {}: {e}", cg.display());
+                return;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Which of a VM's processes a pid from its state file should be.

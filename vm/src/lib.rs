@@ -34,7 +34,7 @@ pub use image::{
 };
 pub use launch::{
     LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState, discard_disk,
-    start, start_with, stop_remote, write_json,
+    remove_stale_cgroup, start, start_with, stop_remote, write_json,
 };
 pub use lifecycle::{
     Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,

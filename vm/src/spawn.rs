@@ -186,7 +186,7 @@ impl Supervised {
         if let Some(status) = self.try_wait()? {
             return Ok(Some(status));
         }
-        if let Some(w) = ProcessWatch::open(self.pid(), None) {
+        if let Some(w) = ProcessWatch::child(self.pid()) {
             w.wait(deadline);
         }
         self.try_wait()
@@ -194,7 +194,7 @@ impl Supervised {
 
     /// The child's exit as a descriptor to wait on with others (`None` if it has exited).
     pub fn exit_watch(&self) -> Option<ProcessWatch> {
-        ProcessWatch::open(self.pid(), None)
+        ProcessWatch::child(self.pid())
     }
 
     /// Stop the child: SIGTERM, wait up to `grace`, then SIGKILL; always reaps. Returns how it
@@ -205,7 +205,7 @@ impl Supervised {
         }
         let pid = self.pid();
         // The child is unreaped here, so its pid cannot have been reused.
-        let exit = ProcessWatch::open(pid, None);
+        let exit = ProcessWatch::child(pid);
         match drydock_gc::send_signal(pid, libc::SIGTERM) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return Err(self.control(e)),
             _ => {}
@@ -360,7 +360,7 @@ pub fn spawn_detached(
     })?;
     let pid = child.id();
     // Watched before the reaper can reap it: the pid is still the child's.
-    let exit = ProcessWatch::open(pid, None);
+    let exit = ProcessWatch::child(pid);
     let (tx, status) = mpsc::channel();
     std::thread::spawn(move || {
         let mut child = child;
@@ -418,7 +418,7 @@ pub fn run_captured_until(
         let _ = err.read_to_end(&mut s);
         s
     });
-    let exit = ProcessWatch::open(child.id(), None);
+    let exit = ProcessWatch::child(child.id());
     let wake = wake_pair()?;
     let _woken = cancel.map(|c| {
         let w = wake.0.clone();

@@ -92,6 +92,14 @@ impl ProcessWatch {
         same_process_alive(pid, start_ticks).then_some(Self { pid, fd })
     }
 
+    /// Watch the child `pid` of this process, not yet reaped (its pid is its own until it is
+    /// reaped, so no start time is needed; one that is exiting or exited is watched too, and
+    /// reads as exited).
+    pub fn child(pid: u32) -> Option<Self> {
+        let fd = pidfd_open(pid).ok()?;
+        Some(Self { pid, fd })
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
