@@ -420,8 +420,15 @@ fn a_detached_owner_killed_while_up_waits_is_reported_with_its_pid_signal_and_lo
     assert!(err.contains("clusters/orphan/drydock.log"), "{err}");
     assert!(!err.contains("did not start:\n"), "{err}");
     eprintln!("{err}");
-    // Its machines died with it.
+    // Its machines died with it, and what it left is gone: their state, runs and cgroups.
     wait_no_processes(&state, Duration::from_secs(30));
+    assert!(!state.join("vms/orphan.a/state.json").exists());
+    assert!(vm_runs(&state).iter().all(|(_, ended)| *ended));
+    assert!(
+        cgroups_of("orphan").is_empty(),
+        "{:?}",
+        cgroups_of("orphan")
+    );
     cluster_down(&store(), &state, &file);
 }
 

@@ -228,10 +228,14 @@ pub(crate) fn reap_machines(
         let record = LaunchRecord::read(&paths).ok();
         let result = match &state {
             Some(vs) => drydock_vm::reap_stale(state_dir, &paths, vs, record.as_ref()),
-            None => match &record {
-                Some(r) => drydock_vm::end_vm_run(state_dir, r, None),
-                None => Ok(false),
-            },
+            None => {
+                // An owner killed between making the VM's cgroup and recording its state.
+                drydock_vm::remove_stale_cgroup(&m.vm_name);
+                match &record {
+                    Some(r) => drydock_vm::end_vm_run(state_dir, r, None),
+                    None => Ok(false),
+                }
+            }
         };
         match result {
             Ok(true) => ended += 1,

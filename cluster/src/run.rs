@@ -42,6 +42,8 @@ use drydock_vm::{LaunchRecord, VmState};
 /// How long stopping machines may take before the owner stops waiting for their threads (each
 /// VM's own stop is bounded well within it: powerdown, quit, SIGTERM, SIGKILL).
 const STOP_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a machine that failed waits for QEMU's exit, to tell whether QEMU died under it.
+const QEMU_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How many of a failed machine's last console lines its error shows.
 const FAILED_CONSOLE_LINES: usize = 15;
 
@@ -542,6 +544,11 @@ fn machine_main(
         // Calls in progress and to come fail at once, saying why; so do `ps` and `exec`.
         record_failure(&paths, Some(why));
     }
+    if let (Err(Failure::Other(_)), Some(w)) = (&result, vm.qemu_exit()) {
+        // A backdoor that closed may be QEMU going away: give its exit a moment to show, so
+        // that the error says so rather than blame the guest.
+        w.wait(Deadline::after(QEMU_EXIT_GRACE));
+    }
     let status = vm.exited();
     if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
         tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
@@ -577,8 +584,8 @@ fn machine_main(
                     let said = drydock_vm::log_tail(&paths.dir.join("qemu.log"), 5);
                     let said = said.trim();
                     match said.is_empty() {
-                        true => format!("{message} (QEMU had exited: {st})"),
-                        false => format!("{message} (QEMU had exited: {st}; it said: {said})"),
+                        true => format!("{message}; QEMU had ended ({st})"),
+                        false => format!("{message}; QEMU had ended ({st}), saying: {said}"),
                     }
                 }
                 None => message,
@@ -676,6 +683,12 @@ fn serve(
         Ok(b) => Arc::new(b),
         Err(_) if stop.is_woken() => return Ok(()),
         Err(_) if vm.server_exit().is_some_and(|w| w.exited()) => return Err(server_died(vm)),
+        Err(_) if vm.qemu_exit().is_some_and(|w| w.exited()) => {
+            return Err(Failure::Other(format!(
+                "QEMU exited before the guest was ready (see {})",
+                vm.paths().console_log().display()
+            )));
+        }
         Err(e) => {
             return Err(Failure::Other(format!(
                 "{} (see {})",

@@ -50,6 +50,8 @@ pub enum SessionError {
     Watch(#[from] WatchError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
+    #[error("interrupted; the cluster's owner carries the reload on (`drydock ps` shows it)")]
+    LeftToOwner,
 }
 
 impl SessionError {
@@ -61,7 +63,7 @@ impl SessionError {
             Self::Runs(e) => e.is_bad_input(),
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
-            Self::Watch(_) | Self::Panicked => false,
+            Self::Watch(_) | Self::Panicked | Self::LeftToOwner => false,
         }
     }
 
@@ -72,6 +74,7 @@ impl SessionError {
             Self::Eval(EvalError::Track(e)) => e.is_interrupted(),
             Self::Eval(EvalError::Interrupted) => true,
             Self::Cluster(ClusterError::Interrupted) => true,
+            Self::LeftToOwner => true,
             _ => false,
         }
     }
@@ -390,7 +393,7 @@ impl ReloadOwner<'_> {
                 Ok(c.apply_reload(new, req.restart, &[], cancel, &mut |ev| report(ev, on))?)
             }
             Self::Remote { state_dir, name } => {
-                apply_remote(state_dir, name, new, req, planned, on)
+                apply_remote(state_dir, name, new, req, planned, cancel, on)
             }
         }
     }
@@ -415,13 +418,14 @@ fn changed_tails(
 
 /// Ask the remote owner to apply, passing the changed machines' console lines on meanwhile
 /// (each as it is written: the files are followed, blocking between lines, until the call's
-/// thread says the owner answered).
+/// thread says the owner answered). `cancel` ends the wait (the owner carries on).
 fn apply_remote(
     state_dir: &Path,
     name: &str,
     new: &ClusterPlan,
     req: &UpRequest,
     planned: &[MachineOutcome],
+    cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Vec<MachineOutcome>, SessionError> {
     let mut tails = changed_tails(state_dir, name, planned);
@@ -438,6 +442,8 @@ fn apply_remote(
             source: e,
         })
     })?;
+    let a = answered.clone();
+    let _interrupt = cancel.on_cancel(move || a.wake());
     let call = std::thread::spawn(move || {
         let r = request(&sd, &n, &call, deadline).map_err(ReloadError::from);
         answered.wake();
@@ -462,6 +468,10 @@ fn apply_remote(
         }
     }
     echo(&mut tails);
+    if cancel.is_set() && !call.is_finished() {
+        // The call's thread stays blocked on the owner's answer until this process exits.
+        return Err(SessionError::LeftToOwner);
+    }
     Ok(call.join().map_err(|_| SessionError::Panicked)??)
 }
 
