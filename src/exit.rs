@@ -5,6 +5,8 @@
 
 use std::process::ExitCode;
 
+use drydock_gc::ExitClass;
+
 /// What a subcommand reports when it did its job: the job may still have found failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -46,86 +48,88 @@ pub fn bad_input(msg: impl Into<String>) -> anyhow::Error {
 pub fn finish(result: anyhow::Result<Outcome>) -> ExitCode {
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
-        Ok(Outcome::Failed) => ExitCode::from(1),
-        Ok(Outcome::Interrupted) => ExitCode::from(130),
+        Ok(Outcome::Failed) => ExitCode::from(ExitClass::Failed.code()),
+        Ok(Outcome::Interrupted) => ExitCode::from(ExitClass::Interrupted.code()),
         Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(err) if crate::out::is_closed_stdout(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("drydock: error: {err:#}");
-            if is_interrupted(&err) {
-                ExitCode::from(130)
-            } else if is_bad_input(&err) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            ExitCode::from(class_of(&err).code())
         }
     }
 }
 
-fn is_interrupted(err: &anyhow::Error) -> bool {
-    err.chain().any(|c| {
-        c.downcast_ref::<drydock_gc::GcError>()
-            .is_some_and(|e| e.is_interrupted())
-            || c.downcast_ref::<drydock_cluster::SessionError>()
-                .is_some_and(|e| e.is_interrupted())
-    })
+/// The class of a command's error, from its chain: interrupted if anything in it says so,
+/// else bad input if anything says so, else a failure. The binary's own [`BadInput`] counts
+/// anywhere; drydock-vm's and drydock-cluster's errors count anywhere (see [`library_class`]); drydock-gc's errors
+/// classify themselves (`drydock_gc::exit_class_of`): the outermost one speaks for its causes,
+/// and one wrapped by a drydock-vm error is that error's to classify.
+fn class_of(err: &anyhow::Error) -> ExitClass {
+    let (mut interrupted, mut bad) = (false, false);
+    let mut gc = None;
+    let mut below_vm = false;
+    for cause in err.chain() {
+        bad |= cause.is::<BadInput>();
+        if let Some(class) = library_class(cause) {
+            interrupted |= class == ExitClass::Interrupted;
+            bad |= class == ExitClass::BadInput;
+            below_vm = true;
+        } else if gc.is_none() && !below_vm {
+            gc = drydock_gc::exit_class_of(cause);
+        }
+    }
+    interrupted |= gc == Some(ExitClass::Interrupted);
+    bad |= gc == Some(ExitClass::BadInput);
+    if interrupted {
+        ExitClass::Interrupted
+    } else if bad {
+        ExitClass::BadInput
+    } else {
+        ExitClass::Failed
+    }
 }
 
-fn is_bad_input(err: &anyhow::Error) -> bool {
-    use drydock_vm as vm;
-    err.chain().any(|cause| {
-        cause.is::<BadInput>()
-            || cause
-                .downcast_ref::<vm::DoctorError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::LaunchError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::SnapshotError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::ImageError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::StoreServerError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::SpawnError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::PlanError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::LifecycleError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::OwnerError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::ResolveError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<vm::SystemError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_cluster::ComposeError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_cluster::ClusterError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_cluster::EvalError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_cluster::ReloadError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_cluster::SessionError>()
-                .is_some_and(|e| e.is_bad_input())
-            || cause
-                .downcast_ref::<drydock_gc::GcError>()
-                .is_some_and(|e| e.is_bad_input())
-    })
+/// The class of `cause` if it is one of drydock-cluster's or drydock-vm's errors: each library
+/// knows its own (`exit_class_of`), so no error type is listed here.
+fn library_class(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
+    drydock_cluster::exit_class_of(cause).or_else(|| drydock_vm::exit_class_of(cause))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    fn spawn_error() -> drydock_gc::TrackError {
+        drydock_gc::TrackError::Spawn {
+            program: "nix-store".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }
+    }
+
+    #[test]
+    fn gc_errors_classify_themselves_unless_a_vm_error_wraps_them() {
+        let gc = |e: drydock_gc::GcError| anyhow::Error::new(e).context("doing it");
+        let unknown = drydock_gc::GcError::from(drydock_gc::RunsDbError::UnknownRun(1));
+        assert_eq!(class_of(&gc(unknown)), ExitClass::BadInput);
+        let interrupted = drydock_gc::GcError::from(drydock_gc::TrackError::Interrupted {
+            run_id: 1,
+            exit_code: 0,
+        });
+        assert_eq!(class_of(&gc(interrupted)), ExitClass::Interrupted);
+        assert_eq!(
+            class_of(&gc(drydock_gc::GcError::from(spawn_error()))),
+            ExitClass::BadInput
+        );
+        // The vm error wrapping it decides (preparing a composition's store is not the user's
+        // input).
+        let wrapped = anyhow::Error::new(drydock_cluster::EvalError::Store(spawn_error()));
+        assert_eq!(class_of(&wrapped), ExitClass::Failed);
+        let not_regular = Err::<(), _>(drydock_gc::ReadFileError::Link { path: "/x".into() })
+            .context("reading")
+            .unwrap_err();
+        assert_eq!(class_of(&not_regular), ExitClass::Failed);
+        assert_eq!(class_of(&anyhow::anyhow!("plain")), ExitClass::Failed);
+        assert_eq!(class_of(&bad_input("no")), ExitClass::BadInput);
+    }
 }

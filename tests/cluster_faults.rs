@@ -6,64 +6,23 @@
 //! sandbox, a tmpfs) and the test guest's kernel (`scripts/guest/build-initrd`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::vmcommon;
-use vmcommon::{
-    DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_ps, cluster_store as store,
-    cluster_up_detached, guest_ready, processes_mentioning, text, wait_no_processes, wait_until,
-    write_composition,
+use crate::common::{Ran, Spawned};
+use crate::vmcommon::{
+    Cluster, guest_ready, processes_mentioning, text, wait_no_processes, wait_until,
 };
 
-/// A composition of the test system, in its own directory `dir/NAME/drydock.nix`.
-fn composition(dir: &Path, name: &str, machines: &str) -> PathBuf {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let f = d.join("drydock.nix");
-    write_composition(&f, machines);
-    f
-}
-
-fn drydock(state: &Path) -> Command {
-    cluster_drydock(&store(), state)
-}
-
-fn exec(state: &Path, file: &Path, machine: &str, timeout: &str, cmd: &str) -> Output {
-    cluster_exec(&store(), state, file, machine, timeout, cmd)
-}
-
-fn down_on_drop(state: &Path, file: &Path) -> DownOnDrop {
-    DownOnDrop {
-        store: store(),
-        state: state.to_path_buf(),
-        file: file.to_path_buf(),
-    }
-}
-
 /// Wait (bounded) for `child` to exit: its output, and how long it took from `since`.
-fn finish(child: Child, since: Instant, within: Duration) -> (Output, Duration) {
-    let mut child = child;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            return (out, since.elapsed());
-        }
-        if since.elapsed() > within {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {within:?}: {}{}",
-                text(&out.stdout),
-                text(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn finish(mut child: Spawned, since: Instant, within: Duration) -> (Ran, Duration) {
+    child.wait_within(within.saturating_sub(since.elapsed()));
+    let took = since.elapsed();
+    (child.output(), took)
 }
 
-fn vm_state(state: &Path, vm: &str) -> serde_json::Value {
-    let p = state.join("vms").join(vm).join("state.json");
+fn vm_state(c: &Cluster, vm: &str) -> serde_json::Value {
+    let p = c.state().join("vms").join(vm).join("state.json");
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
@@ -77,27 +36,15 @@ fn row<'a>(ps: &'a serde_json::Value, machine: &str) -> &'a serde_json::Value {
 
 #[test]
 fn a_killed_store_server_is_noticed_by_ps_exec_and_the_reload_plan() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let file = composition(
-        dir.path(),
-        "lost",
-        "a = { system = sys { }; memorySize = 256; }; b = { system = sys { }; memorySize = 256; };",
-    );
-    cluster_up_detached(&store(), &state, &file);
-    let _down = down_on_drop(&state, &file);
-    let server = vm_state(&state, "lost.a")["server_pid"].as_u64().unwrap() as u32;
+    let c = Cluster::named("lost")
+        .machines(
+            "a = { system = sys { }; memorySize = 256; }; b = { system = sys { }; memorySize = 256; };",
+        )
+        .up();
+    let server = vm_state(&c, "lost.a")["server_pid"].as_u64().unwrap() as u32;
 
     // A call in progress when the store server dies fails at once, saying why.
-    let call = drydock(&state)
-        .args(["exec", "-f"])
-        .arg(&file)
-        .args(["a", "--timeout", "600", "--", "sleep 2; ls /nix/store"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let call = exec_child(&c, "a", "sleep 2; ls /nix/store");
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     drydock_gc::send_signal(server, libc::SIGKILL).unwrap();
@@ -112,20 +59,16 @@ fn a_killed_store_server_is_noticed_by_ps_exec_and_the_reload_plan() {
 
     // `ps` says so (the machine is stopped by its owner), the other machine runs on.
     wait_until("a is failed", Duration::from_secs(30), || {
-        row(&cluster_ps(&store(), &state, &file), "a")["state"] == "failed"
+        row(&c.ps(), "a")["state"] == "failed"
     });
-    let ps = cluster_ps(&store(), &state, &file);
+    let ps = c.ps();
     let problem = row(&ps, "a")["problem"].as_str().unwrap().to_string();
     assert!(
         problem.contains(&format!("its store server (pid {server}) died")),
         "{problem}"
     );
     assert_eq!(row(&ps, "b")["state"], "running");
-    let o = drydock(&state)
-        .args(["ps", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let o = c.verb("ps").run();
     assert!(text(&o.stdout).contains("failed"), "{}", text(&o.stdout));
     assert!(
         text(&o.stdout).contains("store server"),
@@ -135,7 +78,7 @@ fn a_killed_store_server_is_noticed_by_ps_exec_and_the_reload_plan() {
 
     // Later calls fail at once with the cause, not a busy backdoor.
     let t = Instant::now();
-    let o = exec(&state, &file, "a", "600", "true");
+    let o = c.exec("a", "600", "true");
     assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o.stderr).contains("is not running: its store server"),
@@ -143,18 +86,16 @@ fn a_killed_store_server_is_noticed_by_ps_exec_and_the_reload_plan() {
         text(&o.stderr)
     );
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        exec(&state, &file, "b", "30", "true").status.code(),
-        Some(0)
-    );
+    assert_eq!(c.exec("b", "30", "true").status.code(), Some(0));
 
     // The reload plan restarts it, saying why; applying it brings it back.
-    let plan = drydock(&state)
-        .args(["--json", "up", "-f"])
-        .arg(&file)
+    let plan = c
+        .drydock()
+        .json()
+        .args(["up", "-f"])
+        .arg(c.file())
         .args(["--dry-run", "--accel", "tcg"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(plan.status.code(), Some(0), "{}", text(&plan.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let a = plan["machines"]
@@ -168,59 +109,38 @@ fn a_killed_store_server_is_noticed_by_ps_exec_and_the_reload_plan() {
         a["why"].as_str().unwrap().contains("store server"),
         "{plan}"
     );
-    let up = drydock(&state)
-        .args(["up", "-f"])
-        .arg(&file)
+    let up = c
+        .verb("up")
         .args(["--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(up.status.code(), Some(0), "{}", text(&up.stderr));
-    let o = exec(&state, &file, "a", "30", "ls /nix/store | head -1");
+    let o = c.exec("a", "30", "ls /nix/store | head -1");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert_eq!(
-        row(&cluster_ps(&store(), &state, &file), "a")["state"],
-        "running"
-    );
-    cluster_down(&store(), &state, &file);
+    assert_eq!(row(&c.ps(), "a")["state"], "running");
+    c.down();
 }
 
 /// Start `exec MACHINE -- CMD` in the background.
-fn exec_child(state: &Path, file: &Path, machine: &str, cmd: &str) -> Child {
-    drydock(state)
-        .args(["exec", "-f"])
-        .arg(file)
+fn exec_child(c: &Cluster, machine: &str, cmd: &str) -> Spawned {
+    c.verb("exec")
         .args([machine, "--timeout", "600", "--", cmd])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
 }
 
 /// How many processes in the guest run `sleep 30` now.
-fn guest_sleepers(state: &Path, file: &Path) -> String {
-    let o = exec(
-        state,
-        file,
-        "a",
-        "30",
-        "ps | grep -c '[s]leep 3[0]' || true",
-    );
+fn guest_sleepers(c: &Cluster) -> String {
+    let o = c.exec("a", "30", "ps | grep -c '[s]leep 3[0]' || true");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     text(&o.stdout).trim().to_string()
 }
 
 #[test]
 fn an_interrupted_or_killed_exec_kills_its_command_and_frees_the_backdoor() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let file = composition(
-        dir.path(),
-        "sig",
-        "a = { system = sys { }; memorySize = 256; };",
-    );
-    cluster_up_detached(&store(), &state, &file);
-    let _down = down_on_drop(&state, &file);
+    let c = Cluster::named("sig")
+        .machines("a = { system = sys { }; memorySize = 256; };")
+        .up();
     for (sig, code) in [
         (libc::SIGINT, Some(130)),
         (libc::SIGTERM, Some(130)),
@@ -228,21 +148,18 @@ fn an_interrupted_or_killed_exec_kills_its_command_and_frees_the_backdoor() {
     ] {
         // The command says it started on the console (calls queue: `exec` cannot look).
         let call = exec_child(
-            &state,
-            &file,
+            &c,
             "a",
             &format!("echo STARTED-{sig} > /dev/console; sleep 30"),
         );
-        let w = drydock(&state)
-            .args(["wait", "-f"])
-            .arg(&file)
+        let w = c
+            .verb("wait")
             .args(["a", "--timeout", "60", "--console"])
             .arg(format!("^STARTED-{sig}$"))
-            .output()
-            .unwrap();
+            .run();
         assert_eq!(w.status.code(), Some(0), "{}", text(&w.stderr));
         let sent = Instant::now();
-        drydock_gc::send_signal(call.id(), sig).unwrap();
+        call.signal(sig);
         let (out, took) = finish(call, sent, Duration::from_secs(20));
         assert_eq!(
             out.status.code(),
@@ -253,7 +170,7 @@ fn an_interrupted_or_killed_exec_kills_its_command_and_frees_the_backdoor() {
         assert!(took < Duration::from_secs(5), "signal {sig}: {took:?}");
         // The owner saw the caller go and killed its command: the backdoor answers at once.
         let t = Instant::now();
-        let o = exec(&state, &file, "a", "30", "echo next");
+        let o = c.exec("a", "30", "echo next");
         assert_eq!(
             (o.status.code(), text(&o.stdout).as_str()),
             (Some(0), "next\n"),
@@ -261,20 +178,9 @@ fn an_interrupted_or_killed_exec_kills_its_command_and_frees_the_backdoor() {
             text(&o.stderr)
         );
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-        assert_eq!(guest_sleepers(&state, &file), "0", "signal {sig}");
+        assert_eq!(guest_sleepers(&c), "0", "signal {sig}");
     }
-    cluster_down(&store(), &state, &file);
-}
-
-fn up_detached_with(state: &Path, file: &Path, extra: &[&str]) {
-    let up = drydock(state)
-        .args(["up", "-f"])
-        .arg(file)
-        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "up: {}", text(&up.stderr));
+    c.down();
 }
 
 fn size(p: &Path) -> u64 {
@@ -283,34 +189,24 @@ fn size(p: &Path) -> u64 {
 
 #[test]
 fn a_guest_that_prints_without_end_stays_within_its_log_limit_and_is_shown_escaped() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let file = composition(
-        dir.path(),
-        "loud",
-        "a = { system = sys { }; memorySize = 256; };",
-    );
+    let c = Cluster::named("loud")
+        .machines("a = { system = sys { }; memorySize = 256; };")
+        .write();
     let limit: u64 = 256 << 10;
-    up_detached_with(&state, &file, &["--log-limit", "256K"]);
-    let _down = down_on_drop(&state, &file);
+    c.up_detached_with(&["--log-limit", "256K"]);
     // About 2 MB of 100-character lines on the serial console: 8 times the limit.
-    let o = exec(
-        &state,
-        &file,
+    let o = c.exec(
         "a",
         "600",
         "i=0; line=$(printf '%099d' 0); while [ $i -lt 20000 ]; do echo \"$i $line\"; i=$((i+1)); done > /dev/console; echo LOUD-DONE > /dev/console",
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let w = drydock(&state)
-        .args(["wait", "-f"])
-        .arg(&file)
+    let w = c
+        .verb("wait")
         .args(["a", "--timeout", "120", "--console", "^LOUD-DONE$"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(w.status.code(), Some(0), "{}", text(&w.stderr));
-    let vm = state.join("vms/loud.a");
+    let vm = c.state().join("vms/loud.a");
     let log: u64 = ["console.log", "console.log.1"]
         .iter()
         .map(|f| size(&vm.join(f)))
@@ -323,11 +219,7 @@ fn a_guest_that_prints_without_end_stays_within_its_log_limit_and_is_shown_escap
     assert!(log <= limit / 2, "console.log and .1: {log} bytes");
     assert!(timed <= limit / 2, "console.timed and .1: {timed} bytes");
     // What is kept is the end: `logs` shows the last lines, in order.
-    let logs = drydock(&state)
-        .args(["logs", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let logs = c.verb("logs").run();
     assert_eq!(logs.status.code(), Some(0), "{}", text(&logs.stderr));
     let out = text(&logs.stdout);
     assert!(
@@ -338,27 +230,27 @@ fn a_guest_that_prints_without_end_stays_within_its_log_limit_and_is_shown_escap
 
     // Escape sequences the guest prints reach the terminal escaped: OSC 52 (the clipboard),
     // a title change, clearing the screen.
-    let o = exec(
-        &state,
-        &file,
+    let o = c.exec(
         "a",
         "60",
         r"printf 'HOSTILE \033]52;c;cHduZWQ=\007 \033]0;owned\033\\ \033[2J\033[H end\n' > /dev/console",
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let w = drydock(&state)
-        .args(["wait", "-f"])
-        .arg(&file)
+    let w = c
+        .verb("wait")
         .args(["a", "--timeout", "60", "--console", "^HOSTILE"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(w.status.code(), Some(0), "{}", text(&w.stderr));
     let want = r"HOSTILE \e]52;c;cHduZWQ=\a \e]0;owned\e\ \e[2J\e[H end";
     for args in [
-        vec!["logs".to_string(), "-f".into(), file.display().to_string()],
+        vec![
+            "logs".to_string(),
+            "-f".into(),
+            c.file().display().to_string(),
+        ],
         vec!["vm".into(), "logs".into(), "loud.a".into()],
     ] {
-        let o = drydock(&state).args(&args).output().unwrap();
+        let o = c.drydock().args(&args).run();
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o.stderr));
         assert!(
             !o.stdout.contains(&0x1b) && !o.stdout.contains(&0x07),
@@ -375,32 +267,26 @@ fn a_guest_that_prints_without_end_stays_within_its_log_limit_and_is_shown_escap
     assert!(!w.stderr.contains(&0x1b));
     let raw = std::fs::read(vm.join("console.log")).unwrap();
     assert!(raw.windows(5).any(|x| x == b"\x1b]52;"));
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 #[test]
 fn a_detached_owner_killed_while_up_waits_is_reported_with_its_pid_signal_and_log() {
     guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let file = composition(
-        dir.path(),
-        "orphan",
-        "a = { system = sys { }; memorySize = 256; };",
-    );
-    let up = drydock(&state)
-        .args(["up", "-f"])
-        .arg(&file)
+    let c = Cluster::named("orphan")
+        .machines("a = { system = sys { }; memorySize = 256; };")
+        .write();
+    let state = c.state();
+    let up = c
+        .verb("up")
         .args(["--detach", "--accel", "tcg", "--timeout", "300"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _down = down_on_drop(&state, &file);
+        .spawn();
     // Killed while its machine boots (its QEMU runs).
     let mut owner = 0;
     wait_until("the owner runs a QEMU", Duration::from_secs(120), || {
-        let ps = processes_mentioning(&state);
+        let ps = processes_mentioning(state);
         owner = ps
             .iter()
             .find(|(_, cmd)| cmd.contains("__cluster-supervise"))
@@ -421,15 +307,15 @@ fn a_detached_owner_killed_while_up_waits_is_reported_with_its_pid_signal_and_lo
     assert!(!err.contains("did not start:\n"), "{err}");
     eprintln!("{err}");
     // Its machines died with it, and what it left is gone: their state, runs and cgroups.
-    wait_no_processes(&state, Duration::from_secs(30));
+    wait_no_processes(state, Duration::from_secs(30));
     assert!(!state.join("vms/orphan.a/state.json").exists());
-    assert!(vm_runs(&state).iter().all(|(_, ended)| *ended));
+    assert!(vm_runs(&c).iter().all(|(_, ended)| *ended));
     assert!(
         cgroups_of("orphan").is_empty(),
         "{:?}",
         cgroups_of("orphan")
     );
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 /// A tmpfs of `mib` MiB at `dir`, unmounted when dropped.
@@ -455,8 +341,8 @@ impl Drop for Tmpfs {
 }
 
 /// The runs of kind `vm` and whether each is ended, by `runs --json`.
-fn vm_runs(state: &Path) -> Vec<(i64, bool)> {
-    let o = drydock(state).args(["--json", "runs"]).output().unwrap();
+fn vm_runs(c: &Cluster) -> Vec<(i64, bool)> {
+    let o = c.drydock().json().arg("runs").run();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["runs"]
@@ -470,50 +356,45 @@ fn vm_runs(state: &Path) -> Vec<(i64, bool)> {
 
 #[test]
 fn down_on_a_full_state_dir_ends_the_machines_runs() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let _fs = Tmpfs::mount(&state, 16);
-    let file = composition(
-        dir.path(),
-        "full",
-        "a = { system = sys { }; memorySize = 256; }; b = { system = sys { }; memorySize = 256; };",
-    );
-    cluster_up_detached(&store(), &state, &file);
-    let _down = down_on_drop(&state, &file);
+    // The state dir's tmpfs is unmounted after the cluster is down (declared first, dropped
+    // last), also when the test fails.
+    let fs;
+    let c = Cluster::named("full")
+        .machines(
+            "a = { system = sys { }; memorySize = 256; }; b = { system = sys { }; memorySize = 256; };",
+        )
+        .write();
+    let state = c.state();
+    fs = Tmpfs::mount(state, 16);
+    c.up_detached();
     // Fill the state dir to the last byte.
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=64k"])
         .arg(format!("of={}", state.join("filler").display()))
         .output()
         .unwrap();
-    let df = Command::new("df").arg(&state).output().unwrap();
+    let df = Command::new("df").arg(state).output().unwrap();
     assert!(text(&df.stdout).contains("100%"), "{}", text(&df.stdout));
-    let down = drydock(&state)
-        .args(["down", "-f"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(down.status.code(), Some(0), "{}", text(&down.stderr));
-    wait_no_processes(&state, Duration::from_secs(30));
+    c.down();
     std::fs::remove_file(state.join("filler")).unwrap();
-    let runs = vm_runs(&state);
+    let runs = vm_runs(&c);
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(
         runs.iter().all(|(_, ended)| *ended),
         "runs left open: {runs:?}"
     );
     for (id, _) in runs {
-        let o = drydock(&state)
+        let o = c
+            .drydock()
             .args(["gc", "--run", &id.to_string(), "--dry-run"])
-            .output()
-            .unwrap();
+            .run();
         assert!(
             !text(&o.stderr).contains("still running"),
             "{}",
             text(&o.stderr)
         );
     }
+    drop(fs);
 }
 
 /// The cgroups named for `cluster`'s machines, anywhere under the cgroup file systems.
@@ -574,20 +455,18 @@ fn leftovers(state: &Path, cluster: &str, machines: &[&str]) -> Vec<PathBuf> {
 
 #[test]
 fn down_leaves_no_cgroup_socket_or_socket_folder_even_after_a_killed_owner() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
     // Deep enough that the sockets go to a runtime folder of their own.
-    let state = dir.path().join("s".repeat(90));
-    let file = composition(
-        dir.path(),
-        "left",
-        "a = { system = sys { }; memorySize = 256; vlans = [ 1 2 ]; }; b = { system = sys { }; memorySize = 256; };",
-    );
-    let sockets = drydock_vm::VmPaths::in_state_dir(&state, "left.a").sockets;
-    assert!(!sockets.starts_with(&state), "{}", sockets.display());
-    let _down = down_on_drop(&state, &file);
+    let c = Cluster::named("left")
+        .machines(
+            "a = { system = sys { }; memorySize = 256; vlans = [ 1 2 ]; }; b = { system = sys { }; memorySize = 256; };",
+        )
+        .state_name(&"s".repeat(90))
+        .write();
+    let state = c.state();
+    let sockets = drydock_vm::VmPaths::in_state_dir(state, "left.a").sockets;
+    assert!(!sockets.starts_with(state), "{}", sockets.display());
     for kill_owner in [false, true] {
-        cluster_up_detached(&store(), &state, &file);
+        c.up_detached();
         assert!(sockets.join("exec.sock").exists());
         assert!(!cgroups_of("left").is_empty(), "the machines have cgroups");
         if kill_owner {
@@ -597,33 +476,29 @@ fn down_leaves_no_cgroup_socket_or_socket_folder_even_after_a_killed_owner() {
             .unwrap();
             drydock_gc::send_signal(st["owner_pid"].as_u64().unwrap() as u32, libc::SIGKILL)
                 .unwrap();
-            wait_no_processes(&state, Duration::from_secs(30));
-            assert!(!leftovers(&state, "left", &["a", "b"]).is_empty());
+            wait_no_processes(state, Duration::from_secs(30));
+            assert!(!leftovers(state, "left", &["a", "b"]).is_empty());
         }
-        cluster_down(&store(), &state, &file);
-        let left = leftovers(&state, "left", &["a", "b"]);
+        c.down();
+        let left = leftovers(state, "left", &["a", "b"]);
         assert!(left.is_empty(), "killed owner {kill_owner}: left {left:#?}");
     }
 }
 
-/// `up` of `file` in the background (its own process group: a signal goes to it alone).
-fn up_child(state: &Path, file: &Path, extra: &[&str]) -> Child {
-    drydock(state)
-        .args(["up", "-f"])
-        .arg(file)
+/// `up` of the cluster in the background.
+fn up_child(c: &Cluster) -> Spawned {
+    c.verb("up")
         .args(["--accel", "tcg", "--timeout", "300"])
-        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
 }
 
 #[test]
 fn evaluation_and_build_end_on_sigint_and_sigterm_and_at_their_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let fifo = dir.path().join("fifo");
+    guest_ready();
+    let fifos = tempfile::tempdir().unwrap();
+    let fifo = fifos.path().join("fifo");
     assert!(
         Command::new("mkfifo")
             .arg(&fifo)
@@ -632,26 +507,18 @@ fn evaluation_and_build_end_on_sigint_and_sigterm_and_at_their_deadline() {
             .success()
     );
     // An evaluation that blocks for ever: it reads a FIFO nobody writes.
-    let blocked = dir.path().join("blocked");
-    std::fs::create_dir_all(&blocked).unwrap();
-    let eval_file = blocked.join("drydock.nix");
-    std::fs::write(
-        &eval_file,
-        format!(
+    let blocked = Cluster::named("blocked")
+        .composition(&format!(
             "{{ machines.a = {{ system = builtins.readFile {}; }}; }}",
             fifo.display()
-        ),
-    )
-    .unwrap();
-    // A build that takes for ever.
-    let slow = dir.path().join("slow");
-    std::fs::create_dir_all(&slow).unwrap();
-    let build_file = slow.join("drydock.nix");
-    std::fs::write(
-        &build_file,
-        r#"{ machines.a = { system = derivation { name = "slow"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "sleep 600" ]; }; }; }"#,
-    )
-    .unwrap();
+        ))
+        .write();
+    // A build that takes for ever, run by the test system's busybox (nothing from the host).
+    let slow = Cluster::named("slow")
+        .machines(
+            r#"a = { system = derivation { name = "slow"; system = "x86_64-linux"; builder = "${(sys { }).sw}/bin/sh"; args = [ "-c" "sleep 600" ]; allowSubstitutes = false; preferLocalBuild = true; }; };"#,
+        )
+        .write();
     // Nix gone with it: nothing mentions the composition's directory any more, and the builder
     // is gone too.
     let gone = |d: &Path| {
@@ -659,10 +526,10 @@ fn evaluation_and_build_end_on_sigint_and_sigterm_and_at_their_deadline() {
         wait_no_processes(Path::new("sleep 600"), Duration::from_secs(20));
     };
 
-    for (file, what) in [(&eval_file, "evaluation"), (&build_file, "build")] {
-        let d = file.parent().unwrap();
+    for (c, what) in [(&blocked, "evaluation"), (&slow, "build")] {
+        let d = c.file().parent().unwrap();
         for sig in [libc::SIGINT, libc::SIGTERM] {
-            let up = up_child(&state, file, &[]);
+            let up = up_child(c);
             // Well into the evaluation or the build.
             wait_until("Nix runs", Duration::from_secs(60), || {
                 processes_mentioning(d)
@@ -675,7 +542,7 @@ fn evaluation_and_build_end_on_sigint_and_sigterm_and_at_their_deadline() {
                 });
             }
             let sent = Instant::now();
-            drydock_gc::send_signal(up.id(), sig).unwrap();
+            up.signal(sig);
             let (out, took) = finish(up, sent, Duration::from_secs(60));
             assert_eq!(
                 out.status.code(),
@@ -691,12 +558,10 @@ fn evaluation_and_build_end_on_sigint_and_sigterm_and_at_their_deadline() {
         }
         // The deadline.
         let t = Instant::now();
-        let out = drydock(&state)
-            .args(["up", "-f"])
-            .arg(file)
+        let out = c
+            .verb("up")
             .args(["--accel", "tcg", "--build-timeout", "3"])
-            .output()
-            .unwrap();
+            .run();
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
         assert!(err.contains("stopped"), "{what}: {err}");

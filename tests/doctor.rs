@@ -1,26 +1,15 @@
-//! `drydock doctor` run as the real binary on this machine: as root, as an ordinary user made
-//! by the test, inside v1 device cgroups that deny /dev/kvm, with `--nix-probe` against a chroot
-//! store, and with bad input. Tests that need root say so (they create users and cgroups).
+//! `drydock doctor` run as the real binary on this machine: the verdict first (its lines, its
+//! JSON, the exit code) as root and as an ordinary user made by the test, the findings as root,
+//! as that user and inside v1 device cgroups that deny /dev/kvm, with `--nix-probe` against a
+//! chroot store, and with bad input. Tests that need root say so (they create users and
+//! cgroups).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                == Some("0")
-        })
-        .unwrap_or(false)
-}
+use crate::common::{Drydock, Ran, TempUser, is_root};
 
 fn kvm_present() -> bool {
     Path::new("/dev/kvm").exists()
@@ -52,11 +41,10 @@ fn state_dir() -> tempfile::TempDir {
 #[test]
 fn every_finding_has_the_documented_shape() {
     let state = state_dir();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--json", "--state-dir"])
         .arg(state.path())
-        .output()
-        .unwrap();
+        .run();
     let doc = json_of(&out);
     let checks = doc["checks"].as_array().unwrap();
     assert!(checks.len() >= 12, "{doc:#}");
@@ -71,7 +59,26 @@ fn every_finding_has_the_documented_shape() {
         );
         assert!(c.get("fix").is_some(), "{c}");
     }
-    let failed = checks.iter().any(|c| c["status"] == "fail");
+    let verdict = &doc["verdict"];
+    for (q, question) in [
+        ("vms", "Can VMs run here?"),
+        ("nix", "Can Nix build VM tests here?"),
+    ] {
+        let a = &verdict[q];
+        assert_eq!(a["question"], question, "{a}");
+        assert!(
+            ["yes", "partly", "no"].contains(&a["answer"].as_str().unwrap()),
+            "{a}"
+        );
+        assert!(a["text"].is_string() && a["because"].is_array(), "{a}");
+    }
+    assert!(
+        [Value::from("kvm"), Value::from("tcg"), Value::Null].contains(&verdict["vms"]["accel"]),
+        "{verdict}"
+    );
+    assert!(verdict["nix"]["probed"].is_boolean(), "{verdict}");
+    // Exit 1 only for a verdict that says so: a failing finding alone is not enough.
+    let failed = verdict["failed"].as_bool().unwrap();
     assert_eq!(out.status.code(), Some(if failed { 1 } else { 0 }));
     for id in [
         "cpu.virt",
@@ -92,12 +99,11 @@ fn every_finding_has_the_documented_shape() {
 #[test]
 fn human_output_is_a_table_then_fixes_without_colour_when_piped() {
     let state = state_dir();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--state-dir"])
         .arg(state.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
+        .run();
+    let text = out.stdout_str();
     assert!(
         !text.contains('\x1b'),
         "colour codes in piped output:\n{text}"
@@ -117,11 +123,10 @@ fn as_root_here_device_and_access_pass_and_build_users_warn() {
         return;
     }
     let state = state_dir();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--json", "--state-dir"])
         .arg(state.path())
-        .output()
-        .unwrap();
+        .run();
     let doc = json_of(&out);
     assert_eq!(check(&doc, "kvm.device")["status"], "pass");
     assert_eq!(check(&doc, "kvm.access")["status"], "pass");
@@ -160,63 +165,138 @@ fn as_root_here_device_and_access_pass_and_build_users_warn() {
     }
 }
 
-/// An ordinary user made for this test (removed on drop).
-struct TempUser {
-    name: String,
+fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
-impl TempUser {
-    fn create() -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("ddt{}x{n}", std::process::id() % 100000);
-        let st = Command::new("useradd")
-            .args(["--no-create-home", "--shell", "/bin/sh", &name])
-            .status()
-            .expect("useradd");
-        assert!(st.success(), "useradd {name}");
-        Self { name }
-    }
-
-    /// Run drydock as this user (fresh credentials from /etc/group, as a login would).
-    fn drydock(&self, args: &[&str], state: &Path) -> Output {
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={}", self.name),
-                &format!("--regid={}", self.name),
-                "--init-groups",
-                "--",
-            ])
-            .arg(copy_of_binary())
-            .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .env("HOME", state)
-            .output()
-            .expect("setpriv")
-    }
+fn kvm_world_rw() -> bool {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata("/dev/kvm").unwrap().permissions())
+        & 0o006
+        == 0o006
 }
 
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).status();
+/// What the verdict says on a PVM host where KVM is not used: TCG, because of kvm_pvm.
+const PVM_VMS: &str = "yes, with TCG (no usable KVM: kvm_pvm loaded: this is a PVM host; only PVM-enabled guest kernels run under KVM [kvm.modules]); expect boots and guest work roughly 5-20× slower than with KVM";
+const UNPROBED: &str =
+    "; from the settings, not probed (`drydock doctor --nix-probe` tries a build)";
+
+/// The text output starts with the verdict: one line per question, the questions padded to
+/// one width, the answers as the JSON has them; then a blank line, then the findings.
+fn assert_verdict_first(text: &str, doc: &Value) {
+    let lines: Vec<&str> = text.lines().collect();
+    let v = &doc["verdict"];
+    let width = "Can Nix build VM tests here?".len();
+    for (i, q) in ["vms", "nix"].into_iter().enumerate() {
+        let want = format!(
+            "{:width$} {}",
+            v[q]["question"].as_str().unwrap(),
+            v[q]["text"].as_str().unwrap()
+        );
+        assert_eq!(lines[i], want, "line {i}:\n{text}");
     }
+    assert_eq!(lines[2], "", "{text}");
+    assert!(
+        lines[3].starts_with("✔ cpu.virt")
+            || lines[3].starts_with("! cpu.virt")
+            || lines[3].starts_with("✘ cpu.virt"),
+        "{text}"
+    );
+    assert!(text.contains(" passed, "), "{text}");
 }
 
-/// The test binary's directory may not be readable by other users; put a copy where it is.
-fn copy_of_binary() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("drydock");
-        std::fs::copy(bin(), &p).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    })
-    .clone()
+#[test]
+fn the_verdict_comes_first_for_an_ordinary_user_and_warnings_exit_0() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root (useradd) and /dev/kvm");
+        return;
+    }
+    if kvm_world_rw() {
+        eprintln!("skipped: /dev/kvm is world read-write here");
+        return;
+    }
+    let user = TempUser::create();
+    let state = world_writable_state();
+    let out = as_user(&user, &["doctor", "--json"], state.path());
+    let doc = json_of(&out);
+    let v = &doc["verdict"];
+    // This user cannot use KVM (and on a PVM host nobody can run a standard kernel with it):
+    // VMs run with TCG, and Nix's VM tests cannot run here, known from the settings only.
+    assert_eq!(v["vms"]["answer"], "yes", "{v:#}");
+    assert_eq!(v["vms"]["accel"], "tcg", "{v:#}");
+    assert_eq!(v["nix"]["answer"], "no", "{v:#}");
+    assert_eq!(v["nix"]["on"], "local", "{v:#}");
+    assert_eq!(v["nix"]["probed"], false, "{v:#}");
+    assert_eq!(v["nix"]["check"], "drydock doctor --nix-probe", "{v:#}");
+    let nix = v["nix"]["text"].as_str().unwrap();
+    assert!(nix.starts_with("no: ") && nix.ends_with(UNPROBED), "{nix}");
+    if pvm_host() {
+        assert_eq!(v["vms"]["text"], PVM_VMS, "{v:#}");
+        assert_eq!(v["nix"]["because"][0], "kvm.modules", "{v:#}");
+        assert!(
+            nix.starts_with("no: KVM here cannot run a VM test's kernel: kvm_pvm loaded"),
+            "{nix}"
+        );
+    } else {
+        assert_eq!(v["vms"]["because"][0], "kvm.access", "{v:#}");
+    }
+    // Warnings and a failing kvm.access, yet nothing asked for says no: exit 0.
+    assert_eq!(check(&doc, "kvm.access")["status"], "fail");
+    assert_eq!(v["failed"], false, "{v:#}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = as_user(&user, &["doctor"], state.path());
+    assert_eq!(text.status.code(), Some(0));
+    assert_verdict_first(&String::from_utf8_lossy(&text.stdout), &doc);
+}
+
+#[test]
+fn the_verdict_comes_first_as_root() {
+    if !is_root() || !kvm_present() {
+        eprintln!("skipped: needs root and /dev/kvm");
+        return;
+    }
+    let state = state_dir();
+    let out = Drydock::new()
+        .args(["doctor", "--json", "--state-dir"])
+        .arg(state.path())
+        .run();
+    let doc = json_of(&out);
+    let v = &doc["verdict"];
+    assert_eq!(v["vms"]["answer"], "yes", "{v:#}");
+    assert_eq!(v["nix"]["probed"], false, "{v:#}");
+    if pvm_host() {
+        // Root opens /dev/kvm, but kvm_pvm hangs a standard kernel: TCG, and no VM tests in Nix.
+        assert_eq!(v["vms"]["text"], PVM_VMS, "{v:#}");
+        assert_eq!(v["nix"]["answer"], "no", "{v:#}");
+        let mut want = "no: KVM here cannot run a VM test's kernel: kvm_pvm loaded: this is a PVM host; only PVM-enabled guest kernels run under KVM [kvm.modules]".to_string();
+        if check(&doc, "nix.build-users")["status"] != "pass" {
+            want.push_str("; also nix.build-users");
+        }
+        want.push_str(UNPROBED);
+        assert_eq!(v["nix"]["text"], want.as_str(), "{v:#}");
+    }
+    assert_eq!(v["failed"], false, "{v:#}");
+    assert_eq!(out.status.code(), Some(0));
+    let text = Drydock::new()
+        .args(["doctor", "--state-dir"])
+        .arg(state.path())
+        .run();
+    assert_eq!(text.status.code(), Some(0));
+    assert_verdict_first(&String::from_utf8_lossy(&text.stdout), &doc);
+}
+
+/// `drydock ARGS --state-dir STATE` as `user`, with `HOME` at `state`.
+fn as_user(user: &TempUser, args: &[&str], state: &Path) -> Ran {
+    user.drydock()
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env("HOME", state)
+        .run()
 }
 
 fn world_writable_state() -> tempfile::TempDir {
@@ -241,10 +321,11 @@ fn as_an_ordinary_user_access_fails_naming_user_mode_owner_and_fix() {
     }
     let user = TempUser::create();
     let state = world_writable_state();
-    let out = user.drydock(&["doctor", "--json"], state.path());
+    let out = as_user(&user, &["doctor", "--json"], state.path());
+    // A failing kvm.access is not the exit code's business: VMs still run, with TCG.
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(0),
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -265,7 +346,7 @@ fn as_an_ordinary_user_access_fails_naming_user_mode_owner_and_fix() {
     let fix = a["fix"].as_str().unwrap();
     assert!(fix.contains("udev rule") && fix.contains(&user.name), "{a}");
     // The human form names them too.
-    let text = user.drydock(&["doctor"], state.path());
+    let text = as_user(&user, &["doctor"], state.path());
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("✘ kvm.access") && text.contains("Fixes:"),
@@ -294,18 +375,20 @@ impl DevicesCgroup {
     }
 
     /// Run drydock inside this cgroup.
-    fn drydock(&self, args: &[&str], state: &Path) -> Output {
+    fn drydock(&self, args: &[&str], state: &Path) -> Ran {
         let procs = self.path.join("cgroup.procs");
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
-            .arg("sh")
-            .arg(bin())
+        Drydock::new()
+            .via(
+                "sh",
+                [
+                    "-c",
+                    &format!("echo $$ > {} && exec \"$@\"", procs.display()),
+                    "sh",
+                ],
+            )
             .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .output()
-            .unwrap()
+            .state(state)
+            .run()
     }
 }
 
@@ -328,8 +411,10 @@ fn inside_a_v1_devices_cgroup_that_denies_kvm() {
     };
     let state = state_dir();
     let out = cg.drydock(&["doctor", "--json"], state.path());
-    assert_eq!(out.status.code(), Some(1));
+    // Denied KVM: VMs run with TCG, so the verdict, not the failing finding, decides: exit 0.
+    assert_eq!(out.status.code(), Some(0));
     let doc = json_of(&out);
+    assert_eq!(doc["verdict"]["vms"]["accel"], "tcg", "{doc:#}");
     let a = check(&doc, "kvm.access");
     assert_eq!(a["status"], "fail");
     assert!(
@@ -361,7 +446,7 @@ fn inside_a_v1_devices_cgroup_that_denies_kvm() {
     };
     let out = cg.drydock(&["doctor", "--json"], state.path());
     let doc = json_of(&out);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(0));
     let c = check(&doc, "kvm.cgroup");
     assert_eq!(c["status"], "fail", "{c}");
     assert!(
@@ -377,10 +462,9 @@ fn inside_a_v1_devices_cgroup_that_denies_kvm() {
 
 #[test]
 fn store_that_names_nothing_is_bad_input() {
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--store", "/nonexistent/drydock-store"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--store /nonexistent/drydock-store"), "{err}");
@@ -392,12 +476,11 @@ fn unreadable_nix_conf_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     // A directory in place of the file: it exists and cannot be read.
     std::fs::create_dir(dir.path().join("nix.conf")).unwrap();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--state-dir"])
         .arg(dir.path())
         .env("NIX_CONF_DIR", dir.path())
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -418,20 +501,13 @@ fn unreadable_nix_conf_for_an_ordinary_user() {
     std::fs::write(&conf, "sandbox = true\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let out = Command::new("setpriv")
-        .args([
-            &format!("--reuid={}", user.name),
-            &format!("--regid={}", user.name),
-            "--init-groups",
-            "--",
-        ])
-        .arg(copy_of_binary())
+    let out = user
+        .drydock()
         .args(["doctor", "--state-dir"])
         .arg(dir.path())
         .env("NIX_CONF_DIR", dir.path())
         .env("HOME", dir.path())
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -454,13 +530,12 @@ fn nix_probe_builds_in_a_chroot_store_and_reports_what_the_builder_saw() {
     }
     let store = tempfile::tempdir().unwrap();
     let state = state_dir();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(["doctor", "--json", "--nix-probe", "--store"])
         .arg(store.path())
         .arg("--state-dir")
         .arg(state.path())
-        .output()
-        .unwrap();
+        .run();
     let doc = json_of(&out);
     let p = check(&doc, "nix.probe");
     // The build really ran into the chroot store.
@@ -481,6 +556,18 @@ fn nix_probe_builds_in_a_chroot_store_and_reports_what_the_builder_saw() {
             "{p}"
         );
         assert!(p["detail"].as_str().unwrap().contains("uid "), "{p}");
+        // Asked, and the answer is no: the verdict says so first, and the exit code is 1.
+        let nix = &doc["verdict"]["nix"];
+        assert_eq!(nix["answer"], "no", "{nix}");
+        assert_eq!(nix["probed"], true, "{nix}");
+        assert_eq!(nix["because"][0], "nix.probe", "{nix}");
+        assert!(
+            nix["text"].as_str().unwrap().starts_with(
+                "no: inside the Nix sandbox, the builder cannot open /dev/kvm [nix.probe]"
+            ),
+            "{nix}"
+        );
+        assert_eq!(doc["verdict"]["failed"], true);
         assert_eq!(out.status.code(), Some(1));
     }
 }
@@ -492,7 +579,7 @@ fn boot_probe_reports_how_far_a_kernel_got_under_kvm() {
         return;
     }
     let state = state_dir();
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args([
             "doctor",
             "--json",
@@ -502,8 +589,7 @@ fn boot_probe_reports_how_far_a_kernel_got_under_kvm() {
             "--state-dir",
         ])
         .arg(state.path())
-        .output()
-        .unwrap();
+        .run();
     if out.status.code() == Some(2) {
         // No test kernel in the cache: the message must say where it looked and what to do.
         let err = String::from_utf8_lossy(&out.stderr);

@@ -7,7 +7,7 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 
-use common::{drydock_json, nix_build, nix_print_dead, nix_store};
+use common::{Drydock, nix_build, nix_print_dead, nix_store};
 
 /// Kills the runtime-root process however the test ends.
 struct Sleeper(std::process::Child);
@@ -59,7 +59,12 @@ in [ {names} ]"#,
     );
 
     let nix_dead = nix_print_dead(&root);
-    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     let ours: BTreeSet<String> = plan["paths"]
         .as_array()
         .unwrap()
@@ -82,7 +87,12 @@ in [ {names} ]"#,
     assert!(plan["bytes"].as_u64().unwrap() > 0);
 
     let live_before = nix_store(&root, &["--gc", "--print-live"]);
-    let done = drydock_json(&root, &state, &["gc", "--all"], 0);
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(
         done["deleted"].as_array().unwrap().len(),
         ours.len(),
@@ -102,7 +112,12 @@ in [ {names} ]"#,
     sleeper.0.kill().unwrap();
     sleeper.0.wait().unwrap();
     // With the process gone, its path is dead too: same answer as Nix again.
-    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     let ours: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();
     let mut ours = ours;
     ours.sort();

@@ -7,7 +7,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{drydock_json, nix_store};
+use common::{Drydock, nix_store};
 
 fn gnu_du(paths: &[PathBuf], count_links: bool) -> u64 {
     let mut cmd = Command::new("du");
@@ -73,7 +73,12 @@ in {{ inherit live deadx deady; }}"#,
     nix_store(&root, &["--optimise"]);
 
     // Everything classified as a test artifact, plus the (empty) state dir.
-    let rep = drydock_json(&root, &state, &["du"], 0);
+    let rep = Drydock::on(&root, &state)
+        .json()
+        .args(["du"])
+        .run()
+        .ok()
+        .stdout_json();
     let artifacts = store_entries(&root, |n| {
         n.contains("vm-test-run") || n.contains("nixos-test-driver") || n.ends_with(".drv")
     });
@@ -95,7 +100,12 @@ in {{ inherit live deadx deady; }}"#,
     assert!(rep["by_class"]["test_driver"].as_u64().unwrap() >= 65536);
 
     // The dead set: deadx, deady and drvs. Freeable: y's 64 KiB, not x's (live shares it).
-    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     let bytes = plan["bytes"].as_u64().unwrap();
     assert!(bytes >= 65536, "{plan}");
     assert!(bytes < 2 * 65536, "the shared inode was counted: {plan}");

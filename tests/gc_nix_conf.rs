@@ -9,12 +9,13 @@ use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{is_store_path, nix_build, nix_store};
+use common::{Drydock, Ran, is_store_path, nix_build, nix_store};
 
 /// The Nix configuration environment of one scenario. Every variable Nix reads its
 /// configuration from is set, so the machine's `/etc/nix/nix.conf` and `~/.config` play no part.
+#[derive(Clone)]
 struct ConfEnv {
     conf_dir: PathBuf,
     user_files: PathBuf,
@@ -54,16 +55,13 @@ fn nix_dead(root: &Path, env: &ConfEnv) -> BTreeSet<String> {
 }
 
 /// `drydock --store ROOT --state-dir STATE --json ARGS` under `env`.
-fn drydock(root: &Path, state: &Path, env: &ConfEnv, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_drydock"));
-    cmd.arg("--store")
-        .arg(root)
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--json")
-        .args(args);
-    env.apply(&mut cmd);
-    cmd.output().expect("run drydock")
+fn drydock(root: &Path, state: &Path, env: &ConfEnv, args: &[&str]) -> Ran {
+    let env = env.clone();
+    Drydock::on(root, state)
+        .json()
+        .args(args)
+        .with(move |cmd| env.apply(cmd))
+        .run()
 }
 
 /// The paths of `drydock gc --all --dry-run --json` under `env`.

@@ -9,7 +9,7 @@ use crate::common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use common::{drydock_json, nix_print_dead, nix_store, valid_paths};
+use common::{Drydock, nix_print_dead, nix_store, valid_paths};
 
 /// A small deterministic generator (xorshift64*), so failures replay from the seed.
 struct Rng(u64);
@@ -86,7 +86,12 @@ fn one_case(seed: u64) -> usize {
     for r in runs.iter().filter(|r| !r.is_empty()) {
         build_attrs(&root, &state, &file, r);
     }
-    let run_ids: Vec<i64> = drydock_json(&root, &state, &["runs"], 0)["runs"]
+    let run_ids: Vec<i64> = Drydock::on(&root, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json()["runs"]
         .as_array()
         .unwrap()
         .iter()
@@ -134,8 +139,18 @@ fn one_case(seed: u64) -> usize {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut dry = argv.clone();
     dry.push("--dry-run");
-    let plan = drydock_json(&root, &state, &dry, 0);
-    let done = drydock_json(&root, &state, &argv, 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(&dry)
+        .run()
+        .ok()
+        .stdout_json();
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(&argv)
+        .run()
+        .ok()
+        .stdout_json();
     let deleted = done["deleted"].as_array().unwrap().len();
     assert!(
         done["refused"].as_array().unwrap().is_empty(),
@@ -181,7 +196,12 @@ fn one_case(seed: u64) -> usize {
     nix_store(&root, &["--verify", "--check-contents"]);
 
     // A full collection leaves nothing for Nix.
-    drydock_json(&root, &state, &["gc", "--all"], 0);
+    Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(nix_print_dead(&root).is_empty(), "seed {seed}");
     for p in &live {
         assert!(

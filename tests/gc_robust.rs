@@ -5,10 +5,10 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{drydock_json, nix_store, valid_paths};
+use common::{Drydock, nix_store, valid_paths};
 
 /// An expression with `n` independent small test runs, each with a driver.
 fn many(n: usize, tag: &str) -> String {
@@ -59,17 +59,12 @@ fn kill_9_during_gc_then_gc_again() {
     assert_eq!(claimed.len(), 100);
 
     // One path per nix-store call makes the collection long enough to interrupt.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_drydock"))
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut child = Drydock::on(&root, &state)
         .args(["gc", "--run", "1"])
         .env("DRYDOCK_GC_BATCH", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let start = Instant::now();
     while deleted_count(&state) < 5 {
         assert!(
@@ -108,7 +103,12 @@ fn kill_9_during_gc_then_gc_again() {
     nix_store(&root, &["--verify"]);
     drop(db);
 
-    let done = drydock_json(&root, &state, &["gc", "--run", "1"], 0);
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(done["refused"].as_array().unwrap().is_empty(), "{done}");
     let valid = valid_paths(&root);
     assert!(valid.iter().all(|p| !p.contains("-k")), "{valid:?}");
@@ -145,17 +145,12 @@ fn build_during_gc_all_keeps_its_outputs() {
     let shared = outs[0].clone();
     assert!(shared.ends_with("shared-lib"));
 
-    let gc = Command::new(env!("CARGO_BIN_EXE_drydock"))
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let gc = Drydock::on(&root, &state)
         .args(["--json", "gc", "--all"])
         .env("DRYDOCK_GC_BATCH", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     // Wait until the collection is deleting, then build something that uses `shared`.
     let start = Instant::now();
     loop {
@@ -187,7 +182,7 @@ fn build_during_gc_all_keeps_its_outputs() {
         gc.try_wait().unwrap().is_none(),
         "the build did not overlap the collection"
     );
-    let gc_out = gc.wait_with_output().unwrap();
+    let gc_out = gc.output();
     // Nix refused `shared` (now alive through the new build): reported, exit 1, not forced.
     assert_eq!(gc_out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&gc_out.stdout).unwrap();

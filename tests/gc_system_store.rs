@@ -10,9 +10,12 @@ use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::{Drydock, Ran};
 
 /// A private system store: every directory Nix would take from `/nix` or `/etc/nix`.
+#[derive(Clone)]
 struct SystemStore {
     dir: PathBuf,
     store: PathBuf,
@@ -93,13 +96,16 @@ impl SystemStore {
     }
 
     /// `drydock --state-dir STATE --json ARGS`, without `--store`.
-    fn drydock(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_drydock"));
-        cmd.arg("--state-dir")
-            .arg(self.dir.join("drydock-state"))
-            .arg("--json")
-            .args(args);
-        self.apply(&mut cmd).output().expect("run drydock")
+    fn drydock(&self, args: &[&str]) -> Ran {
+        let env = self.clone();
+        Drydock::new()
+            .state(&self.dir.join("drydock-state"))
+            .json()
+            .args(args)
+            .with(move |cmd| {
+                env.apply(cmd);
+            })
+            .run()
     }
 
     fn drydock_json(&self, args: &[&str]) -> serde_json::Value {

@@ -10,11 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use common::{PRELUDE, drydock, drydock_json, nix_build_cmd, scratch, track_ok};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
+use common::{Drydock, PRELUDE, nix_build_cmd, scratch, track_ok};
 
 /// A small chroot store with one tracked run of `n` paths of `kib` KiB each (distinct contents,
 /// so nothing is shared); returns (root, state, run id).
@@ -33,7 +29,12 @@ fn store_with_run(name: &str, n: usize, kib: usize) -> (PathBuf, PathBuf, i64) {
     )
     .unwrap();
     track_ok(&root, &state, &nix_build_cmd(&root, &file, "--no-out-link"));
-    let doc = drydock_json(&root, &state, &["runs"], 0);
+    let doc = Drydock::on(&root, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json();
     let id = doc["runs"][0]["id"].as_i64().unwrap();
     (root, state, id)
 }
@@ -42,12 +43,11 @@ fn store_with_run(name: &str, n: usize, kib: usize) -> (PathBuf, PathBuf, i64) {
 fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = Command::new(bin())
+    let out = Drydock::new()
         .args(args)
         .stdout(writer)
         .stderr(Stdio::piped())
-        .output()
-        .unwrap();
+        .run();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -101,16 +101,11 @@ fn files_that_are_not_regular_are_refused_without_blocking_or_reading_for_ever()
             store.display()
         );
         let t = Instant::now();
-        let mut child = Command::new(bin())
-            .arg("--store")
-            .arg(&root)
-            .arg("--state-dir")
-            .arg(&state)
+        let mut child = Drydock::on(&root, &state)
             .args(["track", "--", "sh", "-c", &cmd])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .spawn();
         let status = loop {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
@@ -139,21 +134,15 @@ fn files_that_are_not_regular_are_refused_without_blocking_or_reading_for_ever()
         .status()
         .unwrap();
     assert!(st.success());
-    // `gc` with this configuration dir (bounded by `timeout`, in case open() blocks): its exit
+    // `gc` with this configuration dir (bounded by a deadline, in case open() blocks): its exit
     // code and stderr.
     let gc_with_conf = || {
-        let out = Command::new("timeout")
-            .arg("60")
-            .arg(bin())
-            .arg("--store")
-            .arg(&root)
-            .arg("--state-dir")
-            .arg(&state)
+        let out = Drydock::on(&root, &state)
             .args(["gc", "--all", "--dry-run"])
             .env("NIX_CONF_DIR", &conf)
             .env("NIX_USER_CONF_FILES", dir.join("none"))
-            .output()
-            .unwrap();
+            .timeout(Duration::from_secs(60))
+            .run();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -180,16 +169,11 @@ fn configuration_warnings_name_the_file_and_line_never_its_contents() {
         "root:$y$SECRETHASH:19000:0:99999:7:::\nplain words here\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let out = Drydock::on(&root, &state)
         .args(["gc", "--all", "--dry-run"])
         .env("NIX_CONFIG", format!("include {}", secret.display()))
         .env("NIX_USER_CONF_FILES", dir.join("none"))
-        .output()
-        .unwrap();
+        .run();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -213,7 +197,7 @@ fn gc_keeps_store_images_while_a_launch_record_is_unreadable() {
     std::fs::create_dir_all(&vm).unwrap();
     std::fs::write(vm.join("launch.json"), b"{\"spec\": {\"na").unwrap();
     std::fs::write(&image, vec![0u8; 4096]).unwrap();
-    let out = drydock(&root, &state, &["gc", "--all"]);
+    let out = Drydock::on(&root, &state).args(["gc", "--all"]).run();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -226,7 +210,7 @@ fn gc_keeps_store_images_while_a_launch_record_is_unreadable() {
     );
     // With the record gone, nothing uses the image: the same gc removes it (the test can fail).
     std::fs::remove_dir_all(&vm).unwrap();
-    let out = drydock(&root, &state, &["gc", "--all"]);
+    let out = Drydock::on(&root, &state).args(["gc", "--all"]).run();
     assert_eq!(out.status.code(), Some(0));
     assert!(!image.exists());
 }
@@ -259,12 +243,12 @@ fn walkdir(p: &Path) -> Vec<PathBuf> {
 #[test]
 fn freed_bytes_are_the_deleted_inodes_even_with_two_collections_at_once() {
     let (root, state, id) = store_with_run("freed", 40, 8);
-    let doc = drydock_json(
-        &root,
-        &state,
-        &["gc", "--run", &id.to_string(), "--dry-run"],
-        0,
-    );
+    let doc = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", &id.to_string(), "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     let planned: Vec<PathBuf> = doc["paths"]
         .as_array()
         .unwrap()
@@ -276,22 +260,17 @@ fn freed_bytes_are_the_deleted_inodes_even_with_two_collections_at_once() {
     // Two collections of the same run at once: together they free what the paths held, and
     // neither claims the other's deletions.
     let spawn = || {
-        Command::new(bin())
-            .arg("--store")
-            .arg(&root)
-            .arg("--state-dir")
-            .arg(&state)
+        Drydock::on(&root, &state)
             .args(["--json", "gc", "--run", &id.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
     };
     let (a, b) = (spawn(), spawn());
     let mut freed = 0;
     let mut deleted = 0;
     for c in [a, b] {
-        let out = c.wait_with_output().unwrap();
+        let out = c.output();
         let err = String::from_utf8_lossy(&out.stderr);
         // The second may find the run collected already: bad input naming the run.
         if out.status.code() == Some(2) {
@@ -322,14 +301,7 @@ fn bad_state_and_databases_exit_2_with_the_true_cause() {
     let (root, state, _) = store_with_run("badinput", 1, 1);
     let dir = root.parent().unwrap().to_owned();
     let code_err = |args: &[&str], state: &Path| {
-        let out = Command::new(bin())
-            .arg("--store")
-            .arg(&root)
-            .arg("--state-dir")
-            .arg(state)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = Drydock::on(&root, state).args(args).run();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -361,29 +333,22 @@ fn bad_state_and_databases_exit_2_with_the_true_cause() {
     std::fs::create_dir_all(empty.join("nix/var/nix/db")).unwrap();
     std::fs::create_dir_all(empty.join("nix/store")).unwrap();
     std::fs::write(empty.join("nix/var/nix/db/db.sqlite"), b"").unwrap();
-    let out = Command::new(bin())
-        .arg("--store")
-        .arg(&empty)
-        .arg("--state-dir")
-        .arg(dir.join("state2"))
+    let out = Drydock::on(&empty, &dir.join("state2"))
         .args(["gc", "--all", "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(e.contains("is not a Nix database"), "{e}");
     // An unwritable state dir, as an ordinary user: the cause is permissions, not corruption.
     let locked = dir.join("locked");
     std::fs::create_dir_all(&locked).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()])
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&locked)
+    let out = Drydock::on(&root, &locked)
+        .via(
+            "setpriv",
+            ["--reuid=65534", "--regid=65534", "--clear-groups"],
+        )
         .arg("runs")
-        .output()
-        .unwrap();
+        .run();
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(
@@ -398,7 +363,9 @@ fn track_of_a_command_that_cannot_start_records_nothing() {
     let root = dir.join("store");
     let state = dir.join("state");
     std::fs::create_dir_all(&root).unwrap();
-    let out = drydock(&root, &state, &["track", "--", "/nonexistent/cmd"]);
+    let out = Drydock::on(&root, &state)
+        .args(["track", "--", "/nonexistent/cmd"])
+        .run();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cmd"));
     let out = Command::new("sqlite3")
@@ -418,16 +385,11 @@ fn sigterm_ends_track_after_its_command_has_exited() {
     std::fs::create_dir_all(&root).unwrap();
     // The command exits at once but leaves a process holding its stdout, so track is still
     // busy after the command ended; SIGTERM then must end drydock with 130.
-    let mut child = Command::new(bin())
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut child = Drydock::on(&root, &state)
         .args(["track", "--", "sh", "-c", "sleep 21.37 & echo started"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().unwrap()),
@@ -485,12 +447,7 @@ fn a_state_file_naming_other_processes_and_places_is_not_obeyed() {
     });
     std::fs::write(vm.join("state.json"), serde_json::to_vec(&doc).unwrap()).unwrap();
     for args in [&["vm", "stop", "victim"][..], &["vm", "list"][..]] {
-        let out = Command::new(bin())
-            .arg("--state-dir")
-            .arg(&state)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = Drydock::new().state(&state).args(args).run();
         assert!(
             out.status.success(),
             "{args:?}: {}",

@@ -9,14 +9,12 @@
 //! Nothing is left running (checked over /proc).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::common::{Checks, Ran};
 use crate::vmcommon;
-use vmcommon::{
-    DownOnDrop, cluster_down, cluster_drydock, cluster_exec, cluster_up_detached, guest_ready,
-    qemu_pids, text, wait_no_processes, wait_until, write_composition,
-};
+use vmcommon::{Cluster, text, wait_no_processes, wait_until};
 
 /// The composition's variable parts.
 #[derive(Clone)]
@@ -34,13 +32,14 @@ const FIRST: Edit = Edit {
     zed: false,
 };
 
-fn write(file: &Path, e: &Edit) {
+/// The machines of the composition `e`.
+fn machines(e: &Edit) -> String {
     let zed = if e.zed {
         "zed = { system = sys { }; memorySize = 256; };"
     } else {
         ""
     };
-    let machines = format!(
+    format!(
         r#"
   alpha = {{ system = sys {{ www = "alpha v1"; }}; memorySize = 256; }};
   beta = {{ system = sys {{ www = "{bw}"; activation = "{ba}"; }}; memorySize = 256; }};
@@ -50,8 +49,7 @@ fn write(file: &Path, e: &Edit) {
         bw = e.beta_www,
         ba = e.beta_activation,
         gp = e.gamma_params,
-    );
-    write_composition(file, &machines);
+    )
 }
 
 /// The reload test's own chroot store: the cluster tests run `gc --all` on theirs, which would
@@ -60,16 +58,12 @@ fn store() -> PathBuf {
     vmcommon::created(Path::new(env!("CARGO_TARGET_TMPDIR")).join("drydock-reload-store"))
 }
 
-fn drydock(state: &Path) -> Command {
-    cluster_drydock(&store(), state)
+fn exec(c: &Cluster, machine: &str, cmd: &str) -> Ran {
+    c.exec(machine, "60", cmd)
 }
 
-fn exec(state: &Path, file: &Path, machine: &str, cmd: &str) -> Output {
-    cluster_exec(&store(), state, file, machine, "60", cmd)
-}
-
-fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
-    let o = exec(state, file, machine, cmd);
+fn stdout_of(c: &Cluster, machine: &str, cmd: &str) -> String {
+    let o = exec(c, machine, cmd);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -80,16 +74,16 @@ fn stdout_of(state: &Path, file: &Path, machine: &str, cmd: &str) -> String {
 }
 
 /// `up --json` (with `extra` arguments): its exit code and its report.
-fn up_json(state: &Path, file: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let o = drydock(state)
+fn up_json(c: &Cluster, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let o = c
+        .drydock()
         .arg("--json")
         .arg("up")
         .arg("-f")
-        .arg(file)
+        .arg(c.file())
         .args(["--accel", "tcg", "--timeout", "300"])
         .args(extra)
-        .output()
-        .unwrap();
+        .run();
     let err = text(&o.stderr);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
@@ -129,20 +123,16 @@ fn machine<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap()
 }
 
-fn pids(state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
-    qemu_pids(&store(), state, file)
-}
-
-fn uptime(state: &Path, file: &Path, m: &str) -> f64 {
-    let s = stdout_of(state, file, m, "cut -d' ' -f1 /proc/uptime");
+fn uptime(c: &Cluster, m: &str) -> f64 {
+    let s = stdout_of(c, m, "cut -d' ' -f1 /proc/uptime");
     s.trim().parse().unwrap()
 }
 
-fn collectable(state: &Path) -> Vec<String> {
-    let o = drydock(state)
+fn collectable(c: &Cluster) -> Vec<String> {
+    let o = c
+        .drydock()
         .args(["--json", "gc", "--all", "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["paths"]
@@ -153,130 +143,153 @@ fn collectable(state: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Takes the cluster down when the test ends, passed or not.
-fn down_on_drop(state: &Path, file: &Path) -> DownOnDrop {
-    DownOnDrop {
-        store: store(),
-        state: state.to_path_buf(),
-        file: file.to_path_buf(),
-    }
-}
-
 #[test]
 fn hot_reload_switches_restarts_creates_removes_and_watches() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let d = dir.path().join("rl");
-    std::fs::create_dir_all(&d).unwrap();
-    let file = d.join("drydock.nix");
-    write(&file, &FIRST);
-    let _down = down_on_drop(&state, &file);
-    cluster_up_detached(&store(), &state, &file);
-    let before = pids(&state, &file);
+    // One 3-machine cluster goes through every edit below, each starting from the cluster the
+    // edit before left, so the steps cannot be separate tests without a boot each. Instead each
+    // reload itself (its exit code, and what the next steps read from its report) is asserted
+    // hard: the steps after it assume it happened. What is checked about its effects is soft
+    // (common::Checks): every wrong effect is reported, not only the first, and the test fails
+    // at the end listing them all.
+    let c = Cluster::named("rl")
+        .store(store())
+        .machines(&machines(&FIRST))
+        .up();
+    let mut checks = Checks::new();
+    let before = c.qemu_pids();
     assert_eq!(before.len(), 3);
     let up0: Vec<f64> = ["alpha", "beta", "gamma"]
         .iter()
-        .map(|m| uptime(&state, &file, m))
+        .map(|m| uptime(&c, m))
         .collect();
-    assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
-        "beta v1\n"
-    );
+    checks.check("alpha reaches beta's service", || {
+        assert_eq!(
+            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+            "beta v1\n"
+        );
+    });
 
     // 1. Only beta's service content changes: the plan (dry run first) switches beta alone.
     let e2 = Edit {
         beta_www: "beta v2",
         ..FIRST
     };
-    write(&file, &e2);
-    let (code, v, err) = up_json(&state, &file, &["--dry-run"]);
+    c.set_machines(&machines(&e2));
+    checks.check("1: a dry run plans the switch of beta alone", || {
+        let (code, v, err) = up_json(&c, &["--dry-run"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(
+            actions(&v),
+            [
+                row("alpha", "keep", "planned"),
+                row("beta", "switch", "planned"),
+                row("gamma", "keep", "planned")
+            ],
+            "{v}"
+        );
+    });
+    checks.check(
+        "1: --restart turns the switch into a restart, and leaves the keeps alone",
+        || {
+            let (code, v, err) = up_json(&c, &["--dry-run", "--restart"]);
+            assert_eq!(code, Some(0), "{err}");
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "restart", "planned"),
+                    row("gamma", "keep", "planned")
+                ],
+                "{v}"
+            );
+        },
+    );
+    checks.check("1: a dry run changes nothing", || {
+        assert_eq!(
+            stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+            "beta v1\n",
+            "a dry run changes nothing"
+        );
+    });
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "planned"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}"
+    checks.check("1: the switch of beta is done", || {
+        assert_eq!(
+            actions(&v),
+            [
+                row("alpha", "keep", "planned"),
+                row("beta", "switch", "done"),
+                row("gamma", "keep", "planned")
+            ],
+            "{v}\n{err}"
+        );
+    });
+    checks.check(
+        "1: the plan is printed before it is applied, the switch streamed",
+        || {
+            let plan_at = err.find("switch   beta").unwrap_or(usize::MAX);
+            let streamed_at = err.find("│ activating").unwrap_or(usize::MAX);
+            assert!(plan_at < streamed_at && streamed_at < usize::MAX, "{err}");
+        },
     );
-    // --restart turns the switch into a restart, and leaves the keeps alone.
-    let (code, v, err) = up_json(&state, &file, &["--dry-run", "--restart"]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "restart", "planned"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}"
-    );
-    assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
-        "beta v1\n",
-        "a dry run changes nothing"
-    );
-    let (code, v, err) = up_json(&state, &file, &[]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "done"),
-            row("gamma", "keep", "planned")
-        ],
-        "{v}\n{err}"
-    );
-    // The plan was printed before it was applied, and the switch's output streamed.
-    let plan_at = err.find("switch   beta").unwrap_or(usize::MAX);
-    let streamed_at = err.find("│ activating").unwrap_or(usize::MAX);
-    assert!(plan_at < streamed_at && streamed_at < usize::MAX, "{err}");
     let (old_beta, new_beta) = (
         machine(&v, "beta")["from"].as_str().unwrap().to_string(),
         machine(&v, "beta")["to"].as_str().unwrap().to_string(),
     );
     assert_ne!(old_beta, new_beta);
-    assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://beta/"),
-        "beta v2\n"
+    checks.check(
+        "1: beta serves the new content and runs the new system",
+        || {
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+                "beta v2\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "beta", "readlink /run/current-system"),
+                format!("{new_beta}\n")
+            );
+        },
     );
-    assert_eq!(
-        stdout_of(&state, &file, "beta", "readlink /run/current-system"),
-        format!("{new_beta}\n")
-    );
-    // No machine rebooted: same QEMU processes, guest uptimes carried on.
-    assert_eq!(pids(&state, &file), before);
-    for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
-        let now = uptime(&state, &file, m);
-        assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
-    }
-    // The launch record names the new system (a `vm restart` boots it) and the pin moved.
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
-            .unwrap();
-    assert_eq!(rec["toplevel"], new_beta.as_str());
-    assert!(
-        rec["spec"]["cmdline"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("init={new_beta}/init"))
-    );
-    let dead = collectable(&state);
-    assert!(
-        dead.contains(&old_beta),
-        "the old system is collectable: {dead:?}"
-    );
-    assert!(!dead.contains(&new_beta), "the new system is pinned");
-    // The guest sees the new closure only (the old system is hidden again).
-    let listing = stdout_of(&state, &file, "beta", "ls /nix/store");
-    let old_base = old_beta.trim_start_matches("/nix/store/");
-    let new_base = new_beta.trim_start_matches("/nix/store/");
-    assert!(
-        listing.contains(new_base) && !listing.contains(old_base),
-        "{listing}"
-    );
+    checks.check("1: no machine rebooted", || {
+        // Same QEMU processes, guest uptimes carried on.
+        assert_eq!(c.qemu_pids(), before);
+        for (i, m) in ["alpha", "beta", "gamma"].iter().enumerate() {
+            let now = uptime(&c, m);
+            assert!(now > up0[i], "{m}: uptime {now} after {}", up0[i]);
+        }
+    });
+    checks.check("1: the launch record names the new system", || {
+        // A `vm restart` boots it.
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec["toplevel"], new_beta.as_str());
+        assert!(
+            rec["spec"]["cmdline"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("init={new_beta}/init"))
+        );
+    });
+    checks.check("1: the pin moved to the new system", || {
+        let dead = collectable(&c);
+        assert!(
+            dead.contains(&old_beta),
+            "the old system is collectable: {dead:?}"
+        );
+        assert!(!dead.contains(&new_beta), "the new system is pinned");
+    });
+    checks.check("1: the guest sees the new closure only", || {
+        // The old system is hidden again.
+        let listing = stdout_of(&c, "beta", "ls /nix/store");
+        let old_base = old_beta.trim_start_matches("/nix/store/");
+        let new_base = new_beta.trim_start_matches("/nix/store/");
+        assert!(
+            listing.contains(new_base) && !listing.contains(old_base),
+            "{listing}"
+        );
+    });
 
     // 2. A kernel parameter of gamma (restart), and a new machine zed (create).
     let e3 = Edit {
@@ -284,48 +297,62 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         zed: true,
         ..e2.clone()
     };
-    write(&file, &e3);
-    let (code, v, err) = up_json(&state, &file, &[]);
+    c.set_machines(&machines(&e3));
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "keep", "planned"),
-            row("gamma", "restart", "done"),
-            row("zed", "create", "done")
-        ],
-        "{v}\n{err}"
+    checks.check(
+        "2: gamma restarts for its kernel parameter, zed is created",
+        || {
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "keep", "planned"),
+                    row("gamma", "restart", "done"),
+                    row("zed", "create", "done")
+                ],
+                "{v}\n{err}"
+            );
+            assert!(
+                machine(&v, "gamma")["why"]
+                    .as_str()
+                    .unwrap()
+                    .contains("kernel-params"),
+                "{v}"
+            );
+        },
     );
-    assert!(
-        machine(&v, "gamma")["why"]
-            .as_str()
-            .unwrap()
-            .contains("kernel-params"),
-        "{v}"
-    );
-    let after = pids(&state, &file);
-    assert_eq!(after.len(), 4);
-    assert_eq!(after[0], before[0], "alpha untouched");
-    assert_eq!(after[1], before[1], "beta untouched");
-    assert_ne!(after[2], before[2], "gamma restarted");
-    assert!(
-        stdout_of(&state, &file, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
-        "gamma booted the new kernel-params"
-    );
-    // The restarted and the new machine are on the network with the others: zed by name
-    // (its hosts table is the new one), alpha reaches zed (192.168.1.4) and gamma.
-    assert_eq!(
-        stdout_of(&state, &file, "zed", "wget -qO- http://alpha/"),
-        "alpha v1\n"
-    );
-    assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://192.168.1.4/"),
-        "hello from zed\n"
-    );
-    assert_eq!(
-        stdout_of(&state, &file, "alpha", "wget -qO- http://gamma/"),
-        "gamma v1\n"
+    checks.check("2: only gamma restarted", || {
+        let after = c.qemu_pids();
+        assert_eq!(after.len(), 4);
+        assert_eq!(after[0], before[0], "alpha untouched");
+        assert_eq!(after[1], before[1], "beta untouched");
+        assert_ne!(after[2], before[2], "gamma restarted");
+    });
+    checks.check("2: gamma booted the new kernel-params", || {
+        assert!(
+            stdout_of(&c, "gamma", "cat /proc/cmdline").contains("loglevel=5"),
+            "gamma booted the new kernel-params"
+        );
+    });
+    checks.check(
+        "2: the restarted and the new machine are on the network",
+        || {
+            // zed by name (its hosts table is the new one), alpha reaches zed (192.168.1.4) and
+            // gamma.
+            assert_eq!(
+                stdout_of(&c, "zed", "wget -qO- http://alpha/"),
+                "alpha v1\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://192.168.1.4/"),
+                "hello from zed\n"
+            );
+            assert_eq!(
+                stdout_of(&c, "alpha", "wget -qO- http://gamma/"),
+                "gamma v1\n"
+            );
+        },
     );
 
     // 3. zed goes (remove), and beta's new system fails to activate: up exits 1 and says why,
@@ -336,42 +363,54 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         zed: false,
         ..e3.clone()
     };
-    write(&file, &e4);
-    let (code, v, err) = up_json(&state, &file, &[]);
+    c.set_machines(&machines(&e4));
+    let (code, v, err) = up_json(&c, &[]);
     assert_eq!(code, Some(1), "{v}\n{err}");
-    assert_eq!(
-        actions(&v),
-        [
-            row("alpha", "keep", "planned"),
-            row("beta", "switch", "failed"),
-            row("gamma", "keep", "planned"),
-            row("zed", "remove", "done")
-        ],
-        "{v}\n{err}"
+    checks.check(
+        "3: zed is removed, beta's switch failed and says why",
+        || {
+            assert_eq!(
+                actions(&v),
+                [
+                    row("alpha", "keep", "planned"),
+                    row("beta", "switch", "failed"),
+                    row("gamma", "keep", "planned"),
+                    row("zed", "remove", "done")
+                ],
+                "{v}\n{err}"
+            );
+            assert!(
+                machine(&v, "beta")["output"]
+                    .as_str()
+                    .unwrap()
+                    .contains("broken activation"),
+                "{v}"
+            );
+            assert!(err.contains("broken activation"), "{err}");
+        },
     );
-    assert!(
-        machine(&v, "beta")["output"]
-            .as_str()
-            .unwrap()
-            .contains("broken activation"),
-        "{v}"
-    );
-    assert!(err.contains("broken activation"), "{err}");
-    assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
-        "beta v2\n"
-    );
-    let rows = pids(&state, &file);
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    assert_eq!(rows[1], before[1], "beta still the same VM");
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("vms/rl.beta/launch.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        rec["toplevel"],
-        new_beta.as_str(),
-        "a failed switch keeps the record"
-    );
+    checks.check("3: beta still serves its old content", || {
+        assert_eq!(
+            stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+            "beta v2\n"
+        );
+    });
+    let rows = c.qemu_pids();
+    checks.check("3: beta is still the same VM, zed is gone", || {
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert_eq!(rows[1], before[1], "beta still the same VM");
+    });
+    checks.check("3: a failed switch keeps the launch record", || {
+        let rec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(c.state().join("vms/rl.beta/launch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            rec["toplevel"],
+            new_beta.as_str(),
+            "a failed switch keeps the record"
+        );
+    });
 
     // 4. --watch on the running cluster: its first cycle applies the fixed composition, a syntax
     // error is reported and changes nothing, the next good edit applies.
@@ -380,52 +419,58 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         beta_activation: "",
         ..e4.clone()
     };
-    write(&file, &e5);
-    let log = dir.path().join("watch.log");
-    let mut watch = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    c.set_machines(&machines(&e5));
+    let log = c.dir().join("watch.log");
+    let mut watch = c
+        .verb("up")
         .args(["--watch", "--accel", "tcg", "--timeout", "300"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn();
     let said =
         |what: &str, n: usize| std::fs::read_to_string(&log).unwrap().matches(what).count() >= n;
     wait_until("the first watched reload", Duration::from_secs(120), || {
         said("waiting for the next change", 1)
     });
-    assert_eq!(
-        stdout_of(&state, &file, "beta", "wget -qO- http://localhost/"),
-        "beta v4\n"
+    checks.check(
+        "4: the watch's first cycle applied the fixed composition",
+        || {
+            assert_eq!(
+                stdout_of(&c, "beta", "wget -qO- http://localhost/"),
+                "beta v4\n"
+            );
+        },
     );
-    std::fs::write(&file, "{ machines = { ; }").unwrap();
+    std::fs::write(c.file(), "{ machines = { ; }").unwrap();
     wait_until(
         "the syntax error is reported",
         Duration::from_secs(60),
         || said("waiting for the next change", 2),
     );
-    let l = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        l.contains("syntax error") && l.contains("nothing changed"),
-        "{l}"
-    );
-    assert_eq!(pids(&state, &file), rows, "the cluster is unchanged");
+    checks.check("4: a syntax error is reported and changes nothing", || {
+        let l = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            l.contains("syntax error") && l.contains("nothing changed"),
+            "{l}"
+        );
+        assert_eq!(c.qemu_pids(), rows, "the cluster is unchanged");
+    });
     let e6 = Edit {
         beta_www: "beta v5",
         ..e5.clone()
     };
     let t = Instant::now();
-    write(&file, &e6);
-    wait_until("the good edit applies", Duration::from_secs(120), || {
-        exec(&state, &file, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+    c.set_machines(&machines(&e6));
+    checks.check("4: the next good edit applies", || {
+        wait_until("the good edit applies", Duration::from_secs(120), || {
+            exec(&c, "beta", "wget -qO- http://localhost/").stdout == b"beta v5\n"
+        });
+        eprintln!(
+            "--watch: edit to applied in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
     });
-    eprintln!(
-        "--watch: edit to applied in {:.2} s",
-        t.elapsed().as_secs_f64()
-    );
-    drydock_gc::send_signal(watch.id(), libc::SIGINT).unwrap();
+    watch.signal(libc::SIGINT);
     let t = Instant::now();
     while watch.try_wait().unwrap().is_none() {
         assert!(
@@ -434,56 +479,45 @@ fn hot_reload_switches_restarts_creates_removes_and_watches() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        pids(&state, &file),
-        rows,
-        "the cluster stays up after the watch"
-    );
+    checks.check("4: the cluster stays up after the watch", || {
+        assert_eq!(c.qemu_pids(), rows, "the cluster stays up after the watch");
+    });
 
-    cluster_down(&store(), &state, &file);
+    c.down();
 }
 
 /// A one-machine composition whose service serves `www`.
-fn write_solo(file: &Path, www: &str) {
-    write_composition(
-        file,
-        &format!(r#"solo = {{ system = sys {{ www = "{www}"; }}; memorySize = 256; }};"#),
-    );
+fn solo(www: &str) -> String {
+    format!(r#"solo = {{ system = sys {{ www = "{www}"; }}; memorySize = 256; }};"#)
 }
 
 #[test]
 fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
-    guest_ready();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let d = dir.path().join("fw");
-    std::fs::create_dir_all(&d).unwrap();
-    let file = d.join("drydock.nix");
-    write_solo(&file, "solo v1");
-    let (out, err) = (dir.path().join("up.out"), dir.path().join("up.err"));
-    let mut up = drydock(&state)
-        .arg("up")
-        .arg("-f")
-        .arg(&file)
+    vmcommon::guest_ready();
+    let c = Cluster::named("fw")
+        .store(store())
+        .machines(&solo("solo v1"))
+        .write();
+    let (out, err) = (c.dir().join("up.out"), c.dir().join("up.err"));
+    let mut up = c
+        .verb("up")
         .args(["--watch", "--accel", "tcg", "--timeout", "300"])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let _down = down_on_drop(&state, &file);
+        .spawn();
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     wait_until("the cluster is up", Duration::from_secs(300), || {
         assert!(up.try_wait().unwrap().is_none(), "up ended: {}", read(&err));
         read(&err).contains("Ctrl-C stops it")
     });
     assert_eq!(
-        stdout_of(&state, &file, "solo", "wget -qO- http://localhost/"),
+        stdout_of(&c, "solo", "wget -qO- http://localhost/"),
         "solo v1\n"
     );
-    let before = pids(&state, &file);
-    write_solo(&file, "solo v2");
+    let before = c.qemu_pids();
+    c.set_machines(&solo("solo v2"));
     wait_until("the edit is applied", Duration::from_secs(180), || {
-        exec(&state, &file, "solo", "wget -qO- http://localhost/").stdout == b"solo v2\n"
+        exec(&c, "solo", "wget -qO- http://localhost/").stdout == b"solo v2\n"
     });
     wait_until("the reload is reported", Duration::from_secs(30), || {
         read(&err).contains("reload applied")
@@ -494,12 +528,8 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
         o.contains("plan for cluster fw") && o.contains("switch") && o.contains("solo │ "),
         "the plan and the echoed console on stdout: {o}"
     );
-    assert_eq!(
-        pids(&state, &file),
-        before,
-        "switched in place, not restarted"
-    );
-    drydock_gc::send_signal(up.id(), libc::SIGINT).unwrap();
+    assert_eq!(c.qemu_pids(), before, "switched in place, not restarted");
+    up.signal(libc::SIGINT);
     let t = Instant::now();
     let status = loop {
         if let Some(s) = up.try_wait().unwrap() {
@@ -510,5 +540,5 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
     };
     assert_eq!(status.code(), Some(130), "{}", read(&err));
     assert!(read(&err).contains("cluster fw stopped"), "{}", read(&err));
-    wait_no_processes(&state, Duration::from_secs(30));
+    wait_no_processes(c.state(), Duration::from_secs(30));
 }

@@ -7,7 +7,7 @@ use crate::common;
 
 use std::process::Command;
 
-use common::{drydock_json, drydock_ok, nix_store};
+use common::{Drydock, nix_store};
 
 fn build(
     root: &std::path::Path,
@@ -41,7 +41,12 @@ in run"#,
     common::nix_build(&root, "t", &expr, Some(&result));
     let file = dir.join("t.nix");
 
-    let v = drydock_json(&root, &state, &["store", "check"], 0);
+    let v = Drydock::on(&root, &state)
+        .json()
+        .args(["store", "check"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(v["damaged"], false);
 
     // The hand-made damage.
@@ -69,7 +74,12 @@ in run"#,
     let msg = String::from_utf8_lossy(&broken.stderr);
     assert!(msg.contains("nixos-test-driver-login.drv"), "{msg}");
 
-    let v = drydock_json(&root, &state, &["store", "check"], 1);
+    let v = Drydock::on(&root, &state)
+        .json()
+        .args(["store", "check"])
+        .run()
+        .exit(1)
+        .stdout_json();
     let missing: Vec<String> = serde_json::from_value(v["missing"].clone()).unwrap();
     let mut want = removed.clone();
     want.sort();
@@ -83,20 +93,39 @@ in run"#,
     );
 
     // The result link holds the test run, which refers to the missing driver: refused.
-    let text = drydock_ok(&root, &state, &["store", "repair"], 1);
+    let text = Drydock::on(&root, &state)
+        .args(["store", "repair"])
+        .run()
+        .exit(1)
+        .stdout_str();
     assert!(text.contains(&result.display().to_string()), "{text}");
     assert_eq!(
-        drydock_json(&root, &state, &["store", "check"], 1)["damaged"],
+        Drydock::on(&root, &state)
+            .json()
+            .args(["store", "check"])
+            .run()
+            .exit(1)
+            .stdout_json()["damaged"],
         true
     );
 
     // A dry run changes nothing; asked to, repair removes the result link that holds the
     // damage (and only that), then heals.
-    let v = drydock_json(&root, &state, &["store", "repair", "--dry-run"], 1);
+    let v = Drydock::on(&root, &state)
+        .json()
+        .args(["store", "repair", "--dry-run"])
+        .run()
+        .exit(1)
+        .stdout_json();
     assert!(v["removed"].as_array().unwrap().is_empty());
     assert!(!v["blocked"].as_array().unwrap().is_empty());
     assert!(std::fs::symlink_metadata(&result).is_ok());
-    let v = drydock_json(&root, &state, &["store", "repair", "--remove-roots"], 0);
+    let v = Drydock::on(&root, &state)
+        .json()
+        .args(["store", "repair", "--remove-roots"])
+        .run()
+        .ok()
+        .stdout_json();
     let roots_removed: Vec<String> = serde_json::from_value(v["roots_removed"].clone()).unwrap();
     assert_eq!(roots_removed, vec![result.display().to_string()]);
     assert!(std::fs::symlink_metadata(&result).is_err());
@@ -106,7 +135,12 @@ in run"#,
         "{v}"
     );
     assert_eq!(
-        drydock_json(&root, &state, &["store", "check"], 0)["damaged"],
+        Drydock::on(&root, &state)
+            .json()
+            .args(["store", "check"])
+            .run()
+            .ok()
+            .stdout_json()["damaged"],
         false
     );
     nix_store(&root, &["--verify"]);

@@ -12,13 +12,13 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
+use crate::common::{Checks, Drydock, bin};
 use drydock_vm::{StoreServer, Supervised};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-const DRYDOCK: &str = env!("CARGO_BIN_EXE_drydock");
 const DEADLINE: Duration = Duration::from_secs(20);
 
 const ALLOWED: &str = "0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-allowed-1.0";
@@ -474,55 +474,76 @@ fn wait_exit(server: &mut StoreServer) -> std::process::ExitStatus {
 
 #[test]
 fn closure_share_is_filtered_read_only_and_serves_bytes() {
+    // One server and one FUSE session (one frontend per server) go through every request
+    // below. Each group of checks is soft (common::Checks): a wrong reply is recorded and the
+    // requests after it still run (a failed check never leaves a request half-sent), and the
+    // test fails at the end listing every failure. The lookups whose node ids later requests
+    // use, and the open handle the data writes use, are hard.
+    let mut checks = Checks::new();
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
     let allow = vec![ALLOWED.to_owned(), ALLOWED_2.to_owned()];
-    let mut server =
-        StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, Some(&allow)).unwrap();
+    let mut server = StoreServer::spawn(bin(), &socket, &store.store, Some(&allow)).unwrap();
     assert!(socket.exists(), "listening once ready");
 
     let mut fs = FsDriver::connect(&socket);
     let (major, minor) = fs.init();
-    assert_eq!(major, 7, "FUSE major");
-    assert!(minor >= 27, "FUSE minor {minor}");
+    checks.check("FUSE version", || {
+        assert_eq!(major, 7, "FUSE major");
+        assert!(minor >= 27, "FUSE minor {minor}");
+    });
 
     // Root: lookups of allowed names succeed, others look absent.
     let (allowed, entry) = fs.lookup_ok(ROOT, ALLOWED);
-    assert_ne!(allowed, ROOT);
-    assert_eq!(u32_at(&entry, ATTR_MODE_AT) & libc::S_IFMT, libc::S_IFDIR);
-    fs.lookup_ok(ROOT, ALLOWED_2);
-    assert_errno(fs.lookup(ROOT, HIDDEN), libc::ENOENT, "LOOKUP hidden");
-    assert_errno(
-        fs.lookup(
-            ROOT,
-            "9000000000000000000000000000000-noise-with-a-long-name.drv",
-        ),
-        libc::ENOENT,
-        "LOOKUP noise",
+    checks.check("an allowed store path is a directory", || {
+        assert_ne!(allowed, ROOT);
+        assert_eq!(u32_at(&entry, ATTR_MODE_AT) & libc::S_IFMT, libc::S_IFDIR);
+    });
+    checks.check(
+        "root lookups: allowed names succeed, others look absent",
+        || {
+            fs.lookup_ok(ROOT, ALLOWED_2);
+            assert_errno(fs.lookup(ROOT, HIDDEN), libc::ENOENT, "LOOKUP hidden");
+            assert_errno(
+                fs.lookup(
+                    ROOT,
+                    "9000000000000000000000000000000-noise-with-a-long-name.drv",
+                ),
+                libc::ENOENT,
+                "LOOKUP noise",
+            );
+            assert_errno(
+                fs.lookup(ROOT, "no-such-path"),
+                libc::ENOENT,
+                "LOOKUP missing",
+            );
+        },
     );
-    assert_errno(
-        fs.lookup(ROOT, "no-such-path"),
-        libc::ENOENT,
-        "LOOKUP missing",
+    checks.check(
+        "no walking around the root filter with multi-component names",
+        || {
+            // No walking around the root filter with multi-component names.
+            assert_errno(
+                fs.lookup(allowed, &format!("../{HIDDEN}")),
+                libc::EINVAL,
+                "LOOKUP ../hidden",
+            );
+            assert_errno(
+                fs.lookup(ROOT, &format!("{ALLOWED}/../{HIDDEN}")),
+                libc::EINVAL,
+                "LOOKUP allowed/../hidden",
+            );
+        },
     );
-    // No walking around the root filter with multi-component names.
-    assert_errno(
-        fs.lookup(allowed, &format!("../{HIDDEN}")),
-        libc::EINVAL,
-        "LOOKUP ../hidden",
-    );
-    assert_errno(
-        fs.lookup(ROOT, &format!("{ALLOWED}/../{HIDDEN}")),
-        libc::EINVAL,
-        "LOOKUP allowed/../hidden",
-    );
-    // `..` never leads past a store path (virtiofsd resolves names beneath their parent).
-    let (dotdot, _) = fs.lookup_ok(allowed, "..");
-    assert!(
-        dotdot == allowed || dotdot == ROOT,
-        "`..` of a store path is {dotdot}"
-    );
+    checks.check("`..` never leads past a store path", || {
+        // `..` never leads past a store path (virtiofsd resolves names beneath their parent).
+        let (dotdot, _) = fs.lookup_ok(allowed, "..");
+        assert!(
+            dotdot == allowed || dotdot == ROOT,
+            "`..` of a store path is {dotdot}"
+        );
+    });
 
     // Root listings show only the allowed entries, with READDIR and READDIRPLUS, even when
     // whole batches (small buffers) hold only hidden names.
@@ -536,60 +557,73 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
         (FUSE_READDIRPLUS, 65536),
         (FUSE_READDIRPLUS, 512),
     ] {
-        let names = fs.list(ROOT, opcode, size);
-        assert_eq!(names.len(), expected.len(), "no duplicates: {names:?}");
-        let got: BTreeSet<String> = names.into_iter().collect();
-        assert_eq!(got, expected, "opcode {opcode} size {size}");
+        checks.check(
+            &format!("root listing, opcode {opcode}, size {size}"),
+            || {
+                let names = fs.list(ROOT, opcode, size);
+                assert_eq!(names.len(), expected.len(), "no duplicates: {names:?}");
+                let got: BTreeSet<String> = names.into_iter().collect();
+                assert_eq!(got, expected, "opcode {opcode} size {size}");
+            },
+        );
     }
-    // Deeper levels are not filtered.
-    let inside: BTreeSet<String> = fs
-        .list(allowed, FUSE_READDIRPLUS, 4096)
-        .into_iter()
-        .collect();
-    assert!(
-        ["share", "big.bin", "link"]
-            .iter()
-            .all(|n| inside.contains(*n)),
-        "{inside:?}"
-    );
+    checks.check("deeper levels are not filtered", || {
+        // Deeper levels are not filtered.
+        let inside: BTreeSet<String> = fs
+            .list(allowed, FUSE_READDIRPLUS, 4096)
+            .into_iter()
+            .collect();
+        assert!(
+            ["share", "big.bin", "link"]
+                .iter()
+                .all(|n| inside.contains(*n)),
+            "{inside:?}"
+        );
+    });
 
     // Reading: a small file, a large one across many READs, a symlink.
     let (share, _) = fs.lookup_ok(allowed, "share");
     let (hello, entry) = fs.lookup_ok(share, "hello.txt");
-    assert_eq!(u64_at(&entry, ATTR_SIZE_AT), HELLO.len() as u64);
-    let fh = u64_at(
-        &fs.open(FUSE_OPEN, hello, libc::O_RDONLY as u32).ok("OPEN"),
-        0,
-    );
-    let data = fs.read(hello, fh, 0, 4096).ok("READ");
-    assert_eq!(data, HELLO);
-    fs.call(FUSE_RELEASE, hello, FsDriver::read_in(fh, 0, 0))
-        .ok("RELEASE");
+    checks.check("reading a small file", || {
+        assert_eq!(u64_at(&entry, ATTR_SIZE_AT), HELLO.len() as u64);
+        let fh = u64_at(
+            &fs.open(FUSE_OPEN, hello, libc::O_RDONLY as u32).ok("OPEN"),
+            0,
+        );
+        let data = fs.read(hello, fh, 0, 4096).ok("READ");
+        assert_eq!(data, HELLO);
+        fs.call(FUSE_RELEASE, hello, FsDriver::read_in(fh, 0, 0))
+            .ok("RELEASE");
+    });
 
-    let (big, _) = fs.lookup_ok(allowed, "big.bin");
-    let fh = u64_at(
-        &fs.open(FUSE_OPEN, big, libc::O_RDONLY as u32)
-            .ok("OPEN big"),
-        0,
-    );
-    let mut got = Vec::new();
-    loop {
-        let chunk = fs.read(big, fh, got.len() as u64, 65536).ok("READ big");
-        if chunk.is_empty() {
-            break;
+    checks.check("reading a large file across many READs", || {
+        let (big, _) = fs.lookup_ok(allowed, "big.bin");
+        let fh = u64_at(
+            &fs.open(FUSE_OPEN, big, libc::O_RDONLY as u32)
+                .ok("OPEN big"),
+            0,
+        );
+        let mut got = Vec::new();
+        loop {
+            let chunk = fs.read(big, fh, got.len() as u64, 65536).ok("READ big");
+            if chunk.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&chunk);
         }
-        got.extend_from_slice(&chunk);
-    }
-    assert_eq!(got, store.big);
-    fs.call(FUSE_GETATTR, big, Body::default().u32(0).u32(0).u64(0))
-        .ok("GETATTR");
+        assert_eq!(got, store.big);
+        fs.call(FUSE_GETATTR, big, Body::default().u32(0).u32(0).u64(0))
+            .ok("GETATTR");
+    });
 
-    let (link, _) = fs.lookup_ok(allowed, "link");
-    let target = fs.call(FUSE_READLINK, link, Body::default()).ok("READLINK");
-    assert_eq!(
-        target,
-        format!("/nix/store/{ALLOWED}/share/hello.txt").as_bytes()
-    );
+    checks.check("reading a symlink", || {
+        let (link, _) = fs.lookup_ok(allowed, "link");
+        let target = fs.call(FUSE_READLINK, link, Body::default()).ok("READLINK");
+        assert_eq!(
+            target,
+            format!("/nix/store/{ALLOWED}/share/hello.txt").as_bytes()
+        );
+    });
 
     // Every write opcode is EROFS, at the root, inside a store path, on existing files, and on
     // hidden names alike.
@@ -742,7 +776,9 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
         ),
     ];
     for (what, opcode, nodeid, body) in writes {
-        assert_errno(fs.call(opcode, nodeid, body), libc::EROFS, what);
+        checks.check(&format!("{what} is EROFS"), || {
+            assert_errno(fs.call(opcode, nodeid, body), libc::EROFS, what);
+        });
     }
     // Data writes on a handle that is open for reading.
     let fh = u64_at(
@@ -758,13 +794,17 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
         .u32(0)
         .u32(0)
         .bytes(b"evil");
-    assert_errno(fs.call(FUSE_WRITE, hello, write), libc::EROFS, "WRITE");
+    checks.check("WRITE is EROFS", || {
+        assert_errno(fs.call(FUSE_WRITE, hello, write), libc::EROFS, "WRITE");
+    });
     let fallocate = Body::default().u64(fh).u64(0).u64(4096).u32(0).u32(0);
-    assert_errno(
-        fs.call(FUSE_FALLOCATE, hello, fallocate),
-        libc::EROFS,
-        "FALLOCATE",
-    );
+    checks.check("FALLOCATE is EROFS", || {
+        assert_errno(
+            fs.call(FUSE_FALLOCATE, hello, fallocate),
+            libc::EROFS,
+            "FALLOCATE",
+        );
+    });
     let copy = Body::default()
         .u64(fh)
         .u64(0)
@@ -773,25 +813,28 @@ fn closure_share_is_filtered_read_only_and_serves_bytes() {
         .u64(100)
         .u64(4)
         .u64(0);
-    assert_errno(
-        fs.call(FUSE_COPY_FILE_RANGE, hello, copy),
-        libc::EROFS,
-        "COPY_FILE_RANGE",
-    );
+    checks.check("COPY_FILE_RANGE is EROFS", || {
+        assert_errno(
+            fs.call(FUSE_COPY_FILE_RANGE, hello, copy),
+            libc::EROFS,
+            "COPY_FILE_RANGE",
+        );
+    });
     fs.call(FUSE_RELEASE, hello, FsDriver::read_in(fh, 0, 0))
         .ok("RELEASE");
 
-    // Nothing changed on the host.
-    assert_eq!(
-        std::fs::read(store.store.join(ALLOWED).join("share/hello.txt")).unwrap(),
-        HELLO
-    );
-    let host_names: Vec<_> = std::fs::read_dir(store.store.join(ALLOWED).join("share"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(host_names, vec![std::ffi::OsString::from("hello.txt")]);
-    assert!(!store.store.join("new").exists());
+    checks.check("nothing changed on the host", || {
+        assert_eq!(
+            std::fs::read(store.store.join(ALLOWED).join("share/hello.txt")).unwrap(),
+            HELLO
+        );
+        let host_names: Vec<_> = std::fs::read_dir(store.store.join(ALLOWED).join("share"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(host_names, vec![std::ffi::OsString::from("hello.txt")]);
+        assert!(!store.store.join("new").exists());
+    });
 
     // One frontend per server: it exits cleanly once this one disconnects.
     drop(fs);
@@ -806,13 +849,8 @@ fn the_closure_view_changes_live_without_stale_entries_or_listings() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(
-        Path::new(DRYDOCK),
-        &socket,
-        &store.store,
-        Some(&[ALLOWED.to_owned()]),
-    )
-    .unwrap();
+    let server =
+        StoreServer::spawn(bin(), &socket, &store.store, Some(&[ALLOWED.to_owned()])).unwrap();
     let mut fs = FsDriver::connect(&socket);
     fs.init();
     let set = |names: &[&str]| -> BTreeSet<String> {
@@ -893,7 +931,7 @@ fn whole_store_share_shows_everything() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let mut fs = FsDriver::connect(&socket);
     fs.init();
     let (hidden, _) = fs.lookup_ok(ROOT, HIDDEN);
@@ -922,7 +960,7 @@ fn sigterm_stops_a_waiting_server() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let status = server.stop_within(Duration::from_secs(10)).unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
@@ -936,34 +974,32 @@ fn sigterm_stops_a_waiting_server() {
 fn bad_input_exits_2() {
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let out = Command::new(DRYDOCK)
+    let out = Drydock::new()
         .args(["__store-server", "--socket"])
         .arg(&socket)
         .args(["--shared-dir", "/nonexistent/nix/store"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nix/store"));
 
     let store = fake_store();
     let list = run.path().join("allow");
     std::fs::write(&list, format!("{ALLOWED}\n../etc\n")).unwrap();
-    let out = Command::new(DRYDOCK)
+    let out = Drydock::new()
         .args(["__store-server", "--socket"])
         .arg(&socket)
         .arg("--shared-dir")
         .arg(&store.store)
         .arg("--allow-list")
         .arg(&list)
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(!socket.exists(), "nothing bound on bad input");
 }
 
 #[test]
 fn hidden_subcommand_is_not_in_help() {
-    let out = Command::new(DRYDOCK).arg("--help").output().unwrap();
+    let out = Drydock::new().arg("--help").run();
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("store-server"));
 }
@@ -977,7 +1013,7 @@ const PARENT_ROLE: &str = "DRYDOCK_TEST_STORE_PARENT_DIR";
 fn helper_parent_process() {
     let dir = PathBuf::from(std::env::var_os(PARENT_ROLE).expect("run by the parent test"));
     let server = StoreServer::spawn(
-        Path::new(DRYDOCK),
+        bin(),
         &dir.join("store.sock"),
         &dir.join("nix/store"),
         Some(&[ALLOWED.to_owned()]),
@@ -1054,7 +1090,7 @@ fn server_is_sandboxed() {
     let store = fake_store();
     let run = tempfile::tempdir().unwrap();
     let socket = socket_in(run.path());
-    let server = StoreServer::spawn(Path::new(DRYDOCK), &socket, &store.store, None).unwrap();
+    let server = StoreServer::spawn(bin(), &socket, &store.store, None).unwrap();
     let pid = server.pid();
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");

@@ -6,7 +6,7 @@ use crate::common;
 
 use std::path::Path;
 
-use common::{drydock, drydock_json, drydock_ok, nix_store, valid_paths};
+use common::{Checks, Drydock, nix_store, valid_paths};
 
 fn expr(tag: &str) -> String {
     format!(
@@ -21,6 +21,11 @@ in run"#,
 
 #[test]
 fn track_runs_and_gc_selected_runs() {
+    // One store and one runs database go through tracking, queries, bad input and a
+    // collection, in that order. The checks of each answer are soft (common::Checks), so one
+    // wrong answer does not hide the others; the tracked builds, the `runs` list the checks
+    // read and the collection itself stay hard.
+    let mut checks = Checks::new();
     let dir = common::scratch("track-gc");
     let root = dir.join("root");
     let state = dir.join("state");
@@ -35,22 +40,22 @@ fn track_runs_and_gc_selected_runs() {
         common::nix_build_cmd(&root, &dir.join("other.nix"), ""),
         common::nix_build_cmd(&root, &dir.join("one.nix"), "")
     );
-    let out = drydock(
-        &root,
-        &state,
-        &["track", "--name", "one", "--", "sh", "-c", &script],
-    );
+    let out = Drydock::on(&root, &state)
+        .args(["track", "--name", "one", "--", "sh", "-c", &script])
+        .run();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        printed.trim().ends_with("vm-test-run-one"),
-        "stdout passes through: {printed}"
-    );
+    checks.check("the tracked command's stdout passes through", || {
+        let printed = String::from_utf8(out.output.stdout).unwrap();
+        assert!(
+            printed.trim().ends_with("vm-test-run-one"),
+            "stdout passes through: {printed}"
+        );
+    });
 
     // A second run, rooted by its result link.
     let link = dir.join("result-two");
@@ -63,123 +68,176 @@ fn track_runs_and_gc_selected_runs() {
     let mut a = vec!["track", "--", "nix-build", "--store", &root_s, &two_s];
     a.extend(common::NIX_BUILD_OPTIONS);
     a.extend(["-o", &link_s]);
-    drydock_ok(&root, &state, &a, 0);
-    // Exit codes pass through.
-    let out = drydock(
-        &root,
-        &state,
-        &["track", "--name", "fails", "--", "sh", "-c", "exit 3"],
-    );
-    assert_eq!(out.status.code(), Some(3));
+    Drydock::on(&root, &state).args(&a).run().ok();
+    checks.check("exit codes pass through", || {
+        let out = Drydock::on(&root, &state)
+            .args(["track", "--name", "fails", "--", "sh", "-c", "exit 3"])
+            .run();
+        assert_eq!(out.status.code(), Some(3));
+    });
 
-    let runs = drydock_json(&root, &state, &["runs"], 0);
+    let runs = Drydock::on(&root, &state)
+        .json()
+        .args(["runs"])
+        .run()
+        .ok()
+        .stdout_json();
     let list = runs["runs"].as_array().unwrap();
-    assert_eq!(list.len(), 3);
-    assert_eq!(list[0]["name"], "one");
-    assert_eq!(list[2]["exit_status"], 3);
-    // Run 1: 3 drvs + 3 outputs, nothing of "other".
-    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
-    let paths = show["paths"].as_array().unwrap();
-    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
-    assert_eq!(paths.len(), 6, "{names:?}");
-    assert!(names.iter().all(|n| n.contains("-one")), "{names:?}");
-    let classes: Vec<&str> = paths.iter().map(|p| p["class"].as_str().unwrap()).collect();
-    for c in ["test_run", "test_driver", "vm_system", "derivation"] {
-        assert!(classes.contains(&c), "{classes:?}");
-    }
-    assert!(paths.iter().all(|p| p["status"] == "reclaimable"), "{show}");
-    assert!(list[0]["reclaimable"].as_u64().unwrap() > 0);
-    // Run 2 is alive through its result link: the root and the chain are named.
-    let show2 = drydock_json(&root, &state, &["runs", "show", "2"], 0);
-    let alive: Vec<&serde_json::Value> = show2["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["status"] == "alive")
-        .collect();
-    assert_eq!(alive.len(), 6, "{show2}");
-    let driver = alive.iter().find(|p| p["class"] == "test_driver").unwrap();
-    assert_eq!(driver["why"]["root"], link.display().to_string());
-    assert_eq!(driver["why"]["root_kind"], "indirect");
-    let chain = driver["why"]["chain"].as_array().unwrap();
-    assert!(chain[0].as_str().unwrap().ends_with("vm-test-run-two"));
-    assert!(
-        chain
-            .last()
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .ends_with("nixos-test-driver-two")
+    checks.check("runs lists the three runs", || {
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[0]["name"], "one");
+        assert_eq!(list[2]["exit_status"], 3);
+    });
+    checks.check(
+        "run 1 claims 3 drvs and 3 outputs, nothing of other",
+        || {
+            let show = Drydock::on(&root, &state)
+                .json()
+                .args(["runs", "show", "1"])
+                .run()
+                .ok()
+                .stdout_json();
+            let paths = show["paths"].as_array().unwrap();
+            let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+            assert_eq!(paths.len(), 6, "{names:?}");
+            assert!(names.iter().all(|n| n.contains("-one")), "{names:?}");
+            let classes: Vec<&str> = paths.iter().map(|p| p["class"].as_str().unwrap()).collect();
+            for c in ["test_run", "test_driver", "vm_system", "derivation"] {
+                assert!(classes.contains(&c), "{classes:?}");
+            }
+            assert!(paths.iter().all(|p| p["status"] == "reclaimable"), "{show}");
+            assert!(list[0]["reclaimable"].as_u64().unwrap() > 0);
+        },
+    );
+    checks.check(
+        "run 2 is alive through its result link: root and chain named",
+        || {
+            let show2 = Drydock::on(&root, &state)
+                .json()
+                .args(["runs", "show", "2"])
+                .run()
+                .ok()
+                .stdout_json();
+            let alive: Vec<&serde_json::Value> = show2["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["status"] == "alive")
+                .collect();
+            assert_eq!(alive.len(), 6, "{show2}");
+            let driver = alive.iter().find(|p| p["class"] == "test_driver").unwrap();
+            assert_eq!(driver["why"]["root"], link.display().to_string());
+            assert_eq!(driver["why"]["root_kind"], "indirect");
+            let chain = driver["why"]["chain"].as_array().unwrap();
+            assert!(chain[0].as_str().unwrap().ends_with("vm-test-run-two"));
+            assert!(
+                chain
+                    .last()
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .ends_with("nixos-test-driver-two")
+            );
+        },
     );
 
-    // `du` by run: each run's claimed paths, hard links once.
-    let du = drydock_json(&root, &state, &["du"], 0);
-    let by_run = du["by_run"].as_array().unwrap();
-    assert_eq!(by_run.len(), 3, "{du}");
-    assert!(by_run[0][2].as_u64().unwrap() > 0 && by_run[1][2].as_u64().unwrap() > 0);
-    assert_eq!(by_run[2][2], 0, "the failing run claimed nothing");
-    assert!(du["by_class"]["test_driver"].as_u64().unwrap() > 0);
+    checks.check(
+        "du by run: each run's claimed paths, hard links once",
+        || {
+            let du = Drydock::on(&root, &state)
+                .json()
+                .args(["du"])
+                .run()
+                .ok()
+                .stdout_json();
+            let by_run = du["by_run"].as_array().unwrap();
+            assert_eq!(by_run.len(), 3, "{du}");
+            assert!(by_run[0][2].as_u64().unwrap() > 0 && by_run[1][2].as_u64().unwrap() > 0);
+            assert_eq!(by_run[2][2], 0, "the failing run claimed nothing");
+            assert!(du["by_class"]["test_driver"].as_u64().unwrap() > 0);
+        },
+    );
 
     // Bad input: exit 2, nothing deleted.
     let before = valid_paths(&root);
-    assert_eq!(
-        drydock(&root, &state, &["gc", "--run", "99"]).status.code(),
-        Some(2)
-    );
-    assert_eq!(drydock(&root, &state, &["gc"]).status.code(), Some(2));
-    assert_eq!(
-        drydock(&root, &state, &["gc", "--older-than", "7y", "--dry-run"])
-            .status
-            .code(),
-        Some(2)
-    );
-    assert_eq!(
-        drydock(&root, &state, &["runs", "show", "42"])
-            .status
-            .code(),
-        Some(2)
-    );
-    let not_store = dir.join("not-a-store");
-    std::fs::create_dir_all(&not_store).unwrap();
-    let o = drydock(&not_store, &state, &["gc", "--all"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a Nix store"));
-    let bad_state = dir.join("bad-state");
-    std::fs::create_dir_all(&bad_state).unwrap();
-    std::fs::write(bad_state.join("runs.sqlite"), vec![b'z'; 4096]).unwrap();
-    let o = drydock(&root, &bad_state, &["gc", "--keep-last", "0"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("runs.sqlite"));
-    assert_eq!(valid_paths(&root), before);
+    for args in [
+        &["gc", "--run", "99"][..],
+        &["gc"],
+        &["gc", "--older-than", "7y", "--dry-run"],
+        &["runs", "show", "42"],
+    ] {
+        checks.check(&format!("{args:?} is bad input"), || {
+            assert_eq!(
+                Drydock::on(&root, &state).args(args).run().status.code(),
+                Some(2)
+            );
+        });
+    }
+    checks.check("a directory that is not a store is bad input", || {
+        let not_store = dir.join("not-a-store");
+        std::fs::create_dir_all(&not_store).unwrap();
+        let o = Drydock::on(&not_store, &state).args(["gc", "--all"]).run();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not a Nix store"));
+    });
+    checks.check("a runs database that is not one is bad input", || {
+        let bad_state = dir.join("bad-state");
+        std::fs::create_dir_all(&bad_state).unwrap();
+        std::fs::write(bad_state.join("runs.sqlite"), vec![b'z'; 4096]).unwrap();
+        let o = Drydock::on(&root, &bad_state)
+            .args(["gc", "--keep-last", "0"])
+            .run();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("runs.sqlite"));
+    });
+    checks.check("bad input deleted nothing", || {
+        assert_eq!(valid_paths(&root), before);
+    });
 
     // gc of runs 1 and 2: run 1's paths go, run 2's are kept (alive), "other" stays.
-    let plan = drydock_json(
-        &root,
-        &state,
-        &["gc", "--run", "1", "--run", "2", "--dry-run"],
-        0,
-    );
-    let planned: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();
-    assert_eq!(planned.len(), 6);
-    assert!(planned.iter().all(|p| p.contains("-one")));
-    assert_eq!(plan["kept"].as_array().unwrap().len(), 6);
-    assert!(plan["bytes"].as_u64().unwrap() > 0);
-    let done = drydock_json(&root, &state, &["gc", "--run", "1", "--run", "2"], 0);
-    assert_eq!(done["deleted"].as_array().unwrap().len(), 6, "{done}");
-    let after = valid_paths(&root);
-    assert!(after.iter().all(|p| !p.contains("-one")));
-    assert!(after.iter().any(|p| p.ends_with("vm-test-run-other")));
-    assert!(after.iter().any(|p| p.ends_with("vm-test-run-two")));
-    nix_store(&root, &["--verify", "--check-contents"]);
-    let show = drydock_json(&root, &state, &["runs", "show", "1"], 0);
-    assert!(
-        show["paths"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|p| p["status"] == "deleted")
-    );
-    assert!(show["run"]["collected_at"].is_i64());
+    checks.check("the plan of gc of runs 1 and 2", || {
+        let plan = Drydock::on(&root, &state)
+            .json()
+            .args(["gc", "--run", "1", "--run", "2", "--dry-run"])
+            .run()
+            .ok()
+            .stdout_json();
+        let planned: Vec<String> = serde_json::from_value(plan["paths"].clone()).unwrap();
+        assert_eq!(planned.len(), 6);
+        assert!(planned.iter().all(|p| p.contains("-one")));
+        assert_eq!(plan["kept"].as_array().unwrap().len(), 6);
+        assert!(plan["bytes"].as_u64().unwrap() > 0);
+    });
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1", "--run", "2"])
+        .run()
+        .ok()
+        .stdout_json();
+    checks.check("gc of runs 1 and 2 deletes run 1's paths only", || {
+        assert_eq!(done["deleted"].as_array().unwrap().len(), 6, "{done}");
+        let after = valid_paths(&root);
+        assert!(after.iter().all(|p| !p.contains("-one")));
+        assert!(after.iter().any(|p| p.ends_with("vm-test-run-other")));
+        assert!(after.iter().any(|p| p.ends_with("vm-test-run-two")));
+        nix_store(&root, &["--verify", "--check-contents"]);
+    });
+    checks.check("run 1 is recorded collected", || {
+        let show = Drydock::on(&root, &state)
+            .json()
+            .args(["runs", "show", "1"])
+            .run()
+            .ok()
+            .stdout_json();
+        assert!(
+            show["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["status"] == "deleted")
+        );
+        assert!(show["run"]["collected_at"].is_i64());
+    });
 }
 
 #[test]
@@ -214,7 +272,12 @@ fn pins_of_vm_runs_are_roots_until_collected() {
     // Nix itself sees the pin.
     let dead = common::nix_print_dead(&root);
     assert!(!dead.contains(&out[0]));
-    let plan = drydock_json(&root, &state, &["gc", "--all", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--all", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert!(
         !plan["paths"]
             .as_array()
@@ -238,13 +301,25 @@ fn pins_of_vm_runs_are_roots_until_collected() {
         .unwrap();
         db.pin(&layout, id, &other_top).unwrap();
     }
-    let o = drydock(&root, &state, &["gc", "--run", "2", "--dry-run"]);
+    let o = Drydock::on(&root, &state)
+        .args(["gc", "--run", "2", "--dry-run"])
+        .run();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("still running"));
-    let plan = drydock_json(&root, &state, &["gc", "--keep-last", "0", "--dry-run"], 0);
+    let plan = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--keep-last", "0", "--dry-run"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(plan["runs"], serde_json::json!([1]));
     // Selecting the run ignores its own pin, unpins it and removes its VM state.
-    let done = drydock_json(&root, &state, &["gc", "--run", "1"], 0);
+    let done = Drydock::on(&root, &state)
+        .json()
+        .args(["gc", "--run", "1"])
+        .run()
+        .ok()
+        .stdout_json();
     assert_eq!(done["deleted"].as_array().unwrap().len(), 1, "{done}");
     assert!(!vm_state.exists());
     assert!(!valid_paths(&root).contains(&out[0]));
@@ -253,6 +328,25 @@ fn pins_of_vm_runs_are_roots_until_collected() {
         "the running VM's pin held"
     );
     nix_store(&root, &["--verify"]);
+}
+
+#[test]
+fn track_passes_the_output_and_exit_code_through() {
+    // Moved from drydock-gc's unit tests (they run no external program): the command's
+    // stdout reaches ours as it printed it, and its exit code (128 + signal when killed) is
+    // drydock's; a command that cannot start is bad input.
+    let dir = common::scratch("track-passthrough");
+    let root = dir.join("root");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&root).unwrap();
+    let run = |args: &[&str]| common::Drydock::on(&root, &state).args(args).run();
+    let out = run(&["track", "--", "sh", "-c", "echo hi; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(out.stdout, b"hi\n");
+    let out = run(&["track", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(128 + 9));
+    let out = run(&["track", "--", "/nonexistent/cmd"]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -268,16 +362,11 @@ fn track_forwards_ctrl_c_and_passes_the_exit_code() {
         pidfile.display(),
         ready.display()
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drydock"))
-        .arg("--store")
-        .arg(&root)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut child = Drydock::on(&root, &state)
         .args(["track", "--name", "interrupted", "--", "sh", "-c", &script])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let start = std::time::Instant::now();
     while !ready.exists() {
         assert!(start.elapsed().as_secs() < 30, "the command never started");

@@ -5,15 +5,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::common::{Drydock, Spawned};
 use crate::vmcommon;
-use vmcommon::{
-    bin, build_system, drydock_in, processes_mentioning, shared_store, wait_no_processes,
-    wait_until,
-};
+use vmcommon::{build_system, processes_mentioning, shared_store, wait_no_processes, wait_until};
 
 struct Fixture {
     root: PathBuf,
@@ -50,8 +48,8 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn drydock(state: &Path) -> Command {
-    drydock_in(&fixture().root, state)
+fn drydock(state: &Path) -> Drydock {
+    Drydock::on(&fixture().root, state)
 }
 
 fn console_lines(out: &Output, name: &str) -> Vec<String> {
@@ -91,8 +89,7 @@ fn guest_sees_exactly_the_closure_and_cannot_write() {
             &f.toplevel,
         ])
         .args(["--append", "drydock.test=list,write"])
-        .output()
-        .unwrap();
+        .run();
     let lines = console_lines(&out, "ls");
     assert_eq!(
         out.status.code(),
@@ -150,8 +147,7 @@ fn share_store_shows_everything() {
             &f.toplevel,
         ])
         .args(["--append", "drydock.test=list"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -190,8 +186,7 @@ fn timeout_without_ready_stops_the_vm_and_shows_the_log() {
             "--timeout",
             "4",
         ])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -207,7 +202,7 @@ fn timeout_without_ready_stops_the_vm_and_shows_the_log() {
 }
 
 /// Start a foreground VM and wait until its console says it is ready.
-fn start_foreground(state: &Path, name: &str) -> Child {
+fn start_foreground(state: &Path, name: &str) -> Spawned {
     let f = fixture();
     let mut child = drydock(state)
         .args([
@@ -230,8 +225,7 @@ fn start_foreground(state: &Path, name: &str) -> Child {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -256,20 +250,6 @@ fn start_foreground(state: &Path, name: &str) -> Child {
     child
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            t.elapsed() < within,
-            "drydock did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn ctrl_c_stops_guest_and_store_server() {
     let state = tempfile::tempdir().unwrap();
@@ -278,7 +258,7 @@ fn ctrl_c_stops_guest_and_store_server() {
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = child.wait_within(Duration::from_secs(30));
     assert_eq!(status.code(), Some(130));
     wait_no_processes(state.path(), Duration::from_secs(5));
 }
@@ -288,20 +268,17 @@ fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
     let state = tempfile::tempdir().unwrap();
     let mut child = start_foreground(state.path(), "killed");
     child.kill().unwrap();
-    wait_exit(&mut child, Duration::from_secs(10));
+    child.wait_within(Duration::from_secs(10));
     wait_no_processes(state.path(), Duration::from_secs(10));
     // The stale entry is noticed and cleaned by `vm list`.
-    let out = drydock(state.path())
-        .args(["--json", "vm", "list"])
-        .output()
-        .unwrap();
+    let out = drydock(state.path()).args(["--json", "vm", "list"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["vms"][0]["state"], "stale (cleaned)", "{doc}");
 
     // Whoever noticed the dead owner ended its run, once: GC may now take it like any
     // stopped VM's run (before, it stayed "running" and pinned for ever).
     let runs = |state: &Path| -> serde_json::Value {
-        let out = drydock(state).args(["--json", "runs"]).output().unwrap();
+        let out = drydock(state).args(["--json", "runs"]).run();
         assert!(
             out.status.success(),
             "{}",
@@ -321,7 +298,7 @@ fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
         !run["ended_at"].is_null(),
         "the dead owner's run is still open: {run}"
     );
-    let again = drydock(state.path()).args(["vm", "list"]).output().unwrap();
+    let again = drydock(state.path()).args(["vm", "list"]).run();
     assert!(again.status.success());
     let later = runs(state.path());
     let same = later["runs"]
@@ -335,8 +312,7 @@ fn sigkill_of_drydock_takes_qemu_and_store_server_with_it() {
     let id = run["id"].as_i64().unwrap().to_string();
     let gc = drydock(state.path())
         .args(["gc", "--run", &id, "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     let err = String::from_utf8_lossy(&gc.stderr);
     assert!(gc.status.success(), "gc --run {id}: {err}");
     assert!(!err.contains("still running"), "{err}");
@@ -358,8 +334,7 @@ fn a_launch_record_naming_a_file_outside_the_vm_is_refused() {
             &f.toplevel,
         ])
         .args(["--append", "drydock.test=idle", "--timeout", "2"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -384,8 +359,7 @@ fn a_launch_record_naming_a_file_outside_the_vm_is_refused() {
         std::fs::write(&launch, serde_json::to_vec(&doc).unwrap()).unwrap();
         let out = drydock(state.path())
             .args(["vm", "restart", "edited", "--timeout", "2"])
-            .output()
-            .unwrap();
+            .run();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{field}: {err}");
         assert!(err.contains(field) && err.contains("launch.json"), "{err}");
@@ -398,8 +372,7 @@ fn a_launch_record_naming_a_file_outside_the_vm_is_refused() {
     // The record as drydock wrote it is accepted again.
     let out = drydock(state.path())
         .args(["vm", "restart", "edited", "--timeout", "2"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -434,8 +407,7 @@ fn detach_list_logs_name_in_use_and_stop() {
                 "--timeout",
                 "180",
             ])
-            .output()
-            .unwrap()
+            .run()
     };
     let out = run("bg");
     assert_eq!(
@@ -445,10 +417,7 @@ fn detach_list_logs_name_in_use_and_stop() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Still running after the command returned.
-    let list = drydock(state.path())
-        .args(["--json", "vm", "list"])
-        .output()
-        .unwrap();
+    let list = drydock(state.path()).args(["--json", "vm", "list"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(doc["vms"][0]["name"], "bg");
     assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
@@ -493,18 +462,12 @@ fn detach_list_logs_name_in_use_and_stop() {
         "`vm logs bg` shows the guest counting past its ready marker",
         Duration::from_secs(60),
         || {
-            let logs = drydock(state.path())
-                .args(["vm", "logs", "bg"])
-                .output()
-                .unwrap();
+            let logs = drydock(state.path()).args(["vm", "logs", "bg"]).run();
             text = String::from_utf8_lossy(&logs.stdout).into_owned();
             text.contains("DRYDOCK-READY") && text.contains("DRYDOCK-COUNT: 4")
         },
     );
-    let stop = drydock(state.path())
-        .args(["vm", "stop", "bg"])
-        .output()
-        .unwrap();
+    let stop = drydock(state.path()).args(["vm", "stop", "bg"]).run();
     assert_eq!(
         stop.status.code(),
         Some(0),
@@ -512,10 +475,7 @@ fn detach_list_logs_name_in_use_and_stop() {
         String::from_utf8_lossy(&stop.stderr)
     );
     wait_no_processes(state.path(), Duration::from_secs(10));
-    let list = drydock(state.path())
-        .args(["--json", "vm", "list"])
-        .output()
-        .unwrap();
+    let list = drydock(state.path()).args(["--json", "vm", "list"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(doc["vms"][0]["state"], "stopped", "{doc}");
 }
@@ -546,31 +506,24 @@ fn bad_inputs_exit_2_with_the_input_named() {
         let out = drydock(state.path())
             .args(["vm", "run", "--name", "bad", "--accel", "tcg"])
             .args(&args)
-            .output()
-            .unwrap();
+            .run();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
     let out = drydock(state.path())
         .args(["vm", "run", "--name", "../x", "--system", &f.toplevel])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid VM name"));
-    let out = Command::new(bin())
-        .args(["--state-dir"])
-        .arg(state.path())
+    let out = Drydock::new()
+        .state(state.path())
         .args(["vm", "run", "--name", "x", "--system", &f.toplevel])
         .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("QEMU not found"));
-    let out = drydock(state.path())
-        .args(["vm", "stop", "nosuchvm"])
-        .output()
-        .unwrap();
+    let out = drydock(state.path()).args(["vm", "stop", "nosuchvm"]).run();
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -594,8 +547,7 @@ fn accel_kvm_fails_fast_with_the_doctors_finding_where_kvm_cannot_run_linux() {
             "--system",
             &f.toplevel,
         ])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -4,12 +4,13 @@
 //! stopped. Real QEMU under TCG, a private chroot store built by `scripts/guest/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::common::{Drydock, Ran};
 use crate::vmcommon;
-use vmcommon::{bin, build_system, drydock_in, shared_store, wait_no_processes, wait_until};
+use vmcommon::{build_system, shared_store, wait_no_processes, wait_until};
 
 struct Fixture {
     root: PathBuf,
@@ -29,11 +30,11 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn drydock(state: &Path) -> Command {
-    drydock_in(&fixture().root, state)
+fn drydock(state: &Path) -> Drydock {
+    Drydock::on(&fixture().root, state)
 }
 
-fn ok(out: &Output) {
+fn ok(out: &Ran) {
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -94,14 +95,7 @@ fn own_store() -> (tempfile::TempDir, String) {
 fn restart_needs_no_nix_and_survives_nix_gc() {
     let (root, top) = own_store();
     let state = tempfile::tempdir().unwrap();
-    let dd = || {
-        let mut c = Command::new(bin());
-        c.arg("--store")
-            .arg(root.path())
-            .arg("--state-dir")
-            .arg(state.path());
-        c
-    };
+    let dd = || Drydock::on(root.path(), state.path());
     let run = dd()
         .args([
             "vm",
@@ -116,8 +110,7 @@ fn restart_needs_no_nix_and_survives_nix_gc() {
             "drydock.test=list",
         ])
         .args(["--timeout", "180"])
-        .output()
-        .unwrap();
+        .run();
     ok(&run);
     // Nix's own GC runs; nothing but the VM's pin roots the system, and it stays.
     let gc = Command::new("nix-store")
@@ -147,14 +140,9 @@ fn restart_needs_no_nix_and_survives_nix_gc() {
     assert!(phys.exists(), "nix-store --gc took the pinned system");
     // The VM remembers its store: another --store is refused, naming both...
     let elsewhere = tempfile::tempdir().unwrap();
-    let out = Command::new(bin())
-        .arg("--store")
-        .arg(elsewhere.path())
-        .arg("--state-dir")
-        .arg(state.path())
+    let out = Drydock::on(elsewhere.path(), state.path())
         .args(["vm", "restart", "r"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -182,13 +170,11 @@ fn restart_needs_no_nix_and_survives_nix_gc() {
     // Restart with no Nix on PATH at all, and no --store.
     let nixless = path_without_nix();
     let t = Instant::now();
-    let out = Command::new(bin())
-        .arg("--state-dir")
-        .arg(state.path())
+    let out = Drydock::new()
+        .state(state.path())
         .args(["vm", "restart", "r", "--timeout", "180"])
         .env("PATH", nixless.path())
-        .output()
-        .unwrap();
+        .run();
     ok(&out);
     assert_eq!(pins(&auto).len(), 1, "the restart renewed the pin");
     assert!(
@@ -209,16 +195,7 @@ fn restart_names_a_pinned_path_that_is_gone() {
     // A store of its own: this test damages it.
     let (root, top) = own_store();
     let state = tempfile::tempdir().unwrap();
-    let dd = |args: &[&str]| {
-        Command::new(bin())
-            .arg("--store")
-            .arg(root.path())
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let dd = |args: &[&str]| Drydock::on(root.path(), state.path()).args(args).run();
     ok(&dd(&[
         "vm",
         "run",
@@ -280,8 +257,7 @@ fn start_counter(state: &Path, name: &str, system: &str) {
             "--timeout",
             "180",
         ])
-        .output()
-        .unwrap();
+        .run();
     ok(&out);
 }
 
@@ -290,10 +266,7 @@ fn snapshot_stop_restore_carries_on_counting() {
     let f = fixture();
     let state = tempfile::tempdir().unwrap();
     start_counter(state.path(), "c", &f.toplevel);
-    ok(&drydock(state.path())
-        .args(["vm", "snapshot", "c"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "snapshot", "c"]).run());
     let at_snapshot = *counts(state.path(), "c").last().unwrap();
     assert!(at_snapshot >= 10);
     // It keeps running after the snapshot.
@@ -302,16 +275,10 @@ fn snapshot_stop_restore_carries_on_counting() {
         Duration::from_secs(60),
         || *counts(state.path(), "c").last().unwrap() > at_snapshot,
     );
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "c"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "stop", "c"]).run());
     no_processes(state.path());
     let t = Instant::now();
-    let out = drydock(state.path())
-        .args(["vm", "restore", "c"])
-        .output()
-        .unwrap();
+    let out = drydock(state.path()).args(["vm", "restore", "c"]).run();
     ok(&out);
     let restore_time = t.elapsed();
     wait_until(
@@ -328,29 +295,19 @@ fn snapshot_stop_restore_carries_on_counting() {
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
     // A loose sanity bound (the benchmark measures it): a restore is not a boot.
     assert!(restore_time < Duration::from_secs(30), "{restore_time:?}");
-    let list = drydock(state.path())
-        .args(["--json", "vm", "list"])
-        .output()
-        .unwrap();
+    let list = drydock(state.path()).args(["--json", "vm", "list"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
     // The restored VM's run is live again: GC leaves it (and its snapshot) alone.
-    let runs = drydock(state.path())
-        .args(["--json", "runs"])
-        .output()
-        .unwrap();
+    let runs = drydock(state.path()).args(["--json", "runs"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
     assert!(doc["runs"][0]["ended_at"].is_null(), "{doc}");
     let gc = drydock(state.path())
         .args(["gc", "--run", "1", "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(gc.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&gc.stderr).contains("still running"));
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "c"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "stop", "c"]).run());
     no_processes(state.path());
 }
 
@@ -361,20 +318,13 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     start_counter(state.path(), "a", &f.toplevel);
     ok(&drydock(state.path())
         .args(["vm", "snapshot", "a", "--tag", "t1"])
-        .output()
-        .unwrap());
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "a"])
-        .output()
-        .unwrap());
+        .run());
+    ok(&drydock(state.path()).args(["vm", "stop", "a"]).run());
     let snap = state.path().join("vms/a/snapshots/t1");
 
     // A snapshot of another closure: VM b runs the variant system.
     start_counter(state.path(), "b", &f.variant);
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "b"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "stop", "b"]).run());
     let b_snap = state.path().join("vms/b/snapshots/t1");
     std::fs::create_dir_all(&b_snap).unwrap();
     for file in ["meta.json", "state", "disk.qcow2"] {
@@ -382,8 +332,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     }
     let out = drydock(state.path())
         .args(["vm", "restore", "b", "--tag", "t1"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("taken of another closure"), "{err}");
@@ -395,8 +344,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     std::fs::rename(&state_file, &kept).unwrap();
     let out = drydock(state.path())
         .args(["vm", "restore", "a", "--tag", "t1"])
-        .output()
-        .unwrap();
+        .run();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -414,8 +362,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     drop(f2);
     let out = drydock(state.path())
         .args(["vm", "restore", "a", "--tag", "t1"])
-        .output()
-        .unwrap();
+        .run();
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("truncated"), "{err}");
@@ -429,8 +376,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     .unwrap();
     let out = drydock(state.path())
         .args(["vm", "restore", "a", "--tag", "t1"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     // The message names the snapshot's tag and its state file (not an empty tag and the log).
@@ -442,10 +388,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
         "{err}"
     );
     no_processes(state.path());
-    let list = drydock(state.path())
-        .args(["--json", "vm", "list"])
-        .output()
-        .unwrap();
+    let list = drydock(state.path()).args(["--json", "vm", "list"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert!(
         doc["vms"]
@@ -464,8 +407,7 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     std::fs::remove_file(&image).unwrap();
     let out = drydock(state.path())
         .args(["vm", "restore", "a", "--tag", "t1"])
-        .output()
-        .unwrap();
+        .run();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is gone"));
     no_processes(state.path());
@@ -495,22 +437,15 @@ fn virtiofs_vms_cannot_be_snapshotted() {
             "--timeout",
             "180",
         ])
-        .output()
-        .unwrap());
-    let out = drydock(state.path())
-        .args(["vm", "snapshot", "v"])
-        .output()
-        .unwrap();
+        .run());
+    let out = drydock(state.path()).args(["vm", "snapshot", "v"]).run();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("vhost-user-fs") && err.contains("--store-mode image"),
         "{err}"
     );
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "v"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "stop", "v"]).run());
     no_processes(state.path());
 }
 
@@ -519,34 +454,19 @@ fn snapshots_and_images_are_artifacts_of_their_run() {
     let f = fixture();
     let state = tempfile::tempdir().unwrap();
     start_counter(state.path(), "g", &f.toplevel);
-    ok(&drydock(state.path())
-        .args(["vm", "snapshot", "g"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "snapshot", "g"]).run());
     // A running VM's run cannot be collected.
-    let busy = drydock(state.path())
-        .args(["gc", "--run", "1"])
-        .output()
-        .unwrap();
+    let busy = drydock(state.path()).args(["gc", "--run", "1"]).run();
     assert_eq!(busy.status.code(), Some(2));
-    ok(&drydock(state.path())
-        .args(["vm", "stop", "g"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["vm", "stop", "g"]).run());
     // runs show lists the VM folder (snapshots live in it); du sizes it and the image.
-    let show = drydock(state.path())
-        .args(["runs", "show", "1"])
-        .output()
-        .unwrap();
+    let show = drydock(state.path()).args(["runs", "show", "1"]).run();
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(
         text.contains("state_dir") && text.contains("vms/g"),
         "{text}"
     );
-    let du = drydock(state.path())
-        .args(["--json", "du"])
-        .output()
-        .unwrap();
+    let du = drydock(state.path()).args(["--json", "du"]).run();
     let doc: serde_json::Value = serde_json::from_slice(&du.stdout).unwrap();
     let snapshot_bytes = std::fs::metadata(state.path().join("vms/g/snapshots/default/state"))
         .unwrap()
@@ -559,14 +479,10 @@ fn snapshots_and_images_are_artifacts_of_their_run() {
     // gc of the run takes its folder (snapshot included) and the image no VM uses any more.
     let dry = drydock(state.path())
         .args(["--json", "gc", "--run", "1", "--dry-run"])
-        .output()
-        .unwrap();
+        .run();
     let plan: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
     assert_eq!(plan["images"].as_array().unwrap().len(), 1, "{plan}");
-    ok(&drydock(state.path())
-        .args(["gc", "--run", "1"])
-        .output()
-        .unwrap());
+    ok(&drydock(state.path()).args(["gc", "--run", "1"]).run());
     assert!(!state.path().join("vms/g").exists());
     let left: Vec<_> = std::fs::read_dir(state.path().join("images"))
         .unwrap()

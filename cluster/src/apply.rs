@@ -29,11 +29,12 @@ use crate::control::ControlOp;
 use crate::events::{ControlCall, MachineEvent, OwnerEvent};
 use crate::exec::exec_remote;
 use crate::hub::Hub;
+use crate::launches::resolve_machine;
 use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
-use crate::run::{RunningCluster, machine_request, vlan_ports};
+use crate::run::{RunningCluster, vlan_ports};
 use crate::state::{ClusterError, cluster_paths, hub_socket, machine_failure};
-use drydock_vm::LaunchRecord;
 use drydock_vm::VmPaths;
+use drydock_vm::{LaunchPlan, LaunchRecord};
 
 /// How long `switch-to-configuration` may run in a guest.
 const SWITCH_DEADLINE: Duration = Duration::from_secs(300);
@@ -48,7 +49,7 @@ pub enum ReloadError {
     Resolve {
         machine: String,
         #[source]
-        source: Box<drydock_vm::ResolveError>,
+        source: Box<drydock_vm::LauncherError>,
     },
     #[error("the new plan is for the cluster {got}, not {want}")]
     OtherCluster { got: String, want: String },
@@ -81,6 +82,8 @@ struct Facts {
     /// Machines not running, and why if they failed.
     stopped: BTreeMap<String, Option<String>>,
     launches: BTreeMap<String, NewLaunch>,
+    /// Each new machine's launch, resolved: what a machine that boots carries out.
+    plans: BTreeMap<String, LaunchPlan>,
 }
 
 fn switchable(layout: &drydock_gc::StoreLayout, record: &LaunchRecord) -> bool {
@@ -214,8 +217,6 @@ impl RunningCluster {
                 want: self.plan.name.clone(),
             });
         }
-        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let hosts = cpaths.dir.join("hosts");
         let recorded = self
             .plan
             .machines
@@ -227,19 +228,18 @@ impl RunningCluster {
                     .map(|r| (m.machine.clone(), r))
             })
             .collect();
-        let mut launches = BTreeMap::new();
+        let (mut launches, mut plans) = (BTreeMap::new(), BTreeMap::new());
         for m in &new.machines {
-            let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
-            let req = machine_request(m, &self.opts, &cpaths, &hosts);
-            let record =
-                drydock_vm::resolve_launch(&self.opts.layout, &self.state_dir, &paths, &req)
-                    .map_err(|e| ReloadError::Resolve {
-                        machine: m.machine.clone(),
-                        source: Box::new(e),
-                    })?
-                    .record;
+            let plan = resolve_machine(m, &self.plan.name, &self.opts).map_err(|e| {
+                ReloadError::Resolve {
+                    machine: m.machine.clone(),
+                    source: Box::new(e),
+                }
+            })?;
+            let record = plan.record().clone();
             let switchable = switchable(&self.opts.layout, &record);
             launches.insert(m.machine.clone(), NewLaunch { record, switchable });
+            plans.insert(m.machine.clone(), plan);
         }
         // A machine whose thread ended is not running: why, if it failed.
         let stopped = self
@@ -256,6 +256,7 @@ impl RunningCluster {
             recorded,
             stopped,
             launches,
+            plans,
         })
     }
 
@@ -291,7 +292,7 @@ impl RunningCluster {
         cancel: &Cancel,
         on_event: &mut dyn FnMut(&OwnerEvent),
     ) -> Result<Vec<MachineOutcome>, ReloadError> {
-        let facts = self.gather(new)?;
+        let mut facts = self.gather(new)?;
         let mut plan = plan_reload(
             &self.plan,
             &facts.recorded,
@@ -361,7 +362,10 @@ impl RunningCluster {
             if log.exists() {
                 let _ = std::fs::rename(&log, paths.dir.join("console.log.prev"));
             }
-            self.spawn_machine(&m)
+            let Some(launch) = facts.plans.remove(name) else {
+                continue;
+            };
+            self.spawn_machine(&m, launch)
                 .map_err(|e| ReloadError::Cluster(Box::new(e)))?;
         }
         let boot_started = Instant::now();
@@ -428,7 +432,9 @@ impl RunningCluster {
                 };
                 let (m, result) = match event {
                     MachineEvent::Ready { machine, .. } => (machine, Ok(())),
-                    MachineEvent::Failed { machine, message } => (machine, Err(message.clone())),
+                    MachineEvent::Failed { machine, error } => {
+                        (machine, Err(drydock_vm::error_chain(&**error)))
+                    }
                     MachineEvent::Stopped { machine } => {
                         (machine, Err("stopped before it became ready".to_string()))
                     }

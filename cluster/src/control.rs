@@ -1,5 +1,6 @@
-//! A detached cluster's life from the outside: `up --detach` starts its owner (the hidden
-//! `__cluster-supervise`, which runs [`crate::run::up`]) and waits until every machine is ready;
+//! A detached cluster's life from the outside: `up --detach` checks every machine's launch, starts
+//! its owner (the hidden `__cluster-supervise`, which runs `run::up`) and waits until every
+//! machine is ready;
 //! `down` asks the owner to stop everything (SIGTERM), waits with a deadline, and reaps what an
 //! owner that died uncleanly left behind.
 
@@ -18,8 +19,7 @@ use serde::Deserialize;
 
 use crate::compose::ClusterPlan;
 use crate::reload::MachineOutcome;
-use crate::state::{ClusterError, ClusterMachine, ClusterState, cluster_paths};
-use drydock_vm::AccelChoice;
+use crate::state::{ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_paths};
 use drydock_vm::Awaited;
 use drydock_vm::VmPaths;
 use drydock_vm::{LaunchRecord, VmState};
@@ -29,18 +29,14 @@ pub const DOWN_DEADLINE: Duration = Duration::from_secs(120);
 /// How long past the machines' ready timeout `up --detach` waits for the owner.
 const OWNER_SLACK: Duration = Duration::from_secs(120);
 
-/// The owner to start for a detached cluster (its plan is already in `up.json`).
+/// The owner to start for a detached cluster.
 #[derive(Debug, Clone)]
 pub struct DetachedOwner<'a> {
-    pub exe: &'a Path,
-    pub state_dir: &'a Path,
+    /// The cluster, as also written to `up.json` (which the owner reads).
+    pub plan: &'a ClusterPlan,
+    /// How its machines launch (the owner gets the same accelerator, QEMU and timeout).
+    pub launch: &'a ClusterLaunch,
     pub store_root: Option<&'a Path>,
-    pub name: &'a str,
-    pub accel: AccelChoice,
-    pub qemu: Option<&'a Path>,
-    pub ready_timeout: Duration,
-    /// The bytes of console logs each machine keeps (`--log-limit`).
-    pub log_limit: u64,
 }
 
 /// A detached cluster that is up.
@@ -50,38 +46,40 @@ pub struct Detached {
     pub after_secs: f64,
 }
 
-/// Start the owner and wait until it reports every machine ready. On `cancel` or the deadline
-/// the owner is stopped (it stops everything it started) before returning.
+/// Check every machine's launch (a machine that cannot launch is the error, here, typed, and
+/// nothing starts), start the owner and wait until it reports every machine ready. On `cancel`
+/// or the deadline the owner is stopped (it stops everything it started) before returning.
 pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached, ClusterError> {
-    let dir = cluster_paths(o.state_dir, o.name).dir;
+    crate::launches::plan_launches(o.plan, o.launch)?;
+    let (state_dir, name, l) = (o.launch.state_dir.as_path(), o.plan.name.as_str(), o.launch);
+    let dir = cluster_paths(state_dir, name).dir;
     let log_path = dir.join("drydock.log");
     let files = |source| ClusterError::Files {
         path: log_path.clone(),
         source,
     };
     let log = std::fs::File::create(&log_path).map_err(files)?;
-    let mut cmd = drydock_vm::drydock_command(o.exe, o.state_dir, o.store_root);
+    let mut cmd = drydock_vm::drydock_command(&l.exe, state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
         "--name",
-        o.name,
+        name,
         "--accel",
-        o.accel.as_arg(),
+        l.accel.as_arg(),
     ])
     .arg("--timeout")
-    .arg(o.ready_timeout.as_secs_f64().to_string())
+    .arg(l.ready_timeout.as_secs_f64().to_string())
     .arg("--log-limit")
-    .arg(o.log_limit.to_string());
-    if let Some(q) = o.qemu {
+    .arg(l.log_limit.to_string());
+    if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
     }
     let started = Instant::now();
     let child =
         drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
     let pid = child.pid;
-    let deadline = o.ready_timeout + OWNER_SLACK;
-    let ready =
-        || ClusterState::read(o.state_dir, o.name).filter(|s| s.ready && s.owner_pid == pid);
+    let deadline = l.ready_timeout + OWNER_SLACK;
+    let ready = || ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid);
     let report = dir.join("cluster.json");
     match drydock_vm::await_report(pid, deadline, &report, cancel, ready) {
         Awaited::Ready(_) => Ok(Detached {
@@ -95,8 +93,8 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
                 None => "died".to_string(),
             };
             // What it left (its machines died with it) is cleaned up, their runs ended.
-            if let Some(plan) = last_plan(o.state_dir, o.name) {
-                let (_, problems) = reap_machines(o.state_dir, o.name, &plan);
+            if let Some(plan) = last_plan(state_dir, name) {
+                let (_, problems) = reap_machines(state_dir, name, &plan);
                 for p in problems {
                     tracing::warn!("{p}");
                 }

@@ -2,8 +2,8 @@
 //! one bounded channel (`sync_channel`), and the owner blocks on it until the next event or its
 //! next deadline, so an idle cluster costs its owner nothing:
 //!
-//! - each machine's thread: ready, failed, stopped ([`MachineEvent`]; its last event is
-//!   `Stopped` or `Failed`, sent as the thread ends);
+//! - each machine's thread: ready, failed (its typed [`MachineError`]), stopped
+//!   ([`MachineEvent`]; its last event is `Stopped` or `Failed`, sent as the thread ends);
 //! - each machine's console pump: every line the guest prints, once ([`OwnerEvent::Console`]);
 //! - the control socket's thread: each request of a second `up` or a `vm restart`, read whole;
 //! - the watcher's thread under `up --watch`: the files that changed;
@@ -17,10 +17,12 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use crate::control::ControlRequest;
+use crate::state::MachineError;
 
 /// How many events may wait for the owner.
 pub(crate) const CAPACITY: usize = 1024;
@@ -28,9 +30,18 @@ pub(crate) const CAPACITY: usize = 1024;
 /// What a machine thread reports.
 #[derive(Debug)]
 pub enum MachineEvent {
-    Ready { machine: String, after: Duration },
-    Failed { machine: String, message: String },
-    Stopped { machine: String },
+    Ready {
+        machine: String,
+        after: Duration,
+    },
+    /// Its error as it happened (shared: the owner reports it and may return it).
+    Failed {
+        machine: String,
+        error: Arc<MachineError>,
+    },
+    Stopped {
+        machine: String,
+    },
 }
 
 impl MachineEvent {

@@ -8,7 +8,10 @@
 //!   come or go), `watch` (waiting for edits);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, a machine's failure, its error);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its errors, a machine's error and
+//!   its recorded failure);
+//! - `launches` (each machine's launch request, and every machine's launch checked by
+//!   drydock-vm's launcher before anything starts);
 //! - `logs` (console stamping, the timed logs' merge and follow), `exec` (the exec server per
 //!   machine and its client), `control` (the owner's control socket: protocol, client and
 //!   server; starting a detached owner, `down`), `wait`;
@@ -20,12 +23,14 @@
 
 mod apply;
 mod backdoor;
+mod class;
 mod compose;
 mod control;
 mod eval;
 mod events;
 mod exec;
 mod hub;
+mod launches;
 mod logs;
 mod reload;
 mod run;
@@ -38,7 +43,10 @@ mod watch;
 mod wire;
 
 pub use apply::ReloadError;
-pub use backdoor::{BackdoorError, ExecOutput};
+pub use backdoor::{
+    Backdoor, BackdoorError, CHUNK, ExecOutput, READY_LINE, call_line, parse_reply,
+};
+pub use class::exit_class_of;
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
     MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
@@ -47,7 +55,7 @@ pub use compose::{
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
 };
-pub use eval::EvalError;
+pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_remote, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
@@ -63,8 +71,8 @@ pub use session::{
     watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_machine, cluster_paths,
-    machine_failure, refuse_cluster_machine, up_machine, up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, cluster_machine,
+    cluster_paths, machine_failure, refuse_cluster_machine, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::WatchError;

@@ -1,11 +1,14 @@
-//! The effectful layer of a cluster: its owner process starts one hub per VLAN and one
-//! long-lived thread per machine (so QEMU's parent-death signal is tied to a thread that lives
-//! as long as the machine). Each machine thread launches its VM through the one launch path
-//! (`resolve_launch`, `record_vm_run`, `start_with`), listens on the backdoor socket QEMU
-//! connects to, waits for the guest's ready line, then serves `exec` requests from other drydock
-//! processes on `exec.sock` (one JSON line each way; calls queue on the backdoor), until the
-//! owner stops the cluster, QEMU exits or the machine's store server dies: the thread blocks on
-//! all of these at once (its stop, QEMU's and the store server's pidfds, the exec socket).
+//! The effectful layer of a cluster: its owner process checks every machine's launch first
+//! (`launches`: resolved and checked by drydock-vm's launcher, so a bad machine starts
+//! nothing), then starts one hub per VLAN and one long-lived thread per machine (so QEMU's
+//! parent-death signal is tied to a thread that lives as long as the machine). Each machine
+//! thread carries its checked launch out with the launcher (claim, then its backdoor socket,
+//! then disk, run, record, QEMU with its console read by this process), listens on the
+//! backdoor socket QEMU connects to, waits for the guest's ready line, then serves `exec`
+//! requests from other drydock processes on `exec.sock` (one JSON line each way; calls queue on
+//! the backdoor), until the owner stops the cluster, QEMU exits or the machine's store server
+//! dies: the thread blocks on all of these at once (its stop, QEMU's and the store server's
+//! pidfds, the exec socket). What fails reaches the owner as a typed [`MachineError`].
 //!
 //! The owner itself waits on one channel (see `events`): the machines' events, their console
 //! lines (stamped into `console.timed` and handed on by each VM's console pump), the control
@@ -26,18 +29,16 @@ use std::time::{Duration, Instant};
 use drydock_gc::{Cancel, Deadline};
 
 use crate::backdoor::Backdoor;
-use crate::compose::{ClusterPlan, HOSTS_FW_CFG, MachinePlan};
+use crate::compose::{ClusterPlan, MachinePlan};
 use crate::events::{ConsoleEcho, ControlCall, MachineEvent, OwnerEvent};
 use crate::hub::Hub;
+use crate::launches::plan_launches;
 use crate::logs::{TimedLog, clear_logs};
 use crate::state::{
-    ClusterError, ClusterLaunch, ClusterState, cluster_paths, exec_socket, hub_socket, nic_socket,
-    record_failure,
+    ClusterError, ClusterLaunch, ClusterState, MachineError, cluster_paths, exec_socket,
+    hub_socket, nic_socket, record_failure,
 };
-use drydock_vm::{Boot, LaunchRequest, Share, StoreMode};
-use drydock_vm::{ConsoleOptions, WakeFd, Waker, wait_readable, wake_pair};
-use drydock_vm::{FwCfgFile, GuestDevices, Nic, VmPaths};
-use drydock_vm::{LaunchRecord, VmState};
+use drydock_vm::{ConsoleOptions, LaunchPlan, VmPaths, WakeFd, Waker, wait_readable, wake_pair};
 
 /// How long stopping machines may take before the owner stops waiting for their threads (each
 /// VM's own stop is bounded well within it: powerdown, quit, SIGTERM, SIGKILL).
@@ -82,15 +83,17 @@ pub struct RunningCluster {
     stopped: bool,
 }
 
-/// Start the cluster `plan`: hubs, then every machine in parallel. Returns once every machine
-/// is ready; a machine that fails, `cancel` or the timeout stops everything started. `on_event`
-/// sees each event meanwhile (the machines' and their console lines).
+/// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
+/// the error, and nothing starts), then hubs, then every machine in parallel. Returns once
+/// every machine is ready; a machine that fails, `cancel` or the timeout stops everything
+/// started. `on_event` sees each event meanwhile (the machines' and their console lines).
 pub(crate) fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
     cancel: &Cancel,
     on_event: &mut dyn FnMut(&OwnerEvent),
 ) -> Result<RunningCluster, ClusterError> {
+    let launches = plan_launches(plan, opts)?;
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
     for d in [&cpaths.dir, &cpaths.sockets] {
         std::fs::create_dir_all(d).map_err(|source| ClusterError::Files {
@@ -131,8 +134,8 @@ pub(crate) fn up(
     for m in &plan.machines {
         clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
     }
-    for m in &plan.machines {
-        running.spawn_machine(m)?;
+    for (m, launch) in plan.machines.iter().zip(launches) {
+        running.spawn_machine(m, launch)?;
     }
     let tx = running.tx.clone();
     let _interrupt = cancel.on_cancel(move || {
@@ -147,25 +150,25 @@ pub(crate) fn up(
         }
         let Some(ev) = running.next_event(Some(deadline)) else {
             running.stop();
-            return Err(ClusterError::Machine {
-                machine: "?".into(),
-                message: "the cluster did not become ready in time".into(),
-            });
+            return Err(ClusterError::machine("?", MachineError::Late));
         };
         on_event(&ev);
         if let OwnerEvent::Machine { event, .. } = ev {
             match event {
                 MachineEvent::Ready { .. } => ready += 1,
-                MachineEvent::Failed { machine, message } => {
-                    running.stop();
-                    return Err(ClusterError::Machine { machine, message });
-                }
-                MachineEvent::Stopped { machine } => {
+                MachineEvent::Failed { machine, error } => {
                     running.stop();
                     return Err(ClusterError::Machine {
                         machine,
-                        message: "stopped before it became ready".into(),
+                        source: error,
                     });
+                }
+                MachineEvent::Stopped { machine } => {
+                    running.stop();
+                    return Err(ClusterError::machine(
+                        &machine,
+                        MachineError::StoppedBeforeReady,
+                    ));
                 }
             }
         }
@@ -263,10 +266,14 @@ impl RunningCluster {
         }
     }
 
-    /// Start the thread of machine `m` (its VM boots; it reports on the owner's channel).
-    pub(crate) fn spawn_machine(&mut self, m: &MachinePlan) -> Result<(), ClusterError> {
+    /// Start the thread of machine `m`, which carries out its checked `launch` (its VM boots;
+    /// it reports on the owner's channel).
+    pub(crate) fn spawn_machine(
+        &mut self,
+        m: &MachinePlan,
+        launch: LaunchPlan,
+    ) -> Result<(), ClusterError> {
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let hosts = cpaths.dir.join("hosts");
         let files = |source| ClusterError::Files {
             path: cpaths.dir.clone(),
             source,
@@ -275,11 +282,10 @@ impl RunningCluster {
         let id = self.next_thread;
         self.next_thread += 1;
         let (m2, opts, tx) = (m.clone(), self.opts.clone(), self.tx.clone());
-        let cp = cpaths.clone();
         let thread = std::thread::Builder::new()
             .name(format!("machine-{}", m.machine))
             .spawn(move || {
-                let event = machine_main(&m2, &opts, &cp, &hosts, &stopped, &tx);
+                let event = machine_main(&m2, &opts, launch, &stopped, &tx);
                 // The thread's last act: the owner joins it once it has this.
                 let _ = tx.send(OwnerEvent::Machine { thread: id, event });
             })
@@ -404,118 +410,57 @@ impl Drop for RunningCluster {
     }
 }
 
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    drydock_vm::error_chain(e)
-}
-
-/// The launch of machine `m` of a cluster whose folder is `cpaths` (its hosts table `hosts`).
-pub(crate) fn machine_request(
-    m: &MachinePlan,
-    opts: &ClusterLaunch,
-    cpaths: &VmPaths,
-    hosts: &Path,
-) -> LaunchRequest {
-    let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-    let nics: Vec<Nic> = m
-        .nics
-        .iter()
-        .map(|n| Nic {
-            mac: n.mac.clone(),
-            socket: nic_socket(&paths, n.vlan),
-            hub: hub_socket(cpaths, n.vlan),
-        })
-        .collect();
-    LaunchRequest {
-        name: m.vm_name.clone(),
-        boot: Boot::System(m.settings.system.target().to_string()),
-        append: Some(m.append.clone()),
-        share: Share::Closure,
-        store_mode: StoreMode::VirtioFs,
-        accel: opts.accel,
-        qemu: opts.qemu.clone(),
-        memory_mib: m.settings.memory_mib,
-        cpus: m.settings.cores,
-        disk_size_mib: m.settings.disk_mib,
-        exe: opts.exe.clone(),
-        devices: GuestDevices {
-            nics,
-            backdoor: Some(paths.sockets.join("backdoor.sock")),
-            fw_cfg: vec![FwCfgFile {
-                name: HOSTS_FW_CFG.into(),
-                file: hosts.to_path_buf(),
-            }],
-        },
-    }
-}
-
-/// One machine, start to stop. Everything it started it stops before returning; the returned
-/// event is its last (`Stopped`, or `Failed` and why).
+/// One machine, start to stop: its checked `launch` carried out (its console stamped into the
+/// timed log and echoed to the owner, each line once), then served. Everything it started it
+/// stops before returning; the returned event is its last (`Stopped`, or `Failed` and why).
 fn machine_main(
     m: &MachinePlan,
     opts: &ClusterLaunch,
-    cpaths: &VmPaths,
-    hosts: &Path,
+    launch: LaunchPlan,
     stop: &WakeFd,
     tx: &SyncSender<OwnerEvent>,
 ) -> MachineEvent {
-    let fail = |message: String| MachineEvent::Failed {
+    let fail = |error: MachineError| MachineEvent::Failed {
         machine: m.machine.clone(),
-        message,
+        error: Arc::new(error),
+    };
+    let launcher = opts.launcher();
+    let claimed = match launcher.claim(launch) {
+        Ok(c) => c,
+        Err(e) => return fail(MachineError::launching(e)),
     };
     let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-    if let Some(state) = VmState::read(&paths) {
-        if state.qemu_alive() || state.supervisor_alive() {
-            return fail(format!(
-                "a VM named {} is already running (QEMU pid {})",
-                m.vm_name, state.qemu_pid
-            ));
-        }
-        let record = LaunchRecord::read(&paths).ok();
-        if let Err(e) = drydock_vm::reap_stale(&opts.state_dir, &paths, &state, record.as_ref()) {
-            return fail(error_text(&e));
-        }
-    }
     for d in [&paths.dir, &paths.sockets] {
-        if let Err(e) = std::fs::create_dir_all(d) {
-            return fail(format!("cannot create {}: {e}", d.display()));
+        if let Err(source) = std::fs::create_dir_all(d) {
+            return fail(MachineError::Files {
+                path: d.clone(),
+                source,
+            });
         }
     }
     record_failure(&paths, None);
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
-    let req = machine_request(m, opts, cpaths, hosts);
-    for p in req
+    let nics: Vec<PathBuf> = claimed
+        .record()
+        .spec
         .devices
         .nics
         .iter()
-        .map(|n| &n.socket)
-        .chain([&backdoor_path, &exec_path])
-    {
+        .map(|n| n.socket.clone())
+        .collect();
+    for p in nics.iter().chain([&backdoor_path, &exec_path]) {
         let _ = std::fs::remove_file(p);
     }
     let listener = match UnixListener::bind(&backdoor_path) {
         Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", backdoor_path.display())),
-    };
-    let mut record = match drydock_vm::resolve_launch(&opts.layout, &opts.state_dir, &paths, &req) {
-        Ok(r) => r.record,
-        Err(e) => {
-            return fail(format!(
-                "system {}: {}",
-                m.settings.system.target(),
-                error_text(&e)
-            ));
+        Err(source) => {
+            return fail(MachineError::Listen {
+                path: backdoor_path,
+                source,
+            });
         }
     };
-    if let Some(disk) = &record.spec.disk {
-        if let Err(e) = drydock_vm::discard_disk(disk) {
-            return fail(error_text(&e));
-        }
-    }
-    record.run_id = drydock_vm::record_vm_run(&opts.state_dir, &opts.layout, &record, &opts.argv);
-    if let Err(e) = record.write(&paths) {
-        return fail(error_text(&e));
-    }
     let started = Instant::now();
     // Each console line: stamped into the timed log, and to the owner (echo), once.
     let mut timed = TimedLog::open(&paths, opts.log_limit);
@@ -527,12 +472,9 @@ fn machine_main(
             echo.line(line);
         })),
     };
-    let mut vm = match drydock_vm::start_with(&record.spec, record.share.as_ref(), None, console) {
-        Ok(vm) => vm,
-        Err(e) => {
-            let _ = drydock_vm::end_vm_run(&opts.state_dir, &record, None);
-            return fail(error_text(&e));
-        }
+    let (record, mut vm) = match launcher.start_here(claimed, console) {
+        Ok(started) => started,
+        Err(e) => return fail(MachineError::launching(e)),
     };
     // From here on the VM is stopped on every path out.
     let mut calls = Vec::new();
@@ -540,18 +482,23 @@ fn machine_main(
     let result = serve(
         m, &mut vm, &listener, &exec_path, stop, tx, started, ready, &mut calls,
     );
-    if let Err(Failure::Lost(why)) = &result {
-        // Calls in progress and to come fail at once, saying why; so do `ps` and `exec`.
-        record_failure(&paths, Some(why));
-    }
-    if let (Err(Failure::Other(_)), Some(w)) = (&result, vm.qemu_exit()) {
-        // A backdoor that closed may be QEMU going away: give its exit a moment to show, so
-        // that the error says so rather than blame the guest.
-        w.wait(Deadline::after(QEMU_EXIT_GRACE));
+    match &result {
+        Err(MachineError::Lost(why)) => {
+            // Calls in progress and to come fail at once, saying why; so do `ps` and `exec`.
+            record_failure(&paths, Some(why));
+        }
+        Err(_) => {
+            // A backdoor that closed may be QEMU going away: give its exit a moment to show,
+            // so that the error says so rather than blame the guest.
+            if let Some(w) = vm.qemu_exit() {
+                w.wait(Deadline::after(QEMU_EXIT_GRACE));
+            }
+        }
+        Ok(()) => {}
     }
     let status = vm.exited();
     if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
-        tracing::warn!("stopping {}: {}", m.vm_name, error_text(&e));
+        tracing::warn!("stopping {}: {}", m.vm_name, drydock_vm::error_chain(&e));
     }
     // The VM is gone, so is its backdoor: every call thread ends now.
     for c in calls {
@@ -565,8 +512,8 @@ fn machine_main(
     for p in [&backdoor_path, &exec_path] {
         let _ = std::fs::remove_file(p);
     }
-    for n in &record.spec.devices.nics {
-        let _ = std::fs::remove_file(&n.socket);
+    for n in &nics {
+        let _ = std::fs::remove_file(n);
     }
     // A socket folder of its own (a VM folder too deep for socket paths) goes once empty.
     if paths.sockets != paths.dir {
@@ -576,59 +523,43 @@ fn machine_main(
         Ok(()) => MachineEvent::Stopped {
             machine: m.machine.clone(),
         },
-        Err(Failure::Lost(why)) => fail(why),
-        Err(Failure::Other(message)) => {
-            // Whether QEMU had died under the guest, and what it said.
-            let message = match status {
-                Some(st) => {
-                    let said = drydock_vm::log_tail(&paths.dir.join("qemu.log"), 5);
-                    let said = said.trim();
-                    match said.is_empty() {
-                        true => format!("{message}; QEMU had ended ({st})"),
-                        false => format!("{message}; QEMU had ended ({st}), saying: {said}"),
-                    }
-                }
-                None => message,
+        Err(lost @ MachineError::Lost(_)) => fail(lost),
+        Err(error) => {
+            // Whether QEMU had died under the guest, and what it said; what the guest printed
+            // last usually says why (a panic, a failed mount).
+            let qemu_said = match status {
+                Some(_) => drydock_vm::log_tail(&paths.dir.join("qemu.log"), 5),
+                None => String::new(),
             };
-            // What the guest printed last usually says why (a panic, a failed mount).
             let tail = drydock_vm::log_tail(&paths.console_log(), FAILED_CONSOLE_LINES);
-            let shown: Vec<String> = tail
-                .lines()
-                .map(|l| format!("  {}", drydock_vm::escape_control(l)))
-                .collect();
-            fail(match shown.is_empty() {
-                true => message,
-                false => format!(
-                    "{message}; the last lines of its console:\n{}",
-                    shown.join("\n")
-                ),
+            fail(MachineError::Ended {
+                error: Box::new(error),
+                qemu_ended: status.map(|st| st.to_string()),
+                qemu_said,
+                console_tail: tail
+                    .lines()
+                    .map(|l| drydock_vm::escape_control(l).into_owned())
+                    .collect(),
             })
         }
     }
 }
 
-/// Why a machine's serving ended other than by its stop.
-#[derive(Debug)]
-enum Failure {
-    /// It lost a process it needs (its store server): the reason, for `ps` and `exec`.
-    Lost(String),
-    Other(String),
-}
-
-/// Why the store server of `vm` ended, as a sentence.
-fn server_died(vm: &mut drydock_vm::Vm) -> Failure {
+/// Why the store server of `vm` ended, as the machine's error.
+fn server_died(vm: &mut drydock_vm::Vm) -> MachineError {
     let why = match vm.server_status() {
         Some((pid, Some(status))) => format!("its store server (pid {pid}) died ({status})"),
         Some((pid, None)) => format!("its store server (pid {pid}) died"),
         None => "its store server died".to_string(),
     };
-    Failure::Lost(format!(
+    MachineError::Lost(format!(
         "{why}; the guest cannot reach its store (`drydock up` restarts it)"
     ))
 }
 
 /// Wait for the backdoor, report ready, serve `exec` until stopped, QEMU exits or the store
-/// server dies. Exec calls started are in `calls` (joined once the VM is stopped).
+/// server dies. Exec calls started are in `calls` (joined once the VM is stopped). A lost
+/// store server is [`MachineError::Lost`].
 #[allow(clippy::too_many_arguments)]
 fn serve(
     m: &MachinePlan,
@@ -640,35 +571,30 @@ fn serve(
     started: Instant,
     ready: Deadline,
     calls: &mut Vec<std::thread::JoinHandle<()>>,
-) -> Result<(), Failure> {
-    let other = |what: &str, e: std::io::Error| Failure::Other(format!("{what}: {e}"));
+) -> Result<(), MachineError> {
     // QEMU connects the backdoor as it starts: wait for that, the stop, or a process's end.
     let stream = loop {
         let mut fds = vec![listener.as_fd(), stop.as_fd()];
         fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
         fds.extend(vm.server_exit().map(|w| w.as_fd()));
-        let r = wait_readable(&fds, Some(ready)).map_err(|e| other("backdoor socket", e))?;
+        let r = wait_readable(&fds, Some(ready)).map_err(MachineError::BackdoorSocket)?;
         if r[1] {
             return Ok(());
         }
         if vm.qemu_exit().is_some_and(|w| w.exited()) {
-            return Err(Failure::Other(
-                "QEMU exited before it connected the backdoor".into(),
-            ));
+            return Err(MachineError::ExitedEarly);
         }
         if vm.server_exit().is_some_and(|w| w.exited()) {
             return Err(server_died(vm));
         }
         if ready.expired() {
-            return Err(Failure::Other(
-                "QEMU did not connect the backdoor in time".into(),
-            ));
+            return Err(MachineError::NoBackdoor);
         }
         if r[0] {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if drydock_vm::retry(&e) => {}
-                Err(e) => return Err(other("backdoor socket", e)),
+                Err(e) => return Err(MachineError::BackdoorSocket(e)),
             }
         }
     };
@@ -684,21 +610,21 @@ fn serve(
         Err(_) if stop.is_woken() => return Ok(()),
         Err(_) if vm.server_exit().is_some_and(|w| w.exited()) => return Err(server_died(vm)),
         Err(_) if vm.qemu_exit().is_some_and(|w| w.exited()) => {
-            return Err(Failure::Other(format!(
-                "QEMU exited before the guest was ready (see {})",
-                vm.paths().console_log().display()
-            )));
+            return Err(MachineError::QemuExited {
+                console: vm.paths().console_log(),
+            });
         }
-        Err(e) => {
-            return Err(Failure::Other(format!(
-                "{} (see {})",
-                error_text(&e),
-                vm.paths().console_log().display()
-            )));
+        Err(error) => {
+            return Err(MachineError::NotReady {
+                error,
+                console: vm.paths().console_log(),
+            });
         }
     };
-    let exec = UnixListener::bind(exec_path)
-        .map_err(|e| other(&format!("cannot listen on {}", exec_path.display()), e))?;
+    let exec = UnixListener::bind(exec_path).map_err(|source| MachineError::Listen {
+        path: exec_path.to_path_buf(),
+        source,
+    })?;
     let _ = tx.send(OwnerEvent::Machine {
         // Not the last event: which thread sent it does not matter.
         thread: u64::MAX,
@@ -711,11 +637,9 @@ fn serve(
         Ok(crate::exec::ServeEnd::Stopped | crate::exec::ServeEnd::QemuExited) => Ok(()),
         Ok(crate::exec::ServeEnd::ServerDied) => {
             let lost = server_died(vm);
-            if let Failure::Lost(why) = &lost {
-                backdoor.close(&format!("machine {}: {why}", m.machine));
-            }
+            backdoor.close(&format!("machine {}: {lost}", m.machine));
             Err(lost)
         }
-        Err(e) => Err(other("exec socket", e)),
+        Err(e) => Err(MachineError::Exec(e)),
     }
 }

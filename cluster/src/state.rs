@@ -1,7 +1,9 @@
 //! A cluster's state on disk and its paths: who owns an up cluster (`cluster.json`), how its
-//! machines are launched, where its sockets live, and the cluster's error.
+//! machines are launched, where its sockets live, and the cluster's errors (one machine's,
+//! [`MachineError`], carried whole from its thread to the owner, and the cluster's).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +12,125 @@ use crate::compose::{ClusterPlan, MachinePlan};
 use drydock_gc::StoreLayout;
 use drydock_vm::AccelChoice;
 use drydock_vm::VmPaths;
+use drydock_vm::{Launcher, LauncherError};
+
+/// Why one machine could not be launched or served: found before the cluster starts (its launch
+/// resolved and checked), or in its thread, which reports it to the owner as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("a VM named {vm} is already running (QEMU pid {qemu_pid})")]
+    Running { vm: String, qemu_pid: u32 },
+    /// Its system (and its settings) cannot be launched.
+    #[error("system {system}")]
+    System {
+        system: String,
+        #[source]
+        source: Box<LauncherError>,
+    },
+    /// Claiming its name, its disk, its run, its record or starting QEMU failed.
+    #[error(transparent)]
+    Launch(Box<LauncherError>),
+    #[error("cannot create {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backdoor socket")]
+    BackdoorSocket(#[source] std::io::Error),
+    #[error("QEMU exited before it connected the backdoor")]
+    ExitedEarly,
+    #[error("QEMU did not connect the backdoor in time")]
+    NoBackdoor,
+    /// The guest's backdoor never became ready (the console says why); the backdoor's error is
+    /// kept, and shown before the console's path.
+    #[error("{} (see {})", drydock_vm::error_chain(error), console.display())]
+    NotReady {
+        error: crate::backdoor::BackdoorError,
+        console: PathBuf,
+    },
+    /// QEMU exited after it connected the backdoor, before the guest was ready.
+    #[error("QEMU exited before the guest was ready (see {})", console.display())]
+    QemuExited { console: PathBuf },
+    /// The exec socket failed.
+    #[error("exec socket")]
+    Exec(#[source] std::io::Error),
+    /// It lost a process it needs while it ran (its store server died): why, in the words
+    /// `ps` and `exec` use too (the machine's `failed` file).
+    #[error("{0}")]
+    Lost(String),
+    /// It failed once its VM had started (`error`), and what tells why: how QEMU had ended if
+    /// it had (and the last lines it wrote), and the last lines of its console (escaped).
+    #[error("{}{}", drydock_vm::error_chain(&**error), last_words(qemu_ended.as_deref(), qemu_said, console_tail))]
+    Ended {
+        error: Box<MachineError>,
+        /// QEMU's exit status, if it had exited.
+        qemu_ended: Option<String>,
+        /// The last lines of `qemu.log`.
+        qemu_said: String,
+        console_tail: Vec<String>,
+    },
+    #[error("stopped before it became ready")]
+    StoppedBeforeReady,
+    #[error("the cluster did not become ready in time")]
+    Late,
+}
+
+/// What a machine that failed left to tell why (see [`MachineError::Ended`]).
+fn last_words(qemu_ended: Option<&str>, qemu_said: &str, console_tail: &[String]) -> String {
+    let mut out = String::new();
+    if let Some(st) = qemu_ended {
+        match qemu_said.trim() {
+            "" => out += &format!("; QEMU had ended ({st})"),
+            said => out += &format!("; QEMU had ended ({st}), saying: {said}"),
+        }
+    }
+    if !console_tail.is_empty() {
+        out += "; the last lines of its console:";
+        for l in console_tail {
+            out += &format!("\n  {l}");
+        }
+    }
+    out
+}
+
+impl MachineError {
+    /// A launch refused by the launcher, in the words of a cluster machine: a name that is taken,
+    /// or its system (the resolution and checks).
+    pub(crate) fn planning(system: &str, e: LauncherError) -> Self {
+        match e {
+            LauncherError::NameInUse { name, qemu_pid } => Self::Running { vm: name, qemu_pid },
+            source => Self::System {
+                system: system.to_owned(),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    /// A launch that failed while it was carried out.
+    pub(crate) fn launching(e: LauncherError) -> Self {
+        match e {
+            LauncherError::NameInUse { name, qemu_pid } => Self::Running { vm: name, qemu_pid },
+            e => Self::Launch(Box::new(e)),
+        }
+    }
+
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Self::Running { .. } => true,
+            Self::System { source, .. } | Self::Launch(source) => source.is_bad_input(),
+            Self::NotReady { error, .. } => error.is_bad_input(),
+            Self::Ended { error, .. } => error.is_bad_input(),
+            _ => false,
+        }
+    }
+}
 
 /// Why a cluster could not start, or a call could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +143,12 @@ pub enum ClusterError {
     },
     #[error(transparent)]
     Hub(crate::hub::HubError),
-    #[error("machine {machine}: {message}")]
-    Machine { machine: String, message: String },
+    #[error("machine {machine}")]
+    Machine {
+        machine: String,
+        #[source]
+        source: Arc<MachineError>,
+    },
     #[error("the cluster {0} is not up (no owner found)")]
     NotUp(String),
     #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
@@ -87,10 +212,24 @@ fn log_words(path: &Path, log: &str) -> String {
 
 impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::NotUp(_) | Self::NoExec(_) | Self::NoMachine { .. } | Self::OwnedByCluster { .. }
-        )
+        match self {
+            Self::Machine { source, .. } => source.is_bad_input(),
+            _ => matches!(
+                self,
+                Self::NotUp(_)
+                    | Self::NoExec(_)
+                    | Self::NoMachine { .. }
+                    | Self::OwnedByCluster { .. }
+            ),
+        }
+    }
+
+    /// Machine `machine` failed.
+    pub(crate) fn machine(machine: &str, e: MachineError) -> Self {
+        Self::Machine {
+            machine: machine.to_owned(),
+            source: Arc::new(e),
+        }
     }
 }
 
@@ -110,6 +249,19 @@ pub struct ClusterLaunch {
     /// The bytes of console logs each machine keeps on disk (`console.log` and
     /// `console.timed`, with their rotated files).
     pub log_limit: u64,
+}
+
+impl ClusterLaunch {
+    /// drydock-vm's launcher for the machines.
+    pub fn launcher(&self) -> Launcher {
+        Launcher {
+            layout: self.layout.clone(),
+            state_dir: self.state_dir.clone(),
+            store_root: None,
+            exe: self.exe.clone(),
+            argv: self.argv.clone(),
+        }
+    }
 }
 
 /// The owner of an up cluster, as `down`, `ps` and `exec` find it (`cluster.json`).

@@ -46,7 +46,7 @@ impl ExitWatch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::time::Duration;
@@ -55,8 +55,8 @@ mod tests {
     const SLEEP_VAR: &str = "DRYDOCK_GC_TEST_CHILD_SLEEP";
 
     /// A child that runs no other program: this test binary itself, running only
-    /// [`child_process`], which sleeps `secs` seconds there.
-    fn child(secs: u64) -> Child {
+    /// [`child_process`], which sleeps `secs` seconds there. Also used by `sys`'s tests.
+    pub(crate) fn child(secs: u64) -> Child {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child::tests::child_process", "--nocapture"])
             .env(SLEEP_VAR, secs.to_string())

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::exitclass::{Classify, ExitClass};
+
 /// Why a `.drv` file could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DrvParseError {
@@ -22,6 +24,13 @@ pub enum DrvParseError {
     /// Something follows the closing parenthesis.
     #[error("at byte {offset}: trailing data after the derivation")]
     Trailing { offset: usize },
+}
+
+impl Classify for DrvParseError {
+    /// Bad input: the bytes given are not a derivation.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::BadInput
+    }
 }
 
 /// One output of a derivation.

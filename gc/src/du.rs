@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::exitclass::{Classify, ExitClass};
 use crate::store_path::StoreLayout;
 
 /// Errors measuring disk usage.
@@ -19,6 +20,13 @@ pub enum DuError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for DuError {
+    /// A failure: a directory that cannot be read while measuring.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
 }
 
 /// Inodes seen while walking, with their size on disk and link count.

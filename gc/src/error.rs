@@ -1,5 +1,8 @@
-//! The crate's top error type: every module's error, with a way for the binary to tell bad
-//! input (exit 2) from a failure (exit 1).
+//! The crate's top error type: every module's error, classified as its cause is
+//! ([`Classify`]), so that the binary tells bad input (exit 2), a failure (exit 1) and an
+//! interruption (exit 130) apart.
+
+use crate::exitclass::{Classify, ExitClass};
 
 /// Any error of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -33,25 +36,33 @@ pub enum GcError {
     NixConf(#[from] crate::nixconf::NixConfError),
 }
 
-impl GcError {
-    /// Whether the error is the user's input (a store that is not one, an unknown run id, a
-    /// corrupt runs database, a bad selection, an unreadable Nix configuration): the binary exits with 2 for these.
-    pub fn is_bad_input(&self) -> bool {
+impl Classify for GcError {
+    /// The class of the module error it wraps.
+    fn exit_class(&self) -> ExitClass {
         match self {
-            Self::NixDb(e) => e.is_bad_input(),
-            Self::RunsDb(e) => e.is_bad_input(),
-            Self::Track(e) => e.is_bad_input(),
-            Self::Select(_) => true,
-            Self::NixConf(e) => e.is_bad_input(),
-            Self::Roots(_) | Self::StoreCheck(_) | Self::Reclaim(_) | Self::Du(_) => false,
+            Self::NixDb(e) => e.exit_class(),
+            Self::Roots(e) => e.exit_class(),
+            Self::StoreCheck(e) => e.exit_class(),
+            Self::RunsDb(e) => e.exit_class(),
+            Self::Reclaim(e) => e.exit_class(),
+            Self::Du(e) => e.exit_class(),
+            Self::Track(e) => e.exit_class(),
+            Self::Select(e) => e.exit_class(),
+            Self::NixConf(e) => e.exit_class(),
         }
     }
+}
 
-    /// Whether the work stopped because the caller's cancel flag was set (exit 130).
+impl GcError {
+    /// `self.exit_class() == ExitClass::BadInput`, for drydock-vm's own `is_bad_input`s until
+    /// they ask [`Classify`]; remove then.
+    pub fn is_bad_input(&self) -> bool {
+        self.exit_class() == ExitClass::BadInput
+    }
+
+    /// `self.exit_class() == ExitClass::Interrupted`, for drydock-vm's own `is_interrupted`
+    /// until it asks [`Classify`]; remove then.
     pub fn is_interrupted(&self) -> bool {
-        matches!(
-            self,
-            Self::Track(crate::track::TrackError::Interrupted { .. })
-        )
+        self.exit_class() == ExitClass::Interrupted
     }
 }

@@ -9,6 +9,8 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::exitclass::{Classify, ExitClass};
+
 /// Caps for the kinds of files drydock reads.
 pub const MAX_DRV_BYTES: u64 = 64 << 20;
 /// Nix's configuration files (each one, includes separately).
@@ -40,6 +42,15 @@ pub enum ReadFileError {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{} is larger than {limit} bytes", path.display())]
     TooLarge { path: PathBuf, limit: u64 },
+}
+
+impl Classify for ReadFileError {
+    /// A failure: whether a file that is a link, not regular or too large is the user's fault
+    /// depends on what the file is for, so the caller that knows wraps it in its own error
+    /// (`NixConfError` is bad input; so is drydock-vm's launch record).
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
 }
 
 impl ReadFileError {
@@ -178,11 +189,7 @@ mod tests {
         );
 
         let fifo = dir.path().join("fifo");
-        let st = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crate::sys::make_fifo(&fifo).unwrap();
         // Would block in open() for ever without O_NONBLOCK.
         let e = read_regular(&fifo, Links::Follow, 1 << 20).unwrap_err();
         assert!(

@@ -9,10 +9,12 @@
 //! Modules import only modules of lower layers (or of their own layer, listed before them), so
 //! that the imports form a DAG (`grep -n 'crate::' gc/src/*.rs` outside `mod tests` shows it):
 //!
-//! 1. leaves, importing nothing of the crate: `deadline` ([`Deadline`]), `cancel` ([`Cancel`]),
-//!    `store_path`, `drv`,
-//!    `names`, `fsread`; then `sys` (the only `unsafe`; deadline), `child` (a blocking wait for
-//!    a child's exit; sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
+//! 0. `exitclass` ([`ExitClass`], [`Classify`]) and `deadline` ([`Deadline`]), importing
+//!    nothing of the crate; every module with an error type imports `exitclass` (not repeated
+//!    below);
+//! 1. leaves: `cancel` ([`Cancel`]), `store_path`, `drv`, `names`, `fsread`; then `sys` (the
+//!    only `unsafe`; deadline), `child` (a blocking wait for a child's exit; sys, deadline) and
+//!    `nixcmd` (a Nix command with a deadline; child);
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
 //!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
 //! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
@@ -31,6 +33,7 @@ mod deadline;
 mod drv;
 mod du;
 mod error;
+mod exitclass;
 mod fsread;
 mod names;
 mod nixcmd;
@@ -60,6 +63,7 @@ pub use deadline::Deadline;
 pub use drv::{Derivation, DrvOutput, DrvParseError, parse_derivation, unparse_derivation};
 pub use du::{DuError, InodeSet, disk_usage, freeable};
 pub use error::GcError;
+pub use exitclass::{Classify, ExitClass};
 pub use fsread::{Links, MAX_STATE_BYTES, ReadFileError, read_regular};
 pub use names::NameList;
 pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
@@ -86,4 +90,132 @@ pub fn epoch_secs() -> i64 {
 /// FNV-1a (64 bits) of some bytes: short, stable names (pin links, socket folders, lock files).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     runsdb::fnv1a(bytes)
+}
+
+/// The exit class of `cause` if it is one of this crate's public error types (the one place
+/// that lists them; each classifies itself through [`Classify`]), `None` for any other error.
+/// The binary asks it of each error of a chain.
+pub fn exit_class_of(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
+    fn class<E: Classify + std::error::Error + 'static>(
+        cause: &(dyn std::error::Error + 'static),
+    ) -> Option<ExitClass> {
+        cause.downcast_ref::<E>().map(Classify::exit_class)
+    }
+    class::<GcError>(cause)
+        .or_else(|| class::<DrvParseError>(cause))
+        .or_else(|| class::<DuError>(cause))
+        .or_else(|| class::<NixConfError>(cause))
+        .or_else(|| class::<NixDbError>(cause))
+        .or_else(|| class::<ReadFileError>(cause))
+        .or_else(|| class::<ReclaimError>(cause))
+        .or_else(|| class::<RootsError>(cause))
+        .or_else(|| class::<RunsDbError>(cause))
+        .or_else(|| class::<SelectError>(cause))
+        .or_else(|| class::<StoreCheckError>(cause))
+        .or_else(|| class::<StorePathError>(cause))
+        .or_else(|| class::<TrackError>(cause))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn every_public_error_type_is_classified() {
+        let io = || std::io::Error::other("x");
+        let path = PathBuf::from("/x");
+        let cases: Vec<(Box<dyn std::error::Error>, ExitClass)> = vec![
+            (
+                Box::new(GcError::Select(SelectError::NothingSelected)),
+                ExitClass::BadInput,
+            ),
+            (Box::new(DrvParseError::UnexpectedEof), ExitClass::BadInput),
+            (
+                Box::new(DuError::Read {
+                    path: path.clone(),
+                    source: io(),
+                }),
+                ExitClass::Failed,
+            ),
+            (
+                Box::new(NixConfError::MissingInclude {
+                    path: path.clone(),
+                    from: "nix.conf".into(),
+                }),
+                ExitClass::BadInput,
+            ),
+            (
+                Box::new(NixDbError::NotAStore {
+                    root: path.clone(),
+                    db: path.clone(),
+                }),
+                ExitClass::BadInput,
+            ),
+            (
+                Box::new(ReadFileError::TooLarge {
+                    path: path.clone(),
+                    limit: 1,
+                }),
+                ExitClass::Failed,
+            ),
+            (
+                Box::new(ReclaimError::Timeout(std::time::Duration::from_secs(1))),
+                ExitClass::Failed,
+            ),
+            (
+                Box::new(RootsError::ReadDir {
+                    path: path.clone(),
+                    source: io(),
+                }),
+                ExitClass::Failed,
+            ),
+            (Box::new(RunsDbError::UnknownRun(1)), ExitClass::BadInput),
+            (
+                Box::new(SelectError::BadDuration("7y".into())),
+                ExitClass::BadInput,
+            ),
+            (
+                Box::new(StoreCheckError::ReadStore {
+                    path: path.clone(),
+                    source: io(),
+                }),
+                ExitClass::Failed,
+            ),
+            (
+                Box::new(StorePathError::TooShort("x".into())),
+                ExitClass::BadInput,
+            ),
+            (
+                Box::new(TrackError::Interrupted {
+                    run_id: 1,
+                    exit_code: 0,
+                }),
+                ExitClass::Interrupted,
+            ),
+        ];
+        for (e, class) in &cases {
+            assert_eq!(exit_class_of(e.as_ref()), Some(*class), "{e:?}");
+        }
+        assert_eq!(exit_class_of(&io()), None);
+    }
+
+    #[test]
+    fn the_umbrella_error_is_classified_as_its_cause() {
+        let interrupted = GcError::from(TrackError::Interrupted {
+            run_id: 1,
+            exit_code: 3,
+        });
+        assert_eq!(interrupted.exit_class(), ExitClass::Interrupted);
+        let failed = GcError::from(TrackError::InitFailed {
+            root: "/x".into(),
+            message: String::new(),
+        });
+        assert_eq!(failed.exit_class(), ExitClass::Failed);
+        let bad = GcError::from(RunsDbError::UnknownRun(7));
+        assert_eq!(bad.exit_class(), ExitClass::BadInput);
+        // The shims drydock-vm still calls agree.
+        assert!(bad.is_bad_input() && !bad.is_interrupted());
+        assert!(interrupted.is_interrupted() && !interrupted.is_bad_input());
+    }
 }

@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::exitclass::{Classify, ExitClass};
+
 /// Includes nested deeper than this are ignored (Nix has no limit and recurses forever).
 const MAX_INCLUDE_DEPTH: u32 = 8;
 
@@ -58,11 +60,19 @@ pub enum NixConfError {
 }
 
 impl NixConfError {
-    /// Whether the error is the user's input (exit 2): every way a configuration can be bad is.
+    /// `self.exit_class() == ExitClass::BadInput`, for drydock-vm's own `is_bad_input`s until
+    /// they ask [`Classify`]; remove then.
     pub fn is_bad_input(&self) -> bool {
+        self.exit_class() == ExitClass::BadInput
+    }
+}
+
+impl Classify for NixConfError {
+    /// Bad input: every way a configuration can be bad is the user's (Nix refuses it too).
+    fn exit_class(&self) -> ExitClass {
         match self {
             Self::Unreadable { .. } | Self::MissingInclude { .. } | Self::InvalidBool { .. } => {
-                true
+                ExitClass::BadInput
             }
         }
     }
@@ -577,7 +587,7 @@ mod tests {
         )]);
         let conf = NixConf::load(d.path(), &sources(&[SYS], None)).unwrap();
         let err = conf.get_bool(&["keep-outputs"]).unwrap_err();
-        assert!(err.is_bad_input());
+        assert_eq!(err.exit_class(), ExitClass::BadInput);
         assert!(
             err.to_string().contains(SYS) && err.to_string().contains("maybe"),
             "{err}"
@@ -591,7 +601,7 @@ mod tests {
         std::fs::create_dir_all(d.path().join("etc/nix/nix.conf")).unwrap();
         let err = NixConf::load(d.path(), &sources(&[SYS], None)).unwrap_err();
         assert!(matches!(err, NixConfError::Unreadable { .. }), "{err:?}");
-        assert!(err.is_bad_input());
+        assert_eq!(err.exit_class(), ExitClass::BadInput);
         let physical = d.path().join("etc/nix/nix.conf");
         assert!(
             err.to_string().contains(&physical.display().to_string()),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use crate::exitclass::{Classify, ExitClass};
 use crate::names::NameList;
 use crate::store_path::{StoreLayout, StorePath, parse_base_name};
 
@@ -41,14 +42,28 @@ pub enum NixDbError {
 }
 
 impl NixDbError {
-    /// Whether the error comes from what the user named (a `--store` that is not a store).
+    /// `self.exit_class() == ExitClass::BadInput`, for drydock-vm's own `is_bad_input`s until
+    /// they ask [`Classify`]; remove then.
     pub fn is_bad_input(&self) -> bool {
-        match self {
+        self.exit_class() == ExitClass::BadInput
+    }
+}
+
+impl Classify for NixDbError {
+    /// Bad input when the error comes from what the user named (a `--store` that is not a
+    /// store, a file that is not Nix's database); a failure otherwise.
+    fn exit_class(&self) -> ExitClass {
+        let bad = match self {
             Self::NotAStore { .. } | Self::NotNixDb { .. } => true,
             Self::Open { source, .. } | Self::Query { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
             ),
+        };
+        if bad {
+            ExitClass::BadInput
+        } else {
+            ExitClass::Failed
         }
     }
 }
@@ -851,13 +866,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = StoreLayout::chroot(dir.path());
         let e = NixDb::open(&layout).unwrap_err();
-        assert!(e.is_bad_input(), "{e}");
+        assert_eq!(e.exit_class(), ExitClass::BadInput, "{e}");
         std::fs::create_dir_all(layout.db_path().parent().unwrap()).unwrap();
         std::fs::write(layout.db_path(), vec![7u8; 8192]).unwrap();
         let e = NixDb::open(&layout)
             .and_then(|db| db.snapshot())
             .unwrap_err();
-        assert!(e.is_bad_input(), "{e}");
+        assert_eq!(e.exit_class(), ExitClass::BadInput, "{e}");
     }
 
     #[test]

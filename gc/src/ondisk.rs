@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{Node, Snapshot};
 use crate::store_path::{StoreLayout, StorePath, check_base_name};
 
@@ -18,6 +19,14 @@ pub enum StoreCheckError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for StoreCheckError {
+    /// A failure: a store directory that cannot be listed (a store that is not one is found
+    /// earlier, by [`crate::nixdb::NixDbError`]).
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
 }
 
 /// The entries of the physical store directory.

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::deadline::Deadline;
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{NixDb, NixDbError};
 use crate::store_path::{StoreLayout, StorePath};
 
@@ -40,6 +41,14 @@ pub enum ReclaimError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for ReclaimError {
+    /// Always a failure: deleting is asked of drydock, and whatever stops it (Nix, the
+    /// database checked afterwards, a lock held too long) is not the user's input.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
 }
 
 /// What happened to the paths of one or more batches.

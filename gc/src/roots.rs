@@ -7,6 +7,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::exitclass::{Classify, ExitClass};
 use crate::store_path::{StoreLayout, StorePath};
 
 /// Errors while looking for roots. Unreadable individual entries are skipped, as Nix does;
@@ -20,6 +21,13 @@ pub enum RootsError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for RootsError {
+    /// A failure: the roots directories are Nix's, not the user's input.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::Failed
+    }
 }
 
 /// Where a root comes from.

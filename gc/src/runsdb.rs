@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::classify::PathClass;
 use crate::deadline::Deadline;
+use crate::exitclass::{Classify, ExitClass};
 use crate::store_path::{StoreLayout, StorePath};
 
 /// File name of the database inside the state directory.
@@ -155,18 +156,21 @@ pub enum RunsDbError {
     },
 }
 
-impl RunsDbError {
-    /// Bad input: a corrupt or too-new database, an unknown run id.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
+impl Classify for RunsDbError {
+    /// Bad input: a corrupt, unwritable or too-new database (or state directory), an unknown run
+    /// id, another store's run. Removing a pin is classified as its cause; the rest are
+    /// failures.
+    fn exit_class(&self) -> ExitClass {
+        match self {
             Self::Corrupt { .. }
-                | Self::StateDir { .. }
-                | Self::Unwritable { .. }
-                | Self::TooNew { .. }
-                | Self::UnknownRun(_)
-                | Self::OtherStore { .. }
-        )
+            | Self::StateDir { .. }
+            | Self::Unwritable { .. }
+            | Self::TooNew { .. }
+            | Self::UnknownRun(_)
+            | Self::OtherStore { .. } => ExitClass::BadInput,
+            Self::Unpin(e) => e.exit_class(),
+            Self::Pin { .. } | Self::Sqlite { .. } => ExitClass::Failed,
+        }
     }
 }
 
@@ -1059,7 +1063,10 @@ mod tests {
         db.artifact_removed(art).unwrap();
         assert!(db.artifacts(id).unwrap()[0].removed_at.is_some());
         assert!(matches!(db.run(99), Err(RunsDbError::UnknownRun(99))));
-        assert!(db.finish_run(99, None).unwrap_err().is_bad_input());
+        assert_eq!(
+            db.finish_run(99, None).unwrap_err().exit_class(),
+            ExitClass::BadInput
+        );
         drop(db);
         // Reopening keeps data and does not re-migrate.
         let db = RunsDb::open(dir.path()).unwrap();
@@ -1120,12 +1127,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RUNS_DB_FILE), vec![b'x'; 4096]).unwrap();
         let e = RunsDb::open(dir.path()).unwrap_err();
-        assert!(e.is_bad_input(), "{e}");
+        assert_eq!(e.exit_class(), ExitClass::BadInput, "{e}");
         let dir = tempfile::tempdir().unwrap();
         let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
         c.execute_batch("CREATE TABLE other (x)").unwrap();
         drop(c);
-        assert!(RunsDb::open(dir.path()).unwrap_err().is_bad_input());
+        assert_eq!(
+            RunsDb::open(dir.path()).unwrap_err().exit_class(),
+            ExitClass::BadInput
+        );
         let dir = tempfile::tempdir().unwrap();
         let c = Connection::open(dir.path().join(RUNS_DB_FILE)).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
@@ -1211,7 +1221,7 @@ mod tests {
         );
         assert_eq!(db.run_in_store(&a, ra).unwrap().id, ra);
         let e = db.run_in_store(&a, rb).unwrap_err();
-        assert!(e.is_bad_input());
+        assert_eq!(e.exit_class(), ExitClass::BadInput);
         let msg = e.to_string();
         assert!(
             msg.contains(&b.id()) && msg.contains("--store /nonexistent-drydock-test/b"),

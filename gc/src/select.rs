@@ -1,6 +1,7 @@
 //! Which runs a collection selects (`--keep-last`, `--older-than`, `--run`, `--all`): pure
 //! rules over the recorded runs, and their bad-usage errors.
 
+use crate::exitclass::{Classify, ExitClass};
 use crate::runsdb::Run;
 
 /// Errors of selection (bad usage).
@@ -15,6 +16,13 @@ pub enum SelectError {
     /// A duration that cannot be parsed.
     #[error("--older-than '{0}': expected a number followed by s, m, h, d or w (e.g. 7d)")]
     BadDuration(String),
+}
+
+impl Classify for SelectError {
+    /// Bad usage, always.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::BadInput
+    }
 }
 
 /// Which runs (or everything) to collect.

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::exitclass::{Classify, ExitClass};
+
 /// Nix's base-32 alphabet (no `e`, `o`, `u`, `t`).
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 /// Byte classes: bit 0 = in Nix's base-32 alphabet, bit 1 = allowed in a name.
@@ -45,6 +47,13 @@ pub enum StorePathError {
     /// The name part is empty, too long, starts with a dot or has a forbidden character.
     #[error("store path base name '{0}' has an invalid name part")]
     BadName(String),
+}
+
+impl Classify for StorePathError {
+    /// Bad input: the string given is not a store path of the store.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::BadInput
+    }
 }
 
 /// A store path's base name, `<hash>-<name>`, validated. The store directory is kept apart

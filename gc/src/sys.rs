@@ -122,6 +122,21 @@ pub fn send_signal(pid: u32, sig: i32) -> io::Result<()> {
     }
 }
 
+/// Make a FIFO at `path` (`mkfifo(3)`), for tests of readers that must not block on one.
+#[cfg(test)]
+pub fn make_fifo(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; mkfifo only reads it.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,13 +184,21 @@ mod tests {
 
     #[test]
     fn signal_to_child() {
-        let mut c = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        // The child runs no other program: it is this test binary (see `child::tests`).
+        let mut c = crate::child::tests::child(30);
         send_signal(c.id(), libc::SIGTERM).unwrap();
         let st = c.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn a_fifo_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        make_fifo(&p).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_fifo());
+        assert!(make_fifo(&p).is_err(), "it exists");
     }
 }

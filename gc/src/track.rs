@@ -10,12 +10,14 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::child::ExitWatch;
 use crate::deadline::Deadline;
 use crate::drv::{Derivation, parse_derivation};
+use crate::exitclass::{Classify, ExitClass};
 use crate::nixdb::{NixDb, PathInfo};
 use crate::store_path::{StoreLayout, StorePath};
 
@@ -64,10 +66,18 @@ pub enum TrackError {
     InitFailed { root: PathBuf, message: String },
 }
 
-impl TrackError {
-    /// A missing or unstartable command is bad input.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::NoCommand | Self::Spawn { .. })
+impl Classify for TrackError {
+    /// A missing or unstartable command is bad input; Ctrl-C after the command ended is an
+    /// interruption; the rest (a command stopped at its deadline included) are failures.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::NoCommand | Self::Spawn { .. } => ExitClass::BadInput,
+            Self::Interrupted { .. } => ExitClass::Interrupted,
+            Self::Late { .. }
+            | Self::Wait { .. }
+            | Self::InitStore { .. }
+            | Self::InitFailed { .. } => ExitClass::Failed,
+        }
     }
 }
 
@@ -77,18 +87,164 @@ const CANCEL_CHECK: Duration = Duration::from_millis(10);
 /// is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// At most this many distinct store paths named on a tracked command's stdout are kept (each
+/// is a starting point of the attribution); further ones are dropped with one warning. A build
+/// prints one path per output it was asked for, far fewer than this.
+const MAX_OUTPUT_PATHS: usize = 65_536;
+
+/// Lines of a tracked command's stdout longer than this many bytes are passed through but not
+/// scanned for store paths (with one warning), so that a line without end cannot grow
+/// drydock's memory. A store path's line is short; `nix build --json` naming thousands of
+/// outputs on one line fits.
+const MAX_SCANNED_LINE: usize = 1 << 20;
+
+/// A tracked command's stdout, passed through line by line and scanned for store paths, in
+/// bounded memory: one line of at most [`MAX_SCANNED_LINE`] bytes and at most
+/// [`MAX_OUTPUT_PATHS`] distinct paths are held, whatever the command prints.
+#[derive(Debug)]
+struct OutputScan {
+    store_dir: String,
+    /// The current line, while it is within [`MAX_SCANNED_LINE`] (its capacity never grows
+    /// beyond that).
+    line: Vec<u8>,
+    /// Every path kept so far.
+    seen: HashSet<StorePath>,
+    /// Paths kept since [`OutputScan::take_new`] was last called.
+    new: Vec<StorePath>,
+    /// Lines passed through but not scanned, for being too long.
+    long_lines: usize,
+    /// Distinct paths dropped beyond [`MAX_OUTPUT_PATHS`].
+    dropped_paths: usize,
+}
+
+/// Pass `bytes` through to `echo`. A closed stdout on our side must not kill the command's run,
+/// so errors are ignored.
+fn echo_bytes(echo: &mut dyn Write, bytes: &[u8]) {
+    let _ = echo.write_all(bytes).and_then(|_| echo.flush());
+}
+
+impl OutputScan {
+    fn new(store_dir: &str) -> Self {
+        Self {
+            store_dir: store_dir.to_owned(),
+            line: Vec::with_capacity(MAX_SCANNED_LINE),
+            seen: HashSet::new(),
+            new: Vec::new(),
+            long_lines: 0,
+            dropped_paths: 0,
+        }
+    }
+
+    /// Read one line of `input` (up to and including its `\n`, or to the end of the input),
+    /// pass it through to `echo` and keep the store paths it names. A line within
+    /// [`MAX_SCANNED_LINE`] is written (and flushed) whole once complete, as before scanning
+    /// was bounded; a longer one is written piece by piece as it is read. Returns false at the
+    /// end of the input.
+    fn next_line(
+        &mut self,
+        input: &mut impl BufRead,
+        echo: &mut dyn Write,
+    ) -> std::io::Result<bool> {
+        self.line.clear();
+        let (mut read_any, mut too_long) = (false, false);
+        loop {
+            let buf = match input.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if buf.is_empty() {
+                break;
+            }
+            read_any = true;
+            let (chunk, ends) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..=i], true),
+                None => (buf, false),
+            };
+            if !too_long && self.line.len() + chunk.len() <= MAX_SCANNED_LINE {
+                self.line.extend_from_slice(chunk);
+            } else {
+                if !too_long {
+                    too_long = true;
+                    echo_bytes(echo, &self.line);
+                    self.line.clear();
+                    if self.long_lines == 0 {
+                        tracing::warn!(
+                            "the command printed a line longer than {MAX_SCANNED_LINE} bytes: it \
+                             is passed through but not scanned for store paths (said once)"
+                        );
+                    }
+                    self.long_lines += 1;
+                }
+                echo_bytes(echo, chunk);
+            }
+            let n = chunk.len();
+            input.consume(n);
+            if ends {
+                break;
+            }
+        }
+        if !too_long && read_any {
+            echo_bytes(echo, &self.line);
+            self.keep_paths();
+        }
+        Ok(read_any)
+    }
+
+    /// Keep the store paths named on the current line, new ones only, up to the cap.
+    fn keep_paths(&mut self) {
+        for p in store_paths_in_output(&self.store_dir, &self.line) {
+            if self.seen.contains(&p) {
+                continue;
+            }
+            if self.seen.len() >= MAX_OUTPUT_PATHS {
+                if self.dropped_paths == 0 {
+                    tracing::warn!(
+                        "the command named more than {MAX_OUTPUT_PATHS} store paths on its \
+                         output: only the first ones are used to attribute its paths (said once)"
+                    );
+                }
+                self.dropped_paths += 1;
+                continue;
+            }
+            self.seen.insert(p.clone());
+            self.new.push(p);
+        }
+    }
+
+    /// The paths kept since the last call.
+    fn take_new(&mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.new)
+    }
+}
+
+/// Set while someone waits for what the reader of a tracked command's stdout finds; cleared
+/// when the [`Passthrough`] is dropped, and the reader then stops at the next line.
+#[derive(Debug)]
+struct Listening(Arc<AtomicBool>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 /// The tracked command, started with stdin and stderr inherited and stdout passed through (and
 /// scanned for store paths).
 pub(crate) struct Passthrough {
     program: String,
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The distinct store paths its stdout named, each sent once, at most
+    /// [`MAX_OUTPUT_PATHS`] in all (so the channel is bounded too).
+    paths: std::sync::mpsc::Receiver<StorePath>,
+    _listening: Listening,
 }
 
 impl Passthrough {
-    /// Start `cmd`. A command that cannot be started is bad input, and nothing is recorded. It
+    /// Start `cmd`, scanning its stdout for paths in `store_dir` (the logical store
+    /// directory). A command that cannot be started is bad input, and nothing is recorded. It
     /// dies with drydock (SIGKILL included).
-    pub(crate) fn spawn(cmd: &[String], echo: Echo) -> Result<Self, TrackError> {
+    pub(crate) fn spawn(cmd: &[String], echo: Echo, store_dir: &str) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
         let mut command = Command::new(&program);
         command.args(&cmd[1..]).stdout(Stdio::piped());
@@ -99,26 +255,24 @@ impl Passthrough {
         })?;
         // Copy stdout in a thread, so that a background process that inherited the pipe cannot
         // keep us waiting once the command itself has exited.
-        let (tx, lines) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (tx, paths) = std::sync::mpsc::channel::<StorePath>();
+        let listening = Arc::new(AtomicBool::new(true));
         if let Some(out) = child.stdout.take() {
+            let listening = Arc::clone(&listening);
+            let mut scan = OutputScan::new(store_dir);
             std::thread::spawn(move || {
                 let mut r = BufReader::new(out);
                 let mut stdout: Box<dyn Write> = match echo {
                     Echo::Stdout => Box::new(std::io::stdout()),
                     Echo::Stderr => Box::new(std::io::stderr()),
                 };
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match r.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            // A closed stdout on our side must not kill the command's run.
-                            let _ = stdout.write_all(&line).and_then(|_| stdout.flush());
-                            if tx.send(line.clone()).is_err() {
-                                break;
-                            }
-                        }
+                while listening.load(Ordering::SeqCst) {
+                    match scan.next_line(&mut r, &mut stdout) {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => break,
+                    }
+                    if scan.take_new().into_iter().any(|p| tx.send(p).is_err()) {
+                        break;
                     }
                 }
             });
@@ -126,7 +280,8 @@ impl Passthrough {
         Ok(Self {
             program,
             child,
-            lines,
+            paths,
+            _listening: Listening(listening),
         })
     }
 
@@ -140,12 +295,13 @@ impl Passthrough {
     /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
     /// follows. At `deadline` it is sent SIGINT too. A command that has not exited
     /// [`STOP_GRACE`] after its SIGINT (or at a second interruption) is killed. Returns the exit
-    /// code (128 + signal if it was killed), the stdout text and whether the deadline passed.
+    /// code (128 + signal if it was killed), the distinct store paths named on its stdout,
+    /// sorted, and whether the deadline passed.
     pub(crate) fn wait(
         mut self,
         cancel: &AtomicBool,
         deadline: Option<Deadline>,
-    ) -> Result<(i32, Vec<u8>, bool), TrackError> {
+    ) -> Result<(i32, Vec<StorePath>, bool), TrackError> {
         let wait_err = |source| TrackError::Wait {
             program: self.program.clone(),
             source,
@@ -179,15 +335,18 @@ impl Passthrough {
             }
         }
         let status = self.child.wait().map_err(wait_err)?;
-        let mut captured = Vec::new();
+        // What the reader has still to send, until it reaches the end of the output, for at
+        // most 2 s (a background process may hold the pipe open for ever). Again the cancel
+        // flag is looked at between waits of at most 100 ms.
+        let mut found = Vec::new();
         let deadline = Deadline::after(Duration::from_secs(2));
         loop {
             if cancel.load(Ordering::SeqCst) {
                 break;
             }
             let slice = Deadline::after(Duration::from_millis(100)).min(deadline);
-            match self.lines.recv_timeout(slice.remaining()) {
-                Ok(line) => captured.extend_from_slice(&line),
+            match self.paths.recv_timeout(slice.remaining()) {
+                Ok(p) => found.push(p),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !deadline.expired() => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     tracing::debug!("stdout still open after the command exited; not waiting");
@@ -196,24 +355,18 @@ impl Passthrough {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
+        found.sort();
         use std::os::unix::process::ExitStatusExt;
         let code = status
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(1);
-        Ok((code, captured, late))
+        Ok((code, found, late))
     }
 
     pub(crate) fn program(&self) -> &str {
         &self.program
     }
-}
-
-#[cfg(test)]
-fn run_passthrough(cmd: &[String]) -> Result<(i32, Vec<u8>), TrackError> {
-    Passthrough::spawn(cmd, Echo::Stdout)?
-        .wait(&AtomicBool::new(false), None)
-        .map(|(code, out, _)| (code, out))
 }
 
 /// Store paths named in command output (one per whitespace-separated token).
@@ -586,51 +739,6 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_exit_codes() {
-        let (code, out) =
-            run_passthrough(&["sh".into(), "-c".into(), "echo hi; exit 7".into()]).unwrap();
-        assert_eq!(code, 7);
-        assert_eq!(out, b"hi\n");
-        let (code, _) = run_passthrough(&["sh".into(), "-c".into(), "kill -9 $$".into()]).unwrap();
-        assert_eq!(code, 128 + 9);
-        let e = run_passthrough(&["/nonexistent/cmd".into()]).unwrap_err();
-        assert!(e.is_bad_input());
-    }
-
-    #[test]
-    fn a_new_chroot_store_is_created_once_for_concurrent_first_users() {
-        // Without the lock, 8 Nix commands opening a new store at once lose the race for its
-        // database now and then ("schema is corrupt", "database is busy").
-        for round in 0..10 {
-            let dir = tempfile::tempdir().unwrap();
-            let layout = StoreLayout::chroot(dir.path().join("store"));
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    let layout = layout.clone();
-                    std::thread::spawn(move || {
-                        ensure_store(&layout).unwrap();
-                        Command::new("nix-instantiate")
-                            .arg("--store")
-                            .arg(layout.root.as_ref().unwrap())
-                            .args(["--eval", "-E", "1"])
-                            .output()
-                            .unwrap()
-                    })
-                })
-                .collect();
-            for t in threads {
-                let o = t.join().unwrap();
-                assert!(
-                    o.status.success(),
-                    "round {round}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            }
-            assert!(layout.has_database());
-        }
-    }
-
-    #[test]
     fn a_store_root_that_cannot_be_made_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("file");
@@ -642,5 +750,107 @@ mod tests {
         let system = StoreLayout::system(dir.path().join("nostore"), dir.path().join("nostate"));
         ensure_store(&system).unwrap();
         assert!(!dir.path().join("nostate").exists());
+    }
+    use std::io::Read as _;
+
+    /// `left` bytes of build log without a store path, generated as read.
+    struct Log {
+        left: usize,
+        at: usize,
+    }
+
+    impl std::io::Read for Log {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            const LINE: &[u8] = b"building: compiling module 42 of a long build, no path here\n";
+            let n = buf.len().min(self.left);
+            for b in &mut buf[..n] {
+                *b = LINE[self.at % LINE.len()];
+                self.at += 1;
+            }
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    /// Counts what is passed through.
+    #[derive(Default)]
+    struct Counted(usize);
+
+    impl Write for Counted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn scan_all(
+        scan: &mut OutputScan,
+        input: impl std::io::Read,
+        echo: &mut dyn Write,
+    ) -> Vec<StorePath> {
+        let mut input = BufReader::new(input);
+        let mut kept = Vec::new();
+        while scan.next_line(&mut input, echo).unwrap() {
+            kept.extend(scan.take_new());
+        }
+        kept
+    }
+
+    #[test]
+    fn huge_output_without_paths_is_passed_through_in_bounded_memory() {
+        let log = 16 << 20;
+        let long_line = 3 * MAX_SCANNED_LINE;
+        let last = format!("\n{}\n", full(&sp(1, "")));
+        let input = Log { left: log, at: 0 }
+            .chain(std::io::repeat(b'x').take(long_line as u64))
+            .chain(last.as_bytes());
+        let mut scan = OutputScan::new("/nix/store");
+        let mut echo = Counted::default();
+        let kept = scan_all(&mut scan, input, &mut echo);
+        // Everything was passed through; of it, only the one path is kept.
+        assert_eq!(echo.0, log + long_line + last.len());
+        assert_eq!(kept, vec![sp(1, "")]);
+        assert_eq!(scan.seen.len(), 1);
+        // The line without end went over the cap: passed through, not held.
+        assert_eq!(scan.long_lines, 1);
+        assert!(scan.line.capacity() <= MAX_SCANNED_LINE);
+    }
+
+    #[test]
+    fn paths_beyond_the_cap_are_dropped() {
+        let n = MAX_OUTPUT_PATHS + 100;
+        let text: String = (0..n)
+            .map(|i| format!("{} {}\n", full(&sp(i, "")), full(&sp(i, ""))))
+            .collect();
+        let mut scan = OutputScan::new("/nix/store");
+        let kept = scan_all(&mut scan, text.as_bytes(), &mut std::io::sink());
+        assert_eq!(kept.len(), MAX_OUTPUT_PATHS);
+        assert_eq!(scan.seen.len(), MAX_OUTPUT_PATHS);
+        assert_eq!(scan.dropped_paths, 100);
+    }
+
+    #[test]
+    fn store_paths_are_found_and_output_passed_through_as_printed() {
+        let (a, b, c) = (sp(1, ""), sp(2, ".drv"), sp(3, ""));
+        // A line of exactly the cap is still scanned; the last line has no newline.
+        let pad = "y".repeat(MAX_SCANNED_LINE - full(&c).len() - 2);
+        let text = format!(
+            "building...\n{}\n'{}/bin/x' and {}\nagain {}\n{pad} {}\nno newline {}",
+            full(&a),
+            full(&b),
+            full(&a),
+            full(&b),
+            full(&c),
+            full(&sp(4, ""))
+        );
+        let mut scan = OutputScan::new("/nix/store");
+        let mut echo = Vec::new();
+        let kept = scan_all(&mut scan, text.as_bytes(), &mut echo);
+        assert_eq!(echo, text.as_bytes());
+        assert_eq!(kept, vec![a, b, c, sp(4, "")]);
+        assert_eq!(scan.long_lines, 0);
     }
 }

@@ -12,10 +12,7 @@ use crate::error::GcError;
 use crate::nixdb::NixDb;
 use crate::runsdb::{RunKind, RunsDb};
 use crate::store_path::{StoreLayout, StorePath};
-use crate::track::{
-    DbView, Echo, Passthrough, TrackError, attribute, ensure_store, result_links,
-    store_paths_in_output,
-};
+use crate::track::{DbView, Echo, Passthrough, TrackError, attribute, ensure_store, result_links};
 
 /// What `track` recorded.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,7 +76,8 @@ pub fn track_within(
     };
     let name = name.map(str::to_owned).unwrap_or_else(|| default_name(cmd));
     // Started before the run is recorded: a command that cannot start records nothing.
-    let child = Passthrough::spawn(cmd, echo)?;
+    let sd = &layout.logical_store_dir;
+    let child = Passthrough::spawn(cmd, echo, sd)?;
     let run_id = match runs.begin_run(layout, &name, cmd, RunKind::Build) {
         Ok(id) => id,
         Err(e) => {
@@ -89,7 +87,7 @@ pub fn track_within(
         }
     };
     let program = child.program().to_string();
-    let (exit_code, stdout, late) = match child.wait(cancel, deadline) {
+    let (exit_code, mut outputs, late) = match child.wait(cancel, deadline) {
         Ok(x) => x,
         Err(e) => {
             runs.finish_run(run_id, Some(127))?;
@@ -127,8 +125,6 @@ pub fn track_within(
     }
     let db = NixDb::open(layout)?;
     let new_paths = db.paths_since(before)?;
-    let sd = &layout.logical_store_dir;
-    let mut outputs = store_paths_in_output(sd, &stdout);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     outputs.extend(result_links(sd, &cwd, cmd));
     outputs.sort();

@@ -1,9 +1,11 @@
 # drydock test system: a NixOS-shaped "toplevel" built with plain
-# `derivation` (no nixpkgs). Build it with build-test-system, which passes
-# the arguments below and the options the builders need:
-#   --option sandbox true --option sandbox-paths /bin/sh=/bin/busybox
-# (every builder is /bin/sh, i.e. a static busybox, and nothing else exists
-# in the sandbox).
+# `derivation` (no nixpkgs). build-test-system builds it with the arguments
+# below; a composition (examples/cluster) imports it.
+#
+# Every builder is the host's static busybox, brought into the store as a
+# source: nothing of the host is needed inside Nix's sandbox (no
+# `sandbox-paths`), and no derivation asks a binary cache for its output
+# (`allowSubstitutes = false`: nothing built here is in one).
 #
 # Attributes:
 #   toplevel  /nix/store/...-drydock-test-system with
@@ -21,6 +23,7 @@
 #   outside   /nix/store/...-drydock-not-in-closure: built into the same
 #             store but NOT referenced by toplevel, to check that paths
 #             outside the closure stay invisible to the guest.
+#   busybox   the guest's busybox (what `sw` points to)
 { kernel                # absolute host path of the kernel image
 , kernelVersion ? "unknown"
 , kernelFormat ? "bzImage"  # or "vmlinux" (uncompressed ELF, PVH entry)
@@ -30,27 +33,62 @@
 , services ? ""         # shell run in the background once a cluster machine's network is up
 , www ? ""              # the web page the machine serves (default: "hello from MACHINE")
 , activation ? ""       # shell run at each activation, before the services; failing fails it
+, hostBusybox ? "/bin/busybox"  # absolute host path of a static busybox (Debian: busybox-static)
 }:
 let
   system = "x86_64-linux";
 
-  sh = script: [ "-c" script ];
+  # The builders' busybox. Nix starts a builder with argv[0] set to the builder's file name,
+  # and busybox picks its applet by argv[0]: a store file would be named HASH-..., which is no
+  # applet. So the import is a directory holding just one file named `busybox` (the directory
+  # that really holds it, filtered), and every builder is `DIR/busybox sh -c SCRIPT`.
+  # builtins.path stores a symbolic link as a link (which would dangle in the sandbox), and
+  # Nix 2.8 cannot read one: a directory that is a link is refused, except a merged /usr's
+  # /bin and /sbin, which are links into /usr.
+  builder =
+    let
+      host = toString hostBusybox;  # a string: a path interpolated below would be copied whole
+      file = baseNameOf host;
+      given = dirOf host;
+      typeIn = dir: name: (builtins.readDir dir).${name} or "missing";
+      isDir = dir: dir == "/" || typeIn (dirOf dir) (baseNameOf dir) == "directory";
+      dir =
+        if isDir given then given
+        else if builtins.elem given [ "/bin" "/sbin" ] && isDir "/usr${given}" then "/usr${given}"
+        else throw "drydock's test system: ${given} (holding ${host}) is a symbolic link; pass hostBusybox = the real path of a static busybox";
+      found = typeIn dir file;
+    in
+    if builtins.substring 0 1 host != "/" then
+      throw "drydock's test system: hostBusybox must be an absolute path, not ${host}"
+    else if found != "regular" then
+      throw "drydock's test system needs a static busybox at ${host} (${dir}/${file} is ${found}): install busybox-static (scripts/setup does)"
+    else
+      builtins.path {
+        path = dir;
+        name = "drydock-builder-busybox";
+        filter = path: type: dirOf path == dir && baseNameOf path == file;
+      } + "/${file}";
 
-  busybox = derivation {
-    name = "drydock-busybox";
-    inherit system;
-    builder = "/bin/sh";
-    args = sh ''
-      set -e
-      mkdir -p $out/bin
-      cp /bin/sh $out/bin/busybox
-      chmod 0555 $out/bin/busybox
-      cd $out/bin
-      for a in $(./busybox --list); do
-        [ "$a" = busybox ] || ln -s busybox "$a"
-      done
-    '';
-  };
+  # A derivation of `script`, run by the builders' busybox `sh` in the sandbox (whose applets
+  # need no PATH: Debian's static busybox runs its own applets first).
+  build = name: attrs: script: derivation ({
+    inherit name system;
+    builder = "${builder}";
+    args = [ "sh" "-c" script ];
+    allowSubstitutes = false;
+    preferLocalBuild = true;
+  } // attrs);
+
+  busybox = build "drydock-busybox" { } ''
+    set -e
+    mkdir -p $out/bin
+    cp ${builder} $out/bin/busybox
+    chmod 0555 $out/bin/busybox
+    cd $out/bin
+    for a in $(./busybox --list); do
+      [ "$a" = busybox ] || ln -s busybox "$a"
+    done
+  '';
 
   kernelFile = builtins.path {
     path = kernel;
@@ -63,24 +101,14 @@ let
     name = "drydock-initrd-${kernelVersion}";
   };
 
-  variantDrv = derivation {
-    name = "drydock-variant-${variant}";
-    inherit system variant;
-    builder = "/bin/sh";
-    args = sh ''
-      mkdir -p $out && printf '%s\n' "$variant" > $out/name
-    '';
-  };
+  variantDrv = build "drydock-variant-${variant}" { inherit variant; } ''
+    mkdir -p $out && printf '%s\n' "$variant" > $out/name
+  '';
 
-  outside = derivation {
-    name = "drydock-not-in-closure";
-    inherit system;
-    builder = "/bin/sh";
-    args = sh ''
-      mkdir -p $out
-      echo "DRYDOCK-OUTSIDE: this store path is not in the test system's closure" > $out/README
-    '';
-  };
+  outside = build "drydock-not-in-closure" { } ''
+    mkdir -p $out
+    echo "DRYDOCK-OUTSIDE: this store path is not in the test system's closure" > $out/README
+  '';
 
   stage2 = ''
     #!${busybox}/bin/sh
@@ -246,33 +274,30 @@ let
     exec @out@/activate
   '';
 
-  toplevel = derivation {
-    name = "drydock-test-system";
-    inherit system kernelParams stage2 activate switchToConfiguration services www;
-    builder = "/bin/sh";
+  toplevel = build "drydock-test-system" {
+    inherit kernelParams stage2 activate switchToConfiguration services www;
     kernel = kernelFile;
     initrd = initrdFile;
     sw = busybox;
     variant = if variant == "" then "" else variantDrv;
-    args = sh ''
-      set -e
-      mkdir -p $out
-      ln -s $kernel $out/kernel
-      ln -s $initrd $out/initrd
-      ln -s $sw $out/sw
-      printf '%s' "$kernelParams" > $out/kernel-params
-      printf '%s' "$system" > $out/system
-      printf '%s' "$stage2" | sed "s|@out@|$out|g" > $out/init
-      chmod 0555 $out/init
-      printf '%s' "$activate" | sed "s|@out@|$out|g" > $out/activate
-      mkdir -p $out/bin
-      printf '%s' "$switchToConfiguration" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
-      chmod 0555 $out/activate $out/bin/switch-to-configuration
-      if [ -n "$services" ]; then printf '%s\n' "$services" > $out/services; fi
-      if [ -n "$www" ]; then mkdir -p $out/www && printf '%s\n' "$www" > $out/www/index.html; fi
-      if [ -n "$variant" ]; then ln -s $variant $out/variant; fi
-    '';
-  };
+  } ''
+    set -e
+    mkdir -p $out
+    ln -s $kernel $out/kernel
+    ln -s $initrd $out/initrd
+    ln -s $sw $out/sw
+    printf '%s' "$kernelParams" > $out/kernel-params
+    printf '%s' "$system" > $out/system
+    printf '%s' "$stage2" | sed "s|@out@|$out|g" > $out/init
+    chmod 0555 $out/init
+    printf '%s' "$activate" | sed "s|@out@|$out|g" > $out/activate
+    mkdir -p $out/bin
+    printf '%s' "$switchToConfiguration" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
+    chmod 0555 $out/activate $out/bin/switch-to-configuration
+    if [ -n "$services" ]; then printf '%s\n' "$services" > $out/services; fi
+    if [ -n "$www" ]; then mkdir -p $out/www && printf '%s\n' "$www" > $out/www/index.html; fi
+    if [ -n "$variant" ]; then ln -s $variant $out/variant; fi
+  '';
 in
 {
   inherit toplevel outside busybox;

@@ -145,16 +145,11 @@ fn foreground(
 
 /// `--detach`: a supervisor owns the cluster; wait here until every machine is ready.
 fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     let owner = drydock_cluster::DetachedOwner {
-        exe: &exe,
-        state_dir: &ctx.state_dir,
+        plan,
+        launch: &opts,
         store_root: ctx.store_root.as_deref(),
-        name,
-        accel: a.accel.into(),
-        qemu: a.qemu.as_deref(),
-        ready_timeout: a.timeout,
-        log_limit: a.log_limit,
     };
     match drydock_cluster::start_detached(&owner, &CANCEL) {
         Ok(d) => {

@@ -1,21 +1,23 @@
-//! `drydock doctor`: run the preflight checks and print them as a table (or JSON), then the
-//! fixes. Exit 1 when any check fails.
+//! `drydock doctor`: run the preflight checks; print the verdict (one line per question a user
+//! has), then the findings as a table, then the fixes; or all of it as one JSON document. Exit 1
+//! when VMs cannot run here, or when something the user asked to try (a probe) says no.
 
 use std::io::{IsTerminal, Write};
 
 use std::path::PathBuf;
 
 use drydock_gc::NixConfSources;
-use drydock_vm::{BootProbe, DoctorOptions, Finding, Host, Status};
+use drydock_vm::{Asked, BootProbe, DoctorOptions, Finding, Host, Status, Verdict};
 
 use crate::cli::DoctorArgs;
 use crate::context::Context;
 use crate::exit::{Outcome, bad_input};
 
-/// `doctor --json`.
+/// What `doctor` prints: the JSON document, and what the text is made of.
 #[derive(Debug, serde::Serialize)]
-struct DoctorReport<'a> {
-    checks: &'a [Finding],
+struct DoctorReport {
+    verdict: Verdict,
+    checks: Vec<Finding>,
 }
 
 pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
@@ -35,17 +37,26 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> anyhow::Result<Outcome> {
     };
     let root = std::env::var_os("DRYDOCK_HOST_ROOT").map(std::path::PathBuf::from);
     let host = root.map(Host::at).unwrap_or_else(Host::system);
-    let findings = drydock_vm::run_checks(&host, &opts)?;
+    let checks = drydock_vm::run_checks(&host, &opts)?;
+    let asked = Asked {
+        nix_probe: args.nix_probe,
+        builders: args.nix_probe && args.builders,
+    };
+    let report = DoctorReport {
+        verdict: drydock_vm::verdict(&checks, asked),
+        checks,
+    };
     let mut out = crate::out::stdout();
     if ctx.json {
-        crate::out::json(&mut out, &DoctorReport { checks: &findings })?;
+        crate::out::json(&mut out, &report)?;
     } else {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        render(&mut out, &findings, colour)?;
+        render(&mut out, &report, colour)?;
     }
-    Ok(match drydock_vm::overall(&findings) {
-        Status::Fail => Outcome::Failed,
-        _ => Outcome::Success,
+    Ok(if report.verdict.failed {
+        Outcome::Failed
+    } else {
+        Outcome::Success
     })
 }
 
@@ -87,7 +98,26 @@ fn boot_probe(args: &DoctorArgs) -> anyhow::Result<BootProbe> {
     })
 }
 
-fn render(out: &mut impl Write, findings: &[Finding], colour: bool) -> std::io::Result<()> {
+/// The verdict's lines, the questions padded to one width.
+fn render_verdict(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
+    let lines = [
+        (v.vms.question, v.vms.text.as_str()),
+        (v.nix.question, v.nix.text.as_str()),
+    ];
+    let width = lines
+        .iter()
+        .map(|(q, _)| q.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (q, a) in lines {
+        writeln!(out, "{q:width$} {a}")?;
+    }
+    writeln!(out)
+}
+
+fn render(out: &mut impl Write, report: &DoctorReport, colour: bool) -> std::io::Result<()> {
+    render_verdict(out, &report.verdict)?;
+    let findings = &report.checks;
     let width = findings.iter().map(|f| f.id.len()).max().unwrap_or(0);
     let mark = |s: Status| match (s, colour) {
         (Status::Pass, false) => "✔",

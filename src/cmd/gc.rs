@@ -1,9 +1,11 @@
-//! `drydock gc`: plan and carry out the collection of selected runs (or every dead path with
-//! `--all`) through `nix-store --delete`, with a progress bar and the space really freed.
+//! `drydock gc`: the collection of selected runs (or every dead path with `--all`), planned and
+//! carried out by the library (`drydock_vm::collect`: dead VM owners reaped, `nix-store
+//! --delete`, store images no VM uses), printed with a progress bar and the space really freed.
 
 use std::io::Write;
 
-use drydock_gc::{Loaded, RunsDb, Selection};
+use drydock_gc::Selection;
+use drydock_vm::{Collection, GcEvent};
 
 use crate::cli::GcArgs;
 use crate::context::Context;
@@ -36,27 +38,41 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     if sel.all && (sel.keep_last.is_some() || sel.older_than.is_some() || !sel.runs.is_empty()) {
         return Err(bad_input("--all cannot be combined with run selections"));
     }
-    super::vm::reap_dead(ctx);
-    // Validate the store before touching the runs database.
-    let loaded = Loaded::load(&layout)?;
-    let runs = RunsDb::open(&ctx.state_dir).map_err(drydock_gc::GcError::from)?;
-    if !args.dry_run {
-        drydock_gc::recover_interrupted(&layout, &runs)?;
-    }
-    let plan = drydock_gc::plan_gc(&loaded, Some(&runs), &sel, args.batch_size)?;
-    drop(loaded);
-    let mut out = crate::out::stdout();
-    if args.dry_run {
-        // Store images only the collected runs' VMs use would go too.
-        let mut skip = Vec::new();
-        for id in &plan.runs {
-            for a in runs.artifacts(*id).map_err(drydock_gc::GcError::from)? {
-                if a.kind == drydock_gc::ArtifactKind::StateDir {
-                    skip.push(std::path::PathBuf::from(&a.path));
-                }
-            }
+    let req = drydock_vm::GcRequest {
+        layout: &layout,
+        state_dir: &ctx.state_dir,
+        selection: &sel,
+        batch_size: args.batch_size,
+        dry_run: args.dry_run,
+    };
+    let mut bar = None;
+    let collected = drydock_vm::collect(&req, &mut |ev| match ev {
+        GcEvent::Reaped(name) => {
+            eprintln!("drydock: VM {name} had died with its owner; its run is ended now")
         }
-        let images = unused_images(ctx, &skip, true)?;
+        GcEvent::Deleting { done, total } => bar
+            .get_or_insert_with(|| progress_bar(total))
+            .set_position(done as u64),
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let Collection {
+        plan,
+        outcome,
+        images,
+    } = collected?;
+    // Which images the VMs whose launch record is unreadable use is unknown: every image is
+    // kept, and this says why.
+    for (file, why) in &images.unreadable {
+        eprintln!(
+            "drydock: keeping every store image: cannot read {}: {why}",
+            file.display()
+        );
+    }
+    let images = images.images;
+    let mut out = crate::out::stdout();
+    let Some(result) = outcome else {
         if ctx.json {
             let doc = DryRunDoc {
                 bytes: plan.bytes,
@@ -102,18 +118,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
         }
         out.flush()?;
         return Ok(Outcome::Success);
-    }
-    let bar = indicatif::ProgressBar::new(plan.paths.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("deleting {bar:40} {pos}/{len} paths")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let result = drydock_gc::execute_gc(&layout, Some(&runs), &plan, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    // The collected runs' VM folders are gone now: images no remaining VM uses go too.
-    let images = unused_images(ctx, &[], false)?;
+    };
     if ctx.json {
         let report = GcReport {
             artifacts_removed: &result.artifacts_removed,
@@ -156,6 +161,16 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     })
 }
 
+/// The bar shown while `total` paths are deleted.
+fn progress_bar(total: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("deleting {bar:40} {pos}/{len} paths")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// The dry run's JSON document: the plan and the store images that would go. It is written
 /// out as it is serialized (a plan can list a million paths), with its keys in alphabetical
 /// order, nested ones too, as when it was built as a `serde_json::Value`.
@@ -185,29 +200,4 @@ struct GcReport<'a> {
     planned: usize,
     refused: &'a [(String, String)],
     runs: &'a [i64],
-}
-
-/// Store images (drydock state, not Nix store paths) that no VM outside `skip` uses; removed
-/// unless `dry_run`.
-fn unused_images(
-    ctx: &Context,
-    skip: &[std::path::PathBuf],
-    dry_run: bool,
-) -> anyhow::Result<Vec<drydock_vm::StoreImage>> {
-    let in_use = drydock_vm::images_in_use(&ctx.state_dir, skip);
-    if !in_use.unreadable.is_empty() {
-        // Which images those VMs use is unknown: keep them all, and say why.
-        for (file, why) in &in_use.unreadable {
-            eprintln!(
-                "drydock: keeping every store image: cannot read {}: {why}",
-                file.display()
-            );
-        }
-        return Ok(Vec::new());
-    }
-    Ok(drydock_vm::remove_unused_images(
-        &super::vm::images_dir(ctx),
-        &in_use.images,
-        dry_run,
-    )?)
 }

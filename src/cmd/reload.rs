@@ -106,8 +106,11 @@ pub fn report_event(ev: &MachineEvent) {
                 after.as_secs_f64()
             )
         }
-        MachineEvent::Failed { machine, message } => {
-            eprintln!("drydock: {machine} failed: {message}")
+        MachineEvent::Failed { machine, error } => {
+            eprintln!(
+                "drydock: {machine} failed: {}",
+                drydock_vm::error_chain(&**error)
+            )
         }
         MachineEvent::Stopped { machine } => eprintln!("drydock: {machine} stopped"),
     }

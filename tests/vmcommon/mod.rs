@@ -1,16 +1,15 @@
-//! Helpers shared by the VM test binaries: the drydock binary, test systems built into chroot
-//! stores by `scripts/guest/build-test-system`, the process-tree checks, and what the cluster
-//! tests share (their store, the guest's kernel, drydock with the sandbox's shell, `exec`).
+//! Helpers shared by the VM and cluster tests: test systems built into chroot stores by
+//! `scripts/guest/build-test-system`, the process-tree checks, and [`Cluster`], the one way the
+//! tests make a cluster (its composition, store and state; up, and down when dropped).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_drydock")
-}
+use crate::common::{Drydock, Ran};
 
 /// The chroot store the VM tests share: under Cargo's target temporary directory, so it is
 /// reused across runs (building into it again is a no-op) instead of piling up in /tmp.
@@ -39,13 +38,6 @@ pub fn created(root: PathBuf) -> PathBuf {
         );
     }
     root
-}
-
-/// `drydock --store ROOT --state-dir STATE`.
-pub fn drydock_in(root: &Path, state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store").arg(root).arg("--state-dir").arg(state);
-    c
 }
 
 /// Build the test system (with `args`: `--outside`, or a variant name) into the chroot store
@@ -165,12 +157,13 @@ pub fn guest_ready() {
     });
 }
 
-/// Write the composition `file` with the machines `machines` (the body of `machines = { ... }`),
-/// where `sys ARGS` is the test system's toplevel (`scripts/guest/system.nix` with `ARGS`, e.g.
-/// `www`, `activation`, `kernelParams`) on the cached guest kernel and initrd.
-pub fn write_composition(file: &Path, machines: &str) {
+/// The composition of the test system with the machines `machines` (the body of
+/// `machines = { ... }`), where `sys ARGS` is the test system's toplevel
+/// (`scripts/guest/system.nix` with `ARGS`, e.g. `www`, `activation`, `kernelParams`) on the
+/// cached guest kernel and initrd.
+pub fn composition_text(machines: &str) -> String {
     let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
-    let text = format!(
+    format!(
         r#"let
   cache = "{cache}/guest";
   kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
@@ -182,111 +175,207 @@ in {{ machines = {{ {machines} }}; }}
 "#,
         cache = guest_cache(),
         system = system.display()
-    );
-    std::fs::write(file, text).unwrap();
-}
-
-/// drydock on the chroot store `store`, with state in `state` and the test system's builders'
-/// shell.
-pub fn cluster_drydock(store: &Path, state: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("--store")
-        .arg(store)
-        .arg("--state-dir")
-        .arg(state)
-        .env(
-            "NIX_CONFIG",
-            "sandbox-paths = /bin/sh=/bin/busybox\nsubstituters =",
-        );
-    c
+    )
 }
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// `drydock exec -f FILE MACHINE --timeout SECS -- CMD`.
-pub fn cluster_exec(
-    store: &Path,
-    state: &Path,
-    file: &Path,
-    machine: &str,
-    timeout: &str,
-    cmd: &str,
-) -> Output {
-    cluster_drydock(store, state)
-        .arg("exec")
-        .arg("-f")
-        .arg(file)
-        .args([machine, "--timeout", timeout, "--", cmd])
-        .output()
-        .unwrap()
+/// What a test's cluster is made of, before it exists: see [`Cluster::named`].
+pub struct ClusterBuilder {
+    name: String,
+    store: Option<PathBuf>,
+    text: Option<String>,
+    state_name: String,
 }
 
-/// `drydock up -f FILE --detach` under TCG; panics with drydock's messages if it fails.
-pub fn cluster_up_detached(store: &Path, state: &Path, file: &Path) {
-    let up = cluster_drydock(store, state)
-        .arg("up")
-        .arg("-f")
-        .arg(file)
-        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "up: {}", text(&up.stderr));
+/// A test's cluster: the composition `DIR/NAME/drydock.nix` in a temporary directory of its own
+/// (so the cluster is called NAME), a chroot store and the state directory `DIR/state` (see
+/// [`ClusterBuilder::state_name`]). Made by [`Cluster::named`]; dropping it takes the cluster
+/// down (`down -f`, whether the test passed or not, failures ignored: a test that gets that far
+/// checks its own [`Cluster::down`]), then removes the directory.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    state: PathBuf,
+    file: PathBuf,
+    /// Whether anything may still run (no checked `down` since the last `up`).
+    maybe_up: AtomicBool,
 }
 
-/// `drydock down -f FILE`, which must succeed; then no process of `state` may be left.
-pub fn cluster_down(store: &Path, state: &Path, file: &Path) {
-    let down = cluster_drydock(store, state)
-        .arg("down")
-        .arg("-f")
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(down.status.success(), "down: {}", text(&down.stderr));
-    wait_no_processes(state, Duration::from_secs(30));
-}
-
-/// Takes a cluster down when dropped, whether the test passed or not (nothing is checked: a
-/// test that got that far checks its own `down`).
-pub struct DownOnDrop {
-    pub store: PathBuf,
-    pub state: PathBuf,
-    pub file: PathBuf,
-}
-
-impl Drop for DownOnDrop {
-    fn drop(&mut self) {
-        let _ = cluster_drydock(&self.store, &self.state)
-            .arg("down")
-            .arg("-f")
-            .arg(&self.file)
-            .output();
+impl Cluster {
+    /// A cluster called `name`, on the shared cluster store unless [`ClusterBuilder::store`]
+    /// says otherwise; its composition is given by [`ClusterBuilder::machines`] or
+    /// [`ClusterBuilder::composition`].
+    pub fn named(name: &str) -> ClusterBuilder {
+        ClusterBuilder {
+            name: name.to_string(),
+            store: None,
+            text: None,
+            state_name: "state".to_string(),
+        }
     }
 }
 
-/// `ps --json` of the cluster of `file`, which must succeed.
-pub fn cluster_ps(store: &Path, state: &Path, file: &Path) -> serde_json::Value {
-    let ps = cluster_drydock(store, state)
-        .args(["--json", "ps", "-f"])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
-    serde_json::from_slice(&ps.stdout).unwrap()
+impl ClusterBuilder {
+    /// Use this chroot store instead of the shared [`cluster_store`].
+    pub fn store(mut self, store: PathBuf) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The composition of the test system with these machines (see [`composition_text`]).
+    pub fn machines(mut self, machines: &str) -> Self {
+        self.text = Some(composition_text(machines));
+        self
+    }
+
+    /// The composition file exactly as given.
+    pub fn composition(mut self, text: &str) -> Self {
+        self.text = Some(text.to_string());
+        self
+    }
+
+    /// Name the state directory `DIR/NAME` instead of `DIR/state` (a long name puts the
+    /// machines' sockets in folders of their own).
+    pub fn state_name(mut self, name: &str) -> Self {
+        self.state_name = name.to_string();
+        self
+    }
+
+    /// Write the composition; nothing runs yet (the test starts `up` itself, or expects it to
+    /// fail).
+    pub fn write(self) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join(&self.name);
+        std::fs::create_dir_all(&d).unwrap();
+        let file = d.join("drydock.nix");
+        std::fs::write(&file, self.text.expect("a composition")).unwrap();
+        Cluster {
+            state: dir.path().join(&self.state_name),
+            store: self.store.unwrap_or_else(cluster_store),
+            file,
+            dir,
+            maybe_up: AtomicBool::new(true),
+        }
+    }
+
+    /// Write the composition and bring the cluster up detached (under TCG), which must succeed.
+    pub fn up(self) -> Cluster {
+        let c = self.write();
+        c.up_detached();
+        c
+    }
 }
 
-/// Every machine's QEMU pid (none if it is stopped), by `ps --json`.
-pub fn qemu_pids(store: &Path, state: &Path, file: &Path) -> Vec<(String, Option<u64>)> {
-    cluster_ps(store, state, file)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["machine"].as_str().unwrap().to_string(),
-                r["qemu_pid"].as_u64(),
-            )
-        })
-        .collect()
+impl Cluster {
+    /// The temporary directory holding the composition's directory and the state.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// The composition, `drydock.nix`.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// drydock on the cluster's store and state, without `NIX_CONFIG`: the test system's builds
+    /// need nothing from the environment.
+    pub fn drydock(&self) -> Drydock {
+        Drydock::on(&self.store, &self.state).env_remove("NIX_CONFIG")
+    }
+
+    /// `drydock VERB -f FILE`.
+    pub fn verb(&self, verb: &str) -> Drydock {
+        if verb == "up" {
+            self.maybe_up.store(true, Ordering::SeqCst);
+        }
+        self.drydock().arg(verb).arg("-f").arg(&self.file)
+    }
+
+    /// Replace the composition with the test system's `machines`.
+    pub fn set_machines(&self, machines: &str) {
+        std::fs::write(&self.file, composition_text(machines)).unwrap();
+    }
+
+    /// `up -f FILE --detach` under TCG; fails the test with drydock's messages if it fails.
+    pub fn up_detached(&self) {
+        self.up_detached_with(&[]);
+    }
+
+    /// [`Cluster::up_detached`] with `extra` arguments (`--log-limit 256K`).
+    pub fn up_detached_with(&self, extra: &[&str]) {
+        guest_ready();
+        let up = self
+            .verb("up")
+            .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+            .args(extra)
+            .run();
+        assert!(up.status.success(), "up: {}", text(&up.stderr));
+    }
+
+    /// `exec -f FILE MACHINE --timeout SECS -- CMD`.
+    pub fn exec(&self, machine: &str, timeout: &str, cmd: &str) -> Ran {
+        self.verb("exec")
+            .args([machine, "--timeout", timeout, "--", cmd])
+            .run()
+    }
+
+    /// `ps --json -f FILE`, which must succeed.
+    pub fn ps(&self) -> serde_json::Value {
+        let ps = self
+            .drydock()
+            .args(["--json", "ps", "-f"])
+            .arg(&self.file)
+            .run();
+        assert!(ps.status.success(), "ps: {}", text(&ps.stderr));
+        serde_json::from_slice(&ps.stdout).unwrap()
+    }
+
+    /// Every machine's QEMU pid (none if it is stopped), by `ps --json`.
+    pub fn qemu_pids(&self) -> Vec<(String, Option<u64>)> {
+        self.ps()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["machine"].as_str().unwrap().to_string(),
+                    r["qemu_pid"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    /// `down -f FILE`, which must succeed; then no process of the cluster's state may be left.
+    pub fn down(&self) {
+        let down = self.verb("down").run();
+        assert!(down.status.success(), "down: {}", text(&down.stderr));
+        wait_no_processes(&self.state, Duration::from_secs(30));
+        self.maybe_up.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nothing here may panic: this also runs while a failed test unwinds.
+        if self.maybe_up.load(Ordering::SeqCst) {
+            let _ = self
+                .drydock()
+                .arg("down")
+                .arg("-f")
+                .arg(&self.file)
+                .into_command()
+                .output();
+        }
+    }
 }

@@ -10,13 +10,16 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use drydock_gc::Deadline;
+use drydock_gc::{Cancel, Deadline};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::VmCgroup;
-use crate::console::{BoundedLog, ConsoleOptions, ConsolePump, rotate_at};
+use crate::console::{
+    BoundedLog, ConsoleOptions, ConsolePump, ConsoleTail, WaitOutcome, follow, rotate_at,
+};
 use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
@@ -65,6 +68,10 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no VM named {name} in {}", dir.display())]
+    NoVm { name: String, dir: PathBuf },
+    #[error("no console log for a VM named {name} ({} does not exist)", path.display())]
+    NoConsoleLog { name: String, path: PathBuf },
 }
 
 impl LaunchError {
@@ -73,7 +80,7 @@ impl LaunchError {
             Self::Plan(e) => e.is_bad_input(),
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
-            Self::Untrusted { .. } => true,
+            Self::Untrusted { .. } | Self::NoVm { .. } | Self::NoConsoleLog { .. } => true,
             // Bad input unless the file simply cannot be opened (missing, permissions).
             Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
             _ => false,
@@ -219,11 +226,25 @@ impl LaunchRecord {
         Ok(record)
     }
 
+    /// The recorded launch of the VM `name` under `state_dir`: an invalid name, or a VM that was
+    /// never launched, is bad input.
+    pub fn of_vm(state_dir: &Path, name: &str) -> Result<Self, LaunchError> {
+        crate::plan::validate_name(name)?;
+        let paths = VmPaths::in_state_dir(state_dir, name);
+        if !paths.launch_file().exists() {
+            return Err(LaunchError::NoVm {
+                name: name.to_owned(),
+                dir: state_dir.join("vms"),
+            });
+        }
+        Self::read(&paths)
+    }
+
     /// Every file the recorded launch needs must still be there (they are pinned, but someone
-    /// may have deleted them by hand): the first one that is not, as a sentence.
-    pub fn missing_file(&self) -> Option<String> {
+    /// may have deleted them by hand): the first one that is not, as what it is and its path.
+    pub fn missing_file(&self) -> Option<(&'static str, PathBuf)> {
         let spec = &self.spec;
-        let mut files: Vec<(&str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
+        let mut files: Vec<(&'static str, PathBuf)> = vec![("kernel", spec.kernel.clone())];
         if let Some(i) = &spec.initrd {
             files.push(("initrd", i.clone()));
         }
@@ -238,7 +259,6 @@ impl LaunchRecord {
         files
             .into_iter()
             .find(|(_, p)| std::fs::symlink_metadata(p).is_err())
-            .map(|(what, p)| format!("the pinned {what} {} is gone", p.display()))
     }
 
     /// Every path of the record that drydock writes or attaches as a disk, against where it
@@ -448,6 +468,10 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// Whether this process said that its VMs run without a cgroup of their own. It is said once:
+/// a cluster's machines are all started by one process (its owner), for the same reason each.
+static SAID_NO_CGROUP: AtomicBool = AtomicBool::new(false);
+
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
 /// `incoming`, QEMU starts paused and loads a saved state from that migration URI. The console
 /// is kept as [`ConsoleOptions::default`] says (see [`start_with`]).
@@ -517,7 +541,13 @@ pub fn start_with(
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
-            tracing::warn!("VM {} runs without its own cgroup: {e}", spec.name);
+            if SAID_NO_CGROUP.swap(true, Ordering::Relaxed) {
+                tracing::debug!("VM {} runs without its own cgroup: {e}", spec.name);
+            } else {
+                tracing::warn!(
+                    "VMs started here run without a cgroup of their own, so without a memory limit each (doctor: cgroup.placement): {e}"
+                );
+            }
             None
         }
     };
@@ -851,10 +881,88 @@ fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
     }
 }
 
+/// `vm logs`: the console log of the VM `name` under `state_dir` (its rotated part first), line
+/// by line to `echo` (the unfinished last line too); with `follow_it`, then every new line
+/// until the VM's QEMU is gone, `cancel` is set or `echo` says to stop (returns `false`: its
+/// reader went away), blocked on inotify and QEMU's pidfd between lines. Returns whether
+/// `cancel` ended it. Lines are handed on as the guest wrote them: the caller shows them
+/// escaped ([`crate::escape_control`]). A VM without a console log is bad input.
+pub fn follow_console(
+    state_dir: &Path,
+    name: &str,
+    follow_it: bool,
+    cancel: &Cancel,
+    echo: &mut dyn FnMut(&str) -> bool,
+) -> Result<bool, LaunchError> {
+    crate::plan::validate_name(name)?;
+    let paths = VmPaths::in_state_dir(state_dir, name);
+    let log = paths.console_log();
+    if !log.exists() {
+        return Err(LaunchError::NoConsoleLog {
+            name: name.to_owned(),
+            path: log,
+        });
+    }
+    let mut tail = ConsoleTail::with_rotated(log);
+    // Followed: until the VM's QEMU is gone. A VM that is not running is read to its end.
+    let qemu = follow_it
+        .then(|| VmState::read(&paths))
+        .flatten()
+        .and_then(|s| ProcessWatch::open(s.qemu_pid, s.qemu_start_ticks));
+    let Some(qemu) = qemu else {
+        for l in tail.lines() {
+            if !echo(&l) {
+                return Ok(false);
+            }
+        }
+        if let Some(r) = tail.rest() {
+            echo(&r);
+        }
+        return Ok(false);
+    };
+    let end = follow(&mut tail, None, None, cancel, Some(&qemu), echo);
+    Ok(end == WaitOutcome::Cancelled && cancel.is_set())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sys::proc::pid_alive;
+
+    #[test]
+    fn a_vms_console_is_read_until_its_reader_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = VmPaths::in_state_dir(d.path(), "v");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.console_log(), "one\ntwo\nthree").unwrap();
+        let no = Cancel::new();
+        let read = |follow_it: bool, take: usize| {
+            let mut seen = Vec::new();
+            follow_console(d.path(), "v", follow_it, &no, &mut |l| {
+                seen.push(l.to_string());
+                seen.len() < take
+            })
+            .map(|_| seen)
+        };
+        assert_eq!(read(false, 9).unwrap(), ["one", "two", "three"]);
+        assert_eq!(
+            read(false, 2).unwrap(),
+            ["one", "two"],
+            "the reader went away"
+        );
+        // Followed, it ends once the VM is not running (it has no state file here).
+        assert_eq!(read(true, 9).unwrap(), ["one", "two", "three"]);
+        // Its rotated part is read first.
+        std::fs::write(crate::console::rotated(&paths.console_log()), "zero\n").unwrap();
+        assert_eq!(read(false, 9).unwrap(), ["zero", "one", "two", "three"]);
+        for (name, says) in [
+            ("w", "no console log for a VM named w"),
+            ("../x", "invalid"),
+        ] {
+            let e = follow_console(d.path(), name, false, &no, &mut |_| true).unwrap_err();
+            assert!(e.is_bad_input() && e.to_string().contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn liveness_of_processes() {

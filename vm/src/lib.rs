@@ -1,14 +1,23 @@
 //! drydock's VM side: the host preflight (`doctor`), turning a VM spec into a QEMU plan, and
 //! launching it with the Nix store shared read-only over an in-process virtio-fs server.
 //!
+//! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
+//! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
+//! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `console` → `wait` → `sys`; `collect`
+//! (`gc`) → `owner`, `image`.
+//!
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
+mod class;
+mod collect;
 mod console;
 mod doctor;
 mod host;
 mod image;
 mod launch;
+mod launcher;
 mod lifecycle;
 mod owner;
 mod plan;
@@ -22,40 +31,43 @@ mod sys;
 mod system;
 mod wait;
 
+pub use class::exit_class_of;
+pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
 pub use console::{
     BoundedLog, ConsoleOptions, ConsoleTail, DEFAULT_LOG_LIMIT, LineSink, LogWatch, MIN_LOG_LIMIT,
     WaitOutcome, Woke, escape_control, follow, log_tail, rotate_at, rotated,
 };
 pub use doctor::{
-    BootProbe, DoctorError, DoctorOptions, Finding, Host, Status, overall, run_checks,
+    Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
+    Status, Verdict, VmsAnswer, run_checks, verdict,
 };
 pub use image::{
-    ImageError, ImagesInUse, StoreImage, images_in_use, list_images, remove_unused_images,
+    ImageError, Staging, StoreImage, Tools as ImageTools, closure_key, ensure_store_image,
+    ensure_with as ensure_store_image_with, list_images,
 };
 pub use launch::{
-    LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState, discard_disk,
-    remove_stale_cgroup, start, start_with, stop_remote, write_json,
+    LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState, follow_console,
+    remove_stale_cgroup, stop_remote, write_json,
 };
+pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
-    Ending, LaunchEnd, LifecycleError, WaitSpec, run_detached, run_foreground, supervise,
+    Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
 pub use owner::{
-    OwnerError, SupervisorCommand, claim_name, end_vm_run, reap_dead_vms, reap_stale,
-    record_vm_run, recorded_store, reopen_vm_run, spawn_supervisor, wait_running,
+    ListedState, ListedVm, OwnerError, Stopped, VmListing, end_vm_run, list_vms, reap_dead_vms,
+    reap_stale, stop_vm,
 };
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
     VmSpec, current_uid, plan, validate_name,
 };
-pub use qmp::{Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus};
+pub use qmp::{
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+};
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Resolved, Share, StoreMode, configured_qemu,
-    images_dir, resolve_launch,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
 };
-pub use snapshot::{
-    SnapshotError, SnapshotMeta, check_restorable, prepare_restore, qemu_version, read_snapshot,
-    resume_incoming, save_snapshot,
-};
+pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
     run_captured, run_captured_until, spawn_detached,

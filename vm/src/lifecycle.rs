@@ -1,8 +1,10 @@
-//! A VM's life as its owner sees it, in one call per way of owning it: in the foreground (start,
-//! wait until ready, stay until it stops or Ctrl-C, stop it, end its run), detached (a supervisor
-//! owns it; return once it is ready), and as that supervisor. The caller prints; this module
-//! decides how the launch ended ([`Ending`]). Every wait has a deadline or ends with `cancel`, and
-//! the VM is stopped (powerdown → quit → SIGTERM → SIGKILL) on every path that gives it up.
+//! A VM's life as its owner sees it: [`launch_vm`] is `vm run`, `vm restart` and `vm restore` in
+//! one call (the `launcher`'s sequence, then the wait: in the foreground, start, wait until
+//! ready, stay until it stops or Ctrl-C, stop it, end its run; detached, a supervisor owns it and
+//! the call returns once it is ready, or once a snapshot is loaded), and [`supervise`] is that
+//! supervisor. The caller prints what it is told ([`LaunchEvent`]); this module decides how the
+//! launch ended ([`Ending`]). Every wait has a deadline or ends with `cancel`, and the VM is
+//! stopped (powerdown → quit → SIGTERM → SIGKILL) on every path that gives it up.
 
 use std::path::Path;
 use std::process::ExitStatus;
@@ -10,9 +12,12 @@ use std::time::{Duration, Instant};
 
 use drydock_gc::Cancel;
 
-use crate::console::{ConsoleTail, WaitOutcome, follow};
-use crate::launch::{LaunchError, LaunchRecord, POWERDOWN_GRACE, start, stop_remote};
-use crate::owner::{OwnerError, SupervisorCommand, end_vm_run, spawn_supervisor};
+use crate::console::{ConsoleOptions, ConsoleTail, WaitOutcome, follow};
+use crate::launch::{LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, start, stop_remote};
+use crate::launcher::{
+    LaunchKind, LaunchPlan, Launcher, LauncherError, RESUME_DEADLINE, SupervisedLaunch, end_run,
+};
+use crate::owner::{OwnerError, end_vm_run, wait_running};
 use crate::wait::ProcessWatch;
 
 /// What a launch waits for.
@@ -53,6 +58,8 @@ pub struct LaunchEnd {
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error(transparent)]
+    Launcher(#[from] LauncherError),
+    #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Owner(#[from] OwnerError),
@@ -63,6 +70,7 @@ pub enum LifecycleError {
 impl LifecycleError {
     pub fn is_bad_input(&self) -> bool {
         match self {
+            Self::Launcher(e) => e.is_bad_input(),
             Self::Launch(e) => e.is_bad_input(),
             Self::Owner(e) => e.is_bad_input(),
             Self::Snapshot(e) => e.is_bad_input(),
@@ -70,49 +78,119 @@ impl LifecycleError {
     }
 }
 
-fn end_run(state_dir: &Path, record: &LaunchRecord, status: Option<ExitStatus>) {
+/// How a launch is owned, and what it waits for.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// A detached supervisor owns the VM; return once it is ready (a restore always is).
+    pub detach: bool,
+    /// A restore waits `timeout` (default 2 minutes) for the snapshot to load, not for a line.
+    pub wait: WaitSpec,
+}
+
+/// What a launch has to say while it happens; the caller prints.
+#[derive(Debug)]
+pub enum LaunchEvent<'a> {
+    /// Resolved and checked; the name is claimed and the VM started next.
+    Planned(&'a LaunchPlan),
+    /// A line of the guest's console.
+    Console(&'a str),
+    /// In the foreground: the ready line appeared, this long after QEMU started (detached, the
+    /// launch ends there: [`Ending::Running`]).
+    Ready { line: &'a str, after: Duration },
+}
+
+/// `vm run`, `vm restart`, `vm restore`: plan `kind` and carry it out with `launcher` (see the
+/// `launcher` module), then own the VM as `opts` says until it ends (foreground) or is ready
+/// (detached; a restore, always detached: its snapshot loaded and the guest running). `on` is
+/// told what happens.
+pub fn launch_vm(
+    launcher: &Launcher,
+    kind: LaunchKind,
+    opts: &LaunchOptions,
+    cancel: &Cancel,
+    on: &mut dyn FnMut(LaunchEvent<'_>),
+) -> Result<LaunchEnd, LifecycleError> {
+    let plan = launcher.plan(kind)?;
+    on(LaunchEvent::Planned(&plan));
+    let restore = plan.is_restore();
+    let claimed = launcher.claim(plan)?;
+    let state_dir = &launcher.state_dir;
+    if !(opts.detach || restore) {
+        let (record, vm) = launcher.start_here(claimed, ConsoleOptions::default())?;
+        return foreground(state_dir, &record, vm, &opts.wait, cancel, on);
+    }
+    let SupervisedLaunch {
+        record,
+        supervisor,
+        state,
+        since,
+    } = launcher.start_supervised(claimed, cancel)?;
+    if !restore {
+        return detached(&record, &state, since, &opts.wait, cancel, on);
+    }
+    let deadline = opts.wait.timeout.unwrap_or(RESUME_DEADLINE);
+    match wait_running(&record.spec.paths, supervisor, deadline, cancel) {
+        Ok(state) => Ok(LaunchEnd {
+            ending: Ending::Running {
+                qemu_pid: state.qemu_pid,
+            },
+            ready_line: None,
+            elapsed: since.elapsed(),
+        }),
+        Err(e) => {
+            // It is stopped: its run ends (the supervisor may have ended it already).
+            end_run(state_dir, &record);
+            Err(e.into())
+        }
+    }
+}
+
+fn end_run_with(state_dir: &Path, record: &LaunchRecord, status: Option<ExitStatus>) {
     if let Err(e) = end_vm_run(state_dir, record, status.and_then(|s| s.code())) {
         tracing::warn!("{}", crate::error_chain(&e));
     }
 }
 
-/// Own the VM in this process: start it, follow its console (`echo` gets every line;
-/// `on_ready` is called once the ready line appears), and stay with it until it stops, the
-/// deadline passes or `cancel` is set; then stop it and end its run.
-pub fn run_foreground(
+/// Own the started VM in this process: follow its console until the ready line appears, then
+/// stay with it until it stops, the deadline passes or `cancel` is set; then stop it and end
+/// its run.
+fn foreground(
     state_dir: &Path,
     record: &LaunchRecord,
+    mut vm: Vm,
     wait: &WaitSpec,
     cancel: &Cancel,
-    echo: &mut dyn FnMut(&str),
-    on_ready: &mut dyn FnMut(&str, Duration),
+    on: &mut dyn FnMut(LaunchEvent<'_>),
 ) -> Result<LaunchEnd, LifecycleError> {
-    let mut vm = start(&record.spec, record.share.as_ref(), None)?;
     let started = Instant::now();
     let mut tail = ConsoleTail::new(vm.paths().console_log());
     let mut ready_line = None;
-    let echo = &mut |l: &str| {
-        echo(l);
-        true
-    };
     let mut outcome = follow(
         &mut tail,
         wait.ready.as_ref(),
         wait.timeout,
         cancel,
         vm.qemu_exit(),
-        echo,
+        &mut |l| {
+            on(LaunchEvent::Console(l));
+            true
+        },
     );
     if let WaitOutcome::Ready(line) = &outcome {
-        let after = started.elapsed();
-        on_ready(line, after);
+        on(LaunchEvent::Ready {
+            line,
+            after: started.elapsed(),
+        });
         ready_line = Some(line.clone());
         // Foreground: stay with the VM until it ends or Ctrl-C.
-        outcome = follow(&mut tail, None, None, cancel, vm.qemu_exit(), echo);
+        outcome = follow(&mut tail, None, None, cancel, vm.qemu_exit(), &mut |l| {
+            on(LaunchEvent::Console(l));
+            true
+        });
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;
-    end_run(state_dir, record, status.or_else(|| vm.exited()));
+    end_run_with(state_dir, record, status.or_else(|| vm.exited()));
     let ending = match outcome {
         WaitOutcome::Exited if wait.ready.is_some() && ready_line.is_none() => {
             Ending::StoppedBeforeReady
@@ -128,25 +206,21 @@ pub fn run_foreground(
     })
 }
 
-/// Start the VM under a detached supervisor and follow its console until it is ready (it then
-/// runs on: [`Ending::Running`]); if it stops first, the deadline passes or `cancel` is set, stop
-/// it.
-pub fn run_detached(
-    sup: &SupervisorCommand<'_>,
+/// A supervisor owns the started VM (`state`): follow its console until it is ready (it then
+/// runs on: [`Ending::Running`]); if it stops first, the deadline passes or `cancel` is set,
+/// stop it.
+fn detached(
     record: &LaunchRecord,
+    state: &VmState,
+    started: Instant,
     wait: &WaitSpec,
     cancel: &Cancel,
-    echo: &mut dyn FnMut(&str),
+    on: &mut dyn FnMut(LaunchEvent<'_>),
 ) -> Result<LaunchEnd, LifecycleError> {
     let paths = &record.spec.paths;
-    let started = Instant::now();
-    let (_, state) = spawn_supervisor(sup, paths, cancel)?;
     let mut tail = ConsoleTail::new(paths.console_log());
+    // Until its QEMU exits (its pidfd), the ready line, the deadline or the cancel.
     let qemu = ProcessWatch::open(state.qemu_pid, state.qemu_start_ticks);
-    let echo = &mut |l: &str| {
-        echo(l);
-        true
-    };
     let outcome = match &qemu {
         Some(q) => follow(
             &mut tail,
@@ -154,7 +228,10 @@ pub fn run_detached(
             wait.timeout,
             cancel,
             Some(q),
-            echo,
+            &mut |l| {
+                on(LaunchEvent::Console(l));
+                true
+            },
         ),
         None => WaitOutcome::Exited,
     };
@@ -172,7 +249,7 @@ pub fn run_detached(
         WaitOutcome::Cancelled => Ending::Interrupted,
         WaitOutcome::Exited => Ending::StoppedBeforeReady,
     };
-    stop_remote(paths, &state, POWERDOWN_GRACE, false)?;
+    stop_remote(paths, state, POWERDOWN_GRACE, false)?;
     Ok(LaunchEnd {
         ending,
         ready_line: None,
@@ -180,15 +257,20 @@ pub fn run_detached(
     })
 }
 
-/// The supervisor's part (`__vm-supervise`): start the recorded launch (with `incoming`, load
-/// the snapshot `(uri, tag)` and resume it, within two minutes), stay until QEMU exits or
-/// `cancel` is set, then stop it and end its run. Returns QEMU's exit status, if it exited.
+/// The supervisor's part (`__vm-supervise`): start the recorded launch of the VM `name` (with
+/// this process's binary as its store server; with `incoming`, load the snapshot `(uri, tag)`
+/// and resume it, within two minutes), stay until QEMU exits or `cancel` is set, then stop it
+/// and end its run. Returns QEMU's exit status, if it exited.
 pub fn supervise(
-    state_dir: &Path,
-    record: &LaunchRecord,
+    launcher: &Launcher,
+    name: &str,
     incoming: Option<(&str, &str)>,
     cancel: &Cancel,
 ) -> Result<Option<ExitStatus>, LifecycleError> {
+    let mut record = LaunchRecord::of_vm(&launcher.state_dir, name)?;
+    if let Some(share) = &mut record.share {
+        share.exe = launcher.exe.clone();
+    }
     let mut vm = start(
         &record.spec,
         record.share.as_ref(),
@@ -200,7 +282,7 @@ pub fn supervise(
         vm.state.qemu_pid
     );
     if let Some((_, tag)) = incoming {
-        if let Err(e) = crate::snapshot::resume_incoming(&mut vm, tag, Duration::from_secs(120)) {
+        if let Err(e) = crate::snapshot::resume_incoming(&mut vm, tag, RESUME_DEADLINE) {
             vm.stop(Duration::ZERO)?;
             return Err(LifecycleError::Snapshot(Box::new(e)));
         }
@@ -220,6 +302,6 @@ pub fn supervise(
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;
-    end_run(state_dir, record, status.or_else(|| vm.exited()));
+    end_run_with(&launcher.state_dir, &record, status.or_else(|| vm.exited()));
     Ok(status)
 }

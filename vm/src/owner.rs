@@ -2,9 +2,9 @@
 //! the VM's system while it lives ([`record_vm_run`], [`reopen_vm_run`], [`end_vm_run`]); the
 //! process that owns the VM (the foreground `vm run`, or a detached `__vm-supervise` started by
 //! [`spawn_supervisor`]) ends that run when the VM stops. An owner that was SIGKILLed
-//! cannot: whoever next notices its dead entry (`vm list`, `vm stop`, `vm run` of the same
-//! name, `runs`, `du`, `gc`) cleans the entry up and ends its run, exactly once, so GC can then
-//! collect it like any stopped VM.
+//! cannot: whoever next notices its dead entry (`vm list` ([`list_vms`]), `vm stop`
+//! ([`stop_vm`]), a launch of the same name, `runs`, `du`, `gc`) cleans the entry up and ends
+//! its run, exactly once, so GC can then collect it like any stopped VM.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use drydock_gc::{ArtifactKind, RunKind, RunsDb, RunsDbError, StoreLayout};
 
 use crate::launch::{LaunchError, LaunchRecord, Phase, VmState, stop_remote};
-use crate::plan::VmPaths;
+use crate::plan::{VmPaths, validate_name};
 use crate::spawn::Awaited;
 
 /// What can go wrong while ending a dead owner's run.
@@ -24,10 +24,6 @@ pub enum OwnerError {
         #[source]
         source: Box<LaunchError>,
     },
-    #[error(
-        "a VM named {name} is already running (QEMU pid {qemu_pid}); stop it with `drydock vm stop {name}` or choose another --name"
-    )]
-    NameInUse { name: String, qemu_pid: u32 },
     #[error("cannot create the supervisor's log {}", path.display())]
     Log {
         path: PathBuf,
@@ -71,6 +67,14 @@ pub enum OwnerError {
         #[source]
         source: Box<RunsDbError>,
     },
+    #[error("reading {}", path.display())]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Launch(Box<LaunchError>),
 }
 
 /// How long a new supervisor may take to start QEMU.
@@ -269,10 +273,10 @@ pub fn reopen_vm_run(
 impl OwnerError {
     /// Whether the user's input is at fault (exit 2).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::OtherStore { .. } | Self::Collected { .. } | Self::NameInUse { .. }
-        )
+        match self {
+            Self::Launch(e) => e.is_bad_input(),
+            _ => matches!(self, Self::OtherStore { .. } | Self::Collected { .. }),
+        }
     }
 }
 
@@ -293,23 +297,6 @@ pub fn end_vm_run(
     };
     let db = RunsDb::open(state_dir).map_err(run_err)?;
     db.finish_open_run(id, exit_code).map_err(run_err)
-}
-
-/// Take the name `name` for a new launch: refuse it while its VM lives (bad input), and reap a
-/// dead entry of that name (ending its run) first.
-pub fn claim_name(state_dir: &Path, paths: &VmPaths, name: &str) -> Result<(), OwnerError> {
-    if let Some(state) = VmState::read(paths) {
-        if state.qemu_alive() || state.supervisor_alive() {
-            return Err(OwnerError::NameInUse {
-                name: name.to_owned(),
-                qemu_pid: state.qemu_pid,
-            });
-        }
-        tracing::info!("cleaning up the stale entry of VM {name}");
-        let record = LaunchRecord::read(paths).ok();
-        reap_stale(state_dir, paths, &state, record.as_ref())?;
-    }
-    Ok(())
 }
 
 /// A VM entry whose processes are gone (its owner died without cleaning up): kill whatever is
@@ -363,4 +350,232 @@ pub fn reap_dead_vms(state_dir: &Path) -> Vec<String> {
     }
     reaped.sort();
     reaped
+}
+
+/// How `vm stop` ([`stop_vm`]) found the VM and what it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Nothing ran under the name.
+    NotRunning,
+    /// It ran, and stopped after this long.
+    Stopped { after: Duration },
+    /// Its owner had died: the entry was cleaned up and its run ended.
+    StaleCleaned,
+}
+
+/// `vm stop`: stop the VM `name` (powerdown within `grace`, then quit and signals; `force`
+/// goes straight to SIGKILL), or clean up its entry if its owner died. A VM that was never
+/// launched is bad input.
+pub fn stop_vm(
+    state_dir: &Path,
+    name: &str,
+    grace: Duration,
+    force: bool,
+) -> Result<Stopped, OwnerError> {
+    let launch = |e: LaunchError| OwnerError::Launch(Box::new(e));
+    validate_name(name).map_err(|e| launch(e.into()))?;
+    let paths = VmPaths::in_state_dir(state_dir, name);
+    if !paths.dir.is_dir() {
+        return Err(launch(LaunchError::NoVm {
+            name: name.to_owned(),
+            dir: state_dir.join("vms"),
+        }));
+    }
+    let Some(state) = VmState::read(&paths) else {
+        return Ok(Stopped::NotRunning);
+    };
+    let t = Instant::now();
+    if state.qemu_alive() {
+        stop_remote(&paths, &state, grace, force).map_err(launch)?;
+        return Ok(Stopped::Stopped { after: t.elapsed() });
+    }
+    let record = LaunchRecord::read(&paths).ok();
+    reap_stale(state_dir, &paths, &state, record.as_ref())?;
+    Ok(Stopped::StaleCleaned)
+}
+
+/// Where a listed VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ListedState {
+    #[serde(rename = "running")]
+    Running,
+    #[serde(rename = "stopped")]
+    Stopped,
+    /// Its owner had died; listing it cleaned it up and ended its run.
+    #[serde(rename = "stale (cleaned)")]
+    StaleCleaned,
+}
+
+impl ListedState {
+    /// As `vm list` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::StaleCleaned => "stale (cleaned)",
+        }
+    }
+}
+
+/// One VM of [`list_vms`] (what `vm list --json` prints for it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ListedVm {
+    pub name: String,
+    pub state: ListedState,
+    /// QEMU's pid, while it runs.
+    pub pid: Option<u32>,
+    pub accel: Option<&'static str>,
+    pub memory_mib: Option<u32>,
+    pub uptime_seconds: Option<u64>,
+    /// The system's toplevel, when booted from one.
+    pub system: Option<String>,
+}
+
+/// The VMs of a state dir (`vm list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmListing {
+    /// Where they are (`STATE/vms`).
+    #[serde(skip)]
+    pub dir: PathBuf,
+    /// By name.
+    pub vms: Vec<ListedVm>,
+}
+
+/// `vm list`: every VM under `STATE/vms`, by name. An entry whose owner died is cleaned up and
+/// its run ended as it is listed (a failure to is logged; the listing goes on).
+pub fn list_vms(state_dir: &Path) -> Result<VmListing, OwnerError> {
+    let dir = state_dir.join("vms");
+    let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(OwnerError::List { path: dir, source }),
+    };
+    names.sort();
+    let mut vms = Vec::new();
+    for name in names {
+        if validate_name(&name).is_err() {
+            continue;
+        }
+        let paths = VmPaths::in_state_dir(state_dir, &name);
+        let record = LaunchRecord::read(&paths).ok();
+        let (state, pid, uptime) = match VmState::read(&paths) {
+            Some(s) if s.qemu_alive() => (
+                ListedState::Running,
+                Some(s.qemu_pid),
+                Some((drydock_gc::epoch_secs().max(0) as u64).saturating_sub(s.started)),
+            ),
+            Some(s) => {
+                // Stale: the owner died without cleaning up. Clean now, and end its run.
+                if let Err(e) = reap_stale(state_dir, &paths, &s, record.as_ref()) {
+                    tracing::warn!("{}", crate::error_chain(&e));
+                }
+                (ListedState::StaleCleaned, None, None)
+            }
+            None => (ListedState::Stopped, None, None),
+        };
+        vms.push(ListedVm {
+            name,
+            state,
+            pid,
+            accel: record.as_ref().map(|r| r.spec.accel.as_str()),
+            memory_mib: record.as_ref().map(|r| r.spec.memory_mib),
+            uptime_seconds: uptime,
+            system: record.as_ref().and_then(|r| r.toplevel.clone()),
+        });
+    }
+    Ok(VmListing { dir, vms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM folder under `state`, with a state file naming no live process when `stale`.
+    fn vm(state: &Path, name: &str, stale: bool) -> VmPaths {
+        let paths = VmPaths::in_state_dir(state, name);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        if stale {
+            let s = VmState {
+                name: name.into(),
+                // Above any pid_max: nothing is signalled.
+                supervisor_pid: 999_999_999,
+                qemu_pid: 999_999_999,
+                server_pid: None,
+                accel: "tcg".into(),
+                memory_mib: 256,
+                started: 0,
+                cgroup: None,
+                phase: Phase::Running,
+                qemu_start_ticks: Some(1),
+                supervisor_start_ticks: Some(1),
+                server_start_ticks: None,
+            };
+            crate::launch::write_json(&paths.state_file(), &s).unwrap();
+        }
+        paths
+    }
+
+    #[test]
+    fn listing_reaps_dead_entries_and_skips_what_is_not_a_vm() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path();
+        assert!(list_vms(state).unwrap().vms.is_empty(), "no vms folder yet");
+        vm(state, "b-stopped", false);
+        let dead = vm(state, "a-dead", true);
+        std::fs::create_dir_all(state.join("vms/.not-a-name")).unwrap();
+        std::fs::write(state.join("vms/a-file"), b"").unwrap();
+        let listing = list_vms(state).unwrap();
+        assert_eq!(listing.dir, state.join("vms"));
+        let rows: Vec<(&str, ListedState)> = listing
+            .vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.state))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a-dead", ListedState::StaleCleaned),
+                ("b-stopped", ListedState::Stopped)
+            ]
+        );
+        assert!(VmState::read(&dead).is_none(), "the dead entry was cleaned");
+        // As `vm list --json` prints it.
+        let json = serde_json::to_value(&listing).unwrap();
+        assert_eq!(json["vms"][0]["state"], "stale (cleaned)");
+        assert!(json.get("dir").is_none());
+        assert_eq!(list_vms(state).unwrap().vms[0].state, ListedState::Stopped);
+    }
+
+    #[test]
+    fn stopping_names_what_it_found() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path();
+        vm(state, "idle", false);
+        vm(state, "dead", true);
+        let g = Duration::ZERO;
+        assert_eq!(
+            stop_vm(state, "idle", g, false).unwrap(),
+            Stopped::NotRunning
+        );
+        assert_eq!(
+            stop_vm(state, "dead", g, false).unwrap(),
+            Stopped::StaleCleaned
+        );
+        assert_eq!(
+            stop_vm(state, "dead", g, false).unwrap(),
+            Stopped::NotRunning
+        );
+        for (name, says) in [
+            ("never", "no VM named never in"),
+            ("../x", "invalid VM name"),
+        ] {
+            let e = stop_vm(state, name, g, false).unwrap_err();
+            assert!(e.is_bad_input(), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+    }
 }

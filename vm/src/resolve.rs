@@ -1,6 +1,6 @@
 //! Launch resolution: a plain request (a system or a kernel, what of the store to share and how,
-//! the accelerator, QEMU, disk, memory, CPUs) becomes a [`LaunchRecord`] in one call, the one
-//! path every launcher uses (`vm run` today; each machine of a cluster next). It resolves the
+//! the accelerator, QEMU, disk, memory, CPUs) becomes a [`LaunchRecord`] in one call, which the
+//! `launcher` makes for every new launch (`vm run`, each machine of a cluster). It resolves the
 //! system, reads its closure from Nix's database, builds (or finds) the store image, chooses the
 //! accelerator, finds QEMU (the only reader of `DRYDOCK_QEMU`), and checks the plan. It starts
 //! nothing: spawning is `launch`'s job.
@@ -82,8 +82,6 @@ pub struct LaunchRequest {
     pub memory_mib: u32,
     pub cpus: u32,
     pub disk_size_mib: u32,
-    /// The drydock binary, re-executed as the store server.
-    pub exe: PathBuf,
     /// A cluster machine's NICs, backdoor and firmware config (default: none).
     pub devices: GuestDevices,
 }
@@ -193,12 +191,13 @@ pub fn images_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Turn `req` into the launch record of the VM `paths`, in the store `layout`, with drydock's
-/// state in `state_dir`.
+/// state in `state_dir`; `exe` is the drydock binary (re-executed as the store server).
 pub fn resolve_launch(
     layout: &StoreLayout,
     state_dir: &Path,
     paths: &VmPaths,
     req: &LaunchRequest,
+    exe: &Path,
 ) -> Result<Resolved, ResolveError> {
     let qemu = find_qemu(req.qemu.as_deref())?;
     let (kernel, initrd, mut cmdline, toplevel) = match &req.boot {
@@ -266,7 +265,7 @@ pub fn resolve_launch(
                 socket: paths.fs_socket(),
             },
             Some(StoreShare {
-                exe: req.exe.clone(),
+                exe: exe.to_path_buf(),
                 shared_dir: layout.store_dir.clone(),
                 allow,
             }),
@@ -332,7 +331,6 @@ mod tests {
             memory_mib: 256,
             cpus: 1,
             disk_size_mib: 64,
-            exe: PathBuf::from("/bin/true"),
             devices: GuestDevices::default(),
         }
     }
@@ -348,6 +346,7 @@ mod tests {
         let paths = VmPaths::in_state_dir(&state, "t");
 
         // A bare kernel: its command line is `append`, it sees nothing of the store, TCG as asked.
+        let exe = Path::new("/bin/true");
         let ok = resolve_launch(
             &layout,
             &state,
@@ -356,6 +355,7 @@ mod tests {
                 kernel: kernel.clone(),
                 initrd: None,
             }),
+            exe,
         )
         .unwrap();
         let r = &ok.record;
@@ -422,7 +422,7 @@ mod tests {
             ),
         ];
         for (req, says) in cases {
-            let e = resolve_launch(&layout, &state, &paths, &req).unwrap_err();
+            let e = resolve_launch(&layout, &state, &paths, &req, exe).unwrap_err();
             let text = format!(
                 "{e} {}",
                 std::error::Error::source(&e)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::launch::{LaunchRecord, write_json};
+use crate::launch::{LaunchRecord, VmState, write_json};
 use crate::plan::{StoreAttachment, VmPaths, plan};
 use crate::qmp::{Qmp, QmpError, incoming_file_uri};
 
@@ -62,6 +62,8 @@ pub enum SnapshotError {
     },
     #[error("the store image {} is gone", .0.display())]
     ImageMissing(PathBuf),
+    #[error("{0} is not running: only a running VM can be snapshotted")]
+    NotRunning(String),
     #[error("QMP")]
     Qmp(#[from] QmpError),
     #[error(transparent)]
@@ -76,10 +78,17 @@ pub enum SnapshotError {
 
 impl SnapshotError {
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::VirtioFs | Self::BadTag(_) | Self::NoSnapshot { .. } | Self::Mismatch { .. }
-        )
+        match self {
+            Self::Launch(e) => e.is_bad_input(),
+            _ => matches!(
+                self,
+                Self::VirtioFs
+                    | Self::BadTag(_)
+                    | Self::NoSnapshot { .. }
+                    | Self::Mismatch { .. }
+                    | Self::NotRunning(_)
+            ),
+        }
     }
 }
 
@@ -97,6 +106,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// `vm snapshot`: the snapshot `tag` of the running VM `name` under `state_dir` (see
+/// [`save_snapshot`]). A VM that was never launched, or does not run, is bad input.
+pub fn snapshot_vm(state_dir: &Path, name: &str, tag: &str) -> Result<SnapshotMeta, SnapshotError> {
+    let record = LaunchRecord::of_vm(state_dir, name)?;
+    let paths = VmPaths::in_state_dir(state_dir, name);
+    if !VmState::read(&paths).is_some_and(|s| s.qemu_alive()) {
+        return Err(SnapshotError::NotRunning(name.to_owned()));
+    }
+    let version = qemu_version(&record.spec.qemu)?;
+    save_snapshot(&record, tag, &version)
 }
 
 /// Pause the running VM, save its state and its overlay, record the metadata, resume it.

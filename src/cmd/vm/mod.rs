@@ -1,15 +1,18 @@
 //! `drydock vm run|list|stop|logs|restart|snapshot|restore` and the hidden `__vm-supervise`
-//! that owns a detached VM. Resolution (system, closure, store image, accelerator, QEMU) happens
-//! here; planning and launching are `drydock_vm`'s.
+//! that owns a detached VM: each turns its arguments into one `drydock_vm` call (a launch goes
+//! through `drydock_vm::launch_vm`, the library's one launch sequence) and prints its report.
 
 mod snapshot;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
-use drydock_vm::{ConsoleTail, LaunchRecord, StoreAttachment, StoreShare, VmPaths, VmState};
+use anyhow::Context as _;
+use drydock_vm::{
+    LaunchEvent, LaunchKind, LaunchRecord, Launcher, LauncherError, LifecycleError,
+    StoreAttachment, StoreShare, VmPaths,
+};
 
 use crate::cli::{
     ShareArg, StoreModeArg, VmArgs, VmCommand, VmLogsArgs, VmRestartArgs, VmRunArgs, VmStopArgs,
@@ -57,17 +60,19 @@ pub(crate) fn reap_dead(ctx: &Context) {
     }
 }
 
-/// A dead entry found while listing: clean it up and end its run (a failure is logged; the
-/// listing goes on).
-fn reap_stale(ctx: &Context, paths: &VmPaths, state: &VmState, record: Option<&LaunchRecord>) {
-    if let Err(e) = drydock_vm::reap_stale(&ctx.state_dir, paths, state, record) {
-        tracing::warn!("{:#}", anyhow!(e));
-    }
+/// The library's launcher for this command line: its store, state dir and binary.
+pub(super) fn launcher(ctx: &Context) -> anyhow::Result<Launcher> {
+    Ok(Launcher {
+        layout: ctx.layout(),
+        state_dir: ctx.state_dir.clone(),
+        store_root: ctx.store_root.clone(),
+        exe: std::env::current_exe().context("locating the drydock binary")?,
+        argv: std::env::args().collect(),
+    })
 }
 
-/// Build the launch record: the library resolves the system or kernel, the closure, the store
-/// image, QEMU and the accelerator.
-fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<LaunchRecord> {
+/// What `vm run` asks for.
+fn run_request(a: &VmRunArgs) -> anyhow::Result<drydock_vm::LaunchRequest> {
     let boot = match (&a.system, &a.kernel) {
         (Some(sys), _) => drydock_vm::Boot::System(sys.clone()),
         (None, Some(k)) => drydock_vm::Boot::Kernel {
@@ -76,7 +81,7 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         },
         (None, None) => return Err(drydock_vm::ResolveError::NothingToBoot.into()),
     };
-    let req = drydock_vm::LaunchRequest {
+    Ok(drydock_vm::LaunchRequest {
         name: a.name.clone(),
         boot,
         append: a.append.clone(),
@@ -93,11 +98,13 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
         memory_mib: a.memory,
         cpus: a.cpus,
         disk_size_mib: a.disk_size,
-        exe: std::env::current_exe().context("locating the drydock binary")?,
         devices: Default::default(),
-    };
-    let resolved = drydock_vm::resolve_launch(&ctx.layout(), &ctx.state_dir, paths, &req)?;
-    if let Some((image, paths_in, took)) = &resolved.image {
+    })
+}
+
+/// The store image line of a launch with `--store-mode image`.
+fn describe_image(plan: &drydock_vm::LaunchPlan) {
+    if let Some((image, paths_in, took)) = plan.image() {
         eprintln!(
             "drydock: store image {} ({paths_in} paths, {:.1} MiB, {})",
             image.path.display(),
@@ -109,18 +116,6 @@ fn prepare(ctx: &Context, a: &VmRunArgs, paths: &VmPaths) -> anyhow::Result<Laun
             }
         );
     }
-    Ok(resolved.record)
-}
-
-/// `--store` as given, for the checks that a restart or restore names the VM's own store.
-pub(super) fn explicit_store(ctx: &Context) -> Option<&std::path::Path> {
-    ctx.store_root.as_deref()
-}
-
-/// A restart or restore: the run is live again and its pin renewed in the VM's own store.
-pub(super) fn reopen_run(ctx: &Context, record: &LaunchRecord) -> anyhow::Result<()> {
-    drydock_vm::reopen_vm_run(&ctx.state_dir, record, &ctx.layout(), explicit_store(ctx))?;
-    Ok(())
 }
 
 /// How a launch waits for its VM: the library's wait, and whether to return once ready.
@@ -147,17 +142,9 @@ impl Wait {
 }
 
 fn run_vm(ctx: &Context, a: &VmRunArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    drydock_vm::claim_name(&ctx.state_dir, &paths, &a.name)?;
-    let mut record = prepare(ctx, a, &paths)?;
-    if let Some(disk) = &record.spec.disk {
-        drydock_vm::discard_disk(disk)?;
-    }
-    let argv: Vec<String> = std::env::args().collect();
-    record.run_id = drydock_vm::record_vm_run(&ctx.state_dir, &ctx.layout(), &record, &argv);
-    record.write(&paths)?;
-    launch(ctx, &a.name, &record, &wait)
+    let req = run_request(a)?;
+    launch(ctx, &a.name, LaunchKind::New(req), &wait)
 }
 
 /// The one-line summary printed when a VM starts.
@@ -184,19 +171,41 @@ fn describe(name: &str, record: &LaunchRecord) {
     );
 }
 
-fn launch(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    describe(name, record);
-    install_cancel_handler();
-    if wait.detach {
-        detach(ctx, name, record, wait)
-    } else {
-        foreground(ctx, name, record, wait)
-    }
+/// Launch `kind` with the library's launch sequence: the summary once it is planned, the
+/// console as it comes, then how it ended.
+fn launch(ctx: &Context, name: &str, kind: LaunchKind, wait: &Wait) -> anyhow::Result<Outcome> {
+    let launcher = launcher(ctx)?;
+    let opts = drydock_vm::LaunchOptions {
+        detach: wait.detach,
+        wait: wait.spec.clone(),
+    };
+    let mut echo = echo_to(ctx.json, name);
+    let end = drydock_vm::launch_vm(&launcher, kind, &opts, &CANCEL, &mut |ev| match ev {
+        LaunchEvent::Planned(plan) => {
+            describe_image(plan);
+            describe(name, plan.record());
+            install_cancel_handler();
+        }
+        LaunchEvent::Console(line) => echo(line),
+        LaunchEvent::Ready { after, .. } => {
+            eprintln!("drydock: {name} ready after {:.2} s", after.as_secs_f64())
+        }
+    });
+    let end = match end {
+        // A restart whose pinned files are gone: said plainly, exit 1.
+        Err(LifecycleError::Launcher(e @ LauncherError::Gone { .. })) => {
+            eprintln!("drydock: {e}");
+            return Ok(Outcome::Failed);
+        }
+        end => end?,
+    };
+    report_end(
+        ctx,
+        name,
+        &VmPaths::in_state_dir(&ctx.state_dir, name),
+        &end,
+        wait,
+    )
 }
 
 fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
@@ -211,24 +220,6 @@ fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
             let _ = writeln!(out, "{prefix}{line}");
         }
     }
-}
-
-fn foreground(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    let mut echo = echo_to(ctx.json, name);
-    let end = drydock_vm::run_foreground(
-        &ctx.state_dir,
-        record,
-        &wait.spec,
-        &CANCEL,
-        &mut echo,
-        &mut |_, after| eprintln!("drydock: {name} ready after {:.2} s", after.as_secs_f64()),
-    )?;
-    report_end(ctx, name, &record.spec.paths, &end, wait)
 }
 
 /// The outcome and the sentence for how a launch ended.
@@ -334,51 +325,17 @@ fn report_end(
     Ok(code)
 }
 
-/// The detached supervisor command of a VM of this state dir and store.
-pub(super) fn supervisor<'a>(
-    ctx: &'a Context,
-    exe: &'a std::path::Path,
-    name: &'a str,
-    incoming: Option<(&'a str, &'a str)>,
-) -> drydock_vm::SupervisorCommand<'a> {
-    drydock_vm::SupervisorCommand {
-        exe,
-        state_dir: &ctx.state_dir,
-        store_root: ctx.store_root.as_deref(),
-        name,
-        incoming,
-    }
-}
-
-/// `--detach`: a supervisor process owns the VM; wait here until it is ready.
-fn detach(
-    ctx: &Context,
-    name: &str,
-    record: &LaunchRecord,
-    wait: &Wait,
-) -> anyhow::Result<Outcome> {
-    let exe = std::env::current_exe().context("locating the drydock binary")?;
-    let sup = supervisor(ctx, &exe, name, None);
-    let mut echo = echo_to(ctx.json, name);
-    let end = drydock_vm::run_detached(&sup, record, &wait.spec, &CANCEL, &mut echo)?;
-    report_end(ctx, name, &record.spec.paths, &end, wait)
-}
-
 /// The hidden `__vm-supervise`: start the recorded launch (or load a snapshot into it) and stay
 /// with it until QEMU exits or we are told to stop (SIGTERM/SIGHUP/SIGINT), then clean up.
 pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
-    let mut record = LaunchRecord::read(&paths)?;
-    if let Some(share) = &mut record.share {
-        share.exe = std::env::current_exe().context("locating the drydock binary")?;
-    }
+    let launcher = launcher(ctx)?;
     install_cancel_handler();
     let incoming = a
         .incoming
         .as_deref()
         .map(|uri| (uri, a.snapshot_tag.as_deref().unwrap_or("default")));
     eprintln!("drydock: supervising {}", a.name);
-    let status = drydock_vm::supervise(&ctx.state_dir, &record, incoming, &CANCEL)?;
+    let status = drydock_vm::supervise(&launcher, &a.name, incoming, &CANCEL)?;
     eprintln!(
         "drydock: {} stopped ({})",
         a.name,
@@ -395,28 +352,12 @@ fn restart(ctx: &Context, a: &VmRestartArgs) -> anyhow::Result<Outcome> {
     if let Some(cm) = drydock_cluster::cluster_machine(&ctx.state_dir, &a.name) {
         return restart_in_cluster(ctx, a, &cm);
     }
-    let paths = vm_paths(ctx, &a.name)?;
     let wait = Wait::from_args(&a.wait)?;
-    let mut record = existing_record(ctx, &paths, &a.name)?;
-    drydock_vm::recorded_store(&record, &ctx.layout(), explicit_store(ctx))?;
-    if let Some(state) = VmState::read(&paths) {
-        drydock_vm::stop_remote(&paths, &state, drydock_vm::POWERDOWN_GRACE, false)?;
-    }
-    if let Some(missing) = record.missing_file() {
-        eprintln!("drydock: cannot restart {}: {missing}", a.name);
-        return Ok(Outcome::Failed);
-    }
-    if let Some(share) = &mut record.share {
-        share.exe = std::env::current_exe().context("locating the drydock binary")?;
-    }
-    if let Some(disk) = &record.spec.disk {
-        if !a.keep_state {
-            drydock_vm::discard_disk(disk)?;
-        }
-    }
-    reopen_run(ctx, &record)?;
-    record.write(&paths)?;
-    launch(ctx, &a.name, &record, &wait)
+    let kind = LaunchKind::Restart {
+        name: a.name.clone(),
+        keep_disk: a.keep_state,
+    };
+    launch(ctx, &a.name, kind, &wait)
 }
 
 /// `vm restart` of a machine of an up cluster: its owner restarts it, on the cluster's networks
@@ -454,120 +395,33 @@ fn restart_in_cluster(
     }
 }
 
-/// The launch record of an existing VM, or bad input naming the VM.
-fn existing_record(ctx: &Context, paths: &VmPaths, name: &str) -> anyhow::Result<LaunchRecord> {
-    if !paths.launch_file().exists() {
-        return Err(bad_input(format!(
-            "no VM named {name} in {}",
-            ctx.state_dir.join("vms").display()
-        )));
-    }
-    Ok(LaunchRecord::read(paths)?)
-}
-
 fn stop(ctx: &Context, a: &VmStopArgs) -> anyhow::Result<Outcome> {
     drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "stop")?;
-    let paths = vm_paths(ctx, &a.name)?;
-    if !paths.dir.is_dir() {
-        return Err(bad_input(format!(
-            "no VM named {} in {}",
-            a.name,
-            ctx.state_dir.join("vms").display()
-        )));
-    }
-    let Some(state) = VmState::read(&paths) else {
-        eprintln!("drydock: {} is not running", a.name);
-        return Ok(Outcome::Success);
-    };
-    let grace = a.grace;
-    let t = Instant::now();
-    let was_alive = state.qemu_alive();
-    if was_alive {
-        drydock_vm::stop_remote(&paths, &state, grace, a.force)?;
-    } else {
-        let record = LaunchRecord::read(&paths).ok();
-        drydock_vm::reap_stale(&ctx.state_dir, &paths, &state, record.as_ref())?;
-    }
-    if was_alive {
-        eprintln!(
-            "drydock: {} stopped in {:.2} s",
-            a.name,
-            t.elapsed().as_secs_f64()
-        );
-    } else {
-        eprintln!("drydock: {} was not running (stale entry cleaned)", a.name);
+    match drydock_vm::stop_vm(&ctx.state_dir, &a.name, a.grace, a.force)? {
+        drydock_vm::Stopped::NotRunning => eprintln!("drydock: {} is not running", a.name),
+        drydock_vm::Stopped::Stopped { after } => {
+            eprintln!(
+                "drydock: {} stopped in {:.2} s",
+                a.name,
+                after.as_secs_f64()
+            )
+        }
+        drydock_vm::Stopped::StaleCleaned => {
+            eprintln!("drydock: {} was not running (stale entry cleaned)", a.name)
+        }
     }
     Ok(Outcome::Success)
 }
 
-/// One line of `vm list`.
-#[derive(Debug, serde::Serialize)]
-struct VmRow {
-    name: String,
-    /// `running`, `stopped` or `stale (cleaned)`.
-    state: &'static str,
-    pid: Option<u32>,
-    accel: Option<&'static str>,
-    memory_mib: Option<u32>,
-    uptime_seconds: Option<u64>,
-    system: Option<String>,
-}
-
-/// `vm list --json`.
-#[derive(Debug, serde::Serialize)]
-struct VmList {
-    vms: Vec<VmRow>,
-}
-
 fn list(ctx: &Context) -> anyhow::Result<Outcome> {
-    let root = ctx.state_dir.join("vms");
-    let mut rows = Vec::new();
-    let mut names: Vec<String> = match std::fs::read_dir(&root) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(anyhow!(e).context(format!("reading {}", root.display()))),
-    };
-    names.sort();
-    for name in names {
-        let Ok(paths) = vm_paths(ctx, &name) else {
-            continue;
-        };
-        let record = LaunchRecord::read(&paths).ok();
-        let state = VmState::read(&paths);
-        let (status, pid, uptime) = match &state {
-            Some(s) if s.qemu_alive() => (
-                "running",
-                Some(s.qemu_pid),
-                Some((drydock_gc::epoch_secs().max(0) as u64).saturating_sub(s.started)),
-            ),
-            Some(s) => {
-                // Stale: the owner died without cleaning up. Clean now, and end its run.
-                reap_stale(ctx, &paths, s, record.as_ref());
-                ("stale (cleaned)", None, None)
-            }
-            None => ("stopped", None, None),
-        };
-        rows.push(VmRow {
-            name,
-            state: status,
-            pid,
-            accel: record.as_ref().map(|r| r.spec.accel.as_str()),
-            memory_mib: record.as_ref().map(|r| r.spec.memory_mib),
-            uptime_seconds: uptime,
-            system: record.as_ref().and_then(|r| r.toplevel.clone()),
-        });
-    }
+    let listing = drydock_vm::list_vms(&ctx.state_dir)?;
     let mut out = crate::out::stdout();
     if ctx.json {
-        crate::out::json(&mut out, &VmList { vms: rows })?;
+        crate::out::json(&mut out, &listing)?;
         return Ok(Outcome::Success);
     }
-    if rows.is_empty() {
-        writeln!(out, "no VMs in {}", root.display())?;
+    if listing.vms.is_empty() {
+        writeln!(out, "no VMs in {}", listing.dir.display())?;
         out.flush()?;
         return Ok(Outcome::Success);
     }
@@ -577,12 +431,12 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
         "NAME", "STATE", "PID", "ACCEL", "MEMORY", "UPTIME"
     )?;
     let dash = || "-".to_string();
-    for r in rows {
+    for r in &listing.vms {
         writeln!(
             out,
             "{:<20} {:<16} {:>8} {:<5} {:>7} {:>9}",
             r.name,
-            r.state,
+            r.state.as_str(),
             r.pid.map(|p| p.to_string()).unwrap_or_else(dash),
             r.accel.unwrap_or("-"),
             r.memory_mib.map(|m| format!("{m}M")).unwrap_or_else(dash),
@@ -596,58 +450,34 @@ fn list(ctx: &Context) -> anyhow::Result<Outcome> {
 }
 
 fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
-    let paths = vm_paths(ctx, &a.name)?;
-    let log = paths.console_log();
-    if !log.exists() {
-        return Err(bad_input(format!(
-            "no console log for a VM named {} ({} does not exist)",
-            a.name,
-            log.display()
-        )));
+    if a.follow {
+        install_cancel_handler();
     }
-    let mut tail = ConsoleTail::with_rotated(log);
     let mut out = crate::out::stdout();
-    // What the guest printed is shown escaped, never obeyed by the terminal.
-    let show = |l: &str| drydock_vm::escape_control(l).into_owned();
-    if !a.follow {
-        for l in tail.lines() {
-            writeln!(out, "{}", show(&l))?;
-        }
-        if let Some(r) = tail.rest() {
-            writeln!(out, "{}", show(&r))?;
-        }
-        out.flush()?;
-        return Ok(Outcome::Success);
-    }
-    install_cancel_handler();
-    // A reader that went away ends the follow, quietly.
+    // A write that fails (the reader went away) ends the reading; its error is returned. What
+    // the guest printed is shown escaped, never obeyed by the terminal.
     let mut failed = None;
-    let mut echo = |l: &str| match writeln!(out, "{}", show(l)).and_then(|()| out.flush()) {
-        Ok(()) => true,
-        Err(e) => {
-            failed = Some(e);
-            false
-        }
-    };
-    // Until the VM's QEMU is gone.
-    let qemu = VmState::read(&paths)
-        .and_then(|s| drydock_vm::ProcessWatch::open(s.qemu_pid, s.qemu_start_ticks));
-    let end = match &qemu {
-        Some(q) => drydock_vm::follow(&mut tail, None, None, &CANCEL, Some(q), &mut echo),
-        None => drydock_vm::follow(
-            &mut tail,
-            None,
-            Some(Duration::ZERO),
-            &CANCEL,
-            None,
-            &mut echo,
-        ),
-    };
+    let interrupted =
+        drydock_vm::follow_console(&ctx.state_dir, &a.name, a.follow, &CANCEL, &mut |l| {
+            let written =
+                writeln!(out, "{}", drydock_vm::escape_control(l)).and_then(|()| match a.follow {
+                    true => out.flush(),
+                    false => Ok(()),
+                });
+            match written {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
     if let Some(e) = failed {
         return Err(e.into());
     }
-    Ok(match end {
-        drydock_vm::WaitOutcome::Cancelled if CANCEL.is_set() => Outcome::Interrupted,
-        _ => Outcome::Success,
+    out.flush()?;
+    Ok(match interrupted {
+        true => Outcome::Interrupted,
+        false => Outcome::Success,
     })
 }

@@ -1,29 +1,17 @@
 //! `vm snapshot` and `vm restore`: save a running VM's full state beside its folder, and bring
-//! it back (detached, owned by a supervisor) with `-incoming`, after checking that the snapshot
-//! fits the VM (closure, QEMU, machine options).
+//! it back (detached, owned by a supervisor) with `-incoming`, after the library checked that
+//! the snapshot fits the VM (closure, QEMU, machine options).
 
-use std::time::{Duration, Instant};
+use drydock_vm::{Ending, LaunchEvent, LaunchKind};
 
-use drydock_vm::VmState;
-
-use super::{CANCEL, existing_record, vm_paths};
+use super::{CANCEL, install_cancel_handler, launcher};
 use crate::cli::{VmRestoreArgs, VmSnapshotArgs};
 use crate::context::Context;
-use crate::exit::{Outcome, bad_input};
+use crate::exit::Outcome;
 
 pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
     drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "snapshot")?;
-    let paths = vm_paths(ctx, &a.name)?;
-    let record = existing_record(ctx, &paths, &a.name)?;
-    let running = VmState::read(&paths).is_some_and(|s| s.qemu_alive());
-    if !running {
-        return Err(bad_input(format!(
-            "{} is not running: only a running VM can be snapshotted",
-            a.name
-        )));
-    }
-    let version = drydock_vm::qemu_version(&record.spec.qemu)?;
-    let meta = drydock_vm::save_snapshot(&record, &a.tag, &version)?;
+    let meta = drydock_vm::snapshot_vm(&ctx.state_dir, &a.name, &a.tag)?;
     eprintln!(
         "drydock: snapshot {:?} of {}: {:.1} MiB of state saved in {:.2} s (guest paused meanwhile, now running again)",
         a.tag,
@@ -49,43 +37,38 @@ struct RestoreReport<'a> {
 
 pub fn restore(ctx: &Context, a: &VmRestoreArgs) -> anyhow::Result<Outcome> {
     drydock_cluster::refuse_cluster_machine(&ctx.state_dir, &a.name, "restore")?;
-    let paths = vm_paths(ctx, &a.name)?;
-    let mut record = existing_record(ctx, &paths, &a.name)?;
-    drydock_vm::recorded_store(&record, &ctx.layout(), super::explicit_store(ctx))?;
-    let deadline = a.timeout;
-    let meta = drydock_vm::read_snapshot(&paths, &a.tag)?;
-    let version = drydock_vm::qemu_version(&record.spec.qemu)?;
-    drydock_vm::check_restorable(&meta, &record, &version)?;
-    // The snapshot replaces whatever runs now.
-    if let Some(state) = VmState::read(&paths) {
-        drydock_vm::stop_remote(&paths, &state, Duration::ZERO, false)?;
-    }
-    if let Some(share) = &mut record.share {
-        share.exe = std::env::current_exe()?;
-    }
-    super::reopen_run(ctx, &record)?;
-    record.write(&paths)?;
-    let uri = drydock_vm::prepare_restore(&record, &a.tag)?;
-    super::install_cancel_handler();
-    let t = Instant::now();
-    let exe = std::env::current_exe()?;
-    let sup = super::supervisor(ctx, &exe, &a.name, Some((&uri, &a.tag)));
-    let (sup, _) = drydock_vm::spawn_supervisor(&sup, &paths, &CANCEL)?;
-    let state = drydock_vm::wait_running(&paths, sup, deadline, &CANCEL)?;
+    let kind = LaunchKind::Restore {
+        name: a.name.clone(),
+        tag: a.tag.clone(),
+    };
+    let opts = drydock_vm::LaunchOptions {
+        detach: true,
+        wait: drydock_vm::WaitSpec {
+            ready: None,
+            timeout: Some(a.timeout),
+        },
+    };
+    let end = drydock_vm::launch_vm(&launcher(ctx)?, kind, &opts, &CANCEL, &mut |ev| {
+        if let LaunchEvent::Planned(_) = ev {
+            install_cancel_handler();
+        }
+    })?;
+    let Ending::Running { qemu_pid } = end.ending else {
+        eprintln!("drydock: {} was not restored ({:?})", a.name, end.ending);
+        return Ok(Outcome::Failed);
+    };
+    let seconds = end.elapsed.as_secs_f64();
     eprintln!(
-        "drydock: {} restored from snapshot {:?} in {:.3} s; running in the background (QEMU pid {})",
-        a.name,
-        a.tag,
-        t.elapsed().as_secs_f64(),
-        state.qemu_pid
+        "drydock: {} restored from snapshot {:?} in {seconds:.3} s; running in the background (QEMU pid {qemu_pid})",
+        a.name, a.tag,
     );
     if ctx.json {
         let report = RestoreReport {
             name: &a.name,
             tag: &a.tag,
             result: "running",
-            seconds: t.elapsed().as_secs_f64(),
-            qemu_pid: state.qemu_pid,
+            seconds,
+            qemu_pid,
         };
         crate::out::json(&mut crate::out::stdout(), &report)?;
     }

@@ -1,6 +1,8 @@
 //! `drydock doctor`: a preflight for running VMs that finds the real cause of the usual
 //! failures (KVM permissions for this user *and* for Nix's build users, device cgroups, a KVM
 //! that cannot run a normal kernel, missing QEMU features, a full disk) and says how to fix it.
+//! Its verdict ([`verdict`]) answers first what a user asks (can VMs run here, can Nix build VM
+//! tests here), and alone decides the exit code.
 //!
 //! Every check reads the system through [`Host`], which takes a root directory, so unit tests run
 //! the checks against fixture trees. Checks that act on the kernel (opening `/dev/kvm`, running
@@ -15,6 +17,7 @@ mod kvm;
 mod machines;
 mod nix;
 mod qemu;
+mod verdict;
 
 use std::path::PathBuf;
 
@@ -23,6 +26,7 @@ use serde::Serialize;
 
 pub use crate::host::Host;
 pub use boot::BootProbe;
+pub use verdict::{Answer, Asked, BuilderAnswer, NixAnswer, Verdict, VmsAnswer, verdict};
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -166,39 +170,10 @@ pub fn run_checks(host: &Host, opts: &DoctorOptions) -> Result<Vec<Finding>, Doc
 /// Whether VMs should use KVM here: `Ok` when every KVM check passes, including the
 /// guest-execution probe and no PVM-only module; otherwise the first finding that says why not.
 pub fn kvm_usable(host: &Host) -> Result<(), Finding> {
-    let report = kvm::check_all(host);
-    for id in [
-        "kvm.modules",
-        "kvm.device",
-        "kvm.access",
-        "kvm.cgroup",
-        "kvm.api",
-        "kvm.create_vm",
-        "kvm.exec",
-    ] {
-        match report.findings.iter().find(|f| f.id == id) {
-            Some(f) if f.status == Status::Pass => {}
-            Some(f) => return Err(f.clone()),
-            None => {
-                // A probe that did not run (the device could not be opened) is reported by the
-                // check that stopped it, which is not a pass either.
-                let why = report.findings.iter().find(|f| f.status != Status::Pass);
-                return Err(why.cloned().unwrap_or_else(|| {
-                    Finding::new(id, Status::Fail, format!("{id} did not run"))
-                }));
-            }
-        }
+    match verdict::kvm_blocker(&kvm::check_all(host).findings) {
+        None => Ok(()),
+        Some(why) => Err(why),
     }
-    Ok(())
-}
-
-/// The verdict: `Fail` if any finding failed, else `Warn` if any warned, else `Pass`.
-pub fn overall(findings: &[Finding]) -> Status {
-    findings
-        .iter()
-        .map(|f| f.status)
-        .max()
-        .unwrap_or(Status::Pass)
 }
 
 /// Human-readable byte counts for messages.
@@ -237,15 +212,7 @@ pub(crate) mod fixture {
 
     /// Create a character device node (needs root; tests that call this say so).
     pub(crate) fn mknod_char(path: &std::path::Path, major: u32, minor: u32, mode: u32) {
-        let status = std::process::Command::new("mknod")
-            .arg("-m")
-            .arg(format!("{mode:o}"))
-            .arg(path)
-            .arg("c")
-            .arg(major.to_string())
-            .arg(minor.to_string())
-            .status()
-            .expect("run mknod");
-        assert!(status.success(), "mknod {}", path.display());
+        crate::sys::fs::mknod_char(path, major, minor, mode)
+            .unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
     }
 }

@@ -1,8 +1,8 @@
 //! QEMU: the binary, its version, whether it has `vhost-user-fs-pci` (virtio-fs) and
 //! `memory-backend-memfd` (shared guest memory for vhost-user), whether `memfd_create` works,
-//! and how big `/dev/shm` is.
+//! whether it has TCG (`qemu.tcg`, present only when it has not), and how big `/dev/shm` is.
 //!
-//! Asking QEMU costs three process starts (~40 ms), so the answers are cached in the state
+//! Asking QEMU costs four process starts (~40 ms), so the answers are cached in the state
 //! directory, keyed by the binary's path, size, inode and modification time, like libvirt's
 //! capabilities cache: a changed or replaced QEMU is asked again.
 
@@ -39,13 +39,26 @@ struct Caps {
     version: String,
     vhost_user_fs: bool,
     memfd_backend: bool,
+    /// The accelerators `-accel help` lists; `None` when QEMU could not say.
+    accels: Option<Vec<String>>,
+}
+
+/// The accelerators in `-accel help`'s answer ("Accelerators supported in QEMU binary:" and
+/// one name a line).
+fn parse_accels(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.ends_with(':'))
+        .map(str::to_string)
+        .collect()
 }
 
 fn cache_key(bin: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(bin).ok()?;
+    // `v2`: the answers include the accelerators; older entries are asked again.
     Some(format!(
-        "{}:{}:{}:{}:{}",
+        "v2:{}:{}:{}:{}:{}",
         bin.display(),
         m.size(),
         m.ino(),
@@ -55,21 +68,29 @@ fn cache_key(bin: &Path) -> Option<String> {
 }
 
 fn ask(bin: &Path, key: String) -> Result<Caps, String> {
-    // Three independent questions, asked at once.
+    // Four independent questions, asked at once.
     let b1 = bin.to_path_buf();
     let b2 = bin.to_path_buf();
+    let b3 = bin.to_path_buf();
     let dev = std::thread::spawn(move || run(&b1, &["-machine", "none", "-device", "help"]));
     let obj = std::thread::spawn(move || run(&b2, &["-machine", "none", "-object", "help"]));
+    let acc = std::thread::spawn(move || run(&b3, &["-accel", "help"]));
     // The same question a snapshot records the answer of: one helper asks it.
     let version = crate::snapshot::qemu_version(bin).map_err(|e| crate::error_chain(&e));
     let devices = dev.join().unwrap_or_else(|_| Err("panicked".into()));
     let objects = obj.join().unwrap_or_else(|_| Err("panicked".into()));
+    let accels = acc.join().unwrap_or_else(|_| Err("panicked".into()));
     let version = version?;
     Ok(Caps {
         key,
         version,
         vhost_user_fs: devices.is_ok_and(|d| d.contains("\"vhost-user-fs-pci\"")),
         memfd_backend: objects.is_ok_and(|o| o.lines().any(|l| l.trim() == "memory-backend-memfd")),
+        // An answer that names nothing says nothing either.
+        accels: accels
+            .ok()
+            .map(|a| parse_accels(&a))
+            .filter(|a| !a.is_empty()),
     })
 }
 
@@ -115,26 +136,46 @@ pub(crate) fn check(host: &Host, bin: Option<&Path>, cache_dir: Option<&Path>) -
             Finding::new("qemu", Status::Fail, "qemu-system-x86_64 not found on PATH")
                 .fix("install QEMU (Debian/Ubuntu: `apt-get install qemu-system-x86`)"),
         ),
-        Some(bin) => out.push(check_binary(&bin, cache_dir)),
+        Some(bin) => out.extend(check_binary(&bin, cache_dir)),
     }
     out.push(check_shm(host));
     out
 }
 
-fn check_binary(bin: &Path, cache_dir: Option<&Path>) -> Finding {
+/// `qemu`, and `qemu.tcg` when QEMU says it has no TCG.
+fn check_binary(bin: &Path, cache_dir: Option<&Path>) -> Vec<Finding> {
     let caps = match capabilities(bin, cache_dir) {
         Ok(c) => c,
         Err(e) => {
-            return Finding::new(
-                "qemu",
-                Status::Fail,
-                format!("{} does not run", bin.display()),
-            )
-            .detail(e)
-            .fix("reinstall QEMU");
+            return vec![
+                Finding::new(
+                    "qemu",
+                    Status::Fail,
+                    format!("{} does not run", bin.display()),
+                )
+                .detail(e)
+                .fix("reinstall QEMU"),
+            ];
         }
     };
-    let version = caps.version;
+    let mut out = vec![check_features(bin, &caps)];
+    if let Some(accels) = caps
+        .accels
+        .as_ref()
+        .filter(|a| !a.iter().any(|x| x == "tcg"))
+    {
+        out.push(
+            Finding::new("qemu.tcg", Status::Warn, "QEMU has no TCG: VMs run here only with KVM")
+                .detail(format!("`{} -accel help` lists {}", bin.display(), accels.join(", ")))
+                .fix("install a QEMU built with TCG (Debian/Ubuntu's qemu-system-x86 has it) where KVM cannot run guests"),
+        );
+    }
+    out
+}
+
+/// `qemu`: its version and the features every launch needs.
+fn check_features(bin: &Path, caps: &Caps) -> Finding {
+    let version = &caps.version;
     let mut missing = Vec::new();
     if !caps.vhost_user_fs {
         missing.push("vhost-user-fs-pci (virtio-fs)");
@@ -196,7 +237,7 @@ mod tests {
     #[test]
     fn missing_binary_fails_with_install_hint() {
         let d = tempfile::tempdir().unwrap();
-        let f = check_binary(&d.path().join("qemu-system-x86_64"), None);
+        let f = check_binary(&d.path().join("qemu-system-x86_64"), None).remove(0);
         assert_eq!(f.status, Status::Fail);
         assert!(f.fix.unwrap().contains("QEMU"));
     }
@@ -209,7 +250,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let cache = d.path().join("cache");
-        let f = check_binary(&fake, Some(&cache));
+        let found = check_binary(&fake, Some(&cache));
+        let f = &found[0];
         assert_eq!(f.status, Status::Fail);
         assert!(f.summary.contains("vhost-user-fs-pci"), "{f:?}");
         assert!(f.summary.contains("memory-backend-memfd"), "{f:?}");
@@ -222,7 +264,39 @@ mod tests {
         f2.set_modified(before).unwrap();
         drop(f2);
         // ...but the size changed, so the key no longer matches and QEMU is asked again.
-        let f = check_binary(&fake, Some(&cache));
+        let f = check_binary(&fake, Some(&cache)).remove(0);
         assert!(f.summary.contains("does not run"), "{f:?}");
+    }
+
+    #[test]
+    fn accelerators_from_accel_help() {
+        assert_eq!(
+            parse_accels("Accelerators supported in QEMU binary:\ntcg\nkvm\n"),
+            ["tcg", "kvm"]
+        );
+        assert!(parse_accels("").is_empty());
+    }
+
+    /// A QEMU that answers every question, with `accels` for `-accel help`.
+    fn fake_qemu(dir: &Path, accels: &str) -> PathBuf {
+        let fake = dir.join("qemu");
+        std::fs::write(&fake, format!("#!/bin/sh\ncase \"$*\" in *--version*) echo 'QEMU emulator version 7.2.0';; *-device*) echo 'name \"vhost-user-fs-pci\"';; *-object*) echo '  memory-backend-memfd';; *-accel*) printf 'Accelerators supported in QEMU binary:\\n{accels}';; esac\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fake
+    }
+
+    #[test]
+    fn a_qemu_without_tcg_is_a_finding_of_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let found = check_binary(&fake_qemu(d.path(), "kvm\\n"), None);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].id, "qemu");
+        assert_eq!(found[1].id, "qemu.tcg");
+        assert_eq!(found[1].status, Status::Warn);
+        assert!(found[1].detail.contains("lists kvm"), "{found:?}");
+        let d = tempfile::tempdir().unwrap();
+        let found = check_binary(&fake_qemu(d.path(), "tcg\\nkvm\\n"), None);
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 }

@@ -60,6 +60,21 @@ pub(crate) fn statvfs(path: &Path) -> io::Result<FsSpace> {
     })
 }
 
+/// `mknod(2)`: make `path` a character device node `major:minor` with permissions `mode`
+/// (needs CAP_MKNOD), for tests that fake `/dev/kvm` without running the `mknod` program.
+#[cfg(test)]
+pub(crate) fn mknod_char(path: &Path, major: u32, minor: u32, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = cpath(path)?;
+    // SAFETY: `p` is NUL-terminated; mknod only reads it.
+    let rc = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR, libc::makedev(major, minor)) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // As `mknod -m`: exactly `mode`, whatever the umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// Whether `memfd_create(2)` works here (QEMU's `memory-backend-memfd` needs it).
 pub(crate) fn memfd_works() -> io::Result<()> {
     let name = c"drydock-doctor";

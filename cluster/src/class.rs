@@ -1,0 +1,123 @@
+//! The exit class of each of drydock-cluster's public errors (`drydock_gc::Classify`), and
+//! [`exit_class_of`], the one place that knows which of a chain's causes are this crate's (the
+//! binary asks it, and drydock-vm's and drydock-gc's twins, instead of knowing the types).
+
+use std::error::Error;
+
+use drydock_gc::{Classify, ExitClass};
+
+use crate::apply::ReloadError;
+use crate::backdoor::BackdoorError;
+use crate::compose::ComposeError;
+use crate::control::ControlError;
+use crate::eval::EvalError;
+use crate::hub::HubError;
+use crate::session::SessionError;
+use crate::state::{ClusterError, MachineError};
+use crate::watch::WatchError;
+
+/// Errors whose class is bad input or a failure, as their `is_bad_input` says.
+macro_rules! bad_input_or_failed {
+    ($($t:ty),* $(,)?) => {$(
+        impl Classify for $t {
+            fn exit_class(&self) -> ExitClass {
+                if self.is_bad_input() {
+                    ExitClass::BadInput
+                } else {
+                    ExitClass::Failed
+                }
+            }
+        }
+    )*};
+}
+
+bad_input_or_failed!(
+    BackdoorError,
+    ClusterError,
+    ComposeError,
+    ControlError,
+    MachineError,
+    ReloadError,
+);
+
+impl Classify for EvalError {
+    /// An evaluation or build stopped by Ctrl-C or SIGTERM is an interruption (also when the
+    /// build's own `track` says so); otherwise as `is_bad_input` says.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::Interrupted => ExitClass::Interrupted,
+            Self::Track(e) if e.exit_class() == ExitClass::Interrupted => ExitClass::Interrupted,
+            _ if self.is_bad_input() => ExitClass::BadInput,
+            _ => ExitClass::Failed,
+        }
+    }
+}
+
+/// A hub or the watcher failing is never the caller's input.
+macro_rules! failed {
+    ($($t:ty),* $(,)?) => {$(
+        impl Classify for $t {
+            fn exit_class(&self) -> ExitClass {
+                ExitClass::Failed
+            }
+        }
+    )*};
+}
+
+failed!(HubError, WatchError);
+
+impl Classify for SessionError {
+    fn exit_class(&self) -> ExitClass {
+        if self.is_interrupted() {
+            ExitClass::Interrupted
+        } else if self.is_bad_input() {
+            ExitClass::BadInput
+        } else {
+            ExitClass::Failed
+        }
+    }
+}
+
+/// The class of `cause` if it is one of drydock-cluster's public errors.
+pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
+    macro_rules! first_of {
+        ($($t:ty),* $(,)?) => {
+            $(if let Some(e) = cause.downcast_ref::<$t>() {
+                return Some(e.exit_class());
+            })*
+        };
+    }
+    first_of!(
+        SessionError,
+        BackdoorError,
+        ClusterError,
+        ComposeError,
+        ControlError,
+        EvalError,
+        HubError,
+        MachineError,
+        ReloadError,
+        WatchError,
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_crates_errors_are_classified_and_others_are_not() {
+        let bad = ClusterError::NotUp("c".into());
+        assert_eq!(exit_class_of(&bad), Some(ExitClass::BadInput));
+        assert_eq!(
+            exit_class_of(&SessionError::Cluster(ClusterError::Interrupted)),
+            Some(ExitClass::Interrupted)
+        );
+        assert_eq!(
+            exit_class_of(&EvalError::Interrupted),
+            Some(ExitClass::Interrupted)
+        );
+        assert_eq!(exit_class_of(&std::io::Error::other("x")), None);
+    }
+}
