@@ -138,8 +138,11 @@ pub struct UpArgs {
     /// Hot reload: restart the machines that could switch in place.
     #[arg(long)]
     pub restart: bool,
-    /// Stay in the foreground and reload on every change under the composition's directory
-    /// (`result*` and dot files ignored).
+    /// Start the machines even if together they ask for more memory than the host has.
+    #[arg(long)]
+    pub allow_overcommit: bool,
+    /// Stay in the foreground and reload when a file under the composition's directory that
+    /// the evaluation read changes (the composition, its imports, files it reads).
     #[arg(long, conflicts_with = "detach")]
     pub watch: bool,
     /// How much console log each machine keeps on disk (its `console.log` and
@@ -472,6 +475,9 @@ pub struct VmRunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub memory: u32,
+    /// Start the VM even if it asks for more memory than the host has.
+    #[arg(long)]
+    pub allow_overcommit: bool,
     /// Virtual CPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub cpus: u32,

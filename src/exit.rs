@@ -131,5 +131,17 @@ mod tests {
         assert_eq!(class_of(&not_regular), ExitClass::Failed);
         assert_eq!(class_of(&anyhow::anyhow!("plain")), ExitClass::Failed);
         assert_eq!(class_of(&bad_input("no")), ExitClass::BadInput);
+        // A folder of another user's, or one others can write: bad input, alone or wrapped.
+        let loose = || drydock_gc::PrivateError::Loose {
+            path: "/tmp/drydock-0".into(),
+            mode: 0o777,
+            who: "its group and every user",
+        };
+        assert_eq!(
+            class_of(&anyhow::Error::new(loose()).context("starting")),
+            ExitClass::BadInput
+        );
+        let cluster = drydock_cluster::ClusterError::NotPrivate(loose());
+        assert_eq!(class_of(&anyhow::Error::new(cluster)), ExitClass::BadInput);
     }
 }

@@ -23,6 +23,8 @@ fn a_reply_waits_for_an_acknowledgement_after_each_chunk() {
     let (mut ours, theirs) = UnixStream::pair().unwrap();
     let fd: OwnedFd = theirs.into();
     let fd2 = fd.try_clone().unwrap();
+    // A call's marker is a nonce (32 hex digits, new for each call in `Backdoor::exec`).
+    let nonce = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
     let mut child = Command::new("busybox")
         .args(["sh", "-s"])
         .stdin(Stdio::from(fd))
@@ -30,7 +32,7 @@ fn a_reply_waits_for_an_acknowledgement_after_each_chunk() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    ours.write_all(call_line(1, "head -c 300000 /dev/zero", 30).as_bytes())
+    ours.write_all(call_line(nonce, "head -c 300000 /dev/zero", 30).as_bytes())
         .unwrap();
     fn read_for(ours: &mut UnixStream, got: &mut Vec<u8>, d: Duration) {
         let mut buf = [0u8; 65536];
@@ -51,7 +53,8 @@ fn a_reply_waits_for_an_acknowledgement_after_each_chunk() {
         "only the first chunk before an acknowledgement"
     );
     let mut acks = 0;
-    while !got.ends_with(b"DRYDOCK-1-END\n") {
+    let end = format!("DRYDOCK-{nonce}-END\n");
+    while !got.ends_with(end.as_bytes()) {
         ours.write_all(b":\n").unwrap();
         acks += 1;
         let before = got.len();
@@ -63,7 +66,7 @@ fn a_reply_waits_for_an_acknowledgement_after_each_chunk() {
         assert!(acks < 100, "the reply never ended");
     }
     let line = String::from_utf8(got).unwrap();
-    let r = parse_reply(1, line.trim_start_matches('\n'))
+    let r = parse_reply(nonce, line.trim_start_matches('\n'))
         .unwrap()
         .unwrap();
     assert_eq!((r.status, r.stdout.len()), (0, 300000));

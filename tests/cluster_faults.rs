@@ -318,14 +318,20 @@ fn a_detached_owner_killed_while_up_waits_is_reported_with_its_pid_signal_and_lo
     c.down();
 }
 
-/// A tmpfs of `mib` MiB at `dir`, unmounted when dropped.
+/// A tmpfs of `mib` MiB at `dir` (0700, as drydock wants a state dir), unmounted when dropped.
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(dir: &Path, mib: u32) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .unwrap();
@@ -456,11 +462,12 @@ fn leftovers(state: &Path, cluster: &str, machines: &[&str]) -> Vec<PathBuf> {
 #[test]
 fn down_leaves_no_cgroup_socket_or_socket_folder_even_after_a_killed_owner() {
     // Deep enough that the sockets go to a runtime folder of their own.
+    let deep = tempfile::tempdir().unwrap();
     let c = Cluster::named("left")
         .machines(
             "a = { system = sys { }; memorySize = 256; vlans = [ 1 2 ]; }; b = { system = sys { }; memorySize = 256; };",
         )
-        .state_name(&"s".repeat(90))
+        .state(deep.path().join("s".repeat(90)))
         .write();
     let state = c.state();
     let sockets = drydock_vm::VmPaths::in_state_dir(state, "left.a").sockets;

@@ -4,7 +4,7 @@
 //! deleted inodes (also with two collections at once), bad input that must exit 2 with the true
 //! cause, Ctrl-C of `track` after its command exited, and a command that cannot start.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -339,22 +339,39 @@ fn bad_state_and_databases_exit_2_with_the_true_cause() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(e.contains("is not a Nix database"), "{e}");
-    // An unwritable state dir, as an ordinary user: the cause is permissions, not corruption.
+    // An unwritable state dir of the user's own, as an ordinary user: the cause is
+    // permissions, not corruption.
     let locked = dir.join("locked");
     std::fs::create_dir_all(&locked).unwrap();
-    let out = Drydock::on(&root, &locked)
-        .via(
-            "setpriv",
-            ["--reuid=65534", "--regid=65534", "--clear-groups"],
-        )
-        .arg("runs")
-        .run();
+    std::os::unix::fs::chown(&locked, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let as_nobody = |state: &Path| {
+        Drydock::on(&root, state)
+            .via(
+                "setpriv",
+                ["--reuid=65534", "--regid=65534", "--clear-groups"],
+            )
+            .arg("runs")
+            .run()
+    };
+    let out = as_nobody(&locked);
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(
         e.contains("cannot write the runs database") && !e.contains("corrupt"),
         "{e}"
     );
+    // A state dir of another user is refused before anything is read or written in it.
+    let roots = dir.join("roots-state");
+    std::fs::create_dir_all(&roots).unwrap();
+    let out = as_nobody(&roots);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains(&format!("{} belongs to uid 0", roots.display())),
+        "{e}"
+    );
+    assert!(!roots.join("runs.sqlite").exists());
 }
 
 #[test]

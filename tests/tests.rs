@@ -11,6 +11,7 @@ mod vmcommon;
 mod backdoor;
 mod cluster;
 mod cluster_faults;
+mod cluster_security;
 mod doctor;
 mod doctor_builders;
 mod eval;

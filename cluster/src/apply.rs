@@ -323,7 +323,7 @@ impl RunningCluster {
             move |source| ReloadError::Files { path, source }
         };
         let hosts = cpaths.dir.join("hosts");
-        std::fs::write(&hosts, &new.hosts).map_err(files(&hosts))?;
+        drydock_gc::write_atomic(&hosts, new.hosts.as_bytes()).map_err(files(&hosts))?;
 
         // 1. Stop what goes away or boots again, in parallel.
         let stopping: Vec<String> = removes.iter().chain(&restarts).cloned().collect();

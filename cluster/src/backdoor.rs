@@ -8,13 +8,17 @@
 //! one reply line carries the status and both outputs base64-encoded:
 //!
 //! ```text
-//! DRYDOCK-<id> <status> <base64 stdout> <base64 stderr> DRYDOCK-<id>-END
+//! DRYDOCK-<nonce> <status> <base64 stdout> <base64 stderr> DRYDOCK-<nonce>-END
 //! ```
 //!
 //! so both streams arrive complete and binary-safe, and anything else the console carries
-//! (echo, noise) is skipped. A call that hits its deadline has status 124 (130 if it was
-//! cancelled) and the shell answers the next call; a shell that does not answer within a grace period after the deadline is
-//! wedged, and the backdoor refuses further calls. Calls on one backdoor queue on its mutex.
+//! (echo, noise) is skipped. The nonce is 128 bits from `/dev/urandom`, new for each call, and
+//! what the console carried before a call was sent is dropped: a guest process writing forged
+//! replies to `/dev/hvc0` cannot guess the marker of a call that is not sent yet, so its lines
+//! are noise like any other. A call that hits its deadline has status 124 (130 if it was
+//! cancelled) and the shell answers the next call; a shell that does not answer within a grace
+//! period after the deadline is wedged, and the backdoor refuses further calls. Calls on one
+//! backdoor queue on its mutex.
 //!
 //! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
 //! not throttled, unlike `virtserialport`: QEMU's `virtio-console.c` drops on `EAGAIN` rather
@@ -59,6 +63,9 @@ const SHELL_WAIT: Duration = Duration::from_secs(600);
 const SESSION_END: Duration = Duration::from_secs(3600);
 /// A reply line is refused beyond this size (base64 of both streams).
 const MAX_REPLY: usize = 256 << 20;
+/// At most this much waiting input is dropped before a call (a guest that floods the console
+/// cannot hold the call there; what it sends later is skipped as noise).
+const DRAIN_MAX: usize = 4 << 20;
 
 /// What a command printed and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +95,8 @@ pub enum BackdoorError {
     TooLarge,
     #[error("interrupted")]
     Cancelled,
+    #[error("cannot read a call's nonce from /dev/urandom")]
+    Nonce(#[source] std::io::Error),
     #[error("the backdoor stayed busy for {} s (a `shell` session, or a command it left running, holds it)", .0.as_secs())]
     Busy(Duration),
     /// The machine lost what the backdoor needs (see [`Backdoor::close`]).
@@ -106,10 +115,19 @@ pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The text that runs `cmd` as call `id` with a deadline of `secs` seconds. It starts as few
-/// processes as it can, since under emulation each costs the guest milliseconds: the command
-/// travels single-quoted and is `eval`ed in a subshell; its outputs go to two files in a
-/// private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
+/// A new call's nonce: 128 bits from the kernel's random source, as 32 hex digits.
+fn nonce() -> Result<String, BackdoorError> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(BackdoorError::Nonce)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The text that runs `cmd` as the call marked `nonce` with a deadline of `secs` seconds. It
+/// starts as few processes as it can, since under emulation each costs the guest milliseconds:
+/// the command travels single-quoted and is `eval`ed in a subshell; its outputs go to two files
+/// in a private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
 /// costs no encoder; and a reply shorter than a chunk is printed by the shell's own `printf`.
 /// A call of `true` starts the subshell and the watchdog, nothing else.
 ///
@@ -119,21 +137,21 @@ pub fn sh_quote(s: &str) -> String {
 /// cancelled (130); either way it kills the command with everything it started (`drydock_k`:
 /// stopped, then its children found in `/proc` killed first, then it). The command never sees
 /// fd 9.
-pub fn call_line(id: u64, cmd: &str, secs: u64) -> String {
-    let m = format!("DRYDOCK-{id}");
+pub fn call_line(nonce: &str, cmd: &str, secs: u64) -> String {
+    let m = format!("DRYDOCK-{nonce}");
     let code = sh_quote(cmd);
     let small = CHUNK - 2;
     format!(
-        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; drydock_k() {{ kill -STOP $1 2>/dev/null; for f in /proc/[0-9]*/stat; do read -r c x y q z <$f && [ "$q" = "$1" ] && drydock_k $c; done 2>/dev/null; kill -9 $1 2>/dev/null; }}; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{id}"; else : >"$d/t{id}"; fi; drydock_k $p; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{id}" ] && {{ s=124; rm -f "$d/t{id}"; }}; [ -e "$d/c{id}" ] && {{ s=130; rm -f "$d/c{id}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
+        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; drydock_k() {{ kill -STOP $1 2>/dev/null; for f in /proc/[0-9]*/stat; do read -r c x y q z <$f && [ "$q" = "$1" ] && drydock_k $c; done 2>/dev/null; kill -9 $1 2>/dev/null; }}; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{nonce}"; else : >"$d/t{nonce}"; fi; drydock_k $p; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{nonce}" ] && {{ s=124; rm -f "$d/t{nonce}"; }}; [ -e "$d/c{nonce}" ] && {{ s=130; rm -f "$d/c{nonce}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
 "#
     )
 }
 
-/// Parse a console line as the reply to call `id`: `None` if it is not one.
-pub fn parse_reply(id: u64, line: &str) -> Option<Result<ExecOutput, BackdoorError>> {
+/// Parse a console line as the reply to the call marked `nonce`: `None` if it is not one.
+pub fn parse_reply(nonce: &str, line: &str) -> Option<Result<ExecOutput, BackdoorError>> {
     let line = line.trim_end_matches(['\r', '\n']);
-    let head = format!("DRYDOCK-{id} ");
-    let tail = format!(" DRYDOCK-{id}-END");
+    let head = format!("DRYDOCK-{nonce} ");
+    let tail = format!(" DRYDOCK-{nonce}-END");
     let body = line.strip_prefix(&head)?.strip_suffix(&tail)?;
     let parts: Vec<&str> = body.split(' ').collect();
     let [status, out, err] = parts[..] else {
@@ -164,13 +182,44 @@ struct Conn {
     pending: Vec<u8>,
     /// How much of `pending` is known to hold no newline (a long reply is scanned once).
     scanned: usize,
-    next_id: u64,
     broken: bool,
-    /// While a call's reply is awaited: its head (`DRYDOCK-<id> `) and the chunks acknowledged.
+    /// While a call's reply is awaited: its head (`DRYDOCK-<nonce> `) and the chunks
+    /// acknowledged.
     acking: Option<(Vec<u8>, usize)>,
 }
 
 impl Conn {
+    /// Drop what the guest sent before the call about to be made: the lines buffered, and what
+    /// already waits on the socket (at most [`DRAIN_MAX`] bytes).
+    fn drain(&mut self) -> Result<(), BackdoorError> {
+        let mut dropped = self.pending.len();
+        self.pending.clear();
+        self.scanned = 0;
+        self.stream
+            .set_nonblocking(true)
+            .map_err(BackdoorError::Io)?;
+        let mut buf = [0u8; 64 * 1024];
+        let result = loop {
+            if dropped >= DRAIN_MAX {
+                break Ok(());
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => break Err(BackdoorError::Closed),
+                Ok(n) => dropped += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(BackdoorError::Io(e)),
+            }
+        };
+        self.stream
+            .set_nonblocking(false)
+            .map_err(BackdoorError::Io)?;
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped console output sent before the call");
+        }
+        result
+    }
+
     /// Acknowledge every whole chunk of the reply in progress (`pending` starts with its head
     /// once the lines before it were taken; the chunk count includes the reply's leading
     /// newline). With `idle`, acknowledge once more anyway.
@@ -352,7 +401,6 @@ impl Backdoor {
             stream,
             pending: Vec::new(),
             scanned: 0,
-            next_id: 1,
             broken: false,
             acking: None,
         };
@@ -415,27 +463,27 @@ impl Backdoor {
         if conn.broken {
             return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
-        let id = conn.next_id;
-        conn.next_id += 1;
         let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
         let result = (|| {
+            let nonce = nonce()?;
+            conn.drain()?;
             conn.stream
-                .write_all(call_line(id, cmd, secs).as_bytes())
+                .write_all(call_line(&nonce, cmd, secs).as_bytes())
                 .map_err(BackdoorError::Io)?;
             let deadline = Deadline::after(Duration::from_secs(secs) + GRACE);
-            conn.acking = Some((format!("DRYDOCK-{id} ").into_bytes(), 0));
+            conn.acking = Some((format!("DRYDOCK-{nonce} ").into_bytes(), 0));
             let mut watch = client;
             loop {
                 let fds: Vec<BorrowedFd<'_>> = watch.iter().map(|c| c.as_fd()).collect();
                 match conn.line_or(deadline, &fds)? {
                     Got::Line(l) => {
-                        if let Some(r) = parse_reply(id, &l) {
+                        if let Some(r) = parse_reply(&nonce, &l) {
                             return r;
                         }
                     }
                     Got::Watched => {
                         if watch.is_some_and(peer_gone) {
-                            tracing::debug!(id, "the caller went away: cancelling its command");
+                            tracing::debug!(%nonce, "the caller went away: cancelling its command");
                             conn.stream
                                 .write_all(CANCEL_LINE.as_bytes())
                                 .map_err(BackdoorError::Io)?;
@@ -493,9 +541,10 @@ impl Backdoor {
         if conn.broken {
             return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
-        let id = conn.next_id;
-        conn.next_id += 1;
-        let result = relay_shell(&mut conn, client, id, prompt, size, started);
+        let result = nonce().and_then(|nonce| {
+            conn.drain()?;
+            relay_shell(&mut conn, client, &nonce, prompt, size, started)
+        });
         if result.is_err() {
             conn.broken = true;
         }
@@ -503,29 +552,29 @@ impl Backdoor {
     }
 }
 
-/// The text that starts session `id` (see [`Backdoor::shell`]).
-pub fn shell_line(id: u64, prompt: &str, size: Option<(u16, u16)>) -> String {
+/// The text that starts the session marked `nonce` (see [`Backdoor::shell`]).
+pub fn shell_line(nonce: &str, prompt: &str, size: Option<(u16, u16)>) -> String {
     let p = sh_quote(prompt);
     let stty = size
         .map(|(r, c)| format!("stty rows {r} cols {c} 2>/dev/null; "))
         .unwrap_or_default();
     format!(
-        "printf '\\nDRYDOCK-{id}-SHELL\\n'; {stty}PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{id}-SHELL-END\\n'\n"
+        "printf '\\nDRYDOCK-{nonce}-SHELL\\n'; {stty}PS1={p} sh -i 2>&1; while read -t 1 -r DRYDOCK_X; do :; done; printf '\\nDRYDOCK-{nonce}-SHELL-END\\n'\n"
     )
 }
 
 fn relay_shell(
     conn: &mut Conn,
     client: &UnixStream,
-    id: u64,
+    nonce: &str,
     prompt: &str,
     size: Option<(u16, u16)>,
     started: &mut dyn FnMut(),
 ) -> Result<(), BackdoorError> {
-    let start = format!("DRYDOCK-{id}-SHELL");
-    let end = format!("\nDRYDOCK-{id}-SHELL-END\n").into_bytes();
+    let start = format!("DRYDOCK-{nonce}-SHELL");
+    let end = format!("\nDRYDOCK-{nonce}-SHELL-END\n").into_bytes();
     conn.stream
-        .write_all(shell_line(id, prompt, size).as_bytes())
+        .write_all(shell_line(nonce, prompt, size).as_bytes())
         .map_err(BackdoorError::Io)?;
     let deadline = Deadline::after(GRACE);
     loop {
@@ -613,6 +662,7 @@ fn relay_shell(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn replies_parse_or_are_skipped() {
@@ -623,7 +673,7 @@ mod tests {
             b(b"err")
         );
         assert_eq!(
-            parse_reply(7, &ok).unwrap().unwrap(),
+            parse_reply("7", &ok).unwrap().unwrap(),
             ExecOutput {
                 stdout: b"out\0\xff".to_vec(),
                 stderr: b"err".to_vec(),
@@ -631,7 +681,7 @@ mod tests {
             }
         );
         let empty = "DRYDOCK-2 0   DRYDOCK-2-END";
-        let e = parse_reply(2, empty).unwrap().unwrap();
+        let e = parse_reply("2", empty).unwrap().unwrap();
         assert_eq!((e.status, e.stdout.len(), e.stderr.len()), (0, 0, 0));
         for other in [
             "noise",
@@ -639,27 +689,129 @@ mod tests {
             &ok.replace("DRYDOCK-7", "DRYDOCK-8"),
             "d=$(mktemp -d) && printf '\\n%s %s ' DRYDOCK-7",
         ] {
-            assert!(parse_reply(7, other).is_none(), "{other}");
+            assert!(parse_reply("7", other).is_none(), "{other}");
         }
         assert!(matches!(
-            parse_reply(1, "DRYDOCK-1 x   DRYDOCK-1-END"),
+            parse_reply("1", "DRYDOCK-1 x   DRYDOCK-1-END"),
             Some(Err(BackdoorError::Malformed(_)))
         ));
         assert!(matches!(
-            parse_reply(1, "DRYDOCK-1 0 !! DRYDOCK-1-END"),
+            parse_reply("1", "DRYDOCK-1 0 !! DRYDOCK-1-END"),
             Some(Err(BackdoorError::Malformed(_)))
         ));
     }
 
     #[test]
+    fn forged_replies_with_guessed_markers_are_never_taken() {
+        // The guest is this test, on a socketpair: it knows the protocol, floods the console
+        // with the replies a sequential marker would have (before, during and after calls),
+        // replays the previous call's marker, and answers each call for real only once it saw
+        // the call's marker.
+        let (ours, mut guest) = UnixStream::pair().unwrap();
+        fn forged(marker: &str) -> String {
+            format!(
+                "DRYDOCK-{marker} 0 {}  DRYDOCK-{marker}-END\n",
+                B64.encode("forged")
+            )
+        }
+        // Many small writes would fill the socket's buffer (each costs a whole buffer): one each.
+        fn flood(ns: std::ops::RangeInclusive<u64>) -> String {
+            ns.map(|n| forged(&n.to_string())).collect()
+        }
+        guest
+            .write_all(format!("{READY_LINE}\n").as_bytes())
+            .unwrap();
+        let b = Backdoor::wait_ready(ours, Duration::from_secs(5), &[], &mut |_| {}).unwrap();
+        guest.write_all(flood(1..=300).as_bytes()).unwrap();
+        let guest_side = std::thread::spawn(move || {
+            let mut calls = std::io::BufReader::new(guest.try_clone().unwrap());
+            let mut nonces: Vec<String> = Vec::new();
+            for i in 0..4 {
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut calls, &mut line).unwrap();
+                let nonce = line
+                    .split("r=\"DRYDOCK-")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .unwrap()
+                    .to_string();
+                let mut out = flood(301..=600);
+                if let Some(previous) = nonces.last() {
+                    out.push_str(&forged(previous));
+                }
+                let real = B64.encode(format!("real {i}"));
+                out.push_str(&format!(
+                    "\nDRYDOCK-{nonce} {i} {real}  DRYDOCK-{nonce}-END\n"
+                ));
+                // A replay of this very reply, for the next call to take.
+                out.push_str(&forged(&nonce));
+                guest.write_all(out.as_bytes()).unwrap();
+                nonces.push(nonce);
+            }
+            nonces
+        });
+        for i in 0..4 {
+            let r = b.exec("true", Duration::from_secs(10)).unwrap();
+            assert_eq!(
+                (r.status, String::from_utf8(r.stdout).unwrap()),
+                (i, format!("real {i}"))
+            );
+        }
+        let nonces = guest_side.join().unwrap();
+        for n in &nonces {
+            assert!(
+                n.len() == 32 && n.chars().all(|c| c.is_ascii_hexdigit()),
+                "{n}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<_> = nonces.iter().collect();
+        assert_eq!(distinct.len(), 4, "{nonces:?}");
+    }
+
+    #[test]
+    fn input_that_came_before_a_call_is_dropped() {
+        let (ours, mut guest) = UnixStream::pair().unwrap();
+        let mut conn = Conn {
+            stream: ours,
+            pending: b"half a li".to_vec(),
+            scanned: 4,
+            broken: false,
+            acking: None,
+        };
+        guest.write_all(b"ne\nan old line\nand more").unwrap();
+        conn.drain().unwrap();
+        assert!(conn.pending.is_empty());
+        guest.write_all(b"\nnew\n").unwrap();
+        let soon = Deadline::after(Duration::from_secs(5));
+        assert_eq!(conn.line(soon).unwrap().as_deref(), Some("\n"));
+        assert_eq!(conn.line(soon).unwrap().as_deref(), Some("new\n"));
+        // The socket is blocking again (reads wait for their deadline).
+        let t = Instant::now();
+        assert_eq!(
+            conn.line(Deadline::after(Duration::from_millis(200)))
+                .unwrap(),
+            None
+        );
+        assert!(t.elapsed() >= Duration::from_millis(150));
+        // A guest that closed the console is told apart from one with nothing to say.
+        drop(guest);
+        assert!(matches!(conn.drain(), Err(BackdoorError::Closed)));
+    }
+
+    #[test]
     fn the_call_line_quotes_the_command_as_one_word() {
-        let l = call_line(5, "echo 'hi' | tr a-z A-Z\nexit 3", 30);
+        let l = call_line("5", "echo 'hi' | tr a-z A-Z\nexit 3", 30);
         assert!(l.contains(r"(eval 'echo '\''hi'\'' | tr a-z A-Z"), "{l}");
         assert!(l.ends_with("}\n"));
         assert!(l.contains("read -t 30 -r x <&9;"));
         // The command never sees the copy of the console the watchdog reads.
         assert!(l.contains("</dev/null 9<&- >"));
         assert!(l.contains("drydock_k $p;"));
+        // The watchdog's marks are the call's own.
+        assert!(
+            l.contains(r#": >"$d/c5""#) && l.contains(r#": >"$d/t5""#),
+            "{l}"
+        );
         assert!(l.contains("DRYDOCK-5-END"));
         for (s, q) in [
             ("", "''"),

@@ -19,7 +19,9 @@ use serde::Deserialize;
 
 use crate::compose::ClusterPlan;
 use crate::reload::MachineOutcome;
-use crate::state::{ClusterError, ClusterLaunch, ClusterMachine, ClusterState, cluster_paths};
+use crate::state::{
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, OwnerLock, cluster_paths,
+};
 use drydock_vm::Awaited;
 use drydock_vm::VmPaths;
 use drydock_vm::{LaunchRecord, VmState};
@@ -37,6 +39,9 @@ pub struct DetachedOwner<'a> {
     /// How its machines launch (the owner gets the same accelerator, QEMU and timeout).
     pub launch: &'a ClusterLaunch,
     pub store_root: Option<&'a Path>,
+    /// The cluster's owner lock, which this `up` holds: the owner holds it from its start on
+    /// (it is the owner's stdin), and this process may let go of it once the owner is up.
+    pub lock: &'a OwnerLock,
 }
 
 /// A detached cluster that is up.
@@ -58,7 +63,7 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
         path: log_path.clone(),
         source,
     };
-    let log = std::fs::File::create(&log_path).map_err(files)?;
+    let log = drydock_gc::create_nofollow(&log_path).map_err(files)?;
     let mut cmd = drydock_vm::drydock_command(&l.exe, state_dir, o.store_root);
     cmd.args([
         "__cluster-supervise",
@@ -74,9 +79,13 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
     if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
     }
+    let held = o.lock.handle().map_err(|source| ClusterError::Lock {
+        path: dir.join("owner.lock"),
+        source,
+    })?;
     let started = Instant::now();
-    let child =
-        drydock_vm::spawn_detached("cluster supervisor", cmd, log).map_err(ClusterError::Spawn)?;
+    let child = drydock_vm::spawn_detached_holding("cluster supervisor", cmd, log, held)
+        .map_err(ClusterError::Spawn)?;
     let pid = child.pid;
     let deadline = l.ready_timeout + OWNER_SLACK;
     let ready = || ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid);
@@ -292,6 +301,8 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("the owner of the cluster {name}: {message}")]
     Owner {
         name: String,
@@ -304,6 +315,7 @@ impl ControlError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Self::NotUp(_) => true,
+            Self::NotPrivate(e) => e.is_bad_input(),
             Self::Owner { bad_input, .. } => *bad_input,
             Self::Io { .. } => false,
         }
@@ -321,12 +333,11 @@ pub fn control_socket(cpaths: &VmPaths) -> PathBuf {
 
 pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterError> {
     let path = control_socket(cpaths);
-    let _ = std::fs::remove_file(&path);
     let files = |source| ClusterError::Files {
         path: path.clone(),
         source,
     };
-    let l = UnixListener::bind(&path).map_err(files)?;
+    let l = drydock_gc::bind_listener(&path).map_err(files)?;
     l.set_nonblocking(true).map_err(files)?;
     Ok(l)
 }
@@ -391,8 +402,10 @@ pub fn request(
     req: &ControlRequest,
     deadline: Duration,
 ) -> Result<Vec<MachineOutcome>, ControlError> {
-    let path = control_socket(&cluster_paths(state_dir, name));
-    let s = UnixStream::connect(&path).map_err(|_| ControlError::NotUp(name.to_string()))?;
+    let cpaths = cluster_paths(state_dir, name);
+    cpaths.check_private().map_err(ControlError::NotPrivate)?;
+    let s = UnixStream::connect(control_socket(&cpaths))
+        .map_err(|_| ControlError::NotUp(name.to_string()))?;
     let io = |source| ControlError::Io {
         name: name.to_string(),
         source,

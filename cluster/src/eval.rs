@@ -81,6 +81,8 @@ pub enum EvalError {
         "nix-build of the composition's systems failed (exit code {0}); its messages are above"
     )]
     BuildFailed(i32),
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("cannot write the build expression {}", path.display())]
     Write {
         path: PathBuf,
@@ -93,10 +95,13 @@ impl EvalError {
     /// A composition that does not evaluate, or evaluates to bad settings, is bad input; a
     /// failed build is a failure (exit 1).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Self::NoFile(_) | Self::Nix { .. } | Self::Json { .. } | Self::Compose(_)
-        )
+        match self {
+            Self::NotPrivate(e) => e.is_bad_input(),
+            _ => matches!(
+                self,
+                Self::NoFile(_) | Self::Nix { .. } | Self::Json { .. } | Self::Compose(_)
+            ),
+        }
     }
 }
 
@@ -253,14 +258,18 @@ pub fn build(
     if to_build.is_empty() {
         return Ok(None);
     }
-    std::fs::create_dir_all(expr_dir).map_err(|source| EvalError::Write {
-        path: expr_dir.to_path_buf(),
-        source,
+    drydock_gc::private_dir(expr_dir).map_err(|e| match e {
+        drydock_gc::PrivateError::Io { path, source } => EvalError::Write { path, source },
+        e => EvalError::NotPrivate(e),
     })?;
     let expr_file = expr_dir.join("build.nix");
-    std::fs::write(&expr_file, BUILD_EXPR).map_err(|source| EvalError::Write {
-        path: expr_file.clone(),
-        source,
+    // Atomically: a concurrent `up` of the same composition reads the old file or the new one,
+    // never half of one (Nix would report a false syntax error).
+    drydock_gc::write_atomic(&expr_file, BUILD_EXPR.as_bytes()).map_err(|source| {
+        EvalError::Write {
+            path: expr_file.clone(),
+            source,
+        }
     })?;
     let cmd = build_command(layout, &c.file, &expr_file, &to_build);
     // `track` takes the interruption it forwards: it gets a flag of its own, so that ours stays

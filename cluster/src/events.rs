@@ -16,13 +16,13 @@
 //! one says how many were skipped.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use crate::control::ControlRequest;
 use crate::state::MachineError;
+use crate::watch::Change;
 
 /// How many events may wait for the owner.
 pub(crate) const CAPACITY: usize = 1024;
@@ -82,8 +82,8 @@ pub(crate) enum OwnerEvent {
         skipped: u64,
     },
     Control(ControlCall),
-    /// Watched files changed.
-    Edits(Vec<PathBuf>),
+    /// Watched files changed (all of them: the owner keeps those that call for a reload).
+    Edits(Vec<Change>),
     /// An interruption: the cancel flag is set.
     Interrupt,
 }

@@ -303,6 +303,9 @@ fn ask_owner(
     read_timeout: Option<Duration>,
     cancel: Option<&Cancel>,
 ) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
+    // The socket's folders must be this user's alone: another user's folder at the same place
+    // could hold a socket of theirs that takes the command and forges its reply.
+    paths.check_private().map_err(ClusterError::NotPrivate)?;
     let s = UnixStream::connect(exec_socket(paths)).map_err(|_| match machine_failure(paths) {
         Some(why) => ClusterError::Failed {
             vm: vm.to_string(),

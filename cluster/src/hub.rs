@@ -73,10 +73,9 @@ impl Hub {
             source,
         };
         if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).map_err(bind)?;
+            drydock_gc::private_dir(dir).map_err(|e| bind(std::io::Error::other(e)))?;
         }
-        let _ = std::fs::remove_file(socket);
-        let sock = UnixDatagram::bind(socket).map_err(bind)?;
+        let sock = drydock_gc::bind_datagram(socket).map_err(bind)?;
         let (stop, stopped) = drydock_vm::wake_pair().map_err(bind)?;
         let counters = Arc::new(HubCounters::default());
         let ports = Arc::new(RwLock::new(ports));

@@ -49,6 +49,9 @@ pub(crate) fn machine_request(
                 file: hosts.to_path_buf(),
             }],
         },
+        // The cluster's memory, all machines together, was checked when it was planned
+        // (`session::prepare`), with the user's `--allow-overcommit`.
+        allow_overcommit: true,
     }
 }
 

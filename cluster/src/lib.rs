@@ -5,11 +5,11 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits);
+//!   come or go), `watch` (waiting for edits of what the evaluation read);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, its errors, a machine's error and
-//!   its recorded failure);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors, a
+//!   machine's error and its recorded failure);
 //! - `launches` (each machine's launch request, and every machine's launch checked by
 //!   drydock-vm's launcher before anything starts);
 //! - `logs` (console stamping, the timed logs' merge and follow), `exec` (the exec server per
@@ -71,8 +71,9 @@ pub use session::{
     watch_reloads,
 };
 pub use state::{
-    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, MachineError, cluster_machine,
-    cluster_paths, machine_failure, refuse_cluster_machine, up_machine, up_plan_file,
+    ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
+    cluster_machine, cluster_paths, machine_failure, refuse_cluster_machine, up_machine,
+    up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
-pub use watch::WatchError;
+pub use watch::{Reads, WatchError};

@@ -95,16 +95,13 @@ pub(crate) fn up(
 ) -> Result<RunningCluster, ClusterError> {
     let launches = plan_launches(plan, opts)?;
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
-    for d in [&cpaths.dir, &cpaths.sockets] {
-        std::fs::create_dir_all(d).map_err(|source| ClusterError::Files {
-            path: d.clone(),
-            source,
-        })?;
-    }
+    crate::state::make_private(&opts.state_dir, plan)?;
     let hosts = cpaths.dir.join("hosts");
-    std::fs::write(&hosts, &plan.hosts).map_err(|source| ClusterError::Files {
-        path: hosts.clone(),
-        source,
+    drydock_gc::write_atomic(&hosts, plan.hosts.as_bytes()).map_err(|source| {
+        ClusterError::Files {
+            path: hosts.clone(),
+            source,
+        }
     })?;
     let (tx, rx) = crate::events::channel();
     let mut running = RunningCluster {
@@ -430,14 +427,7 @@ fn machine_main(
         Err(e) => return fail(MachineError::launching(e)),
     };
     let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-    for d in [&paths.dir, &paths.sockets] {
-        if let Err(source) = std::fs::create_dir_all(d) {
-            return fail(MachineError::Files {
-                path: d.clone(),
-                source,
-            });
-        }
-    }
+    // The claim made the VM's folder and its socket folder private (or refused them).
     record_failure(&paths, None);
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
@@ -452,7 +442,7 @@ fn machine_main(
     for p in nics.iter().chain([&backdoor_path, &exec_path]) {
         let _ = std::fs::remove_file(p);
     }
-    let listener = match UnixListener::bind(&backdoor_path) {
+    let listener = match drydock_gc::bind_listener(&backdoor_path) {
         Ok(l) => l,
         Err(source) => {
             return fail(MachineError::Listen {
@@ -621,7 +611,7 @@ fn serve(
             });
         }
     };
-    let exec = UnixListener::bind(exec_path).map_err(|source| MachineError::Listen {
+    let exec = drydock_gc::bind_listener(exec_path).map_err(|source| MachineError::Listen {
         path: exec_path.to_path_buf(),
         source,
     })?;

@@ -22,7 +22,7 @@ use crate::events::{MachineEvent, OwnerEvent};
 use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
 use crate::run::RunningCluster;
 use crate::state::{ClusterError, ClusterLaunch, ClusterState, cluster_paths};
-use crate::watch::{Debounce, WatchError, Watcher};
+use crate::watch::{Change, Debounce, Reads, Recorder, WatchError, Watcher, triggers};
 use drydock_vm::VmPaths;
 use drydock_vm::{ConsoleTail, LogWatch, ProcessWatch, Waker, wait_readable, wake_pair};
 
@@ -48,6 +48,9 @@ pub enum SessionError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Watch(#[from] WatchError),
+    /// The machines ask for more memory than the host has.
+    #[error(transparent)]
+    Memory(drydock_vm::PlanError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
     #[error("interrupted; the cluster's owner carries the reload on (`drydock ps` shows it)")]
@@ -63,6 +66,7 @@ impl SessionError {
             Self::Runs(e) => e.is_bad_input(),
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
+            Self::Memory(e) => e.is_bad_input(),
             Self::Watch(_) | Self::Panicked | Self::LeftToOwner => false,
         }
     }
@@ -100,6 +104,11 @@ pub struct UpRequest {
     pub ready_timeout: Duration,
     /// How long the evaluation, and then the build, may take.
     pub build_timeout: Duration,
+    /// Start the machines even if together they ask for more memory than the host has.
+    pub allow_overcommit: bool,
+    /// Note what the evaluation reads under the composition's directory (for `--watch`,
+    /// reported as [`UpEvent::Evaluated`]).
+    pub watch: bool,
 }
 
 /// The one tracked build of a `prepare`.
@@ -167,6 +176,9 @@ pub fn start(
 /// Something an `up` has to say while it works.
 #[derive(Debug)]
 pub enum UpEvent<'a> {
+    /// The composition was evaluated (`ok`, or it failed), reading `reads` under its directory
+    /// (with [`UpRequest::watch`] only): what a [`Watching`] reloads on.
+    Evaluated { reads: &'a Reads, ok: bool },
     /// A machine became ready, failed or stopped.
     Machine(&'a MachineEvent),
     /// The systems were built.
@@ -278,7 +290,26 @@ pub fn prepare(
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Prepared, SessionError> {
     let t = Instant::now();
-    let composition = evaluate(layout, &req.file, req.build_timeout, cancel)?;
+    let composition = match req.watch {
+        false => evaluate(layout, &req.file, req.build_timeout, cancel)?,
+        true => {
+            let dir = composition_dir(&req.file);
+            let recorder = Recorder::start(&dir)
+                .map_err(|e| tracing::warn!("{}", drydock_vm::error_chain(&e)))
+                .ok();
+            let composition = evaluate(layout, &req.file, req.build_timeout, cancel);
+            let mut reads = recorder.map(Recorder::finish).unwrap_or_default();
+            // The composition itself, whatever the evaluation did (it may not exist yet).
+            reads
+                .paths
+                .insert(dir.join(req.file.file_name().unwrap_or_default()));
+            on(UpEvent::Evaluated {
+                reads: &reads,
+                ok: composition.is_ok(),
+            });
+            composition?
+        }
+    };
     let planned = plan_cluster(&req.name, &composition)?;
     let evaluate = t.elapsed();
     if let Some(m) = req
@@ -294,6 +325,18 @@ pub fn prepare(
         .into());
     }
     let plan = narrow(planned, &req.machines, running);
+    // The machines the cluster will run, all together, must fit the host's memory (before
+    // anything is built or booted).
+    let memory: Vec<(String, u32)> = plan
+        .machines
+        .iter()
+        .map(|m| (m.machine.clone(), m.settings.memory_mib))
+        .collect();
+    drydock_vm::check_host_memory(&memory, req.allow_overcommit).map_err(SessionError::Memory)?;
+    // The cluster's and the machines' folders are this user's alone, before anything is
+    // written there (the build's expression and roots are the first); the machines' are made
+    // when they launch.
+    crate::state::make_private(state_dir, &plan)?;
     let names: Vec<&str> = plan
         .machines
         .iter()
@@ -532,7 +575,29 @@ pub fn reload_cycle(
     Ok(report)
 }
 
-/// The composition's directory, watched, and the burst of changes being collected.
+/// The directory of the composition `file`, as the watches name it (links resolved, so that
+/// the paths of drydock's own output files compare equal).
+fn composition_dir(file: &Path) -> PathBuf {
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let dir = abs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
+/// The regular files this process's stdout and stderr go to (`up --watch > up.log`): drydock
+/// writes them, so their changes are its own.
+fn own_output_files() -> Vec<PathBuf> {
+    [1, 2]
+        .iter()
+        .filter_map(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok())
+        .filter(|p| p.is_absolute() && p.is_file())
+        .collect()
+}
+
+/// The composition's directory, watched; what the last evaluation read there; and the burst of
+/// changes being collected.
 #[derive(Debug)]
 pub struct Watching {
     pub dir: PathBuf,
@@ -541,22 +606,48 @@ pub struct Watching {
     debounce: Debounce,
     /// The thread that reads the watch for the owner's channel, and its stop.
     feeder: Option<(Waker, std::thread::JoinHandle<()>)>,
+    /// What the last evaluation read (unknown until one was recorded: every change counts).
+    reads: Option<Reads>,
+    /// The last evaluation failed.
+    failed: bool,
+    /// drydock's own files: its state dir and its output files, where they are in the tree.
+    own: Vec<PathBuf>,
 }
 
 impl Watching {
-    /// Watch the directory of the composition `file` (and below it).
-    pub fn new(file: &Path) -> Result<Self, WatchError> {
-        let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-        let dir = abs
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+    /// Watch the directory of the composition `file` (and below it); drydock's own files there
+    /// (the state dir `state_dir`, the files its output goes to) never count.
+    pub fn new(file: &Path, state_dir: &Path) -> Result<Self, WatchError> {
+        let dir = composition_dir(file);
+        let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
         Ok(Self {
             watcher: Some(Watcher::new(&dir)?),
             dir,
             debounce: Debounce::default(),
             feeder: None,
+            reads: None,
+            failed: false,
+            own: std::iter::once(state).chain(own_output_files()).collect(),
         })
+    }
+
+    /// An evaluation read `reads` (see [`UpEvent::Evaluated`]): from now on only changes of
+    /// those reload.
+    pub fn evaluated(&mut self, reads: &Reads, ok: bool) {
+        self.reads = Some(reads.clone());
+        self.failed = !ok;
+    }
+
+    /// Note the `changes` that call for a reload (see `watch::triggers`: not drydock's own
+    /// files, and only what the last evaluation read).
+    fn push(&mut self, changes: Vec<Change>) {
+        let reads = self.reads.as_ref();
+        let wanted = changes
+            .into_iter()
+            .filter(|c| triggers(c, reads, self.failed, &self.own))
+            .map(|c| c.path)
+            .collect();
+        self.debounce.push(wanted, Instant::now());
     }
 
     /// Note the changes the watch has now (never blocks).
@@ -565,7 +656,7 @@ impl Watching {
             return;
         };
         match w.poll() {
-            Ok(paths) => self.debounce.push(paths, Instant::now()),
+            Ok(changes) => self.push(changes),
             Err(e) => tracing::warn!("{}", drydock_vm::error_chain(&e)),
         }
     }
@@ -576,7 +667,7 @@ impl Watching {
     }
 
     /// From now on the watch's changes reach the owner as [`OwnerEvent::Edits`], from a thread
-    /// blocked on the watch.
+    /// blocked on the watch (the owner keeps those that call for a reload: [`Self::push`]).
     fn feed(&mut self, tx: std::sync::mpsc::SyncSender<OwnerEvent>) {
         let Some(mut w) = self.watcher.take() else {
             return;
@@ -599,9 +690,9 @@ impl Watching {
                         }
                     }
                     match w.poll() {
-                        Ok(paths) if paths.is_empty() => {}
-                        Ok(paths) => {
-                            if tx.send(OwnerEvent::Edits(paths)).is_err() {
+                        Ok(changes) if changes.is_empty() => {}
+                        Ok(changes) => {
+                            if tx.send(OwnerEvent::Edits(changes)).is_err() {
                                 return;
                             }
                         }
@@ -621,6 +712,31 @@ impl Watching {
             stop.wake();
             let _ = t.join();
         }
+    }
+
+    /// One reload ([`reload_cycle`]), noting what its evaluation read.
+    fn cycle(
+        &mut self,
+        layout: &StoreLayout,
+        state_dir: &Path,
+        req: &UpRequest,
+        owner: &mut ReloadOwner<'_>,
+        cancel: &Cancel,
+        on: &mut dyn FnMut(UpEvent<'_>),
+    ) -> Result<ReloadReport, SessionError> {
+        let mut evaluated = None;
+        let r = reload_cycle(layout, state_dir, req, owner, cancel, &mut |ev| {
+            if let UpEvent::Evaluated { reads, ok } = &ev {
+                evaluated = Some(((*reads).clone(), *ok));
+            }
+            on(ev)
+        });
+        if let Some((reads, ok)) = evaluated {
+            self.evaluated(&reads, ok);
+        }
+        // Changes made while it ran (still in the watch, or waiting on the owner's channel)
+        // are looked at afresh against what it read.
+        r
     }
 
     /// A burst of edits is over (as of now): report it, then reload.
@@ -643,7 +759,7 @@ impl Watching {
         } else {
             &there
         }));
-        let r = reload_cycle(layout, state_dir, req, owner, cancel, on);
+        let r = self.cycle(layout, state_dir, req, owner, cancel, on);
         on(UpEvent::Reloaded(&r));
         true
     }
@@ -673,7 +789,7 @@ pub fn watch_reloads(
         state_dir: state_dir.to_path_buf(),
         name: req.name.clone(),
     };
-    let r = reload_cycle(layout, state_dir, req, &mut owner, cancel, on);
+    let r = watching.cycle(layout, state_dir, req, &mut owner, cancel, on);
     on(UpEvent::Reloaded(&r));
     let wake = wake_pair().ok();
     let _woken = wake.as_ref().map(|(w, _)| {
@@ -729,9 +845,9 @@ impl RunningCluster {
                 Some(OwnerEvent::Control(call)) => {
                     changed = self.serve_control(call, cancel, &mut |ev| report(ev, on));
                 }
-                Some(OwnerEvent::Edits(paths)) => {
+                Some(OwnerEvent::Edits(changes)) => {
                     if let Some((w, _)) = watch.as_mut() {
-                        w.debounce.push(paths, Instant::now());
+                        w.push(changes);
                     }
                 }
                 Some(OwnerEvent::Machine { event, .. }) => {

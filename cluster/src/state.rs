@@ -1,6 +1,7 @@
-//! A cluster's state on disk and its paths: who owns an up cluster (`cluster.json`), how its
-//! machines are launched, where its sockets live, and the cluster's errors (one machine's,
-//! [`MachineError`], carried whole from its thread to the owner, and the cluster's).
+//! A cluster's state on disk and its paths: who owns an up cluster (`cluster.json`) and the lock
+//! that makes it one owner at a time (`owner.lock`), how its machines are launched, where its
+//! sockets live, and the cluster's errors (one machine's, [`MachineError`], carried whole from
+//! its thread to the owner, and the cluster's).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,6 +136,10 @@ impl MachineError {
 /// Why a cluster could not start, or a call could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// A folder of the cluster's or of a machine's belongs to another user, or others can
+    /// write it.
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("cannot write {}", path.display())]
     Files {
         path: PathBuf,
@@ -151,6 +156,24 @@ pub enum ClusterError {
     },
     #[error("the cluster {0} is not up (no owner found)")]
     NotUp(String),
+    /// Another process holds the cluster's owner lock: an `up` preparing it, or its owner
+    /// starting it.
+    #[error(
+        "the cluster {name} is being started by another drydock ({}); once it is up, `up` reloads it (the lock is {})",
+        holder.as_ref().map_or_else(|| "its pid is not known yet".to_string(), LockHolder::describe),
+        lock.display()
+    )]
+    Busy {
+        name: String,
+        holder: Option<LockHolder>,
+        lock: PathBuf,
+    },
+    #[error("cannot take the owner lock {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the VM {0} has no backdoor service (is it a cluster machine, and up?)")]
     NoExec(String),
     #[error("the cluster {cluster} has no machine {machine} (it has {})", has.join(", "))]
@@ -213,10 +236,12 @@ fn log_words(path: &Path, log: &str) -> String {
 impl ClusterError {
     pub fn is_bad_input(&self) -> bool {
         match self {
+            Self::NotPrivate(e) => e.is_bad_input(),
             Self::Machine { source, .. } => source.is_bad_input(),
             _ => matches!(
                 self,
                 Self::NotUp(_)
+                    | Self::Busy { .. }
                     | Self::NoExec(_)
                     | Self::NoMachine { .. }
                     | Self::OwnedByCluster { .. }
@@ -231,6 +256,132 @@ impl ClusterError {
             source: Arc::new(e),
         }
     }
+}
+
+/// Who holds a cluster's owner lock (written into the lock file by its holder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub pid: u32,
+    /// Seconds since the epoch.
+    pub since: u64,
+}
+
+impl LockHolder {
+    fn describe(&self) -> String {
+        let now = drydock_gc::epoch_secs().max(0) as u64;
+        format!(
+            "pid {}, since {} s ago",
+            self.pid,
+            now.saturating_sub(self.since)
+        )
+    }
+}
+
+/// How long a process that found the owner lock taken looks for its holder's name.
+const HOLDER_WAIT: Duration = Duration::from_millis(500);
+
+/// One owner per cluster: an exclusive `flock` on `owner.lock` in the cluster's folder, held by
+/// `up` while it prepares and by the cluster's owner for its life (handed from a detaching
+/// `up` to the owner it starts as that process's stdin, so it is never free in between). It is
+/// released when every holder's descriptor is closed, a killed holder's included. The file
+/// names the holder ([`LockHolder`]) for whoever finds it taken.
+#[derive(Debug)]
+pub struct OwnerLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl OwnerLock {
+    /// Take the owner lock of the cluster `name` (its folders made private first), without
+    /// waiting: [`ClusterError::Busy`], naming the holder, when another process has it.
+    pub fn claim(state_dir: &Path, name: &str) -> Result<Self, ClusterError> {
+        let path = owner_lock_file(state_dir, name)?;
+        let file = drydock_gc::open_nofollow(&path).map_err(|source| ClusterError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+        if !drydock_gc::lock_exclusive_within(&file, Duration::ZERO) {
+            // The holder writes its name just after it took the lock: look a moment for it.
+            let read = || {
+                drydock_gc::read_regular(&path, drydock_gc::Links::Refuse, 4096)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<LockHolder>(&b).ok())
+            };
+            let t = std::time::Instant::now();
+            let mut holder = read();
+            while holder.is_none() && t.elapsed() < HOLDER_WAIT {
+                std::thread::sleep(Duration::from_millis(10));
+                holder = read();
+            }
+            return Err(ClusterError::Busy {
+                name: name.to_string(),
+                holder,
+                lock: path,
+            });
+        }
+        let lock = Self { file, path };
+        lock.record()?;
+        Ok(lock)
+    }
+
+    /// The lock handed over by the `up` that started this process (its stdin is the lock
+    /// file), or, if there is none, the lock taken anew ([`OwnerLock::claim`]).
+    pub fn inherit_or_claim(state_dir: &Path, name: &str) -> Result<Self, ClusterError> {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let path = owner_lock_file(state_dir, name)?;
+        let inherited = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .ok()
+            .filter(|f| {
+                let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+                    a.dev() == b.dev() && a.ino() == b.ino()
+                };
+                matches!((f.metadata(), std::fs::symlink_metadata(&path)),
+                    (Ok(a), Ok(b)) if same(&a, &b))
+            })
+            // The same open file as the `up` that holds it: taking it again succeeds.
+            .filter(|f| drydock_gc::lock_exclusive_within(f, Duration::ZERO));
+        match inherited {
+            Some(file) => {
+                let lock = Self { file, path };
+                lock.record()?;
+                Ok(lock)
+            }
+            None => Self::claim(state_dir, name),
+        }
+    }
+
+    /// A second descriptor of the lock (the same open file): the detached owner's stdin.
+    pub(crate) fn handle(&self) -> std::io::Result<std::fs::File> {
+        self.file.try_clone()
+    }
+
+    /// Write this process into the lock file as its holder.
+    fn record(&self) -> Result<(), ClusterError> {
+        use std::os::unix::fs::FileExt;
+        let holder = LockHolder {
+            pid: std::process::id(),
+            since: drydock_gc::epoch_secs().max(0) as u64,
+        };
+        let text = serde_json::to_vec(&holder).unwrap_or_default();
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.write_all_at(&text, 0))
+            .map_err(|source| ClusterError::Lock {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// `STATE/clusters/NAME/owner.lock`, its folders made private (or refused).
+fn owner_lock_file(state_dir: &Path, name: &str) -> Result<PathBuf, ClusterError> {
+    let cpaths = cluster_paths(state_dir, name);
+    cpaths.make_private().map_err(ClusterError::NotPrivate)?;
+    Ok(cpaths.dir.join("owner.lock"))
 }
 
 /// How to launch a cluster's machines.
@@ -367,6 +518,23 @@ pub fn up_machine(
     Ok(ClusterMachine::of(&state, m))
 }
 
+/// Make the cluster `plan`'s own folders private (`STATE/clusters/NAME` and its socket folder,
+/// see `VmPaths::make_private`) and check every machine's that exists (`VmPaths::check_private`:
+/// a machine's folders are made by its launch's claim, so a cluster that does not start leaves
+/// none); a folder of another user, or one others can write, is refused before anything is
+/// written in it.
+pub(crate) fn make_private(state_dir: &Path, plan: &ClusterPlan) -> Result<(), ClusterError> {
+    cluster_paths(state_dir, &plan.name)
+        .make_private()
+        .map_err(ClusterError::NotPrivate)?;
+    for m in &plan.machines {
+        VmPaths::in_state_dir(state_dir, &m.vm_name)
+            .check_private()
+            .map_err(ClusterError::NotPrivate)?;
+    }
+    Ok(())
+}
+
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
 pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
     VmPaths::in_folder(state_dir, "clusters", name)
@@ -394,7 +562,7 @@ pub(crate) fn record_failure(paths: &VmPaths, why: Option<&str>) {
             let _ = std::fs::remove_file(path);
         }
         Some(why) => {
-            if let Err(e) = std::fs::write(&path, why) {
+            if let Err(e) = drydock_gc::write_atomic(&path, why.as_bytes()) {
                 tracing::warn!("cannot write {}: {e}", path.display());
             }
         }
@@ -417,4 +585,47 @@ pub(crate) fn nic_socket(paths: &VmPaths, vlan: u8) -> PathBuf {
 /// Where a cluster's plan is kept for its owner and for `logs` (`clusters/NAME/up.json`).
 pub fn up_plan_file(state_dir: &Path, name: &str) -> PathBuf {
     cluster_paths(state_dir, name).dir.join("up.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_owner_lock_holder_at_a_time_named_to_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("state");
+        let first = OwnerLock::claim(&state, "c").unwrap();
+        let cdir = cluster_paths(&state, "c").dir;
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&cdir).unwrap().permissions()
+            ) & 0o777,
+            0o700
+        );
+        let e = OwnerLock::claim(&state, "c").unwrap_err();
+        let text = e.to_string();
+        assert!(e.is_bad_input(), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "the cluster c is being started by another drydock (pid {}, since 0 s ago)",
+                std::process::id()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("owner.lock"), "{text}");
+        // Another cluster is not held; the lock is free again once its holder closes it.
+        drop(OwnerLock::claim(&state, "other").unwrap());
+        let handed = first.handle().unwrap();
+        drop(first);
+        assert!(matches!(
+            OwnerLock::claim(&state, "c"),
+            Err(ClusterError::Busy { .. })
+        ));
+        drop(handed);
+        let again = OwnerLock::claim(&state, "c").unwrap();
+        // Without a lock file as stdin, the owner takes the lock itself.
+        drop(again);
+        drop(OwnerLock::inherit_or_claim(&state, "c").unwrap());
+    }
 }

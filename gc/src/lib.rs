@@ -13,13 +13,14 @@
 //!    nothing of the crate; every module with an error type imports `exitclass` (not repeated
 //!    below);
 //! 1. leaves: `cancel` ([`Cancel`]), `store_path`, `drv`, `names`, `fsread`; then `sys` (the
-//!    only `unsafe`; deadline), `child` (a blocking wait for a child's exit; sys, deadline) and
-//!    `nixcmd` (a Nix command with a deadline; child);
+//!    only `unsafe`; deadline), `private` (the one maker of drydock's folders, files and
+//!    sockets: 0700/0600, no links followed; sys), `child` (a blocking wait for a child's exit;
+//!    sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
 //!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
 //! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
 //! 4. effects: `reclaim`, the one deleter (nixcmd, nixdb); `runsdb` (classify, names,
-//!    reclaim); `select` (runsdb); `track` (drv, fsread, nixcmd, nixdb, sys);
+//!    private, reclaim); `select` (runsdb); `track` (drv, fsread, nixcmd, nixdb, sys);
 //! 5. `error`: [`GcError`], the umbrella over every module's error;
 //! 6. the operations that return it: `track_run` (`track`, `track_to`) and `collect` (`gc`,
 //!    `runs`, `du`, `store check/repair`).
@@ -41,6 +42,7 @@ mod nixconf;
 mod nixdb;
 mod ondisk;
 mod plan;
+mod private;
 mod reclaim;
 mod roots;
 mod runsdb;
@@ -70,6 +72,11 @@ pub use nixconf::{NixConf, NixConfError, NixConfSources, Setting};
 pub use nixdb::{NixDb, NixDbError, Node, PathInfo, Snapshot};
 pub use ondisk::{OnDisk, StoreCheckError, StoreEntries};
 pub use plan::{ChainStep, DeadSet, Edge, GcSettings, Held, Liveness, batches, dead_set};
+pub use private::{
+    DIR_MODE, FILE_MODE, PrivateError, bind_datagram, bind_listener, check_private,
+    check_private_tree, create_nofollow, open_append_nofollow, open_nofollow, private_dir,
+    private_tree, write_atomic,
+};
 pub use reclaim::{DeleteResult, ReclaimError};
 pub use roots::{Root, RootKind, RootsError};
 pub use runsdb::{
@@ -78,7 +85,7 @@ pub use runsdb::{
 };
 pub use select::{SelectError, Selection, parse_duration};
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
-pub use sys::{die_with_parent, lock_exclusive_within, send_signal};
+pub use sys::{die_with_parent, effective_uid, lock_exclusive_within, send_signal};
 pub use track::{Echo, TrackError, ensure_store};
 pub use track_run::{TrackReport, track, track_to, track_within};
 
@@ -106,6 +113,7 @@ pub fn exit_class_of(cause: &(dyn std::error::Error + 'static)) -> Option<ExitCl
         .or_else(|| class::<DuError>(cause))
         .or_else(|| class::<NixConfError>(cause))
         .or_else(|| class::<NixDbError>(cause))
+        .or_else(|| class::<PrivateError>(cause))
         .or_else(|| class::<ReadFileError>(cause))
         .or_else(|| class::<ReclaimError>(cause))
         .or_else(|| class::<RootsError>(cause))
@@ -160,6 +168,21 @@ mod tests {
                 ExitClass::Failed,
             ),
             (
+                Box::new(PrivateError::Loose {
+                    path: path.clone(),
+                    mode: 0o777,
+                    who: "every user",
+                }),
+                ExitClass::BadInput,
+            ),
+            (
+                Box::new(PrivateError::Io {
+                    path: path.clone(),
+                    source: io(),
+                }),
+                ExitClass::Failed,
+            ),
+            (
                 Box::new(ReclaimError::Timeout(std::time::Duration::from_secs(1))),
                 ExitClass::Failed,
             ),
@@ -171,6 +194,14 @@ mod tests {
                 ExitClass::Failed,
             ),
             (Box::new(RunsDbError::UnknownRun(1)), ExitClass::BadInput),
+            (
+                Box::new(RunsDbError::NotPrivate(PrivateError::NotOwned {
+                    path: path.clone(),
+                    owner: 1000,
+                    uid: 0,
+                })),
+                ExitClass::BadInput,
+            ),
             (
                 Box::new(SelectError::BadDuration("7y".into())),
                 ExitClass::BadInput,

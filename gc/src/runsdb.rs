@@ -102,6 +102,9 @@ pub enum RunsDbError {
         #[source]
         source: std::io::Error,
     },
+    /// The state directory belongs to another user, or others can write it.
+    #[error(transparent)]
+    NotPrivate(crate::private::PrivateError),
     /// The file is not a database, or it is damaged.
     #[error("runs database {} is corrupt or not a drydock database", path.display())]
     Corrupt {
@@ -157,11 +160,13 @@ pub enum RunsDbError {
 }
 
 impl Classify for RunsDbError {
-    /// Bad input: a corrupt, unwritable or too-new database (or state directory), an unknown run
-    /// id, another store's run. Removing a pin is classified as its cause; the rest are
-    /// failures.
+    /// Bad input: a corrupt, unwritable or too-new database (or state directory), a state
+    /// directory of another user or one others can write, an unknown run id, another store's
+    /// run. A state directory that cannot be inspected and removing a pin are classified as
+    /// their cause; the rest are failures.
     fn exit_class(&self) -> ExitClass {
         match self {
+            Self::NotPrivate(e) => e.exit_class(),
             Self::Corrupt { .. }
             | Self::StateDir { .. }
             | Self::Unwritable { .. }
@@ -427,10 +432,14 @@ fn classify_open_error(path: &Path, source: rusqlite::Error) -> RunsDbError {
 
 impl RunsDb {
     /// Open (creating if needed) `STATE_DIR/runs.sqlite` and bring its schema up to date.
+    /// The state directory is made 0700 if missing, and refused if it belongs to another user
+    /// or others can write it (see `private`).
     pub fn open(state_dir: &Path) -> Result<Self, RunsDbError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| RunsDbError::StateDir {
-            path: state_dir.to_owned(),
-            source,
+        crate::private::private_tree(state_dir, state_dir).map_err(|e| match e {
+            crate::private::PrivateError::Io { path, source } => {
+                RunsDbError::StateDir { path, source }
+            }
+            e => RunsDbError::NotPrivate(e),
         })?;
         let state_dir = &std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned());
         let path = state_dir.join(RUNS_DB_FILE);
@@ -504,6 +513,16 @@ impl RunsDb {
         // Touch the schema to detect damage early.
         conn.query_row("SELECT count(*) FROM runs", [], |r| r.get::<_, i64>(0))
             .map_err(corrupt)?;
+        // SQLite makes its files 0644 less the umask: they are drydock's, so 0600 (best effort:
+        // they lie in a private folder anyway).
+        for suffix in ["", "-wal", "-shm"] {
+            let mut f = path.clone().into_os_string();
+            f.push(suffix);
+            let _ = std::fs::set_permissions(
+                &f,
+                std::os::unix::fs::PermissionsExt::from_mode(crate::private::FILE_MODE),
+            );
+        }
         Ok(Self {
             conn,
             path,
@@ -774,7 +793,10 @@ impl RunsDb {
             let path = path.to_owned();
             move |source| RunsDbError::Pin { path, source }
         };
-        std::fs::create_dir_all(&dir).map_err(pin_err(&dir))?;
+        crate::private::private_tree(&self.state_dir, &dir).map_err(|e| match e {
+            crate::private::PrivateError::Io { path, source } => RunsDbError::Pin { path, source },
+            e => RunsDbError::NotPrivate(e),
+        })?;
         let link = std::path::absolute(dir.join(p.base_name())).map_err(pin_err(&dir))?;
         let target = layout.logical(p);
         replace_symlink(Path::new(&target), &link).map_err(pin_err(&link))?;

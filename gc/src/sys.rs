@@ -1,5 +1,5 @@
 //! The only place with `unsafe`: thin wrappers over a few libc calls (file locks, signals,
-//! waiting for a child's exit).
+//! waiting for a child's exit, the effective uid).
 //! Each call is small, checked, and documented with its safety argument.
 
 use std::fs::File;
@@ -103,6 +103,12 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+/// The effective user id of this process (the owner of what it creates).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
 }
 
 /// Send `sig` to the process `pid` (one process: pid 0 and negative pids, which would signal

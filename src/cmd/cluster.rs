@@ -61,6 +61,8 @@ fn up_request(a: &UpArgs, name: &str) -> UpRequest {
         dry_run: a.dry_run,
         ready_timeout: a.timeout,
         build_timeout: a.build_timeout,
+        allow_overcommit: a.allow_overcommit,
+        watch: a.watch,
     }
 }
 
@@ -79,7 +81,24 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         }
         return crate::cmd::reload::reload(ctx, a, &req);
     }
+    // One `up` at a time starts a cluster: it holds the owner lock while it prepares, and the
+    // owner holds it for its life (a dry run changes nothing and takes none). A second `up`
+    // meanwhile is exit 2 naming the holder; once the cluster is up, `up` is a reload.
+    let lock = match a.dry_run {
+        true => None,
+        false => match drydock_cluster::OwnerLock::claim(&ctx.state_dir, &name) {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                if ClusterState::read_up(&ctx.state_dir, &name).is_some_and(|s| s.ready) {
+                    return crate::cmd::reload::reload(ctx, a, &req);
+                }
+                return Err(e.into());
+            }
+        },
+    };
     let mut printer = UpPrinter::new(ctx.json, None);
+    // With --watch: what the evaluation read, which the watch reloads on.
+    let mut reads = None;
     // What this `up` built stays rooted until `roots` is dropped: once every machine's run
     // pins its system (or the cluster is stopped, and nothing needs it).
     let drydock_cluster::Prepared { plan, roots, .. } = drydock_cluster::prepare_cluster(
@@ -88,16 +107,21 @@ pub fn up(ctx: &Context, a: &UpArgs) -> anyhow::Result<Outcome> {
         &req,
         None,
         &CANCEL,
-        &mut |ev| printer.event(ev),
+        &mut |ev| {
+            if let UpEvent::Evaluated { reads: r, .. } = &ev {
+                reads = Some((*r).clone());
+            }
+            printer.event(ev)
+        },
     )?;
-    if a.dry_run {
+    let Some(lock) = lock else {
         return crate::cmd::reload::emit(ctx, &ReloadReport::fresh(&plan));
-    }
+    };
     drydock_vm::write_json(&drydock_cluster::up_plan_file(&ctx.state_dir, &name), &plan)?;
     if a.detach {
-        return detach(ctx, a, &name, &plan);
+        return detach(ctx, a, &name, &plan, &lock);
     }
-    foreground(ctx, a, &req, &plan, roots)
+    foreground(ctx, a, &req, &plan, roots, lock, reads)
 }
 
 fn foreground(
@@ -106,6 +130,9 @@ fn foreground(
     req: &UpRequest,
     plan: &ClusterPlan,
     roots: drydock_cluster::BuildRoots,
+    // Held until this owner returns, everything stopped.
+    _lock: drydock_cluster::OwnerLock,
+    reads: Option<drydock_cluster::Reads>,
 ) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(a, plan)));
@@ -129,7 +156,13 @@ fn foreground(
         plan.machines.len()
     );
     let mut watching = match a.watch {
-        true => Some(Watching::new(&a.cluster.file)?),
+        true => {
+            let mut w = Watching::new(&a.cluster.file, &ctx.state_dir)?;
+            if let Some(r) = &reads {
+                w.evaluated(r, true);
+            }
+            Some(w)
+        }
         false => None,
     };
     cluster.own(watching.as_mut().map(|w| (w, req)), &CANCEL, &mut |ev| {
@@ -144,12 +177,19 @@ fn foreground(
 }
 
 /// `--detach`: a supervisor owns the cluster; wait here until every machine is ready.
-fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::Result<Outcome> {
+fn detach(
+    ctx: &Context,
+    a: &UpArgs,
+    name: &str,
+    plan: &ClusterPlan,
+    lock: &drydock_cluster::OwnerLock,
+) -> anyhow::Result<Outcome> {
     let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     let owner = drydock_cluster::DetachedOwner {
         plan,
         launch: &opts,
         store_root: ctx.store_root.as_deref(),
+        lock,
     };
     match drydock_cluster::start_detached(&owner, &CANCEL) {
         Ok(d) => {
@@ -172,6 +212,8 @@ fn detach(ctx: &Context, a: &UpArgs, name: &str, plan: &ClusterPlan) -> anyhow::
 /// `__cluster-supervise`: own the cluster planned in `up.json` until `down` (SIGTERM).
 pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outcome> {
     crate::cancel::install();
+    // The owner lock the `up` that started us handed over (our stdin), held for our life.
+    let _lock = drydock_cluster::OwnerLock::inherit_or_claim(&ctx.state_dir, &a.name)?;
     let path = drydock_cluster::up_plan_file(&ctx.state_dir, &a.name);
     let bytes = drydock_gc::read_regular(
         &path,

@@ -180,6 +180,7 @@ impl UpPrinter {
 
     pub fn event(&mut self, ev: UpEvent<'_>) {
         match ev {
+            UpEvent::Evaluated { .. } => {}
             UpEvent::Machine(ev) => report_event(ev),
             UpEvent::Built(b) => eprintln!(
                 "drydock: built {} systems in {:.1} s (run {}, {} paths recorded)",
@@ -284,7 +285,7 @@ pub fn reload(ctx: &Context, a: &UpArgs, req: &UpRequest) -> anyhow::Result<Outc
         printer.outcomes(&report);
         return emit(ctx, &report);
     }
-    let mut watching = Watching::new(&a.cluster.file)?;
+    let mut watching = Watching::new(&a.cluster.file, &ctx.state_dir)?;
     eprintln!(
         "drydock: watching {} for changes; Ctrl-C stops watching (the cluster stays up)",
         watching.dir.display()

@@ -182,6 +182,29 @@ impl TempUser {
         )
     }
 
+    /// This user's uid.
+    pub fn uid(&self) -> u32 {
+        let out = Command::new("id")
+            .args(["-u", &self.name])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// Another program than drydock run as this user, the same way as [`TempUser::drydock`]
+    /// (what another local user would do with drydock's sockets and files).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={}", self.name),
+            &format!("--regid={}", self.name),
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        c
+    }
+
     /// Give `path` and everything under it to this user.
     pub fn own(&self, path: &Path) {
         let st = Command::new("chown")
@@ -206,10 +229,14 @@ pub fn copy_of_binary() -> PathBuf {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-bin");
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("drydock");
-        std::fs::copy(bin(), &p).unwrap();
+        // A copy per run, renamed into place: a copy another test process runs cannot be
+        // overwritten (ETXTBSY).
+        let tmp = dir.join(format!("drydock.{}", std::process::id()));
+        std::fs::copy(bin(), &tmp).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
         p
     })
     .clone()

@@ -186,15 +186,15 @@ pub fn text(b: &[u8]) -> String {
 pub struct ClusterBuilder {
     name: String,
     store: Option<PathBuf>,
+    state: Option<PathBuf>,
     text: Option<String>,
-    state_name: String,
 }
 
 /// A test's cluster: the composition `DIR/NAME/drydock.nix` in a temporary directory of its own
-/// (so the cluster is called NAME), a chroot store and the state directory `DIR/state` (see
-/// [`ClusterBuilder::state_name`]). Made by [`Cluster::named`]; dropping it takes the cluster
-/// down (`down -f`, whether the test passed or not, failures ignored: a test that gets that far
-/// checks its own [`Cluster::down`]), then removes the directory.
+/// (so the cluster is called NAME), a chroot store and the state directory `DIR/state` (unless
+/// [`ClusterBuilder::state`] names another). Made by [`Cluster::named`]; dropping it takes the
+/// cluster down (`down -f`, whether the test passed or not, failures ignored: a test that gets
+/// that far checks its own [`Cluster::down`]), then removes the directory.
 pub struct Cluster {
     dir: tempfile::TempDir,
     store: PathBuf,
@@ -212,8 +212,8 @@ impl Cluster {
         ClusterBuilder {
             name: name.to_string(),
             store: None,
+            state: None,
             text: None,
-            state_name: "state".to_string(),
         }
     }
 }
@@ -222,6 +222,13 @@ impl ClusterBuilder {
     /// Use this chroot store instead of the shared [`cluster_store`].
     pub fn store(mut self, store: PathBuf) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Use this state directory instead of `DIR/state` (one the test prepared: another user's,
+    /// one others can write, one deep enough that sockets go elsewhere).
+    pub fn state(mut self, state: PathBuf) -> Self {
+        self.state = Some(state);
         self
     }
 
@@ -237,13 +244,6 @@ impl ClusterBuilder {
         self
     }
 
-    /// Name the state directory `DIR/NAME` instead of `DIR/state` (a long name puts the
-    /// machines' sockets in folders of their own).
-    pub fn state_name(mut self, name: &str) -> Self {
-        self.state_name = name.to_string();
-        self
-    }
-
     /// Write the composition; nothing runs yet (the test starts `up` itself, or expects it to
     /// fail).
     pub fn write(self) -> Cluster {
@@ -253,7 +253,7 @@ impl ClusterBuilder {
         let file = d.join("drydock.nix");
         std::fs::write(&file, self.text.expect("a composition")).unwrap();
         Cluster {
-            state: dir.path().join(&self.state_name),
+            state: self.state.unwrap_or_else(|| dir.path().join("state")),
             store: self.store.unwrap_or_else(cluster_store),
             file,
             dir,

@@ -87,7 +87,9 @@ pub fn escape_control(line: &str) -> Cow<'_, str> {
 /// A log file of bounded size: once the next write would take it past its rotation size, it
 /// is renamed to `PATH.1` (replacing the one before) and a new one is started. So it never holds
 /// more than twice the rotation size on disk, and a reader that keeps the old file open reads
-/// its end before moving to the new one (see [`ConsoleTail`]).
+/// its end before moving to the new one (see [`ConsoleTail`]). Its files are 0600 and opened
+/// with `O_NOFOLLOW`: a link planted at its path is an error, never followed
+/// (`drydock_gc::create_nofollow`, `open_append_nofollow`).
 #[derive(Debug)]
 pub struct BoundedLog {
     path: PathBuf,
@@ -103,7 +105,7 @@ impl BoundedLog {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let file = File::create(path)?;
+        let file = drydock_gc::create_nofollow(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -114,10 +116,7 @@ impl BoundedLog {
 
     /// The log at `path`, continued (made if missing): a log that outlives one writer.
     pub fn append(path: &Path, rotate_at: u64) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = drydock_gc::open_append_nofollow(path)?;
         let len = file.metadata()?.len();
         Ok(Self {
             path: path.to_path_buf(),
@@ -135,7 +134,7 @@ impl BoundedLog {
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if self.len > 0 && self.len + bytes.len() as u64 > self.rotate_at {
             std::fs::rename(&self.path, rotated(&self.path))?;
-            self.file = File::create(&self.path)?;
+            self.file = drydock_gc::create_nofollow(&self.path)?;
             self.len = 0;
         }
         self.file.write_all(bytes)?;
@@ -744,6 +743,31 @@ mod tests {
         let mut a = BoundedLog::append(&p, 1000).unwrap();
         a.write(b"more\n").unwrap();
         assert!(std::fs::read_to_string(&p).unwrap().ends_with("more\n"));
+    }
+
+    #[test]
+    fn a_bounded_logs_files_are_private_and_never_followed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let p = d.path().join("console.log");
+        let mut log = BoundedLog::create(&p, 100).unwrap();
+        log.write(&[b'x'; 80]).unwrap();
+        log.write(&[b'y'; 80]).unwrap();
+        assert_eq!((mode(&p), mode(&rotated(&p))), (0o600, 0o600));
+        // A link planted at a log's path is refused, its target untouched.
+        let target = d.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        for name in ["created", "appended"] {
+            let link = d.path().join(name);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            let r = match name {
+                "created" => BoundedLog::create(&link, 100),
+                _ => BoundedLog::append(&link, 100),
+            };
+            assert!(r.is_err(), "{name}");
+        }
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
     }
 
     #[test]

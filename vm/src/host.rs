@@ -55,6 +55,17 @@ pub(crate) enum AclTag {
     Other,
 }
 
+/// `MemTotal` of `/proc/meminfo`, in MiB.
+pub(crate) fn parse_mem_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(n / 1024),
+        _ => None,
+    }
+}
+
 /// The credentials of a process, as `/proc/PID/status` reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Creds {
@@ -179,6 +190,11 @@ impl Host {
     }
 
     /// Credentials of this process, read from `proc/self/status` under the root.
+    /// The host's memory (`MemTotal`), in MiB, if `/proc/meminfo` says.
+    pub(crate) fn memory_mib(&self) -> Option<u64> {
+        parse_mem_total_mib(&self.read("proc/meminfo").ok()?)
+    }
+
     pub(crate) fn creds(&self) -> io::Result<Creds> {
         parse_status(&self.read("/proc/self/status")?)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Uid/Gid in status"))
@@ -292,6 +308,24 @@ mod tests {
         let empty = parse_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
         assert!(empty.groups.is_empty());
         assert!(parse_status("Name: x\n").is_none());
+    }
+
+    #[test]
+    fn mem_total_in_mib() {
+        for (text, want) in [
+            ("MemTotal:       24450412 kB\nMemFree: 1 kB\n", Some(23877)),
+            ("MemFree: 1 kB\nMemTotal: 1048576 kB\n", Some(1024)),
+            ("MemTotal: 12 MB\n", None),
+            ("MemTotal: lots kB\n", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_mem_total_mib(text), want, "{text:?}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("proc")).unwrap();
+        std::fs::write(d.path().join("proc/meminfo"), "MemTotal: 2097152 kB\n").unwrap();
+        assert_eq!(Host::at(d.path()).memory_mib(), Some(2048));
+        assert_eq!(Host::at(d.path().join("none")).memory_mib(), None);
     }
 
     #[test]

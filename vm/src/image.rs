@@ -155,6 +155,9 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// The images directory belongs to another user, or others can write it.
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     /// Reading a store path or writing its staged copy failed.
     #[error("cannot stage {path} for the store image")]
     Stage {
@@ -212,6 +215,7 @@ impl ImageError {
                 | ImageError::Unsupported { .. }
                 | ImageError::ToolMissing { .. }
                 | ImageError::ImagesDir { .. }
+                | ImageError::NotPrivate(_)
         )
     }
 }
@@ -459,7 +463,10 @@ pub fn ensure_with(
         path: images_dir.to_path_buf(),
         source,
     };
-    fs::create_dir_all(images_dir).map_err(dir_err)?;
+    drydock_gc::private_dir(images_dir).map_err(|e| match e {
+        drydock_gc::PrivateError::Io { source, .. } => dir_err(source),
+        e => ImageError::NotPrivate(e),
+    })?;
     let waited = Instant::now();
     let lock = lock_images_dir(images_dir)?;
     if let Some(hit) = cached(&path, &key) {

@@ -6,8 +6,8 @@
 //! Nobody holds the QMP socket (QEMU serves one client at a time): each operation connects,
 //! acts and disconnects, so `drydock vm stop` from another terminal can always get in.
 
-use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +62,9 @@ pub enum LaunchError {
     Disk { command: String, message: String },
     #[error("QEMU exited at once ({status}): {log}")]
     QemuDied { status: ExitStatus, log: String },
+    /// A folder of the VM's belongs to another user, or others can write it.
+    #[error(transparent)]
+    NotPrivate(drydock_gc::PrivateError),
     #[error("cannot control VM process {pid}")]
     Signal {
         pid: u32,
@@ -81,6 +84,7 @@ impl LaunchError {
             Self::Qemu(e) => e.is_bad_input(),
             Self::StoreServer(e) => e.is_bad_input(),
             Self::Untrusted { .. } | Self::NoVm { .. } | Self::NoConsoleLog { .. } => true,
+            Self::NotPrivate(e) => e.is_bad_input(),
             // Bad input unless the file simply cannot be opened (missing, permissions).
             Self::Read(e) => !matches!(e, drydock_gc::ReadFileError::Io { .. }),
             _ => false,
@@ -154,16 +158,56 @@ impl VmState {
     }
 }
 
-/// Write JSON atomically (temp file + rename).
+/// Write JSON atomically (a temporary file of its own in the same folder, then a rename: a
+/// concurrent reader or writer never sees half a file, and a link there is replaced, not
+/// followed).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), LaunchError> {
-    let tmp = path.with_extension("json.tmp");
     let files = |source| LaunchError::Files {
         path: path.to_path_buf(),
         source,
     };
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| files(e.into()))?;
-    std::fs::write(&tmp, bytes).map_err(files)?;
-    std::fs::rename(&tmp, path).map_err(files)
+    drydock_gc::write_atomic(path, &bytes).map_err(files)
+}
+
+impl VmPaths {
+    /// The state dir the VM's folder lies in (`STATE/FOLDER/NAME`).
+    fn state_dir(&self) -> Option<&Path> {
+        self.dir.parent()?.parent()
+    }
+
+    /// Make the VM's folder and its socket folder (and the folders above them up to the state
+    /// dir, or the runtime folder's `drydock-UID`) 0700, refusing any that exists already but
+    /// belongs to another user or can be written by others (see `drydock_gc::private_dir`).
+    pub fn make_private(&self) -> Result<(), drydock_gc::PrivateError> {
+        match self.state_dir() {
+            Some(top) => drydock_gc::private_tree(top, &self.dir)?,
+            None => drydock_gc::private_dir(&self.dir)?,
+        }
+        if self.sockets != self.dir {
+            if let Some(user_dir) = self.sockets.parent() {
+                drydock_gc::private_dir(user_dir)?;
+            }
+            drydock_gc::private_dir(&self.sockets)?;
+        }
+        Ok(())
+    }
+
+    /// Before connecting to the VM's sockets or reading its files: every existing folder
+    /// [`VmPaths::make_private`] would make must be private (nothing is made).
+    pub fn check_private(&self) -> Result<(), drydock_gc::PrivateError> {
+        match self.state_dir() {
+            Some(top) => drydock_gc::check_private_tree(top, &self.dir)?,
+            None => drydock_gc::check_private(&self.dir)?,
+        }
+        if self.sockets != self.dir {
+            if let Some(user_dir) = self.sockets.parent() {
+                drydock_gc::check_private(user_dir)?;
+            }
+            drydock_gc::check_private(&self.sockets)?;
+        }
+        Ok(())
+    }
 }
 
 /// How the store reaches the store server.
@@ -327,10 +371,7 @@ impl LaunchRecord {
     }
 
     pub fn write(&self, paths: &VmPaths) -> Result<(), LaunchError> {
-        std::fs::create_dir_all(&paths.dir).map_err(|source| LaunchError::Files {
-            path: paths.dir.clone(),
-            source,
-        })?;
+        paths.make_private().map_err(LaunchError::NotPrivate)?;
         write_json(&paths.launch_file(), self)
     }
 }
@@ -352,12 +393,7 @@ pub struct Vm {
 }
 
 fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
-    for d in [&paths.dir, &paths.sockets] {
-        std::fs::create_dir_all(d).map_err(|source| LaunchError::Files {
-            path: d.clone(),
-            source,
-        })?;
-    }
+    paths.make_private().map_err(LaunchError::NotPrivate)?;
     for f in [
         paths.qmp_socket(),
         paths.fs_socket(),
@@ -379,6 +415,7 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
 fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), LaunchError> {
     let mut cmd = Command::new("qemu-img");
     cmd.args(args);
+    crate::sys::proc::private_umask(&mut cmd);
     let shown = || {
         std::iter::once("qemu-img".to_string())
             .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
@@ -425,7 +462,7 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
     let template = disk.base.with_extension("overlay.qcow2");
     if !disk.base.exists() || !template.exists() {
         let dir = disk.base.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(files(dir))?;
+        drydock_gc::private_dir(dir).map_err(LaunchError::NotPrivate)?;
         // Concurrent launches may race here: each builds under its own name, renames win.
         let tag = format!(
             "tmp{}-{:?}",
@@ -461,10 +498,15 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
         std::fs::rename(&tmp, &template).map_err(files(&template))?;
     }
     if let Some(dir) = disk.overlay.parent() {
-        std::fs::create_dir_all(dir).map_err(files(dir))?;
+        drydock_gc::private_dir(dir).map_err(LaunchError::NotPrivate)?;
     }
     discard_disk(disk)?;
     std::fs::copy(&template, &disk.overlay).map_err(files(&disk.overlay))?;
+    std::fs::set_permissions(
+        &disk.overlay,
+        std::fs::Permissions::from_mode(drydock_gc::FILE_MODE),
+    )
+    .map_err(files(&disk.overlay))?;
     Ok(())
 }
 
@@ -522,19 +564,22 @@ pub fn start_with(
     }
     let server = server.transpose()?;
     let qemu_log = paths.dir.join("qemu.log");
-    let log = File::create(&qemu_log).map_err(|source| LaunchError::Files {
+    let log = drydock_gc::create_nofollow(&qemu_log).map_err(|source| LaunchError::Files {
         path: qemu_log.clone(),
         source,
     })?;
     // QEMU connects its serial port to us as it starts: listen first.
     let files = |path: PathBuf| move |source| LaunchError::Files { path, source };
     let console_sock = paths.console_socket();
-    let console_listener = std::os::unix::net::UnixListener::bind(&console_sock)
-        .map_err(files(console_sock.clone()))?;
+    let console_listener =
+        drydock_gc::bind_listener(&console_sock).map_err(files(console_sock.clone()))?;
     let console_log = BoundedLog::create(&paths.console_log(), rotate_at(console.log_limit))
         .map_err(files(paths.console_log()))?;
     let mut cmd = Command::new(&qemu_plan.program);
     cmd.args(&qemu_plan.args).stdin(Stdio::null()).stderr(log);
+    // What QEMU creates (its QMP socket, NIC sockets, pid file) is 0600 whatever
+    // drydock's umask: the folders are private, and so are the files.
+    crate::sys::proc::private_umask(&mut cmd);
     tracing::info!(plan = %qemu_plan.display(), "starting QEMU");
     let mut qemu = Supervised::spawn("qemu", cmd).map_err(LaunchError::Qemu)?;
     let qemu_exit = ProcessWatch::child(qemu.pid());
@@ -736,6 +781,8 @@ pub fn stop_remote(
     grace: Duration,
     force: bool,
 ) -> Result<(), LaunchError> {
+    // QEMU's QMP socket is in these folders: talk to it only if they are this user's alone.
+    paths.check_private().map_err(LaunchError::NotPrivate)?;
     let pid = state.qemu_pid;
     // A state file is read back from disk: obey it only for processes that are this VM's.
     let qemu_ours = is_vm_process(pid, paths, ProcessRole::Qemu);

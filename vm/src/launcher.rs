@@ -5,14 +5,16 @@
 //!   a VM's recorded launch again, maybe from a snapshot) into a [`LaunchPlan`] that is ready to
 //!   start. It changes nothing of the VM: no name is claimed, no disk touched, no run recorded, no
 //!   record written, nothing started (only a store image may be built, into the images every VM
-//!   shares). So a caller with many launches (a cluster) checks them all
+//!   shares); the VM's existing folders are checked (another user's, or one others can write, is
+//!   refused) before anything in them is read. So a caller with many launches (a cluster) checks them all
 //!   before it starts any, and each failure is a typed [`LauncherError`] that says whether the
 //!   input is at fault.
 //! - [`Launcher::claim`], then [`Launcher::start_here`] or [`Launcher::start_supervised`], carry
-//!   a plan out, always in this order: claim the name (a new launch refuses a live VM and reaps a
-//!   dead entry; a recorded launch stops what runs under its name) → the disk (discarded, kept,
-//!   or a snapshot's put back) → the run (a new one recorded, or the recorded one reopened) →
-//!   `launch.json` written → QEMU started, as a child of this process (thread) or of a detached
+//!   a plan out, always in this order: claim the name (the VM's folders made private, 0700, or
+//!   refused if another user's or others can write them; a new launch refuses a live VM and
+//!   reaps a dead entry; a recorded launch stops what runs under its name) → the disk
+//!   (discarded, kept, or a snapshot's put back) → the run (a new one recorded, or the recorded
+//!   one reopened) → `launch.json` written → QEMU started, as a child of this process (thread) or of a detached
 //!   supervisor. A launch that fails after its run was recorded ends that run. `claim` is a step
 //!   of its own so that a caller can prepare what QEMU connects to (a cluster machine's backdoor
 //!   socket) once the name is its own.
@@ -252,6 +254,8 @@ impl Launcher {
         match kind {
             LaunchKind::New(req) => {
                 let paths = self.paths(&req.name)?;
+                // Nothing is read in folders of another user or that others can write.
+                paths.check_private().map_err(LaunchError::NotPrivate)?;
                 if let Some(qemu_pid) = VmState::read(&paths).as_ref().and_then(live_vm) {
                     return Err(LauncherError::NameInUse {
                         name: req.name,
@@ -302,6 +306,10 @@ impl Launcher {
 
     /// The recorded launch of `name`, from its own store, with this binary as its store server.
     fn recorded(&self, name: &str) -> Result<(LaunchRecord, VmPaths), LauncherError> {
+        validate_name(name)?;
+        VmPaths::in_state_dir(&self.state_dir, name)
+            .check_private()
+            .map_err(LaunchError::NotPrivate)?;
         let mut record = LaunchRecord::of_vm(&self.state_dir, name)?;
         recorded_store(&record, &self.layout, self.store_root.as_deref())?;
         if let Some(share) = &mut record.share {
@@ -310,12 +318,14 @@ impl Launcher {
         Ok((record, VmPaths::in_state_dir(&self.state_dir, name)))
     }
 
-    /// Make the plan's name this launch's own: a new launch refuses a live VM of that name
-    /// (bad input) and reaps a dead entry (ending its run); a recorded launch stops whatever
-    /// runs under it.
+    /// Make the plan's name this launch's own: its folders are made private (or refused,
+    /// before anything in them is read, if they belong to another user or others can write
+    /// them); a new launch refuses a live VM of that name (bad input) and reaps a dead entry
+    /// (ending its run); a recorded launch stops whatever runs under it.
     pub fn claim(&self, plan: LaunchPlan) -> Result<Claimed, LauncherError> {
         let name = &plan.record.spec.name;
         let paths = &plan.paths;
+        paths.make_private().map_err(LaunchError::NotPrivate)?;
         if let Some(state) = VmState::read(paths) {
             match steps(&plan.origin).claim {
                 ClaimStep::RefuseLive => {
@@ -538,6 +548,7 @@ mod tests {
             cpus: 1,
             disk_size_mib: 64,
             devices: GuestDevices::default(),
+            allow_overcommit: false,
         }
     }
 
@@ -613,6 +624,11 @@ mod tests {
         written.record.store = Some(l.layout.clone());
         record(&written);
         write_state(l, "live", true);
+        // A VM folder others can write (made by someone else, or under a loose umask).
+        let loose = l.state_dir.join("vms/loose");
+        std::fs::create_dir_all(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
 
         type Check = fn(&LauncherError) -> bool;
         let cases: Vec<(LaunchKind, Check, bool, &str)> = vec![
@@ -636,6 +652,36 @@ mod tests {
                 |e| matches!(e, LauncherError::Resolve(ResolveError::QemuMissing(_))),
                 true,
                 "/nonexistent/qemu does not exist",
+            ),
+            (
+                LaunchKind::New(request("loose", &f.kernel)),
+                |e| matches!(e, LauncherError::Launch(LaunchError::NotPrivate(_))),
+                true,
+                "can be written by its group and every user",
+            ),
+            (
+                LaunchKind::Restart {
+                    name: "loose".into(),
+                    keep_disk: false,
+                },
+                |e| matches!(e, LauncherError::Launch(LaunchError::NotPrivate(_))),
+                true,
+                "chmod go-w",
+            ),
+            (
+                // More memory than any host has (unless overcommitted, below).
+                LaunchKind::New(LaunchRequest {
+                    memory_mib: u32::MAX,
+                    ..request("big", &f.kernel)
+                }),
+                |e| {
+                    matches!(
+                        e,
+                        LauncherError::Resolve(ResolveError::Plan(PlanError::HostMemory { .. }))
+                    )
+                },
+                true,
+                "more than this host has",
             ),
             (
                 LaunchKind::Restart {
@@ -663,6 +709,13 @@ mod tests {
             assert_eq!(e.is_bad_input(), bad_input, "{shown}: {e}");
             assert!(e.to_string().contains(says), "{shown}: {e}");
         }
+
+        let big = LaunchRequest {
+            memory_mib: u32::MAX,
+            allow_overcommit: true,
+            ..request("big", &f.kernel)
+        };
+        l.plan(LaunchKind::New(big)).expect("--allow-overcommit");
 
         // A pinned file deleted by hand: named, and not bad input (exit 1).
         std::fs::remove_file(&f.kernel).unwrap();
@@ -710,6 +763,25 @@ mod tests {
         let e = l.claim(late).unwrap_err();
         assert!(e.is_bad_input() && matches!(e, LauncherError::NameInUse { .. }));
         assert!(VmState::read(&VmPaths::in_state_dir(&l.state_dir, "late")).is_some());
+
+        // Its folder made loose after it was planned: the claim refuses it before reading
+        // anything there; a claim makes a missing folder 0700.
+        let loosened = plan("loosened");
+        let dir = l.state_dir.join("vms/loosened");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o757))
+            .unwrap();
+        let e = l.claim(loosened).unwrap_err();
+        assert!(
+            e.is_bad_input() && matches!(e, LauncherError::Launch(LaunchError::NotPrivate(_))),
+            "{e:?}"
+        );
+        l.claim(plan("fresh")).unwrap();
+        let mode = std::fs::metadata(l.state_dir.join("vms/fresh")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o700
+        );
 
         // A dead owner's entry is cleaned up.
         write_state(l, "dead", false);

@@ -59,18 +59,19 @@ pub use owner::{
 };
 pub use plan::{
     Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
-    VmSpec, current_uid, plan, validate_name,
+    VmSpec, check_memory, current_uid, plan, validate_name,
 };
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
 };
 pub use resolve::{
-    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, configured_qemu, images_dir,
+    AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
+    configured_qemu, images_dir,
 };
 pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
-    run_captured, run_captured_until, spawn_detached,
+    run_captured, run_captured_until, spawn_detached, spawn_detached_holding,
 };
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,

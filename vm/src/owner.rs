@@ -102,7 +102,7 @@ pub fn spawn_supervisor(
     cancel: &drydock_gc::Cancel,
 ) -> Result<(u32, VmState), OwnerError> {
     let log_path = paths.supervisor_log();
-    let log = std::fs::File::create(&log_path).map_err(|source| OwnerError::Log {
+    let log = drydock_gc::create_nofollow(&log_path).map_err(|source| OwnerError::Log {
         path: log_path.clone(),
         source,
     })?;

@@ -239,6 +239,43 @@ pub enum PlanError {
         "bad firmware config name {0:?}: use opt/ followed by letters, digits, '/', '.', '-' or '_'"
     )]
     FwCfgName(String),
+    /// The machines ask for more memory than the host has.
+    #[error(
+        "{} {} for {total_mib} MiB of memory{}, more than this host has ({host_mib} MiB): give {} less memory, or pass --allow-overcommit if you know better",
+        memory_list(machines),
+        if machines.len() == 1 { "asks" } else { "ask" },
+        if machines.len() == 1 { "" } else { " in all" },
+        if machines.len() == 1 { "it" } else { "them" }
+    )]
+    HostMemory {
+        /// Each machine's name and memory (MiB), as asked.
+        machines: Vec<(String, u32)>,
+        total_mib: u64,
+        host_mib: u64,
+    },
+}
+
+fn memory_list(machines: &[(String, u32)]) -> String {
+    machines
+        .iter()
+        .map(|(name, mib)| format!("{name} ({mib} MiB)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether machines asking for `machines` (name, MiB) fit a host with `host_mib` of memory:
+/// each one and their sum at most the host's memory (a guest may touch all it was given, and
+/// QEMU holds what it touched). Refused: every machine, the sum and the host's memory named.
+pub fn check_memory(machines: &[(String, u32)], host_mib: u64) -> Result<(), PlanError> {
+    let total_mib: u64 = machines.iter().map(|(_, m)| u64::from(*m)).sum();
+    if total_mib <= host_mib {
+        return Ok(());
+    }
+    Err(PlanError::HostMemory {
+        machines: machines.to_vec(),
+        total_mib,
+        host_mib,
+    })
 }
 
 impl PlanError {
@@ -651,6 +688,45 @@ mod tests {
         assert_eq!(p.console_log(), long.join("vms/web/console.log"));
         let short = VmPaths::new("/s/vms/web".into(), Path::new("/tmp/drydock-0"), "k3j2");
         assert_eq!(short.qmp_socket(), PathBuf::from("/s/vms/web/qmp.sock"));
+    }
+
+    #[test]
+    fn machines_must_fit_the_hosts_memory() {
+        let m = |xs: &[(&str, u32)]| -> Vec<(String, u32)> {
+            xs.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+        };
+        // (machines, host MiB) → the refusal's text, or none
+        type Case = (Vec<(String, u32)>, u64, Option<&'static str>);
+        let cases: [Case; 6] = [
+            (m(&[("web", 512)]), 23_000, None),
+            (m(&[("web", 23_000)]), 23_000, None),
+            (m(&[]), 0, None),
+            (
+                m(&[("web", 1_000_000)]),
+                23_000,
+                Some(
+                    "web (1000000 MiB) asks for 1000000 MiB of memory, more than this host has (23000 MiB): give it less memory, or pass --allow-overcommit",
+                ),
+            ),
+            (
+                m(&[("a", 12_000), ("b", 12_000)]),
+                23_000,
+                Some(
+                    "a (12000 MiB), b (12000 MiB) ask for 24000 MiB of memory in all, more than this host has (23000 MiB): give them less memory",
+                ),
+            ),
+            (m(&[("a", u32::MAX), ("b", u32::MAX)]), u64::MAX / 2, None),
+        ];
+        for (machines, host, want) in cases {
+            match (check_memory(&machines, host), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => {
+                    assert!(e.to_string().starts_with(w), "{e}");
+                    assert!(e.is_bad_input());
+                }
+                (r, w) => panic!("{machines:?} on {host}: {r:?}, wanted {w:?}"),
+            }
+        }
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub struct LaunchRequest {
     pub disk_size_mib: u32,
     /// A cluster machine's NICs, backdoor and firmware config (default: none).
     pub devices: GuestDevices,
+    /// Launch even when the guest asks for more memory than the host has (`--allow-overcommit`).
+    pub allow_overcommit: bool,
 }
 
 /// A resolved launch, and what it took.
@@ -185,6 +187,25 @@ pub fn choose_accel(choice: AccelChoice, host: &Host) -> Result<(Accel, String),
     }
 }
 
+/// Machines asking for `machines` (name, MiB) must fit this host's memory (`MemTotal` of
+/// `/proc/meminfo`; see [`crate::plan::check_memory`]), unless `allow_overcommit`. A host
+/// whose memory cannot be read is not a reason to refuse.
+pub fn check_host_memory(
+    machines: &[(String, u32)],
+    allow_overcommit: bool,
+) -> Result<(), PlanError> {
+    if allow_overcommit {
+        return Ok(());
+    }
+    match Host::system().memory_mib() {
+        Some(host_mib) => crate::plan::check_memory(machines, host_mib),
+        None => {
+            tracing::warn!("cannot read the host's memory from /proc/meminfo; not checked");
+            Ok(())
+        }
+    }
+}
+
 /// Where store images and the blank base disks live: shared by every VM of a state dir.
 pub fn images_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("images")
@@ -199,6 +220,8 @@ pub fn resolve_launch(
     req: &LaunchRequest,
     exe: &Path,
 ) -> Result<Resolved, ResolveError> {
+    check_host_memory(&[(req.name.clone(), req.memory_mib)], req.allow_overcommit)
+        .map_err(ResolveError::Plan)?;
     let qemu = find_qemu(req.qemu.as_deref())?;
     let (kernel, initrd, mut cmdline, toplevel) = match &req.boot {
         Boot::System(sys) => {
@@ -332,6 +355,7 @@ mod tests {
             cpus: 1,
             disk_size_mib: 64,
             devices: GuestDevices::default(),
+            allow_overcommit: false,
         }
     }
 

@@ -134,7 +134,12 @@ pub fn save_snapshot(
     let final_dir = snapshot_dir(paths, tag);
     let tmp = paths.snapshots().join(format!(".{tag}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    paths
+        .check_private()
+        .map_err(crate::launch::LaunchError::NotPrivate)?;
+    for d in [&paths.snapshots(), &tmp] {
+        drydock_gc::private_dir(d).map_err(crate::launch::LaunchError::NotPrivate)?;
+    }
     let mut qmp = Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5))?;
     let start = Instant::now();
     qmp.stop()?;

@@ -343,15 +343,35 @@ pub fn await_report<T>(
 /// zombie lingers), by init after.
 pub fn spawn_detached(
     name: &str,
+    cmd: Command,
+    log: std::fs::File,
+) -> Result<DetachedChild, SpawnError> {
+    detach(name, cmd, log, Stdio::null())
+}
+
+/// [`spawn_detached`] with `held` as the child's stdin: an open file whose `flock` the child
+/// then holds too (the same open file), so a lock is handed over without a moment unheld.
+pub fn spawn_detached_holding(
+    name: &str,
+    cmd: Command,
+    log: std::fs::File,
+    held: std::fs::File,
+) -> Result<DetachedChild, SpawnError> {
+    detach(name, cmd, log, Stdio::from(held))
+}
+
+fn detach(
+    name: &str,
     mut cmd: Command,
     log: std::fs::File,
+    stdin: Stdio,
 ) -> Result<DetachedChild, SpawnError> {
     let err_log = log.try_clone().map_err(|source| SpawnError::Start {
         name: name.to_owned(),
         program: cmd.get_program().to_string_lossy().into_owned(),
         source,
     })?;
-    cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
+    cmd.stdin(stdin).stdout(log).stderr(err_log);
     crate::sys::daemon::new_session(&mut cmd);
     let child = cmd.spawn().map_err(|source| SpawnError::Start {
         name: name.to_owned(),

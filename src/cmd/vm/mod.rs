@@ -99,6 +99,7 @@ fn run_request(a: &VmRunArgs) -> anyhow::Result<drydock_vm::LaunchRequest> {
         cpus: a.cpus,
         disk_size_mib: a.disk_size,
         devices: Default::default(),
+        allow_overcommit: a.allow_overcommit,
     })
 }
 

@@ -63,7 +63,7 @@ pub(crate) fn probe(p: &BootProbe, scratch: &Path) -> Finding {
     // QEMU's default CPU model asks the least of the host (`-cpu host` can abort on hosts that
     // refuse some MSRs, as PVM does), so a hang here is the kernel's, not QEMU's.
     let qemu_log = scratch.join("boot-probe.qemu.log");
-    let stderr = std::fs::File::create(&qemu_log)
+    let stderr = drydock_gc::create_nofollow(&qemu_log)
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null());
     cmd.args(["-accel", "kvm", "-m", "256", "-smp", "1"])

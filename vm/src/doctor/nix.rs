@@ -532,7 +532,8 @@ fn probe_errno(ids: &str) -> Option<String> {
 
 pub(crate) fn tempfile_dir() -> io::Result<PathBuf> {
     let base = std::env::temp_dir().join(format!("drydock-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&base)?;
+    // A folder another user made under this name first is refused, not written into.
+    drydock_gc::private_dir(&base).map_err(io::Error::other)?;
     Ok(base)
 }
 

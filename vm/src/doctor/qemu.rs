@@ -112,13 +112,14 @@ fn capabilities(bin: &Path, cache_dir: Option<&Path>) -> Result<Caps, String> {
     let caps = ask(bin, key)?;
     if let Some(f) = &file {
         // Best effort: an unwritable state dir only costs speed.
-        let tmp = f.with_extension("json.tmp");
-        let written = f
-            .parent()
-            .map(std::fs::create_dir_all)
-            .transpose()
-            .and_then(|_| std::fs::write(&tmp, serde_json::to_vec(&caps).unwrap_or_default()))
-            .and_then(|_| std::fs::rename(&tmp, f));
+        // `STATE/cache`, made private like every folder of the state dir (a loose state dir
+        // of another user's is left alone: the cache is only skipped).
+        let dir = f.parent().unwrap_or(Path::new("."));
+        let written = drydock_gc::private_tree(dir.parent().unwrap_or(dir), dir)
+            .map_err(std::io::Error::other)
+            .and_then(|()| {
+                drydock_gc::write_atomic(f, &serde_json::to_vec(&caps).unwrap_or_default())
+            });
         if let Err(e) = written {
             tracing::debug!("cannot cache QEMU capabilities in {}: {e}", f.display());
         }

@@ -22,7 +22,6 @@
 
 use std::io::Read;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -342,19 +341,10 @@ fn nofile_hard_limit() -> Option<u64> {
 
 /// Bind the listening socket (mode 0600), replacing a stale socket but nothing else.
 fn bind_socket(path: &Path) -> Result<UnixListener, StoreServerError> {
-    let err = |source| StoreServerError::Socket {
+    drydock_gc::bind_listener(path).map_err(|source| StoreServerError::Socket {
         path: path.to_owned(),
         source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => return Err(err(std::io::Error::from_raw_os_error(libc::EEXIST))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    })
 }
 
 fn drop_capabilities() -> Result<(), StoreServerError> {
@@ -404,6 +394,7 @@ mod tests {
 
     #[test]
     fn bind_replaces_a_stale_socket_but_not_a_file() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s.sock");
         drop(bind_socket(&sock).unwrap());

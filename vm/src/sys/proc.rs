@@ -1,5 +1,5 @@
 //! Process control and process facts that std does not offer: the parent-death signal
-//! (`prctl(PR_SET_PDEATHSIG)`), signalling a child's process group, `unshare(2)`,
+//! (`prctl(PR_SET_PDEATHSIG)`), a child's umask, signalling a child's process group, `unshare(2)`,
 //! `PR_SET_NO_NEW_PRIVS`, the effective uid, and what `/proc/PID/stat` says about a process
 //! (state, flags, start time: whether a pid is still the process drydock started). Used by
 //! `spawn` (every child drydock starts dies with it), `launch` (liveness) and the store server's
@@ -45,6 +45,23 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     };
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
     // system calls (see above); it neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Make the child that `cmd` will start create its files and sockets 0600 (umask 0177, set
+/// between fork and exec): QEMU binds its QMP and NIC sockets and writes its pid file and
+/// console log itself, and drydock's own umask may be anything.
+pub(crate) fn private_umask(cmd: &mut Command) {
+    let hook = || -> io::Result<()> {
+        // SAFETY: umask(2) only sets this process's file mode creation mask; it cannot fail and
+        // touches no memory.
+        unsafe { libc::umask(0o177) };
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes one async-signal-safe
+    // system call; it neither allocates nor takes locks.
     unsafe {
         cmd.pre_exec(hook);
     }
