@@ -178,6 +178,13 @@ pub struct UpArgs {
     /// the evaluation read changes (the composition, its imports, files it reads).
     #[arg(long, conflicts_with = "detach")]
     pub watch: bool,
+    /// How much console log each machine keeps on disk (its `console.log` and
+    /// `console.timed`, each rotated once): bytes, or with K, M or G (binary units).
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    pub log_limit: u64,
+    /// Seconds the evaluation and the build of the systems may take (then they are killed).
+    #[arg(long, value_name = "SECS", default_value = "7200", value_parser = parse_secs)]
+    pub build_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +306,8 @@ pub struct ClusterSuperviseArgs {
     /// The run the machines join (recorded by the `up` that starts this owner).
     #[arg(long)]
     pub run: Option<i64>,
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    pub log_limit: u64,
 }
 
 #[derive(Debug, Args)]
@@ -626,9 +635,49 @@ fn parse_secs(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(v))
 }
 
+/// A size in bytes: a number, or a number with K, M or G (KiB, MiB, GiB); at least drydock's
+/// smallest log limit.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "not a size (bytes, or a number with K, M or G)".to_string())?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("unknown unit {unit:?} (K, M or G)")),
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| "too large".to_string())?;
+    let min = drydock_vm::MIN_LOG_LIMIT;
+    if bytes < min {
+        return Err(format!("less than {} KiB", min >> 10));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_or_say_why() {
+        assert_eq!(parse_size("32M"), Ok(32 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("128KiB"), Ok(128 << 10));
+        assert!(parse_size("1K").unwrap_err().contains("less than"));
+        assert!(parse_size("12X").unwrap_err().contains("unit"));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
 
     #[test]
     fn seconds_parse_or_say_why() {

@@ -36,7 +36,9 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Completions(args) => return exit::finish(cmd::help::completions(args)),
         Command::Man => return exit::finish(cmd::help::man()),
-        _ => {}
+        // The store server runs sandboxed and is stopped by SIGTERM: it keeps the default.
+        Command::StoreServer(_) => {}
+        _ => cancel::init(),
     }
     let result = Context::resolve(&cli.global)
         .and_then(|ctx| ctx.with_compose(&cli.compose, cli.command.is_cluster_command()))
@@ -108,8 +110,11 @@ fn init_tracing(verbose: u8, quiet: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("DRYDOCK_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Colours only on a terminal: a detached owner's `drydock.log` holds plain text.
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         // Plain text where stderr is a file (a detached owner's drydock.log) or NO_COLOR is set.
         .with_ansi(paint::colour_on(std::io::IsTerminal::is_terminal(

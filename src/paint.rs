@@ -1,6 +1,6 @@
-//! What reaches a terminal from a guest: machine prefixes coloured per machine on a terminal
-//! (`NO_COLOR` honoured), and console lines with their control characters shown escaped (a
-//! guest's escape sequences never act on the user's terminal). Pure but for [`Paint::for_stdout`].
+//! Machine prefixes coloured per machine on a terminal (`NO_COLOR` honoured). The lines after
+//! them are escaped by drydock-vm's `escape_control`, the one function that makes what a guest
+//! prints safe for a terminal. Pure but for [`Paint::for_stdout`].
 
 use std::io::IsTerminal;
 
@@ -44,24 +44,6 @@ impl Paint {
     }
 }
 
-/// `line` with every control character but a tab written as `\xNN` (a guest's ANSI escapes
-/// included), so it prints as text.
-pub fn printable(line: &str) -> String {
-    let line = line.trim_end_matches(['\r', '\n']);
-    if !line.chars().any(|c| c.is_control() && c != '\t') {
-        return line.to_string();
-    }
-    let mut out = String::with_capacity(line.len() + 8);
-    for c in line.chars() {
-        if c.is_control() && c != '\t' {
-            out.push_str(&format!("\\x{:02x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,18 +57,5 @@ mod tests {
             "{c:?}"
         );
         assert_eq!(Paint::new(true).machine("db", 5), c, "stable per machine");
-    }
-
-    #[test]
-    fn control_characters_print_escaped() {
-        for (line, want) in [
-            ("plain\ttext", "plain\ttext"),
-            ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
-            ("bell\x07 and cr\r", "bell\\x07 and cr"),
-            ("a\rb", "a\\x0db"),
-            ("ünïcode", "ünïcode"),
-        ] {
-            assert_eq!(printable(line), want, "{line:?}");
-        }
     }
 }

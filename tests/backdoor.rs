@@ -2,15 +2,16 @@
 //! them on its console: busybox `sh` (the test guest's) and `bash --norc -s` (NixOS's
 //! backdoor), each on a socketpair: calls with their stdout, stderr, status and deadline, 1 MiB
 //! of binary output, replies sent a chunk per acknowledgement, calls queueing on one backdoor,
-//! and interactive sessions that hand the console back. The protocol's pure parts are
-//! unit-tested in `cluster/src/backdoor.rs`; `cluster::machines_talk_...` runs it in guests.
+//! a command killed (with what it started) when its caller goes, a closed backdoor failing
+//! calls at once, and interactive sessions that hand the console back. The protocol's pure
+//! parts are unit-tested in `cluster/src/backdoor.rs`; `cluster::machines_talk_...` runs it in
+//! guests.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use drydock_cluster::{Backdoor, BackdoorError, CHUNK, READY_LINE, call_line, parse_reply};
@@ -110,12 +111,9 @@ fn shell(program: &[&str]) -> TestShell {
         .spawn()
         .expect("busybox");
     let mut seen = Vec::new();
-    let b = Backdoor::wait_ready(
-        ours,
-        Duration::from_secs(10),
-        &AtomicBool::new(false),
-        &mut |l| seen.push(l.to_string()),
-    )
+    let b = Backdoor::wait_ready(ours, Duration::from_secs(10), &[], &mut |l| {
+        seen.push(l.to_string())
+    })
     .unwrap();
     assert_eq!(seen, ["booting"]);
     TestShell { b, child }
@@ -163,6 +161,68 @@ fn calls_work(b: &Backdoor) {
     // The command cannot eat the protocol's input.
     let r = b.exec("cat; echo done", t).unwrap();
     assert_eq!(r.stdout, b"done\n");
+}
+
+/// A caller that goes away: its command is killed in the guest at once (130), and the next
+/// call is answered at once.
+fn a_gone_caller_cancels_its_command(b: &Backdoor) {
+    let (caller, ours) = UnixStream::pair().unwrap();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let call = s.spawn(|| {
+            b.exec_for(
+                "echo started; sleep 30",
+                Duration::from_secs(60),
+                Some(&ours),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        drop(caller);
+        let r = call.join().unwrap().unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (130, &b"started\n"[..]));
+    });
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let t1 = Instant::now();
+    let r = b.exec("echo next", Duration::from_secs(20)).unwrap();
+    assert_eq!((r.status, r.stdout.as_slice()), (0, &b"next\n"[..]));
+    assert!(t1.elapsed() < Duration::from_secs(5));
+    // Everything the command started went with it (here, the shell's children are ours).
+    let left = Command::new("pgrep")
+        .args(["-f", "sleep 3[78]$"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    // A caller that stays: nothing is cancelled.
+    let (_caller, ours) = UnixStream::pair().unwrap();
+    let r = b
+        .exec_for("sleep 0.3; echo done", Duration::from_secs(20), Some(&ours))
+        .unwrap();
+    assert_eq!((r.status, r.stdout.as_slice()), (0, &b"done\n"[..]));
+}
+
+#[test]
+fn a_gone_caller_cancels_its_command_in_busybox_and_bash() {
+    a_gone_caller_cancels_its_command(&shell(&["busybox", "sh"]));
+    a_gone_caller_cancels_its_command(&shell(&["bash", "--norc", "-s"]));
+}
+
+#[test]
+fn a_closed_backdoor_fails_calls_at_once_saying_why() {
+    let b = Arc::new(shell(&["busybox", "sh"]));
+    let b2 = b.clone();
+    let t0 = Instant::now();
+    let call = std::thread::spawn(move || b2.exec("sleep 30", Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(300));
+    b.close("its store server died");
+    let e = call.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("its store server died"), "{e}");
+    let e = b.exec("true", Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("its store server died"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
 }
 
 #[test]

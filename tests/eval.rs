@@ -4,7 +4,10 @@
 //! checks the same through `drydock up`.)
 
 use drydock_cluster::{SystemRef, evaluate_composition as evaluate};
-use drydock_gc::StoreLayout;
+use drydock_gc::{Cancel, StoreLayout};
+
+/// The evaluation's deadline (the longest `up` allows).
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Real evaluations (no build, no store written: `--eval` is read-only) of each bad
 /// composition of issue #10, and of a good one.
@@ -61,7 +64,7 @@ fn compositions_evaluate_or_name_what_is_wrong() {
         std::fs::create_dir_all(&d).unwrap();
         let file = d.join("drydock.nix");
         std::fs::write(&file, text).unwrap();
-        match (evaluate(&layout, &file), says) {
+        match (evaluate(&layout, &file, DEADLINE, &Cancel::new()), says) {
             (Ok(c), None) => {
                 assert_eq!(c.machines.keys().collect::<Vec<_>>(), ["agent", "server"]);
                 assert_eq!(c.machines["agent"].vlans, vec![2]);

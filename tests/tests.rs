@@ -10,6 +10,7 @@ mod vmcommon;
 
 mod backdoor;
 mod cluster;
+mod cluster_faults;
 mod cluster_security;
 mod compose;
 mod doctor;

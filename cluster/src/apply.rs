@@ -20,17 +20,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use crate::compose::ClusterPlan;
 use crate::control::ControlOp;
+use crate::events::{ControlCall, MachineEvent, OwnerEvent};
 use crate::exec::exec_remote;
 use crate::hub::Hub;
 use crate::launches::resolve_machine;
 use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
-use crate::run::{MachineEvent, RunningCluster, vlan_ports};
-use crate::state::{ClusterError, cluster_paths, hub_socket};
+use crate::run::{RunningCluster, vlan_ports};
+use crate::state::{ClusterError, cluster_paths, hub_socket, machine_failure};
 use drydock_vm::VmPaths;
 use drydock_vm::{LaunchPlan, LaunchRecord};
 
@@ -77,7 +79,8 @@ impl ReloadError {
 /// The facts a plan needs, gathered.
 struct Facts {
     recorded: BTreeMap<String, LaunchRecord>,
-    stopped: BTreeSet<String>,
+    /// Machines not running, and why if they failed.
+    stopped: BTreeMap<String, Option<String>>,
     launches: BTreeMap<String, NewLaunch>,
     /// Each new machine's launch, resolved: what a machine that boots carries out.
     plans: BTreeMap<String, LaunchPlan>,
@@ -139,7 +142,7 @@ fn switch(
     let cmd = format!(
         "s=/tmp/drydock-switch.status; echo 1 > $s; {{ {top}/bin/switch-to-configuration test; echo $? > $s; }} 2>&1 | tee /dev/console; exit \"$(cat $s)\""
     );
-    let out = match exec_remote(vm, &paths, &cmd, SWITCH_DEADLINE) {
+    let out = match exec_remote(vm, &paths, &cmd, SWITCH_DEADLINE, None) {
         Ok(o) => o,
         Err(e) => return failed(drydock_vm::error_chain(&e), String::new()),
     };
@@ -255,16 +258,16 @@ impl RunningCluster {
             launches.insert(m.machine.clone(), NewLaunch { record, switchable });
             plans.insert(m.machine.clone(), plan);
         }
+        // A machine whose thread ended is not running: why, if it failed.
         let stopped = self
             .plan
             .machines
             .iter()
-            .filter(|m| {
-                self.machines
-                    .get(&m.machine)
-                    .is_none_or(|t| t.thread.is_finished())
+            .filter(|m| !self.machines.contains_key(&m.machine))
+            .map(|m| {
+                let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+                (m.machine.clone(), machine_failure(&paths))
             })
-            .map(|m| m.machine.clone())
             .collect();
         Ok(Facts {
             recorded,
@@ -295,16 +298,16 @@ impl RunningCluster {
     }
 
     /// Plan and carry out the reload to `new`; every machine's outcome, in the plan's order.
-    /// `on_event` sees the events of machines this reload does not wait for, and `None` every
-    /// 50 ms while it waits (the owner's console echo). `cancel` (the owner is being stopped)
-    /// ends the wait for booting machines: they are reported failed, and the owner stops them.
-    pub fn apply_reload(
+    /// `on_event` sees the machines' events and console lines meanwhile (the owner's echo);
+    /// other events wait for the owner's loop. `cancel` (the owner is being stopped) ends the
+    /// wait for booting machines: they are reported failed, and the owner stops them.
+    pub(crate) fn apply_reload(
         &mut self,
         new: &ClusterPlan,
         force_restart: bool,
         restart_machines: &[String],
-        cancel: &AtomicBool,
-        on_event: &mut dyn FnMut(Option<&MachineEvent>),
+        cancel: &Cancel,
+        on_event: &mut dyn FnMut(&OwnerEvent),
     ) -> Result<Vec<MachineOutcome>, ReloadError> {
         let mut facts = self.gather(new)?;
         let mut plan = plan_reload(
@@ -341,16 +344,9 @@ impl RunningCluster {
 
         // 1. Stop what goes away or boots again, in parallel.
         let stopping: Vec<String> = removes.iter().chain(&restarts).cloned().collect();
-        self.stop_machines(&stopping);
-        while let Ok(ev) = self.events.try_recv() {
-            on_event(Some(&ev));
-        }
+        self.stop_machines(&stopping, on_event);
         let stopped_after = t0.elapsed();
         for m in &removes {
-            self.tails
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(m);
             set_outcome(&mut outcomes, m, Outcome::Done, stopped_after, None);
         }
 
@@ -383,14 +379,6 @@ impl RunningCluster {
             if log.exists() {
                 let _ = std::fs::rename(&log, paths.dir.join("console.log.prev"));
             }
-            if !self
-                .tails
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(name)
-            {
-                self.add_tail(&m);
-            }
             let Some(launch) = facts.plans.remove(name) else {
                 continue;
             };
@@ -409,7 +397,11 @@ impl RunningCluster {
             })
             .collect();
         let all_vms: Vec<String> = running.machines.iter().map(|m| m.vm_name.clone()).collect();
-        let deadline = self.opts.ready_timeout + Duration::from_secs(60);
+        let deadline = Deadline::after(self.opts.ready_timeout + Duration::from_secs(60));
+        let tx = self.tx.clone();
+        let _interrupt = cancel.on_cancel(move || {
+            let _ = tx.try_send(OwnerEvent::Interrupt);
+        });
         let mut waiting: BTreeSet<String> = booting.iter().cloned().collect();
         let mut boot_results: Vec<(String, Outcome, Duration, Option<String>)> = Vec::new();
         let switched: Vec<(String, Duration, Switched)> = std::thread::scope(|s| {
@@ -428,49 +420,58 @@ impl RunningCluster {
                 })
                 .collect();
             while !waiting.is_empty() {
-                match self.events.recv_timeout(Duration::from_millis(50)) {
-                    Ok(ev) => {
-                        let (m, result) = match &ev {
-                            MachineEvent::Ready { machine, .. } => (machine, Ok(())),
-                            MachineEvent::Failed { machine, error } => {
-                                (machine, Err(drydock_vm::error_chain(&**error)))
-                            }
-                            MachineEvent::Stopped { machine } => {
-                                (machine, Err("stopped before it became ready".to_string()))
-                            }
-                        };
-                        on_event(Some(&ev));
-                        if waiting.remove(m) {
-                            let outcome = if result.is_ok() {
-                                Outcome::Done
-                            } else {
-                                Outcome::Failed
-                            };
-                            boot_results.push((
-                                m.clone(),
-                                outcome,
-                                stopped_after + boot_started.elapsed(),
-                                result.err(),
-                            ));
-                        }
+                // Blocks until an event, the cancel (an interrupt event) or the deadline.
+                let ev = match self.next_event(Some(deadline)) {
+                    _ if cancel.is_set() || deadline.expired() => None,
+                    Some(ev) => Some(ev),
+                    None => None,
+                };
+                let Some(ev) = ev else {
+                    let why = match cancel.is_set() {
+                        true => "interrupted: the cluster is being stopped",
+                        false => "it did not become ready in time",
+                    };
+                    for m in std::mem::take(&mut waiting) {
+                        boot_results.push((
+                            m,
+                            Outcome::Failed,
+                            stopped_after + boot_started.elapsed(),
+                            Some(why.into()),
+                        ));
                     }
-                    Err(_)
-                        if boot_started.elapsed() > deadline || cancel.load(Ordering::SeqCst) =>
-                    {
-                        let why = match cancel.load(Ordering::SeqCst) {
-                            true => "interrupted: the cluster is being stopped",
-                            false => "it did not become ready in time",
-                        };
-                        for m in std::mem::take(&mut waiting) {
-                            boot_results.push((
-                                m,
-                                Outcome::Failed,
-                                stopped_after + boot_started.elapsed(),
-                                Some(why.into()),
-                            ));
-                        }
+                    break;
+                };
+                let OwnerEvent::Machine { event, .. } = &ev else {
+                    match ev {
+                        ev @ OwnerEvent::Console { .. } => on_event(&ev),
+                        OwnerEvent::Interrupt => {}
+                        // A second request, edits: for the owner's loop, after this reload.
+                        ev => self.deferred.push_back(ev),
                     }
-                    Err(_) => on_event(None),
+                    continue;
+                };
+                let (m, result) = match event {
+                    MachineEvent::Ready { machine, .. } => (machine, Ok(())),
+                    MachineEvent::Failed { machine, error } => {
+                        (machine, Err(drydock_vm::error_chain(&**error)))
+                    }
+                    MachineEvent::Stopped { machine } => {
+                        (machine, Err("stopped before it became ready".to_string()))
+                    }
+                };
+                on_event(&ev);
+                if waiting.remove(m) {
+                    let outcome = if result.is_ok() {
+                        Outcome::Done
+                    } else {
+                        Outcome::Failed
+                    };
+                    boot_results.push((
+                        m.clone(),
+                        outcome,
+                        stopped_after + boot_started.elapsed(),
+                        result.err(),
+                    ));
                 }
             }
             handles
@@ -518,34 +519,40 @@ impl RunningCluster {
         Ok(outcomes)
     }
 
-    /// Answer a second `up` if one is asking (non-blocking when none is): `plan` or `apply`.
-    /// Returns whether a request was served. `cancel` and `on_event` as for
+    /// Answer a request of a second `up` or `vm restart` (`plan` or `apply`). Returns whether
+    /// it was an apply (the cluster may have changed). `cancel` and `on_event` as for
     /// [`Self::apply_reload`].
-    pub fn serve_control(
+    pub(crate) fn serve_control(
         &mut self,
-        cancel: &AtomicBool,
-        on_event: &mut dyn FnMut(Option<&MachineEvent>),
+        call: ControlCall,
+        cancel: &Cancel,
+        on_event: &mut dyn FnMut(&OwnerEvent),
     ) -> bool {
-        let Some(listener) = self.control.take() else {
-            return false;
+        let ControlCall { stream, request } = call;
+        let req = match request {
+            Ok(req) => req,
+            Err(e) => {
+                crate::control::reply(&stream, Err((format!("bad request: {e}"), true)));
+                return false;
+            }
         };
-        let served = crate::control::answer_one(&listener, &mut |req| {
-            let result = match req.op {
-                ControlOp::Plan => self
-                    .plan_reload(&req.plan, req.restart, &req.restart_machines)
-                    .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
-                ControlOp::Apply => self.apply_reload(
-                    &req.plan,
-                    req.restart,
-                    &req.restart_machines,
-                    cancel,
-                    on_event,
-                ),
-            };
-            result.map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input()))
-        });
-        self.control = Some(listener);
-        served
+        let result = match req.op {
+            ControlOp::Plan => self
+                .plan_reload(&req.plan, req.restart, &req.restart_machines)
+                .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
+            ControlOp::Apply => self.apply_reload(
+                &req.plan,
+                req.restart,
+                &req.restart_machines,
+                cancel,
+                on_event,
+            ),
+        };
+        crate::control::reply(
+            &stream,
+            result.map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input())),
+        );
+        req.op == ControlOp::Apply
     }
 }
 

@@ -3,7 +3,8 @@
 //! `test-instrumentation.nix` prints it). Each call is POSIX `sh` that works in bash and busybox
 //! `sh` alike: the command travels as one single-quoted word (so a syntax error is the command's
 //! own failure, not the protocol's) and is `eval`ed in a subshell with stdin from `/dev/null` and
-//! stdout and stderr in two files of a private folder; a watchdog kills it at the deadline; then
+//! stdout and stderr in two files of a private folder; a watchdog kills it at the deadline, or
+//! earlier when drydock sends it a line (the caller went away: [`Backdoor::exec_for`]); then
 //! one reply line carries the status and both outputs base64-encoded:
 //!
 //! ```text
@@ -14,9 +15,10 @@
 //! (echo, noise) is skipped. The nonce is 128 bits from `/dev/urandom`, new for each call, and
 //! what the console carried before a call was sent is dropped: a guest process writing forged
 //! replies to `/dev/hvc0` cannot guess the marker of a call that is not sent yet, so its lines
-//! are noise like any other. A call that hits its deadline has status 124 and the shell answers
-//! the next call; a shell that does not answer within a grace period after the deadline is
-//! wedged, and the backdoor refuses further calls. Calls on one backdoor queue on its mutex.
+//! are noise like any other. A call that hits its deadline has status 124 (130 if it was
+//! cancelled) and the shell answers the next call; a shell that does not answer within a grace
+//! period after the deadline is wedged, and the backdoor refuses further calls. Calls on one
+//! backdoor queue on its mutex.
 //!
 //! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
 //! not throttled, unlike `virtserialport`: QEMU's `virtio-console.c` drops on `EAGAIN` rather
@@ -33,10 +35,13 @@
 //! Line building and reply parsing are pure and tested as data; [`Backdoor`] drives a stream.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use drydock_gc::Deadline;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -47,6 +52,9 @@ pub const READY_LINE: &str = "Spawning backdoor root shell...";
 const GRACE: Duration = Duration::from_secs(10);
 /// A reply travels in chunks of this many bytes, each acknowledged (see the module docs).
 pub const CHUNK: usize = 32 * 1024;
+/// What drydock sends the guest to cancel the call running there (its watchdog reads it); a
+/// no-op should it reach the shell itself (the call had just ended).
+pub const CANCEL_LINE: &str = ":\n";
 /// Silence after which drydock acknowledges again, in case a chunk boundary was missed.
 const ACK_IDLE: Duration = Duration::from_secs(1);
 /// How long a shell session waits for the calls before it.
@@ -91,6 +99,9 @@ pub enum BackdoorError {
     Nonce(#[source] std::io::Error),
     #[error("the backdoor stayed busy for {} s (a `shell` session, or a command it left running, holds it)", .0.as_secs())]
     Busy(Duration),
+    /// The machine lost what the backdoor needs (see [`Backdoor::close`]).
+    #[error("{0}")]
+    Gone(String),
 }
 
 impl BackdoorError {
@@ -113,18 +124,25 @@ pub(crate) fn nonce() -> Result<String, BackdoorError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// The text that runs `cmd` as the call marked `nonce` with a deadline of `secs` seconds. It starts as few
-/// processes as it can, since under emulation each costs the guest milliseconds: the command
-/// travels single-quoted and is `eval`ed in a subshell; its outputs go to two files in a
-/// private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
+/// The text that runs `cmd` as the call marked `nonce` with a deadline of `secs` seconds. It
+/// starts as few processes as it can, since under emulation each costs the guest milliseconds:
+/// the command travels single-quoted and is `eval`ed in a subshell; its outputs go to two files
+/// in a private folder the shell keeps across calls (`DRYDOCK_TMP`, made once); an empty output
 /// costs no encoder; and a reply shorter than a chunk is printed by the shell's own `printf`.
 /// A call of `true` starts the subshell and the watchdog, nothing else.
+///
+/// The watchdog waits with the shell's own `read -t` on the console (fd 9, a copy of the
+/// shell's input: a background job's own input is `/dev/null`): at the deadline it marks the
+/// call timed out (124), and a line from drydock ([`CANCEL_LINE`]) before it marks it
+/// cancelled (130); either way it kills the command with everything it started (`drydock_k`:
+/// stopped, then its children found in `/proc` killed first, then it). The command never sees
+/// fd 9.
 pub fn call_line(nonce: &str, cmd: &str, secs: u64) -> String {
     let m = format!("DRYDOCK-{nonce}");
     let code = sh_quote(cmd);
     let small = CHUNK - 2;
     format!(
-        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && {{ d=$DRYDOCK_TMP; (eval {code}) </dev/null >"$d/o" 2>"$d/e" & p=$!; (sleep {secs}; : >"$d/t{nonce}"; kill -9 $p 2>/dev/null) & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{nonce}" ] && {{ s=124; rm -f "$d/t{nonce}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
+        r#"{{ [ -d "$DRYDOCK_TMP" ] || DRYDOCK_TMP=$(mktemp -d); }} && exec 9<&0 && {{ d=$DRYDOCK_TMP; drydock_k() {{ kill -STOP $1 2>/dev/null; for f in /proc/[0-9]*/stat; do read -r c x y q z <$f && [ "$q" = "$1" ] && drydock_k $c; done 2>/dev/null; kill -9 $1 2>/dev/null; }}; (eval {code}) </dev/null 9<&- >"$d/o" 2>"$d/e" & p=$!; {{ if read -t {secs} -r x <&9; then : >"$d/c{nonce}"; else : >"$d/t{nonce}"; fi; drydock_k $p; }} & w=$!; wait $p; s=$?; kill $w 2>/dev/null; wait $w 2>/dev/null; [ -e "$d/t{nonce}" ] && {{ s=124; rm -f "$d/t{nonce}"; }}; [ -e "$d/c{nonce}" ] && {{ s=130; rm -f "$d/c{nonce}"; }}; o=; e=; [ -s "$d/o" ] && o=$(base64 -w 0 "$d/o"); [ -s "$d/e" ] && e=$(base64 -w 0 "$d/e"); r="{m} $s $o $e {m}-END"; o=; e=; if [ ${{#r}} -lt {small} ]; then printf '\n%s\n' "$r"; else printf '\n%s\n' "$r" >"$d/r"; n=$((${{#r}}+2)); k=0; while [ $((k*{CHUNK})) -lt $n ]; do dd if="$d/r" bs={CHUNK} skip=$k count=1 2>/dev/null; k=$((k+1)); [ $((k*{CHUNK})) -lt $n ] && read -r a; done; rm -f "$d/r"; fi; r=; }}
 "#
     )
 }
@@ -228,7 +246,19 @@ impl Conn {
     }
 
     /// The next console line, waiting until `deadline`; `Ok(None)` when it passed.
-    fn line(&mut self, deadline: Instant) -> Result<Option<String>, BackdoorError> {
+    fn line(&mut self, deadline: Deadline) -> Result<Option<String>, BackdoorError> {
+        match self.line_or(deadline, &[])? {
+            Got::Line(l) => Ok(Some(l)),
+            Got::Late | Got::Watched => Ok(None),
+        }
+    }
+
+    /// [`Self::line`], also ending when one of `watch` becomes readable ([`Got::Watched`]).
+    fn line_or(
+        &mut self,
+        deadline: Deadline,
+        watch: &[BorrowedFd<'_>],
+    ) -> Result<Got, BackdoorError> {
         let mut buf = [0u8; 64 * 1024];
         loop {
             if let Some(i) = self.pending[self.scanned..]
@@ -238,43 +268,73 @@ impl Conn {
                 let rest = self.pending.split_off(self.scanned + i + 1);
                 let line = std::mem::replace(&mut self.pending, rest);
                 self.scanned = 0;
-                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+                return Ok(Got::Line(String::from_utf8_lossy(&line).into_owned()));
             }
             self.scanned = self.pending.len();
             if self.pending.len() > MAX_REPLY {
                 return Err(BackdoorError::TooLarge);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
+            if deadline.expired() {
+                return Ok(Got::Late);
             }
             let wait = if self.acking.is_some() {
-                left.min(ACK_IDLE)
+                Deadline::after(ACK_IDLE).min(deadline)
             } else {
-                left
+                deadline
             };
-            self.stream
-                .set_read_timeout(Some(wait))
-                .map_err(BackdoorError::Io)?;
+            let mut fds = vec![self.stream.as_fd()];
+            fds.extend_from_slice(watch);
+            let ready = drydock_vm::wait_readable(&fds, Some(wait)).map_err(BackdoorError::Io)?;
+            if ready[1..].iter().any(|r| *r) {
+                return Ok(Got::Watched);
+            }
+            if !ready[0] {
+                if wait.expired() && !deadline.expired() {
+                    self.ack(true)?;
+                }
+                continue;
+            }
             match self.stream.read(&mut buf) {
                 Ok(0) => return Err(BackdoorError::Closed),
                 Ok(n) => {
                     self.pending.extend_from_slice(&buf[..n]);
                     self.ack(false)?;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    self.ack(true)?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if drydock_vm::retry(&e) => {}
                 Err(e) => return Err(BackdoorError::Io(e)),
             }
         }
     }
+}
+
+/// What [`Conn::line_or`] got.
+#[derive(Debug)]
+enum Got {
+    Line(String),
+    /// The deadline passed.
+    Late,
+    /// The watched descriptor became readable.
+    Watched,
+}
+
+/// Whether the peer of `client` (an `exec` caller) went away: its connection is readable and
+/// reads end-of-file (or fails). Anything it sent after its request is read and dropped.
+fn peer_gone(client: &UnixStream) -> bool {
+    let mut buf = [0u8; 512];
+    if client.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let gone = loop {
+        match (&*client).read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break true,
+        }
+    };
+    let _ = client.set_nonblocking(false);
+    gone
 }
 
 /// A guest's backdoor shell. Calls queue: one runs at a time.
@@ -284,6 +344,10 @@ pub struct Backdoor {
     conn: Mutex<Option<Conn>>,
     /// Signalled each time the connection is given back.
     returned: Condvar,
+    /// The same socket, to shut it down under whoever holds the connection ([`Self::close`]).
+    shutdown: Option<UnixStream>,
+    /// Why the backdoor was closed, if it was.
+    closed: Mutex<Option<String>>,
 }
 
 /// The connection, lent to one call or session; given back (and the next waiter woken) when
@@ -325,11 +389,12 @@ impl Drop for Lease<'_> {
 
 impl Backdoor {
     /// Read the console until the guest prints [`READY_LINE`] (lines before it go to `seen`),
-    /// at most `within`, or until `cancel` is set.
+    /// at most `within`, or until one of `cancel` is readable (a stop, a process's exit: waited
+    /// on with the console).
     pub fn wait_ready(
         stream: UnixStream,
         within: Duration,
-        cancel: &AtomicBool,
+        cancel: &[BorrowedFd<'_>],
         seen: &mut dyn FnMut(&str),
     ) -> Result<Self, BackdoorError> {
         let mut conn = Conn {
@@ -339,33 +404,64 @@ impl Backdoor {
             broken: false,
             acking: None,
         };
-        let deadline = Instant::now() + within;
+        let deadline = Deadline::after(within);
         loop {
-            if cancel.load(Ordering::SeqCst) {
-                return Err(BackdoorError::Cancelled);
-            }
-            let step = deadline.min(Instant::now() + Duration::from_millis(100));
-            match conn.line(step)? {
-                Some(l) if l.trim_end().ends_with(READY_LINE) => {
+            match conn.line_or(deadline, cancel)? {
+                Got::Line(l) if l.trim_end().ends_with(READY_LINE) => {
+                    let shutdown = conn.stream.try_clone().ok();
                     return Ok(Self {
                         conn: Mutex::new(Some(conn)),
                         returned: Condvar::new(),
+                        shutdown,
+                        closed: Mutex::new(None),
                     });
                 }
-                Some(l) => seen(l.trim_end()),
-                None if Instant::now() >= deadline => {
-                    return Err(BackdoorError::NotReady(within));
-                }
-                None => {}
+                Got::Line(l) => seen(l.trim_end()),
+                Got::Late => return Err(BackdoorError::NotReady(within)),
+                Got::Watched => return Err(BackdoorError::Cancelled),
             }
         }
     }
 
+    /// Give the backdoor up because the machine cannot serve it any more (`why`, e.g. its
+    /// store server died): the connection is shut down under the call or session that holds
+    /// it, which fails at once, and every later call fails with `why`.
+    pub fn close(&self, why: &str) {
+        *self.closed.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.to_string());
+        if let Some(s) = &self.shutdown {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Why the backdoor was closed, if it was.
+    fn closed(&self) -> Option<BackdoorError> {
+        self.closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map(BackdoorError::Gone)
+    }
+
     /// Run `cmd` in the guest's shell; at `timeout` it is killed and the status is 124.
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput, BackdoorError> {
+        self.exec_for(cmd, timeout, None)
+    }
+
+    /// [`Self::exec`] on behalf of the caller at the other end of `client`: if it goes away
+    /// (its connection closes) while the command runs, the command is killed in the guest at
+    /// once (status 130) and the backdoor is free for the next call.
+    pub fn exec_for(
+        &self,
+        cmd: &str,
+        timeout: Duration,
+        client: Option<&UnixStream>,
+    ) -> Result<ExecOutput, BackdoorError> {
+        if let Some(e) = self.closed() {
+            return Err(e);
+        }
         let mut conn = self.lock_within(timeout)?;
         if conn.broken {
-            return Err(BackdoorError::Broken);
+            return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
         let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
         let result = (|| {
@@ -374,16 +470,27 @@ impl Backdoor {
             conn.stream
                 .write_all(call_line(&nonce, cmd, secs).as_bytes())
                 .map_err(BackdoorError::Io)?;
-            let deadline = Instant::now() + Duration::from_secs(secs) + GRACE;
+            let deadline = Deadline::after(Duration::from_secs(secs) + GRACE);
             conn.acking = Some((format!("DRYDOCK-{nonce} ").into_bytes(), 0));
+            let mut watch = client;
             loop {
-                match conn.line(deadline)? {
-                    Some(l) => {
+                let fds: Vec<BorrowedFd<'_>> = watch.iter().map(|c| c.as_fd()).collect();
+                match conn.line_or(deadline, &fds)? {
+                    Got::Line(l) => {
                         if let Some(r) = parse_reply(&nonce, &l) {
                             return r;
                         }
                     }
-                    None => return Err(BackdoorError::Wedged),
+                    Got::Watched => {
+                        if watch.is_some_and(peer_gone) {
+                            tracing::debug!(%nonce, "the caller went away: cancelling its command");
+                            conn.stream
+                                .write_all(CANCEL_LINE.as_bytes())
+                                .map_err(BackdoorError::Io)?;
+                            watch = None;
+                        }
+                    }
+                    Got::Late => return Err(BackdoorError::Wedged),
                 }
             }
         })();
@@ -392,7 +499,10 @@ impl Backdoor {
         if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_))) {
             conn.broken = true;
         }
-        result
+        match (result, self.closed()) {
+            (Err(BackdoorError::Closed | BackdoorError::Io(_)), Some(why)) => Err(why),
+            (r, _) => r,
+        }
     }
 
     /// The connection, waiting at most `within` for the call or session before us.
@@ -446,9 +556,12 @@ impl Backdoor {
         size: Option<(u16, u16)>,
         started: &mut dyn FnMut(),
     ) -> Result<(), BackdoorError> {
+        if let Some(e) = self.closed() {
+            return Err(e);
+        }
         let mut conn = self.lock_within(SHELL_WAIT)?;
         if conn.broken {
-            return Err(BackdoorError::Broken);
+            return Err(self.closed().unwrap_or(BackdoorError::Broken));
         }
         let result = nonce().and_then(|nonce| {
             conn.drain()?;
@@ -497,7 +610,7 @@ fn relay_shell(
     conn.stream
         .write_all(shell_line(nonce, what, size).as_bytes())
         .map_err(BackdoorError::Io)?;
-    let deadline = Instant::now() + GRACE;
+    let deadline = Deadline::after(GRACE);
     loop {
         match conn.line(deadline)? {
             Some(l) if l.trim_end() == start => break,
@@ -507,7 +620,7 @@ fn relay_shell(
     }
     started();
     let ended = std::sync::Arc::new(AtomicBool::new(false));
-    let left = std::sync::Arc::new(Mutex::new(None::<Instant>));
+    let left = std::sync::Arc::new(Mutex::new(None::<Deadline>));
     let mut to_guest = conn.stream.try_clone().map_err(BackdoorError::Io)?;
     let mut from_client = client.try_clone().map_err(BackdoorError::Io)?;
     let (ended2, left2) = (ended.clone(), left.clone());
@@ -517,6 +630,8 @@ fn relay_shell(
         Session::Shell { .. } => b"\nexit\n",
         Session::Command { .. } => b"",
     };
+    // The input thread says the client left (the session's end now has a deadline).
+    let (client_left, client_left_fd) = drydock_vm::wake_pair().map_err(BackdoorError::Io)?;
     let input = std::thread::Builder::new()
         .name("shell-input".into())
         .spawn(move || {
@@ -527,7 +642,9 @@ fn relay_shell(
                     return;
                 }
                 if n == 0 {
-                    *left2.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                    *left2.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Deadline::after(SESSION_END));
+                    client_left.wake();
                     let _ = to_guest.write_all(farewell);
                     return;
                 }
@@ -556,14 +673,18 @@ fn relay_shell(
         // running there (if any) ends. Until then calls wait their turn (or give up at their
         // deadline); past SESSION_END the backdoor is given up as wedged.
         let gone = *left.lock().unwrap_or_else(|e| e.into_inner());
-        if gone.is_some_and(|t| t.elapsed() > SESSION_END) {
+        if gone.is_some_and(Deadline::expired) {
             break Err(BackdoorError::Wedged);
         }
-        if let Err(e) = conn
-            .stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-        {
-            break Err(BackdoorError::Io(e));
+        // The guest's next bytes, or (until the client left) the client leaving.
+        let mut fds = vec![conn.stream.as_fd()];
+        if gone.is_none() {
+            fds.push(client_left_fd.as_fd());
+        }
+        match drydock_vm::wait_readable(&fds, gone) {
+            Ok(r) if r[0] => {}
+            Ok(_) => continue,
+            Err(e) => break Err(BackdoorError::Io(e)),
         }
         match conn.stream.read(&mut chunk) {
             Ok(0) => break Err(BackdoorError::Closed),
@@ -581,6 +702,7 @@ fn relay_shell(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn replies_parse_or_are_skipped() {
@@ -639,13 +761,7 @@ mod tests {
         guest
             .write_all(format!("{READY_LINE}\n").as_bytes())
             .unwrap();
-        let b = Backdoor::wait_ready(
-            ours,
-            Duration::from_secs(5),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+        let b = Backdoor::wait_ready(ours, Duration::from_secs(5), &[], &mut |_| {}).unwrap();
         guest.write_all(flood(1..=300).as_bytes()).unwrap();
         let guest_side = std::thread::spawn(move || {
             let mut calls = std::io::BufReader::new(guest.try_clone().unwrap());
@@ -706,13 +822,13 @@ mod tests {
         conn.drain().unwrap();
         assert!(conn.pending.is_empty());
         guest.write_all(b"\nnew\n").unwrap();
-        let soon = Instant::now() + Duration::from_secs(5);
+        let soon = Deadline::after(Duration::from_secs(5));
         assert_eq!(conn.line(soon).unwrap().as_deref(), Some("\n"));
         assert_eq!(conn.line(soon).unwrap().as_deref(), Some("new\n"));
         // The socket is blocking again (reads wait for their deadline).
         let t = Instant::now();
         assert_eq!(
-            conn.line(Instant::now() + Duration::from_millis(200))
+            conn.line(Deadline::after(Duration::from_millis(200)))
                 .unwrap(),
             None
         );
@@ -727,7 +843,15 @@ mod tests {
         let l = call_line("5", "echo 'hi' | tr a-z A-Z\nexit 3", 30);
         assert!(l.contains(r"(eval 'echo '\''hi'\'' | tr a-z A-Z"), "{l}");
         assert!(l.ends_with("}\n"));
-        assert!(l.contains("sleep 30;"));
+        assert!(l.contains("read -t 30 -r x <&9;"));
+        // The command never sees the copy of the console the watchdog reads.
+        assert!(l.contains("</dev/null 9<&- >"));
+        assert!(l.contains("drydock_k $p;"));
+        // The watchdog's marks are the call's own.
+        assert!(
+            l.contains(r#": >"$d/c5""#) && l.contains(r#": >"$d/t5""#),
+            "{l}"
+        );
         assert!(l.contains("DRYDOCK-5-END"));
         for (s, q) in [
             ("", "''"),
@@ -742,13 +866,8 @@ mod tests {
     #[test]
     fn a_shell_that_never_becomes_ready_is_reported() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let e = Backdoor::wait_ready(
-            ours,
-            Duration::from_millis(200),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap_err();
+        let e =
+            Backdoor::wait_ready(ours, Duration::from_millis(200), &[], &mut |_| {}).unwrap_err();
         assert!(matches!(e, BackdoorError::NotReady(_)), "{e}");
         drop(theirs);
     }

@@ -37,11 +37,33 @@ bad_input_or_failed!(
     ClusterError,
     ComposeError,
     ControlError,
-    CopyError,
-    EvalError,
     MachineError,
     ReloadError,
 );
+
+impl Classify for EvalError {
+    /// An evaluation or build stopped by Ctrl-C or SIGTERM is an interruption (also when the
+    /// build's own `track` says so); otherwise as `is_bad_input` says.
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::Interrupted => ExitClass::Interrupted,
+            Self::Track(e) if e.exit_class() == ExitClass::Interrupted => ExitClass::Interrupted,
+            _ if self.is_bad_input() => ExitClass::BadInput,
+            _ => ExitClass::Failed,
+        }
+    }
+}
+
+impl Classify for CopyError {
+    /// A copy's call to the guest classifies itself (an interrupted call is an interruption).
+    fn exit_class(&self) -> ExitClass {
+        match self {
+            Self::Call(e) => e.exit_class(),
+            _ if self.is_bad_input() => ExitClass::BadInput,
+            _ => ExitClass::Failed,
+        }
+    }
+}
 
 /// A hub or the watcher failing is never the caller's input.
 macro_rules! failed {
@@ -106,6 +128,10 @@ mod tests {
         assert_eq!(exit_class_of(&bad), Some(ExitClass::BadInput));
         assert_eq!(
             exit_class_of(&SessionError::Cluster(ClusterError::Interrupted)),
+            Some(ExitClass::Interrupted)
+        );
+        assert_eq!(
+            exit_class_of(&EvalError::Interrupted),
             Some(ExitClass::Interrupted)
         );
         assert_eq!(exit_class_of(&std::io::Error::other("x")), None);

@@ -5,8 +5,9 @@
 //! owner that died uncleanly left behind.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use serde::Serialize;
 
@@ -53,12 +54,7 @@ pub struct Detached {
 /// Check every machine's launch (a machine that cannot launch is the error, here, typed, and
 /// nothing starts), start the owner and wait until it reports every machine ready. On `cancel`
 /// or the deadline the owner is stopped (it stops everything it started) before returning.
-/// `waiting` runs every 20 ms while the owner boots the machines (a progress display).
-pub fn start_detached(
-    o: &DetachedOwner<'_>,
-    cancel: &AtomicBool,
-    waiting: &mut dyn FnMut(),
-) -> Result<Detached, ClusterError> {
+pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached, ClusterError> {
     crate::launches::plan_launches(o.plan, o.launch)?;
     let (state_dir, name, l) = (o.launch.state_dir.as_path(), o.plan.name.as_str(), o.launch);
     let dir = cluster_paths(state_dir, name).dir;
@@ -77,7 +73,9 @@ pub fn start_detached(
         l.accel.as_arg(),
     ])
     .arg("--timeout")
-    .arg(l.ready_timeout.as_secs_f64().to_string());
+    .arg(l.ready_timeout.as_secs_f64().to_string())
+    .arg("--log-limit")
+    .arg(l.log_limit.to_string());
     if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
     }
@@ -97,32 +95,45 @@ pub fn start_detached(
         }
     };
     let started = Instant::now();
-    let pid =
+    let child =
         drydock_vm::spawn_detached_holding("cluster supervisor", cmd, log, held).map_err(|e| {
             end_run();
             ClusterError::Spawn(e)
         })?;
+    let pid = child.pid;
     let deadline = l.ready_timeout + OWNER_SLACK;
-    let every = Duration::from_millis(20);
-    let ready = || {
-        waiting();
-        ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid)
-    };
-    match drydock_vm::await_report(pid, deadline, every, cancel, ready) {
+    let ready = || ClusterState::read(state_dir, name).filter(|s| s.ready && s.owner_pid == pid);
+    let report = dir.join("cluster.json");
+    match drydock_vm::await_report(pid, deadline, &report, cancel, ready) {
         Awaited::Ready(_) => Ok(Detached {
             owner_pid: pid,
             after_secs: started.elapsed().as_secs_f64(),
         }),
         Awaited::Died => {
+            // The owner is our child: how it ended is known (its reaper has it at once).
+            let how = match child.status(Deadline::after(Duration::from_secs(2))) {
+                Some(st) => describe_exit(st),
+                None => "died".to_string(),
+            };
+            // What it left (its machines died with it) is cleaned up, their runs ended.
+            if let Some(plan) = last_plan(state_dir, name) {
+                let (_, problems) = reap_machines(state_dir, name, &plan);
+                for p in problems {
+                    tracing::warn!("{p}");
+                }
+            }
             end_run();
             Err(ClusterError::DidNotStart {
+                pid,
+                how,
+                log_path: log_path.clone(),
                 log: drydock_vm::log_tail(&log_path, 40).trim().to_owned(),
             })
         }
         Awaited::Late => {
-            terminate(pid);
+            terminate(pid, None);
             end_run();
-            if cancel.load(Ordering::SeqCst) {
+            if cancel.is_set() {
                 return Err(ClusterError::Interrupted);
             }
             Err(ClusterError::NotReady {
@@ -133,25 +144,38 @@ pub fn start_detached(
     }
 }
 
+/// How a process ended, as words ("exited with status 1", "was killed by signal 9 (SIGKILL)").
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => {
+            let name = match sig {
+                libc::SIGKILL => " (SIGKILL)",
+                libc::SIGTERM => " (SIGTERM)",
+                libc::SIGINT => " (SIGINT)",
+                libc::SIGSEGV => " (SIGSEGV)",
+                libc::SIGABRT => " (SIGABRT)",
+                _ => "",
+            };
+            format!("was killed by signal {sig}{name}")
+        }
+        _ => "died".to_string(),
+    }
+}
+
 /// SIGTERM to an owner (it stops everything it started), SIGKILL if it has not exited within
-/// [`DOWN_DEADLINE`]; whether it had to be killed.
-fn terminate(pid: u32) -> bool {
+/// [`DOWN_DEADLINE`]; whether it had to be killed. `ticks`: its start time, when known.
+fn terminate(pid: u32, ticks: Option<u64>) -> bool {
+    let exit = drydock_vm::ProcessWatch::open(pid, ticks);
     let _ = drydock_gc::send_signal(pid, libc::SIGTERM);
-    if wait_gone(pid, DOWN_DEADLINE) {
+    if exit
+        .as_ref()
+        .is_none_or(|w| w.wait(Deadline::after(DOWN_DEADLINE)))
+    {
         return false;
     }
     let _ = drydock_gc::send_signal(pid, libc::SIGKILL);
-    true
-}
-
-fn wait_gone(pid: u32, within: Duration) -> bool {
-    let t = Instant::now();
-    while drydock_vm::pid_alive(pid) {
-        if t.elapsed() > within {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     true
 }
 
@@ -164,43 +188,127 @@ pub struct Down {
     pub machines: usize,
     /// The owner did not stop within [`DOWN_DEADLINE`] and was killed.
     pub killed: bool,
+    /// Runs of machines that `down` ended itself (their owner could not: it was killed, or
+    /// the state dir was full).
+    pub runs_ended: usize,
     pub after_secs: f64,
 }
 
+/// The plan the cluster `name` last ran: its owner's record, else `up.json` (an owner that
+/// died before it was up wrote no record).
+fn last_plan(state_dir: &Path, name: &str) -> Option<ClusterPlan> {
+    if let Some(s) = ClusterState::read(state_dir, name) {
+        return Some(s.plan);
+    }
+    let bytes = drydock_gc::read_regular(
+        &crate::state::up_plan_file(state_dir, name),
+        drydock_gc::Links::Refuse,
+        drydock_gc::MAX_STATE_BYTES,
+    )
+    .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Remove the sockets drydock made in `dir` (nothing listens once their owner is gone), and
+/// `dir` itself when it is a socket folder of its own (`own`) and empty.
+fn remove_sockets(dir: &Path, own: bool) {
+    use std::os::unix::fs::FileTypeExt as _;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".sock") || name.ends_with(".sock.ctl");
+            if ours && e.file_type().is_ok_and(|t| t.is_socket()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if own {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Once the owner of a cluster whose machines were `plan` is gone: what it left of each machine
+/// is cleaned up (processes, state files, cgroups, sockets and socket folders), and every run it
+/// left open is ended, from the state file or, when that is gone (the owner could not end the
+/// run: a full state dir), from the machine's launch record. Each stopped machine's writable
+/// disk goes first (its next start makes a new one): on a full state dir, that is the room the
+/// runs database needs to record the ends. Returns how many runs were ended, and what could
+/// not be done.
+pub(crate) fn reap_machines(
+    state_dir: &Path,
+    name: &str,
+    plan: &ClusterPlan,
+) -> (usize, Vec<String>) {
+    let (mut ended, mut problems) = (0, Vec::new());
+    for m in &plan.machines {
+        let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
+        let state = VmState::read(&paths);
+        if state.as_ref().is_some_and(|s| s.supervisor_alive()) {
+            // Someone owns it (a new `up` of the cluster): not ours to touch.
+            continue;
+        }
+        let _ = std::fs::remove_file(paths.overlay());
+        let record = LaunchRecord::read(&paths).ok();
+        let result = match &state {
+            Some(vs) => drydock_vm::reap_stale(state_dir, &paths, vs, record.as_ref()),
+            None => {
+                // An owner killed between making the VM's cgroup and recording its state.
+                drydock_vm::remove_stale_cgroup(&m.vm_name);
+                match &record {
+                    Some(r) => drydock_vm::end_vm_run(state_dir, r, None),
+                    None => Ok(false),
+                }
+            }
+        };
+        match result {
+            Ok(true) => ended += 1,
+            Ok(false) => {}
+            Err(e) => problems.push(format!("{}: {}", m.vm_name, drydock_vm::error_chain(&e))),
+        }
+        remove_sockets(&paths.sockets, paths.sockets != paths.dir);
+    }
+    let cpaths = cluster_paths(state_dir, name);
+    remove_sockets(&cpaths.sockets, cpaths.sockets != cpaths.dir);
+    (ended, problems)
+}
+
 /// Stop the cluster `name`: SIGTERM to its owner, which stops every machine and hub; SIGKILL
-/// at the deadline; then the machines' records of an owner that died uncleanly are reaped,
-/// and build roots a killed `up` left are released.
+/// at the deadline; then what the owner left is cleaned up and the runs it left open are
+/// ended (see [`reap_machines`]; also when the cluster is not up: a `down` that could not end
+/// them, on a full state dir, is run again), and build roots a killed `up` left are released.
 pub fn down(state_dir: &Path, name: &str) -> Result<Down, ClusterError> {
     let t = Instant::now();
     // An `up` killed between its build and its machines' pins left its roots behind.
     crate::eval::release_build_roots(&cluster_paths(state_dir, name).dir);
-    let Some(state) = ClusterState::read(state_dir, name) else {
-        return Ok(Down {
-            name: name.to_string(),
-            was_up: false,
-            machines: 0,
-            killed: false,
-            after_secs: 0.0,
-        });
+    let state = ClusterState::read(state_dir, name);
+    let killed = state
+        .as_ref()
+        .is_some_and(|s| s.owner_alive() && terminate(s.owner_pid, s.owner_start_ticks));
+    let plan = last_plan(state_dir, name);
+    let (mut runs_ended, problems) = match &plan {
+        Some(p) => reap_machines(state_dir, name, p),
+        None => (0, Vec::new()),
     };
-    let killed = state.owner_alive() && terminate(state.owner_pid);
-    for m in &state.plan.machines {
-        let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
-        if let Some(vs) = VmState::read(&paths) {
-            let record = LaunchRecord::read(&paths).ok();
-            drydock_vm::reap_stale(state_dir, &paths, &vs, record.as_ref())
-                .map_err(|e| ClusterError::Reap(Box::new(e)))?;
-        }
-    }
-    if let Some(id) = state.run_id {
-        crate::run::end_machines_run(state_dir, id);
+    // The machines' shared run, if the owner could not end it (reaping its dead machines ends
+    // it too, but not one whose machines left no state).
+    if let Some(id) = state.as_ref().and_then(|s| s.run_id)
+        && crate::run::end_machines_run(state_dir, id)
+    {
+        runs_ended += 1;
     }
     let _ = std::fs::remove_file(cluster_paths(state_dir, name).dir.join("cluster.json"));
+    if !problems.is_empty() {
+        return Err(ClusterError::Unreaped {
+            state_dir: state_dir.to_path_buf(),
+            problems,
+        });
+    }
     Ok(Down {
         name: name.to_string(),
-        was_up: true,
-        machines: state.plan.machines.len(),
+        was_up: state.is_some(),
+        machines: state.as_ref().map_or(0, |s| s.plan.machines.len()),
         killed,
+        runs_ended,
         after_secs: t.elapsed().as_secs_f64(),
     })
 }
@@ -339,42 +447,33 @@ pub fn request(
     }
 }
 
-/// Answer one request on the owner's control socket if one is waiting (non-blocking when none
-/// is): read its line, let `handle` plan or apply it, write the reply. Whether one was served.
-pub(crate) fn answer_one(
-    listener: &UnixListener,
-    handle: &mut dyn FnMut(ControlRequest) -> Result<Vec<MachineOutcome>, (String, bool)>,
-) -> bool {
-    let Ok((s, _)) = listener.accept() else {
-        return false;
-    };
+/// Read the request line of a connection to the owner's control socket (within
+/// [`REQUEST_DEADLINE`]), or why it could not be read.
+pub(crate) fn read_request(s: &UnixStream) -> Result<ControlRequest, String> {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(REQUEST_DEADLINE));
     let mut line = String::new();
-    let req = BufReader::new(&s)
+    BufReader::new(s)
         .read_line(&mut line)
         .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()));
-    let reply = match req {
-        Err(e) => ControlReply {
-            machines: Vec::new(),
-            error: Some(format!("bad request: {e}")),
-            bad_input: true,
+        .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()))
+}
+
+/// Answer a request: every machine's outcome, or an error (its text, and whether it is bad
+/// input).
+pub(crate) fn reply(s: &UnixStream, result: Result<Vec<MachineOutcome>, (String, bool)>) {
+    let reply = match result {
+        Ok(machines) => ControlReply {
+            machines,
+            error: None,
+            bad_input: false,
         },
-        Ok(req) => match handle(req) {
-            Ok(machines) => ControlReply {
-                machines,
-                error: None,
-                bad_input: false,
-            },
-            Err((error, bad_input)) => ControlReply {
-                machines: Vec::new(),
-                error: Some(error),
-                bad_input,
-            },
+        Err((error, bad_input)) => ControlReply {
+            machines: Vec::new(),
+            error: Some(error),
+            bad_input,
         },
     };
     let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
-    let _ = crate::wire::write_json_line(&s, &reply);
-    true
+    let _ = crate::wire::write_json_line(s, &reply);
 }

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drydock_gc::Cancel;
 use serde::Serialize;
 
 use crate::backdoor::sh_quote;
@@ -143,13 +144,14 @@ fn pack(src: &Path, name: &str) -> Result<Vec<u8>, CopyError> {
     b.into_inner().map_err(read)
 }
 
-/// Copy the host's `src` to `dst` in the VM `vm`.
+/// Copy the host's `src` to `dst` in the VM `vm`; `cancel` ends it (the guest's side killed).
 pub fn copy_to_guest(
     vm: &str,
     paths: &VmPaths,
     src: &Path,
     dst: &str,
     timeout: Duration,
+    cancel: Option<&Cancel>,
 ) -> Result<CopyReport, CopyError> {
     let name = source_name(src)?;
     let archive = pack(src, &name)?;
@@ -160,7 +162,7 @@ pub fn copy_to_guest(
         });
     }
     let cmd = GuestCommand::Line(put_script(&name, dst));
-    let o = exec_in(vm, paths, &cmd, &archive, timeout)?;
+    let o = exec_in(vm, paths, &cmd, &archive, timeout, cancel)?;
     if o.status != 0 {
         return Err(guest_failed(vm, o.status, &o.stderr));
     }
@@ -220,16 +222,17 @@ pub fn check_archive(bytes: &[u8]) -> Result<String, String> {
     top.ok_or_else(|| "the archive is empty".to_string())
 }
 
-/// Copy `src` in the VM `vm` to the host's `dst`.
+/// Copy `src` in the VM `vm` to the host's `dst`; `cancel` ends it (the guest's side killed).
 pub fn copy_from_guest(
     vm: &str,
     paths: &VmPaths,
     src: &str,
     dst: &Path,
     timeout: Duration,
+    cancel: Option<&Cancel>,
 ) -> Result<CopyReport, CopyError> {
     let cmd = GuestCommand::Line(get_script(src, MAX_ARCHIVE));
-    let o = exec_in(vm, paths, &cmd, &[], timeout)?;
+    let o = exec_in(vm, paths, &cmd, &[], timeout, cancel)?;
     let what = format!("{vm}:{src}");
     if o.status == 3
         && let Some(z) = String::from_utf8_lossy(&o.stderr)

@@ -4,14 +4,15 @@
 //! every machine's system, in the same `--store`, recorded as a run by `drydock_gc::track`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use drydock_gc::{RunsDb, StoreLayout, TrackReport};
+use drydock_gc::{Cancel, Deadline, RunsDb, StoreLayout, TrackReport};
 
 use crate::compose::{ComposeError, Composition, SystemRef, parse_settings};
 
-/// How long evaluating the settings may take.
+/// How long evaluating the settings may take (at most; the build's timeout, if shorter, too).
 const EVAL_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The settings expression; `file` is the composition's absolute path. A system becomes
@@ -60,8 +61,10 @@ pub enum EvalError {
     Spawn(#[source] std::io::Error),
     #[error("{}: Nix could not evaluate the composition:\n{message}", file.display())]
     Nix { file: PathBuf, message: String },
-    #[error("{}: evaluating the composition took longer than {} s", file.display(), EVAL_DEADLINE.as_secs())]
-    Timeout { file: PathBuf },
+    #[error("{}: evaluating the composition took longer than {} s; it was stopped", file.display(), .after.as_secs())]
+    Timeout { file: PathBuf, after: Duration },
+    #[error("interrupted; the evaluation or build was stopped")]
+    Interrupted,
     #[error("{}: nix-instantiate printed something that is not JSON", file.display())]
     Json {
         file: PathBuf,
@@ -132,8 +135,15 @@ fn nix_message(stderr: &str) -> String {
     out.trim().to_string()
 }
 
-/// Evaluate the composition `file`'s settings and check them.
-pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalError> {
+/// Evaluate the composition `file`'s settings and check them, within `deadline` (at most
+/// [`EVAL_DEADLINE`]); `cancel` stops it at once. Nix runs in a process group of its own that
+/// dies with drydock.
+pub fn evaluate(
+    layout: &StoreLayout,
+    file: &Path,
+    deadline: Duration,
+    cancel: &Cancel,
+) -> Result<Composition, EvalError> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     if !file.is_file() {
         return Err(EvalError::NoFile(file));
@@ -146,9 +156,16 @@ pub fn evaluate(layout: &StoreLayout, file: &Path) -> Result<Composition, EvalEr
         .arg("file")
         .arg(&file)
         .args(store_args(layout));
-    let r = drydock_vm::run_captured(cmd, EVAL_DEADLINE).map_err(EvalError::Spawn)?;
+    let within = deadline.min(EVAL_DEADLINE);
+    let r = drydock_vm::run_captured_until(cmd, within, Some(cancel)).map_err(EvalError::Spawn)?;
+    if r.cancelled {
+        return Err(EvalError::Interrupted);
+    }
     if r.timed_out {
-        return Err(EvalError::Timeout { file });
+        return Err(EvalError::Timeout {
+            file,
+            after: within,
+        });
     }
     if r.code != Some(0) {
         return Err(EvalError::Nix {
@@ -225,8 +242,11 @@ pub struct BuildRun<'a> {
 /// Build the systems of the machines `names` of `c` in one `nix-build`, recorded as a run
 /// (kind build) as `run` says, unless it built nothing new (then `TrackReport::run_id` is 0
 /// and no run is left). The outputs stay rooted (links `result*` in `expr_dir`) until
-/// [`release_build_roots`]: a GC between the build and the machines' pins cannot take them. Machines whose system is a plain store path need no build; with none
-/// to build, nothing runs and `None` is returned.
+/// [`release_build_roots`]: a GC between the build and the machines' pins cannot take them.
+/// Machines whose system is a plain store path need no build; with none to build, nothing runs
+/// and `None` is returned. The build dies with drydock, is stopped at `deadline` (exit 1) and
+/// by `cancel` (Ctrl-C is forwarded to it; it is killed if it does not stop).
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     layout: &StoreLayout,
     runs: &RunsDb,
@@ -234,7 +254,8 @@ pub fn build(
     names: &[&str],
     run: &BuildRun<'_>,
     expr_dir: &Path,
-    cancel: &AtomicBool,
+    deadline: Duration,
+    cancel: &Cancel,
 ) -> Result<Option<TrackReport>, EvalError> {
     let to_build: Vec<&str> = names
         .iter()
@@ -263,6 +284,11 @@ pub fn build(
         }
     })?;
     let cmd = build_command(layout, &c.file, &expr_file, &to_build);
+    // `track` takes the interruption it forwards: it gets a flag of its own, so that ours stays
+    // set and `up` ends as interrupted.
+    let forwarded = Arc::new(AtomicBool::new(cancel.is_set()));
+    let f = forwarded.clone();
+    let _forward = cancel.on_cancel(move || f.store(true, Ordering::SeqCst));
     // Nix's output paths go to stderr: `up`'s stdout is the consoles, or its JSON report.
     // Recorded as the command the user typed, and only if it built something new.
     let how = drydock_gc::TrackAs {
@@ -273,9 +299,13 @@ pub fn build(
         },
         recorded: (!run.command.is_empty()).then_some(run.command),
         forget_if_empty: true,
+        deadline: Some(Deadline::after(deadline)),
     };
-    let report = drydock_gc::track_as(layout, runs, &cmd, cancel, &how)
-        .map_err(|e| EvalError::Track(Box::new(e)))?;
+    let report = drydock_gc::track_as(layout, runs, &cmd, &forwarded, &how);
+    if cancel.is_set() {
+        return Err(EvalError::Interrupted);
+    }
+    let report = report.map_err(|e| EvalError::Track(Box::new(e)))?;
     if report.exit_code != 0 {
         return Err(EvalError::BuildFailed(report.exit_code));
     }

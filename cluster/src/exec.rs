@@ -3,61 +3,87 @@
 //! client side other drydock processes call.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use drydock_gc::{Cancel, Deadline};
 use serde::{Deserialize, Serialize};
 
 use crate::backdoor::{Backdoor, ExecOutput};
 use crate::command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
-use crate::state::{ClusterError, exec_socket};
-use drydock_vm::{VmPaths, error_chain as error_text};
+use crate::state::{ClusterError, exec_socket, machine_failure};
+use drydock_vm::{VmPaths, WakeFd, error_chain as error_text, wait_readable};
 use std::io::BufReader;
 
-/// Serve `exec` calls to `machine` on `exec_path` until `stop` is set or `alive` says QEMU
-/// exited: one thread per call, queueing on the backdoor.
+/// How serving a machine's exec socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServeEnd {
+    /// The owner stopped the machine.
+    Stopped,
+    QemuExited,
+    /// The machine's store server died: the guest cannot reach its store any more.
+    ServerDied,
+}
+
+/// Serve `exec` calls to `machine` on `exec` until `stop` fires, QEMU exits or the store server
+/// dies (blocking on all of them at once): one thread per call, queueing on the backdoor, each
+/// added to `calls` (the caller joins them once the VM is stopped; finished ones are joined
+/// here as new calls come).
 pub(crate) fn serve(
     machine: &str,
-    backdoor: Arc<Backdoor>,
-    exec_path: &Path,
-    stop: &AtomicBool,
-    alive: &mut dyn FnMut() -> bool,
-) -> Result<(), String> {
-    let exec = drydock_gc::bind_listener(exec_path)
-        .map_err(|e| format!("cannot listen on {}: {e}", exec_path.display()))?;
-    exec.set_nonblocking(true)
-        .map_err(|e| format!("exec socket: {e}"))?;
-    let calls: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    backdoor: &Arc<Backdoor>,
+    exec: &UnixListener,
+    stop: &WakeFd,
+    vm: &drydock_vm::Vm,
+    calls: &mut Vec<std::thread::JoinHandle<()>>,
+) -> std::io::Result<ServeEnd> {
     let prompt = format!("{}# ", machine);
-    while !stop.load(Ordering::SeqCst) && alive() {
-        // Answer a call at once; look at the stop flag and QEMU every 100 ms meanwhile.
-        match crate::sys::wait_readable(&exec, Duration::from_millis(100)) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => return Err(format!("exec socket: {e}")),
+    loop {
+        let mut fds = vec![exec.as_fd(), stop.as_fd()];
+        let qemu = vm.qemu_exit().map(|w| {
+            fds.push(w.as_fd());
+            fds.len() - 1
+        });
+        let server = vm.server_exit().map(|w| {
+            fds.push(w.as_fd());
+            fds.len() - 1
+        });
+        let ready = wait_readable(&fds, None)?;
+        if ready[1] {
+            return Ok(ServeEnd::Stopped);
+        }
+        if qemu.is_some_and(|i| ready[i]) {
+            return Ok(ServeEnd::QemuExited);
+        }
+        if server.is_some_and(|i| ready[i]) {
+            return Ok(ServeEnd::ServerDied);
+        }
+        if !ready[0] {
+            continue;
         }
         match exec.accept() {
             Ok((s, _)) => {
                 let (b, prompt) = (backdoor.clone(), prompt.clone());
-                if let Ok(t) = std::thread::Builder::new()
+                let t = std::thread::Builder::new()
                     .name(format!("exec-{}", machine))
-                    .spawn(move || answer(s, &b, &prompt))
-                {
-                    let mut c = calls.lock().unwrap_or_else(|e| e.into_inner());
-                    c.retain(|t| !t.is_finished());
-                    c.push(t);
+                    .spawn(move || answer(s, &b, &prompt))?;
+                let (done, running): (Vec<_>, Vec<_>) = std::mem::take(calls)
+                    .into_iter()
+                    .partition(|t| t.is_finished());
+                for t in done {
+                    let _ = t.join();
                 }
+                *calls = running;
+                calls.push(t);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("exec socket: {e}")),
+            Err(e) if drydock_vm::retry(&e) => {}
+            Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
 /// An `exec` request on the wire.
@@ -131,20 +157,23 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
         Ok((with_stdin(&req.cmd, &stdin), req.timeout_ms))
     });
     let reply = match req {
-        Ok((cmd, timeout_ms)) => match b.exec(&cmd, Duration::from_millis(timeout_ms)) {
-            Ok(o) => ExecReply {
-                status: o.status,
-                stdout: B64.encode(&o.stdout),
-                stderr: B64.encode(&o.stderr),
-                error: None,
-            },
-            Err(e) => ExecReply {
-                status: 1,
-                stdout: String::new(),
-                stderr: String::new(),
-                error: Some(error_text(&e)),
-            },
-        },
+        // A caller that goes away (Ctrl-C, killed) has its command killed in the guest.
+        Ok((cmd, timeout_ms)) => {
+            match b.exec_for(&cmd, Duration::from_millis(timeout_ms), Some(&s)) {
+                Ok(o) => ExecReply {
+                    status: o.status,
+                    stdout: B64.encode(&o.stdout),
+                    stderr: B64.encode(&o.stderr),
+                    error: None,
+                },
+                Err(e) => ExecReply {
+                    status: 1,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: Some(error_text(&e)),
+                },
+            }
+        }
         Err(e) => ExecReply {
             status: 2,
             stdout: String::new(),
@@ -193,6 +222,7 @@ pub fn exec_tty(
     opts: ShellOptions,
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
+    cancel: Option<&Cancel>,
 ) -> Result<i32, ClusterError> {
     // A name no other guest process can guess (as the backdoor's markers): the status is the
     // command's, not one planted there first.
@@ -208,9 +238,19 @@ pub fn exec_tty(
         opts,
         input,
         output,
+        cancel,
     )?;
+    if cancel.is_some_and(Cancel::is_set) {
+        return Err(ClusterError::Interrupted);
+    }
     let f = crate::backdoor::sh_quote(&status_file);
-    let o = exec_remote(vm, paths, &format!("cat {f} && rm -f {f}"), TTY_STATUS)?;
+    let o = exec_remote(
+        vm,
+        paths,
+        &format!("cat {f} && rm -f {f}"),
+        TTY_STATUS,
+        cancel,
+    )?;
     String::from_utf8_lossy(&o.stdout)
         .trim()
         .parse()
@@ -272,8 +312,9 @@ pub fn shell_remote(
     opts: ShellOptions,
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
+    cancel: Option<&Cancel>,
 ) -> Result<(), ClusterError> {
-    session_remote(vm, paths, "", opts, input, output)
+    session_remote(vm, paths, "", opts, input, output, cancel)
 }
 
 /// A session that runs `script`, or an interactive shell when it is empty.
@@ -284,6 +325,7 @@ fn session_remote(
     opts: ShellOptions,
     input: impl Read + Send + 'static,
     output: &mut dyn Write,
+    cancel: Option<&Cancel>,
 ) -> Result<(), ClusterError> {
     let call = call_error(vm);
     let req = ExecRequest {
@@ -294,8 +336,16 @@ fn session_remote(
         stdin_bytes: 0,
     };
     // The owner answers once the session started (or why it could not); calls queue before it.
-    let (mut s, _) = ask_owner(vm, paths, &req, &[], None)?;
+    let (mut s, _) = ask_owner(vm, paths, &req, &[], None, cancel)?;
     let mut to_guest = s.get_ref().try_clone().map_err(&call)?;
+    // An interruption (SIGTERM; Ctrl-C is a key for the guest on a raw terminal) ends the
+    // session: the connection is shut, the owner ends the session's shell.
+    let shut = s.get_ref().try_clone().map_err(&call)?;
+    let _interrupt = cancel.map(|c| {
+        c.on_cancel(move || {
+            let _ = shut.shutdown(std::net::Shutdown::Both);
+        })
+    });
     // The input thread may block on a terminal after the session ended; it is left to the
     // process's exit then, never joined.
     std::thread::Builder::new()
@@ -324,6 +374,7 @@ fn session_remote(
     let mut buf = [0u8; 16 * 1024];
     loop {
         match s.read(&mut buf) {
+            Ok(0) if cancel.is_some_and(Cancel::is_set) => return Err(ClusterError::Interrupted),
             Ok(0) => return Ok(()),
             Ok(n) => {
                 output.write_all(&buf[..n]).map_err(&call)?;
@@ -344,25 +395,51 @@ fn call_error(vm: &str) -> impl Fn(std::io::Error) -> ClusterError + '_ {
 
 /// Send `req` (and the bytes `after` it) to the owner of the VM `vm` on its exec socket and
 /// read the reply line (within `read_timeout`, if any): the reply, unless it carries an error,
-/// and the connection, buffered, for whatever follows it.
+/// and the connection, buffered, for whatever follows it. A machine that is not there says why,
+/// if it failed.
 fn ask_owner(
     vm: &str,
     paths: &VmPaths,
     req: &ExecRequest,
     after: &[u8],
     read_timeout: Option<Duration>,
+    cancel: Option<&Cancel>,
 ) -> Result<(BufReader<UnixStream>, ExecReply), ClusterError> {
     // The socket's folders must be this user's alone: another user's folder at the same place
     // could hold a socket of theirs that takes the command and forges its reply.
     paths.check_private().map_err(ClusterError::NotPrivate)?;
-    let s = UnixStream::connect(exec_socket(paths))
-        .map_err(|_| ClusterError::NoExec(vm.to_string()))?;
+    let s = UnixStream::connect(exec_socket(paths)).map_err(|_| match machine_failure(paths) {
+        Some(why) => ClusterError::Failed {
+            vm: vm.to_string(),
+            why,
+        },
+        None => ClusterError::NoExec(vm.to_string()),
+    })?;
     let call = call_error(vm);
     s.set_read_timeout(read_timeout).map_err(&call)?;
+    // An interruption shuts the connection: the read below ends, and the owner, seeing it
+    // closed, kills the command in the guest.
+    let shut = s.try_clone().map_err(&call)?;
+    let _interrupt = cancel.map(|c| {
+        c.on_cancel(move || {
+            let _ = shut.shutdown(std::net::Shutdown::Both);
+        })
+    });
     crate::wire::write_json_line(&s, req).map_err(&call)?;
     (&mut &s).write_all(after).map_err(&call)?;
     let mut r = BufReader::new(s);
-    let reply: ExecReply = crate::wire::read_json_line(&mut r).map_err(&call)?;
+    let reply: Result<ExecReply, _> = crate::wire::read_json_line(&mut r);
+    if cancel.is_some_and(Cancel::is_set) {
+        return Err(ClusterError::Interrupted);
+    }
+    let reply = reply.map_err(|e| match machine_failure(paths) {
+        // The machine failed under the call (its reply may not have made it).
+        Some(why) => ClusterError::Failed {
+            vm: vm.to_string(),
+            why,
+        },
+        None => call(e),
+    })?;
     if let Some(message) = reply.error {
         return Err(ClusterError::Remote {
             vm: vm.to_string(),
@@ -373,12 +450,14 @@ fn ask_owner(
 }
 
 /// Run the shell command line `cmd` in the VM `vm` (its folder `paths`) through its owner's
-/// exec socket, with no stdin.
+/// exec socket, with no stdin. `cancel` (Ctrl-C, SIGTERM) ends the call at once with
+/// [`ClusterError::Interrupted`]; the command is killed in the guest.
 pub fn exec_remote(
     vm: &str,
     paths: &VmPaths,
     cmd: &str,
     timeout: Duration,
+    cancel: Option<&Cancel>,
 ) -> Result<ExecOutput, ClusterError> {
     exec_in(
         vm,
@@ -386,17 +465,20 @@ pub fn exec_remote(
         &GuestCommand::Line(cmd.to_string()),
         &[],
         timeout,
+        cancel,
     )
 }
 
 /// Run `cmd` in the VM `vm` (its folder `paths`) through its owner's exec socket, with `stdin`
-/// (at most [`MAX_STDIN`] bytes) as its standard input; at `timeout` it is killed (status 124).
+/// (at most [`MAX_STDIN`] bytes) as its standard input; at `timeout` it is killed (status 124),
+/// and on `cancel` too (the call ends with [`ClusterError::Interrupted`]).
 pub fn exec_in(
     vm: &str,
     paths: &VmPaths,
     cmd: &GuestCommand,
     stdin: &[u8],
     timeout: Duration,
+    cancel: Option<&Cancel>,
 ) -> Result<ExecOutput, ClusterError> {
     if stdin.len() > MAX_STDIN {
         return Err(ClusterError::StdinTooLarge {
@@ -412,13 +494,8 @@ pub fn exec_in(
         stdin_bytes: stdin.len() as u64,
     };
     // The owner's deadline is the call's; ours adds its grace for the reply.
-    let (_, reply) = ask_owner(
-        vm,
-        paths,
-        &req,
-        stdin,
-        Some(timeout + Duration::from_secs(30)),
-    )?;
+    let deadline = Deadline::after(timeout + Duration::from_secs(30));
+    let (_, reply) = ask_owner(vm, paths, &req, stdin, deadline.timeout(), cancel)?;
     let call = call_error(vm);
     let dec = |s: &str| B64.decode(s).map_err(|e| call(std::io::Error::other(e)));
     Ok(ExecOutput {

@@ -4,22 +4,25 @@
 //! that is not a port are dropped, and so is a frame for a port whose queue is full or that is
 //! not there yet (no port can stall the others). No root, no tap, nothing on the host's network.
 //!
-//! One thread per hub, blocking on its one socket: a hub is a single file descriptor with one
-//! reader, so an async runtime would add nothing but a dependency (see docs/ARCHITECTURE.md).
+//! One thread per hub, blocking on its one socket (and its stop): a hub is a single file
+//! descriptor with one reader, so an async runtime would add nothing but a dependency (see docs/ARCHITECTURE.md).
 //! The thread belongs to the process that owns the cluster and dies with it, SIGKILL included.
 //! A hot reload that adds, removes or rewires machines replaces the port list in place
 //! ([`Hub::set_ports`]): the machines that stay keep their segment without a gap.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use drydock_vm::{WakeFd, Waker};
+
 /// A frame is at most a jumbo Ethernet frame; QEMU sends one per datagram.
 const MAX_FRAME: usize = 65_536;
-/// How often the thread looks at its stop flag.
-const POLL: Duration = Duration::from_millis(100);
+/// The pause after a failed receive, so that an error that persists does not spin the thread.
+const ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +58,7 @@ pub struct HubCounters {
 pub struct Hub {
     vlan: u8,
     socket: PathBuf,
-    stop: Arc<AtomicBool>,
+    stop: Waker,
     counters: Arc<HubCounters>,
     ports: Arc<RwLock<Vec<PathBuf>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -73,17 +76,15 @@ impl Hub {
             drydock_gc::private_dir(dir).map_err(|e| bind(std::io::Error::other(e)))?;
         }
         let sock = drydock_gc::bind_datagram(socket).map_err(bind)?;
-        sock.set_read_timeout(Some(POLL)).map_err(bind)?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = drydock_vm::wake_pair().map_err(bind)?;
         let counters = Arc::new(HubCounters::default());
         let ports = Arc::new(RwLock::new(ports));
         let thread = std::thread::Builder::new()
             .name(format!("hub-vlan{vlan}"))
             .spawn({
-                let stop = stop.clone();
                 let counters = counters.clone();
                 let ports = ports.clone();
-                move || forward(&sock, &ports, &stop, &counters)
+                move || forward(&sock, &ports, &stopped, &counters)
             })
             .map_err(|source| HubError::Thread { vlan, source })?;
         tracing::debug!(vlan, socket = %socket.display(), "hub started");
@@ -116,9 +117,9 @@ impl Hub {
         self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Stop forwarding, join the thread (within [`POLL`]) and remove the socket. Idempotent.
+    /// Stop forwarding, join the thread (it wakes at once) and remove the socket. Idempotent.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
             let _ = std::fs::remove_file(&self.socket);
@@ -132,17 +133,29 @@ impl Drop for Hub {
     }
 }
 
-fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &AtomicBool, c: &HubCounters) {
+fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &WakeFd, c: &HubCounters) {
     let mut buf = vec![0u8; MAX_FRAME];
-    while !stop.load(Ordering::Relaxed) {
+    loop {
+        // A frame, or the stop: blocks until one of them.
+        match drydock_vm::wait_readable(&[sock.as_fd(), stop.as_fd()], None) {
+            Ok(r) if r[1] => return,
+            Ok(r) if !r[0] => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("hub: waiting for frames failed: {e}");
+                return;
+            }
+        }
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
             Err(e) if crate::wire::try_again(&e) => {
                 continue;
             }
             Err(e) => {
+                // A back-off: an error that persists would otherwise spin this thread; the
+                // stop is still seen within it.
                 tracing::warn!("hub: receiving failed: {e}");
-                std::thread::sleep(POLL);
+                std::thread::sleep(ERROR_BACKOFF);
                 continue;
             }
         };

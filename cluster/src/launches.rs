@@ -91,7 +91,6 @@ pub(crate) fn plan_launches(
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
     use super::*;
@@ -129,6 +128,7 @@ mod tests {
             ready_timeout: Duration::from_secs(10),
             argv: Vec::new(),
             run: None,
+            log_limit: drydock_vm::DEFAULT_LOG_LIMIT,
         }
     }
 
@@ -183,7 +183,7 @@ mod tests {
             if let Some(vm) = live {
                 running(&o.state_dir, vm);
             }
-            let cancel = AtomicBool::new(false);
+            let cancel = drydock_gc::Cancel::new();
             let e = crate::run::up(&p, &o, &cancel, &mut |_| {}).unwrap_err();
             assert_eq!(drydock_vm::error_chain(&e), says);
             assert_eq!(e.is_bad_input(), bad_input, "{says}");
@@ -231,6 +231,36 @@ mod tests {
                 MachineError::StoppedBeforeReady,
                 false,
                 "stopped before it became ready",
+            ),
+            (
+                MachineError::Lost("its store server (pid 9) died".into()),
+                false,
+                "its store server (pid 9) died",
+            ),
+            // Once its VM started: how QEMU ended, what it and the guest said last.
+            (
+                MachineError::Ended {
+                    error: Box::new(MachineError::QemuExited {
+                        console: "/v/console.log".into(),
+                    }),
+                    qemu_ended: Some("signal: 9 (SIGKILL)".into()),
+                    qemu_said: "qemu: terminating on signal 9".into(),
+                    console_tail: vec!["booting".into(), "\\e[2J".into()],
+                },
+                false,
+                "QEMU exited before the guest was ready (see /v/console.log); QEMU had ended \
+                 (signal: 9 (SIGKILL)), saying: qemu: terminating on signal 9; the last lines of \
+                 its console:\n  booting\n  \\e[2J",
+            ),
+            (
+                MachineError::Ended {
+                    error: Box::new(MachineError::NoBackdoor),
+                    qemu_ended: None,
+                    qemu_said: String::new(),
+                    console_tail: Vec::new(),
+                },
+                false,
+                "QEMU did not connect the backdoor in time",
             ),
         ];
         for (e, bad_input, says) in cases {

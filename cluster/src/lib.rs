@@ -5,18 +5,19 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits of what the evaluation read), `logs` (console
-//!   stamping, timed-log merge);
+//!   come or go), `watch` (waiting for edits of what the evaluation read);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
 //!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
-//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors and a
-//!   machine's);
+//! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors, a
+//!   machine's error and its recorded failure);
 //! - `launches` (each machine's launch request, and every machine's launch checked by
 //!   drydock-vm's launcher before anything starts);
-//! - `exec` (the exec server per machine and its client), `copy` (`cp`: a tar archive through
-//!   `exec`, checked before it is unpacked), `control` (the owner's control socket:
-//!   protocol, client and server; starting a detached owner, `down`), `wait`;
+//! - `logs` (console stamping, the timed logs' merge and follow), `exec` (the exec server per
+//!   machine and its client), `copy` (`cp`: a tar archive through `exec`, checked before it is
+//!   unpacked), `control` (the owner's control socket: protocol, client and server; starting a
+//!   detached owner, `down`), `wait`;
+//! - `events` (what the owner reacts to, on one channel);
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
 //!   owner), `session` (what one `up` does: prepare, reload cycles, the owner's loop).
 //!
@@ -30,6 +31,7 @@ mod compose;
 mod control;
 mod copy;
 mod eval;
+mod events;
 mod exec;
 mod hub;
 mod launches;
@@ -60,22 +62,24 @@ pub use control::{
 };
 pub use copy::{CopyError, CopyReport, MAX_ARCHIVE, copy_from_guest, copy_to_guest};
 pub use eval::{EvalError, evaluate as evaluate_composition};
+pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
-pub use logs::{merge_timed, parse_timed, timed_log};
+pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
 pub use reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
     PlannedAction,
 };
-pub use run::{MachineEvent, RunningCluster, up as cluster_up};
+pub use run::RunningCluster;
 pub use session::{
     BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
-    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, watch_reloads,
+    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up,
+    watch_reloads,
 };
 pub use state::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
-    check_file, cluster_machine, cluster_paths, list_up, refuse_cluster_machine, up_cluster,
-    up_machine, up_plan_file,
+    check_file, cluster_machine, cluster_paths, list_up, machine_failure, refuse_cluster_machine,
+    up_cluster, up_machine, up_plan_file,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::{Reads, WatchError};

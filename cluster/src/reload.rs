@@ -132,13 +132,13 @@ fn launch_changes(old: &LaunchRecord, new: &LaunchRecord) -> Vec<String> {
 }
 
 /// Plan the reload of the running cluster `old` (its machines' recorded launches in
-/// `recorded`; `stopped` names those whose VM is no longer running) to `new` (each machine's
-/// new launch in `launches`). `force_restart` (`--restart`) turns every `switch` into a
+/// `recorded`; `stopped` names those whose VM is no longer running, with why if it failed, e.g.
+/// its store server died) to `new` (each machine's new launch in `launches`). `force_restart` (`--restart`) turns every `switch` into a
 /// `restart`. One action per machine of either plan, by name.
 pub fn plan_reload(
     old: &ClusterPlan,
     recorded: &BTreeMap<String, LaunchRecord>,
-    stopped: &BTreeSet<String>,
+    stopped: &BTreeMap<String, Option<String>>,
     new: &ClusterPlan,
     launches: &BTreeMap<String, NewLaunch>,
     force_restart: bool,
@@ -158,9 +158,12 @@ pub fn plan_reload(
             let (action, why) = match (o, n) {
                 (None, _) => (Action::Create, "added to the composition".to_string()),
                 (Some(_), None) => (Action::Remove, "removed from the composition".to_string()),
-                (Some(_), Some(_)) if stopped.contains(name) => (
+                (Some(_), Some(_)) if stopped.contains_key(name) => (
                     Action::Restart,
-                    "it is not running (its VM stopped)".to_string(),
+                    match stopped.get(name).cloned().flatten() {
+                        Some(why) => format!("it failed: {why}"),
+                        None => "it is not running (its VM stopped)".to_string(),
+                    },
                 ),
                 (Some(o), Some(n)) => {
                     decide(o, n, recorded.get(name), launches.get(name), force_restart)
@@ -493,7 +496,7 @@ mod tests {
                     switchable: lb.3,
                 },
             )]);
-            let plan = plan_reload(&old, &recorded, &BTreeSet::new(), &new, &launches, force);
+            let plan = plan_reload(&old, &recorded, &BTreeMap::new(), &new, &launches, force);
             assert_eq!(plan.len(), 1, "{name}");
             assert_eq!(plan[0].action, action, "{name}: {}", plan[0].why);
             assert!(
@@ -529,7 +532,7 @@ mod tests {
                 )
             })
             .collect();
-        let none = BTreeSet::new();
+        let none = BTreeMap::new();
         let plan = plan_reload(&old, &recorded, &none, &new, &launches, false);
         let got: Vec<(&str, Action, Option<&str>, Option<&str>)> = plan
             .iter()
@@ -563,10 +566,16 @@ mod tests {
         assert_eq!(plan[0].action, Action::Restart);
         assert!(plan[0].why.contains("launch record"), "{}", plan[0].why);
         // A machine whose VM stopped (it crashed, or was stopped by hand) boots again.
-        let stopped = BTreeSet::from(["a".to_string()]);
+        let stopped = BTreeMap::from([("a".to_string(), None)]);
         let plan = plan_reload(&old, &recorded, &stopped, &new, &launches, false);
         assert_eq!(plan[0].action, Action::Restart);
         assert!(plan[0].why.contains("not running"), "{}", plan[0].why);
+        // One that failed while it ran (its store server died) says why.
+        let why = "its store server (pid 7) died (signal: 9 (SIGKILL))".to_string();
+        let failed = BTreeMap::from([("a".to_string(), Some(why.clone()))]);
+        let plan = plan_reload(&old, &recorded, &failed, &new, &launches, false);
+        assert_eq!(plan[0].action, Action::Restart);
+        assert_eq!(plan[0].why, format!("it failed: {why}"));
     }
 
     #[test]

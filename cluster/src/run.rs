@@ -3,58 +3,65 @@
 //! nothing), then starts one hub per VLAN and one long-lived thread per machine (so QEMU's
 //! parent-death signal is tied to a thread that lives as long as the machine). Each machine
 //! thread carries its checked launch out with the launcher (claim, then its backdoor socket,
-//! then disk, run, record, QEMU), listens on the backdoor socket QEMU connects to, waits for
-//! the guest's ready line, then serves `exec` requests from other drydock processes on
-//! `exec.sock` (one JSON line each way; calls queue on the backdoor), until the owner stops the
-//! cluster or QEMU exits; what fails reaches the owner as a typed [`MachineError`]. Stopping
-//! sets every machine's flag: every machine
-//! thread stops its VM at once (powerdown → quit → SIGTERM → SIGKILL), in parallel, then the hubs
-//! stop. A hot reload (`apply`) stops, starts and rewires single machines of a running cluster
-//! through the same pieces: one flag and one thread per machine, hubs whose ports can change.
+//! then disk, run, record, QEMU with its console read by this process), listens on the
+//! backdoor socket QEMU connects to, waits for the guest's ready line, then serves `exec`
+//! requests from other drydock processes on `exec.sock` (one JSON line each way; calls queue on
+//! the backdoor), until the owner stops the cluster, QEMU exits or the machine's store server
+//! dies: the thread blocks on all of these at once (its stop, QEMU's and the store server's
+//! pidfds, the exec socket). What fails reaches the owner as a typed [`MachineError`].
+//!
+//! The owner itself waits on one channel (see `events`): the machines' events, their console
+//! lines (stamped into `console.timed` and handed on by each VM's console pump), the control
+//! socket's requests (read by a thread of their own) and interruptions. Stopping wakes every
+//! machine's stop: every machine thread stops its VM at once (powerdown → quit → SIGTERM →
+//! SIGKILL), in parallel, then the hubs stop. A hot reload (`apply`) stops, starts and rewires
+//! single machines of a running cluster through the same pieces: one stop and one thread per
+//! machine, hubs whose ports can change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use crate::backdoor::Backdoor;
 use crate::compose::{ClusterPlan, MachinePlan};
+use crate::events::{ConsoleEcho, ControlCall, MachineEvent, OwnerEvent};
 use crate::hub::Hub;
 use crate::launches::plan_launches;
-use crate::logs::timed_log;
-use crate::logs::{Stamp, Tails, stamp_consoles};
+use crate::logs::{TimedLog, clear_logs};
 use crate::state::{
     ClusterError, ClusterLaunch, ClusterState, MachineError, cluster_paths, exec_socket,
-    hub_socket, machines_run_name, nic_socket,
+    hub_socket, machines_run_name, nic_socket, record_failure,
 };
-use drydock_vm::LaunchPlan;
-use drydock_vm::VmPaths;
+use drydock_vm::{ConsoleOptions, LaunchPlan, VmPaths, WakeFd, Waker, wait_readable, wake_pair};
 
-/// What a machine thread reports.
-#[derive(Debug)]
-pub enum MachineEvent {
-    Ready {
-        machine: String,
-        after: Duration,
-    },
-    /// Its error as it happened (shared: the owner reports it and may return it).
-    Failed {
-        machine: String,
-        error: Arc<MachineError>,
-    },
-    Stopped {
-        machine: String,
-    },
-}
+/// How long stopping machines may take before the owner stops waiting for their threads (each
+/// VM's own stop is bounded well within it: powerdown, quit, SIGTERM, SIGKILL).
+const STOP_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a machine that failed waits for QEMU's exit, to tell whether QEMU died under it.
+const QEMU_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How many of a failed machine's last console lines its error shows.
+const FAILED_CONSOLE_LINES: usize = 15;
 
-/// One machine's thread and its stop flag.
+/// One machine's thread and its stop.
 #[derive(Debug)]
 pub(crate) struct MachineThread {
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) thread: std::thread::JoinHandle<()>,
+    /// Which thread this is (the events it sends carry it).
+    id: u64,
+    stop: Waker,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A thread that feeds the owner's channel (the control socket's), and its stop.
+#[derive(Debug)]
+struct Feeder {
+    stop: Waker,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// An up cluster, owned by this process. Dropping it stops everything.
@@ -64,27 +71,27 @@ pub struct RunningCluster {
     pub(crate) opts: ClusterLaunch,
     pub(crate) state_dir: PathBuf,
     pub(crate) hubs: Vec<Hub>,
+    /// The machines whose thread runs (a machine whose thread ended is not here).
     pub(crate) machines: BTreeMap<String, MachineThread>,
-    pub(crate) tx: Sender<MachineEvent>,
-    pub(crate) tails: Tails,
-    /// Where a second `up` asks for a hot reload (see `apply`).
-    pub(crate) control: Option<UnixListener>,
-    /// Stops the console stamping, after the machines (their last lines are stamped too).
-    stamp_stop: Arc<AtomicBool>,
-    stamper: Option<std::thread::JoinHandle<()>>,
-    pub events: Receiver<MachineEvent>,
+    next_thread: u64,
+    pub(crate) tx: SyncSender<OwnerEvent>,
+    events: Receiver<OwnerEvent>,
+    /// Events taken off the channel while waiting for something else, for the owner's loop.
+    pub(crate) deferred: VecDeque<OwnerEvent>,
+    /// Where a second `up` asks for a hot reload (see `apply`), and its thread.
+    control: Option<Feeder>,
     stopped: bool,
 }
 
 /// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
 /// the error, and nothing starts), then hubs, then every machine in parallel. Returns once
 /// every machine is ready; a machine that fails, `cancel` or the timeout stops everything
-/// started. `on_event` sees each machine's event, and `None` every 50 ms meanwhile.
-pub fn up(
+/// started. `on_event` sees each event meanwhile (the machines' and their console lines).
+pub(crate) fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
-    cancel: &AtomicBool,
-    on_event: &mut dyn FnMut(Option<&MachineEvent>),
+    cancel: &Cancel,
+    on_event: &mut dyn FnMut(&OwnerEvent),
 ) -> Result<RunningCluster, ClusterError> {
     let launches = plan_launches(plan, opts)?;
     let mut opts = opts.clone();
@@ -101,19 +108,18 @@ pub fn up(
             source,
         }
     })?;
-    let (tx, rx) = channel();
+    let (tx, rx) = crate::events::channel();
     let mut running = RunningCluster {
         plan: plan.clone(),
         opts: opts.clone(),
         state_dir: opts.state_dir.clone(),
         hubs: Vec::new(),
         machines: BTreeMap::new(),
+        next_thread: 0,
         tx,
-        tails: Tails::default(),
-        control: None,
-        stamp_stop: Arc::new(AtomicBool::new(false)),
-        stamper: None,
         events: rx,
+        deferred: VecDeque::new(),
+        control: None,
         stopped: false,
     };
     for &v in &plan.vlans {
@@ -126,63 +132,50 @@ pub fn up(
             .map_err(ClusterError::Hub)?,
         );
     }
-    // Each console is read as it grows and its lines written, stamped on arrival, to the
-    // machine's timed log (what `drydock logs` merges); QEMU writes the console log itself.
+    // A new cluster's logs start empty (a restarted machine's carry on).
     for m in &plan.machines {
-        let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
-        let _ = std::fs::remove_file(paths.console_log());
-        let _ = std::fs::remove_file(timed_log(&paths));
-        running.add_tail(m);
+        clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
     }
-    let (stop, tails) = (running.stamp_stop.clone(), running.tails.clone());
-    running.stamper = Some(
-        std::thread::Builder::new()
-            .name("console-stamps".into())
-            .spawn(move || stamp_consoles(&tails, &stop))
-            .map_err(|source| ClusterError::Files {
-                path: cpaths.dir.clone(),
-                source,
-            })?,
-    );
     for (m, launch) in plan.machines.iter().zip(launches) {
         running.spawn_machine(m, launch)?;
     }
-    let started = Instant::now();
+    let tx = running.tx.clone();
+    let _interrupt = cancel.on_cancel(move || {
+        let _ = tx.try_send(OwnerEvent::Interrupt);
+    });
+    let deadline = Deadline::after(opts.ready_timeout + Duration::from_secs(60));
     let mut ready = 0;
     while ready < plan.machines.len() {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.is_set() {
             running.stop();
             return Err(ClusterError::Interrupted);
         }
-        match running.events.recv_timeout(Duration::from_millis(50)) {
-            Ok(ev) => {
-                on_event(Some(&ev));
-                match ev {
-                    MachineEvent::Ready { .. } => ready += 1,
-                    MachineEvent::Failed { machine, error } => {
-                        running.stop();
-                        return Err(ClusterError::Machine {
-                            machine,
-                            source: error,
-                        });
-                    }
-                    MachineEvent::Stopped { machine } => {
-                        running.stop();
-                        return Err(ClusterError::machine(
-                            &machine,
-                            MachineError::StoppedBeforeReady,
-                        ));
-                    }
+        let Some(ev) = running.next_event(Some(deadline)) else {
+            running.stop();
+            return Err(ClusterError::machine("?", MachineError::Late));
+        };
+        on_event(&ev);
+        if let OwnerEvent::Machine { event, .. } = ev {
+            match event {
+                MachineEvent::Ready { .. } => ready += 1,
+                MachineEvent::Failed { machine, error } => {
+                    running.stop();
+                    return Err(ClusterError::Machine {
+                        machine,
+                        source: error,
+                    });
+                }
+                MachineEvent::Stopped { machine } => {
+                    running.stop();
+                    return Err(ClusterError::machine(
+                        &machine,
+                        MachineError::StoppedBeforeReady,
+                    ));
                 }
             }
-            Err(_) if started.elapsed() > opts.ready_timeout + Duration::from_secs(60) => {
-                running.stop();
-                return Err(ClusterError::machine("?", MachineError::Late));
-            }
-            Err(_) => on_event(None),
         }
     }
-    running.control = Some(crate::control::bind_control(&cpaths)?);
+    running.start_control()?;
     Ok(running)
 }
 
@@ -210,11 +203,15 @@ pub(crate) fn begin_machines_run(opts: &ClusterLaunch, name: &str) -> Option<i64
     }
 }
 
-/// End the machines' run `id` (the cluster stopped), unless it has ended.
-pub(crate) fn end_machines_run(state_dir: &Path, id: i64) {
-    if let Err(e) = drydock_gc::RunsDb::open(state_dir).and_then(|db| db.finish_open_run(id, None))
-    {
-        tracing::warn!("ending run {id}: {}", drydock_vm::error_chain(&e));
+/// End the machines' run `id` (the cluster stopped), unless it has ended. Returns whether this
+/// call ended it.
+pub(crate) fn end_machines_run(state_dir: &Path, id: i64) -> bool {
+    match drydock_gc::RunsDb::open(state_dir).and_then(|db| db.finish_open_run(id, None)) {
+        Ok(ended) => ended,
+        Err(e) => {
+            tracing::warn!("ending run {id}: {}", drydock_vm::error_chain(&e));
+            false
+        }
     }
 }
 
@@ -225,39 +222,115 @@ pub(crate) fn vlan_ports(plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> Vec<
         .collect()
 }
 
+/// The control socket's thread: each connection's request line, read (within its deadline)
+/// before the owner sees it, so a slow client never holds the owner.
+fn feed_control(listener: UnixListener, stop: WakeFd, tx: SyncSender<OwnerEvent>) {
+    loop {
+        match wait_readable(&[listener.as_fd(), stop.as_fd()], None) {
+            Ok(r) if r[1] => return,
+            Ok(r) if r[0] => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                return;
+            }
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if drydock_vm::retry(&e) => continue,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                return;
+            }
+        };
+        let request = crate::control::read_request(&stream);
+        // Blocks while the owner is busy (a reload); the owner drops its end before joining.
+        if tx
+            .send(OwnerEvent::Control(ControlCall { stream, request }))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 impl RunningCluster {
+    /// Listen on the control socket (its thread feeds the owner's channel).
+    fn start_control(&mut self) -> Result<(), ClusterError> {
+        let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        let listener = crate::control::bind_control(&cpaths)?;
+        let files = |source| ClusterError::Files {
+            path: cpaths.sockets.clone(),
+            source,
+        };
+        let (stop, stopped) = wake_pair().map_err(files)?;
+        let tx = self.tx.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || feed_control(listener, stopped, tx))
+            .map_err(files)?;
+        self.control = Some(Feeder { stop, thread });
+        Ok(())
+    }
+
+    /// The next event: a deferred one, else the channel's, waiting until `deadline` (none: for
+    /// ever); `None` once it passed. A machine thread's last event ends its thread here (it is
+    /// joined: the event is the last thing it does).
+    pub(crate) fn next_event(&mut self, deadline: Option<Deadline>) -> Option<OwnerEvent> {
+        if let Some(ev) = self.deferred.pop_front() {
+            return Some(ev);
+        }
+        let ev = match deadline {
+            None => self.events.recv().ok()?,
+            Some(d) => match self.events.recv_timeout(d.remaining()) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            },
+        };
+        if let OwnerEvent::Machine { thread, event } = &ev {
+            if event.is_last() {
+                self.ended(event.machine(), *thread);
+            }
+        }
+        Some(ev)
+    }
+
+    /// The thread `id` of `machine` has ended (its last event came): join it, forget it.
+    fn ended(&mut self, machine: &str, id: u64) {
+        if self.machines.get(machine).is_some_and(|t| t.id == id) {
+            if let Some(t) = self.machines.remove(machine) {
+                let _ = t.thread.join();
+            }
+        }
+    }
+
     /// Start the thread of machine `m`, which carries out its checked `launch` (its VM boots;
-    /// it reports on `events`).
+    /// it reports on the owner's channel).
     pub(crate) fn spawn_machine(
         &mut self,
         m: &MachinePlan,
         launch: LaunchPlan,
     ) -> Result<(), ClusterError> {
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m2, opts, tx, flag) = (m.clone(), self.opts.clone(), self.tx.clone(), stop.clone());
+        let files = |source| ClusterError::Files {
+            path: cpaths.dir.clone(),
+            source,
+        };
+        let (stop, stopped) = wake_pair().map_err(files)?;
+        let id = self.next_thread;
+        self.next_thread += 1;
+        let (m2, opts, tx) = (m.clone(), self.opts.clone(), self.tx.clone());
         let thread = std::thread::Builder::new()
             .name(format!("machine-{}", m.machine))
-            .spawn(move || machine_main(&m2, &opts, launch, &flag, &tx))
-            .map_err(|source| ClusterError::Files {
-                path: cpaths.dir.clone(),
-                source,
-            })?;
+            .spawn(move || {
+                let event = machine_main(&m2, &opts, launch, &stopped, &tx);
+                // The thread's last act: the owner joins it once it has this.
+                let _ = tx.send(OwnerEvent::Machine { thread: id, event });
+            })
+            .map_err(files)?;
         self.machines
-            .insert(m.machine.clone(), MachineThread { stop, thread });
+            .insert(m.machine.clone(), MachineThread { id, stop, thread });
         Ok(())
-    }
-
-    /// Stamp the console of machine `m` (from the start of its log).
-    pub(crate) fn add_tail(&self, m: &MachinePlan) {
-        let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
-        self.tails.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            m.machine.clone(),
-            Stamp::new(
-                drydock_vm::ConsoleTail::new(paths.console_log()),
-                timed_log(&paths),
-            ),
-        );
     }
 
     /// Record this process as the cluster's owner (`cluster.json`, for `down`, `ps`, `exec`)
@@ -280,38 +353,87 @@ impl RunningCluster {
 
     /// Whether every machine thread has ended (their VMs stopped).
     pub fn all_stopped(&self) -> bool {
-        self.machines.values().all(|t| t.thread.is_finished())
+        self.machines.is_empty()
     }
 
-    /// Stop the machines `names`, in parallel (every stop flag first, then the joins), and
-    /// forget their threads.
-    pub(crate) fn stop_machines(&mut self, names: &[String]) {
+    /// Stop the machines `names`, in parallel (every stop first, then the wait for each thread's
+    /// last event), and forget their threads. Meanwhile the events of other machines and the
+    /// console lines go to `on_event`; anything else waits in `deferred` for the owner's loop.
+    pub(crate) fn stop_machines(
+        &mut self,
+        names: &[String],
+        on_event: &mut dyn FnMut(&OwnerEvent),
+    ) {
+        let mut waiting: BTreeMap<String, u64> = BTreeMap::new();
         for m in names {
             if let Some(t) = self.machines.get(m) {
-                t.stop.store(true, Ordering::SeqCst);
+                t.stop.wake();
+                waiting.insert(m.clone(), t.id);
             }
         }
-        for m in names {
-            if let Some(t) = self.machines.remove(m) {
-                let _ = t.thread.join();
+        let deadline = Deadline::after(STOP_DEADLINE);
+        while waiting
+            .iter()
+            .any(|(m, id)| self.machines.get(m).is_some_and(|t| t.id == *id))
+        {
+            // Taken from the channel only: deferred events wait for the owner's loop.
+            let ev = match self.events.recv_timeout(deadline.remaining()) {
+                Ok(ev) => ev,
+                Err(_) => {
+                    for (m, id) in &waiting {
+                        if self.machines.get(m).is_some_and(|t| t.id == *id) {
+                            tracing::warn!("machine {m}: its thread did not end in time");
+                            self.machines.remove(m);
+                        }
+                    }
+                    break;
+                }
+            };
+            if let OwnerEvent::Machine { thread, event } = &ev {
+                if event.is_last() {
+                    self.ended(event.machine(), *thread);
+                }
+            }
+            match ev {
+                ev @ (OwnerEvent::Machine { .. } | OwnerEvent::Console { .. }) => on_event(&ev),
+                ev => self.deferred.push_back(ev),
             }
         }
     }
 
     /// Stop every machine in parallel, then the hubs; remove the owner's state. Idempotent.
     pub fn stop(&mut self) {
+        self.stop_with(&mut |_| {});
+    }
+
+    /// [`Self::stop`], with the machines' last events and console lines going to `on_event`.
+    pub(crate) fn stop_with(&mut self, on_event: &mut dyn FnMut(&OwnerEvent)) {
         if self.stopped {
             return;
         }
         self.stopped = true;
-        self.control = None;
         let cpaths = cluster_paths(&self.state_dir, &self.plan.name);
+        if let Some(c) = &self.control {
+            c.stop.wake();
+        }
         let _ = std::fs::remove_file(crate::control::control_socket(&cpaths));
         let all: Vec<String> = self.machines.keys().cloned().collect();
-        self.stop_machines(&all);
-        self.stamp_stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.stamper.take() {
-            let _ = t.join();
+        self.stop_machines(&all, on_event);
+        // Requests that came meanwhile are answered: the cluster is going down.
+        for ev in std::mem::take(&mut self.deferred) {
+            if let OwnerEvent::Control(call) = ev {
+                crate::control::reply(
+                    &call.stream,
+                    Err((format!("the cluster {} is stopping", self.plan.name), false)),
+                );
+            }
+        }
+        // Nothing is received from here on: a feeder blocked on a full channel gets an error
+        // and ends.
+        let (_, closed) = crate::events::channel();
+        drop(std::mem::replace(&mut self.events, closed));
+        if let Some(c) = self.control.take() {
+            let _ = c.thread.join();
         }
         for h in &mut self.hubs {
             h.stop();
@@ -319,8 +441,9 @@ impl RunningCluster {
         if let Some(id) = self.opts.run {
             end_machines_run(&self.state_dir, id);
         }
-        let dir = cluster_paths(&self.state_dir, &self.plan.name).dir;
-        let _ = std::fs::remove_file(dir.join("cluster.json"));
+        let _ = std::fs::remove_file(cpaths.dir.join("cluster.json"));
+        // The socket folders drydock made, if nothing else is in them.
+        let _ = std::fs::remove_dir(&cpaths.sockets);
     }
 }
 
@@ -330,20 +453,19 @@ impl Drop for RunningCluster {
     }
 }
 
-/// One machine, start to stop: its checked `launch` carried out, then served. Everything it
-/// started it stops before returning.
+/// One machine, start to stop: its checked `launch` carried out (its console stamped into the
+/// timed log and echoed to the owner, each line once), then served. Everything it started it
+/// stops before returning; the returned event is its last (`Stopped`, or `Failed` and why).
 fn machine_main(
     m: &MachinePlan,
     opts: &ClusterLaunch,
     launch: LaunchPlan,
-    stop: &AtomicBool,
-    tx: &Sender<MachineEvent>,
-) {
-    let fail = |error: MachineError| {
-        let _ = tx.send(MachineEvent::Failed {
-            machine: m.machine.clone(),
-            error: Arc::new(error),
-        });
+    stop: &WakeFd,
+    tx: &SyncSender<OwnerEvent>,
+) -> MachineEvent {
+    let fail = |error: MachineError| MachineEvent::Failed {
+        machine: m.machine.clone(),
+        error: Arc::new(error),
     };
     let launcher = opts.launcher();
     let claimed = match launcher.claim(launch) {
@@ -352,6 +474,7 @@ fn machine_main(
     };
     let paths = VmPaths::in_state_dir(&opts.state_dir, &m.vm_name);
     // The claim made the VM's folder and its socket folder private (or refused them).
+    record_failure(&paths, None);
     let backdoor_path = paths.sockets.join("backdoor.sock");
     let exec_path = exec_socket(&paths);
     let nics: Vec<PathBuf> = claimed
@@ -375,15 +498,47 @@ fn machine_main(
         }
     };
     let started = Instant::now();
-    let (record, mut vm) = match launcher.start_here(claimed) {
+    // Each console line: stamped into the timed log, and to the owner (echo), once.
+    let mut timed = TimedLog::open(&paths, opts.log_limit);
+    let mut echo = ConsoleEcho::new(&m.machine, tx.clone());
+    let console = ConsoleOptions {
+        log_limit: opts.log_limit,
+        on_line: Some(Box::new(move |line: &str| {
+            timed.line(line);
+            echo.line(line);
+        })),
+    };
+    let (record, mut vm) = match launcher.start_here(claimed, console) {
         Ok(started) => started,
         Err(e) => return fail(MachineError::launching(e)),
     };
     // From here on the VM is stopped on every path out.
-    let result = serve(m, opts, &mut vm, &listener, &exec_path, stop, tx, started);
+    let mut calls = Vec::new();
+    let ready = Deadline::at(started + opts.ready_timeout);
+    let result = serve(
+        m, &mut vm, &listener, &exec_path, stop, tx, started, ready, &mut calls,
+    );
+    match &result {
+        Err(MachineError::Lost(why)) => {
+            // Calls in progress and to come fail at once, saying why; so do `ps` and `exec`.
+            record_failure(&paths, Some(why));
+        }
+        Err(_) => {
+            // A backdoor that closed may be QEMU going away: give its exit a moment to show,
+            // so that the error says so rather than blame the guest.
+            if let Some(w) = vm.qemu_exit() {
+                w.wait(Deadline::after(QEMU_EXIT_GRACE));
+            }
+        }
+        Ok(()) => {}
+    }
     let status = vm.exited();
     if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
         tracing::warn!("stopping {}: {}", m.vm_name, drydock_vm::error_chain(&e));
+    }
+    // The VM is gone, so is its backdoor: every call thread ends now.
+    for c in calls {
+        let _ = c.join();
     }
     let _ = drydock_vm::end_vm_run(
         &opts.state_dir,
@@ -396,64 +551,131 @@ fn machine_main(
     for n in &nics {
         let _ = std::fs::remove_file(n);
     }
+    // A socket folder of its own (a VM folder too deep for socket paths) goes once empty.
+    if paths.sockets != paths.dir {
+        let _ = std::fs::remove_dir(&paths.sockets);
+    }
     match result {
-        Ok(()) => {
-            let _ = tx.send(MachineEvent::Stopped {
-                machine: m.machine.clone(),
-            });
+        Ok(()) => MachineEvent::Stopped {
+            machine: m.machine.clone(),
+        },
+        Err(lost @ MachineError::Lost(_)) => fail(lost),
+        Err(error) => {
+            // Whether QEMU had died under the guest, and what it said; what the guest printed
+            // last usually says why (a panic, a failed mount).
+            let qemu_said = match status {
+                Some(_) => drydock_vm::log_tail(&paths.dir.join("qemu.log"), 5),
+                None => String::new(),
+            };
+            let tail = drydock_vm::log_tail(&paths.console_log(), FAILED_CONSOLE_LINES);
+            fail(MachineError::Ended {
+                error: Box::new(error),
+                qemu_ended: status.map(|st| st.to_string()),
+                qemu_said,
+                console_tail: tail
+                    .lines()
+                    .map(|l| drydock_vm::escape_control(l).into_owned())
+                    .collect(),
+            })
         }
-        Err(e) => fail(e),
     }
 }
 
-/// Wait for the backdoor, report ready, serve `exec` until stopped or QEMU exits.
+/// Why the store server of `vm` ended, as the machine's error.
+fn server_died(vm: &mut drydock_vm::Vm) -> MachineError {
+    let why = match vm.server_status() {
+        Some((pid, Some(status))) => format!("its store server (pid {pid}) died ({status})"),
+        Some((pid, None)) => format!("its store server (pid {pid}) died"),
+        None => "its store server died".to_string(),
+    };
+    MachineError::Lost(format!(
+        "{why}; the guest cannot reach its store (`drydock up` restarts it)"
+    ))
+}
+
+/// Wait for the backdoor, report ready, serve `exec` until stopped, QEMU exits or the store
+/// server dies. Exec calls started are in `calls` (joined once the VM is stopped). A lost
+/// store server is [`MachineError::Lost`].
 #[allow(clippy::too_many_arguments)]
 fn serve(
     m: &MachinePlan,
-    opts: &ClusterLaunch,
     vm: &mut drydock_vm::Vm,
     listener: &UnixListener,
     exec_path: &Path,
-    stop: &AtomicBool,
-    tx: &Sender<MachineEvent>,
+    stop: &WakeFd,
+    tx: &SyncSender<OwnerEvent>,
     started: Instant,
+    ready: Deadline,
+    calls: &mut Vec<std::thread::JoinHandle<()>>,
 ) -> Result<(), MachineError> {
-    let deadline = started + opts.ready_timeout;
-    listener
-        .set_nonblocking(true)
-        .map_err(MachineError::BackdoorSocket)?;
+    // QEMU connects the backdoor as it starts: wait for that, the stop, or a process's end.
     let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(MachineError::BackdoorSocket(e)),
-        }
-        if stop.load(Ordering::SeqCst) {
+        let mut fds = vec![listener.as_fd(), stop.as_fd()];
+        fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+        fds.extend(vm.server_exit().map(|w| w.as_fd()));
+        let r = wait_readable(&fds, Some(ready)).map_err(MachineError::BackdoorSocket)?;
+        if r[1] {
             return Ok(());
         }
-        if vm.exited().is_some() {
+        if vm.qemu_exit().is_some_and(|w| w.exited()) {
             return Err(MachineError::ExitedEarly);
         }
-        if Instant::now() > deadline {
+        if vm.server_exit().is_some_and(|w| w.exited()) {
+            return Err(server_died(vm));
+        }
+        if ready.expired() {
             return Err(MachineError::NoBackdoor);
         }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let _ = stream.set_nonblocking(false);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let backdoor = Backdoor::wait_ready(stream, left, stop, &mut |_| {}).map_err(|error| {
-        MachineError::NotReady {
-            error,
-            console: vm.paths().console_log(),
+        if r[0] {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if drydock_vm::retry(&e) => {}
+                Err(e) => return Err(MachineError::BackdoorSocket(e)),
+            }
         }
+    };
+    let backdoor = {
+        // Until ready: the stop, QEMU's and the store server's ends interrupt the wait.
+        let mut fds = vec![stop.as_fd()];
+        fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+        fds.extend(vm.server_exit().map(|w| w.as_fd()));
+        Backdoor::wait_ready(stream, ready.remaining(), &fds, &mut |_| {})
+    };
+    let backdoor = match backdoor {
+        Ok(b) => Arc::new(b),
+        Err(_) if stop.is_woken() => return Ok(()),
+        Err(_) if vm.server_exit().is_some_and(|w| w.exited()) => return Err(server_died(vm)),
+        Err(_) if vm.qemu_exit().is_some_and(|w| w.exited()) => {
+            return Err(MachineError::QemuExited {
+                console: vm.paths().console_log(),
+            });
+        }
+        Err(error) => {
+            return Err(MachineError::NotReady {
+                error,
+                console: vm.paths().console_log(),
+            });
+        }
+    };
+    let exec = drydock_gc::bind_listener(exec_path).map_err(|source| MachineError::Listen {
+        path: exec_path.to_path_buf(),
+        source,
     })?;
-    let backdoor = Arc::new(backdoor);
-    let _ = tx.send(MachineEvent::Ready {
-        machine: m.machine.clone(),
-        after: started.elapsed(),
+    let _ = tx.send(OwnerEvent::Machine {
+        // Not the last event: which thread sent it does not matter.
+        thread: u64::MAX,
+        event: MachineEvent::Ready {
+            machine: m.machine.clone(),
+            after: started.elapsed(),
+        },
     });
-    crate::exec::serve(&m.machine, backdoor, exec_path, stop, &mut || {
-        vm.exited().is_none()
-    })
-    .map_err(MachineError::Exec)
+    match crate::exec::serve(&m.machine, &backdoor, &exec, stop, vm, calls) {
+        Ok(crate::exec::ServeEnd::Stopped | crate::exec::ServeEnd::QemuExited) => Ok(()),
+        Ok(crate::exec::ServeEnd::ServerDied) => {
+            let lost = server_died(vm);
+            backdoor.close(&format!("machine {}: {lost}", m.machine));
+            Err(lost)
+        }
+        Err(e) => Err(MachineError::Exec(e)),
+    }
 }

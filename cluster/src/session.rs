@@ -7,23 +7,24 @@
 //! `reload` and `compose`); the effects are the modules' below.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use drydock_gc::{GcError, RunsDb, StoreLayout};
+use drydock_gc::{Cancel, Deadline, GcError, RunsDb, StoreLayout};
 use serde::Serialize;
 
 use crate::apply::ReloadError;
 use crate::compose::{ClusterPlan, ComposeError, plan_cluster};
 use crate::control::{ControlOp, ControlRequest, request};
 use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
+use crate::events::{MachineEvent, OwnerEvent};
 use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
-use crate::run::{MachineEvent, RunningCluster};
-use crate::state::{ClusterError, ClusterState, cluster_paths};
-use crate::watch::{Debounce, Reads, Recorder, WatchError, Watcher, triggers};
-use drydock_vm::ConsoleTail;
+use crate::run::RunningCluster;
+use crate::state::{ClusterError, ClusterLaunch, ClusterState, cluster_paths};
+use crate::watch::{Change, Debounce, Reads, Recorder, WatchError, Watcher, triggers};
 use drydock_vm::VmPaths;
+use drydock_vm::{ConsoleTail, LogWatch, ProcessWatch, Waker, wait_readable, wake_pair};
 
 /// How long a change must be followed by quiet before it is applied (an editor's burst).
 const QUIET: Duration = Duration::from_millis(300);
@@ -31,8 +32,6 @@ const QUIET: Duration = Duration::from_millis(300);
 const PLAN_DEADLINE: Duration = Duration::from_secs(300);
 /// A remote owner waits up to the ready timeout for booting machines; this is its margin.
 const APPLY_MARGIN: Duration = Duration::from_secs(600);
-/// How often the loops here look at their sockets, watches and flags.
-const TICK: Duration = Duration::from_millis(50);
 
 /// Why an `up` (or a reload) could not be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +53,8 @@ pub enum SessionError {
     Memory(drydock_vm::PlanError),
     #[error("the thread asking the cluster's owner to apply the reload panicked")]
     Panicked,
+    #[error("interrupted; the cluster's owner carries the reload on (`drydock ps` shows it)")]
+    LeftToOwner,
 }
 
 impl SessionError {
@@ -66,7 +67,7 @@ impl SessionError {
             Self::Reload(e) => e.is_bad_input(),
             Self::Cluster(e) => e.is_bad_input(),
             Self::Memory(e) => e.is_bad_input(),
-            Self::Watch(_) | Self::Panicked => false,
+            Self::Watch(_) | Self::Panicked | Self::LeftToOwner => false,
         }
     }
 
@@ -75,7 +76,9 @@ impl SessionError {
         match self {
             Self::Runs(e) => e.is_interrupted(),
             Self::Eval(EvalError::Track(e)) => e.is_interrupted(),
+            Self::Eval(EvalError::Interrupted) => true,
             Self::Cluster(ClusterError::Interrupted) => true,
+            Self::LeftToOwner => true,
             _ => false,
         }
     }
@@ -103,6 +106,8 @@ pub struct UpRequest {
     pub argv: Vec<String>,
     /// Show the store paths the build prints (`-v`); its messages on stderr are shown anyway.
     pub show_build_outputs: bool,
+    /// How long the evaluation, and then the build, may take.
+    pub build_timeout: Duration,
     /// Start the machines even if together they ask for more memory than the host has.
     pub allow_overcommit: bool,
     /// Note what the evaluation reads under the composition's directory (for `--watch`,
@@ -144,11 +149,38 @@ impl Drop for BuildRoots {
     }
 }
 
+/// The owner's events that an `up` reports (machines' events and console lines).
+fn report(ev: &OwnerEvent, on: &mut dyn FnMut(UpEvent<'_>)) {
+    match ev {
+        OwnerEvent::Machine { event, .. } => on(UpEvent::Machine(event)),
+        OwnerEvent::Console {
+            machine,
+            line,
+            skipped,
+        } => on(UpEvent::Console {
+            machine,
+            line,
+            skipped: *skipped,
+        }),
+        _ => {}
+    }
+}
+
+/// Start the cluster `plan` in this process, its owner: hubs, then every machine in parallel.
+/// Returns once every machine is ready (`on` sees each machine's events and console lines
+/// meanwhile); a machine that fails, `cancel` or the timeout stops everything started.
+pub fn start(
+    plan: &ClusterPlan,
+    opts: &ClusterLaunch,
+    cancel: &Cancel,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<RunningCluster, ClusterError> {
+    crate::run::up(plan, opts, cancel, &mut |ev| report(ev, on))
+}
+
 /// Something an `up` has to say while it works.
 #[derive(Debug)]
 pub enum UpEvent<'a> {
-    /// Nothing happened for a while (every 50 ms): time to echo consoles.
-    Tick,
     /// The composition was evaluated (`ok`, or it failed), reading `reads` under its directory
     /// (with [`UpRequest::watch`] only): what a [`Watching`] reloads on.
     Evaluated { reads: &'a Reads, ok: bool },
@@ -163,8 +195,14 @@ pub enum UpEvent<'a> {
     },
     /// A reload found every machine unchanged.
     NothingToDo,
-    /// A line a changed machine printed while another process's owner applied the reload.
-    Console { machine: &'a str, line: &'a str },
+    /// A line a machine printed (as the guest printed it: escape it for a terminal), as it
+    /// came; `skipped` lines before it were not passed on (the owner was busy; the machine's
+    /// logs have them).
+    Console {
+        machine: &'a str,
+        line: &'a str,
+        skipped: u64,
+    },
     /// Watched files changed (those still there, or all of them if none is).
     Changed(&'a [PathBuf]),
     /// A watched reload ended; with an error, nothing changed.
@@ -253,18 +291,18 @@ pub fn prepare(
     state_dir: &Path,
     req: &UpRequest,
     running: Option<&ClusterPlan>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Prepared, SessionError> {
     let t = Instant::now();
     let composition = match req.watch {
-        false => evaluate(layout, &req.file)?,
+        false => evaluate(layout, &req.file, req.build_timeout, cancel)?,
         true => {
             let dir = composition_dir(&req.file);
             let recorder = Recorder::start(&dir)
                 .map_err(|e| tracing::warn!("{}", drydock_vm::error_chain(&e)))
                 .ok();
-            let composition = evaluate(layout, &req.file);
+            let composition = evaluate(layout, &req.file, req.build_timeout, cancel);
             let mut reads = recorder.map(Recorder::finish).unwrap_or_default();
             // The composition itself, whatever the evaluation did (it may not exist yet).
             reads
@@ -330,6 +368,7 @@ pub fn prepare(
             show_outputs: req.show_build_outputs,
         },
         &cdir,
+        req.build_timeout,
         cancel,
     )?;
     let build_took = t.elapsed();
@@ -403,15 +442,15 @@ impl ReloadOwner<'_> {
         new: &ClusterPlan,
         req: &UpRequest,
         planned: &[MachineOutcome],
-        cancel: &AtomicBool,
+        cancel: &Cancel,
         on: &mut dyn FnMut(UpEvent<'_>),
     ) -> Result<Vec<MachineOutcome>, SessionError> {
         match self {
-            Self::Local(c) => Ok(c.apply_reload(new, req.restart, &[], cancel, &mut |ev| {
-                on(ev.map_or(UpEvent::Tick, UpEvent::Machine))
-            })?),
+            Self::Local(c) => {
+                Ok(c.apply_reload(new, req.restart, &[], cancel, &mut |ev| report(ev, on))?)
+            }
             Self::Remote { state_dir, name } => {
-                apply_remote(state_dir, name, new, req, planned, on)
+                apply_remote(state_dir, name, new, req, planned, cancel, on)
             }
         }
     }
@@ -428,43 +467,68 @@ fn changed_tails(
         .filter(|m| !matches!(m.planned.action, Action::Keep | Action::Remove))
         .map(|m| {
             let vm = format!("{name}.{}", m.planned.machine);
-            let mut t = ConsoleTail::new(VmPaths::in_state_dir(state_dir, &vm).console_log());
-            let _ = t.lines();
-            (m.planned.machine.clone(), t)
+            let path = VmPaths::in_state_dir(state_dir, &vm).console_log();
+            (m.planned.machine.clone(), ConsoleTail::at_end(path))
         })
         .collect()
 }
 
-/// Ask the remote owner to apply, passing the changed machines' console lines on meanwhile.
+/// Ask the remote owner to apply, passing the changed machines' console lines on meanwhile
+/// (each as it is written: the files are followed, blocking between lines, until the call's
+/// thread says the owner answered). `cancel` ends the wait (the owner carries on).
 fn apply_remote(
     state_dir: &Path,
     name: &str,
     new: &ClusterPlan,
     req: &UpRequest,
     planned: &[MachineOutcome],
+    cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<Vec<MachineOutcome>, SessionError> {
     let mut tails = changed_tails(state_dir, name, planned);
+    let mut watch = LogWatch::new();
+    for t in tails.values() {
+        watch.add(t.path());
+    }
     let call = ReloadOwner::request(ControlOp::Apply, new, req.restart);
     let deadline = req.ready_timeout + APPLY_MARGIN;
     let (sd, n) = (state_dir.to_path_buf(), name.to_string());
-    let call =
-        std::thread::spawn(move || request(&sd, &n, &call, deadline).map_err(ReloadError::from));
+    let (answered, answered_fd) = wake_pair().map_err(|e| {
+        ReloadError::from(crate::control::ControlError::Io {
+            name: name.to_string(),
+            source: e,
+        })
+    })?;
+    let a = answered.clone();
+    let _interrupt = cancel.on_cancel(move || a.wake());
+    let call = std::thread::spawn(move || {
+        let r = request(&sd, &n, &call, deadline).map_err(ReloadError::from);
+        answered.wake();
+        r
+    });
     let mut echo = |tails: &mut BTreeMap<String, ConsoleTail>| {
         for (m, t) in tails.iter_mut() {
             for line in t.lines() {
                 on(UpEvent::Console {
                     machine: m,
                     line: &line,
+                    skipped: 0,
                 });
             }
         }
     };
-    while !call.is_finished() {
+    while !answered_fd.is_woken() {
         echo(&mut tails);
-        std::thread::sleep(TICK);
+        if let Err(e) = watch.wait(&[answered_fd.as_fd()], None) {
+            tracing::warn!("following the consoles: {e}");
+            break;
+        }
     }
     echo(&mut tails);
+    if cancel.is_set() && !call.is_finished() {
+        // The call's thread stays blocked on the owner's answer until this process exits.
+        return Err(SessionError::LeftToOwner);
+    }
     Ok(call.join().map_err(|_| SessionError::Panicked)??)
 }
 
@@ -476,7 +540,7 @@ pub fn reload_cycle(
     state_dir: &Path,
     req: &UpRequest,
     owner: &mut ReloadOwner<'_>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<ReloadReport, SessionError> {
     let running = owner.running()?;
@@ -551,8 +615,11 @@ fn own_output_files() -> Vec<PathBuf> {
 #[derive(Debug)]
 pub struct Watching {
     pub dir: PathBuf,
-    watcher: Watcher,
+    /// The inotify watch, here until it moves into the thread that feeds an owner.
+    watcher: Option<Watcher>,
     debounce: Debounce,
+    /// The thread that reads the watch for the owner's channel, and its stop.
+    feeder: Option<(Waker, std::thread::JoinHandle<()>)>,
     /// What the last evaluation read (unknown until one was recorded: every change counts).
     reads: Option<Reads>,
     /// The last evaluation failed.
@@ -568,9 +635,10 @@ impl Watching {
         let dir = composition_dir(file);
         let state = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
         Ok(Self {
-            watcher: Watcher::new(&dir)?,
+            watcher: Some(Watcher::new(&dir)?),
             dir,
             debounce: Debounce::default(),
+            feeder: None,
             reads: None,
             failed: false,
             own: std::iter::once(state).chain(own_output_files()).collect(),
@@ -584,22 +652,80 @@ impl Watching {
         self.failed = !ok;
     }
 
-    /// The changed paths that call for a reload, once a burst of such changes is over; never
-    /// blocks.
-    fn due(&mut self) -> Option<Vec<PathBuf>> {
-        match self.watcher.poll() {
-            Ok(changes) => {
-                let reads = self.reads.as_ref();
-                let wanted = changes
-                    .into_iter()
-                    .filter(|c| triggers(c, reads, self.failed, &self.own))
-                    .map(|c| c.path)
-                    .collect();
-                self.debounce.push(wanted, Instant::now());
-            }
+    /// Note the `changes` that call for a reload (see `watch::triggers`: not drydock's own
+    /// files, and only what the last evaluation read).
+    fn push(&mut self, changes: Vec<Change>) {
+        let reads = self.reads.as_ref();
+        let wanted = changes
+            .into_iter()
+            .filter(|c| triggers(c, reads, self.failed, &self.own))
+            .map(|c| c.path)
+            .collect();
+        self.debounce.push(wanted, Instant::now());
+    }
+
+    /// Note the changes the watch has now (never blocks).
+    fn take_changes(&mut self) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        match w.poll() {
+            Ok(changes) => self.push(changes),
             Err(e) => tracing::warn!("{}", drydock_vm::error_chain(&e)),
         }
-        self.debounce.take(Instant::now(), QUIET)
+    }
+
+    /// When the burst being collected is over (if one is): the owner's next deadline.
+    fn due_at(&self) -> Option<Deadline> {
+        self.debounce.due(QUIET).map(Deadline::at)
+    }
+
+    /// From now on the watch's changes reach the owner as [`OwnerEvent::Edits`], from a thread
+    /// blocked on the watch (the owner keeps those that call for a reload: [`Self::push`]).
+    fn feed(&mut self, tx: std::sync::mpsc::SyncSender<OwnerEvent>) {
+        let Some(mut w) = self.watcher.take() else {
+            return;
+        };
+        let Ok((stop, stopped)) = wake_pair() else {
+            self.watcher = Some(w);
+            return;
+        };
+        let thread = std::thread::Builder::new()
+            .name("watch".into())
+            .spawn(move || {
+                loop {
+                    match wait_readable(&[w.as_fd(), stopped.as_fd()], None) {
+                        Ok(r) if r[1] => return,
+                        Ok(r) if !r[0] => continue,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!("watching for changes: {e}");
+                            return;
+                        }
+                    }
+                    match w.poll() {
+                        Ok(changes) if changes.is_empty() => {}
+                        Ok(changes) => {
+                            if tx.send(OwnerEvent::Edits(changes)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!("{}", drydock_vm::error_chain(&e)),
+                    }
+                }
+            });
+        match thread {
+            Ok(t) => self.feeder = Some((stop, t)),
+            Err(e) => tracing::warn!("watching for changes: {e}"),
+        }
+    }
+
+    /// Stop the feeding thread (once the owner's channel is closed, or it might block).
+    fn stop_feed(&mut self) {
+        if let Some((stop, t)) = self.feeder.take() {
+            stop.wake();
+            let _ = t.join();
+        }
     }
 
     /// One reload ([`reload_cycle`]), noting what its evaluation read.
@@ -609,7 +735,7 @@ impl Watching {
         state_dir: &Path,
         req: &UpRequest,
         owner: &mut ReloadOwner<'_>,
-        cancel: &AtomicBool,
+        cancel: &Cancel,
         on: &mut dyn FnMut(UpEvent<'_>),
     ) -> Result<ReloadReport, SessionError> {
         let mut evaluated = None;
@@ -622,21 +748,22 @@ impl Watching {
         if let Some((reads, ok)) = evaluated {
             self.evaluated(&reads, ok);
         }
-        // Changes made while it ran are looked at afresh against what it read.
+        // Changes made while it ran (still in the watch, or waiting on the owner's channel)
+        // are looked at afresh against what it read.
         r
     }
 
-    /// A burst of edits is over: report it, then reload.
+    /// A burst of edits is over (as of now): report it, then reload.
     fn reload_if_due(
         &mut self,
         layout: &StoreLayout,
         state_dir: &Path,
         req: &UpRequest,
         owner: &mut ReloadOwner<'_>,
-        cancel: &AtomicBool,
+        cancel: &Cancel,
         on: &mut dyn FnMut(UpEvent<'_>),
     ) -> bool {
-        let Some(changed) = self.due() else {
+        let Some(changed) = self.debounce.take(Instant::now(), QUIET) else {
             return false;
         };
         // An editor's or sed's temporary file, gone again, is not worth naming.
@@ -662,13 +789,14 @@ pub enum WatchEnd {
 }
 
 /// `up --watch` on a cluster another process owns: one reload now, then one per burst of edits
-/// (each reported as [`UpEvent::Reloaded`]), until the cluster is down or `cancel`.
+/// (each reported as [`UpEvent::Reloaded`]), until the cluster is down or `cancel`. Between
+/// them it blocks on the watch, the owner's exit and the cancel.
 pub fn watch_reloads(
     layout: &StoreLayout,
     state_dir: &Path,
     req: &UpRequest,
     watching: &mut Watching,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> WatchEnd {
     let mut owner = ReloadOwner::Remote {
@@ -677,35 +805,71 @@ pub fn watch_reloads(
     };
     let r = watching.cycle(layout, state_dir, req, &mut owner, cancel, on);
     on(UpEvent::Reloaded(&r));
-    while !cancel.load(Ordering::SeqCst) {
-        if ClusterState::read_up(state_dir, &req.name).is_none() {
+    let wake = wake_pair().ok();
+    let _woken = wake.as_ref().map(|(w, _)| {
+        let w = w.clone();
+        cancel.on_cancel(move || w.wake())
+    });
+    while !cancel.is_set() {
+        // The owner now (a reload may have been answered by a new one after a restart of it).
+        let Some(state) = ClusterState::read_up(state_dir, &req.name) else {
             return WatchEnd::Down;
+        };
+        let Some(owner_exit) = ProcessWatch::open(state.owner_pid, state.owner_start_ticks) else {
+            return WatchEnd::Down;
+        };
+        if watching.reload_if_due(layout, state_dir, req, &mut owner, cancel, on) {
+            continue;
         }
-        watching.reload_if_due(layout, state_dir, req, &mut owner, cancel, on);
-        std::thread::sleep(TICK);
+        let mut fds = vec![owner_exit.as_fd()];
+        fds.extend(watching.watcher.as_ref().map(|w| w.as_fd()));
+        fds.extend(wake.as_ref().map(|(_, fd)| fd.as_fd()));
+        if let Err(e) = wait_readable(&fds, watching.due_at()) {
+            tracing::warn!("watching for changes: {e}");
+            return WatchEnd::Interrupted;
+        }
+        watching.take_changes();
     }
     WatchEnd::Interrupted
 }
 
 impl RunningCluster {
-    /// Own the cluster until `cancel` or until every machine stopped: report machine events,
-    /// answer control requests (a second `up`, `vm restart`), and with `watch` reload on each
-    /// burst of edits. Everything is stopped before it returns.
+    /// Own the cluster until `cancel` or until every machine stopped: report machine events and
+    /// console lines, answer control requests (a second `up`, `vm restart`), and with `watch`
+    /// reload on each burst of edits. It blocks on the owner's channel between events (or until
+    /// a burst of edits is over). Everything is stopped before it returns.
     pub fn own(
         &mut self,
         mut watch: Option<(&mut Watching, &UpRequest)>,
-        cancel: &AtomicBool,
+        cancel: &Cancel,
         on: &mut dyn FnMut(UpEvent<'_>),
     ) {
         let (state_dir, layout) = (self.state_dir.clone(), self.opts.layout.clone());
-        while !cancel.load(Ordering::SeqCst) && !self.all_stopped() {
-            on(UpEvent::Tick);
-            while let Ok(ev) = self.events.try_recv() {
-                on(UpEvent::Machine(&ev));
+        let tx = self.tx.clone();
+        let _interrupt = cancel.on_cancel(move || {
+            let _ = tx.try_send(OwnerEvent::Interrupt);
+        });
+        if let Some((w, _)) = watch.as_mut() {
+            w.feed(self.tx.clone());
+        }
+        while !cancel.is_set() && !self.all_stopped() {
+            let due = watch.as_ref().and_then(|(w, _)| w.due_at());
+            let mut changed = false;
+            match self.next_event(due) {
+                Some(OwnerEvent::Control(call)) => {
+                    changed = self.serve_control(call, cancel, &mut |ev| report(ev, on));
+                }
+                Some(OwnerEvent::Edits(changes)) => {
+                    if let Some((w, _)) = watch.as_mut() {
+                        w.push(changes);
+                    }
+                }
+                Some(OwnerEvent::Machine { event, .. }) => {
+                    on(UpEvent::Machine(&event));
+                }
+                Some(ev) => report(&ev, on),
+                None => {}
             }
-            let mut changed = self.serve_control(cancel, &mut |ev| {
-                on(ev.map_or(UpEvent::Tick, UpEvent::Machine))
-            });
             if let Some((w, req)) = watch.as_mut() {
                 let mut owner = ReloadOwner::Local(self);
                 changed |= w.reload_if_due(&layout, &state_dir, req, &mut owner, cancel, on);
@@ -713,10 +877,11 @@ impl RunningCluster {
             if changed {
                 on(UpEvent::PlanChanged(&self.plan));
             }
-            std::thread::sleep(TICK);
         }
-        self.stop();
-        on(UpEvent::Tick);
+        self.stop_with(&mut |ev| report(ev, on));
+        if let Some((w, _)) = watch.as_mut() {
+            w.stop_feed();
+        }
     }
 }
 

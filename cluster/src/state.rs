@@ -56,13 +56,49 @@ pub enum MachineError {
         error: crate::backdoor::BackdoorError,
         console: PathBuf,
     },
-    /// The exec server failed (its words).
+    /// QEMU exited after it connected the backdoor, before the guest was ready.
+    #[error("QEMU exited before the guest was ready (see {})", console.display())]
+    QemuExited { console: PathBuf },
+    /// The exec socket failed.
+    #[error("exec socket")]
+    Exec(#[source] std::io::Error),
+    /// It lost a process it needs while it ran (its store server died): why, in the words
+    /// `ps` and `exec` use too (the machine's `failed` file).
     #[error("{0}")]
-    Exec(String),
+    Lost(String),
+    /// It failed once its VM had started (`error`), and what tells why: how QEMU had ended if
+    /// it had (and the last lines it wrote), and the last lines of its console (escaped).
+    #[error("{}{}", drydock_vm::error_chain(&**error), last_words(qemu_ended.as_deref(), qemu_said, console_tail))]
+    Ended {
+        error: Box<MachineError>,
+        /// QEMU's exit status, if it had exited.
+        qemu_ended: Option<String>,
+        /// The last lines of `qemu.log`.
+        qemu_said: String,
+        console_tail: Vec<String>,
+    },
     #[error("stopped before it became ready")]
     StoppedBeforeReady,
     #[error("the cluster did not become ready in time")]
     Late,
+}
+
+/// What a machine that failed left to tell why (see [`MachineError::Ended`]).
+fn last_words(qemu_ended: Option<&str>, qemu_said: &str, console_tail: &[String]) -> String {
+    let mut out = String::new();
+    if let Some(st) = qemu_ended {
+        match qemu_said.trim() {
+            "" => out += &format!("; QEMU had ended ({st})"),
+            said => out += &format!("; QEMU had ended ({st}), saying: {said}"),
+        }
+    }
+    if !console_tail.is_empty() {
+        out += "; the last lines of its console:";
+        for l in console_tail {
+            out += &format!("\n  {l}");
+        }
+    }
+    out
 }
 
 impl MachineError {
@@ -91,6 +127,7 @@ impl MachineError {
             Self::Running { .. } => true,
             Self::System { source, .. } | Self::Launch(source) => source.is_bad_input(),
             Self::NotReady { error, .. } => error.is_bad_input(),
+            Self::Ended { error, .. } => error.is_bad_input(),
             _ => false,
         }
     }
@@ -166,18 +203,31 @@ pub enum ClusterError {
     Remote { vm: String, message: String },
     #[error("stdin is {} MiB; a command takes at most {} MiB (`drydock cp` copies files)", bytes >> 20, max >> 20)]
     StdinTooLarge { bytes: u64, max: u64 },
+    #[error("{vm} is not running: {why}")]
+    Failed { vm: String, why: String },
     #[error("interrupted while the cluster started; everything started was stopped")]
     Interrupted,
     #[error("cannot start the cluster's owner")]
     Spawn(#[source] drydock_vm::SpawnError),
-    #[error("the cluster did not start:\n{log}")]
-    DidNotStart { log: String },
+    #[error(
+        "the cluster did not start: its owner (pid {pid}) {how} before every machine was ready; {}",
+        log_words(log_path, log)
+    )]
+    DidNotStart {
+        pid: u32,
+        how: String,
+        log_path: PathBuf,
+        log: String,
+    },
     #[error("the cluster was not ready after {:.0} s; it is stopped:\n{log}", after.as_secs_f64())]
     NotReady { after: Duration, log: String },
     #[error("cannot record the cluster's state")]
     Record(#[source] drydock_vm::LaunchError),
-    #[error("cannot clean up after the cluster's dead owner")]
-    Reap(#[source] Box<drydock_vm::OwnerError>),
+    #[error("every machine is stopped, but not everything could be cleaned up after them: {}; once that is fixed (a full {}: free space), `drydock down` again finishes it", problems.join("; "), state_dir.display())]
+    Unreaped {
+        state_dir: PathBuf,
+        problems: Vec<String>,
+    },
     #[error(
         "{} is machine {} of the cluster {} (owner pid {}), which is up: `vm {what}` would take it from its cluster; `vm restart {}` restarts it in the cluster, `drydock down -p {}` stops the cluster",
         machine.vm, machine.machine, machine.cluster, machine.owner_pid, machine.vm, machine.cluster
@@ -186,6 +236,14 @@ pub enum ClusterError {
         machine: ClusterMachine,
         what: &'static str,
     },
+}
+
+/// What a log says, for an error: its last lines, or that it is empty.
+fn log_words(path: &Path, log: &str) -> String {
+    match log.trim().is_empty() {
+        true => format!("its log {} is empty", path.display()),
+        false => format!("its log {} ends:\n{log}", path.display()),
+    }
 }
 
 impl ClusterError {
@@ -378,6 +436,9 @@ pub struct ClusterLaunch {
     /// The run the machines share (see [`machines_run_name`]); `None` until the cluster's
     /// owner records it (or when it could not).
     pub run: Option<i64>,
+    /// The bytes of console logs each machine keeps on disk (`console.log` and
+    /// `console.timed`, with their rotated files).
+    pub log_limit: u64,
 }
 
 /// The name of the run a cluster's machines share.
@@ -587,6 +648,35 @@ pub(crate) fn make_private(state_dir: &Path, plan: &ClusterPlan) -> Result<(), C
 /// The cluster's folder (`STATE/clusters/NAME`) and its socket folder (the hubs).
 pub fn cluster_paths(state_dir: &Path, name: &str) -> VmPaths {
     VmPaths::in_folder(state_dir, "clusters", name)
+}
+
+/// Where a machine's thread says why the machine failed while it ran (its store server died),
+/// for `ps` and `exec` (removed when it starts again).
+fn failure_file(paths: &VmPaths) -> PathBuf {
+    paths.dir.join("failed")
+}
+
+/// Why the machine of `paths` failed while it ran, if it did (and has not started since).
+pub fn machine_failure(paths: &VmPaths) -> Option<String> {
+    let bytes =
+        drydock_gc::read_regular(&failure_file(paths), drydock_gc::Links::Refuse, 4096).ok()?;
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+/// Record why the machine of `paths` failed (`None`: it did not, or it starts again).
+pub(crate) fn record_failure(paths: &VmPaths, why: Option<&str>) {
+    let path = failure_file(paths);
+    match why {
+        None => {
+            let _ = std::fs::remove_file(path);
+        }
+        Some(why) => {
+            if let Err(e) = drydock_gc::write_atomic(&path, why.as_bytes()) {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+    }
 }
 
 /// The socket a machine's owner serves `exec` on.

@@ -1,7 +1,6 @@
 //! A datagram send that never blocks (`sendto(2)` with `MSG_DONTWAIT`), which std does not
-//! offer: a hub must drop a frame for a port whose queue is full rather than stall every port;
-//! and a wait for a file descriptor to become readable, with a deadline (`poll(2)`), so a
-//! listener answers at once rather than on its next polling tick.
+//! offer: a hub must drop a frame for a port whose queue is full rather than stall every port.
+//! (Waits on descriptors are `drydock_vm::wait_readable`.)
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -41,30 +40,5 @@ pub(crate) fn send_to_nowait(sock: &UnixDatagram, buf: &[u8], to: &Path) -> io::
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
-    }
-}
-
-/// Wait until `fd` is readable (or hung up), at most `within`: `Ok(false)` when it was not.
-pub(crate) fn wait_readable(fd: &impl AsRawFd, within: std::time::Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = within.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `p` is one initialised pollfd, valid for the call; the fd is borrowed from a live
-    // object for the call's duration.
-    let n = unsafe { libc::poll(&raw mut p, 1, ms) };
-    match n {
-        n if n < 0 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ => Ok(true),
     }
 }

@@ -2,8 +2,10 @@
 //! it (retried once a second, like the NixOS test driver's `wait_until_succeeds`). Both have a
 //! deadline and report what they saw last, so a wait that gives up says why.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
+
+use drydock_gc::{Cancel, Deadline};
 
 use serde::Serialize;
 
@@ -52,10 +54,10 @@ pub fn wait(
     paths: &VmPaths,
     what: &WaitFor,
     timeout: Duration,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<WaitReport, ClusterError> {
     let started = Instant::now();
-    let deadline = started + timeout;
+    let deadline = Deadline::after(timeout);
     let mut report = WaitReport {
         vm: vm.to_string(),
         met: false,
@@ -71,7 +73,7 @@ pub fn wait(
             if !drydock_vm::VmState::read(paths).is_some_and(|s| s.qemu_alive()) {
                 return Err(ClusterError::NoExec(vm.to_string()));
             }
-            let mut tail = ConsoleTail::new(paths.console_log());
+            let mut tail = ConsoleTail::with_rotated(paths.console_log());
             let mut last: std::collections::VecDeque<String> = Default::default();
             // A machine restarted meanwhile (`vm restart`) is waited for across its restart:
             // its QEMU going away does not end the wait.
@@ -80,12 +82,13 @@ pub fn wait(
                 Some(re),
                 Some(timeout),
                 cancel,
-                &mut || false,
+                None,
                 &mut |line| {
                     last.push_back(line.to_string());
                     if last.len() > LAST_LINES {
                         last.pop_front();
                     }
+                    true
                 },
             );
             match outcome {
@@ -97,9 +100,19 @@ pub fn wait(
             }
         }
         WaitFor::Succeeds(cmd) => loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.remaining();
             report.tries += 1;
-            let o: ExecOutput = exec_remote(vm, paths, cmd, left.max(Duration::from_secs(1)))?;
+            let o: ExecOutput = match exec_remote(
+                vm,
+                paths,
+                cmd,
+                left.max(Duration::from_secs(1)),
+                Some(cancel),
+            ) {
+                Ok(o) => o,
+                Err(ClusterError::Interrupted) => break,
+                Err(e) => return Err(e),
+            };
             report.last_status = Some(o.status);
             report.last_stdout = Some(String::from_utf8_lossy(&o.stdout).into_owned());
             report.last_stderr = Some(String::from_utf8_lossy(&o.stderr).into_owned());
@@ -107,12 +120,13 @@ pub fn wait(
                 report.met = true;
                 break;
             }
-            if Instant::now() + RETRY >= deadline || cancel.load(Ordering::SeqCst) {
+            if deadline.remaining() <= RETRY || cancel.is_set() {
                 break;
             }
-            let pause = Instant::now() + RETRY;
-            while Instant::now() < pause && !cancel.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(50));
+            // The pause between tries, which only the cancel ends early.
+            if let Ok((w, woken)) = drydock_vm::wake_pair() {
+                let _woken = cancel.on_cancel(move || w.wake());
+                let _ = drydock_vm::wait_readable(&[woken.as_fd()], Some(Deadline::after(RETRY)));
             }
         },
     }

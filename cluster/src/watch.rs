@@ -187,6 +187,13 @@ impl Watcher {
     }
 }
 
+impl std::os::fd::AsFd for Watcher {
+    /// Readable when changes are waiting for [`Watcher::poll`].
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+}
+
 /// Watch `dir` and the directories below it that are not ignored with `mask`, at most
 /// [`MAX_DIRS`] in all (`dirs` holds them): whether every one is watched.
 fn add_tree(
@@ -308,6 +315,11 @@ impl Debounce {
             self.pending.extend(paths);
             self.last = Some(now);
         }
+    }
+
+    /// When the burst being collected is over, if one is: the time to wait until.
+    pub fn due(&self, quiet: Duration) -> Option<Instant> {
+        self.last.map(|l| l + quiet)
     }
 
     /// The burst's paths once nothing changed for `quiet` (then it starts anew), else `None`.
@@ -433,7 +445,9 @@ mod tests {
         let ms = Duration::from_millis;
         let mut d = Debounce::default();
         assert_eq!(d.take(t, ms(200)), None, "nothing changed");
+        assert_eq!(d.due(ms(200)), None);
         d.push(vec![PathBuf::from("/a")], t);
+        assert_eq!(d.due(ms(200)), Some(t + ms(200)));
         d.push(vec![], t + ms(100));
         d.push(vec![PathBuf::from("/b"), PathBuf::from("/a")], t + ms(150));
         assert_eq!(d.take(t + ms(300), ms(200)), None, "still in the burst");

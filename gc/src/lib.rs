@@ -12,10 +12,10 @@
 //! 0. `exitclass` ([`ExitClass`], [`Classify`]) and `deadline` ([`Deadline`]), importing
 //!    nothing of the crate; every module with an error type imports `exitclass` (not repeated
 //!    below);
-//! 1. leaves: `store_path`, `drv`, `names`, `fsread`; then `sys` (the only `unsafe`;
-//!    deadline), `private` (the one maker of drydock's folders, files and sockets: 0700/0600,
-//!    no links followed; sys), `child` (a blocking wait for a child's exit; sys, deadline) and
-//!    `nixcmd` (a Nix command with a deadline; child);
+//! 1. leaves: `cancel` ([`Cancel`]), `store_path`, `drv`, `names`, `fsread`; then `sys` (the
+//!    only `unsafe`; deadline), `private` (the one maker of drydock's folders, files and
+//!    sockets: 0700/0600, no links followed; sys), `child` (a blocking wait for a child's exit;
+//!    sys, deadline) and `nixcmd` (a Nix command with a deadline; child);
 //! 2. reading the store: `classify`, `du` (store_path); `nixconf` (fsread); `nixdb` (names,
 //!    store_path); `roots` (store_path, sys); `ondisk` (nixdb, store_path);
 //! 3. the pure planner: `plan` (ondisk, nixconf, nixdb, roots), then `check` (plan, ondisk);
@@ -25,6 +25,7 @@
 //! 6. the operations that return it: `track_run` (`track`, `track_to`) and `collect` (`gc`,
 //!    `runs`, `du`, `store check/repair`).
 
+mod cancel;
 mod check;
 mod child;
 mod classify;
@@ -52,6 +53,7 @@ mod sys;
 mod track;
 mod track_run;
 
+pub use cancel::{Cancel, OnCancel};
 pub use check::{Blocked, Damage, RepairPlan};
 pub use classify::{PathClass, classify};
 pub use collect::{
@@ -83,9 +85,9 @@ pub use runsdb::{
 };
 pub use select::{SelectError, Selection, parse_duration};
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
-pub use sys::{effective_uid, lock_exclusive_within, send_signal};
+pub use sys::{die_with_parent, effective_uid, lock_exclusive_within, send_signal};
 pub use track::{Echo, TrackError, ensure_store};
-pub use track_run::{TrackAs, TrackReport, track, track_as, track_to};
+pub use track_run::{TrackAs, TrackReport, track, track_as, track_to, track_within};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).
 pub fn epoch_secs() -> i64 {

@@ -70,6 +70,41 @@ pub fn wait_exited(pid: u32) -> io::Result<()> {
     }
 }
 
+/// Make the child that `cmd` will start receive SIGKILL when the thread that spawns it (this
+/// process's main thread, for `track`) ends, SIGKILL of drydock included: a build does not
+/// outlive the drydock that started it. If drydock is already gone by then, the child exits
+/// at once with status 127.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    let hook = move || -> io::Result<()> {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number and zeros; it touches no memory.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if std::os::unix::process::parent_id() != parent {
+            // SAFETY: _exit ends the forked child at once, running nothing of the parent's
+            // copied state, which is what a child whose parent is already gone must do.
+            unsafe { libc::_exit(127) };
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // system calls (prctl, getppid, _exit); it neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
 /// The effective user id of this process (the owner of what it creates).
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) cannot fail and touches no memory.

@@ -39,6 +39,14 @@ pub enum TrackError {
         "interrupted; run {run_id} ended with the command's exit code {exit_code}, its paths not attributed"
     )]
     Interrupted { run_id: i64, exit_code: i32 },
+    /// The command ran past its deadline and was stopped (SIGINT, then SIGKILL).
+    #[error("'{program}' did not finish within {} s and was stopped; run {run_id} ended with code {exit_code}", after.as_secs())]
+    Late {
+        program: String,
+        after: Duration,
+        run_id: i64,
+        exit_code: i32,
+    },
     /// Waiting for the command or copying its output failed.
     #[error("while running '{program}'")]
     Wait {
@@ -60,20 +68,24 @@ pub enum TrackError {
 
 impl Classify for TrackError {
     /// A missing or unstartable command is bad input; Ctrl-C after the command ended is an
-    /// interruption; the rest are failures.
+    /// interruption; the rest (a command stopped at its deadline included) are failures.
     fn exit_class(&self) -> ExitClass {
         match self {
             Self::NoCommand | Self::Spawn { .. } => ExitClass::BadInput,
             Self::Interrupted { .. } => ExitClass::Interrupted,
-            Self::Wait { .. } | Self::InitStore { .. } | Self::InitFailed { .. } => {
-                ExitClass::Failed
-            }
+            Self::Late { .. }
+            | Self::Wait { .. }
+            | Self::InitStore { .. }
+            | Self::InitFailed { .. } => ExitClass::Failed,
         }
     }
 }
 
 /// How often the wait for a tracked command looks at the caller's cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(10);
+/// How long a command told to stop (SIGINT: Ctrl-C forwarded, or its deadline) has before it
+/// is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// At most this many distinct store paths named on a tracked command's stdout are kept (each
 /// is a starting point of the attribution); further ones are dropped with one warning. A build
@@ -230,17 +242,17 @@ pub(crate) struct Passthrough {
 
 impl Passthrough {
     /// Start `cmd`, scanning its stdout for paths in `store_dir` (the logical store
-    /// directory). A command that cannot be started is bad input, and nothing is recorded.
+    /// directory). A command that cannot be started is bad input, and nothing is recorded. It
+    /// dies with drydock (SIGKILL included).
     pub(crate) fn spawn(cmd: &[String], echo: Echo, store_dir: &str) -> Result<Self, TrackError> {
         let program = cmd.first().ok_or(TrackError::NoCommand)?.clone();
-        let mut child = Command::new(&program)
-            .args(&cmd[1..])
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|source| TrackError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
+        let mut command = Command::new(&program);
+        command.args(&cmd[1..]).stdout(Stdio::piped());
+        crate::sys::die_with_parent(&mut command);
+        let mut child = command.spawn().map_err(|source| TrackError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         // Copy stdout in a thread, so that a background process that inherited the pipe cannot
         // keep us waiting once the command itself has exited.
         let (tx, paths) = std::sync::mpsc::channel::<StorePath>();
@@ -282,9 +294,15 @@ impl Passthrough {
 
     /// Wait for the command. `cancel` (set by the caller's Ctrl-C/SIGTERM handler) is forwarded
     /// to it as SIGINT, once; the flag is then consumed, so that a later one interrupts what
-    /// follows. Returns the exit code (128 + signal if it was killed) and the distinct store
-    /// paths named on its stdout, sorted.
-    pub(crate) fn wait(mut self, cancel: &AtomicBool) -> Result<(i32, Vec<StorePath>), TrackError> {
+    /// follows. At `deadline` it is sent SIGINT too. A command that has not exited
+    /// [`STOP_GRACE`] after its SIGINT (or at a second interruption) is killed. Returns the exit
+    /// code (128 + signal if it was killed), the distinct store paths named on its stdout,
+    /// sorted, and whether the deadline passed.
+    pub(crate) fn wait(
+        mut self,
+        cancel: &AtomicBool,
+        deadline: Option<Deadline>,
+    ) -> Result<(i32, Vec<StorePath>, bool), TrackError> {
         let wait_err = |source| TrackError::Wait {
             program: self.program.clone(),
             source,
@@ -293,13 +311,27 @@ impl Passthrough {
         let watch = ExitWatch::start(&self.child);
         // The command's exit ends the wait at once. The cancel flag, set by the caller's signal
         // handler, cannot be waited on: it is looked at every CANCEL_CHECK until it has been
-        // forwarded, and then the wait is for the exit alone.
+        // forwarded, and then the wait is for the exit, within STOP_GRACE.
         let mut exited = false;
+        let mut late = false;
         while !exited {
-            exited = watch.wait_until(Deadline::after(CANCEL_CHECK));
-            if !exited && cancel.swap(false, Ordering::SeqCst) {
+            let step = Deadline::after(CANCEL_CHECK);
+            exited = watch.wait_until(deadline.map_or(step, |d| d.min(step)));
+            if exited {
+                break;
+            }
+            late = deadline.is_some_and(Deadline::expired);
+            if late || cancel.swap(false, Ordering::SeqCst) {
                 let _ = crate::sys::send_signal(pid, libc::SIGINT);
-                watch.wait();
+                let grace = Deadline::after(STOP_GRACE);
+                // A second interruption during the grace kills at once.
+                while !watch.wait_until(Deadline::after(CANCEL_CHECK).min(grace)) {
+                    if grace.expired() || cancel.load(Ordering::SeqCst) {
+                        let _ = self.child.kill();
+                        watch.wait();
+                        break;
+                    }
+                }
                 exited = true;
             }
         }
@@ -330,7 +362,11 @@ impl Passthrough {
             .code()
             .or_else(|| status.signal().map(|s| 128 + s))
             .unwrap_or(1);
-        Ok((code, found))
+        Ok((code, found, late))
+    }
+
+    pub(crate) fn program(&self) -> &str {
+        &self.program
     }
 }
 

@@ -59,6 +59,33 @@ pub fn track_to(
             echo,
             recorded: None,
             forget_if_empty: false,
+            deadline: None,
+        },
+    )
+}
+
+/// [`track_to`], with a deadline: a command still running at `deadline` is stopped (SIGINT,
+/// then SIGKILL) and its run ends with [`TrackError::Late`].
+pub fn track_within(
+    layout: &StoreLayout,
+    runs: &RunsDb,
+    name: Option<&str>,
+    cmd: &[String],
+    cancel: &AtomicBool,
+    echo: Echo,
+    deadline: Option<crate::deadline::Deadline>,
+) -> Result<TrackReport, GcError> {
+    track_as(
+        layout,
+        runs,
+        cmd,
+        cancel,
+        &TrackAs {
+            name,
+            echo,
+            recorded: None,
+            forget_if_empty: false,
+            deadline,
         },
     )
 }
@@ -76,6 +103,9 @@ pub struct TrackAs<'a> {
     /// A command that exits 0 and claims nothing leaves no run ([`TrackReport::run_id`] is
     /// then 0): a build that built nothing new is no run.
     pub forget_if_empty: bool,
+    /// A command still running then is stopped (SIGINT, then SIGKILL) and its run ends with
+    /// [`TrackError::Late`].
+    pub deadline: Option<crate::deadline::Deadline>,
 }
 
 /// [`track_to`], as `how` says.
@@ -86,7 +116,8 @@ pub fn track_as(
     cancel: &AtomicBool,
     how: &TrackAs<'_>,
 ) -> Result<TrackReport, GcError> {
-    let (name, echo) = (how.name, how.echo);
+    let (name, echo, deadline) = (how.name, how.echo, how.deadline);
+    let started = std::time::Instant::now();
     if cmd.is_empty() {
         return Err(TrackError::NoCommand.into());
     }
@@ -109,13 +140,24 @@ pub fn track_as(
             return Err(e.into());
         }
     };
-    let (exit_code, mut outputs) = match child.wait(cancel) {
+    let program = child.program().to_string();
+    let (exit_code, mut outputs, late) = match child.wait(cancel, deadline) {
         Ok(x) => x,
         Err(e) => {
             runs.finish_run(run_id, Some(127))?;
             return Err(e.into());
         }
     };
+    if late {
+        runs.finish_run(run_id, Some(exit_code))?;
+        return Err(TrackError::Late {
+            program,
+            after: started.elapsed(),
+            run_id,
+            exit_code,
+        }
+        .into());
+    }
     // Ctrl-C after the command ended interrupts drydock itself: the run ends with the
     // command's code, unattributed, and the caller exits 130.
     let interrupted = |runs: &RunsDb| -> Result<TrackReport, GcError> {

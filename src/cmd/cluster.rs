@@ -2,7 +2,6 @@
 //! argument handling over `drydock_vm`'s cluster module (evaluation, planning, the one tracked
 //! build, hubs, machines, backdoors).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -114,6 +113,7 @@ fn launch_opts(
     a: AccelArg,
     qemu: Option<&Path>,
     timeout: Duration,
+    log_limit: u64,
 ) -> anyhow::Result<ClusterLaunch> {
     Ok(ClusterLaunch {
         layout: ctx.layout(),
@@ -124,6 +124,7 @@ fn launch_opts(
         ready_timeout: timeout,
         argv: std::env::args().collect(),
         run: None,
+        log_limit,
     })
 }
 
@@ -139,6 +140,7 @@ fn up_request(ctx: &Context, a: &UpArgs, t: &Target) -> UpRequest {
         ready_timeout: a.timeout,
         argv: std::env::args().collect(),
         show_build_outputs: ctx.verbose > 0,
+        build_timeout: a.build_timeout,
         allow_overcommit: a.allow_overcommit,
         watch: a.watch,
     }
@@ -222,12 +224,10 @@ fn foreground(
     _lock: drydock_cluster::OwnerLock,
     reads: Option<drydock_cluster::Reads>,
 ) -> anyhow::Result<Outcome> {
-    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
-    let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(&ctx.state_dir, a, plan)));
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
+    let mut printer = UpPrinter::new(ctx.json, Some(Echo::new(a, plan)));
     let started = Instant::now();
-    let up = drydock_cluster::cluster_up(plan, &opts, &CANCEL, &mut |ev| {
-        printer.event(ev.map_or(UpEvent::Tick, UpEvent::Machine))
-    });
+    let up = drydock_cluster::cluster_up(plan, &opts, &CANCEL, &mut |ev| printer.event(ev));
     // Every machine's run pins its system now (or none runs): the build's roots can go.
     drop(roots);
     let mut cluster = match up {
@@ -274,7 +274,7 @@ fn detach(
     plan: &ClusterPlan,
     lock: &drydock_cluster::OwnerLock,
 ) -> anyhow::Result<Outcome> {
-    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
+    let opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     let owner = drydock_cluster::DetachedOwner {
         plan,
         launch: &opts,
@@ -292,12 +292,22 @@ fn detach(
         let ready = crate::cmd::reload::ready_in_log(&text);
         progress.update(|m| ready.iter().find(|(r, _)| r == m).map(|(_, s)| *s));
     };
-    let mut last = Instant::now() - Duration::from_secs(1);
-    let started = drydock_cluster::start_detached(&owner, &CANCEL, &mut || {
-        if last.elapsed() >= Duration::from_millis(250) {
-            last = Instant::now();
-            look(&mut progress);
-        }
+    // The progress line is redrawn from the owner's log every 250 ms by a thread of its own,
+    // while the library waits for the owner (blocking) here.
+    let (done, stop) = std::sync::mpsc::channel::<()>();
+    let started = std::thread::scope(|scope| {
+        let progress = &mut progress;
+        let look = &look;
+        scope.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stop.recv_timeout(Duration::from_millis(250))
+            {
+                look(progress);
+            }
+        });
+        let started = drydock_cluster::start_detached(&owner, &CANCEL);
+        drop(done);
+        started
     });
     if started.is_ok() {
         look(&mut progress);
@@ -334,10 +344,10 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     )
     .with_context(|| format!("reading {}", path.display()))?;
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
-    let mut opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout)?;
+    let mut opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     opts.run = a.run;
     let mut cluster = drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
-        if let Some(ev) = ev {
+        if let UpEvent::Machine(ev) = ev {
             report_event(ev);
         }
     })?;
@@ -362,6 +372,13 @@ pub fn down(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     if ctx.json {
         crate::out::json(&mut crate::out::stdout(), &d)?;
     } else if !d.was_up {
+        if d.runs_ended > 0 {
+            eprintln!(
+                "drydock: the {} its machines had left open {} ended now",
+                plural(d.runs_ended, "run"),
+                if d.runs_ended == 1 { "is" } else { "are" }
+            );
+        }
         return Err(t.not_up(ctx));
     } else {
         eprintln!(
@@ -388,6 +405,9 @@ struct PsRow {
     addresses: Vec<String>,
     system: String,
     uptime_secs: Option<u64>,
+    /// Why a `failed` machine failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
 }
 
 pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
@@ -401,12 +421,19 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
         .machines
         .iter()
         .map(|m| {
-            let vs = VmState::read(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
+            let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
+            let vs = VmState::read(&paths);
             let alive = vs.as_ref().is_some_and(|s| s.qemu_alive());
+            // A machine that lost its store server is stopped by its owner, which says why.
+            let problem = drydock_cluster::machine_failure(&paths).filter(|_| !alive);
             PsRow {
                 machine: m.machine.clone(),
                 vm: m.vm_name.clone(),
-                state: if alive { "running" } else { "stopped" },
+                state: match (alive, &problem) {
+                    (true, _) => "running",
+                    (false, Some(_)) => "failed",
+                    (false, None) => "stopped",
+                },
                 qemu_pid: vs.as_ref().filter(|_| alive).map(|s| s.qemu_pid),
                 addresses: m.nics.iter().map(|n| format!("{}/24", n.address)).collect(),
                 system: m.settings.system.target().to_string(),
@@ -414,6 +441,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                     .as_ref()
                     .filter(|_| alive)
                     .map(|s| now.saturating_sub(s.started)),
+                problem,
             }
         })
         .collect();
@@ -442,6 +470,14 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                 r.system
             )?;
         }
+        for r in rows.iter().filter(|r| r.problem.is_some()) {
+            writeln!(
+                out,
+                "{}: {}",
+                r.machine,
+                r.problem.as_deref().unwrap_or_default()
+            )?;
+        }
     }
     Ok(Outcome::Success)
 }
@@ -449,6 +485,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
 /// `exec MACHINE -- CMD...`.
 pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<Outcome> {
     let (vm, paths) = up_machine(ctx, &a.cluster, &a.machine)?;
+    crate::cancel::install();
     exec_vm(ctx, &vm, &paths, &a.exec)
 }
 
@@ -480,7 +517,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
             drydock_cluster::WaitFor::Console(_) => eprintln!(
                 "drydock: {} printed {:?} after {:.1} s",
                 a.machine,
-                r.lines.first().map(String::as_str).unwrap_or(""),
+                drydock_vm::escape_control(r.lines.first().map(String::as_str).unwrap_or("")),
                 r.after_secs
             ),
             drydock_cluster::WaitFor::Succeeds(cmd) => eprintln!(
@@ -498,7 +535,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
                     r.after_secs
                 );
                 for l in &r.lines {
-                    eprintln!("  {l}");
+                    eprintln!("  {}", drydock_vm::escape_control(l));
                 }
             }
             drydock_cluster::WaitFor::Succeeds(cmd) => {
@@ -515,7 +552,7 @@ pub fn wait(ctx: &Context, a: &MachineWaitArgs) -> anyhow::Result<Outcome> {
                     .chain(&r.last_stderr)
                     .flat_map(|t| t.lines())
                 {
-                    eprintln!("  {l}");
+                    eprintln!("  {}", drydock_vm::escape_control(l));
                 }
             }
         }
@@ -598,11 +635,21 @@ pub fn shell(ctx: &Context, a: &ShellArgs) -> anyhow::Result<Outcome> {
         size,
         escape: raw.is_some(),
     };
-    let result =
-        drydock_cluster::shell_remote(&vm, &paths, opts, std::io::stdin(), &mut std::io::stdout());
+    // SIGTERM (and Ctrl-C off a raw terminal) ends the session; the terminal is restored.
+    crate::cancel::install();
+    let result = drydock_cluster::shell_remote(
+        &vm,
+        &paths,
+        opts,
+        std::io::stdin(),
+        &mut std::io::stdout(),
+        Some(&CANCEL),
+    );
     drop(raw);
-    result?;
-    Ok(Outcome::Success)
+    match result {
+        Err(drydock_cluster::ClusterError::Interrupted) => Ok(Outcome::Interrupted),
+        r => r.map(|()| Outcome::Success).map_err(Into::into),
+    }
 }
 
 /// `exec`'s report with `--json`: the outputs as text (invalid UTF-8 replaced).
@@ -616,7 +663,7 @@ struct ExecReport {
 
 /// Run `a.command` in the VM `vm` (one word: a command line; several: an argv), with our
 /// stdin when it is not a terminal (or `-i`); its outputs become ours and its exit status our
-/// exit code.
+/// exit code. Ctrl-C or SIGTERM kills the command in the guest: exit 130.
 pub fn exec_vm(ctx: &Context, vm: &str, paths: &VmPaths, a: &ExecOpts) -> anyhow::Result<Outcome> {
     let command = drydock_cluster::GuestCommand::from_words(a.command.clone());
     if a.tty {
@@ -624,7 +671,10 @@ pub fn exec_vm(ctx: &Context, vm: &str, paths: &VmPaths, a: &ExecOpts) -> anyhow
     }
     let stdin = read_stdin(a.interactive)?;
     let started = Instant::now();
-    let o = drydock_cluster::exec_in(vm, paths, &command, &stdin, a.timeout)?;
+    let o = match drydock_cluster::exec_in(vm, paths, &command, &stdin, a.timeout, Some(&CANCEL)) {
+        Err(drydock_cluster::ClusterError::Interrupted) => return Ok(Outcome::Interrupted),
+        r => r?,
+    };
     // 124 is also what the watchdog reports; a command that said 124 itself did so early.
     let timed_out = o.status == 124 && started.elapsed() >= a.timeout;
     if ctx.json {
@@ -682,9 +732,13 @@ fn exec_tty(
         opts,
         std::io::stdin(),
         &mut std::io::stdout(),
+        Some(&CANCEL),
     );
     drop(raw);
-    Ok(Outcome::Code(status?.clamp(0, 255) as u8))
+    match status {
+        Err(drydock_cluster::ClusterError::Interrupted) => Ok(Outcome::Interrupted),
+        s => Ok(Outcome::Code(s?.clamp(0, 255) as u8)),
+    }
 }
 
 /// Seconds as the user would write them.
@@ -729,8 +783,10 @@ fn remote_path(arg: &str) -> Option<(&str, &str)> {
     (!machine.is_empty() && !machine.contains('/')).then_some((machine, path))
 }
 
-/// `cp SRC DST`: one of them `MACHINE:PATH`.
+/// `cp SRC DST`: one of them `MACHINE:PATH`. Ctrl-C or SIGTERM ends it (exit 130), the guest's
+/// side killed.
 pub fn cp(ctx: &Context, a: &CpArgs) -> anyhow::Result<Outcome> {
+    crate::cancel::install();
     let report = match (remote_path(&a.src), remote_path(&a.dst)) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(bad_input(format!(
@@ -745,11 +801,25 @@ pub fn cp(ctx: &Context, a: &CpArgs) -> anyhow::Result<Outcome> {
         }
         (None, Some((machine, path))) => {
             let (vm, paths) = up_machine(ctx, &a.cluster, machine)?;
-            drydock_cluster::copy_to_guest(&vm, &paths, Path::new(&a.src), path, a.timeout)?
+            drydock_cluster::copy_to_guest(
+                &vm,
+                &paths,
+                Path::new(&a.src),
+                path,
+                a.timeout,
+                Some(&CANCEL),
+            )?
         }
         (Some((machine, path)), None) => {
             let (vm, paths) = up_machine(ctx, &a.cluster, machine)?;
-            drydock_cluster::copy_from_guest(&vm, &paths, path, Path::new(&a.dst), a.timeout)?
+            drydock_cluster::copy_from_guest(
+                &vm,
+                &paths,
+                path,
+                Path::new(&a.dst),
+                a.timeout,
+                Some(&CANCEL),
+            )?
         }
     };
     if ctx.json {
@@ -813,46 +883,41 @@ pub fn logs(ctx: &Context, a: &LogsArgs) -> anyhow::Result<Outcome> {
     let width = chosen.iter().map(|m| m.machine.len()).max().unwrap_or(0);
     let paint = crate::paint::Paint::for_stdout();
     crate::cancel::install();
-    let mut printed: BTreeMap<String, usize> = BTreeMap::new();
+    let machines: Vec<(String, VmPaths)> = chosen
+        .iter()
+        .map(|m| {
+            let paths = VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name);
+            (m.machine.clone(), paths)
+        })
+        .collect();
     let mut out = crate::out::stdout();
-    loop {
-        let logs = chosen
-            .iter()
-            .map(|m| {
-                let p =
-                    drydock_cluster::timed_log(&VmPaths::in_state_dir(&ctx.state_dir, &m.vm_name));
-                let lines =
-                    drydock_cluster::parse_timed(&std::fs::read_to_string(p).unwrap_or_default());
-                let skip = match (printed.get(&m.machine), a.tail) {
-                    (Some(n), _) => *n,
-                    (None, Some(tail)) => lines.len().saturating_sub(tail),
-                    (None, None) => 0,
-                };
-                printed.insert(m.machine.clone(), lines.len());
-                (m.machine.clone(), lines.into_iter().skip(skip).collect())
-            })
-            .collect();
-        for (ms, m, line) in drydock_cluster::merge_timed(logs) {
-            let stamp = if a.timestamps {
-                format!("{} ", utc_millis(ms))
-            } else {
-                String::new()
+    let paint = &paint;
+    drydock_cluster::follow_logs(
+        &ctx.state_dir,
+        &name,
+        &machines,
+        a.follow,
+        a.tail,
+        &CANCEL,
+        &mut |ms, m, line| {
+            let stamp = match a.timestamps {
+                true => format!("{} ", utc_millis(ms)),
+                false => String::new(),
             };
             writeln!(
                 out,
                 "{stamp}{} │ {}",
-                paint.machine(&m, width),
-                crate::paint::printable(&line)
+                paint.machine(m, width),
+                drydock_vm::escape_control(line)
             )?;
-        }
-        out.flush()?;
-        let up = ClusterState::read_up(&ctx.state_dir, &name).is_some();
-        if !a.follow || !up || CANCEL.load(Ordering::SeqCst) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(Outcome::Success)
+            out.flush()
+        },
+    )?;
+    Ok(if CANCEL.is_set() {
+        Outcome::Interrupted
+    } else {
+        Outcome::Success
+    })
 }
 
 /// Milliseconds since the epoch as UTC, `2026-12-03T17:40:12.345Z`.

@@ -4,15 +4,13 @@
 //! machines' console lines as `MACHINE │ line`, every machine's outcome and the time of each
 //! phase) or `--json` from the one [`ReloadReport`].
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 
 use drydock_cluster::{
     ActionOutcome, ClusterPlan, MachineEvent, ReloadAction, ReloadOutcome, ReloadOwner,
     ReloadReport, SessionError, UpEvent, UpRequest, WatchEnd, Watching,
 };
-use drydock_vm::{ConsoleTail, VmPaths};
+use drydock_vm::escape_control;
 
 use crate::cancel::CANCEL;
 use crate::cli::UpArgs;
@@ -67,7 +65,7 @@ fn print_outcomes(out: &mut dyn Write, r: &ReloadReport) -> std::io::Result<()> 
         )?;
         if m.outcome == ActionOutcome::Failed && !m.output.is_empty() {
             for line in m.output.lines() {
-                writeln!(out, "{:<w$} │ {line}", m.planned.machine)?;
+                writeln!(out, "{:<w$} │ {}", m.planned.machine, escape_control(line))?;
             }
         }
     }
@@ -134,20 +132,16 @@ pub fn ready_in_log(log: &str) -> Vec<(String, f64)> {
 /// The consoles a foreground `up` echoes as `MACHINE │ line`: the machines `--hide`/`--show`
 /// let through, following the cluster as reloads add and remove machines.
 pub struct Echo {
-    state_dir: PathBuf,
     hide: Vec<String>,
     show: Vec<String>,
-    tails: BTreeMap<String, ConsoleTail>,
     width: usize,
 }
 
 impl Echo {
-    pub fn new(state_dir: &Path, a: &UpArgs, plan: &ClusterPlan) -> Self {
+    pub fn new(a: &UpArgs, plan: &ClusterPlan) -> Self {
         let mut e = Self {
-            state_dir: state_dir.to_path_buf(),
             hide: a.hide.clone(),
             show: a.show.clone(),
-            tails: BTreeMap::new(),
             width: 0,
         };
         e.follow(plan);
@@ -161,39 +155,14 @@ impl Echo {
         }
     }
 
-    /// Machines a reload created get their console echoed, removed ones lose it.
+    /// The names' width as the cluster's machines change.
     fn follow(&mut self, plan: &ClusterPlan) {
-        self.tails.retain(|m, _| plan.machine(m).is_some());
-        for m in &plan.machines {
-            if self.shown(&m.machine) {
-                let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
-                self.tails
-                    .entry(m.machine.clone())
-                    .or_insert_with(|| ConsoleTail::new(paths.console_log()));
-            }
-        }
         self.width = plan
             .machines
             .iter()
             .map(|m| m.machine.len())
             .max()
             .unwrap_or(0);
-    }
-
-    fn lines(&mut self) {
-        let mut out = std::io::stdout().lock();
-        let w = self.width;
-        let paint = crate::paint::Paint::for_stdout();
-        for (m, t) in self.tails.iter_mut() {
-            for line in t.lines() {
-                let _ = writeln!(
-                    out,
-                    "{} │ {}",
-                    paint.machine(m, w),
-                    crate::paint::printable(&line)
-                );
-            }
-        }
     }
 }
 
@@ -224,7 +193,7 @@ impl UpPrinter {
 
     pub fn event(&mut self, ev: UpEvent<'_>) {
         match ev {
-            UpEvent::Tick | UpEvent::Evaluated { .. } => {}
+            UpEvent::Evaluated { .. } => {}
             UpEvent::Machine(ev) => report_event(ev),
             UpEvent::Built(b) => match b.run_id {
                 Some(id) => eprintln!(
@@ -248,21 +217,35 @@ impl UpPrinter {
             UpEvent::NothingToDo => {
                 eprintln!("drydock: nothing to do: every machine is unchanged")
             }
-            UpEvent::Console { machine, line } => {
-                let w = self.width;
+            UpEvent::Console {
+                machine,
+                line,
+                skipped,
+            } => {
+                // A foreground owner echoes the machines it is asked to; a reload, every line
+                // of the machines it changes.
+                let w = match &self.echo {
+                    Some(e) if !e.shown(machine) => return,
+                    Some(e) => e.width,
+                    None => self.width,
+                };
+                // Prefixes in colour where the lines go, if that is a terminal.
                 let paint = match self.json {
                     true => crate::paint::Paint::new(crate::paint::colour_on(
                         std::io::IsTerminal::is_terminal(&std::io::stderr()),
                     )),
                     false => crate::paint::Paint::for_stdout(),
                 };
+                let prefix = paint.machine(machine, w);
                 let mut out = self.out();
-                let _ = writeln!(
-                    out,
-                    "{} │ {}",
-                    paint.machine(machine, w),
-                    crate::paint::printable(line)
-                );
+                if skipped > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{prefix} │ ({skipped} lines not shown: `drydock logs` has them)"
+                    );
+                }
+                // What a guest prints is shown, never obeyed by the terminal.
+                let _ = writeln!(out, "{prefix} │ {}", escape_control(line));
                 let _ = out.flush();
             }
             UpEvent::Changed(paths) => {
@@ -275,9 +258,6 @@ impl UpPrinter {
                     e.follow(plan);
                 }
             }
-        }
-        if let Some(e) = self.echo.as_mut() {
-            e.lines();
         }
     }
 

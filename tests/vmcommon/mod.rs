@@ -192,10 +192,9 @@ pub struct ClusterBuilder {
 
 /// A test's cluster: the composition `DIR/NAME/drydock.nix` in a temporary directory of its own
 /// (so the cluster is called NAME), a chroot store and the state directory `DIR/state` (unless
-/// [`ClusterBuilder::state`] names another). Made by
-/// [`Cluster::named`]; dropping it takes the cluster down (`down -f`, whether the test passed or
-/// not, failures ignored: a test that gets that far checks its own [`Cluster::down`]), then
-/// removes the directory.
+/// [`ClusterBuilder::state`] names another). Made by [`Cluster::named`]; dropping it takes the
+/// cluster down (`down -f`, whether the test passed or not, failures ignored: a test that gets
+/// that far checks its own [`Cluster::down`]), then removes the directory.
 pub struct Cluster {
     dir: tempfile::TempDir,
     store: PathBuf,
@@ -310,10 +309,16 @@ impl Cluster {
 
     /// `up -f FILE --detach` under TCG; fails the test with drydock's messages if it fails.
     pub fn up_detached(&self) {
+        self.up_detached_with(&[]);
+    }
+
+    /// [`Cluster::up_detached`] with `extra` arguments (`--log-limit 256K`).
+    pub fn up_detached_with(&self, extra: &[&str]) {
         guest_ready();
         let up = self
             .verb("up")
             .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+            .args(extra)
             .run();
         assert!(up.status.success(), "up: {}", text(&up.stderr));
     }

@@ -102,6 +102,15 @@ impl VmCgroup {
         &self.path
     }
 
+    /// Where the cgroup of the VM `name` goes when this process starts it (under this
+    /// process's memory cgroup), if the host has one.
+    pub fn path_for(name: &str) -> Option<PathBuf> {
+        let host = Host::system();
+        let h = hierarchy(&host);
+        let (parent, _) = memory_parent(&host, h)?;
+        Some(parent.join(format!("drydock-vm-{name}")))
+    }
+
     /// Remove the cgroup (it must be empty: call after QEMU exited).
     pub fn remove(&self) {
         if let Err(e) = std::fs::remove_dir(&self.path) {

@@ -879,15 +879,12 @@ fn run_tool(
     let mut child =
         Supervised::spawn(what, cmd).map_err(|source| ImageError::Spawn { what, source })?;
     let start = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|source| ImageError::Spawn { what, source })?
-        {
-            break status;
-        }
-        if start.elapsed() > BUILD_TIMEOUT {
+    let status = match child
+        .wait_until(drydock_gc::Deadline::after(BUILD_TIMEOUT))
+        .map_err(|source| ImageError::Spawn { what, source })?
+    {
+        Some(status) => status,
+        None => {
             let _ = child.stop(Duration::from_secs(5));
             return Err(ImageError::Timeout {
                 what,
@@ -895,8 +892,6 @@ fn run_tool(
                 waited: start.elapsed(),
             });
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
     };
     if status.success() {
         return Ok(());

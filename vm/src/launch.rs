@@ -1,26 +1,31 @@
 //! The effectful side of a VM: start the store server and QEMU from a [`VmSpec`]'s plan, place
-//! QEMU in its own cgroup, record the VM's state, follow its console log, and stop it in order
-//! (QMP `system_powerdown` → grace → QMP `quit` → SIGTERM → SIGKILL) on every exit path.
+//! QEMU in its own cgroup, record the VM's state, read its console (`console`'s pump), and stop
+//! it in order (QMP `system_powerdown` → grace → QMP `quit` → SIGTERM → SIGKILL) on every exit
+//! path. Each wait for a process's exit blocks on its pidfd until it exits or the grace ends.
 //!
 //! Nobody holds the QMP socket (QEMU serves one client at a time): each operation connects,
 //! acts and disconnects, so `drydock vm stop` from another terminal can always get in.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use drydock_gc::{Cancel, Deadline};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::VmCgroup;
+use crate::console::{
+    BoundedLog, ConsoleOptions, ConsolePump, ConsoleTail, WaitOutcome, follow, rotate_at,
+};
 use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
 use crate::sys::proc::{process_start_ticks, same_process_alive};
+use crate::wait::{ProcessWatch, wait_readable};
 
 /// How long the guest gets to power off after `system_powerdown`.
 pub const POWERDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -380,8 +385,13 @@ impl LaunchRecord {
 pub struct Vm {
     paths: VmPaths,
     qemu: Supervised,
+    /// QEMU's exit, to wait on (QEMU is our unreaped child, so its pid stays its own).
+    qemu_exit: Option<ProcessWatch>,
     server: Option<StoreServer>,
+    /// The store server's exit.
+    server_exit: Option<ProcessWatch>,
     cgroup: Option<VmCgroup>,
+    console: Option<ConsolePump>,
     stopped: bool,
     pub state: VmState,
 }
@@ -391,6 +401,7 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
     for f in [
         paths.qmp_socket(),
         paths.fs_socket(),
+        paths.console_socket(),
         paths.qemu_pidfile(),
         paths.state_file(),
     ] {
@@ -401,10 +412,6 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
             _ => {}
         }
     }
-    drydock_gc::create_nofollow(&paths.console_log()).map_err(|source| LaunchError::Files {
-        path: paths.console_log(),
-        source,
-    })?;
     Ok(())
 }
 
@@ -512,11 +519,22 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
 static SAID_NO_CGROUP: AtomicBool = AtomicBool::new(false);
 
 /// Start the store server (for virtio-fs) and QEMU, and record the VM's state. With
-/// `incoming`, QEMU starts paused and loads a saved state from that migration URI.
+/// `incoming`, QEMU starts paused and loads a saved state from that migration URI. The console
+/// is kept as [`ConsoleOptions::default`] says (see [`start_with`]).
 pub fn start(
     spec: &VmSpec,
     share: Option<&StoreShare>,
     incoming: Option<&str>,
+) -> Result<Vm, LaunchError> {
+    start_with(spec, share, incoming, ConsoleOptions::default())
+}
+
+/// [`start`], with the console's log limit and a sink for its lines (`console`).
+pub fn start_with(
+    spec: &VmSpec,
+    share: Option<&StoreShare>,
+    incoming: Option<&str>,
+    console: ConsoleOptions,
 ) -> Result<Vm, LaunchError> {
     let qemu_plan = match incoming {
         Some(uri) => crate::plan::plan_incoming(spec, uri)?,
@@ -554,13 +572,21 @@ pub fn start(
         path: qemu_log.clone(),
         source,
     })?;
+    // QEMU connects its serial port to us as it starts: listen first.
+    let files = |path: PathBuf| move |source| LaunchError::Files { path, source };
+    let console_sock = paths.console_socket();
+    let console_listener =
+        drydock_gc::bind_listener(&console_sock).map_err(files(console_sock.clone()))?;
+    let console_log = BoundedLog::create(&paths.console_log(), rotate_at(console.log_limit))
+        .map_err(files(paths.console_log()))?;
     let mut cmd = Command::new(&qemu_plan.program);
     cmd.args(&qemu_plan.args).stdin(Stdio::null()).stderr(log);
-    // What QEMU creates (its QMP socket, NIC sockets, pid file, console log) is 0600 whatever
+    // What QEMU creates (its QMP socket, NIC sockets, pid file) is 0600 whatever
     // drydock's umask: the folders are private, and so are the files.
     crate::sys::proc::private_umask(&mut cmd);
     tracing::info!(plan = %qemu_plan.display(), "starting QEMU");
     let mut qemu = Supervised::spawn("qemu", cmd).map_err(LaunchError::Qemu)?;
+    let qemu_exit = ProcessWatch::child(qemu.pid());
     let cgroup = match VmCgroup::create(&spec.name, spec.memory_mib, qemu.pid()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -575,20 +601,30 @@ pub fn start(
         }
     };
     // QEMU fails fast on bad arguments or a missing device: catch that here, with its words.
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(300) {
-        if let Ok(Some(status)) = qemu.try_wait() {
-            let text = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            return Err(LaunchError::QemuDied {
-                status,
-                log: text.trim().to_string(),
-            });
+    // It is far enough once it connected its console (its chardevs are made), or 300 ms on.
+    let early = Deadline::after(Duration::from_millis(300));
+    while !early.expired() {
+        let mut fds = vec![console_listener.as_fd()];
+        fds.extend(qemu_exit.as_ref().map(|w| w.as_fd()));
+        match wait_readable(&fds, Some(early)) {
+            Ok(r) if r.get(1) == Some(&true) => break,
+            Ok(r) if r[0] => break,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("waiting for QEMU to start: {e}");
+                break;
+            }
         }
-        if paths.qmp_socket().exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
+    if let Ok(Some(status)) = qemu.try_wait() {
+        let text = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        return Err(LaunchError::QemuDied {
+            status,
+            log: text.trim().to_string(),
+        });
+    }
+    let pump = ConsolePump::start(&spec.name, console_listener, console_log, console.on_line)
+        .map_err(files(console_sock))?;
     let state = VmState {
         name: spec.name.clone(),
         supervisor_pid: std::process::id(),
@@ -607,15 +643,21 @@ pub fn start(
         supervisor_start_ticks: process_start_ticks(std::process::id()),
         server_start_ticks: server.as_ref().and_then(|s| process_start_ticks(s.pid())),
     };
-    state.write(&paths)?;
-    Ok(Vm {
+    let server_exit = server.as_ref().and_then(|s| ProcessWatch::child(s.pid()));
+    let vm = Vm {
         paths,
         qemu,
+        qemu_exit,
         server,
+        server_exit,
         cgroup,
+        console: Some(pump),
         stopped: false,
         state,
-    })
+    };
+    // From here on the VM is stopped (by its drop) on every way out.
+    vm.state.write(&vm.paths)?;
+    Ok(vm)
 }
 
 impl Vm {
@@ -634,6 +676,22 @@ impl Vm {
         self.qemu.try_wait().ok().flatten()
     }
 
+    /// QEMU's exit, to wait on with other descriptors (readable once it exited).
+    pub fn qemu_exit(&self) -> Option<&ProcessWatch> {
+        self.qemu_exit.as_ref()
+    }
+
+    /// The store server's exit, likewise (a VM with its store over virtio-fs has one).
+    pub fn server_exit(&self) -> Option<&ProcessWatch> {
+        self.server_exit.as_ref()
+    }
+
+    /// The store server's pid, and how it ended if it has (reaping it).
+    pub fn server_status(&mut self) -> Option<(u32, Option<ExitStatus>)> {
+        let s = self.server.as_mut()?;
+        Some((s.pid(), s.try_wait().ok().flatten()))
+    }
+
     /// Stop the VM in order and clean up (store server, cgroup, state file). Idempotent.
     pub fn stop(&mut self, grace: Duration) -> Result<(), LaunchError> {
         if self.stopped {
@@ -642,11 +700,15 @@ impl Vm {
         self.stopped = true;
         let pid = self.qemu.pid();
         let paths = self.paths.clone();
-        let qemu = &mut self.qemu;
-        let mut gone = || qemu.try_wait().ok().flatten().is_some();
-        orderly_shutdown(&paths, pid, grace, &mut gone);
+        let exit = self.qemu_exit.as_ref();
+        let gone = |d: Deadline| exit.is_none_or(|w| w.wait(d));
+        orderly_shutdown(&paths, pid, grace, &gone);
         // Whatever QMP achieved, make sure: SIGTERM, then SIGKILL; always reaped.
         let _ = self.qemu.stop(TERM_GRACE);
+        // QEMU is gone: its console's last bytes are in the log.
+        if let Some(mut pump) = self.console.take() {
+            pump.finish();
+        }
         if let Some(server) = self.server.take() {
             if let Err(e) = server.stop() {
                 tracing::warn!("stopping the store server: {e}");
@@ -657,6 +719,7 @@ impl Vm {
         }
         let _ = std::fs::remove_file(self.paths.state_file());
         let _ = std::fs::remove_file(self.paths.qmp_socket());
+        let _ = std::fs::remove_file(self.paths.console_socket());
         Ok(())
     }
 }
@@ -668,24 +731,16 @@ impl Drop for Vm {
 }
 
 /// QMP powerdown, wait up to `grace`; QMP quit, wait; each step only if the VM is still there.
-/// `gone` says whether QEMU has exited. Signals are the caller's last resort.
+/// `gone` waits until QEMU has exited (`true`) or the deadline passes (`false`). Signals are
+/// the caller's last resort.
 pub fn orderly_shutdown(
     paths: &VmPaths,
     pid: u32,
     grace: Duration,
-    gone: &mut dyn FnMut() -> bool,
+    gone: &dyn Fn(Deadline) -> bool,
 ) {
-    let wait = |gone: &mut dyn FnMut() -> bool, d: Duration| {
-        let t = Instant::now();
-        while t.elapsed() < d {
-            if gone() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        gone()
-    };
-    if gone() {
+    let wait = |gone: &dyn Fn(Deadline) -> bool, d: Duration| gone(Deadline::after(d));
+    if gone(Deadline::after(Duration::ZERO)) {
         return;
     }
     match Qmp::connect(&paths.qmp_socket(), QMP_CONNECT) {
@@ -735,7 +790,8 @@ pub fn stop_remote(
     let pid = state.qemu_pid;
     // A state file is read back from disk: obey it only for processes that are this VM's.
     let qemu_ours = is_vm_process(pid, paths, ProcessRole::Qemu);
-    let mut gone = || !qemu_ours || !state.qemu_alive();
+    let qemu_exit = ProcessWatch::open(pid, state.qemu_start_ticks);
+    let gone = |d: Deadline| !qemu_ours || qemu_exit.as_ref().is_none_or(|w| w.wait(d));
     if !qemu_ours && state.qemu_alive() {
         tracing::warn!(
             "{}: pid {pid} is not this VM's QEMU (its command line does not name {}); not signalling it",
@@ -744,31 +800,26 @@ pub fn stop_remote(
         );
     }
     if !force {
-        orderly_shutdown(paths, pid, grace, &mut gone);
+        orderly_shutdown(paths, pid, grace, &gone);
     }
     for (sig, wait) in [
         (libc::SIGTERM, TERM_GRACE),
         (libc::SIGKILL, Duration::from_secs(2)),
     ] {
-        if gone() {
+        if gone(Deadline::after(Duration::ZERO)) {
             break;
         }
         if force && sig == libc::SIGTERM {
             continue;
         }
         signal(pid, sig)?;
-        let t = Instant::now();
-        while t.elapsed() < wait && !gone() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        gone(Deadline::after(wait));
     }
     // The owner cleans up after QEMU; give it a moment, then make sure nothing is left.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5)
-        && state.supervisor_pid != std::process::id()
-        && state.supervisor_alive()
-    {
-        std::thread::sleep(Duration::from_millis(20));
+    if state.supervisor_pid != std::process::id() {
+        if let Some(w) = ProcessWatch::open(state.supervisor_pid, state.supervisor_start_ticks) {
+            w.wait(Deadline::after(Duration::from_secs(5)));
+        }
     }
     let owner = Some((state.supervisor_pid, state.supervisor_start_ticks));
     let server = state.server_pid.map(|p| (p, state.server_start_ticks));
@@ -781,13 +832,47 @@ pub fn stop_remote(
         }
     }
     if let Some(cg) = state.cgroup.as_deref().filter(|cg| is_vm_cgroup(cg)) {
-        let _ = std::fs::remove_dir(cg);
+        remove_cgroup(cg);
     }
     let _ = std::fs::remove_file(paths.state_file());
     let _ = std::fs::remove_file(paths.qmp_socket());
+    let _ = std::fs::remove_file(paths.console_socket());
     let _ = std::fs::remove_file(paths.fs_socket());
     let _ = std::fs::remove_file(crate::storefs::control_socket(&paths.fs_socket()));
     Ok(())
+}
+
+/// How long [`remove_cgroup`] tries, and how often.
+const CGROUP_RELEASE: Duration = Duration::from_secs(5);
+const CGROUP_RETRY: Duration = Duration::from_millis(20);
+
+/// Remove the cgroup a VM named `name` would have had, had this process started it, if it is
+/// there and empty: what an owner killed before it recorded its VM's state left (a cgroup with
+/// a task in it is not removed).
+pub fn remove_stale_cgroup(name: &str) {
+    if let Some(cg) = VmCgroup::path_for(name).filter(|p| p.is_dir() && is_vm_cgroup(p)) {
+        remove_cgroup(&cg);
+    }
+}
+
+/// Remove a VM's cgroup once its QEMU is gone. A QEMU killed with its owner (not our child)
+/// may still be exiting, its memory being torn down, and the kernel refuses to remove a cgroup
+/// with a task in it (EBUSY) until the task is released, which nothing signals: a back-off,
+/// bounded by [`CGROUP_RELEASE`].
+fn remove_cgroup(cg: &Path) {
+    let deadline = Deadline::after(CGROUP_RELEASE);
+    loop {
+        match std::fs::remove_dir(cg) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && !deadline.expired() => {
+                std::thread::sleep(CGROUP_RETRY.min(deadline.remaining()));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("cannot remove the cgroup {}: {e}", cg.display());
+                return;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Which of a VM's processes a pid from its state file should be.
@@ -847,133 +932,19 @@ fn signal(pid: u32, sig: i32) -> Result<(), LaunchError> {
     }
 }
 
-/// Reads a growing console log line by line. A log made anew (a machine restarted by a hot
-/// reload: another file at the same path, or a shorter one) is read from its start. (Whoever
-/// makes it anew keeps the old one aside, so the new file cannot reuse its inode.)
-#[derive(Debug)]
-pub struct ConsoleTail {
-    path: PathBuf,
-    offset: u64,
-    partial: Vec<u8>,
-    file_id: Option<(u64, u64)>,
-}
-
-impl ConsoleTail {
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            offset: 0,
-            partial: Vec::new(),
-            file_id: None,
-        }
-    }
-
-    /// Complete lines written since the last call (without `\r`/`\n`).
-    pub fn lines(&mut self) -> Vec<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let mut out = Vec::new();
-        let Ok(mut f) = File::open(&self.path) else {
-            return out;
-        };
-        if let Ok(m) = f.metadata() {
-            let id = (m.dev(), m.ino());
-            if self.file_id.is_some_and(|old| old != id) || m.len() < self.offset {
-                self.offset = 0;
-                self.partial.clear();
-            }
-            self.file_id = Some(id);
-        }
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return out;
-        }
-        let mut buf = Vec::new();
-        if let Ok(n) = f.read_to_end(&mut buf) {
-            self.offset += n as u64;
-        }
-        self.partial.extend_from_slice(&buf);
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line);
-            out.push(text.trim_end_matches(['\n', '\r']).to_string());
-        }
-        out
-    }
-
-    /// The unfinished last line, if any (for a final flush).
-    pub fn rest(&mut self) -> Option<String> {
-        if self.partial.is_empty() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&self.partial)
-            .trim_end_matches('\r')
-            .to_string();
-        self.partial.clear();
-        Some(text)
-    }
-}
-
-/// How a wait on a VM's console ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitOutcome {
-    /// The ready pattern matched this line.
-    Ready(String),
-    /// QEMU exited.
-    Exited,
-    /// The deadline passed.
-    TimedOut,
-    /// `cancel` was set (Ctrl-C).
-    Cancelled,
-}
-
-/// Follow `tail` until `ready` matches a line, QEMU is gone, `timeout` passes or `cancel` is
-/// set. Every line goes to `echo`.
-pub fn follow(
-    tail: &mut ConsoleTail,
-    ready: Option<&regex::Regex>,
-    timeout: Option<Duration>,
-    cancel: &AtomicBool,
-    gone: &mut dyn FnMut() -> bool,
-    echo: &mut dyn FnMut(&str),
-) -> WaitOutcome {
-    let start = Instant::now();
-    loop {
-        let exited = gone();
-        for line in tail.lines() {
-            echo(&line);
-            if ready.is_some_and(|r| r.is_match(&line)) {
-                return WaitOutcome::Ready(line);
-            }
-        }
-        if exited {
-            if let Some(rest) = tail.rest() {
-                echo(&rest);
-                if ready.is_some_and(|r| r.is_match(&rest)) {
-                    return WaitOutcome::Ready(rest);
-                }
-            }
-            return WaitOutcome::Exited;
-        }
-        if cancel.load(Ordering::SeqCst) {
-            return WaitOutcome::Cancelled;
-        }
-        if timeout.is_some_and(|t| start.elapsed() >= t) {
-            return WaitOutcome::TimedOut;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// `vm logs`: the console log of the VM `name` under `state_dir`, line by line to `echo` (the
-/// unfinished last line too); with `follow`, then every new line until the VM is not running,
-/// `cancel` is set or `echo` says to stop (returns `false`: its reader went away). A VM without
-/// a console log is bad input.
+/// `vm logs`: the console log of the VM `name` under `state_dir` (its rotated part first), line
+/// by line to `echo` (the unfinished last line too); with `follow_it`, then every new line
+/// until the VM's QEMU is gone, `cancel` is set or `echo` says to stop (returns `false`: its
+/// reader went away), blocked on inotify and QEMU's pidfd between lines. Returns whether
+/// `cancel` ended it. Lines are handed on as the guest wrote them: the caller shows them
+/// escaped ([`crate::escape_control`]). A VM without a console log is bad input.
 pub fn follow_console(
     state_dir: &Path,
     name: &str,
     follow_it: bool,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     echo: &mut dyn FnMut(&str) -> bool,
-) -> Result<(), LaunchError> {
+) -> Result<bool, LaunchError> {
     crate::plan::validate_name(name)?;
     let paths = VmPaths::in_state_dir(state_dir, name);
     let log = paths.console_log();
@@ -983,126 +954,31 @@ pub fn follow_console(
             path: log,
         });
     }
-    let mut tail = ConsoleTail::new(log);
-    if !follow_it {
+    let mut tail = ConsoleTail::with_rotated(log);
+    // Followed: until the VM's QEMU is gone. A VM that is not running is read to its end.
+    let qemu = follow_it
+        .then(|| VmState::read(&paths))
+        .flatten()
+        .and_then(|s| ProcessWatch::open(s.qemu_pid, s.qemu_start_ticks));
+    let Some(qemu) = qemu else {
         for l in tail.lines() {
             if !echo(&l) {
-                return Ok(());
+                return Ok(false);
             }
         }
         if let Some(r) = tail.rest() {
             echo(&r);
         }
-        return Ok(());
-    }
-    // A reader that went away ends the follow, quietly.
-    let stopped = std::cell::Cell::new(false);
-    let mut each = |l: &str| {
-        if !stopped.get() && !echo(l) {
-            stopped.set(true);
-        }
+        return Ok(false);
     };
-    let mut gone = || stopped.get() || VmState::read(&paths).is_none_or(|s| !s.qemu_alive());
-    follow(&mut tail, None, None, cancel, &mut gone, &mut each);
-    Ok(())
-}
-
-/// The last `n` lines of a console log, for error messages.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| l.trim_end_matches('\r'))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let end = follow(&mut tail, None, None, cancel, Some(&qemu), echo);
+    Ok(end == WaitOutcome::Cancelled && cancel.is_set())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
     use crate::sys::proc::pid_alive;
-
-    #[test]
-    fn console_tail_yields_whole_lines_as_they_grow() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        let mut f = File::create(&p).unwrap();
-        let mut t = ConsoleTail::new(p.clone());
-        assert!(t.lines().is_empty());
-        f.write_all(b"one\r\ntw").unwrap();
-        assert_eq!(t.lines(), ["one"]);
-        f.write_all(b"o\nthree").unwrap();
-        assert_eq!(t.lines(), ["two"]);
-        assert_eq!(t.rest().as_deref(), Some("three"));
-    }
-
-    #[test]
-    fn console_tail_reads_a_log_made_anew_from_its_start() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        std::fs::write(&p, "first boot, a long line\n").unwrap();
-        let mut t = ConsoleTail::new(p.clone());
-        assert_eq!(t.lines(), ["first boot, a long line"]);
-        // A restart: the old log is kept aside and QEMU writes a new one, longer than the offset.
-        std::fs::rename(&p, d.path().join("console.log.prev")).unwrap();
-        std::fs::write(&p, "second boot\nand a second line here\n").unwrap();
-        assert_eq!(t.lines(), ["second boot", "and a second line here"]);
-        // Truncated in place: shorter than what was read.
-        std::fs::write(&p, "third\n").unwrap();
-        assert_eq!(t.lines(), ["third"]);
-    }
-
-    #[test]
-    fn follow_stops_on_ready_timeout_exit_and_cancel() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("console.log");
-        std::fs::write(&p, "booting\nDRYDOCK-READY\nafter\n").unwrap();
-        let no = AtomicBool::new(false);
-        let re = regex::Regex::new("READY").unwrap();
-        let mut seen = Vec::new();
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&re),
-            None,
-            &no,
-            &mut || false,
-            &mut |l| seen.push(l.to_string()),
-        );
-        assert_eq!(out, WaitOutcome::Ready("DRYDOCK-READY".into()));
-        assert_eq!(seen, ["booting", "DRYDOCK-READY"]);
-        let never = regex::Regex::new("NEVER").unwrap();
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&never),
-            Some(Duration::from_millis(50)),
-            &no,
-            &mut || false,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::TimedOut);
-        let out = follow(
-            &mut ConsoleTail::new(p.clone()),
-            Some(&never),
-            None,
-            &no,
-            &mut || true,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::Exited);
-        let yes = AtomicBool::new(true);
-        let out = follow(
-            &mut ConsoleTail::new(p),
-            None,
-            None,
-            &yes,
-            &mut || false,
-            &mut |_| {},
-        );
-        assert_eq!(out, WaitOutcome::Cancelled);
-    }
 
     #[test]
     fn a_vms_console_is_read_until_its_reader_goes() {
@@ -1110,14 +986,14 @@ mod tests {
         let paths = VmPaths::in_state_dir(d.path(), "v");
         std::fs::create_dir_all(&paths.dir).unwrap();
         std::fs::write(paths.console_log(), "one\ntwo\nthree").unwrap();
-        let no = AtomicBool::new(false);
+        let no = Cancel::new();
         let read = |follow_it: bool, take: usize| {
             let mut seen = Vec::new();
             follow_console(d.path(), "v", follow_it, &no, &mut |l| {
                 seen.push(l.to_string());
                 seen.len() < take
             })
-            .map(|()| seen)
+            .map(|_| seen)
         };
         assert_eq!(read(false, 9).unwrap(), ["one", "two", "three"]);
         assert_eq!(
@@ -1127,6 +1003,9 @@ mod tests {
         );
         // Followed, it ends once the VM is not running (it has no state file here).
         assert_eq!(read(true, 9).unwrap(), ["one", "two", "three"]);
+        // Its rotated part is read first.
+        std::fs::write(crate::console::rotated(&paths.console_log()), "zero\n").unwrap();
+        assert_eq!(read(false, 9).unwrap(), ["zero", "one", "two", "three"]);
         for (name, says) in [
             ("w", "no console log for a VM named w"),
             ("../x", "invalid"),

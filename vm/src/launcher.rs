@@ -22,14 +22,14 @@
 //! Which steps a launch takes follows from where it comes from, decided as data ([`Steps`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use drydock_gc::StoreLayout;
+use drydock_gc::{Cancel, StoreLayout};
 
+use crate::console::ConsoleOptions;
 use crate::image::StoreImage;
 use crate::launch::{
-    LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, discard_disk, stop_remote,
+    LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, discard_disk, start_with, stop_remote,
 };
 use crate::owner::{
     OwnerError, SupervisorCommand, end_vm_run, join_vm_run, reap_stale, record_vm_run,
@@ -401,12 +401,18 @@ impl Launcher {
 
     /// Carry the claimed plan out with the VM owned by this process (thread): the disk, the
     /// run, `launch.json`, then the store server and QEMU as its children (a restore loads its
-    /// snapshot and resumes the guest). On a failure after the run was recorded, it is ended.
-    pub fn start_here(&self, claimed: Claimed) -> Result<(LaunchRecord, Vm), LauncherError> {
+    /// snapshot and resumes the guest), its console read by this process as `console` says
+    /// (its logs' bound, and a sink for each line). On a failure after the run was recorded,
+    /// it is ended.
+    pub fn start_here(
+        &self,
+        claimed: Claimed,
+        console: ConsoleOptions,
+    ) -> Result<(LaunchRecord, Vm), LauncherError> {
         let (record, incoming) = self.commit(claimed)?;
         let started = (|| -> Result<Vm, LauncherError> {
             let uri = incoming.as_ref().map(|(uri, _)| uri.as_str());
-            let mut vm = crate::launch::start(&record.spec, record.share.as_ref(), uri)?;
+            let mut vm = start_with(&record.spec, record.share.as_ref(), uri, console)?;
             if let Some((_, tag)) = &incoming {
                 if let Err(e) = resume_incoming(&mut vm, tag, RESUME_DEADLINE) {
                     vm.stop(Duration::ZERO)?;
@@ -431,7 +437,7 @@ impl Launcher {
     pub fn start_supervised(
         &self,
         claimed: Claimed,
-        cancel: &AtomicBool,
+        cancel: &Cancel,
     ) -> Result<SupervisedLaunch, LauncherError> {
         let (record, incoming) = self.commit(claimed)?;
         let paths = VmPaths::in_state_dir(&self.state_dir, &record.spec.name);

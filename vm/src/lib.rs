@@ -4,13 +4,15 @@
 //! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
 //! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
 //! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
-//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `sys`; `collect` (`gc`) → `owner`, `image`.
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `console` → `wait` → `sys`; `collect`
+//! (`gc`) → `owner`, `image`.
 //!
 //! Modules are private; the small public API is re-exported here.
 
 mod cgroup;
 mod class;
 mod collect;
+mod console;
 mod doctor;
 mod host;
 mod image;
@@ -27,9 +29,14 @@ mod storefs;
 #[allow(unsafe_code)]
 mod sys;
 mod system;
+mod wait;
 
 pub use class::exit_class_of;
 pub use collect::{CollectError, Collection, GcEvent, GcRequest, ImageSweep, collect};
+pub use console::{
+    BoundedLog, ConsoleOptions, ConsoleTail, DEFAULT_LOG_LIMIT, LineSink, LogWatch, MIN_LOG_LIMIT,
+    WaitOutcome, Woke, escape_control, follow, log_tail, rotate_at, rotated,
+};
 pub use doctor::{
     Answer, Asked, BootProbe, BuilderAnswer, DoctorError, DoctorOptions, Finding, Host, NixAnswer,
     Status, Verdict, VmsAnswer, run_checks, verdict,
@@ -39,8 +46,8 @@ pub use image::{
     ensure_with as ensure_store_image_with, list_images,
 };
 pub use launch::{
-    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState,
-    WaitOutcome, follow, follow_console, log_tail, write_json,
+    LaunchError, LaunchRecord, POWERDOWN_GRACE, Phase, StoreShare, Vm, VmState, follow_console,
+    remove_stale_cgroup, stop_remote, write_json,
 };
 pub use launcher::{Claimed, LaunchKind, LaunchPlan, Launcher, LauncherError, SupervisedLaunch};
 pub use lifecycle::{
@@ -63,14 +70,15 @@ pub use resolve::{
 };
 pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
 pub use spawn::{
-    Awaited, Captured, SpawnError, Supervised, await_report, drydock_command, run_captured,
-    spawn_detached, spawn_detached_holding,
+    Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
+    run_captured, run_captured_until, spawn_detached, spawn_detached_holding,
 };
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
 pub use sys::proc::{pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
+pub use wait::{ProcessWatch, WakeFd, Waker, readable_now, retry, wait_readable, wake_pair};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

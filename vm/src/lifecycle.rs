@@ -8,17 +8,17 @@
 
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::launch::{
-    ConsoleTail, LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, WaitOutcome, follow,
-    start, stop_remote,
-};
+use drydock_gc::Cancel;
+
+use crate::console::{ConsoleOptions, ConsoleTail, WaitOutcome, follow};
+use crate::launch::{LaunchError, LaunchRecord, POWERDOWN_GRACE, Vm, VmState, start, stop_remote};
 use crate::launcher::{
     LaunchKind, LaunchPlan, Launcher, LauncherError, RESUME_DEADLINE, SupervisedLaunch, end_run,
 };
 use crate::owner::{OwnerError, end_vm_run, wait_running};
+use crate::wait::ProcessWatch;
 
 /// What a launch waits for.
 #[derive(Debug, Clone, Default)]
@@ -107,7 +107,7 @@ pub fn launch_vm(
     launcher: &Launcher,
     kind: LaunchKind,
     opts: &LaunchOptions,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(LaunchEvent<'_>),
 ) -> Result<LaunchEnd, LifecycleError> {
     let plan = launcher.plan(kind)?;
@@ -116,7 +116,7 @@ pub fn launch_vm(
     let claimed = launcher.claim(plan)?;
     let state_dir = &launcher.state_dir;
     if !(opts.detach || restore) {
-        let (record, vm) = launcher.start_here(claimed)?;
+        let (record, vm) = launcher.start_here(claimed, ConsoleOptions::default())?;
         return foreground(state_dir, &record, vm, &opts.wait, cancel, on);
     }
     let SupervisedLaunch {
@@ -159,7 +159,7 @@ fn foreground(
     record: &LaunchRecord,
     mut vm: Vm,
     wait: &WaitSpec,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(LaunchEvent<'_>),
 ) -> Result<LaunchEnd, LifecycleError> {
     let started = Instant::now();
@@ -170,8 +170,11 @@ fn foreground(
         wait.ready.as_ref(),
         wait.timeout,
         cancel,
-        &mut || vm.exited().is_some(),
-        &mut |l| on(LaunchEvent::Console(l)),
+        vm.qemu_exit(),
+        &mut |l| {
+            on(LaunchEvent::Console(l));
+            true
+        },
     );
     if let WaitOutcome::Ready(line) = &outcome {
         on(LaunchEvent::Ready {
@@ -180,14 +183,10 @@ fn foreground(
         });
         ready_line = Some(line.clone());
         // Foreground: stay with the VM until it ends or Ctrl-C.
-        outcome = follow(
-            &mut tail,
-            None,
-            None,
-            cancel,
-            &mut || vm.exited().is_some(),
-            &mut |l| on(LaunchEvent::Console(l)),
-        );
+        outcome = follow(&mut tail, None, None, cancel, vm.qemu_exit(), &mut |l| {
+            on(LaunchEvent::Console(l));
+            true
+        });
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;
@@ -215,19 +214,27 @@ fn detached(
     state: &VmState,
     started: Instant,
     wait: &WaitSpec,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     on: &mut dyn FnMut(LaunchEvent<'_>),
 ) -> Result<LaunchEnd, LifecycleError> {
     let paths = &record.spec.paths;
     let mut tail = ConsoleTail::new(paths.console_log());
-    let outcome = follow(
-        &mut tail,
-        wait.ready.as_ref(),
-        wait.timeout,
-        cancel,
-        &mut || !state.qemu_alive(),
-        &mut |l| on(LaunchEvent::Console(l)),
-    );
+    // Until its QEMU exits (its pidfd), the ready line, the deadline or the cancel.
+    let qemu = ProcessWatch::open(state.qemu_pid, state.qemu_start_ticks);
+    let outcome = match &qemu {
+        Some(q) => follow(
+            &mut tail,
+            wait.ready.as_ref(),
+            wait.timeout,
+            cancel,
+            Some(q),
+            &mut |l| {
+                on(LaunchEvent::Console(l));
+                true
+            },
+        ),
+        None => WaitOutcome::Exited,
+    };
     let ending = match outcome {
         WaitOutcome::Ready(line) => {
             return Ok(LaunchEnd {
@@ -258,7 +265,7 @@ pub fn supervise(
     launcher: &Launcher,
     name: &str,
     incoming: Option<(&str, &str)>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<Option<ExitStatus>, LifecycleError> {
     let mut record = LaunchRecord::of_vm(&launcher.state_dir, name)?;
     if let Some(share) = &mut record.share {
@@ -281,8 +288,17 @@ pub fn supervise(
         }
         tracing::info!("{} resumed from its snapshot", record.spec.name);
     }
-    while vm.exited().is_none() && !cancel.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
+    // Until QEMU exits or the cancel wakes us: both are descriptors to block on.
+    let (waker, woken) = crate::wait::wake_pair().map_err(|source| LaunchError::Files {
+        path: vm.paths().dir.clone(),
+        source,
+    })?;
+    let _wake = cancel.on_cancel(move || waker.wake());
+    if let Some(q) = vm.qemu_exit() {
+        use std::os::fd::AsFd;
+        while !cancel.is_set() && !q.exited() {
+            let _ = crate::wait::wait_readable(&[q.as_fd(), woken.as_fd()], None);
+        }
     }
     let status = vm.exited();
     vm.stop(POWERDOWN_GRACE)?;

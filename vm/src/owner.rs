@@ -7,7 +7,6 @@
 //! its run, exactly once, so GC can then collect it like any stopped VM.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use drydock_gc::{ArtifactKind, RunKind, RunsDb, RunsDbError, StoreLayout};
@@ -100,7 +99,7 @@ pub struct SupervisorCommand<'a> {
 pub fn spawn_supervisor(
     sup: &SupervisorCommand<'_>,
     paths: &VmPaths,
-    cancel: &AtomicBool,
+    cancel: &drydock_gc::Cancel,
 ) -> Result<(u32, VmState), OwnerError> {
     let log_path = paths.supervisor_log();
     let log = drydock_gc::create_nofollow(&log_path).map_err(|source| OwnerError::Log {
@@ -116,14 +115,15 @@ pub fn spawn_supervisor(
             .arg(tag);
     }
     let pid = crate::spawn::spawn_detached("vm supervisor", cmd, log)
-        .map_err(|e| OwnerError::Spawn(Box::new(e)))?;
-    let every = Duration::from_millis(10);
-    match crate::spawn::await_report(pid, SUPERVISOR_START, every, cancel, || {
+        .map_err(|e| OwnerError::Spawn(Box::new(e)))?
+        .pid;
+    let report = paths.state_file();
+    match crate::spawn::await_report(pid, SUPERVISOR_START, &report, cancel, || {
         VmState::read(paths)
     }) {
         Awaited::Ready(s) => Ok((pid, s)),
         Awaited::Died => Err(OwnerError::DidNotStart {
-            log: crate::launch::log_tail(&log_path, 40).trim().to_owned(),
+            log: crate::console::log_tail(&log_path, 40).trim().to_owned(),
         }),
         Awaited::Late => {
             crate::launch::kill_process(pid);
@@ -142,15 +142,15 @@ pub fn wait_running(
     paths: &VmPaths,
     supervisor: u32,
     deadline: Duration,
-    cancel: &AtomicBool,
+    cancel: &drydock_gc::Cancel,
 ) -> Result<VmState, OwnerError> {
     let t = Instant::now();
-    let every = Duration::from_millis(5);
     let running = || VmState::read(paths).filter(|s| s.phase == Phase::Running);
-    match crate::spawn::await_report(supervisor, deadline, every, cancel, running) {
+    let report = paths.state_file();
+    match crate::spawn::await_report(supervisor, deadline, &report, cancel, running) {
         Awaited::Ready(s) => Ok(s),
         Awaited::Died => Err(OwnerError::NotBack {
-            log: crate::launch::log_tail(&paths.supervisor_log(), 40)
+            log: crate::console::log_tail(&paths.supervisor_log(), 40)
                 .trim()
                 .to_owned(),
         }),

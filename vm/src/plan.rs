@@ -111,6 +111,10 @@ impl VmPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// Where QEMU connects the serial console; the VM's owner listens there.
+    pub fn console_socket(&self) -> PathBuf {
+        self.sockets.join("console.sock")
+    }
     pub fn qemu_pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
@@ -369,8 +373,8 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
         push(&["-initrd", &no_comma("an initrd path", initrd)?]);
     }
     push(&["-append", &kernel_cmdline(&spec.cmdline)]);
-    let log = no_comma("a state folder", &spec.paths.console_log())?;
-    push(&["-chardev", &format!("file,id=console,path={log}")]);
+    let console = socket_arg("a socket folder", &spec.paths.console_socket())?;
+    push(&["-chardev", &format!("socket,id=console,path={console}")]);
     push(&["-serial", "chardev:console"]);
     push(&[
         "-qmp",
@@ -542,7 +546,7 @@ mod tests {
         assert_eq!(
             after(&p, "-chardev"),
             [
-                "file,id=console,path=/s/vms/web/console.log",
+                "socket,id=console,path=/s/vms/web/console.sock",
                 "socket,id=fs0,path=/s/vms/web/fs.sock"
             ]
         );

@@ -65,6 +65,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use drydock_gc::Deadline;
 use qapi::qmp as q;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -471,37 +472,24 @@ impl Event {
     }
 }
 
-/// A deadline with the budget it was made from (for error messages).
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    budget: Duration,
+/// A wait that ran out of time: `after` is filled in by the public call that knows the budget
+/// it was given (see [`with_budget`]).
+fn timed_out(waiting_for: &str) -> QmpError {
+    QmpError::Timeout {
+        waiting_for: waiting_for.to_owned(),
+        after: Duration::ZERO,
+    }
 }
 
-impl Deadline {
-    fn after(budget: Duration) -> Deadline {
-        Deadline {
-            at: Instant::now() + budget,
-            budget,
-        }
-    }
-
-    fn remaining(&self) -> Option<Duration> {
-        self.at
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    }
-
-    fn earliest(self, other: Deadline) -> Deadline {
-        if other.at < self.at { other } else { self }
-    }
-
-    fn timeout(&self, waiting_for: &str) -> QmpError {
-        QmpError::Timeout {
-            waiting_for: waiting_for.to_owned(),
-            after: self.budget,
-        }
-    }
+/// A call's result with its timeout's budget named in the error.
+fn with_budget<T>(r: Result<T, QmpError>, budget: Duration) -> Result<T, QmpError> {
+    r.map_err(|e| match e {
+        QmpError::Timeout { waiting_for, after } if after.is_zero() => QmpError::Timeout {
+            waiting_for,
+            after: budget,
+        },
+        e => e,
+    })
 }
 
 /// One parsed QMP message.
@@ -590,8 +578,11 @@ impl Qmp {
     /// that accepts but never greets gives [`QmpError::Timeout`] (QEMU serves one QMP client
     /// per socket at a time, so a second client waits like that).
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        with_budget(Self::connect_by(socket, Deadline::after(timeout)), timeout)
+    }
+
+    fn connect_by(socket: &Path, deadline: Deadline) -> Result<Qmp, QmpError> {
         let started = Instant::now();
-        let deadline = Deadline::after(timeout);
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(stream) => break stream,
@@ -603,7 +594,9 @@ impl Qmp {
                             | io::ErrorKind::WouldBlock
                     ) =>
                 {
-                    match deadline.remaining() {
+                    match deadline.timeout() {
+                        // A back-off, bounded by the deadline: a socket that is not there yet
+                        // (QEMU starting) or whose listener is gone cannot be waited on.
                         Some(left) => std::thread::sleep(left.min(CONNECT_RETRY)),
                         None => {
                             return Err(QmpError::Connect {
@@ -636,7 +629,7 @@ impl Qmp {
             closed: None,
         };
         let greeting = loop {
-            match Message::classify(qmp.read_message(&deadline, "the QMP greeting")?) {
+            match Message::classify(qmp.read_message(deadline, "the QMP greeting")?) {
                 Message::Greeting(g) => break g,
                 Message::Event(e) => qmp.queue_event(e),
                 _ => return Err(protocol("QEMU did not start with a QMP greeting".into())),
@@ -675,32 +668,31 @@ impl Qmp {
 
     /// `query-status`: the run state and whether the vCPUs run.
     pub fn status(&mut self) -> Result<VmStatus, QmpError> {
-        let reply = self.call(&q::query_status {}, self.command_deadline())?;
+        let reply = self.command(&q::query_status {})?;
         VmStatus::from_reply(&reply)
     }
 
     /// `stop`: pauses the vCPUs (QEMU emits `STOP`).
     pub fn stop(&mut self) -> Result<(), QmpError> {
-        self.call(&q::stop {}, self.command_deadline()).map(drop)
+        self.command(&q::stop {}).map(drop)
     }
 
     /// `cont`: resumes the vCPUs (QEMU emits `RESUME`).
     pub fn cont(&mut self) -> Result<(), QmpError> {
-        self.call(&q::cont {}, self.command_deadline()).map(drop)
+        self.command(&q::cont {}).map(drop)
     }
 
     /// `system_powerdown`: presses the ACPI power button (QEMU emits `POWERDOWN`; a guest
     /// that handles it then shuts down, giving `SHUTDOWN`).
     pub fn powerdown(&mut self) -> Result<(), QmpError> {
-        self.call(&q::system_powerdown {}, self.command_deadline())
-            .map(drop)
+        self.command(&q::system_powerdown {}).map(drop)
     }
 
     /// `quit`: makes QEMU exit. The connection closing before the reply counts as success;
     /// afterwards every call gives [`QmpError::Disconnected`]. Use
     /// [`Qmp::wait_disconnected`] to wait until QEMU has closed the socket.
     pub fn quit(&mut self) -> Result<(), QmpError> {
-        match self.call(&q::quit {}, self.command_deadline()) {
+        match self.command(&q::quit {}) {
             Ok(_) | Err(QmpError::Disconnected { .. }) => {
                 self.closed.get_or_insert_with(|| "after quit".to_owned());
                 Ok(())
@@ -715,7 +707,7 @@ impl Qmp {
         // `quit` marks the session closed for commands; the socket itself may still be open.
         let closed = self.closed.take();
         let result = loop {
-            match self.read_message(&deadline, "QEMU to close the QMP connection") {
+            match self.read_message(deadline, "QEMU to close the QMP connection") {
                 Ok(v) => self.dispatch_unsolicited(v),
                 Err(QmpError::Disconnected { .. }) => break Ok(()),
                 Err(e) => break Err(e),
@@ -724,14 +716,14 @@ impl Qmp {
         if self.closed.is_none() {
             self.closed = closed;
         }
-        result
+        with_budget(result, timeout)
     }
 
     /// Runs any command of `qapi`'s schema and decodes the reply with its typed shape. A reply
     /// that does not fit (QEMU older or newer than the schema) gives [`QmpError::Decode`] with
     /// the raw reply.
     pub fn execute<C: qapi::Command>(&mut self, command: &C) -> Result<C::Ok, QmpError> {
-        let reply = self.call(command, self.command_deadline())?;
+        let reply = self.command(command)?;
         serde_json::from_value(reply.clone()).map_err(|source| QmpError::Decode {
             command: C::NAME.to_owned(),
             raw: reply,
@@ -747,7 +739,11 @@ impl Qmp {
         if !arguments.is_null() {
             request["arguments"] = arguments;
         }
-        self.round_trip(command, id, &request, self.command_deadline())
+        let deadline = self.command_deadline();
+        with_budget(
+            self.round_trip(command, id, &request, deadline),
+            self.command_timeout,
+        )
     }
 
     /// Takes the queued events, oldest first.
@@ -787,7 +783,7 @@ impl Qmp {
         }
         let deadline = Deadline::after(timeout);
         loop {
-            let v = self.read_message(&deadline, what)?;
+            let v = with_budget(self.read_message(deadline, what), timeout)?;
             match Message::classify(v) {
                 Message::Event(e) if matches(&e) => return Ok(e),
                 Message::Event(e) => self.queue_event(e),
@@ -804,7 +800,7 @@ impl Qmp {
             detach: None,
             resume: None,
         };
-        self.call(&command, self.command_deadline()).map(drop)
+        self.command(&command).map(drop)
     }
 
     /// Starts migrating the VM's state into the file at `path` (created or truncated), with
@@ -826,12 +822,12 @@ impl Qmp {
             channels: None,
             exit_on_error: None,
         };
-        self.call(&command, self.command_deadline()).map(drop)
+        self.command(&command).map(drop)
     }
 
     /// `query-migrate`, decoded tolerantly (see [`MigrationInfo`]).
     pub fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
-        let reply = self.call(&q::query_migrate {}, self.command_deadline())?;
+        let reply = self.command(&q::query_migrate {})?;
         Ok(MigrationInfo::from_reply(reply))
     }
 
@@ -839,12 +835,12 @@ impl Qmp {
     /// cancelled ([`QmpError::Migration`]), or `timeout` passes ([`QmpError::Timeout`]).
     /// Events keep being read between polls.
     pub fn wait_migration(&mut self, timeout: Duration) -> Result<MigrationInfo, QmpError> {
-        let deadline = Deadline::after(timeout);
+        with_budget(self.wait_migration_by(Deadline::after(timeout)), timeout)
+    }
+
+    fn wait_migration_by(&mut self, deadline: Deadline) -> Result<MigrationInfo, QmpError> {
         loop {
-            let reply = self.call(
-                &q::query_migrate {},
-                self.command_deadline().earliest(deadline),
-            )?;
+            let reply = self.call(&q::query_migrate {}, self.command_deadline().min(deadline))?;
             let info = MigrationInfo::from_reply(reply);
             trace!(status = %info.status, "migration status");
             match info.status {
@@ -857,10 +853,11 @@ impl Qmp {
                 }
                 _ => {}
             }
-            if deadline.remaining().is_none() {
-                return Err(deadline.timeout("the migration to complete"));
+            if deadline.expired() {
+                return Err(timed_out("the migration to complete"));
             }
-            self.pump(Deadline::after(MIGRATION_POLL).earliest(deadline))?;
+            // Between two queries (QEMU reports no progress by itself): the events that came.
+            self.pump(Deadline::after(MIGRATION_POLL).min(deadline))?;
         }
     }
 
@@ -868,6 +865,12 @@ impl Qmp {
 
     fn command_deadline(&self) -> Deadline {
         Deadline::after(self.command_timeout)
+    }
+
+    /// Sends a typed command with the command deadline.
+    fn command<C: qapi::Command>(&mut self, command: &C) -> Result<Value, QmpError> {
+        let deadline = self.command_deadline();
+        with_budget(self.call(command, deadline), self.command_timeout)
     }
 
     fn take_id(&mut self) -> u64 {
@@ -894,10 +897,10 @@ impl Qmp {
         request: &impl Serialize,
         deadline: Deadline,
     ) -> Result<Value, QmpError> {
-        self.send(name, request, &deadline)?;
+        self.send(name, request, deadline)?;
         let what = format!("the reply to {name}");
         loop {
-            match Message::classify(self.read_message(&deadline, &what)?) {
+            match Message::classify(self.read_message(deadline, &what)?) {
                 Message::Event(e) => self.queue_event(e),
                 // A reply without an id answers a request QEMU could not even parse: ours.
                 Message::Reply { id: Some(got), .. } if got != json!(id) => {
@@ -919,7 +922,7 @@ impl Qmp {
         &mut self,
         name: &str,
         request: &impl Serialize,
-        deadline: &Deadline,
+        deadline: Deadline,
     ) -> Result<(), QmpError> {
         if let Some(why) = &self.closed {
             return Err(QmpError::Disconnected {
@@ -934,8 +937,8 @@ impl Qmp {
         line.push(b'\n');
         trace!(request = %String::from_utf8_lossy(&line).trim_end(), "-> QMP");
         let left = deadline
-            .remaining()
-            .ok_or_else(|| deadline.timeout(&format!("sending {name}")))?;
+            .timeout()
+            .ok_or_else(|| timed_out(&format!("sending {name}")))?;
         let io_err = |context: String, source: io::Error| QmpError::Io { context, source };
         self.stream
             .set_write_timeout(Some(left))
@@ -956,7 +959,7 @@ impl Qmp {
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) {
-                    Err(deadline.timeout(&format!("QEMU to accept {name}")))
+                    Err(timed_out(&format!("QEMU to accept {name}")))
                 } else {
                     Err(io_err(format!("sending {name}"), e))
                 }
@@ -965,7 +968,7 @@ impl Qmp {
     }
 
     /// Returns the next complete message, reading until `deadline`.
-    fn read_message(&mut self, deadline: &Deadline, what: &str) -> Result<Value, QmpError> {
+    fn read_message(&mut self, deadline: Deadline, what: &str) -> Result<Value, QmpError> {
         loop {
             if let Some(v) = self.take_message()? {
                 return Ok(v);
@@ -998,9 +1001,9 @@ impl Qmp {
     }
 
     /// Reads more bytes, blocking until `deadline`.
-    fn fill(&mut self, deadline: &Deadline, what: &str) -> Result<(), QmpError> {
+    fn fill(&mut self, deadline: Deadline, what: &str) -> Result<(), QmpError> {
         self.check_open(what)?;
-        let left = deadline.remaining().ok_or_else(|| deadline.timeout(what))?;
+        let left = deadline.timeout().ok_or_else(|| timed_out(what))?;
         self.stream
             .set_read_timeout(Some(left))
             .map_err(|source| QmpError::Io {
@@ -1078,7 +1081,7 @@ impl Qmp {
     /// Reads and queues events until `deadline` (a quiet socket is not an error here).
     fn pump(&mut self, deadline: Deadline) -> Result<(), QmpError> {
         loop {
-            match self.read_message(&deadline, "QMP events") {
+            match self.read_message(deadline, "QMP events") {
                 Ok(v) => self.dispatch_unsolicited(v),
                 Err(QmpError::Timeout { .. }) => return Ok(()),
                 Err(e) => return Err(e),

@@ -309,6 +309,9 @@ pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
     Ok(line)
 }
 
+/// How often [`resume_incoming`] asks QEMU whether the snapshot has loaded.
+const LOAD_POLL: Duration = Duration::from_millis(20);
+
 /// After starting QEMU with `-incoming`: wait (bounded) until the state has loaded, then resume
 /// the guest. A corrupt or truncated state makes QEMU exit: that is an error naming QEMU's words,
 /// and the VM is left stopped.
@@ -317,11 +320,10 @@ pub fn resume_incoming(
     tag: &str,
     deadline: Duration,
 ) -> Result<(), SnapshotError> {
-    let start = Instant::now();
     let qemu_log = vm.paths().dir.join("qemu.log");
     let state = snapshot_dir(vm.paths(), tag).join("state");
     let failed = |vm: &mut crate::launch::Vm| {
-        let said = crate::launch::log_tail(&qemu_log, 10);
+        let said = crate::console::log_tail(&qemu_log, 10);
         let status = vm.exited().map(|s| s.to_string()).unwrap_or_default();
         SnapshotError::Corrupt {
             tag: tag.to_string(),
@@ -333,20 +335,19 @@ pub fn resume_incoming(
             ),
         }
     };
+    let within = deadline;
+    let deadline = drydock_gc::Deadline::after(within);
     loop {
         if vm.exited().is_some() {
             return Err(failed(vm));
         }
-        if start.elapsed() > deadline {
+        let Some(left) = deadline.timeout() else {
             return Err(SnapshotError::Qmp(QmpError::Timeout {
                 waiting_for: "the snapshot to load".into(),
-                after: deadline,
+                after: within,
             }));
-        }
-        let remaining = deadline
-            .saturating_sub(start.elapsed())
-            .min(Duration::from_secs(2));
-        match Qmp::connect(&vm.paths().qmp_socket(), remaining) {
+        };
+        match Qmp::connect(&vm.paths().qmp_socket(), left.min(Duration::from_secs(2))) {
             Ok(mut qmp) => match qmp.status() {
                 Ok(st) if st.running => break,
                 Ok(st) if st.state == crate::qmp::RunState::InMigrate => {}
@@ -358,7 +359,10 @@ pub fn resume_incoming(
             },
             Err(e) => tracing::debug!("QMP while loading: {e}"),
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // A back-off, bounded by the deadline: QEMU says nothing when an incoming migration
+        // has loaded (it only pauses; its MIGRATION events are off unless asked for before the
+        // migration starts, which `-incoming` does at once), so its state is asked again.
+        std::thread::sleep(LOAD_POLL.min(deadline.remaining()));
     }
     vm.mark_running()?;
     Ok(())

@@ -13,14 +13,18 @@
 //! - only [`spawn_detached`] makes a process that outlives drydock (a VM left running on purpose).
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use drydock_gc::{Cancel, Deadline};
+
+use crate::console::LogWatch;
 use crate::sys::proc as sysproc;
+use crate::wait::{ProcessWatch, wait_readable, wake_pair};
 
 /// How long [`Supervised`]'s `Drop` waits after SIGTERM before it sends SIGKILL.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -177,6 +181,22 @@ impl Supervised {
         Ok(self.status)
     }
 
+    /// Wait until the child exits (its status, reaping it) or `deadline` passes (`None`).
+    pub fn wait_until(&mut self, deadline: Deadline) -> Result<Option<ExitStatus>, SpawnError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(Some(status));
+        }
+        if let Some(w) = ProcessWatch::child(self.pid()) {
+            w.wait(deadline);
+        }
+        self.try_wait()
+    }
+
+    /// The child's exit as a descriptor to wait on with others (`None` if it has exited).
+    pub fn exit_watch(&self) -> Option<ProcessWatch> {
+        ProcessWatch::child(self.pid())
+    }
+
     /// Stop the child: SIGTERM, wait up to `grace`, then SIGKILL; always reaps. Returns how it
     /// ended. Stopping an already exited child just returns its status.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, SpawnError> {
@@ -185,18 +205,16 @@ impl Supervised {
         }
         let pid = self.pid();
         // The child is unreaped here, so its pid cannot have been reused.
+        let exit = ProcessWatch::child(pid);
         match drydock_gc::send_signal(pid, libc::SIGTERM) {
             Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return Err(self.control(e)),
             _ => {}
         }
-        let deadline = Instant::now() + grace;
-        let mut pause = Duration::from_millis(1);
-        while Instant::now() < deadline {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
+        if let Some(w) = &exit {
+            w.wait(Deadline::after(grace));
+        }
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
         }
         tracing::warn!(name = %self.name, pid, ?grace, "did not stop on SIGTERM; killing");
         self.child.kill().map_err(|source| self.control(source))?;
@@ -256,33 +274,78 @@ pub enum Awaited<T> {
     Late,
 }
 
-/// Look at `ready` every `every` until it gives a value, the process `pid` dies, `within`
-/// passes or `cancel` is set, whichever comes first.
+/// A process started by [`spawn_detached`]: its pid, its exit to wait on, and how it ended
+/// once it has (it is reaped by a thread of ours while we run).
+#[derive(Debug)]
+pub struct DetachedChild {
+    pub pid: u32,
+    exit: Option<ProcessWatch>,
+    status: mpsc::Receiver<ExitStatus>,
+}
+
+impl DetachedChild {
+    /// How it ended, once it has (waiting at most until `deadline` for its reaper).
+    pub fn status(&self, deadline: Deadline) -> Option<ExitStatus> {
+        self.status.recv_timeout(deadline.remaining()).ok()
+    }
+
+    /// Whether it has exited (never blocks).
+    pub fn exited(&self) -> bool {
+        self.exit.as_ref().is_none_or(ProcessWatch::exited)
+    }
+}
+
+/// Wait until `ready` gives a value, the process `pid` exits, `within` passes or `cancel` is
+/// set, whichever comes first. `ready` reads what the process writes to `report` (a file it
+/// writes whole, by rename): it is asked again each time that file changes, blocking meanwhile.
 pub fn await_report<T>(
     pid: u32,
     within: Duration,
-    every: Duration,
-    cancel: &AtomicBool,
+    report: &Path,
+    cancel: &Cancel,
     mut ready: impl FnMut() -> Option<T>,
 ) -> Awaited<T> {
-    let started = Instant::now();
+    let deadline = Deadline::after(within);
+    let exit = ProcessWatch::open(pid, None);
+    let mut watch = LogWatch::new();
+    watch.add(report);
+    let wake = wake_pair().ok();
+    let _woken = wake.as_ref().map(|(w, _)| {
+        let w = w.clone();
+        cancel.on_cancel(move || w.wake())
+    });
     loop {
         if let Some(v) = ready() {
             return Awaited::Ready(v);
         }
-        if !crate::sys::proc::pid_alive(pid) {
-            return Awaited::Died;
+        if exit.as_ref().is_none_or(ProcessWatch::exited) {
+            // It may have reported just before it died.
+            return match ready() {
+                Some(v) => Awaited::Ready(v),
+                None => Awaited::Died,
+            };
         }
-        if started.elapsed() > within || cancel.load(Ordering::SeqCst) {
+        if deadline.expired() || cancel.is_set() {
             return Awaited::Late;
         }
-        std::thread::sleep(every);
+        let mut also = Vec::new();
+        also.extend(exit.as_ref().map(|w| w.as_fd()));
+        also.extend(wake.as_ref().map(|(_, fd)| fd.as_fd()));
+        if let Err(e) = watch.wait(&also, Some(deadline)) {
+            tracing::warn!("waiting for {}: {e}", report.display());
+            return Awaited::Late;
+        }
     }
 }
 
 /// Start a process that outlives this one: a new session, no parent-death signal, stdin from
-/// /dev/null and stdout/stderr to `log`. Returns its pid; it is reaped by init, not by us.
-pub fn spawn_detached(name: &str, cmd: Command, log: std::fs::File) -> Result<u32, SpawnError> {
+/// /dev/null and stdout/stderr to `log`. It is reaped by a thread of ours while we run (so no
+/// zombie lingers), by init after.
+pub fn spawn_detached(
+    name: &str,
+    cmd: Command,
+    log: std::fs::File,
+) -> Result<DetachedChild, SpawnError> {
     detach(name, cmd, log, Stdio::null())
 }
 
@@ -293,7 +356,7 @@ pub fn spawn_detached_holding(
     cmd: Command,
     log: std::fs::File,
     held: std::fs::File,
-) -> Result<u32, SpawnError> {
+) -> Result<DetachedChild, SpawnError> {
     detach(name, cmd, log, Stdio::from(held))
 }
 
@@ -302,7 +365,7 @@ fn detach(
     mut cmd: Command,
     log: std::fs::File,
     stdin: Stdio,
-) -> Result<u32, SpawnError> {
+) -> Result<DetachedChild, SpawnError> {
     let err_log = log.try_clone().map_err(|source| SpawnError::Start {
         name: name.to_owned(),
         program: cmd.get_program().to_string_lossy().into_owned(),
@@ -316,13 +379,17 @@ fn detach(
         source,
     })?;
     let pid = child.id();
-    // Reap it in the background if it exits while we are still here, so no zombie lingers.
+    // Watched before the reaper can reap it: the pid is still the child's.
+    let exit = ProcessWatch::child(pid);
+    let (tx, status) = mpsc::channel();
     std::thread::spawn(move || {
         let mut child = child;
-        let _ = child.wait();
+        if let Ok(s) = child.wait() {
+            let _ = tx.send(s);
+        }
     });
     tracing::debug!(name, pid, "started detached");
-    Ok(pid)
+    Ok(DetachedChild { pid, exit, status })
 }
 
 // ---- Short-lived helpers: run to completion with a deadline, output captured. ----
@@ -335,12 +402,24 @@ pub struct Captured {
     pub stdout: String,
     pub stderr: String,
     pub timed_out: bool,
+    /// Killed because the caller was interrupted.
+    pub cancelled: bool,
 }
 
 /// Run `cmd` to completion or until `deadline` passes (then SIGKILL it and its process group:
 /// a grandchild such as Nix's `ssh` would otherwise hold the output pipes open).
-pub fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
+pub fn run_captured(cmd: Command, deadline: Duration) -> std::io::Result<Captured> {
+    run_captured_until(cmd, deadline, None)
+}
+
+/// [`run_captured`], also killed (with its process group) as soon as `cancel` is set.
+pub fn run_captured_until(
+    mut cmd: Command,
+    deadline: Duration,
+    cancel: Option<&Cancel>,
+) -> std::io::Result<Captured> {
     use std::os::unix::process::CommandExt;
+    let deadline = Deadline::after(deadline);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -359,20 +438,27 @@ pub fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Cap
         let _ = err.read_to_end(&mut s);
         s
     });
-    let start = Instant::now();
-    let mut pause = Duration::from_micros(500);
+    let exit = ProcessWatch::child(child.id());
+    let wake = wake_pair()?;
+    let _woken = cancel.map(|c| {
+        let w = wake.0.clone();
+        c.on_cancel(move || w.wake())
+    });
+    let mut cancelled = false;
     let (status, timed_out) = loop {
         if let Some(st) = child.try_wait()? {
             break (Some(st), false);
         }
-        if start.elapsed() >= deadline {
+        cancelled = cancel.is_some_and(Cancel::is_set);
+        if cancelled || deadline.expired() {
             let _ = sysproc::signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
-            break (None, true);
+            break (None, !cancelled);
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(20));
+        let mut fds = vec![wake.1.as_fd()];
+        fds.extend(exit.as_ref().map(|w| w.as_fd()));
+        wait_readable(&fds, Some(deadline))?;
     };
     let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
@@ -381,6 +467,7 @@ pub fn run_captured(mut cmd: Command, deadline: Duration) -> std::io::Result<Cap
         stdout,
         stderr,
         timed_out,
+        cancelled,
     })
 }
 

@@ -212,7 +212,9 @@ fn launch(ctx: &Context, name: &str, kind: LaunchKind, wait: &Wait) -> anyhow::R
 
 fn echo_to(json: bool, name: &str) -> impl FnMut(&str) {
     let prefix = format!("{name} │ ");
+    // What the guest prints is shown, never obeyed by the terminal.
     move |line: &str| {
+        let line = drydock_vm::escape_control(line);
         if json {
             eprintln!("{prefix}{line}");
         } else {
@@ -288,6 +290,11 @@ fn report_end(
     let running = matches!(end.ending, drydock_vm::Ending::Running { .. });
     if code == Outcome::Failed {
         let tail = drydock_vm::log_tail(&paths.console_log(), 15);
+        let tail: Vec<String> = tail
+            .lines()
+            .map(|l| drydock_vm::escape_control(l).into_owned())
+            .collect();
+        let tail = tail.join("\n");
         eprintln!(
             "drydock: {name}: {why}\n--- last console lines ({}) ---\n{tail}",
             paths.console_log().display()
@@ -449,24 +456,30 @@ fn logs(ctx: &Context, a: &VmLogsArgs) -> anyhow::Result<Outcome> {
         install_cancel_handler();
     }
     let mut out = crate::out::stdout();
-    // A write that fails (the reader went away) ends the reading; its error is returned.
+    // A write that fails (the reader went away) ends the reading; its error is returned. What
+    // the guest printed is shown escaped, never obeyed by the terminal.
     let mut failed = None;
-    drydock_vm::follow_console(&ctx.state_dir, &a.name, a.follow, &CANCEL, &mut |l| {
-        let written = writeln!(out, "{l}").and_then(|()| match a.follow {
-            true => out.flush(),
-            false => Ok(()),
-        });
-        match written {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
+    let interrupted =
+        drydock_vm::follow_console(&ctx.state_dir, &a.name, a.follow, &CANCEL, &mut |l| {
+            let written =
+                writeln!(out, "{}", drydock_vm::escape_control(l)).and_then(|()| match a.follow {
+                    true => out.flush(),
+                    false => Ok(()),
+                });
+            match written {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
             }
-        }
-    })?;
+        })?;
     if let Some(e) = failed {
         return Err(e.into());
     }
     out.flush()?;
-    Ok(Outcome::Success)
+    Ok(match interrupted {
+        true => Outcome::Interrupted,
+        false => Outcome::Success,
+    })
 }

@@ -100,6 +100,11 @@ pub(crate) fn probe(p: &BootProbe, scratch: &Path) -> Finding {
     };
     let mut reached;
     let mut text;
+    // The serial log is read each time it grows, until userspace, QEMU's exit or the deadline.
+    let deadline = drydock_gc::Deadline::at(start + p.deadline);
+    let exit = qemu.exit_watch();
+    let mut watch = crate::console::LogWatch::new();
+    watch.add(&log);
     let exited = loop {
         text = std::fs::read_to_string(&log).unwrap_or_default();
         reached = progress(&text);
@@ -109,10 +114,13 @@ pub(crate) fn probe(p: &BootProbe, scratch: &Path) -> Finding {
         if let Ok(Some(status)) = qemu.try_wait() {
             break Some(status);
         }
-        if start.elapsed() >= p.deadline {
+        if deadline.expired() {
             break None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let also: Vec<_> = exit.iter().map(|w| std::os::fd::AsFd::as_fd(w)).collect();
+        if watch.wait(&also, Some(deadline)).is_err() {
+            break None;
+        }
     };
     let elapsed = start.elapsed();
     let _ = qemu.stop(Duration::from_secs(1));

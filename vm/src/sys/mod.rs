@@ -4,4 +4,5 @@
 pub(crate) mod daemon;
 pub(crate) mod fs;
 pub(crate) mod kvm;
+pub(crate) mod poll;
 pub(crate) mod proc;
