@@ -34,7 +34,6 @@ macro_rules! bad_input_or_failed {
 
 bad_input_or_failed!(
     BackdoorError,
-    ClusterError,
     ComposeError,
     ControlError,
     MachineError,
@@ -77,6 +76,18 @@ macro_rules! failed {
 }
 
 failed!(HubError, WatchError);
+
+impl Classify for ClusterError {
+    fn exit_class(&self) -> ExitClass {
+        if matches!(self, ClusterError::Interrupted) {
+            ExitClass::Interrupted
+        } else if self.is_bad_input() {
+            ExitClass::BadInput
+        } else {
+            ExitClass::Failed
+        }
+    }
+}
 
 impl Classify for SessionError {
     fn exit_class(&self) -> ExitClass {
@@ -132,6 +143,10 @@ mod tests {
         );
         assert_eq!(
             exit_class_of(&EvalError::Interrupted),
+            Some(ExitClass::Interrupted)
+        );
+        assert_eq!(
+            exit_class_of(&ClusterError::Interrupted),
             Some(ExitClass::Interrupted)
         );
         assert_eq!(exit_class_of(&std::io::Error::other("x")), None);

@@ -343,10 +343,12 @@ impl OwnerLock {
                     .ok()
                     .and_then(|b| serde_json::from_slice::<LockHolder>(&b).ok())
             };
-            let t = std::time::Instant::now();
+            // A back-off, bounded by HOLDER_WAIT: the holder's name is written to the file
+            // right after its flock, and nothing signals that write to a second process.
+            let deadline = drydock_gc::Deadline::after(HOLDER_WAIT);
             let mut holder = read();
-            while holder.is_none() && t.elapsed() < HOLDER_WAIT {
-                std::thread::sleep(Duration::from_millis(10));
+            while holder.is_none() && !deadline.expired() {
+                std::thread::sleep(Duration::from_millis(10).min(deadline.remaining()));
                 holder = read();
             }
             return Err(ClusterError::Busy {
