@@ -17,22 +17,7 @@ use crate::session::SessionError;
 use crate::state::{ClusterError, MachineError};
 use crate::watch::WatchError;
 
-/// Errors whose class is bad input or a failure, as their `is_bad_input` says.
-macro_rules! bad_input_or_failed {
-    ($($t:ty),* $(,)?) => {$(
-        impl Classify for $t {
-            fn exit_class(&self) -> ExitClass {
-                if self.is_bad_input() {
-                    ExitClass::BadInput
-                } else {
-                    ExitClass::Failed
-                }
-            }
-        }
-    )*};
-}
-
-bad_input_or_failed!(
+drydock_gc::classify_by_bad_input!(
     BackdoorError,
     ComposeError,
     ControlError,
@@ -79,38 +64,23 @@ failed!(HubError, WatchError);
 
 impl Classify for ClusterError {
     fn exit_class(&self) -> ExitClass {
-        if matches!(self, ClusterError::Interrupted) {
-            ExitClass::Interrupted
-        } else if self.is_bad_input() {
-            ExitClass::BadInput
-        } else {
-            ExitClass::Failed
-        }
+        ExitClass::of(
+            matches!(self, ClusterError::Interrupted),
+            self.is_bad_input(),
+        )
     }
 }
 
 impl Classify for SessionError {
     fn exit_class(&self) -> ExitClass {
-        if self.is_interrupted() {
-            ExitClass::Interrupted
-        } else if self.is_bad_input() {
-            ExitClass::BadInput
-        } else {
-            ExitClass::Failed
-        }
+        ExitClass::of(self.is_interrupted(), self.is_bad_input())
     }
 }
 
 /// The class of `cause` if it is one of drydock-cluster's public errors.
 pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
-    macro_rules! first_of {
-        ($($t:ty),* $(,)?) => {
-            $(if let Some(e) = cause.downcast_ref::<$t>() {
-                return Some(e.exit_class());
-            })*
-        };
-    }
-    first_of!(
+    drydock_gc::return_class_if_one_of!(
+        cause;
         SessionError,
         BackdoorError,
         ClusterError,

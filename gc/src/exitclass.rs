@@ -29,6 +29,44 @@ impl ExitClass {
     }
 }
 
+impl ExitClass {
+    /// Interrupted if `interrupted`, else bad input if `bad_input`, else failed: the order every
+    /// error that can be all three decides in.
+    pub fn of(interrupted: bool, bad_input: bool) -> Self {
+        if interrupted {
+            Self::Interrupted
+        } else if bad_input {
+            Self::BadInput
+        } else {
+            Self::Failed
+        }
+    }
+}
+
+/// `Classify` for error types whose class is bad input or a failure, as their inherent
+/// `is_bad_input()` says (one copy for every crate of the workspace).
+#[macro_export]
+macro_rules! classify_by_bad_input {
+    ($($t:ty),* $(,)?) => {$(
+        impl $crate::Classify for $t {
+            fn exit_class(&self) -> $crate::ExitClass {
+                $crate::ExitClass::of(false, self.is_bad_input())
+            }
+        }
+    )*};
+}
+
+/// In a function returning `Option<ExitClass>`: return the class of `cause` if it is one of the
+/// listed types (a crate's `exit_class_of` lists its own public errors with it).
+#[macro_export]
+macro_rules! return_class_if_one_of {
+    ($cause:expr; $($t:ty),* $(,)?) => {
+        $(if let Some(e) = $cause.downcast_ref::<$t>() {
+            return Some($crate::Classify::exit_class(e));
+        })*
+    };
+}
+
 /// An error that knows its exit class. An error whose class depends on its cause (an umbrella
 /// error, a variant wrapping another library error) asks the cause, so that the outermost
 /// error of a chain speaks for the whole chain.

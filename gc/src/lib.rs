@@ -103,25 +103,24 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 /// that lists them; each classifies itself through [`Classify`]), `None` for any other error.
 /// The binary asks it of each error of a chain.
 pub fn exit_class_of(cause: &(dyn std::error::Error + 'static)) -> Option<ExitClass> {
-    fn class<E: Classify + std::error::Error + 'static>(
-        cause: &(dyn std::error::Error + 'static),
-    ) -> Option<ExitClass> {
-        cause.downcast_ref::<E>().map(Classify::exit_class)
-    }
-    class::<GcError>(cause)
-        .or_else(|| class::<DrvParseError>(cause))
-        .or_else(|| class::<DuError>(cause))
-        .or_else(|| class::<NixConfError>(cause))
-        .or_else(|| class::<NixDbError>(cause))
-        .or_else(|| class::<PrivateError>(cause))
-        .or_else(|| class::<ReadFileError>(cause))
-        .or_else(|| class::<ReclaimError>(cause))
-        .or_else(|| class::<RootsError>(cause))
-        .or_else(|| class::<RunsDbError>(cause))
-        .or_else(|| class::<SelectError>(cause))
-        .or_else(|| class::<StoreCheckError>(cause))
-        .or_else(|| class::<StorePathError>(cause))
-        .or_else(|| class::<TrackError>(cause))
+    return_class_if_one_of!(
+        cause;
+        GcError,
+        DrvParseError,
+        DuError,
+        NixConfError,
+        NixDbError,
+        PrivateError,
+        ReadFileError,
+        ReclaimError,
+        RootsError,
+        RunsDbError,
+        SelectError,
+        StoreCheckError,
+        StorePathError,
+        TrackError,
+    );
+    None
 }
 
 #[cfg(test)]

@@ -11,22 +11,7 @@ use crate::{
     PlanError, QmpError, ResolveError, SnapshotError, SpawnError, StoreServerError, SystemError,
 };
 
-/// Errors whose class is bad input or a failure, as their `is_bad_input` says.
-macro_rules! bad_input_or_failed {
-    ($($t:ty),* $(,)?) => {$(
-        impl Classify for $t {
-            fn exit_class(&self) -> ExitClass {
-                if self.is_bad_input() {
-                    ExitClass::BadInput
-                } else {
-                    ExitClass::Failed
-                }
-            }
-        }
-    )*};
-}
-
-bad_input_or_failed!(
+drydock_gc::classify_by_bad_input!(
     DoctorError,
     ImageError,
     LaunchError,
@@ -44,26 +29,14 @@ bad_input_or_failed!(
 
 impl Classify for CollectError {
     fn exit_class(&self) -> ExitClass {
-        if self.is_interrupted() {
-            ExitClass::Interrupted
-        } else if self.is_bad_input() {
-            ExitClass::BadInput
-        } else {
-            ExitClass::Failed
-        }
+        ExitClass::of(self.is_interrupted(), self.is_bad_input())
     }
 }
 
 /// The class of `cause` if it is one of drydock-vm's public errors.
 pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
-    macro_rules! first_of {
-        ($($t:ty),* $(,)?) => {
-            $(if let Some(e) = cause.downcast_ref::<$t>() {
-                return Some(e.exit_class());
-            })*
-        };
-    }
-    first_of!(
+    drydock_gc::return_class_if_one_of!(
+        cause;
         CollectError,
         DoctorError,
         ImageError,
