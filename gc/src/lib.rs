@@ -87,7 +87,7 @@ pub use select::{SelectError, Selection, parse_duration};
 pub use store_path::{StoreLayout, StorePath, StorePathError, store_option_hint};
 pub use sys::{die_with_parent, effective_uid, lock_exclusive_within, send_signal};
 pub use track::{Echo, TrackError, ensure_store};
-pub use track_run::{TrackAs, TrackReport, track, track_as, track_to, track_within};
+pub use track_run::{TrackAs, TrackReport, track, track_as, track_to};
 
 /// Seconds since the epoch, now (0 if the clock is before 1970).
 pub fn epoch_secs() -> i64 {

@@ -64,32 +64,6 @@ pub fn track_to(
     )
 }
 
-/// [`track_to`], with a deadline: a command still running at `deadline` is stopped (SIGINT,
-/// then SIGKILL) and its run ends with [`TrackError::Late`].
-pub fn track_within(
-    layout: &StoreLayout,
-    runs: &RunsDb,
-    name: Option<&str>,
-    cmd: &[String],
-    cancel: &AtomicBool,
-    echo: Echo,
-    deadline: Option<crate::deadline::Deadline>,
-) -> Result<TrackReport, GcError> {
-    track_as(
-        layout,
-        runs,
-        cmd,
-        cancel,
-        &TrackAs {
-            name,
-            echo,
-            recorded: None,
-            forget_if_empty: false,
-            deadline,
-        },
-    )
-}
-
 /// How [`track_as`] runs and records a command.
 #[derive(Debug, Clone, Copy)]
 pub struct TrackAs<'a> {
