@@ -350,6 +350,9 @@ pub struct StoreServerArgs {
     /// Show only these store path basenames at the root, one per line ("-" reads stdin).
     #[arg(long, value_name = "FILE")]
     pub allow_list: Option<PathBuf>,
+    /// Serve the directory writable (a guest's own shared folder, never a store).
+    #[arg(long, conflicts_with = "allow_list")]
+    pub writable: bool,
     /// Worker threads for FUSE requests (0: handle them on the queue thread).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub thread_pool_size: usize,
@@ -535,6 +538,24 @@ pub enum ShareArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileArg {
+    /// drydock's own guests: the store over virtio-fs, a blank disk.
+    Drydock,
+    /// A NixOS test node: what its /etc/fstab names (ext4 `/` by label, the store, xchg and
+    /// shared over 9p or virtio-fs), a user-mode NIC first, regInfo=.
+    NixosTest,
+}
+
+impl From<ProfileArg> for drydock_vm::Profile {
+    fn from(p: ProfileArg) -> Self {
+        match p {
+            ProfileArg::Drydock => Self::Drydock,
+            ProfileArg::NixosTest => Self::NixosTest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreModeArg {
     /// virtio-fs from drydock's read-only store server (tag `nix-store`).
     Virtiofs,
@@ -559,15 +580,19 @@ pub struct VmRunArgs {
     /// Kernel command line (with --kernel), or words added to the system's.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub append: Option<String>,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
-    pub memory: u32,
+    /// Which devices the guest gets: `drydock` (drydock's guests) or `nixos-test` (a NixOS
+    /// test node: what its /etc/fstab names, a user-mode NIC first, regInfo=).
+    #[arg(long, value_enum, default_value_t = ProfileArg::Drydock)]
+    pub profile: ProfileArg,
+    /// Guest memory in MiB [default: 512; 1024 with --profile nixos-test].
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
     /// Start the VM even if it asks for more memory than the host has.
     #[arg(long)]
     pub allow_overcommit: bool,
     /// Virtual CPUs.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
-    pub cpus: u32,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub cpus: Option<u32>,
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
     /// What of the store the guest sees.
@@ -577,9 +602,10 @@ pub struct VmRunArgs {
     pub store_mode: StoreModeArg,
     #[command(flatten)]
     pub wait: WaitArgs,
-    /// Size of the VM's writable disk (a qcow2 overlay, /dev/vda or /dev/vdb), in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    pub disk_size: u32,
+    /// Size of the VM's writable disk (a qcow2 overlay, /dev/vda or /dev/vdb; with --profile
+    /// nixos-test the ext4 `/` its fstab names), in MiB [default: 1024].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub disk_size: Option<u32>,
     /// The QEMU binary (default: $DRYDOCK_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<std::path::PathBuf>,

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use drydock_vm::Profile;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -46,6 +47,9 @@ pub struct MachineSettings {
     pub disk_mib: u32,
     /// The VLANs, in the order given.
     pub vlans: Vec<u8>,
+    /// `profile`: which devices the machine gets (`drydock` or `nixos-test`).
+    #[serde(default)]
+    pub profile: Profile,
 }
 
 /// A checked composition.
@@ -74,7 +78,7 @@ pub enum ComposeError {
         attr: String,
         message: String,
     },
-    #[error("{}: machines.{machine}: unknown attribute `{attr}` (known: system, memorySize, cores, diskSize, vlans)", file.display())]
+    #[error("{}: machines.{machine}: unknown attribute `{attr}` (known: system, profile, memorySize, cores, diskSize, vlans)", file.display())]
     Unknown {
         file: PathBuf,
         machine: String,
@@ -227,7 +231,7 @@ fn parse_machine(file: &Path, name: &str, m: &Value) -> Result<MachineSettings, 
     for k in attrs.keys() {
         if !matches!(
             k.as_str(),
-            "system" | "memorySize" | "cores" | "diskSize" | "vlans"
+            "system" | "profile" | "memorySize" | "cores" | "diskSize" | "vlans"
         ) {
             return Err(ComposeError::Unknown {
                 file: file.to_path_buf(),
@@ -252,9 +256,23 @@ fn parse_machine(file: &Path, name: &str, m: &Value) -> Result<MachineSettings, 
                 },
             }
         };
-    let memory_mib = int("memorySize", 512, 64, 1 << 20, " (MiB)")?;
-    let cores = int("cores", 1, 1, 64, "")?;
-    let disk_mib = int("diskSize", 1024, 16, 1 << 24, " (MiB)")?;
+    let profile = match attrs.get("profile") {
+        None => Profile::default(),
+        Some(v) => v.as_str().and_then(Profile::parse).ok_or_else(|| {
+            bad(
+                "profile",
+                format!(
+                    "expected one of {}, got {}",
+                    Profile::ALL.map(|p| format!("{:?}", p.as_str())).join(", "),
+                    type_of(v)
+                ),
+            )
+        })?,
+    };
+    let defaults = profile.defaults();
+    let memory_mib = int("memorySize", defaults.memory_mib, 64, 1 << 20, " (MiB)")?;
+    let cores = int("cores", defaults.cpus, 1, 64, "")?;
+    let disk_mib = int("diskSize", defaults.disk_mib, 16, 1 << 24, " (MiB)")?;
     let vlans = match attrs.get("vlans") {
         None => vec![1],
         Some(Value::Array(xs)) => {
@@ -300,6 +318,7 @@ fn parse_machine(file: &Path, name: &str, m: &Value) -> Result<MachineSettings, 
         cores,
         disk_mib,
         vlans,
+        profile,
     })
 }
 
@@ -469,6 +488,19 @@ mod tests {
             (a2.memory_mib, a2.cores, a2.disk_mib, a2.vlans.clone()),
             (512, 1, 1024, vec![1])
         );
+        assert_eq!(a2.profile, Profile::Drydock);
+        // A nixos-test node gets qemu-vm's defaults; what is set stays set.
+        let v = json!({"machines": {
+            "n": {"attrs": {"system": drv("n"), "profile": "nixos-test"}},
+            "k": {"attrs": {"system": drv("k"), "profile": "nixos-test", "memorySize": 1536, "diskSize": 4096}},
+        }});
+        let nodes = parse_settings(&file(), &v).unwrap();
+        let (n, k) = (&nodes.machines["n"], &nodes.machines["k"]);
+        assert_eq!(
+            (n.profile, n.memory_mib, n.cores, n.disk_mib),
+            (Profile::NixosTest, 1024, 1, 1024)
+        );
+        assert_eq!((k.memory_mib, k.disk_mib), (1536, 4096));
         let p = plan_cluster("demo", &c).unwrap();
         type Row<'a> = (&'a str, &'a str, u8, Vec<(&'a str, &'a str)>);
         let rows: Vec<Row> = p
@@ -582,6 +614,10 @@ mod tests {
             (
                 m(json!({"system": drv("s"), "memory": 1})),
                 "machines.server: unknown attribute `memory`",
+            ),
+            (
+                m(json!({"system": drv("s"), "profile": "nixos"})),
+                "machines.server.profile: expected one of \"drydock\", \"nixos-test\", got the string \"nixos\"",
             ),
             (
                 json!({"machines": {"server": {"type": "int"}}}),

@@ -42,6 +42,7 @@ pub(crate) fn machine_request(
         cpus: m.settings.cores,
         disk_size_mib: m.settings.disk_mib,
         devices: GuestDevices {
+            user_net: false,
             nics,
             backdoor: Some(paths.sockets.join("backdoor.sock")),
             fw_cfg: vec![FwCfgFile {
@@ -52,7 +53,15 @@ pub(crate) fn machine_request(
         // The cluster's memory, all machines together, was checked when it was planned
         // (`session::prepare`), with the user's `--allow-overcommit`.
         allow_overcommit: true,
+        profile: m.settings.profile,
+        shared_dir: Some(shared_dir(cpaths)),
     }
+}
+
+/// The folder every machine of a cluster sees as the share `shared` (nixos-test machines):
+/// `STATE/clusters/NAME/shared`.
+pub(crate) fn shared_dir(cpaths: &VmPaths) -> std::path::PathBuf {
+    cpaths.dir.join("shared")
 }
 
 /// The launch of machine `m` of the cluster `name`, resolved (its name may be in use: a hot
@@ -110,6 +119,7 @@ mod tests {
                         cores: 1,
                         disk_mib: 1024,
                         vlans: vec![1],
+                        profile: Default::default(),
                     };
                     (n.to_string(), settings)
                 })

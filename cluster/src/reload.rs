@@ -59,11 +59,12 @@ pub struct NewLaunch {
     pub switchable: bool,
 }
 
-/// The kernel command line without `init=...` (which names the system itself).
+/// The kernel command line without `init=...` and `regInfo=...` (which name the system itself
+/// and its closure's registration: a switch changes both and needs no reboot).
 pub fn params_without_init(cmdline: &str) -> String {
     cmdline
         .split_whitespace()
-        .filter(|w| !w.starts_with("init="))
+        .filter(|w| !w.starts_with("init=") && !w.starts_with("regInfo="))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -71,6 +72,13 @@ pub fn params_without_init(cmdline: &str) -> String {
 fn settings_changes(old: &MachinePlan, new: &MachinePlan) -> Vec<String> {
     let (a, b) = (&old.settings, &new.settings);
     let mut out = Vec::new();
+    if a.profile != b.profile {
+        out.push(format!(
+            "profile {} → {}",
+            a.profile.as_str(),
+            b.profile.as_str()
+        ));
+    }
     if a.memory_mib != b.memory_mib {
         out.push(format!("memorySize {} → {}", a.memory_mib, b.memory_mib));
     }
@@ -121,6 +129,9 @@ fn launch_changes(old: &LaunchRecord, new: &LaunchRecord) -> Vec<String> {
     }
     if a.devices != b.devices {
         out.push("its NICs or devices changed".into());
+    }
+    if a.shares != b.shares {
+        out.push("its shared folders changed (the fstab's xchg or shared)".into());
     }
     if a.store != b.store
         || old.share.as_ref().map(|s| (&s.exe, &s.shared_dir))
@@ -221,7 +232,14 @@ fn decide(
     if rec.toplevel == new.record.toplevel {
         return (Action::Keep, "unchanged".into());
     }
-    if !matches!(rec.spec.store, StoreAttachment::VirtioFs { .. }) || rec.share.is_none() {
+    // The new system's paths must reach the running guest: through the store server's closure
+    // view (widened by the switch), or because the guest sees the whole store (9p).
+    let sees_new_paths = match rec.spec.store {
+        StoreAttachment::VirtioFs { .. } => rec.share.is_some(),
+        StoreAttachment::NineP { .. } => true,
+        StoreAttachment::Image { .. } | StoreAttachment::None => false,
+    };
+    if !sees_new_paths {
         return restart(
             "its store is an image: it cannot see the new system's paths without a reboot".into(),
         );
@@ -297,6 +315,7 @@ mod tests {
             cores: 1,
             disk_mib: 1024,
             vlans: vec![1],
+            profile: Default::default(),
         }
     }
 
@@ -341,6 +360,7 @@ mod tests {
                 disk: None,
                 devices: GuestDevices::default(),
                 paths,
+                shares: Vec::new(),
             },
             share: (!image).then(|| StoreShare {
                 exe: PathBuf::from("/bin/drydock"),
@@ -353,6 +373,8 @@ mod tests {
             shared_run: false,
             closure_key: None,
             store: None,
+            profile: Default::default(),
+            reginfo: None,
         }
     }
 

@@ -906,6 +906,7 @@ mod tests {
                             cores: 1,
                             disk_mib: 1024,
                             vlans: vlans.to_vec(),
+                            profile: Default::default(),
                         },
                     )
                 })

@@ -408,6 +408,25 @@ struct PsRow {
     /// Why a `failed` machine failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     problem: Option<String>,
+    /// `drydock` or `nixos-test`.
+    profile: &'static str,
+    /// What of the store the guest sees, and how.
+    store: &'static str,
+    /// The host folder the guest sees as `shared` (nixos-test machines whose fstab has it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared: Option<PathBuf>,
+}
+
+/// What of the store a launch shows its guest, and how, in words.
+fn store_words(r: &drydock_vm::LaunchRecord) -> &'static str {
+    use drydock_vm::StoreAttachment as S;
+    match (&r.spec.store, r.share.as_ref().map(|s| s.allow.is_some())) {
+        (S::VirtioFs { .. }, Some(true)) => "closure, read-only, virtio-fs",
+        (S::VirtioFs { .. }, _) => "whole store, read-only, virtio-fs",
+        (S::Image { .. }, _) => "closure image, read-only",
+        (S::NineP { .. }, _) => "whole store, read-only, 9p",
+        (S::None, _) => "none",
+    }
 }
 
 pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
@@ -426,6 +445,7 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
             let alive = vs.as_ref().is_some_and(|s| s.qemu_alive());
             // A machine that lost its store server is stopped by its owner, which says why.
             let problem = drydock_cluster::machine_failure(&paths).filter(|_| !alive);
+            let record = drydock_vm::LaunchRecord::read(&paths).ok();
             PsRow {
                 machine: m.machine.clone(),
                 vm: m.vm_name.clone(),
@@ -442,6 +462,15 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                     .filter(|_| alive)
                     .map(|s| now.saturating_sub(s.started)),
                 problem,
+                profile: m.settings.profile.as_str(),
+                store: record.as_ref().map_or("-", store_words),
+                shared: record.as_ref().and_then(|r| {
+                    r.spec
+                        .shares
+                        .iter()
+                        .find(|s| s.tag == "shared")
+                        .map(|s| s.dir.clone())
+                }),
             }
         })
         .collect();
@@ -468,6 +497,21 @@ pub fn ps(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
                 },
                 r.uptime_secs.map(|s| format!("{s}s")).unwrap_or("-".into()),
                 r.system
+            )?;
+        }
+        let nixos: Vec<String> = rows
+            .iter()
+            .filter(|r| r.profile != "drydock")
+            .map(|r| format!("{} ({}: store {})", r.machine, r.profile, r.store))
+            .collect();
+        if !nixos.is_empty() {
+            writeln!(out, "profiles: {}", nixos.join(", "))?;
+        }
+        if let Some(dir) = rows.iter().find_map(|r| r.shared.as_ref()) {
+            writeln!(
+                out,
+                "shared folder (/tmp/shared in the guests): {}",
+                dir.display()
             )?;
         }
         for r in rows.iter().filter(|r| r.problem.is_some()) {

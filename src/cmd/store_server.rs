@@ -29,6 +29,7 @@ pub fn run(args: &StoreServerArgs) -> anyhow::Result<Outcome> {
     let mut opts = StoreServeOptions::new(args.socket.clone(), args.shared_dir.clone(), allow);
     opts.thread_pool_size = args.thread_pool_size;
     opts.sandbox = !args.no_sandbox;
+    opts.writable = args.writable;
     serve_store(&opts).context("store server")?;
     Ok(Outcome::Success)
 }

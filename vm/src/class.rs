@@ -7,8 +7,9 @@ use std::error::Error;
 use drydock_gc::{Classify, ExitClass};
 
 use crate::{
-    CollectError, DoctorError, ImageError, LaunchError, LauncherError, LifecycleError, OwnerError,
-    PlanError, QmpError, ResolveError, SnapshotError, SpawnError, StoreServerError, SystemError,
+    CollectError, DoctorError, FstabError, ImageError, LaunchError, LauncherError, LifecycleError,
+    OwnerError, PlanError, QmpError, RegInfoError, ResolveError, SnapshotError, SpawnError,
+    StoreServerError, SystemError,
 };
 
 drydock_gc::classify_by_bad_input!(
@@ -20,12 +21,20 @@ drydock_gc::classify_by_bad_input!(
     OwnerError,
     PlanError,
     QmpError,
+    RegInfoError,
     ResolveError,
     SnapshotError,
     SpawnError,
     StoreServerError,
     SystemError,
 );
+
+impl Classify for FstabError {
+    /// The guest's fstab asks for what drydock cannot give: the system is the bad input.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::BadInput
+    }
+}
 
 impl Classify for CollectError {
     fn exit_class(&self) -> ExitClass {
@@ -39,6 +48,7 @@ pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
         cause;
         CollectError,
         DoctorError,
+        FstabError,
         ImageError,
         LaunchError,
         LauncherError,
@@ -46,6 +56,7 @@ pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
         OwnerError,
         PlanError,
         QmpError,
+        RegInfoError,
         ResolveError,
         SnapshotError,
         SpawnError,

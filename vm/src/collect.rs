@@ -170,6 +170,7 @@ mod tests {
                     disk: None,
                     paths: paths.clone(),
                     devices: Default::default(),
+                    shares: Vec::new(),
                 },
                 share: None,
                 toplevel: None,
@@ -178,6 +179,8 @@ mod tests {
                 shared_run: false,
                 closure_key: None,
                 store: None,
+                profile: Default::default(),
+                reginfo: None,
             }
             .write(&paths)
             .unwrap(),

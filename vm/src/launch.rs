@@ -20,7 +20,7 @@ use crate::cgroup::VmCgroup;
 use crate::console::{
     BoundedLog, ConsoleOptions, ConsolePump, ConsoleTail, WaitOutcome, follow, rotate_at,
 };
-use crate::plan::{Disk, StoreAttachment, VmPaths, VmSpec, plan};
+use crate::plan::{Disk, ShareTransport, StoreAttachment, VmPaths, VmSpec, plan};
 use crate::qmp::Qmp;
 use crate::spawn::Supervised;
 use crate::storefs::StoreServer;
@@ -244,6 +244,13 @@ pub struct LaunchRecord {
     /// store the command line names by default.
     #[serde(default)]
     pub store: Option<drydock_gc::StoreLayout>,
+    /// Which devices the guest got.
+    #[serde(default)]
+    pub profile: crate::profile::Profile,
+    /// A nixos-test node's closure registration (`regInfo=`), a logical store path pinned with
+    /// the run like the system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reginfo: Option<String>,
 }
 
 impl LaunchRecord {
@@ -302,6 +309,11 @@ impl LaunchRecord {
         if let Some(share) = &self.share {
             for name in share.allow.iter().flatten() {
                 files.push(("store path", share.shared_dir.join(name)));
+            }
+        }
+        if let (Some(reginfo), Some(layout)) = (&self.reginfo, &self.store) {
+            if let Some(name) = reginfo.rsplit('/').next() {
+                files.push(("closure registration", layout.store_dir.join(name)));
             }
         }
         files
@@ -371,6 +383,40 @@ impl LaunchRecord {
             }
             _ => {}
         }
+        // A writable share is the VM's own folder `VMDIR/TAG`, or a cluster's `shared`
+        // folder (`STATE/clusters/NAME/shared`); its virtio-fs socket is the VM's.
+        let clusters = paths
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|s| s.join("clusters"));
+        for share in &spec.shares {
+            let own = share.dir == paths.dir.join(&share.tag) && !share.tag.contains(['/', '.']);
+            let cluster_shared = share.tag == "shared"
+                && share.dir.file_name().is_some_and(|n| n == "shared")
+                && share.dir.parent().and_then(Path::parent) == clusters.as_deref()
+                && share
+                    .dir
+                    .parent()
+                    .and_then(Path::file_name)
+                    .is_some_and(|n| n != "." && n != "..");
+            if !own && !cluster_shared {
+                return out(
+                    "spec.shares.dir",
+                    &share.dir,
+                    format!(
+                        "{} or a cluster's shared folder",
+                        paths.dir.join(&share.tag).display()
+                    ),
+                );
+            }
+            if let crate::plan::ShareTransport::VirtioFs { socket, .. } = &share.transport {
+                let want = spec.paths.share_socket(&share.tag);
+                if socket != &want {
+                    return out("spec.shares.socket", socket, want.display().to_string());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -390,6 +436,8 @@ pub struct Vm {
     server: Option<StoreServer>,
     /// The store server's exit.
     server_exit: Option<ProcessWatch>,
+    /// The servers of the guest's writable virtio-fs folders (nixos-test profile).
+    share_servers: Vec<StoreServer>,
     cgroup: Option<VmCgroup>,
     console: Option<ConsolePump>,
     stopped: bool,
@@ -413,6 +461,41 @@ fn prepare(paths: &VmPaths) -> Result<(), LaunchError> {
         }
     }
     Ok(())
+}
+
+/// `mkfs.ext4` (e2fsprogs; often in `/sbin`, which a user's `PATH` may lack).
+fn find_mkfs_ext4() -> PathBuf {
+    ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mkfs.ext4"))
+}
+
+/// Make `file`, `size_mib` MiB, holding an empty ext4 file system labelled `label`.
+fn mkfs_ext4(file: &Path, label: &str, size_mib: u32) -> Result<(), LaunchError> {
+    let program = find_mkfs_ext4();
+    let mut cmd = Command::new(&program);
+    cmd.args(["-q", "-F", "-t", "ext4", "-L", label])
+        .arg(file)
+        .arg(format!("{size_mib}M"));
+    crate::sys::proc::private_umask(&mut cmd);
+    let shown = format!("mkfs.ext4 -L {label} {} {size_mib}M", file.display());
+    match crate::spawn::run_captured(cmd, Duration::from_secs(120)) {
+        Ok(r) if r.code == Some(0) => Ok(()),
+        Ok(r) => Err(LaunchError::Disk {
+            command: shown,
+            message: r.stderr.trim().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LaunchError::Disk {
+            command: shown,
+            message: "mkfs.ext4 not found (install e2fsprogs)".into(),
+        }),
+        Err(e) => Err(LaunchError::Disk {
+            command: shown,
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Run `qemu-img` with its arguments, with a deadline.
@@ -477,14 +560,35 @@ pub fn fresh_disk(disk: &Disk) -> Result<(), LaunchError> {
         if !disk.base.exists() {
             let tmp = disk.base.with_extension(&tag);
             let size = format!("{}M", disk.size_mib);
-            qemu_img(&[
-                "create".as_ref(),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                tmp.as_os_str(),
-                size.as_ref(),
-            ])?;
+            match &disk.label {
+                None => qemu_img(&[
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    tmp.as_os_str(),
+                    size.as_ref(),
+                ])?,
+                Some(label) => {
+                    // A nixos-test node's `/`: an ext4 file system labelled as its fstab says,
+                    // made once per label and size (as qemu-vm's start script makes it).
+                    let raw = disk.base.with_extension(format!("{tag}.raw"));
+                    let made = mkfs_ext4(&raw, label, disk.size_mib).and_then(|()| {
+                        qemu_img(&[
+                            "convert".as_ref(),
+                            "-q".as_ref(),
+                            "-f".as_ref(),
+                            "raw".as_ref(),
+                            "-O".as_ref(),
+                            "qcow2".as_ref(),
+                            raw.as_os_str(),
+                            tmp.as_os_str(),
+                        ])
+                    });
+                    let _ = std::fs::remove_file(&raw);
+                    made?;
+                }
+            }
             std::fs::rename(&tmp, &disk.base).map_err(files(&disk.base))?;
         }
         let tmp = template.with_extension(&tag);
@@ -560,6 +664,18 @@ pub fn start_with(
         ),
         _ => None,
     };
+    // A nixos-test node's writable folders: made private if new, each virtio-fs one served by
+    // a writable server of its own (QEMU serves 9p itself).
+    let mut share_servers = Vec::new();
+    for s in &spec.shares {
+        drydock_gc::private_dir(&s.dir).map_err(LaunchError::NotPrivate)?;
+        if let ShareTransport::VirtioFs { socket, exe } = &s.transport {
+            share_servers.push(
+                StoreServer::spawn_writable(exe, socket, &s.dir)
+                    .map_err(LaunchError::StoreServer)?,
+            );
+        }
+    }
     if let Some(job) = disk_job {
         job.join().map_err(|_| LaunchError::Disk {
             command: "qemu-img create".into(),
@@ -650,6 +766,7 @@ pub fn start_with(
         qemu_exit,
         server,
         server_exit,
+        share_servers,
         cgroup,
         console: Some(pump),
         stopped: false,
@@ -712,6 +829,11 @@ impl Vm {
         if let Some(server) = self.server.take() {
             if let Err(e) = server.stop() {
                 tracing::warn!("stopping the store server: {e}");
+            }
+        }
+        for server in self.share_servers.drain(..) {
+            if let Err(e) = server.stop() {
+                tracing::warn!("stopping a shared folder's server: {e}");
             }
         }
         if let Some(cg) = self.cgroup.take() {

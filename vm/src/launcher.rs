@@ -560,6 +560,8 @@ mod tests {
             disk_size_mib: 64,
             devices: GuestDevices::default(),
             allow_overcommit: false,
+            profile: Default::default(),
+            shared_dir: None,
         }
     }
 

@@ -21,7 +21,9 @@ mod launcher;
 mod lifecycle;
 mod owner;
 mod plan;
+mod profile;
 mod qmp;
+mod reginfo;
 mod resolve;
 mod snapshot;
 mod spawn;
@@ -58,12 +60,14 @@ pub use owner::{
     reap_stale, stop_vm,
 };
 pub use plan::{
-    Accel, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, StoreAttachment, VmPaths,
-    VmSpec, check_memory, current_uid, plan, validate_name,
+    Accel, DirShare, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, ShareTransport,
+    StoreAttachment, VmPaths, VmSpec, check_memory, current_uid, plan, validate_name,
 };
+pub use profile::{FstabError, Profile, ProfileDefaults, ShareTag, Transport, parse_fstab};
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
 };
+pub use reginfo::RegInfoError;
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
     configured_qemu, images_dir,

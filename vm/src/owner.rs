@@ -255,7 +255,8 @@ fn pin_system(
     layout: &StoreLayout,
     record: &LaunchRecord,
 ) -> Result<(), OwnerError> {
-    if let Some(top) = &record.toplevel {
+    // The system, and a nixos-test node's closure registration (its `regInfo=`).
+    for top in record.toplevel.iter().chain(&record.reginfo) {
         let sp = layout.parse(top).map_err(|source| OwnerError::Toplevel {
             toplevel: top.clone(),
             source,

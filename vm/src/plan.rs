@@ -34,6 +34,10 @@ pub enum StoreAttachment {
     VirtioFs { socket: PathBuf },
     /// A read-only raw image (EROFS) attached as a virtio-blk disk.
     Image { path: PathBuf },
+    /// The whole store directory `path`, read-only, over QEMU's own 9p server (tag
+    /// `nix-store`): a nixos-test node whose fstab mounts the store over 9p. 9p cannot show
+    /// only the closure.
+    NineP { path: PathBuf },
     /// Nothing: a guest that needs no store.
     None,
 }
@@ -45,6 +49,34 @@ pub struct Disk {
     pub overlay: PathBuf,
     pub base: PathBuf,
     pub size_mib: u32,
+    /// The base holds an ext4 file system with this label (a nixos-test node's `/`), not
+    /// blank space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The disk's serial number as the guest sees it (`root` for a nixos-test node's `/`,
+    /// as qemu-vm gives it); set, the disk is a `-device virtio-blk-pci` of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// A host folder shared with the guest under a mount tag (a nixos-test node's `xchg` and
+/// `shared`), writable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirShare {
+    pub tag: String,
+    pub dir: PathBuf,
+    pub transport: ShareTransport,
+}
+
+/// How a [`DirShare`] reaches the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "via")]
+pub enum ShareTransport {
+    /// QEMU's own 9p server (`-virtfs local`, `security_model=none`).
+    NineP,
+    /// virtio-fs from a store server of its own in read-write mode, confined to `dir`,
+    /// listening on `socket`; `exe` is the drydock binary it runs as.
+    VirtioFs { socket: PathBuf, exe: PathBuf },
 }
 
 /// Where a VM's files live. The state folder keeps what must persist; sockets may live in a
@@ -108,6 +140,10 @@ impl VmPaths {
     pub fn fs_socket(&self) -> PathBuf {
         self.sockets.join("fs.sock")
     }
+    /// The virtio-fs socket of the share `tag` (a nixos-test node's `xchg`, `shared`).
+    pub fn share_socket(&self, tag: &str) -> PathBuf {
+        self.sockets.join(format!("fs-{tag}.sock"))
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -160,6 +196,9 @@ pub struct VmSpec {
     /// A cluster machine's NICs, backdoor and firmware config files (none for a lone VM).
     #[serde(default)]
     pub devices: GuestDevices,
+    /// Writable host folders shared with the guest (nixos-test profile; none otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<DirShare>,
 }
 
 /// A virtio-net NIC on a private segment: QEMU's datagram socket `socket` sends each frame to
@@ -185,6 +224,10 @@ pub struct FwCfgFile {
 /// What a cluster adds to a VM: NICs, the backdoor console and firmware config files.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestDevices {
+    /// A user-mode NIC (QEMU's `-netdev user,restrict=on`: DHCP gives the guest 10.0.2.15,
+    /// nothing leaves the host) first on the bus, before `nics` (a nixos-test node's `eth0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_net: bool,
     #[serde(default)]
     pub nics: Vec<Nic>,
     /// The unix socket drydock listens on; QEMU connects to it as a client and the guest sees
@@ -235,6 +278,8 @@ pub enum PlanError {
     Comma { what: &'static str, path: PathBuf },
     #[error("bad MAC address {0:?}")]
     Mac(String),
+    #[error("bad share tag {0:?}: use 1-31 letters, digits, '-' or '_'")]
+    Tag(String),
     #[error(
         "bad firmware config name {0:?}: use opt/ followed by letters, digits, '/', '.', '-' or '_'"
     )]
@@ -387,20 +432,26 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
         "-pidfile",
         &no_comma("a state folder", &spec.paths.qemu_pidfile())?,
     ]);
+    let virtiofs_shares = spec
+        .shares
+        .iter()
+        .any(|s| matches!(s.transport, ShareTransport::VirtioFs { .. }));
+    if matches!(spec.store, StoreAttachment::VirtioFs { .. }) || virtiofs_shares {
+        // vhost-user needs guest memory the store server can map: a shared memfd.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mib
+            ),
+        ]);
+        push(&["-numa", "node,memdev=mem"]);
+    }
     match &spec.store {
         StoreAttachment::VirtioFs { socket } => {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(PlanError::SocketPath(socket.clone()));
             }
-            // vhost-user needs guest memory the store server can map: a shared memfd.
-            push(&[
-                "-object",
-                &format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    spec.memory_mib
-                ),
-            ]);
-            push(&["-numa", "node,memdev=mem"]);
             push(&[
                 "-chardev",
                 &format!(
@@ -420,14 +471,73 @@ pub fn plan(spec: &VmSpec) -> Result<QemuPlan, PlanError> {
                 ),
             ]);
         }
+        StoreAttachment::NineP { path } => {
+            push(&[
+                "-virtfs",
+                &format!(
+                    "local,path={},mount_tag=nix-store,security_model=none,readonly=on",
+                    no_comma("a store path", path)?
+                ),
+            ]);
+        }
         StoreAttachment::None => {}
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        let tag_ok = !share.tag.is_empty()
+            && share.tag.len() <= 31
+            && share
+                .tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+        if !tag_ok {
+            return Err(PlanError::Tag(share.tag.clone()));
+        }
+        match &share.transport {
+            ShareTransport::NineP => push(&[
+                "-virtfs",
+                &format!(
+                    "local,path={},mount_tag={},security_model=none",
+                    no_comma("a shared folder", &share.dir)?,
+                    share.tag
+                ),
+            ]),
+            ShareTransport::VirtioFs { socket, .. } => {
+                let socket = socket_arg("a socket folder", socket)?;
+                let id = format!("fs{}", i + 1);
+                push(&["-chardev", &format!("socket,id={id},path={socket}")]);
+                push(&[
+                    "-device",
+                    &format!("vhost-user-fs-pci,chardev={id},tag={}", share.tag),
+                ]);
+            }
+        }
     }
     if let Some(disk) = &spec.disk {
         let overlay = no_comma("a state folder", &disk.overlay)?;
-        push(&[
-            "-drive",
-            &format!("file={overlay},format=qcow2,if=virtio,discard=unmap"),
-        ]);
+        match &disk.serial {
+            None => push(&[
+                "-drive",
+                &format!("file={overlay},format=qcow2,if=virtio,discard=unmap"),
+            ]),
+            Some(serial) => {
+                if serial.is_empty()
+                    || serial.len() > 20
+                    || !serial
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                {
+                    return Err(PlanError::Tag(serial.clone()));
+                }
+                push(&[
+                    "-drive",
+                    &format!("file={overlay},format=qcow2,if=none,id=disk0,discard=unmap"),
+                ]);
+                push(&[
+                    "-device",
+                    &format!("virtio-blk-pci,drive=disk0,serial={serial}"),
+                ]);
+            }
+        }
     }
     push_devices(&spec.devices, &mut a)?;
     Ok(QemuPlan {
@@ -454,6 +564,15 @@ fn valid_mac(mac: &str) -> bool {
 /// NICs (`-netdev dgram` over unix sockets, one `virtio-net-pci` each), the backdoor
 /// (`virtio-serial` with a `virtconsole` on a client-mode socket) and firmware config files.
 fn push_devices(d: &GuestDevices, a: &mut Vec<String>) -> Result<(), PlanError> {
+    if d.user_net {
+        // First of the NICs, so the guest names it eth0 (NICs are named in PCI order).
+        a.extend([
+            "-netdev".to_string(),
+            "user,id=user0,restrict=on".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=user0".into(),
+        ]);
+    }
     for (i, nic) in d.nics.iter().enumerate() {
         if !valid_mac(&nic.mac) {
             return Err(PlanError::Mac(nic.mac.clone()));
@@ -515,6 +634,7 @@ mod tests {
             disk: None,
             paths,
             devices: GuestDevices::default(),
+            shares: Vec::new(),
         }
     }
 
@@ -611,6 +731,8 @@ mod tests {
                         overlay: "/s/vms/web/disk.qcow2".into(),
                         base: "/s/images/blank.qcow2".into(),
                         size_mib: 1024,
+                        label: None,
+                        serial: None,
                     });
                 }),
                 "-drive",
@@ -741,6 +863,7 @@ mod tests {
 
     fn cluster_devices() -> GuestDevices {
         GuestDevices {
+            user_net: false,
             nics: vec![
                 Nic {
                     mac: "52:54:00:12:01:02".into(),
@@ -838,5 +961,156 @@ mod tests {
             args: vec!["-append".into(), "a b".into()],
         };
         assert_eq!(p.display(), "/q -append 'a b'");
+    }
+
+    /// The default profile's QEMU command line, whole: what every drydock guest got before
+    /// profiles existed, so no existing guest sees a different machine.
+    #[test]
+    fn the_default_profile_s_arguments_are_unchanged() {
+        let mut s = spec();
+        s.devices = cluster_devices();
+        s.disk = Some(Disk {
+            overlay: "/s/vms/web/disk.qcow2".into(),
+            base: "/s/images/blank-1024M.qcow2".into(),
+            size_mib: 1024,
+            label: None,
+            serial: None,
+        });
+        let p = plan(&s).unwrap();
+        let want = [
+            "-name",
+            "web,debug-threads=on",
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "512",
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            "/r/nix/store/k-linux/bzImage",
+            "-initrd",
+            "/r/nix/store/i-initrd/initrd",
+            "-append",
+            "quiet init=/nix/store/t-system/init console=ttyS0",
+            "-chardev",
+            "socket,id=console,path=/s/vms/web/console.sock",
+            "-serial",
+            "chardev:console",
+            "-qmp",
+            "unix:/s/vms/web/qmp.sock,server=on,wait=off",
+            "-pidfile",
+            "/s/vms/web/qemu.pid",
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-chardev",
+            "socket,id=fs0,path=/s/vms/web/fs.sock",
+            "-device",
+            "vhost-user-fs-pci,chardev=fs0,tag=nix-store",
+            "-drive",
+            "file=/s/vms/web/disk.qcow2,format=qcow2,if=virtio,discard=unmap",
+            "-netdev",
+            "dgram,id=net0,local.type=unix,local.path=/s/vms/c.b/vlan1.sock,remote.type=unix,remote.path=/s/clusters/c/vlan1.sock",
+            "-device",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:01:02",
+            "-netdev",
+            "dgram,id=net1,local.type=unix,local.path=/s/vms/c.b/vlan10.sock,remote.type=unix,remote.path=/s/clusters/c/vlan10.sock",
+            "-device",
+            "virtio-net-pci,netdev=net1,mac=52:54:00:12:0a:02",
+            "-chardev",
+            "socket,id=backdoor,path=/s/vms/c.b/backdoor.sock",
+            "-device",
+            "virtio-serial",
+            "-device",
+            "virtconsole,chardev=backdoor",
+            "-fw_cfg",
+            "name=opt/drydock/hosts,file=/s/clusters/c/hosts",
+        ];
+        assert_eq!(p.args, want);
+    }
+
+    #[test]
+    fn nixos_test_devices_are_what_qemu_vm_gives_a_node() {
+        let mut s = spec();
+        s.devices = cluster_devices();
+        s.devices.user_net = true;
+        s.store = StoreAttachment::NineP {
+            path: "/r/nix/store".into(),
+        };
+        s.disk = Some(Disk {
+            overlay: "/s/vms/web/disk.qcow2".into(),
+            base: "/s/images/ext4-nixos-1024M.qcow2".into(),
+            size_mib: 1024,
+            label: Some("nixos".into()),
+            serial: Some("root".into()),
+        });
+        s.shares = vec![
+            DirShare {
+                tag: "shared".into(),
+                dir: "/s/clusters/c/shared".into(),
+                transport: ShareTransport::NineP,
+            },
+            DirShare {
+                tag: "xchg".into(),
+                dir: "/s/vms/web/xchg".into(),
+                transport: ShareTransport::VirtioFs {
+                    socket: "/s/vms/web/fs-xchg.sock".into(),
+                    exe: "/bin/drydock".into(),
+                },
+            },
+        ];
+        let p = plan(&s).unwrap();
+        assert_eq!(
+            after(&p, "-virtfs"),
+            vec![
+                "local,path=/r/nix/store,mount_tag=nix-store,security_model=none,readonly=on",
+                "local,path=/s/clusters/c/shared,mount_tag=shared,security_model=none",
+            ]
+        );
+        // A virtio-fs share needs shared guest memory even when the store is 9p.
+        assert_eq!(
+            after(&p, "-object"),
+            vec!["memory-backend-memfd,id=mem,size=512M,share=on"]
+        );
+        assert!(after(&p, "-chardev").contains(&"socket,id=fs2,path=/s/vms/web/fs-xchg.sock"));
+        let devices = after(&p, "-device");
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs2,tag=xchg"));
+        assert!(devices.contains(&"virtio-blk-pci,drive=disk0,serial=root"));
+        assert_eq!(
+            after(&p, "-drive"),
+            vec!["file=/s/vms/web/disk.qcow2,format=qcow2,if=none,id=disk0,discard=unmap"]
+        );
+        // The user-mode NIC comes first of the NICs (eth0), then the VLANs' in order.
+        let nets: Vec<&str> = devices
+            .iter()
+            .copied()
+            .filter(|d| d.starts_with("virtio-net-pci"))
+            .collect();
+        assert_eq!(
+            nets,
+            vec![
+                "virtio-net-pci,netdev=user0",
+                "virtio-net-pci,netdev=net0,mac=52:54:00:12:01:02",
+                "virtio-net-pci,netdev=net1,mac=52:54:00:12:0a:02",
+            ]
+        );
+        assert_eq!(after(&p, "-netdev")[0], "user,id=user0,restrict=on");
+
+        // Without virtio-fs anywhere, no shared memory.
+        s.shares.truncate(1);
+        assert!(after(&plan(&s).unwrap(), "-object").is_empty());
+        // Bad tags and serials are refused.
+        s.shares[0].tag = "a,b".into();
+        assert!(matches!(plan(&s), Err(PlanError::Tag(_))));
     }
 }

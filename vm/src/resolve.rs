@@ -14,7 +14,12 @@ use crate::doctor::Finding;
 use crate::host::Host;
 use crate::image::{ImageError, StoreImage, closure_key, ensure_store_image};
 use crate::launch::{LaunchRecord, StoreShare};
-use crate::plan::{Accel, Disk, GuestDevices, PlanError, StoreAttachment, VmPaths, VmSpec};
+use crate::plan::{
+    Accel, DirShare, Disk, GuestDevices, PlanError, ShareTransport, StoreAttachment, VmPaths,
+    VmSpec,
+};
+use crate::profile::{FstabError, GuestNeeds, Profile, ShareTag, Transport};
+use crate::reginfo::{RegInfoError, ensure_reginfo};
 use crate::system::SystemError;
 
 /// What to boot.
@@ -45,6 +50,13 @@ pub enum StoreMode {
     VirtioFs,
     /// The closure packed into a read-only EROFS image.
     Image,
+}
+
+/// How the store reaches the guest, as resolved.
+enum Via {
+    VirtioFs,
+    Image,
+    NineP,
 }
 
 /// Which accelerator the user asked for.
@@ -86,6 +98,11 @@ pub struct LaunchRequest {
     pub devices: GuestDevices,
     /// Launch even when the guest asks for more memory than the host has (`--allow-overcommit`).
     pub allow_overcommit: bool,
+    /// Which devices the guest gets.
+    pub profile: Profile,
+    /// The folder a nixos-test node's `shared` tag shows (a cluster's, shared by its
+    /// machines); `None`: a folder of the VM's own (`VMDIR/shared`).
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// A resolved launch, and what it took.
@@ -131,6 +148,26 @@ pub enum ResolveError {
     Image(#[source] ImageError),
     #[error(transparent)]
     Plan(PlanError),
+    #[error("the nixos-test profile boots a system (--system TOPLEVEL), not a bare kernel")]
+    ProfileNeedsSystem,
+    #[error(
+        "the nixos-test profile takes the store as the guest's fstab says (9p or virtio-fs): drop --store-mode image"
+    )]
+    ProfileStoreMode,
+    #[error(
+        "{toplevel}/etc/fstab: no such file: the nixos-test profile provides what the system's fstab names (a NixOS toplevel has one)"
+    )]
+    NoFstab { toplevel: String },
+    #[error("{fstab}")]
+    Fstab {
+        fstab: String,
+        #[source]
+        source: FstabError,
+    },
+    #[error("the guest's fstab")]
+    ReadFstab(#[source] drydock_gc::ReadFileError),
+    #[error("the registration of the closure (regInfo=)")]
+    RegInfo(#[source] RegInfoError),
 }
 
 impl ResolveError {
@@ -141,6 +178,7 @@ impl ResolveError {
             Self::NixDb(e) => e.is_bad_input(),
             Self::Image(e) => e.is_bad_input(),
             Self::Plan(e) => e.is_bad_input(),
+            Self::RegInfo(e) => e.is_bad_input(),
             Self::KvmUnusable(_) => false,
             _ => true,
         }
@@ -248,33 +286,34 @@ pub fn resolve_launch(
         }
         cmdline.push_str(extra);
     }
-    let allow = match (req.share, &toplevel) {
+    let needs = match req.profile {
+        Profile::Drydock => None,
+        Profile::NixosTest => Some(nixos_test_needs(layout, req, toplevel.as_ref())?),
+    };
+    // The closure: the closure-only view shows it, and a nixos-test node's regInfo lists it.
+    let closure = match (&toplevel, req.share == Share::Closure || needs.is_some()) {
+        (Some(top), true) => Some(closure_of(layout, top)?),
+        _ => None,
+    };
+    let mut allow = match (req.share, &toplevel) {
         (Share::Store, _) => None,
-        (Share::Closure, Some(top)) => {
-            if !layout.has_database() {
-                return Err(ResolveError::NoDatabase {
-                    db: layout.db_path(),
-                    store: layout.store_dir.clone(),
-                });
-            }
-            let db = NixDb::open(layout).map_err(ResolveError::NixDb)?;
-            let closure = db
-                .closure_of(top)
-                .map_err(ResolveError::NixDb)?
-                .ok_or_else(|| ResolveError::NotRegistered {
-                    toplevel: layout.logical(top),
-                    db: layout.db_path(),
-                })?;
-            Some(
-                closure
-                    .iter()
-                    .map(|p| p.base_name().to_string())
-                    .collect::<Vec<_>>(),
-            )
-        }
+        (Share::Closure, Some(_)) => closure.clone(),
         // A bare kernel has no closure to compute: it sees nothing of the store unless asked.
         (Share::Closure, None) => Some(Vec::new()),
     };
+    let mut reginfo = None;
+    if let (Some(_), Some(closure)) = (&needs, &closure) {
+        let path = ensure_reginfo(layout, &images_dir(state_dir), closure)
+            .map_err(ResolveError::RegInfo)?;
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&format!("regInfo={path}/registration"));
+        if let (Some(allow), Some(name)) = (allow.as_mut(), path.rsplit('/').next()) {
+            allow.push(name.to_string());
+        }
+        reginfo = Some(path);
+    }
     if !layout.store_dir.is_dir() && (toplevel.is_some() || req.share == Share::Store) {
         return Err(ResolveError::NoStore(layout.store_dir.clone()));
     }
@@ -282,8 +321,26 @@ pub fn resolve_launch(
     let closure_key = allow.as_deref().map(closure_key);
     let images = images_dir(state_dir);
     let mut image_report = None;
-    let (store, share) = match req.store_mode {
-        StoreMode::VirtioFs => (
+    // How the store reaches the guest: as asked, or as a nixos-test node's fstab says.
+    let store_over = match &needs {
+        None => Some(match req.store_mode {
+            StoreMode::VirtioFs => Via::VirtioFs,
+            StoreMode::Image => Via::Image,
+        }),
+        Some(n) => n.transport(ShareTag::Store).map(|t| match t {
+            Transport::VirtioFs => Via::VirtioFs,
+            Transport::NineP => Via::NineP,
+        }),
+    };
+    let (store, share) = match store_over {
+        None => (StoreAttachment::None, None),
+        Some(Via::NineP) => (
+            StoreAttachment::NineP {
+                path: layout.store_dir.clone(),
+            },
+            None,
+        ),
+        Some(Via::VirtioFs) => (
             StoreAttachment::VirtioFs {
                 socket: paths.fs_socket(),
             },
@@ -293,7 +350,7 @@ pub fn resolve_launch(
                 allow,
             }),
         ),
-        StoreMode::Image => {
+        Some(Via::Image) => {
             let Some(closure) = allow else {
                 return Err(ResolveError::ImageNeedsClosure);
             };
@@ -305,6 +362,47 @@ pub fn resolve_launch(
             (StoreAttachment::Image { path }, None)
         }
     };
+    let defaults = GuestNeeds {
+        root_label: Some(String::new()),
+        shares: Vec::new(),
+    };
+    let guest = needs.as_ref().unwrap_or(&defaults);
+    let disk = guest.root_label.as_ref().map(|label| {
+        let nixos = needs.is_some();
+        let base = if nixos {
+            format!("ext4-{label}-{}M.qcow2", req.disk_size_mib)
+        } else {
+            format!("blank-{}M.qcow2", req.disk_size_mib)
+        };
+        Disk {
+            overlay: paths.overlay(),
+            base: images.join(base),
+            size_mib: req.disk_size_mib,
+            label: nixos.then(|| label.clone()),
+            serial: nixos.then(|| "root".to_string()),
+        }
+    });
+    let shares = guest
+        .shares
+        .iter()
+        .filter(|s| s.tag != ShareTag::Store)
+        .map(|s| DirShare {
+            tag: s.tag.tag().to_string(),
+            dir: match (s.tag, &req.shared_dir) {
+                (ShareTag::Shared, Some(dir)) => dir.clone(),
+                _ => paths.dir.join(s.tag.tag()),
+            },
+            transport: match s.transport {
+                Transport::NineP => ShareTransport::NineP,
+                Transport::VirtioFs => ShareTransport::VirtioFs {
+                    socket: paths.share_socket(s.tag.tag()),
+                    exe: exe.to_path_buf(),
+                },
+            },
+        })
+        .collect();
+    let mut devices = req.devices.clone();
+    devices.user_net = needs.is_some();
     let spec = VmSpec {
         name: req.name.clone(),
         qemu,
@@ -315,13 +413,10 @@ pub fn resolve_launch(
         cpus: req.cpus,
         accel,
         store,
-        disk: Some(Disk {
-            overlay: paths.overlay(),
-            base: images.join(format!("blank-{}M.qcow2", req.disk_size_mib)),
-            size_mib: req.disk_size_mib,
-        }),
+        disk,
         paths: paths.clone(),
-        devices: req.devices.clone(),
+        devices,
+        shares,
     };
     crate::plan::plan(&spec).map_err(ResolveError::Plan)?;
     Ok(Resolved {
@@ -334,9 +429,59 @@ pub fn resolve_launch(
             run_id: None,
             shared_run: false,
             closure_key,
+            profile: req.profile,
+            reginfo,
         },
         image: image_report,
     })
+}
+
+/// The closure of `top` (store path basenames), from Nix's database.
+fn closure_of(
+    layout: &StoreLayout,
+    top: &drydock_gc::StorePath,
+) -> Result<Vec<String>, ResolveError> {
+    if !layout.has_database() {
+        return Err(ResolveError::NoDatabase {
+            db: layout.db_path(),
+            store: layout.store_dir.clone(),
+        });
+    }
+    let db = NixDb::open(layout).map_err(ResolveError::NixDb)?;
+    let closure = db
+        .closure_of(top)
+        .map_err(ResolveError::NixDb)?
+        .ok_or_else(|| ResolveError::NotRegistered {
+            toplevel: layout.logical(top),
+            db: layout.db_path(),
+        })?;
+    Ok(closure.iter().map(|p| p.base_name().to_string()).collect())
+}
+
+/// What a nixos-test node's fstab (`TOPLEVEL/etc/fstab`) asks for.
+fn nixos_test_needs(
+    layout: &StoreLayout,
+    req: &LaunchRequest,
+    toplevel: Option<&drydock_gc::StorePath>,
+) -> Result<GuestNeeds, ResolveError> {
+    let Some(top) = toplevel else {
+        return Err(ResolveError::ProfileNeedsSystem);
+    };
+    if req.store_mode == StoreMode::Image {
+        return Err(ResolveError::ProfileStoreMode);
+    }
+    let top = layout.logical(top);
+    let fstab = format!("{top}/etc/fstab");
+    let physical = crate::system::resolve_logical(layout, &fstab).map_err(|e| match e {
+        SystemError::Missing { .. } => ResolveError::NoFstab {
+            toplevel: top.clone(),
+        },
+        other => ResolveError::System(other),
+    })?;
+    let text = drydock_gc::read_regular(&physical, drydock_gc::Links::Refuse, 1 << 20)
+        .map_err(ResolveError::ReadFstab)?;
+    crate::profile::parse_fstab(&String::from_utf8_lossy(&text))
+        .map_err(|source| ResolveError::Fstab { fstab, source })
 }
 
 #[cfg(test)]
@@ -357,6 +502,8 @@ mod tests {
             disk_size_mib: 64,
             devices: GuestDevices::default(),
             allow_overcommit: false,
+            profile: Profile::Drydock,
+            shared_dir: None,
         }
     }
 

@@ -389,6 +389,7 @@ mod tests {
                 disk: None,
                 paths,
                 devices: Default::default(),
+                shares: Vec::new(),
             },
             share: None,
             toplevel: None,
@@ -397,6 +398,8 @@ mod tests {
             shared_run: false,
             closure_key: Some(key.into()),
             store: None,
+            profile: Default::default(),
+            reginfo: None,
         }
     }
 

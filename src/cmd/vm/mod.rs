@@ -82,6 +82,8 @@ fn run_request(a: &VmRunArgs) -> anyhow::Result<drydock_vm::LaunchRequest> {
         },
         (None, None) => return Err(drydock_vm::ResolveError::NothingToBoot.into()),
     };
+    let profile: drydock_vm::Profile = a.profile.into();
+    let defaults = profile.defaults();
     Ok(drydock_vm::LaunchRequest {
         name: a.name.clone(),
         boot,
@@ -96,11 +98,13 @@ fn run_request(a: &VmRunArgs) -> anyhow::Result<drydock_vm::LaunchRequest> {
         },
         accel: a.accel.into(),
         qemu: a.qemu.clone(),
-        memory_mib: a.memory,
-        cpus: a.cpus,
-        disk_size_mib: a.disk_size,
+        memory_mib: a.memory.unwrap_or(defaults.memory_mib),
+        cpus: a.cpus.unwrap_or(defaults.cpus),
+        disk_size_mib: a.disk_size.unwrap_or(defaults.disk_mib),
         devices: Default::default(),
         allow_overcommit: a.allow_overcommit,
+        profile,
+        shared_dir: None,
     })
 }
 

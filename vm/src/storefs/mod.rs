@@ -178,6 +178,22 @@ impl StoreServer {
         shared_dir: &Path,
         allow: Option<&[String]>,
     ) -> Result<Self, StoreServerError> {
+        Self::spawn_as(exe, socket, shared_dir, allow, false)
+    }
+
+    /// A server of the folder `dir`, writable (a nixos-test node's `xchg` or `shared`), confined
+    /// to it as the store's is.
+    pub fn spawn_writable(exe: &Path, socket: &Path, dir: &Path) -> Result<Self, StoreServerError> {
+        Self::spawn_as(exe, socket, dir, None, true)
+    }
+
+    fn spawn_as(
+        exe: &Path,
+        socket: &Path,
+        shared_dir: &Path,
+        allow: Option<&[String]>,
+        writable: bool,
+    ) -> Result<Self, StoreServerError> {
         let allow = allow.map(serve::encode_allow_list).transpose()?;
         let mut cmd = Command::new(exe);
         cmd.arg(STORE_SERVER_SUBCOMMAND)
@@ -185,6 +201,9 @@ impl StoreServer {
             .arg(socket)
             .arg("--shared-dir")
             .arg(shared_dir);
+        if writable {
+            cmd.arg("--writable");
+        }
         if allow.is_some() {
             cmd.arg("--allow-list").arg("-").stdin(Stdio::piped());
         } else {

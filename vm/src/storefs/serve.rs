@@ -68,6 +68,8 @@ pub struct StoreServeOptions {
     pub thread_pool_size: usize,
     /// Apply the sandbox (namespaces, chroot, capabilities, seccomp). Only for debugging off.
     pub sandbox: bool,
+    /// Serve `shared_dir` writable (a folder of the guest's, never a store): no allow-list.
+    pub writable: bool,
 }
 
 impl StoreServeOptions {
@@ -79,6 +81,7 @@ impl StoreServeOptions {
             allow,
             thread_pool_size: 0,
             sandbox: true,
+            writable: false,
         }
     }
 }
@@ -198,7 +201,7 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
     let mountinfo_prefix = sandbox
         .get_mountinfo_prefix()
         .map_err(StoreServerError::Filesystem)?;
-    let mut listener = sandbox
+    let listener = sandbox
         .enter(Listener::from(listener))
         .map_err(StoreServerError::Sandbox)?;
 
@@ -238,10 +241,36 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
             .spawn(move || serve_control(&listener, &allow))
             .map_err(StoreServerError::Filesystem)?;
     }
+    if opts.writable {
+        // A writable folder of the guest's (a nixos-test node's `xchg`, `shared`): plain
+        // passthrough, confined to the folder like the store (chroot as root; `openat2` with
+        // `RESOLVE_IN_ROOT` either way, so neither `..` nor a link the guest made leads out).
+        let fs = passthrough::PassthroughFs::new(cfg).map_err(StoreServerError::Filesystem)?;
+        return run_daemon(fs, opts, listener, &shared, None, confine);
+    }
     let fs = StoreFs::new(
         PassthroughFsRo::new(cfg).map_err(StoreServerError::Filesystem)?,
         allow,
     );
+    run_daemon(fs, opts, listener, &shared, shown, confine)
+}
+
+/// Serve `fs` to the one frontend that connects to `listener`, until it disconnects.
+fn run_daemon<F>(
+    fs: F,
+    opts: &StoreServeOptions,
+    mut listener: Listener,
+    shared: &Path,
+    shown: Option<usize>,
+    confine: bool,
+) -> Result<(), StoreServerError>
+where
+    F: virtiofsd::filesystem::FileSystem
+        + virtiofsd::filesystem::SerializableFileSystem
+        + Send
+        + Sync
+        + 'static,
+{
     let backend = Arc::new(
         VhostUserFsBackendBuilder::default()
             .set_thread_pool_size(opts.thread_pool_size)
@@ -259,6 +288,7 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
     tracing::info!(
         shared = %shared.display(),
         closure_entries = ?shown,
+        writable = opts.writable,
         sandboxed = confine,
         "store server waiting for its frontend"
     );
