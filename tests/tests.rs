@@ -27,6 +27,7 @@ mod gc_stores;
 mod gc_system_store;
 mod hostile;
 mod images;
+mod nixos_map;
 mod qmp;
 mod reload;
 mod store_drv;

@@ -162,6 +162,12 @@ pub fn guest_ready() {
 /// (`scripts/guest/system.nix` with `ARGS`, e.g. `www`, `activation`, `kernelParams`) on the
 /// cached guest kernel and initrd.
 pub fn composition_text(machines: &str) -> String {
+    composition_with(&format!("{{ machines = {{ {machines} }}; }}"))
+}
+
+/// A composition whose whole expression is `body`, in which `sys ARGS` is the test system's
+/// toplevel as in [`composition_text`] (for compositions made by a Nix function).
+pub fn composition_with(body: &str) -> String {
     let system = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/system.nix");
     format!(
         r#"let
@@ -171,7 +177,7 @@ pub fn composition_text(machines: &str) -> String {
     kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
     initrd = cache + "/initrd"; inherit kernelVersion;
   }} // args)).toplevel;
-in {{ machines = {{ {machines} }}; }}
+in {body}
 "#,
         cache = guest_cache(),
         system = system.display()
