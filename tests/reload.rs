@@ -6,6 +6,9 @@
 //! makes `up` exit 1 with the machine still answering, and under `--watch` a syntax error changes
 //! nothing while the next good edit applies. A foreground `up --watch` owns its cluster: an edit
 //! switches its machine in place, its console is echoed, and Ctrl-C stops everything (exit 130).
+//! A switch whose new system restarts the guest's backdoor (the test system's
+//! `backdoorRevision`, as NixOS restarts a changed `backdoor.service`) runs on outside the
+//! backdoor, is waited for through the new backdoor, and `exec` works right after.
 //! Nothing is left running (checked over /proc).
 
 use std::path::{Path, PathBuf};
@@ -541,4 +544,76 @@ fn a_foreground_watch_switches_its_own_cluster_and_ctrl_c_stops_it() {
     assert_eq!(status.code(), Some(130), "{}", read(&err));
     assert!(read(&err).contains("cluster fw stopped"), "{}", read(&err));
     wait_no_processes(c.state(), Duration::from_secs(30));
+}
+
+/// A one-machine composition whose backdoor has the revision `rev`.
+fn with_backdoor(rev: &str) -> String {
+    format!(r#"solo = {{ system = sys {{ backdoorRevision = "{rev}"; }}; memorySize = 256; }};"#)
+}
+
+/// The session of the backdoor shell that runs an `exec` (the parent of the command's shell).
+const BACKDOOR_SESSION: &str = r#"st=$(cat /proc/$$/stat); set -- ${st##*) }; echo $4"#;
+
+#[test]
+fn a_switch_that_restarts_the_backdoor_runs_on_and_exec_works_after() {
+    let c = Cluster::named("br")
+        .store(store())
+        .machines(&with_backdoor("1"))
+        .up();
+    let before = c.qemu_pids();
+    let old_backdoor = stdout_of(&c, "solo", "cat /run/drydock/backdoor.pid");
+    assert_eq!(
+        stdout_of(&c, "solo", BACKDOOR_SESSION),
+        old_backdoor,
+        "exec runs in the backdoor's session"
+    );
+    assert_eq!(
+        stdout_of(&c, "solo", "cat /run/drydock/backdoor.revision"),
+        "1"
+    );
+
+    // Only the backdoor's revision changes: a switch, and the new system restarts the backdoor,
+    // killing every process of its session (the call that started the switch with them).
+    c.set_machines(&with_backdoor("2"));
+    let t = Instant::now();
+    let (code, v, err) = up_json(&c, &[]);
+    eprintln!(
+        "a switch that restarts the backdoor: up took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(code, Some(0), "{v}\n{err}");
+    assert_eq!(actions(&v), [row("solo", "switch", "done")], "{v}\n{err}");
+    let new_top = machine(&v, "solo")["to"].as_str().unwrap().to_string();
+    let output = machine(&v, "solo")["output"].as_str().unwrap_or_default();
+    assert!(
+        output.contains(&format!("activating {new_top}"))
+            && output.contains("restarting the backdoor"),
+        "the switch's whole output, through the new backdoor: {v}"
+    );
+    assert!(err.contains("│ restarting the backdoor"), "streamed: {err}");
+
+    // Right after: exec works, in the new backdoor's session, on the new system, same VM.
+    let new_backdoor = stdout_of(&c, "solo", "cat /run/drydock/backdoor.pid");
+    assert_ne!(new_backdoor, old_backdoor, "the backdoor was restarted");
+    assert_eq!(stdout_of(&c, "solo", BACKDOOR_SESSION), new_backdoor);
+    assert_eq!(
+        stdout_of(&c, "solo", "cat /run/drydock/backdoor.revision"),
+        "2"
+    );
+    assert_eq!(
+        stdout_of(&c, "solo", "readlink /run/current-system"),
+        format!("{new_top}\n")
+    );
+    assert_eq!(c.qemu_pids(), before, "switched in place, not restarted");
+    // Nothing of the old backdoor's session is left, and the switch's folder is gone.
+    let old_session = format!(
+        r#"for f in /proc/[0-9]*/stat; do read -r st <$f && set -- ${{st##*) }} && [ "$4" = {} ] && [ "$1" != Z ] && echo "$f"; done; ls -d /tmp/drydock-switch-* 2>/dev/null; true"#,
+        old_backdoor.trim()
+    );
+    assert_eq!(stdout_of(&c, "solo", &old_session), "");
+    let launch: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.state().join("vms/br.solo/launch.json")).unwrap())
+            .unwrap();
+    assert_eq!(launch["toplevel"], new_top.as_str());
+    c.down();
 }

@@ -10,10 +10,23 @@
 //!    is rewritten for the machines that boot now. Machines that keep running are not touched.
 //! 3. `create` and `restart` boot (a thread each, as `up` starts them), while every `switch`
 //!    runs: the store server shows the old and new closures at once, then
-//!    `NEW/bin/switch-to-configuration test` runs through the backdoor, its output on the guest's
-//!    console too (so it streams to `up` as `MACHINE │ line`); on success the view shrinks to the
-//!    new closure, the launch record names the new system and the run's GC pin moves to it. On
-//!    failure the machine keeps running and keeps its record and pin.
+//!    `NEW/bin/switch-to-configuration test` runs in the guest, started through the backdoor but
+//!    detached from it (`cluster::command::switch_start`: a systemd unit of its own, or a
+//!    session of its own), its output on the guest's console too (so it streams to `up` as
+//!    `MACHINE │ line`); on success the view shrinks to the new closure, the launch record names
+//!    the new system and the run's GC pin moves to it. On failure the machine keeps running and
+//!    keeps its record and pin.
+//!
+//! A switch may restart the backdoor itself (NixOS restarts `backdoor.service` when the new
+//! system changes it): the call that started the switch then fails with
+//! [`ClusterError::Restarted`], and the switch, which runs on, is waited for again through the
+//! new backdoor shell, by its folder in the guest (`cluster::command::switch_wait`), at most
+//! [`MAX_REATTACH`] times and within [`SWITCH_DEADLINE`] in all.
+//!
+//! A machine whose records show no closure view (`LaunchRecord::share` is `None`, or shares the
+//! whole store) sees the whole store: its switch changes no view. With today's types that is
+//! how a machine whose store reaches it another way (over 9p, say) is switched; a machine whose
+//! view would change between a closure and the whole store is not switched (a restart is).
 //!
 //! A second `up` reaches the owner over `STATE/clusters/NAME/.../control.sock`: one JSON request
 //! line, one JSON reply line, per connection ([`request`]). Every wait has a deadline.
@@ -24,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use drydock_gc::{Cancel, Deadline};
 
+use crate::backdoor::{ExecOutput, nonce, sh_quote};
+use crate::command::{MAX_SWITCH_OUTPUT, switch_dir, switch_start, switch_wait};
 use crate::compose::ClusterPlan;
 use crate::control::ControlOp;
 use crate::events::{ControlCall, MachineEvent, OwnerEvent};
@@ -34,10 +49,18 @@ use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, p
 use crate::run::{RunningCluster, vlan_ports};
 use crate::state::{ClusterError, cluster_paths, hub_socket, machine_failure};
 use drydock_vm::VmPaths;
-use drydock_vm::{LaunchPlan, LaunchRecord};
+use drydock_vm::{LaunchPlan, LaunchRecord, StoreShare};
 
 /// How long `switch-to-configuration` may run in a guest.
 const SWITCH_DEADLINE: Duration = Duration::from_secs(300);
+/// How many times a switch is waited for again after the guest's backdoor restarted under the
+/// call waiting for it (a guest that prints the ready line in a loop must not hold the reload).
+const MAX_REATTACH: u32 = 3;
+/// How long a switch's call may take past the guest's own bound of its wait (the reply's way
+/// back).
+const WAIT_MARGIN: Duration = Duration::from_secs(15);
+/// How long removing a switch's folder in the guest may take.
+const CLEANUP_DEADLINE: Duration = Duration::from_secs(30);
 /// How long one exchange with a store server's control socket may take.
 const CLOSURE_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -110,6 +133,81 @@ struct Switched {
     error: Option<String>,
 }
 
+/// A store view a switch moves between: the closure views to show during the switch (old and
+/// new) and after it (new), or `None` when the guest sees the whole store (no closure view,
+/// `share: None`, or a share of the whole store: nothing to change). Views of different kinds
+/// are an error (the plan restarts such a machine).
+type Views = Option<(Vec<String>, Vec<String>)>;
+
+fn closure_views(old: Option<&StoreShare>, new: Option<&StoreShare>) -> Result<Views, String> {
+    let view = |s: Option<&StoreShare>| s.and_then(|s| s.allow.clone());
+    match (view(old), view(new)) {
+        (Some(o), Some(n)) => Ok(Some((o, n))),
+        (None, None) => Ok(None),
+        (Some(_), None) | (None, Some(_)) => Err(
+            "what the guest sees of the store changes between a closure and the whole store: a restart does that, a switch cannot"
+                .into(),
+        ),
+    }
+}
+
+/// Run the switch `id` to `toplevel` in the guest through `call` (a backdoor call: its text and
+/// timeout) within `deadline`: the first call starts it detached and waits for it; when the
+/// guest's backdoor restarted under a call ([`ClusterError::Restarted`]), the next call only
+/// waits for the same switch (its folder in the guest), at most [`MAX_REATTACH`] times.
+fn run_switch(
+    vm: &str,
+    toplevel: &str,
+    id: &str,
+    deadline: Deadline,
+    call: &mut dyn FnMut(&str, Duration) -> Result<ExecOutput, ClusterError>,
+) -> Result<ExecOutput, String> {
+    let mut restarts = 0;
+    loop {
+        let secs = deadline.remaining().as_secs();
+        let text = match restarts {
+            0 => switch_start(toplevel, id, secs),
+            _ => switch_wait(id, secs),
+        };
+        match call(&text, Duration::from_secs(secs) + WAIT_MARGIN) {
+            Ok(o) => return Ok(o),
+            Err(ClusterError::Restarted { .. }) if restarts < MAX_REATTACH => {
+                restarts += 1;
+                tracing::info!(
+                    vm,
+                    restarts,
+                    "the guest's backdoor restarted during the switch: waiting for the switch through the new one"
+                );
+            }
+            Err(e @ ClusterError::Restarted { .. }) => {
+                return Err(format!(
+                    "{}; it restarted {} times during the switch, so drydock stopped waiting for it (the switch may still run in the guest; the machine's console shows its output)",
+                    drydock_vm::error_chain(&e),
+                    restarts + 1
+                ));
+            }
+            Err(e) => return Err(drydock_vm::error_chain(&e)),
+        }
+    }
+}
+
+/// A switch's output as shown: stdout then stderr, each at most its last [`MAX_SWITCH_OUTPUT`]
+/// bytes (the guest sends no more, but it is not trusted to keep to that), as text.
+fn switch_output(o: &ExecOutput) -> String {
+    let last = |b: &[u8]| -> String {
+        let kept = &b[b.len().saturating_sub(MAX_SWITCH_OUTPUT)..];
+        let text = String::from_utf8_lossy(kept);
+        match b.len() >= MAX_SWITCH_OUTPUT {
+            true => format!(
+                "[only the last {} KiB; the machine's console log has the rest]\n{text}",
+                MAX_SWITCH_OUTPUT >> 10
+            ),
+            false => text.into_owned(),
+        }
+    };
+    format!("{}{}", last(&o.stdout), last(&o.stderr))
+}
+
 /// Switch the running machine `vm` from `old` to `new` (see the module's doc).
 fn switch(
     state_dir: &Path,
@@ -124,33 +222,45 @@ fn switch(
         error: Some(error),
     };
     let paths = VmPaths::in_state_dir(state_dir, vm);
-    let allow = |r: &LaunchRecord| r.share.as_ref().and_then(|s| s.allow.clone());
-    let (Some(old_allow), Some(new_allow), Some(top)) = (allow(old), allow(new), &new.toplevel)
-    else {
-        return failed("no closure view to change".into(), String::new());
+    let Some(top) = &new.toplevel else {
+        return failed("the new launch names no system".into(), String::new());
     };
-    let both = union(&old_allow, &new_allow);
-    if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), &both, CLOSURE_DEADLINE) {
-        return failed(
-            format!("showing the new closure: {}", drydock_vm::error_chain(&e)),
-            String::new(),
-        );
+    let views = match closure_views(old.share.as_ref(), new.share.as_ref()) {
+        Ok(v) => v,
+        Err(e) => return failed(e, String::new()),
+    };
+    if let Some((old_allow, new_allow)) = &views {
+        let both = union(old_allow, new_allow);
+        if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), &both, CLOSURE_DEADLINE) {
+            return failed(
+                format!("showing the new closure: {}", drydock_vm::error_chain(&e)),
+                String::new(),
+            );
+        }
+        tracing::info!(vm, names = both.len(), "the guest sees the new closure");
     }
-    tracing::info!(vm, names = both.len(), "the guest sees the new closure");
-    // The output goes to the caller and to the console (the machine's log, streamed by `up`);
-    // the status survives the pipe through a file.
-    let cmd = format!(
-        "s=/tmp/drydock-switch.status; echo 1 > $s; {{ {top}/bin/switch-to-configuration test; echo $? > $s; }} 2>&1 | tee /dev/console; exit \"$(cat $s)\""
-    );
-    let out = match exec_remote(vm, &paths, &cmd, SWITCH_DEADLINE, None) {
-        Ok(o) => o,
+    let id = match nonce() {
+        Ok(id) => id,
         Err(e) => return failed(drydock_vm::error_chain(&e), String::new()),
     };
-    let output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let deadline = Deadline::after(SWITCH_DEADLINE);
+    let ran = run_switch(vm, top, &id, deadline, &mut |text, timeout| {
+        exec_remote(vm, &paths, text, timeout, None)
+    });
+    // The switch's folder in the guest goes, whatever happened (a backdoor that cannot take the
+    // call leaves it in the guest's /tmp).
+    let rm = format!("rm -rf {}", sh_quote(&switch_dir(&id)));
+    if let Err(e) = exec_remote(vm, &paths, &rm, CLEANUP_DEADLINE, None) {
+        tracing::warn!(
+            "{vm}: removing the switch's folder in the guest: {}",
+            drydock_vm::error_chain(&e)
+        );
+    }
+    let out = match ran {
+        Ok(o) => o,
+        Err(e) => return failed(e, String::new()),
+    };
+    let output = switch_output(&out);
     if out.status != 0 {
         return failed(
             format!(
@@ -160,11 +270,14 @@ fn switch(
             output,
         );
     }
-    if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), &new_allow, CLOSURE_DEADLINE) {
-        tracing::warn!(
-            "{vm}: narrowing the closure view: {}",
-            drydock_vm::error_chain(&e)
-        );
+    if let Some((_, new_allow)) = &views {
+        if let Err(e) = drydock_vm::update_closure(&paths.fs_socket(), new_allow, CLOSURE_DEADLINE)
+        {
+            tracing::warn!(
+                "{vm}: narrowing the closure view: {}",
+                drydock_vm::error_chain(&e)
+            );
+        }
     }
     let mut record = new.clone();
     record.run_id = old.run_id;
@@ -567,5 +680,140 @@ fn set_outcome(
         o.outcome = outcome;
         o.seconds = took.as_secs_f64();
         o.error = error;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(allow: Option<&[&str]>) -> StoreShare {
+        StoreShare {
+            exe: PathBuf::from("/bin/drydock"),
+            shared_dir: PathBuf::from("/nix/store"),
+            allow: allow.map(|a| a.iter().map(|n| n.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn a_guest_that_sees_the_whole_store_has_no_view_to_change() {
+        let (a, b) = (share(Some(&["a-sys"])), share(Some(&["b-sys", "lib"])));
+        assert_eq!(
+            closure_views(Some(&a), Some(&b)).unwrap(),
+            Some((
+                vec!["a-sys".to_string()],
+                vec!["b-sys".into(), "lib".into()]
+            ))
+        );
+        // No share (a store that reaches the guest another way, e.g. over 9p), or a share of
+        // the whole store: nothing to widen or narrow.
+        let whole = share(None);
+        for (o, n) in [
+            (None, None),
+            (Some(&whole), Some(&whole)),
+            (None, Some(&whole)),
+        ] {
+            assert_eq!(closure_views(o, n).unwrap(), None);
+        }
+        // A closure on one side only: not a switch.
+        for (o, n) in [(Some(&a), None), (None, Some(&b)), (Some(&whole), Some(&b))] {
+            let e = closure_views(o, n).unwrap_err();
+            assert!(e.contains("a restart does that"), "{e}");
+        }
+    }
+
+    fn restarted() -> ClusterError {
+        ClusterError::Restarted { vm: "c.m".into() }
+    }
+
+    fn done(status: i32, out: &str) -> ExecOutput {
+        ExecOutput {
+            stdout: out.as_bytes().to_vec(),
+            stderr: Vec::new(),
+            status,
+        }
+    }
+
+    /// `run_switch` against a guest whose calls answer `answers` in turn: the result and the
+    /// calls' texts and timeouts.
+    fn switch_with(
+        answers: Vec<Result<ExecOutput, ClusterError>>,
+    ) -> (Result<ExecOutput, String>, Vec<(String, Duration)>) {
+        let mut answers = answers.into_iter();
+        let mut calls = Vec::new();
+        let r = run_switch(
+            "c.m",
+            "/nix/store/abc-sys",
+            "0123abcd",
+            Deadline::after(SWITCH_DEADLINE),
+            &mut |text, timeout| {
+                calls.push((text.to_string(), timeout));
+                answers.next().expect("no more calls expected")
+            },
+        );
+        (r, calls)
+    }
+
+    #[test]
+    fn a_switch_is_started_once_and_waited_for_again_after_a_backdoor_restart() {
+        // Undisturbed: one call starts the switch and brings its status.
+        let (r, calls) = switch_with(vec![Ok(done(0, "activating"))]);
+        assert_eq!(r.unwrap().status, 0);
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].0.contains("systemd-run") && calls[0].0.contains("setsid"));
+        assert!(calls[0].1 <= SWITCH_DEADLINE + WAIT_MARGIN);
+        assert!(calls[0].1 > SWITCH_DEADLINE - Duration::from_secs(5));
+        // The backdoor restarted under the call: the next call waits for the same switch (its
+        // folder) and starts nothing; a failing switch's status is the switch's.
+        let (r, calls) = switch_with(vec![Err(restarted()), Ok(done(4, "broken"))]);
+        assert_eq!(r.unwrap().status, 4);
+        assert_eq!(calls.len(), 2);
+        let again = &calls[1].0;
+        assert!(again.contains("'/tmp/drydock-switch-0123abcd'"), "{again}");
+        assert!(
+            !again.contains("systemd-run") && !again.contains("setsid") && !again.contains("mkdir"),
+            "{again}"
+        );
+        assert!(calls[1].1 <= calls[0].1);
+        // Another error is the switch's failure at once.
+        let (r, calls) = switch_with(vec![Err(ClusterError::NoExec("c.m".into()))]);
+        assert!(r.unwrap_err().contains("no backdoor service"));
+        assert_eq!(calls.len(), 1);
+    }
+
+    #[test]
+    fn a_guest_that_keeps_restarting_its_backdoor_cannot_hold_a_switch() {
+        let answers = (0..10).map(|_| Err(restarted())).collect();
+        let (r, calls) = switch_with(answers);
+        assert_eq!(calls.len(), 1 + MAX_REATTACH as usize);
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("restarted during the call") && e.contains("restarted 4 times"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_switch_shows_at_most_the_end_of_its_output() {
+        let short = ExecOutput {
+            stdout: b"activating\n".to_vec(),
+            stderr: b"warning\n".to_vec(),
+            status: 0,
+        };
+        assert_eq!(switch_output(&short), "activating\nwarning\n");
+        let mut long = vec![b'x'; 3 * MAX_SWITCH_OUTPUT];
+        long.extend_from_slice(b"the end\n");
+        let shown = switch_output(&ExecOutput {
+            stdout: long,
+            stderr: Vec::new(),
+            status: 1,
+        });
+        assert!(shown.len() < MAX_SWITCH_OUTPUT + 100, "{}", shown.len());
+        assert!(
+            shown.starts_with("[only the last 64 KiB"),
+            "{}",
+            &shown[..80]
+        );
+        assert!(shown.ends_with("xthe end\n"));
     }
 }

@@ -20,6 +20,13 @@
 //! period after the deadline is wedged, and the backdoor refuses further calls. Calls on one
 //! backdoor queue on its mutex.
 //!
+//! A guest may restart its backdoor (NixOS restarts `backdoor.service` when a switch changes
+//! it): the new shell prints [`READY_LINE`] again. That line arriving while a call waits for its
+//! reply means the shell that ran the call is gone, so the call fails with
+//! [`BackdoorError::Restarted`] and the connection stays usable: the new shell takes the next
+//! call (its state is fresh; each call line makes what it needs). What the old call's command
+//! did is not known; a caller that must know (a switch) left its own record in the guest.
+//!
 //! QEMU drops what a guest writes to a `virtconsole` whose socket is full (console ports are
 //! not throttled, unlike `virtserialport`: QEMU's `virtio-console.c` drops on `EAGAIN` rather
 //! than stall the guest's hvc driver), so a reply is sent with flow control: the guest writes it
@@ -102,12 +109,24 @@ pub enum BackdoorError {
     /// The machine lost what the backdoor needs (see [`Backdoor::close`]).
     #[error("{0}")]
     Gone(String),
+    /// The guest printed [`READY_LINE`] while the call waited for its reply: the shell running
+    /// it was replaced by a new one, which is ready for the next call.
+    #[error(
+        "the guest's backdoor restarted during the call (it printed {READY_LINE:?} again): whether the command ran to its end is not known; the new backdoor shell takes the next call"
+    )]
+    Restarted,
 }
 
 impl BackdoorError {
     pub fn is_bad_input(&self) -> bool {
         false
     }
+}
+
+/// Whether the console line `line` is a backdoor shell's ready line ([`READY_LINE`] at its end:
+/// a guest may print it after other output on the same line).
+fn is_ready_line(line: &str) -> bool {
+    line.trim_end().ends_with(READY_LINE)
 }
 
 /// `s` as one single-quoted word of POSIX `sh`: each `'` becomes `'\''`.
@@ -407,7 +426,7 @@ impl Backdoor {
         let deadline = Deadline::after(within);
         loop {
             match conn.line_or(deadline, cancel)? {
-                Got::Line(l) if l.trim_end().ends_with(READY_LINE) => {
+                Got::Line(l) if is_ready_line(&l) => {
                     let shutdown = conn.stream.try_clone().ok();
                     return Ok(Self {
                         conn: Mutex::new(Some(conn)),
@@ -480,6 +499,11 @@ impl Backdoor {
                         if let Some(r) = parse_reply(&nonce, &l) {
                             return r;
                         }
+                        // A new shell: the one running the call is gone (the module's doc).
+                        if is_ready_line(&l) {
+                            tracing::info!(%nonce, "the guest's backdoor restarted during a call");
+                            return Err(BackdoorError::Restarted);
+                        }
                     }
                     Got::Watched => {
                         if watch.is_some_and(peer_gone) {
@@ -495,8 +519,10 @@ impl Backdoor {
             }
         })();
         conn.acking = None;
-        // A malformed reply was still one whole line: the next call finds its own reply.
-        if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_))) {
+        // A malformed reply was still one whole line: the next call finds its own reply. A
+        // restarted shell is a new one, ready for the next call.
+        if matches!(&result, Err(e) if !matches!(e, BackdoorError::Malformed(_) | BackdoorError::Restarted))
+        {
             conn.broken = true;
         }
         match (result, self.closed()) {
@@ -861,6 +887,105 @@ mod tests {
         ] {
             assert_eq!(sh_quote(s), q);
         }
+    }
+
+    /// The nonce of the call line `line` (as the guest would see it).
+    fn nonce_of(line: &str) -> String {
+        line.split("r=\"DRYDOCK-")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .to_string()
+    }
+
+    /// A real reply to the call marked `nonce`, with `out` as its stdout.
+    fn reply(nonce: &str, status: i32, out: &str) -> String {
+        format!(
+            "\nDRYDOCK-{nonce} {status} {}  DRYDOCK-{nonce}-END\n",
+            B64.encode(out)
+        )
+    }
+
+    #[test]
+    fn a_ready_line_during_a_call_is_a_restart_and_the_next_call_works() {
+        // The guest is this test: it takes the first call, then "restarts" its backdoor (a new
+        // shell prints the ready line, after some noise of the old one's death); the new shell
+        // answers the next call on the same connection.
+        let (ours, mut guest) = UnixStream::pair().unwrap();
+        guest
+            .write_all(format!("{READY_LINE}\n").as_bytes())
+            .unwrap();
+        let b = Backdoor::wait_ready(ours, Duration::from_secs(5), &[], &mut |_| {}).unwrap();
+        let guest_side = std::thread::spawn(move || {
+            let mut calls = std::io::BufReader::new(guest.try_clone().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut calls, &mut line).unwrap();
+            let first = nonce_of(&line);
+            guest
+                .write_all(format!("Killed\r\nboot noise {READY_LINE}\r\n").as_bytes())
+                .unwrap();
+            line.clear();
+            std::io::BufRead::read_line(&mut calls, &mut line).unwrap();
+            let second = nonce_of(&line);
+            guest
+                .write_all(reply(&second, 0, "after").as_bytes())
+                .unwrap();
+            // The first call's reply, late (a shell that was not gone after all): noise.
+            guest
+                .write_all(reply(&first, 0, "late").as_bytes())
+                .unwrap();
+            (first, second)
+        });
+        let t = Instant::now();
+        let e = b.exec("sleep 100", Duration::from_secs(100)).unwrap_err();
+        assert!(matches!(e, BackdoorError::Restarted), "{e}");
+        assert!(!e.is_bad_input());
+        assert!(e.to_string().contains("restarted during the call"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let r = b.exec("true", Duration::from_secs(10)).unwrap();
+        assert_eq!((r.status, r.stdout.as_slice()), (0, b"after".as_slice()));
+        let (first, second) = guest_side.join().unwrap();
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn a_guest_flooding_ready_lines_ends_each_call_and_breaks_nothing() {
+        // A guest that prints the ready line in a loop: each call ends at the first one after
+        // it was sent (none waits for its deadline), none leaves the backdoor broken, and once
+        // the flood stops a call is answered.
+        let (ours, mut guest) = UnixStream::pair().unwrap();
+        guest
+            .write_all(format!("{READY_LINE}\n").as_bytes())
+            .unwrap();
+        let b = Backdoor::wait_ready(ours, Duration::from_secs(5), &[], &mut |_| {}).unwrap();
+        let flood: String = std::iter::repeat_n(format!("{READY_LINE}\n"), 500).collect();
+        let guest_side = std::thread::spawn(move || {
+            let mut calls = std::io::BufReader::new(guest.try_clone().unwrap());
+            let mut line = String::new();
+            for _ in 0..5 {
+                line.clear();
+                std::io::BufRead::read_line(&mut calls, &mut line).unwrap();
+                // Ready lines, before the call's own reply could come.
+                guest.write_all(flood.as_bytes()).unwrap();
+            }
+            line.clear();
+            std::io::BufRead::read_line(&mut calls, &mut line).unwrap();
+            guest
+                .write_all(reply(&nonce_of(&line), 3, "quiet now").as_bytes())
+                .unwrap();
+        });
+        let t = Instant::now();
+        for _ in 0..5 {
+            let e = b.exec("true", Duration::from_secs(100)).unwrap_err();
+            assert!(matches!(e, BackdoorError::Restarted), "{e}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let r = b.exec("true", Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            (r.status, r.stdout.as_slice()),
+            (3, b"quiet now".as_slice())
+        );
+        guest_side.join().unwrap();
     }
 
     #[test]

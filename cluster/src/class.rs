@@ -119,6 +119,15 @@ mod tests {
             exit_class_of(&ClusterError::Interrupted),
             Some(ExitClass::Interrupted)
         );
+        // A backdoor that restarted under a call is a failure, not the caller's input.
+        assert_eq!(
+            exit_class_of(&ClusterError::Restarted { vm: "c.m".into() }),
+            Some(ExitClass::Failed)
+        );
+        assert_eq!(
+            exit_class_of(&BackdoorError::Restarted),
+            Some(ExitClass::Failed)
+        );
         assert_eq!(exit_class_of(&std::io::Error::other("x")), None);
     }
 }

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use drydock_gc::{Cancel, Deadline};
 use serde::{Deserialize, Serialize};
 
-use crate::backdoor::{Backdoor, ExecOutput};
+use crate::backdoor::{Backdoor, BackdoorError, ExecOutput};
 use crate::command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
 use crate::state::{ClusterError, exec_socket, machine_failure};
 use drydock_vm::{VmPaths, WakeFd, error_chain as error_text, wait_readable};
@@ -117,6 +117,10 @@ struct ExecReply {
     stderr: String,
     #[serde(default)]
     error: Option<String>,
+    /// The call failed because the guest's backdoor restarted under it
+    /// ([`BackdoorError::Restarted`]): the caller may call again (the new shell is ready).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    restarted: bool,
 }
 
 fn send_reply(s: &UnixStream, reply: &ExecReply) {
@@ -135,6 +139,7 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
             stdout: String::new(),
             stderr: String::new(),
             error,
+            restarted: false,
         };
         let (size, cmd) = match &req {
             Ok(r) => (r.size, r.cmd.as_str()),
@@ -165,12 +170,14 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
                     stdout: B64.encode(&o.stdout),
                     stderr: B64.encode(&o.stderr),
                     error: None,
+                    restarted: false,
                 },
                 Err(e) => ExecReply {
                     status: 1,
                     stdout: String::new(),
                     stderr: String::new(),
                     error: Some(error_text(&e)),
+                    restarted: matches!(e, BackdoorError::Restarted),
                 },
             }
         }
@@ -179,6 +186,7 @@ fn answer(s: UnixStream, b: &Backdoor, prompt: &str) {
             stdout: String::new(),
             stderr: String::new(),
             error: Some(format!("bad request: {e}")),
+            restarted: false,
         },
     };
     send_reply(&s, &reply);
@@ -440,6 +448,9 @@ fn ask_owner(
         },
         None => call(e),
     })?;
+    if reply.restarted {
+        return Err(ClusterError::Restarted { vm: vm.to_string() });
+    }
     if let Some(message) = reply.error {
         return Err(ClusterError::Remote {
             vm: vm.to_string(),

@@ -201,6 +201,13 @@ pub enum ClusterError {
     },
     #[error("{vm}: {message}")]
     Remote { vm: String, message: String },
+    /// The guest's backdoor restarted while the call waited for its reply (the owner's
+    /// backdoor said [`crate::backdoor::BackdoorError::Restarted`]); the next call goes to the
+    /// new shell.
+    #[error(
+        "{vm}: the guest's backdoor restarted during the call (a new backdoor shell took over): whether the command ran to its end is not known; calls after this one go to the new shell"
+    )]
+    Restarted { vm: String },
     #[error("stdin is {} MiB; a command takes at most {} MiB (`drydock cp` copies files)", bytes >> 20, max >> 20)]
     StdinTooLarge { bytes: u64, max: u64 },
     #[error("{vm} is not running: {why}")]

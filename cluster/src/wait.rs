@@ -1,6 +1,7 @@
 //! `wait`: until a machine's console prints a matching line, or until a command succeeds in
-//! it (retried once a second, like the NixOS test driver's `wait_until_succeeds`). Both have a
-//! deadline and report what they saw last, so a wait that gives up says why.
+//! it (retried once a second, like the NixOS test driver's `wait_until_succeeds`; a try that the
+//! guest's backdoor restarting cut short counts as one that failed). Both have a deadline and
+//! report what they saw last, so a wait that gives up says why.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -9,7 +10,6 @@ use drydock_gc::{Cancel, Deadline};
 
 use serde::Serialize;
 
-use crate::backdoor::ExecOutput;
 use crate::exec::exec_remote;
 use crate::state::ClusterError;
 use drydock_vm::VmPaths;
@@ -102,23 +102,31 @@ pub fn wait(
         WaitFor::Succeeds(cmd) => loop {
             let left = deadline.remaining();
             report.tries += 1;
-            let o: ExecOutput = match exec_remote(
+            match exec_remote(
                 vm,
                 paths,
                 cmd,
                 left.max(Duration::from_secs(1)),
                 Some(cancel),
             ) {
-                Ok(o) => o,
+                Ok(o) => {
+                    report.last_status = Some(o.status);
+                    report.last_stdout = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+                    report.last_stderr = Some(String::from_utf8_lossy(&o.stderr).into_owned());
+                    if o.status == 0 {
+                        report.met = true;
+                        break;
+                    }
+                }
+                // The guest's backdoor restarted under the try: a try that did not succeed (it
+                // says why); the next one goes to the new shell.
+                Err(e @ ClusterError::Restarted { .. }) => {
+                    report.last_status = None;
+                    report.last_stdout = None;
+                    report.last_stderr = Some(e.to_string());
+                }
                 Err(ClusterError::Interrupted) => break,
                 Err(e) => return Err(e),
-            };
-            report.last_status = Some(o.status);
-            report.last_stdout = Some(String::from_utf8_lossy(&o.stdout).into_owned());
-            report.last_stderr = Some(String::from_utf8_lossy(&o.stderr).into_owned());
-            if o.status == 0 {
-                report.met = true;
-                break;
             }
             if deadline.remaining() <= RETRY || cancel.is_set() {
                 break;

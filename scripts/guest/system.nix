@@ -17,6 +17,10 @@
 #               system         "x86_64-linux"
 #               variant        -> variant marker (only if variant != "")
 #               activate       (re)starts a cluster machine's services from this system
+#               backdoor       a cluster machine's backdoor root shell on hvc0, in a session
+#                              of its own (started by stage 2; restarted by `activate`)
+#               backdoor-revision
+#                              backdoorRevision (only if it is not "")
 #               bin/switch-to-configuration
 #                              `switch-to-configuration test` activates this system in a
 #                              running guest (hot reload), as NixOS's does in spirit
@@ -33,6 +37,9 @@
 , services ? ""         # shell run in the background once a cluster machine's network is up
 , www ? ""              # the web page the machine serves (default: "hello from MACHINE")
 , activation ? ""       # shell run at each activation, before the services; failing fails it
+, backdoorRevision ? ""  # the backdoor's revision: a switch to a system whose revision differs
+                         # from the running backdoor's restarts the backdoor (as systemd restarts
+                         # a changed unit), killing every process of its session
 , hostBusybox ? "/bin/busybox"  # absolute host path of a static busybox (Debian: busybox-static)
 }:
 let
@@ -164,15 +171,7 @@ let
       mkdir -p /run
       "$systemConfig/activate" || echo "DRYDOCK-ACTIVATION-FAILED"
       if [ -c /dev/hvc0 ]; then
-        (
-          # Open first, then set the mode: the hvc driver resets a console's termios when its
-          # last user closes it (as NixOS's test-instrumentation does it, stty after exec).
-          exec </dev/hvc0 >/dev/hvc0 2>/dev/console
-          stty raw -echo
-          cd /tmp
-          echo "Spawning backdoor root shell..."
-          exec sh /dev/hvc0
-        ) &
+        setsid sh "$systemConfig/backdoor" </dev/null >/dev/console 2>&1 &
       fi
     fi
     echo "DRYDOCK-READY"
@@ -241,6 +240,7 @@ let
     fi
     for f in /run/drydock/*.pid; do
       [ -e "$f" ] || continue
+      [ "$f" = /run/drydock/backdoor.pid ] && continue
       p="$(cat "$f")"
       kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null
       i=0
@@ -260,6 +260,61 @@ let
       echo $! > /run/drydock/services.pid
     ''}
     ln -sfn "$systemConfig" /run/current-system
+    # The backdoor, as systemd restarts a changed unit: when this system's backdoor revision
+    # differs from the running backdoor's, a new backdoor replaces it from outside its session
+    # (every process of the old one's session is killed, a switch running there too, as one
+    # running inside NixOS's backdoor.service dies when the unit restarts), and the activation
+    # waits until it has (at most 10 s).
+    if [ -s /run/drydock/backdoor.pid ] && [ "$(cat "$systemConfig/backdoor-revision" 2>/dev/null)" != "$(cat /run/drydock/backdoor.revision 2>/dev/null)" ]; then
+      old="$(cat /run/drydock/backdoor.pid)"
+      echo "restarting the backdoor (its session $old)"
+      setsid sh "$systemConfig/backdoor" "$old" </dev/null >/dev/console 2>&1 &
+      i=0
+      while [ "$(cat /run/drydock/backdoor.pid 2>/dev/null)" = "$old" ] && [ "$i" -lt 100 ]; do
+        sleep 0.1; i=$((i + 1))
+      done
+    fi
+  '';
+
+  # A cluster machine's backdoor root shell on hvc0, run as `setsid sh TOP/backdoor [SID]`: the
+  # leader of a session of its own (its pid in /run/drydock/backdoor.pid, its system's revision
+  # in /run/drydock/backdoor.revision), which waits for the shell on hvc0, its child (a child
+  # opening hvc0 does not make it the session's controlling terminal). With SID, it first kills
+  # every process of the session SID (the backdoor it replaces).
+  backdoor = ''
+    #!${busybox}/bin/sh
+    export PATH=${busybox}/bin
+    if [ -n "$1" ] && [ "$1" -gt 1 ]; then
+      sid="$1"
+      i=0
+      while [ "$i" -lt 50 ]; do
+        left=
+        for f in /proc/[0-9]*/stat; do
+          read -r st 2>/dev/null <"$f" || continue
+          # The fields after the command's name: state, ppid, pgrp, session, ...
+          set -- ''${st##*) }
+          [ "$4" = "$sid" ] && [ "$1" != Z ] || continue
+          p="''${f#/proc/}"
+          kill -KILL "''${p%/stat}" 2>/dev/null
+          left=1
+        done
+        [ -n "$left" ] || break
+        sleep 0.1; i=$((i + 1))
+      done
+    fi
+    mkdir -p /run/drydock
+    cat @out@/backdoor-revision >/run/drydock/backdoor.revision 2>/dev/null || : >/run/drydock/backdoor.revision
+    echo $$ >/run/drydock/backdoor.pid
+    (
+      # Open first, then set the mode: the hvc driver resets a console's termios when its
+      # last user closes it (as NixOS's test-instrumentation does it, stty after exec).
+      exec </dev/hvc0 >/dev/hvc0 2>/dev/console
+      stty raw -echo
+      cd /tmp
+      echo "Spawning backdoor root shell..."
+      exec sh /dev/hvc0
+    ) &
+    wait
   '';
 
   switchToConfiguration = ''
@@ -275,7 +330,7 @@ let
   '';
 
   toplevel = build "drydock-test-system" {
-    inherit kernelParams stage2 activate switchToConfiguration services www;
+    inherit kernelParams stage2 activate backdoor backdoorRevision switchToConfiguration services www;
     kernel = kernelFile;
     initrd = initrdFile;
     sw = busybox;
@@ -291,6 +346,9 @@ let
     printf '%s' "$stage2" | sed "s|@out@|$out|g" > $out/init
     chmod 0555 $out/init
     printf '%s' "$activate" | sed "s|@out@|$out|g" > $out/activate
+    printf '%s' "$backdoor" | sed "s|@out@|$out|g" > $out/backdoor
+    chmod 0555 $out/backdoor
+    if [ -n "$backdoorRevision" ]; then printf '%s' "$backdoorRevision" > $out/backdoor-revision; fi
     mkdir -p $out/bin
     printf '%s' "$switchToConfiguration" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
     chmod 0555 $out/activate $out/bin/switch-to-configuration
