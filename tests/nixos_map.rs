@@ -275,11 +275,10 @@ fn what_is_not_a_test_or_a_node_is_named() {
 }
 
 /// The mapped composition, as a composition file's expression: `nix/nixos-test.nix` applied to
-/// `test`, and (TODO, issue #21) each machine's `profile` removed, since drydock's compositions
-/// do not know the attribute yet (an unknown attribute is bad input).
+/// `test`.
 fn mapped_composition(test: &str) -> String {
     format!(
-        "(let c = import {} {{ test = {test}; }}; in c // {{ machines = builtins.mapAttrs (n: m: removeAttrs m [ \"profile\" ]) c.machines; }})",
+        "(import {} {{ test = {test}; }})",
         mapper().display()
     )
 }
@@ -328,6 +327,7 @@ fn drydock_evaluates_the_mapped_composition() {
             "{name}"
         );
         assert_eq!(m(name).system, SystemRef::Path { path: top(name) });
+        assert_eq!(m(name).profile, drydock_vm::Profile::NixosTest, "{name}");
     }
 }
 

@@ -28,6 +28,7 @@ mod gc_system_store;
 mod hostile;
 mod images;
 mod nixos_map;
+mod nixos_test;
 mod qmp;
 mod reload;
 mod store_drv;

@@ -184,6 +184,45 @@ in {body}
     )
 }
 
+/// Make sure the nixos-test node's base initrd exists too (`build-initrd --nixos`).
+pub fn nixos_guest_ready() {
+    guest_ready();
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
+        let out = Command::new(s).arg("--nixos").output().expect("build-initrd --nixos");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A composition of drydock's nixos-test nodes (`scripts/guest/nixos-node.nix`) whose shares
+/// go over `shares` (`9p` or `virtiofs`): `nodes` is the body of the attribute set of nodes and
+/// their VLANs, numbered and given hosts as NixOS's test framework does
+/// (`nixos-network.nix`); `machines` the body of `machines = { ... }`, where `node NAME ARGS`
+/// is the toplevel of node NAME with more of its arguments.
+pub fn nixos_composition(shares: &str, nodes: &str, machines: &str) -> String {
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest");
+    format!(
+        r#"let
+  cache = "{cache}/guest";
+  kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
+  net = import {guest}/nixos-network.nix {{ machines = {{ {nodes} }}; }};
+  node = name: args: (import {guest}/nixos-node.nix ({{
+    kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
+    initrd = cache + "/initrd-nixos"; inherit kernelVersion;
+    shares = "{shares}";
+  }} // net.${{name}} // args)).toplevel;
+in {{ machines = {{ {machines} }}; }}
+"#,
+        cache = guest_cache(),
+        guest = guest.display()
+    )
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

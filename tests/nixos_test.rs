@@ -1,0 +1,275 @@
+//! The `nixos-test` machine profile against real QEMU (TCG): a cluster of drydock's
+//! nixos-test-shaped test nodes (`scripts/guest/nixos-node.nix`, which boot as nixpkgs'
+//! qemu-vm nodes do: `/` by label, the store under an overlay, xchg and shared, a user-mode NIC
+//! first, regInfo=), in each flavour of shares (9p and virtio-fs), on two VLANs: what each
+//! machine got, names and VLANs, the shared folders both ways, the overlay store, the regInfo
+//! check, a switch through the overlay, a switch that restarts the backdoor, and SIGKILL of
+//! the owner leaving nothing. A fstab naming an unknown tag is exit 2 naming it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::Checks;
+use crate::vmcommon;
+use vmcommon::{Cluster, nixos_composition, nixos_guest_ready, text, wait_no_processes};
+
+/// The nodes: alpha on VLAN 1, beta on 1 and 2, gamma on 2 (numbered 1, 2, 3).
+const NODES: &str = "alpha = { vlans = [ 1 ]; }; beta = { vlans = [ 1 2 ]; }; gamma = { vlans = [ 2 ]; };";
+
+/// The machines, beta's web page and gamma's backdoor revision as given.
+fn machines(www: &str, backdoor: &str) -> String {
+    format!(
+        r#"alpha = {{ system = node "alpha" {{ }}; profile = "nixos-test"; memorySize = 384; diskSize = 600; vlans = [ 1 ]; }};
+           beta = {{ system = node "beta" {{ www = "{www}"; }}; profile = "nixos-test"; memorySize = 384; diskSize = 700; vlans = [ 1 2 ]; }};
+           gamma = {{ system = node "gamma" {{ backdoorRevision = "{backdoor}"; }}; profile = "nixos-test"; memorySize = 384; diskSize = 800; vlans = [ 2 ]; }};"#
+    )
+}
+
+fn stdout_of(c: &Cluster, machine: &str, cmd: &str) -> String {
+    let o = c.exec(machine, "60", cmd);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{machine}: {cmd}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout).trim().to_string()
+}
+
+/// `up --json` again (a reload): each machine's (action, outcome).
+fn reload(c: &Cluster) -> (Vec<(String, String, String)>, serde_json::Value) {
+    let o = c
+        .drydock()
+        .arg("--json")
+        .arg("up")
+        .arg("-f")
+        .arg(c.file())
+        .args(["--accel", "tcg", "--timeout", "300"])
+        .run();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "up --json printed no JSON ({e}): {}\n{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        )
+    });
+    let rows = v["machines"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|m| {
+            (
+                m["machine"].as_str().unwrap_or_default().to_string(),
+                m["action"].as_str().unwrap_or_default().to_string(),
+                m["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    (rows, v)
+}
+
+fn row(m: &str, action: &str, outcome: &str) -> (String, String, String) {
+    (m.into(), action.into(), outcome.into())
+}
+
+/// One boot of three nodes serves every check (booting is what costs); soft checks record
+/// each failure and the test fails at the end listing them all.
+fn a_cluster_of_nodes(shares: &str) {
+    nixos_guest_ready();
+    let name = format!("nixos-{shares}");
+    let c = Cluster::named(&name)
+        .composition(&nixos_composition(shares, NODES, &machines("v1", "1")))
+        .up();
+    let mut checks = Checks::new();
+    let shared = c.state().join(format!("clusters/{name}/shared"));
+    let store_words = if shares == "9p" {
+        "whole store, read-only, 9p"
+    } else {
+        "closure, read-only, virtio-fs"
+    };
+
+    checks.check("ps names the profile, the store and the shared folder", || {
+        let ps = c.ps();
+        for m in ps.as_array().unwrap() {
+            assert_eq!(m["profile"], "nixos-test", "{ps}");
+            assert_eq!(m["store"], store_words, "{ps}");
+            assert_eq!(m["shared"], shared.display().to_string(), "{ps}");
+        }
+    });
+
+    // What each node got: `/` is ext4 labelled nixos of its diskSize on the disk with serial
+    // root, the store an overlay over the shared store, eth0 from QEMU's DHCP, eth1 its first
+    // VLAN's address (from its own configuration), the regInfo check, its built-in hostname.
+    let facts = r#"awk '$2 == "/" { print $1, $3 }' /proc/mounts; findfs LABEL=nixos; readlink -f /dev/disk/by-id/virtio-root; echo $(( $(cat /sys/class/block/vda/size) / 2048 )); awk '$2 == "/nix/store" { print $3 }' /proc/mounts; ip -4 -o addr show dev eth0 | awk '{ print $4 }'; ip -4 -o addr show dev eth1 | awk '{ print $4 }'; cat /run/drydock-reginfo; hostname"#;
+    for (m, disk, eth1) in [
+        ("alpha", 600, "192.168.1.1/24"),
+        ("beta", 700, "192.168.1.2/24"),
+        ("gamma", 800, "192.168.2.3/24"),
+    ] {
+        checks.check(&format!("{m}: what a nixos-test node gets"), || {
+            let got = stdout_of(&c, m, facts);
+            let want = format!(
+                "/dev/vda ext4\n/dev/vda\n/dev/vda\n{disk}\noverlay\n10.0.2.15/24\n{eth1}\nok\n{m}"
+            );
+            assert_eq!(got, want, "{m}");
+        });
+    }
+    checks.check("beta's second VLAN is eth2", || {
+        assert_eq!(
+            stdout_of(&c, "beta", "ip -4 -o addr show dev eth2 | awk '{ print $4 }'"),
+            "192.168.2.2/24"
+        );
+    });
+    checks.check("by name on a shared VLAN, not across VLANs", || {
+        assert_eq!(
+            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+            "v1"
+        );
+        assert_eq!(
+            stdout_of(&c, "gamma", "timeout 10 wget -qO- http://192.168.2.2/"),
+            "v1"
+        );
+        // The same call across VLANs gets no answer: wget is stopped by timeout (143).
+        let across = stdout_of(
+            &c,
+            "alpha",
+            "timeout 5 wget -qO- http://192.168.2.3/; echo status=$?",
+        );
+        assert!(
+            across.ends_with("status=143") || across.ends_with("status=1"),
+            "alpha reached gamma's VLAN? {across}"
+        );
+    });
+
+    checks.check("the shared folder, both ways, for every machine", || {
+        std::fs::write(shared.join("from-host"), "hello nodes\n").unwrap();
+        for m in ["alpha", "beta", "gamma"] {
+            assert_eq!(stdout_of(&c, m, "cat /tmp/shared/from-host"), "hello nodes");
+            stdout_of(&c, m, &format!("echo {m} > /tmp/shared/from-{m}"));
+            assert_eq!(
+                std::fs::read_to_string(shared.join(format!("from-{m}"))).unwrap(),
+                format!("{m}\n")
+            );
+        }
+    });
+    checks.check("xchg is each machine's own", || {
+        stdout_of(&c, "alpha", "echo mine > /tmp/xchg/alpha-only");
+        let alpha = c.state().join(format!("vms/{name}.alpha/xchg/alpha-only"));
+        assert_eq!(std::fs::read_to_string(&alpha).unwrap(), "mine\n");
+        assert_eq!(
+            stdout_of(&c, "beta", "test -e /tmp/xchg/alpha-only && echo seen || echo unseen"),
+            "unseen"
+        );
+    });
+    checks.check("writing to /nix/store lands in the overlay, not on the host", || {
+        assert_eq!(
+            stdout_of(
+                &c,
+                "beta",
+                "echo written > /nix/store/drydock-probe && cat /nix/store/drydock-probe"
+            ),
+            "written"
+        );
+        assert!(!c.store().join("nix/store/drydock-probe").exists());
+        let ro = c.exec("beta", "60", "echo x > /nix/.ro-store/drydock-probe");
+        assert_ne!(ro.status.code(), Some(0), "the store itself is read-only");
+    });
+    checks.check("regInfo names a registration that lists the system", || {
+        let top = stdout_of(&c, "alpha", "readlink /run/current-system");
+        let reg = stdout_of(
+            &c,
+            "alpha",
+            r#"for w in $(cat /proc/cmdline); do case "$w" in regInfo=*) echo "${w#regInfo=}";; esac; done"#,
+        );
+        assert!(reg.ends_with("-closure-info/registration"), "{reg}");
+        let host = c.store().join(reg.trim_start_matches('/'));
+        let listed = std::fs::read_to_string(&host).unwrap();
+        assert!(listed.lines().any(|l| l == top), "{top} not in {listed}");
+    });
+
+    // Hot reload: beta's page changes (a switch through the overlay store: the new paths come
+    // up in the lower layer), gamma's backdoor changes (a switch that restarts the backdoor).
+    let pids = c.qemu_pids();
+    let old_backdoor = checks.value("gamma's backdoor", || {
+        stdout_of(&c, "gamma", "echo $$")
+    });
+    std::fs::write(
+        c.file(),
+        nixos_composition(shares, NODES, &machines("v2", "2")),
+    )
+    .unwrap();
+    let (rows, report) = reload(&c);
+    checks.check("beta and gamma switch, alpha is kept", || {
+        assert_eq!(
+            rows,
+            [
+                row("alpha", "keep", "planned"),
+                row("beta", "switch", "done"),
+                row("gamma", "switch", "done"),
+            ],
+            "{report}"
+        );
+        assert_eq!(c.qemu_pids(), pids, "switched in place");
+    });
+    checks.check("beta serves its new page from the new system", || {
+        assert_eq!(
+            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+            "v2"
+        );
+    });
+    checks.check("gamma's backdoor was restarted and exec works after", || {
+        let now = stdout_of(&c, "gamma", "echo $$");
+        assert_ne!(Some(now), old_backdoor, "the backdoor is a new one");
+        assert_eq!(stdout_of(&c, "gamma", "echo ok"), "ok");
+    });
+
+    // SIGKILL of the owner: QEMU, the store servers and the shares' servers die with it.
+    checks.check("SIGKILL of the owner leaves nothing", || {
+        let ls = c.drydock().args(["--json", "ls"]).run().ok().stdout_json();
+        let owner = ls["clusters"][0]["owner_pid"].as_u64().expect("owner pid") as i32;
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &owner.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        wait_no_processes(c.state(), Duration::from_secs(30));
+    });
+    drop(checks);
+}
+
+#[test]
+fn a_cluster_of_nixos_test_nodes_over_9p() {
+    a_cluster_of_nodes("9p");
+}
+
+#[test]
+fn a_cluster_of_nixos_test_nodes_over_virtiofs() {
+    a_cluster_of_nodes("virtiofs");
+}
+
+/// A share tag drydock does not know is exit 2 naming the fstab line; nothing starts.
+#[test]
+fn an_unknown_share_tag_is_exit_2_naming_the_fstab_line() {
+    nixos_guest_ready();
+    let c = Cluster::named("nixos-bad")
+        .composition(&nixos_composition(
+            "9p",
+            "solo = { };",
+            r#"solo = { system = node "solo" { extraFstab = "home /home 9p trans=virtio 0 0"; }; profile = "nixos-test"; };"#,
+        ))
+        .write();
+    let up = c
+        .verb("up")
+        .args(["--detach", "--accel", "tcg", "--timeout", "300"])
+        .run();
+    let err = text(&up.stderr);
+    assert_eq!(up.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("etc/fstab") && err.contains("drydock does not know the share tag \"home\""),
+        "{err}"
+    );
+    assert!(err.contains("\"home /home 9p trans=virtio 0 0\""), "{err}");
+    assert!(!Path::new(&c.state().join("vms/nixos-bad.solo/qemu.pid")).exists());
+    wait_no_processes(c.state(), Duration::from_secs(5));
+}
