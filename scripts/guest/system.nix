@@ -28,6 +28,8 @@
 #             store but NOT referenced by toplevel, to check that paths
 #             outside the closure stay invisible to the guest.
 #   busybox   the guest's busybox (what `sw` points to)
+#   build, kernelFile  the derivation helper and the kernel's store path, for variants
+#             (nixos-node.nix)
 { kernel                # absolute host path of the kernel image
 , kernelVersion ? "unknown"
 , kernelFormat ? "bzImage"  # or "vmlinux" (uncompressed ELF, PVH entry)
@@ -359,4 +361,6 @@ let
 in
 {
   inherit toplevel outside busybox;
+  # For variants built on the same builders (nixos-node.nix).
+  inherit build kernelFile;
 }
