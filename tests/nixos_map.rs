@@ -277,10 +277,7 @@ fn what_is_not_a_test_or_a_node_is_named() {
 /// The mapped composition, as a composition file's expression: `nix/nixos-test.nix` applied to
 /// `test`.
 fn mapped_composition(test: &str) -> String {
-    format!(
-        "(import {} {{ test = {test}; }})",
-        mapper().display()
-    )
+    format!("(import {} {{ test = {test}; }})", mapper().display())
 }
 
 /// drydock's own evaluation (the code `up` runs before it builds) reads the mapped composition

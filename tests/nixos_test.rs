@@ -14,7 +14,8 @@ use crate::vmcommon;
 use vmcommon::{Cluster, nixos_composition, nixos_guest_ready, text, wait_no_processes};
 
 /// The nodes: alpha on VLAN 1, beta on 1 and 2, gamma on 2 (numbered 1, 2, 3).
-const NODES: &str = "alpha = { vlans = [ 1 ]; }; beta = { vlans = [ 1 2 ]; }; gamma = { vlans = [ 2 ]; };";
+const NODES: &str =
+    "alpha = { vlans = [ 1 ]; }; beta = { vlans = [ 1 2 ]; }; gamma = { vlans = [ 2 ]; };";
 
 /// The machines, beta's web page and gamma's backdoor revision as given.
 fn machines(www: &str, backdoor: &str) -> String {
@@ -89,14 +90,17 @@ fn a_cluster_of_nodes(shares: &str) {
         "closure, read-only, virtio-fs"
     };
 
-    checks.check("ps names the profile, the store and the shared folder", || {
-        let ps = c.ps();
-        for m in ps.as_array().unwrap() {
-            assert_eq!(m["profile"], "nixos-test", "{ps}");
-            assert_eq!(m["store"], store_words, "{ps}");
-            assert_eq!(m["shared"], shared.display().to_string(), "{ps}");
-        }
-    });
+    checks.check(
+        "ps names the profile, the store and the shared folder",
+        || {
+            let ps = c.ps();
+            for m in ps.as_array().unwrap() {
+                assert_eq!(m["profile"], "nixos-test", "{ps}");
+                assert_eq!(m["store"], store_words, "{ps}");
+                assert_eq!(m["shared"], shared.display().to_string(), "{ps}");
+            }
+        },
+    );
 
     // What each node got: `/` is ext4 labelled nixos of its diskSize on the disk with serial
     // root, the store an overlay over the shared store, eth0 from QEMU's DHCP, eth1 its first
@@ -117,15 +121,16 @@ fn a_cluster_of_nodes(shares: &str) {
     }
     checks.check("beta's second VLAN is eth2", || {
         assert_eq!(
-            stdout_of(&c, "beta", "ip -4 -o addr show dev eth2 | awk '{ print $4 }'"),
+            stdout_of(
+                &c,
+                "beta",
+                "ip -4 -o addr show dev eth2 | awk '{ print $4 }'"
+            ),
             "192.168.2.2/24"
         );
     });
     checks.check("by name on a shared VLAN, not across VLANs", || {
-        assert_eq!(
-            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
-            "v1"
-        );
+        assert_eq!(stdout_of(&c, "alpha", "wget -qO- http://beta/"), "v1");
         assert_eq!(
             stdout_of(&c, "gamma", "timeout 10 wget -qO- http://192.168.2.2/"),
             "v1"
@@ -158,23 +163,30 @@ fn a_cluster_of_nodes(shares: &str) {
         let alpha = c.state().join(format!("vms/{name}.alpha/xchg/alpha-only"));
         assert_eq!(std::fs::read_to_string(&alpha).unwrap(), "mine\n");
         assert_eq!(
-            stdout_of(&c, "beta", "test -e /tmp/xchg/alpha-only && echo seen || echo unseen"),
-            "unseen"
-        );
-    });
-    checks.check("writing to /nix/store lands in the overlay, not on the host", || {
-        assert_eq!(
             stdout_of(
                 &c,
                 "beta",
-                "echo written > /nix/store/drydock-probe && cat /nix/store/drydock-probe"
+                "test -e /tmp/xchg/alpha-only && echo seen || echo unseen"
             ),
-            "written"
+            "unseen"
         );
-        assert!(!c.store().join("nix/store/drydock-probe").exists());
-        let ro = c.exec("beta", "60", "echo x > /nix/.ro-store/drydock-probe");
-        assert_ne!(ro.status.code(), Some(0), "the store itself is read-only");
     });
+    checks.check(
+        "writing to /nix/store lands in the overlay, not on the host",
+        || {
+            assert_eq!(
+                stdout_of(
+                    &c,
+                    "beta",
+                    "echo written > /nix/store/drydock-probe && cat /nix/store/drydock-probe"
+                ),
+                "written"
+            );
+            assert!(!c.store().join("nix/store/drydock-probe").exists());
+            let ro = c.exec("beta", "60", "echo x > /nix/.ro-store/drydock-probe");
+            assert_ne!(ro.status.code(), Some(0), "the store itself is read-only");
+        },
+    );
     checks.check("regInfo names a registration that lists the system", || {
         let top = stdout_of(&c, "alpha", "readlink /run/current-system");
         let reg = stdout_of(
@@ -191,9 +203,7 @@ fn a_cluster_of_nodes(shares: &str) {
     // Hot reload: beta's page changes (a switch through the overlay store: the new paths come
     // up in the lower layer), gamma's backdoor changes (a switch that restarts the backdoor).
     let pids = c.qemu_pids();
-    let old_backdoor = checks.value("gamma's backdoor", || {
-        stdout_of(&c, "gamma", "echo $$")
-    });
+    let old_backdoor = checks.value("gamma's backdoor", || stdout_of(&c, "gamma", "echo $$"));
     std::fs::write(
         c.file(),
         nixos_composition(shares, NODES, &machines("v2", "2")),
@@ -213,16 +223,16 @@ fn a_cluster_of_nodes(shares: &str) {
         assert_eq!(c.qemu_pids(), pids, "switched in place");
     });
     checks.check("beta serves its new page from the new system", || {
-        assert_eq!(
-            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
-            "v2"
-        );
+        assert_eq!(stdout_of(&c, "alpha", "wget -qO- http://beta/"), "v2");
     });
-    checks.check("gamma's backdoor was restarted and exec works after", || {
-        let now = stdout_of(&c, "gamma", "echo $$");
-        assert_ne!(Some(now), old_backdoor, "the backdoor is a new one");
-        assert_eq!(stdout_of(&c, "gamma", "echo ok"), "ok");
-    });
+    checks.check(
+        "gamma's backdoor was restarted and exec works after",
+        || {
+            let now = stdout_of(&c, "gamma", "echo $$");
+            assert_ne!(Some(now), old_backdoor, "the backdoor is a new one");
+            assert_eq!(stdout_of(&c, "gamma", "echo ok"), "ok");
+        },
+    );
 
     // SIGKILL of the owner: QEMU, the store servers and the shares' servers die with it.
     checks.check("SIGKILL of the owner leaves nothing", || {
@@ -272,4 +282,71 @@ fn an_unknown_share_tag_is_exit_2_naming_the_fstab_line() {
     assert!(err.contains("\"home /home 9p trans=virtio 0 0\""), "{err}");
     assert!(!Path::new(&c.state().join("vms/nixos-bad.solo/qemu.pid")).exists());
     wait_no_processes(c.state(), Duration::from_secs(5));
+}
+
+/// `vm run --profile nixos-test`: a lone node gets what its fstab names (its own `shared`
+/// folder), the user-mode NIC and regInfo=; a system without an fstab, and a store image, are
+/// exit 2.
+#[test]
+fn a_lone_node_boots_under_vm_run_with_the_profile() {
+    nixos_guest_ready();
+    let root = vmcommon::shared_store();
+    let node = vmcommon::build_system(&root, &["--nixos-test", "virtiofs"]);
+    let plain = vmcommon::build_system(&root, &[]);
+    let state = tempfile::tempdir().unwrap();
+    let drydock = || crate::common::Drydock::on(&root, state.path());
+    let run = drydock()
+        .args(["vm", "run", "--name", "node", "--profile", "nixos-test"])
+        .args(["--system", &node, "--accel", "tcg", "--timeout", "180"])
+        .args(["--ready", "DRYDOCK-READY", "--detach"])
+        .run();
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    let dir = state.path().join("vms/node");
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    let mut checks = Checks::new();
+    for line in [
+        "DRYDOCK-STORE: overlay over virtiofs",
+        "DRYDOCK-REGINFO: ok",
+        "DRYDOCK-DHCP: eth0 10.0.2.15/24",
+        "DRYDOCK-STAGE1: mounted /tmp/shared",
+        "DRYDOCK-STAGE1: mounted /tmp/xchg",
+    ] {
+        checks.check(line, || assert!(console.contains(line), "{console}"));
+    }
+    checks.check("the launch record", || {
+        let launch: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("launch.json")).unwrap()).unwrap();
+        assert_eq!(launch["profile"], "nixos-test");
+        assert_eq!(launch["spec"]["memory_mib"], 1024, "qemu-vm's default");
+        assert!(
+            launch["reginfo"]
+                .as_str()
+                .unwrap()
+                .ends_with("-closure-info")
+        );
+        assert!(dir.join("xchg").is_dir() && dir.join("shared").is_dir());
+    });
+    let stop = drydock().args(["vm", "stop", "node"]).run();
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+    wait_no_processes(state.path(), Duration::from_secs(30));
+
+    for (args, says) in [
+        (vec!["--system", plain.as_str()], "etc/fstab: no such file"),
+        (
+            vec!["--system", node.as_str(), "--store-mode", "image"],
+            "drop --store-mode image",
+        ),
+    ] {
+        let bad = drydock()
+            .args(["vm", "run", "--name", "bad", "--profile", "nixos-test"])
+            .args(["--accel", "tcg"])
+            .args(&args)
+            .run();
+        let err = text(&bad.stderr);
+        checks.check(says, || {
+            assert_eq!(bad.status.code(), Some(2), "{err}");
+            assert!(err.contains(says), "{err}");
+        });
+    }
+    drop(checks);
 }

@@ -63,7 +63,22 @@ pub fn build_system(root: &Path, args: &[&str]) -> String {
 
 fn build_system_now(root: &Path, args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-test-system");
-    let (flags, rest): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| a.starts_with("--"));
+    // Flags (with their values: `--nixos-test FLAVOUR`, `--arg NAME EXPR`) go before the root.
+    let (mut flags, mut rest): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let values = match *a {
+            "--nixos-test" => 1,
+            "--arg" | "--argstr" => 2,
+            a if a.starts_with("--") => 0,
+            _ => {
+                rest.push(a);
+                continue;
+            }
+        };
+        flags.push(a);
+        flags.extend(it.by_ref().take(values).copied());
+    }
     let out = Command::new(&script)
         .args(flags)
         .arg(root)
@@ -190,7 +205,10 @@ pub fn nixos_guest_ready() {
     static READY: std::sync::Once = std::sync::Once::new();
     READY.call_once(|| {
         let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-        let out = Command::new(s).arg("--nixos").output().expect("build-initrd --nixos");
+        let out = Command::new(s)
+            .arg("--nixos")
+            .output()
+            .expect("build-initrd --nixos");
         assert!(
             out.status.success(),
             "{}",

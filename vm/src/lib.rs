@@ -4,8 +4,8 @@
 //! Every launch goes through one sequence, `launcher` ([`Launcher`]: plan, then claim and
 //! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
 //! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
-//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `console` → `wait` → `sys`; `collect`
-//! (`gc`) → `owner`, `image`.
+//! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `console` → `wait` → `sys`; `resolve` →
+//! `profile` (pure), `reginfo` → `spawn`; `collect` (`gc`) → `owner`, `image`.
 //!
 //! Modules are private; the small public API is re-exported here.
 
