@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use crate::common::Checks;
 use crate::vmcommon;
-use vmcommon::{Cluster, nixos_composition, nixos_guest_ready, text, wait_no_processes};
+use vmcommon::{
+    Cluster, actions, nixos_composition, nixos_guest_ready, row, text, up_json, wait_no_processes,
+};
 
 /// The nodes: alpha on VLAN 1, beta on 1 and 2, gamma on 2 (numbered 1, 2, 3).
 const NODES: &str =
@@ -37,42 +39,6 @@ fn stdout_of(c: &Cluster, machine: &str, cmd: &str) -> String {
         text(&o.stderr)
     );
     text(&o.stdout).trim().to_string()
-}
-
-/// `up --json` again (a reload): each machine's (action, outcome).
-fn reload(c: &Cluster) -> (Vec<(String, String, String)>, serde_json::Value) {
-    let o = c
-        .drydock()
-        .arg("--json")
-        .arg("up")
-        .arg("-f")
-        .arg(c.file())
-        .args(["--accel", "tcg", "--timeout", "300"])
-        .run();
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "up --json printed no JSON ({e}): {}\n{}",
-            text(&o.stdout),
-            text(&o.stderr)
-        )
-    });
-    let rows = v["machines"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{v}"))
-        .iter()
-        .map(|m| {
-            (
-                m["machine"].as_str().unwrap_or_default().to_string(),
-                m["action"].as_str().unwrap_or_default().to_string(),
-                m["outcome"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    (rows, v)
-}
-
-fn row(m: &str, action: &str, outcome: &str) -> (String, String, String) {
-    (m.into(), action.into(), outcome.into())
 }
 
 /// One boot of three nodes serves every check (booting is what costs); soft checks record
@@ -210,8 +176,10 @@ fn a_cluster_of_nodes(shares: &str) {
         nixos_composition(shares, NODES, &machines("v2", "2")),
     )
     .unwrap();
-    let (rows, report) = reload(&c);
+    let (code, report, err) = up_json(&c, &[]);
+    let rows = actions(&report);
     checks.check("beta and gamma switch, alpha is kept", || {
+        assert_eq!(code, Some(0), "{err}");
         assert_eq!(
             rows,
             [

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{Checks, Ran};
 use crate::vmcommon;
-use vmcommon::{Cluster, text, wait_no_processes, wait_until};
+use vmcommon::{Cluster, actions, row, text, up_json, wait_no_processes, wait_until};
 
 /// The composition's variable parts.
 #[derive(Clone)]
@@ -74,47 +74,6 @@ fn stdout_of(c: &Cluster, machine: &str, cmd: &str) -> String {
         text(&o.stderr)
     );
     text(&o.stdout)
-}
-
-/// `up --json` (with `extra` arguments): its exit code and its report.
-fn up_json(c: &Cluster, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let o = c
-        .drydock()
-        .arg("--json")
-        .arg("up")
-        .arg("-f")
-        .arg(c.file())
-        .args(["--accel", "tcg", "--timeout", "300"])
-        .args(extra)
-        .run();
-    let err = text(&o.stderr);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "up --json printed no JSON ({e}): {}\n{err}",
-            text(&o.stdout)
-        )
-    });
-    (o.status.code(), v, err)
-}
-
-/// Each machine's (action, outcome) in a report.
-fn actions(v: &serde_json::Value) -> Vec<(String, String, String)> {
-    v["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["machine"].as_str().unwrap().to_string(),
-                m["action"].as_str().unwrap().to_string(),
-                m["outcome"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn row(machine: &str, action: &str, outcome: &str) -> (String, String, String) {
-    (machine.into(), action.into(), outcome.into())
 }
 
 fn machine<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

@@ -161,15 +161,25 @@ pub fn guest_cache() -> String {
 /// Make sure the guest kernel and initrd exist (instant once cached; run once per test run).
 pub fn guest_ready() {
     static READY: std::sync::Once = std::sync::Once::new();
-    READY.call_once(|| {
-        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-        let out = Command::new(s).output().expect("build-initrd");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    READY.call_once(|| build_initrd(&[]));
+}
+
+/// Make sure the nixos-test node's base initrd exists too (`build-initrd --nixos`).
+pub fn nixos_guest_ready() {
+    guest_ready();
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| build_initrd(&["--nixos"]));
+}
+
+/// `scripts/guest/build-initrd ARGS`, which must succeed.
+fn build_initrd(args: &[&str]) {
+    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
+    let out = Command::new(s).args(args).output().expect("build-initrd");
+    assert!(
+        out.status.success(),
+        "build-initrd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The composition of the test system with the machines `machines` (the body of
@@ -197,24 +207,6 @@ in {body}
         cache = guest_cache(),
         system = system.display()
     )
-}
-
-/// Make sure the nixos-test node's base initrd exists too (`build-initrd --nixos`).
-pub fn nixos_guest_ready() {
-    guest_ready();
-    static READY: std::sync::Once = std::sync::Once::new();
-    READY.call_once(|| {
-        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/build-initrd");
-        let out = Command::new(s)
-            .arg("--nixos")
-            .output()
-            .expect("build-initrd --nixos");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
 }
 
 /// A composition of drydock's nixos-test nodes (`scripts/guest/nixos-node.nix`) whose shares
@@ -441,4 +433,45 @@ impl Drop for Cluster {
                 .output();
         }
     }
+}
+
+/// `up --json` (with `extra` arguments): its exit code and its report.
+pub fn up_json(c: &Cluster, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let o = c
+        .drydock()
+        .arg("--json")
+        .arg("up")
+        .arg("-f")
+        .arg(c.file())
+        .args(["--accel", "tcg", "--timeout", "300"])
+        .args(extra)
+        .run();
+    let err = text(&o.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "up --json printed no JSON ({e}): {}\n{err}",
+            text(&o.stdout)
+        )
+    });
+    (o.status.code(), v, err)
+}
+
+/// Each machine's (action, outcome) in a report.
+pub fn actions(v: &serde_json::Value) -> Vec<(String, String, String)> {
+    v["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["machine"].as_str().unwrap().to_string(),
+                m["action"].as_str().unwrap().to_string(),
+                m["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn row(machine: &str, action: &str, outcome: &str) -> (String, String, String) {
+    (machine.into(), action.into(), outcome.into())
 }
