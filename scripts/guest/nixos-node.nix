@@ -32,6 +32,10 @@
 , www ? ""                # the web page served on port 80 (default: "hello from HOSTNAME")
 , activation ? ""         # shell run at each activation, before the services; failing fails it
 , hostBusybox ? "/bin/busybox"
+, init ? "busybox"        # PID 1 after stage 1: "busybox" (stage 2 stays PID 1) or "systemd"
+                          # (Debian's systemd, nixos-systemd.nix)
+, systemd ? null          # init = "systemd": absolute host path of fetch-systemd's output
+, units ? { }             # init = "systemd": more units, name -> script or { script; type; ... }
 }:
 let
   base = import ./system.nix {
@@ -54,6 +58,12 @@ let
       throw "nixos-node.nix: vlans are numbers 1..255"
     else if builtins.match "[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?" hostName == null then
       throw "nixos-node.nix: hostName ${hostName} is not a host name"
+    else if !(builtins.elem init [ "busybox" "systemd" ]) then
+      throw "nixos-node.nix: init must be \"busybox\" or \"systemd\", not ${toString init}"
+    else if init == "systemd" && systemd == null then
+      throw "nixos-node.nix: init = \"systemd\" needs systemd = the path fetch-systemd prints"
+    else if init != "systemd" && units != { } then
+      throw "nixos-node.nix: units need init = \"systemd\""
     else true;
 
   # "V MAC" per VLAN, in the node's order (line i is eth<i>).
@@ -267,14 +277,16 @@ let
     (cd root && find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 2>/dev/null) >> $out
   '';
 
+  etcHosts = ''
+    127.0.0.1 localhost
+    ::1 localhost
+    127.0.0.2 ${hostName}
+  '' + hostsText;
+
   # /etc as NixOS keeps it: TOPLEVEL/etc is a link to the etc directory of a store path of its own.
   etc = build "drydock-etc" {
     inherit fstab hostName;
-    hosts = ''
-      127.0.0.1 localhost
-      ::1 localhost
-      127.0.0.2 ${hostName}
-    '' + hostsText;
+    hosts = etcHosts;
   } ''
     set -e
     mkdir -p $out/etc
@@ -340,6 +352,72 @@ let
     exit 0
   '';
 
+  # The regInfo= check (stage 2 of both inits): writes ok or the reason to /run/drydock-reginfo.
+  regInfoCheck = ''
+  # regInfo= names the closure's registration (nix-store --dump-db); NixOS loads it into its
+  # Nix database. Here: it must exist and hold a record of this system.
+  set -f
+  reg=""
+  for w in $(cat /proc/cmdline); do
+    case "$w" in regInfo=*) reg="''${w#regInfo=}" ;; esac
+  done
+  set +f
+  if [ -z "$reg" ]; then
+    r="no regInfo= on the kernel command line"
+  elif [ ! -f "$reg" ]; then
+    r="$reg is not a file"
+  elif ! awk -v p="$systemConfig" '
+      # records: path, hash, NAR size, deriver, number of references, the references
+      { path = $0
+        if ((getline hash) <= 0 || (getline size) <= 0 || (getline drv) <= 0 || (getline n) <= 0) exit
+        if (n !~ /^[0-9]+$/ || size !~ /^[0-9]+$/) exit
+        for (i = 0; i < n; i++) if ((getline ref) <= 0) exit
+        if (path == p) found = 1 }
+      END { exit !found }' "$reg"; then
+    r="$reg does not register $systemConfig"
+  else
+    r=ok
+  fi
+  echo "$r" > /run/drydock-reginfo
+  echo "DRYDOCK-REGINFO: $r"
+  '';
+
+  # The VLAN NICs renamed by MAC and addressed (stage 2, or the systemd flavour's
+  # network-setup.service): reads "V MAC" lines from the file $nics.
+  nicSetup = ''
+  # The network, as NixOS's test network module sets it up: udev rules keyed on the MAC name
+  # the i-th VLAN's NIC eth<i>; each gets 192.168.V.N/24; eth0, QEMU's user-mode NIC (first
+  # on the PCI bus), is configured by DHCP.
+  ip link set lo up
+  nic_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && echo "''${d##*/}"; done; }
+  i=1
+  while read -r v mac; do
+    [ -n "$v" ] || continue
+    d="$(nic_of "$mac" | head -n 1)"
+    if [ -n "$d" ]; then
+      ip link set dev "$d" down
+      ip link set dev "$d" name "ddrename$i" || echo "DRYDOCK-NIC-FAIL: cannot rename $d"
+    else
+      echo "DRYDOCK-NIC-MISSING: eth$i (VLAN $v, $mac)"
+    fi
+    i=$((i + 1))
+  done < "$nics"
+  i=1
+  while read -r v mac; do
+    [ -n "$v" ] || continue
+    if [ -e "/sys/class/net/ddrename$i" ]; then
+      if ip link set dev "ddrename$i" name "eth$i"; then
+        ip addr add "192.168.$v.${toString nodeNumber}/24" dev "eth$i"
+        ip link set "eth$i" up
+        echo "DRYDOCK-NIC: eth$i $mac 192.168.$v.${toString nodeNumber}/24"
+      else
+        echo "DRYDOCK-NIC-FAIL: eth$i is taken ($mac left as ddrename$i)"
+      fi
+    fi
+    i=$((i + 1))
+  done < "$nics"
+  '';
+
   stage2 = ''
     #!${busybox}/bin/sh
     # drydock nixos-test node, stage 2 (PID 1 after stage 1's switch_root into the root disk).
@@ -359,64 +437,9 @@ let
     echo "DRYDOCK-STORE: $(fs_of /nix/store) over $(fs_of /nix/.ro-store)"
     [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
 
-    # regInfo= names the closure's registration (nix-store --dump-db); NixOS loads it into its
-    # Nix database. Here: it must exist and hold a record of this system.
-    set -f
-    reg=""
-    for w in $(cat /proc/cmdline); do
-      case "$w" in regInfo=*) reg="''${w#regInfo=}" ;; esac
-    done
-    set +f
-    if [ -z "$reg" ]; then
-      r="no regInfo= on the kernel command line"
-    elif [ ! -f "$reg" ]; then
-      r="$reg is not a file"
-    elif ! awk -v p="$systemConfig" '
-        # records: path, hash, NAR size, deriver, number of references, the references
-        { path = $0
-          if ((getline hash) <= 0 || (getline size) <= 0 || (getline drv) <= 0 || (getline n) <= 0) exit
-          if (n !~ /^[0-9]+$/ || size !~ /^[0-9]+$/) exit
-          for (i = 0; i < n; i++) if ((getline ref) <= 0) exit
-          if (path == p) found = 1 }
-        END { exit !found }' "$reg"; then
-      r="$reg does not register $systemConfig"
-    else
-      r=ok
-    fi
-    echo "$r" > /run/drydock-reginfo
-    echo "DRYDOCK-REGINFO: $r"
-
-    # The network, as NixOS's test network module sets it up: udev rules keyed on the MAC name
-    # the i-th VLAN's NIC eth<i>; each gets 192.168.V.N/24; eth0, QEMU's user-mode NIC (first
-    # on the PCI bus), is configured by DHCP.
-    ip link set lo up
-    nic_of() { for d in /sys/class/net/*; do [ "$(cat "$d/address")" = "$1" ] && echo "''${d##*/}"; done; }
-    i=1
-    while read -r v mac; do
-      [ -n "$v" ] || continue
-      d="$(nic_of "$mac" | head -n 1)"
-      if [ -n "$d" ]; then
-        ip link set dev "$d" down
-        ip link set dev "$d" name "ddrename$i" || echo "DRYDOCK-NIC-FAIL: cannot rename $d"
-      else
-        echo "DRYDOCK-NIC-MISSING: eth$i (VLAN $v, $mac)"
-      fi
-      i=$((i + 1))
-    done < "$systemConfig/nics"
-    i=1
-    while read -r v mac; do
-      [ -n "$v" ] || continue
-      if [ -e "/sys/class/net/ddrename$i" ]; then
-        if ip link set dev "ddrename$i" name "eth$i"; then
-          ip addr add "192.168.$v.${toString nodeNumber}/24" dev "eth$i"
-          ip link set "eth$i" up
-          echo "DRYDOCK-NIC: eth$i $mac 192.168.$v.${toString nodeNumber}/24"
-        else
-          echo "DRYDOCK-NIC-FAIL: eth$i is taken ($mac left as ddrename$i)"
-        fi
-      fi
-      i=$((i + 1))
-    done < "$systemConfig/nics"
+    ${regInfoCheck}
+    nics="$systemConfig/nics"
+    ${nicSetup}
     if [ -e /sys/class/net/eth0 ]; then
       ip link set eth0 up
       udhcpc -i eth0 -s "$systemConfig/dhcp-script" -t 10 -T 1 -A 1 -b -p /run/udhcpc-eth0.pid >/dev/null 2>&1 \
@@ -578,10 +601,22 @@ let
     if [ -n "$www" ]; then mkdir -p $out/www && printf '%s\n' "$www" > $out/www/index.html; fi
     if [ -n "$variant" ]; then ln -s $variant $out/variant; fi
   '';
+
+  # The systemd flavour: the same node up to stage 2, then Debian's systemd as PID 1.
+  systemdNode = import ./nixos-systemd.nix {
+    inherit build busybox systemd hostName nodeNumber fstab nics regInfoCheck nicSetup services
+      www units activation backdoorRevision kernelParams initrdDrv;
+    inherit (base) kernelFile;
+    system = "x86_64-linux";
+    hosts = etcHosts;
+    dhcpScript = dhcpScript;
+    variantDrv = if variant == "" then "" else variantDrv;
+  };
 in
 assert checked;
 {
-  inherit toplevel busybox fstab;
+  toplevel = if init == "systemd" then systemdNode.toplevel else toplevel;
+  inherit busybox fstab;
   inherit (base) outside;
   initrd = initrdDrv;
 }
