@@ -5,7 +5,11 @@
 //! machine got, names and VLANs, the shared folders both ways, the overlay store, the regInfo
 //! check, a switch through the overlay, a switch that restarts the backdoor, and SIGINT or
 //! SIGKILL of the owner leaving nothing. A fstab naming an unknown tag is exit 2 naming it, and
-//! a lone node boots under `vm run --profile nixos-test`.
+//! a lone node boots under `vm run --profile nixos-test`. A cluster of the node's systemd
+//! flavour (Debian's systemd as PID 1, `init = "systemd"`): its units, a unit that starts late,
+//! a switch inside `backdoor.service` dying with it, a reload that restarts just the unit whose
+//! file changed, and one that restarts the backdoor from a switch running as a transient unit
+//! (`systemd-run`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,7 +17,8 @@ use std::time::Duration;
 use crate::common::Checks;
 use crate::vmcommon;
 use vmcommon::{
-    Cluster, actions, nixos_composition, nixos_guest_ready, row, text, up_json, wait_no_processes,
+    Cluster, actions, nixos_composition, nixos_guest_ready, row, systemd_composition,
+    systemd_guest_ready, text, up_json, wait_no_processes, wait_until,
 };
 
 /// The nodes: alpha on VLAN 1, beta on 1 and 2, gamma on 2 (numbered 1, 2, 3).
@@ -319,5 +324,279 @@ fn a_lone_node_boots_under_vm_run_with_the_profile() {
             assert!(err.contains(says), "{err}");
         });
     }
+    drop(checks);
+}
+
+/// The systemd nodes: all on VLAN 1 (numbered 1, 2, 3).
+const SYSTEMD_NODES: &str = "alpha = { }; beta = { }; gamma = { };";
+
+/// How long alpha's `late.service` (a oneshot) takes to start.
+const LATE_SECS: u64 = 20;
+
+/// The systemd machines: alpha's web page, gamma's backdoor revision as given; alpha has a unit
+/// that starts late, beta the `services` snippet (app.service) and a unit given as a script.
+fn systemd_machines(www: &str, backdoor: &str) -> String {
+    format!(
+        r#"alpha = {{ system = node "alpha" {{ www = "{www}"; units.late = {{ type = "oneshot"; script = "sleep {LATE_SECS}"; }}; }}; profile = "nixos-test"; memorySize = 384; }};
+           beta = {{ system = node "beta" {{ services = "while :; do sleep 1; done"; units.ticker = "while :; do date > /tmp/tick; sleep 1; done"; }}; profile = "nixos-test"; memorySize = 384; }};
+           gamma = {{ system = node "gamma" {{ backdoorRevision = "{backdoor}"; }}; profile = "nixos-test"; memorySize = 384; }};"#
+    )
+}
+
+/// When each unit last became active (`ActiveEnterTimestampMonotonic`, µs), one line per unit.
+fn entered(c: &Cluster, machine: &str, units: &[&str]) -> Vec<(String, u64)> {
+    let cmd = units
+        .iter()
+        .map(|u| format!("systemctl show -p ActiveEnterTimestampMonotonic --value {u}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let out = stdout_of(c, machine, &cmd);
+    let times: Vec<u64> = out
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(times.len(), units.len(), "{out}");
+    units.iter().map(|u| u.to_string()).zip(times).collect()
+}
+
+/// A cluster of three nodes of the systemd flavour (Debian's systemd as PID 1, the node's
+/// services as units, the backdoor as `backdoor.service`) over virtio-fs: what runs, a unit
+/// that starts late, the network by name, a switch that runs inside the backdoor's unit dying
+/// with it, then a hot reload that changes one unit of alpha (just that unit restarts) and
+/// gamma's backdoor (the switch, a transient unit of its own, survives the restart).
+#[test]
+fn a_cluster_of_systemd_nodes_over_virtiofs() {
+    systemd_guest_ready();
+    let name = "nixos-systemd";
+    let c = Cluster::named(name)
+        .composition(&systemd_composition(
+            "virtiofs",
+            SYSTEMD_NODES,
+            &systemd_machines("v1", "1"),
+        ))
+        .up();
+    let mut checks = Checks::new();
+    let all = ["alpha", "beta", "gamma"];
+
+    // Right after `up` (which waits for the backdoors only), alpha's late unit may still be
+    // starting: then the system is still starting too.
+    checks.check(
+        "alpha's late unit: activating and the system starting, or both done",
+        || {
+            let o = c.exec(
+                "alpha",
+                "60",
+                "systemctl is-active late.service; systemctl is-system-running",
+            );
+            let got = text(&o.stdout);
+            assert!(
+                got == "activating\nstarting\n" || got == "active\nrunning\n",
+                "{got:?}"
+            );
+        },
+    );
+
+    checks.check("PID 1 is Debian's systemd", || {
+        for m in all {
+            let got = stdout_of(&c, m, "readlink /proc/1/exe; cat /proc/1/comm");
+            let (exe, comm) = got.split_once('\n').unwrap_or_else(|| panic!("{got}"));
+            assert!(
+                exe.starts_with("/nix/store/")
+                    && exe.contains("-drydock-debian-systemd-")
+                    && exe.ends_with("/usr/lib/systemd/systemd"),
+                "{m}: {exe}"
+            );
+            assert_eq!(comm, "systemd", "{m}");
+        }
+    });
+    checks.check("the node's units are active", || {
+        for m in all {
+            assert_eq!(
+                stdout_of(
+                    &c,
+                    m,
+                    "systemctl is-active backdoor.service httpd.service network-setup.service udhcpc.service systemd-journald.service"
+                ),
+                "active\nactive\nactive\nactive\nactive",
+                "{m}"
+            );
+        }
+        assert_eq!(
+            stdout_of(&c, "beta", "systemctl is-active app.service ticker.service"),
+            "active\nactive"
+        );
+    });
+    checks.check("the backdoor is backdoor.service's main process", || {
+        for m in all {
+            let got = stdout_of(
+                &c,
+                m,
+                "echo $$; systemctl show -p MainPID --value backdoor.service; cat /proc/self/cgroup",
+            );
+            let l: Vec<&str> = got.lines().collect();
+            assert_eq!(l[0], l[1], "{m}: {got}");
+            assert_eq!(l[2], "0::/system.slice/backdoor.service", "{m}: {got}");
+        }
+    });
+
+    checks.check(&format!("alpha's late unit becomes active after {LATE_SECS} s"), || {
+        wait_until("late.service active", Duration::from_secs(120), || {
+            text(&c.exec("alpha", "60", "systemctl is-active late.service").stdout).trim()
+                == "active"
+        });
+        let got = stdout_of(
+            &c,
+            "alpha",
+            "systemctl show -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic --value late.service",
+        );
+        let t: Vec<u64> = got.lines().map(|l| l.parse().unwrap()).collect();
+        let took = t[1].saturating_sub(t[0]);
+        assert!(
+            took >= LATE_SECS * 1_000_000,
+            "late.service took {took} µs to start: {got}"
+        );
+    });
+    // Every unit started and none failed: `running` (a failed unit would make it `degraded`).
+    checks.check("is-system-running: running", || {
+        for m in all {
+            wait_until(
+                &format!("{m}: is-system-running"),
+                Duration::from_secs(60),
+                || text(&c.exec(m, "60", "systemctl is-system-running").stdout).trim() == "running",
+            );
+        }
+    });
+    checks.check("the machines reach each other by name", || {
+        assert_eq!(
+            stdout_of(&c, "alpha", "wget -qO- http://beta/"),
+            "hello from beta"
+        );
+        assert_eq!(
+            stdout_of(&c, "beta", "wget -qO- http://gamma/"),
+            "hello from gamma"
+        );
+        assert_eq!(stdout_of(&c, "gamma", "wget -qO- http://alpha/"), "v1");
+    });
+    checks.check(
+        "the regInfo check and the hostname, as the busybox node's",
+        || {
+            for m in all {
+                assert_eq!(
+                    stdout_of(&c, m, "cat /run/drydock-reginfo; hostname"),
+                    format!("ok\n{m}")
+                );
+            }
+        },
+    );
+
+    // A switch run inside the backdoor's unit dies with it when it restarts the backdoor. The
+    // running units are made to look older (a copy of them where backdoor.service differs), so
+    // that switching to the running system restarts backdoor.service.
+    checks.check("a switch inside backdoor.service dies with it", || {
+        let before = stdout_of(&c, "beta", "systemctl show -p MainPID --value backdoor.service");
+        stdout_of(
+            &c,
+            "beta",
+            "d=/tmp/older; mkdir -p $d/systemd && cp -a $(readlink -f /etc/systemd/system)/. $d/units && chmod u+w $d/units/backdoor.service && echo '# older' >> $d/units/backdoor.service && ln -s $d/units $d/systemd/system && ln -sfn $d/systemd /etc/systemd",
+        );
+        let o = c.exec(
+            "beta",
+            "120",
+            "/run/current-system/bin/switch-to-configuration test; echo survived > /tmp/survived",
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("backdoor restarted during the call"), "{err}");
+        let after = stdout_of(
+            &c,
+            "beta",
+            "systemctl show -p MainPID --value backdoor.service; test -e /tmp/survived && echo survived || echo died; readlink /etc/systemd",
+        );
+        let l: Vec<&str> = after.lines().collect();
+        assert_ne!(l[0], before, "a new backdoor");
+        assert_eq!(l[1], "died", "the rest of the call never ran");
+        assert!(
+            l[2].ends_with("-drydock-test-system/etc/systemd"),
+            "activate linked /etc/systemd to the system's again: {after}"
+        );
+    });
+
+    // Hot reload: alpha's web page changes (httpd.service's file changes), gamma's backdoor.
+    let pids = c.qemu_pids();
+    let units = [
+        "httpd.service",
+        "backdoor.service",
+        "late.service",
+        "network-setup.service",
+        "udhcpc.service",
+        "systemd-journald.service",
+    ];
+    let alpha_before = checks.value("alpha's units before", || entered(&c, "alpha", &units));
+    let gamma_backdoor = checks.value("gamma's backdoor before", || {
+        stdout_of(
+            &c,
+            "gamma",
+            "systemctl show -p MainPID --value backdoor.service",
+        )
+    });
+    std::fs::write(
+        c.file(),
+        systemd_composition("virtiofs", SYSTEMD_NODES, &systemd_machines("v2", "2")),
+    )
+    .unwrap();
+    let (code, report, err) = up_json(&c, &[]);
+    let rows = actions(&report);
+    checks.check("alpha and gamma switch in place, beta is kept", || {
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(
+            rows,
+            [
+                row("alpha", "switch", "done"),
+                row("beta", "keep", "planned"),
+                row("gamma", "switch", "done"),
+            ],
+            "{report}"
+        );
+        assert_eq!(c.qemu_pids(), pids, "switched in place");
+    });
+    checks.check(
+        "alpha's switch restarted httpd.service and nothing else",
+        || {
+            let after = entered(&c, "alpha", &units);
+            let before = alpha_before.clone().expect("the timestamps before");
+            for ((u, t0), (_, t1)) in before.iter().zip(&after) {
+                if u == "httpd.service" {
+                    assert!(t1 > t0, "{u} was not restarted: {t0} → {t1}");
+                } else {
+                    assert_eq!(t1, t0, "{u} was restarted");
+                }
+            }
+            assert_eq!(stdout_of(&c, "beta", "wget -qO- http://alpha/"), "v2");
+            assert_eq!(
+                stdout_of(&c, "alpha", "systemctl is-system-running"),
+                "running"
+            );
+        },
+    );
+    checks.check("gamma's switch ran as a unit of its own and restarted the backdoor", || {
+        let now = stdout_of(&c, "gamma", "systemctl show -p MainPID --value backdoor.service");
+        assert_ne!(Some(now), gamma_backdoor, "a new backdoor");
+        let journal = stdout_of(
+            &c,
+            "gamma",
+            "journalctl --no-pager -o cat _PID=1 | grep -e '^Started drydock-switch-' -e '^drydock-switch-.*: Deactivated successfully' -e '^Stopped backdoor.service' | cut -c1-40",
+        );
+        let lines: Vec<&str> = journal.lines().collect();
+        assert_eq!(lines.len(), 3, "{journal}");
+        assert!(lines[0].starts_with("Started drydock-switch-"), "{journal}");
+        assert!(lines[1].starts_with("Stopped backdoor.service"), "{journal}");
+        assert!(lines[2].starts_with("drydock-switch-"), "{journal}");
+        // --collect: the switch's unit is gone once it ended.
+        assert_eq!(
+            stdout_of(&c, "gamma", "systemctl list-units --all --no-legend --plain 'drydock-switch-*' | wc -l"),
+            "0"
+        );
+        assert_eq!(stdout_of(&c, "gamma", "echo ok; systemctl is-system-running"), "ok\nrunning");
+    });
     drop(checks);
 }

@@ -289,7 +289,7 @@ let
     for u in ${concatStringsSep " " upstreamUnits}; do cp $debian/units/$u $out/$u; done
     # journald, as Debian's unit says, without the audit socket (nothing reads the kernel's
     # audit messages here) and from the store.
-    sed -e 's/ systemd-journald-audit\.socket//g' \
+    sed -e 's/ systemd-journald-audit\.socket//g' -e '/^Before=sysinit.target$/d' \
         -e "s|=/lib/systemd/systemd-journald|=$debian/usr/lib/systemd/systemd-journald|" \
         $debian/units/systemd-journald.service > $out/systemd-journald.service
     ln -s ../systemd-journald.service $out/sysinit.target.wants/

@@ -215,6 +215,39 @@ in {body}
 /// (`nixos-network.nix`); `machines` the body of `machines = { ... }`, where `node NAME ARGS`
 /// is the toplevel of node NAME with more of its arguments.
 pub fn nixos_composition(shares: &str, nodes: &str, machines: &str) -> String {
+    node_composition(shares, "", nodes, machines)
+}
+
+/// Make sure Debian's systemd is in the guest cache too (`fetch-systemd`), for the nixos-test
+/// node's systemd flavour.
+pub fn systemd_guest_ready() {
+    nixos_guest_ready();
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/fetch-systemd");
+        let out = Command::new(s).output().expect("fetch-systemd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// [`nixos_composition`] of the node's systemd flavour (`init = "systemd"`: Debian's systemd
+/// as PID 1, the services as units): `node NAME ARGS` takes its arguments too, e.g.
+/// `units.late = { type = "oneshot"; script = "sleep 20"; }` or `backdoorRevision = "2"`.
+/// Call [`systemd_guest_ready`] first.
+pub fn systemd_composition(shares: &str, nodes: &str, machines: &str) -> String {
+    node_composition(
+        shares,
+        r#"init = "systemd"; systemd = cache + "/systemd";"#,
+        nodes,
+        machines,
+    )
+}
+
+fn node_composition(shares: &str, init: &str, nodes: &str, machines: &str) -> String {
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest");
     format!(
         r#"let
@@ -224,7 +257,7 @@ pub fn nixos_composition(shares: &str, nodes: &str, machines: &str) -> String {
   node = name: args: (import {guest}/nixos-node.nix ({{
     kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
     initrd = cache + "/initrd-nixos"; inherit kernelVersion;
-    shares = "{shares}";
+    shares = "{shares}"; {init}
   }} // net.${{name}} // args)).toplevel;
 in {{ machines = {{ {machines} }}; }}
 "#,
