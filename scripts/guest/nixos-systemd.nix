@@ -77,6 +77,9 @@ let
   # What a unit's processes find on PATH (the running system's, as NixOS units do, then busybox).
   unitPath = "/run/current-system/sw/bin:${busybox}/bin";
 
+  # A unit file's lines, the empty ones left out.
+  lines = ls: concatStringsSep "\n" (builtins.filter (l: l != "") ls) + "\n";
+
   # A script of its own store path, so a unit's file changes only when its script does.
   script = name: text: build "drydock-unit-script-${name}" {
     text = ''
@@ -88,7 +91,7 @@ let
     chmod 0555 $out
   '';
 
-  # The built-in units' names: `units` may not take them.
+  # The built-in units' names: `units` may not take them (nor systemd-*, Debian's).
   builtinNames = [ "network-setup" "udhcpc" "httpd" "app" "backdoor" "drydock-ready" ];
 
   # A unit entry of `units`: a script (Type=simple) or its settings.
@@ -101,6 +104,8 @@ let
       throw "nixos-node.nix: units.${name}: a unit name is [A-Za-z0-9:_.-]+"
     else if elem name builtinNames then
       throw "nixos-node.nix: units.${name}: ${name}.service is one of the node's own units"
+    else if builtins.substring 0 8 name == "systemd-" then
+      throw "nixos-node.nix: units.${name}: names starting with systemd- are systemd's"
     else if !(isAttrs u) || !(u ? script) then
       throw "nixos-node.nix: units.${name} is a script or { script = ...; ... }"
     else if !(elem type [ "simple" "exec" "oneshot" "forking" "notify" ]) then
@@ -108,20 +113,14 @@ let
     else {
       inherit name;
       wantedBy = u.wantedBy or [ "multi-user.target" ];
-      text = ''
-        [Unit]
-        Description=${u.description or "${name} (drydock test unit)"}
-        After=${concatStringsSep " " (u.after or [ "network.target" ])}
-        ${if (u.wants or [ ]) == [ ] then "" else "Wants=${concatStringsSep " " u.wants}"}
-        ${u.unitConfig or ""}
-
-        [Service]
-        Type=${type}
-        ${if u.remainAfterExit or (type == "oneshot") then "RemainAfterExit=yes" else ""}
-        Environment=PATH=${unitPath}
-        ExecStart=${script name u.script}
-        ${u.serviceConfig or ""}
-      '';
+      text = lines ([
+        "[Unit]"
+        "Description=${u.description or "${name} (drydock test unit)"}"
+        "After=${concatStringsSep " " (u.after or [ "network.target" ])}"
+      ] ++ (if (u.wants or [ ]) == [ ] then [ ] else [ "Wants=${concatStringsSep " " u.wants}" ])
+        ++ [ (u.unitConfig or "") "\n[Service]" "Type=${type}" ]
+        ++ (if u.remainAfterExit or (type == "oneshot") then [ "RemainAfterExit=yes" ] else [ ])
+        ++ [ "Environment=PATH=${unitPath}" "ExecStart=${script name u.script}" (u.serviceConfig or "") ]);
     };
 
   wwwDrv = build "drydock-www" {
