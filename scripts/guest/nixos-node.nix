@@ -12,6 +12,8 @@
 #   - bin/switch-to-configuration test: activates in place and, when the backdoor changed
 #     (backdoorRevision), restarts it as systemd restarts a changed backdoor.service: every
 #     process of the old backdoor's session dies, a switch started inside it too
+#   - init = "systemd": the same node up to stage 2, then Debian's systemd as PID 1 with the
+#     services as units and the backdoor as backdoor.service (nixos-systemd.nix)
 #
 # scripts/guest/README.md ("The nixos-test node") documents arguments, files, boot and markers.
 { kernel                  # absolute host path of the kernel image
