@@ -896,8 +896,12 @@ impl Ctx<'_> {
             (ScriptSource::Composition, Some(TestScript::Text(text))) => {
                 let file = std::path::absolute(&self.req.up.file)
                     .unwrap_or_else(|_| self.req.up.file.clone());
+                // A name of its own per script (a watched run's new script replaces the old,
+                // whose file goes when it is dropped).
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let path = test_dir(self.state_dir, self.name())
-                    .join(format!("testScript-{}.py", std::process::id()));
+                    .join(format!("testScript-{}-{n}.py", std::process::id()));
                 drydock_gc::write_atomic(&path, text.as_bytes()).map_err(|source| {
                     TestError::Files {
                         path: path.clone(),
@@ -1063,7 +1067,7 @@ pub fn run_tests(
     };
     let ours = started.is_some();
     let result = match req.watch {
-        false => run_once(&ctx, &script, ours, cancel, on).map(|report| TestOutcome {
+        false => run_once(&ctx, &script, ours, None, cancel, on).map(|report| TestOutcome {
             interrupted: report.ending == Ending::Interrupted,
             report: Some(report),
         }),
@@ -1327,6 +1331,7 @@ fn run_once(
     ctx: &Ctx<'_>,
     script: &Script,
     ours: bool,
+    reload_secs: Option<f64>,
     cancel: &Cancel,
     on: &mut dyn FnMut(TestEvent<'_>),
 ) -> Result<TestReport, TestError> {
@@ -1511,7 +1516,8 @@ fn run_once(
             .map(str::to_string)
             .collect()
     };
-    let report = builder.finish(secs, stopped, &console);
+    let mut report = builder.finish(secs, stopped, &console);
+    report.reload_secs = reload_secs;
     if report.ending == Ending::Interrupted && !ours {
         // The machines this run booted on a cluster that was up are stopped again.
         for m in &started_here {
@@ -1546,7 +1552,7 @@ fn watch_runs(
     if let ScriptSource::File(p) = &ctx.req.script {
         watching.also(p)?;
     }
-    let mut last = Some(run_once(ctx, &script, ours, cancel, on)?);
+    let mut last = Some(run_once(ctx, &script, ours, None, cancel, on)?);
     let (wake, woken) = wake_pair().map_err(TestError::Channel)?;
     let _interrupt = cancel.on_cancel(move || wake.wake());
     let name = ctx.name().to_string();
@@ -1628,8 +1634,7 @@ fn watch_runs(
             on(TestEvent::ScriptFailed(&e));
             continue;
         }
-        let mut report = run_once(ctx, &script, ours, cancel, on)?;
-        report.reload_secs = reload_secs;
+        let report = run_once(ctx, &script, ours, reload_secs, cancel, on)?;
         let interrupted = report.ending == Ending::Interrupted;
         last = Some(report);
         if interrupted {
