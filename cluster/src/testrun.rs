@@ -1073,7 +1073,9 @@ pub fn run_tests(
         }),
         true => watch_runs(&ctx, script, ours, reads, cancel, on),
     };
-    if ours && (!req.keep || req.watch || matches!(&result, Ok(o) if o.interrupted)) {
+    // What this run started goes down, unless kept (an interrupted run stops it anyway; a
+    // watch ends only so).
+    if ours && (!req.keep || matches!(&result, Ok(o) if o.interrupted)) {
         on(TestEvent::Down { cluster: name });
         let down = crate::control::down(state_dir, name);
         if let (Ok(_), Err(e)) = (&result, down) {
@@ -1406,6 +1408,12 @@ fn run_once(
             }
         })
     };
+    // Requests in flight end with the run: at its end, or with the cancel.
+    let ops_cancel = std::sync::Arc::new(Cancel::new());
+    let _ops_interrupt = {
+        let c = ops_cancel.clone();
+        cancel.on_cancel(move || c.cancel())
+    };
     let mut builder = ReportBuilder::new(&name, &script.label);
     let deadline = ctx.req.timeout.map(Deadline::after);
     let mut stopped = None;
@@ -1475,16 +1483,11 @@ fn run_once(
                         let (op, tx) = (op.clone(), tx.clone());
                         let (sd, n) = (ctx.state_dir.to_path_buf(), name.clone());
                         let ready = ctx.req.up.ready_timeout;
-                        // The op's thread needs the cancel: the binary's is a static; ours
-                        // here is borrowed, so the thread gets a flag of its own, set with it.
-                        let op_cancel = std::sync::Arc::new(Cancel::new());
-                        let c2 = op_cancel.clone();
-                        let guard = cancel.on_cancel(move || c2.cancel());
-                        let t = std::thread::spawn(move || {
+                        let op_cancel = ops_cancel.clone();
+                        ops.push(std::thread::spawn(move || {
                             let r = do_op(&sd, &n, ready, &op, &op_cancel);
                             let _ = tx.send(Incoming::OpDone(op.id, op.op.clone(), r));
-                        });
-                        ops.push((t, guard));
+                        }));
                     }
                     DriverMessage::Serial { on: s } => serial = *s,
                     _ => {}
@@ -1505,8 +1508,8 @@ fn run_once(
     let _ = echo.join();
     drop(driver);
     let _ = reading.join();
-    // Requests in flight end with the driver (or the cancel).
-    for (t, _guard) in ops {
+    ops_cancel.cancel();
+    for t in ops {
         let _ = t.join();
     }
     let console = |machine: &str| {
