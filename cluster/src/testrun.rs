@@ -1085,14 +1085,26 @@ pub fn run_tests(
     result
 }
 
+/// A machine as a run sees it.
+struct RunMachine {
+    name: String,
+    paths: VmPaths,
+    /// Its QEMU runs now.
+    running: bool,
+}
+
 /// What a run needs of the cluster: its machines, their folders, which run now.
-fn machines_now(state_dir: &Path, plan: &ClusterPlan) -> Vec<(String, String, VmPaths, bool)> {
+fn machines_now(state_dir: &Path, plan: &ClusterPlan) -> Vec<RunMachine> {
     plan.machines
         .iter()
         .map(|m| {
             let paths = VmPaths::in_state_dir(state_dir, &m.vm_name);
             let running = VmState::read(&paths).is_some_and(|s| s.qemu_alive());
-            (m.machine.clone(), m.vm_name.clone(), paths, running)
+            RunMachine {
+                name: m.machine.clone(),
+                paths,
+                running,
+            }
         })
         .collect()
 }
@@ -1343,13 +1355,13 @@ fn run_once(
     let machines = machines_now(ctx.state_dir, &state.plan);
     let was_running: BTreeSet<String> = machines
         .iter()
-        .filter(|m| m.3)
-        .map(|m| m.0.clone())
+        .filter(|m| m.running)
+        .map(|m| m.name.clone())
         .collect();
-    for (_, _, paths, _) in &machines {
+    for m in &machines {
         // The sockets the driver connects to are in folders of this user alone.
-        if paths.dir.is_dir() {
-            paths
+        if m.paths.dir.is_dir() {
+            m.paths
                 .check_private()
                 .map_err(|e| TestError::Cluster(ClusterError::NotPrivate(e)))?;
         }
@@ -1360,11 +1372,11 @@ fn run_once(
         "cluster": name,
         "out_dir": ctx.req.out_dir,
         "shell": ctx.req.shell,
-        "machines": machines.iter().map(|(m, _, paths, running)| serde_json::json!({
-            "name": m,
-            "exec": crate::state::exec_socket(paths),
-            "console": paths.console_log(),
-            "running": running,
+        "machines": machines.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "exec": crate::state::exec_socket(&m.paths),
+            "console": m.paths.console_log(),
+            "running": m.running,
         })).collect::<Vec<_>>(),
     });
     on(TestEvent::Running {
@@ -1393,7 +1405,7 @@ fn run_once(
         let tx = tx.clone();
         let list = machines
             .iter()
-            .map(|(m, _, p, _)| (m.clone(), p.clone()))
+            .map(|m| (m.name.clone(), m.paths.clone()))
             .collect();
         std::thread::Builder::new()
             .name("test-consoles".into())

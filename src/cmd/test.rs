@@ -81,7 +81,14 @@ fn test_request(
 
 /// `drydock test`.
 pub fn run(ctx: &Context, a: &TestArgs) -> anyhow::Result<Outcome> {
-    let t = target(ctx, &a.cluster)?;
+    let mut t = target(ctx, &a.cluster)?;
+    // `-p NAME` alone names a cluster that is up: its composition is the one it records.
+    if let (Ok(None), Some(f)) = (
+        t.checked_file(),
+        drydock_cluster::ClusterState::read_up(&ctx.state_dir, &t.name).and_then(|s| s.plan.file),
+    ) {
+        t.file = f;
+    }
     if !t.file.is_file() {
         return Err(drydock_cluster::ClusterError::NoFile(
             std::path::absolute(&t.file).unwrap_or_else(|_| t.file.clone()),
