@@ -469,7 +469,7 @@ mod tests {
                 Path::new("/bin/drydock"),
                 Path::new("/s"),
                 Some(Path::new("/store")),
-                out_dir(out.map(OsString::from), Path::new("/work")),
+                out_dir(out.map(OsString::from), Path::new("/home/u/proj")),
                 false,
             )
         };
@@ -477,7 +477,7 @@ mod tests {
         assert_eq!(r.script, ScriptSource::Composition);
         assert_eq!(r.python, PathBuf::from("python3"));
         assert!(!r.keep && !r.watch && !r.up.watch && r.timeout.is_none() && r.from.is_none());
-        assert_eq!(r.out_dir, PathBuf::from("/work"));
+        assert_eq!(r.out_dir, PathBuf::from("/home/u/proj"));
         assert_eq!(
             r.shell,
             [
@@ -516,7 +516,7 @@ mod tests {
         assert_eq!(r.python, PathBuf::from("/usr/bin/python3.11"));
         assert_eq!(r.out_dir, PathBuf::from("/nix/out"));
         // An empty $out is no $out.
-        assert_eq!(req(&[], Some("")).out_dir, PathBuf::from("/work"));
+        assert_eq!(req(&[], Some("")).out_dir, PathBuf::from("/home/u/proj"));
         // --hide and --show exclude each other, as for `up`.
         assert!(
             crate::cli::Cli::try_parse_from(["drydock", "test", "--hide", "a", "--show", "b"])
