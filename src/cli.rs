@@ -94,6 +94,8 @@ pub enum Command {
     Wait(MachineWaitArgs),
     /// An interactive root shell in a cluster machine, through its backdoor.
     Shell(ShellArgs),
+    /// Run a NixOS-test-driver-style Python test script against a cluster (booting it if needed).
+    Test(TestArgs),
     /// Internal: own a detached cluster (started by `up --detach`).
     #[command(name = "__cluster-supervise", hide = true)]
     ClusterSupervise(ClusterSuperviseArgs),
@@ -112,6 +114,7 @@ impl Command {
                 | Self::Logs(_)
                 | Self::Wait(_)
                 | Self::Shell(_)
+                | Self::Test(_)
         )
     }
 }
@@ -286,6 +289,58 @@ pub struct MachineWaitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The test script, Python in the NixOS test driver's style (default: the composition's
+    /// top-level `testScript`).
+    #[arg(value_name = "SCRIPT")]
+    pub script: Option<PathBuf>,
+    /// Also write the report as JUnit XML to FILE (a test case per subtest).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Leave the cluster up at the end when this run started it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Stay up: on every edit of the composition's directory or of SCRIPT, reload the cluster
+    /// and run the script again (Ctrl-C ends).
+    #[arg(long)]
+    pub watch: bool,
+    /// Restore the cluster snapshot TAG before each run (not available yet).
+    #[arg(long, value_name = "TAG")]
+    pub from: Option<String>,
+    /// Seconds one run of the script may take (then it is stopped and fails) [default: no limit].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Option<std::time::Duration>,
+    /// Hide these machines' console lines (they still go to their logs).
+    #[arg(long, value_name = "M,...", value_delimiter = ',')]
+    pub hide: Vec<String>,
+    /// Show only these machines' console lines.
+    #[arg(
+        long,
+        value_name = "M,...",
+        value_delimiter = ',',
+        conflicts_with = "hide"
+    )]
+    pub show: Vec<String>,
+    /// When this run starts the cluster: as for `up`.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// When this run starts the cluster: the QEMU binary, as for `up`.
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// Start the machines even if together they ask for more memory than the host has.
+    #[arg(long)]
+    pub allow_overcommit: bool,
+    /// Seconds the evaluation and the build of the systems may take.
+    #[arg(long, value_name = "SECS", default_value = "7200", value_parser = parse_secs)]
+    pub build_timeout: std::time::Duration,
+    /// The Python interpreter (default: python3 on PATH).
+    #[arg(long, value_name = "PATH", default_value = "python3")]
+    pub python: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct ShellArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
@@ -308,6 +363,9 @@ pub struct ClusterSuperviseArgs {
     pub run: Option<i64>,
     #[arg(long, value_parser = parse_size, default_value = "32M")]
     pub log_limit: u64,
+    /// Boot no machine: each boots when asked (`drydock test`); stay up while none runs.
+    #[arg(long)]
+    pub idle: bool,
 }
 
 #[derive(Debug, Args)]

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             Command::Logs(args) => cmd::cluster::logs(&ctx, args),
             Command::Wait(args) => cmd::cluster::wait(&ctx, args),
             Command::Shell(args) => cmd::cluster::shell(&ctx, args),
+            Command::Test(args) => cmd::test::run(&ctx, args),
             Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
         });
     exit::finish(result)

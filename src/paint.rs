@@ -28,6 +28,23 @@ impl Paint {
         Self::new(colour_on(std::io::stdout().is_terminal()))
     }
 
+    /// `text` in green (a test passed) when colour is on.
+    pub fn good(&self, text: &str) -> String {
+        self.sgr("32", text)
+    }
+
+    /// `text` in bold red (a test failed) when colour is on.
+    pub fn bad(&self, text: &str) -> String {
+        self.sgr("1;31", text)
+    }
+
+    fn sgr(&self, code: &str, text: &str) -> String {
+        match self.colour {
+            true => format!("\x1b[{code}m{text}\x1b[0m"),
+            false => text.to_string(),
+        }
+    }
+
     /// `machine` padded to `width`, in its own colour when colour is on.
     pub fn machine(&self, machine: &str, width: usize) -> String {
         let padded = format!("{machine:width$}");

@@ -34,6 +34,7 @@ mod reload;
 mod store_drv;
 mod store_repair;
 mod store_server;
+mod testscript;
 mod track_gc;
 mod vm;
 mod vm_restart;

@@ -632,8 +632,8 @@ impl RunningCluster {
         Ok(outcomes)
     }
 
-    /// Answer a request of a second `up` or `vm restart` (`plan` or `apply`). Returns whether
-    /// it was an apply (the cluster may have changed). `cancel` and `on_event` as for
+    /// Answer a request of a second `up` or `vm restart` (`plan` or `apply`), or a machine
+    /// operation (`ops`). Returns whether it was an apply (the cluster may have changed). `cancel` and `on_event` as for
     /// [`Self::apply_reload`].
     pub(crate) fn serve_control(
         &mut self,
@@ -649,11 +649,21 @@ impl RunningCluster {
                 return false;
             }
         };
+        if req.op.on_machines() {
+            let result = self.serve_op(&req, cancel, on_event);
+            crate::control::reply(
+                &stream,
+                result
+                    .map(|()| Vec::new())
+                    .map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input())),
+            );
+            return false;
+        }
         let result = match req.op {
             ControlOp::Plan => self
                 .plan_reload(&req.plan, req.restart, &req.restart_machines)
                 .map(|p| p.into_iter().map(MachineOutcome::planned).collect()),
-            ControlOp::Apply => self.apply_reload(
+            _ => self.apply_reload(
                 &req.plan,
                 req.restart,
                 &req.restart_machines,

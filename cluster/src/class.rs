@@ -15,6 +15,7 @@ use crate::eval::EvalError;
 use crate::hub::HubError;
 use crate::session::SessionError;
 use crate::state::{ClusterError, MachineError};
+use crate::testrun::TestError;
 use crate::watch::WatchError;
 
 drydock_gc::classify_by_bad_input!(
@@ -77,11 +78,20 @@ impl Classify for SessionError {
     }
 }
 
+impl Classify for TestError {
+    /// A script that does not parse, a missing python3, a bad composition: bad input; Ctrl-C
+    /// (here or in the evaluation, build or start below): an interruption.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::of(self.is_interrupted(), self.is_bad_input())
+    }
+}
+
 /// The class of `cause` if it is one of drydock-cluster's public errors.
 pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
     drydock_gc::return_class_if_one_of!(
         cause;
         SessionError,
+        TestError,
         BackdoorError,
         ClusterError,
         ComposeError,

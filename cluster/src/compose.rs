@@ -58,6 +58,19 @@ pub struct Composition {
     pub file: PathBuf,
     /// By name: alphabetical, which is also their numbering.
     pub machines: BTreeMap<String, MachineSettings>,
+    /// The top-level `testScript` (what `drydock test` runs when no script is given).
+    #[serde(default)]
+    pub test_script: TestScript,
+}
+
+/// A composition's top-level `testScript`, as NixOS tests have it: Python, as a string.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestScript {
+    #[default]
+    Absent,
+    Text(String),
+    /// Not a string: its Nix type (`up` ignores it; `test` says so).
+    Other(String),
 }
 
 /// Why a composition is bad input. Every message starts with the file and names the attribute.
@@ -208,9 +221,15 @@ pub fn parse_settings(file: &Path, v: &Value) -> Result<Composition, ComposeErro
         }
         out.insert(name.clone(), parse_machine(file, name, m)?);
     }
+    let test_script = match v.get("testScript") {
+        None | Some(Value::Null) => TestScript::Absent,
+        Some(Value::String(text)) => TestScript::Text(text.clone()),
+        Some(other) => TestScript::Other(type_of(other)),
+    };
     Ok(Composition {
         file: file_buf,
         machines: out,
+        test_script,
     })
 }
 
@@ -369,8 +388,9 @@ pub struct MachinePlan {
     pub settings: MachineSettings,
 }
 
-/// A cluster, planned: what every launch and hub needs, as data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A cluster, planned: what every launch and hub needs, as data. (The default, empty, stands
+/// for no plan in a control request that needs none.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPlan {
     pub name: String,
     /// The composition it was planned from (absolute); `None` in records older than this field.
@@ -476,6 +496,33 @@ mod tests {
     }
 
     #[test]
+    fn a_test_script_is_a_string_or_said_not_to_be() {
+        let m = json!({"m": {"attrs": {"system": drv("m")}}});
+        let cases = [
+            (json!({"machines": m}), TestScript::Absent),
+            (
+                json!({"machines": m, "testScript": null}),
+                TestScript::Absent,
+            ),
+            (
+                json!({"machines": m, "testScript": "start_all()\n"}),
+                TestScript::Text("start_all()\n".into()),
+            ),
+            (
+                json!({"machines": m, "testScript": {"__drydockType": "function"}}),
+                TestScript::Other("a function".into()),
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(
+                parse_settings(&file(), &v).unwrap().test_script,
+                want,
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
     fn settings_get_defaults_and_plans_number_alphabetically() {
         let v = json!({"machines": {
             "server": {"attrs": {"system": drv("s"), "memorySize": 1536, "vlans": [1, 2]}},
@@ -495,6 +542,7 @@ mod tests {
             "k": {"attrs": {"system": drv("k"), "profile": "nixos-test", "memorySize": 1536, "diskSize": 4096}},
         }});
         let nodes = parse_settings(&file(), &v).unwrap();
+        assert_eq!(c.test_script, TestScript::Absent);
         let (n, k) = (&nodes.machines["n"], &nodes.machines["k"]);
         assert_eq!(
             (n.profile, n.memory_mib, n.cores, n.disk_mib),

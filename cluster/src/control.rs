@@ -42,6 +42,9 @@ pub struct DetachedOwner<'a> {
     /// The cluster's owner lock, which this `up` holds: the owner holds it from its start on
     /// (it is the owner's stdin), and this process may let go of it once the owner is up.
     pub lock: &'a OwnerLock,
+    /// Boot no machine: each boots when asked (`drydock test`), and the owner stays up while
+    /// none runs.
+    pub idle: bool,
 }
 
 /// A detached cluster that is up.
@@ -78,6 +81,9 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
     .arg(l.log_limit.to_string());
     if let Some(q) = &l.qemu {
         cmd.arg("--qemu").arg(q);
+    }
+    if o.idle {
+        cmd.arg("--idle");
     }
     let held = o.lock.handle().map_err(|source| ClusterError::Lock {
         path: dir.join("owner.lock"),
@@ -365,17 +371,24 @@ pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterErro
     Ok(l)
 }
 
-/// What a second `up` asks the owner.
+/// What a second `up` (or `vm restart`, or `drydock test`) asks the owner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ControlRequest {
-    /// `plan` (nothing changes) or `apply`.
+    /// `plan` (nothing changes) or `apply`; or an operation on the machines `machines`.
     pub op: ControlOp,
+    /// The new plan (`plan`, `apply`); empty for the machine operations.
+    #[serde(default)]
     pub plan: ClusterPlan,
     /// `--restart`.
+    #[serde(default)]
     pub restart: bool,
     /// Machines to restart even if the plan would keep or switch them (`vm restart`).
     #[serde(default)]
     pub restart_machines: Vec<String>,
+    /// The machines of a machine operation (`start`: each that is not running, in parallel;
+    /// the others: exactly one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,6 +396,23 @@ pub struct ControlRequest {
 pub enum ControlOp {
     Plan,
     Apply,
+    /// Boot the machines that are not running; answered once each is ready (or failed).
+    Start,
+    /// Stop a machine in order (powerdown, quit, SIGTERM, SIGKILL).
+    Stop,
+    /// Stop a machine at once (QMP quit), as a power failure.
+    Crash,
+    /// Drop a machine's frames at every hub it is on (its VLAN links down).
+    Block,
+    /// Forward them again.
+    Unblock,
+}
+
+impl ControlOp {
+    /// Whether it acts on single machines (and carries no plan).
+    pub fn on_machines(self) -> bool {
+        !matches!(self, Self::Plan | Self::Apply)
+    }
 }
 
 /// The owner's answer: every machine's action (and outcome, for `apply`), or why not.
@@ -410,6 +440,7 @@ pub fn restart_machine(
         plan: state.plan,
         restart: false,
         restart_machines: vec![cm.machine.clone()],
+        machines: Vec::new(),
     };
     request(state_dir, &cm.cluster, &req, deadline)?
         .into_iter()
@@ -425,6 +456,38 @@ pub fn request(
     req: &ControlRequest,
     deadline: Duration,
 ) -> Result<Vec<MachineOutcome>, ControlError> {
+    request_until(state_dir, name, req, deadline, None)
+}
+
+/// Ask the owner of the cluster `name` to carry out the machine operation `op` on `machines`
+/// (see [`ControlOp`]), waiting at most `deadline`; `cancel` ends the wait (the connection is
+/// shut: the owner carries on).
+pub fn machine_op(
+    state_dir: &Path,
+    name: &str,
+    op: ControlOp,
+    machines: &[String],
+    deadline: Duration,
+    cancel: Option<&Cancel>,
+) -> Result<(), ControlError> {
+    let req = ControlRequest {
+        op,
+        plan: ClusterPlan::default(),
+        restart: false,
+        restart_machines: Vec::new(),
+        machines: machines.to_vec(),
+    };
+    request_until(state_dir, name, &req, deadline, cancel).map(|_| ())
+}
+
+/// [`request`], which `cancel` ends at once (the connection is shut).
+pub fn request_until(
+    state_dir: &Path,
+    name: &str,
+    req: &ControlRequest,
+    deadline: Duration,
+    cancel: Option<&Cancel>,
+) -> Result<Vec<MachineOutcome>, ControlError> {
     let cpaths = cluster_paths(state_dir, name);
     cpaths.check_private().map_err(ControlError::NotPrivate)?;
     let s = UnixStream::connect(control_socket(&cpaths))
@@ -435,6 +498,12 @@ pub fn request(
     };
     s.set_read_timeout(Some(deadline)).map_err(io)?;
     s.set_write_timeout(Some(REQUEST_DEADLINE)).map_err(io)?;
+    let shut = s.try_clone().map_err(io)?;
+    let _interrupt = cancel.map(|c| {
+        c.on_cancel(move || {
+            let _ = shut.shutdown(std::net::Shutdown::Both);
+        })
+    });
     crate::wire::write_json_line(&s, req).map_err(io)?;
     let reply: ControlReply = crate::wire::read_json_line(&mut BufReader::new(&s)).map_err(io)?;
     match reply.error {

@@ -17,7 +17,8 @@ const EVAL_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The settings expression; `file` is the composition's absolute path. A system becomes
 /// `{kind, drv, out}` (not `outPath`: JSON would print a set with one as that string) or `{kind = "path"; value}`; a function anywhere else becomes a
-/// marker so that JSON output never fails on it (the checks then name it).
+/// marker so that JSON output never fails on it (the checks then name it). The top-level
+/// `testScript` (`drydock test`'s default script) is its string, or its type's marker.
 pub const SETTINGS_EXPR: &str = r#"{ file }:
 let
   raw = import (/. + file);
@@ -39,7 +40,13 @@ in
 if !(builtins.isAttrs c) then { error = "not-attrs"; type = builtins.typeOf c; }
 else if !(c ? machines) then { error = "no-machines"; }
 else if !(builtins.isAttrs c.machines) then { error = "machines-not-attrs"; type = builtins.typeOf c.machines; }
-else { machines = builtins.mapAttrs (n: machine) c.machines; }
+else {
+  machines = builtins.mapAttrs (n: machine) c.machines;
+  testScript =
+    if !(c ? testScript) then null
+    else if builtins.isString c.testScript then c.testScript
+    else { __drydockType = builtins.typeOf c.testScript; };
+}
 "#;
 
 /// The build expression: an attribute set of the named machines' systems.

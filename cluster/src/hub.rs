@@ -8,8 +8,11 @@
 //! descriptor with one reader, so an async runtime would add nothing but a dependency (see docs/ARCHITECTURE.md).
 //! The thread belongs to the process that owns the cluster and dies with it, SIGKILL included.
 //! A hot reload that adds, removes or rewires machines replaces the port list in place
-//! ([`Hub::set_ports`]): the machines that stay keep their segment without a gap.
+//! ([`Hub::set_ports`]): the machines that stay keep their segment without a gap. A port can be
+//! blocked ([`Hub::set_blocked`], a test script's `machine.block()`): its frames and the copies
+//! for it are dropped, as if its cable were pulled, until it is unblocked.
 
+use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -51,6 +54,15 @@ pub struct HubCounters {
     pub delivered: AtomicU64,
     /// Copies dropped (port absent or full) and frames from strangers.
     pub dropped: AtomicU64,
+    /// Frames from a blocked port and copies for one, dropped.
+    pub blocked: AtomicU64,
+}
+
+/// The ports a hub forwards among, and those blocked.
+#[derive(Debug, Default)]
+struct Ports {
+    list: Vec<PathBuf>,
+    blocked: BTreeSet<PathBuf>,
 }
 
 /// A running hub; stopped (thread joined, socket removed) by [`Hub::stop`] or on drop.
@@ -60,7 +72,7 @@ pub struct Hub {
     socket: PathBuf,
     stop: Waker,
     counters: Arc<HubCounters>,
-    ports: Arc<RwLock<Vec<PathBuf>>>,
+    ports: Arc<RwLock<Ports>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -78,7 +90,10 @@ impl Hub {
         let sock = drydock_gc::bind_datagram(socket).map_err(bind)?;
         let (stop, stopped) = drydock_vm::wake_pair().map_err(bind)?;
         let counters = Arc::new(HubCounters::default());
-        let ports = Arc::new(RwLock::new(ports));
+        let ports = Arc::new(RwLock::new(Ports {
+            list: ports,
+            blocked: BTreeSet::new(),
+        }));
         let thread = std::thread::Builder::new()
             .name(format!("hub-vlan{vlan}"))
             .spawn({
@@ -108,13 +123,27 @@ impl Hub {
 
     /// Forward among `ports` from now on (frames from a port no longer listed are dropped).
     pub fn set_ports(&self, ports: Vec<PathBuf>) {
-        *self.ports.write().unwrap_or_else(|e| e.into_inner()) = ports;
+        self.ports.write().unwrap_or_else(|e| e.into_inner()).list = ports;
+    }
+
+    /// Block the port `port` (drop its frames and the copies for it) or unblock it, from the
+    /// next frame on. A port that is not (yet) in the list keeps its mark.
+    pub fn set_blocked(&self, port: &Path, blocked: bool) {
+        let mut p = self.ports.write().unwrap_or_else(|e| e.into_inner());
+        match blocked {
+            true => p.blocked.insert(port.to_path_buf()),
+            false => p.blocked.remove(port),
+        };
     }
 
     /// The ports it forwards among.
     #[cfg(test)]
     pub fn ports(&self) -> Vec<PathBuf> {
-        self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list
+            .clone()
     }
 
     /// Stop forwarding, join the thread (it wakes at once) and remove the socket. Idempotent.
@@ -133,7 +162,7 @@ impl Drop for Hub {
     }
 }
 
-fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &WakeFd, c: &HubCounters) {
+fn forward(sock: &UnixDatagram, ports: &RwLock<Ports>, stop: &WakeFd, c: &HubCounters) {
     let mut buf = vec![0u8; MAX_FRAME];
     loop {
         // A frame, or the stop: blocks until one of them.
@@ -160,12 +189,23 @@ fn forward(sock: &UnixDatagram, ports: &RwLock<Vec<PathBuf>>, stop: &WakeFd, c: 
             }
         };
         let ports = ports.read().unwrap_or_else(|e| e.into_inner());
-        let Some(sender) = from.as_pathname().filter(|p| ports.iter().any(|q| q == p)) else {
+        let Some(sender) = from
+            .as_pathname()
+            .filter(|p| ports.list.iter().any(|q| q == p))
+        else {
             c.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        if ports.blocked.contains(sender) {
+            c.blocked.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         c.frames.fetch_add(1, Ordering::Relaxed);
-        for port in ports.iter().filter(|p| p.as_path() != sender) {
+        for port in ports.list.iter().filter(|p| p.as_path() != sender) {
+            if ports.blocked.contains(port) {
+                c.blocked.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             match crate::sys::send_to_nowait(sock, &buf[..n], port) {
                 Ok(_) => c.delivered.fetch_add(1, Ordering::Relaxed),
                 Err(_) => c.dropped.fetch_add(1, Ordering::Relaxed),
@@ -252,6 +292,44 @@ mod tests {
         assert_eq!(recv(&b), None, "b is no longer a port");
         assert_eq!(recv(&a), None, "a left port's frame was forwarded");
         assert_eq!(recv(&c), None);
+    }
+
+    #[test]
+    fn a_blocked_port_neither_sends_nor_receives_until_unblocked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let (pc, c) = port(dir.path(), "c.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(4, &hub_path, vec![pa.clone(), pb.clone(), pc]).unwrap();
+        hub.set_blocked(&pb, true);
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+        }
+        // b's frames go nowhere; a's reach c but not b.
+        b.send_to(b"from b", &hub_path).unwrap();
+        a.send_to(b"from a", &hub_path).unwrap();
+        assert_eq!(recv(&c).as_deref(), Some(&b"from a"[..]));
+        assert_eq!(recv(&c), None, "b's frame got through");
+        assert_eq!(recv(&b), None, "b got a frame while blocked");
+        assert_eq!(hub.counters().blocked.load(Ordering::SeqCst), 2);
+        // Unblocked: both ways again, at once.
+        hub.set_blocked(&pb, false);
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        b.send_to(b"back", &hub_path).unwrap();
+        assert_eq!(recv(&a).as_deref(), Some(&b"back"[..]));
+        a.send_to(b"again", &hub_path).unwrap();
+        assert_eq!(recv(&b).as_deref(), Some(&b"again"[..]));
+        // A mark outlives a new port list (a reload that keeps the machine).
+        hub.set_blocked(&pa, true);
+        hub.set_ports(hub.ports());
+        b.send_to(b"to a?", &hub_path).unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert_eq!(recv(&a), None);
     }
 
     #[test]

@@ -124,6 +124,7 @@ mod tests {
                     (n.to_string(), settings)
                 })
                 .collect(),
+            test_script: Default::default(),
         };
         plan_cluster("c", &composition).unwrap()
     }
@@ -194,7 +195,7 @@ mod tests {
                 running(&o.state_dir, vm);
             }
             let cancel = drydock_gc::Cancel::new();
-            let e = crate::run::up(&p, &o, &cancel, &mut |_| {}).unwrap_err();
+            let e = crate::run::up(&p, &o, false, &cancel, &mut |_| {}).unwrap_err();
             assert_eq!(drydock_vm::error_chain(&e), says);
             assert_eq!(e.is_bad_input(), bad_input, "{says}");
             assert!(

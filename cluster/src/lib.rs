@@ -19,7 +19,9 @@
 //!   detached owner, `down`), `wait`;
 //! - `events` (what the owner reacts to, on one channel);
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
-//!   owner), `session` (what one `up` does: prepare, reload cycles, the owner's loop).
+//!   owner), `ops` (one machine's start, stop, crash, block, unblock in the owner), `session`
+//!   (what one `up` does: prepare, reload cycles, the owner's loop);
+//! - `testrun` (`drydock test`: a Python test script against the cluster, its report).
 //!
 //! Modules are private; the small public API is re-exported here.
 
@@ -36,12 +38,14 @@ mod exec;
 mod hub;
 mod launches;
 mod logs;
+mod ops;
 mod reload;
 mod run;
 mod session;
 mod state;
 #[allow(unsafe_code)]
 mod sys;
+mod testrun;
 mod wait;
 mod watch;
 mod wire;
@@ -54,8 +58,8 @@ pub use class::exit_class_of;
 pub use command::{GuestCommand, MAX_STDIN, tty_script, tty_status_file, with_stdin};
 pub use compose::{
     ClusterPlan, ComposeError, Composition, HOSTS_FW_CFG, MACHINE_PARAM, MachinePlan,
-    MachineSettings, NicPlan, SystemRef, default_cluster_name, parse_settings, plan_cluster,
-    valid_machine_name, validate_cluster_name,
+    MachineSettings, NicPlan, SystemRef, TestScript, default_cluster_name, parse_settings,
+    plan_cluster, valid_machine_name, validate_cluster_name,
 };
 pub use control::{
     Detached, DetachedOwner, Down, down as cluster_down, restart_machine, start_detached,
@@ -73,13 +77,18 @@ pub use reload::{
 pub use run::RunningCluster;
 pub use session::{
     BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
-    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up,
+    WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up, start_idle,
     watch_reloads,
 };
 pub use state::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,
     check_file, cluster_machine, cluster_paths, list_up, machine_failure, refuse_cluster_machine,
     up_cluster, up_machine, up_plan_file,
+};
+pub use testrun::{
+    CallReport, DRIVER, DriverMessage, Ending, ExecRecord, Failure, Frame, Phase, ReportBuilder,
+    ScriptError, ScriptSource, SubtestReport, TestError, TestEvent, TestOutcome, TestReport,
+    TestRequest, call_text, failure_text, junit_xml, run_tests, xml_escape,
 };
 pub use wait::{WaitFor, WaitReport, wait as wait_machine};
 pub use watch::{Reads, WatchError};

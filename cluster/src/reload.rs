@@ -326,6 +326,7 @@ mod tests {
                 .iter()
                 .map(|(n, s)| (n.to_string(), s.clone()))
                 .collect(),
+            test_script: Default::default(),
         };
         plan_cluster("c", &c).unwrap()
     }

@@ -23,6 +23,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,8 @@ pub(crate) struct MachineThread {
     /// Which thread this is (the events it sends carry it).
     id: u64,
     stop: Waker,
+    /// Set before `stop` wakes: stop the VM at once (QMP quit), without the guest's powerdown.
+    pub(crate) crash: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -81,15 +84,23 @@ pub struct RunningCluster {
     /// Where a second `up` asks for a hot reload (see `apply`), and its thread.
     control: Option<Feeder>,
     stopped: bool,
+    /// The owner stays up when no machine runs (a cluster started with none booted, or whose
+    /// machines a test stopped): only `down` or an interruption ends it.
+    pub(crate) stay: bool,
+    /// Machines whose frames the hubs drop (`ControlOp::Block`).
+    pub(crate) blocked: std::collections::BTreeSet<String>,
 }
 
 /// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
-/// the error, and nothing starts), then hubs, then every machine in parallel. Returns once
-/// every machine is ready; a machine that fails, `cancel` or the timeout stops everything
-/// started. `on_event` sees each event meanwhile (the machines' and their console lines).
+/// the error, and nothing starts), then hubs, then every machine in parallel (with `idle`,
+/// none: each boots when asked, `ControlOp::Start`, and the owner stays up with none running).
+/// Returns once every machine started is ready; a machine that fails, `cancel` or the timeout
+/// stops everything started. `on_event` sees each event meanwhile (the machines' and their
+/// console lines).
 pub(crate) fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
+    idle: bool,
     cancel: &Cancel,
     on_event: &mut dyn FnMut(&OwnerEvent),
 ) -> Result<RunningCluster, ClusterError> {
@@ -97,6 +108,11 @@ pub(crate) fn up(
     let mut opts = opts.clone();
     if opts.run.is_none() {
         opts.run = begin_machines_run(&opts, &plan.name);
+    }
+    if idle {
+        // The machines boot later: their systems are pinned by the cluster's run from now on
+        // (each launch pins its own again), so no GC takes one in between.
+        pin_systems(&opts, &launches);
     }
     let opts = &opts;
     let cpaths = cluster_paths(&opts.state_dir, &plan.name);
@@ -121,6 +137,8 @@ pub(crate) fn up(
         deferred: VecDeque::new(),
         control: None,
         stopped: false,
+        stay: idle,
+        blocked: std::collections::BTreeSet::new(),
     };
     for &v in &plan.vlans {
         running.hubs.push(
@@ -136,16 +154,19 @@ pub(crate) fn up(
     for m in &plan.machines {
         clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
     }
-    for (m, launch) in plan.machines.iter().zip(launches) {
-        running.spawn_machine(m, launch)?;
+    if !idle {
+        for (m, launch) in plan.machines.iter().zip(launches) {
+            running.spawn_machine(m, launch)?;
+        }
     }
+    let booting = if idle { 0 } else { plan.machines.len() };
     let tx = running.tx.clone();
     let _interrupt = cancel.on_cancel(move || {
         let _ = tx.try_send(OwnerEvent::Interrupt);
     });
     let deadline = Deadline::after(opts.ready_timeout + Duration::from_secs(60));
     let mut ready = 0;
-    while ready < plan.machines.len() {
+    while ready < booting {
         if cancel.is_set() {
             running.stop();
             return Err(ClusterError::Interrupted);
@@ -199,6 +220,33 @@ pub(crate) fn begin_machines_run(opts: &ClusterLaunch, name: &str) -> Option<i64
                 drydock_vm::error_chain(&e)
             );
             None
+        }
+    }
+}
+
+/// Pin every machine's system in the machines' run (for machines that boot later).
+fn pin_systems(opts: &ClusterLaunch, launches: &[LaunchPlan]) {
+    let Some(id) = opts.run else {
+        return;
+    };
+    let db = match drydock_gc::RunsDb::open(&opts.state_dir) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::warn!("pinning the systems: {}", drydock_vm::error_chain(&e));
+            return;
+        }
+    };
+    for top in launches.iter().filter_map(|l| l.record().toplevel.clone()) {
+        let pinned = opts
+            .layout
+            .parse(&top)
+            .map_err(|e| drydock_vm::error_chain(&e))
+            .and_then(|sp| {
+                db.pin(&opts.layout, id, &sp)
+                    .map_err(|e| drydock_vm::error_chain(&e))
+            });
+        if let Err(e) = pinned {
+            tracing::warn!("pinning {top}: {e}");
         }
     }
 }
@@ -319,17 +367,26 @@ impl RunningCluster {
         let (stop, stopped) = wake_pair().map_err(files)?;
         let id = self.next_thread;
         self.next_thread += 1;
-        let (m2, opts, tx) = (m.clone(), self.opts.clone(), self.tx.clone());
+        let crash = Arc::new(AtomicBool::new(false));
+        let (m2, opts, tx, crashed) =
+            (m.clone(), self.opts.clone(), self.tx.clone(), crash.clone());
         let thread = std::thread::Builder::new()
             .name(format!("machine-{}", m.machine))
             .spawn(move || {
-                let event = machine_main(&m2, &opts, launch, &stopped, &tx);
+                let event = machine_main(&m2, &opts, launch, &stopped, &crashed, &tx);
                 // The thread's last act: the owner joins it once it has this.
                 let _ = tx.send(OwnerEvent::Machine { thread: id, event });
             })
             .map_err(files)?;
-        self.machines
-            .insert(m.machine.clone(), MachineThread { id, stop, thread });
+        self.machines.insert(
+            m.machine.clone(),
+            MachineThread {
+                id,
+                stop,
+                crash,
+                thread,
+            },
+        );
         Ok(())
     }
 
@@ -354,6 +411,12 @@ impl RunningCluster {
     /// Whether every machine thread has ended (their VMs stopped).
     pub fn all_stopped(&self) -> bool {
         self.machines.is_empty()
+    }
+
+    /// Whether the owner's work is over: every machine stopped, unless it stays up without
+    /// machines (see [`RunningCluster::stay`]).
+    pub(crate) fn done(&self) -> bool {
+        !self.stay && self.all_stopped()
     }
 
     /// Stop the machines `names`, in parallel (every stop first, then the wait for each thread's
@@ -461,6 +524,7 @@ fn machine_main(
     opts: &ClusterLaunch,
     launch: LaunchPlan,
     stop: &WakeFd,
+    crash: &AtomicBool,
     tx: &SyncSender<OwnerEvent>,
 ) -> MachineEvent {
     let fail = |error: MachineError| MachineEvent::Failed {
@@ -533,7 +597,12 @@ fn machine_main(
         Ok(()) => {}
     }
     let status = vm.exited();
-    if let Err(e) = vm.stop(drydock_vm::POWERDOWN_GRACE) {
+    // A crash skips the guest's powerdown: QEMU quits at once.
+    let grace = match crash.load(Ordering::SeqCst) {
+        true => Duration::ZERO,
+        false => drydock_vm::POWERDOWN_GRACE,
+    };
+    if let Err(e) = vm.stop(grace) {
         tracing::warn!("stopping {}: {}", m.vm_name, drydock_vm::error_chain(&e));
     }
     // The VM is gone, so is its backdoor: every call thread ends now.

@@ -15,7 +15,7 @@ use drydock_gc::{Cancel, Deadline, GcError, RunsDb, StoreLayout};
 use serde::Serialize;
 
 use crate::apply::ReloadError;
-use crate::compose::{ClusterPlan, ComposeError, plan_cluster};
+use crate::compose::{ClusterPlan, ComposeError, TestScript, plan_cluster};
 use crate::control::{ControlOp, ControlRequest, request};
 use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
 use crate::events::{MachineEvent, OwnerEvent};
@@ -135,6 +135,8 @@ pub struct Prepared {
     pub built: Option<Built>,
     /// What the build made stays rooted until this is dropped.
     pub roots: BuildRoots,
+    /// The composition's `testScript` (`drydock test`'s default script).
+    pub test_script: TestScript,
 }
 
 /// The GC roots of a cluster's build (its `result*` links beside the cluster's files),
@@ -175,7 +177,18 @@ pub fn start(
     cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<RunningCluster, ClusterError> {
-    crate::run::up(plan, opts, cancel, &mut |ev| report(ev, on))
+    crate::run::up(plan, opts, false, cancel, &mut |ev| report(ev, on))
+}
+
+/// [`start`] with no machine booted: each boots when asked (`drydock test`'s `start()`,
+/// `start_all()`); the owner stays up while none runs, until it is stopped.
+pub fn start_idle(
+    plan: &ClusterPlan,
+    opts: &ClusterLaunch,
+    cancel: &Cancel,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<RunningCluster, ClusterError> {
+    crate::run::up(plan, opts, true, cancel, &mut |ev| report(ev, on))
 }
 
 /// Something an `up` has to say while it works.
@@ -224,6 +237,10 @@ pub struct ReloadReport {
     pub machines: Vec<MachineOutcome>,
     /// Every action that ran went well.
     pub ok: bool,
+    /// The composition's `testScript` as this reload evaluated it (for `drydock test --watch`;
+    /// not part of the report).
+    #[serde(skip)]
+    pub test_script: TestScript,
 }
 
 impl ReloadReport {
@@ -251,6 +268,7 @@ impl ReloadReport {
             apply_secs: None,
             machines,
             ok: true,
+            test_script: TestScript::Absent,
         }
     }
 }
@@ -388,6 +406,7 @@ pub fn prepare(
         build: build_took,
         built,
         roots,
+        test_script: composition.test_script,
     })
 }
 
@@ -417,6 +436,7 @@ impl ReloadOwner<'_> {
             plan: new.clone(),
             restart,
             restart_machines: Vec::new(),
+            machines: Vec::new(),
         }
     }
 
@@ -549,6 +569,7 @@ pub fn reload_cycle(
         evaluate,
         build,
         roots,
+        test_script,
         ..
     } = prepare(layout, state_dir, req, Some(&running), cancel, on)?;
     let t = Instant::now();
@@ -562,6 +583,7 @@ pub fn reload_cycle(
         apply_secs: None,
         machines: planned,
         ok: true,
+        test_script,
     };
     if req.dry_run {
         return Ok(report);
@@ -626,6 +648,8 @@ pub struct Watching {
     failed: bool,
     /// drydock's own files: its state dir and its output files, where they are in the tree.
     own: Vec<PathBuf>,
+    /// Files whose every change counts, wherever they are (`drydock test --watch`'s script).
+    extra: Vec<PathBuf>,
 }
 
 impl Watching {
@@ -642,7 +666,46 @@ impl Watching {
             reads: None,
             failed: false,
             own: std::iter::once(state).chain(own_output_files()).collect(),
+            extra: Vec::new(),
         })
+    }
+
+    /// Changes of `file` count too, wherever it is (its folder is watched, not below it, when
+    /// it is outside the composition's directory); it must exist.
+    pub(crate) fn also(&mut self, file: &Path) -> Result<(), WatchError> {
+        let watch = |source| WatchError::Watch {
+            path: file.to_path_buf(),
+            source,
+        };
+        let abs = std::path::absolute(file).map_err(watch)?;
+        let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = std::fs::canonicalize(&dir).map_err(watch)?;
+        let path = dir.join(abs.file_name().unwrap_or_default());
+        if !dir.starts_with(&self.dir) {
+            if let Some(w) = self.watcher.as_mut() {
+                w.add_dir(&dir)?;
+            }
+        }
+        self.extra.push(path);
+        Ok(())
+    }
+
+    /// The burst of changes that is over (as of now), if one is: the paths still there (or all
+    /// of them if none is).
+    pub(crate) fn due_changes(&mut self) -> Option<Vec<PathBuf>> {
+        self.take_changes();
+        let changed = self.debounce.take(Instant::now(), QUIET)?;
+        let there: Vec<PathBuf> = changed.iter().filter(|p| p.exists()).cloned().collect();
+        Some(if there.is_empty() { changed } else { there })
+    }
+
+    /// Block until the watch has changes, a burst is over, or one of `also` is readable.
+    pub(crate) fn wait(&mut self, also: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<()> {
+        let mut fds: Vec<std::os::fd::BorrowedFd<'_>> = also.to_vec();
+        fds.extend(self.watcher.as_ref().map(|w| w.as_fd()));
+        wait_readable(&fds, self.due_at())?;
+        self.take_changes();
+        Ok(())
     }
 
     /// An evaluation read `reads` (see [`UpEvent::Evaluated`]): from now on only changes of
@@ -658,7 +721,10 @@ impl Watching {
         let reads = self.reads.as_ref();
         let wanted = changes
             .into_iter()
-            .filter(|c| triggers(c, reads, self.failed, &self.own))
+            .filter(|c| {
+                self.extra.contains(&c.path)
+                    || (c.path.starts_with(&self.dir) && triggers(c, reads, self.failed, &self.own))
+            })
             .map(|c| c.path)
             .collect();
         self.debounce.push(wanted, Instant::now());
@@ -729,7 +795,7 @@ impl Watching {
     }
 
     /// One reload ([`reload_cycle`]), noting what its evaluation read.
-    fn cycle(
+    pub(crate) fn cycle(
         &mut self,
         layout: &StoreLayout,
         state_dir: &Path,
@@ -852,7 +918,7 @@ impl RunningCluster {
         if let Some((w, _)) = watch.as_mut() {
             w.feed(self.tx.clone());
         }
-        while !cancel.is_set() && !self.all_stopped() {
+        while !cancel.is_set() && !self.done() {
             let due = watch.as_ref().and_then(|(w, _)| w.due_at());
             let mut changed = false;
             match self.next_event(due) {
@@ -911,6 +977,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            test_script: Default::default(),
         }
     }
 

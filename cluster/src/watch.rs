@@ -105,6 +105,8 @@ pub fn triggers(change: &Change, reads: Option<&Reads>, failed: bool, ignore: &[
 pub struct Watcher {
     inotify: Inotify,
     dirs: BTreeMap<WatchDescriptor, PathBuf>,
+    /// Directories watched without the ones below them ([`Watcher::add_dir`]).
+    shallow: BTreeSet<WatchDescriptor>,
     buf: Vec<u8>,
 }
 
@@ -128,6 +130,7 @@ impl Watcher {
         let mut w = Self {
             inotify,
             dirs: BTreeMap::new(),
+            shallow: BTreeSet::new(),
             buf: vec![0; 64 * 1024],
         };
         w.add_tree(dir)?;
@@ -138,6 +141,22 @@ impl Watcher {
     /// whether every one is watched.
     fn add_tree(&mut self, dir: &Path) -> Result<bool, WatchError> {
         add_tree(&self.inotify, &mut self.dirs, dir, mask())
+    }
+
+    /// Watch `dir` too, but not the directories below it (a file's folder: `drydock test
+    /// --watch`'s script outside the composition's directory).
+    pub fn add_dir(&mut self, dir: &Path) -> Result<(), WatchError> {
+        let wd = self
+            .inotify
+            .watches()
+            .add(dir, mask())
+            .map_err(|source| WatchError::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        self.dirs.insert(wd.clone(), dir.to_path_buf());
+        self.shallow.insert(wd);
+        Ok(())
     }
 
     /// The changes since the last call (none if nothing changed); never blocks.
@@ -168,6 +187,7 @@ impl Watcher {
                 let path = dir.join(&*name);
                 if ev.mask.contains(EventMask::ISDIR)
                     && ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
+                    && !self.shallow.contains(&ev.wd)
                 {
                     new_dirs.push(path.clone());
                 }

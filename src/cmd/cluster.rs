@@ -32,6 +32,17 @@ pub struct Target {
     name_given: bool,
 }
 
+/// A target as the arguments would give it (for other modules' tests).
+#[cfg(test)]
+pub(crate) fn test_target(file: &str, name: &str) -> Target {
+    Target {
+        file: file.into(),
+        name: name.into(),
+        file_given: true,
+        name_given: false,
+    }
+}
+
 /// Resolve `-f`/`-p` from before the subcommand (`ctx.compose`) and after it (`a`).
 pub fn target(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Target> {
     resolve_target(&ctx.compose, a)
@@ -108,7 +119,7 @@ impl Target {
     }
 }
 
-fn launch_opts(
+pub(crate) fn launch_opts(
     ctx: &Context,
     a: AccelArg,
     qemu: Option<&Path>,
@@ -280,6 +291,7 @@ fn detach(
         launch: &opts,
         store_root: ctx.store_root.as_deref(),
         lock,
+        idle: false,
     };
     let mut progress =
         crate::progress::Progress::new(plan.machines.iter().map(|m| m.machine.clone()));
@@ -346,7 +358,11 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
     let mut opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     opts.run = a.run;
-    let mut cluster = drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut |ev| {
+    let start = match a.idle {
+        true => drydock_cluster::start_idle,
+        false => drydock_cluster::cluster_up,
+    };
+    let mut cluster = start(&plan, &opts, &CANCEL, &mut |ev| {
         if let UpEvent::Machine(ev) = ev {
             report_event(ev);
         }

@@ -9,5 +9,6 @@ pub mod reload;
 pub mod runs;
 pub mod store;
 pub mod store_server;
+pub mod test;
 pub mod track;
 pub mod vm;

@@ -80,7 +80,7 @@ pub use spawn::{
 pub use storefs::{
     StoreServeOptions, StoreServer, StoreServerError, parse_allow_list, serve_store, update_closure,
 };
-pub use sys::proc::{pid_alive, process_start_ticks, same_process_alive};
+pub use sys::proc::{die_with_parent, pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
 pub use wait::{ProcessWatch, WakeFd, Waker, readable_now, retry, wait_readable, wake_pair};
 

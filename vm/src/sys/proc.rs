@@ -30,7 +30,7 @@ pub(crate) fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
 ///
 /// Caveat (Linux semantics): the signal fires when the *thread* that spawned the child exits, so
 /// long-lived children must be spawned from a long-lived thread (e.g. the main thread).
-pub(crate) fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     let parent = std::process::id();
     let hook = move || -> io::Result<()> {
         // Only async-signal-safe calls below: prctl, getppid and _exit are plain system calls
