@@ -10,8 +10,8 @@
 //! machine's service switches it and the script runs again and passes; Ctrl-C in the middle of a
 //! run is exit 130 and the machines the run started are gone. Nothing is left running.
 //!
-//! SYSTEMD: the guest here has no systemd, so `wait_for_unit` is checked for its error; once the
-//! systemd test guest exists, the spot marked `SYSTEMD:` in `SCRIPT` waits for a real unit.
+//! The busybox guest here has no systemd, so `wait_for_unit` is checked for its error there;
+//! `wait_for_unit_and_systemctl_on_systemd_nodes` waits for real units on systemd nodes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ with subtest("block and unblock"):
     server.unblock()
     client1.wait_until_succeeds("ping -c 1 -W 2 server", timeout=30)
 with subtest("no systemd here"):
-    # SYSTEMD: on the systemd test guest: server.wait_for_unit("<the late service's unit>")
+    # systemd: see wait_for_unit_and_systemctl_on_systemd_nodes
     try:
         server.wait_for_unit("multi-user.target")
         raise Exception("wait_for_unit passed on a guest without systemd")
@@ -373,4 +373,88 @@ fn watch_runs_again_after_an_edit_switches_a_machine_and_ctrl_c_stops_everything
         !c.state().join("clusters/tw/cluster.json").exists(),
         "the cluster is still recorded"
     );
+}
+
+/// The driver's most used calls on systemd nodes (drydock's nixos-test node with Debian's
+/// systemd as PID 1): `wait_for_unit` of a unit that becomes active late, `systemctl`, and a
+/// failure of `wait_for_unit` on a unit that failed, named (exit 1).
+#[test]
+fn wait_for_unit_and_systemctl_on_systemd_nodes() {
+    vmcommon::systemd_guest_ready();
+    let c = Cluster::named("tsystemd")
+        .store(store())
+        .composition(&vmcommon::systemd_composition(
+            "virtiofs",
+            "client = { }; server = { };",
+            r#"client = { system = node "client" { }; profile = "nixos-test"; memorySize = 384; };
+               server = { system = node "server" { units.late = { type = "oneshot"; remainAfterExit = true; script = "sleep 6"; }; units.broken = { type = "oneshot"; script = "exit 3"; }; }; profile = "nixos-test"; memorySize = 384; };"#,
+        ))
+        .write();
+    let ok = c.dir().join("units.py");
+    std::fs::write(
+        &ok,
+        r#"start_all()
+server.wait_for_unit("late.service", timeout=120)
+server.wait_for_unit("httpd.service")
+client.wait_for_unit("backdoor.service")
+status, out = server.systemctl("is-active late.service")
+assert status == 0 and out.strip() == "active", (status, out)
+client.wait_until_succeeds("wget -q -O - http://server/ | grep -q 'hello from server'")
+with subtest("a unit that failed"):
+    server.wait_for_unit("broken.service", timeout=60)
+"#,
+    )
+    .unwrap();
+    let r = c
+        .verb("test")
+        .arg(&ok)
+        .args(["--accel", "tcg", "--json"])
+        .timeout(Duration::from_secs(600))
+        .run();
+    let e = r.stderr_str();
+    assert_eq!(r.code(), Some(1), "{e}");
+    assert!(e.contains("broken.service"), "{e}");
+    assert!(
+        e.contains("wait_for_unit('broken.service'"),
+        "the failing call is named: {e}"
+    );
+    // Every call before the failing subtest held; the one in it failed, named.
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.stdout).unwrap_or_else(|x| panic!("{x}: {e}"));
+    let calls: Vec<(String, bool)> = v["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                format!(
+                    "{}({})",
+                    c["call"].as_str().unwrap(),
+                    c["args"].as_str().unwrap()
+                ),
+                c["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let failed: Vec<&String> = calls.iter().filter(|(_, ok)| !ok).map(|(c, _)| c).collect();
+    assert_eq!(failed.len(), 1, "{calls:?}");
+    assert!(failed[0].contains("broken.service"), "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .any(|(c, ok)| *ok && c.contains("late.service")),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|(c, ok)| *ok && c.starts_with("systemctl")),
+        "{calls:?}"
+    );
+    assert_eq!(v["subtests"][0]["ok"], false, "{v}");
+    assert!(
+        e.contains("server: wait_for_unit('late.service'"),
+        "the late unit was waited for: {e}"
+    );
+    wait_no_processes(c.state(), Duration::from_secs(60));
 }
