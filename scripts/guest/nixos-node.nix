@@ -43,7 +43,7 @@ let
   base = import ./system.nix {
     inherit kernel kernelVersion kernelFormat initrd hostBusybox;
   };
-  inherit (base) build busybox;
+  inherit (base) build busybox switchToConfiguration;
 
   hex2 = n:
     let
@@ -354,6 +354,22 @@ let
     exit 0
   '';
 
+  # The start of stage 2 (both inits): the API file systems, the console, the markers.
+  stage2Prelude = ''
+    grep -q ' /proc ' /proc/mounts 2>/dev/null || mount -t proc proc /proc
+    grep -q ' /sys ' /proc/mounts || mount -t sysfs sysfs /sys
+    grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+    grep -q ' /run ' /proc/mounts || mount -t tmpfs -o mode=0755 tmpfs /run
+    [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+    mkdir -p /tmp /etc /root /var /srv
+    chmod 1777 /tmp
+
+    fs_of() { awk -v m="$1" '$2 == m { fs = $3 } END { print fs }' /proc/mounts; }
+    echo "DRYDOCK-SYSTEM: $systemConfig"
+    echo "DRYDOCK-STORE: $(fs_of /nix/store) over $(fs_of /nix/.ro-store)"
+    [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
+  '';
+
   # The regInfo= check (stage 2 of both inits): writes ok or the reason to /run/drydock-reginfo.
   regInfoCheck = ''
   # regInfo= names the closure's registration (nix-store --dump-db); NixOS loads it into its
@@ -426,18 +442,7 @@ let
     export PATH=${busybox}/bin
     systemConfig=@out@
 
-    grep -q ' /proc ' /proc/mounts 2>/dev/null || mount -t proc proc /proc
-    grep -q ' /sys ' /proc/mounts || mount -t sysfs sysfs /sys
-    grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
-    grep -q ' /run ' /proc/mounts || mount -t tmpfs -o mode=0755 tmpfs /run
-    [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-    mkdir -p /tmp /etc /root /var /srv
-    chmod 1777 /tmp
-
-    fs_of() { awk -v m="$1" '$2 == m { fs = $3 } END { print fs }' /proc/mounts; }
-    echo "DRYDOCK-SYSTEM: $systemConfig"
-    echo "DRYDOCK-STORE: $(fs_of /nix/store) over $(fs_of /nix/.ro-store)"
-    [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
+    ${stage2Prelude}
 
     ${regInfoCheck}
     nics="$systemConfig/nics"
@@ -563,18 +568,6 @@ let
     fi
   '';
 
-  switchToConfiguration = ''
-    #!${busybox}/bin/sh
-    # switch-to-configuration ACTION: only `test` (activate now; nothing to make permanent).
-    export PATH=${busybox}/bin
-    case "$1" in
-      test) ;;
-      *) echo "usage: switch-to-configuration test" >&2; exit 2 ;;
-    esac
-    echo "activating @out@"
-    exec @out@/activate
-  '';
-
   toplevel = build "drydock-test-system" {
     inherit kernelParams stage2 activate switchToConfiguration services www nics dhcpScript;
     kernel = base.kernelFile;
@@ -606,7 +599,7 @@ let
 
   # The systemd flavour: the same node up to stage 2, then Debian's systemd as PID 1.
   systemdNode = import ./nixos-systemd.nix {
-    inherit build busybox systemd hostName nodeNumber fstab nics regInfoCheck nicSetup services
+    inherit build busybox systemd hostName nodeNumber fstab nics stage2Prelude regInfoCheck nicSetup services
       www units activation backdoorRevision kernelParams initrdDrv;
     inherit (base) kernelFile;
     system = "x86_64-linux";

@@ -36,6 +36,7 @@
 , hosts             # /etc/hosts's text
 , nics              # "V MAC" lines
 , dhcpScript        # udhcpc's script (text)
+, stage2Prelude     # shell: the start of stage 2 (API file systems, console, markers)
 , regInfoCheck      # shell: the regInfo= check (uses $systemConfig)
 , nicSetup          # shell: the NICs renamed and addressed (reads the file $nics)
 , services          # shell: app.service's script ("" = no app.service)
@@ -349,18 +350,7 @@ let
     export PATH=${busybox}/bin
     systemConfig=@out@
 
-    grep -q ' /proc ' /proc/mounts 2>/dev/null || mount -t proc proc /proc
-    grep -q ' /sys ' /proc/mounts || mount -t sysfs sysfs /sys
-    grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
-    grep -q ' /run ' /proc/mounts || mount -t tmpfs -o mode=0755 tmpfs /run
-    [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-    mkdir -p /tmp /etc /root /var /srv
-    chmod 1777 /tmp
-
-    fs_of() { awk -v m="$1" '$2 == m { fs = $3 } END { print fs }' /proc/mounts; }
-    echo "DRYDOCK-SYSTEM: $systemConfig"
-    echo "DRYDOCK-STORE: $(fs_of /nix/store) over $(fs_of /nix/.ro-store)"
-    [ -r "$systemConfig/variant/name" ] && echo "DRYDOCK-VARIANT: $(cat "$systemConfig/variant/name")"
+    ${stage2Prelude}
     ${regInfoCheck}
 
     "$systemConfig/activate" || echo "DRYDOCK-ACTIVATION-FAILED"

@@ -28,8 +28,8 @@
 #             store but NOT referenced by toplevel, to check that paths
 #             outside the closure stay invisible to the guest.
 #   busybox   the guest's busybox (what `sw` points to)
-#   build, kernelFile  the derivation helper and the kernel's store path, for variants
-#             (nixos-node.nix)
+#   build, kernelFile, switchToConfiguration  the derivation helper, the kernel's store path
+#             and switch-to-configuration's text, for variants (nixos-node.nix)
 { kernel                # absolute host path of the kernel image
 , kernelVersion ? "unknown"
 , kernelFormat ? "bzImage"  # or "vmlinux" (uncompressed ELF, PVH entry)
@@ -362,5 +362,5 @@ in
 {
   inherit toplevel outside busybox;
   # For variants built on the same builders (nixos-node.nix).
-  inherit build kernelFile;
+  inherit build kernelFile switchToConfiguration;
 }
