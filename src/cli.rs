@@ -96,6 +96,12 @@ pub enum Command {
     Shell(ShellArgs),
     /// Run a NixOS-test-driver-style Python test script against a cluster (booting it if needed).
     Test(TestArgs),
+    /// Save a running cluster whole (every machine's memory, devices and disk) as snapshot TAG.
+    Snapshot(SnapshotArgs),
+    /// Put a cluster back to snapshot TAG: stopped if up, every machine restored and resumed at once.
+    Restore(RestoreArgs),
+    /// A cluster's snapshots: tag, age, machines, size, systems.
+    Snapshots(ClusterArgs),
     /// Internal: own a detached cluster (started by `up --detach`).
     #[command(name = "__cluster-supervise", hide = true)]
     ClusterSupervise(ClusterSuperviseArgs),
@@ -115,6 +121,9 @@ impl Command {
                 | Self::Wait(_)
                 | Self::Shell(_)
                 | Self::Test(_)
+                | Self::Snapshot(_)
+                | Self::Restore(_)
+                | Self::Snapshots(_)
         )
     }
 }
@@ -289,6 +298,33 @@ pub struct MachineWaitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The snapshot's tag (letters, digits, '-', '_', '.'); an existing one is replaced.
+    #[arg(value_name = "TAG")]
+    pub tag: String,
+    /// Stop the cluster once it is saved.
+    #[arg(long)]
+    pub stop: bool,
+    /// Remove the snapshot TAG instead (and its pins).
+    #[arg(long, conflicts_with = "stop")]
+    pub rm: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The snapshot's tag.
+    #[arg(value_name = "TAG")]
+    pub tag: String,
+    /// Seconds every machine gets to be restored and answer.
+    #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_secs)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
 pub struct TestArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
@@ -306,7 +342,7 @@ pub struct TestArgs {
     /// and run the script again (Ctrl-C ends).
     #[arg(long)]
     pub watch: bool,
-    /// Restore the cluster snapshot TAG before each run (not available yet).
+    /// Restore the cluster snapshot TAG before each run (the cluster stays up afterwards).
     #[arg(long, value_name = "TAG")]
     pub from: Option<String>,
     /// Seconds one run of the script may take (then it is stopped and fails) [default: no limit].
@@ -366,6 +402,9 @@ pub struct ClusterSuperviseArgs {
     /// Boot no machine: each boots when asked (`drydock test`); stay up while none runs.
     #[arg(long)]
     pub idle: bool,
+    /// Bring every machine back from this cluster snapshot instead of booting it.
+    #[arg(long, value_name = "TAG", conflicts_with = "idle")]
+    pub restore: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -64,6 +64,9 @@ fn main() -> ExitCode {
             Command::Wait(args) => cmd::cluster::wait(&ctx, args),
             Command::Shell(args) => cmd::cluster::shell(&ctx, args),
             Command::Test(args) => cmd::test::run(&ctx, args),
+            Command::Snapshot(args) => cmd::snapshot::snapshot(&ctx, args),
+            Command::Restore(args) => cmd::snapshot::restore(&ctx, args),
+            Command::Snapshots(args) => cmd::snapshot::list(&ctx, args),
             Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
         });
     exit::finish(result)

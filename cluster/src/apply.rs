@@ -571,6 +571,11 @@ impl RunningCluster {
                     MachineEvent::Stopped { machine } => {
                         (machine, Err("stopped before it became ready".to_string()))
                     }
+                    // Only a restore's machines pause (never a reload's).
+                    MachineEvent::Paused { .. } => {
+                        on_event(&ev);
+                        continue;
+                    }
                 };
                 on_event(&ev);
                 if waiting.remove(m) {
@@ -655,6 +660,16 @@ impl RunningCluster {
                 &stream,
                 result
                     .map(|()| Vec::new())
+                    .map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input())),
+            );
+            return false;
+        }
+        if req.op == ControlOp::Snapshot {
+            let result = self.snapshot(req.tag.as_deref().unwrap_or_default(), req.stop, on_event);
+            crate::control::reply(
+                &stream,
+                result
+                    .map(|_| Vec::new())
                     .map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input())),
             );
             return false;

@@ -115,6 +115,9 @@ pub enum BackdoorError {
         "the guest's backdoor restarted during the call (it printed {READY_LINE:?} again): whether the command ran to its end is not known; the new backdoor shell takes the next call"
     )]
     Restarted,
+    /// A restored guest's `date -s` (setting its clock to the host's) failed with this status.
+    #[error("setting the restored guest's clock failed (date exited {0})")]
+    Clock(i32),
 }
 
 impl BackdoorError {
@@ -439,6 +442,24 @@ impl Backdoor {
                 Got::Late => return Err(BackdoorError::NotReady(within)),
                 Got::Watched => return Err(BackdoorError::Cancelled),
             }
+        }
+    }
+
+    /// The backdoor of a guest restored from a snapshot, whose shell is already running (it
+    /// prints no ready line): what it sent before the first call is dropped as usual.
+    pub fn attached(stream: UnixStream) -> Self {
+        let shutdown = stream.try_clone().ok();
+        Self {
+            conn: Mutex::new(Some(Conn {
+                stream,
+                pending: Vec::new(),
+                scanned: 0,
+                broken: false,
+                acking: None,
+            })),
+            returned: Condvar::new(),
+            shutdown,
+            closed: Mutex::new(None),
         }
     }
 

@@ -14,6 +14,7 @@ use crate::copy::CopyError;
 use crate::eval::EvalError;
 use crate::hub::HubError;
 use crate::session::SessionError;
+use crate::snapshot::SnapshotError;
 use crate::state::{ClusterError, MachineError};
 use crate::testrun::TestError;
 use crate::watch::WatchError;
@@ -78,6 +79,13 @@ impl Classify for SessionError {
     }
 }
 
+impl Classify for SnapshotError {
+    /// A restore stopped by Ctrl-C is an interruption; a corrupt snapshot a failure.
+    fn exit_class(&self) -> ExitClass {
+        ExitClass::of(self.is_interrupted(), self.is_bad_input())
+    }
+}
+
 impl Classify for TestError {
     /// A script that does not parse, a missing python3, a bad composition: bad input; Ctrl-C
     /// (here or in the evaluation, build or start below): an interruption.
@@ -92,6 +100,7 @@ pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
         cause;
         SessionError,
         TestError,
+        SnapshotError,
         BackdoorError,
         ClusterError,
         ComposeError,

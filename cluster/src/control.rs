@@ -45,6 +45,8 @@ pub struct DetachedOwner<'a> {
     /// Boot no machine: each boots when asked (`drydock test`), and the owner stays up while
     /// none runs.
     pub idle: bool,
+    /// Bring every machine back from this cluster snapshot instead of booting it.
+    pub restore: Option<&'a str>,
 }
 
 /// A detached cluster that is up.
@@ -58,7 +60,10 @@ pub struct Detached {
 /// nothing starts), start the owner and wait until it reports every machine ready. On `cancel`
 /// or the deadline the owner is stopped (it stops everything it started) before returning.
 pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached, ClusterError> {
-    crate::launches::plan_launches(o.plan, o.launch)?;
+    // A restore's launches are the snapshot's, checked by `snapshot::check_restore`.
+    if o.restore.is_none() {
+        crate::launches::plan_launches(o.plan, o.launch)?;
+    }
     let (state_dir, name, l) = (o.launch.state_dir.as_path(), o.plan.name.as_str(), o.launch);
     let dir = cluster_paths(state_dir, name).dir;
     let log_path = dir.join("drydock.log");
@@ -84,6 +89,9 @@ pub fn start_detached(o: &DetachedOwner<'_>, cancel: &Cancel) -> Result<Detached
     }
     if o.idle {
         cmd.arg("--idle");
+    }
+    if let Some(tag) = o.restore {
+        cmd.arg("--restore").arg(tag);
     }
     let held = o.lock.handle().map_err(|source| ClusterError::Lock {
         path: dir.join("owner.lock"),
@@ -389,6 +397,12 @@ pub struct ControlRequest {
     /// the others: exactly one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub machines: Vec<String>,
+    /// `snapshot`: its tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// `snapshot --stop`: stop the cluster once it is saved.
+    #[serde(default)]
+    pub stop: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -406,12 +420,14 @@ pub enum ControlOp {
     Block,
     /// Forward them again.
     Unblock,
+    /// Save the whole cluster as the snapshot `tag` (see `snapshot`).
+    Snapshot,
 }
 
 impl ControlOp {
     /// Whether it acts on single machines (and carries no plan).
     pub fn on_machines(self) -> bool {
-        !matches!(self, Self::Plan | Self::Apply)
+        !matches!(self, Self::Plan | Self::Apply | Self::Snapshot)
     }
 }
 
@@ -441,6 +457,8 @@ pub fn restart_machine(
         restart: false,
         restart_machines: vec![cm.machine.clone()],
         machines: Vec::new(),
+        tag: None,
+        stop: false,
     };
     request(state_dir, &cm.cluster, &req, deadline)?
         .into_iter()
@@ -476,6 +494,8 @@ pub fn machine_op(
         restart: false,
         restart_machines: Vec::new(),
         machines: machines.to_vec(),
+        tag: None,
+        stop: false,
     };
     request_until(state_dir, name, &req, deadline, cancel).map(|_| ())
 }

@@ -42,6 +42,11 @@ pub enum MachineEvent {
     Stopped {
         machine: String,
     },
+    /// Restored from a snapshot and paused, its backdoor connected: it waits for the owner to
+    /// resume every machine at once.
+    Paused {
+        machine: String,
+    },
 }
 
 impl MachineEvent {
@@ -49,13 +54,14 @@ impl MachineEvent {
         match self {
             Self::Ready { machine, .. }
             | Self::Failed { machine, .. }
-            | Self::Stopped { machine } => machine,
+            | Self::Stopped { machine }
+            | Self::Paused { machine } => machine,
         }
     }
 
     /// Whether it is the machine thread's last (the thread has ended or is ending).
     pub fn is_last(&self) -> bool {
-        !matches!(self, Self::Ready { .. })
+        !matches!(self, Self::Ready { .. } | Self::Paused { .. })
     }
 }
 

@@ -10,7 +10,10 @@
 //! A hot reload that adds, removes or rewires machines replaces the port list in place
 //! ([`Hub::set_ports`]): the machines that stay keep their segment without a gap. A port can be
 //! blocked ([`Hub::set_blocked`], a test script's `machine.block()`): its frames and the copies
-//! for it are dropped, as if its cable were pulled, until it is unblocked.
+//! for it are dropped, as if its cable were pulled, until it is unblocked. A hub can be frozen
+//! ([`Hub::set_frozen`], while a snapshot pauses the cluster's machines one after the other):
+//! every frame is dropped, so none crosses the segment between the first machine's pause and
+//! the last one's, and the machines' saved states agree about what was sent.
 
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
@@ -56,6 +59,8 @@ pub struct HubCounters {
     pub dropped: AtomicU64,
     /// Frames from a blocked port and copies for one, dropped.
     pub blocked: AtomicU64,
+    /// Frames dropped while the hub was frozen (a snapshot's cut).
+    pub frozen: AtomicU64,
 }
 
 /// The ports a hub forwards among, and those blocked.
@@ -63,6 +68,8 @@ pub struct HubCounters {
 struct Ports {
     list: Vec<PathBuf>,
     blocked: BTreeSet<PathBuf>,
+    /// Every frame is dropped (see [`Hub::set_frozen`]).
+    frozen: bool,
 }
 
 /// A running hub; stopped (thread joined, socket removed) by [`Hub::stop`] or on drop.
@@ -92,7 +99,7 @@ impl Hub {
         let counters = Arc::new(HubCounters::default());
         let ports = Arc::new(RwLock::new(Ports {
             list: ports,
-            blocked: BTreeSet::new(),
+            ..Ports::default()
         }));
         let thread = std::thread::Builder::new()
             .name(format!("hub-vlan{vlan}"))
@@ -134,6 +141,13 @@ impl Hub {
             true => p.blocked.insert(port.to_path_buf()),
             false => p.blocked.remove(port),
         };
+    }
+
+    /// Drop every frame from now on (`true`), or forward again. Once this returns, no frame the
+    /// hub had not begun to forward crosses it (forwarding holds the port list's read lock for
+    /// each frame; this takes its write lock).
+    pub fn set_frozen(&self, frozen: bool) {
+        self.ports.write().unwrap_or_else(|e| e.into_inner()).frozen = frozen;
     }
 
     /// The ports it forwards among.
@@ -196,6 +210,10 @@ fn forward(sock: &UnixDatagram, ports: &RwLock<Ports>, stop: &WakeFd, c: &HubCou
             c.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        if ports.frozen {
+            c.frozen.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         if ports.blocked.contains(sender) {
             c.blocked.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -330,6 +348,25 @@ mod tests {
         a.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         assert_eq!(recv(&a), None);
+    }
+
+    #[test]
+    fn a_frozen_hub_forwards_nothing_until_thawed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(5, &hub_path, vec![pa, pb]).unwrap();
+        hub.set_frozen(true);
+        b.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        a.send_to(b"during the cut", &hub_path).unwrap();
+        assert_eq!(recv(&b), None, "a frame crossed a frozen hub");
+        hub.set_frozen(false);
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        a.send_to(b"after", &hub_path).unwrap();
+        assert_eq!(recv(&b).as_deref(), Some(&b"after"[..]));
+        assert_eq!(hub.counters().frozen.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -97,6 +97,37 @@ pub(crate) fn plan_launches(
         .collect()
 }
 
+/// Every machine's launch from the cluster snapshot `snap`: each machine's recorded launch,
+/// loading its saved state, left paused (the owner resumes them all at once), in the plan's
+/// order; the first that cannot be planned is the error. Nothing starts.
+pub(crate) fn restore_launches(
+    snap: &crate::snapshot::ClusterSnapshot,
+    opts: &ClusterLaunch,
+) -> Result<Vec<LaunchPlan>, ClusterError> {
+    let launcher = opts.launcher();
+    snap.plan
+        .machines
+        .iter()
+        .map(|m| {
+            let dir =
+                crate::snapshot::machine_dir(&opts.state_dir, &snap.cluster, &snap.tag, &m.machine);
+            let planned = drydock_vm::read_snapshot_dir(&dir)
+                .map_err(drydock_vm::LauncherError::from)
+                .and_then(|(_, record)| {
+                    launcher.plan(LaunchKind::RestoreFrom {
+                        record: Box::new(record),
+                        dir,
+                        resume: false,
+                    })
+                });
+            planned.map_err(|e| {
+                let system = m.settings.system.target();
+                ClusterError::machine(&m.machine, MachineError::planning(system, e))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -195,7 +226,7 @@ mod tests {
                 running(&o.state_dir, vm);
             }
             let cancel = drydock_gc::Cancel::new();
-            let e = crate::run::up(&p, &o, false, &cancel, &mut |_| {}).unwrap_err();
+            let e = crate::run::up(&p, &o, crate::run::Boot::Fresh, &cancel, &mut |_| {}).unwrap_err();
             assert_eq!(drydock_vm::error_chain(&e), says);
             assert_eq!(e.is_bad_input(), bad_input, "{says}");
             assert!(

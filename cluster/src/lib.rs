@@ -21,6 +21,7 @@
 //! - `run` (the owner: hubs, one thread per machine), `apply` (a reload carried out in the
 //!   owner), `ops` (one machine's start, stop, crash, block, unblock in the owner), `session`
 //!   (what one `up` does: prepare, reload cycles, the owner's loop);
+//! - `snapshot` (whole-cluster snapshots: the cut in the owner, the checks, `restore`);
 //! - `testrun` (`drydock test`: a Python test script against the cluster, its report).
 //!
 //! Modules are private; the small public API is re-exported here.
@@ -42,6 +43,7 @@ mod ops;
 mod reload;
 mod run;
 mod session;
+mod snapshot;
 mod state;
 #[allow(unsafe_code)]
 mod sys;
@@ -78,7 +80,12 @@ pub use run::RunningCluster;
 pub use session::{
     BuildRoots, Built, Prepared, ReloadOwner, ReloadReport, SessionError, UpEvent, UpRequest,
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up, start_idle,
-    watch_reloads,
+    start_restored, watch_reloads,
+};
+pub use snapshot::{
+    ClusterSnapshot, Removed as SnapshotRemoved, RestoreReport, RestoreRequest, SnapshotError,
+    SnapshotMachine, SnapshotRow, check_restore, list_snapshots, read_snapshot, remove_snapshot,
+    restore as restore_cluster, take_snapshot,
 };
 pub use state::{
     ClusterError, ClusterLaunch, ClusterMachine, ClusterState, LockHolder, MachineError, OwnerLock,

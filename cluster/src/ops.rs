@@ -72,6 +72,7 @@ impl ControlOp {
             Self::Crash => "crash",
             Self::Block => "block",
             Self::Unblock => "unblock",
+            Self::Snapshot => "snapshot",
         }
     }
 }
@@ -105,7 +106,7 @@ impl RunningCluster {
             _ => Err(OpError::OneMachine(req.op.name())),
         };
         match req.op {
-            ControlOp::Plan | ControlOp::Apply => Ok(()),
+            ControlOp::Plan | ControlOp::Apply | ControlOp::Snapshot => Ok(()),
             ControlOp::Start => self.start_machines(&req.machines, cancel, on_event),
             ControlOp::Stop | ControlOp::Crash => {
                 let m = one()?;
@@ -198,6 +199,11 @@ impl RunningCluster {
                     machine.clone(),
                     Some("it stopped before it became ready".to_string()),
                 ),
+                // Only a restore's machines pause (never a started one).
+                MachineEvent::Paused { .. } => {
+                    on_event(&ev);
+                    continue;
+                }
             };
             on_event(&ev);
             if waiting.remove(&m) {
@@ -269,6 +275,8 @@ mod tests {
             restart: false,
             restart_machines: Vec::new(),
             machines: Vec::new(),
+            tag: None,
+            stop: false,
         };
         let v = serde_json::to_value(&reload).unwrap();
         assert!(v.get("machines").is_none(), "{v}");

@@ -49,12 +49,27 @@ const QEMU_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How many of a failed machine's last console lines its error shows.
 const FAILED_CONSOLE_LINES: usize = 15;
 
+/// How [`up`] brings the machines up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Boot<'a> {
+    /// Every machine boots.
+    Fresh,
+    /// None boots: each boots when asked (`ControlOp::Start`), and the owner stays up with none
+    /// running.
+    Idle,
+    /// Every machine comes back from this snapshot, paused; once all are, they resume at once.
+    Restore(&'a crate::snapshot::ClusterSnapshot),
+}
+
 /// One machine's thread and its stop.
 #[derive(Debug)]
 pub(crate) struct MachineThread {
     /// Which thread this is (the events it sends carry it).
     id: u64,
     stop: Waker,
+    /// A restored machine's go: the owner has resumed it (it then sets the guest's clock and
+    /// reports ready).
+    resumed: Option<Waker>,
     /// Set before `stop` wakes: stop the VM at once (QMP quit), without the guest's powerdown.
     pub(crate) crash: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
@@ -92,19 +107,23 @@ pub struct RunningCluster {
 }
 
 /// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
-/// the error, and nothing starts), then hubs, then every machine in parallel (with `idle`,
-/// none: each boots when asked, `ControlOp::Start`, and the owner stays up with none running).
-/// Returns once every machine started is ready; a machine that fails, `cancel` or the timeout
-/// stops everything started. `on_event` sees each event meanwhile (the machines' and their
-/// console lines).
+/// the error, and nothing starts), then hubs, then every machine in parallel, as `boot` says
+/// (fresh; none, each booting when asked; or restored from a snapshot: each paused once its
+/// state is loaded, then all resumed at once). Returns once every machine started is ready; a
+/// machine that fails, `cancel` or the timeout stops everything started. `on_event` sees each
+/// event meanwhile (the machines' and their console lines).
 pub(crate) fn up(
     plan: &ClusterPlan,
     opts: &ClusterLaunch,
-    idle: bool,
+    boot: Boot<'_>,
     cancel: &Cancel,
     on_event: &mut dyn FnMut(&OwnerEvent),
 ) -> Result<RunningCluster, ClusterError> {
-    let launches = plan_launches(plan, opts)?;
+    let idle = matches!(boot, Boot::Idle);
+    let launches = match boot {
+        Boot::Restore(snap) => crate::launches::restore_launches(snap, opts)?,
+        Boot::Fresh | Boot::Idle => plan_launches(plan, opts)?,
+    };
     let mut opts = opts.clone();
     if opts.run.is_none() {
         opts.run = begin_machines_run(&opts, &plan.name);
@@ -150,9 +169,11 @@ pub(crate) fn up(
             .map_err(ClusterError::Hub)?,
         );
     }
-    // A new cluster's logs start empty (a restarted machine's carry on).
-    for m in &plan.machines {
-        clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
+    // A new cluster's logs start empty (a restarted or restored machine's carry on).
+    if !matches!(boot, Boot::Restore(_)) {
+        for m in &plan.machines {
+            clear_logs(&VmPaths::in_state_dir(&opts.state_dir, &m.vm_name));
+        }
     }
     if !idle {
         for (m, launch) in plan.machines.iter().zip(launches) {
@@ -166,6 +187,7 @@ pub(crate) fn up(
     });
     let deadline = Deadline::after(opts.ready_timeout + Duration::from_secs(60));
     let mut ready = 0;
+    let mut paused = 0;
     while ready < booting {
         if cancel.is_set() {
             running.stop();
@@ -179,6 +201,16 @@ pub(crate) fn up(
         if let OwnerEvent::Machine { event, .. } = ev {
             match event {
                 MachineEvent::Ready { .. } => ready += 1,
+                MachineEvent::Paused { .. } => {
+                    paused += 1;
+                    if paused == booting {
+                        // Every machine is loaded and paused: all resume at once.
+                        if let Err(e) = running.resume_all() {
+                            running.stop();
+                            return Err(e);
+                        }
+                    }
+                }
                 MachineEvent::Failed { machine, error } => {
                     running.stop();
                     return Err(ClusterError::Machine {
@@ -236,17 +268,13 @@ fn pin_systems(opts: &ClusterLaunch, launches: &[LaunchPlan]) {
             return;
         }
     };
-    for top in launches.iter().filter_map(|l| l.record().toplevel.clone()) {
-        let pinned = opts
-            .layout
-            .parse(&top)
-            .map_err(|e| drydock_vm::error_chain(&e))
-            .and_then(|sp| {
-                db.pin(&opts.layout, id, &sp)
-                    .map_err(|e| drydock_vm::error_chain(&e))
-            });
-        if let Err(e) = pinned {
-            tracing::warn!("pinning {top}: {e}");
+    for l in launches {
+        if let Err(e) = drydock_vm::pin_launch(&db, id, &opts.layout, l.record()) {
+            tracing::warn!(
+                "pinning the system of {}: {}",
+                l.record().spec.name,
+                drydock_vm::error_chain(&e)
+            );
         }
     }
 }
@@ -352,6 +380,28 @@ impl RunningCluster {
         }
     }
 
+    /// Resume every machine restored and paused (QMP `cont`, one after the other, each a few
+    /// milliseconds), then tell each machine's thread to go on.
+    fn resume_all(&mut self) -> Result<(), ClusterError> {
+        for m in &self.plan.machines {
+            if !self.machines.contains_key(&m.machine) {
+                continue;
+            }
+            let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
+            drydock_vm::Qmp::connect(&paths.qmp_socket(), Duration::from_secs(5))
+                .and_then(|mut q| q.cont())
+                .map_err(|e| {
+                    ClusterError::machine(&m.machine, MachineError::Resume(Arc::new(e)))
+                })?;
+        }
+        for t in self.machines.values() {
+            if let Some(r) = &t.resumed {
+                r.wake();
+            }
+        }
+        Ok(())
+    }
+
     /// Start the thread of machine `m`, which carries out its checked `launch` (its VM boots;
     /// it reports on the owner's channel).
     pub(crate) fn spawn_machine(
@@ -365,6 +415,14 @@ impl RunningCluster {
             source,
         };
         let (stop, stopped) = wake_pair().map_err(files)?;
+        let resume = match launch.is_restore() {
+            true => Some(wake_pair().map_err(files)?),
+            false => None,
+        };
+        let (resumed, go) = match resume {
+            Some((w, fd)) => (Some(w), Some(fd)),
+            None => (None, None),
+        };
         let id = self.next_thread;
         self.next_thread += 1;
         let crash = Arc::new(AtomicBool::new(false));
@@ -373,7 +431,7 @@ impl RunningCluster {
         let thread = std::thread::Builder::new()
             .name(format!("machine-{}", m.machine))
             .spawn(move || {
-                let event = machine_main(&m2, &opts, launch, &stopped, &crashed, &tx);
+                let event = machine_main(&m2, &opts, launch, &stopped, go.as_ref(), &crashed, &tx);
                 // The thread's last act: the owner joins it once it has this.
                 let _ = tx.send(OwnerEvent::Machine { thread: id, event });
             })
@@ -383,6 +441,7 @@ impl RunningCluster {
             MachineThread {
                 id,
                 stop,
+                resumed,
                 crash,
                 thread,
             },
@@ -524,6 +583,7 @@ fn machine_main(
     opts: &ClusterLaunch,
     launch: LaunchPlan,
     stop: &WakeFd,
+    resumed: Option<&WakeFd>,
     crash: &AtomicBool,
     tx: &SyncSender<OwnerEvent>,
 ) -> MachineEvent {
@@ -580,7 +640,7 @@ fn machine_main(
     let mut calls = Vec::new();
     let ready = Deadline::at(started + opts.ready_timeout);
     let result = serve(
-        m, &mut vm, &listener, &exec_path, stop, tx, started, ready, &mut calls,
+        m, &mut vm, &listener, &exec_path, stop, resumed, tx, started, ready, &mut calls,
     );
     match &result {
         Err(MachineError::Lost(why)) => {
@@ -650,6 +710,16 @@ fn machine_main(
     }
 }
 
+/// The call that sets a restored guest's wall clock to the host's (whole seconds, as busybox's
+/// and coreutils' `date -s @N` both take it): TLS certificates and leases in the guest care.
+fn clock_call() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64().round() as u64)
+        .unwrap_or(0);
+    format!("date -u -s @{now} >/dev/null")
+}
+
 /// Why the store server of `vm` ended, as the machine's error.
 fn server_died(vm: &mut drydock_vm::Vm) -> MachineError {
     let why = match vm.server_status() {
@@ -672,6 +742,7 @@ fn serve(
     listener: &UnixListener,
     exec_path: &Path,
     stop: &WakeFd,
+    resumed: Option<&WakeFd>,
     tx: &SyncSender<OwnerEvent>,
     started: Instant,
     ready: Deadline,
@@ -703,12 +774,47 @@ fn serve(
             }
         }
     };
-    let backdoor = {
-        // Until ready: the stop, QEMU's and the store server's ends interrupt the wait.
-        let mut fds = vec![stop.as_fd()];
-        fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
-        fds.extend(vm.server_exit().map(|w| w.as_fd()));
-        Backdoor::wait_ready(stream, ready.remaining(), &fds, &mut |_| {})
+    let backdoor = match resumed {
+        Some(go) => {
+            // Restored and paused: the guest's shell is where the snapshot left it, waiting for
+            // a call (it prints no ready line). Once the owner resumed every machine, the
+            // guest's clock is set to the host's: its first call, which also shows it answers.
+            let _ = tx.send(OwnerEvent::Machine {
+                thread: u64::MAX,
+                event: MachineEvent::Paused {
+                    machine: m.machine.clone(),
+                },
+            });
+            let mut fds = vec![stop.as_fd(), go.as_fd()];
+            fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+            fds.extend(vm.server_exit().map(|w| w.as_fd()));
+            let r = wait_readable(&fds, Some(ready)).map_err(MachineError::BackdoorSocket)?;
+            if r[0] {
+                return Ok(());
+            }
+            if !r[1] {
+                if vm.server_exit().is_some_and(|w| w.exited()) {
+                    return Err(server_died(vm));
+                }
+                if vm.qemu_exit().is_some_and(|w| w.exited()) {
+                    return Err(MachineError::ExitedEarly);
+                }
+                return Err(MachineError::NoBackdoor);
+            }
+            let b = Backdoor::attached(stream);
+            b.exec(&clock_call(), ready.remaining())
+                .and_then(|out| match out.status {
+                    0 => Ok(b),
+                    s => Err(crate::backdoor::BackdoorError::Clock(s)),
+                })
+        }
+        None => {
+            // Until ready: the stop, QEMU's and the store server's ends interrupt the wait.
+            let mut fds = vec![stop.as_fd()];
+            fds.extend(vm.qemu_exit().map(|w| w.as_fd()));
+            fds.extend(vm.server_exit().map(|w| w.as_fd()));
+            Backdoor::wait_ready(stream, ready.remaining(), &fds, &mut |_| {})
+        }
     };
     let backdoor = match backdoor {
         Ok(b) => Arc::new(b),

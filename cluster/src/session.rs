@@ -20,6 +20,7 @@ use crate::control::{ControlOp, ControlRequest, request};
 use crate::eval::{EvalError, build, check_systems, evaluate, release_build_roots};
 use crate::events::{MachineEvent, OwnerEvent};
 use crate::reload::{Action, MachineOutcome, PlannedAction, all_done};
+use crate::run::Boot;
 use crate::run::RunningCluster;
 use crate::state::{ClusterError, ClusterLaunch, ClusterState, cluster_paths};
 use crate::watch::{Change, Debounce, Reads, Recorder, WatchError, Watcher, triggers};
@@ -177,7 +178,7 @@ pub fn start(
     cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<RunningCluster, ClusterError> {
-    crate::run::up(plan, opts, false, cancel, &mut |ev| report(ev, on))
+    crate::run::up(plan, opts, Boot::Fresh, cancel, &mut |ev| report(ev, on))
 }
 
 /// [`start`] with no machine booted: each boots when asked (`drydock test`'s `start()`,
@@ -188,7 +189,27 @@ pub fn start_idle(
     cancel: &Cancel,
     on: &mut dyn FnMut(UpEvent<'_>),
 ) -> Result<RunningCluster, ClusterError> {
-    crate::run::up(plan, opts, true, cancel, &mut |ev| report(ev, on))
+    crate::run::up(plan, opts, Boot::Idle, cancel, &mut |ev| report(ev, on))
+}
+
+/// [`start`] from the cluster snapshot `tag` of `plan`'s cluster (checked again): every machine
+/// loads its saved state, paused; once all have, they resume at once, each guest's clock is set
+/// to the host's, and it returns once every backdoor answers.
+pub fn start_restored(
+    plan: &ClusterPlan,
+    tag: &str,
+    opts: &ClusterLaunch,
+    cancel: &Cancel,
+    on: &mut dyn FnMut(UpEvent<'_>),
+) -> Result<RunningCluster, crate::snapshot::SnapshotError> {
+    let snap = crate::snapshot::check_restore(&opts.state_dir, &opts.layout, &plan.name, tag)?;
+    Ok(crate::run::up(
+        &snap.plan,
+        opts,
+        Boot::Restore(&snap),
+        cancel,
+        &mut |ev| report(ev, on),
+    )?)
 }
 
 /// Something an `up` has to say while it works.
@@ -437,6 +458,8 @@ impl ReloadOwner<'_> {
             restart,
             restart_machines: Vec::new(),
             machines: Vec::new(),
+            tag: None,
+            stop: false,
         }
     }
 

@@ -49,6 +49,9 @@ pub enum MachineError {
     ExitedEarly,
     #[error("QEMU did not connect the backdoor in time")]
     NoBackdoor,
+    /// A restored machine could not be resumed over QMP.
+    #[error("cannot resume the restored machine")]
+    Resume(#[source] Arc<drydock_vm::QmpError>),
     /// The guest's backdoor never became ready (the console says why); the backdoor's error is
     /// kept, and shown before the console's path.
     #[error("{} (see {})", drydock_vm::error_chain(error), console.display())]

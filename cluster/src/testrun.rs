@@ -94,10 +94,13 @@ pub enum TestError {
     NoTestScript(PathBuf),
     #[error("{}: testScript must be a string of Python, not {found}", file.display())]
     TestScriptType { file: PathBuf, found: String },
-    #[error(
-        "--from {0}: cluster snapshots are not available yet (issue: cluster snapshots); run without --from"
-    )]
-    NoSnapshots(String),
+    /// `--from TAG`: the restore before a run failed.
+    #[error("--from {tag}")]
+    Restore {
+        tag: String,
+        #[source]
+        source: Box<crate::snapshot::SnapshotError>,
+    },
     #[error("cannot write {}", path.display())]
     Files {
         path: PathBuf,
@@ -144,8 +147,8 @@ impl TestError {
             | Self::Script { .. }
             | Self::Syntax { .. }
             | Self::NoTestScript(_)
-            | Self::TestScriptType { .. }
-            | Self::NoSnapshots(_) => true,
+            | Self::TestScriptType { .. } => true,
+            Self::Restore { source, .. } => source.is_bad_input(),
             Self::Session(e) => e.is_bad_input(),
             Self::Cluster(e) | Self::Down(e) => e.is_bad_input(),
             Self::Control(e) => e.is_bad_input(),
@@ -163,6 +166,7 @@ impl TestError {
             Self::Interrupted => true,
             Self::Session(e) => e.is_interrupted(),
             Self::Cluster(ClusterError::Interrupted) => true,
+            Self::Restore { source, .. } => source.is_interrupted(),
             _ => false,
         }
     }
@@ -800,6 +804,12 @@ pub enum TestEvent<'a> {
     Watching { dir: &'a Path },
     /// The cluster this run started is being taken down.
     Down { cluster: &'a str },
+    /// `--from TAG`: the cluster was put back to the snapshot (before the reload and the run).
+    Restored {
+        cluster: &'a str,
+        tag: &'a str,
+        secs: f64,
+    },
 }
 
 /// How `drydock test` ended.
@@ -834,11 +844,44 @@ struct Ctx<'a> {
     req: &'a TestRequest,
     driver: PathBuf,
     python: String,
+    launch: &'a ClusterLaunch,
+    store_root: Option<&'a Path>,
 }
 
 impl Ctx<'_> {
     fn name(&self) -> &str {
         &self.req.up.name
+    }
+
+    /// With `--from TAG`: put the cluster back to the snapshot (stopping it first if it is up);
+    /// the restored cluster stays up after the run. Whether it restored.
+    fn restore_from(
+        &self,
+        cancel: &Cancel,
+        on: &mut dyn FnMut(TestEvent<'_>),
+    ) -> Result<bool, TestError> {
+        let Some(tag) = &self.req.from else {
+            return Ok(false);
+        };
+        let req = crate::snapshot::RestoreRequest {
+            cluster: self.name(),
+            tag,
+            launch: self.launch,
+            store_root: self.store_root,
+        };
+        let r = crate::snapshot::restore(&req, cancel).map_err(|e| match e.is_interrupted() {
+            true => TestError::Interrupted,
+            false => TestError::Restore {
+                tag: tag.clone(),
+                source: Box::new(e),
+            },
+        })?;
+        on(TestEvent::Restored {
+            cluster: self.name(),
+            tag,
+            secs: r.restore_secs,
+        });
+        Ok(true)
     }
 
     /// `python3 DRIVER --check SCRIPT LABEL`: a script Python cannot compile is the error.
@@ -962,15 +1005,14 @@ pub fn run_tests(
     cancel: &Cancel,
     on: &mut dyn FnMut(TestEvent<'_>),
 ) -> Result<TestOutcome, TestError> {
-    if let Some(tag) = &req.from {
-        return Err(TestError::NoSnapshots(tag.clone()));
-    }
     let ctx = Ctx {
         layout,
         state_dir,
         req,
         driver: write_driver(state_dir, &req.up.name)?,
         python: req.python.display().to_string(),
+        launch,
+        store_root,
     };
     let name = req.up.name.as_str();
     // A script file is checked before anything else happens.
@@ -983,6 +1025,24 @@ pub fn run_tests(
         ScriptSource::Composition => None,
     };
     let mut reads = None;
+    // `--from TAG`: the snapshot first, then the composition as it is now (a hot reload: the
+    // machines whose system changed since the snapshot switch).
+    if ctx.restore_from(cancel, on)? {
+        let mut owner = ReloadOwner::Remote {
+            state_dir: state_dir.to_path_buf(),
+            name: name.to_string(),
+        };
+        let r = crate::session::reload_cycle(layout, state_dir, &req.up, &mut owner, cancel, &mut |ev| {
+            on(TestEvent::Up(ev))
+        });
+        on(TestEvent::Up(UpEvent::Reloaded(&r)));
+        let report = r?;
+        if script.is_none() {
+            let s = ctx.script(Some(&report.test_script))?;
+            ctx.check(&s)?;
+            script = Some(s);
+        }
+    }
     // A cluster that is up (and ready) is used as it is; else this run starts one, holding
     // its owner lock from before the evaluation (a second `up` or `test` meanwhile is refused,
     // naming this one). One that came up meanwhile is used as it is.
@@ -1048,6 +1108,7 @@ pub fn run_tests(
                 store_root,
                 lock: &lock,
                 idle: true,
+                restore: None,
             };
             let d = match crate::control::start_detached(&owner, cancel) {
                 Err(ClusterError::Interrupted) => return Err(TestError::Interrupted),
@@ -1601,7 +1662,15 @@ fn watch_runs(
             break;
         };
         on(TestEvent::Changed(&changed));
-        let only_script = match &ctx.req.script {
+        // `--from TAG`: the snapshot before each run; the reload below then applies the edited
+        // composition to it (always: the snapshot may predate earlier edits).
+        let restored = match ctx.restore_from(cancel, on) {
+            Ok(r) => r,
+            Err(TestError::Interrupted) => break,
+            Err(e) => return Err(e),
+        };
+        let only_script = !restored
+            && match &ctx.req.script {
             ScriptSource::File(p) => {
                 let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
                 changed.iter().all(|c| *c == p)

@@ -292,6 +292,7 @@ fn detach(
         store_root: ctx.store_root.as_deref(),
         lock,
         idle: false,
+        restore: None,
     };
     let mut progress =
         crate::progress::Progress::new(plan.machines.iter().map(|m| m.machine.clone()));
@@ -358,15 +359,16 @@ pub fn supervise(ctx: &Context, a: &ClusterSuperviseArgs) -> anyhow::Result<Outc
     let plan: ClusterPlan = serde_json::from_slice(&bytes)?;
     let mut opts = launch_opts(ctx, a.accel, a.qemu.as_deref(), a.timeout, a.log_limit)?;
     opts.run = a.run;
-    let start = match a.idle {
-        true => drydock_cluster::start_idle,
-        false => drydock_cluster::cluster_up,
-    };
-    let mut cluster = start(&plan, &opts, &CANCEL, &mut |ev| {
+    let mut on = |ev: UpEvent<'_>| {
         if let UpEvent::Machine(ev) = ev {
             report_event(ev);
         }
-    })?;
+    };
+    let mut cluster = match (&a.restore, a.idle) {
+        (Some(tag), _) => drydock_cluster::start_restored(&plan, tag, &opts, &CANCEL, &mut on)?,
+        (None, true) => drydock_cluster::start_idle(&plan, &opts, &CANCEL, &mut on)?,
+        (None, false) => drydock_cluster::cluster_up(&plan, &opts, &CANCEL, &mut on)?,
+    };
     cluster.write_state(true)?;
     cluster.own(None, &CANCEL, &mut |ev| {
         if let UpEvent::Machine(ev) = ev {
@@ -1059,7 +1061,7 @@ pub fn ls(ctx: &Context) -> anyhow::Result<Outcome> {
 }
 
 /// A duration as `45s`, `12m`, `3h`, `2d`.
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     match secs {
         0..60 => format!("{secs}s"),
         60..3600 => format!("{}m", secs / 60),

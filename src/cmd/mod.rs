@@ -7,6 +7,7 @@ pub mod gc;
 pub mod help;
 pub mod reload;
 pub mod runs;
+pub mod snapshot;
 pub mod store;
 pub mod store_server;
 pub mod test;

@@ -113,6 +113,9 @@ pub fn report_event(ev: &MachineEvent) {
             )
         }
         MachineEvent::Stopped { machine } => eprintln!("drydock: {machine} stopped"),
+        MachineEvent::Paused { machine } => {
+            eprintln!("drydock: {machine} restored (paused until every machine is)")
+        }
     }
 }
 

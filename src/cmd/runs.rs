@@ -12,14 +12,9 @@ use crate::exit::Outcome;
 
 use super::gc::size;
 
+/// How long ago the epoch second `secs` was, as `45s`, `12m`, `3h`, `2d`.
 fn age(secs: i64) -> String {
-    let d = (drydock_gc::epoch_secs() - secs).max(0);
-    match d {
-        0..60 => format!("{d}s"),
-        60..3600 => format!("{}m", d / 60),
-        3600..86400 => format!("{}h", d / 3600),
-        _ => format!("{}d", d / 86400),
-    }
+    super::cluster::age((drydock_gc::epoch_secs() - secs).max(0) as u64)
 }
 
 /// A command line as a shell would need it (empty or spaced arguments quoted).

@@ -56,8 +56,8 @@ pub use lifecycle::{
     Ending, LaunchEnd, LaunchEvent, LaunchOptions, LifecycleError, WaitSpec, launch_vm, supervise,
 };
 pub use owner::{
-    ListedState, ListedVm, OwnerError, Stopped, VmListing, end_vm_run, list_vms, reap_dead_vms,
-    reap_stale, stop_vm,
+    ListedState, ListedVm, OwnerError, Stopped, VmListing, end_vm_run, list_vms, pin_launch,
+    reap_dead_vms, reap_stale, stop_vm,
 };
 pub use plan::{
     Accel, DirShare, Disk, FwCfgFile, GuestDevices, Nic, PlanError, QemuPlan, ShareTransport,
@@ -72,7 +72,7 @@ pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
     configured_qemu, images_dir,
 };
-pub use snapshot::{SnapshotError, SnapshotMeta, snapshot_vm};
+pub use snapshot::{SnapshotError, SnapshotMeta, qemu_version, snapshot_vm};
 pub use spawn::{
     Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
     run_captured, run_captured_until, spawn_detached, spawn_detached_holding,

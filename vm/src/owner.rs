@@ -185,7 +185,7 @@ pub fn record_vm_run(
             .map_err(|e| db_err(0, record, e))?;
         db.add_artifact(id, ArtifactKind::StateDir, &record.spec.paths.dir)
             .map_err(|e| db_err(id, record, e))?;
-        pin_system(&db, id, &l, record)?;
+        pin_launch(&db, id, &l, record)?;
         Ok(id)
     })();
     match result {
@@ -226,7 +226,7 @@ pub fn join_vm_run(
                 .map_err(|e| db_err(id, record, e))?;
         }
         let l = record.store.clone().unwrap_or_else(|| fallback.clone());
-        pin_system(&db, id, &l, record)
+        pin_launch(&db, id, &l, record)
     })();
     match result {
         Ok(()) => Some(id),
@@ -249,7 +249,8 @@ fn db_err(id: i64, record: &LaunchRecord, source: RunsDbError) -> OwnerError {
     }
 }
 
-fn pin_system(
+/// Pin the system of `record` (and a nixos-test node's closure registration) in run `id`.
+pub fn pin_launch(
     db: &RunsDb,
     id: i64,
     layout: &StoreLayout,
@@ -308,7 +309,7 @@ pub fn reopen_vm_run(
         source: Box::new(source),
     })?;
     let l = recorded_store(record, current, explicit)?;
-    pin_system(&db, id, &l, record)
+    pin_launch(&db, id, &l, record)
 }
 
 impl OwnerError {

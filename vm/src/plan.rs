@@ -201,6 +201,18 @@ pub struct VmSpec {
     pub shares: Vec<DirShare>,
 }
 
+impl VmSpec {
+    /// Whether the guest reaches a host folder over QEMU's 9p server (which QEMU cannot migrate
+    /// while the guest has it mounted, so such a VM cannot be snapshotted).
+    pub fn shares_over_9p(&self) -> bool {
+        matches!(self.store, StoreAttachment::NineP { .. })
+            || self
+                .shares
+                .iter()
+                .any(|s| s.transport == ShareTransport::NineP)
+    }
+}
+
 /// A virtio-net NIC on a private segment: QEMU's datagram socket `socket` sends each frame to
 /// the hub's socket `hub` and receives the hub's frames on `socket`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
