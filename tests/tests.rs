@@ -12,6 +12,7 @@ mod backdoor;
 mod cluster;
 mod cluster_faults;
 mod cluster_security;
+mod cluster_snapshot;
 mod compose;
 mod doctor;
 mod doctor_builders;

@@ -1,0 +1,243 @@
+//! Whole-cluster snapshots against real QEMU (TCG) and the test system in a chroot store:
+//! `snapshot`, `restore` (state written after the snapshot is gone, every machine answers,
+//! the VLANs work, guest clocks are the host's), restoring twice, a hot reload after a restore
+//! and a snapshot of the switched system, `snapshot --stop` then a restore from nothing
+//! running, `gc` keeping what only a snapshot holds, `snapshot --rm`; and the refusals: a
+//! corrupt snapshot (exit 1 naming the file) and one of another layout (exit 2 naming the
+//! difference) leave nothing running, and so does Ctrl-C during a restore.
+
+use std::time::{Duration, Instant};
+
+use crate::common::Checks;
+use crate::vmcommon;
+use vmcommon::{Cluster, text, wait_no_processes, wait_until};
+
+const THREE: &str = "alpha = { system = sys { }; memorySize = 256; };
+     beta = { system = sys { }; memorySize = 256; };
+     gamma = { system = sys { }; memorySize = 256; };";
+
+fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut d = c.drydock().arg("--json");
+    for a in args {
+        d = d.arg(a);
+    }
+    let r = d.arg("-f").arg(c.file()).run();
+    assert!(
+        r.status.success(),
+        "{args:?}: {}{}",
+        text(&r.stderr),
+        text(&r.stdout)
+    );
+    serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn out(c: &Cluster, machine: &str, cmd: &str) -> String {
+    let o = c.exec(machine, "60", cmd);
+    assert!(
+        o.status.success(),
+        "{machine}: {cmd}: {}",
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+fn running_qemus(c: &Cluster) -> usize {
+    vmcommon::processes_mentioning(c.state())
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .count()
+}
+
+#[test]
+fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
+    let c = Cluster::named("snap").machines(THREE).up();
+    let mut checks = Checks::new();
+    for m in ["alpha", "beta", "gamma"] {
+        out(&c, m, "echo before > /tmp/mark");
+    }
+    let t = Instant::now();
+    let s = json(&c, &["snapshot", "ready"]);
+    eprintln!("snapshot of 3 machines: {:.2} s", t.elapsed().as_secs_f64());
+    checks.check("the snapshot's report", || {
+        assert_eq!(s["tag"], "ready");
+        assert_eq!(s["machines"].as_array().unwrap().len(), 3, "{s}");
+        assert_eq!(s["stopped"], false);
+        assert!(s["run_id"].as_i64().is_some(), "its systems are pinned: {s}");
+        for m in s["machines"].as_array().unwrap() {
+            assert!(m["files"]["state"].as_u64().unwrap() > 0, "{m}");
+        }
+    });
+    checks.check("the machines run on after a snapshot", || {
+        assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
+    });
+    checks.check("snapshots lists it", || {
+        let l = json(&c, &["snapshots"]);
+        assert_eq!(l[0]["tag"], "ready", "{l}");
+        assert_eq!(l[0]["machines"], serde_json::json!(["alpha", "beta", "gamma"]));
+        assert!(l[0]["problem"].is_null(), "{l}");
+    });
+    // Something changes after the snapshot; the restore takes it back.
+    out(&c, "alpha", "echo after > /tmp/mark");
+    out(&c, "beta", "touch /tmp/new");
+    let before = c.qemu_pids();
+    let t = Instant::now();
+    let r = json(&c, &["restore", "ready"]);
+    eprintln!(
+        "restore of 3 machines: {:.2} s (owner: {})",
+        t.elapsed().as_secs_f64(),
+        r["restore_secs"]
+    );
+    checks.check("restored: the state after the snapshot is gone", || {
+        assert!(r["stopped_first_secs"].as_f64().is_some(), "{r}");
+        assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
+        assert_eq!(out(&c, "beta", "ls /tmp/new 2>/dev/null; echo ."), ".\n");
+        assert_ne!(c.qemu_pids(), before, "new QEMUs");
+    });
+    checks.check("restored: every machine answers and the VLAN works", || {
+        for m in ["alpha", "beta", "gamma"] {
+            assert_eq!(out(&c, m, "hostname"), format!("{m}\n"));
+        }
+        let o = c.exec("alpha", "30", "timeout 10 wget -qO- http://gamma/");
+        assert_eq!(text(&o.stdout), "hello from gamma\n", "{}", text(&o.stderr));
+    });
+    checks.check("restored: the guest's clock is the host's", || {
+        let guest: i64 = out(&c, "beta", "date +%s").trim().parse().unwrap();
+        let host = drydock_gc::epoch_secs();
+        assert!((guest - host).abs() <= 5, "guest {guest}, host {host}");
+    });
+    checks.check("a second restore in a row", || {
+        out(&c, "gamma", "echo again > /tmp/mark");
+        json(&c, &["restore", "ready"]);
+        assert_eq!(out(&c, "gamma", "cat /tmp/mark"), "before\n");
+    });
+    // A hot reload after a restore switches a machine; a snapshot of the switched system.
+    let switched = THREE.replace(
+        "beta = { system = sys { };",
+        r#"beta = { system = sys { www = "beta v2"; };"#,
+    );
+    c.set_machines(&switched);
+    let up = c.verb("up").args(["--accel", "tcg"]).run();
+    assert!(up.status.success(), "reload: {}", text(&up.stderr));
+    checks.check("a reload after a restore switches beta", || {
+        assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "beta v2\n");
+    });
+    json(&c, &["snapshot", "switched"]);
+    checks.check("restores of the old and the switched system", || {
+        json(&c, &["restore", "ready"]);
+        assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "hello from beta\n");
+        json(&c, &["restore", "switched"]);
+        assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "beta v2\n");
+    });
+    // --stop: saved, then nothing runs; a restore from nothing running.
+    let s = json(&c, &["snapshot", "--stop", "stopped"]);
+    assert_eq!(s["stopped"], true);
+    wait_no_processes(c.state(), Duration::from_secs(60));
+    checks.check("--stop leaves the cluster down", || {
+        assert!(!c.state().join("clusters/snap/cluster.json").exists());
+    });
+    let r = json(&c, &["restore", "stopped"]);
+    checks.check("a restore from nothing running", || {
+        assert!(r["stopped_first_secs"].is_null(), "{r}");
+        assert_eq!(out(&c, "beta", "cat /tmp/mark"), "before\n");
+        assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "beta v2\n");
+    });
+    // gc: once only the snapshots hold the systems (the machines' runs collected), `gc --all`
+    // keeps them, and a restore still works.
+    c.down();
+    let runs = json(&c, &["runs"]);
+    let machine_runs: Vec<String> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"].as_str().unwrap_or("").starts_with("machines of snap"))
+        .map(|r| r["id"].to_string())
+        .collect();
+    assert!(!machine_runs.is_empty(), "{runs}");
+    let mut gc = c.drydock().arg("gc");
+    for id in &machine_runs {
+        gc = gc.args(["--run", id]);
+    }
+    let g = gc.run();
+    assert!(g.status.success(), "gc --run: {}", text(&g.stderr));
+    let g = c.drydock().args(["gc", "--all"]).run();
+    assert!(g.status.success(), "gc --all: {}", text(&g.stderr));
+    checks.check("gc --all keeps what only a snapshot holds", || {
+        json(&c, &["restore", "ready"]);
+        assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
+    });
+    checks.check("snapshot --rm", || {
+        let r = json(&c, &["snapshot", "--rm", "switched"]);
+        assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+        let l = json(&c, &["snapshots"]);
+        let tags: Vec<&str> = l
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["tag"].as_str().unwrap())
+            .collect();
+        assert_eq!(tags, ["ready", "stopped"], "{l}");
+    });
+    c.down();
+}
+
+#[test]
+fn bad_snapshots_and_ctrl_c_leave_nothing_running() {
+    let c = Cluster::named("snapbad")
+        .machines(
+            "alpha = { system = sys { }; memorySize = 256; };
+             beta = { system = sys { }; memorySize = 256; };",
+        )
+        .up();
+    let mut checks = Checks::new();
+    json(&c, &["snapshot", "good"]);
+    json(&c, &["snapshot", "--stop", "broken"]);
+    wait_no_processes(c.state(), Duration::from_secs(60));
+    checks.check("an unknown tag is exit 2 naming the tags there are", || {
+        let r = c.verb("restore").arg("nope").run();
+        assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+        assert!(text(&r.stderr).contains("has no snapshot \"nope\" (it has broken, good)"), "{}", text(&r.stderr));
+    });
+    // A truncated state file: exit 1 naming it, nothing running.
+    let state = c.state().join("clusters/snapbad/snapshots/broken/machines/beta/state");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    checks.check("a truncated snapshot is exit 1 naming its file", || {
+        let r = c.verb("restore").arg("broken").run();
+        assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+        assert!(text(&r.stderr).contains(&state.display().to_string()), "{}", text(&r.stderr));
+        assert_eq!(running_qemus(&c), 0);
+    });
+    // Ctrl-C while the machines load their state: everything stops.
+    checks.check("Ctrl-C during a restore leaves nothing running", || {
+        let mut r = c.verb("restore").arg("good").spawn();
+        wait_until("a QEMU loads its state", Duration::from_secs(30), || {
+            running_qemus(&c) > 0 || r.try_wait().unwrap().is_some()
+        });
+        r.signal(libc::SIGINT);
+        let status = r.wait_within(Duration::from_secs(120));
+        assert_eq!(status.code(), Some(130));
+        wait_no_processes(c.state(), Duration::from_secs(60));
+        assert!(!c.state().join("clusters/snapbad/cluster.json").exists());
+    });
+    // Another layout (a machine added and brought up): exit 2 naming it; the cluster stays as
+    // it was.
+    c.set_machines(
+        "alpha = { system = sys { }; memorySize = 256; };
+         beta = { system = sys { }; memorySize = 256; };
+         gamma = { system = sys { }; memorySize = 256; };",
+    );
+    c.up_detached();
+    let pids = c.qemu_pids();
+    checks.check("a snapshot of another layout is exit 2 naming the difference", || {
+        let r = c.verb("restore").arg("good").run();
+        assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+        assert!(text(&r.stderr).contains("machine gamma is new"), "{}", text(&r.stderr));
+        assert_eq!(c.qemu_pids(), pids, "the cluster was left as it was");
+    });
+    c.down();
+}
