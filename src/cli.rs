@@ -692,12 +692,12 @@ pub struct VmLogsArgs {
 pub struct VmSuperviseArgs {
     #[arg(long)]
     pub name: String,
-    /// Start paused, loading the state from this migration URI, then resume.
-    #[arg(long, requires = "snapshot_tag")]
-    pub incoming: Option<String>,
-    /// The tag of the snapshot that `--incoming` loads (named in errors).
+    /// Start paused, loading the snapshot in this folder, then resume.
     #[arg(long)]
-    pub snapshot_tag: Option<String>,
+    pub snapshot: Option<std::path::PathBuf>,
+    /// With --snapshot: leave the guest paused once loaded.
+    #[arg(long, requires = "snapshot")]
+    pub paused: bool,
 }
 
 /// The longest wait any option accepts: a year.
