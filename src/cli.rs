@@ -617,7 +617,7 @@ impl From<ProfileArg> for drydock_vm::Profile {
 pub enum StoreModeArg {
     /// virtio-fs from drydock's read-only store server (tag `nix-store`).
     Virtiofs,
-    /// The closure as a read-only EROFS image on a virtio disk (/dev/vda); snapshots need it.
+    /// The closure as a read-only EROFS image on a virtio disk (/dev/vda).
     Image,
 }
 

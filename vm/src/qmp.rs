@@ -54,9 +54,11 @@
 //! QEMU 7.2 rejects `file:` migration URIs ("Parameter 'uri' expects a valid migration
 //! protocol"; they appeared in QEMU 8.2), so [`Qmp::migrate_to_file`] uses
 //! `exec:cat > 'PATH'` (QEMU runs it with `/bin/sh -c`, `cat` is looked up in QEMU's `PATH`),
-//! which works on every QEMU version. The snapshot is restored by starting QEMU with
-//! `-incoming` and [`incoming_file_uri`] (`exec:cat 'PATH'`), either directly on the command
-//! line or with `-incoming defer` and [`Qmp::migrate_incoming`]. When the source VM was stopped
+//! which works on every QEMU version; it is restored by starting QEMU with `-incoming` and
+//! [`incoming_file_uri`] (`exec:cat 'PATH'`), either directly on the command line or with
+//! `-incoming defer` and [`Qmp::migrate_incoming`]. On QEMU 8.2 and newer, [`file_uri`] with
+//! [`Qmp::migrate`] and [`Qmp::migrate_incoming`] needs no process, and allows capabilities
+//! such as `mapped-ram` ([`Qmp::set_migration_capabilities`]). When the source VM was stopped
 //! before the migration, the restored VM stays paused until [`Qmp::cont`].
 
 use std::collections::VecDeque;
