@@ -656,7 +656,7 @@ impl From<ProfileArg> for drydock_vm::Profile {
 pub enum StoreModeArg {
     /// virtio-fs from drydock's read-only store server (tag `nix-store`).
     Virtiofs,
-    /// The closure as a read-only EROFS image on a virtio disk (/dev/vda); snapshots need it.
+    /// The closure as a read-only EROFS image on a virtio disk (/dev/vda).
     Image,
 }
 
@@ -731,12 +731,12 @@ pub struct VmLogsArgs {
 pub struct VmSuperviseArgs {
     #[arg(long)]
     pub name: String,
-    /// Start paused, loading the state from this migration URI, then resume.
-    #[arg(long, requires = "snapshot_tag")]
-    pub incoming: Option<String>,
-    /// The tag of the snapshot that `--incoming` loads (named in errors).
+    /// Start paused, loading the snapshot in this folder, then resume.
     #[arg(long)]
-    pub snapshot_tag: Option<String>,
+    pub snapshot: Option<std::path::PathBuf>,
+    /// With --snapshot: leave the guest paused once loaded.
+    #[arg(long, requires = "snapshot")]
+    pub paused: bool,
 }
 
 /// The longest wait any option accepts: a year.

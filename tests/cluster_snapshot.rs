@@ -33,11 +33,7 @@ fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
 
 fn out(c: &Cluster, machine: &str, cmd: &str) -> String {
     let o = c.exec(machine, "60", cmd);
-    assert!(
-        o.status.success(),
-        "{machine}: {cmd}: {}",
-        text(&o.stderr)
-    );
+    assert!(o.status.success(), "{machine}: {cmd}: {}", text(&o.stderr));
     text(&o.stdout)
 }
 
@@ -62,7 +58,10 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
         assert_eq!(s["tag"], "ready");
         assert_eq!(s["machines"].as_array().unwrap().len(), 3, "{s}");
         assert_eq!(s["stopped"], false);
-        assert!(s["run_id"].as_i64().is_some(), "its systems are pinned: {s}");
+        assert!(
+            s["run_id"].as_i64().is_some(),
+            "its systems are pinned: {s}"
+        );
         for m in s["machines"].as_array().unwrap() {
             assert!(m["files"]["state"].as_u64().unwrap() > 0, "{m}");
         }
@@ -73,7 +72,10 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
     checks.check("snapshots lists it", || {
         let l = json(&c, &["snapshots"]);
         assert_eq!(l[0]["tag"], "ready", "{l}");
-        assert_eq!(l[0]["machines"], serde_json::json!(["alpha", "beta", "gamma"]));
+        assert_eq!(
+            l[0]["machines"],
+            serde_json::json!(["alpha", "beta", "gamma"])
+        );
         assert!(l[0]["problem"].is_null(), "{l}");
     });
     // Something changes after the snapshot; the restore takes it back.
@@ -124,7 +126,10 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
     json(&c, &["snapshot", "switched"]);
     checks.check("restores of the old and the switched system", || {
         json(&c, &["restore", "ready"]);
-        assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "hello from beta\n");
+        assert_eq!(
+            out(&c, "alpha", "wget -qO- http://beta/"),
+            "hello from beta\n"
+        );
         json(&c, &["restore", "switched"]);
         assert_eq!(out(&c, "alpha", "wget -qO- http://beta/"), "beta v2\n");
     });
@@ -149,7 +154,12 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["name"].as_str().unwrap_or("").starts_with("machines of snap"))
+        .filter(|r| {
+            r["name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("machines of snap")
+        })
         .map(|r| r["id"].to_string())
         .collect();
     assert!(!machine_runs.is_empty(), "{runs}");
@@ -195,10 +205,16 @@ fn bad_snapshots_and_ctrl_c_leave_nothing_running() {
     checks.check("an unknown tag is exit 2 naming the tags there are", || {
         let r = c.verb("restore").arg("nope").run();
         assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
-        assert!(text(&r.stderr).contains("has no snapshot \"nope\" (it has broken, good)"), "{}", text(&r.stderr));
+        assert!(
+            text(&r.stderr).contains("has no snapshot \"nope\" (it has broken, good)"),
+            "{}",
+            text(&r.stderr)
+        );
     });
     // A truncated state file: exit 1 naming it, nothing running.
-    let state = c.state().join("clusters/snapbad/snapshots/broken/machines/beta/state");
+    let state = c
+        .state()
+        .join("clusters/snapbad/snapshots/broken/machines/beta/state");
     let len = std::fs::metadata(&state).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -209,7 +225,11 @@ fn bad_snapshots_and_ctrl_c_leave_nothing_running() {
     checks.check("a truncated snapshot is exit 1 naming its file", || {
         let r = c.verb("restore").arg("broken").run();
         assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
-        assert!(text(&r.stderr).contains(&state.display().to_string()), "{}", text(&r.stderr));
+        assert!(
+            text(&r.stderr).contains(&state.display().to_string()),
+            "{}",
+            text(&r.stderr)
+        );
         assert_eq!(running_qemus(&c), 0);
     });
     // Ctrl-C while the machines load their state: everything stops.
@@ -233,11 +253,18 @@ fn bad_snapshots_and_ctrl_c_leave_nothing_running() {
     );
     c.up_detached();
     let pids = c.qemu_pids();
-    checks.check("a snapshot of another layout is exit 2 naming the difference", || {
-        let r = c.verb("restore").arg("good").run();
-        assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
-        assert!(text(&r.stderr).contains("machine gamma is new"), "{}", text(&r.stderr));
-        assert_eq!(c.qemu_pids(), pids, "the cluster was left as it was");
-    });
+    checks.check(
+        "a snapshot of another layout is exit 2 naming the difference",
+        || {
+            let r = c.verb("restore").arg("good").run();
+            assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+            assert!(
+                text(&r.stderr).contains("machine gamma is new"),
+                "{}",
+                text(&r.stderr)
+            );
+            assert_eq!(c.qemu_pids(), pids, "the cluster was left as it was");
+        },
+    );
     c.down();
 }

@@ -1,7 +1,8 @@
 //! Fast restarts: `vm restart` from the recorded launch without Nix (even after Nix's GC),
-//! `--store-mode image`, and `vm snapshot` / `vm restore` carrying the guest on where it was;
-//! bad snapshots (truncated, of another closure, image gone) fail clearly and leave the VM
-//! stopped. Real QEMU under TCG, a private chroot store built by `scripts/guest/`.
+//! `--store-mode image`, and `vm snapshot` / `vm restore` carrying the guest on where it was,
+//! its store an image or over virtio-fs (open files, cached lookups and the closure view come
+//! back with it); bad snapshots (truncated, of another closure, image gone) fail clearly and
+//! leave the VM stopped. Real QEMU under TCG, a private chroot store built by `scripts/guest/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,7 @@ struct Fixture {
     root: PathBuf,
     toplevel: String,
     variant: String,
+    outside: String,
 }
 
 fn fixture() -> &'static Fixture {
@@ -25,6 +27,7 @@ fn fixture() -> &'static Fixture {
         Fixture {
             toplevel: build_system(&root, &[]),
             variant: build_system(&root, &["two"]),
+            outside: build_system(&root, &["--outside"]),
             root,
         }
     })
@@ -413,10 +416,110 @@ fn bad_snapshots_fail_clearly_and_leave_the_vm_stopped() {
     no_processes(state.path());
 }
 
+/// The guest's `hold` lines with `prefix` (`DRYDOCK-HOLD-LS: ` ...), without it, in order.
+fn hold_lines(state: &Path, name: &str, prefix: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(state.join("vms").join(name).join("console.log"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn md5(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// What the guest's `hold` test must print after its ticks: the host's view of the same bytes
+/// and the closure of the system.
+struct HoldExpected {
+    held: String,
+    looked_up: String,
+    new: String,
+    closure: Vec<String>,
+}
+
+fn hold_expected(f: &Fixture) -> HoldExpected {
+    let phys = |logical: &str| f.root.join(logical.trim_start_matches('/'));
+    let top = phys(&f.toplevel);
+    let target = |link: &str| {
+        let t = std::fs::read_link(top.join(link)).unwrap();
+        phys(t.to_str().unwrap())
+    };
+    let kernel = std::fs::read(target("kernel")).unwrap();
+    let initrd = std::fs::read(target("initrd")).unwrap();
+    let out = Command::new("nix-store")
+        .arg("--store")
+        .arg(&f.root)
+        .args(["-qR", &f.toplevel])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut closure: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches("/nix/store/").to_owned())
+        .collect();
+    closure.sort();
+    HoldExpected {
+        held: md5(&kernel[2 << 20..(2 << 20) + 4096]),
+        looked_up: md5(&std::fs::read(top.join("activate")).unwrap()),
+        new: md5(&initrd[..4096]),
+        closure,
+    }
+}
+
+/// The `hold` test's checks, as the console of VM `name` shows them (once each).
+fn check_hold(state: &Path, name: &str, want: &HoldExpected, outside: &str) {
+    let one = |prefix: &str| {
+        let lines = hold_lines(state, name, prefix);
+        assert_eq!(lines.len(), 1, "{prefix}: {lines:?}");
+        lines[0].clone()
+    };
+    assert_eq!(
+        one("DRYDOCK-HOLD-HELD: "),
+        want.held,
+        "the file held open before the snapshot reads on"
+    );
+    assert_eq!(
+        one("DRYDOCK-HOLD-LOOKED-UP: "),
+        want.looked_up,
+        "a file looked up before the snapshot opens and reads"
+    );
+    assert_eq!(
+        one("DRYDOCK-HOLD-NEW: "),
+        want.new,
+        "a closure path never looked up before reads"
+    );
+    let mut listed = hold_lines(state, name, "DRYDOCK-HOLD-LS: ");
+    listed.sort();
+    assert_eq!(listed, want.closure, "the store shows exactly the closure");
+    assert!(!listed.iter().any(|e| e == outside));
+    assert_eq!(
+        one("DRYDOCK-HOLD-OUTSIDE: "),
+        "hidden",
+        "a path outside the closure is looked up in vain"
+    );
+}
+
 #[test]
-fn virtiofs_vms_cannot_be_snapshotted() {
+fn a_virtiofs_vm_comes_back_with_its_open_files_and_its_closure_view() {
     let f = fixture();
+    let want = hold_expected(f);
+    let outside = f.outside.trim_start_matches("/nix/store/");
     let state = tempfile::tempdir().unwrap();
+    let append = format!("drydock.test=hold drydock.outside={outside}");
     ok(&drydock(state.path())
         .args([
             "vm",
@@ -425,26 +528,76 @@ fn virtiofs_vms_cannot_be_snapshotted() {
             "v",
             "--accel",
             "tcg",
+            "--memory",
+            "256",
             "--system",
             &f.toplevel,
         ])
         .args([
             "--append",
-            "drydock.test=idle",
+            &append,
             "--ready",
-            "DRYDOCK-READY",
+            "DRYDOCK-HOLD: ready",
             "--detach",
             "--timeout",
             "180",
         ])
         .run());
-    let out = drydock(state.path()).args(["vm", "snapshot", "v"]).run();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // The guest holds a file open, has looked a file up, and ticks for 15 s before its checks:
+    // the snapshot is taken well before them.
+    let t = Instant::now();
+    let out = drydock(state.path())
+        .args(["--json", "vm", "snapshot", "v"])
+        .run();
+    ok(&out);
+    let save = t.elapsed();
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["format"], "mapped-ram", "{meta}");
+    let snap = state.path().join("vms/v/snapshots/default");
+    for file in ["state", "disk.qcow2", "meta.json", "launch.json"] {
+        assert!(snap.join(file).is_file(), "{file}");
+    }
+    let ticks_at_snapshot = hold_lines(state.path(), "v", "DRYDOCK-HOLD-TICK: ").len();
     assert!(
-        err.contains("vhost-user-fs") && err.contains("--store-mode image"),
-        "{err}"
+        ticks_at_snapshot < 25,
+        "{ticks_at_snapshot} ticks: too late"
     );
+    // The VM runs on after the snapshot, its store server too.
+    let end = || !hold_lines(state.path(), "v", "DRYDOCK-HOLD-END").is_empty();
+    wait_until(
+        "the guest's checks after the snapshot",
+        Duration::from_secs(90),
+        end,
+    );
+    check_hold(state.path(), "v", &want, outside);
+    ok(&drydock(state.path()).args(["vm", "stop", "v"]).run());
+    no_processes(state.path());
+
+    let t = Instant::now();
+    ok(&drydock(state.path()).args(["vm", "restore", "v"]).run());
+    let restore = t.elapsed();
+    wait_until("the restored guest's checks", Duration::from_secs(90), end);
+    // It carried on from the snapshot (no boot, no second `ready`), ticking to its checks.
+    let console = std::fs::read_to_string(state.path().join("vms/v/console.log")).unwrap();
+    assert!(
+        !console.contains("DRYDOCK-READY") && !console.contains("DRYDOCK-HOLD: ready"),
+        "{console}"
+    );
+    let ticks: Vec<u32> = hold_lines(state.path(), "v", "DRYDOCK-HOLD-TICK: ")
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    assert!(
+        ticks.last() == Some(&29) && ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "{ticks:?}"
+    );
+    check_hold(state.path(), "v", &want, outside);
+    eprintln!("virtio-fs VM of 256 MiB: snapshot {save:?}, restore {restore:?}");
+    assert!(restore < Duration::from_secs(30), "{restore:?}");
+    // The restored VM's store server is its closure's: a hot reload's path reaches it.
+    let list = drydock(state.path()).args(["--json", "vm", "list"]).run();
+    let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(doc["vms"][0]["state"], "running", "{doc}");
     ok(&drydock(state.path()).args(["vm", "stop", "v"]).run());
     no_processes(state.path());
 }

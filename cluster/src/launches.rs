@@ -226,7 +226,8 @@ mod tests {
                 running(&o.state_dir, vm);
             }
             let cancel = drydock_gc::Cancel::new();
-            let e = crate::run::up(&p, &o, crate::run::Boot::Fresh, &cancel, &mut |_| {}).unwrap_err();
+            let e =
+                crate::run::up(&p, &o, crate::run::Boot::Fresh, &cancel, &mut |_| {}).unwrap_err();
             assert_eq!(drydock_vm::error_chain(&e), says);
             assert_eq!(e.is_bad_input(), bad_input, "{says}");
             assert!(

@@ -129,7 +129,9 @@ impl SnapshotMachine {
 /// Why a cluster snapshot could not be taken, listed, removed or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("invalid snapshot tag {0:?}: use letters, digits, '-', '_' or '.' (not starting with '.')")]
+    #[error(
+        "invalid snapshot tag {0:?}: use letters, digits, '-', '_' or '.' (not starting with '.')"
+    )]
     BadTag(String),
     #[error("the cluster {cluster} has no snapshot {tag:?}{}", have_list(have))]
     NoSnapshot {
@@ -137,7 +139,9 @@ pub enum SnapshotError {
         tag: String,
         have: Vec<String>,
     },
-    #[error("machine {machine} of {cluster} is not running: a snapshot holds every machine of the cluster (start it first)")]
+    #[error(
+        "machine {machine} of {cluster} is not running: a snapshot holds every machine of the cluster (start it first)"
+    )]
     NotRunning { cluster: String, machine: String },
     #[error("machine {machine}: {source}")]
     Machine {
@@ -295,9 +299,8 @@ pub(crate) fn files_differ(
 /// a restore brings the snapshot's systems back, and a reload afterwards switches to new ones.
 pub(crate) fn layout_differences(then: &ClusterPlan, now: &ClusterPlan) -> Vec<String> {
     let mut d = Vec::new();
-    let names = |p: &ClusterPlan| -> Vec<String> {
-        p.machines.iter().map(|m| m.machine.clone()).collect()
-    };
+    let names =
+        |p: &ClusterPlan| -> Vec<String> { p.machines.iter().map(|m| m.machine.clone()).collect() };
     for m in &now.machines {
         if then.machine(&m.machine).is_none() {
             d.push(format!(
@@ -322,10 +325,18 @@ pub(crate) fn layout_differences(then: &ClusterPlan, now: &ClusterPlan) -> Vec<S
                 d.push(format!("machine {}: {what} {x} then, {y} now", m.machine));
             }
         };
-        diff("memory (MiB)", a.memory_mib.to_string(), b.memory_mib.to_string());
+        diff(
+            "memory (MiB)",
+            a.memory_mib.to_string(),
+            b.memory_mib.to_string(),
+        );
         diff("cores", a.cores.to_string(), b.cores.to_string());
         diff("disk (MiB)", a.disk_mib.to_string(), b.disk_mib.to_string());
-        diff("profile", format!("{:?}", a.profile), format!("{:?}", b.profile));
+        diff(
+            "profile",
+            format!("{:?}", a.profile),
+            format!("{:?}", b.profile),
+        );
         let nics = |p: &crate::compose::MachinePlan| -> String {
             p.nics
                 .iter()
@@ -382,8 +393,12 @@ pub fn read_snapshot(
         drydock_gc::MAX_STATE_BYTES,
     )
     .map_err(|e| corrupt(manifest.clone(), format!("cannot be read ({e})")))?;
-    let snap: ClusterSnapshot = serde_json::from_slice(&bytes)
-        .map_err(|e| corrupt(manifest.clone(), format!("is not a snapshot manifest ({e})")))?;
+    let snap: ClusterSnapshot = serde_json::from_slice(&bytes).map_err(|e| {
+        corrupt(
+            manifest.clone(),
+            format!("is not a snapshot manifest ({e})"),
+        )
+    })?;
     if snap.format != SNAPSHOT_FORMAT || snap.tag != tag || snap.cluster != cluster {
         return Err(corrupt(
             manifest,
@@ -441,7 +456,8 @@ pub fn list_snapshots(state_dir: &Path, cluster: &str) -> Result<Vec<SnapshotRow
             Err(e) => SnapshotRow {
                 created: None,
                 machines: Vec::new(),
-                bytes: drydock_gc::disk_usage(&[snapshots_dir(state_dir, cluster).join(&tag)]).unwrap_or(0),
+                bytes: drydock_gc::disk_usage(&[snapshots_dir(state_dir, cluster).join(&tag)])
+                    .unwrap_or(0),
                 systems: Vec::new(),
                 problem: Some(drydock_vm::error_chain(&e)),
                 tag,
@@ -625,7 +641,10 @@ impl RunningCluster {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| panic!("a save thread panicked")))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| panic!("a save thread panicked"))
+                    })
                     .collect()
             });
             for o in outcomes {
@@ -828,12 +847,11 @@ pub fn check_restore(
     let mut versions: BTreeMap<PathBuf, String> = BTreeMap::new();
     for m in &snap.machines {
         let mdir = machine_dir(state_dir, cluster, tag, &m.machine);
-        let (_, record) = drydock_vm::read_snapshot_dir(&mdir).map_err(|source| {
-            SnapshotError::Machine {
+        let (_, record) =
+            drydock_vm::read_snapshot_dir(&mdir).map_err(|source| SnapshotError::Machine {
                 machine: m.machine.clone(),
                 source,
-            }
-        })?;
+            })?;
         let q = record.spec.qemu.clone();
         if !versions.contains_key(&q) {
             let v = drydock_vm::qemu_version(&q).map_err(|source| SnapshotError::Machine {

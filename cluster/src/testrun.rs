@@ -1032,9 +1032,14 @@ pub fn run_tests(
             state_dir: state_dir.to_path_buf(),
             name: name.to_string(),
         };
-        let r = crate::session::reload_cycle(layout, state_dir, &req.up, &mut owner, cancel, &mut |ev| {
-            on(TestEvent::Up(ev))
-        });
+        let r = crate::session::reload_cycle(
+            layout,
+            state_dir,
+            &req.up,
+            &mut owner,
+            cancel,
+            &mut |ev| on(TestEvent::Up(ev)),
+        );
         on(TestEvent::Up(UpEvent::Reloaded(&r)));
         let report = r?;
         if script.is_none() {
@@ -1671,12 +1676,12 @@ fn watch_runs(
         };
         let only_script = !restored
             && match &ctx.req.script {
-            ScriptSource::File(p) => {
-                let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
-                changed.iter().all(|c| *c == p)
-            }
-            ScriptSource::Composition => false,
-        };
+                ScriptSource::File(p) => {
+                    let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                    changed.iter().all(|c| *c == p)
+                }
+                ScriptSource::Composition => false,
+            };
         let mut reload_secs = None;
         if !only_script {
             let t = Instant::now();
@@ -1973,9 +1978,23 @@ mod tests {
             }),
             Some(ExitClass::BadInput)
         );
+        let restore = |e| TestError::Restore {
+            tag: "t".into(),
+            source: Box::new(e),
+        };
         assert_eq!(
-            class(&TestError::NoSnapshots("t".into())),
+            class(&restore(crate::snapshot::SnapshotError::BadTag(
+                ".t".into()
+            ))),
             Some(ExitClass::BadInput)
+        );
+        assert_eq!(
+            class(&restore(crate::snapshot::SnapshotError::Corrupt {
+                tag: "t".into(),
+                path: "/s/snapshot.json".into(),
+                reason: "cannot be read".into(),
+            })),
+            Some(ExitClass::Failed)
         );
         assert_eq!(class(&TestError::Interrupted), Some(ExitClass::Interrupted));
         assert_eq!(
@@ -1986,8 +2005,6 @@ mod tests {
             class(&TestError::Channel(std::io::Error::other("x"))),
             Some(ExitClass::Failed)
         );
-        let e = TestError::NoSnapshots("base".into());
-        assert!(e.to_string().contains("not available yet"), "{e}");
     }
 
     #[test]

@@ -138,8 +138,10 @@ let
     tests=""
     stay=""
     machine=""
+    outside=""
     for w in $(cat /proc/cmdline); do
       case "$w" in
+        drydock.outside=*) outside="''${w#drydock.outside=}" ;;
         drydock.machine=*) machine="''${w#drydock.machine=}"; stay=1 ;;
         drydock.test=*) tests="$tests $(echo "''${w#drydock.test=}" | tr , ' ')" ;;
         drydock.stay) stay=1 ;;
@@ -206,6 +208,28 @@ let
           i=0
           while :; do echo "DRYDOCK-COUNT: $i"; i=$((i + 1)); sleep 0.2; done ;;
         idle)
+          stay=1 ;;
+        hold)
+          # Snapshots of a store over virtio-fs: a file held open (fd 3, its first block
+          # read) and a lookup made now; ticks; at tick 30 (15 s on: by then the test has
+          # snapshotted, stopped and restored the VM) a block 2 MiB into the held file, the
+          # looked-up file, a closure path never looked up, the listing and a name outside.
+          exec 3< "$(readlink "$systemConfig/kernel")"
+          dd bs=4096 count=1 <&3 >/dev/null 2>&1
+          [ -e "$systemConfig/activate" ]
+          echo "DRYDOCK-HOLD: ready"
+          i=0
+          while [ "$i" -lt 30 ]; do echo "DRYDOCK-HOLD-TICK: $i"; i=$((i + 1)); sleep 0.5; done
+          echo "DRYDOCK-HOLD-HELD: $(dd bs=4096 skip=511 count=1 <&3 2>/dev/null | md5sum | cut -d' ' -f1)"
+          echo "DRYDOCK-HOLD-LOOKED-UP: $(md5sum < "$systemConfig/activate" | cut -d' ' -f1)"
+          echo "DRYDOCK-HOLD-NEW: $(head -c 4096 "$(readlink "$systemConfig/initrd")" | md5sum | cut -d' ' -f1)"
+          ls -A /nix/store | while read -r e; do echo "DRYDOCK-HOLD-LS: $e"; done
+          if [ -n "$outside" ] && [ -e "/nix/store/$outside" ]; then
+            echo "DRYDOCK-HOLD-OUTSIDE: visible"
+          else
+            echo "DRYDOCK-HOLD-OUTSIDE: hidden"
+          fi
+          echo "DRYDOCK-HOLD-END"
           stay=1 ;;
         shell)
           echo "DRYDOCK-SHELL: exit the shell to continue"

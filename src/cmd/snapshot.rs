@@ -104,7 +104,9 @@ pub fn list(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     if rows.is_empty() {
-        eprintln!("drydock: the cluster {name} has no snapshots (take one with `drydock snapshot TAG`)");
+        eprintln!(
+            "drydock: the cluster {name} has no snapshots (take one with `drydock snapshot TAG`)"
+        );
         return Ok(Outcome::Success);
     }
     let now = SystemTime::now()
@@ -113,7 +115,11 @@ pub fn list(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
         .as_secs();
     let mut out = crate::out::stdout();
     use std::io::Write;
-    writeln!(out, "{:<16} {:>8} {:>10}  {:<30} SYSTEMS", "TAG", "AGE", "SIZE", "MACHINES")?;
+    writeln!(
+        out,
+        "{:<16} {:>8} {:>10}  {:<30} SYSTEMS",
+        "TAG", "AGE", "SIZE", "MACHINES"
+    )?;
     for r in &rows {
         let age = r
             .created
@@ -140,4 +146,3 @@ pub fn list(ctx: &Context, a: &ClusterArgs) -> anyhow::Result<Outcome> {
     }
     Ok(Outcome::Success)
 }
-

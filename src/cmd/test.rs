@@ -258,9 +258,9 @@ impl TestPrinter {
             TestEvent::Down { cluster } => {
                 eprintln!("drydock: taking down the cluster {cluster} this run started")
             }
-            TestEvent::Restored { cluster, tag, secs } => eprintln!(
-                "drydock: cluster {cluster} put back to snapshot {tag:?} in {secs:.2} s"
-            ),
+            TestEvent::Restored { cluster, tag, secs } => {
+                eprintln!("drydock: cluster {cluster} put back to snapshot {tag:?} in {secs:.2} s")
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! The read-only store image (`--store-mode image`): a VM's closure packed into an EROFS image
 //! that the guest gets as a read-only virtio-blk disk (its stage 1 mounts `/dev/vda` as erofs at
-//! `/nix/store`). This mode exists because QEMU cannot migrate (snapshot) a VM that has a
-//! vhost-user-fs device; a plain read-only disk migrates fine.
+//! `/nix/store`). This mode exists because QEMU before 8.2 cannot migrate (snapshot) a VM that
+//! has a vhost-user-fs device; a plain read-only disk migrates on any QEMU.
 //!
 //! # Cache
 //!

@@ -38,7 +38,8 @@ use crate::owner::{
 use crate::plan::{PlanError, VmPaths, validate_name};
 use crate::resolve::{LaunchRequest, ResolveError, resolve_launch};
 use crate::snapshot::{
-    SnapshotError, check_restorable, prepare_restore, qemu_version, read_snapshot, resume_incoming,
+    Incoming, SnapshotError, check_restorable, load_incoming, prepare_restore, qemu_version,
+    read_snapshot, read_snapshot_dir, snapshot_dir,
 };
 
 /// Where launches come from and go: the store the command line names, drydock's state, the
@@ -68,9 +69,19 @@ pub enum LaunchKind {
     /// The VM's recorded launch again (`vm restart`), without Nix; its disk is discarded unless
     /// `keep_disk`.
     Restart { name: String, keep_disk: bool },
-    /// The VM's recorded launch, loading its snapshot `tag` (`vm restore`); always under a
-    /// detached supervisor.
+    /// The VM's recorded launch, loading its snapshot `tag` (`vm restore`) and resuming it.
     Restore { name: String, tag: String },
+    /// The launch `record` (a VM's, as [`crate::read_snapshot_dir`] reads it from a snapshot),
+    /// loading the snapshot in `dir` (a cluster's restore): whatever runs under its name is
+    /// stopped, `dir`'s disk put back, the store servers and QEMU started, and the state loaded;
+    /// the guest is resumed only with `resume` (otherwise [`Launcher::start_here`] returns it
+    /// paused, loaded: resume it with QMP `cont`, then [`Vm::mark_running`]). With the
+    /// launcher's `shared_run`, the launch joins that run; otherwise it reopens the record's.
+    RestoreFrom {
+        record: Box<LaunchRecord>,
+        dir: PathBuf,
+        resume: bool,
+    },
 }
 
 /// Where a plan comes from.
@@ -78,7 +89,7 @@ pub enum LaunchKind {
 enum Origin {
     New,
     Restart { keep_disk: bool },
-    Restore { tag: String },
+    Restore(Incoming),
 }
 
 /// How the name is claimed.
@@ -120,8 +131,9 @@ struct Steps {
 /// How long a snapshot may take to load.
 pub(crate) const RESUME_DEADLINE: Duration = Duration::from_secs(120);
 
-/// The steps of a launch from `origin` (pure).
-fn steps(origin: &Origin) -> Steps {
+/// The steps of a launch from `origin` (pure); `shared_run`: the launcher joins a run of many
+/// launches (a cluster's).
+fn steps(origin: &Origin, shared_run: bool) -> Steps {
     match origin {
         Origin::New => Steps {
             claim: ClaimStep::RefuseLive,
@@ -140,12 +152,16 @@ fn steps(origin: &Origin) -> Steps {
             run: RunStep::Reopen,
         },
         // The snapshot replaces whatever runs now, at once.
-        Origin::Restore { .. } => Steps {
+        Origin::Restore(_) => Steps {
             claim: ClaimStep::StopRunning {
                 grace: Duration::ZERO,
             },
             disk: DiskStep::FromSnapshot,
-            run: RunStep::Reopen,
+            run: if shared_run {
+                RunStep::Begin
+            } else {
+                RunStep::Reopen
+            },
         },
     }
 }
@@ -173,7 +189,7 @@ impl LaunchPlan {
 
     /// Whether it loads a snapshot.
     pub fn is_restore(&self) -> bool {
-        matches!(self.origin, Origin::Restore { .. })
+        matches!(self.origin, Origin::Restore(_))
     }
 }
 
@@ -281,17 +297,64 @@ impl Launcher {
             }
             LaunchKind::Restore { name, tag } => {
                 let (record, paths) = self.recorded(&name)?;
-                let meta = read_snapshot(&paths, &tag)?;
-                let version = qemu_version(&record.spec.qemu)?;
-                check_restorable(&meta, &record, &version)?;
-                Ok(LaunchPlan {
-                    record,
-                    paths,
-                    image: None,
-                    origin: Origin::Restore { tag },
-                })
+                let (meta, _) = read_snapshot(&paths, &tag)?;
+                let dir = snapshot_dir(&paths, &tag);
+                self.restorable(record, paths, &meta, dir, true)
+            }
+            LaunchKind::RestoreFrom {
+                mut record,
+                dir,
+                resume,
+            } => {
+                let paths = self.paths(&record.spec.name)?;
+                paths.check_private().map_err(LaunchError::NotPrivate)?;
+                record
+                    .check_paths(&paths)
+                    .map_err(|(field, value, expected)| LaunchError::Untrusted {
+                        file: dir.join("launch.json"),
+                        field,
+                        value,
+                        expected,
+                    })?;
+                recorded_store(&record, &self.layout, self.store_root.as_deref())?;
+                if let Some(share) = &mut record.share {
+                    share.exe = self.exe.clone();
+                }
+                let (meta, _) = read_snapshot_dir(&dir)?;
+                self.restorable(*record, paths, &meta, dir, resume)
             }
         }
+    }
+
+    /// The plan of loading the snapshot in `dir` (whose metadata is `meta`) into the launch
+    /// `record`, once it is checked: every file it needs is there, and the snapshot fits it.
+    fn restorable(
+        &self,
+        record: LaunchRecord,
+        paths: VmPaths,
+        meta: &crate::snapshot::SnapshotMeta,
+        dir: PathBuf,
+        resume: bool,
+    ) -> Result<LaunchPlan, LauncherError> {
+        if let Some((what, path)) = record.missing_file() {
+            return Err(LauncherError::Gone {
+                name: record.spec.name.clone(),
+                what,
+                path,
+            });
+        }
+        let version = qemu_version(&record.spec.qemu)?;
+        check_restorable(meta, &record, &version)?;
+        Ok(LaunchPlan {
+            record,
+            paths,
+            image: None,
+            origin: Origin::Restore(Incoming {
+                dir,
+                format: meta.format,
+                resume,
+            }),
+        })
     }
 
     /// Resolve the new launch `req`, without looking at whether its name is free (a hot
@@ -330,7 +393,7 @@ impl Launcher {
         let paths = &plan.paths;
         paths.make_private().map_err(LaunchError::NotPrivate)?;
         if let Some(state) = VmState::read(paths) {
-            match steps(&plan.origin).claim {
+            match steps(&plan.origin, self.shared_run.is_some()).claim {
                 ClaimStep::RefuseLive => {
                     if let Some(qemu_pid) = live_vm(&state) {
                         return Err(LauncherError::NameInUse {
@@ -352,23 +415,21 @@ impl Launcher {
     }
 
     /// The claimed plan's disk, run and `launch.json`, before its start: the record as
-    /// written (with its run) and, for a restore, the snapshot's `-incoming` URI and tag.
-    fn commit(
-        &self,
-        claimed: Claimed,
-    ) -> Result<(LaunchRecord, Option<(String, String)>), LauncherError> {
+    /// written (with its run) and, for a restore, the snapshot to load.
+    fn commit(&self, claimed: Claimed) -> Result<(LaunchRecord, Option<Incoming>), LauncherError> {
         let LaunchPlan {
             mut record,
             paths,
             origin,
             ..
         } = claimed.0;
-        let steps = steps(&origin);
+        let steps = steps(&origin, self.shared_run.is_some());
         let mut incoming = None;
         match (steps.disk, &origin, &record.spec.disk) {
             (DiskStep::Discard, _, Some(disk)) => discard_disk(disk)?,
-            (DiskStep::FromSnapshot, Origin::Restore { tag }, _) => {
-                incoming = Some((prepare_restore(&record, tag)?, tag.clone()));
+            (DiskStep::FromSnapshot, Origin::Restore(from), _) => {
+                prepare_restore(&record, &from.dir)?;
+                incoming = Some(from.clone());
             }
             _ => {}
         }
@@ -400,8 +461,9 @@ impl Launcher {
     }
 
     /// Carry the claimed plan out with the VM owned by this process (thread): the disk, the
-    /// run, `launch.json`, then the store server and QEMU as its children (a restore loads its
-    /// snapshot and resumes the guest), its console read by this process as `console` says
+    /// run, `launch.json`, then the store servers and QEMU as its children (a restore loads its
+    /// snapshot and resumes the guest, or leaves it paused as its kind says), its console read
+    /// by this process as `console` says
     /// (its logs' bound, and a sink for each line). On a failure after the run was recorded,
     /// it is ended.
     pub fn start_here(
@@ -411,10 +473,10 @@ impl Launcher {
     ) -> Result<(LaunchRecord, Vm), LauncherError> {
         let (record, incoming) = self.commit(claimed)?;
         let started = (|| -> Result<Vm, LauncherError> {
-            let uri = incoming.as_ref().map(|(uri, _)| uri.as_str());
-            let mut vm = start_with(&record.spec, record.share.as_ref(), uri, console)?;
-            if let Some((_, tag)) = &incoming {
-                if let Err(e) = resume_incoming(&mut vm, tag, RESUME_DEADLINE) {
+            let arg = incoming.as_ref().map(Incoming::arg).transpose()?;
+            let mut vm = start_with(&record.spec, record.share.as_ref(), arg.as_deref(), console)?;
+            if let Some(incoming) = &incoming {
+                if let Err(e) = load_incoming(&mut vm, incoming, RESUME_DEADLINE) {
                     vm.stop(Duration::ZERO)?;
                     return Err(e.into());
                 }
@@ -446,7 +508,7 @@ impl Launcher {
             state_dir: &self.state_dir,
             store_root: self.store_root.as_deref(),
             name: &record.spec.name,
-            incoming: incoming.as_ref().map(|(u, t)| (u.as_str(), t.as_str())),
+            snapshot: incoming.as_ref().map(|i| (i.dir.as_path(), i.resume)),
         };
         let since = Instant::now();
         match spawn_supervisor(&sup, &paths, cancel) {
@@ -503,7 +565,11 @@ mod tests {
                 RunStep::Reopen,
             ),
             (
-                Origin::Restore { tag: "t".into() },
+                Origin::Restore(Incoming {
+                    dir: "/s/t".into(),
+                    format: crate::snapshot::StateFormat::FileStream,
+                    resume: true,
+                }),
                 ClaimStep::StopRunning {
                     grace: Duration::ZERO,
                 },
@@ -512,8 +578,20 @@ mod tests {
             ),
         ];
         for (origin, claim, disk, run) in cases {
-            assert_eq!(steps(&origin), Steps { claim, disk, run }, "{origin:?}");
+            assert_eq!(
+                steps(&origin, false),
+                Steps { claim, disk, run },
+                "{origin:?}"
+            );
         }
+        // A cluster's restore joins the cluster's run; its other launches are as alone.
+        let restore = Origin::Restore(Incoming {
+            dir: "/s/t".into(),
+            format: crate::snapshot::StateFormat::FileStream,
+            resume: false,
+        });
+        assert_eq!(steps(&restore, true).run, RunStep::Begin);
+        assert_eq!(steps(&Origin::New, true), steps(&Origin::New, false));
     }
 
     /// A state dir and store in a temporary directory, a kernel file, and a launcher on them.

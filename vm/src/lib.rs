@@ -65,14 +65,18 @@ pub use plan::{
 };
 pub use profile::{FstabError, Profile, ProfileDefaults, ShareTag, Transport, parse_fstab};
 pub use qmp::{
-    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, incoming_file_uri,
+    Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, file_uri,
+    incoming_file_uri,
 };
 pub use reginfo::RegInfoError;
 pub use resolve::{
     AccelChoice, Boot, LaunchRequest, ResolveError, Share, StoreMode, check_host_memory,
     configured_qemu, images_dir,
 };
-pub use snapshot::{SnapshotError, SnapshotMeta, qemu_version, snapshot_vm};
+pub use snapshot::{
+    SnapshotError, SnapshotMeta, StateFormat, check_snapshottable, qemu_version, read_snapshot_dir,
+    save_paused, snapshot_vm,
+};
 pub use spawn::{
     Awaited, Captured, DetachedChild, SpawnError, Supervised, await_report, drydock_command,
     run_captured, run_captured_until, spawn_detached, spawn_detached_holding,

@@ -258,35 +258,40 @@ fn detached(
 }
 
 /// The supervisor's part (`__vm-supervise`): start the recorded launch of the VM `name` (with
-/// this process's binary as its store server; with `incoming`, load the snapshot `(uri, tag)`
-/// and resume it, within two minutes), stay until QEMU exits or `cancel` is set, then stop it
-/// and end its run. Returns QEMU's exit status, if it exited.
+/// this process's binary as its store server; with `snapshot`, load the snapshot in that folder
+/// and resume the guest if asked, within two minutes), stay until QEMU exits or `cancel` is
+/// set, then stop it and end its run. Returns QEMU's exit status, if it exited.
 pub fn supervise(
     launcher: &Launcher,
     name: &str,
-    incoming: Option<(&str, &str)>,
+    snapshot: Option<(&Path, bool)>,
     cancel: &Cancel,
 ) -> Result<Option<ExitStatus>, LifecycleError> {
     let mut record = LaunchRecord::of_vm(&launcher.state_dir, name)?;
     if let Some(share) = &mut record.share {
         share.exe = launcher.exe.clone();
     }
-    let mut vm = start(
-        &record.spec,
-        record.share.as_ref(),
-        incoming.map(|(uri, _)| uri),
-    )?;
+    let incoming = snapshot
+        .map(|(dir, resume)| crate::snapshot::Incoming::of_dir(dir, resume))
+        .transpose()
+        .map_err(|e| LifecycleError::Snapshot(Box::new(e)))?;
+    let arg = incoming
+        .as_ref()
+        .map(crate::snapshot::Incoming::arg)
+        .transpose()
+        .map_err(|e| LifecycleError::Snapshot(Box::new(e)))?;
+    let mut vm = start(&record.spec, record.share.as_ref(), arg.as_deref())?;
     tracing::info!(
         "supervising {} (QEMU pid {})",
         record.spec.name,
         vm.state.qemu_pid
     );
-    if let Some((_, tag)) = incoming {
-        if let Err(e) = crate::snapshot::resume_incoming(&mut vm, tag, RESUME_DEADLINE) {
+    if let Some(incoming) = &incoming {
+        if let Err(e) = crate::snapshot::load_incoming(&mut vm, incoming, RESUME_DEADLINE) {
             vm.stop(Duration::ZERO)?;
             return Err(LifecycleError::Snapshot(Box::new(e)));
         }
-        tracing::info!("{} resumed from its snapshot", record.spec.name);
+        tracing::info!("{} loaded from its snapshot", record.spec.name);
     }
     // Until QEMU exits or the cancel wakes us: both are descriptors to block on.
     let (waker, woken) = crate::wait::wake_pair().map_err(|source| LaunchError::Files {

@@ -89,8 +89,8 @@ pub struct SupervisorCommand<'a> {
     /// `--store ROOT`, if the launch had one.
     pub store_root: Option<&'a Path>,
     pub name: &'a str,
-    /// Load a snapshot: the `-incoming` URI and the snapshot's tag (named in errors).
-    pub incoming: Option<(&'a str, &'a str)>,
+    /// Load the snapshot in this folder, and resume the guest (`true`) or leave it paused.
+    pub snapshot: Option<(&'a Path, bool)>,
 }
 
 /// Start the detached supervisor of the VM `paths` and wait until it has started QEMU (its
@@ -108,11 +108,11 @@ pub fn spawn_supervisor(
     })?;
     let mut cmd = crate::spawn::drydock_command(sup.exe, sup.state_dir, sup.store_root);
     cmd.arg("__vm-supervise").arg("--name").arg(sup.name);
-    if let Some((uri, tag)) = sup.incoming {
-        cmd.arg("--incoming")
-            .arg(uri)
-            .arg("--snapshot-tag")
-            .arg(tag);
+    if let Some((dir, resume)) = sup.snapshot {
+        cmd.arg("--snapshot").arg(dir);
+        if !resume {
+            cmd.arg("--paused");
+        }
     }
     let pid = crate::spawn::spawn_detached("vm supervisor", cmd, log)
         .map_err(|e| OwnerError::Spawn(Box::new(e)))?

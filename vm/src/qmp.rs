@@ -54,9 +54,11 @@
 //! QEMU 7.2 rejects `file:` migration URIs ("Parameter 'uri' expects a valid migration
 //! protocol"; they appeared in QEMU 8.2), so [`Qmp::migrate_to_file`] uses
 //! `exec:cat > 'PATH'` (QEMU runs it with `/bin/sh -c`, `cat` is looked up in QEMU's `PATH`),
-//! which works on every QEMU version. The snapshot is restored by starting QEMU with
-//! `-incoming` and [`incoming_file_uri`] (`exec:cat 'PATH'`), either directly on the command
-//! line or with `-incoming defer` and [`Qmp::migrate_incoming`]. When the source VM was stopped
+//! which works on every QEMU version; it is restored by starting QEMU with `-incoming` and
+//! [`incoming_file_uri`] (`exec:cat 'PATH'`), either directly on the command line or with
+//! `-incoming defer` and [`Qmp::migrate_incoming`]. On QEMU 8.2 and newer, [`file_uri`] with
+//! [`Qmp::migrate`] and [`Qmp::migrate_incoming`] needs no process, and allows capabilities
+//! such as `mapped-ram` ([`Qmp::set_migration_capabilities`]). When the source VM was stopped
 //! before the migration, the restored VM stays paused until [`Qmp::cont`].
 
 use std::collections::VecDeque;
@@ -825,6 +827,17 @@ impl Qmp {
         self.command(&command).map(drop)
     }
 
+    /// `migrate-set-capabilities`: each `(capability, state)` (e.g. `("mapped-ram", true)`), on
+    /// both sides of a migration before it starts.
+    pub fn set_migration_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({ "capability": c, "state": on }))
+            .collect();
+        self.execute_raw("migrate-set-capabilities", json!({ "capabilities": caps }))
+            .map(drop)
+    }
+
     /// `query-migrate`, decoded tolerantly (see [`MigrationInfo`]).
     pub fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
         let reply = self.command(&q::query_migrate {})?;
@@ -1126,6 +1139,20 @@ pub fn incoming_file_uri(path: &Path) -> Result<String, QmpError> {
     Ok(format!("exec:cat {}", shell_quote(&absolute_utf8(path)?)))
 }
 
+/// QEMU's `file:` migration URI of `path` (QEMU 8.2 or newer), for [`Qmp::migrate`] and
+/// [`Qmp::migrate_incoming`]. A comma would start an option of the URI: such a path is refused.
+/// A relative `path` is made absolute against this process's directory.
+pub fn file_uri(path: &Path) -> Result<String, QmpError> {
+    let path_text = absolute_utf8(path)?;
+    if path_text.contains(',') {
+        return Err(QmpError::InvalidPath {
+            path: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the path contains a comma"),
+        });
+    }
+    Ok(format!("file:{path_text}"))
+}
+
 /// `path` made absolute, as UTF-8 (QMP strings are JSON strings).
 fn absolute_utf8(path: &Path) -> Result<String, QmpError> {
     let invalid = |source: io::Error| QmpError::InvalidPath {
@@ -1356,6 +1383,15 @@ mod tests {
     fn shell_quoting_and_incoming_uri() {
         assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(
+            incoming_file_uri(Path::new("/tmp/x y.bin")).expect("uri"),
+            "exec:cat '/tmp/x y.bin'"
+        );
+        assert_eq!(
+            file_uri(Path::new("/tmp/x y.bin")).expect("uri"),
+            "file:/tmp/x y.bin"
+        );
+        assert!(file_uri(Path::new("/tmp/a,offset=9")).is_err());
         assert_eq!(
             incoming_file_uri(Path::new("/tmp/x y.bin")).expect("uri"),
             "exec:cat '/tmp/x y.bin'"

@@ -336,12 +336,9 @@ fn report_end(
 pub fn supervise(ctx: &Context, a: &VmSuperviseArgs) -> anyhow::Result<Outcome> {
     let launcher = launcher(ctx)?;
     install_cancel_handler();
-    let incoming = a
-        .incoming
-        .as_deref()
-        .map(|uri| (uri, a.snapshot_tag.as_deref().unwrap_or("default")));
+    let snapshot = a.snapshot.as_deref().map(|dir| (dir, !a.paused));
     eprintln!("drydock: supervising {}", a.name);
-    let status = drydock_vm::supervise(&launcher, &a.name, incoming, &CANCEL)?;
+    let status = drydock_vm::supervise(&launcher, &a.name, snapshot, &CANCEL)?;
     eprintln!(
         "drydock: {} stopped ({})",
         a.name,

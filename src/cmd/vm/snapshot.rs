@@ -1,6 +1,7 @@
-//! `vm snapshot` and `vm restore`: save a running VM's full state beside its folder, and bring
-//! it back (detached, owned by a supervisor) with `-incoming`, after the library checked that
-//! the snapshot fits the VM (closure, QEMU, machine options).
+//! `vm snapshot` and `vm restore`: save a running VM's full state beside its folder (its store
+//! an image, or over virtio-fs on QEMU 8.2 or newer), and bring it back (detached, owned by a
+//! supervisor) with `-incoming`, after the library checked that the snapshot fits the VM
+//! (closure, QEMU, machine options).
 
 use drydock_vm::{Ending, LaunchEvent, LaunchKind};
 
@@ -16,7 +17,7 @@ pub fn snapshot(ctx: &Context, a: &VmSnapshotArgs) -> anyhow::Result<Outcome> {
         "drydock: snapshot {:?} of {}: {:.1} MiB of state saved in {:.2} s (guest paused meanwhile, now running again)",
         a.tag,
         a.name,
-        meta.state_bytes as f64 / 1048576.0,
+        meta.state_disk_bytes.unwrap_or(meta.state_bytes) as f64 / 1048576.0,
         meta.save_seconds
     );
     if ctx.json {

@@ -20,13 +20,21 @@
 //!   read anew. (A name that was visible and is hidden afterwards stays reachable through a dentry
 //!   the guest already holds, until it expires: virtio-fs has no invalidation messages.)
 //!
+//! - **migrates**: for `vm snapshot` and `vm restore` (QEMU's vhost-user-fs device state, QEMU
+//!   8.2 or newer), the state is a small header holding the closure view (see [`write_view`]),
+//!   then passthrough's own state (the inodes and open handles the guest holds, found again by
+//!   path on the other side). A restored server takes its view from the stream, so the guest
+//!   sees what it saw when it was saved; a hot reload afterwards replaces it as usual.
+//!
 //! Why a wrapper: `PassthroughFsRo` cannot filter, and the `FileSystem` trait is the seam virtiofsd
 //! offers; filtering at the root inode keeps the rest of passthrough's behaviour (inode and handle
 //! tracking, `readdirplus` via `lookup`) intact.
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -70,6 +78,17 @@ impl AllowList {
 
     fn shows(&self, name: &[u8]) -> bool {
         name == b"." || name == b".." || self.0.contains(name)
+    }
+
+    /// The names, sorted (the list was made of strings, so each is UTF-8).
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .0
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        names.sort();
+        names
     }
 }
 
@@ -527,8 +546,135 @@ impl FileSystem for StoreFs {
     }
 }
 
-/// Live migration is not supported: the trait's defaults refuse to serialize.
-impl SerializableFileSystem for StoreFs {}
+/// What a migration stream of the store server starts with: these bytes, then the format's
+/// version (`u32`, little-endian), the view (`u8`: 0 the whole store, 1 a closure), the length
+/// of the list in bytes (`u64`, little-endian; 0 for the whole store) and the list itself (one
+/// store path basename per line, sorted), then passthrough's own state to the end of the stream.
+const VIEW_MAGIC: &[u8; 16] = b"drydock-storefs\n";
+const VIEW_VERSION: u32 = 1;
+const VIEW_WHOLE: u8 = 0;
+const VIEW_CLOSURE: u8 = 1;
+const VIEW_HEADER_LEN: usize = VIEW_MAGIC.len() + 4 + 1 + 8;
+/// The largest list a stream may carry: as large as the control socket takes.
+const MAX_VIEW_BYTES: u64 = super::serve::MAX_CONTROL_BYTES;
+
+fn bad_state(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the store server's saved state {what}"),
+    )
+}
+
+/// Write the closure view (`None`: the whole store) as the header of a migration stream.
+pub(crate) fn write_view(out: &mut impl Write, names: Option<&[String]>) -> io::Result<()> {
+    let (view, list) = match names {
+        None => (VIEW_WHOLE, String::new()),
+        Some(names) => (
+            VIEW_CLOSURE,
+            super::serve::encode_allow_list(names).map_err(|e| bad_state(e.to_string()))?,
+        ),
+    };
+    if list.len() as u64 > MAX_VIEW_BYTES {
+        return Err(bad_state(format!(
+            "would hold a closure of {} bytes, more than {MAX_VIEW_BYTES}",
+            list.len()
+        )));
+    }
+    let mut header = Vec::with_capacity(VIEW_HEADER_LEN + list.len());
+    header.extend_from_slice(VIEW_MAGIC);
+    header.extend_from_slice(&VIEW_VERSION.to_le_bytes());
+    header.push(view);
+    header.extend_from_slice(&(list.len() as u64).to_le_bytes());
+    header.extend_from_slice(list.as_bytes());
+    out.write_all(&header)
+}
+
+/// Read the header [`write_view`] wrote, exactly (not a byte of what follows), and check it:
+/// the closure view it holds (`None`: the whole store). Nothing in it is trusted: a wrong magic
+/// or version, a list longer than [`MAX_VIEW_BYTES`], a truncated one, or an entry that is not a
+/// store path basename is an `InvalidData` error saying so.
+pub(crate) fn read_view(input: &mut impl Read) -> io::Result<Option<Vec<String>>> {
+    let mut header = [0u8; VIEW_HEADER_LEN];
+    input.read_exact(&mut header).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => bad_state("is truncated: it ends within its header"),
+        _ => e,
+    })?;
+    let (magic, rest) = header.split_at(VIEW_MAGIC.len());
+    if magic != VIEW_MAGIC {
+        return Err(bad_state("does not start with drydock's header"));
+    }
+    let (version, rest) = rest.split_at(4);
+    let version = u32::from_le_bytes(version.try_into().expect("4 bytes"));
+    if version != VIEW_VERSION {
+        return Err(bad_state(format!(
+            "has version {version} of drydock's header; this drydock reads version {VIEW_VERSION}"
+        )));
+    }
+    let (view, len) = (rest[0], &rest[1..]);
+    let len = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    if len > MAX_VIEW_BYTES {
+        return Err(bad_state(format!(
+            "claims a closure of {len} bytes, more than {MAX_VIEW_BYTES}"
+        )));
+    }
+    match view {
+        VIEW_WHOLE if len == 0 => return Ok(None),
+        VIEW_WHOLE => return Err(bad_state("shares the whole store but carries a list")),
+        VIEW_CLOSURE => {}
+        other => return Err(bad_state(format!("has an unknown view {other}"))),
+    }
+    let mut list = Vec::new();
+    input.take(len).read_to_end(&mut list)?;
+    if list.len() as u64 != len {
+        return Err(bad_state(format!(
+            "is truncated: its closure has {} of {len} bytes",
+            list.len()
+        )));
+    }
+    let text = String::from_utf8(list).map_err(|_| bad_state("has a closure that is not UTF-8"))?;
+    super::serve::parse_allow_list(&text)
+        .map(Some)
+        .map_err(|e| bad_state(format!("has a bad closure: {e}")))
+}
+
+/// Migration (`vm snapshot`, `vm restore`): the closure view, then passthrough's state (see the
+/// module docs). A restored server shows the view the stream carries.
+impl SerializableFileSystem for StoreFs {
+    fn prepare_serialization(&self, cancel: std::sync::Arc<AtomicBool>) {
+        self.inner.prepare_serialization(cancel)
+    }
+
+    fn serialize(&self, mut state_pipe: File) -> io::Result<()> {
+        let names = self.allowed().map(|a| a.names());
+        write_view(&mut state_pipe, names.as_deref())?;
+        self.inner.serialize(state_pipe)
+    }
+
+    fn deserialize_and_apply(&self, mut state_pipe: File) -> io::Result<()> {
+        // Read exactly the header: the rest of the pipe is passthrough's.
+        let view = read_view(&mut state_pipe)?;
+        match (&view, &self.allow) {
+            (Some(_), None) => {
+                return Err(bad_state(
+                    "shows a closure, but this server shares the whole store",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad_state(
+                    "shares the whole store, but this server shows a closure",
+                ));
+            }
+            _ => {}
+        }
+        self.inner.deserialize_and_apply(state_pipe)?;
+        if let (Some(names), Some(allow)) = (view, &self.allow) {
+            let list = AllowList::new(&names);
+            tracing::info!("closure view restored: {} store paths shown", list.len());
+            *allow.write().unwrap_or_else(|p| p.into_inner()) = list;
+        }
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -544,5 +690,78 @@ mod tests {
         assert!(!allow.shows(b"abc-fo"));
         assert!(!allow.shows(b"xyz-baz"));
         assert!(!allow.shows(b""));
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_view_round_trips_and_is_read_exactly() {
+        for view in [None, Some(names(&["abc-foo", "def-bar"])), Some(Vec::new())] {
+            let mut stream = Vec::new();
+            write_view(&mut stream, view.as_deref()).unwrap();
+            // What follows the header is passthrough's, and stays unread.
+            stream.extend_from_slice(b"INNER STATE");
+            let mut r = &stream[..];
+            assert_eq!(read_view(&mut r).unwrap(), view);
+            assert_eq!(r, b"INNER STATE");
+        }
+        // The list of a live allow-list is sorted.
+        let allow = AllowList::new(["b-2", "a-1"]);
+        assert_eq!(allow.names(), names(&["a-1", "b-2"]));
+    }
+
+    fn header(magic: &[u8], version: u32, view: u8, len: u64, list: &[u8]) -> Vec<u8> {
+        let mut h = magic.to_vec();
+        h.extend_from_slice(&version.to_le_bytes());
+        h.push(view);
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(list);
+        h
+    }
+
+    #[test]
+    fn a_bad_view_is_an_error_saying_why() {
+        let list = b"abc-foo\ndef-bar\n";
+        let good = header(VIEW_MAGIC, 1, 1, list.len() as u64, list);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "ends within its header"),
+            (good[..10].to_vec(), "ends within its header"),
+            (good[..VIEW_HEADER_LEN + 3].to_vec(), "has 3 of 16 bytes"),
+            (
+                header(b"something-else!\n", 1, 1, 0, b""),
+                "does not start with drydock's header",
+            ),
+            (header(VIEW_MAGIC, 2, 1, 0, b""), "has version 2"),
+            (header(VIEW_MAGIC, 1, 7, 0, b""), "unknown view 7"),
+            (header(VIEW_MAGIC, 1, 0, 3, b"a-b"), "carries a list"),
+            (
+                header(VIEW_MAGIC, 1, 1, u64::MAX, b""),
+                "more than 134217728",
+            ),
+            (
+                header(VIEW_MAGIC, 1, 1, MAX_VIEW_BYTES + 1, b"abc"),
+                "more than 134217728",
+            ),
+            (header(VIEW_MAGIC, 1, 1, 9, b"abc/../x\n"), "contains '/'"),
+            (
+                header(VIEW_MAGIC, 1, 1, 3, b"..\n"),
+                "not a store path name",
+            ),
+            (header(VIEW_MAGIC, 1, 1, 2, b"\xff\n"), "not UTF-8"),
+        ];
+        for (bytes, says) in cases {
+            let e = read_view(&mut &bytes[..]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{says}: {e}");
+            assert!(
+                e.to_string().starts_with("the store server's saved state ")
+                    && e.to_string().contains(says),
+                "{says}: {e}"
+            );
+        }
+        // A bad name is refused on the way out too.
+        let e = write_view(&mut Vec::new(), Some(&names(&["ok", "a/b"]))).unwrap_err();
+        assert!(e.to_string().contains("contains '/'"), "{e}");
     }
 }

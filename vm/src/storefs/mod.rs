@@ -12,7 +12,9 @@
 //!   and returns when it disconnects.
 //!
 //! The policies live in `closure.rs`: every write opcode answers `EROFS` whatever the guest
-//! mounts, and with an allow-list the share's root shows only those store paths.
+//! mounts, and with an allow-list the share's root shows only those store paths. Both the store's
+//! server and a writable folder's migrate with their VM (`vm snapshot`, QEMU 8.2 or newer): the
+//! store's state carries its closure view, which a restored server shows.
 //!
 //! Requests are handled on the request queue's own thread by default (thread pool size 0, also
 //! virtiofsd's default): on a 2-core host the pool's hand-off costs more than the parallelism it

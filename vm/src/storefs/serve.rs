@@ -16,6 +16,10 @@
 //! namespace would remap file owners to `nobody`); the read-only and closure policies do not
 //! depend on the sandbox at all.
 //!
+//! Both kinds of server migrate (`vm snapshot`/`vm restore` of a virtio-fs VM): the store's
+//! through `StoreFs` (its closure view travels in the stream), a writable folder's as plain
+//! passthrough state; inodes are found again by path (see `serve_store`).
+//!
 //! The process also asks for SIGKILL when its parent dies (the launcher sets this before exec as
 //! well), and keeps SIGTERM's default action: SIGTERM ends it at once, which is a clean stop since
 //! it holds no state worth saving.
@@ -31,7 +35,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtiofsd::passthrough::read_only::PassthroughFsRo;
-use virtiofsd::passthrough::{self, CachePolicy, InodeFileHandlesMode};
+use virtiofsd::passthrough::{self, CachePolicy, InodeFileHandlesMode, MigrationMode};
 use virtiofsd::sandbox::{Sandbox, SandboxMode};
 use virtiofsd::seccomp::{SeccompAction, enable_seccomp};
 use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
@@ -219,6 +223,13 @@ pub fn serve_store(opts: &StoreServeOptions) -> Result<(), StoreServerError> {
         xattr: false,
         announce_submounts: false,
         guest_fd_limit,
+        // Migration (snapshots) finds each inode the guest holds again by its path: the store
+        // never changes under a path, and a path is found by reading /proc/self/fd's links,
+        // which works in the chroot (opened before it; the links then read relative to the new
+        // root, `/HASH-name/...`, as the root inode's own link `/` is) and without privilege.
+        // File handles would need open_by_handle_at, so CAP_DAC_READ_SEARCH, which a server run
+        // by another user than root does not have. The same holds for a writable share.
+        migration_mode: MigrationMode::FindPaths,
         ..Default::default()
     };
 
@@ -322,7 +333,7 @@ pub(crate) fn control_socket(socket: &Path) -> PathBuf {
 }
 
 /// The largest allow-list a control connection may send (a closure of a million paths).
-const MAX_CONTROL_BYTES: u64 = 128 << 20;
+pub(crate) const MAX_CONTROL_BYTES: u64 = 128 << 20;
 
 /// Serve the control socket: each connection sends a whole new allow-list (one basename per
 /// line, then end of stream) and gets one line back, `ok N` (N entries now shown) or `error:
