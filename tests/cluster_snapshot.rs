@@ -149,7 +149,9 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
     // gc: once only the snapshots hold the systems (the machines' runs collected), `gc --all`
     // keeps them, and a restore still works.
     c.down();
-    let runs = json(&c, &["runs"]);
+    let runs = c.drydock().args(["--json", "runs"]).run();
+    assert!(runs.status.success(), "runs: {}", text(&runs.stderr));
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
     let machine_runs: Vec<String> = runs["runs"]
         .as_array()
         .unwrap()
