@@ -843,6 +843,40 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_from_a_folder_is_checked_before_anything_changes() {
+        let f = fixture();
+        let l = &f.launcher;
+        let plan = l.plan(LaunchKind::New(request("m", &f.kernel))).unwrap();
+        let dir = f.dir.path().join("snaps/ready");
+        std::fs::create_dir_all(&dir).unwrap();
+        let from = |record: &LaunchRecord| LaunchKind::RestoreFrom {
+            record: Box::new(record.clone()),
+            dir: dir.clone(),
+            resume: false,
+        };
+        // No snapshot there: corrupt, naming the file (exit 1).
+        let e = l.plan(from(plan.record())).unwrap_err();
+        assert!(
+            matches!(&e, LauncherError::Snapshot(SnapshotError::Corrupt { path, .. }) if path == &dir.join("meta.json")),
+            "{e:?}"
+        );
+        assert!(!e.is_bad_input());
+        // A record whose files lie outside its VM's folder is not used (exit 2).
+        let mut moved = plan.record().clone();
+        if let Some(disk) = &mut moved.spec.disk {
+            disk.overlay = f.dir.path().join("elsewhere.qcow2");
+        }
+        let e = l.plan(from(&moved)).unwrap_err();
+        assert!(
+            matches!(&e, LauncherError::Launch(LaunchError::Untrusted { file, .. }) if file == &dir.join("launch.json")),
+            "{e:?}"
+        );
+        assert!(e.is_bad_input());
+        // Planning changed nothing of the VM.
+        assert!(!l.state_dir.join("vms/m").exists());
+    }
+
+    #[test]
     fn a_claim_refuses_a_live_name_and_reaps_a_dead_entry() {
         let f = fixture();
         let l = &f.launcher;
