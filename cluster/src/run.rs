@@ -801,6 +801,10 @@ fn serve(
                 }
                 return Err(MachineError::NoBackdoor);
             }
+            // The owner resumed it: recorded as running (`ps`, `down`).
+            if let Err(e) = vm.mark_running() {
+                tracing::warn!("{}: {}", m.vm_name, drydock_vm::error_chain(&e));
+            }
             let b = Backdoor::attached(stream);
             b.exec(&clock_call(), ready.remaining())
                 .and_then(|out| match out.status {
