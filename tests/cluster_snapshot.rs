@@ -177,6 +177,21 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
         json(&c, &["restore", "ready"]);
         assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
     });
+    checks.check("gc --dry-run shows a snapshot as its run's artifact", || {
+        let id = s["run_id"].as_i64().unwrap().to_string();
+        let g = c
+            .drydock()
+            .args(["--json", "gc", "--dry-run", "--run", &id])
+            .run();
+        assert!(g.status.success(), "{}", text(&g.stderr));
+        let g: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+        let a = &g["artifacts"][0];
+        assert!(
+            a["path"].as_str().unwrap().ends_with("clusters/snap/snapshots/stopped"),
+            "{g}"
+        );
+        assert!(a["bytes"].as_u64().unwrap() > 0, "{g}");
+    });
     checks.check("snapshot --rm", || {
         let r = json(&c, &["snapshot", "--rm", "switched"]);
         assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");

@@ -71,6 +71,8 @@ pub struct ClusterSnapshot {
     pub accel: String,
     pub qemu: Option<PathBuf>,
     pub log_limit: u64,
+    /// The store its systems are in (a restore and its owner use it, whatever `--store` says).
+    pub store: StoreLayout,
 }
 
 /// One machine in a snapshot (its files in `machines/MACHINE/`).
@@ -116,6 +118,7 @@ impl ClusterSnapshot {
         };
         l.qemu = self.qemu.clone();
         l.log_limit = self.log_limit;
+        l.layout = self.store.clone();
         l
     }
 }
@@ -690,6 +693,7 @@ impl RunningCluster {
             accel: self.opts.accel.as_arg().to_string(),
             qemu: self.opts.qemu.clone(),
             log_limit: self.opts.log_limit,
+            store: self.opts.layout.clone(),
         };
         let dir = root.join(tag);
         snap.run_id = record_run(&self.opts, &snap, &records, &dir);
@@ -801,7 +805,6 @@ pub struct RestoreRequest<'a> {
     /// How the owner launches machines later (a start, a reload); its `ready_timeout` bounds
     /// the restore.
     pub launch: &'a ClusterLaunch,
-    pub store_root: Option<&'a Path>,
 }
 
 /// What `restore` did.
@@ -870,6 +873,7 @@ pub fn check_restore(
             });
         }
         if let Some(system) = &m.system {
+            let layout = record.store.as_ref().unwrap_or(layout);
             let present = layout
                 .parse(system)
                 .map(|sp| layout.physical(&sp).exists())
@@ -892,6 +896,7 @@ pub fn check_restore(
 pub fn restore(req: &RestoreRequest<'_>, cancel: &Cancel) -> Result<RestoreReport, SnapshotError> {
     let state_dir = req.launch.state_dir.as_path();
     let snap = check_restore(state_dir, &req.launch.layout, req.cluster, req.tag)?;
+    // The snapshot's own store, whatever `--store` the restore was given.
     let launch = snap.launch_like(req.launch);
     let mut stopped_first_secs = None;
     if ClusterState::read_up(state_dir, req.cluster).is_some() {
@@ -908,7 +913,7 @@ pub fn restore(req: &RestoreRequest<'_>, cancel: &Cancel) -> Result<RestoreRepor
         &crate::control::DetachedOwner {
             plan: &snap.plan,
             launch: &launch,
-            store_root: req.store_root,
+            store_root: launch.layout.root.as_deref(),
             lock: &lock,
             idle: false,
             restore: Some(req.tag),

@@ -845,7 +845,6 @@ struct Ctx<'a> {
     driver: PathBuf,
     python: String,
     launch: &'a ClusterLaunch,
-    store_root: Option<&'a Path>,
 }
 
 impl Ctx<'_> {
@@ -867,7 +866,6 @@ impl Ctx<'_> {
             cluster: self.name(),
             tag,
             launch: self.launch,
-            store_root: self.store_root,
         };
         let r = crate::snapshot::restore(&req, cancel).map_err(|e| match e.is_interrupted() {
             true => TestError::Interrupted,
@@ -1012,7 +1010,6 @@ pub fn run_tests(
         driver: write_driver(state_dir, &req.up.name)?,
         python: req.python.display().to_string(),
         launch,
-        store_root,
     };
     let name = req.up.name.as_str();
     // A script file is checked before anything else happens.

@@ -62,6 +62,7 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
         plan,
         outcome,
         images,
+        artifacts,
     } = collected?;
     // Which images the VMs whose launch record is unreadable use is unknown: every image is
     // kept, and this says why.
@@ -76,6 +77,14 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
     let Some(result) = outcome else {
         if ctx.json {
             let doc = DryRunDoc {
+                artifact_bytes: artifacts.iter().map(|(_, b)| b).sum(),
+                artifacts: artifacts
+                    .iter()
+                    .map(|(p, b)| ArtifactDoc {
+                        path: p.as_path(),
+                        bytes: *b,
+                    })
+                    .collect(),
                 bytes: plan.bytes,
                 image_bytes: images.iter().map(|i| i.bytes).sum(),
                 images: images.iter().map(|i| i.path.as_path()).collect(),
@@ -95,6 +104,9 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
                     i.path.display(),
                     size(i.bytes)
                 )?;
+            }
+            for (p, b) in &artifacts {
+                writeln!(out, "{} (a selected run's artifact, {})", p.display(), size(*b))?;
             }
             for p in &plan.paths {
                 writeln!(out, "{p}")?;
@@ -177,6 +189,8 @@ fn progress_bar(total: usize) -> indicatif::ProgressBar {
 /// order, nested ones too, as when it was built as a `serde_json::Value`.
 #[derive(serde::Serialize)]
 struct DryRunDoc<'a> {
+    artifact_bytes: u64,
+    artifacts: Vec<ArtifactDoc<'a>>,
     bytes: u64,
     image_bytes: u64,
     images: Vec<&'a std::path::Path>,
@@ -186,6 +200,13 @@ struct DryRunDoc<'a> {
     nar_bytes: u64,
     paths: &'a drydock_gc::NameList,
     runs: &'a [i64],
+}
+
+/// An artifact a dry run would remove (a VM's folder, a cluster snapshot).
+#[derive(serde::Serialize)]
+struct ArtifactDoc<'a> {
+    bytes: u64,
+    path: &'a std::path::Path,
 }
 
 /// `gc --json` after a real collection (keys in the order JSON objects had before: sorted).

@@ -72,7 +72,6 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<Outcome> {
         cluster: &name,
         tag: &a.tag,
         launch: &launch,
-        store_root: ctx.store_root.as_deref(),
     };
     let r = match drydock_cluster::restore_cluster(&req, &crate::cancel::CANCEL) {
         Err(e) if e.is_interrupted() => return Ok(Outcome::Interrupted),

@@ -50,6 +50,9 @@ pub struct Collection {
     /// The deletion's outcome; absent in a dry run.
     pub outcome: Option<GcOutcome>,
     pub images: ImageSweep,
+    /// A dry run: the selected runs' artifacts still there (VM folders, cluster snapshots),
+    /// each with its bytes on disk, which the collection would remove.
+    pub artifacts: Vec<(PathBuf, u64)>,
 }
 
 /// Why a collection failed.
@@ -94,10 +97,16 @@ pub fn collect(
     if req.dry_run {
         // Store images only the collected runs' VMs use would go too.
         let mut leaving = Vec::new();
+        let mut artifacts = Vec::new();
         for id in &plan.runs {
             for a in runs.artifacts(*id).map_err(GcError::from)? {
+                let path = PathBuf::from(&a.path);
+                if a.removed_at.is_none() && path.starts_with(req.state_dir) && path.exists() {
+                    let bytes = drydock_gc::disk_usage(std::slice::from_ref(&path)).unwrap_or(0);
+                    artifacts.push((path.clone(), bytes));
+                }
                 if a.kind == ArtifactKind::StateDir {
-                    leaving.push(PathBuf::from(&a.path));
+                    leaving.push(path);
                 }
             }
         }
@@ -106,6 +115,7 @@ pub fn collect(
             plan,
             outcome: None,
             images,
+            artifacts,
         });
     }
     let total = plan.paths.len();
@@ -119,6 +129,7 @@ pub fn collect(
         plan,
         outcome: Some(outcome),
         images,
+        artifacts: Vec::new(),
     })
 }
 
