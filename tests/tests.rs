@@ -15,6 +15,7 @@ mod cluster_security;
 mod compose;
 mod doctor;
 mod doctor_builders;
+mod etcd;
 mod eval;
 mod example;
 mod gc_all;
