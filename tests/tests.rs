@@ -16,6 +16,7 @@ mod cluster_snapshot;
 mod compose;
 mod doctor;
 mod doctor_builders;
+mod etcd;
 mod eval;
 mod example;
 mod gc_all;

@@ -28,6 +28,7 @@
 #             store but NOT referenced by toplevel, to check that paths
 #             outside the closure stay invisible to the guest.
 #   busybox   the guest's busybox (what `sw` points to)
+#   binPath   the PATH of the services, the activation and the backdoor (busybox, then `packages`)
 #   build, kernelFile, switchToConfiguration  the derivation helper, the kernel's store path
 #             and switch-to-configuration's text, for variants (nixos-node.nix)
 { kernel                # absolute host path of the kernel image
@@ -37,6 +38,8 @@
 , variant ? ""          # non-empty: adds a harmless difference to the closure
 , kernelParams ? "console=ttyS0 panic=-1 quiet loglevel=4"
 , services ? ""         # shell run in the background once a cluster machine's network is up
+, packages ? [ ]        # store paths (derivations) whose bin/ the services, the activation and
+                        # the backdoor shell find on PATH, after busybox's (etcd.nix)
 , www ? ""              # the web page the machine serves (default: "hello from MACHINE")
 , activation ? ""       # shell run at each activation, before the services; failing fails it
 , backdoorRevision ? ""  # the backdoor's revision: a switch to a system whose revision differs
@@ -98,6 +101,11 @@ let
       [ "$a" = busybox ] || ln -s busybox "$a"
     done
   '';
+
+  # The PATH of a cluster machine's services, activation and backdoor: busybox's applets first,
+  # then each package's bin/. Without packages it is busybox's alone (the scripts' text, so the
+  # system's hash, is what it was before `packages` existed).
+  binPath = "${busybox}/bin" + builtins.concatStringsSep "" (map (p: ":${p}/bin") packages);
 
   kernelFile = builtins.path {
     path = kernel;
@@ -253,7 +261,7 @@ let
   # Services get the console, never the caller's output (a switch's caller waits for its EOF).
   activate = ''
     #!${busybox}/bin/sh
-    export PATH=${busybox}/bin
+    export PATH=${binPath}
     systemConfig=@out@
     machine="$(hostname)"
     mkdir -p /run/drydock /srv/www
@@ -309,7 +317,7 @@ let
   # every process of the session SID (the backdoor it replaces).
   backdoor = ''
     #!${busybox}/bin/sh
-    export PATH=${busybox}/bin
+    export PATH=${binPath}
     if [ -n "$1" ] && [ "$1" -gt 1 ]; then
       sid="$1"
       i=0
@@ -384,7 +392,7 @@ let
   '';
 in
 {
-  inherit toplevel outside busybox;
+  inherit toplevel outside busybox binPath;
   # For variants built on the same builders (nixos-node.nix).
   inherit build kernelFile switchToConfiguration;
 }

@@ -247,6 +247,144 @@ pub fn systemd_composition(shares: &str, nodes: &str, machines: &str) -> String 
     )
 }
 
+/// Make sure Debian's etcd is in the guest cache too (`fetch-etcd`), for [`etcd_composition`].
+pub fn etcd_guest_ready() {
+    guest_ready();
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/fetch-etcd");
+        let out = Command::new(s).output().expect("fetch-etcd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The composition of an etcd cluster of `members` machines `etcd1`..`etcdN` on VLAN 1
+/// (`scripts/guest/etcd-cluster.nix`: the busybox test guest, 256 MiB each, Debian's etcd
+/// bootstrapped statically as one cluster, its data on the machine's disk, `etcdctl` on PATH),
+/// with `args` more of that file's arguments as Nix (`variant = "v2";` for a hot reload,
+/// `memorySize = 512;`, `electionTimeout = 10000;`). Call [`etcd_guest_ready`] first; then
+/// [`etcd_wait_healthy`] waits until the cluster has formed.
+pub fn etcd_composition(members: usize, args: &str) -> String {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/etcd-cluster.nix");
+    format!(
+        "import {file} {{ members = {members}; cache = \"{cache}/guest\"; {args} }}\n",
+        file = file.display(),
+        cache = guest_cache(),
+    )
+}
+
+/// The machines of an [`etcd_composition`] of `members`: `etcd1`..`etcdN`.
+pub fn etcd_machines(members: usize) -> Vec<String> {
+    (1..=members).map(|i| format!("etcd{i}")).collect()
+}
+
+/// `etcdctl --command-timeout 15s ARGS` on `machine` (ARGS as shell words), through `exec`
+/// with a deadline of 60 s. etcdctl talks to the machine's own member unless ARGS name
+/// `--endpoints`.
+pub fn etcdctl(c: &Cluster, machine: &str, args: &str) -> Ran {
+    c.exec(
+        machine,
+        "60",
+        &format!("etcdctl --command-timeout 15s {args}"),
+    )
+}
+
+/// `etcdctl endpoint health --cluster` on `machine`: the client URLs of the members it reports
+/// healthy (its JSON, `-w json`), or why it could not tell (etcdctl's output: a member that is
+/// down or unhealthy makes it fail).
+pub fn etcd_health(c: &Cluster, machine: &str) -> Result<Vec<String>, String> {
+    let o = etcdctl(c, machine, "-w json endpoint health --cluster");
+    let why = || {
+        format!(
+            "exit {:?}: {}{}",
+            o.status.code(),
+            text(&o.stdout),
+            text(&o.stderr)
+        )
+    };
+    if !o.status.success() {
+        return Err(why());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|_| why())?;
+    let mut healthy: Vec<String> = v
+        .as_array()
+        .ok_or_else(why)?
+        .iter()
+        .filter(|e| e["health"] == serde_json::Value::Bool(true))
+        .filter_map(|e| e["endpoint"].as_str().map(str::to_string))
+        .collect();
+    healthy.sort();
+    Ok(healthy)
+}
+
+/// Wait until `etcdctl endpoint health --cluster` on `etcd1` reports all `members` healthy
+/// (and nothing unhealthy); fail the test with etcdctl's last answer if that takes longer
+/// than `within`. Returns how long it took. Each try is an `exec` (about a second under
+/// TCG); between two tries it backs off 0.5 s, since a cluster that is still electing needs
+/// seconds, not milliseconds.
+pub fn etcd_wait_healthy(c: &Cluster, members: usize, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let last = match etcd_health(c, "etcd1") {
+            Ok(h) if h.len() == members => return t.elapsed(),
+            Ok(h) => format!("{} of {members} healthy: {h:?}", h.len()),
+            Err(e) => e,
+        };
+        assert!(
+            t.elapsed() < within,
+            "etcd not healthy with {members} members within {within:?}; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The names of the cluster's members (`etcdctl member list` on `machine`), sorted; a member
+/// that has not started yet has an empty name.
+pub fn etcd_members(c: &Cluster, machine: &str) -> Vec<String> {
+    let o = etcdctl(c, machine, "member list");
+    assert!(
+        o.status.success(),
+        "etcdctl member list on {machine}: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    // ID, status, name, peer URLs, client URLs, is learner
+    let mut names: Vec<String> = text(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split(", ").nth(2).map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `etcdctl put KEY VALUE` on `machine`, which must succeed (`OK`).
+pub fn etcd_put(c: &Cluster, machine: &str, key: &str, value: &str) {
+    let o = etcdctl(c, machine, &format!("put '{key}' '{value}'"));
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(0), "OK\n".to_string()),
+        "etcdctl put {key} on {machine}: {}",
+        text(&o.stderr)
+    );
+}
+
+/// `etcdctl get KEY` on `machine` (a linearizable read: the cluster's value, not the member's
+/// own): its value, `None` if the key does not exist.
+pub fn etcd_get(c: &Cluster, machine: &str, key: &str) -> Option<String> {
+    let o = etcdctl(c, machine, &format!("get --print-value-only '{key}'"));
+    assert!(
+        o.status.success(),
+        "etcdctl get {key} on {machine}: {}",
+        text(&o.stderr)
+    );
+    let out = text(&o.stdout);
+    (!out.is_empty()).then(|| out.strip_suffix('\n').unwrap_or(&out).to_string())
+}
+
 fn node_composition(shares: &str, init: &str, nodes: &str, machines: &str) -> String {
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest");
     format!(
