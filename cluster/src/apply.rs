@@ -664,6 +664,11 @@ impl RunningCluster {
             );
             return false;
         }
+        if req.op == ControlOp::Quit {
+            self.quit_all(on_event);
+            crate::control::reply(&stream, Ok(Vec::new()));
+            return false;
+        }
         if req.op == ControlOp::Snapshot {
             let result = self.snapshot(req.tag.as_deref().unwrap_or_default(), req.stop, on_event);
             crate::control::reply(

@@ -422,12 +422,15 @@ pub enum ControlOp {
     Unblock,
     /// Save the whole cluster as the snapshot `tag` (see `snapshot`).
     Snapshot,
+    /// Stop every machine at once (QMP quit, no powerdown) and end the owner: a restore
+    /// replaces the machines, so their guests need not shut down.
+    Quit,
 }
 
 impl ControlOp {
     /// Whether it acts on single machines (and carries no plan).
     pub fn on_machines(self) -> bool {
-        !matches!(self, Self::Plan | Self::Apply | Self::Snapshot)
+        !matches!(self, Self::Plan | Self::Apply | Self::Snapshot | Self::Quit)
     }
 }
 

@@ -73,6 +73,7 @@ impl ControlOp {
             Self::Block => "block",
             Self::Unblock => "unblock",
             Self::Snapshot => "snapshot",
+            Self::Quit => "quit",
         }
     }
 }
@@ -106,7 +107,7 @@ impl RunningCluster {
             _ => Err(OpError::OneMachine(req.op.name())),
         };
         match req.op {
-            ControlOp::Plan | ControlOp::Apply | ControlOp::Snapshot => Ok(()),
+            ControlOp::Plan | ControlOp::Apply | ControlOp::Snapshot | ControlOp::Quit => Ok(()),
             ControlOp::Start => self.start_machines(&req.machines, cancel, on_event),
             ControlOp::Stop | ControlOp::Crash => {
                 let m = one()?;

@@ -44,6 +44,8 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 const MANIFEST: &str = "snapshot.json";
 /// How long connecting to a machine's QMP socket may take.
 const QMP_CONNECT: Duration = Duration::from_secs(5);
+/// How long the owner of a cluster being restored may take to quit its machines.
+const QUIT_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a snapshot request may take, end to end (saving 4 GiB of guest memory included).
 pub const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(900);
 
@@ -718,14 +720,20 @@ impl RunningCluster {
         }
         if stop {
             // Paused guests cannot power down: each QEMU quits at once.
-            let all: Vec<String> = self.machines.keys().cloned().collect();
-            for t in self.machines.values() {
-                t.crash.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            self.stay = false;
-            self.stop_machines(&all, on_event);
+            self.quit_all(on_event);
         }
         Ok(snap)
+    }
+
+    /// Stop every machine at once (QMP quit, no powerdown), in parallel, and let the owner end
+    /// (`snapshot --stop`; `ControlOp::Quit`, before a restore replaces the machines).
+    pub(crate) fn quit_all(&mut self, on_event: &mut dyn FnMut(&crate::events::OwnerEvent)) {
+        let all: Vec<String> = self.machines.keys().cloned().collect();
+        for t in self.machines.values() {
+            t.crash.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.stay = false;
+        self.stop_machines(&all, on_event);
     }
 }
 
@@ -900,8 +908,23 @@ pub fn restore(req: &RestoreRequest<'_>, cancel: &Cancel) -> Result<RestoreRepor
     let launch = snap.launch_like(req.launch);
     let mut stopped_first_secs = None;
     if ClusterState::read_up(state_dir, req.cluster).is_some() {
-        let down = crate::control::down(state_dir, req.cluster)?;
-        stopped_first_secs = Some(down.after_secs);
+        // Its machines are replaced: they quit at once (no guest shutdown), then `down` waits
+        // for the owner's end and cleans up as always.
+        let t = Instant::now();
+        let quit = ControlRequest {
+            op: ControlOp::Quit,
+            plan: ClusterPlan::default(),
+            restart: false,
+            restart_machines: Vec::new(),
+            machines: Vec::new(),
+            tag: None,
+            stop: false,
+        };
+        if let Err(e) = crate::control::request(state_dir, req.cluster, &quit, QUIT_DEADLINE) {
+            tracing::info!("quitting {}: {}", req.cluster, drydock_vm::error_chain(&e));
+        }
+        crate::control::down(state_dir, req.cluster)?;
+        stopped_first_secs = Some(t.elapsed().as_secs_f64());
     }
     let lock = OwnerLock::claim(state_dir, req.cluster)?;
     let up_json = crate::state::up_plan_file(state_dir, req.cluster);

@@ -106,7 +106,12 @@ pub fn run(ctx: &Context, args: &GcArgs) -> anyhow::Result<Outcome> {
                 )?;
             }
             for (p, b) in &artifacts {
-                writeln!(out, "{} (a selected run's artifact, {})", p.display(), size(*b))?;
+                writeln!(
+                    out,
+                    "{} (a selected run's artifact, {})",
+                    p.display(),
+                    size(*b)
+                )?;
             }
             for p in &plan.paths {
                 writeln!(out, "{p}")?;
