@@ -29,6 +29,7 @@ mod hostile;
 mod images;
 mod nixos_map;
 mod nixos_test;
+mod qemu72;
 mod qmp;
 mod reload;
 mod store_drv;
