@@ -94,6 +94,25 @@ fn every_finding_has_the_documented_shape() {
     ] {
         check(&doc, id);
     }
+    // Only `qemu` says whether this QEMU can snapshot virtio-fs machines, and its summary says
+    // the same in words (QEMU 7.2's case: `qemu72::doctor_says_no_to_virtio_fs_snapshots`).
+    let qemu = check(&doc, "qemu");
+    let can = qemu["virtiofs_snapshots"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("qemu has no virtiofs_snapshots: {qemu}"));
+    let summary = qemu["summary"].as_str().unwrap();
+    let words = if can {
+        "snapshots of virtio-fs machines (cluster snapshots): yes"
+    } else {
+        "snapshots of virtio-fs machines (cluster snapshots): no: "
+    };
+    assert!(
+        qemu["status"] != "pass" || summary.contains(words),
+        "{qemu}"
+    );
+    for c in checks.iter().filter(|c| c["id"] != "qemu") {
+        assert!(c.get("virtiofs_snapshots").is_none(), "{c}");
+    }
 }
 
 #[test]

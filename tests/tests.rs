@@ -31,6 +31,7 @@ mod hostile;
 mod images;
 mod nixos_map;
 mod nixos_test;
+mod qemu72;
 mod qmp;
 mod reload;
 mod store_drv;

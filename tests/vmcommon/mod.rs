@@ -158,6 +158,18 @@ pub fn guest_cache() -> String {
     })
 }
 
+/// Debian 12's QEMU 7.2 from the cache `scripts/fetch-qemu72` fills (setup runs it): the wrapper
+/// to pass as `--qemu` (it runs the unpacked QEMU on its own firmware), and the first line of its
+/// `--version`; `None` when the cache has none.
+pub fn qemu72() -> Option<(PathBuf, String)> {
+    let dir = Path::new(&guest_cache()).join("qemu-7.2");
+    let wrapper = dir.join("qemu-system-x86_64");
+    let version = std::fs::read_to_string(dir.join("version")).ok()?;
+    wrapper
+        .is_file()
+        .then(|| (wrapper, version.trim().to_string()))
+}
+
 /// Make sure the guest kernel and initrd exist (instant once cached; run once per test run).
 pub fn guest_ready() {
     static READY: std::sync::Once = std::sync::Once::new();

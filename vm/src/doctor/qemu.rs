@@ -1,6 +1,8 @@
 //! QEMU: the binary, its version, whether it has `vhost-user-fs-pci` (virtio-fs) and
 //! `memory-backend-memfd` (shared guest memory for vhost-user), whether `memfd_create` works,
-//! whether it has TCG (`qemu.tcg`, present only when it has not), and how big `/dev/shm` is.
+//! whether it has TCG (`qemu.tcg`, present only when it has not), whether it can snapshot VMs
+//! with virtio-fs devices (cluster machines: migrating vhost-user-fs needs QEMU ≥ 8.2, see
+//! [`crate::qemu_can_migrate_virtiofs`]), and how big `/dev/shm` is.
 //!
 //! Asking QEMU costs four process starts (~40 ms), so the answers are cached in the state
 //! directory, keyed by the binary's path, size, inode and modification time, like libvirt's
@@ -41,6 +43,8 @@ struct Caps {
     memfd_backend: bool,
     /// The accelerators `-accel help` lists; `None` when QEMU could not say.
     accels: Option<Vec<String>>,
+    /// Whether its version migrates vhost-user-fs devices (snapshots of virtio-fs VMs).
+    virtiofs_migration: bool,
 }
 
 /// The accelerators in `-accel help`'s answer ("Accelerators supported in QEMU binary:" and
@@ -56,9 +60,10 @@ fn parse_accels(text: &str) -> Vec<String> {
 fn cache_key(bin: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(bin).ok()?;
-    // `v2`: the answers include the accelerators; older entries are asked again.
+    // `v3`: the answers include the accelerators (v2) and virtio-fs migration (v3); older
+    // entries are asked again.
     Some(format!(
-        "v2:{}:{}:{}:{}:{}",
+        "v3:{}:{}:{}:{}:{}",
         bin.display(),
         m.size(),
         m.ino(),
@@ -83,6 +88,7 @@ fn ask(bin: &Path, key: String) -> Result<Caps, String> {
     let version = version?;
     Ok(Caps {
         key,
+        virtiofs_migration: crate::qemu_can_migrate_virtiofs(&version),
         version,
         vhost_user_fs: devices.is_ok_and(|d| d.contains("\"vhost-user-fs-pci\"")),
         memfd_backend: objects.is_ok_and(|o| o.lines().any(|l| l.trim() == "memory-backend-memfd")),
@@ -189,18 +195,40 @@ fn check_features(bin: &Path, caps: &Caps) -> Finding {
         tracing::debug!("memfd_create failed: {e}");
     }
     let detail = format!("{}: {version}", bin.display());
-    if missing.is_empty() {
+    // A QEMU that cannot run virtio-fs machines cannot snapshot them either.
+    let snapshots = caps.virtiofs_migration && missing.is_empty();
+    let finding = if missing.is_empty() {
         Finding::new(
             "qemu",
             Status::Pass,
-            format!("{version}; vhost-user-fs-pci and memfd available"),
+            format!(
+                "{version}; vhost-user-fs-pci and memfd available; {}",
+                virtiofs_snapshots(version, caps.virtiofs_migration)
+            ),
         )
         .detail(detail)
     } else {
         Finding::new("qemu", Status::Fail, format!("QEMU lacks {}", missing.join(", ")))
             .detail(detail)
             .fix("install a QEMU built with vhost-user and virtio-fs support (QEMU ≥ 5.0; Debian's qemu-system-x86 has both), on Linux ≥ 3.17 for memfd")
+    };
+    finding.virtiofs_snapshots(snapshots)
+}
+
+/// Whether QEMU `version` (its `--version` line) can snapshot virtio-fs machines, in words.
+fn virtiofs_snapshots(version: &str, can: bool) -> String {
+    let what = "snapshots of virtio-fs machines (cluster snapshots)";
+    if can {
+        return format!("{what}: yes");
     }
+    let why = match crate::QemuVersion::parse(version) {
+        Some(v) => format!("QEMU {} cannot migrate vhost-user-fs devices", v.short()),
+        None => "QEMU's version line names no version".to_string(),
+    };
+    format!(
+        "{what}: no: {why}; needs {} or newer (Debian: bookworm-backports)",
+        crate::VIRTIOFS_MIGRATION_MIN
+    )
 }
 
 fn check_shm(host: &Host) -> Finding {
@@ -280,8 +308,13 @@ mod tests {
 
     /// A QEMU that answers every question, with `accels` for `-accel help`.
     fn fake_qemu(dir: &Path, accels: &str) -> PathBuf {
+        fake_qemu_version(dir, accels, "7.2.0")
+    }
+
+    /// [`fake_qemu`] of version `version`.
+    fn fake_qemu_version(dir: &Path, accels: &str, version: &str) -> PathBuf {
         let fake = dir.join("qemu");
-        std::fs::write(&fake, format!("#!/bin/sh\ncase \"$*\" in *--version*) echo 'QEMU emulator version 7.2.0';; *-device*) echo 'name \"vhost-user-fs-pci\"';; *-object*) echo '  memory-backend-memfd';; *-accel*) printf 'Accelerators supported in QEMU binary:\\n{accels}';; esac\n")).unwrap();
+        std::fs::write(&fake, format!("#!/bin/sh\ncase \"$*\" in *--version*) echo 'QEMU emulator version {version} (Debian)';; *-device*) echo 'name \"vhost-user-fs-pci\"';; *-object*) echo '  memory-backend-memfd';; *-accel*) printf 'Accelerators supported in QEMU binary:\\n{accels}';; esac\n")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         fake
@@ -299,5 +332,53 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let found = check_binary(&fake_qemu(d.path(), "tcg\\nkvm\\n"), None);
         assert_eq!(found.len(), 1, "{found:?}");
+    }
+
+    #[test]
+    fn whether_virtiofs_machines_can_be_snapshotted() {
+        for (version, can, says) in [
+            (
+                "7.2.22",
+                false,
+                "snapshots of virtio-fs machines (cluster snapshots): no: QEMU 7.2 cannot migrate vhost-user-fs devices; needs 8.2 or newer (Debian: bookworm-backports)",
+            ),
+            ("8.1.5", false, "no: QEMU 8.1 cannot migrate"),
+            (
+                "8.2.0",
+                true,
+                "snapshots of virtio-fs machines (cluster snapshots): yes",
+            ),
+            ("10.0.2", true, "(cluster snapshots): yes"),
+            (
+                "",
+                false,
+                "no: QEMU's version line names no version; needs 8.2 or newer",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let cache = d.path().join("cache");
+            let bin = fake_qemu_version(d.path(), "tcg\\n", version);
+            let f = check_binary(&bin, Some(&cache)).remove(0);
+            assert_eq!(f.status, Status::Pass, "{f:?}");
+            assert_eq!(f.virtiofs_snapshots, Some(can), "{version}: {f:?}");
+            assert!(f.summary.contains(says), "{version}: {f:?}");
+            // The cached answer says the same.
+            let again = check_binary(&bin, Some(&cache)).remove(0);
+            assert_eq!(again, f);
+            let json = serde_json::to_value(&f).unwrap();
+            assert_eq!(json["virtiofs_snapshots"], can, "{json}");
+        }
+        // A QEMU without virtio-fs snapshots no virtio-fs machine, whatever its version.
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("qemu");
+        std::fs::write(&fake, "#!/bin/sh\ncase \"$*\" in *--version*) echo 'QEMU emulator version 10.0.2';; *-object*) echo '  memory-backend-memfd';; esac\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = check_binary(&fake, None).remove(0);
+        assert_eq!(f.status, Status::Fail);
+        assert_eq!(f.virtiofs_snapshots, Some(false));
+        // Other findings do not carry the field.
+        let json = serde_json::to_value(Finding::new("x", Status::Pass, "s")).unwrap();
+        assert!(json.get("virtiofs_snapshots").is_none(), "{json}");
     }
 }
