@@ -351,3 +351,48 @@ fn an_etcd_cluster_comes_back_formed_without_what_was_written_after() {
     }
     c.down();
 }
+
+/// `drydock test --from TAG`: the cluster is put back to the snapshot before the script runs
+/// (what was written after it is gone), the composition as it is now is applied, and the
+/// restored cluster stays up afterwards.
+#[test]
+fn test_from_a_snapshot_runs_the_script_on_the_snapshots_state() {
+    let c = Cluster::named("snaptest")
+        .machines("solo = { system = sys { }; memorySize = 256; };")
+        .up();
+    out(&c, "solo", "echo clean > /tmp/state");
+    json(&c, &["snapshot", "clean"]);
+    out(&c, "solo", "echo dirty > /tmp/state");
+    let script = c.dir().join("check.py");
+    std::fs::write(
+        &script,
+        "start_all()\nwith subtest(\"the snapshot's state\"):\n    t.assertEqual(solo.succeed(\"cat /tmp/state\"), \"clean\\n\")\n    solo.succeed(\"echo dirty > /tmp/state\")\n",
+    )
+    .unwrap();
+    for run in 1..=2 {
+        let r = c
+            .verb("test")
+            .arg(&script)
+            .args(["--from", "clean", "--accel", "tcg"])
+            .run();
+        assert!(r.status.success(), "run {run}: {}", text(&r.stderr));
+        assert!(
+            text(&r.stderr).contains("put back to snapshot \"clean\""),
+            "{}",
+            text(&r.stderr)
+        );
+    }
+    assert_eq!(
+        out(&c, "solo", "cat /tmp/state"),
+        "dirty\n",
+        "left up as the script left it"
+    );
+    let r = c.verb("test").arg(&script).args(["--from", "nope"]).run();
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("--from nope"),
+        "{}",
+        text(&r.stderr)
+    );
+    c.down();
+}
