@@ -480,6 +480,10 @@ impl RunningCluster {
         }
         // A hub no machine uses any more stops when dropped.
         self.hubs.retain(|h| running.vlans.contains(&h.vlan()));
+        // The faults in force (`net`) survive the reload, on the new ports.
+        for h in &self.hubs {
+            h.set_faults(self.faults.for_hub(&running, &self.state_dir, h.vlan()));
+        }
 
         // 3. Boot, and switch meanwhile.
         let booting: Vec<String> = restarts.iter().chain(&creates).cloned().collect();
@@ -632,6 +636,7 @@ impl RunningCluster {
             set_outcome(&mut outcomes, &name, outcome, took, r.error);
         }
         self.plan = running;
+        self.apply_faults();
         self.write_state(true)
             .map_err(|e| ReloadError::Cluster(Box::new(e)))?;
         Ok(outcomes)
@@ -662,6 +667,29 @@ impl RunningCluster {
                     .map(|()| Vec::new())
                     .map_err(|e| (drydock_vm::error_chain(&e), e.is_bad_input())),
             );
+            return false;
+        }
+        if req.op == ControlOp::Net {
+            match req.net {
+                Some(crate::net::NetRequest::Capture { machines, vlan }) => {
+                    // The reply line, then the pcap stream, go on this connection.
+                    let started = stream
+                        .try_clone()
+                        .map_err(crate::net::NetError::Capture)
+                        .and_then(|tap| self.start_capture(tap, &machines, vlan));
+                    if let Err(e) = started {
+                        crate::control::reply(
+                            &stream,
+                            Err((drydock_vm::error_chain(&e), e.is_bad_input())),
+                        );
+                    }
+                }
+                Some(net) => {
+                    let r = self.serve_net(&net);
+                    crate::control::reply_net(&stream, r);
+                }
+                None => crate::control::reply(&stream, Err(("no network request".into(), true))),
+            }
             return false;
         }
         if req.op == ControlOp::Quit {

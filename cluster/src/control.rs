@@ -380,7 +380,7 @@ pub(crate) fn bind_control(cpaths: &VmPaths) -> Result<UnixListener, ClusterErro
 }
 
 /// What a second `up` (or `vm restart`, or `drydock test`) asks the owner.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlRequest {
     /// `plan` (nothing changes) or `apply`; or an operation on the machines `machines`.
     pub op: ControlOp,
@@ -403,11 +403,15 @@ pub struct ControlRequest {
     /// `snapshot --stop`: stop the cluster once it is saved.
     #[serde(default)]
     pub stop: bool,
+    /// `net`: what to see or change on the cluster's networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetRequest>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlOp {
+    #[default]
     Plan,
     Apply,
     /// Boot the machines that are not running; answered once each is ready (or failed).
@@ -425,12 +429,17 @@ pub enum ControlOp {
     /// Stop every machine at once (QMP quit, no powerdown) and end the owner: a restore
     /// replaces the machines, so their guests need not shut down.
     Quit,
+    /// See or change the cluster's networks (`net`: faults, findings, a capture).
+    Net,
 }
 
 impl ControlOp {
     /// Whether it acts on single machines (and carries no plan).
     pub fn on_machines(self) -> bool {
-        !matches!(self, Self::Plan | Self::Apply | Self::Snapshot | Self::Quit)
+        !matches!(
+            self,
+            Self::Plan | Self::Apply | Self::Snapshot | Self::Quit | Self::Net
+        )
     }
 }
 
@@ -443,6 +452,9 @@ pub struct ControlReply {
     pub error: Option<String>,
     #[serde(default)]
     pub bad_input: bool,
+    /// `net`'s answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::NetReport>,
 }
 
 /// `vm restart` of a machine of an up cluster: its owner restarts it on the cluster's networks,
@@ -511,6 +523,17 @@ pub fn request_until(
     deadline: Duration,
     cancel: Option<&Cancel>,
 ) -> Result<Vec<MachineOutcome>, ControlError> {
+    request_reply(state_dir, name, req, deadline, cancel).map(|r| r.machines)
+}
+
+/// [`request_until`], the owner's whole reply (an error in it is the error).
+pub fn request_reply(
+    state_dir: &Path,
+    name: &str,
+    req: &ControlRequest,
+    deadline: Duration,
+    cancel: Option<&Cancel>,
+) -> Result<ControlReply, ControlError> {
     let cpaths = cluster_paths(state_dir, name);
     cpaths.check_private().map_err(ControlError::NotPrivate)?;
     let s = UnixStream::connect(control_socket(&cpaths))
@@ -535,7 +558,7 @@ pub fn request_until(
             message,
             bad_input: reply.bad_input,
         }),
-        None => Ok(reply.machines),
+        None => Ok(reply),
     }
 }
 
@@ -551,6 +574,26 @@ pub(crate) fn read_request(s: &UnixStream) -> Result<ControlRequest, String> {
         .and_then(|_| serde_json::from_str::<ControlRequest>(&line).map_err(|e| e.to_string()))
 }
 
+/// Answer a network request: its report, or why not.
+pub(crate) fn reply_net(s: &UnixStream, result: Result<crate::net::NetReport, crate::net::NetError>) {
+    let reply = match result {
+        Ok(report) => ControlReply {
+            machines: Vec::new(),
+            error: None,
+            bad_input: false,
+            net: Some(report),
+        },
+        Err(e) => ControlReply {
+            machines: Vec::new(),
+            error: Some(drydock_vm::error_chain(&e)),
+            bad_input: e.is_bad_input(),
+            net: None,
+        },
+    };
+    let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));
+    let _ = crate::wire::write_json_line(s, &reply);
+}
+
 /// Answer a request: every machine's outcome, or an error (its text, and whether it is bad
 /// input).
 pub(crate) fn reply(s: &UnixStream, result: Result<Vec<MachineOutcome>, (String, bool)>) {
@@ -559,11 +602,13 @@ pub(crate) fn reply(s: &UnixStream, result: Result<Vec<MachineOutcome>, (String,
             machines,
             error: None,
             bad_input: false,
+            net: None,
         },
         Err((error, bad_input)) => ControlReply {
             machines: Vec::new(),
             error: Some(error),
             bad_input,
+            net: None,
         },
     };
     let _ = s.set_write_timeout(Some(REQUEST_DEADLINE));

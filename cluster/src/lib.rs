@@ -39,6 +39,7 @@ mod exec;
 mod hub;
 mod launches;
 mod logs;
+mod net;
 mod ops;
 mod reload;
 mod run;

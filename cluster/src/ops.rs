@@ -6,7 +6,8 @@
 //!   of its own as `up` starts them, on the cluster's hubs, from its launch in the cluster's
 //!   current plan, resolved again); answered once each is ready, or with why one is not.
 //!   A machine that runs is left alone. Its previous console log is kept as `console.log.prev`,
-//!   and a block on it ends (a new QEMU's links are up).
+//!   A fault on its links (a block, a partition, a shape: `net`) stays in force (its NIC
+//!   sockets keep their paths).
 //! - **stop**: the machine's thread stops its VM in order (powerdown, quit, SIGTERM, SIGKILL);
 //!   **crash**: at once (QMP quit, no powerdown). Either way the owner then stays up with no
 //!   machine running (see `RunningCluster::stay`).
@@ -116,8 +117,11 @@ impl RunningCluster {
             }
             ControlOp::Block | ControlOp::Unblock => {
                 let m = one()?;
-                self.block(&m, req.op == ControlOp::Block);
-                Ok(())
+                self.set_block(&m, None, req.op == ControlOp::Block)
+                    .map_err(|e| OpError::NotStarted {
+                        machine: m.clone(),
+                        why: e.to_string(),
+                    })
             }
         }
     }
@@ -154,7 +158,6 @@ impl RunningCluster {
             if log.exists() {
                 let _ = std::fs::rename(&log, paths.dir.join("console.log.prev"));
             }
-            self.block(&m.machine, false);
             self.spawn_machine(&m, launch).map_err(|e| OpError::Spawn {
                 machine: m.machine.clone(),
                 source: Box::new(e),
@@ -227,23 +230,6 @@ impl RunningCluster {
             t.crash.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         self.stop_machines(&[name.to_string()], on_event);
-    }
-
-    /// Block (or unblock) the machine `name` at every hub it is on.
-    fn block(&mut self, name: &str, blocked: bool) {
-        let Some(m) = self.plan.machine(name) else {
-            return;
-        };
-        let paths = VmPaths::in_state_dir(&self.state_dir, &m.vm_name);
-        for nic in &m.nics {
-            if let Some(h) = self.hubs.iter().find(|h| h.vlan() == nic.vlan) {
-                h.set_blocked(&nic_socket(&paths, nic.vlan), blocked);
-            }
-        }
-        match blocked {
-            true => self.blocked.insert(name.to_string()),
-            false => self.blocked.remove(name),
-        };
     }
 }
 

@@ -102,8 +102,9 @@ pub struct RunningCluster {
     /// The owner stays up when no machine runs (a cluster started with none booted, or whose
     /// machines a test stopped): only `down` or an interruption ends it.
     pub(crate) stay: bool,
-    /// Machines whose frames the hubs drop (`ControlOp::Block`).
-    pub(crate) blocked: std::collections::BTreeSet<String>,
+    /// The faults in force on the cluster's networks (`net`, `ControlOp::Block`), by machine:
+    /// each hub's are derived from them (see `net`).
+    pub(crate) faults: crate::net::NetFaults,
 }
 
 /// Start the cluster `plan`: every machine's launch checked (a machine that cannot launch is
@@ -157,7 +158,7 @@ pub(crate) fn up(
         control: None,
         stopped: false,
         stay: idle,
-        blocked: std::collections::BTreeSet::new(),
+        faults: crate::net::NetFaults::default(),
     };
     for &v in &plan.vlans {
         running.hubs.push(
