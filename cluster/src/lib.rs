@@ -5,7 +5,8 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits of what the evaluation read);
+//!   come or go), `watch` (waiting for edits of what the evaluation read), `netview` (pure:
+//!   what the hubs saw → findings about the networks, for `drydock net`);
 //! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
 //!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
@@ -40,6 +41,7 @@ mod hub;
 mod launches;
 mod logs;
 mod net;
+mod netview;
 mod ops;
 mod reload;
 mod run;
@@ -73,6 +75,10 @@ pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
 pub use hub::{Hub, HubCounters, HubError};
 pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
+pub use netview::{
+    Finding, FindingKind, NetFindings, NetMachine, Seen, age, findings as net_findings,
+    render as render_net,
+};
 pub use reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
     PlannedAction,

@@ -1060,15 +1060,8 @@ pub fn ls(ctx: &Context) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// A duration as `45s`, `12m`, `3h`, `2d`.
-pub(crate) fn age(secs: u64) -> String {
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m", secs / 60),
-        3600..86400 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86400),
-    }
-}
+// A duration as `45s`, `12m`, `3h`, `2d` (one copy, shared with `drydock net`'s text).
+pub(crate) use drydock_cluster::age;
 
 #[cfg(test)]
 mod tests {
