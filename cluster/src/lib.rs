@@ -5,8 +5,11 @@
 //! Layers, each module using only those above it (no circles):
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
-//!   come or go), `watch` (waiting for edits of what the evaluation read);
-//! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
+//!   come or go), `watch` (waiting for edits of what the evaluation read), `pcap` (pure: the
+//!   capture format), `shaper` (delay, loss and rate of a hub's port; the thread that sends
+//!   delayed frames at their time);
+//! - `hub` (forwards frames on a VLAN; its faults, ring of recent frames and capture taps),
+//!   `backdoor` (commands in a guest's shell), `command`
 //!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
 //! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors, a
@@ -40,9 +43,11 @@ mod hub;
 mod launches;
 mod logs;
 mod ops;
+mod pcap;
 mod reload;
 mod run;
 mod session;
+mod shaper;
 mod snapshot;
 mod state;
 #[allow(unsafe_code)]
@@ -70,8 +75,9 @@ pub use copy::{CopyError, CopyReport, MAX_ARCHIVE, copy_from_guest, copy_to_gues
 pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
-pub use hub::{Hub, HubCounters, HubError};
+pub use hub::{FrameRecord, HEAD_BYTES, Hub, HubCounters, HubError, HubFaults, RING_BYTES, Shape};
 pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
+pub use pcap::{global_header as pcap_global_header, record as pcap_record};
 pub use reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
     PlannedAction,
@@ -82,6 +88,7 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up, start_idle,
     start_restored, watch_reloads,
 };
+pub use shaper::{RATE_QUEUE, SHAPE_QUEUE_BYTES};
 pub use snapshot::{
     ClusterSnapshot, Removed as SnapshotRemoved, RestoreReport, RestoreRequest, SnapshotError,
     SnapshotMachine, SnapshotRow, check_restore, list_snapshots, read_snapshot, remove_snapshot,
