@@ -37,7 +37,8 @@
 //! the copies delivered to them from other ports as they are sent (after any delay). Each frame
 //! is written once per tap, without blocking: a reader too slow to take a record loses it
 //! (`tap_dropped`; a record begun is always finished first, so the stream stays whole), and a
-//! reader that has gone removes its tap at the next frame.
+//! reader that has gone removes its tap at the next frame for it, or when a tap is added or the
+//! taps are counted ([`Hub::tap_count`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::AsFd;
@@ -262,6 +263,19 @@ enum Offered {
 }
 
 impl Tap {
+    /// Whether its reader has gone: the stream is readable and reading finds its end (or an
+    /// error). What a reader sends is not part of the protocol and is discarded.
+    fn gone(&self) -> bool {
+        if !drydock_vm::readable_now(self.out.as_fd()) {
+            return false;
+        }
+        let mut discard = [0u8; 256];
+        match std::io::Read::read(&mut &self.out, &mut discard) {
+            Ok(n) => n == 0,
+            Err(e) => !crate::wire::try_again(&e),
+        }
+    }
+
     fn wants(&self, port: &Path) -> bool {
         self.ports.as_ref().is_none_or(|s| s.contains(port))
     }
@@ -337,6 +351,14 @@ impl Shared {
 
     fn taps(&self) -> std::sync::MutexGuard<'_, Vec<Tap>> {
         self.taps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The taps, without those whose reader has gone (seen without a frame to write).
+    fn prune_taps(&self) -> std::sync::MutexGuard<'_, Vec<Tap>> {
+        let mut taps = self.taps();
+        taps.retain(|t| !t.gone());
+        self.tap_count.store(taps.len(), Ordering::Relaxed);
+        taps
     }
 
     /// Write `frame` (seen at `at`) to each tap `wants` picks; a closed tap goes.
@@ -531,15 +553,16 @@ impl Hub {
         };
         // An empty stream takes 24 bytes; if not, the rest goes before the first record.
         tap.flush()?;
-        let mut taps = self.shared.taps();
+        let mut taps = self.shared.prune_taps();
         taps.push(tap);
         self.shared.tap_count.store(taps.len(), Ordering::Relaxed);
         Ok(())
     }
 
-    /// How many taps are live (a tap whose reader has gone is removed at the next frame).
+    /// How many taps are live. A tap whose reader has gone is removed at the next frame
+    /// offered to it, and here.
     pub fn tap_count(&self) -> usize {
-        self.shared.tap_count.load(Ordering::Relaxed)
+        self.shared.prune_taps().len()
     }
 
     /// The ports it forwards among.
@@ -1467,17 +1490,27 @@ mod tests {
         let hub = Hub::start(15, &hub_path, vec![pa, pb]).unwrap();
         let (tap_in, tap_out) = UnixStream::pair().unwrap();
         hub.add_tap(tap_in, None).unwrap();
+        // A live reader that is slow keeps its tap.
+        let (slow_in, _slow_out) = UnixStream::pair().unwrap();
+        hub.add_tap(slow_in, None).unwrap();
+        assert_eq!(hub.tap_count(), 2);
         drop(tap_out);
-        assert_eq!(hub.tap_count(), 1);
         a.send_to(b"x", &hub_path).unwrap();
         assert_eq!(recv(&b).as_deref(), Some(&b"x"[..]));
-        assert_eq!(hub.tap_count(), 0);
+        assert_eq!(hub.shared.tap_count.load(Ordering::SeqCst), 1);
+        // One whose ports see no frame goes when the taps are counted (or another is added).
+        let (quiet_in, quiet_out) = UnixStream::pair().unwrap();
+        hub.add_tap(quiet_in, Some(set(&[&dir.path().join("silent")])))
+            .unwrap();
+        assert_eq!(hub.tap_count(), 2);
+        drop(quiet_out);
+        assert_eq!(hub.tap_count(), 1);
         assert_eq!(hub.counters().tap_dropped.load(Ordering::SeqCst), 0);
         // A tap that cannot take its header is refused.
         let (tap_in, tap_out) = UnixStream::pair().unwrap();
         drop(tap_out);
         assert!(hub.add_tap(tap_in, None).is_err());
-        assert_eq!(hub.tap_count(), 0);
+        assert_eq!(hub.tap_count(), 1);
     }
 
     /// Not a benchmark (no timing is asserted): forwarding with the ring on and off, with a
