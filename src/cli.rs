@@ -102,6 +102,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// A cluster's snapshots: tag, age, machines, size, systems.
     Snapshots(ClusterArgs),
+    /// The cluster's networks: who could not reach whom and why, faults, and packet capture.
+    Net(NetArgs),
     /// Internal: own a detached cluster (started by `up --detach`).
     #[command(name = "__cluster-supervise", hide = true)]
     ClusterSupervise(ClusterSuperviseArgs),
@@ -124,6 +126,7 @@ impl Command {
                 | Self::Snapshot(_)
                 | Self::Restore(_)
                 | Self::Snapshots(_)
+                | Self::Net(_)
         )
     }
 }
@@ -310,6 +313,75 @@ pub struct SnapshotArgs {
     /// Remove the snapshot TAG instead (and its pins).
     #[arg(long, conflicts_with = "stop")]
     pub rm: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Only what the hubs saw in the last DURATION (`30s`, `5m`, `2h`).
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub since: Option<String>,
+    #[command(subcommand)]
+    pub action: Option<NetAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetAction {
+    /// Write pcap (Wireshark, tcpdump -r) of the frames to and from MACHINEs (all if none) on one VLAN.
+    Capture {
+        /// The machines (default: every frame of the VLAN).
+        machines: Vec<String>,
+        /// The VLAN (default: the first VLAN of the machines named, else the cluster's first).
+        #[arg(long)]
+        vlan: Option<u8>,
+        /// Write to OUT instead of standard output (created 0600).
+        #[arg(short = 'w', value_name = "OUT")]
+        out: Option<PathBuf>,
+        /// Stop after N frames.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after SECS seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        seconds: Option<std::time::Duration>,
+    },
+    /// Drop MACHINE's frames both ways at the hub (a pulled cable), on one VLAN or all of its.
+    Block {
+        machine: String,
+        #[arg(long)]
+        vlan: Option<u8>,
+    },
+    /// Undo `block`.
+    Unblock {
+        machine: String,
+        #[arg(long)]
+        vlan: Option<u8>,
+    },
+    /// Frames cross only within a group: `partition A,B C,D,E` (machines not named keep their links).
+    Partition {
+        #[arg(required = true, num_args = 2.., value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// Delay, lose or pace the frames leaving MACHINEs (all if none); no option: undo.
+    Shape {
+        machines: Vec<String>,
+        #[arg(long)]
+        vlan: Option<u8>,
+        /// e.g. 100ms, 1.5s
+        #[arg(long)]
+        delay: Option<String>,
+        /// e.g. 10ms (uniform, around the delay)
+        #[arg(long)]
+        jitter: Option<String>,
+        /// e.g. 5%, 100% (a block of the outgoing side)
+        #[arg(long)]
+        loss: Option<String>,
+        /// e.g. 10mbit, 512kbit, 1mbps
+        #[arg(long)]
+        rate: Option<String>,
+    },
+    /// Undo every fault (blocks, the partition, shapes).
+    Heal,
 }
 
 #[derive(Debug, Args)]

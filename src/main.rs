@@ -67,6 +67,7 @@ fn main() -> ExitCode {
             Command::Snapshot(args) => cmd::snapshot::snapshot(&ctx, args),
             Command::Restore(args) => cmd::snapshot::restore(&ctx, args),
             Command::Snapshots(args) => cmd::snapshot::list(&ctx, args),
+            Command::Net(args) => cmd::net::run(&ctx, args),
             Command::ClusterSupervise(args) => cmd::cluster::supervise(&ctx, args),
         });
     exit::finish(result)

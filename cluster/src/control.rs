@@ -474,6 +474,7 @@ pub fn restart_machine(
         machines: Vec::new(),
         tag: None,
         stop: false,
+        net: None,
     };
     request(state_dir, &cm.cluster, &req, deadline)?
         .into_iter()
@@ -511,6 +512,7 @@ pub fn machine_op(
         machines: machines.to_vec(),
         tag: None,
         stop: false,
+        net: None,
     };
     request_until(state_dir, name, &req, deadline, cancel).map(|_| ())
 }
@@ -575,7 +577,10 @@ pub(crate) fn read_request(s: &UnixStream) -> Result<ControlRequest, String> {
 }
 
 /// Answer a network request: its report, or why not.
-pub(crate) fn reply_net(s: &UnixStream, result: Result<crate::net::NetReport, crate::net::NetError>) {
+pub(crate) fn reply_net(
+    s: &UnixStream,
+    result: Result<crate::net::NetReport, crate::net::NetError>,
+) {
     let reply = match result {
         Ok(report) => ControlReply {
             machines: Vec::new(),

@@ -6,8 +6,11 @@
 //! - leaves: `wire` (JSON-line framing on drydock's sockets), `sys` (the only `unsafe`),
 //!   `compose` (pure: settings → plan), `reload` (pure: which machines keep, switch, restart,
 //!   come or go), `watch` (waiting for edits of what the evaluation read), `netview` (pure:
-//!   what the hubs saw → findings about the networks, for `drydock net`);
-//! - `hub` (forwards frames on a VLAN), `backdoor` (commands in a guest's shell), `command`
+//!   what the hubs saw → findings about the networks, for `drydock net`), `pcap` (pure: the
+//!   capture format), `shaper` (delay, loss and rate of a hub's port; the thread that sends
+//!   delayed frames at their time);
+//! - `hub` (forwards frames on a VLAN; its faults, ring of recent frames and capture taps),
+//!   `backdoor` (commands in a guest's shell), `command`
 //!   (pure: an argv or a command line and its stdin as the text a call runs), `eval` (Nix:
 //!   settings and the one build);
 //! - `state` (the cluster's paths, `cluster.json`, `up.json`, the owner lock, its errors, a
@@ -23,6 +26,7 @@
 //!   owner), `ops` (one machine's start, stop, crash, block, unblock in the owner), `session`
 //!   (what one `up` does: prepare, reload cycles, the owner's loop);
 //! - `snapshot` (whole-cluster snapshots: the cut in the owner, the checks, `restore`);
+//! - `net` (the owner's faults by machine, `drydock net`'s requests and captures);
 //! - `testrun` (`drydock test`: a Python test script against the cluster, its report).
 //!
 //! Modules are private; the small public API is re-exported here.
@@ -43,9 +47,11 @@ mod logs;
 mod net;
 mod netview;
 mod ops;
+mod pcap;
 mod reload;
 mod run;
 mod session;
+mod shaper;
 mod snapshot;
 mod state;
 #[allow(unsafe_code)]
@@ -73,12 +79,17 @@ pub use copy::{CopyError, CopyReport, MAX_ARCHIVE, copy_from_guest, copy_to_gues
 pub use eval::{EvalError, evaluate as evaluate_composition};
 pub use events::MachineEvent;
 pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
-pub use hub::{Hub, HubCounters, HubError};
+pub use hub::{FrameRecord, HEAD_BYTES, Hub, HubCounters, HubError, HubFaults, RING_BYTES, Shape};
 pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
+pub use net::{
+    CaptureReport, HubStats, NetError, NetFaults, NetReport, NetRequest, ShapeSpec,
+    capture as net_capture, net_request, parse_groups, parse_millis, parse_percent, parse_rate,
+};
 pub use netview::{
     Finding, FindingKind, NetFindings, NetMachine, Seen, age, findings as net_findings,
     render as render_net,
 };
+pub use pcap::{global_header as pcap_global_header, record as pcap_record};
 pub use reload::{
     Action as ReloadAction, MachineOutcome as ReloadOutcome, Outcome as ActionOutcome,
     PlannedAction,
@@ -89,6 +100,7 @@ pub use session::{
     WatchEnd, Watching, prepare as prepare_cluster, reload_cycle, start as cluster_up, start_idle,
     start_restored, watch_reloads,
 };
+pub use shaper::{RATE_QUEUE, SHAPE_QUEUE_BYTES};
 pub use snapshot::{
     ClusterSnapshot, Removed as SnapshotRemoved, RestoreReport, RestoreRequest, SnapshotError,
     SnapshotMachine, SnapshotRow, check_restore, list_snapshots, read_snapshot, remove_snapshot,

@@ -76,9 +76,10 @@ impl NetFaults {
     pub(crate) fn for_hub(&self, plan: &ClusterPlan, state_dir: &Path, vlan: u8) -> HubFaults {
         let port = |machine: &str| -> Option<PathBuf> {
             let m = plan.machine(machine)?;
-            m.nics.iter().any(|n| n.vlan == vlan).then(|| {
-                nic_socket(&VmPaths::in_state_dir(state_dir, &m.vm_name), vlan)
-            })
+            m.nics
+                .iter()
+                .any(|n| n.vlan == vlan)
+                .then(|| nic_socket(&VmPaths::in_state_dir(state_dir, &m.vm_name), vlan))
         };
         HubFaults {
             blocked: self
@@ -113,10 +114,20 @@ impl NetFaults {
 #[serde(tag = "do", rename_all = "snake_case")]
 pub enum NetRequest {
     /// The faults, the findings (of frames since `since_ms`, epoch ms), the hubs' counters.
-    Show { since_ms: Option<u64> },
-    Block { machine: String, vlan: Option<u8> },
-    Unblock { machine: String, vlan: Option<u8> },
-    Partition { groups: Vec<Vec<String>> },
+    Show {
+        since_ms: Option<u64>,
+    },
+    Block {
+        machine: String,
+        vlan: Option<u8>,
+    },
+    Unblock {
+        machine: String,
+        vlan: Option<u8>,
+    },
+    Partition {
+        groups: Vec<Vec<String>>,
+    },
     Shape {
         machines: Vec<String>,
         vlan: Option<u8>,
@@ -172,7 +183,11 @@ pub enum NetError {
         on: Vec<u8>,
     },
     #[error("the cluster {cluster} has no VLAN {vlan} (it has {})", has.iter().map(u8::to_string).collect::<Vec<_>>().join(", "))]
-    NoVlan { cluster: String, vlan: u8, has: Vec<u8> },
+    NoVlan {
+        cluster: String,
+        vlan: u8,
+        has: Vec<u8>,
+    },
     #[error("partition: machine {0} is in two groups")]
     TwoGroups(String),
     #[error("partition: give at least two groups of machines (A,B C,D)")]
@@ -235,7 +250,10 @@ pub fn parse_percent(s: &str) -> Result<f64, NetError> {
         given: s.to_string(),
         why,
     };
-    let n = s.trim().strip_suffix('%').ok_or_else(|| bad("give a percentage: 5%"))?;
+    let n = s
+        .trim()
+        .strip_suffix('%')
+        .ok_or_else(|| bad("give a percentage: 5%"))?;
     let v: f64 = n.trim().parse().map_err(|_| bad("not a percentage"))?;
     if !(0.0..=100.0).contains(&v) {
         return Err(bad("between 0% and 100%"));
@@ -288,6 +306,15 @@ pub fn parse_groups(words: &[String]) -> Vec<Vec<String>> {
         .collect()
 }
 
+impl NetRequest {
+    /// `net [--since D]`: the report of the frames of the last `since` (all recorded if none).
+    pub fn show(since: Option<Duration>) -> Self {
+        Self::Show {
+            since_ms: since.map(|d| epoch_ms().saturating_sub(d.as_millis() as u64)),
+        }
+    }
+}
+
 fn epoch_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -303,7 +330,12 @@ impl RunningCluster {
             .ok_or_else(|| NetError::NoMachine {
                 cluster: self.plan.name.clone(),
                 machine: machine.to_string(),
-                has: self.plan.machines.iter().map(|m| m.machine.clone()).collect(),
+                has: self
+                    .plan
+                    .machines
+                    .iter()
+                    .map(|m| m.machine.clone())
+                    .collect(),
             })
     }
 
@@ -364,10 +396,8 @@ impl RunningCluster {
                         return Err(NetError::TwoGroups(m.clone()));
                     }
                 }
-                self.faults.partition = groups
-                    .iter()
-                    .map(|g| g.iter().cloned().collect())
-                    .collect();
+                self.faults.partition =
+                    groups.iter().map(|g| g.iter().cloned().collect()).collect();
                 self.apply_faults();
             }
             NetRequest::Shape {
@@ -378,7 +408,12 @@ impl RunningCluster {
                 let all: Vec<String>;
                 let names = match machines.is_empty() {
                     true => {
-                        all = self.plan.machines.iter().map(|m| m.machine.clone()).collect();
+                        all = self
+                            .plan
+                            .machines
+                            .iter()
+                            .map(|m| m.machine.clone())
+                            .collect();
                         &all
                     }
                     false => machines,
@@ -604,7 +639,10 @@ pub fn capture(
     // The pcap stream: the global header, then records (16-byte header + bytes).
     let mut header = [0u8; 24];
     if r.read_exact(&mut header).is_err() {
-        return Ok(CaptureReport { frames: 0, bytes: 0 });
+        return Ok(CaptureReport {
+            frames: 0,
+            bytes: 0,
+        });
     }
     out.write_all(&header).map_err(NetError::Io)?;
     let mut report = CaptureReport {
@@ -621,7 +659,9 @@ pub fn capture(
         }
         let incl = u32::from_le_bytes([rec[8], rec[9], rec[10], rec[11]]) as usize;
         if incl > crate::pcap::SNAPLEN as usize {
-            return Err(NetError::Io(std::io::Error::other("a malformed capture record")));
+            return Err(NetError::Io(std::io::Error::other(
+                "a malformed capture record",
+            )));
         }
         let mut frame = vec![0u8; incl];
         if r.read_exact(&mut frame).is_err() {
@@ -698,7 +738,10 @@ mod tests {
         let port = |m: &str, v: u8| nic_socket(&VmPaths::in_state_dir(state, &format!("c.{m}")), v);
         let mut f = NetFaults::default();
         f.blocked.insert(("b".into(), 2));
-        f.partition = vec![["a".to_string()].into(), ["b".to_string(), "c".into()].into()];
+        f.partition = vec![
+            ["a".to_string()].into(),
+            ["b".to_string(), "c".into()].into(),
+        ];
         f.shaped.insert(
             link("a", 1),
             ShapeSpec {

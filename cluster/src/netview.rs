@@ -122,7 +122,7 @@ pub struct Finding {
 }
 
 /// What the hubs saw, as findings: problems first, then the rest, each most recent first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetFindings {
     pub findings: Vec<Finding>,
     /// Frames looked at (those since `since_ms`).

@@ -23,7 +23,6 @@ use crate::control::{ControlOp, ControlRequest};
 use crate::events::{MachineEvent, OwnerEvent};
 use crate::launches::resolve_machine;
 use crate::run::RunningCluster;
-use crate::state::nic_socket;
 use drydock_vm::VmPaths;
 
 /// Why a machine operation could not be carried out.
@@ -75,6 +74,7 @@ impl ControlOp {
             Self::Unblock => "unblock",
             Self::Snapshot => "snapshot",
             Self::Quit => "quit",
+            Self::Net => "net",
         }
     }
 }
@@ -108,7 +108,11 @@ impl RunningCluster {
             _ => Err(OpError::OneMachine(req.op.name())),
         };
         match req.op {
-            ControlOp::Plan | ControlOp::Apply | ControlOp::Snapshot | ControlOp::Quit => Ok(()),
+            ControlOp::Plan
+            | ControlOp::Apply
+            | ControlOp::Snapshot
+            | ControlOp::Quit
+            | ControlOp::Net => Ok(()),
             ControlOp::Start => self.start_machines(&req.machines, cancel, on_event),
             ControlOp::Stop | ControlOp::Crash => {
                 let m = one()?;
@@ -264,6 +268,7 @@ mod tests {
             machines: Vec::new(),
             tag: None,
             stop: false,
+            net: None,
         };
         let v = serde_json::to_value(&reload).unwrap();
         assert!(v.get("machines").is_none(), "{v}");

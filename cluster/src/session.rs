@@ -460,6 +460,7 @@ impl ReloadOwner<'_> {
             machines: Vec::new(),
             tag: None,
             stop: false,
+            net: None,
         }
     }
 

@@ -544,6 +544,7 @@ pub fn take_snapshot(
         machines: Vec::new(),
         tag: Some(tag.to_string()),
         stop,
+        net: None,
     };
     crate::control::request_until(state_dir, cluster, &req, SNAPSHOT_DEADLINE, cancel)?;
     read_snapshot(state_dir, cluster, tag)
@@ -919,6 +920,7 @@ pub fn restore(req: &RestoreRequest<'_>, cancel: &Cancel) -> Result<RestoreRepor
             machines: Vec::new(),
             tag: None,
             stop: false,
+            net: None,
         };
         if let Err(e) = crate::control::request(state_dir, req.cluster, &quit, QUIT_DEADLINE) {
             tracing::info!("quitting {}: {}", req.cluster, drydock_vm::error_chain(&e));

@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod du;
 pub mod gc;
 pub mod help;
+pub mod net;
 pub mod reload;
 pub mod runs;
 pub mod snapshot;
