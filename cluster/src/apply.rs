@@ -670,7 +670,7 @@ impl RunningCluster {
             return false;
         }
         if req.op == ControlOp::Net {
-            match req.net {
+            match req.net.map(|b| *b) {
                 Some(crate::net::NetRequest::Capture { machines, vlan }) => {
                     // The reply line, then the pcap stream, go on this connection.
                     let started = stream

@@ -405,7 +405,7 @@ pub struct ControlRequest {
     pub stop: bool,
     /// `net`: what to see or change on the cluster's networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net: Option<crate::net::NetRequest>,
+    pub net: Option<Box<crate::net::NetRequest>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -82,7 +82,7 @@ pub use exec::{ShellOptions, exec_in, exec_remote, exec_tty, shell_remote};
 pub use hub::{FrameRecord, HEAD_BYTES, Hub, HubCounters, HubError, HubFaults, RING_BYTES, Shape};
 pub use logs::{follow_logs, merge_timed, parse_timed, timed_log};
 pub use net::{
-    CaptureReport, HubStats, NetError, NetFaults, NetReport, NetRequest, ShapeSpec,
+    CaptureReport, CaptureRequest, HubStats, NetError, NetFaults, NetReport, NetRequest, ShapeSpec,
     capture as net_capture, net_request, parse_groups, parse_millis, parse_percent, parse_rate,
 };
 pub use netview::{

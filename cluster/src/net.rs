@@ -566,7 +566,7 @@ pub fn net_request(
 ) -> Result<NetReport, NetError> {
     let r = ControlRequest {
         op: ControlOp::Net,
-        net: Some(req),
+        net: Some(Box::new(req)),
         ..ControlRequest::default()
     };
     let reply = crate::control::request_reply(state_dir, cluster, &r, NET_DEADLINE, None)?;
@@ -583,18 +583,28 @@ pub struct CaptureReport {
     pub bytes: u64,
 }
 
+/// What to capture (see [`capture`]).
+#[derive(Debug, Clone, Default)]
+pub struct CaptureRequest {
+    /// Frames from and to these machines (all of the VLAN's if empty).
+    pub machines: Vec<String>,
+    pub vlan: Option<u8>,
+    /// Stop after this many frames.
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub seconds: Option<Duration>,
+}
+
 /// A live capture: pcap to `out` (the global header, then one record per frame) until
 /// `cancel`, `count` frames or `seconds`.
 pub fn capture(
     state_dir: &Path,
     cluster: &str,
-    machines: &[String],
-    vlan: Option<u8>,
+    c: &CaptureRequest,
     out: &mut dyn std::io::Write,
-    count: Option<u64>,
-    seconds: Option<Duration>,
     cancel: &Cancel,
 ) -> Result<CaptureReport, NetError> {
+    let (machines, vlan, count, seconds) = (&c.machines, c.vlan, c.count, c.seconds);
     let cpaths = cluster_paths(state_dir, cluster);
     cpaths
         .check_private()
@@ -607,10 +617,10 @@ pub fn capture(
     });
     let req = ControlRequest {
         op: ControlOp::Net,
-        net: Some(NetRequest::Capture {
+        net: Some(Box::new(NetRequest::Capture {
             machines: machines.to_vec(),
             vlan,
-        }),
+        })),
         ..ControlRequest::default()
     };
     crate::wire::write_json_line(&s, &req).map_err(NetError::Io)?;

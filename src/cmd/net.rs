@@ -42,14 +42,17 @@ pub fn run(ctx: &Context, a: &NetArgs) -> anyhow::Result<Outcome> {
                 }
                 None => Box::new(std::io::stdout().lock()),
             };
+            let c = drydock_cluster::CaptureRequest {
+                machines: machines.clone(),
+                vlan: *vlan,
+                count: *count,
+                seconds: *seconds,
+            };
             let r = drydock_cluster::net_capture(
                 &ctx.state_dir,
                 &name,
-                machines,
-                *vlan,
+                &c,
                 &mut sink,
-                *count,
-                *seconds,
                 &crate::cancel::CANCEL,
             )?;
             eprintln!(
