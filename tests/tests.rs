@@ -29,6 +29,7 @@ mod gc_stores;
 mod gc_system_store;
 mod hostile;
 mod images;
+mod net;
 mod nixos_map;
 mod nixos_test;
 mod qemu72;

@@ -13,6 +13,7 @@ use crate::control::ControlError;
 use crate::copy::CopyError;
 use crate::eval::EvalError;
 use crate::hub::HubError;
+use crate::net::NetError;
 use crate::session::SessionError;
 use crate::snapshot::SnapshotError;
 use crate::state::{ClusterError, MachineError};
@@ -24,6 +25,7 @@ drydock_gc::classify_by_bad_input!(
     ComposeError,
     ControlError,
     MachineError,
+    NetError,
     ReloadError,
 );
 
@@ -109,6 +111,7 @@ pub fn exit_class_of(cause: &(dyn Error + 'static)) -> Option<ExitClass> {
         EvalError,
         HubError,
         MachineError,
+        NetError,
         ReloadError,
         WatchError,
     );

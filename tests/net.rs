@@ -1,0 +1,241 @@
+//! The cluster's networks against real QEMU (TCG): `drydock net` names who could not reach whom
+//! and why from what the hubs saw (a port nobody listens on, an address nobody has), a capture
+//! opens with `tcpdump -r`, and the faults: `partition` (and `heal`), `block`/`unblock`,
+//! `shape --delay` seen in `ping` times and `--loss 100%` as a block; a fault survives a hot
+//! reload's switch; a 3-member etcd cluster split 1 | 2 keeps serving writes on the majority
+//! only, and agrees again once healed.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::Checks;
+use crate::vmcommon;
+use vmcommon::{Cluster, text, wait_until};
+
+const THREE: &str = "server = { system = sys { }; memorySize = 256; };
+     agent1 = { system = sys { }; memorySize = 256; };
+     agent2 = { system = sys { }; memorySize = 256; };";
+
+fn net(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    let r = c
+        .drydock()
+        .args(["--json", "net", "-f"])
+        .arg(c.file())
+        .args(args)
+        .run();
+    assert!(r.status.success(), "net {args:?}: {}", text(&r.stderr));
+    serde_json::from_slice(&r.stdout).unwrap_or_else(|e| panic!("net {args:?}: {e}"))
+}
+
+fn finding<'a>(
+    report: &'a serde_json::Value,
+    kind: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<&'a serde_json::Value> {
+    report["findings"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == kind && pred(f))
+}
+
+/// Whether `from` fetches the server's page within a few seconds.
+fn reaches(c: &Cluster, from: &str, to: &str) -> bool {
+    c.exec(from, "30", &format!("timeout 4 wget -qO- http://{to}/"))
+        .status
+        .success()
+}
+
+#[test]
+fn net_names_who_could_not_reach_whom_and_a_capture_reads_in_tcpdump() {
+    let c = Cluster::named("netsee").machines(THREE).up();
+    let mut checks = Checks::new();
+    // A capture of the server's frames, started before the traffic.
+    let pcap = c.dir().join("server.pcap");
+    let mut cap = c
+        .verb("net")
+        .args(["capture", "server", "-w"])
+        .arg(&pcap)
+        .args(["--seconds", "20"])
+        .spawn();
+    wait_until("the capture's file", Duration::from_secs(10), || {
+        pcap.exists()
+    });
+    // agent1: a page (answered) and a port nobody listens on (refused).
+    assert!(reaches(&c, "agent1", "server"));
+    let o = c.exec("agent1", "30", "nc -w 2 server 7001 </dev/null; echo $?");
+    eprintln!("nc to 7001: {}", text(&o.stdout));
+    // agent2 was told to reach 10.0.2.15 (QEMU's user network, on no VLAN): ARP nobody answers.
+    c.exec(
+        "agent2",
+        "30",
+        "ip route add 10.0.2.15/32 dev eth0; ping -c 2 -W 1 10.0.2.15; true",
+    );
+    let report = net(&c, &[]);
+    checks.check("refused: agent1 → server:7001, nothing listens", || {
+        let f = finding(&report, "tcp_refused", |f| {
+            f["from"] == "agent1" && f["to"] == "server" && f["port"] == 7001
+        })
+        .unwrap_or_else(|| panic!("{report:#}"));
+        assert!(
+            f["cause"]
+                .as_str()
+                .unwrap()
+                .contains("Nothing listens on port 7001"),
+            "{f}"
+        );
+    });
+    checks.check("answered: agent1 → server:80", || {
+        finding(&report, "tcp_answered", |f| {
+            f["from"] == "agent1" && f["to"] == "server" && f["port"] == 80
+        })
+        .unwrap_or_else(|| panic!("{report:#}"));
+    });
+    checks.check(
+        "an address nobody answers: 10.0.2.15, asked by agent2",
+        || {
+            let f = finding(&report, "arp_unanswered", |f| f["address"] == "10.0.2.15")
+                .unwrap_or_else(|| panic!("{report:#}"));
+            assert_eq!(f["from"], "agent2", "{f}");
+        },
+    );
+    checks.check("the text names them", || {
+        let r = c.verb("net").run();
+        assert!(r.status.success(), "{}", text(&r.stderr));
+        let t = text(&r.stdout);
+        assert!(t.contains("agent1 → server"), "{t}");
+        assert!(t.contains("10.0.2.15"), "{t}");
+        assert!(t.contains("faults in force: none"), "{t}");
+    });
+    checks.check("a capture opens with tcpdump -r and shows the SYNs", || {
+        let status = cap.wait_within(Duration::from_secs(60));
+        assert!(status.success());
+        let t = Command::new("tcpdump")
+            .args(["-nr"])
+            .arg(&pcap)
+            .output()
+            .expect("tcpdump (scripts/setup installs it)");
+        let out = text(&t.stdout);
+        assert!(t.status.success(), "{}", text(&t.stderr));
+        assert!(out.contains(".7001: Flags [S]"), "{out}");
+        assert!(out.contains(".80: Flags [S]"), "{out}");
+    });
+    c.down();
+}
+
+/// Round-trip time of one ping from `from` to `to` in ms, if it came back.
+fn ping_ms(c: &Cluster, from: &str, to: &str) -> Option<f64> {
+    let o = c.exec(from, "30", &format!("ping -c 1 -W 3 {to}"));
+    let t = text(&o.stdout);
+    let ms = t.split("time=").nth(1)?.split(' ').next()?.parse().ok();
+    if o.status.success() { ms } else { None }
+}
+
+#[test]
+fn partitions_blocks_and_shapes_hold_until_healed_and_survive_a_reload() {
+    let c = Cluster::named("netbreak").machines(THREE).up();
+    let mut checks = Checks::new();
+    checks.check("partition agent1 | server,agent2", || {
+        let r = net(&c, &["partition", "agent1", "server,agent2"]);
+        assert_eq!(r["faults"]["partition"].as_array().unwrap().len(), 2, "{r}");
+        assert!(!reaches(&c, "agent1", "server"));
+        assert!(reaches(&c, "agent2", "server"));
+    });
+    checks.check("a fault in force survives a hot reload's switch", || {
+        c.set_machines(&THREE.replace(
+            "server = { system = sys { };",
+            r#"server = { system = sys { www = "server v2"; };"#,
+        ));
+        let up = c.verb("up").args(["--accel", "tcg"]).run();
+        assert!(up.status.success(), "reload: {}", text(&up.stderr));
+        assert!(!reaches(&c, "agent1", "server"), "the partition was lost");
+        assert_eq!(
+            text(&c.exec("agent2", "30", "wget -qO- http://server/").stdout),
+            "server v2\n"
+        );
+    });
+    checks.check("heal", || {
+        let r = net(&c, &["heal"]);
+        assert!(
+            r["faults"]["partition"].as_array().unwrap().is_empty(),
+            "{r}"
+        );
+        assert!(reaches(&c, "agent1", "server"));
+    });
+    checks.check("block and unblock", || {
+        net(&c, &["block", "agent2"]);
+        assert!(!reaches(&c, "agent2", "server"));
+        assert!(reaches(&c, "agent1", "server"));
+        net(&c, &["unblock", "agent2"]);
+        assert!(reaches(&c, "agent2", "server"));
+    });
+    checks.check("shape --delay 200ms shows in ping times", || {
+        let before = ping_ms(&c, "agent1", "server").expect("a ping before");
+        net(&c, &["shape", "agent1", "--delay", "200ms"]);
+        let after = ping_ms(&c, "agent1", "server").expect("a ping while delayed");
+        eprintln!("ping agent1 → server: {before} ms, then {after} ms with 200ms delay");
+        assert!(after >= 200.0, "{after} ms");
+        net(&c, &["shape", "agent1"]);
+        let again = ping_ms(&c, "agent1", "server").expect("a ping after");
+        assert!(again < 200.0, "{again} ms");
+    });
+    checks.check("shape --loss 100% is a block of what it sends", || {
+        net(&c, &["shape", "agent2", "--loss", "100%"]);
+        assert_eq!(ping_ms(&c, "agent2", "server"), None);
+        net(&c, &["heal"]);
+        assert!(ping_ms(&c, "agent2", "server").is_some());
+    });
+    checks.check("bad input is exit 2 naming it", || {
+        for (args, says) in [
+            (&["block", "nobody"][..], "no machine nobody"),
+            (&["shape", "--delay", "100"][..], "--delay \"100\""),
+            (&["partition", "agent1", "agent1"][..], "in two groups"),
+        ] {
+            let r = c.verb("net").args(args).run();
+            assert_eq!(r.status.code(), Some(2), "{args:?}: {}", text(&r.stderr));
+            assert!(
+                text(&r.stderr).contains(says),
+                "{args:?}: {}",
+                text(&r.stderr)
+            );
+        }
+    });
+    c.down();
+}
+
+#[test]
+fn a_partitioned_etcd_majority_serves_writes_and_all_agree_once_healed() {
+    vmcommon::etcd_guest_ready();
+    let c = Cluster::named("etcdsplit")
+        .composition(&vmcommon::etcd_composition(3, ""))
+        .up();
+    vmcommon::etcd_wait_healthy(&c, 3, Duration::from_secs(180));
+    net(&c, &["partition", "etcd1", "etcd2,etcd3"]);
+    let t = Instant::now();
+    // The majority elects (or keeps) a leader and serves writes; the minority cannot.
+    wait_until(
+        "the majority serves writes",
+        Duration::from_secs(60),
+        || {
+            vmcommon::etcdctl(&c, "etcd2", "put during split")
+                .status
+                .success()
+        },
+    );
+    eprintln!(
+        "majority writable {:.1} s after the partition",
+        t.elapsed().as_secs_f64()
+    );
+    let o = vmcommon::etcdctl(&c, "etcd1", "--command-timeout=5s put lonely 1");
+    assert!(
+        !o.status.success(),
+        "the minority took a write: {}",
+        text(&o.stdout)
+    );
+    net(&c, &["heal"]);
+    wait_until("all three agree again", Duration::from_secs(120), || {
+        vmcommon::etcd_get(&c, "etcd1", "during").as_deref() == Some("split")
+    });
+    vmcommon::etcd_wait_healthy(&c, 3, Duration::from_secs(60));
+    c.down();
+}
