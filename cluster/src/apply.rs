@@ -43,7 +43,6 @@ use crate::compose::ClusterPlan;
 use crate::control::ControlOp;
 use crate::events::{ControlCall, MachineEvent, OwnerEvent};
 use crate::exec::exec_remote;
-use crate::hub::Hub;
 use crate::launches::resolve_machine;
 use crate::reload::{Action, MachineOutcome, NewLaunch, Outcome, PlannedAction, plan_reload};
 use crate::run::{RunningCluster, vlan_ports};
@@ -473,7 +472,7 @@ impl RunningCluster {
             match self.hubs.iter().find(|h| h.vlan() == v) {
                 Some(h) => h.set_ports(ports),
                 None => self.hubs.push(
-                    Hub::start(v, &hub_socket(&cpaths, v), ports)
+                    crate::net::start_hub(v, &hub_socket(&cpaths, v), ports)
                         .map_err(|e| ReloadError::Cluster(Box::new(ClusterError::Hub(e))))?,
                 ),
             }

@@ -306,6 +306,23 @@ pub fn parse_groups(words: &[String]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The environment variable that turns the hubs' recording off (`off`): for the benchmark that
+/// measures what recording costs.
+pub const RECORD_ENV: &str = "DRYDOCK_NET_RECORD";
+
+/// A cluster's hub of `vlan`, recording its frames unless [`RECORD_ENV`] is `off`.
+pub(crate) fn start_hub(
+    vlan: u8,
+    socket: &Path,
+    ports: Vec<PathBuf>,
+) -> Result<crate::hub::Hub, crate::hub::HubError> {
+    let hub = crate::hub::Hub::start(vlan, socket, ports)?;
+    if std::env::var_os(RECORD_ENV).is_some_and(|v| v == "off") {
+        hub.set_recording(false);
+    }
+    Ok(hub)
+}
+
 impl NetRequest {
     /// `net [--since D]`: the report of the frames of the last `since` (all recorded if none).
     pub fn show(since: Option<Duration>) -> Self {

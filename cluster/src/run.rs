@@ -162,7 +162,7 @@ pub(crate) fn up(
     };
     for &v in &plan.vlans {
         running.hubs.push(
-            Hub::start(
+            crate::net::start_hub(
                 v,
                 &hub_socket(&cpaths, v),
                 vlan_ports(plan, &opts.state_dir, v),
