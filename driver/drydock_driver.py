@@ -223,6 +223,22 @@ class Driver:
         for m in self.machines:
             m._started()
 
+    def partition(self, *groups):
+        """Split the cluster's networks: frames cross only within a group (machines, or their
+        names); machines in no group keep their links. `heal()` undoes it."""
+        names = [[m if isinstance(m, str) else m.name for m in g] for g in groups]
+        self.chan.op("net", net={"do": "partition", "groups": names})
+
+    def shape(self, *machines, delay_ms=0, jitter_ms=0, loss_pct=0.0, rate_bytes=None, vlan=None):
+        """Delay, lose or pace the frames leaving `machines` (all if none); no value: undo."""
+        names = [m if isinstance(m, str) else m.name for m in machines]
+        shape = dict(delay_ms=int(delay_ms), jitter_ms=int(jitter_ms), loss_pct=float(loss_pct), rate_bytes=rate_bytes)
+        self.chan.op("net", net={"do": "shape", "machines": names, "vlan": vlan, "shape": shape})
+
+    def heal(self):
+        """Undo every network fault (blocks, the partition, shapes)."""
+        self.chan.op("net", net={"do": "heal"})
+
     def join_all(self):
         """Wait until every machine has stopped."""
         self.chan.op("wait_down", machines=[m.name for m in self.machines])
@@ -814,6 +830,9 @@ def symbols(drv):
         __name__="__main__",
         start_all=api(Driver.start_all).__get__(drv),
         join_all=api(Driver.join_all).__get__(drv),
+        partition=api(Driver.partition).__get__(drv),
+        shape=api(Driver.shape).__get__(drv),
+        heal=api(Driver.heal).__get__(drv),
         subtest=drv.subtest,
         retry=retry,
         t=AssertionTester(),

@@ -185,6 +185,16 @@ fn partitions_blocks_and_shapes_hold_until_healed_and_survive_a_reload() {
         net(&c, &["heal"]);
         assert!(ping_ms(&c, "agent2", "server").is_some());
     });
+    checks.check("a test script partitions, shapes and heals", || {
+        let script = c.dir().join("faults.py");
+        std::fs::write(
+            &script,
+            "start_all()\npartition([agent1], [server, agent2])\nagent1.fail('timeout 4 wget -qO- http://server/')\nagent2.succeed('timeout 4 wget -qO- http://server/')\nheal()\nagent1.succeed('timeout 4 wget -qO- http://server/')\nshape(agent2, loss_pct=100)\nagent2.fail('ping -c 1 -W 2 server')\nheal()\nagent2.succeed('ping -c 1 -W 2 server')\n",
+        )
+        .unwrap();
+        let r = c.verb("test").arg(&script).run();
+        assert!(r.status.success(), "{}", text(&r.stderr));
+    });
     checks.check("bad input is exit 2 naming it", || {
         for (args, says) in [
             (&["block", "nobody"][..], "no machine nobody"),

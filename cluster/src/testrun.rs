@@ -303,6 +303,9 @@ pub struct OpRequest {
     pub source: Option<String>,
     #[serde(default)]
     pub target: Option<String>,
+    /// `net`: a fault to set or undo (`partition()`, `shape()`, `heal()`).
+    #[serde(default)]
+    pub net: Option<crate::net::NetRequest>,
 }
 
 /// The answer to an [`OpRequest`].
@@ -1352,6 +1355,14 @@ fn do_op(
         "crash" => control(ControlOp::Crash, &[one()?], STOP_DEADLINE),
         "block" => control(ControlOp::Block, &[one()?], QUICK_DEADLINE),
         "unblock" => control(ControlOp::Unblock, &[one()?], QUICK_DEADLINE),
+        "net" => match &op.net {
+            Some(crate::net::NetRequest::Capture { .. }) | None => {
+                Err("net: a partition, shape or heal".to_string())
+            }
+            Some(req) => crate::net::net_request(state_dir, name, req.clone())
+                .map(|_| ())
+                .map_err(|e| err(&e)),
+        },
         "wait_down" => {
             let (wake, woken) = wake_pair().map_err(|e| err(&e))?;
             let _w = cancel.on_cancel(move || wake.wake());
