@@ -249,3 +249,67 @@ fn a_partitioned_etcd_majority_serves_writes_and_all_agree_once_healed() {
     vmcommon::etcd_wait_healthy(&c, 3, Duration::from_secs(60));
     c.down();
 }
+
+/// The logbook's case: the server's firewall drops 6443 and allows 7000 and 7001 (nothing
+/// listens on 7001); `net` names agent1 → server:6443 as unanswered with the firewall as the
+/// likely cause and NixOS's option as the next step, agent2 → server:7001 as refused, and
+/// agent3, told to reach 10.0.2.15, as asking for an address nobody has; the server's kernel
+/// logged the refused connections as NixOS's firewall does.
+#[test]
+fn net_names_the_firewall_the_empty_port_and_the_wrong_address() {
+    vmcommon::firewall_guest_ready();
+    let c = Cluster::named("netfw")
+        .composition(&vmcommon::firewall_composition(
+            &[7000, 7001],
+            &[7000, 6443],
+            3,
+        ))
+        .up();
+    let mut checks = Checks::new();
+    let o = c.exec("agent1", "30", "nc -w 3 server 7000 </dev/null");
+    assert_eq!(text(&o.stdout), "server:7000\n", "{}", text(&o.stderr));
+    c.exec("agent1", "30", "nc -w 3 server 6443 </dev/null; true");
+    c.exec("agent2", "30", "nc -w 3 server 7001 </dev/null; true");
+    c.exec(
+        "agent3",
+        "30",
+        "ip route add 10.0.2.15/32 dev eth0; nc -w 3 10.0.2.15 6443 </dev/null; true",
+    );
+    let report = net(&c, &[]);
+    checks.check("agent1 → server:6443 unanswered: the firewall", || {
+        let f = finding(&report, "tcp_unanswered", |f| {
+            f["from"] == "agent1" && f["to"] == "server" && f["port"] == 6443
+        })
+        .unwrap_or_else(|| panic!("{report:#}"));
+        assert!(f["cause"].as_str().unwrap().contains("firewall"), "{f}");
+        assert!(
+            f["next"]
+                .as_str()
+                .unwrap()
+                .contains("networking.firewall.allowedTCPPorts = [ 6443 ];"),
+            "{f}"
+        );
+    });
+    checks.check("agent2 → server:7001 refused: nothing listens", || {
+        finding(&report, "tcp_refused", |f| {
+            f["from"] == "agent2" && f["to"] == "server" && f["port"] == 7001
+        })
+        .unwrap_or_else(|| panic!("{report:#}"));
+    });
+    checks.check("agent3 asks for 10.0.2.15, which nobody has", || {
+        let f = finding(&report, "arp_unanswered", |f| f["address"] == "10.0.2.15")
+            .unwrap_or_else(|| panic!("{report:#}"));
+        assert_eq!(f["from"], "agent3");
+    });
+    checks.check("agent1 → server:7000 answered", || {
+        finding(&report, "tcp_answered", |f| {
+            f["from"] == "agent1" && f["port"] == 7000
+        })
+        .unwrap_or_else(|| panic!("{report:#}"));
+    });
+    checks.check("the server's kernel logged the refused connections", || {
+        let o = c.exec("server", "30", "dmesg | grep 'refused connection: '");
+        assert!(text(&o.stdout).contains("DPT=6443"), "{}", text(&o.stdout));
+    });
+    c.down();
+}
