@@ -19,6 +19,7 @@ mod doctor_builders;
 mod etcd;
 mod eval;
 mod example;
+mod firewall;
 mod gc_all;
 mod gc_du;
 mod gc_nix;

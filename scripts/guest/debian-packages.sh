@@ -94,23 +94,25 @@ deb_libs() {
 
 # deb_resolve SEED...: fetch library packages until every library of $work/bins resolves inside
 # the download ($work/libs). Each round fetches the library dependencies of the packages that
-# provided a library so far and of the SEED packages (a loader that stopped at a missing library
-# listed none of the others).
+# provided a library so far, of the SEED packages and of the packages earlier rounds fetched (a
+# loader that stopped at a missing library listed none of the others: nft stops at libnftnl,
+# which libnftables needs, before it lists libnftables).
 deb_resolve() {
-    local round=1 missing used next
+    local round=1 missing used next rounds=""
     while :; do
         deb_libs > "$work/libs"
         missing="$(awk 'NF == 1 { print $1 }' "$work/libs" | paste -sd' ')"
         [ -z "$missing" ] && return 0
         used="$(awk 'NF == 2 { print $2 }' "$work/libs" | sed "s|^$x/||; s|/.*||" | sort -u)"
         # shellcheck disable=SC2086
-        next="$(deb_lib_deps "$@" $used | paste -sd' ')"
+        next="$(deb_lib_deps "$@" $used $rounds | paste -sd' ')"
         [ -n "$next" ] || die "no package provides: $missing"
         round=$((round + 1))
         [ "$round" -le 10 ] || die "still missing after 10 rounds: $missing"
         log "round $round: missing $missing; fetching $next"
         # shellcheck disable=SC2086
         deb_fetch $next
+        rounds="$rounds $next"
     done
 }
 

@@ -45,6 +45,11 @@
 , backdoorRevision ? ""  # the backdoor's revision: a switch to a system whose revision differs
                          # from the running backdoor's restarts the backdoor (as systemd restarts
                          # a changed unit), killing every process of its session
+, firewall ? null      # NixOS's networking.firewall (nftables), e.g. { allowedTCPPorts = [ 7000 ]; }:
+                        # applied by each activation (firewall.nix); null: no firewall, and the
+                        # scripts are what they were before the argument existed
+, nft ? null           # with a firewall: the directory fetch-nft prints (CACHE/nft): Debian's nft
+                        # and the kernel's netfilter modules
 , hostBusybox ? "/bin/busybox"  # absolute host path of a static busybox (Debian: busybox-static)
 }:
 let
@@ -102,10 +107,23 @@ let
     done
   '';
 
+  # The firewall (firewall.nix): its nft joins the packages, its start script runs first in
+  # each activation.
+  fw =
+    if firewall == null then null
+    else if nft == null then
+      throw "drydock's test system: a firewall needs nft = the directory scripts/guest/fetch-nft prints (CACHE/nft)"
+    else import ./firewall.nix {
+      inherit build busybox kernelVersion;
+      nft = toString nft;
+      config = firewall;
+    };
+
   # The PATH of a cluster machine's services, activation and backdoor: busybox's applets first,
-  # then each package's bin/. Without packages it is busybox's alone (the scripts' text, so the
-  # system's hash, is what it was before `packages` existed).
-  binPath = "${busybox}/bin" + builtins.concatStringsSep "" (map (p: ":${p}/bin") packages);
+  # then each package's bin/ (the firewall's nft last). Without packages it is busybox's alone
+  # (the scripts' text, so the system's hash, is what it was before `packages` existed).
+  binPath = "${busybox}/bin" + builtins.concatStringsSep ""
+    (map (p: ":${p}/bin") (packages ++ (if fw == null then [ ] else [ fw.package ])));
 
   kernelFile = builtins.path {
     path = kernel;
@@ -266,7 +284,12 @@ let
     machine="$(hostname)"
     mkdir -p /run/drydock /srv/www
     cd /
-    if ! ( :
+    ${if fw == null then "" else ''
+      if ! ${fw.start}; then
+        echo "the firewall of $systemConfig failed" >&2
+        exit 1
+      fi
+    ''}if ! ( :
       ${activation}
     ); then
       echo "activation of $systemConfig failed" >&2

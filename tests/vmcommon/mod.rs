@@ -196,8 +196,9 @@ fn build_initrd(args: &[&str]) {
 
 /// The composition of the test system with the machines `machines` (the body of
 /// `machines = { ... }`), where `sys ARGS` is the test system's toplevel
-/// (`scripts/guest/system.nix` with `ARGS`, e.g. `www`, `activation`, `kernelParams`) on the
-/// cached guest kernel and initrd.
+/// (`scripts/guest/system.nix` with `ARGS`, e.g. `www`, `activation`, `kernelParams`, or
+/// `firewall = { allowedTCPPorts = [ 7000 ]; }` after [`firewall_guest_ready`]) on the cached
+/// guest kernel and initrd.
 pub fn composition_text(machines: &str) -> String {
     composition_with(&format!("{{ machines = {{ {machines} }}; }}"))
 }
@@ -212,7 +213,7 @@ pub fn composition_with(body: &str) -> String {
   kernelVersion = builtins.replaceStrings [ "\n" ] [ "" ] (builtins.readFile (cache + "/kernel/version"));
   sys = args: (import {system} ({{
     kernel = cache + "/kernel/vmlinux"; kernelFormat = "vmlinux";
-    initrd = cache + "/initrd"; inherit kernelVersion;
+    initrd = cache + "/initrd"; inherit kernelVersion; nft = cache + "/nft";
   }} // args)).toplevel;
 in {body}
 "#,
@@ -257,6 +258,60 @@ pub fn systemd_composition(shares: &str, nodes: &str, machines: &str) -> String 
         nodes,
         machines,
     )
+}
+
+/// Make sure the test guest's firewall has its material in the guest cache too (`fetch-nft`:
+/// Debian's nft and the kernel's netfilter modules), for `sys { firewall = ...; }` in a
+/// [`composition_text`] and for [`firewall_composition`].
+pub fn firewall_guest_ready() {
+    guest_ready();
+    static READY: std::sync::Once = std::sync::Once::new();
+    READY.call_once(|| {
+        let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest/fetch-nft");
+        let out = Command::new(s).output().expect("fetch-nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A server behind a firewall and its agents, the logbook's case (NixOS's firewall dropping the
+/// agents' connections to the server): machine `server` runs the test guest's firewall
+/// (`system.nix`'s `firewall`: NixOS's `networking.firewall`, nftables) allowing the TCP ports
+/// `allowed_tcp` (and ping), refused connections logged as `refused connection: ...` (in its
+/// `dmesg` and on its console), and answers `server:PORT` and closes on each port of `listen`
+/// (busybox `nc -ll -e echo`); machines `agent1`..`agentN` (`agents` of them) have no firewall.
+/// All on VLAN 1 with 256 MiB; machines are numbered in name order, so agent I is
+/// `192.168.1.I` and the server `192.168.1.(N+1)`. Call [`firewall_guest_ready`] first. A hot
+/// reload to other `allowed_tcp` switches the server only.
+pub fn firewall_composition(allowed_tcp: &[u16], listen: &[u16], agents: usize) -> String {
+    let allowed: Vec<String> = allowed_tcp.iter().map(u16::to_string).collect();
+    firewall_composition_with(
+        &format!("allowedTCPPorts = [ {} ];", allowed.join(" ")),
+        listen,
+        agents,
+    )
+}
+
+/// [`firewall_composition`] with the server's whole `firewall` attribute set given as its body
+/// (`allowedTCPPorts = [ 7000 ]; rejectPackets = true;`, or `enable = false;`).
+pub fn firewall_composition_with(firewall: &str, listen: &[u16], agents: usize) -> String {
+    let services: Vec<String> = listen
+        .iter()
+        .map(|p| format!("nc -ll -p {p} -e echo server:{p} &"))
+        .collect();
+    let mut machines = format!(
+        "server = {{ system = sys {{ firewall = {{ {firewall} }}; services = \"{} wait\"; }}; memorySize = 256; }};",
+        services.join(" ")
+    );
+    for i in 1..=agents {
+        machines.push_str(&format!(
+            "\n  agent{i} = {{ system = sys {{ }}; memorySize = 256; }};"
+        ));
+    }
+    composition_text(&machines)
 }
 
 /// Make sure Debian's etcd is in the guest cache too (`fetch-etcd`), for [`etcd_composition`].
