@@ -266,8 +266,13 @@ fn net_names_the_firewall_the_empty_port_and_the_wrong_address() {
         ))
         .up();
     let mut checks = Checks::new();
-    let o = c.exec("agent1", "30", "nc -w 3 server 7000 </dev/null");
-    assert_eq!(text(&o.stdout), "server:7000\n", "{}", text(&o.stderr));
+    // The server's listeners start with its services, after boot.
+    wait_until("server:7000 answers", Duration::from_secs(60), || {
+        text(
+            &c.exec("agent1", "30", "nc -w 3 server 7000 </dev/null")
+                .stdout,
+        ) == "server:7000\n"
+    });
     c.exec("agent1", "30", "nc -w 3 server 6443 </dev/null; true");
     c.exec("agent2", "30", "nc -w 3 server 7001 </dev/null; true");
     c.exec(
