@@ -258,8 +258,9 @@ let
   '' + (if logs then ''
     # The log lines are kernel messages of level info: shown on the console at console log
     # level 7, a NixOS test node's (boot.consoleLogLevel = 7). The level it had is kept, for a
-    # system whose firewall is disabled.
-    read -r level rest < /proc/sys/kernel/printk
+    # system whose firewall is disabled. (Not `read`: a sysctl file read byte by byte ends after
+    # its first byte.)
+    level="$(cut -f1 /proc/sys/kernel/printk)"
     [ -e /run/drydock/console-loglevel ] || { mkdir -p /run/drydock; echo "$level" > /run/drydock/console-loglevel; }
     [ "$level" -ge 7 ] || echo 7 > /proc/sys/kernel/printk
   '' else "") else ''
