@@ -407,6 +407,11 @@ impl ClusterPlan {
     pub fn machine(&self, name: &str) -> Option<&MachinePlan> {
         self.machines.iter().find(|m| m.machine == name)
     }
+
+    /// The machines' names, in the plan's order (for messages that list them).
+    pub fn machine_names(&self) -> Vec<String> {
+        self.machines.iter().map(|m| m.machine.clone()).collect()
+    }
     /// The machines on `vlan`.
     pub fn on_vlan(&self, vlan: u8) -> impl Iterator<Item = &MachinePlan> {
         self.machines
@@ -480,6 +485,34 @@ pub fn plan_cluster(name: &str, c: &Composition) -> Result<ClusterPlan, ComposeE
         vlans,
         hosts,
     })
+}
+
+/// A composition of test-only machines `(name, VLANs)` on one made-up system path each (for the
+/// crate's unit tests).
+#[cfg(test)]
+pub(crate) fn test_composition(machines: &[(&str, &[u8])]) -> Composition {
+    Composition {
+        file: PathBuf::from("/c/drydock.nix"),
+        machines: machines
+            .iter()
+            .map(|(n, vlans)| {
+                (
+                    n.to_string(),
+                    MachineSettings {
+                        system: SystemRef::Path {
+                            path: format!("/nix/store/{:0>32}-{n}", 0),
+                        },
+                        memory_mib: 256,
+                        cores: 1,
+                        disk_mib: 1024,
+                        vlans: vlans.to_vec(),
+                        profile: Default::default(),
+                    },
+                )
+            })
+            .collect(),
+        test_script: Default::default(),
+    }
 }
 
 #[cfg(test)]

@@ -471,10 +471,7 @@ pub fn restart_machine(
         plan: state.plan,
         restart: false,
         restart_machines: vec![cm.machine.clone()],
-        machines: Vec::new(),
-        tag: None,
-        stop: false,
-        net: None,
+        ..ControlRequest::default()
     };
     request(state_dir, &cm.cluster, &req, deadline)?
         .into_iter()
@@ -506,13 +503,8 @@ pub fn machine_op(
 ) -> Result<(), ControlError> {
     let req = ControlRequest {
         op,
-        plan: ClusterPlan::default(),
-        restart: false,
-        restart_machines: Vec::new(),
         machines: machines.to_vec(),
-        tag: None,
-        stop: false,
-        net: None,
+        ..ControlRequest::default()
     };
     request_until(state_dir, name, &req, deadline, cancel).map(|_| ())
 }

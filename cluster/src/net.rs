@@ -347,12 +347,7 @@ impl RunningCluster {
             .ok_or_else(|| NetError::NoMachine {
                 cluster: self.plan.name.clone(),
                 machine: machine.to_string(),
-                has: self
-                    .plan
-                    .machines
-                    .iter()
-                    .map(|m| m.machine.clone())
-                    .collect(),
+                has: self.plan.machine_names(),
             })
     }
 
@@ -425,12 +420,7 @@ impl RunningCluster {
                 let all: Vec<String>;
                 let names = match machines.is_empty() {
                     true => {
-                        all = self
-                            .plan
-                            .machines
-                            .iter()
-                            .map(|m| m.machine.clone())
-                            .collect();
+                        all = self.plan.machine_names();
                         &all
                     }
                     false => machines,
@@ -736,30 +726,8 @@ mod tests {
 
     #[test]
     fn faults_become_each_hubs_ports() {
-        use crate::compose::{Composition, MachineSettings, SystemRef, plan_cluster};
-        let machines = [("a", vec![1]), ("b", vec![1, 2]), ("c", vec![2])];
-        let composition = Composition {
-            file: PathBuf::from("/c/drydock.nix"),
-            machines: machines
-                .iter()
-                .map(|(n, vlans)| {
-                    (
-                        n.to_string(),
-                        MachineSettings {
-                            system: SystemRef::Path {
-                                path: format!("/nix/store/{:0>32}-{n}", 0),
-                            },
-                            memory_mib: 256,
-                            cores: 1,
-                            disk_mib: 1024,
-                            vlans: vlans.clone(),
-                            profile: Default::default(),
-                        },
-                    )
-                })
-                .collect(),
-            test_script: Default::default(),
-        };
+        use crate::compose::{plan_cluster, test_composition};
+        let composition = test_composition(&[("a", &[1]), ("b", &[1, 2]), ("c", &[2])]);
         let plan = plan_cluster("c", &composition).unwrap();
         let state = Path::new("/s");
         let port = |m: &str, v: u8| nic_socket(&VmPaths::in_state_dir(state, &format!("c.{m}")), v);

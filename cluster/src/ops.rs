@@ -94,12 +94,7 @@ impl RunningCluster {
                 return Err(OpError::NoMachine {
                     cluster: self.plan.name.clone(),
                     machine: m.clone(),
-                    has: self
-                        .plan
-                        .machines
-                        .iter()
-                        .map(|m| m.machine.clone())
-                        .collect(),
+                    has: self.plan.machine_names(),
                 });
             }
         }

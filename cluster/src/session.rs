@@ -978,31 +978,10 @@ impl RunningCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compose::{Composition, MachineSettings, SystemRef};
+    use crate::compose::Composition;
 
     fn composition(machines: &[(&str, &[u8])]) -> Composition {
-        Composition {
-            file: PathBuf::from("/c/drydock.nix"),
-            machines: machines
-                .iter()
-                .map(|(n, vlans)| {
-                    (
-                        n.to_string(),
-                        MachineSettings {
-                            system: SystemRef::Path {
-                                path: format!("/nix/store/{:0>32}-{n}", 0),
-                            },
-                            memory_mib: 256,
-                            cores: 1,
-                            disk_mib: 1024,
-                            vlans: vlans.to_vec(),
-                            profile: Default::default(),
-                        },
-                    )
-                })
-                .collect(),
-            test_script: Default::default(),
-        }
+        crate::compose::test_composition(machines)
     }
 
     fn names(p: &ClusterPlan) -> Vec<&str> {

@@ -304,14 +304,12 @@ pub(crate) fn files_differ(
 /// a restore brings the snapshot's systems back, and a reload afterwards switches to new ones.
 pub(crate) fn layout_differences(then: &ClusterPlan, now: &ClusterPlan) -> Vec<String> {
     let mut d = Vec::new();
-    let names =
-        |p: &ClusterPlan| -> Vec<String> { p.machines.iter().map(|m| m.machine.clone()).collect() };
     for m in &now.machines {
         if then.machine(&m.machine).is_none() {
             d.push(format!(
                 "machine {} is new (the snapshot has {})",
                 m.machine,
-                names(then).join(", ")
+                then.machine_names().join(", ")
             ));
         }
     }
@@ -320,7 +318,7 @@ pub(crate) fn layout_differences(then: &ClusterPlan, now: &ClusterPlan) -> Vec<S
             d.push(format!(
                 "machine {} is gone (the cluster has {})",
                 m.machine,
-                names(now).join(", ")
+                now.machine_names().join(", ")
             ));
             continue;
         };
@@ -538,13 +536,9 @@ pub fn take_snapshot(
     validate_tag(tag)?;
     let req = ControlRequest {
         op: ControlOp::Snapshot,
-        plan: ClusterPlan::default(),
-        restart: false,
-        restart_machines: Vec::new(),
-        machines: Vec::new(),
         tag: Some(tag.to_string()),
         stop,
-        net: None,
+        ..ControlRequest::default()
     };
     crate::control::request_until(state_dir, cluster, &req, SNAPSHOT_DEADLINE, cancel)?;
     read_snapshot(state_dir, cluster, tag)
@@ -914,13 +908,7 @@ pub fn restore(req: &RestoreRequest<'_>, cancel: &Cancel) -> Result<RestoreRepor
         let t = Instant::now();
         let quit = ControlRequest {
             op: ControlOp::Quit,
-            plan: ClusterPlan::default(),
-            restart: false,
-            restart_machines: Vec::new(),
-            machines: Vec::new(),
-            tag: None,
-            stop: false,
-            net: None,
+            ..ControlRequest::default()
         };
         if let Err(e) = crate::control::request(state_dir, req.cluster, &quit, QUIT_DEADLINE) {
             tracing::info!("quitting {}: {}", req.cluster, drydock_vm::error_chain(&e));

@@ -1073,12 +1073,7 @@ pub fn run_tests(
                 return Err(ClusterError::NoMachine {
                     cluster: name.to_string(),
                     machine: m.clone(),
-                    has: state
-                        .plan
-                        .machines
-                        .iter()
-                        .map(|m| m.machine.clone())
-                        .collect(),
+                    has: state.plan.machine_names(),
                 }
                 .into());
             }
