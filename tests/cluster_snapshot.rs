@@ -2,7 +2,8 @@
 //! `snapshot`, `restore` (state written after the snapshot is gone, every machine answers,
 //! the VLANs work, guest clocks are the host's), restoring twice, a hot reload after a restore
 //! and a snapshot of the switched system, `snapshot --stop` then a restore from nothing
-//! running, `gc` keeping what only a snapshot holds, `snapshot --rm`; and the refusals: a
+//! running, `gc` keeping what only a snapshot holds, `snapshot --rm`, a tag taken again (a `gc`
+//! of the replaced snapshot's run leaves the new one); and the refusals: a
 //! corrupt snapshot (exit 1 naming the file) and one of another layout (exit 2 naming the
 //! difference) leave nothing running, and so does Ctrl-C during a restore.
 
@@ -66,6 +67,7 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
             assert!(m["files"]["state"].as_u64().unwrap() > 0, "{m}");
         }
     });
+    let ready_run = s["run_id"].clone();
     checks.check("the machines run on after a snapshot", || {
         assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
     });
@@ -210,6 +212,18 @@ fn a_cluster_goes_back_to_its_snapshot_and_carries_on_from_there() {
             .collect();
         assert_eq!(tags, ["ready", "stopped"], "{l}");
     });
+    checks.check(
+        "a tag taken again replaces it: a gc of the old snapshot's run leaves the new one",
+        || {
+            let old = ready_run.to_string();
+            let again = json(&c, &["snapshot", "ready"]);
+            assert_ne!(again["run_id"].to_string(), old, "{again}");
+            let g = c.drydock().args(["gc", "--run", &old]).run();
+            assert!(g.status.success(), "gc --run {old}: {}", text(&g.stderr));
+            json(&c, &["restore", "ready"]);
+            assert_eq!(out(&c, "alpha", "cat /tmp/mark"), "before\n");
+        },
+    );
     c.down();
 }
 

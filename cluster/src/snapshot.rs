@@ -498,23 +498,11 @@ pub fn remove_snapshot(
             have: tags(state_dir, cluster),
         });
     }
-    let run_id = read_snapshot(state_dir, cluster, tag)
-        .ok()
-        .and_then(|s| s.run_id);
+    let run_id = manifest_run(&dir);
     let bytes = drydock_gc::disk_usage(std::slice::from_ref(&dir)).unwrap_or(0);
     std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     if let Some(id) = run_id {
-        let forgot = drydock_gc::RunsDb::open(state_dir).and_then(|db| {
-            for a in db.artifacts(id)? {
-                if Path::new(&a.path) == dir {
-                    db.artifact_removed(a.id)?;
-                }
-            }
-            db.unpin_run(id)
-        });
-        if let Err(e) = forgot {
-            tracing::warn!("unpinning run {id}: {}", drydock_vm::error_chain(&e));
-        }
+        forget_run(state_dir, id, &dir);
     }
     Ok(Removed {
         cluster: cluster.to_string(),
@@ -522,6 +510,37 @@ pub fn remove_snapshot(
         bytes,
         run_id,
     })
+}
+
+/// The run that recorded the snapshot in `dir`, as its manifest says (`None` if it cannot be
+/// read: the snapshot's files are not checked).
+fn manifest_run(dir: &Path) -> Option<i64> {
+    let bytes = drydock_gc::read_regular(
+        &dir.join(MANIFEST),
+        drydock_gc::Links::Refuse,
+        drydock_gc::MAX_STATE_BYTES,
+    )
+    .ok()?;
+    serde_json::from_slice::<ClusterSnapshot>(&bytes)
+        .ok()?
+        .run_id
+}
+
+/// The snapshot folder `dir` of run `id` goes (removed, or replaced by a new snapshot of the
+/// same tag, which has a run of its own): the run's artifact is marked removed, so no `gc` of
+/// it removes that folder again, and its pins go (the run stays, as after `gc`).
+fn forget_run(state_dir: &Path, id: i64, dir: &Path) {
+    let forgot = drydock_gc::RunsDb::open(state_dir).and_then(|db| {
+        for a in db.artifacts(id)? {
+            if Path::new(&a.path) == dir {
+                db.artifact_removed(a.id)?;
+            }
+        }
+        db.unpin_run(id)
+    });
+    if let Err(e) = forgot {
+        tracing::warn!("unpinning run {id}: {}", drydock_vm::error_chain(&e));
+    }
 }
 
 /// Ask the owner of the up cluster `cluster` for the snapshot `tag` (see the module's doc);
@@ -702,6 +721,11 @@ impl RunningCluster {
                 }
             })?;
             if dir.exists() {
+                // The snapshot this one replaces: its run lets go of the folder (now this
+                // one's) and of its pins.
+                if let Some(old) = manifest_run(&dir).filter(|&old| Some(old) != snap.run_id) {
+                    forget_run(&self.state_dir, old, &dir);
+                }
                 std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
             }
             std::fs::rename(&tmp, &dir).map_err(io(&dir))
