@@ -535,6 +535,37 @@ pub(crate) fn prepare_restore(record: &LaunchRecord, dir: &Path) -> Result<(), S
 
 /// QEMU's version line (`QEMU emulator version 7.2.22 (...)`), as snapshots record it.
 pub fn qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
+    // Asked once per binary and process (a restore checks every machine's QEMU, in the CLI and
+    // in the owner): the answer is kept while the file's size, inode and time stay the same.
+    use std::os::unix::fs::MetadataExt;
+    type Key = (PathBuf, u64, u64, i64, i64);
+    static SEEN: std::sync::Mutex<Vec<(Key, String)>> = std::sync::Mutex::new(Vec::new());
+    let key = std::fs::metadata(qemu).ok().map(|m| {
+        (
+            qemu.to_path_buf(),
+            m.len(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+        )
+    });
+    if let Some(k) = &key {
+        let seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, v)) = seen.iter().find(|(s, _)| s == k) {
+            return Ok(v.clone());
+        }
+    }
+    let line = ask_qemu_version(qemu)?;
+    if let Some(k) = key {
+        SEEN.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((k, line.clone()));
+    }
+    Ok(line)
+}
+
+/// QEMU's `--version` first line, asked.
+fn ask_qemu_version(qemu: &Path) -> Result<String, SnapshotError> {
     let mut cmd = std::process::Command::new(qemu);
     cmd.arg("--version");
     let out = crate::spawn::run_captured(cmd, Duration::from_secs(10)).map_err(io(qemu))?;
