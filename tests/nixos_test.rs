@@ -410,12 +410,17 @@ fn a_cluster_of_systemd_nodes_over_virtiofs() {
         }
     });
     checks.check("the node's units are active", || {
+        // `up` waits for the backdoors only: under TCG a unit may still be starting (journald
+        // was seen `activating`), so wait for them as `wait_for_unit` would, one probe a second.
+        let units = "backdoor.service httpd.service network-setup.service udhcpc.service systemd-journald.service";
         for m in all {
             assert_eq!(
                 stdout_of(
                     &c,
                     m,
-                    "systemctl is-active backdoor.service httpd.service network-setup.service udhcpc.service systemd-journald.service"
+                    &format!(
+                        "for i in $(seq 50); do systemctl is-active -q {units} && break; sleep 1; done; systemctl is-active {units}"
+                    )
                 ),
                 "active\nactive\nactive\nactive\nactive",
                 "{m}"

@@ -25,6 +25,14 @@
 //! so none crosses the segment between the first machine's pause and the last one's, and the
 //! machines' saved states agree about what was sent.
 //!
+//! **Storm control.** A port sends broadcast and multicast frames (the destination's group bit
+//! set) at most [`STORM_FRAMES_PER_SEC`] a second, with a second's worth as a burst (a token
+//! bucket per port); the hub drops the rest, counts them per port ([`Hub::storms`]) and does not
+//! record them in the ring, so that a guest flooding the segment neither fills every other
+//! port's queue with its copies (the others' frames would be dropped there) nor pushes the
+//! record of everything else out of the ring. Taps still get them (what the machine sent). ARP,
+//! DHCP and neighbour discovery stay far below the limit.
+//!
 //! **Recent frames.** Every frame received from a port is recorded (time, sender, length and
 //! its first [`HEAD_BYTES`] bytes), blocked and partitioned ones too (analysis wants attempts),
 //! except while frozen, in a ring of at most [`RING_BYTES`] per hub: each record is counted as
@@ -62,6 +70,10 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub const HEAD_BYTES: usize = 128;
 /// The most memory a hub's ring of recent frames takes (see [`FrameRecord`]).
 pub const RING_BYTES: usize = 4 << 20;
+
+/// The broadcast and multicast frames a port may send per second (and as a burst); see the
+/// module's "storm control".
+pub const STORM_FRAMES_PER_SEC: u32 = 1000;
 
 /// Why a hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +116,54 @@ pub struct HubCounters {
     pub frozen: AtomicU64,
     /// Records a tap's reader was too slow to take.
     pub tap_dropped: AtomicU64,
+    /// Broadcast and multicast frames over a port's limit (storm control), dropped.
+    pub storm_dropped: AtomicU64,
+}
+
+/// The broadcast and multicast frames storm control dropped from one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storm {
+    pub dropped: u64,
+    /// When the first and the last of them arrived.
+    pub first: SystemTime,
+    pub last: SystemTime,
+}
+
+/// A port's allowance of broadcast and multicast frames: [`STORM_FRAMES_PER_SEC`] tokens a
+/// second, at most that many saved.
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Allowance {
+    fn full(now: Instant) -> Self {
+        Self {
+            tokens: f64::from(STORM_FRAMES_PER_SEC),
+            at: now,
+        }
+    }
+
+    /// Take a token for a frame at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let rate = f64::from(STORM_FRAMES_PER_SEC);
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * rate;
+        self.tokens = (self.tokens + earned).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether a frame goes to a group of stations (broadcast or multicast): the first bit sent of
+/// its destination MAC.
+fn to_group(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|b| b & 1 == 1)
 }
 
 /// A hub's faults, set as one value ([`Hub::set_faults`]).
@@ -195,7 +255,7 @@ impl Rec {
     }
 }
 
-fn epoch_ms(at: SystemTime) -> u64 {
+pub(crate) fn epoch_ms(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -338,6 +398,8 @@ struct Shared {
     /// How many taps there are, read without the lock for each frame.
     tap_count: AtomicUsize,
     counters: HubCounters,
+    /// What storm control dropped, per port (touched only for a dropped frame).
+    storms: Mutex<BTreeMap<Arc<Path>, Storm>>,
 }
 
 impl Shared {
@@ -447,6 +509,7 @@ impl Hub {
             taps: Mutex::new(Vec::new()),
             tap_count: AtomicUsize::new(0),
             counters: HubCounters::default(),
+            storms: Mutex::new(BTreeMap::new()),
         });
         let thread_error = |source| HubError::Thread { vlan, source };
         let shaper = Shaper::start(format!("hub-vlan{vlan}-shaper"), SHAPE_QUEUE_BYTES, {
@@ -521,6 +584,18 @@ impl Hub {
     /// stays).
     pub fn set_recording(&self, on: bool) {
         self.shared.state_mut().recording = on;
+    }
+
+    /// The broadcast and multicast frames storm control dropped, per port (since the hub
+    /// started).
+    pub fn storms(&self) -> Vec<(PathBuf, Storm)> {
+        self.shared
+            .storms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(p, s)| (p.to_path_buf(), *s))
+            .collect()
     }
 
     /// The recent frames the ring holds, oldest first.
@@ -614,6 +689,8 @@ struct Forwarder<'a> {
     rng: Rng,
     /// The destinations of the current frame (indices into the port list).
     dests: Vec<usize>,
+    /// Each port's allowance of broadcast and multicast frames (storm control).
+    allowances: BTreeMap<Arc<Path>, Allowance>,
 }
 
 impl<'a> Forwarder<'a> {
@@ -626,6 +703,7 @@ impl<'a> Forwarder<'a> {
             generation: 0,
             rng: Rng::seeded(),
             dests: Vec::new(),
+            allowances: BTreeMap::new(),
         }
     }
 
@@ -659,6 +737,24 @@ impl<'a> Forwarder<'a> {
         }
     }
 
+    /// Whether `sender` may send one more broadcast or multicast frame now (storm control).
+    fn allow_group_frame(&mut self, sender: &Arc<Path>) -> bool {
+        let now = Instant::now();
+        match self.allowances.get_mut(&**sender) {
+            Some(a) => a.take(now),
+            None => {
+                let mut a = Allowance::full(now);
+                let ok = a.take(now);
+                // Ports that left the list go with the next newcomer, so this stays small.
+                if self.allowances.len() >= 256 {
+                    self.allowances.clear();
+                }
+                self.allowances.insert(sender.clone(), a);
+                ok
+            }
+        }
+    }
+
     /// Forward one frame received from `from`.
     fn frame(&mut self, frame: &[u8], from: Option<&Path>) {
         let shared = self.shared;
@@ -674,7 +770,8 @@ impl<'a> Forwarder<'a> {
         }
         let sender = &state.list[i];
         let at = SystemTime::now();
-        if state.recording {
+        let storm = to_group(frame) && !self.allow_group_frame(sender);
+        if state.recording && !storm {
             let rec = Rec::of(at, sender, frame);
             shared
                 .ring
@@ -685,6 +782,25 @@ impl<'a> Forwarder<'a> {
         let tapping = shared.tap_count.load(Ordering::Relaxed) > 0;
         if tapping {
             shared.to_taps(at, frame, |t| t.wants(sender));
+        }
+        if storm {
+            c.storm_dropped.fetch_add(1, Ordering::Relaxed);
+            let mut storms = shared.storms.lock().unwrap_or_else(PoisonError::into_inner);
+            match storms.get_mut(&**sender) {
+                Some(s) => {
+                    s.dropped += 1;
+                    s.last = at;
+                }
+                None => {
+                    let first = Storm {
+                        dropped: 1,
+                        first: at,
+                        last: at,
+                    };
+                    storms.insert(sender.clone(), first);
+                }
+            }
+            return;
         }
         let faults = &state.faults;
         if faults.blocked.contains(&**sender) {
@@ -1242,7 +1358,7 @@ mod tests {
         });
         let n = 10_000u64;
         for _ in 0..n {
-            a.send_to(&[1; 1000], &hub_path).unwrap();
+            a.send_to(&[2; 1000], &hub_path).unwrap();
         }
         b.send_to(b"sync", &hub_path).unwrap();
         assert_eq!(recv(&a).as_deref(), Some(&b"sync"[..]));
@@ -1323,9 +1439,11 @@ mod tests {
         let hub = Hub::start(12, &hub_path, vec![pa.clone(), pm.clone()]).unwrap();
         let (_, _, storage) = hub.ring_usage();
         let n = 1_000_000u32;
+        // Unicast frames (storm control counts only broadcast and multicast), numbered in the
+        // source MAC.
         let mut frame = [0u8; 60];
         for i in 0..n {
-            frame[..4].copy_from_slice(&i.to_le_bytes());
+            frame[6..10].copy_from_slice(&i.to_le_bytes());
             a.send_to(&frame, &hub_path).unwrap();
         }
         // Frames are handled in order: once m's marker reaches a, the flood is all recorded.
@@ -1350,13 +1468,76 @@ mod tests {
         );
         // The rest: the flood's last frames, in order.
         for (k, r) in recent[..records - 1].iter().rev().enumerate() {
-            let i = u32::from_le_bytes(r.head[..4].try_into().unwrap());
+            let i = u32::from_le_bytes(r.head[6..10].try_into().unwrap());
             assert_eq!(i, n - 1 - k as u32);
             assert_eq!((r.from.as_path(), r.len), (pa.as_path(), 60));
         }
         eprintln!(
             "ring after {n} frames: {records} records, {bytes} bytes counted (cap {RING_BYTES})"
         );
+    }
+
+    #[test]
+    fn storm_control_cuts_a_broadcast_flood_to_its_allowance_and_keeps_it_out_of_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let (pc, c) = port(dir.path(), "c.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(13, &hub_path, vec![pa.clone(), pb.clone(), pc.clone()]).unwrap();
+        // b reads everything it is sent, counting a's broadcasts, until c's marker.
+        let reader = std::thread::spawn(move || {
+            let mut from_a = 0u64;
+            loop {
+                match recv(&b) {
+                    Some(f) if f == b"marker" => return (from_a, b),
+                    Some(_) => from_a += 1,
+                    None => panic!("b: nothing within 5 s"),
+                }
+            }
+        });
+        // a floods: broadcasts, and a multicast (IPv6 neighbour discovery's 33:33:..) among them.
+        let n = 20_000u64;
+        let started = Instant::now();
+        for i in 0..n {
+            let mut f = arp(1, 2);
+            if i % 2 == 1 {
+                f[..2].copy_from_slice(&[0x33, 0x33]);
+            }
+            while let Err(e) = a.send_to(&f, &hub_path) {
+                assert!(crate::wire::try_again(&e), "{e}");
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        // c's unicast to b still arrives, after the flood (frames are handled in order).
+        c.send_to(b"marker", &hub_path).unwrap();
+        let (to_b, b) = reader.join().unwrap();
+        let allowed = f64::from(STORM_FRAMES_PER_SEC) * (1.0 + secs);
+        let dropped = hub.counters().storm_dropped.load(Ordering::SeqCst);
+        eprintln!("{n} group frames in {secs:.3} s: {dropped} dropped, {to_b} reached b");
+        assert!(
+            n - dropped <= allowed.ceil() as u64,
+            "{dropped} of {n} dropped in {secs} s"
+        );
+        assert!(
+            n - dropped >= u64::from(STORM_FRAMES_PER_SEC),
+            "{dropped} of {n} dropped"
+        );
+        let storms = hub.storms();
+        assert_eq!(storms.len(), 1, "{storms:?}");
+        assert_eq!(
+            (storms[0].0.as_path(), storms[0].1.dropped),
+            (pa.as_path(), dropped)
+        );
+        assert!(storms[0].1.first <= storms[0].1.last);
+        // The ring has the frames that passed, not the ones dropped.
+        let (records, _, _) = hub.ring_usage();
+        assert_eq!(records as u64, n - dropped + 1);
+        // Its allowance comes back with time.
+        std::thread::sleep(Duration::from_millis(50));
+        a.send_to(&arp(1, 3), &hub_path).unwrap();
+        assert_eq!(recv(&b), Some(arp(1, 3)));
+        assert_eq!(hub.counters().storm_dropped.load(Ordering::SeqCst), dropped);
     }
 
     #[test]
@@ -1444,7 +1625,7 @@ mod tests {
         let n = 3000u32;
         let mut frame = vec![0u8; 1500];
         for i in 0..n {
-            frame[..4].copy_from_slice(&i.to_le_bytes());
+            frame[6..10].copy_from_slice(&i.to_le_bytes());
             a.send_to(&frame, &hub_path).unwrap();
             assert_eq!(recv(&c).as_deref(), Some(&frame[..]), "frame {i}");
         }
@@ -1466,7 +1647,7 @@ mod tests {
             }
         };
         drain(&mut bytes);
-        frame[..4].copy_from_slice(&n.to_le_bytes());
+        frame[6..10].copy_from_slice(&n.to_le_bytes());
         a.send_to(&frame, &hub_path).unwrap();
         assert_eq!(recv(&c).as_deref(), Some(&frame[..]));
         drain(&mut bytes);
@@ -1476,7 +1657,7 @@ mod tests {
         assert_eq!(recs.last().map(|r| &r.1[..]), Some(&frame[..]));
         let seen: Vec<u32> = recs
             .iter()
-            .map(|r| u32::from_le_bytes(r.1[..4].try_into().unwrap()))
+            .map(|r| u32::from_le_bytes(r.1[6..10].try_into().unwrap()))
             .collect();
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "out of order");
     }
@@ -1541,7 +1722,8 @@ mod tests {
         let rate = |on: bool| {
             hub.set_recording(on);
             let t = Instant::now();
-            let frame = [7u8; 1500];
+            // Unicast (an even first byte): storm control leaves it alone.
+            let frame = [6u8; 1500];
             for i in 0..n {
                 a.send_to(&frame, &hub_path).unwrap();
                 assert_eq!(recv(&b).as_deref(), Some(&frame[..]), "frame {i}");

@@ -24,7 +24,7 @@ use drydock_vm::VmPaths;
 use crate::compose::ClusterPlan;
 use crate::control::{ControlError, ControlOp, ControlRequest, control_socket};
 use crate::hub::HubFaults;
-use crate::netview::{NetFindings, NetMachine, Seen};
+use crate::netview::{Flood, NetFindings, NetMachine, Seen};
 use crate::run::RunningCluster;
 use crate::shaper::Shape;
 use crate::state::{cluster_paths, nic_socket};
@@ -156,6 +156,8 @@ pub struct HubStats {
     pub shaped_dropped: u64,
     pub delayed: u64,
     pub tap_dropped: u64,
+    /// Broadcast and multicast frames over a machine's allowance (storm control), dropped.
+    pub storm_dropped: u64,
 }
 
 /// The owner's answer to a [`NetRequest`].
@@ -475,7 +477,21 @@ impl RunningCluster {
             .collect();
         let mut seen = Vec::new();
         let mut hubs = Vec::new();
+        let mut floods = Vec::new();
         for h in &self.hubs {
+            for (port, storm) in h.storms() {
+                floods.push(Flood {
+                    vlan: h.vlan(),
+                    machine: by_port
+                        .get(&port)
+                        .cloned()
+                        .unwrap_or_else(|| "?".to_string()),
+                    dropped: storm.dropped,
+                    first_ms: crate::hub::epoch_ms(storm.first),
+                    last_ms: crate::hub::epoch_ms(storm.last),
+                    limit: crate::hub::STORM_FRAMES_PER_SEC,
+                });
+            }
             for r in h.recent() {
                 seen.push(Seen {
                     at_ms: r.at_ms,
@@ -501,13 +517,16 @@ impl RunningCluster {
                 shaped_dropped: n(&c.shaped_dropped),
                 delayed: n(&c.delayed),
                 tap_dropped: n(&c.tap_dropped),
+                storm_dropped: n(&c.storm_dropped),
             });
         }
         seen.sort_by_key(|s| s.at_ms);
+        let mut findings = crate::netview::findings(&seen, &machines, since_ms);
+        crate::netview::add_floods(&mut findings, &floods);
         NetReport {
             cluster: self.plan.name.clone(),
             faults: self.faults.clone(),
-            findings: crate::netview::findings(&seen, &machines, since_ms),
+            findings,
             hubs,
         }
     }

@@ -25,6 +25,9 @@
 //!   multicast aside.
 //! - A source MAC seen from the ports of two machines (duplicate MAC).
 //! - A machine that sent no frame on a VLAN it is on (silent).
+//! - A machine that sent broadcast or multicast frames faster than the hub's storm control lets
+//!   through ([`Flood`], from the hub's counters, not its ring: the frames dropped are not
+//!   recorded), added by [`add_floods`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -72,6 +75,8 @@ pub enum FindingKind {
     DuplicateMac,
     /// A machine that sent nothing on a VLAN it is on.
     Silent,
+    /// A machine whose broadcast or multicast frames went over the hub's storm control.
+    BroadcastFlood,
 }
 
 impl FindingKind {
@@ -86,6 +91,7 @@ impl FindingKind {
             FindingKind::OutsideAddress => "outside_address",
             FindingKind::DuplicateMac => "duplicate_mac",
             FindingKind::Silent => "silent",
+            FindingKind::BroadcastFlood => "broadcast_flood",
         }
     }
 }
@@ -160,6 +166,52 @@ pub fn findings(seen: &[Seen], machines: &[NetMachine], since_ms: Option<u64>) -
         since_ms,
         by_machine: by_machine.into_iter().collect(),
     }
+}
+
+/// What a hub's storm control dropped from one machine's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flood {
+    pub vlan: u8,
+    pub machine: String,
+    /// Frames dropped, and when the first and the last of them came (ms since the epoch).
+    pub dropped: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// The most broadcast and multicast frames a second the hub passes from one machine.
+    pub limit: u32,
+}
+
+/// Add a `broadcast_flood` finding for each of `floods` that went on at or after the findings'
+/// `since_ms`, keeping the findings' order.
+pub fn add_floods(f: &mut NetFindings, floods: &[Flood]) {
+    for fl in floods {
+        if f.since_ms.is_some_and(|t| fl.last_ms < t) {
+            continue;
+        }
+        let m = &fl.machine;
+        f.findings.push(Finding {
+            kind: FindingKind::BroadcastFlood,
+            problem: true,
+            vlan: fl.vlan,
+            from: Some(m.clone()),
+            to: None,
+            address: None,
+            port: None,
+            mac: None,
+            count: fl.dropped,
+            first_ms: Some(fl.first_ms),
+            last_ms: Some(fl.last_ms),
+            cause: format!(
+                "{m} sends broadcast or multicast frames faster than the hub passes them ({} a second from one machine): a program flooding the segment, or a loop; the hub dropped the rest, so the others' traffic goes on.",
+                fl.limit
+            ),
+            next: format!(
+                "See what {m} sends (`drydock net capture {m} --vlan {} --count 100 -w flood.pcap`, then `tcpdump -r flood.pcap`) and stop the program that sends it.",
+                fl.vlan
+            ),
+        });
+    }
+    f.findings.sort_by(order);
 }
 
 /// Problems first, then most recent first (a standing condition, with no time, first), then
@@ -1107,6 +1159,9 @@ fn headline(f: &Finding) -> String {
             shown(f.to.as_deref().unwrap_or("?"))
         ),
         FindingKind::Silent => format!("{from} sent nothing ({address})"),
+        FindingKind::BroadcastFlood => {
+            format!("{from} floods the segment with broadcast or multicast frames")
+        }
     }
 }
 
@@ -1120,6 +1175,7 @@ fn when(f: &Finding, now_ms: u64) -> Option<String> {
         FindingKind::UdpUnreachable => "datagram answered unreachable",
         FindingKind::ArpUnanswered => "request",
         FindingKind::OutsideAddress | FindingKind::DuplicateMac | FindingKind::Silent => "frame",
+        FindingKind::BroadcastFlood => "dropped frame",
     };
     let plural = if f.count == 1 { "" } else { "s" };
     Some(if f.count == 1 {
@@ -2463,8 +2519,68 @@ Connections answered:
             FindingKind::OutsideAddress,
             FindingKind::DuplicateMac,
             FindingKind::Silent,
+            FindingKind::BroadcastFlood,
         ] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.name());
         }
+    }
+
+    #[test]
+    fn a_flood_is_a_problem_naming_the_machine_within_the_time_asked() {
+        let flood = |machine: &str, first_ms, last_ms| Flood {
+            vlan: 1,
+            machine: machine.to_string(),
+            dropped: 18_841,
+            first_ms,
+            last_ms,
+            limit: 1000,
+        };
+        let mut n = Net::default();
+        n.arp(1, 1, "agent1", ARP_REQUEST, Ipv4Addr::new(10, 0, 2, 15));
+        for (since, floods, want) in [
+            (None, vec![], vec![]),
+            (None, vec![flood("agent2", 1_000, 9_000)], vec!["agent2"]),
+            // Asked since 5 s: a flood that ended before is left out, one still going is not.
+            (
+                Some(5_000),
+                vec![flood("agent2", 1_000, 4_000), flood("server", 1_000, 6_000)],
+                vec!["server"],
+            ),
+        ] {
+            let mut f = findings(&n.seen, &machines(), since);
+            let before = f.findings.len();
+            add_floods(&mut f, &floods);
+            let got: Vec<&str> = f
+                .findings
+                .iter()
+                .filter(|x| x.kind == FindingKind::BroadcastFlood)
+                .map(|x| x.from.as_deref().unwrap())
+                .collect();
+            assert_eq!(got, want, "since {since:?}");
+            assert_eq!(f.findings.len(), before + want.len());
+        }
+        let mut f = findings(&[], &machines(), None);
+        add_floods(&mut f, &[flood("agent2", 1_000, 9_000)]);
+        let x = f
+            .findings
+            .iter()
+            .find(|x| x.kind == FindingKind::BroadcastFlood)
+            .unwrap();
+        assert_eq!((x.count, x.vlan, x.problem), (18_841, 1, true));
+        assert!(x.cause.contains("1000 a second"), "{}", x.cause);
+        assert!(
+            x.next.contains("drydock net capture agent2 --vlan 1"),
+            "{}",
+            x.next
+        );
+        let text = render(&f, 10_000);
+        assert!(
+            text.contains("broadcast flood: agent2 floods the segment"),
+            "{text}"
+        );
+        assert!(
+            text.contains("18841 dropped frames, first 9s ago, last 1s ago"),
+            "{text}"
+        );
     }
 }
