@@ -1,8 +1,17 @@
 //! A private layer-2 segment: a hub (like `vde_switch --hub`) on one unix datagram socket.
 //! Each VM's NIC is a QEMU `-netdev dgram` whose local socket is one of the hub's ports; every
 //! frame the hub receives from a port goes to every other port, unchanged. Frames from a socket
-//! that is not a port are dropped, and so is a frame for a port whose queue is full or that is
-//! not there yet (no port can stall the others). No root, no tap, nothing on the host's network.
+//! that is not a port are dropped, and so is a copy for a port that is not there yet. No root,
+//! no tap, nothing on the host's network.
+//!
+//! **Egress queues.** The kernel holds only `net.unix.max_dgram_qlen` (10) datagrams on a
+//! QEMU's socket, so a copy often finds it full for a moment. Each port's copies therefore go
+//! out through a socket of the hub's connected to that port, whose `POLLOUT` says when the
+//! port's queue has room: a copy that finds the port full waits in the port's queue (at most
+//! [`EGRESS_QUEUE_BYTES`]; beyond that it is dropped, counted) and the forwarding thread sends
+//! it when the port can take it, while it goes on forwarding the others' frames: no port can
+//! stall the others, and TCP between two machines does not lose a segment to a momentary full
+//! queue. Faults and the freeze are checked again when a waiting copy goes.
 //!
 //! One thread per hub forwards, blocking on its one socket (and its stop): a hub is a single
 //! file descriptor with one reader, so an async runtime would add nothing but a dependency (see
@@ -71,6 +80,10 @@ pub const HEAD_BYTES: usize = 128;
 /// The most memory a hub's ring of recent frames takes (see [`FrameRecord`]).
 pub const RING_BYTES: usize = 4 << 20;
 
+/// The most a port's queue of copies waiting for room holds (frames counted with their
+/// sender's path); see the module's "egress queues".
+pub const EGRESS_QUEUE_BYTES: usize = 256 << 10;
+
 /// The broadcast and multicast frames a port may send per second (and as a burst); see the
 /// module's "storm control".
 pub const STORM_FRAMES_PER_SEC: u32 = 1000;
@@ -100,8 +113,12 @@ pub struct HubCounters {
     pub frames: AtomicU64,
     /// Copies delivered to other ports.
     pub delivered: AtomicU64,
-    /// Copies dropped (port absent or full) and frames from strangers.
+    /// Copies dropped (port absent, or its queue of waiting copies full) and frames from
+    /// strangers.
     pub dropped: AtomicU64,
+    /// Copies that found their port full and waited in its queue (then sent, or dropped by a
+    /// fault, the freeze or the port's going, counted there).
+    pub queued: AtomicU64,
     /// Frames from a blocked port and copies for one, dropped.
     pub blocked: AtomicU64,
     /// Copies dropped by the partition (sender and receiver in different groups).
@@ -379,6 +396,8 @@ impl Tap {
 #[derive(Debug, Default)]
 struct State {
     list: Vec<Arc<Path>>,
+    /// Bumped by each new port list: the forwarding thread then forgets the ports that left.
+    ports_generation: u64,
     faults: HubFaults,
     /// Bumped by each change of the faults: the forwarding thread then drops its links whose
     /// shape is gone or changed.
@@ -545,7 +564,9 @@ impl Hub {
 
     /// Forward among `ports` from now on (frames from a port no longer listed are dropped).
     pub fn set_ports(&self, ports: Vec<PathBuf>) {
-        self.shared.state_mut().list = ports.into_iter().map(Arc::from).collect();
+        let mut s = self.shared.state_mut();
+        s.list = ports.into_iter().map(Arc::from).collect();
+        s.ports_generation += 1;
     }
 
     /// Replace the hub's faults, from the next frame on (frames already held by the shaper
@@ -691,6 +712,100 @@ struct Forwarder<'a> {
     dests: Vec<usize>,
     /// Each port's allowance of broadcast and multicast frames (storm control).
     allowances: BTreeMap<Arc<Path>, Allowance>,
+    /// Each port's way out and the copies waiting for room there.
+    egress: BTreeMap<Arc<Path>, Egress>,
+    /// The port list's generation the egress map was last pruned at.
+    ports_generation: u64,
+}
+
+/// A copy waiting for room at its port: the frame and the port it came from.
+#[derive(Debug)]
+struct Waiting {
+    frame: Vec<u8>,
+    from: Arc<Path>,
+}
+
+impl Waiting {
+    fn cost(&self) -> usize {
+        self.frame.len() + std::mem::size_of::<Self>() + self.from.as_os_str().len()
+    }
+}
+
+/// A port's way out: a socket connected to it (absent until the port is there), and the copies
+/// waiting for room, oldest first.
+#[derive(Debug, Default)]
+struct Egress {
+    sock: Option<UnixDatagram>,
+    queue: VecDeque<Waiting>,
+    bytes: usize,
+}
+
+/// What became of a copy offered to a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Now,
+    Queued,
+    Dropped,
+}
+
+impl Egress {
+    /// The socket to `port`, connected now if it is not yet (the port's VM may not be up).
+    fn sock(&mut self, port: &Path) -> Option<&UnixDatagram> {
+        if self.sock.is_none() {
+            let s = UnixDatagram::unbound().ok()?;
+            s.connect(port).ok()?;
+            s.set_nonblocking(true).ok()?;
+            self.sock = Some(s);
+        }
+        self.sock.as_ref()
+    }
+
+    /// Send `frame` now; `Err(true)`: the port is full, `Err(false)`: it is gone (its socket is
+    /// forgotten, so the next copy connects again: a VM restarted binds its port anew).
+    fn send(&mut self, port: &Path, frame: &[u8]) -> Result<(), bool> {
+        for _ in 0..2 {
+            let Some(sock) = self.sock(port) else {
+                return Err(false);
+            };
+            match sock.send(frame) {
+                Ok(_) => return Ok(()),
+                Err(e) if crate::wire::try_again(&e) => return Err(true),
+                // The socket connected to is gone: connect again once.
+                Err(_) => self.sock = None,
+            }
+        }
+        Err(false)
+    }
+
+    /// Offer a copy of `frame` from `from`: sent now if the port has room and nothing waits
+    /// before it, else queued, or dropped when the queue is full or the port is gone.
+    fn offer(&mut self, port: &Path, frame: &[u8], from: &Arc<Path>) -> Sent {
+        if self.queue.is_empty() {
+            match self.send(port, frame) {
+                Ok(()) => return Sent::Now,
+                Err(false) => return Sent::Dropped,
+                Err(true) => {}
+            }
+        }
+        let w = Waiting {
+            frame: frame.to_vec(),
+            from: from.clone(),
+        };
+        if self.bytes + w.cost() > EGRESS_QUEUE_BYTES {
+            return Sent::Dropped;
+        }
+        self.bytes += w.cost();
+        self.queue.push_back(w);
+        Sent::Queued
+    }
+
+    /// Drop every waiting copy; how many there were.
+    fn clear(&mut self) -> u64 {
+        let n = self.queue.len() as u64;
+        self.queue.clear();
+        self.bytes = 0;
+        n
+    }
 }
 
 impl<'a> Forwarder<'a> {
@@ -704,21 +819,46 @@ impl<'a> Forwarder<'a> {
             rng: Rng::seeded(),
             dests: Vec::new(),
             allowances: BTreeMap::new(),
+            egress: BTreeMap::new(),
+            ports_generation: 0,
         }
     }
 
     fn run(mut self, stop: &WakeFd) {
         let mut buf = vec![0u8; MAX_FRAME];
         loop {
-            // A frame, or the stop: blocks until one of them.
-            match drydock_vm::wait_readable(&[self.sock.as_fd(), stop.as_fd()], None) {
-                Ok(r) if r[1] => return,
-                Ok(r) if !r[0] => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!("hub: waiting for frames failed: {e}");
-                    return;
+            // A frame, the stop, or room at a port whose copies wait: blocks until one of them.
+            let (incoming, room) = {
+                let waiting: Vec<(&Arc<Path>, &UnixDatagram)> = self
+                    .egress
+                    .iter()
+                    .filter(|(_, e)| !e.queue.is_empty())
+                    .filter_map(|(p, e)| Some((p, e.sock.as_ref()?)))
+                    .collect();
+                let mut fds = vec![(self.sock.as_fd(), false), (stop.as_fd(), false)];
+                fds.extend(waiting.iter().map(|(_, s)| (s.as_fd(), true)));
+                match drydock_vm::wait_ready(&fds, None) {
+                    Ok(r) if r[1] => return,
+                    Ok(r) => {
+                        let room: Vec<Arc<Path>> = waiting
+                            .iter()
+                            .zip(&r[2..])
+                            .filter(|(_, ready)| **ready)
+                            .map(|((p, _), _)| Arc::clone(p))
+                            .collect();
+                        (r[0], room)
+                    }
+                    Err(e) => {
+                        tracing::warn!("hub: waiting for frames failed: {e}");
+                        return;
+                    }
                 }
+            };
+            for port in room {
+                self.flush(&port);
+            }
+            if !incoming {
+                continue;
             }
             let (n, from) = match self.sock.recv_from(&mut buf) {
                 Ok(x) => x,
@@ -734,6 +874,55 @@ impl<'a> Forwarder<'a> {
                 }
             };
             self.frame(&buf[..n], from.as_pathname());
+        }
+    }
+
+    /// Send the copies waiting for `port` while it has room. Those whose sender or port is now
+    /// blocked, or whose link the partition has cut, are dropped (as a frame arriving now
+    /// would be); all of them while the hub is frozen, or once the port has left the list.
+    fn flush(&mut self, port: &Arc<Path>) {
+        let shared = self.shared;
+        let c = &shared.counters;
+        let state = shared.state();
+        let Some(e) = self.egress.get_mut(port) else {
+            return;
+        };
+        if state.frozen {
+            c.frozen.fetch_add(e.clear(), Ordering::Relaxed);
+            return;
+        }
+        if !state.list.contains(port) {
+            c.dropped.fetch_add(e.clear(), Ordering::Relaxed);
+            return;
+        }
+        let faults = &state.faults;
+        let tapping = shared.tap_count.load(Ordering::Relaxed) > 0;
+        while let Some(w) = e.queue.pop_front() {
+            e.bytes -= w.cost();
+            let cut = faults.blocked.contains(&**port) || faults.blocked.contains(&*w.from);
+            if cut || !faults.linked(&w.from, port) {
+                let counter = if cut { &c.blocked } else { &c.partitioned };
+                counter.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match e.send(port, &w.frame) {
+                Ok(()) => {
+                    c.delivered.fetch_add(1, Ordering::Relaxed);
+                    if tapping {
+                        shared.delivered_to_taps(SystemTime::now(), &w.frame, &w.from, &[port]);
+                    }
+                }
+                // Still full (the room was taken meanwhile): it waits, first, for room again.
+                Err(true) => {
+                    e.bytes += w.cost();
+                    e.queue.push_front(w);
+                    return;
+                }
+                Err(false) => {
+                    c.dropped.fetch_add(1 + e.clear(), Ordering::Relaxed);
+                    return;
+                }
+            }
         }
     }
 
@@ -864,19 +1053,32 @@ impl<'a> Forwarder<'a> {
                 }
             }
         }
+        if self.ports_generation != state.ports_generation {
+            // Ports that left: their sockets close and their waiting copies go.
+            let gone: u64 = self
+                .egress
+                .iter_mut()
+                .filter(|(p, _)| !state.list.contains(*p))
+                .map(|(_, e)| e.clear())
+                .sum();
+            c.dropped.fetch_add(gone, Ordering::Relaxed);
+            self.egress.retain(|p, _| state.list.contains(p));
+            self.ports_generation = state.ports_generation;
+        }
         let mut delivered: Vec<&Arc<Path>> = Vec::new();
         for &j in &self.dests {
             let port = &state.list[j];
-            match crate::sys::send_to_nowait(self.sock, frame, port) {
-                Ok(_) => {
-                    c.delivered.fetch_add(1, Ordering::Relaxed);
-                    if tapping {
-                        delivered.push(port);
-                    }
-                }
-                Err(_) => {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            let egress = self.egress.entry(port.clone()).or_default();
+            let sent = egress.offer(port, frame, sender);
+            let counter = match sent {
+                Sent::Now => &c.delivered,
+                Sent::Queued => &c.queued,
+                Sent::Dropped => &c.dropped,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            // A copy that waits goes to the taps when it is sent.
+            if tapping && sent == Sent::Now {
+                delivered.push(port);
             }
         }
         if tapping {
@@ -1061,14 +1263,99 @@ mod tests {
         let hub_path = dir.path().join("hub.sock");
         let hub = Hub::start(2, &hub_path, vec![pa, pb, pc]).unwrap();
         let t = std::time::Instant::now();
+        let mut frame = [0u8; 1500];
         for i in 0..500u32 {
-            a.send_to(&i.to_le_bytes(), &hub_path).unwrap();
-            assert_eq!(recv(&c).as_deref(), Some(&i.to_le_bytes()[..]), "frame {i}");
+            frame[6..10].copy_from_slice(&i.to_le_bytes());
+            a.send_to(&frame, &hub_path).unwrap();
+            assert_eq!(recv(&c).as_deref(), Some(&frame[..]), "frame {i}");
         }
         assert!(t.elapsed() < Duration::from_secs(10));
-        // b's queue filled up: its copies were dropped, c's were not.
-        let dropped = hub.counters().dropped.load(Ordering::SeqCst);
+        // b's socket filled up, then its queue of waiting copies (256 KiB): the rest of its
+        // copies were dropped, c's were not.
+        let k = hub.counters();
+        let (dropped, queued) = (
+            k.dropped.load(Ordering::SeqCst),
+            k.queued.load(Ordering::SeqCst),
+        );
         assert!((1..500).contains(&dropped), "dropped {dropped}");
+        let fits = (EGRESS_QUEUE_BYTES / 1500) as u64;
+        assert!(queued <= fits && queued >= fits * 9 / 10, "queued {queued}");
+    }
+
+    #[test]
+    fn a_port_full_for_a_moment_gets_every_copy_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(3, &hub_path, vec![pa, pb]).unwrap();
+        // b reads nothing while a sends 100 frames (the kernel holds about 10 on b's socket),
+        // then everything, in order: the others waited in b's queue.
+        let mut frame = [0u8; 1500];
+        for i in 0..100u32 {
+            frame[6..10].copy_from_slice(&i.to_le_bytes());
+            a.send_to(&frame, &hub_path).unwrap();
+        }
+        for i in 0..100u32 {
+            frame[6..10].copy_from_slice(&i.to_le_bytes());
+            assert_eq!(recv(&b).as_deref(), Some(&frame[..]), "frame {i}");
+        }
+        let k = hub.counters();
+        assert_eq!(k.dropped.load(Ordering::SeqCst), 0);
+        assert_eq!(k.delivered.load(Ordering::SeqCst), 100);
+        assert!(k.queued.load(Ordering::SeqCst) >= 80, "{k:?}");
+    }
+
+    #[test]
+    fn waiting_copies_obey_a_block_and_the_freeze_set_while_they_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = port(dir.path(), "a.sock");
+        let (pb, b) = port(dir.path(), "b.sock");
+        let hub_path = dir.path().join("hub.sock");
+        let hub = Hub::start(4, &hub_path, vec![pa.clone(), pb]).unwrap();
+        let frame = [0u8; 1500];
+        for (fault, n) in [("block", 50u64), ("freeze", 50)] {
+            let k = hub.counters();
+            let before = (
+                k.delivered.load(Ordering::SeqCst),
+                k.blocked.load(Ordering::SeqCst),
+                k.frozen.load(Ordering::SeqCst),
+            );
+            let frames = k.frames.load(Ordering::SeqCst);
+            for _ in 0..n {
+                a.send_to(&frame, &hub_path).unwrap();
+            }
+            // Each frame is forwarded: its copy for b sent (b's socket holds about 10) or queued.
+            assert!(eventually(|| k.frames.load(Ordering::SeqCst) - frames == n));
+            match fault {
+                "block" => hub.set_blocked(&pa, true),
+                _ => hub.set_frozen(true),
+            }
+            // b reads what its socket held; the copies that waited are dropped, not sent.
+            quiet(&[&b], 300);
+            let mut got = 0u64;
+            while recv(&b).is_some() {
+                got += 1;
+            }
+            assert!(got < n, "{fault}: {got} of {n} arrived");
+            let k = hub.counters();
+            let after = (
+                k.delivered.load(Ordering::SeqCst),
+                k.blocked.load(Ordering::SeqCst),
+                k.frozen.load(Ordering::SeqCst),
+            );
+            assert_eq!(after.0 - before.0, got, "{fault}");
+            let cut = match fault {
+                "block" => after.1 - before.1,
+                _ => after.2 - before.2,
+            };
+            assert_eq!(cut, n - got, "{fault}: {k:?}");
+            match fault {
+                "block" => hub.set_blocked(&pa, false),
+                _ => hub.set_frozen(false),
+            }
+            b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
     }
 
     fn quiet(socks: &[&UnixDatagram], ms: u64) {

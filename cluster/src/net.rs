@@ -150,6 +150,8 @@ pub struct HubStats {
     pub frames: u64,
     pub delivered: u64,
     pub dropped: u64,
+    /// Copies that found their port full and waited for room (see the hub's egress queues).
+    pub queued: u64,
     pub blocked: u64,
     pub partitioned: u64,
     pub lost: u64,
@@ -511,6 +513,7 @@ impl RunningCluster {
                 frames: n(&c.frames),
                 delivered: n(&c.delivered),
                 dropped: n(&c.dropped),
+                queued: n(&c.queued),
                 blocked: n(&c.blocked),
                 partitioned: n(&c.partitioned),
                 lost: n(&c.lost),

@@ -162,8 +162,8 @@ fn text(r: &NetReport) -> String {
     s.push('\n');
     for h in &r.hubs {
         s.push_str(&format!(
-            "VLAN {}: {} frames, {} copies delivered, {} dropped (absent or full), {} blocked, {} partitioned, {} lost, {} delayed, {} broadcast over the limit\n",
-            h.vlan, h.frames, h.delivered, h.dropped, h.blocked, h.partitioned, h.lost, h.delayed, h.storm_dropped
+            "VLAN {}: {} frames, {} copies delivered, {} waited for room, {} dropped (absent or full), {} blocked, {} partitioned, {} lost, {} delayed, {} broadcast over the limit\n",
+            h.vlan, h.frames, h.delivered, h.queued, h.dropped, h.blocked, h.partitioned, h.lost, h.delayed, h.storm_dropped
         ));
     }
     s

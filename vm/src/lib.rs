@@ -89,7 +89,9 @@ pub use storefs::{
 };
 pub use sys::proc::{die_with_parent, pid_alive, process_start_ticks, same_process_alive};
 pub use system::{SystemBoot, SystemError, resolve_system, toplevel_path};
-pub use wait::{ProcessWatch, WakeFd, Waker, readable_now, retry, wait_readable, wake_pair};
+pub use wait::{
+    ProcessWatch, WakeFd, Waker, readable_now, retry, wait_readable, wait_ready, wake_pair,
+};
 
 /// An error and its causes on one line, `a: b: c` (for warnings in the log).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use drydock_gc::Deadline;
 
-use crate::sys::poll::{pidfd_open, poll_readable};
+use crate::sys::poll::{pidfd_open, poll_readable, poll_ready};
 use crate::sys::proc::same_process_alive;
 
 /// Wait until one of `fds` is readable (or hung up), or `deadline` (none: no limit) passes.
@@ -21,6 +21,17 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>], deadline: Option<Deadline>) -> io::
         Some(d) => poll_readable(fds, Some(d.remaining())),
         None => poll_readable(fds, None),
     }
+}
+
+/// Wait until one of `fds` is ready, each for reading (`false`) or for writing (`true`: a
+/// socket with room to send; hung up or in error counts as ready), or `deadline` (none: no
+/// limit) passes. Which are ready, in `fds`' order; all `false` once the deadline has passed or
+/// a signal interrupted the wait (callers loop until their deadline).
+pub fn wait_ready(
+    fds: &[(BorrowedFd<'_>, bool)],
+    deadline: Option<Deadline>,
+) -> io::Result<Vec<bool>> {
+    poll_ready(fds, deadline.map(|d| d.remaining()))
 }
 
 /// An I/O error that means "try again" (a non-blocking call that would block, a timed-out or

@@ -14,11 +14,22 @@ pub(crate) fn poll_readable(
     fds: &[BorrowedFd<'_>],
     timeout: Option<Duration>,
 ) -> io::Result<Vec<bool>> {
+    let interest: Vec<(BorrowedFd<'_>, bool)> = fds.iter().map(|fd| (*fd, false)).collect();
+    poll_ready(&interest, timeout)
+}
+
+/// Wait until at least one of `fds` is ready, each for reading (`false`) or for writing
+/// (`true`), or hung up or in error, at most `timeout` (`None`: no limit). Returns which are,
+/// in `fds`' order; all `false` when the time ran out or a signal interrupted the wait.
+pub(crate) fn poll_ready(
+    fds: &[(BorrowedFd<'_>, bool)],
+    timeout: Option<Duration>,
+) -> io::Result<Vec<bool>> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
-        .map(|fd| libc::pollfd {
+        .map(|(fd, write)| libc::pollfd {
             fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
+            events: if *write { libc::POLLOUT } else { libc::POLLIN },
             revents: 0,
         })
         .collect();
@@ -37,9 +48,8 @@ pub(crate) fn poll_readable(
         }
         return Err(e);
     }
-    Ok(p.iter()
-        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0)
-        .collect())
+    let ready = libc::POLLIN | libc::POLLOUT | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    Ok(p.iter().map(|p| p.revents & ready != 0).collect())
 }
 
 /// A descriptor that refers to the process `pid` and becomes readable once it has exited.
