@@ -1128,6 +1128,15 @@ mod tests {
         (p, s)
     }
 
+    /// A hub for VLAN `vlan` among three ports a, b and c in `dir`: the hub, its socket's path,
+    /// and each port's path and socket.
+    fn three_ports(dir: &Path, vlan: u8) -> (Hub, PathBuf, [(PathBuf, UnixDatagram); 3]) {
+        let ports = ["a.sock", "b.sock", "c.sock"].map(|n| port(dir, n));
+        let hub_path = dir.join("hub.sock");
+        let paths = ports.iter().map(|p| p.0.clone()).collect();
+        (Hub::start(vlan, &hub_path, paths).unwrap(), hub_path, ports)
+    }
+
     fn recv(s: &UnixDatagram) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; MAX_FRAME];
         s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
@@ -1767,11 +1776,7 @@ mod tests {
     #[test]
     fn storm_control_cuts_a_broadcast_flood_to_its_allowance_and_keeps_it_out_of_the_ring() {
         let dir = tempfile::tempdir().unwrap();
-        let (pa, a) = port(dir.path(), "a.sock");
-        let (pb, b) = port(dir.path(), "b.sock");
-        let (pc, c) = port(dir.path(), "c.sock");
-        let hub_path = dir.path().join("hub.sock");
-        let hub = Hub::start(13, &hub_path, vec![pa.clone(), pb.clone(), pc.clone()]).unwrap();
+        let (hub, hub_path, [(pa, a), (_, b), (_, c)]) = three_ports(dir.path(), 13);
         // b reads everything it is sent, counting a's broadcasts, until c's marker.
         let reader = std::thread::spawn(move || {
             let mut from_a = 0u64;
@@ -1830,11 +1835,7 @@ mod tests {
     #[test]
     fn a_tap_writes_pcap_of_its_ports_frames_that_tcpdump_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let (pa, a) = port(dir.path(), "a.sock");
-        let (pb, b) = port(dir.path(), "b.sock");
-        let (pc, c) = port(dir.path(), "c.sock");
-        let hub_path = dir.path().join("hub.sock");
-        let hub = Hub::start(13, &hub_path, vec![pa.clone(), pb.clone(), pc.clone()]).unwrap();
+        let (hub, hub_path, [(_, a), (_, b), (pc, c)]) = three_ports(dir.path(), 13);
         let (c_in, mut c_out) = UnixStream::pair().unwrap();
         let (all_in, mut all_out) = UnixStream::pair().unwrap();
         hub.add_tap(c_in, Some(set(&[&pc]))).unwrap();
