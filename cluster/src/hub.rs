@@ -929,19 +929,31 @@ impl<'a> Forwarder<'a> {
     /// Whether `sender` may send one more broadcast or multicast frame now (storm control).
     fn allow_group_frame(&mut self, sender: &Arc<Path>) -> bool {
         let now = Instant::now();
-        match self.allowances.get_mut(&**sender) {
-            Some(a) => a.take(now),
-            None => {
-                let mut a = Allowance::full(now);
-                let ok = a.take(now);
-                // Ports that left the list go with the next newcomer, so this stays small.
-                if self.allowances.len() >= 256 {
-                    self.allowances.clear();
-                }
-                self.allowances.insert(sender.clone(), a);
-                ok
-            }
+        self.allowances
+            .entry(sender.clone())
+            .or_insert_with(|| Allowance::full(now))
+            .take(now)
+    }
+
+    /// After a new port list: forget the ports that left (their allowances, their sockets, and
+    /// their waiting copies, counted as dropped).
+    fn forget_ports_gone(&mut self, state: &State) {
+        if self.ports_generation == state.ports_generation {
+            return;
         }
+        let gone: u64 = self
+            .egress
+            .iter_mut()
+            .filter(|(p, _)| !state.list.contains(*p))
+            .map(|(_, e)| e.clear())
+            .sum();
+        self.shared
+            .counters
+            .dropped
+            .fetch_add(gone, Ordering::Relaxed);
+        self.egress.retain(|p, _| state.list.contains(p));
+        self.allowances.retain(|p, _| state.list.contains(p));
+        self.ports_generation = state.ports_generation;
     }
 
     /// Forward one frame received from `from`.
@@ -957,6 +969,7 @@ impl<'a> Forwarder<'a> {
             c.frozen.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.forget_ports_gone(&state);
         let sender = &state.list[i];
         let at = SystemTime::now();
         let storm = to_group(frame) && !self.allow_group_frame(sender);
@@ -975,20 +988,13 @@ impl<'a> Forwarder<'a> {
         if storm {
             c.storm_dropped.fetch_add(1, Ordering::Relaxed);
             let mut storms = shared.storms.lock().unwrap_or_else(PoisonError::into_inner);
-            match storms.get_mut(&**sender) {
-                Some(s) => {
-                    s.dropped += 1;
-                    s.last = at;
-                }
-                None => {
-                    let first = Storm {
-                        dropped: 1,
-                        first: at,
-                        last: at,
-                    };
-                    storms.insert(sender.clone(), first);
-                }
-            }
+            let s = storms.entry(sender.clone()).or_insert(Storm {
+                dropped: 0,
+                first: at,
+                last: at,
+            });
+            s.dropped += 1;
+            s.last = at;
             return;
         }
         let faults = &state.faults;
@@ -1052,18 +1058,6 @@ impl<'a> Forwarder<'a> {
                     return;
                 }
             }
-        }
-        if self.ports_generation != state.ports_generation {
-            // Ports that left: their sockets close and their waiting copies go.
-            let gone: u64 = self
-                .egress
-                .iter_mut()
-                .filter(|(p, _)| !state.list.contains(*p))
-                .map(|(_, e)| e.clear())
-                .sum();
-            c.dropped.fetch_add(gone, Ordering::Relaxed);
-            self.egress.retain(|p, _| state.list.contains(p));
-            self.ports_generation = state.ports_generation;
         }
         let mut delivered: Vec<&Arc<Path>> = Vec::new();
         for &j in &self.dests {
