@@ -1122,10 +1122,14 @@ mod tests {
         (p, s)
     }
 
-    /// A hub for VLAN `vlan` among three ports a, b and c in `dir`: the hub, its socket's path,
-    /// and each port's path and socket.
-    fn three_ports(dir: &Path, vlan: u8) -> (Hub, PathBuf, [(PathBuf, UnixDatagram); 3]) {
-        let ports = ["a.sock", "b.sock", "c.sock"].map(|n| port(dir, n));
+    /// A hub for VLAN `vlan` among the ports `names` in `dir`: the hub, its socket's path, and
+    /// each port's path and socket.
+    fn hub_among<const N: usize>(
+        dir: &Path,
+        vlan: u8,
+        names: [&str; N],
+    ) -> (Hub, PathBuf, [(PathBuf, UnixDatagram); N]) {
+        let ports = names.map(|n| port(dir, n));
         let hub_path = dir.join("hub.sock");
         let paths = ports.iter().map(|p| p.0.clone()).collect();
         (Hub::start(vlan, &hub_path, paths).unwrap(), hub_path, ports)
@@ -1288,10 +1292,7 @@ mod tests {
     #[test]
     fn a_port_full_for_a_moment_gets_every_copy_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (pa, a) = port(dir.path(), "a.sock");
-        let (pb, b) = port(dir.path(), "b.sock");
-        let hub_path = dir.path().join("hub.sock");
-        let hub = Hub::start(3, &hub_path, vec![pa, pb]).unwrap();
+        let (hub, hub_path, [(_, a), (_, b)]) = hub_among(dir.path(), 3, ["a.sock", "b.sock"]);
         // b reads nothing while a sends 100 frames (the kernel holds about 10 on b's socket),
         // then everything, in order: the others waited in b's queue.
         let mut frame = [0u8; 1500];
@@ -1312,10 +1313,7 @@ mod tests {
     #[test]
     fn waiting_copies_obey_a_block_and_the_freeze_set_while_they_wait() {
         let dir = tempfile::tempdir().unwrap();
-        let (pa, a) = port(dir.path(), "a.sock");
-        let (pb, b) = port(dir.path(), "b.sock");
-        let hub_path = dir.path().join("hub.sock");
-        let hub = Hub::start(4, &hub_path, vec![pa.clone(), pb]).unwrap();
+        let (hub, hub_path, [(pa, a), (_, b)]) = hub_among(dir.path(), 4, ["a.sock", "b.sock"]);
         let frame = [0u8; 1500];
         for (fault, n) in [("block", 50u64), ("freeze", 50)] {
             let k = hub.counters();
@@ -1770,7 +1768,8 @@ mod tests {
     #[test]
     fn storm_control_cuts_a_broadcast_flood_to_its_allowance_and_keeps_it_out_of_the_ring() {
         let dir = tempfile::tempdir().unwrap();
-        let (hub, hub_path, [(pa, a), (_, b), (_, c)]) = three_ports(dir.path(), 13);
+        let (hub, hub_path, [(pa, a), (_, b), (_, c)]) =
+            hub_among(dir.path(), 13, ["a.sock", "b.sock", "c.sock"]);
         // b reads everything it is sent, counting a's broadcasts, until c's marker.
         let reader = std::thread::spawn(move || {
             let mut from_a = 0u64;
@@ -1829,7 +1828,8 @@ mod tests {
     #[test]
     fn a_tap_writes_pcap_of_its_ports_frames_that_tcpdump_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let (hub, hub_path, [(_, a), (_, b), (pc, c)]) = three_ports(dir.path(), 13);
+        let (hub, hub_path, [(_, a), (_, b), (pc, c)]) =
+            hub_among(dir.path(), 13, ["a.sock", "b.sock", "c.sock"]);
         let (c_in, mut c_out) = UnixStream::pair().unwrap();
         let (all_in, mut all_out) = UnixStream::pair().unwrap();
         hub.add_tap(c_in, Some(set(&[&pc]))).unwrap();
