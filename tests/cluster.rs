@@ -397,8 +397,7 @@ fn ctrl_c_and_sigkill_leave_no_process() {
 
     // Detached, then the owner is SIGKILLed: its machines and store servers die with it.
     c.up_detached();
-    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
-    let owner = st["owner_pid"].as_u64().unwrap() as u32;
+    let owner = c.owner_pid();
     assert!(
         processes_mentioning(state).len() >= 5,
         "owner, 2 QEMU, 2 store servers"

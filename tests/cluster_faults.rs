@@ -485,12 +485,7 @@ fn down_leaves_no_cgroup_socket_or_socket_folder_even_after_a_killed_owner() {
         assert!(sockets.join("exec.sock").exists());
         assert!(!cgroups_of("left").is_empty(), "the machines have cgroups");
         if kill_owner {
-            let st: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(state.join("clusters/left/cluster.json")).unwrap(),
-            )
-            .unwrap();
-            drydock_gc::send_signal(st["owner_pid"].as_u64().unwrap() as u32, libc::SIGKILL)
-                .unwrap();
+            drydock_gc::send_signal(c.owner_pid(), libc::SIGKILL).unwrap();
             wait_no_processes(state, Duration::from_secs(30));
             assert!(!leftovers(state, "left", &["a", "b"]).is_empty());
         }

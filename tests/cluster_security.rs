@@ -426,10 +426,7 @@ fn two_ups_of_one_project_at_once_start_it_once() {
         );
     }
     let owner = c.ps();
-    let st: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("clusters/twice/cluster.json")).unwrap())
-            .unwrap();
-    let owner_pid = st["owner_pid"].as_u64().unwrap() as u32;
+    let owner_pid = c.owner_pid();
     match (outs[0].code(), outs[1].code()) {
         (Some(0), Some(0)) => {
             // The second came once the first was up: a reload with nothing to do.

@@ -325,12 +325,8 @@ fn net_names_the_firewall_the_empty_port_and_the_wrong_address() {
 }
 
 /// The resident memory of the cluster's owner (which runs the hubs), in KiB.
-fn owner_rss_kib(c: &Cluster, name: &str) -> u64 {
-    let st: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(c.state().join(format!("clusters/{name}/cluster.json"))).unwrap(),
-    )
-    .unwrap();
-    let pid = st["owner_pid"].as_u64().expect("owner pid");
+fn owner_rss_kib(c: &Cluster) -> u64 {
+    let pid = c.owner_pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -345,8 +341,7 @@ fn owner_rss_kib(c: &Cluster, name: &str) -> u64 {
 /// recent frames among it) grows by no more than the ring's cap.
 #[test]
 fn a_broadcast_flood_stops_neither_the_others_traffic_nor_grows_the_hub_past_its_cap() {
-    let name = "netflood";
-    let c = Cluster::named(name)
+    let c = Cluster::named("netflood")
         .machines(
             "server = { system = sys { }; memorySize = 256; };
              agent1 = { system = sys { }; memorySize = 256; };
@@ -359,7 +354,7 @@ fn a_broadcast_flood_stops_neither_the_others_traffic_nor_grows_the_hub_past_its
     assert!(reaches(&c, "agent1", "server"));
     assert!(ping_ms(&c, "agent1", "server").is_some());
     net(&c, &[]);
-    let rss_before = owner_rss_kib(&c, name);
+    let rss_before = owner_rss_kib(&c);
     // pktgen: 60-byte frames to ff:ff:ff:ff:ff:ff from the guest's kernel thread; the write of
     // `start` returns when the count is sent, or on `stop`.
     let flood = c.exec(
@@ -390,7 +385,7 @@ fn a_broadcast_flood_stops_neither_the_others_traffic_nor_grows_the_hub_past_its
             assert!(reaches(&c, "agent1", "server"), "no page during the flood");
         }
     });
-    let rss = owner_rss_kib(&c, name);
+    let rss = owner_rss_kib(&c);
     let sent = c.exec(
         "flooder",
         "30",

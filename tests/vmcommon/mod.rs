@@ -576,6 +576,16 @@ impl Cluster {
         &self.state
     }
 
+    /// The pid of the cluster's owner, from the cluster's state (`cluster.json`, written once
+    /// it is up). The cluster is named after its composition's folder.
+    pub fn owner_pid(&self) -> u32 {
+        let name = self.file.parent().and_then(Path::file_name).unwrap();
+        let json = self.state.join("clusters").join(name).join("cluster.json");
+        let read = std::fs::read(&json).unwrap_or_else(|e| panic!("{}: {e}", json.display()));
+        let st: serde_json::Value = serde_json::from_slice(&read).unwrap();
+        st["owner_pid"].as_u64().expect("owner pid") as u32
+    }
+
     /// The composition, `drydock.nix`.
     pub fn file(&self) -> &Path {
         &self.file
